@@ -1,0 +1,33 @@
+"""mlakv.jit_kernel: CUDA kernels compiled on first use through apache-tvm-ffi.
+
+Importing this package needs neither tvm-ffi nor nvcc; they are looked for when a module is
+first built, and their absence only makes :func:`can_use_set_mla_kv_buffer` return False.
+"""
+
+from .loader import JitUnavailable, cuda_arch_list, find_cuda_home, load_cuda_module
+from .set_mla_kv_buffer import (
+    build_set_mla_kv_buffer_module,
+    can_use_set_mla_kv_buffer,
+    jit_accepts_layout,
+    jit_min_n_loc,
+    set_mla_kv_buffer,
+    set_mla_kv_buffer_unchecked,
+)
+from .tuning import TUNING, LaunchTuning, gpu_family, tuning_for
+
+__all__ = [
+    "JitUnavailable",
+    "LaunchTuning",
+    "TUNING",
+    "build_set_mla_kv_buffer_module",
+    "can_use_set_mla_kv_buffer",
+    "cuda_arch_list",
+    "find_cuda_home",
+    "gpu_family",
+    "jit_accepts_layout",
+    "jit_min_n_loc",
+    "load_cuda_module",
+    "set_mla_kv_buffer",
+    "set_mla_kv_buffer_unchecked",
+    "tuning_for",
+]

@@ -1,0 +1,243 @@
+// MLA KV-row write: kv_buffer[loc[i], :nope+rope] = [k_nope[i] | k_rope[i]]  (bit-exact byte copy).
+//
+// One warp takes kItemsPerWarp rows. Lanes load a row's nope and rope bytes with the widest vector
+// the widths allow (16, else 8, else 4 bytes) and then either
+//   * kUseTMA:  stage the row in the warp's 16-byte-aligned shared-memory slot, make it visible to
+//              the async proxy (fence.proxy.async.shared::cta in every writing lane, then
+//              __syncwarp), and lane 0 stores each whole row with one cp.async.bulk
+//              (global <- shared::cta). Before exit, lane 0 commits and waits with
+//              cp.async.bulk.wait_group 0 (not .read: that frees shared memory only and would not
+//              wait for the global write);
+//   * otherwise: store the registers straight to the destination row (a plain vectorised warp copy).
+// Rows whose loc is negative are padding and are skipped. Addresses are formed in 64 bits.
+// With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait) before it reads inputs
+// and lets the next grid launch (griddepcontrol.launch_dependents) once its stores are issued.
+//
+// The host launcher (launch_set_mla_kv_buffer) sits at the end of this file; the Python loader
+// instantiates it for one (nope bytes, rope bytes, PDL) triple per module.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/extra/cuda/base.h>
+
+#include <cstdint>
+
+namespace mlakv {
+
+// Largest of 16, 8, 4 that divides every argument (0 counts as divisible).
+__host__ __device__ constexpr int vec_width(int a, int b = 0) {
+  return (a % 16 == 0 && b % 16 == 0) ? 16 : (a % 8 == 0 && b % 8 == 0) ? 8 : 4;
+}
+
+template <int kBytes>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  using type = uint4;
+};
+template <>
+struct VecOf<8> {
+  using type = uint2;
+};
+template <>
+struct VecOf<4> {
+  using type = uint32_t;
+};
+
+// The part of one row a lane holds in registers: chunk c = lane + 32*i of a kBytes-wide span.
+template <int kBytes, int kVec>
+struct LaneSpan {
+  using V = typename VecOf<kVec>::type;
+  static constexpr int kChunks = kBytes / kVec;
+  static constexpr int kIters = kChunks == 0 ? 1 : (kChunks + 31) / 32;
+  V v[kIters];
+
+  __device__ __forceinline__ void load(const uint8_t* __restrict__ src, int lane) {
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kChunks) v[i] = __ldg(reinterpret_cast<const V*>(src) + c);
+    }
+  }
+  __device__ __forceinline__ void store(uint8_t* dst, int lane) const {
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kChunks) reinterpret_cast<V*>(dst)[c] = v[i];
+    }
+  }
+};
+
+__device__ __forceinline__ void bulk_store_row(void* gmem_dst, const void* smem_src, uint32_t bytes) {
+  const uint32_t smem_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_src));
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gmem_dst), "r"(smem_addr),
+               "r"(bytes)
+               : "memory");
+}
+
+template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kUseTMA, int kItemsPerWarp, typename LocT>
+__global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_stride,  // bytes
+                                         const uint8_t* __restrict__ nope, int64_t nope_stride,
+                                         const uint8_t* __restrict__ rope, int64_t rope_stride,
+                                         const LocT* __restrict__ loc, int64_t n_loc) {
+  constexpr int kRowBytes = kNopeBytes + kRopeBytes;
+  constexpr int kSlotBytes = (kRowBytes + 15) / 16 * 16;
+  constexpr int kNopeVec = vec_width(kNopeBytes);
+  constexpr int kRopeVec = vec_width(kRopeBytes, kNopeBytes);  // rope lands at byte kNopeBytes
+  static_assert(kNopeBytes % 4 == 0 && kRopeBytes % 4 == 0, "widths must be multiples of 4 bytes");
+  static_assert(!kUseTMA || kRowBytes % 16 == 0, "a bulk copy moves a multiple of 16 bytes");
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * kItemsPerWarp;
+
+  if constexpr (kUsePDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+
+  int64_t slot[kItemsPerWarp];
+  LaneSpan<kNopeBytes, kNopeVec> n_regs[kItemsPerWarp];
+  LaneSpan<kRopeBytes, kRopeVec> r_regs[kItemsPerWarp];
+#pragma unroll
+  for (int k = 0; k < kItemsPerWarp; ++k) {
+    const int64_t item = first + k;
+    slot[k] = item < n_loc ? static_cast<int64_t>(loc[item]) : -1;
+    if (slot[k] >= 0) {
+      n_regs[k].load(nope + item * nope_stride, lane);
+      r_regs[k].load(rope + item * rope_stride, lane);
+    }
+  }
+
+  if constexpr (kUseTMA) {
+    uint8_t* my_smem = smem + static_cast<int64_t>(warp) * kItemsPerWarp * kSlotBytes;
+#pragma unroll
+    for (int k = 0; k < kItemsPerWarp; ++k) {
+      if (slot[k] >= 0) {
+        n_regs[k].store(my_smem + k * kSlotBytes, lane);
+        r_regs[k].store(my_smem + k * kSlotBytes + kNopeBytes, lane);
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncwarp();
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < kItemsPerWarp; ++k) {
+        if (slot[k] >= 0) bulk_store_row(kv + slot[k] * kv_stride, my_smem + k * kSlotBytes, kRowBytes);
+      }
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItemsPerWarp; ++k) {
+      if (slot[k] >= 0) {
+        uint8_t* dst = kv + slot[k] * kv_stride;
+        n_regs[k].store(dst, lane);
+        r_regs[k].store(dst + kNopeBytes, lane);
+      }
+    }
+  }
+
+  if constexpr (kUsePDL) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launcher. Python has validated shapes, dtypes, devices and alignment; this re-checks the
+// facts the kernel's memory safety rests on and fails with a Python exception, never a fault.
+// ---------------------------------------------------------------------------------------------
+template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kUseTMA, int kItems, typename LocT>
+void launch_variant(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t nope_stride,
+                    const uint8_t* rope, int64_t rope_stride, const void* loc, int64_t n_loc, int num_warps,
+                    cudaStream_t stream) {
+  constexpr int kSlotBytes = (kNopeBytes + kRopeBytes + 15) / 16 * 16;
+  const int64_t items_per_cta = static_cast<int64_t>(num_warps) * kItems;
+  const int64_t blocks = (n_loc + items_per_cta - 1) / items_per_cta;
+  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
+  const size_t smem = kUseTMA ? static_cast<size_t>(items_per_cta) * kSlotBytes : 0;
+  auto kernel = set_mla_kv_buffer_kernel<kNopeBytes, kRopeBytes, kUsePDL, kUseTMA, kItems, LocT>;
+  if (smem > 48 * 1024) {
+    TVM_FFI_CHECK_CUDA_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(static_cast<unsigned>(num_warps * 32));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = kUsePDL ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, kernel, kv, kv_stride, nope, nope_stride, rope, rope_stride,
+                                              static_cast<const LocT*>(loc), n_loc));
+}
+
+template <int kNopeBytes, int kRopeBytes, bool kUsePDL, typename LocT>
+void launch_loc(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t nope_stride, const uint8_t* rope,
+                int64_t rope_stride, const void* loc, int64_t n_loc, int num_warps, int items, bool use_tma,
+                cudaStream_t stream) {
+#define MLAKV_LAUNCH(TMA, ITEMS)                                                                         \
+  launch_variant<kNopeBytes, kRopeBytes, kUsePDL, TMA, ITEMS, LocT>(kv, kv_stride, nope, nope_stride, rope, \
+                                                                    rope_stride, loc, n_loc, num_warps, stream)
+  constexpr bool kTMAOk = (kNopeBytes + kRopeBytes) % 16 == 0;
+  if (use_tma && kTMAOk) {
+    if (items == 1) MLAKV_LAUNCH(kTMAOk, 1);
+    else if (items == 2) MLAKV_LAUNCH(kTMAOk, 2);
+    else MLAKV_LAUNCH(kTMAOk, 4);
+  } else {
+    if (items == 1) MLAKV_LAUNCH(false, 1);
+    else if (items == 2) MLAKV_LAUNCH(false, 2);
+    else MLAKV_LAUNCH(false, 4);
+  }
+#undef MLAKV_LAUNCH
+}
+
+inline int64_t row_stride_bytes(const tvm::ffi::TensorView& t) {
+  return t.stride(0) * static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
+}
+
+// kv: [num_slots, (1,) total]; loc: [n_loc] int32/int64; nope: [n_loc, (1,) nope]; rope: [n_loc, (1,) rope].
+// num_warps in {1,2,4,8,16,32}; items in {1,2,4}; use_tma selects the bulk-store variant.
+template <int kNopeBytes, int kRopeBytes, bool kUsePDL>
+void launch_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+                              tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma) {
+  const int64_t n_loc = loc.size(0);
+  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D";
+  TVM_FFI_CHECK(loc.dtype().code == kDLInt && (loc.dtype().bits == 32 || loc.dtype().bits == 64), TypeError)
+      << "loc must be int32 or int64";
+  TVM_FFI_CHECK(nope.size(0) == n_loc && rope.size(0) == n_loc, ValueError)
+      << "cache_k_nope/cache_k_rope dim 0 must equal n_loc=" << n_loc;
+  const int64_t elem = (kv.dtype().bits * kv.dtype().lanes + 7) / 8;
+  TVM_FFI_CHECK(nope.size(-1) * elem == kNopeBytes && rope.size(-1) * elem == kRopeBytes, ValueError)
+      << "this module was built for " << kNopeBytes << " + " << kRopeBytes << " bytes, got "
+      << nope.size(-1) * elem << " + " << rope.size(-1) * elem;
+  TVM_FFI_CHECK(kv.size(-1) * elem >= kNopeBytes + kRopeBytes, ValueError) << "kv_buffer row is too narrow";
+  TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32 && (num_warps & (num_warps - 1)) == 0, ValueError)
+      << "num_warps must be a power of two in [1, 32], got " << num_warps;
+  TVM_FFI_CHECK(items == 1 || items == 2 || items == 4, ValueError) << "items per warp must be 1, 2 or 4";
+  const int64_t kv_stride = row_stride_bytes(kv);
+  TVM_FFI_CHECK(kv_stride % 16 == 0 && reinterpret_cast<uintptr_t>(kv.data_ptr()) % 16 == 0, ValueError)
+      << "kv_buffer rows must start on 16-byte boundaries (row stride " << kv_stride << " bytes)";
+  if (n_loc == 0) return;
+  const int device = kv.device().device_id;
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  auto* kv_ptr = static_cast<uint8_t*>(kv.data_ptr());
+  const auto* nope_ptr = static_cast<const uint8_t*>(nope.data_ptr());
+  const auto* rope_ptr = static_cast<const uint8_t*>(rope.data_ptr());
+  if (loc.dtype().bits == 32) {
+    launch_loc<kNopeBytes, kRopeBytes, kUsePDL, int32_t>(kv_ptr, kv_stride, nope_ptr,
+                                                         row_stride_bytes(nope), rope_ptr, row_stride_bytes(rope),
+                                                         loc.data_ptr(), n_loc, static_cast<int>(num_warps),
+                                                         static_cast<int>(items), use_tma, stream);
+  } else {
+    launch_loc<kNopeBytes, kRopeBytes, kUsePDL, int64_t>(kv_ptr, kv_stride, nope_ptr,
+                                                         row_stride_bytes(nope), rope_ptr, row_stride_bytes(rope),
+                                                         loc.data_ptr(), n_loc, static_cast<int>(num_warps),
+                                                         static_cast<int>(items), use_tma, stream);
+  }
+}
+
+}  // namespace mlakv

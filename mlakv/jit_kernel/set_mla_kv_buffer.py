@@ -1,0 +1,221 @@
+"""Python entry of the JIT CUDA row-write kernel (``csrc/set_mla_kv_buffer.cuh``).
+
+``can_use_set_mla_kv_buffer`` says whether the kernel can serve a row layout on a device;
+``set_mla_kv_buffer`` is the direct, checked entry; the dispatcher in
+:mod:`mlakv.mem_cache.kv_write` calls ``set_mla_kv_buffer_unchecked`` after its own validation.
+One module is built per ``(nope_bytes, rope_bytes, use_pdl)``; it holds the int32/int64 loc,
+TMA/direct-store and items-per-warp variants.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Optional, Union
+
+import torch
+
+from .loader import JitUnavailable, load_cuda_module
+from .tuning import tuning_for
+
+logger = logging.getLogger("mlakv.jit")
+
+__all__ = [
+    "can_use_set_mla_kv_buffer",
+    "set_mla_kv_buffer",
+    "set_mla_kv_buffer_unchecked",
+    "jit_accepts_layout",
+    "jit_min_n_loc",
+    "build_set_mla_kv_buffer_module",
+]
+
+_WRAPPER = """\
+#include "set_mla_kv_buffer.cuh"
+
+void set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+                       tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma) {{
+  mlakv::launch_set_mla_kv_buffer<{nope}, {rope}, {pdl}>(kv, loc, nope, rope, num_warps, items, use_tma);
+}}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_mla_kv_buffer, set_mla_kv_buffer);
+"""
+
+
+def _vec_width(a: int, b: int = 0) -> int:
+    """Mirror of ``vec_width`` in the .cuh: the widest vector (16/8/4 bytes) dividing both."""
+    for v in (16, 8, 4):
+        if a % v == 0 and b % v == 0:
+            return v
+    return 4
+
+
+def _static_reason(nope_bytes: int, rope_bytes: int) -> Optional[str]:
+    if nope_bytes <= 0 or rope_bytes <= 0:
+        return f"nope_bytes={nope_bytes} and rope_bytes={rope_bytes} must be positive"
+    if nope_bytes % 4 or rope_bytes % 4:
+        return f"nope_bytes={nope_bytes} and rope_bytes={rope_bytes} must be multiples of 4"
+    if (nope_bytes + rope_bytes) % 16:
+        return f"row bytes {nope_bytes + rope_bytes} must be a multiple of 16 for a bulk store"
+    return None
+
+
+def build_set_mla_kv_buffer_module(
+    nope_bytes: int, rope_bytes: int, use_pdl: bool, device_capability: Optional[tuple[int, int]] = None
+) -> Any:
+    """Compile (or load from cache) the module for one row layout; raises ``JitUnavailable``."""
+    reason = _static_reason(nope_bytes, rope_bytes)
+    if reason:
+        raise JitUnavailable(reason)
+    src = _WRAPPER.format(nope=nope_bytes, rope=rope_bytes, pdl="true" if use_pdl else "false")
+    name = f"set_mla_kv_buffer_{nope_bytes}_{rope_bytes}_{'pdl' if use_pdl else 'nopdl'}"
+    return load_cuda_module(name, src, device_capability=device_capability)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("mlakv: JIT row-write kernel unavailable, using Triton: %s", reason)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_for(device_index: int, nope_bytes: int, rope_bytes: int) -> Any:
+    """The loaded kernel function for a device, or the reason (str) it cannot be had."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 9:
+        return f"GPU sm_{major}{minor} is older than SM90"
+    try:
+        mod = build_set_mla_kv_buffer_module(nope_bytes, rope_bytes, use_pdl=True, device_capability=(major, minor))
+    except JitUnavailable as e:
+        return str(e)
+    return mod.set_mla_kv_buffer
+
+
+def _device_index(device: Union[torch.device, str, int, None]) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    d = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+def can_use_set_mla_kv_buffer(
+    nope_bytes: int, rope_bytes: int, device: Union[torch.device, str, int, None] = None
+) -> bool:
+    """Whether the JIT kernel serves rows of ``nope_bytes + rope_bytes`` on ``device``.
+
+    True when both widths are multiples of 4, their sum a multiple of 16, the GPU is SM90+ and the
+    module builds and loads. Otherwise False, with the reason logged once.
+    """
+    reason = _static_reason(nope_bytes, rope_bytes)
+    if reason is None:
+        if not torch.cuda.is_available():
+            reason = "CUDA is not available"
+        else:
+            fn = _module_for(_device_index(device), nope_bytes, rope_bytes)
+            reason = fn if isinstance(fn, str) else None
+    if reason is not None:
+        _warn_once(reason)
+        return False
+    return True
+
+
+def _row_stride_bytes(t: torch.Tensor) -> int:
+    return t.stride(0) * t.element_size()
+
+
+def jit_accepts_layout(kv_buffer: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor) -> bool:
+    """Whether these tensors' addresses and row strides meet the kernel's alignment.
+
+    kv rows start on 16-byte boundaries; nope/rope rows on their vector width.
+    """
+    es = kv_buffer.element_size()
+    nope_bytes, rope_bytes = cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es
+    vn, vr = _vec_width(nope_bytes), _vec_width(rope_bytes, nope_bytes)
+    return (
+        (kv_buffer.data_ptr() | _row_stride_bytes(kv_buffer)) % 16 == 0
+        and (cache_k_nope.data_ptr() | _row_stride_bytes(cache_k_nope)) % vn == 0
+        and (cache_k_rope.data_ptr() | _row_stride_bytes(cache_k_rope)) % vr == 0
+    )
+
+
+def jit_min_n_loc(device: torch.device, nope_bytes: int, rope_bytes: int) -> int:
+    """Smallest n_loc for which the dispatcher takes the JIT path on ``device`` (from the tuning table)."""
+    return tuning_for(device).min_n_loc
+
+
+def set_mla_kv_buffer_unchecked(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+    num_warps: int = 0,
+    items_per_warp: int = 0,
+    use_tma: Optional[bool] = None,
+) -> bool:
+    """Launch on already-validated arguments; return False (launching nothing) if the layout's
+    alignment does not suit the kernel, so the caller can fall back."""
+    if not jit_accepts_layout(kv_buffer, cache_k_nope, cache_k_rope):
+        return False
+    es = kv_buffer.element_size()
+    fn = _module_for(kv_buffer.device.index, cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es)
+    if isinstance(fn, str):
+        return False
+    tune = tuning_for(kv_buffer.device)
+    n_loc = loc.shape[0]
+    fn(
+        kv_buffer,
+        loc,
+        cache_k_nope,
+        cache_k_rope,
+        num_warps or tune.warps(n_loc),
+        items_per_warp or tune.items_per_warp,
+        tune.use_tma if use_tma is None else use_tma,
+    )
+    return True
+
+
+def set_mla_kv_buffer(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+    num_warps: int = 0,
+    *,
+    items_per_warp: int = 0,
+    use_tma: Optional[bool] = None,
+) -> None:
+    """Write ``[k_nope | k_rope]`` rows at ``loc`` with the JIT CUDA kernel (the direct entry).
+
+    Args:
+        kv_buffer: ``[num_slots, total]`` or ``[num_slots, 1, total]`` on an SM90+ GPU; the row
+            stride and base address must be multiples of 16 bytes.
+        loc: ``[n_loc]`` int32/int64; ``loc[i] < 0`` rows are skipped.
+        cache_k_nope: ``[n_loc, (1,) nope_dim]``; cache_k_rope: ``[n_loc, (1,) rope_dim]``.
+        num_warps: warps per CTA; 0 picks from the tuning table.
+        items_per_warp: rows per warp (1, 2, 4); 0 picks from the tuning table.
+        use_tma: bulk-store (True) or direct-store (False) variant; None picks from the table.
+
+    Raises ``ValueError``/``TypeError`` for bad arguments and ``RuntimeError`` if the kernel
+    cannot be used here (see :func:`can_use_set_mla_kv_buffer`).
+    """
+    from mlakv.mem_cache.kv_write import validate_kv_write
+
+    validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    if not kv_buffer.is_cuda:
+        raise ValueError(f"kv_buffer must be a CUDA tensor for the JIT kernel, got {kv_buffer.device}")
+    es = kv_buffer.element_size()
+    if _row_stride_bytes(kv_buffer) % 16 or kv_buffer.data_ptr() % 16:
+        raise ValueError(
+            f"kv_buffer: the row stride ({_row_stride_bytes(kv_buffer)} bytes) and base address must be multiples of 16 bytes"
+        )
+    if not jit_accepts_layout(kv_buffer, cache_k_nope, cache_k_rope):
+        raise ValueError(
+            "cache_k_nope/cache_k_rope: row addresses and strides must be multiples of "
+            f"{_vec_width(cache_k_nope.shape[-1] * es)}/{_vec_width(cache_k_rope.shape[-1] * es, cache_k_nope.shape[-1] * es)} bytes"
+        )
+    if loc.shape[0] == 0:
+        return
+    if not can_use_set_mla_kv_buffer(cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es, kv_buffer.device):
+        raise RuntimeError("the JIT row-write kernel cannot be used on this device/layout (reason logged)")
+    set_mla_kv_buffer_unchecked(kv_buffer, loc, cache_k_nope, cache_k_rope, num_warps, items_per_warp, use_tma)

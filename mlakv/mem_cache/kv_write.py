@@ -1,0 +1,181 @@
+"""The KV-row write dispatcher: the one function that decides how a row write runs.
+
+``set_mla_kv_buffer_triton(kv_buffer, loc, cache_k_nope, cache_k_rope)`` keeps the name existing
+callers know. It validates its arguments once (errors name the argument, the dim and what was
+expected) and routes the call:
+
+* CPU tensors                        -> :func:`mlakv.mem_cache.torch_ref.set_mla_kv_buffer_torch`
+* CUDA, JIT kernel usable and chosen  -> :func:`mlakv.jit_kernel.set_mla_kv_buffer` (compiled CUDA)
+* CUDA otherwise                      -> the Triton row kernel (``BLOCK = next_pow2(nope + rope)``)
+
+Whether the JIT kernel is chosen for a given ``n_loc`` is read from the per-GPU-family launch table
+in :mod:`mlakv.jit_kernel.tuning`; nothing else in the library makes that decision.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from .torch_ref import set_mla_kv_buffer_torch
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "set_mla_kv_buffer_triton",
+    "validate_kv_write",
+    "check_loc_bounds",
+    "kv_write_path",
+]
+
+SUPPORTED_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.uint8,
+    torch.int8,
+)
+_LOC_DTYPES = (torch.int32, torch.int64)
+_CHECK_BOUNDS_DEFAULT = os.environ.get("MLAKV_CHECK_BOUNDS", "0") not in ("", "0")
+
+
+def _check_rows_tensor(name: str, t: object, n_what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 3:
+        if t.shape[1] != 1:
+            raise ValueError(f"{name}: dim 1 of a 3-D tensor must be 1 ([{n_what}, 1, D]), got shape {tuple(t.shape)}")
+    elif t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [{n_what}, D] or 3-D [{n_what}, 1, D], got {t.dim()}-D shape {tuple(t.shape)}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
+
+
+def validate_kv_write(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+) -> None:
+    """Check a row write's arguments; raise ``TypeError``/``ValueError`` naming what is wrong.
+
+    Shapes: ``kv_buffer [num_slots, (1,) total]``, ``loc [n_loc]`` (int32/int64),
+    ``cache_k_nope [n_loc, (1,) nope_dim]``, ``cache_k_rope [n_loc, (1,) rope_dim]``, one dtype
+    for the three data tensors, one device for all four, ``nope_dim + rope_dim <= total``.
+    Does not look at the values of ``loc`` (see :func:`check_loc_bounds`).
+    """
+    _check_rows_tensor("kv_buffer", kv_buffer, "num_slots")
+    _check_rows_tensor("cache_k_nope", cache_k_nope, "n_loc")
+    _check_rows_tensor("cache_k_rope", cache_k_rope, "n_loc")
+    if not isinstance(loc, torch.Tensor):
+        raise TypeError(f"loc must be a torch.Tensor, got {type(loc).__name__}")
+    if loc.dim() != 1:
+        raise ValueError(f"loc must be 1-D [n_loc], got {loc.dim()}-D shape {tuple(loc.shape)}")
+    if loc.dtype not in _LOC_DTYPES:
+        raise TypeError(f"loc must be int32 or int64, got {loc.dtype}")
+    dtype = kv_buffer.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"kv_buffer dtype {dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+    for name, t in (("cache_k_nope", cache_k_nope), ("cache_k_rope", cache_k_rope)):
+        if t.dtype != dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match kv_buffer dtype {dtype} (no implicit cast)")
+    device = kv_buffer.device
+    for name, t in (("loc", loc), ("cache_k_nope", cache_k_nope), ("cache_k_rope", cache_k_rope)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but kv_buffer is on {device}")
+    n_loc = loc.shape[0]
+    for name, t in (("cache_k_nope", cache_k_nope), ("cache_k_rope", cache_k_rope)):
+        if t.shape[0] != n_loc:
+            raise ValueError(f"{name}: dim 0 is {t.shape[0]} but loc has n_loc={n_loc} entries")
+    width = cache_k_nope.shape[-1] + cache_k_rope.shape[-1]
+    if width > kv_buffer.shape[-1]:
+        raise ValueError(
+            f"kv_buffer: last dim is {kv_buffer.shape[-1]} but nope_dim + rope_dim = "
+            f"{cache_k_nope.shape[-1]} + {cache_k_rope.shape[-1]} = {width} does not fit"
+        )
+
+
+def check_loc_bounds(loc: torch.Tensor, num_slots: int) -> None:
+    """Raise ``IndexError`` if any ``loc[i] >= num_slots`` (negative entries are padding). Syncs on GPU."""
+    if loc.numel() == 0:
+        return
+    top = int(loc.max())
+    if top >= num_slots:
+        bad = int((loc >= num_slots).nonzero()[0, 0])
+        raise IndexError(f"loc[{bad}] = {int(loc[bad])} is out of range for kv_buffer with num_slots={num_slots}")
+
+
+# (device index, dtype, nope_dim, rope_dim) -> (jit entry or None, min n_loc for it)
+_JIT_ROUTES: dict[tuple, tuple[Optional[Callable], int]] = {}
+
+
+def _jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[Optional[Callable], int]:
+    key = (kv_buffer.device.index, kv_buffer.dtype, nope_dim, rope_dim)
+    route = _JIT_ROUTES.get(key)
+    if route is None:
+        route = (None, 0)
+        if os.environ.get("MLAKV_DISABLE_JIT", "0") in ("", "0"):
+            from mlakv import jit_kernel  # lazy: tvm-ffi and nvcc are only needed here
+
+            es = kv_buffer.element_size()
+            if jit_kernel.can_use_set_mla_kv_buffer(nope_dim * es, rope_dim * es, kv_buffer.device):
+                route = (jit_kernel.set_mla_kv_buffer_unchecked, jit_kernel.jit_min_n_loc(kv_buffer.device, nope_dim * es, rope_dim * es))
+        _JIT_ROUTES[key] = route
+    return route
+
+
+def kv_write_path(
+    kv_buffer: torch.Tensor, loc: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor
+) -> str:
+    """Name the path the dispatcher takes for these (valid) arguments: ``torch``, ``jit`` or ``triton``."""
+    if not kv_buffer.is_cuda:
+        return "torch"
+    jit_fn, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
+    if jit_fn is not None and loc.shape[0] >= min_n:
+        from mlakv import jit_kernel
+
+        if jit_kernel.jit_accepts_layout(kv_buffer, cache_k_nope, cache_k_rope):
+            return "jit"
+    return "triton"
+
+
+def set_mla_kv_buffer_triton(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+    *,
+    check_bounds: Optional[bool] = None,
+) -> None:
+    """Write ``[k_nope | k_rope]`` rows into ``kv_buffer`` at slots ``loc``, on the fastest correct path.
+
+    Args:
+        kv_buffer: ``[num_slots, total]`` or ``[num_slots, 1, total]``, any row stride, last dim
+            contiguous, ``total >= nope_dim + rope_dim`` (columns past the row are untouched).
+        loc: ``[n_loc]`` int32 or int64 slot indices; ``loc[i] < 0`` marks a padding row (skipped).
+        cache_k_nope: ``[n_loc, nope_dim]`` or ``[n_loc, 1, nope_dim]``, rows may be strided.
+        cache_k_rope: ``[n_loc, rope_dim]`` or ``[n_loc, 1, rope_dim]``, rows may be strided.
+        check_bounds: raise ``IndexError`` for ``loc >= num_slots`` before launching (syncs);
+            defaults to the ``MLAKV_CHECK_BOUNDS`` environment variable.
+
+    One dtype for the three data tensors (float16, bfloat16, float32, float8 e4m3fn/e5m2, uint8,
+    int8); the copy is bit-exact. ``n_loc == 0`` returns without launching anything.
+    """
+    validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    n_loc = loc.shape[0]
+    if n_loc == 0:
+        return
+    if check_bounds if check_bounds is not None else _CHECK_BOUNDS_DEFAULT:
+        check_loc_bounds(loc, kv_buffer.shape[0])
+    if not kv_buffer.is_cuda:
+        set_mla_kv_buffer_torch(kv_buffer, loc, cache_k_nope, cache_k_rope)
+        return
+    jit_fn, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
+    if jit_fn is not None and n_loc >= min_n and jit_fn(kv_buffer, loc, cache_k_nope, cache_k_rope):
+        return
+    from .triton_kernels import launch_set_kv_rows
+
+    launch_set_kv_rows(kv_buffer, loc, cache_k_nope, cache_k_rope)

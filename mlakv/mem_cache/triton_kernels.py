@@ -1,0 +1,163 @@
+"""Triton kernels of the pool: the row write (the dispatcher's portable GPU path) and the gather.
+
+Each kernel sits beside its launcher. Launchers take tensors that the dispatcher has already
+validated; they do no checking of their own. Every kernel is bit-exact: it only moves elements,
+and float8 tensors reach it as uint8 views. Under ``TRITON_INTERPRET=1`` the same kernels run on
+CPU tensors, which is how CI exercises them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["launch_set_kv_rows", "launch_get_kv_rows", "row_kernel_block"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch needs SM90+ and a real (not interpreted) launch."""
+    if _interpreting():
+        return False
+    major, _ = torch.cuda.get_device_capability(device_index)
+    return major >= 9
+
+
+def _as_triton_dtype(t: torch.Tensor) -> torch.Tensor:
+    """float8 pointers are not portable across Triton versions/arches: move their bytes as uint8."""
+    if t.element_size() == 1 and t.dtype != torch.uint8:
+        return t.view(torch.uint8)
+    return t
+
+
+def row_kernel_block(nope_dim: int, rope_dim: int) -> int:
+    """``BLOCK`` of the row kernel: the next power of two of the row width (one program per row)."""
+    return triton.next_power_of_2(nope_dim + rope_dim)
+
+
+def _row_kernel_warps(block: int, elem_bytes: int) -> int:
+    # One 16-byte vector per thread per pass: block * elem_bytes / (32 lanes * 16 bytes).
+    return max(1, min(8, block * elem_bytes // 512))
+
+
+@triton.jit
+def _set_kv_rows_kernel(
+    kv_ptr,
+    loc_ptr,
+    nope_ptr,
+    rope_ptr,
+    kv_row_stride,
+    nope_row_stride,
+    rope_row_stride,
+    NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # One program writes one whole row: kv[loc[i], :NOPE+ROPE] = [nope[i] | rope[i]].
+    # Strides are in elements; every product is formed in int64 (slot * stride may pass 2^31).
+    row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    slot = tl.load(loc_ptr + row).to(tl.int64)
+    if slot >= 0:
+        offs = tl.arange(0, BLOCK)
+        in_nope = offs < NOPE
+        in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
+        a = tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_nope)
+        b = tl.load(rope_ptr + row * rope_row_stride + (offs - NOPE), mask=in_rope)
+        tl.store(kv_ptr + slot * kv_row_stride + offs, tl.where(in_nope, a, b), mask=offs < NOPE + ROPE)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def launch_set_kv_rows(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+) -> None:
+    """Launch the row kernel: grid ``(n_loc,)``, ``BLOCK = next_pow2(nope_dim + rope_dim)``.
+
+    Args (validated by the dispatcher; 2-D or 3-D with a middle dim of 1):
+        kv_buffer: ``[num_slots, (1,) total]``, last dim contiguous.
+        loc: ``[n_loc]`` int32/int64; negative entries are skipped.
+        cache_k_nope: ``[n_loc, (1,) nope_dim]``; cache_k_rope: ``[n_loc, (1,) rope_dim]``.
+    """
+    n_loc = loc.shape[0]
+    nope_dim, rope_dim = cache_k_nope.shape[-1], cache_k_rope.shape[-1]
+    kv, nope, rope = (_as_triton_dtype(t) for t in (kv_buffer, cache_k_nope, cache_k_rope))
+    block = row_kernel_block(nope_dim, rope_dim)
+    use_pdl = kv.is_cuda and _pdl_supported(kv.device.index or 0)
+    extra = {"launch_pdl": True} if use_pdl else {}
+    _set_kv_rows_kernel[(n_loc,)](
+        kv,
+        loc,
+        nope,
+        rope,
+        kv.stride(0),
+        nope.stride(0),
+        rope.stride(0),
+        NOPE=nope_dim,
+        ROPE=rope_dim,
+        BLOCK=block,
+        USE_PDL=use_pdl,
+        num_warps=_row_kernel_warps(block, kv.element_size()),
+        **extra,
+    )
+
+
+@triton.jit
+def _get_kv_rows_kernel(
+    kv_ptr,
+    loc_ptr,
+    nope_out_ptr,
+    rope_out_ptr,
+    kv_row_stride,
+    NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program reads one row kv[loc[i]] and splits it into nope_out[i] and rope_out[i].
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.load(loc_ptr + row).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(kv_ptr + slot * kv_row_stride + offs, mask=offs < NOPE + ROPE)
+    tl.store(nope_out_ptr + row * NOPE + offs, x, mask=offs < NOPE)
+    tl.store(rope_out_ptr + row * ROPE + (offs - NOPE), x, mask=(offs >= NOPE) & (offs < NOPE + ROPE))
+
+
+def launch_get_kv_rows(
+    kv_buffer: torch.Tensor, loc: torch.Tensor, nope_dim: int, rope_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather ``kv_buffer[loc]`` as ``([n_loc, nope_dim], [n_loc, rope_dim])`` (new contiguous tensors).
+
+    ``loc`` must hold valid slots (``0 <= loc < num_slots``); the pool checks it.
+    """
+    n_loc = loc.shape[0]
+    nope_out = torch.empty((n_loc, nope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
+    rope_out = torch.empty((n_loc, rope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
+    if n_loc == 0:
+        return nope_out, rope_out
+    kv, n_out, r_out = (_as_triton_dtype(t) for t in (kv_buffer, nope_out, rope_out))
+    block = row_kernel_block(nope_dim, rope_dim)
+    _get_kv_rows_kernel[(n_loc,)](
+        kv,
+        loc,
+        n_out,
+        r_out,
+        kv.stride(0),
+        NOPE=nope_dim,
+        ROPE=rope_dim,
+        BLOCK=block,
+        num_warps=_row_kernel_warps(block, kv.element_size()),
+    )
+    return nope_out, rope_out

@@ -1,0 +1,79 @@
+"""Shared test helpers: the loop reference, input makers, and the GPU/JIT availability gates.
+
+Without a CUDA device the Triton kernels run under the interpreter (``TRITON_INTERPRET=1`` on CPU
+tensors); it must be set before the first ``@triton.jit`` decoration, hence here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
+requires_sm90 = pytest.mark.skipif(not IS_SM90, reason="needs an SM90+ GPU (none present)")
+
+try:  # triton is optional on CPU-only platforms; its tests skip without it
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+_BIT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Same-width integer view: compare with ``torch.equal`` for a bit-exact check (NaN-safe)."""
+    return t.view(_BIT[t.element_size()])
+
+
+def random_rows(n: int, d: int, dtype: torch.dtype, device=DEVICE, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Fresh random ``[n, d]`` data: normal values for 2/4-byte floats, random bytes otherwise."""
+    if dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return torch.randn(n, d, generator=gen).to(dtype).to(device)
+    raw = torch.randint(0, 256, (n, d), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype).to(device) if dtype != torch.int8 else raw.view(torch.int8).to(device)
+
+
+def poisoned_buffer(num_slots: int, total: int, dtype: torch.dtype, device=DEVICE, three_d: bool = False) -> torch.Tensor:
+    """A destination filled with random bytes (never zeros), so unwritten or misplaced rows show."""
+    width = total * torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (num_slots, width), dtype=torch.uint8, device=device)
+    buf = raw.view(dtype)
+    return buf.view(num_slots, 1, total) if three_d else buf
+
+
+def random_loc(n: int, num_slots: int, dtype: torch.dtype, device=DEVICE) -> torch.Tensor:
+    """``n`` distinct slots in random order."""
+    return torch.randperm(num_slots)[:n].to(dtype).to(device)
+
+
+def reference_write(kv: torch.Tensor, loc: torch.Tensor, nope: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """The spec, row by row on the CPU: returns the expected buffer (a new tensor)."""
+    out = bits(kv.detach().cpu()).clone()
+    out2 = out.view(out.shape[0], -1) if out.dim() == 3 else out
+    n_src = bits(nope.detach().cpu()).reshape(nope.shape[0], -1)
+    r_src = bits(rope.detach().cpu()).reshape(rope.shape[0], -1)
+    dn, dr = n_src.shape[1], r_src.shape[1]
+    for i, slot in enumerate(loc.cpu().tolist()):
+        if slot >= 0:
+            out2[slot, :dn] = n_src[i]
+            out2[slot, dn : dn + dr] = r_src[i]
+    return out
+
+
+def assert_bits_equal(actual: torch.Tensor, expected_bits: torch.Tensor) -> None:
+    a = bits(actual.detach().cpu())
+    if not torch.equal(a, expected_bits):
+        diff = (a != expected_bits).reshape(a.shape[0], -1).any(dim=1).nonzero().flatten()
+        raise AssertionError(f"{diff.numel()} rows differ, first rows: {diff[:8].tolist()}")

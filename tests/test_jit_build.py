@@ -1,0 +1,85 @@
+"""The CUDA source compiles and its module loads for every row layout the tests use.
+
+This runs without a GPU (``TVM_FFI_CUDA_ARCH_LIST=9.0a`` and nvcc), so a broken ``.cuh`` turns CI
+red. Where nvcc or tvm-ffi is missing the tests skip, unless ``MLAKV_REQUIRE_JIT_BUILD=1`` (set
+by ``.ci/run``) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mlakv.jit_kernel import JitUnavailable, build_set_mla_kv_buffer_module, can_use_set_mla_kv_buffer, find_cuda_home
+
+# (nope bytes, rope bytes) of every layout in the test matrix.
+LAYOUTS = [
+    (1024, 128),  # bf16/fp16 512+64
+    (1024, 64),  # 512+32
+    (512, 128),  # 256+64
+    (256, 128),  # 128+64
+    (1056, 128),  # 528+64
+    (528, 128),  # uint8 FP8 NSA row
+    (528, 64),  # uint8 528+64
+    (2048, 256),  # fp32 512+64
+    (512, 64),  # fp8 512+64
+]
+REQUIRED = os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0")
+
+
+def _toolchain_missing() -> str | None:
+    try:
+        import tvm_ffi  # noqa: F401
+    except ImportError:
+        return "apache-tvm-ffi is not installed"
+    if find_cuda_home() is None:
+        return "nvcc is not available"
+    return None
+
+
+@pytest.fixture(scope="module")
+def built_modules():
+    missing = _toolchain_missing()
+    if missing:
+        if REQUIRED:
+            pytest.fail(f"MLAKV_REQUIRE_JIT_BUILD=1 but {missing}")
+        pytest.skip(missing)
+    old = os.environ.get("TVM_FFI_CUDA_ARCH_LIST")
+    os.environ.setdefault("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
+
+    def build(layout):
+        try:
+            return layout, build_set_mla_kv_buffer_module(*layout, use_pdl=True, device_capability=(9, 0))
+        except JitUnavailable as e:
+            return layout, e
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as ex:
+            return dict(ex.map(build, LAYOUTS))
+    finally:
+        if old is None:
+            os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l[0]}+{l[1]}")
+def test_module_builds_and_loads(built_modules, layout):
+    mod = built_modules[layout]
+    assert not isinstance(mod, Exception), f"build failed: {mod}"
+    assert callable(mod.set_mla_kv_buffer)
+
+
+@pytest.mark.parametrize(
+    "nope_bytes,rope_bytes",
+    [(1026, 128), (1024, 130), (1024, 120), (0, 64)],
+    ids=["nope-not-4", "rope-not-4", "sum-not-16", "zero"],
+)
+def test_can_use_rejects_unsupported_widths(nope_bytes, rope_bytes):
+    assert can_use_set_mla_kv_buffer(nope_bytes, rope_bytes) is False
+
+
+def test_unsupported_widths_do_not_build():
+    with pytest.raises(JitUnavailable, match="multiple of 16"):
+        build_set_mla_kv_buffer_module(1024, 120, use_pdl=True, device_capability=(9, 0))

@@ -1,0 +1,243 @@
+"""The row-write spec, checked bit-exactly on every path against the loop reference.
+
+Paths: ``dispatch`` (``set_mla_kv_buffer_triton``: torch on CPU, JIT/Triton on CUDA), ``triton``
+(the row kernel launched directly; under the interpreter on CPU) and ``jit`` (the CUDA kernel's
+direct entry; SM90+ only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import (
+    DEVICE,
+    HAS_CUDA,
+    IS_SM90,
+    assert_bits_equal,
+    poisoned_buffer,
+    random_loc,
+    random_rows,
+    reference_write,
+    requires_cuda,
+    requires_triton,
+)
+from mlakv.mem_cache import kv_write_path, set_mla_kv_buffer_triton, validate_kv_write
+
+DTYPES = [torch.float16, torch.bfloat16]
+SHAPES = [(512, 64), (512, 32), (256, 64), (128, 64), (528, 64)]
+N_LOCS = [1, 7, 64, 257, 1024]
+LOC_DTYPES = [torch.int32, torch.int64]
+
+
+def _run_triton(kv, loc, nope, rope):
+    from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+
+    validate_kv_write(kv, loc, nope, rope)
+    if loc.shape[0]:
+        launch_set_kv_rows(kv, loc, nope, rope)
+
+
+def _run_jit(kv, loc, nope, rope):
+    from mlakv import jit_kernel
+
+    es = kv.element_size()
+    if not jit_kernel.can_use_set_mla_kv_buffer(nope.shape[-1] * es, rope.shape[-1] * es, kv.device):
+        pytest.skip("JIT kernel not usable for this layout on this device (reason logged)")
+    jit_kernel.set_mla_kv_buffer(kv, loc, nope, rope)
+
+
+def _gate(path: str):
+    if path == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+    if path == "jit" and not IS_SM90:
+        pytest.skip("the JIT kernel needs an SM90+ GPU (none present)")
+
+
+RUNNERS = {"dispatch": set_mla_kv_buffer_triton, "triton": _run_triton, "jit": _run_jit}
+PATHS = ["dispatch", "triton", "jit"]
+
+
+def _check(path, dtype, nope_dim, rope_dim, n_loc, loc_dtype, *, extra_slots=37, total=None, three_d=False):
+    _gate(path)
+    num_slots = n_loc + extra_slots
+    total = total or nope_dim + rope_dim
+    kv = poisoned_buffer(num_slots, total, dtype, three_d=three_d)
+    loc = random_loc(n_loc, num_slots, loc_dtype)
+    nope = random_rows(n_loc, nope_dim, dtype)
+    rope = random_rows(n_loc, rope_dim, dtype)
+    expected = reference_write(kv, loc, nope, rope)
+    RUNNERS[path](kv, loc, nope, rope)
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("loc_dtype", LOC_DTYPES, ids=["i32", "i64"])
+@pytest.mark.parametrize("n_loc", N_LOCS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}+{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("path", PATHS)
+def test_reference_matrix(path, dtype, shape, n_loc, loc_dtype):
+    _check(path, dtype, *shape, n_loc, loc_dtype)
+
+
+@pytest.mark.parametrize("loc_dtype", LOC_DTYPES, ids=["i32", "i64"])
+@pytest.mark.parametrize("n_loc", N_LOCS)
+@pytest.mark.parametrize("path", PATHS)
+def test_fp8_nsa_byte_layout(path, n_loc, loc_dtype):
+    """The FP8 NSA row: 528 + 128 uint8 bytes (the split falls inside a 16-byte vector)."""
+    _check(path, torch.uint8, 528, 128, n_loc, loc_dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "dtype,shape",
+    [
+        (torch.float32, (512, 64)),
+        (torch.float8_e4m3fn, (512, 64)),
+        (torch.float8_e5m2, (512, 64)),
+        (torch.uint8, (528, 64)),
+        (torch.int8, (512, 64)),
+    ],
+    ids=["fp32", "e4m3fn", "e5m2", "u8-528+64", "i8"],
+)
+def test_other_dtypes(path, dtype, shape):
+    _check(path, dtype, *shape, 129, torch.int64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_three_d_tensors(path, dtype):
+    """kv ``[S, 1, total]`` and sources ``[n, 1, d]`` as the pool and attention layers pass them."""
+    _gate(path)
+    n, num_slots = 65, 100
+    kv = poisoned_buffer(num_slots, 576, dtype, three_d=True)
+    loc = random_loc(n, num_slots, torch.int64)
+    nope = random_rows(n, 512, dtype).unsqueeze(1)
+    rope = random_rows(n, 64, dtype).unsqueeze(1)
+    expected = reference_write(kv, loc, nope, rope)
+    RUNNERS[path](kv, loc, nope, rope)
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_padding_rows_are_skipped(path):
+    """``loc < 0`` rows write nothing, wherever they sit in the batch."""
+    _gate(path)
+    n, num_slots = 300, 400
+    kv = poisoned_buffer(num_slots, 576, torch.bfloat16)
+    loc = random_loc(n, num_slots, torch.int64)
+    pad = torch.rand(n) < 0.3
+    pad[-5:] = True  # a CUDA-graph batch is padded at the end
+    loc[pad.to(loc.device)] = -1
+    nope = random_rows(n, 512, torch.bfloat16)
+    rope = random_rows(n, 64, torch.bfloat16)
+    expected = reference_write(kv, loc, nope, rope)
+    RUNNERS[path](kv, loc, nope, rope)
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_all_padding(path):
+    _gate(path)
+    kv = poisoned_buffer(64, 576, torch.bfloat16)
+    before = kv.clone()
+    loc = torch.full((32,), -1, dtype=torch.int64, device=DEVICE)
+    RUNNERS[path](kv, loc, random_rows(32, 512, torch.bfloat16), random_rows(32, 64, torch.bfloat16))
+    assert_bits_equal(kv, before.view(torch.int16).cpu())
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_sources(path):
+    """nope/rope as column slices of one wider tensor (e.g. the kv_a projection's output)."""
+    _gate(path)
+    n, num_slots = 200, 300
+    wide = random_rows(n, 512 + 64 + 64, torch.bfloat16)  # [nope | rope | other]
+    nope, rope = wide[:, :512], wide[:, 512:576]
+    assert nope.stride(0) == 640 and not nope.is_contiguous()
+    kv = poisoned_buffer(num_slots, 576, torch.bfloat16)
+    loc = random_loc(n, num_slots, torch.int32)
+    expected = reference_write(kv, loc, nope, rope)
+    RUNNERS[path](kv, loc, nope, rope)
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_buffer_wider_than_row(path):
+    """Columns past nope + rope are never touched."""
+    _check(path, torch.bfloat16, 512, 64, 150, torch.int64, total=576 + 72)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_buffer_rows(path):
+    """A kv_buffer that is a column slice of a wider allocation (row stride > row width)."""
+    _gate(path)
+    n, num_slots = 90, 128
+    backing = poisoned_buffer(num_slots, 640, torch.bfloat16)
+    kv = backing[:, :576]
+    loc = random_loc(n, num_slots, torch.int64)
+    nope, rope = random_rows(n, 512, torch.bfloat16), random_rows(n, 64, torch.bfloat16)
+    expected_backing = reference_write(backing, loc, nope, rope)
+    RUNNERS[path](kv, loc, nope, rope)
+    assert_bits_equal(backing, expected_backing)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_loc(path):
+    _gate(path)
+    kv = poisoned_buffer(16, 576, torch.bfloat16)
+    before = kv.clone()
+    empty = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    RUNNERS[path](kv, empty, random_rows(0, 512, torch.bfloat16), random_rows(0, 64, torch.bfloat16))
+    assert_bits_equal(kv, before.view(torch.int16).cpu())
+
+
+def test_cpu_tensors_take_the_torch_path():
+    kv = poisoned_buffer(8, 576, torch.bfloat16, device="cpu")
+    loc = torch.tensor([3], dtype=torch.int64)
+    nope = random_rows(1, 512, torch.bfloat16, device="cpu")
+    rope = random_rows(1, 64, torch.bfloat16, device="cpu")
+    assert kv_write_path(kv, loc, nope, rope) == "torch"
+
+
+@requires_cuda
+@pytest.mark.parametrize("n_loc", [1, 64, 767, 768, 769, 4096, 16384])
+@pytest.mark.parametrize("layout", [(torch.bfloat16, 512, 64), (torch.uint8, 528, 128)], ids=["bf16", "u8"])
+def test_dispatch_around_threshold(layout, n_loc):
+    """Both sides of the JIT threshold through the dispatcher; the chosen path is reported."""
+    dtype, nope_dim, rope_dim = layout
+    path = kv_write_path(
+        poisoned_buffer(2, nope_dim + rope_dim, dtype),
+        torch.zeros(n_loc, dtype=torch.int64, device=DEVICE),
+        random_rows(n_loc, nope_dim, dtype),
+        random_rows(n_loc, rope_dim, dtype),
+    )
+    assert path in ("jit", "triton")
+    _check("dispatch", dtype, nope_dim, rope_dim, n_loc, torch.int64, extra_slots=1000)
+
+
+@requires_cuda
+@requires_triton
+@pytest.mark.parametrize("path", ["dispatch", "triton", "jit"])
+@pytest.mark.parametrize("n_loc", [5, 3000])
+def test_offsets_past_2_gib(path, n_loc):
+    """A uint8 buffer over 2 GiB with loc in its top rows: addresses must be formed in 64 bits."""
+    _gate(path)
+    row = 656
+    num_slots = (2**31) // row + 4096  # 2.2 GB
+    kv = torch.empty((num_slots, row), dtype=torch.uint8, device="cuda")
+    kv[-8192:].random_(0, 256)
+    kv[:8192].random_(0, 256)
+    top = num_slots - 1 - torch.randperm(8000)[:n_loc]
+    assert int(top.min()) * row >= 2**31
+    loc = top.to(torch.int64).cuda()
+    nope, rope = random_rows(n_loc, 528, torch.uint8), random_rows(n_loc, 128, torch.uint8)
+    head_before, tail_before = kv[:8192].clone(), kv[-8192:].clone()
+    RUNNERS[path](kv, loc, nope, rope)
+    torch.cuda.synchronize()
+    expected_tail = reference_write(tail_before, loc - (num_slots - 8192), nope, rope)
+    assert_bits_equal(kv[-8192:], expected_tail)
+    assert torch.equal(kv[:8192], head_before), "low rows changed: an offset wrapped around 2^31"
+    del kv
+    torch.cuda.empty_cache()
