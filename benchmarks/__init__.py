@@ -1,0 +1,1 @@
+"""mlakv benchmarks: providers side by side (the legacy baseline lives only here)."""
