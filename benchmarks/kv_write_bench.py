@@ -275,9 +275,13 @@ def host_costs() -> dict:
             lambda: set_mla_kv_buffer_triton(kv, loc, n8, r8)
         )
         if torch.cuda.is_available():
+            from mlakv import jit_kernel
             from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
 
-            out[f"triton row kernel launch[{lname}, n_loc=1]"] = _host_cost_us(lambda: launch_set_kv_rows(kv, loc, n8, r8))
+            out[f"triton row kernel launch alone[{lname}, n_loc=1]"] = _host_cost_us(lambda: launch_set_kv_rows(kv, loc, n8, r8))
+            out[f"jit_kernel.set_mla_kv_buffer (checked entry)[{lname}, n_loc=1]"] = _host_cost_us(
+                lambda: jit_kernel.set_mla_kv_buffer(kv, loc, n8, r8)
+            )
     return out
 
 
@@ -382,12 +386,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     jit_variants = {}
     if args.tune and cuda:
-        for tma in (True, False):
-            for warps in (4, 8, 16):
-                for items in (1, 2, 4):
-                    jit_variants[f"jit-{'tma' if tma else 'st'}-w{warps}-i{items}"] = dict(
-                        num_warps=warps, items_per_warp=items, use_tma=tma
-                    )
+        grid = [(False, w, i) for w in (1, 2, 4, 8, 16) for i in (1, 2)] + [(True, w, 1) for w in (2, 4, 8)]
+        for tma, warps, items in grid:
+            jit_variants[f"jit-{'tma' if tma else 'st'}-w{warps}-i{items}"] = dict(
+                num_warps=warps, items_per_warp=items, use_tma=tma
+            )
 
     rows = run_sweep(layouts, sizes, providers, [torch.int64], cold=cuda and not args.no_cold, jit_variants=jit_variants)
     if not args.quick and cuda and "bf16" in layouts:

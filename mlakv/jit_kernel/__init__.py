@@ -9,14 +9,15 @@ from .set_mla_kv_buffer import (
     build_set_mla_kv_buffer_module,
     can_use_set_mla_kv_buffer,
     jit_accepts_layout,
-    jit_min_n_loc,
+    jit_writer,
     set_mla_kv_buffer,
     set_mla_kv_buffer_unchecked,
 )
-from .tuning import TUNING, LaunchTuning, gpu_family, tuning_for
+from .tuning import TUNING, LaunchStep, LaunchTuning, gpu_family, tuning_for
 
 __all__ = [
     "JitUnavailable",
+    "LaunchStep",
     "LaunchTuning",
     "TUNING",
     "build_set_mla_kv_buffer_module",
@@ -25,7 +26,7 @@ __all__ = [
     "find_cuda_home",
     "gpu_family",
     "jit_accepts_layout",
-    "jit_min_n_loc",
+    "jit_writer",
     "load_cuda_module",
     "set_mla_kv_buffer",
     "set_mla_kv_buffer_unchecked",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -25,16 +25,16 @@ __all__ = [
     "set_mla_kv_buffer",
     "set_mla_kv_buffer_unchecked",
     "jit_accepts_layout",
-    "jit_min_n_loc",
+    "jit_writer",
     "build_set_mla_kv_buffer_module",
 ]
 
 _WRAPPER = """\
 #include "set_mla_kv_buffer.cuh"
 
-void set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+bool set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                        tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma) {{
-  mlakv::launch_set_mla_kv_buffer<{nope}, {rope}, {pdl}>(kv, loc, nope, rope, num_warps, items, use_tma);
+  return mlakv::launch_set_mla_kv_buffer<{nope}, {rope}, {pdl}>(kv, loc, nope, rope, num_warps, items, use_tma);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_mla_kv_buffer, set_mla_kv_buffer);
 """
@@ -139,9 +139,23 @@ def jit_accepts_layout(kv_buffer: torch.Tensor, cache_k_nope: torch.Tensor, cach
     )
 
 
-def jit_min_n_loc(device: torch.device, nope_bytes: int, rope_bytes: int) -> int:
-    """Smallest n_loc for which the dispatcher takes the JIT path on ``device`` (from the tuning table)."""
-    return tuning_for(device).min_n_loc
+def jit_writer(device: torch.device, nope_bytes: int, rope_bytes: int) -> Optional[tuple[Callable[..., bool], int]]:
+    """For the dispatcher: ``(write, min_n_loc)`` for this device and row layout, or None.
+
+    ``write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool`` launches with the tuning
+    table's shape for the call's n_loc on already-validated tensors, and returns False (nothing
+    launched) when their alignment does not suit the kernel. ``min_n_loc`` is the table's threshold.
+    """
+    if not can_use_set_mla_kv_buffer(nope_bytes, rope_bytes, device):
+        return None
+    fn = _module_for(_device_index(device), nope_bytes, rope_bytes)
+    tune = tuning_for(device)
+    launch = tune.launch
+
+    def write(kv_buffer: torch.Tensor, loc: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor) -> bool:
+        return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, *launch(loc.shape[0]))
+
+    return write, tune.min_n_loc
 
 
 def set_mla_kv_buffer_unchecked(
@@ -153,26 +167,29 @@ def set_mla_kv_buffer_unchecked(
     items_per_warp: int = 0,
     use_tma: Optional[bool] = None,
 ) -> bool:
-    """Launch on already-validated arguments; return False (launching nothing) if the layout's
-    alignment does not suit the kernel, so the caller can fall back."""
-    if not jit_accepts_layout(kv_buffer, cache_k_nope, cache_k_rope):
-        return False
+    """Launch on already-validated arguments (the dispatcher's hot path).
+
+    Returns False, launching nothing, when the module is unavailable or the tensors' alignment
+    does not suit the kernel (the module checks it), so the caller can fall back.
+    """
     es = kv_buffer.element_size()
     fn = _module_for(kv_buffer.device.index, cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es)
     if isinstance(fn, str):
         return False
-    tune = tuning_for(kv_buffer.device)
     n_loc = loc.shape[0]
-    fn(
-        kv_buffer,
-        loc,
-        cache_k_nope,
-        cache_k_rope,
-        num_warps or tune.warps(n_loc),
-        items_per_warp or tune.items_per_warp,
-        tune.use_tma if use_tma is None else use_tma,
+    tune = tuning_for(kv_buffer.device)
+    warps, items, tma = tune.launch(n_loc)
+    return bool(
+        fn(
+            kv_buffer,
+            loc,
+            cache_k_nope,
+            cache_k_rope,
+            num_warps or warps,
+            items_per_warp or items,
+            tma if use_tma is None else use_tma,
+        )
     )
-    return True
 
 
 def set_mla_kv_buffer(

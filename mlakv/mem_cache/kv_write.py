@@ -39,6 +39,8 @@ SUPPORTED_DTYPES = (
     torch.int8,
 )
 _LOC_DTYPES = (torch.int32, torch.int64)
+_SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
+_LOC_SET = frozenset(_LOC_DTYPES)
 _CHECK_BOUNDS_DEFAULT = os.environ.get("MLAKV_CHECK_BOUNDS", "0") not in ("", "0")
 
 
@@ -54,19 +56,10 @@ def _check_rows_tensor(name: str, t: object, n_what: str) -> None:
         raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
 
 
-def validate_kv_write(
-    kv_buffer: torch.Tensor,
-    loc: torch.Tensor,
-    cache_k_nope: torch.Tensor,
-    cache_k_rope: torch.Tensor,
+def _explain_invalid(
+    kv_buffer: torch.Tensor, loc: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor
 ) -> None:
-    """Check a row write's arguments; raise ``TypeError``/``ValueError`` naming what is wrong.
-
-    Shapes: ``kv_buffer [num_slots, (1,) total]``, ``loc [n_loc]`` (int32/int64),
-    ``cache_k_nope [n_loc, (1,) nope_dim]``, ``cache_k_rope [n_loc, (1,) rope_dim]``, one dtype
-    for the three data tensors, one device for all four, ``nope_dim + rope_dim <= total``.
-    Does not look at the values of ``loc`` (see :func:`check_loc_bounds`).
-    """
+    """Find the first broken rule and raise its error (the slow path of :func:`validate_kv_write`)."""
     _check_rows_tensor("kv_buffer", kv_buffer, "num_slots")
     _check_rows_tensor("cache_k_nope", cache_k_nope, "n_loc")
     _check_rows_tensor("cache_k_rope", cache_k_rope, "n_loc")
@@ -96,6 +89,55 @@ def validate_kv_write(
             f"kv_buffer: last dim is {kv_buffer.shape[-1]} but nope_dim + rope_dim = "
             f"{cache_k_nope.shape[-1]} + {cache_k_rope.shape[-1]} = {width} does not fit"
         )
+    raise AssertionError("validate_kv_write: fast check failed but no rule is broken")  # pragma: no cover
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    nd = t.ndim
+    return (nd == 2 or (nd == 3 and t.shape[1] == 1)) and (t.stride(-1) == 1 or t.shape[-1] == 1)
+
+
+def validate_kv_write(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+) -> int:
+    """Check a row write's arguments and return ``n_loc``; raise ``TypeError``/``ValueError`` naming what is wrong.
+
+    Shapes: ``kv_buffer [num_slots, (1,) total]``, ``loc [n_loc]`` (int32/int64),
+    ``cache_k_nope [n_loc, (1,) nope_dim]``, ``cache_k_rope [n_loc, (1,) rope_dim]``, one dtype
+    for the three data tensors, one device for all four, ``nope_dim + rope_dim <= total``, last
+    dims contiguous. Does not look at the values of ``loc`` (see :func:`check_loc_bounds`).
+
+    The common (valid) case is one short boolean expression, since this runs on every layer's
+    write; only a failure walks the rules one by one to name the broken one.
+    """
+    try:
+        dtype = kv_buffer.dtype
+        device = kv_buffer.device
+        n_loc = loc.shape[0]
+        ok = (
+            cache_k_nope.dtype is dtype
+            and cache_k_rope.dtype is dtype
+            and dtype in _SUPPORTED_SET
+            and loc.dtype in _LOC_SET
+            and loc.ndim == 1
+            and cache_k_nope.shape[0] == n_loc
+            and cache_k_rope.shape[0] == n_loc
+            and cache_k_nope.shape[-1] + cache_k_rope.shape[-1] <= kv_buffer.shape[-1]
+            and _rows_ok(kv_buffer)
+            and _rows_ok(cache_k_nope)
+            and _rows_ok(cache_k_rope)
+            and loc.device == device
+            and cache_k_nope.device == device
+            and cache_k_rope.device == device
+        )
+    except (AttributeError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        _explain_invalid(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    return n_loc
 
 
 def check_loc_bounds(loc: torch.Tensor, num_slots: int) -> None:
@@ -108,21 +150,21 @@ def check_loc_bounds(loc: torch.Tensor, num_slots: int) -> None:
         raise IndexError(f"loc[{bad}] = {int(loc[bad])} is out of range for kv_buffer with num_slots={num_slots}")
 
 
-# (device index, dtype, nope_dim, rope_dim) -> (jit entry or None, min n_loc for it)
-_JIT_ROUTES: dict[tuple, tuple[Optional[Callable], int]] = {}
+# (device, dtype, nope_dim, rope_dim) -> (jit writer or None, min n_loc for it)
+_JIT_ROUTES: dict[tuple, tuple[Optional[Callable[..., bool]], int]] = {}
+_NO_ROUTE: tuple[None, int] = (None, 0)
 
 
-def _jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[Optional[Callable], int]:
-    key = (kv_buffer.device.index, kv_buffer.dtype, nope_dim, rope_dim)
+def _jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[Optional[Callable[..., bool]], int]:
+    key = (kv_buffer.device, kv_buffer.dtype, nope_dim, rope_dim)
     route = _JIT_ROUTES.get(key)
     if route is None:
-        route = (None, 0)
+        route = _NO_ROUTE
         if os.environ.get("MLAKV_DISABLE_JIT", "0") in ("", "0"):
             from mlakv import jit_kernel  # lazy: tvm-ffi and nvcc are only needed here
 
             es = kv_buffer.element_size()
-            if jit_kernel.can_use_set_mla_kv_buffer(nope_dim * es, rope_dim * es, kv_buffer.device):
-                route = (jit_kernel.set_mla_kv_buffer_unchecked, jit_kernel.jit_min_n_loc(kv_buffer.device, nope_dim * es, rope_dim * es))
+            route = jit_kernel.jit_writer(kv_buffer.device, nope_dim * es, rope_dim * es) or _NO_ROUTE
         _JIT_ROUTES[key] = route
     return route
 
@@ -133,8 +175,8 @@ def kv_write_path(
     """Name the path the dispatcher takes for these (valid) arguments: ``torch``, ``jit`` or ``triton``."""
     if not kv_buffer.is_cuda:
         return "torch"
-    jit_fn, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
-    if jit_fn is not None and loc.shape[0] >= min_n:
+    write, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
+    if write is not None and loc.shape[0] >= min_n:
         from mlakv import jit_kernel
 
         if jit_kernel.jit_accepts_layout(kv_buffer, cache_k_nope, cache_k_rope):
@@ -164,8 +206,7 @@ def set_mla_kv_buffer_triton(
     One dtype for the three data tensors (float16, bfloat16, float32, float8 e4m3fn/e5m2, uint8,
     int8); the copy is bit-exact. ``n_loc == 0`` returns without launching anything.
     """
-    validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
-    n_loc = loc.shape[0]
+    n_loc = validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
     if n_loc == 0:
         return
     if check_bounds if check_bounds is not None else _CHECK_BOUNDS_DEFAULT:
@@ -173,9 +214,13 @@ def set_mla_kv_buffer_triton(
     if not kv_buffer.is_cuda:
         set_mla_kv_buffer_torch(kv_buffer, loc, cache_k_nope, cache_k_rope)
         return
-    jit_fn, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
-    if jit_fn is not None and n_loc >= min_n and jit_fn(kv_buffer, loc, cache_k_nope, cache_k_rope):
+    write, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
+    if write is not None and n_loc >= min_n and write(kv_buffer, loc, cache_k_nope, cache_k_rope):
         return
+    _launch_triton(kv_buffer, loc, cache_k_nope, cache_k_rope)
+
+
+def _launch_triton(kv_buffer, loc, cache_k_nope, cache_k_rope) -> None:
     from .triton_kernels import launch_set_kv_rows
 
     launch_set_kv_rows(kv_buffer, loc, cache_k_nope, cache_k_rope)

@@ -76,6 +76,7 @@ class MLATokenToKVPool:
                 f"end_layer - start_layer = {self.end_layer} - {self.start_layer} must equal layer_num={layer_num}"
             )
         self.check_bounds = check_bounds
+        self._store_view = self.store_dtype != dtype
         self.num_slots = size + page_size
         self.kv_buffer = [
             torch.zeros((self.num_slots, 1, self.kv_cache_dim), dtype=self.store_dtype, device=self.device)
@@ -84,7 +85,7 @@ class MLATokenToKVPool:
 
     # ---- layer lookup -------------------------------------------------------------------
     def _local_layer(self, layer: LayerRef) -> int:
-        layer_id = layer if isinstance(layer, int) else getattr(layer, "layer_id", None)
+        layer_id = layer if type(layer) is int else getattr(layer, "layer_id", layer)
         if not isinstance(layer_id, int):
             raise TypeError(f"layer must be an int id or have an int .layer_id, got {type(layer).__name__}")
         if not self.start_layer <= layer_id < self.end_layer:
@@ -154,18 +155,14 @@ class MLATokenToKVPool:
                 f"cache_k_nope/cache_k_rope last dims must be kv_lora_rank={self.kv_lora_rank} and "
                 f"qk_rope_head_dim={self.qk_rope_head_dim}, got {cache_k_nope.shape[-1]} and {cache_k_rope.shape[-1]}"
             )
-        if cache_k_nope.dtype != self.dtype or cache_k_rope.dtype != self.dtype:
+        if cache_k_nope.dtype is not self.dtype or cache_k_rope.dtype is not self.dtype:
             raise TypeError(
                 f"cache_k_nope/cache_k_rope must be {self.dtype} (the pool dtype), got "
                 f"{cache_k_nope.dtype}/{cache_k_rope.dtype}; quantize before writing"
             )
-        set_mla_kv_buffer_triton(
-            buf,
-            loc,
-            self._as_store(cache_k_nope),
-            self._as_store(cache_k_rope),
-            check_bounds=self.check_bounds or None,
-        )
+        if self._store_view:
+            cache_k_nope, cache_k_rope = cache_k_nope.view(self.store_dtype), cache_k_rope.view(self.store_dtype)
+        set_mla_kv_buffer_triton(buf, loc, cache_k_nope, cache_k_rope, check_bounds=self.check_bounds or None)
 
     # ---- sizes and raw buffers (transfer engines, HiCache) ------------------------------
     def get_kv_size_bytes(self) -> int:

@@ -201,43 +201,61 @@ inline int64_t row_stride_bytes(const tvm::ffi::TensorView& t) {
 
 // kv: [num_slots, (1,) total]; loc: [n_loc] int32/int64; nope: [n_loc, (1,) nope]; rope: [n_loc, (1,) rope].
 // num_warps in {1,2,4,8,16,32}; items in {1,2,4}; use_tma selects the bulk-store variant.
+// Returns false, launching nothing, when the addresses or row strides do not suit the kernel's
+// vector widths (kv rows on 16 bytes, nope/rope rows on their vector width): the caller falls back.
 template <int kNopeBytes, int kRopeBytes, bool kUsePDL>
-void launch_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+bool launch_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                               tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma) {
+  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
+  const DLDevice dev = kv.device();
+  const auto on_dev = [&dev](const tvm::ffi::TensorView& t) {
+    return t.device().device_type == dev.device_type && t.device().device_id == dev.device_id;
+  };
+  TVM_FFI_CHECK(dev.device_type == kDLCUDA && on_dev(loc) && on_dev(nope) && on_dev(rope), ValueError)
+      << "kv_buffer, loc, cache_k_nope and cache_k_rope must be on one CUDA device";
   const int64_t n_loc = loc.size(0);
-  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D";
   TVM_FFI_CHECK(loc.dtype().code == kDLInt && (loc.dtype().bits == 32 || loc.dtype().bits == 64), TypeError)
       << "loc must be int32 or int64";
   TVM_FFI_CHECK(nope.size(0) == n_loc && rope.size(0) == n_loc, ValueError)
-      << "cache_k_nope/cache_k_rope dim 0 must equal n_loc=" << n_loc;
+      << "cache_k_nope/cache_k_rope: dim 0 must equal n_loc=" << n_loc;
+  TVM_FFI_CHECK(kv.dtype() == nope.dtype() && kv.dtype() == rope.dtype(), TypeError)
+      << "kv_buffer, cache_k_nope and cache_k_rope must share one dtype";
+  TVM_FFI_CHECK(kv.stride(-1) == 1 && nope.stride(-1) == 1 && rope.stride(-1) == 1, ValueError)
+      << "kv_buffer/cache_k_nope/cache_k_rope: the last dim must be contiguous";
   const int64_t elem = (kv.dtype().bits * kv.dtype().lanes + 7) / 8;
   TVM_FFI_CHECK(nope.size(-1) * elem == kNopeBytes && rope.size(-1) * elem == kRopeBytes, ValueError)
       << "this module was built for " << kNopeBytes << " + " << kRopeBytes << " bytes, got "
       << nope.size(-1) * elem << " + " << rope.size(-1) * elem;
-  TVM_FFI_CHECK(kv.size(-1) * elem >= kNopeBytes + kRopeBytes, ValueError) << "kv_buffer row is too narrow";
+  TVM_FFI_CHECK(kv.size(-1) * elem >= kNopeBytes + kRopeBytes, ValueError)
+      << "kv_buffer: last dim holds " << kv.size(-1) * elem << " bytes, the row needs " << kNopeBytes + kRopeBytes;
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32 && (num_warps & (num_warps - 1)) == 0, ValueError)
       << "num_warps must be a power of two in [1, 32], got " << num_warps;
   TVM_FFI_CHECK(items == 1 || items == 2 || items == 4, ValueError) << "items per warp must be 1, 2 or 4";
-  const int64_t kv_stride = row_stride_bytes(kv);
-  TVM_FFI_CHECK(kv_stride % 16 == 0 && reinterpret_cast<uintptr_t>(kv.data_ptr()) % 16 == 0, ValueError)
-      << "kv_buffer rows must start on 16-byte boundaries (row stride " << kv_stride << " bytes)";
-  if (n_loc == 0) return;
-  const int device = kv.device().device_id;
-  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  const int64_t kv_stride = row_stride_bytes(kv), nope_stride = row_stride_bytes(nope);
+  const int64_t rope_stride = row_stride_bytes(rope);
+  constexpr int kNopeVec = vec_width(kNopeBytes), kRopeVec = vec_width(kRopeBytes, kNopeBytes);
+  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
+  if (((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16) || ((addr(nope) | static_cast<uintptr_t>(nope_stride)) % kNopeVec) ||
+      ((addr(rope) | static_cast<uintptr_t>(rope_stride)) % kRopeVec)) {
+    return false;
+  }
+  if (n_loc == 0) return true;
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
   auto* kv_ptr = static_cast<uint8_t*>(kv.data_ptr());
   const auto* nope_ptr = static_cast<const uint8_t*>(nope.data_ptr());
   const auto* rope_ptr = static_cast<const uint8_t*>(rope.data_ptr());
   if (loc.dtype().bits == 32) {
     launch_loc<kNopeBytes, kRopeBytes, kUsePDL, int32_t>(kv_ptr, kv_stride, nope_ptr,
-                                                         row_stride_bytes(nope), rope_ptr, row_stride_bytes(rope),
+                                                         nope_stride, rope_ptr, rope_stride,
                                                          loc.data_ptr(), n_loc, static_cast<int>(num_warps),
                                                          static_cast<int>(items), use_tma, stream);
   } else {
     launch_loc<kNopeBytes, kRopeBytes, kUsePDL, int64_t>(kv_ptr, kv_stride, nope_ptr,
-                                                         row_stride_bytes(nope), rope_ptr, row_stride_bytes(rope),
+                                                         nope_stride, rope_ptr, rope_stride,
                                                          loc.data_ptr(), n_loc, static_cast<int>(num_warps),
                                                          static_cast<int>(items), use_tma, stream);
   }
+  return true;
 }
 
 }  // namespace mlakv
