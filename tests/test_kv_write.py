@@ -241,3 +241,59 @@ def test_offsets_past_2_gib(path, n_loc):
     assert torch.equal(kv[:8192], head_before), "low rows changed: an offset wrapped around 2^31"
     del kv
     torch.cuda.empty_cache()
+
+
+@requires_cuda
+def test_misaligned_sources_fall_back_and_stay_exact():
+    """A source whose rows are not 16-byte aligned is refused by the JIT launcher; the dispatcher
+    then takes the Triton kernel, and the result is still bit-exact."""
+    n, num_slots = 300, 400
+    wide = random_rows(n, 1 + 512 + 64, torch.bfloat16)
+    nope, rope = wide[:, 1:513], wide[:, 513:577]  # 2-byte offset: misaligned for 16-byte vectors
+    kv = poisoned_buffer(num_slots, 576, torch.bfloat16)
+    loc = random_loc(n, num_slots, torch.int64)
+    assert kv_write_path(kv, loc, nope, rope) == "triton"
+    expected = reference_write(kv, loc, nope, rope)
+    set_mla_kv_buffer_triton(kv, loc, nope, rope)
+    assert_bits_equal(kv, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: (a[0], a[1].cpu(), a[2], a[3]), ValueError, r"loc is on cpu but kv_buffer is on cuda"),
+        (lambda a: (a[0], a[1], a[2].half(), a[3]), TypeError, r"cache_k_nope dtype torch.float16 does not match"),
+        (lambda a: (a[0], a[1][:3], a[2], a[3]), ValueError, r"cache_k_nope: dim 0 is 4 but loc has n_loc=3"),
+        (lambda a: (a[0], a[1].float(), a[2], a[3]), TypeError, r"loc must be int32 or int64"),
+        (lambda a: (a[0], a[1], a[2].reshape(2, 2, 512), a[3]), ValueError, r"cache_k_nope: dim 1 of a 3-D tensor must be 1"),
+    ],
+    ids=["loc-on-cpu", "dtype", "n-loc", "loc-float", "3d-middle"],
+)
+def test_gpu_hot_path_errors_name_the_argument(mutate, exc, match):
+    """On CUDA the kernel's launcher checks first; the error still names the argument and dim."""
+    args = (
+        poisoned_buffer(16, 576, torch.bfloat16),
+        random_loc(4, 16, torch.int64),
+        random_rows(4, 512, torch.bfloat16),
+        random_rows(4, 64, torch.bfloat16),
+    )
+    before = args[0].clone()
+    with pytest.raises(exc, match=match):
+        set_mla_kv_buffer_triton(*mutate(args))
+    torch.cuda.synchronize()
+    assert torch.equal(args[0].view(torch.int16), before.view(torch.int16))
+
+
+@requires_cuda
+def test_jit_entry_rejects_unaligned_buffer_rows():
+    if not IS_SM90:
+        pytest.skip("the JIT kernel needs an SM90+ GPU (none present)")
+    from mlakv import jit_kernel
+
+    backing = poisoned_buffer(64, 577, torch.bfloat16)  # row stride 1154 bytes: not a multiple of 16
+    kv = backing[:, :576]
+    with pytest.raises(ValueError, match=r"kv_buffer: the row stride \(1154 bytes\)"):
+        jit_kernel.set_mla_kv_buffer(
+            kv, random_loc(4, 64, torch.int64), random_rows(4, 512, torch.bfloat16), random_rows(4, 64, torch.bfloat16)
+        )

@@ -150,17 +150,18 @@ def check_loc_bounds(loc: torch.Tensor, num_slots: int) -> None:
         raise IndexError(f"loc[{bad}] = {int(loc[bad])} is out of range for kv_buffer with num_slots={num_slots}")
 
 
-# (device, dtype, nope_dim, rope_dim) -> (jit writer or None, min n_loc for it)
+# (device index, dtype, nope_dim, rope_dim) -> (jit writer or None, min n_loc for it)
 _JIT_ROUTES: dict[tuple, tuple[Optional[Callable[..., bool]], int]] = {}
-_NO_ROUTE: tuple[None, int] = (None, 0)
+_NO_ROUTE: tuple[None, int] = (None, 1 << 62)
 
 
 def _jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[Optional[Callable[..., bool]], int]:
-    key = (kv_buffer.device, kv_buffer.dtype, nope_dim, rope_dim)
+    key = (kv_buffer.get_device(), kv_buffer.dtype, nope_dim, rope_dim)
     route = _JIT_ROUTES.get(key)
     if route is None:
         route = _NO_ROUTE
-        if os.environ.get("MLAKV_DISABLE_JIT", "0") in ("", "0"):
+        jit_enabled = os.environ.get("MLAKV_DISABLE_JIT", "0") in ("", "0")
+        if jit_enabled and kv_buffer.is_cuda and kv_buffer.dtype in _SUPPORTED_SET:
             from mlakv import jit_kernel  # lazy: tvm-ffi and nvcc are only needed here
 
             es = kv_buffer.element_size()
@@ -206,18 +207,35 @@ def set_mla_kv_buffer_triton(
     One dtype for the three data tensors (float16, bfloat16, float32, float8 e4m3fn/e5m2, uint8,
     int8); the copy is bit-exact. ``n_loc == 0`` returns without launching anything.
     """
+    bounds = check_bounds if check_bounds is not None else _CHECK_BOUNDS_DEFAULT
+    if not bounds and getattr(kv_buffer, "is_cuda", False) and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope):
+        return
     n_loc = validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
     if n_loc == 0:
         return
-    if check_bounds if check_bounds is not None else _CHECK_BOUNDS_DEFAULT:
+    if bounds:
         check_loc_bounds(loc, kv_buffer.shape[0])
     if not kv_buffer.is_cuda:
         set_mla_kv_buffer_torch(kv_buffer, loc, cache_k_nope, cache_k_rope)
         return
-    write, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
-    if write is not None and n_loc >= min_n and write(kv_buffer, loc, cache_k_nope, cache_k_rope):
+    if bounds and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope):
         return
     _launch_triton(kv_buffer, loc, cache_k_nope, cache_k_rope)
+
+
+def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool:
+    """Write through the JIT kernel if the route table allows it; False if it did not launch.
+
+    This is the hot path, so it does no Python validation: the JIT module's launcher enforces
+    every rule :func:`validate_kv_write` does (it must, for memory safety) at a fraction of the
+    cost. If the launcher rejects the call, the Python validator runs to name the broken rule.
+    """
+    try:
+        write, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
+        return write is not None and loc.shape[0] >= min_n and write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    except (AttributeError, IndexError, TypeError, ValueError, RuntimeError):
+        validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+        raise
 
 
 def _launch_triton(kv_buffer, loc, cache_k_nope, cache_k_rope) -> None:

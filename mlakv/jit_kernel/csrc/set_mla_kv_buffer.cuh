@@ -207,6 +207,11 @@ template <int kNopeBytes, int kRopeBytes, bool kUsePDL>
 bool launch_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                               tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma) {
   TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
+  const auto rows_ok = [](const tvm::ffi::TensorView& t) {
+    return t.ndim() == 2 || (t.ndim() == 3 && t.size(1) == 1);
+  };
+  TVM_FFI_CHECK(rows_ok(kv) && rows_ok(nope) && rows_ok(rope), ValueError)
+      << "kv_buffer/cache_k_nope/cache_k_rope must be 2-D [n, d] or 3-D [n, 1, d]";
   const DLDevice dev = kv.device();
   const auto on_dev = [&dev](const tvm::ffi::TensorView& t) {
     return t.device().device_type == dev.device_type && t.device().device_id == dev.device_id;
