@@ -82,6 +82,9 @@ class MLATokenToKVPool:
             torch.zeros((self.num_slots, 1, self.kv_cache_dim), dtype=self.store_dtype, device=self.device)
             for _ in range(layer_num)
         ]
+        # Views in the pool dtype, made once: writes pass them with sources of the same dtype, so
+        # an fp8 pool pays no per-call dtype views (the kernels copy bytes either way).
+        self._dtype_views = [b.view(dtype) if self._store_view else b for b in self.kv_buffer]
 
     # ---- layer lookup -------------------------------------------------------------------
     def _local_layer(self, layer: LayerRef) -> int:
@@ -92,14 +95,10 @@ class MLATokenToKVPool:
             raise IndexError(f"layer id {layer_id} is outside this pool's layers [{self.start_layer}, {self.end_layer})")
         return layer_id - self.start_layer
 
-    def _as_store(self, t: torch.Tensor) -> torch.Tensor:
-        return t.view(self.store_dtype) if self.store_dtype != self.dtype else t
-
     # ---- reads --------------------------------------------------------------------------
     def get_key_buffer(self, layer_id: LayerRef) -> torch.Tensor:
         """The layer's whole buffer ``[num_slots, 1, kv_lora_rank + qk_rope_head_dim]`` as ``dtype``."""
-        buf = self.kv_buffer[self._local_layer(layer_id)]
-        return buf.view(self.dtype) if self.store_dtype != self.dtype else buf
+        return self._dtype_views[self._local_layer(layer_id)]
 
     def get_value_buffer(self, layer_id: LayerRef) -> torch.Tensor:
         """The latent part ``[num_slots, 1, kv_lora_rank]`` of the layer's buffer (a view)."""
@@ -149,7 +148,7 @@ class MLATokenToKVPool:
             cache_k_nope: ``[n_loc, (1,) kv_lora_rank]`` in the pool ``dtype``.
             cache_k_rope: ``[n_loc, (1,) qk_rope_head_dim]`` in the pool ``dtype``.
         """
-        buf = self.kv_buffer[self._local_layer(layer)]
+        buf = self._dtype_views[self._local_layer(layer)]
         if cache_k_nope.shape[-1] != self.kv_lora_rank or cache_k_rope.shape[-1] != self.qk_rope_head_dim:
             raise ValueError(
                 f"cache_k_nope/cache_k_rope last dims must be kv_lora_rank={self.kv_lora_rank} and "
@@ -160,8 +159,6 @@ class MLATokenToKVPool:
                 f"cache_k_nope/cache_k_rope must be {self.dtype} (the pool dtype), got "
                 f"{cache_k_nope.dtype}/{cache_k_rope.dtype}; quantize before writing"
             )
-        if self._store_view:
-            cache_k_nope, cache_k_rope = cache_k_nope.view(self.store_dtype), cache_k_rope.view(self.store_dtype)
         set_mla_kv_buffer_triton(buf, loc, cache_k_nope, cache_k_rope, check_bounds=self.check_bounds or None)
 
     # ---- sizes and raw buffers (transfer engines, HiCache) ------------------------------
