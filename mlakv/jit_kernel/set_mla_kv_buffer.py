@@ -167,7 +167,9 @@ def set_mla_kv_buffer_unchecked(
     items_per_warp: int = 0,
     use_tma: Optional[bool] = None,
 ) -> bool:
-    """Launch on already-validated arguments (the dispatcher's hot path).
+    """Launch on already-validated arguments, with optional launch-shape overrides (0/None: the
+    tuning table's choice). Used by :func:`set_mla_kv_buffer` and the benchmark's variant sweep;
+    the dispatcher uses :func:`jit_writer`.
 
     Returns False, launching nothing, when the module is unavailable or the tensors' alignment
     does not suit the kernel (the module checks it), so the caller can fall back.
@@ -176,9 +178,7 @@ def set_mla_kv_buffer_unchecked(
     fn = _module_for(kv_buffer.device.index, cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es)
     if isinstance(fn, str):
         return False
-    n_loc = loc.shape[0]
-    tune = tuning_for(kv_buffer.device)
-    warps, items, tma = tune.launch(n_loc)
+    warps, items, tma = tuning_for(kv_buffer.device).launch(loc.shape[0])
     return bool(
         fn(
             kv_buffer,
