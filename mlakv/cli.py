@@ -10,6 +10,7 @@ USAGE = """usage: python -m mlakv <command> [options]
 
 commands:
   bench   time every row-write provider side by side (python -m mlakv bench --help)
+  demo    serve a small MLA model through the pool: prefill, decode, write share, reference check
 """
 
 
@@ -33,5 +34,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
         return _bench(rest)
+    if cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
     print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
