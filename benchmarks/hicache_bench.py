@@ -66,12 +66,13 @@ def main(argv=None) -> int:
                     host.load_to_device_per_layer(pool, host_slots, dev_slots, layer)
                 host.synchronize()
 
-            ref = [b.clone() for b in pool.kv_buffer]
+            d_cuda = dev_slots.cuda()
+            ref = [b[d_cuda].clone() for b in pool.kv_buffer]
             backup()
             for b in pool.kv_buffer:
                 b.view(torch.uint8).random_(0, 256)
             load()
-            ok = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(ref, pool.kv_buffer))
+            ok = all(torch.equal(a.view(torch.uint8), b[d_cuda].view(torch.uint8)) for a, b in zip(ref, pool.kv_buffer))
             if not ok:
                 print(f"| {n_pages} | {layout} | WRONG: round trip differs, not timed |")
                 continue

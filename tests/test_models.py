@@ -188,3 +188,17 @@ def test_cuda_graph_decode_equals_eager_decode_bit_exactly():
         assert a.output == b.output
         assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
     assert all(torch.equal(bits(x), bits(y)) for x, y in zip(bg, be))
+
+
+def test_decode_splits_batches_larger_than_the_largest_bucket():
+    """11 running requests with buckets up to 4: decoded in batches, same result as unpadded eager."""
+    e_pool, e_ref, _, _ = _engines()
+    e_pool.padded_runner = DecodeGraphRunner(e_pool.model, e_pool.cache, [1, 4], max_ctx=128, device=DEVICE)
+    prompts = _prompts(11, seed=5)
+    a = [Request(p, 4) for p in prompts]
+    b = [Request(p, 4) for p in prompts]
+    e_pool.prefill(a), e_ref.prefill(b)
+    while e_pool.running or e_ref.running:
+        e_pool.decode_step(use_graph=False), e_ref.decode_step(use_graph=False)
+    for x, y in zip(a, b):
+        _assert_same(x, y)

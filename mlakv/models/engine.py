@@ -144,10 +144,16 @@ class Engine:
         self._retire()
 
     def decode_step(self, use_graph: bool = True) -> None:
-        """One greedy token for every running request (all or none get a slot)."""
+        """One greedy token for every running request, in batches of at most the largest captured
+        batch size (each batch: all of its requests get a slot, or none do)."""
         reqs = [r for r in self.running if not r.done]
-        if not reqs:
-            return
+        runner = self.graph_runner or self.padded_runner
+        step = runner.batch_sizes[-1] if runner is not None else max(1, len(reqs))
+        for i in range(0, len(reqs), step):
+            self._decode_batch(reqs[i : i + step], use_graph)
+        self._retire()
+
+    def _decode_batch(self, reqs: list[Request], use_graph: bool) -> None:
         got = []
         try:
             for r in reqs:
@@ -173,7 +179,6 @@ class Engine:
         for r, lg in zip(reqs, logits):
             r.logits.append(lg.float().cpu())
             r.output.append(int(lg.argmax()))
-        self._retire()
 
     def _retire(self) -> None:
         for r in self.running:
