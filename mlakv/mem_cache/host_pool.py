@@ -13,6 +13,7 @@ On CPU they are plain indexed copies, so CI tests the same logic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -168,10 +169,18 @@ class MLATokenToKVPoolHost:
         return (h // self.page_size, local_layer, h % self.page_size)
 
     # ---- transfers -----------------------------------------------------------------------
-    def _stream_for(self, device: torch.device) -> torch.cuda.Stream:
+    @contextlib.contextmanager
+    def _on_transfer_stream(self, device: torch.device, h: torch.Tensor, d: torch.Tensor):
+        """Run the body on the transfer stream, after the work queued on the current stream; yield
+        the index vectors on the device and an event that is recorded when the body's work ends."""
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
-        return self._stream
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        done = torch.cuda.Event()
+        with torch.cuda.stream(stream):
+            yield h.to(device, non_blocking=True), d.to(device, non_blocking=True), done
+            done.record(stream)
 
     def backup_from_device_all_layer(
         self, device_pool: MLATokenToKVPool, host_indices: torch.Tensor, device_indices: torch.Tensor
@@ -191,17 +200,12 @@ class MLATokenToKVPoolHost:
             return
         from .triton_kernels import launch_copy_rows
 
-        stream = self._stream_for(device_pool.device)
-        stream.wait_stream(torch.cuda.current_stream(device_pool.device))
-        with torch.cuda.stream(stream):
-            h_dev = h.to(device_pool.device, non_blocking=True)
-            d_dev = d.to(device_pool.device, non_blocking=True)
+        with self._on_transfer_stream(device_pool.device, h, d) as (h_dev, d_dev, done):
             for layer in range(self.layer_num):
                 host_start, host_layout = self._host_layer(layer)
                 src = device_pool.kv_buffer[layer]
                 launch_copy_rows(src, host_start, d_dev, h_dev, self.row_bytes, _device_layout(src), host_layout)
-            self._backup_event = torch.cuda.Event()
-            self._backup_event.record(stream)
+        self._backup_event = done
 
     def backup_event(self) -> Optional[torch.cuda.Event]:
         """The event recorded after the last CUDA backup (None before any)."""
@@ -225,16 +229,10 @@ class MLATokenToKVPoolHost:
             return
         from .triton_kernels import launch_copy_rows
 
-        stream = self._stream_for(device_pool.device)
-        stream.wait_stream(torch.cuda.current_stream(device_pool.device))
-        with torch.cuda.stream(stream):
-            h_dev = h.to(device_pool.device, non_blocking=True)
-            d_dev = d.to(device_pool.device, non_blocking=True)
+        with self._on_transfer_stream(device_pool.device, h, d) as (h_dev, d_dev, done):
             host_start, host_layout = self._host_layer(local)
             launch_copy_rows(host_start, dst, h_dev, d_dev, self.row_bytes, host_layout, _device_layout(dst))
-            event = torch.cuda.Event()
-            event.record(stream)
-        self._layer_events[layer_id] = event
+        self._layer_events[layer_id] = done
 
     def wait_until_layer_ready(self, layer_id: int, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Make ``stream`` (default: the current one) wait for layer ``layer_id``'s last load; no host sync."""
