@@ -67,14 +67,16 @@ def _set_kv_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+    # The source loads do not depend on loc: they are issued alongside it (one memory round trip
+    # before the store, not two), and a padding row (loc < 0) only masks off the store.
     slot = tl.load(loc_ptr + row).to(tl.int64)
-    if slot >= 0:
-        offs = tl.arange(0, BLOCK)
-        in_nope = offs < NOPE
-        in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-        a = tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_nope)
-        b = tl.load(rope_ptr + row * rope_row_stride + (offs - NOPE), mask=in_rope)
-        tl.store(kv_ptr + slot * kv_row_stride + offs, tl.where(in_nope, a, b), mask=offs < NOPE + ROPE)
+    offs = tl.arange(0, BLOCK)
+    in_nope = offs < NOPE
+    in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
+    a = tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_nope)
+    b = tl.load(rope_ptr + row * rope_row_stride + (offs - NOPE), mask=in_rope)
+    live = (tl.zeros([BLOCK], dtype=tl.int64) + slot) >= 0  # the row's loc, broadcast over the block
+    tl.store(kv_ptr + slot * kv_row_stride + offs, tl.where(in_nope, a, b), mask=(offs < NOPE + ROPE) & live)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 

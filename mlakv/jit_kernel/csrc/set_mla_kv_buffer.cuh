@@ -100,11 +100,14 @@ __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_st
   int64_t slot[kItemsPerWarp];
   LaneSpan<kNopeBytes, kNopeVec> n_regs[kItemsPerWarp];
   LaneSpan<kRopeBytes, kRopeVec> r_regs[kItemsPerWarp];
+  // The source loads do not depend on loc: issue them together with the loc load, so a small
+  // call pays one memory round trip before its stores instead of two. Only the stores test loc.
 #pragma unroll
   for (int k = 0; k < kItemsPerWarp; ++k) {
     const int64_t item = first + k;
-    slot[k] = item < n_loc ? static_cast<int64_t>(loc[item]) : -1;
-    if (slot[k] >= 0) {
+    slot[k] = -1;
+    if (item < n_loc) {
+      slot[k] = static_cast<int64_t>(loc[item]);
       n_regs[k].load(nope + item * nope_stride, lane);
       r_regs[k].load(rope + item * rope_stride, lane);
     }
