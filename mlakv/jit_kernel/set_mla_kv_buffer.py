@@ -151,9 +151,16 @@ def jit_writer(device: torch.device, nope_bytes: int, rope_bytes: int) -> Option
     fn = _module_for(_device_index(device), nope_bytes, rope_bytes)
     tune = tuning_for(device)
     launch = tune.launch
+    if len(tune.steps) == 1:  # one launch shape for every n_loc: bind it (this is the hot path)
+        warps, items, tma = launch(0)
 
-    def write(kv_buffer: torch.Tensor, loc: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor) -> bool:
-        return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, *launch(loc.shape[0]))
+        def write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool:
+            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, warps, items, tma)
+
+    else:
+
+        def write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool:
+            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, *launch(loc.shape[0]))
 
     return write, tune.min_n_loc
 
