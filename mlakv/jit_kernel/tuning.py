@@ -57,11 +57,11 @@ TUNING: dict[str, LaunchTuning] = {
         "seed: GB300 (threshold 768; 4 warps up to 768 rows else 8)",
     ),
     # H100 80GB HBM3 (docs/benchmarks.md, 2026-11-24). Every call goes to the JIT kernel: at
-    # n_loc <= 256 it is within ~0.2 us of the Triton row kernel on the device (faster for the
-    # uint8 row, slower for bf16) and costs well under half its eager host time; from 512 rows it
-    # is faster (1.3-2.4x at 1024-16384). Direct vectorised stores measured equal to or faster
-    # than TMA bulk stores at every size; 8 warps x 1 row per warp was best or within 2% of best
-    # at every size from 32 to 65536 rows (4/2/1 warps and 2 rows per warp measured too).
+    # n_loc <= 128 it is within ~0.2 us of the Triton row kernel on the device (equal or faster for
+    # the uint8 row, up to 0.18 us slower for 16-bit rows) at a sixth of its eager host cost; from
+    # 512 rows it is faster (1.3-2.4x at 1024-65536). Direct vectorised stores measured equal to or
+    # faster than TMA bulk stores; 8 warps x 1 row per warp was within 0-7% of the best variant at
+    # every size from 1 to 65536 rows (1/2/4/16 warps, 2 rows per warp and TMA measured too).
     "hopper": LaunchTuning(
         0,
         (LaunchStep(None, 8, 1, False),),
