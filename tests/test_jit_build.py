@@ -83,3 +83,53 @@ def test_can_use_rejects_unsupported_widths(nope_bytes, rope_bytes):
 def test_unsupported_widths_do_not_build():
     with pytest.raises(JitUnavailable, match="multiple of 16"):
         build_set_mla_kv_buffer_module(1024, 120, use_pdl=True, device_capability=(9, 0))
+
+
+def test_missing_nvcc_is_reported_not_raised_through(monkeypatch):
+    """No toolkit: the loader raises JitUnavailable with the reason (the dispatcher then uses Triton)."""
+    import mlakv.jit_kernel.loader as loader
+
+    monkeypatch.setattr(loader, "find_cuda_home", lambda: None)
+    monkeypatch.setattr(loader, "_MODULES", {})
+    pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi is not installed")
+    with pytest.raises(JitUnavailable, match="nvcc not found"):
+        loader.load_cuda_module("mlakv_probe_missing_nvcc", "// nothing", device_capability=(9, 0))
+
+
+@pytest.mark.jit_build
+def test_broken_source_fails_with_the_compiler_error(tmp_path, monkeypatch):
+    missing = _toolchain_missing()
+    if missing:
+        if REQUIRED:
+            pytest.fail(f"MLAKV_REQUIRE_JIT_BUILD=1 but {missing}")
+        pytest.skip(missing)
+    from mlakv.jit_kernel.loader import load_cuda_module
+
+    monkeypatch.setenv("MLAKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
+    with pytest.raises(JitUnavailable, match=r"error.*this_is_not_declared"):
+        load_cuda_module("mlakv_probe_broken", "__global__ void k() { this_is_not_declared = 1; }")
+    assert any(p.name.startswith("mlakv_mlakv_probe_broken_") for p in tmp_path.iterdir()), "MLAKV_CACHE_DIR ignored"
+
+
+def test_arch_follows_device_capability_and_env(monkeypatch):
+    from mlakv.jit_kernel.loader import cuda_arch_list
+
+    monkeypatch.delenv("TVM_FFI_CUDA_ARCH_LIST", raising=False)
+    assert cuda_arch_list((9, 0)) == "9.0a" and cuda_arch_list((8, 9)) == "8.9" and cuda_arch_list((10, 0)) == "10.0a"
+    monkeypatch.setenv("TVM_FFI_CUDA_ARCH_LIST", "9.0")
+    assert cuda_arch_list((9, 0)) == "9.0"
+
+
+def test_tuning_table_rows_are_well_formed():
+    from mlakv.jit_kernel import TUNING, gpu_family
+
+    assert gpu_family((9, 0)) == "hopper" and gpu_family((10, 3)) == "blackwell" and gpu_family((8, 0)) == "pre-hopper"
+    for family, row in TUNING.items():
+        assert row.steps and row.steps[-1].max_n_loc is None, family
+        bounds = [s.max_n_loc for s in row.steps[:-1]]
+        assert bounds == sorted(bounds), family
+        for n in (0, 1, 767, 768, 769, 10**6):
+            warps, items, _ = row.launch(n)
+            assert warps in (1, 2, 4, 8, 16, 32) and items in (1, 2, 4)
+        assert row.measured

@@ -205,7 +205,8 @@ def test_cpu_tensors_take_the_torch_path():
 @pytest.mark.parametrize("n_loc", [1, 64, 767, 768, 769, 4096, 16384])
 @pytest.mark.parametrize("layout", [(torch.bfloat16, 512, 64), (torch.uint8, 528, 128)], ids=["bf16", "u8"])
 def test_dispatch_around_threshold(layout, n_loc):
-    """Both sides of the JIT threshold through the dispatcher; the chosen path is reported."""
+    """n_loc around 768 (the seed threshold, still the Blackwell row's) through the dispatcher: exact on
+    whichever path the tuning table picks on this GPU."""
     dtype, nope_dim, rope_dim = layout
     path = kv_write_path(
         poisoned_buffer(2, nope_dim + rope_dim, dtype),
