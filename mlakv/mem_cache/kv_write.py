@@ -1,15 +1,20 @@
 """The KV-row write dispatcher: the one function that decides how a row write runs.
 
 ``set_mla_kv_buffer_triton(kv_buffer, loc, cache_k_nope, cache_k_rope)`` keeps the name existing
-callers know. It validates its arguments once (errors name the argument, the dim and what was
-expected) and routes the call:
+callers know. It routes each call:
 
-* CPU tensors                        -> :func:`mlakv.mem_cache.torch_ref.set_mla_kv_buffer_torch`
-* CUDA, JIT kernel usable and chosen  -> :func:`mlakv.jit_kernel.set_mla_kv_buffer` (compiled CUDA)
-* CUDA otherwise                      -> the Triton row kernel (``BLOCK = next_pow2(nope + rope)``)
+* CUDA, JIT kernel usable for this (device, dtype, widths) and ``n_loc`` at or above the GPU
+  family's threshold -> the compiled CUDA kernel (:func:`mlakv.jit_kernel.jit_writer`). This is
+  the hot path: the kernel module's launcher checks every rule below (it must, for memory safety)
+  for a fraction of the Python cost; a call it rejects is re-checked by :func:`validate_kv_write`,
+  which raises the error naming the argument, the dim and what was expected. A call whose
+  addresses do not suit the kernel's vectors falls through to Triton.
+* CUDA otherwise -> :func:`validate_kv_write`, then the Triton row kernel
+  (``BLOCK = next_pow2(nope + rope)``).
+* CPU -> :func:`validate_kv_write`, then :func:`mlakv.mem_cache.torch_ref.set_mla_kv_buffer_torch`.
 
-Whether the JIT kernel is chosen for a given ``n_loc`` is read from the per-GPU-family launch table
-in :mod:`mlakv.jit_kernel.tuning`; nothing else in the library makes that decision.
+The threshold and launch shape come from the per-GPU-family table in :mod:`mlakv.jit_kernel.tuning`;
+nothing else in the library makes the routing decision.
 """
 
 from __future__ import annotations
