@@ -55,6 +55,17 @@ def main() -> int:
                 if not torch.equal(kv.view(torch.uint8), expected.view(torch.uint8)):
                     failures += 1
                     print(f"MISMATCH {dtype} n={n} {name}")
+    # The gather with out-of-range and negative slots must not touch memory outside the buffer.
+    from mlakv.mem_cache.triton_kernels import launch_get_kv_rows
+
+    kv = torch.randn(64, 1, 576, device="cuda").to(torch.bfloat16)
+    bad = torch.tensor([3, 64, -1, 10**9, 63], device="cuda")
+    nope, rope = launch_get_kv_rows(kv, bad, 512, 64)
+    torch.cuda.synchronize()
+    cases += 1
+    if not (torch.equal(nope[0], kv[3, 0, :512]) and torch.equal(rope[4], kv[63, 0, 512:]) and not nope[1:4].any()):
+        failures += 1
+        print("MISMATCH gather with invalid slots")
     print(f"sanitizer smoke: {cases - failures}/{cases} variant runs bit-exact")
     return 1 if failures else 0
 

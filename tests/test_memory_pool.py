@@ -103,10 +103,21 @@ def test_pool_bounds_flag():
         pool.set_kv_buffer(0, loc, random_rows(2, 512, torch.bfloat16), random_rows(2, 64, torch.bfloat16))
 
 
-def test_gather_rejects_invalid_slots():
-    pool = _pool()
-    with pytest.raises(IndexError, match=r"\[0, 257\)"):
+def test_gather_rejects_invalid_slots_when_checking():
+    pool = _pool(check_bounds=True)
+    with pytest.raises(IndexError, match=r"\[0, 257\) for a gather, got \[1, 257\]"):
         pool.get_mla_kv_buffer(0, torch.tensor([1, 257], device=DEVICE))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
+def test_unchecked_gpu_gather_of_invalid_slots_reads_nothing():
+    """Without the (syncing) check, an invalid slot gives a zero row instead of an illegal access."""
+    pool = _pool()
+    _poison(pool)
+    nope, rope = pool.get_mla_kv_buffer(0, torch.tensor([3, 257, -4, 5], device=DEVICE))
+    torch.cuda.synchronize()
+    assert torch.equal(bits(nope[1]), torch.zeros_like(bits(nope[1]))) and torch.equal(bits(rope[2]), torch.zeros_like(bits(rope[2])))
+    assert torch.equal(bits(nope[0]), bits(pool.get_key_buffer(0)[3, 0, :512]))
 
 
 def test_gather_casts_to_dst_dtype():

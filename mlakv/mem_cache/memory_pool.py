@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from .kv_write import set_mla_kv_buffer_triton
+from .kv_write import _CHECK_BOUNDS_DEFAULT, set_mla_kv_buffer_triton
 from .torch_ref import get_mla_kv_buffer_torch
 
 __all__ = ["MLATokenToKVPool", "FP8_DTYPES"]
@@ -112,21 +112,25 @@ class MLATokenToKVPool:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather rows ``loc`` of a layer as ``(k_nope [n_loc, kv_lora_rank], k_rope [n_loc, rope_dim])``.
 
-        ``loc`` must hold valid slots. The result is in the pool ``dtype``, or cast to
-        ``dst_dtype`` when given.
+        ``loc`` must hold valid slots. With bounds checking on (``check_bounds=True`` or
+        ``MLAKV_CHECK_BOUNDS=1``; it syncs) an invalid slot raises ``IndexError``. Without it, the
+        GPU kernel never reads outside the buffer: an invalid slot yields a zero row. The result is
+        in the pool ``dtype``, or cast to ``dst_dtype`` when given.
         """
         buf = self.kv_buffer[self._local_layer(layer)]
         if loc.dim() != 1 or loc.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"loc must be a 1-D int32/int64 tensor, got {loc.dim()}-D {loc.dtype}")
-        if loc.numel() and (int(loc.min()) < 0 or int(loc.max()) >= self.num_slots):
-            raise IndexError(f"loc values must lie in [0, {self.num_slots}) for a gather")
+        if (self.check_bounds or _CHECK_BOUNDS_DEFAULT or not buf.is_cuda) and loc.numel():
+            lo, hi = int(loc.min()), int(loc.max())
+            if lo < 0 or hi >= self.num_slots:
+                raise IndexError(f"loc values must lie in [0, {self.num_slots}) for a gather, got [{lo}, {hi}]")
         if buf.is_cuda:
             from .triton_kernels import launch_get_kv_rows
 
             nope, rope = launch_get_kv_rows(buf, loc, self.kv_lora_rank, self.qk_rope_head_dim)
         else:
             nope, rope = get_mla_kv_buffer_torch(buf, loc, self.kv_lora_rank, self.qk_rope_head_dim)
-        if self.store_dtype != self.dtype:
+        if self._store_view:
             nope, rope = nope.view(self.dtype), rope.view(self.dtype)
         if dst_dtype is not None and dst_dtype != nope.dtype:
             nope, rope = nope.to(dst_dtype), rope.to(dst_dtype)
@@ -160,6 +164,8 @@ class MLATokenToKVPool:
                 f"{cache_k_nope.dtype}/{cache_k_rope.dtype}; quantize before writing"
             )
         set_mla_kv_buffer_triton(buf, loc, cache_k_nope, cache_k_rope, check_bounds=self.check_bounds or None)
+
+    set_mla_kv_buffer = set_kv_buffer  # the name some engines call the MLA write by
 
     # ---- sizes and raw buffers (transfer engines, HiCache) ------------------------------
     def get_kv_size_bytes(self) -> int:

@@ -124,15 +124,19 @@ def _get_kv_rows_kernel(
     nope_out_ptr,
     rope_out_ptr,
     kv_row_stride,
+    num_slots,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # One program reads one row kv[loc[i]] and splits it into nope_out[i] and rope_out[i].
+    # One program reads one row kv[loc[i]] and splits it into nope_out[i] and rope_out[i]. A slot
+    # outside [0, num_slots) reads nothing (its row comes out as zeros): never an illegal access.
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(loc_ptr + row).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    x = tl.load(kv_ptr + slot * kv_row_stride + offs, mask=offs < NOPE + ROPE)
+    slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
+    valid = (slot_b >= 0) & (slot_b < num_slots)
+    x = tl.load(kv_ptr + slot * kv_row_stride + offs, mask=(offs < NOPE + ROPE) & valid, other=0)
     tl.store(nope_out_ptr + row * NOPE + offs, x, mask=offs < NOPE)
     tl.store(rope_out_ptr + row * ROPE + (offs - NOPE), x, mask=(offs >= NOPE) & (offs < NOPE + ROPE))
 
@@ -142,7 +146,7 @@ def launch_get_kv_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather ``kv_buffer[loc]`` as ``([n_loc, nope_dim], [n_loc, rope_dim])`` (new contiguous tensors).
 
-    ``loc`` must hold valid slots (``0 <= loc < num_slots``); the pool checks it.
+    Rows whose slot is outside ``[0, num_slots)`` come out as zeros (nothing is read for them).
     """
     n_loc = loc.shape[0]
     nope_out = torch.empty((n_loc, nope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
@@ -157,6 +161,7 @@ def launch_get_kv_rows(
         n_out,
         r_out,
         kv.stride(0),
+        kv.shape[0],
         NOPE=nope_dim,
         ROPE=rope_dim,
         BLOCK=block,
