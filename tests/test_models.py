@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, bits, requires_cuda
+from conftest import DEVICE, bits, requires_cuda
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.models import DecodeGraphRunner, DictKVCache, Engine, MLAConfig, PoolFullError, PoolKVCache, Request, TokenSlotAllocator
 from mlakv.models.mla import default_dtype, make_model

@@ -2,7 +2,7 @@
 
 ``can_use_set_mla_kv_buffer`` says whether the kernel can serve a row layout on a device;
 ``set_mla_kv_buffer`` is the direct, checked entry; the dispatcher in
-:mod:`mlakv.mem_cache.kv_write` calls ``set_mla_kv_buffer_unchecked`` after its own validation.
+:mod:`mlakv.mem_cache.kv_write` takes a bound writer from :func:`jit_writer`.
 One module is built per ``(nope_bytes, rope_bytes, use_pdl)``; it holds the int32/int64 loc,
 TMA/direct-store and items-per-warp variants.
 """
@@ -242,4 +242,5 @@ def set_mla_kv_buffer(
         return
     if not can_use_set_mla_kv_buffer(cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es, kv_buffer.device):
         raise RuntimeError("the JIT row-write kernel cannot be used on this device/layout (reason logged)")
-    set_mla_kv_buffer_unchecked(kv_buffer, loc, cache_k_nope, cache_k_rope, num_warps, items_per_warp, use_tma)
+    if not set_mla_kv_buffer_unchecked(kv_buffer, loc, cache_k_nope, cache_k_rope, num_warps, items_per_warp, use_tma):
+        raise RuntimeError("the JIT row-write kernel refused the call (alignment); nothing was written")
