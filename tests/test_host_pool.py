@@ -137,7 +137,7 @@ def test_host_memory_check_reads_meminfo():
 def test_copy_rows_kernel_paged_addressing(row_bytes):
     """The transfer kernel (under the Triton interpreter on CPU, for real on GPU) against indexing."""
     pytest.importorskip("triton", reason="triton is not installed")
-    from mlakv.mem_cache.triton_kernels import launch_copy_rows
+    from mlakv.mem_cache.transfer_kernels import launch_copy_rows
 
     page, layers, pages = 4, 3, 6
     dev = torch.randint(0, 256, (40, row_bytes), dtype=torch.uint8, device=DEVICE)

@@ -198,7 +198,7 @@ class MLATokenToKVPoolHost:
             for layer in range(self.layer_num):
                 self.kv_buffer[self._host_rows(layer, h)] = _device_rows(device_pool, layer)[d]
             return
-        from .triton_kernels import launch_copy_rows
+        from .transfer_kernels import launch_copy_rows
 
         with self._on_transfer_stream(device_pool.device, h, d) as (h_dev, d_dev, done):
             for layer in range(self.layer_num):
@@ -227,7 +227,7 @@ class MLATokenToKVPoolHost:
         if device_pool.device.type != "cuda":
             _device_rows(device_pool, local)[d] = self.kv_buffer[self._host_rows(local, h)]
             return
-        from .triton_kernels import launch_copy_rows
+        from .transfer_kernels import launch_copy_rows
 
         with self._on_transfer_stream(device_pool.device, h, d) as (h_dev, d_dev, done):
             host_start, host_layout = self._host_layer(local)
