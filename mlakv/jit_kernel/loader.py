@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 logger = logging.getLogger("mlakv.jit")
 
@@ -71,12 +71,16 @@ def cuda_arch_list(device_capability: Optional[tuple[int, int]] = None) -> str:
     return f"{major}.{minor}{'a' if major >= 9 else ''}"
 
 
-def _source_digest(source: str, flags: list[str], arch: str) -> str:
+def _source_digest(source: str, flags: list[str], arch: str, extra_include_paths: Sequence[Path] = ()) -> str:
     h = hashlib.sha256()
     h.update(source.encode())
     for cuh in sorted(CSRC_DIR.glob("*.cuh")):
         h.update(cuh.name.encode())
         h.update(cuh.read_bytes())
+    for inc in extra_include_paths:  # headers a caller's source includes from elsewhere
+        for f in sorted(p for p in Path(inc).rglob("*") if p.suffix in (".h", ".cuh", ".hpp") and p.is_file()):
+            h.update(str(f.relative_to(inc)).encode())
+            h.update(f.read_bytes())
     h.update(repr((flags, arch)).encode())
     try:
         import tvm_ffi
@@ -92,14 +96,25 @@ def _cache_root() -> Path:
     return Path(root).expanduser()
 
 
-def load_cuda_module(name: str, cuda_source: str, *, device_capability: Optional[tuple[int, int]] = None) -> Any:
+def load_cuda_module(
+    name: str,
+    cuda_source: str,
+    *,
+    device_capability: Optional[tuple[int, int]] = None,
+    cxx_std: str = "c++17",
+    extra_flags: Sequence[str] = (),
+    extra_include_paths: Sequence[Path] = (),
+) -> Any:
     """Build (or fetch from cache) and load a tvm-ffi module from ``cuda_source``.
 
-    ``cuda_source`` may ``#include`` any header in ``csrc/``. Raises :class:`JitUnavailable`
-    with the reason when tvm-ffi or nvcc is missing or the build fails.
+    ``cuda_source`` may ``#include`` any header in ``csrc/`` and in ``extra_include_paths`` (used
+    by the benchmark to build a peer's kernel from source the user fetched; their headers join
+    the cache key). ``cxx_std`` and ``extra_flags`` (e.g. ``-DNAME=1``) go to nvcc. Raises
+    :class:`JitUnavailable` with the reason when tvm-ffi or nvcc is missing or the build fails.
     """
     arch = cuda_arch_list(device_capability)
-    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    flags = ["-O3", f"-std={cxx_std}", "--expt-relaxed-constexpr", "-lineinfo", *extra_flags]
+    extra_include_paths = [Path(p) for p in extra_include_paths]
     key = f"{name}:{arch}"
     with _LOCK:
         if key in _MODULES:
@@ -112,7 +127,7 @@ def load_cuda_module(name: str, cuda_source: str, *, device_capability: Optional
         cuda_home = find_cuda_home()
         if cuda_home is None:
             raise JitUnavailable("nvcc not found (looked at CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda)")
-        build_dir = _cache_root() / f"mlakv_{name}_{_source_digest(cuda_source, flags, arch)}"
+        build_dir = _cache_root() / f"mlakv_{name}_{_source_digest(cuda_source, flags, arch, extra_include_paths)}"
         saved = {k: os.environ.get(k) for k in ("CUDA_HOME", "TVM_FFI_CUDA_ARCH_LIST")}
         os.environ["CUDA_HOME"] = cuda_home
         os.environ["TVM_FFI_CUDA_ARCH_LIST"] = arch
@@ -124,7 +139,7 @@ def load_cuda_module(name: str, cuda_source: str, *, device_capability: Optional
                 cuda_sources=cuda_source,
                 extra_cuda_cflags=flags,
                 extra_ldflags=[f"-Wl,-rpath,{Path(cuda_home) / 'lib64'}"],
-                extra_include_paths=[str(CSRC_DIR)],
+                extra_include_paths=[str(CSRC_DIR), *map(str, extra_include_paths)],
                 build_directory=str(build_dir),
                 backend="cuda",
             )
