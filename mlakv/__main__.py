@@ -1,7 +1,7 @@
-import logging
+"""``python -m mlakv``: the same as the ``mlakv`` script."""
+
 import sys
 
 from .cli import main
 
-logging.basicConfig(level=logging.INFO, format="%(message)s")
 sys.exit(main())

@@ -1,42 +1,58 @@
-"""``python -m mlakv bench | demo``: the command-line entry points."""
+"""``mlakv`` / ``python -m mlakv``: the command-line entry points (bench, demo, --version).
+
+Each command is one function that takes the rest of the command line and returns the exit code;
+the command's own options live beside it (``mlakv.bench``, ``mlakv.demo``), so a new option is
+added there, not here.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-USAGE = """usage: python -m mlakv <command> [options]
-
-commands:
-  bench   time every row-write provider side by side (python -m mlakv bench --help)
-  demo    serve a small MLA model through the pool: prefill, decode, write share, reference check
-"""
+from . import __version__
 
 
 def _bench(argv: list[str]) -> int:
-    # The harness (and the legacy baseline it compares against) lives in the repo's benchmarks/.
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "kv_write_bench.py").exists():
-        print("python -m mlakv bench runs from a source checkout (benchmarks/ not found next to mlakv/)", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(root))
-    from benchmarks.kv_write_bench import main
+    from .bench import main as bench_main
 
-    return main(argv)
+    return bench_main(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "bench": (_bench, "time every KV-row write provider side by side (`mlakv bench hicache`: HiCache transfers)"),
+    "demo": (_demo, "serve a small MLA model through the pool: prefill, decode, write share, reference check"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``mlakv [--version] <command> [options]``."""
+    ap = argparse.ArgumentParser(
+        prog="mlakv",
+        description="mlakv: the KV-cache memory pool for MLA models. `mlakv <command> --help` for a command's options.",
+    )
+    ap.add_argument("--version", action="version", version=f"mlakv {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return ap
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``mlakv`` script; returns the exit code (2 on a usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "bench":
-        return _bench(rest)
-    if cmd == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
-    print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
-    return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    ap = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        ap.parse_args(argv)  # --help, --version, or a usage error (exit 2); a missing command also errors
+        return 2
+    return COMMANDS[argv[0]][0](argv[1:])

@@ -1,7 +1,10 @@
-"""HiCache transfer bandwidth: backup (device -> host, all layers) and per-layer load (host -> device)
-of scattered whole pages, against ``copy_`` of one contiguous pinned block of the same bytes.
+"""HiCache transfer bandwidth (``mlakv bench hicache``): backup (device -> host, all layers) and
+per-layer load (host -> device) of scattered whole pages, against ``copy_`` of one contiguous block
+of the same bytes (the ceiling).
 
-    python benchmarks/hicache_bench.py [--pages 1024,16384] [--layers 2]
+On a GPU the host pool is pinned and the copies are mlakv's zero-copy page kernels on a side
+stream. Without a GPU the "device" pool lives on the CPU too, the copies are the torch indexing
+path, and the output says so: those numbers are host memory bandwidth, not PCIe.
 """
 
 from __future__ import annotations
@@ -10,80 +13,155 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost  # noqa: E402
+from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
+
+HOST_LAYOUTS = ["layer_first", "page_first"]
+GPU_PAGES = [1024, 16384]
+CPU_PAGES = [64, 512]
+CPU_LABEL = "CPU copies (torch path; the 'device' pool is on the CPU; GPU numbers need a GPU)"
 
 
-def _time(fn, reps=5) -> float:
+def progress(msg: str) -> None:
+    """A progress line on stderr."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_s(fn: Callable[[], None], device: torch.device, reps: int = 5) -> float:
+    """Median wall time (s) of ``fn`` over ``reps`` synchronized runs, after one warm-up."""
     fn()
-    torch.cuda.synchronize()
+    _sync(device)
     out = []
     for _ in range(reps):
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pages", default="1024,16384")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--page-size", type=int, default=64)
-    args = ap.parse_args(argv)
+def copy_ceilings_gbs(nbytes: int, device: torch.device) -> tuple[float, float]:
+    """(to-host, to-device) GB/s of one contiguous ``copy_`` of ``nbytes`` (pinned host on GPU)."""
+    dev_block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host_block = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    d2h = nbytes / time_s(lambda: host_block.copy_(dev_block, non_blocking=True), device) / 1e9
+    h2d = nbytes / time_s(lambda: dev_block.copy_(host_block, non_blocking=True), device) / 1e9
+    return d2h, h2d
+
+
+def bench_host_layout(
+    pool: MLATokenToKVPool, n_pages: int, layout: str, device: torch.device
+) -> Optional[tuple[float, float]]:
+    """(backup GB/s, load GB/s) of ``n_pages`` scattered pages through a host pool of ``layout``;
+    None if the round trip does not reproduce the device rows bit-exactly (then nothing is timed)."""
+    P, L = pool.page_size, pool.layer_num
+    host = MLATokenToKVPoolHost(pool, host_size=n_pages * P, layout=layout)
+    perm = torch.randperm(n_pages)  # scattered pages on both sides
+    dev_slots = ((perm[:, None] + 1) % n_pages * P + torch.arange(P)).flatten()
+    host_slots = host.alloc(n_pages * P)
+    host_slots = host_slots.view(n_pages, P)[torch.randperm(n_pages)].flatten()
+
+    def backup():
+        host.backup_from_device_all_layer(pool, host_slots, dev_slots)
+        host.synchronize()
+
+    def load():
+        for layer in range(L):
+            host.load_to_device_per_layer(pool, host_slots, dev_slots, layer)
+        host.synchronize()
+
+    d = dev_slots.to(device)
+    ref = [b[d].clone() for b in pool.kv_buffer]
+    backup()
+    for b in pool.kv_buffer:
+        b.view(torch.uint8).random_(0, 256)
+    load()
+    _sync(device)
+    if not all(torch.equal(a.view(torch.uint8), b[d].view(torch.uint8)) for a, b in zip(ref, pool.kv_buffer)):
+        return None
+    nbytes = n_pages * P * pool.row_bytes() * L
+    return nbytes / time_s(backup, device) / 1e9, nbytes / time_s(load, device) / 1e9
+
+
+def _csv_pages(text: str) -> list[int]:
+    try:
+        pages = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not pages or any(p < 1 for p in pages):
+        raise argparse.ArgumentTypeError(f"page counts must be positive integers, got {text!r}")
+    return pages
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mlakv bench hicache`` parser."""
+    ap = argparse.ArgumentParser(
+        prog="mlakv bench hicache",
+        description="HiCache transfer bandwidth: backup and per-layer load of scattered pages against a "
+        "contiguous copy of the same bytes.",
+    )
+    ap.add_argument("--pages", type=_csv_pages, default=None,
+                    help=f"comma list of page counts (default: GPU {GPU_PAGES}, CPU {CPU_PAGES})")
+    ap.add_argument("--layers", type=_positive, default=2, help="layers in the pool (default 2)")
+    ap.add_argument("--page-size", type=_positive, default=64, help="tokens per page (default 64)")
+    ap.add_argument("--layouts", type=str, choices=HOST_LAYOUTS + ["both"], default="both",
+                    help="host pool layout(s) to time (default both)")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``mlakv bench hicache``: returns 0, or 1 when a round trip was wrong."""
+    args = build_parser().parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
     P, L = args.page_size, args.layers
-    print(f"# HiCache transfers on {torch.cuda.get_device_name()}: bf16 512+64 (1152 B rows), page {P}, {L} layers")
-    print("| pages | layout | bytes | backup GB/s | load GB/s (all layers, per-layer calls) | D2H copy_ GB/s | H2D copy_ GB/s | backup/ceiling | load/ceiling |")
+    pages = args.pages or (GPU_PAGES if cuda else CPU_PAGES)
+    layouts = HOST_LAYOUTS if args.layouts == "both" else [args.layouts]
+    where = torch.cuda.get_device_name() if cuda else CPU_LABEL
+    print(f"# HiCache transfers on {where}: bf16 512+64 (1152 B rows), page {P}, {L} layers")
+    print("| pages | layout | bytes | backup GB/s | load GB/s (all layers, per-layer calls) | to-host copy_ GB/s | "
+          "to-device copy_ GB/s | backup/ceiling | load/ceiling |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for n_pages in [int(x) for x in args.pages.split(",")]:
-        pool = MLATokenToKVPool(n_pages * P, P, torch.bfloat16, 512, 64, L, "cuda")
+    wrong = False
+    for n_pages in pages:
+        progress(f"{n_pages} pages: allocating and measuring the copy ceiling")
+        pool = MLATokenToKVPool(n_pages * P, P, torch.bfloat16, 512, 64, L, device)
         for b in pool.kv_buffer:
             b.view(torch.uint8).random_(0, 256)
         nbytes = n_pages * P * pool.row_bytes() * L
-        dev_block = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        host_block = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        d2h = nbytes / _time(lambda: host_block.copy_(dev_block, non_blocking=True)) / 1e9
-        h2d = nbytes / _time(lambda: dev_block.copy_(host_block, non_blocking=True)) / 1e9
-        del dev_block, host_block
-        for layout in ("layer_first", "page_first"):
-            host = MLATokenToKVPoolHost(pool, host_size=n_pages * P, layout=layout)
-            perm = torch.randperm(n_pages)  # scattered pages on both sides
-            dev_slots = ((perm[:, None] + 1) % n_pages * P + torch.arange(P)).flatten()
-            host_slots = host.alloc(n_pages)[torch.randperm(n_pages)[:, None] * P + torch.arange(P)].flatten()
-
-            def backup():
-                host.backup_from_device_all_layer(pool, host_slots, dev_slots)
-                host.synchronize()
-
-            def load():
-                for layer in range(L):
-                    host.load_to_device_per_layer(pool, host_slots, dev_slots, layer)
-                host.synchronize()
-
-            d_cuda = dev_slots.cuda()
-            ref = [b[d_cuda].clone() for b in pool.kv_buffer]
-            backup()
-            for b in pool.kv_buffer:
-                b.view(torch.uint8).random_(0, 256)
-            load()
-            ok = all(torch.equal(a.view(torch.uint8), b[d_cuda].view(torch.uint8)) for a, b in zip(ref, pool.kv_buffer))
-            if not ok:
+        d2h, h2d = copy_ceilings_gbs(nbytes, device)
+        for layout in layouts:
+            progress(f"{n_pages} pages, {layout}")
+            got = bench_host_layout(pool, n_pages, layout, device)
+            if got is None:
+                wrong = True
                 print(f"| {n_pages} | {layout} | WRONG: round trip differs, not timed |")
                 continue
-            bk = nbytes / _time(backup) / 1e9
-            ld = nbytes / _time(load) / 1e9
-            print(f"| {n_pages} | {layout} | {nbytes / 2**20:.0f} MiB | {bk:.1f} | {ld:.1f} | {d2h:.1f} | {h2d:.1f} | {bk / d2h:.0%} | {ld / h2d:.0%} |")
-            del host
+            bk, ld = got
+            print(f"| {n_pages} | {layout} | {nbytes / 2**20:.0f} MiB | {bk:.1f} | {ld:.1f} | {d2h:.1f} | {h2d:.1f} | "
+                  f"{bk / d2h:.0%} | {ld / h2d:.0%} |")
         del pool
-        torch.cuda.empty_cache()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        if cuda:
+            torch.cuda.empty_cache()
+    if not cuda:
+        print(f"\n{CPU_LABEL}: these are host-memory copies, not PCIe transfers.")
+    return 1 if wrong else 0

@@ -1,14 +1,17 @@
-"""Row-write benchmark: every provider side by side, with a roofline and the host cost.
+"""Row-write benchmark (``mlakv bench``): every provider side by side, against the roofline.
 
 Method (GPU): for each (layout, n_loc), 8 layers' inputs (sources, loc and a kv buffer each) are
 written one after another inside one CUDA graph; ``do_bench_cudagraph`` gives the median replay
-time, divided by 8 for the per-call time. Each provider is checked bit-exactly against the torch
-reference before it is timed; a wrong provider is reported, never timed. For n_loc >= 1024 a cold
-median (L2 flushed between calls, ``do_bench``) is taken too. The same run measures the
-device-to-device copy bandwidth (bytes read + written) and the graph time of a one-element
-kernel, the two floors the rows are read against.
+time, divided by 8 for the per-call time, taken twice (providers in forward, then reverse order)
+and averaged. Each provider is checked bit-exactly against the torch reference before it is timed;
+a wrong provider is reported, never timed. For n_loc >= 1024 a cold median (L2 flushed between
+calls) is taken too. The same run measures the device-to-device copy bandwidth (bytes read +
+written) and the graph time of a one-element kernel: the roofline of a call is the larger of that
+launch floor and the bytes it moves at copy bandwidth.
 
-On a machine with no GPU it times the CPU (torch) path over a small sweep and says so.
+Without a GPU it times the CPU (torch) path and says so: both CPU providers are torch indexing
+copies (the dispatcher adds its argument checks), so the table shows their spread (min / median /
+max over repeats) and ranks nothing.
 """
 
 from __future__ import annotations
@@ -36,16 +39,33 @@ LAYOUTS = {
 DEFAULT_SIZES = [1, 8, 32, 128, 512, 768, 1024, 2048, 4096, 8192, 16384, 65536]
 QUICK_SIZES = [1, 128, 1024, 16384, 65536]
 CPU_SIZES = [1, 32, 1024, 8192]
-PROVIDERS = ["auto", "jit", "triton", "legacy", "torch"]
+CPU_QUICK_SIZES = [1, 1024]
+PROVIDERS = ["auto", "jit", "triton", "sglang", "legacy", "torch"]
+CPU_PROVIDERS = ["auto", "torch"]
 LAYERS = 8
+MAX_SIZE = 1 << 24
+CPU_LABEL = "CPU (torch path; GPU numbers need a GPU)"
 
 
-def _progress(msg: str) -> None:
+def progress(msg: str) -> None:
+    """A progress line on stderr (the report itself goes to stdout)."""
     print(msg, file=sys.stderr, flush=True)
 
 
 # ---- providers ---------------------------------------------------------------------------------
-def _provider_fn(name: str, jit_kw: Optional[dict] = None) -> Callable:
+def set_mla_kv_buffer_torch_index_put(kv, loc, nope, rope) -> None:
+    """The ``torch`` provider: two ``index_put_`` calls (no padding support, as engines did).
+
+    ``kv [S, (1,) nope_dim + rope_dim]``, ``loc [n]``, ``nope [n, nope_dim]``, ``rope [n, rope_dim]``.
+    """
+    kv2 = kv.view(kv.shape[0], -1)
+    d = nope.shape[-1]
+    kv2[:, :d].index_put_((loc,), nope)
+    kv2[:, d : d + rope.shape[-1]].index_put_((loc,), rope)
+
+
+def provider_fn(name: str, jit_kw: Optional[dict] = None) -> Callable:
+    """The write function ``fn(kv, loc, nope, rope)`` of a provider (``jit-*`` variants take ``jit_kw``)."""
     if name == "auto":
         return set_mla_kv_buffer_triton
     if name == "torch":
@@ -55,9 +75,13 @@ def _provider_fn(name: str, jit_kw: Optional[dict] = None) -> Callable:
 
         return launch_set_kv_rows
     if name == "legacy":
-        from benchmarks.legacy_kernel import legacy_set_mla_kv_buffer
+        from .legacy_kernel import legacy_set_mla_kv_buffer
 
         return legacy_set_mla_kv_buffer
+    if name == "sglang":
+        from .sglang_peer import sglang_set_mla_kv_buffer
+
+        return sglang_set_mla_kv_buffer
     if name.startswith("jit"):
         from mlakv import jit_kernel
 
@@ -70,38 +94,52 @@ def _provider_fn(name: str, jit_kw: Optional[dict] = None) -> Callable:
     raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
 
 
-def set_mla_kv_buffer_torch_index_put(kv, loc, nope, rope) -> None:
-    """The ``torch`` provider: two ``index_put_`` calls (no padding support, as engines did)."""
-    kv2 = kv.view(kv.shape[0], -1)
-    d = nope.shape[-1]
-    kv2[:, :d].index_put_((loc,), nope)
-    kv2[:, d : d + rope.shape[-1]].index_put_((loc,), rope)
+def provider_unavailable(name: str, layout: tuple) -> Optional[str]:
+    """None if the provider can run here for ``layout``, else why not (one line)."""
+    base = "jit" if name.startswith("jit") else name
+    if base == "sglang":
+        from .sglang_peer import peer_absent_reason
 
-
-def _provider_available(name: str, layout) -> Optional[str]:
-    """None if usable, else why not."""
+        absent = peer_absent_reason()
+        if absent:
+            return absent
     if not torch.cuda.is_available():
-        return None if name in ("auto", "torch") else "needs a GPU"
-    if name.startswith("jit"):
+        return None if base in CPU_PROVIDERS else "needs a CUDA GPU (none here)"
+    dtype, nd, rd = layout
+    es = torch.empty((), dtype=dtype).element_size()
+    if base == "jit":
         from mlakv import jit_kernel
 
-        dtype, nd, rd = layout
-        es = torch.empty((), dtype=dtype).element_size()
         if not jit_kernel.can_use_set_mla_kv_buffer(nd * es, rd * es):
-            return "JIT kernel unavailable here (see log)"
+            return "JIT kernel unavailable here (the log says why)"
+    if base == "sglang":
+        from mlakv.jit_kernel import JitUnavailable
+
+        from .sglang_peer import build_sglang_module
+
+        if torch.cuda.get_device_capability()[0] < 9:
+            return "sglang's kernel needs SM90+"
+        try:
+            progress(f"building sglang's kernel for {nd * es}+{rd * es} bytes (first use compiles, ~1 min)")
+            build_sglang_module(nd * es, rd * es, use_pdl=True)
+        except JitUnavailable as e:
+            return f"sglang build failed: {e}"
     return None
 
 
 # ---- inputs ----------------------------------------------------------------------------------
 @dataclass
 class LayerInputs:
+    """One layer's call: ``kv [S, 1, total]``, ``loc [n]`` (distinct, random), ``nope``, ``rope``."""
+
     kv: torch.Tensor
     loc: torch.Tensor
     nope: torch.Tensor
     rope: torch.Tensor
 
 
-def _make_layers(layout, n_loc: int, loc_dtype, device, layers: int) -> list[LayerInputs]:
+def make_layers(layout: tuple, n_loc: int, loc_dtype: torch.dtype, device, layers: int) -> list[LayerInputs]:
+    """``layers`` independent random inputs of ``n_loc`` rows (the kv buffers hold random bytes)."""
     dtype, nd, rd = layout
     out = []
     num_slots = n_loc + 64
@@ -119,7 +157,7 @@ def _make_layers(layout, n_loc: int, loc_dtype, device, layers: int) -> list[Lay
     return out
 
 
-def _check(fn: Callable, inp: LayerInputs) -> Optional[str]:
+def check_provider(fn: Callable, inp: LayerInputs) -> Optional[str]:
     """Bit-exact check against the torch reference on a fresh poisoned copy; None if correct."""
     expected = inp.kv.clone()
     set_mla_kv_buffer_torch(expected, inp.loc, inp.nope, inp.rope)
@@ -155,21 +193,21 @@ def _cold_time_us(fn: Callable, inp: LayerInputs) -> float:
     return ms * 1e3
 
 
-def _host_cost_us(call: Callable, n: int = 2000) -> float:
-    """Median over 5 rounds of the host time per eager call (no graph, no sync inside a round)."""
-    for _ in range(50):
+def host_rounds_us(call: Callable, n: int = 2000, rounds: int = 5) -> list[float]:
+    """Host time per eager call (µs) in each of ``rounds`` rounds of ``n`` calls (no sync inside a round)."""
+    for _ in range(min(n, 50)):
         call()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    rounds = []
-    for _ in range(5):
+    out = []
+    for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(n):
             call()
-        rounds.append((time.perf_counter() - t0) / n * 1e6)
+        out.append((time.perf_counter() - t0) / n * 1e6)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    return statistics.median(rounds)
+    return out
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
@@ -185,7 +223,7 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def tiny_kernel_graph_us() -> float:
-    """Graph time per call of a one-element kernel, 8 per graph like the rows."""
+    """Graph time per call of a one-element kernel, 8 per graph like the rows (the launch floor)."""
     import triton.testing as tt
 
     xs = [torch.zeros(1, device="cuda") for _ in range(LAYERS)]
@@ -201,21 +239,37 @@ def tiny_kernel_graph_us() -> float:
 # ---- the sweep -------------------------------------------------------------------------------
 @dataclass
 class Row:
+    """One (layout, loc dtype, n_loc) point: per-provider medians, spreads and reasons."""
+
     layout: str
     n_loc: int
     loc_dtype: str
     path: str
-    times_us: dict = field(default_factory=dict)  # provider -> graph median per call
+    times_us: dict = field(default_factory=dict)  # provider -> median per call
+    spread_us: dict = field(default_factory=dict)  # provider -> [min, median, max] over repeats
     cold_us: dict = field(default_factory=dict)
-    errors: dict = field(default_factory=dict)  # provider -> why not timed
+    errors: dict = field(default_factory=dict)  # provider -> why not timed (WRONG/ERROR: a failure)
 
     def bytes_moved(self) -> int:
+        """Bytes read plus bytes written by one call."""
         dtype, nd, rd = LAYOUTS[self.layout]
         es = torch.empty((), dtype=dtype).element_size()
         return 2 * self.n_loc * (nd + rd) * es
 
+    def roofline_us(self, copy_gbs: float, tiny_us: float) -> float:
+        """The fastest a call can be: max(launch floor, its bytes at copy bandwidth)."""
+        return max(tiny_us, self.bytes_moved() / (copy_gbs * 1e9) * 1e6)
 
-def run_sweep(layouts, sizes, providers, loc_dtypes, cold: bool, jit_variants: Optional[dict] = None) -> list[Row]:
+
+def run_sweep(
+    layouts: list[str],
+    sizes: list[int],
+    providers: list[str],
+    loc_dtypes: list[torch.dtype],
+    cold: bool,
+    jit_variants: Optional[dict] = None,
+) -> list[Row]:
+    """Check then time each provider at each point; providers that cannot run are left out."""
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     rows: list[Row] = []
@@ -223,21 +277,17 @@ def run_sweep(layouts, sizes, providers, loc_dtypes, cold: bool, jit_variants: O
     variants.update(jit_variants or {})
     for lname in layouts:
         layout = LAYOUTS[lname]
+        progress(f"layout {lname} ({layout[1]}+{layout[2]} {str(layout[0]).split('.')[-1]}): sizes {sizes}")
         for loc_dtype in loc_dtypes:
             for n in sizes:
-                layers = _make_layers(layout, n, loc_dtype, device, LAYERS if cuda else 1)
+                layers = make_layers(layout, n, loc_dtype, device, LAYERS if cuda else 1)
                 i0 = layers[0]
                 row = Row(lname, n, str(loc_dtype).split(".")[-1], kv_write_path(i0.kv, i0.loc, i0.nope, i0.rope))
                 timed_fns = {}
                 for p, kw in variants.items():
-                    base = "jit" if p.startswith("jit") else p
-                    why = _provider_available(base, layout)
-                    if why:
-                        row.errors[p] = why
-                        continue
-                    fn = _provider_fn(base, kw)
+                    fn = provider_fn("jit" if p.startswith("jit") else p, kw)
                     try:
-                        err = _check(fn, i0)
+                        err = check_provider(fn, i0)
                     except Exception as e:  # noqa: BLE001 - reported, not timed
                         err = f"ERROR: {type(e).__name__}: {e}"
                     if err:
@@ -250,12 +300,21 @@ def run_sweep(layouts, sizes, providers, loc_dtypes, cold: bool, jit_variants: O
                     order = list(timed_fns)
                     first = {p: _graph_time_per_call_us(timed_fns[p], layers) for p in order}
                     second = {p: _graph_time_per_call_us(timed_fns[p], layers) for p in reversed(order)}
-                    row.times_us = {p: (first[p] + second[p]) / 2 for p in order}
+                    for p in order:
+                        row.times_us[p] = (first[p] + second[p]) / 2
+                        row.spread_us[p] = [min(first[p], second[p]), row.times_us[p], max(first[p], second[p])]
                     if cold and n >= 1024:
                         row.cold_us = {p: _cold_time_us(timed_fns[p], i0) for p in order}
                 else:
-                    row.times_us = {p: _host_cost_us(lambda f=f: f(i0.kv, i0.loc, i0.nope, i0.rope), n=20) for p, f in timed_fns.items()}
-                _progress(f"  {lname} {row.loc_dtype} n_loc={n}: " + ", ".join(f"{k}={v:.2f}us" for k, v in row.times_us.items()))
+                    # Round-robin over the providers, so drift hits them alike.
+                    samples: dict[str, list[float]] = {p: [] for p in timed_fns}
+                    for _ in range(7):
+                        for p, f in timed_fns.items():
+                            samples[p] += host_rounds_us(lambda f=f: f(i0.kv, i0.loc, i0.nope, i0.rope), n=10, rounds=1)
+                    for p, v in samples.items():
+                        row.times_us[p] = statistics.median(v)
+                        row.spread_us[p] = [min(v), statistics.median(v), max(v)]
+                progress(f"  {lname} {row.loc_dtype} n_loc={n}: " + ", ".join(f"{k}={v:.2f}us" for k, v in row.times_us.items()))
                 rows.append(row)
                 del layers
                 if cuda:
@@ -264,7 +323,7 @@ def run_sweep(layouts, sizes, providers, loc_dtypes, cold: bool, jit_variants: O
 
 
 def host_costs() -> dict:
-    """Eager host cost per call (µs) of the dispatcher and of ``pool.set_kv_buffer`` at small n_loc."""
+    """Eager host cost per call (µs, median of 5 rounds) of ``pool.set_kv_buffer`` and the entries, n_loc=1."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for lname in ("bf16", "u8"):
@@ -275,141 +334,245 @@ def host_costs() -> dict:
         es = torch.empty((), dtype=pool_dtype).element_size()
         nope = torch.randint(0, 256, (1, nd * es), dtype=torch.uint8, device=device).view(pool_dtype)
         rope = torch.randint(0, 256, (1, rd * es), dtype=torch.uint8, device=device).view(pool_dtype)
-        out[f"pool.set_kv_buffer[{lname}, n_loc=1]"] = _host_cost_us(lambda: pool.set_kv_buffer(0, loc, nope, rope))
+        med = lambda call: statistics.median(host_rounds_us(call))  # noqa: E731
+        out[f"pool.set_kv_buffer[{lname}, n_loc=1]"] = med(lambda: pool.set_kv_buffer(0, loc, nope, rope))
         kv = pool.kv_buffer[0]
         n8, r8 = nope.view(kv.dtype), rope.view(kv.dtype)
-        out[f"set_mla_kv_buffer_triton[{lname}, n_loc=1] -> {kv_write_path(kv, loc, n8, r8)}"] = _host_cost_us(
+        out[f"set_mla_kv_buffer_triton[{lname}, n_loc=1] -> {kv_write_path(kv, loc, n8, r8)}"] = med(
             lambda: set_mla_kv_buffer_triton(kv, loc, n8, r8)
         )
         if torch.cuda.is_available():
             from mlakv import jit_kernel
             from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
 
-            out[f"triton row kernel launch alone[{lname}, n_loc=1]"] = _host_cost_us(lambda: launch_set_kv_rows(kv, loc, n8, r8))
-            out[f"jit_kernel.set_mla_kv_buffer (checked entry)[{lname}, n_loc=1]"] = _host_cost_us(
-                lambda: jit_kernel.set_mla_kv_buffer(kv, loc, n8, r8)
-            )
+            out[f"triton row kernel launch alone[{lname}, n_loc=1]"] = med(lambda: launch_set_kv_rows(kv, loc, n8, r8))
+            if jit_kernel.can_use_set_mla_kv_buffer(nd * es, rd * es):
+                out[f"jit_kernel.set_mla_kv_buffer (checked entry)[{lname}, n_loc=1]"] = med(
+                    lambda: jit_kernel.set_mla_kv_buffer(kv, loc, n8, r8)
+                )
     return out
 
 
 # ---- report ----------------------------------------------------------------------------------
 def format_table(rows: list[Row], providers: list[str], copy_gbs: Optional[float], tiny_us: Optional[float]) -> str:
-    unit = "us/call (graph median)" if torch.cuda.is_available() else "us/call (CPU, host wall time)"
-    head = ["layout", "loc", "n_loc", "path"] + [f"{p}" for p in providers] + ["best", "auto/best", "auto GB/s"]
-    if copy_gbs:
-        head += ["%copy", "x legacy"]
-    if tiny_us:
-        head += ["auto/1-elem"]
-    lines = [f"times in {unit}", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """Markdown table of the sweep. On CPU: median [min-max] per provider and no ranking."""
+    if copy_gbs is None or tiny_us is None:
+        head = ["layout", "loc", "n_loc", "path"] + [f"{p} median [min-max]" for p in providers] + ["auto GB/s"]
+        lines = [
+            f"{CPU_LABEL}: host wall time per call, us, over 7 round-robin repeats. auto = the dispatcher "
+            "(argument checks + the torch reference copy), torch = two bare index_put_: on CPU this measures "
+            "host overhead, not a kernel, so nothing is ranked.",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        for r in rows:
+            cells = [r.layout, r.loc_dtype, str(r.n_loc), r.path]
+            for p in providers:
+                lo, med, hi = r.spread_us.get(p, (None, None, None))
+                cells.append(f"{med:.2f} [{lo:.2f}-{hi:.2f}]" if med is not None else _why_cell(r, p))
+            auto = r.times_us.get("auto")
+            cells.append(f"{r.bytes_moved() / (auto * 1e-6) / 1e9:.2f}" if auto else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    head = ["layout", "loc", "n_loc", "path"] + providers + ["best", "auto/best", "roofline", "auto %roofline", "auto GB/s"]
+    if "sglang" in providers:
+        head.append("sglang/auto")
+    if "legacy" in providers:
+        head.append("legacy/auto")
+    lines = [
+        "us per call (CUDA-graph median, mean of two passes); roofline = max(launch floor, bytes at copy bandwidth)",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         cells = [r.layout, r.loc_dtype, str(r.n_loc), r.path]
-        for p in providers:
-            if p in r.times_us:
-                cells.append(f"{r.times_us[p]:.2f}")
-            else:
-                cells.append("wrong" if r.errors.get(p, "").startswith(("WRONG", "ERROR")) else "-")
+        cells += [f"{r.times_us[p]:.2f}" if p in r.times_us else _why_cell(r, p) for p in providers]
         timed = r.times_us
         best = min(timed, key=timed.get) if timed else None
         auto = timed.get("auto")
+        roof = r.roofline_us(copy_gbs, tiny_us)
         cells.append(best or "-")
         cells.append(f"{auto / timed[best]:.2f}" if auto and best else "-")
-        gbs = r.bytes_moved() / (auto * 1e-6) / 1e9 if auto else None
-        cells.append(f"{gbs:.0f}" if gbs else "-")
-        if copy_gbs:
-            cells.append(f"{100 * gbs / copy_gbs:.0f}%" if gbs else "-")
-            leg = timed.get("legacy")
-            cells.append(f"{leg / auto:.1f}" if leg and auto else "-")
-        if tiny_us:
-            cells.append(f"{auto / tiny_us:.2f}" if auto else "-")
+        cells.append(f"{roof:.2f}")
+        cells.append(f"{100 * roof / auto:.0f}%" if auto else "-")
+        cells.append(f"{r.bytes_moved() / (auto * 1e-6) / 1e9:.0f}" if auto else "-")
+        for peer in ("sglang", "legacy"):
+            if peer in providers:
+                t = timed.get(peer)
+                cells.append(f"{t / auto:.2f}" if t and auto else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], providers: list[str], copy_gbs: Optional[float], path: Path) -> Optional[str]:
+def _why_cell(r: Row, p: str) -> str:
+    return "wrong" if r.errors.get(p, "").startswith(("WRONG", "ERROR")) else "-"
+
+
+def plot(
+    rows: list[Row], providers: list[str], copy_gbs: Optional[float], tiny_us: Optional[float], path: Path, device: str
+) -> Optional[str]:
+    """Write the log-log plot; returns a note instead when matplotlib is missing or nothing was timed.
+
+    GPU: top row µs per call with the roofline, bottom row % of roofline per provider. CPU: the
+    median with its min-max band, titled as a CPU run.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib not installed: no plot (pip install mlakv[plot])"
-    layouts = sorted({r.layout for r in rows}, key=list(LAYOUTS).index)
-    fig, axes = plt.subplots(1, len(layouts), figsize=(6 * len(layouts), 4.5), squeeze=False)
-    for ax, lname in zip(axes[0], layouts):
+        return "matplotlib not installed: no plot (pip install 'mlakv[plot]')"
+    layouts = [l for l in LAYOUTS if any(r.layout == l and r.times_us for r in rows)]
+    if not layouts:
+        return "nothing was timed: no plot"
+    gpu = copy_gbs is not None and tiny_us is not None
+    nrows = 2 if gpu else 1
+    fig, axes = plt.subplots(nrows, len(layouts), figsize=(6 * len(layouts), 4.2 * nrows), squeeze=False)
+    for col, lname in enumerate(layouts):
         lrows = [r for r in rows if r.layout == lname and r.loc_dtype == "int64"] or [r for r in rows if r.layout == lname]
-        xs = [r.n_loc for r in lrows]
+        ax = axes[0][col]
         for p in providers:
-            pts = [(r.n_loc, r.times_us[p]) for r in lrows if p in r.times_us]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=p)
-        if copy_gbs and torch.cuda.is_available():
-            floor = [r.bytes_moved() / (copy_gbs * 1e9) * 1e6 for r in lrows]
-            ax.plot(xs, floor, "k--", lw=1, label="copy-bandwidth floor")
+            pts = [(r.n_loc, *r.spread_us[p]) for r in lrows if p in r.spread_us]
+            if not pts:
+                continue
+            xs, lo, med, hi = zip(*pts)
+            (line,) = ax.plot(xs, med, marker="o", ms=3, label=p)
+            if not gpu:
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        if gpu:
+            xs = [r.n_loc for r in lrows]
+            ax.plot(xs, [r.roofline_us(copy_gbs, tiny_us) for r in lrows], "k--", lw=1, label="roofline")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("n_loc (rows per call)")
-        ax.set_ylabel("µs per call")
-        ax.set_title(f"{lname} {LAYOUTS[lname][1]}+{LAYOUTS[lname][2]}")
+        ax.set_ylabel("µs per call" + ("" if gpu else " (median, min-max band)"))
+        ax.set_title(f"{lname} {LAYOUTS[lname][1]}+{LAYOUTS[lname][2]}" + ("" if gpu else f" — {CPU_LABEL}"), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+        if gpu:
+            ax2 = axes[1][col]
+            for p in providers:
+                pts = [(r.n_loc, 100 * r.roofline_us(copy_gbs, tiny_us) / r.times_us[p]) for r in lrows if p in r.times_us]
+                if pts:
+                    ax2.plot(*zip(*pts), marker="o", ms=3, label=p)
+            ax2.axhline(100, color="k", ls="--", lw=1)
+            ax2.set_xscale("log")
+            ax2.set_ylim(0, 110)
+            ax2.set_xlabel("n_loc (rows per call)")
+            ax2.set_ylabel("% of roofline")
+            ax2.grid(True, which="both", alpha=0.3)
+            ax2.legend(fontsize=8)
+    fig.suptitle(f"mlakv bench — {device}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mlakv bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layouts", default=None, help=f"comma list of {list(LAYOUTS)} (default: all)")
-    ap.add_argument("--sizes", default=None, help="comma list of n_loc values")
-    ap.add_argument("--providers", default=None, help=f"comma list of {PROVIDERS} (default: all)")
-    ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, no int32 spot check")
-    ap.add_argument("--no-cold", action="store_true", help="skip the L2-flushed medians")
-    ap.add_argument("--tune", action="store_true", help="also time JIT variants (warps x items x TMA/direct)")
-    ap.add_argument("--out", default="bench-out", help="directory for results.json and the plot")
-    args = ap.parse_args(argv)
+# ---- command line ----------------------------------------------------------------------------
+def _csv_of(choices: list[str], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(items))
 
+    return parse
+
+
+def _csv_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    bad = [s for s in sizes if not 1 <= s <= MAX_SIZE]
+    if bad or not sizes:
+        raise argparse.ArgumentTypeError(f"sizes must be integers in 1..{MAX_SIZE}, got {text!r}")
+    return list(dict.fromkeys(sizes))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mlakv bench`` parser (other subcommands: ``mlakv bench hicache``)."""
+    ap = argparse.ArgumentParser(
+        prog="mlakv bench",
+        description="Time every KV-row write provider side by side on this machine's device, against the "
+        "roofline; write a table, results.json and a plot. `mlakv bench hicache --help`: the HiCache transfers.",
+    )
+    ap.add_argument("--layouts", type=_csv_of(list(LAYOUTS), "layout"), default=list(LAYOUTS),
+                    help=f"comma list of {', '.join(LAYOUTS)} (default: all)")
+    ap.add_argument("--sizes", type=_csv_sizes, default=None,
+                    help=f"comma list of n_loc values, 1..{MAX_SIZE} (default: GPU {DEFAULT_SIZES}; CPU {CPU_SIZES})")
+    ap.add_argument("--providers", type=_csv_of(PROVIDERS, "provider"), default=list(PROVIDERS),
+                    help=f"comma list of {', '.join(PROVIDERS)} (default: all that can run here; on CPU only "
+                    f"{' and '.join(CPU_PROVIDERS)} can; sglang needs its source in .peers/sglang)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"fewer sizes (GPU {QUICK_SIZES}, CPU {CPU_QUICK_SIZES}) and no int32 spot check")
+    ap.add_argument("--no-cold", action="store_true", help="GPU: skip the L2-flushed medians")
+    ap.add_argument("--tune", action="store_true", help="GPU: also time JIT launch variants (warps x items x TMA/direct)")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for results.json, report.md and the plot")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``mlakv bench``: returns 0, 1 when a provider was wrong, 2 on a usage error."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
-    layouts = args.layouts.split(",") if args.layouts else list(LAYOUTS)
-    providers = args.providers.split(",") if args.providers else list(PROVIDERS)
-    if args.sizes:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    elif not cuda:
-        sizes = CPU_SIZES
-    else:
-        sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+
+    if args.sizes:
+        sizes = args.sizes
+    elif cuda:
+        sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
+    else:
+        sizes = CPU_QUICK_SIZES if args.quick else CPU_SIZES
+
+    not_run = {}
+    for p in args.providers:
+        reasons = {provider_unavailable(p, LAYOUTS[l]) for l in args.layouts} - {None}
+        if reasons:
+            not_run[p] = "; ".join(sorted(reasons))
+    providers = [p for p in args.providers if p not in not_run]
+    for p, why in not_run.items():
+        progress(f"provider {p} not run here: {why}")
+    if not providers:
+        ap.error(f"none of the providers {', '.join(args.providers)} can run here (see above)")
 
     if cuda:
         dev = torch.cuda.get_device_name()
-        _progress(f"mlakv {mlakv.__version__} bench on {dev}: measuring copy bandwidth and 1-element kernel floor")
+        progress(f"mlakv {mlakv.__version__} bench on {dev}: measuring copy bandwidth and the launch floor")
         copy_gbs, tiny_us = copy_bandwidth_gbs(), tiny_kernel_graph_us()
     else:
-        dev = f"CPU ({platform.processor() or platform.machine()})"
-        print("No CUDA GPU: timing the CPU (torch) path only. GPU numbers need a GPU; none are shown here.")
-        providers = [p for p in providers if p in ("auto", "torch")]
+        dev = f"{CPU_LABEL} [{platform.processor() or platform.machine()}]"
         copy_gbs = tiny_us = None
 
     jit_variants = {}
-    if args.tune and cuda:
+    if args.tune and cuda and "jit" in providers:
         grid = [(False, w, i) for w in (1, 2, 4, 8, 16) for i in (1, 2)] + [(True, w, 1) for w in (2, 4, 8)]
         for tma, warps, items in grid:
             jit_variants[f"jit-{'tma' if tma else 'st'}-w{warps}-i{items}"] = dict(
                 num_warps=warps, items_per_warp=items, use_tma=tma
             )
 
-    rows = run_sweep(layouts, sizes, providers, [torch.int64], cold=cuda and not args.no_cold, jit_variants=jit_variants)
-    if not args.quick and cuda and "bf16" in layouts:
-        _progress("int32 loc spot check")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = run_sweep(args.layouts, sizes, providers, [torch.int64], cold=cuda and not args.no_cold, jit_variants=jit_variants)
+    if not args.quick and cuda and "bf16" in args.layouts:
+        progress("int32 loc spot check")
         rows += run_sweep(["bf16"], [128, 16384], providers, [torch.int32], cold=False)
+    progress("eager host cost per call")
     hosts = host_costs()
     shown = providers + sorted(jit_variants)
 
-    lines = [f"# mlakv bench — {dev} — {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    lines = [f"# mlakv {mlakv.__version__} bench — {dev} — {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     if cuda:
-        lines.append(f"copy bandwidth (read+write): {copy_gbs:.0f} GB/s; one-element kernel in a graph: {tiny_us:.2f} us")
+        lines.append(f"copy bandwidth (read+write): {copy_gbs:.0f} GB/s; one-element kernel in a graph (launch floor): {tiny_us:.2f} us")
     lines.append(format_table(rows, shown, copy_gbs, tiny_us))
+    if not_run:
+        lines.append("\nnot run here:")
+        lines += [f"- {p}: {why}" for p, why in not_run.items()]
     cold_rows = [r for r in rows if r.cold_us]
     if cold_rows:
         lines.append("\ncold (L2 flushed, eager, median) us/call")
@@ -418,30 +581,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in cold_rows:
             lines.append(f"| {r.layout} | {r.n_loc} | " + " | ".join(f"{r.cold_us[p]:.2f}" if p in r.cold_us else "-" for p in providers) + " |")
     lines.append("\neager host cost per call (median of 5 rounds, no sync), us")
-    for k, v in hosts.items():
-        lines.append(f"- {k}: {v:.2f}")
+    lines += [f"- {k}: {v:.2f}" for k, v in hosts.items()]
     wrong = [(r.layout, r.n_loc, p, e) for r in rows for p, e in r.errors.items() if e.startswith(("WRONG", "ERROR"))]
     if wrong:
         lines.append("\nproviders reported wrong (not timed):")
         lines += [f"- {l} n_loc={n} {p}: {e}" for l, n, p, e in wrong]
     report = "\n".join(lines)
     print(report)
-    note = plot(rows, providers, copy_gbs, out / "kv_write_bench.png")
+    note = plot(rows, shown, copy_gbs, tiny_us, args.out / "kv_write_bench.png", dev)
     if note:
         print(note)
-    (out / "results.json").write_text(
-        json.dumps(
-            dict(
-                device=dev, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), copy_gbs=copy_gbs,
-                one_element_kernel_us=tiny_us, rows=[asdict(r) for r in rows], host_cost_us=hosts,
-            ),
-            indent=1,
-        )
+    result = dict(
+        device=dev, cpu_only=not cuda, torch=torch.__version__, mlakv=mlakv.__version__, date=time.strftime("%Y-%m-%d"),
+        copy_gbs=copy_gbs, one_element_kernel_us=tiny_us, rows=[asdict(r) for r in rows], host_cost_us=hosts,
+        not_run=not_run,
     )
-    (out / "report.md").write_text(report + "\n")
-    _progress(f"done in {time.time() - t_start:.0f} s; wrote {out}/results.json, report.md, kv_write_bench.png")
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    (args.out / "report.md").write_text(report + "\n")
+    written = "results.json, report.md" + ("" if note else ", kv_write_bench.png")
+    progress(f"done in {time.time() - t_start:.0f} s; wrote {written} in {args.out}/")
     return 1 if wrong else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
