@@ -6,24 +6,38 @@ of an :class:`~mlakv.mem_cache.memory_pool.MLATokenToKVPool`'s rows, hands out h
 whole pages between the tiers: device -> host for all layers at once (backup), host -> device one
 layer at a time (load), so attention for layer ``i`` can start as soon as layer ``i`` is in.
 
-On CUDA the copies are one zero-copy Triton launch per layer (the kernel reads or writes the pinned
-host buffer directly through unified addressing) on a dedicated stream, with one event per layer.
-On CPU they are plain indexed copies, so CI tests the same logic.
+The method set and its meaning follow sglang 0.5.23's ``MLATokenToKVPoolHost`` (``alloc`` in
+tokens, ``free`` returning the count, ``get_data_page``/``set_from_flat_data_page``,
+``get_page_buffer_meta``, the three layouts, the trailing ``io_backend`` argument), so an engine
+written against sglang's host pool can drive this one.
+
+On CUDA the ``"kernel"`` backend is one zero-copy Triton launch per layer (the kernel reads or writes
+the pinned host buffer directly through unified addressing) on a dedicated stream, with one event
+per layer and a bounded number of SMs; ``"direct"`` is plain ``copy_`` of contiguous runs. On CPU
+both are plain indexed copies, so CI tests the same logic. Index vectors are validated once per batch
+(one host sync) and kept on the device: the per-layer loads of a batch make no host sync.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from typing import Optional
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from .memory_pool import MLATokenToKVPool
 
-__all__ = ["MLATokenToKVPoolHost", "host_available_bytes"]
+__all__ = ["MLATokenToKVPoolHost", "host_available_bytes", "LAYOUTS", "IO_BACKENDS"]
 
-LAYOUTS = ("layer_first", "page_first")
+#: ``layer_first`` ``[layer, size, 1, D]``; ``page_first`` ``[size, layer, 1, D]`` (a token's layers
+#: together); ``page_first_direct`` ``[pages, layer, page_size, 1, D]`` (a page's layers together).
+LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+IO_BACKENDS = ("kernel", "direct")
 
 
 def host_available_bytes() -> Optional[int]:
@@ -41,22 +55,54 @@ def host_available_bytes() -> Optional[int]:
         return None
 
 
+def _as_int(value: Any, name: str) -> int:
+    """``value`` as a Python int: ints and numpy integers; bools, floats and the rest are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _as_fraction(value: Any, name: str, lo: float, hi: float, hi_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+    return v
+
+
+@dataclass
+class _Batch:
+    """A validated transfer: index vectors on the transfer device, as the kernel wants them."""
+
+    key: tuple
+    refs: tuple  # the caller's tensors, kept alive so their ids in ``key`` stay theirs
+    n: int
+    h_cpu: torch.Tensor  # [n] int64 host slots
+    d_cpu: torch.Tensor  # [n] int64 device slots
+    h_dev: Optional[torch.Tensor] = None  # [n] or [n_pages] (page mode) int64 on the device
+    d_dev: Optional[torch.Tensor] = None
+    page_units: bool = False
+
+
 class MLATokenToKVPoolHost:
     """Host (L2) copy of an MLA device pool's rows, paged.
 
     Args:
         device_pool: the device pool mirrored (layers, row width and dtype are taken from it).
-        host_to_device_ratio: host token slots per device token slot, when ``host_size`` is None.
-        host_size: host token slots (rounded up to whole pages).
+        host_to_device_ratio: host token slots per device token slot (finite, >= 1), when
+            ``host_size`` is None.
+        host_size: host token slots (rounded up to whole pages; at least the device pool's size).
         page_size: tokens per host page; defaults to the device pool's.
-        layout: ``"layer_first"`` — ``[layer, slot, row]``, each layer contiguous (what per-layer
-            loads read); ``"page_first"`` — ``[page, layer, token, row]``, each page's layers
-            contiguous (what storage reads and writes).
+        layout: one of :data:`LAYOUTS`. ``page_first`` and ``page_first_direct`` keep each page's
+            bytes contiguous (zero-copy storage I/O); ``layer_first`` keeps each layer contiguous.
         pin_memory: pin the buffer when CUDA is present (needed for the zero-copy transfers).
-        memory_headroom: fraction of the host's available memory to leave free.
+        memory_headroom: fraction in [0, 1) of the host's available memory to leave free.
+        transfer_sms: the most SMs a ``"kernel"`` transfer occupies (its persistent grid size).
 
-    Raises ``MemoryError`` naming the sizes if the host does not have the memory, before
-    allocating anything.
+    ``kv_buffer`` is in the device pool's ``store_dtype`` with a head dim of 1, shaped as the
+    layout says (``D = kv_lora_rank + qk_rope_head_dim``). Raises ``MemoryError`` naming the sizes
+    if the host does not have the memory, before allocating anything.
     """
 
     def __init__(
@@ -69,16 +115,28 @@ class MLATokenToKVPoolHost:
         pin_memory: bool = True,
         *,
         memory_headroom: float = 0.1,
+        transfer_sms: int = 8,
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        headroom = _as_fraction(memory_headroom, "memory_headroom", 0.0, 1.0, hi_open=True)
         self.device_pool = device_pool
-        self.page_size = page_size or device_pool.page_size
+        self.page_size = device_pool.page_size if page_size is None else _as_int(page_size, "page_size")
         if self.page_size <= 0:
             raise ValueError(f"page_size must be positive, got {self.page_size}")
-        want = host_size if host_size is not None else int(device_pool.size * host_to_device_ratio)
-        if want <= 0:
-            raise ValueError(f"host size must be positive, got {want} token slots")
+        if host_size is None:
+            ratio = _as_fraction(host_to_device_ratio, "host_to_device_ratio", 1.0, float("inf"), hi_open=True)
+            want = int(device_pool.size * ratio)
+        else:
+            want = _as_int(host_size, "host_size")
+            if want < device_pool.size:
+                raise ValueError(
+                    f"host_size={want} is smaller than the device pool ({device_pool.size} slots): the host "
+                    "pool must hold at least every device slot"
+                )
+        self.transfer_sms = _as_int(transfer_sms, "transfer_sms")
+        if self.transfer_sms < 1:
+            raise ValueError(f"transfer_sms must be >= 1, got {self.transfer_sms}")
         self.num_pages = -(-want // self.page_size)
         self.size = self.num_pages * self.page_size
         self.layout = layout
@@ -86,125 +144,225 @@ class MLATokenToKVPoolHost:
         self.start_layer = device_pool.start_layer
         self.dtype = device_pool.dtype
         self.store_dtype = device_pool.store_dtype
+        self.kv_cache_dim = device_pool.kv_cache_dim
         self.row_bytes = device_pool.row_bytes()
         self.page_bytes = self.page_size * self.row_bytes * self.layer_num  # one page, all layers
+        self.size_per_token = self.row_bytes * self.layer_num
         total = self.size * self.row_bytes * self.layer_num
         self.nbytes = total
         avail = host_available_bytes()
-        if avail is not None and total > avail * (1.0 - memory_headroom):
+        if avail is not None and total > avail * (1.0 - headroom):
             raise MemoryError(
                 f"host KV pool needs {total / 2**30:.2f} GiB ({self.size} slots x {self.layer_num} layers x "
                 f"{self.row_bytes} B) but the host has {avail / 2**30:.2f} GiB available "
-                f"({memory_headroom:.0%} kept free); lower host_to_device_ratio or host_size"
+                f"({headroom:.0%} kept free); lower host_to_device_ratio or host_size"
             )
-        pin = pin_memory and torch.cuda.is_available()
-        if layout == "layer_first":
-            shape = (self.layer_num, self.size, self.row_bytes)
-        else:
-            shape = (self.num_pages, self.layer_num, self.page_size, self.row_bytes)
-        self.kv_buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-        self.pinned = pin
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        L, P, D = self.layer_num, self.page_size, self.kv_cache_dim
+        shape = {
+            "layer_first": (L, self.size, 1, D),
+            "page_first": (self.size, L, 1, D),
+            "page_first_direct": (self.num_pages, L, P, 1, D),
+        }[layout]
+        self.kv_buffer = torch.empty(shape, dtype=self.store_dtype, pin_memory=self.pin_memory)
+        self.pinned = self.pin_memory
+        self.device = torch.device("cpu")
+        self._bytes = self.kv_buffer.view(-1).view(torch.uint8)  # flat bytes of the whole buffer
+        rb = self.row_bytes
+        self._rows = {  # byte view a (layer, slots) row selection indexes
+            "layer_first": self._bytes.view(L, self.size, rb),
+            "page_first": self._bytes.view(self.size, L, rb),
+            "page_first_direct": self._bytes.view(self.num_pages, L, P, rb),
+        }[layout]
         self._free_pages = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low pages first
         self._page_free = torch.ones(self.num_pages, dtype=torch.bool)
         self._stream: Optional[torch.cuda.Stream] = None
         self._layer_events: dict[int, torch.cuda.Event] = {}
+        self._batch: Optional[_Batch] = None
 
-    # ---- page allocator ------------------------------------------------------------------
+    # ---- page allocator (sglang meaning: sizes in tokens) ---------------------------------
     def available_size(self) -> int:
         """Free host token slots."""
         return len(self._free_pages) * self.page_size
 
-    def alloc(self, n_pages: int) -> Optional[torch.Tensor]:
-        """Take ``n_pages`` pages; return their token slots ``[n_pages * page_size]`` (int64), or
-        None if fewer pages are free."""
-        if n_pages < 0:
-            raise ValueError(f"n_pages must be >= 0, got {n_pages}")
+    def alloc(self, need_size: int) -> Optional[torch.Tensor]:
+        """Take ``need_size`` token slots (a multiple of ``page_size``) as whole free pages.
+
+        Returns their slots ``[need_size]`` (int64, page by page, ascending within a page), or None
+        if fewer are free (nothing taken).
+        """
+        need = _as_int(need_size, "need_size")
+        if need < 0 or need % self.page_size:
+            raise ValueError(f"need_size must be a non-negative multiple of page_size={self.page_size}, got {need}")
+        n_pages = need // self.page_size
         if n_pages > len(self._free_pages):
             return None
         pages = torch.tensor([self._free_pages.pop() for _ in range(n_pages)], dtype=torch.int64)
         self._page_free[pages] = False
         return (pages[:, None] * self.page_size + torch.arange(self.page_size)).flatten()
 
-    def free(self, indices: torch.Tensor) -> None:
-        """Give back whole pages, named by their token slots (as :meth:`alloc` returned them)."""
+    def free(self, indices: torch.Tensor) -> int:
+        """Give back whole pages named by their token slots (as :meth:`alloc` returned them).
+
+        Returns the number of token slots freed. A page named twice, a page already free, or a
+        vector that is not whole aligned pages is refused (``ValueError``) and nothing is freed.
+        """
         pages = self._pages_of(indices, "indices")
-        if bool(self._page_free[pages].any()):
-            bad = pages[self._page_free[pages]][0].item()
-            raise ValueError(f"indices: page {bad} is already free (double free)")
+        uniq, counts = torch.unique(pages, return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(f"indices: page {int(uniq[counts > 1][0])} is named more than once (double free)")
+        already = self._page_free[pages]
+        if bool(already.any()):
+            raise ValueError(f"indices: page {int(pages[already][0])} is already free (double free)")
         self._page_free[pages] = True
         self._free_pages.extend(reversed(pages.tolist()))
+        return int(pages.numel()) * self.page_size
+
+    def clear(self) -> None:
+        """Every page free again."""
+        self._free_pages = list(range(self.num_pages - 1, -1, -1))
+        self._page_free.fill_(True)
 
     def _pages_of(self, indices: torch.Tensor, name: str) -> torch.Tensor:
         idx = _check_slots(indices, name, self.size, self.page_size)
-        return idx.view(-1, self.page_size)[:, 0] // self.page_size
+        return idx.reshape(-1, self.page_size)[:, 0] // self.page_size
 
-    def _check_transfer(
-        self, device_pool: MLATokenToKVPool, host_indices: torch.Tensor, device_indices: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    # ---- validation, once per batch -------------------------------------------------------
+    def _prepare(self, device_pool: MLATokenToKVPool, host_indices: Any, device_indices: Any) -> _Batch:
+        """Validate a transfer's index vectors (reused while the same, unmodified tensors come back)."""
         if device_pool.row_bytes() != self.row_bytes or device_pool.layer_num != self.layer_num:
-            raise ValueError("device_pool does not match this host pool's row width / layer count")
+            raise ValueError(
+                f"device_pool: rows of {device_pool.row_bytes()} B x {device_pool.layer_num} layers do not match this "
+                f"host pool's {self.row_bytes} B x {self.layer_num} layers"
+            )
         for name, t in (("host_indices", host_indices), ("device_indices", device_indices)):
             if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} must be a 1-D int32/int64 tensor of token slots")
+                raise TypeError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {type(t).__name__}")
+        key = (
+            id(device_pool), id(host_indices), host_indices._version, id(device_indices), device_indices._version,
+        )
+        b = self._batch
+        if b is not None and b.key == key:
+            return b
         if host_indices.numel() != device_indices.numel():
             raise ValueError(
                 f"host_indices has {host_indices.numel()} slots but device_indices has {device_indices.numel()}"
             )
         h = _check_slots(host_indices, "host_indices", self.size, self.page_size)
         d = _check_slots(device_indices, "device_indices", device_pool.num_slots, device_pool.page_size)
-        return h, d
+        P = self.page_size
+        page_units = P > 1 and device_pool.page_size % P == 0 and self.layout != "page_first"
+        b = _Batch(key, (device_pool, host_indices, device_indices), int(h.numel()), h, d, page_units=page_units)
+        if device_pool.device.type == "cuda" and b.n:
+            hs, ds = (h[::P], d[::P]) if page_units else (h, d)
+            b.h_dev = hs.to(device_pool.device, non_blocking=True)
+            b.d_dev = ds.to(device_pool.device, non_blocking=True)
+        self._batch = b
+        return b
 
     # ---- addressing --------------------------------------------------------------------
-    def _host_layer(self, local_layer: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """The host buffer's start for one layer and its ``(page, page_stride, row_stride)`` in bytes."""
-        rb = self.row_bytes
+    def _host_layer(self, local_layer: int) -> tuple[int, tuple[int, int, int]]:
+        """Byte offset of layer ``local_layer``'s slot 0 in the host buffer, and its
+        ``(page, page_stride, row_stride)`` in bytes."""
+        rb, L, P = self.row_bytes, self.layer_num, self.page_size
         if self.layout == "layer_first":
-            return self.kv_buffer[local_layer], (self.page_size, self.page_size * rb, rb)
-        return self.kv_buffer[0, local_layer], (self.page_size, self.layer_num * self.page_size * rb, rb)
+            return local_layer * self.size * rb, (P, P * rb, rb)
+        if self.layout == "page_first":
+            return local_layer * rb, (1, L * rb, L * rb)
+        return local_layer * P * rb, (P, L * P * rb, rb)
 
     def _host_rows(self, local_layer: int, h: torch.Tensor) -> tuple:
-        """CPU path: an index into ``kv_buffer`` selecting the rows of one layer at host slots ``h``."""
+        """An index into ``self._rows`` selecting the byte rows of one layer at host slots ``h``."""
         if self.layout == "layer_first":
             return (local_layer, h)
+        if self.layout == "page_first":
+            return (h, local_layer)
         return (h // self.page_size, local_layer, h % self.page_size)
+
+    def _host_row_run(self, local_layer: int, slot: int, n: int) -> torch.Tensor:
+        """Host rows ``slot .. slot + n - 1`` of one layer as a ``[n, row_bytes]`` byte view."""
+        if self.layout == "layer_first":
+            return self._rows[local_layer, slot : slot + n]
+        if self.layout == "page_first":
+            return self._rows[slot : slot + n, local_layer]
+        p, o = divmod(slot, self.page_size)
+        return self._rows[p, local_layer, o : o + n]
 
     # ---- transfers -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def _on_transfer_stream(self, device: torch.device, h: torch.Tensor, d: torch.Tensor):
+    def _on_transfer_stream(self, device: torch.device):
         """Run the body on the transfer stream, after the work queued on the current stream; yield
-        the index vectors on the device and an event that is recorded when the body's work ends."""
+        an event that is recorded when the body's work ends."""
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(device))
         done = torch.cuda.Event()
         with torch.cuda.stream(stream):
-            yield h.to(device, non_blocking=True), d.to(device, non_blocking=True), done
+            yield done
             done.record(stream)
 
+    def _copy_layer(self, device_pool: MLATokenToKVPool, b: _Batch, local: int, to_host: bool, io_backend: str) -> None:
+        """One layer of a validated batch, on the current (transfer) stream or the CPU."""
+        dev = _device_rows(device_pool, local)
+        if device_pool.device.type != "cuda":
+            if to_host:
+                self._rows[self._host_rows(local, b.h_cpu)] = dev[b.d_cpu]
+            else:
+                dev[b.d_cpu] = self._rows[self._host_rows(local, b.h_cpu)]
+            return
+        if io_backend == "direct":
+            for hs, ds, n in _runs(b.h_cpu, b.d_cpu, self._host_run_limit()):
+                host = self._host_row_run(local, hs, n)
+                if to_host:
+                    host.copy_(dev[ds : ds + n], non_blocking=True)
+                else:
+                    dev[ds : ds + n].copy_(host, non_blocking=True)
+            return
+        from .transfer_kernels import launch_copy_rows
+
+        off, host_layout = self._host_layer(local)
+        host = self._bytes[off:]
+        dev_layout = (1, self.row_bytes, self.row_bytes)
+        unit = self.row_bytes * (self.page_size if b.page_units else 1)
+        if to_host:
+            launch_copy_rows(dev, host, b.d_dev, b.h_dev, unit, dev_layout, host_layout, max_programs=self.transfer_sms)
+        else:
+            launch_copy_rows(host, dev, b.h_dev, b.d_dev, unit, host_layout, dev_layout, max_programs=self.transfer_sms)
+
+    def _host_run_limit(self) -> int:
+        """Longest run of consecutive host slots that is one contiguous block of a layer's rows."""
+        return {"layer_first": self.size, "page_first": 1, "page_first_direct": self.page_size}[self.layout]
+
     def backup_from_device_all_layer(
-        self, device_pool: MLATokenToKVPool, host_indices: torch.Tensor, device_indices: torch.Tensor
+        self,
+        device_pool: MLATokenToKVPool,
+        host_indices: torch.Tensor,
+        device_indices: torch.Tensor,
+        io_backend: str = "kernel",
     ) -> None:
         """Copy device rows ``device_indices`` of every layer to host slots ``host_indices``.
+
+        Args:
+            host_indices, device_indices: ``[n]`` int32/int64 token slots, whole aligned pages when
+                the page size is > 1, any stride (strided, expanded and offset views are honoured).
+            io_backend: ``"kernel"`` (zero-copy Triton kernel) or ``"direct"`` (``copy_`` of runs).
 
         On CUDA the copy runs on this pool's transfer stream after the work already queued on the
         current stream; call :meth:`synchronize` (or wait on :meth:`backup_event`) before reusing
         the device slots.
         """
-        h, d = self._check_transfer(device_pool, host_indices, device_indices)
-        if h.numel() == 0:
+        _check_backend(io_backend)
+        b = self._prepare(device_pool, host_indices, device_indices)
+        if b.n == 0:
             return
         if device_pool.device.type != "cuda":
             for layer in range(self.layer_num):
-                self.kv_buffer[self._host_rows(layer, h)] = _device_rows(device_pool, layer)[d]
+                self._copy_layer(device_pool, b, layer, True, io_backend)
             return
-        from .transfer_kernels import launch_copy_rows
-
-        with self._on_transfer_stream(device_pool.device, h, d) as (h_dev, d_dev, done):
+        with self._on_transfer_stream(device_pool.device) as done:
             for layer in range(self.layer_num):
-                host_start, host_layout = self._host_layer(layer)
-                src = device_pool.kv_buffer[layer]
-                launch_copy_rows(src, host_start, d_dev, h_dev, self.row_bytes, _device_layout(src), host_layout)
+                self._copy_layer(device_pool, b, layer, True, io_backend)
         self._backup_event = done
 
     def backup_event(self) -> Optional[torch.cuda.Event]:
@@ -212,26 +370,30 @@ class MLATokenToKVPoolHost:
         return getattr(self, "_backup_event", None)
 
     def load_to_device_per_layer(
-        self, device_pool: MLATokenToKVPool, host_indices: torch.Tensor, device_indices: torch.Tensor, layer_id: int
+        self,
+        device_pool: MLATokenToKVPool,
+        host_indices: torch.Tensor,
+        device_indices: torch.Tensor,
+        layer_id: int,
+        io_backend: str = "kernel",
     ) -> None:
         """Copy host slots ``host_indices`` of one layer (global ``layer_id``) to device rows ``device_indices``.
 
+        The index vectors are validated on the first layer of a batch (one host sync) and reused, on
+        the device, while the same unmodified tensors come back: the later layers make no host sync.
         On CUDA the copy is queued on the transfer stream and an event is recorded for the layer;
         the consumer calls :meth:`wait_until_layer_ready` on its stream before reading the rows.
         """
+        _check_backend(io_backend)
         local = device_pool._local_layer(layer_id)
-        h, d = self._check_transfer(device_pool, host_indices, device_indices)
-        if h.numel() == 0:
+        b = self._prepare(device_pool, host_indices, device_indices)
+        if b.n == 0:
             return
-        dst = device_pool.kv_buffer[local]
         if device_pool.device.type != "cuda":
-            _device_rows(device_pool, local)[d] = self.kv_buffer[self._host_rows(local, h)]
+            self._copy_layer(device_pool, b, local, False, io_backend)
             return
-        from .transfer_kernels import launch_copy_rows
-
-        with self._on_transfer_stream(device_pool.device, h, d) as (h_dev, d_dev, done):
-            host_start, host_layout = self._host_layer(local)
-            launch_copy_rows(host_start, dst, h_dev, d_dev, self.row_bytes, host_layout, _device_layout(dst))
+        with self._on_transfer_stream(device_pool.device) as done:
+            self._copy_layer(device_pool, b, local, False, io_backend)
         self._layer_events[layer_id] = done
 
     def wait_until_layer_ready(self, layer_id: int, stream: Optional[torch.cuda.Stream] = None) -> None:
@@ -245,33 +407,121 @@ class MLATokenToKVPoolHost:
         if self._stream is not None:
             self._stream.synchronize()
 
-    # ---- storage hook (L3) ----------------------------------------------------------------
-    def _page_index(self, host_index: int) -> int:
-        if not 0 <= host_index < self.size or host_index % self.page_size:
-            raise IndexError(f"host_index {host_index} must be a page-aligned slot in [0, {self.size})")
-        return host_index // self.page_size
+    # ---- pages for storage (L3) -------------------------------------------------------------
+    def _page_index(self, index: Any, name: str = "index") -> int:
+        """Page number of the page whose first token slot is ``index``."""
+        i = _as_int(index, name)
+        if not 0 <= i < self.size or i % self.page_size:
+            raise IndexError(f"{name}={i} must be a page-aligned slot (a multiple of {self.page_size}) in [0, {self.size})")
+        return i // self.page_size
+
+    def page_is_contiguous(self) -> bool:
+        """Whether each page's bytes (all layers) are one contiguous block of ``kv_buffer``."""
+        return self.layout != "layer_first"
+
+    def page_view(self, index: int) -> torch.Tensor:
+        """The bytes of the page starting at slot ``index`` as a ``[page_bytes]`` uint8 view, in the
+        layout's own order (``page_first``: token-major; ``page_first_direct``: layer-major).
+        Only for contiguous-page layouts (``ValueError`` for ``layer_first``)."""
+        page = self._page_index(index)
+        if not self.page_is_contiguous():
+            raise ValueError("page_view: layout 'layer_first' keeps a page's layers apart; use get_page_bytes")
+        start = page * self.page_bytes
+        return self._bytes[start : start + self.page_bytes]
+
+    def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
+        """The page starting at slot ``index``, a view of ``kv_buffer`` (sglang's meaning: the
+        layout's own order; ``flat`` flattens it, which copies for ``layer_first``)."""
+        page = self._page_index(index)
+        P = self.page_size
+        if self.layout == "layer_first":
+            data = self.kv_buffer[:, page * P : (page + 1) * P]
+        elif self.layout == "page_first":
+            data = self.kv_buffer[page * P : (page + 1) * P]
+        else:
+            data = self.kv_buffer[page : page + 1]
+        return data.flatten() if flat else data
+
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        """A zero page in ``store_dtype``, flat ``[layer_num * page_size * D]`` (a buffer to read into)."""
+        return torch.zeros(self.layer_num * self.page_size * self.kv_cache_dim, dtype=self.store_dtype, pin_memory=self.pin_memory)
+
+    def set_from_flat_data_page(self, index: int, data_page: torch.Tensor) -> None:
+        """Write the page starting at slot ``index`` from ``data_page`` (``store_dtype``, ``layer_num *
+        page_size * D`` elements, in this layout's order, as :meth:`get_data_page` gives it)."""
+        dst = self.get_data_page(index, flat=False)
+        if not isinstance(data_page, torch.Tensor):
+            raise TypeError(f"data_page must be a tensor, got {type(data_page).__name__}")
+        want = self.layer_num * self.page_size * self.kv_cache_dim
+        if data_page.dtype != self.store_dtype or data_page.numel() != want:
+            raise ValueError(
+                f"data_page must be {want} elements of {self.store_dtype}, got {data_page.numel()} of {data_page.dtype}"
+            )
+        dst.copy_(data_page.reshape(dst.shape))
+
+    def get_page_buffer_meta(self, indices: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Zero-copy storage I/O: ``(ptrs, nbytes)`` of the host pages holding token slots ``indices``
+        (whole aligned pages). Contiguous-page layouts give one ``(ptr, page_bytes)`` per page;
+        ``layer_first`` gives one entry per page per layer (``page_size * row_bytes`` each)."""
+        pages = self._pages_of(indices, "indices").tolist()
+        base, rb, P = self._bytes.data_ptr(), self.row_bytes, self.page_size
+        if self.page_is_contiguous():
+            return [base + p * self.page_bytes for p in pages], [self.page_bytes] * len(pages)
+        ptrs = [base + (layer * self.size + p * P) * rb for p in pages for layer in range(self.layer_num)]
+        return ptrs, [P * rb] * len(ptrs)
 
     def get_page_bytes(self, host_index: int) -> bytes:
-        """One page (all layers), flat: ``[layer][token][row bytes]``; ``host_index`` is its first slot."""
-        page = self._page_index(host_index)
-        if self.layout == "page_first":
-            data = self.kv_buffer[page]
-        else:
-            p = self.page_size
-            data = self.kv_buffer[:, page * p : (page + 1) * p]
-        return data.contiguous().numpy().tobytes()
+        """One page (all layers) in the canonical layer-major order ``[layer][token][row bytes]``
+        (the same for every layout); ``host_index`` is its first slot."""
+        return self._page_layer_major(host_index).contiguous().numpy().tobytes()
 
-    def set_page_bytes(self, host_index: int, data: bytes) -> None:
-        """Write one page (all layers) from :meth:`get_page_bytes`'s format."""
-        page = self._page_index(host_index)
-        if len(data) != self.page_bytes:
-            raise ValueError(f"data: a page is {self.page_bytes} bytes, got {len(data)}")
-        src = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.layer_num, self.page_size, self.row_bytes)
+    def _page_layer_major(self, host_index: int) -> torch.Tensor:
+        """The page as a ``[layer, page_size, row_bytes]`` byte view (strided for some layouts)."""
+        page = self._page_index(host_index, "host_index")
+        P = self.page_size
+        if self.layout == "layer_first":
+            return self._rows[:, page * P : (page + 1) * P]
         if self.layout == "page_first":
-            self.kv_buffer[page].copy_(src)
+            return self._rows[page * P : (page + 1) * P].transpose(0, 1)
+        return self._rows[page]
+
+    def set_page_bytes(self, host_index: int, data: Any) -> None:
+        """Write one page (all layers) from :meth:`get_page_bytes`'s format: ``bytes``-like, or a
+        uint8 numpy array / CPU tensor, of exactly ``page_bytes`` bytes."""
+        src = page_bytes_tensor(data, self.page_bytes, "data")
+        self._page_layer_major(host_index).copy_(src.view(self.layer_num, self.page_size, self.row_bytes))
+
+
+def page_bytes_tensor(data: Any, page_bytes: int, name: str) -> torch.Tensor:
+    """``data`` (``bytes``-like, or a uint8 numpy array / CPU tensor) as a flat ``[page_bytes]``
+    uint8 tensor, without a copy where possible; sizes are counted in bytes."""
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8 or data.device.type != "cpu":
+            raise TypeError(f"{name}: a page tensor must be uint8 on the CPU, got {data.dtype} on {data.device}")
+        t = data.reshape(-1)
+    elif isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise TypeError(f"{name}: a page array must be uint8, got {data.dtype} (view it as uint8 first)")
+        t = torch.from_numpy(np.ascontiguousarray(data).reshape(-1))
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        mv = memoryview(data)
+        mv = mv.cast("B") if mv.contiguous else memoryview(mv.tobytes())
+        if mv.nbytes == 0:
+            t = torch.empty(0, dtype=torch.uint8)
         else:
-            p = self.page_size
-            self.kv_buffer[:, page * p : (page + 1) * p].copy_(src)
+            with warnings.catch_warnings():  # read-only bytes: the tensor is only ever read
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.frombuffer(mv, dtype=torch.uint8)
+    else:
+        raise TypeError(f"{name} must be bytes-like, a uint8 numpy array or a uint8 tensor, got {type(data).__name__}")
+    if t.numel() != page_bytes:
+        raise ValueError(f"{name}: a page is {page_bytes} bytes, got {t.numel()}")
+    return t
+
+
+def _check_backend(io_backend: Any) -> None:
+    if io_backend not in IO_BACKENDS:
+        raise ValueError(f"io_backend must be one of {IO_BACKENDS}, got {io_backend!r}")
 
 
 def _device_rows(device_pool: MLATokenToKVPool, local_layer: int) -> torch.Tensor:
@@ -279,17 +529,29 @@ def _device_rows(device_pool: MLATokenToKVPool, local_layer: int) -> torch.Tenso
     return device_pool.kv_buffer[local_layer].view(device_pool.num_slots, -1).view(torch.uint8)
 
 
-def _device_layout(buf: torch.Tensor) -> tuple[int, int, int]:
-    """``(page, page_stride, row_stride)`` in bytes of a device buffer: rows at a uniform stride."""
-    stride = buf.stride(0) * buf.element_size()
-    return (1, stride, stride)
+def _runs(h: torch.Tensor, d: torch.Tensor, host_limit: int) -> list[tuple[int, int, int]]:
+    """``(host_start, device_start, length)`` runs where both slot vectors go up by one, cut so a
+    run never crosses a multiple of ``host_limit`` on the host side."""
+    hl, dl = h.tolist(), d.tolist()
+    out: list[tuple[int, int, int]] = []
+    for hs, ds in zip(hl, dl):
+        if out:
+            h0, d0, n = out[-1]
+            if hs == h0 + n and ds == d0 + n and hs % host_limit:
+                out[-1] = (h0, d0, n + 1)
+                continue
+        out.append((hs, ds, 1))
+    return out
 
 
-def _check_slots(indices: torch.Tensor, name: str, limit: int, page_size: int) -> torch.Tensor:
-    """Validate a token-slot vector (1-D int, in ``[0, limit)``, whole aligned pages); return it as CPU int64."""
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be a 1-D int32/int64 tensor of token slots")
-    idx = indices.to("cpu", torch.int64)
+def _check_slots(indices: Any, name: str, limit: int, page_size: int) -> torch.Tensor:
+    """Validate a token-slot vector (1-D int32/int64, any stride, in ``[0, limit)``, whole aligned
+    pages); return it as a contiguous CPU int64 copy. One host sync for a device vector."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {type(indices).__name__}")
+    if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {indices.dim()}-D {indices.dtype}")
+    idx = indices.to("cpu", torch.int64).contiguous()  # honours strides, expansion and offsets
     n = idx.numel()
     if n == 0:
         return idx
