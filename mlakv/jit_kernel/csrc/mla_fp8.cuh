@@ -1,0 +1,291 @@
+// FP8 MLA KV write, quantizing on the fly: kv[loc[i]] = quantize([k_nope[i] | k_rope[i]]).
+//
+// The formats are specified (and implemented in plain torch) in mlakv/mem_cache/fp8.py:
+//   kFormat 0, per_tensor: row = e4m3([nope | rope] / k_scale)                   (nope + rope bytes)
+//   kFormat 1, ds_mla:     row = [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
+//                          scale_t = max(amax_t / 448, FLT_MIN), amax over the tile's finite |x|.
+// One warp per row. Lane l holds 16-byte source chunks c = l + 32*i (8 values each); in ds_mla a
+// tile of 128 values is 16 consecutive chunks = 16 lanes of one i, so its amax is a 4-step
+// __shfl_xor_sync butterfly inside each half-warp. Values are divided by the scale with IEEE
+// division (__fdiv_rn) and converted with cvt.rn.satfinite.e4m3x2.f32 (RNE, saturating to +-448);
+// NaN is then written as the canonical 0x7F. The 8 bytes of a chunk go out as one 8-byte store, a
+// tile's scale as one 4-byte store, the rope as 16-byte stores: the whole row (656 bytes for
+// 512 + 64) is written by the warp in one pass.
+// Padding rows (loc < 0) and slots >= num_slots are not written. loc is read at its stride.
+// Offsets are 64-bit. With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait)
+// before reading inputs and lets the next one launch once its stores are issued.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/extra/cuda/base.h>
+
+#include <cstdint>
+
+namespace mlakv {
+namespace fp8 {
+
+constexpr float kE4M3Max = 448.0f;
+constexpr float kFltMin = 1.17549435e-38f;
+
+// 8 source values (one 16-byte chunk) as fp32; exact for bf16 and fp16.
+template <bool kBf16>
+__device__ __forceinline__ void chunk_to_float(const uint4& v, float f[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (kBf16) {
+      f[2 * j] = __uint_as_float(w[j] << 16);
+      f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    } else {
+      __half2 h;
+      memcpy(&h, &w[j], 4);
+      const float2 p = __half22float2(h);
+      f[2 * j] = p.x;
+      f[2 * j + 1] = p.y;
+    }
+  }
+}
+
+// Two fp32 -> two e4m3 bytes (lo in the low byte): RNE, saturating, NaN -> 0x7F.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  uint32_t out = r;
+  if (lo != lo) out = (out & 0xff00u) | 0x7fu;
+  if (hi != hi) out = (out & 0x00ffu) | 0x7f00u;
+  return out;
+}
+
+// 8 values / scale -> 8 e4m3 bytes.
+__device__ __forceinline__ uint2 quant8(const float f[8], float scale) {
+  uint32_t b[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b[j] = e4m3x2(__fdiv_rn(f[2 * j], scale), __fdiv_rn(f[2 * j + 1], scale));
+  return make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+}
+
+// fp32 -> bf16 bits, RNE, NaN -> 0x7FC0 (the ds_mla rope of an fp16 source).
+__device__ __forceinline__ uint32_t bf16_bits(float x) {
+  if (x != x) return 0x7fc0u;
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(x)));
+}
+
+template <int kFormat, int kNope, int kRope, bool kBf16, bool kUsePDL, typename LocT>
+__global__ void quant_write_kernel(uint8_t* __restrict__ kv, int64_t kv_stride,  // bytes
+                                   const uint8_t* __restrict__ nope, int64_t nope_stride,  // bytes
+                                   const uint8_t* __restrict__ rope, int64_t rope_stride,  // bytes
+                                   const LocT* __restrict__ loc, int64_t loc_stride,       // elements
+                                   int64_t n_loc, int64_t num_slots, const float* __restrict__ k_scale) {
+  static_assert(kNope % 8 == 0 && kRope % 8 == 0, "widths must be multiples of 8 values");
+  constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
+  constexpr int kRC = kRope / 8;
+  const int lane = threadIdx.x & 31;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+
+  if constexpr (kUsePDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (item < n_loc) {  // uniform per warp: the shuffles below see all 32 lanes
+    const int64_t slot = static_cast<int64_t>(loc[item * loc_stride]);
+    const uint8_t* nsrc = nope + item * nope_stride;
+    const uint8_t* rsrc = rope + item * rope_stride;
+    const bool live = slot >= 0 && slot < num_slots;
+    uint8_t* dst = kv + slot * kv_stride;
+
+    if constexpr (kFormat == 0) {
+      constexpr int kC = kNC + kRC;
+      constexpr int kIters = (kC + 31) / 32;
+      uint4 v[kIters];
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        const int c = lane + 32 * i;
+        if (c < kNC) v[i] = __ldg(reinterpret_cast<const uint4*>(nsrc) + c);
+        else if (c < kC) v[i] = __ldg(reinterpret_cast<const uint4*>(rsrc) + (c - kNC));
+      }
+      const float scale = __ldg(k_scale);
+      if (live) {
+#pragma unroll
+        for (int i = 0; i < kIters; ++i) {
+          const int c = lane + 32 * i;
+          if (c < kC) {
+            float f[8];
+            chunk_to_float<kBf16>(v[i], f);
+            reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale);
+          }
+        }
+      }
+    } else {
+      static_assert(kNope % 128 == 0, "ds_mla tiles are 128 values");
+      constexpr int kTiles = kNope / 128;
+      constexpr int kScaleOff = kNope;
+      constexpr int kRopeOff = kNope + 4 * kTiles;
+      static_assert(kRopeOff % 16 == 0, "the rope of a ds_mla row must start on 16 bytes");
+      constexpr int kNI = (kNC + 31) / 32;
+      constexpr int kRI = (kRC + 31) / 32;
+      uint4 v[kNI];
+      uint4 r[kRI];
+#pragma unroll
+      for (int i = 0; i < kNI; ++i) {
+        const int c = lane + 32 * i;
+        if (c < kNC) v[i] = __ldg(reinterpret_cast<const uint4*>(nsrc) + c);
+      }
+#pragma unroll
+      for (int i = 0; i < kRI; ++i) {
+        const int c = lane + 32 * i;
+        if (c < kRC) r[i] = __ldg(reinterpret_cast<const uint4*>(rsrc) + c);
+      }
+#pragma unroll
+      for (int i = 0; i < kNI; ++i) {
+        const int c = lane + 32 * i;
+        float f[8];
+        float amax = 0.0f;
+        if (c < kNC) {
+          chunk_to_float<kBf16>(v[i], f);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const float a = fabsf(f[j]);
+            if (a < INFINITY) amax = fmaxf(amax, a);  // NaN and inf do not set the scale
+          }
+        }
+#pragma unroll
+        for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float scale = fmaxf(__fdiv_rn(amax, kE4M3Max), kFltMin);
+        if (live && c < kNC) {
+          reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale);
+          if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale;
+        }
+      }
+      if (live) {
+#pragma unroll
+        for (int i = 0; i < kRI; ++i) {
+          const int c = lane + 32 * i;
+          if (c < kRC) {
+            uint4 out = r[i];
+            if constexpr (!kBf16) {
+              float f[8];
+              chunk_to_float<false>(r[i], f);
+              out.x = bf16_bits(f[0]) | (bf16_bits(f[1]) << 16);
+              out.y = bf16_bits(f[2]) | (bf16_bits(f[3]) << 16);
+              out.z = bf16_bits(f[4]) | (bf16_bits(f[5]) << 16);
+              out.w = bf16_bits(f[6]) | (bf16_bits(f[7]) << 16);
+            }
+            reinterpret_cast<uint4*>(dst + kRopeOff)[c] = out;
+          }
+        }
+      }
+    }
+  }
+  if constexpr (kUsePDL) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launcher. Python (mlakv/mem_cache/fp8.py) has validated the call; this re-checks every fact
+// the kernel's memory safety rests on and raises a Python exception, never faults. Returns false,
+// launching nothing, when the addresses or row strides do not suit the kernel's vectors
+// (sources 16 bytes, kv 16 bytes): the caller falls back to Triton.
+// ---------------------------------------------------------------------------------------------
+inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
+  return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
+}
+
+template <int kFormat, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
+void launch_quant_typed(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t nope_stride,
+                        const uint8_t* rope, int64_t rope_stride, const void* loc, int64_t loc_stride,
+                        int64_t n_loc, int64_t num_slots, const float* scale, int num_warps, cudaStream_t stream) {
+  const int64_t blocks = (n_loc + num_warps - 1) / num_warps;
+  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
+  auto kernel = quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, LocT>;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(static_cast<unsigned>(num_warps * 32));
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = kUsePDL ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, kernel, kv, kv_stride, nope, nope_stride, rope, rope_stride,
+                                              static_cast<const LocT*>(loc), loc_stride, n_loc, num_slots, scale));
+}
+
+// kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride);
+// nope: [n_loc, (1,) kNope], rope: [n_loc, (1,) kRope], both bf16 or both fp16;
+// scale: per_tensor: 1-element fp32 on the device (ds_mla: not read); num_warps in [1, 32].
+template <int kFormat, int kNope, int kRope, bool kUsePDL>
+bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+                          tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t num_warps) {
+  constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
+  const auto rows_ok = [](const tvm::ffi::TensorView& t) {
+    return t.ndim() == 2 || (t.ndim() == 3 && t.size(1) == 1);
+  };
+  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
+  TVM_FFI_CHECK(rows_ok(kv) && rows_ok(nope) && rows_ok(rope), ValueError)
+      << "kv_buffer/k_nope/k_rope must be 2-D [n, d] or 3-D [n, 1, d]";
+  const DLDevice dev = kv.device();
+  const auto on_dev = [&dev](const tvm::ffi::TensorView& t) {
+    return t.device().device_type == dev.device_type && t.device().device_id == dev.device_id;
+  };
+  TVM_FFI_CHECK(dev.device_type == kDLCUDA && on_dev(loc) && on_dev(nope) && on_dev(rope) && on_dev(scale),
+                ValueError)
+      << "kv_buffer, loc, k_nope, k_rope and k_scale must be on one CUDA device";
+  TVM_FFI_CHECK(loc.dtype().code == kDLInt && (loc.dtype().bits == 32 || loc.dtype().bits == 64), TypeError)
+      << "loc must be int32 or int64";
+  const int64_t n_loc = loc.size(0);
+  TVM_FFI_CHECK(nope.size(0) == n_loc && rope.size(0) == n_loc, ValueError)
+      << "k_nope/k_rope: dim 0 must equal n_loc=" << n_loc;
+  const DLDataType sd = nope.dtype();
+  const bool is_bf16 = sd.code == kDLBfloat && sd.bits == 16 && sd.lanes == 1;
+  const bool is_f16 = sd.code == kDLFloat && sd.bits == 16 && sd.lanes == 1;
+  TVM_FFI_CHECK((is_bf16 || is_f16) && rope.dtype() == sd, TypeError)
+      << "k_nope and k_rope must both be bfloat16 or both float16";
+  TVM_FFI_CHECK(kv.dtype().bits == 8 && kv.dtype().lanes == 1, TypeError) << "kv_buffer must hold bytes (8-bit)";
+  TVM_FFI_CHECK(kv.stride(-1) == 1 && nope.stride(-1) == 1 && rope.stride(-1) == 1, ValueError)
+      << "kv_buffer/k_nope/k_rope: the last dim must be contiguous";
+  TVM_FFI_CHECK(nope.size(-1) == kNope && rope.size(-1) == kRope, ValueError)
+      << "this module was built for " << kNope << " + " << kRope << " values, got " << nope.size(-1) << " + "
+      << rope.size(-1);
+  TVM_FFI_CHECK(kv.size(-1) >= kRowBytes, ValueError)
+      << "kv_buffer: last dim holds " << kv.size(-1) << " bytes, the row needs " << kRowBytes;
+  TVM_FFI_CHECK(kv.size(0) <= 1 || kv.stride(0) >= kv.size(-1), ValueError) << "kv_buffer: rows overlap";
+  if (kFormat == 0) {
+    TVM_FFI_CHECK(scale.dtype().code == kDLFloat && scale.dtype().bits == 32 && scale.numel() >= 1, TypeError)
+        << "k_scale must be a 1-element float32 tensor";
+  }
+  TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  const int64_t kv_stride = kv.stride(0);  // bytes: 8-bit elements
+  const int64_t nope_stride = nope.stride(0) * 2, rope_stride = rope.stride(0) * 2;
+  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
+  if (((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16) ||
+      ((addr(nope) | static_cast<uintptr_t>(nope_stride)) % 16) ||
+      ((addr(rope) | static_cast<uintptr_t>(rope_stride)) % 16)) {
+    return false;
+  }
+  if (n_loc == 0) return true;
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
+  auto* kv_ptr = static_cast<uint8_t*>(kv.data_ptr());
+  const auto* n_ptr = static_cast<const uint8_t*>(nope.data_ptr());
+  const auto* r_ptr = static_cast<const uint8_t*>(rope.data_ptr());
+  const auto* s_ptr = static_cast<const float*>(scale.data_ptr());
+  const int64_t loc_stride = loc.stride(0), num_slots = kv.size(0);
+  const int w = static_cast<int>(num_warps);
+#define MLAKV_FP8_LAUNCH(BF16, LOCT)                                                                       \
+  launch_quant_typed<kFormat, kNope, kRope, kUsePDL, BF16, LOCT>(kv_ptr, kv_stride, n_ptr, nope_stride, r_ptr, \
+                                                                 rope_stride, loc.data_ptr(), loc_stride,     \
+                                                                 n_loc, num_slots, s_ptr, w, stream)
+  if (is_bf16) {
+    if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(true, int32_t);
+    else MLAKV_FP8_LAUNCH(true, int64_t);
+  } else {
+    if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(false, int32_t);
+    else MLAKV_FP8_LAUNCH(false, int64_t);
+  }
+#undef MLAKV_FP8_LAUNCH
+  return true;
+}
+
+}  // namespace fp8
+}  // namespace mlakv
