@@ -8,26 +8,53 @@ attention kernels, the write path, transfer engines and HiCache the views they n
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Union
 
 import torch
 
+from . import rules
 from .kv_write import _CHECK_BOUNDS_DEFAULT, set_mla_kv_buffer_triton
 from .torch_ref import get_mla_kv_buffer_torch
+from . import custom_ops as _ops  # registers the torch.ops.mlakv.* ops the pool uses under torch.compile
 
 __all__ = ["MLATokenToKVPool", "FP8_DTYPES"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 LayerRef = Union[int, object]
+RESERVED_SLOT = 0  # the dummy slot of padded tokens (sglang's reserved_skip_index): writes skip it
+
+
+def _free_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on ``device`` in bytes (CUDA: the driver's count; CPU: MemAvailable), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 class MLATokenToKVPool:
     """Per-layer paged KV buffers for MLA.
 
-    Each layer owns ``kv_buffer[layer]`` of shape ``[size + page_size, 1, kv_lora_rank +
+    Each layer owns ``kv_buffer[layer]`` of shape ``[num_slots, 1, kv_lora_rank +
     qk_rope_head_dim]``. Slot 0 (the first page) is reserved as the dummy target of padded
-    tokens, so usable slots are ``1 .. size + page_size - 1``. float8 pools store uint8
-    (``store_dtype``) and view back to ``dtype`` on read.
+    tokens: writes skip it (as they skip ``loc < 0``), so usable slots are
+    ``1 .. size + page_size - 1``. float8 pools store uint8 (``store_dtype``) and view back to
+    ``dtype`` on read. ``qk_rope_head_dim`` may be 0 (rope-less rows).
+
+    Index spaces: the write (:meth:`set_kv_buffer`) takes *logical* slots ``loc`` in
+    ``[0, num_logical_slots)``; the gather (:meth:`get_mla_kv_buffer`), :meth:`get_key_buffer`,
+    the buffer infos and HiCache address *physical* rows ``[0, num_slots)``. They are the same
+    unless decode context parallelism is on: with ``dcp_world_size = W > 1`` this rank holds only
+    the logical slots with ``loc % W == dcp_rank``, logical slot ``loc`` living in row ``loc // W``,
+    and ``num_slots = ceil(num_logical_slots / W)`` rounded up to a whole page.
 
     Args:
         size: number of token slots to allocate (excluding the reserved page).
@@ -39,7 +66,14 @@ class MLATokenToKVPool:
         device: where the buffers live.
         start_layer: global id of the first layer held (pipeline parallelism); default 0.
         end_layer: one past the last global id held; default ``start_layer + layer_num``.
-        check_bounds: check ``loc < num_slots`` on every write (syncs; for debugging).
+        check_bounds: check slots on every write and gather and raise ``IndexError`` for one past
+            the buffer (syncs; for debugging). None (default) follows ``MLAKV_CHECK_BOUNDS``;
+            True/False override it. CPU pools always check.
+        dcp_world_size: decode-context-parallel ranks sharing the logical slot space (1: off).
+        dcp_rank: this pool's rank in ``[0, dcp_world_size)``.
+
+    Raises ``TypeError`` for an unsupported dtype and ``MemoryError`` (naming the sizes) when the
+    buffers do not fit in the device's free memory, before allocating anything.
     """
 
     def __init__(
@@ -54,12 +88,21 @@ class MLATokenToKVPool:
         start_layer: Optional[int] = None,
         end_layer: Optional[int] = None,
         *,
-        check_bounds: bool = False,
+        check_bounds: Optional[bool] = None,
+        dcp_world_size: int = 1,
+        dcp_rank: int = 0,
     ) -> None:
+        if not isinstance(dtype, torch.dtype) or dtype not in rules.SUPPORTED_DTYPES:
+            raise TypeError(f"dtype {dtype} is not supported for a KV pool; expected one of {rules.SUPPORTED_DTYPES}")
         if size <= 0 or page_size <= 0 or layer_num <= 0:
             raise ValueError(f"size, page_size and layer_num must be positive, got {size}, {page_size}, {layer_num}")
-        if kv_lora_rank <= 0 or qk_rope_head_dim <= 0:
-            raise ValueError(f"kv_lora_rank and qk_rope_head_dim must be positive, got {kv_lora_rank}, {qk_rope_head_dim}")
+        if kv_lora_rank <= 0 or qk_rope_head_dim < 0:
+            raise ValueError(
+                f"kv_lora_rank must be positive and qk_rope_head_dim non-negative, got {kv_lora_rank}, {qk_rope_head_dim}"
+            )
+        rules.check_dcp(dcp_world_size, dcp_rank)
+        if check_bounds is not None and not isinstance(check_bounds, bool):
+            raise TypeError(f"check_bounds must be a bool or None, got {type(check_bounds).__name__}")
         self.size = size
         self.page_size = page_size
         self.dtype = dtype
@@ -75,9 +118,22 @@ class MLATokenToKVPool:
             raise ValueError(
                 f"end_layer - start_layer = {self.end_layer} - {self.start_layer} must equal layer_num={layer_num}"
             )
-        self.check_bounds = check_bounds
+        # resolved once: True/False override MLAKV_CHECK_BOUNDS both ways
+        self.check_bounds: bool = _CHECK_BOUNDS_DEFAULT if check_bounds is None else check_bounds
+        self.dcp_world_size = dcp_world_size
+        self.dcp_rank = dcp_rank
         self._store_view = self.store_dtype != dtype
-        self.num_slots = size + page_size
+        self.num_logical_slots = size + page_size
+        rows = -(-self.num_logical_slots // dcp_world_size)
+        self.num_slots = -(-rows // page_size) * page_size
+        elem = torch.empty((), dtype=self.store_dtype).element_size()
+        need = layer_num * self.num_slots * self.kv_cache_dim * elem
+        free = _free_bytes(self.device)
+        if free is not None and need > free:
+            raise MemoryError(
+                f"MLATokenToKVPool needs {need / 2**30:.2f} GiB ({layer_num} layers x {self.num_slots} slots x "
+                f"{self.kv_cache_dim * elem} bytes) but {self.device} has {free / 2**30:.2f} GiB free"
+            )
         self.kv_buffer = [
             torch.zeros((self.num_slots, 1, self.kv_cache_dim), dtype=self.store_dtype, device=self.device)
             for _ in range(layer_num)
@@ -89,8 +145,15 @@ class MLATokenToKVPool:
     # ---- layer lookup -------------------------------------------------------------------
     def _local_layer(self, layer: LayerRef) -> int:
         layer_id = layer if type(layer) is int else getattr(layer, "layer_id", layer)
-        if not isinstance(layer_id, int):
-            raise TypeError(f"layer must be an int id or have an int .layer_id, got {type(layer).__name__}")
+        if type(layer_id) is not int:
+            try:  # numpy and other integer types count as ints; a bool is not a layer id
+                if isinstance(layer_id, bool):
+                    raise TypeError
+                layer_id = operator.index(layer_id)
+            except TypeError:
+                raise TypeError(
+                    f"layer must be an int id or have an int .layer_id, got {type(layer_id).__name__}"
+                ) from None
         if not self.start_layer <= layer_id < self.end_layer:
             raise IndexError(f"layer id {layer_id} is outside this pool's layers [{self.start_layer}, {self.end_layer})")
         return layer_id - self.start_layer
@@ -112,18 +175,28 @@ class MLATokenToKVPool:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather rows ``loc`` of a layer as ``(k_nope [n_loc, kv_lora_rank], k_rope [n_loc, rope_dim])``.
 
-        ``loc`` must hold valid slots. With bounds checking on (``check_bounds=True`` or
-        ``MLAKV_CHECK_BOUNDS=1``; it syncs) an invalid slot raises ``IndexError``. Without it, the
-        GPU kernel never reads outside the buffer: an invalid slot yields a zero row. The result is
-        in the pool ``dtype``, or cast to ``dst_dtype`` when given.
+        ``loc``: ``[n_loc]`` int32/int64 *physical* rows (``[0, num_slots)``; the same as the
+        write's slots unless DCP is on), any stride. One rule on every path: a padding slot
+        (``< 0``) gives a zero row; a slot ``>= num_slots`` raises ``IndexError`` when bounds are
+        checked (always on CPU; on GPU with ``check_bounds=True`` or ``MLAKV_CHECK_BOUNDS=1``,
+        which syncs) and gives a zero row otherwise; nothing is ever read outside the buffer.
+        The result is in the pool ``dtype``, or cast to ``dst_dtype`` when given.
         """
+        if torch.compiler.is_compiling():  # one opaque op node: no graph break, same rule (custom_ops.gather_rows)
+            nope, rope = _ops.get_mla_kv_buffer_op(
+                self.kv_buffer[self._local_layer(layer)], loc, self.kv_lora_rank, self.qk_rope_head_dim,
+                bool(self.check_bounds or _CHECK_BOUNDS_DEFAULT),
+            )
+            if self._store_view:
+                nope, rope = nope.view(self.dtype), rope.view(self.dtype)
+            return (nope, rope) if dst_dtype is None else (nope.to(dst_dtype), rope.to(dst_dtype))
         buf = self.kv_buffer[self._local_layer(layer)]
-        if loc.dim() != 1 or loc.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"loc must be a 1-D int32/int64 tensor, got {loc.dim()}-D {loc.dtype}")
-        if (self.check_bounds or _CHECK_BOUNDS_DEFAULT or not buf.is_cuda) and loc.numel():
-            lo, hi = int(loc.min()), int(loc.max())
-            if lo < 0 or hi >= self.num_slots:
-                raise IndexError(f"loc values must lie in [0, {self.num_slots}) for a gather, got [{lo}, {hi}]")
+        rules.check_loc(loc)
+        if loc.device != buf.device:
+            raise ValueError(f"loc is on {loc.device} but the pool is on {buf.device}")
+        if (self.check_bounds or not buf.is_cuda) and loc.numel() and int(loc.max()) >= self.num_slots:
+            i = int((loc >= self.num_slots).nonzero()[0, 0])
+            raise IndexError(f"loc[{i}] = {int(loc[i])} is out of range for a gather from num_slots={self.num_slots}")
         if buf.is_cuda:
             from .triton_kernels import launch_get_kv_rows
 
@@ -141,29 +214,126 @@ class MLATokenToKVPool:
         self,
         layer: LayerRef,
         loc: torch.Tensor,
-        cache_k_nope: torch.Tensor,
-        cache_k_rope: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: Optional[torch.Tensor] = None,
     ) -> None:
-        """Write ``[k_nope | k_rope]`` rows of one layer at slots ``loc`` (``< 0``: padding, skipped).
+        """Write one layer's rows at slots ``loc`` (``< 0``: padding, skipped), in either of two forms.
+
+        * split (mlakv): ``cache_k = k_nope [n_loc, (1,) kv_lora_rank]``,
+          ``cache_v = k_rope [n_loc, (1,) qk_rope_head_dim]``;
+        * full row (sglang): ``cache_k [n_loc, (1,) kv_lora_rank + qk_rope_head_dim]``; ``cache_v`` is
+          ignored (sglang passes the latent part there, or None). The row is written as two strided
+          views of ``cache_k`` through the same dispatcher: no copy.
+
+        The forms are told apart by ``cache_k``'s last dim; anything else raises ``ValueError``
+        naming both widths expected. Sources must be in the pool ``dtype``.
 
         Args:
             layer: global layer id, or an object with ``.layer_id``.
             loc: ``[n_loc]`` int32/int64.
-            cache_k_nope: ``[n_loc, (1,) kv_lora_rank]`` in the pool ``dtype``.
-            cache_k_rope: ``[n_loc, (1,) qk_rope_head_dim]`` in the pool ``dtype``.
         """
         buf = self._dtype_views[self._local_layer(layer)]
-        if cache_k_nope.shape[-1] != self.kv_lora_rank or cache_k_rope.shape[-1] != self.qk_rope_head_dim:
-            raise ValueError(
-                f"cache_k_nope/cache_k_rope last dims must be kv_lora_rank={self.kv_lora_rank} and "
-                f"qk_rope_head_dim={self.qk_rope_head_dim}, got {cache_k_nope.shape[-1]} and {cache_k_rope.shape[-1]}"
-            )
+        cache_k_nope, cache_k_rope = self._split_row_sources(cache_k, cache_v)
         if cache_k_nope.dtype is not self.dtype or cache_k_rope.dtype is not self.dtype:
             raise TypeError(
                 f"cache_k_nope/cache_k_rope must be {self.dtype} (the pool dtype), got "
                 f"{cache_k_nope.dtype}/{cache_k_rope.dtype}; quantize before writing"
             )
-        set_mla_kv_buffer_triton(buf, loc, cache_k_nope, cache_k_rope, check_bounds=self.check_bounds or None)
+        if torch.compiler.is_compiling():  # one opaque op node: no graph break
+            _ops.set_mla_kv_buffer_op(buf, loc, cache_k_nope, cache_k_rope, bool(self.check_bounds))
+            return
+        set_mla_kv_buffer_triton(
+            buf,
+            loc,
+            cache_k_nope,
+            cache_k_rope,
+            check_bounds=self.check_bounds,
+            reserved_skip_index=RESERVED_SLOT,
+            dcp_world_size=self.dcp_world_size,
+            dcp_rank=self.dcp_rank,
+        )
+
+    def _split_row_sources(
+        self, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_nope, k_rope)`` views for :meth:`set_kv_buffer`: the split form as given, or the full row cut in two."""
+        for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        nope, rope, full = self.kv_lora_rank, self.qk_rope_head_dim, self.kv_cache_dim
+        width = cache_k.shape[-1] if cache_k.dim() else -1
+        if width == full and (rope == 0 or cache_v is None or cache_v.shape[-1] != rope):
+            return cache_k[..., :nope], cache_k[..., nope:]  # sglang's full row
+        if width == nope and cache_v is not None and cache_v.shape[-1] == rope:
+            return cache_k, cache_v  # the split form
+        got_v = "None" if cache_v is None else str(cache_v.shape[-1])
+        raise ValueError(
+            f"cache_k: last dim {width} (cache_v: {got_v}) fits neither form: a full row needs cache_k's last dim = "
+            f"kv_lora_rank + qk_rope_head_dim = {full}; the split form needs cache_k's = kv_lora_rank={nope} "
+            f"and cache_v's = qk_rope_head_dim={rope}"
+        )
+
+    # ---- sglang's whole-pool row operations ---------------------------------------------
+    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor, *, disjoint: bool = False) -> None:
+        """Copy rows ``src_loc -> tgt_loc`` (``[n]`` int32/int64 each) in every layer, from the pre-move state.
+
+        What speculative decoding calls to keep accepted tokens. Overlapping sets read the old rows.
+        CUDA: the Triton move kernel, all layers per launch (two launches through a scratch, or one
+        with ``disjoint=True`` when no slot is both source and target); CPU: torch. A slot outside
+        ``[0, num_slots)`` raises ``IndexError`` when checked (always on CPU, ``check_bounds`` on
+        GPU) and is skipped otherwise; nothing outside the buffers is touched.
+        """
+        check = bool(self.check_bounds or _CHECK_BOUNDS_DEFAULT)
+        if torch.compiler.is_compiling():
+            _ops.move_kv_cache_op(self.kv_buffer, tgt_loc, src_loc, check, disjoint)
+            return
+        from .move_kv import move_kv_cache
+
+        move_kv_cache(self.kv_buffer, tgt_loc, src_loc, check_bounds=check, disjoint=disjoint)
+
+    def get_cpu_copy(self, indices: torch.Tensor, chunk_size: int = 8192) -> list[list[torch.Tensor]]:
+        """Copy rows ``indices`` (``[n]`` int) of every layer to the CPU (request offload).
+
+        Returns ``out[layer][chunk]``: ``[<= chunk_size, 1, kv_cache_dim]`` tensors in the storage
+        dtype, ``indices`` taken ``chunk_size`` at a time (sglang's format). Syncs the device.
+        """
+        idx = self._checked_slots(indices, "indices")
+        out = []
+        for buf in self.kv_buffer:
+            out.append([buf[idx[i : i + chunk_size]].to("cpu") for i in range(0, idx.numel(), chunk_size)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
+
+    def load_cpu_copy(self, kv_cache_cpu: list[list[torch.Tensor]], indices: torch.Tensor) -> None:
+        """Write back what :meth:`get_cpu_copy` returned, at rows ``indices`` (same count and chunking)."""
+        idx = self._checked_slots(indices, "indices")
+        if len(kv_cache_cpu) != self.layer_num:
+            raise ValueError(f"kv_cache_cpu has {len(kv_cache_cpu)} layers but this pool holds {self.layer_num}")
+        for layer, (buf, chunks) in enumerate(zip(self.kv_buffer, kv_cache_cpu)):
+            got = sum(c.shape[0] for c in chunks)
+            if got != idx.numel():
+                raise ValueError(f"kv_cache_cpu[{layer}] holds {got} rows but indices has {idx.numel()}")
+            for c in chunks:
+                if tuple(c.shape[1:]) != tuple(buf.shape[1:]) or c.dtype != buf.dtype:
+                    raise ValueError(
+                        f"kv_cache_cpu[{layer}]: chunks must be [rows, {', '.join(map(str, buf.shape[1:]))}] "
+                        f"{buf.dtype}, got {tuple(c.shape)} {c.dtype}"
+                    )
+        for buf, chunks in zip(self.kv_buffer, kv_cache_cpu):
+            start = 0
+            for c in chunks:
+                buf[idx[start : start + c.shape[0]]] = c.to(self.device, non_blocking=True)
+                start += c.shape[0]
+
+    def _checked_slots(self, indices: torch.Tensor, name: str) -> torch.Tensor:
+        """``indices`` as int64 on the pool device, after checking they are slots in ``[0, num_slots)``."""
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be a 1-D int32/int64 tensor, got {indices!r:.80}")
+        idx = indices.to(self.device, torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_slots):
+            raise IndexError(f"{name}: slots must lie in [0, {self.num_slots}), got [{int(idx.min())}, {int(idx.max())}]")
+        return idx
 
     set_mla_kv_buffer = set_kv_buffer  # the name some engines call the MLA write by
 

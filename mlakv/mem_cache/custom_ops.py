@@ -1,0 +1,185 @@
+"""torch custom ops for the pool's kernels, so ``torch.compile(fullgraph=True)`` sees them as one node each.
+
+The dispatcher, the gather, ``move_kv_cache`` and the HiCache row copy are Python that reads
+environment flags, caches, ``data_ptr``s and launches Triton or JIT kernels: Dynamo cannot trace
+them and would break the graph at every layer's KV write. Registered here with
+``torch.library.custom_op`` (``mutates_args`` naming the buffers written, a fake implementation
+giving shapes without running anything), a compiled model calls them as opaque ops: one node per
+call, functionalized correctly, capturable in a CUDA graph.
+
+The pool (:class:`~mlakv.mem_cache.memory_pool.MLATokenToKVPool`) goes through these ops only
+while ``torch.compiler.is_compiling()``; eager callers keep the direct call (the op's dispatch
+costs a few microseconds of host time per call; ``scripts/custom_op_cost.py`` measures it).
+
+Ops (namespace ``mlakv``):
+
+* ``set_mla_kv_buffer(kv_buffer!, loc, cache_k_nope, cache_k_rope, check_bounds, reserved_skip_index)``
+* ``get_mla_kv_buffer(kv_buffer, loc, nope_dim, rope_dim, check_bounds) -> (nope, rope)``
+* ``move_kv_cache(kv_buffers![], tgt_loc, src_loc, check_bounds, disjoint)``
+* ``copy_rows(src, dst!, src_idx, dst_idx, row_bytes, src_layout, dst_layout)`` (HiCache transfers)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .kv_write import set_mla_kv_buffer_triton, validate_kv_write
+from .torch_ref import bit_view, get_mla_kv_buffer_torch
+
+__all__ = ["set_mla_kv_buffer_op", "get_mla_kv_buffer_op", "move_kv_cache_op", "copy_rows_op", "gather_rows"]
+
+
+# ---- the row write ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mlakv::set_mla_kv_buffer", mutates_args=("kv_buffer",))
+def set_mla_kv_buffer_op(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+    check_bounds: bool = False,
+    reserved_skip_index: Optional[int] = None,
+) -> None:
+    """The dispatcher as an op: ``kv_buffer[loc[i]] = [cache_k_nope[i] | cache_k_rope[i]]``.
+
+    Shapes as :func:`~mlakv.mem_cache.kv_write.set_mla_kv_buffer_triton`: ``kv_buffer
+    [num_slots, (1,) total]``, ``loc [n_loc]``, ``cache_k_nope [n_loc, (1,) nope_dim]``,
+    ``cache_k_rope [n_loc, (1,) rope_dim]``. ``check_bounds=False`` keeps the environment default.
+    """
+    kw = {"reserved_skip_index": reserved_skip_index} if reserved_skip_index is not None else {}
+    set_mla_kv_buffer_triton(kv_buffer, loc, cache_k_nope, cache_k_rope, check_bounds=check_bounds or None, **kw)
+
+
+@set_mla_kv_buffer_op.register_fake
+def _(kv_buffer, loc, cache_k_nope, cache_k_rope, check_bounds=False, reserved_skip_index=None) -> None:
+    # The argument rules look at dtypes, shapes, strides and devices only: they hold on fake tensors,
+    # so a bad call fails while tracing, naming the argument, not at run time inside the graph.
+    validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+
+
+# ---- the gather ------------------------------------------------------------------------------
+
+
+def gather_rows(
+    kv_buffer: torch.Tensor, loc: torch.Tensor, nope_dim: int, rope_dim: int, check_bounds: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``kv_buffer[loc]`` as ``([n_loc, nope_dim], [n_loc, rope_dim])`` in ``kv_buffer``'s dtype.
+
+    The gather rule: a padding slot (``< 0``) gives a zero row; a slot ``>= num_slots`` raises
+    ``IndexError`` when checked (``check_bounds``, always on CPU) and gives a zero row unchecked on
+    the GPU. Nothing outside ``kv_buffer`` is ever read.
+    """
+    if loc.dim() != 1 or loc.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"loc must be a 1-D int32/int64 tensor, got {loc.dim()}-D {loc.dtype}")
+    num_slots = kv_buffer.shape[0]
+    if (check_bounds or not kv_buffer.is_cuda) and loc.numel():
+        top = int(loc.max())
+        if top >= num_slots:
+            i = int((loc >= num_slots).nonzero()[0, 0])
+            raise IndexError(f"loc[{i}] = {int(loc[i])} is out of range for a gather from num_slots={num_slots}")
+    if kv_buffer.is_cuda:
+        from .triton_kernels import launch_get_kv_rows
+
+        return launch_get_kv_rows(kv_buffer, loc, nope_dim, rope_dim)
+    pad = loc < 0
+    nope, rope = get_mla_kv_buffer_torch(kv_buffer, loc.clamp_min(0), nope_dim, rope_dim)
+    if bool(pad.any()):
+        bit_view(nope)[pad] = 0
+        bit_view(rope)[pad] = 0
+    return nope, rope
+
+
+@torch.library.custom_op("mlakv::get_mla_kv_buffer", mutates_args=())
+def get_mla_kv_buffer_op(
+    kv_buffer: torch.Tensor, loc: torch.Tensor, nope_dim: int, rope_dim: int, check_bounds: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather_rows` as an op (new tensors ``[n_loc, nope_dim]``, ``[n_loc, rope_dim]``)."""
+    return gather_rows(kv_buffer, loc, nope_dim, rope_dim, check_bounds)
+
+
+@get_mla_kv_buffer_op.register_fake
+def _(kv_buffer, loc, nope_dim, rope_dim, check_bounds=False):
+    n = loc.shape[0]
+    return kv_buffer.new_empty((n, nope_dim)), kv_buffer.new_empty((n, rope_dim))
+
+
+# ---- move_kv_cache ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mlakv::move_kv_cache", mutates_args=("kv_buffers",))
+def move_kv_cache_op(
+    kv_buffers: list[torch.Tensor],
+    tgt_loc: torch.Tensor,
+    src_loc: torch.Tensor,
+    check_bounds: bool = False,
+    disjoint: bool = False,
+) -> None:
+    """:func:`mlakv.mem_cache.move_kv.move_kv_cache` as an op (every layer, pre-move semantics)."""
+    from .move_kv import move_kv_cache
+
+    move_kv_cache(kv_buffers, tgt_loc, src_loc, check_bounds=check_bounds, disjoint=disjoint)
+
+
+@move_kv_cache_op.register_fake
+def _(kv_buffers, tgt_loc, src_loc, check_bounds=False, disjoint=False) -> None:
+    from .move_kv import check_move_args
+
+    check_move_args(kv_buffers, tgt_loc, src_loc)
+
+
+# ---- HiCache row copy ------------------------------------------------------------------------
+
+
+def _copy_rows_torch(
+    src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, row_bytes: int,
+    src_layout: Sequence[int], dst_layout: Sequence[int],
+) -> None:
+    """CPU path of ``copy_rows``: the same byte addressing as the Triton kernel, in torch."""
+    def offsets(idx: torch.Tensor, layout: Sequence[int]) -> torch.Tensor:
+        page, page_stride, row_stride = layout
+        idx = idx.to(torch.long)
+        start = (idx // page) * page_stride + (idx % page) * row_stride
+        return start[:, None] + torch.arange(row_bytes)
+
+    s = src.view(torch.uint8).reshape(-1)  # contiguous buffers (as the kernel requires)
+    d = dst.view(torch.uint8).reshape(-1)
+    d[offsets(dst_idx, dst_layout)] = s[offsets(src_idx, src_layout)]
+
+
+@torch.library.custom_op("mlakv::copy_rows", mutates_args=("dst",))
+def copy_rows_op(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    row_bytes: int,
+    src_layout: list[int],
+    dst_layout: list[int],
+) -> None:
+    """HiCache's row copy ``dst[dst_idx[i]] = src[src_idx[i]]`` (``row_bytes`` each) as an op.
+
+    ``src``/``dst``: contiguous buffers (device or pinned host); ``src_idx``/``dst_idx``: ``[n]``
+    int64 token slots; layouts ``(page_size, page_stride_bytes, row_stride_bytes)``. CUDA: the
+    zero-copy Triton kernel (:func:`mlakv.mem_cache.transfer_kernels.launch_copy_rows`); both
+    buffers on the CPU: the same addressing in torch.
+    """
+    if src_idx.shape[0] != dst_idx.shape[0]:
+        raise ValueError(f"src_idx has {src_idx.shape[0]} entries but dst_idx has {dst_idx.shape[0]}")
+    for name, t in (("src", src), ("dst", dst)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the row copy addresses it by bytes)")
+    if src.is_cuda or dst.is_cuda:
+        from .transfer_kernels import launch_copy_rows
+
+        launch_copy_rows(src, dst, src_idx, dst_idx, row_bytes, tuple(src_layout), tuple(dst_layout))
+    else:
+        _copy_rows_torch(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout)
+
+
+@copy_rows_op.register_fake
+def _(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout) -> None:
+    if src_idx.shape[0] != dst_idx.shape[0]:
+        raise ValueError(f"src_idx has {src_idx.shape[0]} entries but dst_idx has {dst_idx.shape[0]}")

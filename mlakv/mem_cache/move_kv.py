@@ -1,0 +1,235 @@
+"""Moving KV rows inside the pool, every layer at once: ``kv[layer][tgt_loc] = kv[layer][src_loc]``.
+
+Speculative decoding keeps the accepted draft tokens and moves their cached rows to the slots the
+request keeps (sglang's ``MLATokenToKVPool.move_kv_cache``). Doing that with one indexed copy per
+layer costs two launches per layer; here the Triton kernel reads a table of the layers' byte offsets
+from the first layer's buffer and covers every layer in one launch.
+
+Semantics are those of ``kv[tgt] = kv[src].clone()``: the rows are copied from the state **before**
+the move, also when the two sets overlap (``tgt = [5, 6], src = [6, 7]`` moves old 6 to 5 and old
+7 to 6). A single launch cannot order a read of row 6 before another program's write of row 6, so
+the kernel runs in two modes:
+
+* ``staged`` (the default): launch 1 gathers every ``(layer, src row)`` into a scratch
+  ``[n, layers, row]``, launch 2 scatters it to the targets. Correct for any overlap, no host sync,
+  capturable in a CUDA graph.
+* ``direct`` (``disjoint=True``, the caller guarantees that ``tgt_loc`` and ``src_loc`` share no
+  slot): one launch copies straight from source to target.
+
+Slots outside ``[0, num_slots)`` are refused with ``IndexError`` when bounds are checked (always on
+CPU); unchecked on the GPU the kernel skips such a pair and never touches memory outside the
+buffers. Duplicate targets are undefined (any one source may win), as for the row write.
+The CPU path is plain torch (:func:`move_kv_cache_torch`), also the tests' reference.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["check_move_args", "move_kv_cache_torch", "launch_move_kv_rows", "move_kv_cache"]
+
+_INT_DTYPES = (torch.int32, torch.int64)
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def check_move_args(kv_buffers: Sequence[torch.Tensor], tgt_loc: object, src_loc: object) -> int:
+    """Check a move's arguments and return ``n``; raise ``TypeError``/``ValueError`` naming what is wrong.
+
+    ``kv_buffers``: one or more ``[num_slots, (1,) D]`` buffers of one dtype, device, shape and
+    strides (the pool's layers); ``tgt_loc``/``src_loc``: ``[n]`` int32/int64 on their device (any stride).
+    """
+    if len(kv_buffers) == 0:
+        raise ValueError("kv_buffers: at least one layer buffer is needed")
+    first = kv_buffers[0]
+    for i, b in enumerate(kv_buffers):
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"kv_buffers[{i}] must be a torch.Tensor, got {type(b).__name__}")
+        if b.dim() not in (2, 3) or (b.dim() == 3 and b.shape[1] != 1):
+            raise ValueError(f"kv_buffers[{i}] must be [num_slots, D] or [num_slots, 1, D], got shape {tuple(b.shape)}")
+        if b.shape != first.shape or b.stride() != first.stride() or b.dtype != first.dtype or b.device != first.device:
+            raise ValueError(f"kv_buffers[{i}] differs from kv_buffers[0] in shape, strides, dtype or device")
+        if b.stride(-1) != 1 and b.shape[-1] > 1:
+            raise ValueError(f"kv_buffers[{i}]: the last dim must be contiguous, got strides {tuple(b.stride())}")
+        if b.shape[0] > 1 and b.stride(0) < b.shape[-1]:
+            raise ValueError(f"kv_buffers[{i}]: rows overlap (dim 0 stride {b.stride(0)} < last dim {b.shape[-1]})")
+    for name, t in (("tgt_loc", tgt_loc), ("src_loc", src_loc)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [n], got {t.dim()}-D shape {tuple(t.shape)}")
+        if t.dtype not in _INT_DTYPES:
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but the kv buffers are on {first.device}")
+    if tgt_loc.shape[0] != src_loc.shape[0]:
+        raise ValueError(f"tgt_loc has {tgt_loc.shape[0]} entries but src_loc has {src_loc.shape[0]}")
+    return tgt_loc.shape[0]
+
+
+def _check_bounds(tgt_loc: torch.Tensor, src_loc: torch.Tensor, num_slots: int) -> None:
+    """Raise ``IndexError`` naming the first slot outside ``[0, num_slots)`` (syncs on GPU)."""
+    for name, t in (("tgt_loc", tgt_loc), ("src_loc", src_loc)):
+        bad = (t < 0) | (t >= num_slots)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise IndexError(f"{name}[{i}] = {int(t[i])} is out of range for kv buffers with num_slots={num_slots}")
+
+
+def _rows2d(b: torch.Tensor) -> torch.Tensor:
+    return b.select(1, 0) if b.dim() == 3 else b
+
+
+def move_kv_cache_torch(kv_buffers: Sequence[torch.Tensor], tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
+    """Reference / CPU path: ``kv[tgt_loc] = kv[src_loc]`` for every layer, from the pre-move state.
+
+    Every slot must lie in ``[0, num_slots)`` (the caller checks). The gather makes a copy before
+    the scatter, so overlapping sets read the old rows. Bit-exact (integer views).
+    """
+    if tgt_loc.shape[0] == 0:
+        return
+    tgt = tgt_loc.to(torch.long)
+    src = src_loc.to(torch.long)
+    for b in kv_buffers:
+        rows = _rows2d(b)
+        width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()]
+        r = rows.view(width)
+        r[tgt] = r[src]
+
+
+def _word_for(kv_buffers: Sequence[torch.Tensor]) -> tuple[int, torch.dtype]:
+    """The widest word dividing the row bytes, the row stride and every layer's base address."""
+    es = kv_buffers[0].element_size()
+    row_bytes = kv_buffers[0].shape[-1] * es
+    stride_bytes = kv_buffers[0].stride(0) * es
+    addrs = [b.data_ptr() for b in kv_buffers]
+    for w, dt in _WORDS:
+        if row_bytes % w == 0 and stride_bytes % w == 0 and all(a % w == 0 for a in addrs):
+            return w, dt
+    raise AssertionError("unreachable: 1 divides everything")
+
+
+@triton.jit
+def _move_rows_kernel(
+    src_ptr,
+    dst_ptr,
+    layer_off_ptr,
+    tgt_loc_ptr,
+    src_loc_ptr,
+    tgt_loc_stride,
+    src_loc_stride,
+    row_stride,
+    num_slots,
+    scratch_row_stride,
+    scratch_layer_stride,
+    MODE: tl.constexpr,
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Program (i, layer) moves one row of one layer, in words. Layer l's buffer starts
+    # layer_off[l] words from the first layer's (a table, so all layers share one launch).
+    # MODE 0: layer[tgt[i]] = layer[src[i]]; 1: scratch[i, l] = layer[src[i]]; 2: layer[tgt[i]] = scratch[i, l].
+    # A pair with a slot outside [0, num_slots) is masked off entirely: nothing outside the buffers.
+    i = tl.program_id(0).to(tl.int64)
+    layer = tl.program_id(1).to(tl.int64)
+    t = tl.load(tgt_loc_ptr + i * tgt_loc_stride).to(tl.int64)
+    s = tl.load(src_loc_ptr + i * src_loc_stride).to(tl.int64)
+    base = tl.load(layer_off_ptr + layer)
+    scratch_off = i * scratch_row_stride + layer * scratch_layer_stride
+    if MODE == 0:
+        src_off = base + s * row_stride
+        dst_off = base + t * row_stride
+    elif MODE == 1:
+        src_off = base + s * row_stride
+        dst_off = scratch_off
+    else:
+        src_off = scratch_off
+        dst_off = base + t * row_stride
+    t_b = tl.zeros([BLOCK], dtype=tl.int64) + t  # the pair's slots, broadcast over the block
+    s_b = tl.zeros([BLOCK], dtype=tl.int64) + s
+    ok = (t_b >= 0) & (t_b < num_slots) & (s_b >= 0) & (s_b < num_slots)
+    for start in tl.static_range(0, ROW, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = (offs < ROW) & ok
+        x = tl.load(src_ptr + src_off + offs, mask=m)
+        tl.store(dst_ptr + dst_off + offs, x, mask=m)
+
+
+def launch_move_kv_rows(
+    kv_buffers: Sequence[torch.Tensor], tgt_loc: torch.Tensor, src_loc: torch.Tensor, *, disjoint: bool = False
+) -> None:
+    """Launch the move kernel over every layer: staged (two launches) or ``disjoint`` (one launch).
+
+    Args (checked by :func:`check_move_args`):
+        kv_buffers: ``L`` buffers ``[num_slots, (1,) D]``, same shape/strides/dtype/device.
+        tgt_loc, src_loc: ``[n]`` int32/int64 on that device, any stride; a pair with either slot
+            outside ``[0, num_slots)`` is skipped.
+        disjoint: the caller guarantees ``tgt_loc`` and ``src_loc`` share no slot.
+    """
+    n = tgt_loc.shape[0]
+    if n == 0:
+        return
+    first = kv_buffers[0]
+    w, word = _word_for(kv_buffers)
+    es = first.element_size()
+    row = first.shape[-1] * es // w
+    row_stride = first.stride(0) * es // w
+    num_slots = first.shape[0]
+    base_words = _rows2d(first).view(torch.uint8).view(word)
+    base0 = first.data_ptr()
+    # Layer l starts (addr_l - addr_0) / w words from layer 0's first word: one table, one launch.
+    offsets = torch.tensor([(b.data_ptr() - base0) // w for b in kv_buffers], dtype=torch.int64, device=first.device)
+    n_layers = len(kv_buffers)
+    block = 1 << max(0, (min(row, 1024) - 1).bit_length())
+    grid = (n, n_layers)
+    common = dict(ROW=row, BLOCK=block, num_warps=4)
+    if disjoint:
+        _move_rows_kernel[grid](
+            base_words, base_words, offsets, tgt_loc, src_loc, tgt_loc.stride(0), src_loc.stride(0),
+            row_stride, num_slots, 0, 0, MODE=0, **common,
+        )
+        return
+    scratch = torch.empty((n, n_layers, row), dtype=word, device=first.device)
+    # launch 1: scratch[i, l] = layer_l[src[i]];  launch 2: layer_l[tgt[i]] = scratch[i, l]
+    _move_rows_kernel[grid](
+        base_words, scratch, offsets, tgt_loc, src_loc, tgt_loc.stride(0), src_loc.stride(0),
+        row_stride, num_slots, n_layers * row, row, MODE=1, **common,
+    )
+    _move_rows_kernel[grid](
+        scratch, base_words, offsets, tgt_loc, src_loc, tgt_loc.stride(0), src_loc.stride(0),
+        row_stride, num_slots, n_layers * row, row, MODE=2, **common,
+    )
+
+
+def move_kv_cache(
+    kv_buffers: Sequence[torch.Tensor],
+    tgt_loc: torch.Tensor,
+    src_loc: torch.Tensor,
+    *,
+    check_bounds: bool = False,
+    disjoint: bool = False,
+) -> None:
+    """Copy rows ``src_loc -> tgt_loc`` in every buffer of ``kv_buffers``, from the pre-move state.
+
+    Args:
+        kv_buffers: the layers' buffers, each ``[num_slots, (1,) D]`` (one shape, stride, dtype, device).
+        tgt_loc: ``[n]`` int32/int64 target slots; src_loc: ``[n]`` source slots (any strides).
+        check_bounds: raise ``IndexError`` for a slot outside ``[0, num_slots)`` before anything is
+            written (syncs on GPU; always done on CPU). Unchecked on the GPU such a pair is skipped.
+        disjoint: promise that no slot is both a source and a target: one launch instead of two.
+
+    CPU: plain torch. CUDA: the Triton kernel, all layers per launch.
+    """
+    n = check_move_args(kv_buffers, tgt_loc, src_loc)
+    if n == 0:
+        return
+    num_slots = kv_buffers[0].shape[0]
+    if check_bounds or not kv_buffers[0].is_cuda:
+        _check_bounds(tgt_loc, src_loc, num_slots)
+    if not kv_buffers[0].is_cuda:
+        move_kv_cache_torch(kv_buffers, tgt_loc, src_loc)
+        return
+    launch_move_kv_rows(kv_buffers, tgt_loc, src_loc, disjoint=disjoint)
