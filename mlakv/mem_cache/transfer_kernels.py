@@ -66,7 +66,7 @@ def _copy_units_kernel(
     r = tl.arange(0, ROWS)
     w = tl.arange(0, BLOCK)
     for tile in range(pid, n_tiles, nprog):
-        u = tile.to(tl.int64) * ROWS + r
+        u = (tile * ROWS + r).to(tl.int64)
         live = u < n_units
         s = tl.load(src_idx_ptr + u, mask=live, other=0).to(tl.int64)
         d = tl.load(dst_idx_ptr + u, mask=live, other=0).to(tl.int64)
