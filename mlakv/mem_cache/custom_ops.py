@@ -13,7 +13,8 @@ costs a few microseconds of host time per call; ``scripts/custom_op_cost.py`` me
 
 Ops (namespace ``mlakv``):
 
-* ``set_mla_kv_buffer(kv_buffer!, loc, cache_k_nope, cache_k_rope, check_bounds, reserved_skip_index)``
+* ``set_mla_kv_buffer(kv_buffer!, loc, cache_k_nope, cache_k_rope, check_bounds, reserved_skip_index,
+  dcp_world_size, dcp_rank)``
 * ``get_mla_kv_buffer(kv_buffer, loc, nope_dim, rope_dim, check_bounds) -> (nope, rope)``
 * ``move_kv_cache(kv_buffers![], tgt_loc, src_loc, check_bounds, disjoint)``
 * ``copy_rows(src, dst!, src_idx, dst_idx, row_bytes, src_layout, dst_layout)`` (HiCache transfers)
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from .kv_write import set_mla_kv_buffer_triton, validate_kv_write
-from .torch_ref import bit_view, get_mla_kv_buffer_torch
+from .torch_ref import get_mla_kv_buffer_torch
 
 __all__ = ["set_mla_kv_buffer_op", "get_mla_kv_buffer_op", "move_kv_cache_op", "copy_rows_op", "gather_rows"]
 
@@ -42,19 +43,25 @@ def set_mla_kv_buffer_op(
     cache_k_rope: torch.Tensor,
     check_bounds: bool = False,
     reserved_skip_index: Optional[int] = None,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
 ) -> None:
     """The dispatcher as an op: ``kv_buffer[loc[i]] = [cache_k_nope[i] | cache_k_rope[i]]``.
 
     Shapes as :func:`~mlakv.mem_cache.kv_write.set_mla_kv_buffer_triton`: ``kv_buffer
     [num_slots, (1,) total]``, ``loc [n_loc]``, ``cache_k_nope [n_loc, (1,) nope_dim]``,
-    ``cache_k_rope [n_loc, (1,) rope_dim]``. ``check_bounds=False`` keeps the environment default.
+    ``cache_k_rope [n_loc, (1,) rope_dim]``; the keywords mean what they mean there.
     """
-    kw = {"reserved_skip_index": reserved_skip_index} if reserved_skip_index is not None else {}
-    set_mla_kv_buffer_triton(kv_buffer, loc, cache_k_nope, cache_k_rope, check_bounds=check_bounds or None, **kw)
+    set_mla_kv_buffer_triton(
+        kv_buffer, loc, cache_k_nope, cache_k_rope, check_bounds=check_bounds,
+        reserved_skip_index=reserved_skip_index, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+    )
 
 
 @set_mla_kv_buffer_op.register_fake
-def _(kv_buffer, loc, cache_k_nope, cache_k_rope, check_bounds=False, reserved_skip_index=None) -> None:
+def _(
+    kv_buffer, loc, cache_k_nope, cache_k_rope, check_bounds=False, reserved_skip_index=None, dcp_world_size=1, dcp_rank=0
+) -> None:
     # The argument rules look at dtypes, shapes, strides and devices only: they hold on fake tensors,
     # so a bad call fails while tracing, naming the argument, not at run time inside the graph.
     validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
@@ -70,7 +77,8 @@ def gather_rows(
 
     The gather rule: a padding slot (``< 0``) gives a zero row; a slot ``>= num_slots`` raises
     ``IndexError`` when checked (``check_bounds``, always on CPU) and gives a zero row unchecked on
-    the GPU. Nothing outside ``kv_buffer`` is ever read.
+    the GPU. Nothing outside ``kv_buffer`` is ever read. (The pool's eager gather applies the same
+    rule; this is its form for compiled graphs.)
     """
     if loc.dim() != 1 or loc.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"loc must be a 1-D int32/int64 tensor, got {loc.dim()}-D {loc.dtype}")
@@ -84,12 +92,7 @@ def gather_rows(
         from .triton_kernels import launch_get_kv_rows
 
         return launch_get_kv_rows(kv_buffer, loc, nope_dim, rope_dim)
-    pad = loc < 0
-    nope, rope = get_mla_kv_buffer_torch(kv_buffer, loc.clamp_min(0), nope_dim, rope_dim)
-    if bool(pad.any()):
-        bit_view(nope)[pad] = 0
-        bit_view(rope)[pad] = 0
-    return nope, rope
+    return get_mla_kv_buffer_torch(kv_buffer, loc, nope_dim, rope_dim)
 
 
 @torch.library.custom_op("mlakv::get_mla_kv_buffer", mutates_args=())
