@@ -19,7 +19,7 @@ import torch
 
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
 
-HOST_LAYOUTS = ["layer_first", "page_first"]
+HOST_LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
 GPU_PAGES = [1024, 16384]
 CPU_PAGES = [64, 512]
 CPU_LABEL = "CPU copies (torch path; the 'device' pool is on the CPU; GPU numbers need a GPU)"
@@ -59,12 +59,13 @@ def copy_ceilings_gbs(nbytes: int, device: torch.device) -> tuple[float, float]:
 
 
 def bench_host_layout(
-    pool: MLATokenToKVPool, n_pages: int, layout: str, device: torch.device
+    pool: MLATokenToKVPool, n_pages: int, layout: str, device: torch.device, sms: int = 8
 ) -> Optional[tuple[float, float]]:
     """(backup GB/s, load GB/s) of ``n_pages`` scattered pages through a host pool of ``layout``;
-    None if the round trip does not reproduce the device rows bit-exactly (then nothing is timed)."""
+    None if the round trip does not reproduce the device rows bit-exactly (then nothing is timed).
+    ``sms``: the transfer kernel's persistent grid (the most SMs it occupies)."""
     P, L = pool.page_size, pool.layer_num
-    host = MLATokenToKVPoolHost(pool, host_size=n_pages * P, layout=layout)
+    host = MLATokenToKVPoolHost(pool, host_size=n_pages * P, layout=layout, transfer_sms=sms)
     perm = torch.randperm(n_pages)  # scattered pages on both sides
     dev_slots = ((perm[:, None] + 1) % n_pages * P + torch.arange(P)).flatten()
     host_slots = host.alloc(n_pages * P)
@@ -124,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=_positive, default=2, help="layers in the pool (default 2)")
     ap.add_argument("--page-size", type=_positive, default=64, help="tokens per page (default 64)")
     ap.add_argument("--layouts", type=str, choices=HOST_LAYOUTS + ["both"], default="both",
-                    help="host pool layout(s) to time (default both)")
+                    help="host pool layout(s) to time (default \"both\": every layout)")
+    ap.add_argument("--sms", type=_csv_pages, default=[8],
+                    help="comma list of SM budgets for the transfer kernel (its grid size), e.g. 4,8,16,132 (default 8)")
     return ap
 
 
@@ -138,9 +141,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     layouts = HOST_LAYOUTS if args.layouts == "both" else [args.layouts]
     where = torch.cuda.get_device_name() if cuda else CPU_LABEL
     print(f"# HiCache transfers on {where}: bf16 512+64 (1152 B rows), page {P}, {L} layers")
-    print("| pages | layout | bytes | backup GB/s | load GB/s (all layers, per-layer calls) | to-host copy_ GB/s | "
+    print("| pages | layout | SMs | bytes | backup GB/s | load GB/s (all layers, per-layer calls) | to-host copy_ GB/s | "
           "to-device copy_ GB/s | backup/ceiling | load/ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     wrong = False
     for n_pages in pages:
         progress(f"{n_pages} pages: allocating and measuring the copy ceiling")
@@ -149,15 +152,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             b.view(torch.uint8).random_(0, 256)
         nbytes = n_pages * P * pool.row_bytes() * L
         d2h, h2d = copy_ceilings_gbs(nbytes, device)
-        for layout in layouts:
-            progress(f"{n_pages} pages, {layout}")
-            got = bench_host_layout(pool, n_pages, layout, device)
+        for layout, sms in [(lay, k) for lay in layouts for k in args.sms]:
+            progress(f"{n_pages} pages, {layout}, {sms} SMs")
+            got = bench_host_layout(pool, n_pages, layout, device, sms)
             if got is None:
                 wrong = True
-                print(f"| {n_pages} | {layout} | WRONG: round trip differs, not timed |")
+                print(f"| {n_pages} | {layout} | {sms} | WRONG: round trip differs, not timed |")
                 continue
             bk, ld = got
-            print(f"| {n_pages} | {layout} | {nbytes / 2**20:.0f} MiB | {bk:.1f} | {ld:.1f} | {d2h:.1f} | {h2d:.1f} | "
+            print(f"| {n_pages} | {layout} | {sms} | {nbytes / 2**20:.0f} MiB | {bk:.1f} | {ld:.1f} | {d2h:.1f} | {h2d:.1f} | "
                   f"{bk / d2h:.0%} | {ld / h2d:.0%} |")
         del pool
         if cuda:
