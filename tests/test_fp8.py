@@ -1,0 +1,544 @@
+"""FP8 KV cache: the formats (per_tensor, ds_mla), the fused quantizing write and the dequantizing gather.
+
+Spec: :mod:`mlakv.mem_cache.fp8`. The reference quantizer is checked against an independent
+nearest-value table of e4m3; every path (torch on CPU, Triton under the interpreter on CPU and on
+the GPU, the JIT CUDA kernel on SM90+) is checked bit-exactly against the reference, on fresh
+random inputs, with a poisoned destination so unwritten or misplaced rows show.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_cuda, requires_sm90
+
+from mlakv.mem_cache.fp8 import (
+    E4M3_MAX,
+    FLT_MIN,
+    dequantize_mla_rows,
+    fp8_row_bytes,
+    fp8_write_path,
+    get_mla_kv_buffer_dequant,
+    quantize_mla_rows,
+    scale_tensor,
+    set_mla_kv_buffer_quant,
+    validate_quant_write,
+)
+
+FORMATS = ["per_tensor", "ds_mla"]
+SRC_DTYPES = [torch.bfloat16, torch.float16]
+DST_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+NOPE, ROPE = 512, 64
+K_SCALE = 0.0625 * 3  # not a power of two: the division really rounds
+# Triton-interpreter runs are slow on CPU: keep their sizes small there.
+PATHS = ["torch", "triton"] + (["jit"] if IS_SM90 else [])
+N_LOCS = [0, 1, 7, 257, 4096]
+CPU_TRITON_MAX_N = 7
+
+
+# ---- references -------------------------------------------------------------------------------
+def e4m3_table_encode(y: torch.Tensor) -> torch.Tensor:
+    """Independent e4m3 spec: the nearest of the 127 finite magnitudes, ties to the even code,
+    saturating at 448; NaN -> 0x7F. ``y`` fp32 (CPU) -> uint8."""
+    codes = torch.arange(0, 0x7F, dtype=torch.uint8)
+    mags = codes.view(torch.float8_e4m3fn).double()  # increasing in the code
+    a = y.double().abs().clamp(max=E4M3_MAX)
+    hi = torch.searchsorted(mags, a).clamp(max=0x7E)
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = a - mags[lo], mags[hi] - a
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    code = torch.where(pick_hi, hi, lo).to(torch.uint8)
+    code = torch.where(y < 0, code | 0x80, code)
+    code = torch.where(torch.signbit(y) & (y == 0), torch.full_like(code, 0x80), code)
+    return torch.where(torch.isnan(y), torch.full_like(code, 0x7F), code)
+
+
+def expected_buffer(kv: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Row-by-row scatter of reference rows: padding and out-of-range slots are skipped."""
+    out = kv.detach().cpu().view(torch.uint8).clone().reshape(kv.shape[0], -1)
+    rows = rows.cpu().view(torch.uint8)
+    for i, slot in enumerate(loc.cpu().tolist()):
+        if 0 <= slot < out.shape[0]:
+            out[slot, : rows.shape[1]] = rows[i]
+    return out
+
+
+def make_sources(n: int, dtype: torch.dtype, magnitude: float = 1.0, device=DEVICE, seed: int = 0):
+    """Fresh random rows; each row gets its own magnitude in [magnitude/10, magnitude*10]."""
+    g = torch.Generator().manual_seed(seed)
+    row_mag = magnitude * torch.exp(torch.empty(n, 1).uniform_(-math.log(10), math.log(10), generator=g))
+    nope = (torch.randn(n, NOPE, generator=g) * row_mag).to(dtype)
+    rope = (torch.randn(n, ROPE, generator=g) * row_mag).to(dtype)
+    return nope.to(device), rope.to(device)
+
+
+def poisoned(num_slots: int, width: int, device=DEVICE, three_d: bool = False) -> torch.Tensor:
+    buf = torch.randint(0, 256, (num_slots, width), dtype=torch.uint8).to(device)
+    return buf.view(num_slots, 1, width) if three_d else buf
+
+
+def k_scale_for(fmt: str, device=DEVICE):
+    return scale_tensor(K_SCALE, torch.device(device)) if fmt == "per_tensor" else None
+
+
+def write_via(path: str, kv, loc, nope, rope, fmt, k_scale) -> None:
+    """Run one path directly (the dispatcher picks torch on CPU; the others are forced here)."""
+    if path == "torch":
+        set_mla_kv_buffer_quant(kv, loc, nope, rope, fmt, k_scale)
+        return
+    n_loc, scale = validate_quant_write(kv, loc, nope, rope, fmt, k_scale)
+    if path == "triton":
+        from mlakv.mem_cache.fp8_triton import launch_quant_write
+
+        launch_quant_write(kv, loc, nope, rope, fmt, scale)
+    else:
+        from mlakv.jit_kernel.mla_fp8 import fp8_jit_write
+
+        assert fp8_jit_write(kv, loc, nope, rope, fmt, scale), "the JIT kernel refused an aligned call"
+
+
+def path_available(path: str, n: int) -> None:
+    if path == "torch" and HAS_CUDA:
+        pytest.skip("the torch path is the CPU path")
+    if path == "triton" and not HAS_CUDA and n > CPU_TRITON_MAX_N:
+        pytest.skip(f"Triton interpreter on CPU: n_loc > {CPU_TRITON_MAX_N} only on the GPU")
+
+
+def assert_rows_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    a = actual.detach().cpu().view(torch.uint8).reshape(expected.shape)
+    if not torch.equal(a, expected):
+        bad = (a != expected).any(dim=1).nonzero().flatten()
+        raise AssertionError(f"{bad.numel()} rows differ, first: {bad[:8].tolist()}")
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+# ---- the formats --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fmt,nope,rope,expected",
+    [("ds_mla", 512, 64, 656), ("per_tensor", 512, 64, 576), ("ds_mla", 128, 64, 260), ("ds_mla", 256, 32, 328)],
+)
+def test_row_bytes(fmt, nope, rope, expected):
+    assert fp8_row_bytes(fmt, nope, rope) == expected
+
+
+@pytest.mark.parametrize("scale", [1.0, K_SCALE, 2.0**-4, 7.3])
+def test_e4m3_rounding_matches_the_nearest_value_table_for_every_fp16(scale):
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    n = every.numel() // (NOPE + ROPE)
+    x = every[: n * (NOPE + ROPE)].reshape(n, NOPE + ROPE)
+    rows = quantize_mla_rows(x[:, :NOPE], x[:, NOPE:], "per_tensor", scale)
+    y = x.float() / torch.tensor(scale, dtype=torch.float32)
+    assert torch.equal(rows.view(torch.uint8), e4m3_table_encode(y))
+
+
+@pytest.mark.parametrize("dtype", SRC_DTYPES)
+def test_ds_mla_row_layout(dtype):
+    nope, rope = make_sources(5, dtype, seed=1)
+    nope[2, 128:256] = 0  # one all-zero tile
+    rows = quantize_mla_rows(nope, rope, "ds_mla")
+    assert rows.dtype == torch.uint8 and rows.shape == (5, 656)
+    scales = rows[:, 512:528].contiguous().view(torch.float32)
+    amax = nope.float().reshape(5, 4, 128).abs().amax(dim=2)
+    assert torch.equal(scales, torch.clamp_min(amax / E4M3_MAX, FLT_MIN))
+    assert scales[2, 1].item() == FLT_MIN
+    y = nope.float().reshape(5, 4, 128) / scales[:, :, None]
+    assert torch.equal(rows[:, :512], e4m3_table_encode(y).reshape(5, 512))
+    assert torch.equal(rows[:, 528:].contiguous().view(torch.bfloat16), rope.to(torch.bfloat16))
+    deq, _ = dequantize_mla_rows(rows, "ds_mla", NOPE, ROPE)
+    assert torch.equal(bits_of(deq[2, 128:256]), torch.zeros(128, dtype=torch.int16))  # exact +0.0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_all_zero_rows_store_zeros_and_dequantize_to_zeros(fmt):
+    z = torch.zeros(3, NOPE, dtype=torch.bfloat16), torch.zeros(3, ROPE, dtype=torch.bfloat16)
+    rows = quantize_mla_rows(*z, fmt, k_scale_for(fmt, "cpu")).view(torch.uint8)
+    assert not rows[:, :NOPE].any()
+    nope, rope = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+    assert not bits_of(nope).any() and not bits_of(rope).any()
+
+
+def test_nonfinite_values_do_not_set_the_tile_scale():
+    """ds_mla policy: amax over finite values only; NaN -> 0x7F, +-inf -> +-448 (0x7E/0xFE)."""
+    nope, rope = make_sources(1, torch.bfloat16, seed=2)
+    nope[0, 3:6] = 0.01  # not the tile's largest value
+    clean = quantize_mla_rows(nope, rope, "ds_mla")
+    nope[0, 3], nope[0, 4], nope[0, 5] = float("nan"), float("inf"), -float("inf")
+    rows = quantize_mla_rows(nope, rope, "ds_mla")
+    finite = torch.isfinite(nope[0, :128].float())
+    amax = nope[0, :128].float()[finite].abs().max()
+    assert rows[0, 512:516].view(torch.float32).item() == max((amax / E4M3_MAX).item(), FLT_MIN)
+    assert rows[0, 3] == 0x7F and rows[0, 4] == 0x7E and rows[0, 5] == 0xFE
+    others = torch.ones(656, dtype=torch.bool)
+    others[3:6] = False
+    assert torch.equal(rows[0, others], clean[0, others])  # the scale and every other byte unchanged
+    deq, _ = dequantize_mla_rows(rows, "ds_mla", NOPE, ROPE, dst_dtype=torch.float32)
+    s = rows[0, 512:516].view(torch.float32).item()
+    top = (torch.tensor(448.0) * torch.tensor(s)).item()  # the fp32 product, as dequantized
+    assert math.isnan(deq[0, 3].item()) and deq[0, 4].item() == top and deq[0, 5].item() == -top
+
+
+def test_nonfinite_only_tile_gets_flt_min():
+    nope = torch.zeros(1, NOPE, dtype=torch.bfloat16)
+    rope = torch.zeros(1, ROPE, dtype=torch.bfloat16)
+    nope[0, :128] = float("inf")
+    nope[0, 7] = float("nan")
+    rows = quantize_mla_rows(nope, rope, "ds_mla")
+    assert rows[0, 512:516].view(torch.float32).item() == FLT_MIN
+    assert rows[0, 7] == 0x7F and (rows[0, :7] == 0x7E).all()
+
+
+def test_per_tensor_nonfinite():
+    x = torch.tensor([[float("nan"), -float("nan"), float("inf"), -float("inf"), 1e30, -1e30, -0.0, 0.0]])
+    nope = torch.cat([x, torch.ones(1, NOPE - 8)], 1).to(torch.bfloat16)
+    rows = quantize_mla_rows(nope, torch.ones(1, ROPE, dtype=torch.bfloat16), "per_tensor", 1.0).view(torch.uint8)
+    assert rows[0, :8].tolist() == [0x7F, 0x7F, 0x7E, 0xFE, 0x7E, 0xFE, 0x80, 0x00]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
+def test_dequant_error_within_the_e4m3_bound(fmt, magnitude):
+    """|deq - x| <= scale * ulp_e4m3(x / scale) / 2 where |x / scale| <= 448, plus the fp32 rounding
+    of the division and of the product (a few fp32 ulps of |x|)."""
+    nope, rope = make_sources(16, torch.bfloat16, magnitude, device="cpu", seed=3)
+    k_scale = magnitude / 100 if fmt == "per_tensor" else None
+    rows = quantize_mla_rows(nope, rope, fmt, k_scale)
+    deq, deq_rope = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k_scale, dst_dtype=torch.float32)
+    x = nope.float()
+    if fmt == "ds_mla":
+        scale = rows.view(torch.uint8)[:, 512:528].contiguous().view(torch.float32).repeat_interleave(128, dim=1)
+        assert torch.equal(deq_rope, rope.float())  # rope is stored as bf16: exact
+    else:
+        scale = torch.full_like(x, torch.tensor(k_scale, dtype=torch.float32).item())
+    y = x / scale
+    in_range = y.abs() <= E4M3_MAX
+    # ulp of e4m3 at |y|: 2^(floor(log2|y|) - 3) for normals, 2^-9 below 2^-6
+    e = torch.floor(torch.log2(y.abs().clamp(min=2.0**-6)))
+    ulp = torch.exp2(e - 3)
+    err = (deq - x).abs()
+    bound = scale * ulp / 2 + x.abs() * 2.0**-21
+    assert (err[in_range] <= bound[in_range]).all()
+    assert in_range.float().mean() > 0.5
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dst", DST_DTYPES)
+def test_dequantize_rounds_fp32_to_the_destination(fmt, dst):
+    nope, rope = make_sources(4, torch.float16, device="cpu", seed=4)
+    k = k_scale_for(fmt, "cpu")
+    rows = quantize_mla_rows(nope, rope, fmt, k)
+    f32 = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k, dst_dtype=torch.float32)
+    out = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k, dst_dtype=dst)
+    assert out[0].dtype == dst and torch.equal(out[0], f32[0].to(dst)) and torch.equal(out[1], f32[1].to(dst))
+
+
+# ---- the write, every path ------------------------------------------------------------------------
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n_loc", N_LOCS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("src_dtype", SRC_DTYPES)
+@pytest.mark.parametrize("loc_dtype", [torch.int32, torch.int64])
+def test_quant_write_bit_exact(path, n_loc, fmt, src_dtype, loc_dtype):
+    path_available(path, n_loc)
+    nope, rope = make_sources(n_loc, src_dtype, seed=n_loc)
+    num_slots = n_loc + 9
+    loc = torch.randperm(num_slots)[:n_loc].to(loc_dtype)
+    loc[::3] = -1  # padding rows
+    loc = loc.to(DEVICE)
+    kv = poisoned(num_slots, fp8_row_bytes(fmt, NOPE, ROPE) + 16, three_d=True)  # 16 spare bytes: untouched
+    k = k_scale_for(fmt)
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")))
+    write_via(path, kv, loc, nope, rope, fmt, k)
+    assert_rows_equal(kv, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
+def test_quant_write_magnitudes_and_special_values(path, fmt, magnitude):
+    path_available(path, 6)
+    nope, rope = make_sources(6, torch.bfloat16, magnitude, seed=5)
+    nope[0] = 0
+    rope[0] = 0
+    nope[1, 200] = magnitude * 1e4  # one huge value in a tile
+    nope[2, 3], nope[2, 300], nope[3, 5], rope[3, 7] = float("nan"), float("inf"), -float("inf"), float("nan")
+    nope[4, :128] = float("inf")
+    loc = torch.tensor([5, 0, 3, 1, 7, -1], device=DEVICE)
+    kv = poisoned(8, fp8_row_bytes(fmt, NOPE, ROPE))
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")))
+    write_via(path, kv, loc, nope, rope, fmt, k_scale_for(fmt))
+    assert_rows_equal(kv, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_write_strided_sources_and_strided_loc(path, fmt):
+    path_available(path, 5)
+    wide_n, wide_r = make_sources(10, torch.float16, seed=6)
+    nope = torch.cat([wide_n, wide_n], dim=1)[::2, 8 : 8 + NOPE]  # row stride 2048, offset 8 values
+    rope = wide_r[::2]
+    loc_store = torch.tensor([4, 99, 0, 99, -1, 99, 6, 99, 2, 99], device=DEVICE)
+    loc = loc_store[::2]
+    kv = poisoned(8, fp8_row_bytes(fmt, NOPE, ROPE))
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")))
+    write_via(path, kv, loc, nope, rope, fmt, k_scale_for(fmt))
+    assert_rows_equal(kv, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_write_expanded_loc_and_sources(path, fmt):
+    """Stride-0 loc (all padding) writes nothing; stride-0 sources write the same row everywhere."""
+    path_available(path, 4)
+    one_n, one_r = make_sources(1, torch.bfloat16, seed=7)
+    kv = poisoned(6, fp8_row_bytes(fmt, NOPE, ROPE))
+    before = kv.cpu().clone()
+    pad = torch.tensor([-1], device=DEVICE).expand(4)
+    write_via(path, kv, pad, one_n.expand(4, NOPE), one_r.expand(4, ROPE), fmt, k_scale_for(fmt))
+    assert torch.equal(kv.cpu(), before)
+    loc = torch.tensor([1, 4, 5, 2], device=DEVICE)
+    write_via(path, kv, loc, one_n.expand(4, NOPE), one_r.expand(4, ROPE), fmt, k_scale_for(fmt))
+    rows = quantize_mla_rows(one_n.cpu(), one_r.cpu(), fmt, k_scale_for(fmt, "cpu")).view(torch.uint8).expand(4, -1)
+    assert_rows_equal(kv, expected_buffer(before, loc, rows))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_skips_slots_past_the_buffer(fmt):
+    path_available("triton", 3)
+    from mlakv.mem_cache.fp8_triton import launch_quant_write
+
+    nope, rope = make_sources(3, torch.bfloat16, seed=8)
+    kv_all = poisoned(8, fp8_row_bytes(fmt, NOPE, ROPE))
+    kv = kv_all[:4]
+    before = kv_all.cpu().clone()
+    loc = torch.tensor([1, 4, 7], device=DEVICE)
+    launch_quant_write(kv, loc, nope, rope, fmt, k_scale_for(fmt))
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu"))
+    assert_rows_equal(kv_all, expected_buffer(before, loc[:1], rows[:1]))
+
+
+def test_cpu_write_refuses_slots_past_the_buffer_before_writing():
+    nope, rope = make_sources(2, torch.bfloat16, device="cpu")
+    kv = poisoned(4, 656, device="cpu")
+    before = kv.clone()
+    with pytest.raises(IndexError, match=r"loc\[1\] = 4"):
+        set_mla_kv_buffer_quant(kv, torch.tensor([0, 4]), nope, rope, "ds_mla")
+    assert torch.equal(kv, before)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_k_scale_tensor_is_read_at_run_time(path):
+    path_available(path, 2)
+    nope, rope = make_sources(2, torch.bfloat16, seed=9)
+    scale = torch.tensor([0.5], device=DEVICE)
+    kv = poisoned(4, 576)
+    loc = torch.tensor([0, 2], device=DEVICE)
+    write_via(path, kv, loc, nope, rope, "per_tensor", scale)
+    first = kv.cpu().clone()
+    scale.fill_(0.25)
+    write_via(path, kv, loc, nope, rope, "per_tensor", scale)
+    assert_rows_equal(kv, expected_buffer(first, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), "per_tensor", 0.25)))
+
+
+def test_k_scale_float_and_tensor_agree():
+    nope, rope = make_sources(3, torch.bfloat16, device="cpu")
+    a = quantize_mla_rows(nope, rope, "per_tensor", 0.3)
+    b = quantize_mla_rows(nope, rope, "per_tensor", torch.tensor([0.3]))
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+# ---- the gather ---------------------------------------------------------------------------------
+GATHER_PATHS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("path", GATHER_PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dst", DST_DTYPES)
+@pytest.mark.parametrize("n_loc", [0, 1, 7])
+def test_dequant_gather_bit_exact(path, fmt, dst, n_loc):
+    path_available(path, n_loc)
+    nope, rope = make_sources(9, torch.bfloat16, seed=10)
+    nope[1, 0], nope[2, 9], rope[3, 1] = float("nan"), float("inf"), float("nan")
+    kv = poisoned(12, fp8_row_bytes(fmt, NOPE, ROPE) + 8)
+    set_mla_kv_buffer_quant(kv, torch.arange(9, device=DEVICE), nope, rope, fmt, k_scale_for(fmt))
+    loc = torch.randint(0, 12, (n_loc,)).to(DEVICE)
+    expect = dequantize_mla_rows(kv.cpu()[loc.cpu()], fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"), dst)
+    if path == "torch":
+        got = get_mla_kv_buffer_dequant(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
+    else:
+        from mlakv.mem_cache.fp8_triton import launch_dequant_gather
+
+        got = launch_dequant_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
+    for g, e in zip(got, expect):
+        assert g.dtype == dst and g.shape == e.shape and torch.equal(bits_of(g), bits_of(e))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_gather_gives_zero_rows_for_invalid_slots(fmt):
+    path_available("triton", 3)
+    from mlakv.mem_cache.fp8_triton import launch_dequant_gather
+
+    kv = poisoned(4, fp8_row_bytes(fmt, NOPE, ROPE))
+    nope, rope = launch_dequant_gather(kv, torch.tensor([-1, 4, 1 << 40], device=DEVICE), fmt, NOPE, ROPE,
+                                       k_scale_for(fmt), torch.bfloat16)  # fmt: skip
+    assert not bits_of(nope).any() and not bits_of(rope).any()
+
+
+def test_cpu_gather_refuses_invalid_slots():
+    kv = poisoned(4, 656, device="cpu")
+    with pytest.raises(IndexError, match="loc values must lie in"):
+        get_mla_kv_buffer_dequant(kv, torch.tensor([0, 4]), "ds_mla", NOPE, ROPE)
+
+
+# ---- validation: every error names the argument ------------------------------------------------
+def _ok():
+    nope, rope = make_sources(2, torch.bfloat16, device="cpu")
+    return dict(kv=poisoned(4, 656, device="cpu"), loc=torch.tensor([0, 1]), nope=nope, rope=rope, fmt="ds_mla", k=None)
+
+
+BAD = [
+    ("fmt", "fp8", ValueError, "kv_cache_format must be one of"),
+    ("nope", lambda a: a["nope"][:, :320].contiguous(), ValueError, "kv_lora_rank % 128"),
+    ("nope", lambda a: a["nope"].float(), TypeError, "k_nope dtype"),
+    ("rope", lambda a: a["rope"].half(), TypeError, "k_rope dtype"),
+    ("rope", lambda a: a["rope"][:1], ValueError, "k_rope: dim 0"),
+    ("nope", lambda a: a["nope"].t(), ValueError, "k_nope: the last dim must be contiguous"),
+    ("nope", lambda a: a["nope"][None], ValueError, "k_nope: dim 1 of a 3-D tensor must be 1"),
+    ("kv", lambda a: a["kv"][:, :600], ValueError, "kv_buffer: last dim holds 600 bytes"),
+    ("kv", lambda a: a["kv"].view(torch.int8), TypeError, "kv_buffer must be uint8 or float8_e4m3fn"),
+    ("loc", lambda a: a["loc"].float(), TypeError, "loc must be int32 or int64"),
+    ("loc", lambda a: a["loc"][None], ValueError, "loc must be 1-D"),
+    ("loc", lambda a: a["loc"][:1], ValueError, "loc has n_loc=1"),
+    ("k", 0.5, ValueError, "k_scale must be None for kv_cache_format='ds_mla'"),
+]
+
+
+@pytest.mark.parametrize("field,bad,exc,match", BAD)
+def test_bad_arguments_are_named(field, bad, exc, match):
+    a = _ok()
+    a[field] = bad(a) if callable(bad) else bad
+    before = a["kv"].clone() if isinstance(a["kv"], torch.Tensor) else None
+    with pytest.raises(exc, match=match):
+        set_mla_kv_buffer_quant(a["kv"], a["loc"], a["nope"], a["rope"], a["fmt"], a["k"])
+    if before is not None and field != "kv":
+        assert torch.equal(a["kv"], before)
+
+
+@pytest.mark.parametrize(
+    "k_scale,exc,match",
+    [
+        (None, ValueError, "k_scale is required"),
+        (0.0, ValueError, "positive and finite"),
+        (float("inf"), ValueError, "positive and finite"),
+        ("1", TypeError, "k_scale must be a float"),
+        (torch.tensor([1.0, 2.0]), TypeError, "1-element float32"),
+        (torch.tensor([1.0], dtype=torch.float64), TypeError, "1-element float32"),
+    ],
+)
+def test_bad_k_scale_is_named(k_scale, exc, match):
+    nope, rope = make_sources(2, torch.bfloat16, device="cpu")
+    with pytest.raises(exc, match=match):
+        set_mla_kv_buffer_quant(poisoned(4, 576, device="cpu"), torch.tensor([0, 1]), nope, rope, "per_tensor", k_scale)
+
+
+def test_cpu_path_is_torch():
+    nope, rope = make_sources(1, torch.bfloat16, device="cpu")
+    assert fp8_write_path(poisoned(2, 656, device="cpu"), nope, rope, "ds_mla") == "torch"
+
+
+# ---- the CUDA source builds (no GPU needed) -----------------------------------------------------
+REQUIRED = os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_source_compiles_and_loads(fmt):
+    from mlakv.jit_kernel import JitUnavailable, find_cuda_home
+    from mlakv.jit_kernel.mla_fp8 import build_mla_fp8_module
+
+    try:
+        import tvm_ffi  # noqa: F401
+    except ImportError:
+        if REQUIRED:
+            pytest.fail("MLAKV_REQUIRE_JIT_BUILD=1 but apache-tvm-ffi is not installed")
+        pytest.skip("apache-tvm-ffi is not installed")
+    if find_cuda_home() is None:
+        if REQUIRED:
+            pytest.fail("MLAKV_REQUIRE_JIT_BUILD=1 but nvcc is not available")
+        pytest.skip("nvcc is not available")
+    old = os.environ.get("TVM_FFI_CUDA_ARCH_LIST")
+    os.environ.setdefault("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
+    try:
+        mod = build_mla_fp8_module(fmt, NOPE, ROPE, True, (9, 0))
+    except JitUnavailable as e:  # pragma: no cover - the failure message is the compiler's
+        pytest.fail(str(e))
+    finally:
+        if old is None:
+            os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
+    assert callable(mod.mla_fp8_quant)
+
+
+# ---- GPU only --------------------------------------------------------------------------------------
+@requires_sm90
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_dispatcher_takes_the_jit_path(fmt):
+    nope, rope = make_sources(4, torch.bfloat16)
+    assert fp8_write_path(poisoned(8, 656), nope, rope, fmt) == "jit"
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_misaligned_sources_fall_back_and_stay_exact(fmt):
+    wide_n, wide_r = make_sources(6, torch.bfloat16, seed=11)
+    nope = torch.cat([wide_n, wide_n[:, :8]], dim=1)[:, 1 : 1 + NOPE]  # 2-byte offset: not 16-aligned
+    kv = poisoned(8, fp8_row_bytes(fmt, NOPE, ROPE))
+    loc = torch.tensor([0, 3, -1, 5, 6, 7], device="cuda")
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), wide_r.cpu(), fmt, k_scale_for(fmt, "cpu")))
+    assert fp8_write_path(kv, nope, wide_r, fmt) == "triton"
+    set_mla_kv_buffer_quant(kv, loc, nope, wide_r, fmt, k_scale_for(fmt))
+    assert_rows_equal(kv, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "torch"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_64bit_offsets(path, fmt):
+    """Slots whose byte offset passes 2^31 land where the reference puts them."""
+    rb = fp8_row_bytes(fmt, NOPE, ROPE)
+    num_slots = (1 << 31) // rb + 64
+    try:
+        kv = torch.empty((num_slots, rb), dtype=torch.uint8, device="cuda")
+    except torch.cuda.OutOfMemoryError:  # pragma: no cover
+        pytest.skip("not enough GPU memory for a > 2 GiB buffer")
+    kv[-64:].random_(0, 256)
+    nope, rope = make_sources(3, torch.bfloat16, seed=12)
+    loc = torch.tensor([num_slots - 1, num_slots - 40, -1], device="cuda")
+    write_via(path, kv, loc, nope, rope, fmt, k_scale_for(fmt))
+    rows = quantize_mla_rows(nope, rope, fmt, k_scale_for(fmt)).view(torch.uint8)
+    assert torch.equal(kv[num_slots - 1], rows[0]) and torch.equal(kv[num_slots - 40], rows[1])
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_write_under_cuda_graph_reads_k_scale_each_replay(fmt):
+    nope, rope = make_sources(64, torch.bfloat16, seed=13)
+    loc = torch.randperm(128, device="cuda")[:64]
+    kv = poisoned(128, fp8_row_bytes(fmt, NOPE, ROPE))
+    scale = torch.tensor([0.5], device="cuda") if fmt == "per_tensor" else None
+    set_mla_kv_buffer_quant(kv, loc, nope, rope, fmt, scale)  # warm up (JIT build, Triton compile)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        set_mla_kv_buffer_quant(kv, loc, nope, rope, fmt, scale)
+    if scale is not None:
+        scale.fill_(0.125)
+    nope.copy_(make_sources(64, torch.bfloat16, seed=14)[0])
+    before = kv.cpu().clone()
+    g.replay()
+    torch.cuda.synchronize()
+    k = 0.125 if fmt == "per_tensor" else None
+    assert_rows_equal(kv, expected_buffer(before, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k)))
