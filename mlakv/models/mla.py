@@ -7,7 +7,11 @@ after the softmax), so the cache never holds per-head K or V. The attention itse
 over gathered rows: the point of this model is the cache path, not attention speed.
 
 Two cache backends share the same model code: :class:`PoolKVCache` (an ``MLATokenToKVPool``; writes
-go through the dispatcher) and :class:`DictKVCache` (a dict of tensors, the reference).
+go through the dispatcher) and :class:`DictKVCache` (a dict of tensors, the reference). A third,
+:class:`mlakv.models.dcp.DCPPoolKVCache`, shards the cache over decode-context-parallel ranks: the
+model asks every cache for the rows *this rank* attends over (:meth:`KVCache.shard`) and hands the
+partial result ``(o_lat, lse)`` back to it (:meth:`KVCache.merge`); a single-rank cache returns all
+rows and merges nothing, so one model code serves both.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 
 from mlakv.mem_cache import MLATokenToKVPool
 
-__all__ = ["MLAConfig", "MLAModel", "PoolKVCache", "DictKVCache", "PrefillSegment"]
+__all__ = ["MLAConfig", "MLAModel", "KVCache", "PoolKVCache", "DictKVCache", "PrefillSegment"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,31 @@ class PrefillSegment:
     ctx_slots: torch.Tensor
 
 
-class PoolKVCache:
+class KVCache:
+    """What the model needs of a cache: ``write`` and ``gather`` (per backend), and the two
+    decode-context-parallel hooks, which on a single rank are the identity."""
+
+    def write(self, layer: int, loc: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def shard(
+        self, layer: int, slots: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows this rank attends over for ``slots [B, T]`` (token order) under ``mask [B, Q, T]``:
+        ``(c_nope [B, T, R], c_pe [B, T, P], mask [B, Q, T])``. Single rank: every row, ``mask`` as is."""
+        c_nope, c_pe = self.gather(layer, slots)
+        return c_nope, c_pe, mask
+
+    def merge(self, o_lat: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """Combine this rank's partial attention ``o_lat [B, Q, H, R]`` (normalised over its rows)
+        with log-sum-exp ``lse [B, Q, H]`` (float32) across ranks. Single rank: ``o_lat``."""
+        return o_lat
+
+
+class PoolKVCache(KVCache):
     """The model's cache on an :class:`MLATokenToKVPool` (what an engine does)."""
 
     def __init__(self, pool: MLATokenToKVPool) -> None:
@@ -64,7 +92,7 @@ class PoolKVCache:
         return rows[..., :r], rows[..., r : r + self.pool.qk_rope_head_dim]
 
 
-class DictKVCache:
+class DictKVCache(KVCache):
     """Reference cache: a dict ``(layer, slot) -> row`` of plain tensors, no kernels involved."""
 
     def __init__(self, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype, device) -> None:
@@ -130,18 +158,36 @@ class MLAAttention(nn.Module):
         k_rope = apply_rope(kv[:, cfg.kv_lora_rank :], positions, cfg.rope_theta)
         return q_lat, q_pe, k_nope, k_rope
 
-    def attend(self, q_lat, q_pe, c_nope, c_pe, mask) -> torch.Tensor:
-        """``q_lat [B, Q, H, R]``, ``q_pe [B, Q, H, P]`` over ``c_nope [B, T, R]``, ``c_pe [B, T, P]``
-        with ``mask [B, Q, T]`` (True = attend) -> ``[B, Q, hidden]``."""
+    def attend_partial(self, q_lat, q_pe, c_nope, c_pe, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent attention over the rows given (all of them, or one rank's shard).
+
+        ``q_lat [B, Q, H, R]``, ``q_pe [B, Q, H, P]`` over ``c_nope [B, T, R]``, ``c_pe [B, T, P]``
+        with ``mask [B, Q, T]`` (True = attend) -> ``(o_lat [B, Q, H, R]`` in the cache dtype,
+        ``lse [B, Q, H]`` float32``)``: the softmax-weighted rows and the log-sum-exp of the scores.
+        A query that sees no row here (possible on a shard) gets ``o_lat = 0`` and ``lse = -inf``.
+        """
         keep = mask.any(dim=1)[..., None]  # rows no query sees are zeroed (padding slots hold anything)
         c_nope = torch.where(keep, c_nope, torch.zeros((), dtype=c_nope.dtype, device=c_nope.device))
         c_pe = torch.where(keep, c_pe, torch.zeros((), dtype=c_pe.dtype, device=c_pe.device))
         s = torch.einsum("bqhr,btr->bhqt", q_lat, c_nope).float() + torch.einsum("bqhp,btp->bhqt", q_pe, c_pe).float()
         s = (s * self.scale).masked_fill(~mask[:, None], float("-inf"))
-        w = torch.softmax(s, dim=-1).to(c_nope.dtype)
+        lse = torch.logsumexp(s, dim=-1)  # [B, H, Q]
+        w = torch.softmax(s, dim=-1).masked_fill(torch.isinf(lse)[..., None], 0.0).to(c_nope.dtype)
         o_lat = torch.einsum("bhqt,btr->bqhr", w, c_nope)
+        return o_lat, lse.transpose(1, 2)
+
+    def output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """``o_lat [B, Q, H, R]`` -> ``[B, Q, hidden]`` (the value up-projection, then ``o_proj``)."""
         o = torch.einsum("bqhr,hrv->bqhv", o_lat, self.w_uv)
         return self.o_proj(o.reshape(*o.shape[:2], -1))
+
+    def attend(self, cache: KVCache, layer_id: int, q_lat, q_pe, slots, mask) -> torch.Tensor:
+        """``q_lat [B, Q, H, R]``, ``q_pe [B, Q, H, P]`` over the cached rows at ``slots [B, T]``
+        under ``mask [B, Q, T]`` -> ``[B, Q, hidden]``; on a sharded cache each rank attends over its
+        rows and the cache merges the partial results."""
+        c_nope, c_pe, mask = cache.shard(layer_id, slots, mask)
+        o_lat, lse = self.attend_partial(q_lat, q_pe, c_nope, c_pe, mask)
+        return self.output(cache.merge(o_lat, lse))
 
 
 class MLABlock(nn.Module):
@@ -181,11 +227,10 @@ class MLAModel(nn.Module):
             out = torch.empty_like(h)
             for seg in segments:
                 sl = slice(seg.start, seg.start + seg.length)
-                c_nope, c_pe = cache.gather(layer_id, seg.ctx_slots)
                 t = seg.ctx_slots.shape[0]
                 qpos = positions[sl]
                 mask = (torch.arange(t, device=x.device)[None, :] <= qpos[:, None])[None]
-                out[sl] = blk.attn.attend(q_lat[sl][None], q_pe[sl][None], c_nope[None], c_pe[None], mask)[0]
+                out[sl] = blk.attn.attend(cache, layer_id, q_lat[sl][None], q_pe[sl][None], seg.ctx_slots[None], mask)[0]
             x = x + out
             x = x + blk.mlp(blk.norm2(x))
         return self.lm_head(self.norm(x))
@@ -206,8 +251,7 @@ class MLAModel(nn.Module):
             h = blk.norm1(x)
             q_lat, q_pe, k_nope, k_rope = blk.attn.project(h, positions)
             cache.write(layer_id, loc, k_nope, k_rope)
-            c_nope, c_pe = cache.gather(layer_id, slot_table)
-            x = x + blk.attn.attend(q_lat[:, None], q_pe[:, None], c_nope, c_pe, mask)[:, 0]
+            x = x + blk.attn.attend(cache, layer_id, q_lat[:, None], q_pe[:, None], slot_table, mask)[:, 0]
             x = x + blk.mlp(blk.norm2(x))
         return self.lm_head(self.norm(x))
 
