@@ -502,7 +502,9 @@ def page_bytes_tensor(data: Any, page_bytes: int, name: str) -> torch.Tensor:
     elif isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
             raise TypeError(f"{name}: a page array must be uint8, got {data.dtype} (view it as uint8 first)")
-        t = torch.from_numpy(np.ascontiguousarray(data).reshape(-1))
+        with warnings.catch_warnings():  # a read-only array: the tensor is only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(data).reshape(-1))
     elif isinstance(data, (bytes, bytearray, memoryview)):
         mv = memoryview(data)
         mv = mv.cast("B") if mv.contiguous else memoryview(mv.tobytes())
