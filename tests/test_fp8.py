@@ -389,10 +389,41 @@ def test_triton_gather_gives_zero_rows_for_invalid_slots(fmt):
     assert not bits_of(nope).any() and not bits_of(rope).any()
 
 
-def test_cpu_gather_refuses_invalid_slots():
+def test_cpu_gather_refuses_slots_past_the_buffer():
     kv = poisoned(4, 656, device="cpu")
-    with pytest.raises(IndexError, match="loc values must lie in"):
+    with pytest.raises(IndexError, match=r"loc\[1\] = 4"):
         get_mla_kv_buffer_dequant(kv, torch.tensor([0, 4]), "ds_mla", NOPE, ROPE)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gather_gives_zero_rows_for_padding_slots(fmt):
+    kv = poisoned(4, fp8_row_bytes(fmt, NOPE, ROPE), device=DEVICE)
+    nope, rope = get_mla_kv_buffer_dequant(kv, torch.tensor([-1, 2], device=DEVICE), fmt, NOPE, ROPE, k_scale_for(fmt))
+    assert not bits_of(nope[0]).any() and not bits_of(rope[0]).any()
+    ref = dequantize_mla_rows(kv.cpu()[2:3], fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+    assert torch.equal(bits_of(nope[1:]), bits_of(ref[0])) and torch.equal(bits_of(rope[1:]), bits_of(ref[1]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reserved_slot_is_skipped_like_padding(path, fmt):
+    path_available(path, 3)
+    nope, rope = make_sources(3, torch.bfloat16, seed=15)
+    kv = poisoned(5, fp8_row_bytes(fmt, NOPE, ROPE))
+    before = kv.cpu().clone()
+    loc = torch.tensor([0, 3, 0], device=DEVICE)
+    if path == "torch":
+        set_mla_kv_buffer_quant(kv, loc, nope, rope, fmt, k_scale_for(fmt), reserved_skip_index=0)
+    elif path == "triton":
+        from mlakv.mem_cache.fp8_triton import launch_quant_write
+
+        launch_quant_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), 0)
+    else:
+        from mlakv.jit_kernel.mla_fp8 import fp8_jit_write
+
+        assert fp8_jit_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), 0)
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu"))
+    assert_rows_equal(kv, expected_buffer(before, loc[1:2], rows[1:2]))
 
 
 # ---- validation: every error names the argument ------------------------------------------------

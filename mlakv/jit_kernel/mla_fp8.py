@@ -28,8 +28,9 @@ _WRAPPER = """\
 #include "mla_fp8.cuh"
 
 bool mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
-                   tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t num_warps) {{
-  return mlakv::fp8::launch_mla_fp8_quant<{fmt}, {nope}, {rope}, {pdl}>(kv, loc, nope, rope, scale, num_warps);
+                   tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot, int64_t num_warps) {{
+  return mlakv::fp8::launch_mla_fp8_quant<{fmt}, {nope}, {rope}, {pdl}>(kv, loc, nope, rope, scale, skip_slot,
+                                                                       num_warps);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_quant, mla_fp8_quant);
 """
@@ -117,12 +118,14 @@ def fp8_jit_write(
     k_rope: torch.Tensor,
     kv_cache_format: str,
     k_scale: Optional[torch.Tensor],
+    skip_slot: int = -1,
 ) -> bool:
     """Launch the quantizing write on validated arguments; False (nothing launched) when the kernel
     cannot serve the call here (no module, misaligned), so the caller falls back.
 
     Shapes: ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn, ``loc [n_loc]``,
-    ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or None.
+    ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or None; rows whose slot is
+    ``skip_slot`` are skipped like padding (-1: none).
     """
     fn = _fn_for(kv_buffer.get_device(), kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
     if isinstance(fn, str):
@@ -130,4 +133,4 @@ def fp8_jit_write(
     kv = kv_buffer if kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
     if k_scale is None:
         k_scale = _dummy_scale(kv_buffer.device)
-    return bool(fn(kv, loc, k_nope, k_rope, k_scale, FP8_JIT_WARPS))
+    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, FP8_JIT_WARPS))

@@ -349,6 +349,7 @@ def set_mla_kv_buffer_quant(
     k_scale: Union[float, torch.Tensor, None] = None,
     *,
     check_bounds: Optional[bool] = None,
+    reserved_skip_index: Optional[int] = None,
 ) -> None:
     """Quantize ``[k_nope | k_rope]`` and write the stored rows at slots ``loc`` (fused, one launch).
 
@@ -363,31 +364,37 @@ def set_mla_kv_buffer_quant(
         k_scale: per_tensor: float or 1-element fp32 device tensor; ds_mla: None.
         check_bounds: raise ``IndexError`` for ``loc >= num_slots`` first (syncs); default
             ``MLAKV_CHECK_BOUNDS``.
+        reserved_skip_index: a slot whose rows are skipped like padding (the pool's dummy slot).
 
     The result is bit-identical to ``quantize_mla_rows`` on every path.
     """
     n_loc, scale = validate_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale)
+    if reserved_skip_index is not None and (
+        isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)
+    ):
+        raise TypeError(f"reserved_skip_index must be an int or None, got {type(reserved_skip_index).__name__}")
+    skip = -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
     if n_loc == 0:
         return
     bounds = check_bounds if check_bounds is not None else _check_bounds_default()
     if bounds or not kv_buffer.is_cuda:
         _check_bounds(loc, kv_buffer.shape[0])
     if not kv_buffer.is_cuda:
-        _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale)
+        _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip)
         return
     if _jit_enabled():
         from mlakv.jit_kernel import mla_fp8
 
-        if mla_fp8.fp8_jit_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale):
+        if mla_fp8.fp8_jit_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip):
             return
     from .fp8_triton import launch_quant_write
 
-    launch_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale)
+    launch_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip)
 
 
-def _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale) -> None:
+def _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int) -> None:
     rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale).view(torch.uint8)
-    keep = loc >= 0
+    keep = (loc >= 0) & (loc != skip)
     idx = loc[keep].to(torch.long)
     _rows2d(kv_buffer).view(torch.uint8)[idx, : rows.shape[1]] = rows[keep]
 
@@ -400,13 +407,16 @@ def get_mla_kv_buffer_dequant(
     rope_dim: int,
     k_scale: Union[float, torch.Tensor, None] = None,
     dst_dtype: torch.dtype = torch.bfloat16,
+    *,
+    check_bounds: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather rows ``kv_buffer[loc]`` and dequantize them (fused on the GPU).
+    """Gather rows ``kv_buffer[loc]`` and dequantize them (fused on the GPU: one Triton launch).
 
     Args:
         kv_buffer: ``[num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn.
-        loc: ``[n_loc]`` int32/int64 slots in ``[0, num_slots)`` (CPU: checked, ``IndexError``;
-            GPU: an invalid slot reads nothing and gives a zero row).
+        loc: ``[n_loc]`` int32/int64, any stride. The plain gather's rule: a padding slot (``< 0``)
+            gives a zero row; a slot ``>= num_slots`` raises ``IndexError`` when bounds are checked
+            (always on CPU; on GPU with ``check_bounds``, which syncs) and gives a zero row otherwise.
         kv_cache_format, kv_lora_rank, rope_dim, k_scale: as written.
         dst_dtype: bf16 (default), fp16 or fp32.
     Returns:
@@ -417,12 +427,13 @@ def get_mla_kv_buffer_dequant(
     _check_loc(loc, None, kv_buffer.device)
     _check_dst(dst_dtype)
     scale = _check_k_scale(kv_cache_format, k_scale, kv_buffer.device)
+    bounds = check_bounds if check_bounds is not None else _check_bounds_default()
+    if bounds or not kv_buffer.is_cuda:
+        _check_bounds(loc, kv_buffer.shape[0])
     if not kv_buffer.is_cuda:
-        if loc.numel():
-            lo, hi = int(loc.min()), int(loc.max())
-            if lo < 0 or hi >= kv_buffer.shape[0]:
-                raise IndexError(f"loc values must lie in [0, {kv_buffer.shape[0]}) for a gather, got [{lo}, {hi}]")
-        rows = _rows2d(kv_buffer).view(torch.uint8)[loc.to(torch.long)]
+        valid = loc >= 0
+        rows = _rows2d(kv_buffer).view(torch.uint8)[loc.clamp(min=0).to(torch.long), :rb]
+        rows = torch.where(valid[:, None], rows, torch.zeros_like(rows))
         return dequantize_mla_rows(rows, kv_cache_format, kv_lora_rank, rope_dim, scale, dst_dtype)
     from .fp8_triton import launch_dequant_gather
 

@@ -82,7 +82,7 @@ def _e4m3_value(b):
 @triton.jit
 def _quant_per_tensor_kernel(
     kv_ptr, loc_ptr, nope_ptr, rope_ptr, scale_ptr,
-    kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots,
+    kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot,
     NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # kv[loc[i], :NOPE+ROPE] = e4m3([nope[i] | rope[i]] / k_scale); all offsets in int64.
@@ -98,7 +98,7 @@ def _quant_per_tensor_kernel(
     s = tl.load(scale_ptr)
     q = _e4m3_byte(tl.math.div_rn(tl.where(in_nope, a, b), s))
     slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
-    live = (slot_b >= 0) & (slot_b < num_slots)
+    live = (slot_b >= 0) & (slot_b < num_slots) & (slot_b != skip_slot)
     tl.store(kv_ptr + slot * kv_row_stride + offs, q.to(tl.uint8), mask=(offs < NOPE + ROPE) & live)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -107,7 +107,7 @@ def _quant_per_tensor_kernel(
 @triton.jit
 def _quant_ds_mla_kernel(
     kv_ptr, loc_ptr, nope_ptr, rope_ptr,
-    kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots,
+    kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot,
     TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
     ROPE_IS_BF16: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
@@ -127,14 +127,14 @@ def _quant_ds_mla_kernel(
     scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1.17549435e-38)
     q = _e4m3_byte(tl.math.div_rn(x, scale[:, None]))
     slot_t = tl.zeros([TILES_P2, 128], dtype=tl.int64) + slot
-    live_t = (slot_t >= 0) & (slot_t < num_slots)
+    live_t = (slot_t >= 0) & (slot_t < num_slots) & (slot_t != skip_slot)
     dst = kv_ptr + slot * kv_row_stride
     tl.store(dst + offs, q.to(tl.uint8), mask=in_tile & live_t)
     # scales as 4 little-endian bytes each
     k = tl.arange(0, 4)[None, :]
     sbits = scale.to(tl.int32, bitcast=True)[:, None]
     slot_s = tl.zeros([TILES_P2, 4], dtype=tl.int64) + slot
-    live_s = (slot_s >= 0) & (slot_s < num_slots) & (t < TILES)
+    live_s = (slot_s >= 0) & (slot_s < num_slots) & (slot_s != skip_slot) & (t < TILES)
     tl.store(dst + NOPE + t * 4 + k, ((sbits >> (8 * k)) & 0xFF).to(tl.uint8), mask=live_s)
     # rope as bf16 bytes
     r = tl.arange(0, ROPE_P2)
@@ -144,7 +144,7 @@ def _quant_ds_mla_kernel(
     else:
         rb = _bf16_bits(tl.load(rope_ptr + row * rope_row_stride + r, mask=in_r, other=0).to(tl.float32))
     slot_r = tl.zeros([ROPE_P2], dtype=tl.int64) + slot
-    live_r = (slot_r >= 0) & (slot_r < num_slots) & in_r
+    live_r = (slot_r >= 0) & (slot_r < num_slots) & (slot_r != skip_slot) & in_r
     rope_dst = dst + NOPE + 4 * TILES + 2 * r
     tl.store(rope_dst, (rb & 0xFF).to(tl.uint8), mask=live_r)
     tl.store(rope_dst + 1, ((rb >> 8) & 0xFF).to(tl.uint8), mask=live_r)
@@ -163,6 +163,7 @@ def launch_quant_write(
     k_rope: torch.Tensor,
     kv_cache_format: str,
     k_scale: Optional[torch.Tensor],
+    skip_slot: int = -1,
 ) -> None:
     """Launch the fused quantizing write: grid ``(n_loc,)``, one program per row.
 
@@ -170,6 +171,7 @@ def launch_quant_write(
         kv_buffer: ``[num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn.
         loc: ``[n_loc]`` int32/int64, any stride. k_nope: ``[n_loc, (1,) nope_dim]``,
         k_rope: ``[n_loc, (1,) rope_dim]`` bf16/fp16. k_scale: ``[1]`` fp32 (per_tensor) or None.
+        skip_slot: rows with this slot are skipped like padding (-1: none).
     """
     n_loc = loc.shape[0]
     if n_loc == 0:
@@ -183,7 +185,7 @@ def launch_quant_write(
         block = triton.next_power_of_2(nope_dim + rope_dim)
         _quant_per_tensor_kernel[(n_loc,)](
             kv, loc, nope, rope, k_scale,
-            kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0],
+            kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot,
             NOPE=nope_dim, ROPE=rope_dim, BLOCK=block, USE_PDL=use_pdl,
             num_warps=max(1, min(8, block // 256)), **extra,
         )  # fmt: skip
@@ -192,7 +194,7 @@ def launch_quant_write(
     rope_is_bf16 = rope.dtype == torch.bfloat16
     _quant_ds_mla_kernel[(n_loc,)](
         kv, loc, nope, rope.view(torch.int16) if rope_is_bf16 else rope,
-        kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0],
+        kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot,
         TILES=tiles, TILES_P2=triton.next_power_of_2(tiles), ROPE=rope_dim,
         ROPE_P2=triton.next_power_of_2(max(1, rope_dim)), ROPE_IS_BF16=rope_is_bf16, USE_PDL=use_pdl,
         num_warps=max(1, min(8, tiles)), **extra,

@@ -11,7 +11,8 @@
 // NaN is then written as the canonical 0x7F. The 8 bytes of a chunk go out as one 8-byte store, a
 // tile's scale as one 4-byte store, the rope as 16-byte stores: the whole row (656 bytes for
 // 512 + 64) is written by the warp in one pass.
-// Padding rows (loc < 0) and slots >= num_slots are not written. loc is read at its stride.
+// Padding rows (loc < 0), slot == skip_slot (the pool's reserved slot) and slots >= num_slots are
+// not written. loc is read at its stride.
 // Offsets are 64-bit. With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait)
 // before reading inputs and lets the next one launch once its stores are issued.
 #pragma once
@@ -80,7 +81,8 @@ __global__ void quant_write_kernel(uint8_t* __restrict__ kv, int64_t kv_stride, 
                                    const uint8_t* __restrict__ nope, int64_t nope_stride,  // bytes
                                    const uint8_t* __restrict__ rope, int64_t rope_stride,  // bytes
                                    const LocT* __restrict__ loc, int64_t loc_stride,       // elements
-                                   int64_t n_loc, int64_t num_slots, const float* __restrict__ k_scale) {
+                                   int64_t n_loc, int64_t num_slots, int64_t skip_slot,
+                                   const float* __restrict__ k_scale) {
   static_assert(kNope % 8 == 0 && kRope % 8 == 0, "widths must be multiples of 8 values");
   constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
   constexpr int kRC = kRope / 8;
@@ -92,7 +94,7 @@ __global__ void quant_write_kernel(uint8_t* __restrict__ kv, int64_t kv_stride, 
     const int64_t slot = static_cast<int64_t>(loc[item * loc_stride]);
     const uint8_t* nsrc = nope + item * nope_stride;
     const uint8_t* rsrc = rope + item * rope_stride;
-    const bool live = slot >= 0 && slot < num_slots;
+    const bool live = slot >= 0 && slot < num_slots && slot != skip_slot;
     uint8_t* dst = kv + slot * kv_stride;
 
     if constexpr (kFormat == 0) {
@@ -194,7 +196,8 @@ inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
 template <int kFormat, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
 void launch_quant_typed(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t nope_stride,
                         const uint8_t* rope, int64_t rope_stride, const void* loc, int64_t loc_stride,
-                        int64_t n_loc, int64_t num_slots, const float* scale, int num_warps, cudaStream_t stream) {
+                        int64_t n_loc, int64_t num_slots, int64_t skip_slot, const float* scale, int num_warps,
+                        cudaStream_t stream) {
   const int64_t blocks = (n_loc + num_warps - 1) / num_warps;
   TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
   auto kernel = quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, LocT>;
@@ -209,15 +212,17 @@ void launch_quant_typed(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, kernel, kv, kv_stride, nope, nope_stride, rope, rope_stride,
-                                              static_cast<const LocT*>(loc), loc_stride, n_loc, num_slots, scale));
+                                              static_cast<const LocT*>(loc), loc_stride, n_loc, num_slots, skip_slot, scale));
 }
 
 // kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride);
 // nope: [n_loc, (1,) kNope], rope: [n_loc, (1,) kRope], both bf16 or both fp16;
-// scale: per_tensor: 1-element fp32 on the device (ds_mla: not read); num_warps in [1, 32].
+// scale: per_tensor: 1-element fp32 on the device (ds_mla: not read); rows whose slot is skip_slot
+// are skipped like padding (-1: none); num_warps in [1, 32].
 template <int kFormat, int kNope, int kRope, bool kUsePDL>
 bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
-                          tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t num_warps) {
+                          tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot,
+                          int64_t num_warps) {
   constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
   const auto rows_ok = [](const tvm::ffi::TensorView& t) {
     return t.ndim() == 2 || (t.ndim() == 3 && t.size(1) == 1);
@@ -275,7 +280,7 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
 #define MLAKV_FP8_LAUNCH(BF16, LOCT)                                                                       \
   launch_quant_typed<kFormat, kNope, kRope, kUsePDL, BF16, LOCT>(kv_ptr, kv_stride, n_ptr, nope_stride, r_ptr, \
                                                                  rope_stride, loc.data_ptr(), loc_stride,     \
-                                                                 n_loc, num_slots, s_ptr, w, stream)
+                                                                 n_loc, num_slots, skip_slot, s_ptr, w, stream)
   if (is_bf16) {
     if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(true, int32_t);
     else MLAKV_FP8_LAUNCH(true, int64_t);
