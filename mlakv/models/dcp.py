@@ -65,6 +65,9 @@ def dcp_backend(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+_NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def init_dcp_group(
     device: torch.device | str,
     rank: Optional[int] = None,
@@ -78,6 +81,9 @@ def init_dcp_group(
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). Collectives that wait longer than
     ``timeout_s`` fail instead of hanging.
     """
+    if torch.device(device).type == "cuda":
+        for var, off in _NO_MULTICAST.items():  # NVLink multicast stays off (it can take shared GPUs down)
+            os.environ.setdefault(var, off)
     if not dist.is_initialized():
         dist.init_process_group(
             dcp_backend(device),
