@@ -25,6 +25,8 @@ LAYOUTS = [
     (528, 64),  # uint8 528+64
     (2048, 256),  # fp32 512+64
     (512, 64),  # fp8 512+64
+    (1024, 0),  # bf16 rope-less 512+0
+    (528, 0),  # uint8 rope-less 528+0 (16-byte row, 16-byte nope vectors)
 ]
 REQUIRED = os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0")
 
@@ -73,8 +75,8 @@ def test_module_builds_and_loads(built_modules, layout):
 
 @pytest.mark.parametrize(
     "nope_bytes,rope_bytes",
-    [(1026, 128), (1024, 130), (1024, 120), (0, 64)],
-    ids=["nope-not-4", "rope-not-4", "sum-not-16", "zero"],
+    [(1026, 128), (1024, 130), (1024, 120), (0, 64), (1024, -4), (1028, 0)],
+    ids=["nope-not-4", "rope-not-4", "sum-not-16", "zero-nope", "negative-rope", "ropeless-not-16"],
 )
 def test_can_use_rejects_unsupported_widths(nope_bytes, rope_bytes):
     assert can_use_set_mla_kv_buffer(nope_bytes, rope_bytes) is False

@@ -15,6 +15,7 @@ from conftest import (
     HAS_CUDA,
     IS_SM90,
     assert_bits_equal,
+    bits,
     poisoned_buffer,
     random_loc,
     random_rows,
@@ -298,3 +299,171 @@ def test_jit_entry_rejects_unaligned_buffer_rows():
         jit_kernel.set_mla_kv_buffer(
             kv, random_loc(4, 64, torch.int64), random_rows(4, 512, torch.bfloat16), random_rows(4, 64, torch.bfloat16)
         )
+
+
+# ---- index vectors of any layout, rope-less rows, row selection (issue 9 §1/§3, 14 §1, 16 §1) ----
+
+SEL_PATHS = ["torch", "dispatch", "triton", "jit"]
+
+
+def _selected_loc(loc: torch.Tensor, num_slots: int, skip=None, world=1, rank=0) -> torch.Tensor:
+    """The reference row selection: the physical row each entry lands in, -1 where it is skipped."""
+    out = []
+    for v in loc.cpu().tolist():
+        keep = v >= 0 and v != skip and v % world == rank and v // world < num_slots
+        out.append(v // world if keep else -1)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _run_sel(path, kv, loc, nope, rope, skip=None, world=1, rank=0):
+    """Write through ``path`` with the row-selection options (rope may be None)."""
+    sel = dict(reserved_skip_index=skip, dcp_world_size=world, dcp_rank=rank)
+    if path == "torch":
+        from mlakv.mem_cache.torch_ref import set_mla_kv_buffer_torch
+
+        set_mla_kv_buffer_torch(kv, loc, nope, rope, **sel)
+    elif path == "dispatch":
+        set_mla_kv_buffer_triton(kv, loc, nope, rope, **sel)
+    elif path == "triton":
+        from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+
+        rope = nope[..., :0] if rope is None else rope
+        validate_kv_write(kv, loc, nope, rope)
+        if loc.shape[0]:
+            launch_set_kv_rows(kv, loc, nope, rope, skip_index=-1 if skip is None else skip, dcp_world_size=world, dcp_rank=rank)
+    else:
+        from mlakv import jit_kernel
+
+        es = kv.element_size()
+        rope_bytes = 0 if rope is None else rope.shape[-1] * es
+        if not jit_kernel.can_use_set_mla_kv_buffer(nope.shape[-1] * es, rope_bytes, kv.device):
+            pytest.skip("JIT kernel not usable for this layout on this device (reason logged)")
+        jit_kernel.set_mla_kv_buffer(kv, loc, nope, rope, **sel)
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def _gate_sel(path):
+    if path in ("triton", "jit"):
+        _gate(path)
+
+
+def _loc_layouts(n: int, num_slots: int) -> dict:
+    base = random_loc(2 * n + 3, num_slots, torch.int64)
+    return {
+        "strided": base[: 2 * n : 2],
+        "expanded": base[:1].expand(n),
+        "offset": base[3 : 3 + n],
+        "strided-i32": base.int()[1 : 2 * n + 1 : 2],
+        "reversed-copy": base[:n].flip(0),
+    }
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded", "offset", "strided-i32", "reversed-copy"])
+@pytest.mark.parametrize("path", SEL_PATHS)
+def test_loc_stride_is_honoured(path, layout):
+    """Entry i of ``loc`` is ``loc[i]`` as torch reads it, whatever the vector's stride or offset."""
+    _gate_sel(path)
+    n, num_slots = 24, 80
+    kv = poisoned_buffer(num_slots, 576, torch.bfloat16)
+    loc = _loc_layouts(n, num_slots)[layout]
+    nope, rope = random_rows(n, 512, torch.bfloat16), random_rows(n, 64, torch.bfloat16)
+    if layout == "expanded":  # every row targets one slot: any one may win; use one source row
+        nope, rope = nope[:1].expand(n, 512), rope[:1].expand(n, 64)
+    expected = reference_write(kv, loc, nope, rope)
+    _run_sel(path, kv, loc, nope, rope)
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("loc_kind", ["strided", "expanded", "past-view"])
+@pytest.mark.parametrize("path", ["torch", "dispatch", "triton", "jit"])
+def test_issue_example_never_writes_past_the_view(path, loc_kind):
+    """issue 9 §1: ``kv = big[:32]`` and a strided/expanded ``loc`` whose storage holds rows 40+:
+    only the rows ``loc`` names are written, and nothing past the view. A slot past the view is
+    refused (CPU, checked) or skipped (unchecked GPU)."""
+    _gate_sel(path)
+    big = poisoned_buffer(64, 576, torch.bfloat16)
+    before = bits(big.cpu()).clone()
+    kv = big[:32]
+    raw = {"strided": [1, 40, 2, 41, 3, 42], "expanded": [5, 40, 41], "past-view": [1, 40, 2]}[loc_kind]
+    loc = torch.tensor(raw, device=DEVICE)
+    loc = loc[::2] if loc_kind == "strided" else loc[:1].expand(3) if loc_kind == "expanded" else loc
+    nope, rope = random_rows(1, 512, torch.bfloat16).expand(3, 512), random_rows(1, 64, torch.bfloat16).expand(3, 64)
+    if loc_kind == "past-view" and path == "dispatch" and not HAS_CUDA:
+        with pytest.raises(IndexError, match=r"loc\[1\] = 40 is out of range .* num_slots=32"):
+            _run_sel(path, kv, loc, nope, rope)
+        assert torch.equal(bits(big.cpu()), before), "a refused call wrote"
+        return
+    _run_sel(path, kv, loc, nope, rope)
+    expected = reference_write(big[:32], _selected_loc(loc, 32), nope, rope)
+    assert_bits_equal(big[:32], expected)
+    assert torch.equal(bits(big[32:].cpu()), before[32:]), "rows past the kv_buffer view were written"
+
+
+@pytest.mark.parametrize("rope_form", ["none", "n-by-0"])
+@pytest.mark.parametrize("shape", [(512, "bf16"), (528, "u8")], ids=["bf16-512", "u8-528"])
+@pytest.mark.parametrize("path", SEL_PATHS)
+def test_rope_less_rows(path, shape, rope_form):
+    """rope_dim == 0: ``cache_k_rope`` None or ``[n, 0]``; only the nope columns are written."""
+    _gate_sel(path)
+    nope_dim, dt = shape
+    dtype = torch.bfloat16 if dt == "bf16" else torch.uint8
+    n, num_slots = 40, 64
+    kv = poisoned_buffer(num_slots, nope_dim + 16, dtype)  # wider than the row: the tail stays
+    loc = random_loc(n, num_slots, torch.int64)
+    loc[::7] = -1
+    nope = random_rows(n, nope_dim, dtype)
+    rope = None if rope_form == "none" else random_rows(n, 0, dtype)
+    expected = reference_write(kv, loc, nope, random_rows(n, 0, dtype))
+    _run_sel(path, kv, loc, nope, rope)
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("skip", [0, 5])
+@pytest.mark.parametrize("path", SEL_PATHS)
+def test_reserved_skip_index(path, skip):
+    """Rows whose loc equals ``reserved_skip_index`` are skipped, as are ``loc < 0`` rows."""
+    _gate_sel(path)
+    n, num_slots = 48, 64
+    kv = poisoned_buffer(num_slots, 576, torch.bfloat16)
+    loc = random_loc(n, num_slots, torch.int64)
+    loc[::5] = skip
+    loc[1::9] = -1
+    nope, rope = random_rows(n, 512, torch.bfloat16), random_rows(n, 64, torch.bfloat16)
+    expected = reference_write(kv, _selected_loc(loc, num_slots, skip=skip), nope, rope)
+    _run_sel(path, kv, loc, nope, rope, skip=skip)
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 0), (2, 1), (4, 3)])
+@pytest.mark.parametrize("path", SEL_PATHS)
+def test_dcp_owner_rule(path, world, rank):
+    """DCP: rank r writes only rows with loc % W == r, at row loc // W; padding and the reserved
+    slot as in the plain write. Logical slots span W times the rank's rows."""
+    _gate_sel(path)
+    n, phys = 36, 40
+    kv = poisoned_buffer(phys, 576, torch.bfloat16)
+    loc = random_loc(n, phys * world, torch.int64)
+    loc[::11] = -1
+    loc[3] = 0
+    nope, rope = random_rows(n, 512, torch.bfloat16), random_rows(n, 64, torch.bfloat16)
+    expected = reference_write(kv, _selected_loc(loc, phys, skip=0, world=world, rank=rank), nope, rope)
+    _run_sel(path, kv, loc, nope, rope, skip=0, world=world, rank=rank)
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("path", ["dispatch", "triton", "jit"])
+def test_unchecked_slot_past_the_buffer_is_skipped_on_gpu(path):
+    """Without the (syncing) bounds check a GPU write skips rows landing past the buffer: it never
+    writes outside ``kv_buffer``."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU (none present); on CPU the bounds are always checked")
+    _gate_sel(path)
+    big = poisoned_buffer(128, 576, torch.bfloat16)
+    before = bits(big.cpu()).clone()
+    kv = big[:64]
+    loc = torch.tensor([3, 64, 100, 7, 2**40], device=DEVICE)
+    nope, rope = random_rows(5, 512, torch.bfloat16), random_rows(5, 64, torch.bfloat16)
+    _run_sel(path, kv, loc, nope, rope)
+    assert_bits_equal(kv, reference_write(before[:64].view(torch.bfloat16), _selected_loc(loc, 64), nope, rope))
+    assert torch.equal(bits(big[64:].cpu()), before[64:])

@@ -93,18 +93,73 @@ def test_bounds_check_raises_index_error(via_env, monkeypatch):
     assert torch.equal(kv.view(torch.int16), before.view(torch.int16))
 
 
-def test_bounds_check_env_variable_is_read(monkeypatch):
-    """``MLAKV_CHECK_BOUNDS=1`` in a fresh interpreter turns the check on."""
+def _env_default(value: str):
+    """``kv_write._CHECK_BOUNDS_DEFAULT`` in a fresh interpreter with ``MLAKV_CHECK_BOUNDS=value``."""
+    import os
     import subprocess
     import sys
 
-    code = (
-        "import torch; from mlakv.mem_cache import set_mla_kv_buffer_triton as f\n"
-        "kv = torch.randn(4, 8); f(kv, torch.tensor([9]), torch.randn(1, 4), torch.randn(1, 4))"
-    )
-    r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "MLAKV_CHECK_BOUNDS": "1"},
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "IndexError" in r.stderr and "num_slots=4" in r.stderr
+    code = "import mlakv.mem_cache.kv_write as k; print(k._CHECK_BOUNDS_DEFAULT)"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLAKV_CHECK_BOUNDS": value},
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stdout.strip(), r.stderr
+
+
+@pytest.mark.parametrize("value,expected", [("1", "True"), ("on", "True"), ("false", "False"), ("no", "False"), ("off", "False")])
+def test_bounds_check_env_variable_is_read(value, expected):
+    """``MLAKV_CHECK_BOUNDS``: 1/true/yes/on turn the check on, 0/false/no/off/"" leave it off."""
+    rc, out, err = _env_default(value)
+    assert rc == 0 and out == expected, err
+
+
+def test_bounds_check_env_variable_rejects_unknown_values():
+    rc, _, err = _env_default("maybe")
+    assert rc != 0 and "ValueError" in err and "MLAKV_CHECK_BOUNDS='maybe'" in err
+
+
+def test_cpu_out_of_range_raises_before_any_write():
+    """CPU calls always check bounds: a slot past the buffer raises naming loc, and nothing is written
+    (no partial write of the earlier rows)."""
+    kv, loc, nope, rope = _args(num_slots=16)
+    loc[3] = 16
+    before = kv.clone()
+    with pytest.raises(IndexError, match=r"loc\[3\] = 16 is out of range .* num_slots=16"):
+        _call(kv, loc, nope, rope, check_bounds=False)
+    assert torch.equal(kv.view(torch.int16), before.view(torch.int16)), "a failed call wrote"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(1, 576, dtype=torch.bfloat16).expand(16, 576),
+        lambda: torch.zeros(16 * 8 + 576, dtype=torch.bfloat16).as_strided((16, 576), (8, 1)),
+    ],
+    ids=["expanded", "overlapping"],
+)
+def test_overlapping_buffer_rows_are_refused(make):
+    _, loc, nope, rope = _args()
+    with pytest.raises(ValueError, match=r"kv_buffer: rows overlap \(dim 0 stride \d+ < last dim 576\)"):
+        _call(make(), loc, nope, rope)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(reserved_skip_index=True), TypeError, r"reserved_skip_index must be an int or None, got bool"),
+        (dict(reserved_skip_index=1.0), TypeError, r"reserved_skip_index must be an int or None, got float"),
+        (dict(dcp_world_size=2, dcp_rank=2), ValueError, r"dcp_rank=2 must lie in \[0, dcp_world_size=2\)"),
+        (dict(dcp_world_size=0), ValueError, r"dcp_rank=0 must lie in \[0, dcp_world_size=0\)"),
+        (dict(dcp_world_size=2.0), TypeError, r"dcp_world_size must be an int, got float"),
+        (dict(dcp_world_size=2, dcp_rank=-1), ValueError, r"dcp_rank=-1 must lie"),
+    ],
+    ids=["skip-bool", "skip-float", "rank-too-big", "world-0", "world-float", "rank-negative"],
+)
+def test_bad_row_selection_options(kw, exc, match):
+    kv, loc, nope, rope = _args()
+    before = kv.clone()
+    with pytest.raises(exc, match=match):
+        _call(kv, loc, nope, rope, **kw)
+    assert torch.equal(kv.view(torch.int16), before.view(torch.int16))
 
 
 def test_padding_rows_pass_the_bounds_check():

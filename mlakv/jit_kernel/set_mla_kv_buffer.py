@@ -4,7 +4,15 @@
 ``set_mla_kv_buffer`` is the direct, checked entry; the dispatcher in
 :mod:`mlakv.mem_cache.kv_write` takes a bound writer from :func:`jit_writer`.
 One module is built per ``(nope_bytes, rope_bytes, use_pdl)``; it holds the int32/int64 loc,
-TMA/direct-store and items-per-warp variants.
+TMA/direct-store and items-per-warp variants, and exports two functions:
+
+* ``set_mla_kv_buffer(kv, loc, nope, rope, num_warps, items, use_tma, skip_index, dcp_world, dcp_rank)
+  -> bool``: checks, then launches on the current stream (False: misaligned, nothing launched);
+* ``check_set_mla_kv_buffer(kv, loc, nope, rope, dcp_world, dcp_rank) -> bool``: the launcher's
+  checks alone, on tensors of any device (the rule-book parity test calls it on CPU tensors).
+
+Validity rules come from :mod:`mlakv.mem_cache.rules` (the one rule book); the C++ launcher keeps
+its own copy of the memory-safety checks.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import logging
 from typing import Any, Callable, Optional, Union
 
 import torch
+
+from mlakv.mem_cache import rules
 
 from .loader import JitUnavailable, load_cuda_module
 from .tuning import tuning_for
@@ -33,36 +43,25 @@ _WRAPPER = """\
 #include "set_mla_kv_buffer.cuh"
 
 bool set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
-                       tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma) {{
-  return mlakv::launch_set_mla_kv_buffer<{nope}, {rope}, {pdl}>(kv, loc, nope, rope, num_warps, items, use_tma);
+                       tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma,
+                       int64_t skip_index, int64_t dcp_world, int64_t dcp_rank) {{
+  return mlakv::launch_set_mla_kv_buffer<{nope}, {rope}, {pdl}>(kv, loc, nope, rope, num_warps, items, use_tma,
+                                                                 skip_index, dcp_world, dcp_rank);
+}}
+bool check_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+                             tvm::ffi::TensorView rope, int64_t dcp_world, int64_t dcp_rank) {{
+  return mlakv::check_set_mla_kv_buffer<{nope}, {rope}>(kv, loc, nope, rope, dcp_world, dcp_rank);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_mla_kv_buffer, set_mla_kv_buffer);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_set_mla_kv_buffer, check_set_mla_kv_buffer);
 """
-
-
-def _vec_width(a: int, b: int = 0) -> int:
-    """Mirror of ``vec_width`` in the .cuh: the widest vector (16/8/4 bytes) dividing both."""
-    for v in (16, 8, 4):
-        if a % v == 0 and b % v == 0:
-            return v
-    return 4
-
-
-def _static_reason(nope_bytes: int, rope_bytes: int) -> Optional[str]:
-    if nope_bytes <= 0 or rope_bytes <= 0:
-        return f"nope_bytes={nope_bytes} and rope_bytes={rope_bytes} must be positive"
-    if nope_bytes % 4 or rope_bytes % 4:
-        return f"nope_bytes={nope_bytes} and rope_bytes={rope_bytes} must be multiples of 4"
-    if (nope_bytes + rope_bytes) % 16:
-        return f"row bytes {nope_bytes + rope_bytes} must be a multiple of 16 for a bulk store"
-    return None
 
 
 def build_set_mla_kv_buffer_module(
     nope_bytes: int, rope_bytes: int, use_pdl: bool, device_capability: Optional[tuple[int, int]] = None
 ) -> Any:
     """Compile (or load from cache) the module for one row layout; raises ``JitUnavailable``."""
-    reason = _static_reason(nope_bytes, rope_bytes)
+    reason = rules.jit_widths_reason(nope_bytes, rope_bytes)
     if reason:
         raise JitUnavailable(reason)
     src = _WRAPPER.format(nope=nope_bytes, rope=rope_bytes, pdl="true" if use_pdl else "false")
@@ -104,10 +103,11 @@ def can_use_set_mla_kv_buffer(
 ) -> bool:
     """Whether the JIT kernel serves rows of ``nope_bytes + rope_bytes`` on ``device``.
 
-    True when both widths are multiples of 4, their sum a multiple of 16, the GPU is SM90+ and the
-    module builds and loads. Otherwise False, with the reason logged once.
+    True when nope is a positive and rope a non-negative multiple of 4 bytes (0: rope-less rows),
+    their sum a multiple of 16, the GPU is SM90+ and the module builds and loads. Otherwise False,
+    with the reason logged once.
     """
-    reason = _static_reason(nope_bytes, rope_bytes)
+    reason = rules.jit_widths_reason(nope_bytes, rope_bytes)
     if reason is None:
         if not torch.cuda.is_available():
             reason = "CUDA is not available"
@@ -120,31 +120,20 @@ def can_use_set_mla_kv_buffer(
     return True
 
 
-def _row_stride_bytes(t: torch.Tensor) -> int:
-    return t.stride(0) * t.element_size()
-
-
 def jit_accepts_layout(kv_buffer: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor) -> bool:
-    """Whether these tensors' addresses and row strides meet the kernel's alignment.
-
-    kv rows start on 16-byte boundaries; nope/rope rows on their vector width.
-    """
-    es = kv_buffer.element_size()
-    nope_bytes, rope_bytes = cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es
-    vn, vr = _vec_width(nope_bytes), _vec_width(rope_bytes, nope_bytes)
-    return (
-        (kv_buffer.data_ptr() | _row_stride_bytes(kv_buffer)) % 16 == 0
-        and (cache_k_nope.data_ptr() | _row_stride_bytes(cache_k_nope)) % vn == 0
-        and (cache_k_rope.data_ptr() | _row_stride_bytes(cache_k_rope)) % vr == 0
-    )
+    """Whether these (valid) tensors' addresses and row strides suit the kernel (see
+    :func:`mlakv.mem_cache.rules.jit_layout_reason`)."""
+    return rules.jit_layout_reason(kv_buffer, cache_k_nope, cache_k_rope) is None
 
 
 def jit_writer(device: torch.device, nope_bytes: int, rope_bytes: int) -> Optional[tuple[Callable[..., bool], int]]:
     """For the dispatcher: ``(write, min_n_loc)`` for this device and row layout, or None.
 
-    ``write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool`` launches with the tuning
-    table's shape for the call's n_loc on already-validated tensors, and returns False (nothing
-    launched) when their alignment does not suit the kernel. ``min_n_loc`` is the table's threshold.
+    ``write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index, dcp_world_size, dcp_rank) -> bool``
+    launches with the tuning table's shape for the call's n_loc (``skip_index``: a loc value to
+    skip, -1 for none), and returns False (nothing launched) when the tensors' alignment does not
+    suit the kernel. It raises ``TypeError``/``ValueError`` for arguments the launcher refuses.
+    ``min_n_loc`` is the table's threshold.
     """
     if not can_use_set_mla_kv_buffer(nope_bytes, rope_bytes, device):
         return None
@@ -154,13 +143,15 @@ def jit_writer(device: torch.device, nope_bytes: int, rope_bytes: int) -> Option
     if len(tune.steps) == 1:  # one launch shape for every n_loc: bind it (this is the hot path)
         warps, items, tma = launch(0)
 
-        def write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool:
-            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, warps, items, tma)
+        def write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=-1, dcp_world_size=1, dcp_rank=0) -> bool:
+            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, warps, items, tma, skip_index, dcp_world_size, dcp_rank)
 
     else:
 
-        def write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool:
-            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, *launch(loc.shape[0]))
+        def write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=-1, dcp_world_size=1, dcp_rank=0) -> bool:
+            return fn(
+                kv_buffer, loc, cache_k_nope, cache_k_rope, *launch(loc.shape[0]), skip_index, dcp_world_size, dcp_rank
+            )
 
     return write, tune.min_n_loc
 
@@ -173,19 +164,24 @@ def set_mla_kv_buffer_unchecked(
     num_warps: int = 0,
     items_per_warp: int = 0,
     use_tma: Optional[bool] = None,
+    *,
+    reserved_skip_index: Optional[int] = None,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
 ) -> bool:
-    """Launch on already-validated arguments, with optional launch-shape overrides (0/None: the
-    tuning table's choice). Used by :func:`set_mla_kv_buffer` and the benchmark's variant sweep;
-    the dispatcher uses :func:`jit_writer`.
+    """Launch with optional launch-shape overrides (0/None: the tuning table's choice). Used by
+    :func:`set_mla_kv_buffer` and the benchmark's variant sweep; the dispatcher uses :func:`jit_writer`.
 
-    Returns False, launching nothing, when the module is unavailable or the tensors' alignment
-    does not suit the kernel (the module checks it), so the caller can fall back.
+    No Python validation (the module's launcher still checks memory safety and raises). Returns
+    False, launching nothing, when the module is unavailable or the tensors' alignment does not
+    suit the kernel, so the caller can fall back.
     """
     es = kv_buffer.element_size()
-    fn = _module_for(kv_buffer.device.index, cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es)
+    fn = _module_for(_device_index(kv_buffer.device), cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es)
     if isinstance(fn, str):
         return False
     warps, items, tma = tuning_for(kv_buffer.device).launch(loc.shape[0])
+    skip = -1 if reserved_skip_index is None else reserved_skip_index
     return bool(
         fn(
             kv_buffer,
@@ -195,6 +191,9 @@ def set_mla_kv_buffer_unchecked(
             num_warps or warps,
             items_per_warp or items,
             tma if use_tma is None else use_tma,
+            skip,
+            dcp_world_size,
+            dcp_rank,
         )
     )
 
@@ -203,44 +202,59 @@ def set_mla_kv_buffer(
     kv_buffer: torch.Tensor,
     loc: torch.Tensor,
     cache_k_nope: torch.Tensor,
-    cache_k_rope: torch.Tensor,
+    cache_k_rope: Optional[torch.Tensor],
     num_warps: int = 0,
     *,
     items_per_warp: int = 0,
     use_tma: Optional[bool] = None,
+    reserved_skip_index: Optional[int] = None,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
 ) -> None:
-    """Write ``[k_nope | k_rope]`` rows at ``loc`` with the JIT CUDA kernel (the direct entry).
+    """Write ``[k_nope | k_rope]`` rows at ``loc`` with the JIT CUDA kernel (the direct, checked entry).
 
     Args:
         kv_buffer: ``[num_slots, total]`` or ``[num_slots, 1, total]`` on an SM90+ GPU; the row
             stride and base address must be multiples of 16 bytes.
-        loc: ``[n_loc]`` int32/int64; ``loc[i] < 0`` rows are skipped.
-        cache_k_nope: ``[n_loc, (1,) nope_dim]``; cache_k_rope: ``[n_loc, (1,) rope_dim]``.
+        loc: ``[n_loc]`` int32/int64, any stride (read as ``loc[i * stride]``); ``loc[i] < 0`` and
+            ``loc[i] == reserved_skip_index`` rows are skipped, as are rows landing past
+            ``num_slots`` (unchecked).
+        cache_k_nope: ``[n_loc, (1,) nope_dim]``; cache_k_rope: ``[n_loc, (1,) rope_dim]``,
+            ``[n_loc, 0]`` or None (rope-less rows).
         num_warps: warps per CTA; 0 picks from the tuning table.
         items_per_warp: rows per warp (1, 2, 4); 0 picks from the tuning table.
         use_tma: bulk-store (True) or direct-store (False) variant; None picks from the table.
+        dcp_world_size, dcp_rank: decode context parallelism: only rows with
+            ``loc % dcp_world_size == dcp_rank`` are written, at row ``loc // dcp_world_size``.
 
     Raises ``ValueError``/``TypeError`` for bad arguments and ``RuntimeError`` if the kernel
     cannot be used here (see :func:`can_use_set_mla_kv_buffer`).
     """
-    from mlakv.mem_cache.kv_write import validate_kv_write
-
-    validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    if cache_k_rope is None and isinstance(cache_k_nope, torch.Tensor):
+        cache_k_rope = cache_k_nope[..., :0]
+    if not rules.kv_write_ok(kv_buffer, loc, cache_k_nope, cache_k_rope):
+        rules.explain_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    rules.check_dcp(dcp_world_size, dcp_rank)
     if not kv_buffer.is_cuda:
         raise ValueError(f"kv_buffer must be a CUDA tensor for the JIT kernel, got {kv_buffer.device}")
-    es = kv_buffer.element_size()
-    if _row_stride_bytes(kv_buffer) % 16 or kv_buffer.data_ptr() % 16:
-        raise ValueError(
-            f"kv_buffer: the row stride ({_row_stride_bytes(kv_buffer)} bytes) and base address must be multiples of 16 bytes"
-        )
-    if not jit_accepts_layout(kv_buffer, cache_k_nope, cache_k_rope):
-        raise ValueError(
-            "cache_k_nope/cache_k_rope: row addresses and strides must be multiples of "
-            f"{_vec_width(cache_k_nope.shape[-1] * es)}/{_vec_width(cache_k_rope.shape[-1] * es, cache_k_nope.shape[-1] * es)} bytes"
-        )
+    reason = rules.jit_layout_reason(kv_buffer, cache_k_nope, cache_k_rope)
+    if reason is not None:
+        raise ValueError(reason)
     if loc.shape[0] == 0:
         return
+    es = kv_buffer.element_size()
     if not can_use_set_mla_kv_buffer(cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es, kv_buffer.device):
         raise RuntimeError("the JIT row-write kernel cannot be used on this device/layout (reason logged)")
-    if not set_mla_kv_buffer_unchecked(kv_buffer, loc, cache_k_nope, cache_k_rope, num_warps, items_per_warp, use_tma):
+    if not set_mla_kv_buffer_unchecked(
+        kv_buffer,
+        loc,
+        cache_k_nope,
+        cache_k_rope,
+        num_warps,
+        items_per_warp,
+        use_tma,
+        reserved_skip_index=reserved_skip_index,
+        dcp_world_size=dcp_world_size,
+        dcp_rank=dcp_rank,
+    ):
         raise RuntimeError("the JIT row-write kernel refused the call (alignment); nothing was written")

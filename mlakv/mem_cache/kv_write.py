@@ -1,17 +1,25 @@
 """The KV-row write dispatcher: the one function that decides how a row write runs.
 
 ``set_mla_kv_buffer_triton(kv_buffer, loc, cache_k_nope, cache_k_rope)`` keeps the name existing
-callers know. It routes each call:
+callers know. What is valid is decided by the rule book, :mod:`mlakv.mem_cache.rules`; this module
+only routes each call:
 
-* CUDA, JIT kernel usable for this (device, dtype, widths) and ``n_loc`` at or above the GPU
-  family's threshold -> the compiled CUDA kernel (:func:`mlakv.jit_kernel.jit_writer`). This is
-  the hot path: the kernel module's launcher checks every rule below (it must, for memory safety)
-  for a fraction of the Python cost; a call it rejects is re-checked by :func:`validate_kv_write`,
-  which raises the error naming the argument, the dim and what was expected. A call whose
-  addresses do not suit the kernel's vectors falls through to Triton.
-* CUDA otherwise -> :func:`validate_kv_write`, then the Triton row kernel
-  (``BLOCK = next_pow2(nope + rope)``).
-* CPU -> :func:`validate_kv_write`, then :func:`mlakv.mem_cache.torch_ref.set_mla_kv_buffer_torch`.
+* CUDA, bounds not checked, JIT kernel usable for this (device, dtype, widths) and ``n_loc`` at or
+  above the GPU family's threshold -> the compiled CUDA kernel (:func:`mlakv.jit_kernel.jit_writer`).
+  This is the hot path: it does no Python validation; the kernel module's launcher checks every
+  rule (it must, for memory safety) for a fraction of the Python cost. A call it refuses is
+  re-checked by the rule book, which raises the error naming the argument, the dim and what was
+  expected. A call whose addresses do not suit the kernel's vectors falls through to Triton.
+* CUDA otherwise -> the rule book's check, the optional bounds check, then the JIT kernel (when
+  bounds were checked) or the Triton row kernel (``BLOCK = next_pow2(nope + rope)``).
+* CPU -> the rule book's check, the bounds check (always: it costs nothing there, and it makes a
+  bad ``loc`` raise before anything is written), then
+  :func:`mlakv.mem_cache.torch_ref.set_mla_kv_buffer_torch`.
+
+Row selection is one rule on every path: ``loc`` is read at its own stride; rows with ``loc < 0``
+(padding), ``loc == reserved_skip_index`` or, under decode context parallelism, another rank's
+``loc`` are skipped; a kept row lands at ``loc // dcp_world_size``. No path writes outside
+``kv_buffer``: unchecked GPU calls skip rows landing past it.
 
 The threshold and launch shape come from the per-GPU-family table in :mod:`mlakv.jit_kernel.tuning`;
 nothing else in the library makes the routing decision.
@@ -24,6 +32,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import rules
+from .rules import SUPPORTED_DTYPES, check_loc_bounds
 from .torch_ref import set_mla_kv_buffer_torch
 
 __all__ = [
@@ -34,72 +44,9 @@ __all__ = [
     "kv_write_path",
 ]
 
-SUPPORTED_DTYPES = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.uint8,
-    torch.int8,
-)
-_LOC_DTYPES = (torch.int32, torch.int64)
 _SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
-_LOC_SET = frozenset(_LOC_DTYPES)
-_CHECK_BOUNDS_DEFAULT = os.environ.get("MLAKV_CHECK_BOUNDS", "0") not in ("", "0")
-
-
-def _check_rows_tensor(name: str, t: object, n_what: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() == 3:
-        if t.shape[1] != 1:
-            raise ValueError(f"{name}: dim 1 of a 3-D tensor must be 1 ([{n_what}, 1, D]), got shape {tuple(t.shape)}")
-    elif t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [{n_what}, D] or 3-D [{n_what}, 1, D], got {t.dim()}-D shape {tuple(t.shape)}")
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
-
-
-def _explain_invalid(
-    kv_buffer: torch.Tensor, loc: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor
-) -> None:
-    """Find the first broken rule and raise its error (the slow path of :func:`validate_kv_write`)."""
-    _check_rows_tensor("kv_buffer", kv_buffer, "num_slots")
-    _check_rows_tensor("cache_k_nope", cache_k_nope, "n_loc")
-    _check_rows_tensor("cache_k_rope", cache_k_rope, "n_loc")
-    if not isinstance(loc, torch.Tensor):
-        raise TypeError(f"loc must be a torch.Tensor, got {type(loc).__name__}")
-    if loc.dim() != 1:
-        raise ValueError(f"loc must be 1-D [n_loc], got {loc.dim()}-D shape {tuple(loc.shape)}")
-    if loc.dtype not in _LOC_DTYPES:
-        raise TypeError(f"loc must be int32 or int64, got {loc.dtype}")
-    dtype = kv_buffer.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"kv_buffer dtype {dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
-    for name, t in (("cache_k_nope", cache_k_nope), ("cache_k_rope", cache_k_rope)):
-        if t.dtype != dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match kv_buffer dtype {dtype} (no implicit cast)")
-    device = kv_buffer.device
-    for name, t in (("loc", loc), ("cache_k_nope", cache_k_nope), ("cache_k_rope", cache_k_rope)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but kv_buffer is on {device}")
-    n_loc = loc.shape[0]
-    for name, t in (("cache_k_nope", cache_k_nope), ("cache_k_rope", cache_k_rope)):
-        if t.shape[0] != n_loc:
-            raise ValueError(f"{name}: dim 0 is {t.shape[0]} but loc has n_loc={n_loc} entries")
-    width = cache_k_nope.shape[-1] + cache_k_rope.shape[-1]
-    if width > kv_buffer.shape[-1]:
-        raise ValueError(
-            f"kv_buffer: last dim is {kv_buffer.shape[-1]} but nope_dim + rope_dim = "
-            f"{cache_k_nope.shape[-1]} + {cache_k_rope.shape[-1]} = {width} does not fit"
-        )
-    raise AssertionError("validate_kv_write: fast check failed but no rule is broken")  # pragma: no cover
-
-
-def _rows_ok(t: torch.Tensor) -> bool:
-    nd = t.ndim
-    return (nd == 2 or (nd == 3 and t.shape[1] == 1)) and (t.stride(-1) == 1 or t.shape[-1] == 1)
+# MLAKV_CHECK_BOUNDS, read once at import (an unknown value raises ValueError naming the variable).
+_CHECK_BOUNDS_DEFAULT = rules.check_bounds_default()
 
 
 def validate_kv_write(
@@ -108,51 +55,17 @@ def validate_kv_write(
     cache_k_nope: torch.Tensor,
     cache_k_rope: torch.Tensor,
 ) -> int:
-    """Check a row write's arguments and return ``n_loc``; raise ``TypeError``/``ValueError`` naming what is wrong.
+    """Check a row write's arguments against the rule book and return ``n_loc``.
 
-    Shapes: ``kv_buffer [num_slots, (1,) total]``, ``loc [n_loc]`` (int32/int64),
-    ``cache_k_nope [n_loc, (1,) nope_dim]``, ``cache_k_rope [n_loc, (1,) rope_dim]``, one dtype
-    for the three data tensors, one device for all four, ``nope_dim + rope_dim <= total``, last
-    dims contiguous. Does not look at the values of ``loc`` (see :func:`check_loc_bounds`).
-
-    The common (valid) case is one short boolean expression, since this runs on every layer's
-    write; only a failure walks the rules one by one to name the broken one.
+    Shapes: ``kv_buffer [num_slots, (1,) total]``, ``loc [n_loc]`` (int32/int64, any stride),
+    ``cache_k_nope [n_loc, (1,) nope_dim]``, ``cache_k_rope [n_loc, (1,) rope_dim]`` (``rope_dim``
+    may be 0). Raises ``TypeError``/``ValueError`` naming the argument and dim (see
+    :mod:`mlakv.mem_cache.rules`). Does not look at the values of ``loc`` (see :func:`check_loc_bounds`).
+    The valid case is one boolean expression; only a failure walks the rules one by one.
     """
-    try:
-        dtype = kv_buffer.dtype
-        device = kv_buffer.device
-        n_loc = loc.shape[0]
-        ok = (
-            cache_k_nope.dtype is dtype
-            and cache_k_rope.dtype is dtype
-            and dtype in _SUPPORTED_SET
-            and loc.dtype in _LOC_SET
-            and loc.ndim == 1
-            and cache_k_nope.shape[0] == n_loc
-            and cache_k_rope.shape[0] == n_loc
-            and cache_k_nope.shape[-1] + cache_k_rope.shape[-1] <= kv_buffer.shape[-1]
-            and _rows_ok(kv_buffer)
-            and _rows_ok(cache_k_nope)
-            and _rows_ok(cache_k_rope)
-            and loc.device == device
-            and cache_k_nope.device == device
-            and cache_k_rope.device == device
-        )
-    except (AttributeError, IndexError, TypeError):
-        ok = False
-    if not ok:
-        _explain_invalid(kv_buffer, loc, cache_k_nope, cache_k_rope)
-    return n_loc
-
-
-def check_loc_bounds(loc: torch.Tensor, num_slots: int) -> None:
-    """Raise ``IndexError`` if any ``loc[i] >= num_slots`` (negative entries are padding). Syncs on GPU."""
-    if loc.numel() == 0:
-        return
-    top = int(loc.max())
-    if top >= num_slots:
-        bad = int((loc >= num_slots).nonzero()[0, 0])
-        raise IndexError(f"loc[{bad}] = {int(loc[bad])} is out of range for kv_buffer with num_slots={num_slots}")
+    if not rules.kv_write_ok(kv_buffer, loc, cache_k_nope, cache_k_rope):
+        rules.explain_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    return loc.shape[0]
 
 
 # (device index, dtype, nope_dim, rope_dim) -> (jit writer or None, min n_loc for it)
@@ -176,74 +89,118 @@ def _jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[O
 
 
 def kv_write_path(
-    kv_buffer: torch.Tensor, loc: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: Optional[torch.Tensor],
 ) -> str:
     """Name the path the dispatcher takes for these (valid) arguments: ``torch``, ``jit`` or ``triton``."""
     if not kv_buffer.is_cuda:
         return "torch"
-    write, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
+    rope_dim = 0 if cache_k_rope is None else cache_k_rope.shape[-1]
+    write, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], rope_dim)
     if write is not None and loc.shape[0] >= min_n:
-        from mlakv import jit_kernel
-
-        if jit_kernel.jit_accepts_layout(kv_buffer, cache_k_nope, cache_k_rope):
+        rope = cache_k_nope[..., :0] if cache_k_rope is None else cache_k_rope
+        if rules.jit_layout_reason(kv_buffer, cache_k_nope, rope) is None:
             return "jit"
     return "triton"
+
+
+def _check_selection(reserved_skip_index: object, dcp_world_size: object, dcp_rank: object) -> None:
+    """Raise the error naming the bad row-selection option."""
+    if reserved_skip_index is not None and (isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)):
+        raise TypeError(f"reserved_skip_index must be an int or None, got {type(reserved_skip_index).__name__}")
+    rules.check_dcp(dcp_world_size, dcp_rank)
 
 
 def set_mla_kv_buffer_triton(
     kv_buffer: torch.Tensor,
     loc: torch.Tensor,
     cache_k_nope: torch.Tensor,
-    cache_k_rope: torch.Tensor,
+    cache_k_rope: Optional[torch.Tensor] = None,
     *,
     check_bounds: Optional[bool] = None,
+    reserved_skip_index: Optional[int] = None,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
 ) -> None:
     """Write ``[k_nope | k_rope]`` rows into ``kv_buffer`` at slots ``loc``, on the fastest correct path.
 
     Args:
-        kv_buffer: ``[num_slots, total]`` or ``[num_slots, 1, total]``, any row stride, last dim
-            contiguous, ``total >= nope_dim + rope_dim`` (columns past the row are untouched).
-        loc: ``[n_loc]`` int32 or int64 slot indices; ``loc[i] < 0`` marks a padding row (skipped).
+        kv_buffer: ``[num_slots, total]`` or ``[num_slots, 1, total]``, any row stride (rows may not
+            overlap), last dim contiguous, ``total >= nope_dim + rope_dim`` (columns past the row are
+            untouched). Only rows of this view are ever written.
+        loc: ``[n_loc]`` int32 or int64 slot indices, any stride (strided, expanded and offset
+            views are honoured: entry ``i`` is ``loc[i]`` as torch reads it). Logical slots: with
+            ``dcp_world_size > 1`` the row lands at ``loc // dcp_world_size``.
         cache_k_nope: ``[n_loc, nope_dim]`` or ``[n_loc, 1, nope_dim]``, rows may be strided.
-        cache_k_rope: ``[n_loc, rope_dim]`` or ``[n_loc, 1, rope_dim]``, rows may be strided.
-        check_bounds: raise ``IndexError`` for ``loc >= num_slots`` before launching (syncs);
-            defaults to the ``MLAKV_CHECK_BOUNDS`` environment variable.
+        cache_k_rope: ``[n_loc, rope_dim]`` or ``[n_loc, 1, rope_dim]``, rows may be strided;
+            ``[n_loc, 0]`` or None for rope-less rows.
+        check_bounds: raise ``IndexError`` before writing anything if a kept row lands at
+            ``>= num_slots`` (syncs on GPU); defaults to ``MLAKV_CHECK_BOUNDS``. Always on for CPU
+            tensors. Unchecked GPU calls skip such rows (never a write outside ``kv_buffer``).
+        reserved_skip_index: a slot value whose rows are skipped like padding (sglang's reserved
+            padding slot, 0 by default there); None: only ``loc < 0`` is padding.
+        dcp_world_size, dcp_rank: decode context parallelism: this rank writes only rows with
+            ``loc % dcp_world_size == dcp_rank``, at row ``loc // dcp_world_size``.
 
     One dtype for the three data tensors (float16, bfloat16, float32, float8 e4m3fn/e5m2, uint8,
-    int8); the copy is bit-exact. ``n_loc == 0`` returns without launching anything.
+    int8); the copy is bit-exact. ``n_loc == 0`` returns without launching anything. Duplicate
+    kept slots are undefined (any one of the rows may win).
     """
+    if cache_k_rope is None and isinstance(cache_k_nope, torch.Tensor):
+        cache_k_rope = cache_k_nope[..., :0]
+    if (
+        (reserved_skip_index is not None and type(reserved_skip_index) is not int)
+        or type(dcp_world_size) is not int
+        or type(dcp_rank) is not int
+        or not 0 <= dcp_rank < dcp_world_size
+    ):  # a few type checks on the hot path; the slow path names the bad option
+        _check_selection(reserved_skip_index, dcp_world_size, dcp_rank)
+    skip = -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
     bounds = check_bounds if check_bounds is not None else _CHECK_BOUNDS_DEFAULT
-    if not bounds and getattr(kv_buffer, "is_cuda", False) and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope):
+    if (
+        not bounds
+        and getattr(kv_buffer, "is_cuda", False)
+        and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank)
+    ):
         return
     n_loc = validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
     if n_loc == 0:
         return
-    if bounds:
-        check_loc_bounds(loc, kv_buffer.shape[0])
-    if not kv_buffer.is_cuda:
-        set_mla_kv_buffer_torch(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    on_gpu = kv_buffer.is_cuda
+    if bounds or not on_gpu:
+        check_loc_bounds(
+            loc, kv_buffer.shape[0], reserved_skip_index=None if skip < 0 else skip,
+            dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+        )
+    if not on_gpu:
+        set_mla_kv_buffer_torch(
+            kv_buffer, loc, cache_k_nope, cache_k_rope,
+            reserved_skip_index=None if skip < 0 else skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+        )
         return
-    if bounds and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope):
+    if bounds and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank):
         return
-    _launch_triton(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    from .triton_kernels import launch_set_kv_rows
+
+    launch_set_kv_rows(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank)
 
 
-def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool:
+def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank) -> bool:
     """Write through the JIT kernel if the route table allows it; False if it did not launch.
 
     This is the hot path, so it does no Python validation: the JIT module's launcher enforces
-    every rule :func:`validate_kv_write` does (it must, for memory safety) at a fraction of the
-    cost. If the launcher rejects the call, the Python validator runs to name the broken rule.
+    every rule of the rule book (it must, for memory safety) at a fraction of the cost. If the
+    launcher refuses the call, the rule book runs to name the broken rule.
     """
     try:
         write, min_n = _jit_route(kv_buffer, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
-        return write is not None and loc.shape[0] >= min_n and write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+        return (
+            write is not None
+            and loc.shape[0] >= min_n
+            and write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank)
+        )
     except (AttributeError, IndexError, TypeError, ValueError, RuntimeError):
         validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
         raise
-
-
-def _launch_triton(kv_buffer, loc, cache_k_nope, cache_k_rope) -> None:
-    from .triton_kernels import launch_set_kv_rows
-
-    launch_set_kv_rows(kv_buffer, loc, cache_k_nope, cache_k_rope)

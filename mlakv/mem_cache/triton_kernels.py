@@ -59,26 +59,39 @@ def _set_kv_rows_kernel(
     kv_row_stride,
     nope_row_stride,
     rope_row_stride,
+    loc_stride,
+    num_slots,
+    skip_index,
+    dcp_world,
+    dcp_rank,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    # One program writes one whole row: kv[loc[i], :NOPE+ROPE] = [nope[i] | rope[i]].
+    # One program writes one whole row: kv[row, :NOPE+ROPE] = [nope[i] | rope[i]], row = loc[i] // dcp_world.
     # Strides are in elements; every product is formed in int64 (slot * stride may pass 2^31).
-    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(0).to(tl.int64)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     # The source loads do not depend on loc: they are issued alongside it (one memory round trip
-    # before the store, not two), and a padding row (loc < 0) only masks off the store.
-    slot = tl.load(loc_ptr + row).to(tl.int64)
+    # before the store, not two); a skipped row only masks off the store.
+    slot = tl.load(loc_ptr + i * loc_stride).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     in_nope = offs < NOPE
-    in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-    a = tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_nope)
-    b = tl.load(rope_ptr + row * rope_row_stride + (offs - NOPE), mask=in_rope)
-    live = (tl.zeros([BLOCK], dtype=tl.int64) + slot) >= 0  # the row's loc, broadcast over the block
-    tl.store(kv_ptr + slot * kv_row_stride + offs, tl.where(in_nope, a, b), mask=(offs < NOPE + ROPE) & live)
+    a = tl.load(nope_ptr + i * nope_row_stride + offs, mask=in_nope)
+    if ROPE > 0:
+        in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
+        b = tl.load(rope_ptr + i * rope_row_stride + (offs - NOPE), mask=in_rope)
+        val = tl.where(in_nope, a, b)
+    else:
+        val = a
+    # The row selection rule (the same on every path): padding, the reserved slot and other DCP
+    # ranks' slots are skipped; so is a row landing past the buffer (never a write outside it).
+    row = slot // dcp_world  # dcp_world == 1 is specialised by Triton: no division then
+    live = (slot >= 0) & (slot != skip_index) & ((slot - row * dcp_world) == dcp_rank) & (row < num_slots)
+    live_b = (tl.zeros([BLOCK], dtype=tl.int32) + live.to(tl.int32)) != 0  # broadcast over the block
+    tl.store(kv_ptr + row * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live_b)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -88,17 +101,25 @@ def launch_set_kv_rows(
     loc: torch.Tensor,
     cache_k_nope: torch.Tensor,
     cache_k_rope: torch.Tensor,
+    *,
+    skip_index: int = -1,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
 ) -> None:
     """Launch the row kernel: grid ``(n_loc,)``, ``BLOCK = next_pow2(nope_dim + rope_dim)``.
 
     Args (validated by the dispatcher; 2-D or 3-D with a middle dim of 1):
         kv_buffer: ``[num_slots, (1,) total]``, last dim contiguous.
-        loc: ``[n_loc]`` int32/int64; negative entries are skipped.
-        cache_k_nope: ``[n_loc, (1,) nope_dim]``; cache_k_rope: ``[n_loc, (1,) rope_dim]``.
+        loc: ``[n_loc]`` int32/int64, read at its stride; rows with ``loc < 0``, ``loc ==
+            skip_index`` (-1: none) or ``loc % dcp_world_size != dcp_rank`` are skipped, the others
+            land at ``loc // dcp_world_size`` (and are skipped if that is ``>= num_slots``).
+        cache_k_nope: ``[n_loc, (1,) nope_dim]``; cache_k_rope: ``[n_loc, (1,) rope_dim]``, rope_dim may be 0.
     """
     n_loc = loc.shape[0]
     nope_dim, rope_dim = cache_k_nope.shape[-1], cache_k_rope.shape[-1]
     kv, nope, rope = (_as_triton_dtype(t) for t in (kv_buffer, cache_k_nope, cache_k_rope))
+    if rope_dim == 0:
+        rope = nope  # never read; an empty tensor's pointer may be null
     block = row_kernel_block(nope_dim, rope_dim)
     use_pdl = kv.is_cuda and _pdl_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
@@ -110,6 +131,11 @@ def launch_set_kv_rows(
         kv.stride(0),
         nope.stride(0),
         rope.stride(0),
+        loc.stride(0),
+        kv.shape[0],
+        skip_index,
+        dcp_world_size,
+        dcp_rank,
         NOPE=nope_dim,
         ROPE=rope_dim,
         BLOCK=block,
@@ -126,21 +152,23 @@ def _get_kv_rows_kernel(
     nope_out_ptr,
     rope_out_ptr,
     kv_row_stride,
+    loc_stride,
     num_slots,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # One program reads one row kv[loc[i]] and splits it into nope_out[i] and rope_out[i]. A slot
-    # outside [0, num_slots) reads nothing (its row comes out as zeros): never an illegal access.
-    row = tl.program_id(0).to(tl.int64)
-    slot = tl.load(loc_ptr + row).to(tl.int64)
+    # outside [0, num_slots) (padding or out of range) reads nothing: its row comes out as zeros.
+    i = tl.program_id(0).to(tl.int64)
+    slot = tl.load(loc_ptr + i * loc_stride).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
     valid = (slot_b >= 0) & (slot_b < num_slots)
     x = tl.load(kv_ptr + slot * kv_row_stride + offs, mask=(offs < NOPE + ROPE) & valid, other=0)
-    tl.store(nope_out_ptr + row * NOPE + offs, x, mask=offs < NOPE)
-    tl.store(rope_out_ptr + row * ROPE + (offs - NOPE), x, mask=(offs >= NOPE) & (offs < NOPE + ROPE))
+    tl.store(nope_out_ptr + i * NOPE + offs, x, mask=offs < NOPE)
+    if ROPE > 0:
+        tl.store(rope_out_ptr + i * ROPE + (offs - NOPE), x, mask=(offs >= NOPE) & (offs < NOPE + ROPE))
 
 
 def launch_get_kv_rows(
@@ -148,7 +176,8 @@ def launch_get_kv_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather ``kv_buffer[loc]`` as ``([n_loc, nope_dim], [n_loc, rope_dim])`` (new contiguous tensors).
 
-    Rows whose slot is outside ``[0, num_slots)`` come out as zeros (nothing is read for them).
+    ``kv_buffer [num_slots, (1,) total]``; ``loc [n_loc]`` int32/int64 physical rows, read at its
+    stride. Rows whose slot is outside ``[0, num_slots)`` come out as zeros (nothing is read for them).
     """
     n_loc = loc.shape[0]
     nope_out = torch.empty((n_loc, nope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
@@ -156,6 +185,8 @@ def launch_get_kv_rows(
     if n_loc == 0:
         return nope_out, rope_out
     kv, n_out, r_out = (_as_triton_dtype(t) for t in (kv_buffer, nope_out, rope_out))
+    if rope_dim == 0:
+        r_out = n_out  # never written; an empty tensor's pointer may be null
     block = row_kernel_block(nope_dim, rope_dim)
     _get_kv_rows_kernel[(n_loc,)](
         kv,
@@ -163,6 +194,7 @@ def launch_get_kv_rows(
         n_out,
         r_out,
         kv.stride(0),
+        loc.stride(0),
         kv.shape[0],
         NOPE=nope_dim,
         ROPE=rope_dim,

@@ -9,12 +9,20 @@
 //              cp.async.bulk.wait_group 0 (not .read: that frees shared memory only and would not
 //              wait for the global write);
 //   * otherwise: store the registers straight to the destination row (a plain vectorised warp copy).
-// Rows whose loc is negative are padding and are skipped. Addresses are formed in 64 bits.
+// rope may be 0 bytes wide (a rope-less row): its span then loads and stores nothing.
+//
+// Row selection (one rule, the same as the Triton and torch paths): loc is read at its own stride
+// (loc[i * loc_stride], so strided, expanded and offset index vectors are honoured). A row is
+// skipped when loc < 0 (padding), loc == skip_index (a reserved padding slot; -1 for none), or,
+// with decode context parallelism (dcp_world > 1), loc % dcp_world != dcp_rank; a kept row lands
+// at loc / dcp_world. A row landing at or past num_slots is skipped as well, so no input makes the
+// kernel write outside kv_buffer (the Python side raises IndexError for it when bounds are checked).
+// Addresses are formed in 64 bits.
 // With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait) before it reads inputs
 // and lets the next grid launch (griddepcontrol.launch_dependents) once its stores are issued.
 //
-// The host launcher (launch_set_mla_kv_buffer) sits at the end of this file; the Python loader
-// instantiates it for one (nope bytes, rope bytes, PDL) triple per module.
+// The host side (check_set_mla_kv_buffer, launch_set_mla_kv_buffer) sits at the end of this file;
+// the Python loader instantiates it for one (nope bytes, rope bytes, PDL) triple per module.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -80,13 +88,17 @@ __device__ __forceinline__ void bulk_store_row(void* gmem_dst, const void* smem_
 
 template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kUseTMA, int kItemsPerWarp, typename LocT>
 __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_stride,  // bytes
+                                         int64_t num_slots,
                                          const uint8_t* __restrict__ nope, int64_t nope_stride,
                                          const uint8_t* __restrict__ rope, int64_t rope_stride,
-                                         const LocT* __restrict__ loc, int64_t n_loc) {
+                                         const LocT* __restrict__ loc, int64_t loc_stride,  // elements
+                                         int64_t n_loc, int64_t skip_index, int64_t dcp_world,
+                                         int64_t dcp_rank) {
   constexpr int kRowBytes = kNopeBytes + kRopeBytes;
   constexpr int kSlotBytes = (kRowBytes + 15) / 16 * 16;
   constexpr int kNopeVec = vec_width(kNopeBytes);
   constexpr int kRopeVec = vec_width(kRopeBytes, kNopeBytes);  // rope lands at byte kNopeBytes
+  static_assert(kNopeBytes > 0 && kRopeBytes >= 0, "nope must be non-empty");
   static_assert(kNopeBytes % 4 == 0 && kRopeBytes % 4 == 0, "widths must be multiples of 4 bytes");
   static_assert(!kUseTMA || kRowBytes % 16 == 0, "a bulk copy moves a multiple of 16 bytes");
 
@@ -107,7 +119,13 @@ __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_st
     const int64_t item = first + k;
     slot[k] = -1;
     if (item < n_loc) {
-      slot[k] = static_cast<int64_t>(loc[item]);
+      int64_t s = static_cast<int64_t>(loc[item * loc_stride]);
+      bool live = s >= 0 && s != skip_index;
+      if (dcp_world > 1) {
+        live = live && (s % dcp_world) == dcp_rank;
+        s /= dcp_world;
+      }
+      slot[k] = (live && s < num_slots) ? s : -1;
       n_regs[k].load(nope + item * nope_stride, lane);
       r_regs[k].load(rope + item * rope_stride, lane);
     }
@@ -147,17 +165,27 @@ __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_st
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host launcher. Python has validated shapes, dtypes, devices and alignment; this re-checks the
-// facts the kernel's memory safety rests on and fails with a Python exception, never a fault.
+// Host launcher. It re-checks every fact the kernel's memory safety rests on and fails with a
+// Python exception, never a fault.
 // ---------------------------------------------------------------------------------------------
+// The kernel's arguments, gathered once by the launcher (strides in bytes except loc_stride).
+struct RowArgs {
+  uint8_t* kv;
+  int64_t kv_stride, num_slots;
+  const uint8_t* nope;
+  int64_t nope_stride;
+  const uint8_t* rope;
+  int64_t rope_stride;
+  const void* loc;
+  int64_t loc_stride, n_loc, skip_index, dcp_world, dcp_rank;
+};
+
 template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kUseTMA, int kItems, typename LocT>
-void launch_variant(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t nope_stride,
-                    const uint8_t* rope, int64_t rope_stride, const void* loc, int64_t n_loc, int num_warps,
-                    cudaStream_t stream) {
+void launch_variant(const RowArgs& a, int num_warps, cudaStream_t stream) {
   constexpr int kSlotBytes = (kNopeBytes + kRopeBytes + 15) / 16 * 16;
   const int64_t items_per_cta = static_cast<int64_t>(num_warps) * kItems;
-  const int64_t blocks = (n_loc + items_per_cta - 1) / items_per_cta;
-  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
+  const int64_t blocks = (a.n_loc + items_per_cta - 1) / items_per_cta;
+  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << a.n_loc << " needs too many blocks";
   const size_t smem = kUseTMA ? static_cast<size_t>(items_per_cta) * kSlotBytes : 0;
   auto kernel = set_mla_kv_buffer_kernel<kNopeBytes, kRopeBytes, kUsePDL, kUseTMA, kItems, LocT>;
   if (smem > 48 * 1024) {
@@ -174,17 +202,15 @@ void launch_variant(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t
   attr[0].val.programmaticStreamSerializationAllowed = kUsePDL ? 1 : 0;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, kernel, kv, kv_stride, nope, nope_stride, rope, rope_stride,
-                                              static_cast<const LocT*>(loc), n_loc));
+  TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, kernel, a.kv, a.kv_stride, a.num_slots, a.nope, a.nope_stride,
+                                              a.rope, a.rope_stride, static_cast<const LocT*>(a.loc), a.loc_stride,
+                                              a.n_loc, a.skip_index, a.dcp_world, a.dcp_rank));
 }
 
 template <int kNopeBytes, int kRopeBytes, bool kUsePDL, typename LocT>
-void launch_loc(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t nope_stride, const uint8_t* rope,
-                int64_t rope_stride, const void* loc, int64_t n_loc, int num_warps, int items, bool use_tma,
-                cudaStream_t stream) {
-#define MLAKV_LAUNCH(TMA, ITEMS)                                                                         \
-  launch_variant<kNopeBytes, kRopeBytes, kUsePDL, TMA, ITEMS, LocT>(kv, kv_stride, nope, nope_stride, rope, \
-                                                                    rope_stride, loc, n_loc, num_warps, stream)
+void launch_loc(const RowArgs& a, int num_warps, int items, bool use_tma, cudaStream_t stream) {
+#define MLAKV_LAUNCH(TMA, ITEMS) \
+  launch_variant<kNopeBytes, kRopeBytes, kUsePDL, TMA, ITEMS, LocT>(a, num_warps, stream)
   constexpr bool kTMAOk = (kNopeBytes + kRopeBytes) % 16 == 0;
   if (use_tma && kTMAOk) {
     if (items == 1) MLAKV_LAUNCH(kTMAOk, 1);
@@ -198,70 +224,99 @@ void launch_loc(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t nop
 #undef MLAKV_LAUNCH
 }
 
-inline int64_t row_stride_bytes(const tvm::ffi::TensorView& t) {
-  return t.stride(0) * static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
+inline int64_t elem_bytes(const tvm::ffi::TensorView& t) {
+  return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
+}
+inline int64_t row_stride_bytes(const tvm::ffi::TensorView& t) { return t.stride(0) * elem_bytes(t); }
+inline uint8_t* address(const tvm::ffi::TensorView& t) {
+  return static_cast<uint8_t*>(t.data_ptr()) + t.byte_offset();
 }
 
-// kv: [num_slots, (1,) total]; loc: [n_loc] int32/int64; nope: [n_loc, (1,) nope]; rope: [n_loc, (1,) rope].
-// num_warps in {1,2,4,8,16,32}; items in {1,2,4}; use_tma selects the bulk-store variant.
-// Returns false, launching nothing, when the addresses or row strides do not suit the kernel's
-// vector widths (kv rows on 16 bytes, nope/rope rows on their vector width): the caller falls back.
-template <int kNopeBytes, int kRopeBytes, bool kUsePDL>
-bool launch_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
-                              tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma) {
-  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
+// The launcher's own copy of the rules (mlakv/mem_cache/rules.py is the rule book; tests/test_rules.py
+// asserts the two accept and refuse the same layouts). It does not trust its caller: every fact the
+// kernel's memory safety rests on is checked here. Raises (TypeError/ValueError) for invalid
+// arguments; returns false when they are valid but their addresses or row strides do not suit the
+// kernel's vectors (kv rows on 16 bytes, nope/rope rows on their vector width): the caller falls
+// back to another path. Does not require CUDA tensors (the parity test runs it on CPU tensors).
+// kv: [num_slots, (1,) total]; loc: [n_loc] int32/int64, any stride; nope: [n_loc, (1,) nope];
+// rope: [n_loc, (1,) rope] (rope may be 0 wide).
+template <int kNopeBytes, int kRopeBytes>
+bool check_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+                             tvm::ffi::TensorView rope, int64_t dcp_world, int64_t dcp_rank) {
   const auto rows_ok = [](const tvm::ffi::TensorView& t) {
     return t.ndim() == 2 || (t.ndim() == 3 && t.size(1) == 1);
   };
   TVM_FFI_CHECK(rows_ok(kv) && rows_ok(nope) && rows_ok(rope), ValueError)
       << "kv_buffer/cache_k_nope/cache_k_rope must be 2-D [n, d] or 3-D [n, 1, d]";
+  const auto last_ok = [](const tvm::ffi::TensorView& t) { return t.size(-1) <= 1 || t.stride(-1) == 1; };
+  TVM_FFI_CHECK(last_ok(kv) && last_ok(nope) && last_ok(rope), ValueError)
+      << "kv_buffer/cache_k_nope/cache_k_rope: the last dim must be contiguous";
+  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
+  TVM_FFI_CHECK(loc.dtype().code == kDLInt && (loc.dtype().bits == 32 || loc.dtype().bits == 64) &&
+                    loc.dtype().lanes == 1,
+                TypeError)
+      << "loc must be int32 or int64";
+  const DLDataType dt = kv.dtype();
+  const bool supported = dt.lanes == 1 && ((dt.code == kDLFloat && (dt.bits == 16 || dt.bits == 32)) ||
+                                           (dt.code == kDLBfloat && dt.bits == 16) ||
+                                           ((dt.code == kDLUInt || dt.code == kDLInt) && dt.bits == 8) ||
+                                           dt.code == kDLFloat8_e4m3fn || dt.code == kDLFloat8_e5m2);
+  TVM_FFI_CHECK(supported, TypeError) << "kv_buffer dtype is not supported (float16, bfloat16, float32, "
+                                         "float8 e4m3fn/e5m2, uint8, int8)";
+  TVM_FFI_CHECK(kv.dtype() == nope.dtype() && kv.dtype() == rope.dtype(), TypeError)
+      << "kv_buffer, cache_k_nope and cache_k_rope must share one dtype";
   const DLDevice dev = kv.device();
   const auto on_dev = [&dev](const tvm::ffi::TensorView& t) {
     return t.device().device_type == dev.device_type && t.device().device_id == dev.device_id;
   };
-  TVM_FFI_CHECK(dev.device_type == kDLCUDA && on_dev(loc) && on_dev(nope) && on_dev(rope), ValueError)
-      << "kv_buffer, loc, cache_k_nope and cache_k_rope must be on one CUDA device";
+  TVM_FFI_CHECK(on_dev(loc) && on_dev(nope) && on_dev(rope), ValueError)
+      << "kv_buffer, loc, cache_k_nope and cache_k_rope must be on one device";
   const int64_t n_loc = loc.size(0);
-  TVM_FFI_CHECK(loc.dtype().code == kDLInt && (loc.dtype().bits == 32 || loc.dtype().bits == 64), TypeError)
-      << "loc must be int32 or int64";
   TVM_FFI_CHECK(nope.size(0) == n_loc && rope.size(0) == n_loc, ValueError)
       << "cache_k_nope/cache_k_rope: dim 0 must equal n_loc=" << n_loc;
-  TVM_FFI_CHECK(kv.dtype() == nope.dtype() && kv.dtype() == rope.dtype(), TypeError)
-      << "kv_buffer, cache_k_nope and cache_k_rope must share one dtype";
-  TVM_FFI_CHECK(kv.stride(-1) == 1 && nope.stride(-1) == 1 && rope.stride(-1) == 1, ValueError)
-      << "kv_buffer/cache_k_nope/cache_k_rope: the last dim must be contiguous";
-  const int64_t elem = (kv.dtype().bits * kv.dtype().lanes + 7) / 8;
+  const int64_t elem = elem_bytes(kv);
   TVM_FFI_CHECK(nope.size(-1) * elem == kNopeBytes && rope.size(-1) * elem == kRopeBytes, ValueError)
       << "this module was built for " << kNopeBytes << " + " << kRopeBytes << " bytes, got "
       << nope.size(-1) * elem << " + " << rope.size(-1) * elem;
   TVM_FFI_CHECK(kv.size(-1) * elem >= kNopeBytes + kRopeBytes, ValueError)
       << "kv_buffer: last dim holds " << kv.size(-1) * elem << " bytes, the row needs " << kNopeBytes + kRopeBytes;
+  TVM_FFI_CHECK(kv.size(0) <= 1 || kv.stride(0) >= kv.size(-1), ValueError)
+      << "kv_buffer: rows overlap (dim 0 stride " << kv.stride(0) << " < last dim " << kv.size(-1) << ")";
+  TVM_FFI_CHECK(dcp_world >= 1 && dcp_rank >= 0 && dcp_rank < dcp_world, ValueError)
+      << "dcp_rank=" << dcp_rank << " must lie in [0, dcp_world_size=" << dcp_world << ")";
+  constexpr int kNopeVec = vec_width(kNopeBytes), kRopeVec = vec_width(kRopeBytes, kNopeBytes);
+  const auto misaligned = [](const tvm::ffi::TensorView& t, int vec) {
+    return ((reinterpret_cast<uintptr_t>(address(t)) | static_cast<uintptr_t>(row_stride_bytes(t))) % vec) != 0;
+  };
+  return !(misaligned(kv, 16) || misaligned(nope, kNopeVec) || (kRopeBytes > 0 && misaligned(rope, kRopeVec)));
+}
+
+// Checks (above), then launches on the current stream. num_warps in {1,2,4,8,16,32}; items in
+// {1,2,4}; use_tma selects the bulk-store variant; skip_index: a loc value to skip (-1: none);
+// dcp_world/dcp_rank: the decode-context-parallel owner rule (1/0: every row). Returns false,
+// launching nothing, when the alignment does not suit the kernel.
+template <int kNopeBytes, int kRopeBytes, bool kUsePDL>
+bool launch_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+                              tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma,
+                              int64_t skip_index, int64_t dcp_world, int64_t dcp_rank) {
+  const bool aligned = check_set_mla_kv_buffer<kNopeBytes, kRopeBytes>(kv, loc, nope, rope, dcp_world, dcp_rank);
+  TVM_FFI_CHECK(kv.device().device_type == kDLCUDA, ValueError) << "kv_buffer must be a CUDA tensor";
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32 && (num_warps & (num_warps - 1)) == 0, ValueError)
       << "num_warps must be a power of two in [1, 32], got " << num_warps;
   TVM_FFI_CHECK(items == 1 || items == 2 || items == 4, ValueError) << "items per warp must be 1, 2 or 4";
-  const int64_t kv_stride = row_stride_bytes(kv), nope_stride = row_stride_bytes(nope);
-  const int64_t rope_stride = row_stride_bytes(rope);
-  constexpr int kNopeVec = vec_width(kNopeBytes), kRopeVec = vec_width(kRopeBytes, kNopeBytes);
-  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
-  if (((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16) || ((addr(nope) | static_cast<uintptr_t>(nope_stride)) % kNopeVec) ||
-      ((addr(rope) | static_cast<uintptr_t>(rope_stride)) % kRopeVec)) {
-    return false;
-  }
+  if (!aligned) return false;
+  const int64_t n_loc = loc.size(0);
   if (n_loc == 0) return true;
-  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
-  auto* kv_ptr = static_cast<uint8_t*>(kv.data_ptr());
-  const auto* nope_ptr = static_cast<const uint8_t*>(nope.data_ptr());
-  const auto* rope_ptr = static_cast<const uint8_t*>(rope.data_ptr());
+  const RowArgs a{address(kv),        row_stride_bytes(kv), kv.size(0), address(nope), row_stride_bytes(nope),
+                  address(rope),      row_stride_bytes(rope), address(loc), loc.stride(0), n_loc,
+                  skip_index < 0 ? -1 : skip_index, dcp_world, dcp_rank};
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, kv.device().device_id));
   if (loc.dtype().bits == 32) {
-    launch_loc<kNopeBytes, kRopeBytes, kUsePDL, int32_t>(kv_ptr, kv_stride, nope_ptr,
-                                                         nope_stride, rope_ptr, rope_stride,
-                                                         loc.data_ptr(), n_loc, static_cast<int>(num_warps),
-                                                         static_cast<int>(items), use_tma, stream);
+    launch_loc<kNopeBytes, kRopeBytes, kUsePDL, int32_t>(a, static_cast<int>(num_warps), static_cast<int>(items),
+                                                         use_tma, stream);
   } else {
-    launch_loc<kNopeBytes, kRopeBytes, kUsePDL, int64_t>(kv_ptr, kv_stride, nope_ptr,
-                                                         nope_stride, rope_ptr, rope_stride,
-                                                         loc.data_ptr(), n_loc, static_cast<int>(num_warps),
-                                                         static_cast<int>(items), use_tma, stream);
+    launch_loc<kNopeBytes, kRopeBytes, kUsePDL, int64_t>(a, static_cast<int>(num_warps), static_cast<int>(items),
+                                                         use_tma, stream);
   }
   return true;
 }
