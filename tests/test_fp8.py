@@ -573,3 +573,129 @@ def test_gpu_write_under_cuda_graph_reads_k_scale_each_replay(fmt):
     torch.cuda.synchronize()
     k = 0.125 if fmt == "per_tensor" else None
     assert_rows_equal(kv, expected_buffer(before, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k)))
+
+
+# ---- the pool -------------------------------------------------------------------------------------
+def fp8_pool(fmt, size=62, page_size=2, layer_num=2, k_scale=None):
+    from mlakv.mem_cache import MLATokenToKVPool
+
+    if fmt == "per_tensor" and k_scale is None:
+        k_scale = K_SCALE
+    return MLATokenToKVPool(size, page_size, torch.float8_e4m3fn, NOPE, ROPE, layer_num, DEVICE,
+                            kv_cache_format=fmt, k_scale=k_scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt,dtype,width", [("per_tensor", torch.float8_e4m3fn, 576), ("ds_mla", torch.uint8, 656)])
+def test_pool_key_buffer_is_the_stored_rows(fmt, dtype, width):
+    pool = fp8_pool(fmt)
+    kv = pool.get_key_buffer(1)
+    assert kv.dtype == dtype and tuple(kv.shape) == (pool.num_slots, 1, width)
+    assert pool.row_bytes() == width
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("src_dtype", SRC_DTYPES)
+@pytest.mark.parametrize("full_row", [False, True])
+def test_pool_write_quantizes_and_gather_dequantizes(fmt, src_dtype, full_row):
+    pool = fp8_pool(fmt)
+    for b in pool.kv_buffer:
+        b.random_(0, 256)
+    nope, rope = make_sources(5, src_dtype, seed=16)
+    loc = torch.tensor([3, 0, 9, -1, 40], device=DEVICE)  # slot 0 is the reserved dummy: skipped
+    before = pool.kv_buffer[1].cpu().clone()
+    if full_row:
+        pool.set_kv_buffer(1, loc, torch.cat([nope, rope], dim=1), None)
+    else:
+        pool.set_kv_buffer(1, loc, nope, rope)
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu"))
+    keep = torch.tensor([0, 2, 4])
+    assert_rows_equal(pool.kv_buffer[1], expected_buffer(before, loc.cpu()[keep], rows[keep]))
+    got = pool.get_mla_kv_buffer(1, loc[keep])
+    ref = dequantize_mla_rows(rows[keep], fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+    assert got[0].dtype == torch.bfloat16
+    assert torch.equal(bits_of(got[0]), bits_of(ref[0])) and torch.equal(bits_of(got[1]), bits_of(ref[1]))
+
+
+def test_pool_per_tensor_k_scale_tensor_is_kept_by_reference():
+    scale = torch.tensor([0.5], device=DEVICE)
+    pool = fp8_pool("per_tensor", k_scale=scale)
+    nope, rope = make_sources(2, torch.bfloat16, seed=17)
+    loc = torch.tensor([4, 5], device=DEVICE)
+    scale.fill_(0.25)
+    pool.set_kv_buffer(0, loc, nope, rope)
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), "per_tensor", 0.25)
+    assert torch.equal(pool.kv_buffer[0][4:6, 0].cpu(), rows.view(torch.uint8))
+
+
+def test_pool_per_tensor_takes_already_quantized_rows_as_bytes():
+    pool = fp8_pool("per_tensor")
+    raw = torch.randint(0, 256, (2, NOPE + ROPE), dtype=torch.uint8).view(torch.float8_e4m3fn).to(DEVICE)
+    pool.set_kv_buffer(0, torch.tensor([4, 5], device=DEVICE), raw[:, :NOPE], raw[:, NOPE:])
+    assert torch.equal(pool.kv_buffer[0][4:6, 0].cpu(), raw.cpu().view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(dtype=torch.bfloat16, kv_cache_format="ds_mla"), TypeError, "needs dtype=torch.float8_e4m3fn"),
+        (dict(kv_cache_format="per_tensor"), ValueError, "k_scale is required"),
+        (dict(kv_cache_format="ds_mla", k_scale=1.0), ValueError, "k_scale must be None"),
+        (dict(kv_cache_format=None, k_scale=1.0), ValueError, "k_scale is only used"),
+        (dict(kv_cache_format="fp4"), ValueError, "kv_cache_format must be one of"),
+        (dict(kv_cache_format="ds_mla", kv_lora_rank=320), ValueError, "kv_lora_rank % 128"),
+        (dict(kv_cache_format="ds_mla", dcp_world_size=2, dcp_rank=0), ValueError, "dcp_world_size=2"),
+    ],
+)
+def test_pool_refuses_bad_fp8_settings(kwargs, exc, match):
+    from mlakv.mem_cache import MLATokenToKVPool
+
+    args = dict(size=62, page_size=2, dtype=torch.float8_e4m3fn, kv_lora_rank=NOPE, qk_rope_head_dim=ROPE,
+                layer_num=1, device=DEVICE)  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        MLATokenToKVPool(**args)
+
+
+def test_pool_ds_mla_refuses_fp8_sources():
+    pool = fp8_pool("ds_mla")
+    raw = torch.zeros(1, NOPE + ROPE, dtype=torch.float8_e4m3fn, device=DEVICE)
+    with pytest.raises(TypeError, match="k_nope dtype must be one of"):
+        pool.set_kv_buffer(0, torch.tensor([3], device=DEVICE), raw[:, :NOPE], raw[:, NOPE:])
+
+
+# ---- HiCache: host pool (L2) and file storage (L3) carry quantized rows unchanged -------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_hicache_and_storage_round_trip_quantized_rows(fmt, tmp_path):
+    from mlakv.mem_cache import LocalFileStorage, MLATokenToKVPoolHost
+
+    page = 4
+    pool = fp8_pool(fmt, size=60, page_size=page)
+    host = MLATokenToKVPoolHost(pool, host_to_device_ratio=2.0, layout="page_first")
+    dev_slots = torch.arange(page, 3 * page)  # pages 1 and 2 (page 0 holds the reserved slot)
+    written = {}
+    for layer in range(pool.layer_num):
+        nope, rope = make_sources(dev_slots.numel(), torch.bfloat16, seed=20 + layer)
+        pool.set_kv_buffer(layer, dev_slots.to(DEVICE), nope, rope)
+        written[layer] = pool.kv_buffer[layer][dev_slots.to(DEVICE)].cpu().clone()
+    hslots = host.alloc(dev_slots.numel())
+    host.backup_from_device_all_layer(pool, hslots, dev_slots.to(DEVICE))
+    host.synchronize()
+    store = LocalFileStorage(tmp_path, host.page_bytes, fsync=False)
+    first = [int(hslots[i]) for i in range(0, hslots.numel(), page)]
+    for i, h in enumerate(first):
+        store.set(f"page{i}", host.get_page_bytes(h))
+    host.clear()
+    hslots2 = host.alloc(dev_slots.numel())
+    for i in range(len(first)):
+        host.set_page_bytes(int(hslots2[i * page]), store.get(f"page{i}"))
+    for b in pool.kv_buffer:
+        b.random_(0, 256)
+    new_slots = torch.arange(5 * page, 7 * page)
+    for layer in range(pool.layer_num):
+        host.load_to_device_per_layer(pool, hslots2, new_slots.to(DEVICE), layer)
+        if HAS_CUDA:
+            host.wait_until_layer_ready(layer)
+        assert torch.equal(pool.kv_buffer[layer][new_slots.to(DEVICE)].cpu(), written[layer]), f"layer {layer}"
+        nope, rope = pool.get_mla_kv_buffer(layer, new_slots.to(DEVICE))
+        ref = dequantize_mla_rows(written[layer], fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+        assert torch.equal(bits_of(nope), bits_of(ref[0])) and torch.equal(bits_of(rope), bits_of(ref[1]))

@@ -60,6 +60,7 @@ __all__ = [
     "get_mla_kv_buffer_dequant",
     "fp8_write_path",
     "scale_tensor",
+    "check_pool_fp8",
 ]
 
 KV_CACHE_FORMATS = ("per_tensor", "ds_mla")
@@ -106,7 +107,9 @@ def scale_tensor(k_scale: Union[float, torch.Tensor], device: torch.device) -> t
     if isinstance(k_scale, torch.Tensor):
         if k_scale.dtype != torch.float32 or k_scale.numel() != 1:
             raise TypeError(f"k_scale tensor must be 1-element float32, got {k_scale.dtype} shape {tuple(k_scale.shape)}")
-        if k_scale.device != device:
+        if k_scale.device.type != device.type or (
+            k_scale.device.index != device.index and None not in (k_scale.device.index, device.index)
+        ):
             raise ValueError(f"k_scale is on {k_scale.device} but kv_buffer is on {device}")
         return k_scale.reshape(1)
     if isinstance(k_scale, bool) or not isinstance(k_scale, (float, int)):
@@ -119,6 +122,34 @@ def scale_tensor(k_scale: Union[float, torch.Tensor], device: torch.device) -> t
     if t is None:
         t = _SCALES[key] = torch.tensor([v], dtype=torch.float32, device=device)
     return t
+
+
+def check_pool_fp8(
+    kv_cache_format: Optional[str],
+    k_scale: Union[float, torch.Tensor, None],
+    dtype: torch.dtype,
+    kv_lora_rank: int,
+    rope_dim: int,
+    dcp_world_size: int,
+    device: torch.device,
+) -> Optional[torch.Tensor]:
+    """The pool's fp8 settings check: returns the ``k_scale`` tensor the kernels read (per_tensor) or None.
+
+    ``kv_cache_format=None`` needs ``k_scale=None``; a format needs ``dtype=torch.float8_e4m3fn``,
+    widths the format can hold, no decode context parallelism, and ``k_scale`` as the format
+    wants (see :func:`scale_tensor`). A tensor ``k_scale`` is kept by reference: writing a new
+    value into it changes the scale of later writes and gathers (CUDA graphs included).
+    """
+    if kv_cache_format is None:
+        if k_scale is not None:
+            raise ValueError("k_scale is only used with kv_cache_format='per_tensor'")
+        return None
+    check_fp8_format(kv_cache_format, kv_lora_rank, rope_dim)
+    if dtype != torch.float8_e4m3fn:
+        raise TypeError(f"kv_cache_format={kv_cache_format!r} needs dtype=torch.float8_e4m3fn, got {dtype}")
+    if dcp_world_size != 1:
+        raise ValueError(f"kv_cache_format={kv_cache_format!r} does not support dcp_world_size={dcp_world_size} (needs 1)")
+    return _check_k_scale(kv_cache_format, k_scale, device)
 
 
 def _rows2d(t: torch.Tensor) -> torch.Tensor:

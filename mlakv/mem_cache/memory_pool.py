@@ -16,6 +16,8 @@ import torch
 from . import rules
 from .kv_write import _CHECK_BOUNDS_DEFAULT, set_mla_kv_buffer_triton
 from .torch_ref import get_mla_kv_buffer_torch
+from .fp8 import SOURCE_DTYPES as _FP8_SOURCE_DTYPES
+from .fp8 import check_pool_fp8, fp8_row_bytes, get_mla_kv_buffer_dequant, set_mla_kv_buffer_quant
 from . import custom_ops as _ops  # registers the torch.ops.mlakv.* ops the pool uses under torch.compile
 
 __all__ = ["MLATokenToKVPool", "FP8_DTYPES"]
@@ -71,6 +73,13 @@ class MLATokenToKVPool:
             True/False override it. CPU pools always check.
         dcp_world_size: decode-context-parallel ranks sharing the logical slot space (1: off).
         dcp_rank: this pool's rank in ``[0, dcp_world_size)``.
+        kv_cache_format: None (default: rows are exact copies of ``dtype``), ``"per_tensor"`` or
+            ``"ds_mla"`` (with ``dtype=torch.float8_e4m3fn``; see :mod:`mlakv.mem_cache.fp8`): bf16/fp16
+            sources are quantized inside the write, :meth:`get_mla_kv_buffer` dequantizes in the gather.
+            ``ds_mla`` rows are ``kv_lora_rank + 4 * kv_lora_rank / 128 + 2 * rope`` bytes (656 for
+            512 + 64) and :meth:`get_key_buffer` returns them as uint8.
+        k_scale: per_tensor's scale: a positive float, or a 1-element fp32 tensor on ``device`` (kept
+            by reference, so it may change between writes and CUDA-graph replays).
 
     Raises ``TypeError`` for an unsupported dtype and ``MemoryError`` (naming the sizes) when the
     buffers do not fit in the device's free memory, before allocating anything.
@@ -91,6 +100,8 @@ class MLATokenToKVPool:
         check_bounds: Optional[bool] = None,
         dcp_world_size: int = 1,
         dcp_rank: int = 0,
+        kv_cache_format: Optional[str] = None,
+        k_scale: Union[float, torch.Tensor, None] = None,
     ) -> None:
         if not isinstance(dtype, torch.dtype) or dtype not in rules.SUPPORTED_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported for a KV pool; expected one of {rules.SUPPORTED_DTYPES}")
@@ -112,6 +123,12 @@ class MLATokenToKVPool:
         self.kv_cache_dim = kv_lora_rank + qk_rope_head_dim
         self.layer_num = layer_num
         self.device = torch.device(device)
+        self.kv_cache_format = kv_cache_format
+        self.k_scale = check_pool_fp8(
+            kv_cache_format, k_scale, dtype, kv_lora_rank, qk_rope_head_dim, dcp_world_size, self.device
+        )
+        if kv_cache_format == "ds_mla":  # the stored row is the format's bytes, wider than the values
+            self.kv_cache_dim = fp8_row_bytes(kv_cache_format, kv_lora_rank, qk_rope_head_dim)
         self.start_layer = 0 if start_layer is None else start_layer
         self.end_layer = self.start_layer + layer_num if end_layer is None else end_layer
         if self.end_layer - self.start_layer != layer_num:
@@ -141,6 +158,8 @@ class MLATokenToKVPool:
         # Views in the pool dtype, made once: writes pass them with sources of the same dtype, so
         # an fp8 pool pays no per-call dtype views (the kernels copy bytes either way).
         self._dtype_views = [b.view(dtype) if self._store_view else b for b in self.kv_buffer]
+        if kv_cache_format == "ds_mla":  # mixed bytes (e4m3, fp32 scales, bf16): attention reads uint8
+            self._dtype_views = list(self.kv_buffer)
 
     # ---- layer lookup -------------------------------------------------------------------
     def _local_layer(self, layer: LayerRef) -> int:
@@ -180,8 +199,14 @@ class MLATokenToKVPool:
         (``< 0``) gives a zero row; a slot ``>= num_slots`` raises ``IndexError`` when bounds are
         checked (always on CPU; on GPU with ``check_bounds=True`` or ``MLAKV_CHECK_BOUNDS=1``,
         which syncs) and gives a zero row otherwise; nothing is ever read outside the buffer.
-        The result is in the pool ``dtype``, or cast to ``dst_dtype`` when given.
+        The result is in the pool ``dtype``, or cast to ``dst_dtype`` when given. An fp8-format
+        pool (``kv_cache_format``) dequantizes in the gather (fused) to ``dst_dtype``, default bf16.
         """
+        if self.kv_cache_format is not None:
+            return get_mla_kv_buffer_dequant(
+                self.kv_buffer[self._local_layer(layer)], loc, self.kv_cache_format, self.kv_lora_rank,
+                self.qk_rope_head_dim, self.k_scale, dst_dtype or torch.bfloat16, check_bounds=self.check_bounds,
+            )  # fmt: skip
         if torch.compiler.is_compiling():  # one opaque op node: no graph break, same rule (custom_ops.gather_rows)
             nope, rope = _ops.get_mla_kv_buffer_op(
                 self.kv_buffer[self._local_layer(layer)], loc, self.kv_lora_rank, self.qk_rope_head_dim,
@@ -234,6 +259,14 @@ class MLATokenToKVPool:
         """
         buf = self._dtype_views[self._local_layer(layer)]
         cache_k_nope, cache_k_rope = self._split_row_sources(cache_k, cache_v)
+        if self.kv_cache_format is not None and (
+            cache_k_nope.dtype in _FP8_SOURCE_DTYPES or self.kv_cache_format == "ds_mla"
+        ):  # quantize in the write (per_tensor also takes already-quantized e4m3 rows below)
+            set_mla_kv_buffer_quant(
+                self.kv_buffer[self._local_layer(layer)], loc, cache_k_nope, cache_k_rope, self.kv_cache_format,
+                self.k_scale, check_bounds=self.check_bounds, reserved_skip_index=RESERVED_SLOT,
+            )  # fmt: skip
+            return
         if cache_k_nope.dtype is not self.dtype or cache_k_rope.dtype is not self.dtype:
             raise TypeError(
                 f"cache_k_nope/cache_k_rope must be {self.dtype} (the pool dtype), got "
@@ -260,7 +293,7 @@ class MLATokenToKVPool:
         for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        nope, rope, full = self.kv_lora_rank, self.qk_rope_head_dim, self.kv_cache_dim
+        nope, rope, full = self.kv_lora_rank, self.qk_rope_head_dim, self.kv_lora_rank + self.qk_rope_head_dim
         width = cache_k.shape[-1] if cache_k.dim() else -1
         if width == full and (rope == 0 or cache_v is None or cache_v.shape[-1] != rope):
             return cache_k[..., :nope], cache_k[..., nope:]  # sglang's full row
