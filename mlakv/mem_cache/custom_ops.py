@@ -2,14 +2,19 @@
 
 The dispatcher, the gather, ``move_kv_cache`` and the HiCache row copy are Python that reads
 environment flags, caches, ``data_ptr``s and launches Triton or JIT kernels: Dynamo cannot trace
-them and would break the graph at every layer's KV write. Registered here with
-``torch.library.custom_op`` (``mutates_args`` naming the buffers written, a fake implementation
-giving shapes without running anything), a compiled model calls them as opaque ops: one node per
-call, functionalized correctly, capturable in a CUDA graph.
+them and would break the graph at every layer's KV write. Registered here as torch library ops
+(a schema whose ``Tensor(a!)`` marks the buffers written, a ``CompositeExplicitAutograd`` kernel,
+a fake implementation giving shapes without running anything), a compiled model calls them as
+opaque ops: one node per call, auto-functionalized, capturable in a CUDA graph.
+
+Why ``torch.library.Library.define``/``impl`` and not the ``@torch.library.custom_op`` decorator:
+the decorator wraps every call in Python autograd, ADInplaceOrView and default-filling layers,
+about 30 us of host time per call on this machine's CPU; a plain library kernel costs the C++
+dispatcher's trip into Python, about 3 us (``scripts/custom_op_cost.py`` measures it). The
+kernels bump the version counter of what they write themselves, as the decorator would.
 
 The pool (:class:`~mlakv.mem_cache.memory_pool.MLATokenToKVPool`) goes through these ops only
-while ``torch.compiler.is_compiling()``; eager callers keep the direct call (the op's dispatch
-costs a few microseconds of host time per call; ``scripts/custom_op_cost.py`` measures it).
+while ``torch.compiler.is_compiling()``; eager callers keep the direct call.
 
 Ops (namespace ``mlakv``):
 
@@ -35,8 +40,26 @@ __all__ = ["set_mla_kv_buffer_op", "get_mla_kv_buffer_op", "move_kv_cache_op", "
 # ---- the row write ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mlakv::set_mla_kv_buffer", mutates_args=("kv_buffer",))
-def set_mla_kv_buffer_op(
+_LIB = torch.library.Library("mlakv", "DEF")  # kept alive for the process: it owns the registrations
+
+
+def _bump(*written: torch.Tensor) -> None:
+    """Bump the version counter of tensors an op wrote (autograd's check for in-place changes)."""
+    for t in written:
+        if not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
+def _register(schema: str, kernel, fake) -> object:
+    """Define ``mlakv::<schema>``, give it ``kernel`` for every backend and ``fake`` for tracing; return the op."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"mlakv::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.mlakv, name)
+
+
+def _set_kernel(
     kv_buffer: torch.Tensor,
     loc: torch.Tensor,
     cache_k_nope: torch.Tensor,
@@ -56,15 +79,23 @@ def set_mla_kv_buffer_op(
         kv_buffer, loc, cache_k_nope, cache_k_rope, check_bounds=check_bounds,
         reserved_skip_index=reserved_skip_index, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
     )
+    _bump(kv_buffer)
 
 
-@set_mla_kv_buffer_op.register_fake
-def _(
+def _set_fake(
     kv_buffer, loc, cache_k_nope, cache_k_rope, check_bounds=False, reserved_skip_index=None, dcp_world_size=1, dcp_rank=0
 ) -> None:
     # The argument rules look at dtypes, shapes, strides and devices only: they hold on fake tensors,
     # so a bad call fails while tracing, naming the argument, not at run time inside the graph.
     validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+
+
+set_mla_kv_buffer_op = _register(
+    "set_mla_kv_buffer(Tensor(a!) kv_buffer, Tensor loc, Tensor cache_k_nope, Tensor cache_k_rope, "
+    "bool check_bounds=False, int? reserved_skip_index=None, int dcp_world_size=1, int dcp_rank=0) -> ()",
+    _set_kernel,
+    _set_fake,
+)
 
 
 # ---- the gather ------------------------------------------------------------------------------
@@ -95,25 +126,30 @@ def gather_rows(
     return get_mla_kv_buffer_torch(kv_buffer, loc, nope_dim, rope_dim)
 
 
-@torch.library.custom_op("mlakv::get_mla_kv_buffer", mutates_args=())
-def get_mla_kv_buffer_op(
+def _gather_kernel(
     kv_buffer: torch.Tensor, loc: torch.Tensor, nope_dim: int, rope_dim: int, check_bounds: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`gather_rows` as an op (new tensors ``[n_loc, nope_dim]``, ``[n_loc, rope_dim]``)."""
     return gather_rows(kv_buffer, loc, nope_dim, rope_dim, check_bounds)
 
 
-@get_mla_kv_buffer_op.register_fake
-def _(kv_buffer, loc, nope_dim, rope_dim, check_bounds=False):
+def _gather_fake(kv_buffer, loc, nope_dim, rope_dim, check_bounds=False):
     n = loc.shape[0]
     return kv_buffer.new_empty((n, nope_dim)), kv_buffer.new_empty((n, rope_dim))
+
+
+get_mla_kv_buffer_op = _register(
+    "get_mla_kv_buffer(Tensor kv_buffer, Tensor loc, int nope_dim, int rope_dim, bool check_bounds=False) "
+    "-> (Tensor, Tensor)",
+    _gather_kernel,
+    _gather_fake,
+)
 
 
 # ---- move_kv_cache ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mlakv::move_kv_cache", mutates_args=("kv_buffers",))
-def move_kv_cache_op(
+def _move_kernel(
     kv_buffers: list[torch.Tensor],
     tgt_loc: torch.Tensor,
     src_loc: torch.Tensor,
@@ -124,13 +160,21 @@ def move_kv_cache_op(
     from .move_kv import move_kv_cache
 
     move_kv_cache(kv_buffers, tgt_loc, src_loc, check_bounds=check_bounds, disjoint=disjoint)
+    _bump(*kv_buffers)
 
 
-@move_kv_cache_op.register_fake
-def _(kv_buffers, tgt_loc, src_loc, check_bounds=False, disjoint=False) -> None:
+def _move_fake(kv_buffers, tgt_loc, src_loc, check_bounds=False, disjoint=False) -> None:
     from .move_kv import check_move_args
 
     check_move_args(kv_buffers, tgt_loc, src_loc)
+
+
+move_kv_cache_op = _register(
+    "move_kv_cache(Tensor(a!)[] kv_buffers, Tensor tgt_loc, Tensor src_loc, bool check_bounds=False, "
+    "bool disjoint=False) -> ()",
+    _move_kernel,
+    _move_fake,
+)
 
 
 # ---- HiCache row copy ------------------------------------------------------------------------
@@ -152,8 +196,7 @@ def _copy_rows_torch(
     d[offsets(dst_idx, dst_layout)] = s[offsets(src_idx, src_layout)]
 
 
-@torch.library.custom_op("mlakv::copy_rows", mutates_args=("dst",))
-def copy_rows_op(
+def _copy_rows_kernel(
     src: torch.Tensor,
     dst: torch.Tensor,
     src_idx: torch.Tensor,
@@ -180,9 +223,17 @@ def copy_rows_op(
         launch_copy_rows(src, dst, src_idx, dst_idx, row_bytes, tuple(src_layout), tuple(dst_layout))
     else:
         _copy_rows_torch(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout)
+    _bump(dst)
 
 
-@copy_rows_op.register_fake
-def _(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout) -> None:
+def _copy_rows_fake(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout) -> None:
     if src_idx.shape[0] != dst_idx.shape[0]:
         raise ValueError(f"src_idx has {src_idx.shape[0]} entries but dst_idx has {dst_idx.shape[0]}")
+
+
+copy_rows_op = _register(
+    "copy_rows(Tensor src, Tensor(a!) dst, Tensor src_idx, Tensor dst_idx, int row_bytes, int[] src_layout, "
+    "int[] dst_layout) -> ()",
+    _copy_rows_kernel,
+    _copy_rows_fake,
+)
