@@ -5,6 +5,14 @@ from .host_pool import MLATokenToKVPoolHost
 from .memory_pool import MLATokenToKVPool
 from .storage import LocalFileStorage, prefix_page_key
 from .torch_ref import get_mla_kv_buffer_torch, set_mla_kv_buffer_torch
+from .fp8 import (
+    KV_CACHE_FORMATS,
+    dequantize_mla_rows,
+    fp8_row_bytes,
+    get_mla_kv_buffer_dequant,
+    quantize_mla_rows,
+    set_mla_kv_buffer_quant,
+)
 
 __all__ = [
     "LocalFileStorage",
@@ -18,4 +26,10 @@ __all__ = [
     "set_mla_kv_buffer_torch",
     "set_mla_kv_buffer_triton",
     "validate_kv_write",
+    "KV_CACHE_FORMATS",
+    "dequantize_mla_rows",
+    "fp8_row_bytes",
+    "get_mla_kv_buffer_dequant",
+    "quantize_mla_rows",
+    "set_mla_kv_buffer_quant",
 ]
