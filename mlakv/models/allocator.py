@@ -7,6 +7,7 @@ the pool's reserved dummy page (the target of padded tokens) and is never handed
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["PoolFullError", "TokenSlotAllocator"]
@@ -16,29 +17,46 @@ class PoolFullError(RuntimeError):
     """The pool has too few free slots for a request; nothing was allocated."""
 
 
+def _as_int(value: object, name: str) -> int:
+    """``value`` as an int: Python and numpy integers; bools, floats and the rest are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 class TokenSlotAllocator:
     """Hands out token slots of an :class:`~mlakv.mem_cache.MLATokenToKVPool` to requests.
 
     Args:
-        num_slots: the pool's ``num_slots`` (``size + page_size``; the first page is reserved).
-        page_size: the pool's page size.
+        num_slots: the pool's ``num_slots`` (``size + page_size``; the first page is reserved), a
+            multiple of ``page_size`` with at least one usable page.
+        page_size: the pool's page size (>= 1).
+
+    Every refused call (``PoolFullError``, ``ValueError``, ``TypeError``) leaves the allocator as it was.
     """
 
     def __init__(self, num_slots: int, page_size: int) -> None:
-        if num_slots % page_size:
-            raise ValueError(f"num_slots={num_slots} is not a multiple of page_size={page_size}")
+        num_slots, page_size = _as_int(num_slots, "num_slots"), _as_int(page_size, "page_size")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if num_slots % page_size or num_slots < 2 * page_size:
+            raise ValueError(
+                f"num_slots={num_slots} must be a multiple of page_size={page_size} holding the reserved page "
+                "and at least one more"
+            )
         self.page_size = page_size
         self.num_pages = num_slots // page_size
         self._free = list(range(self.num_pages - 1, 0, -1))  # page 0 reserved; pop() gives low pages first
         self._owned: dict[object, list[int]] = {}  # request -> its slots, in token order
-        self._in_use = set()
+        self._in_use: set[int] = set()
 
     def free_slots(self) -> int:
         """Slots that can still be handed out (free pages only)."""
         return len(self._free) * self.page_size
 
     def slots_of(self, req: object) -> list[int]:
-        return self._owned.get(req, [])
+        """A copy of ``req``'s slots, in token order (empty if it holds none)."""
+        return list(self._owned.get(req, ()))
 
     def _pages_needed(self, req: object, n: int) -> int:
         have = len(self._owned.get(req, ()))
@@ -46,8 +64,9 @@ class TokenSlotAllocator:
         return -(-(n - room) // self.page_size) if n > room else 0
 
     def alloc(self, req: object, n: int) -> torch.Tensor:
-        """Give ``req`` ``n`` more slots (int64, in token order). Raises :class:`PoolFullError`
-        without allocating anything if the pool lacks room."""
+        """Give ``req`` ``n`` more slots (int64 ``[n]``, in token order). Raises
+        :class:`PoolFullError` without allocating anything if the pool lacks room."""
+        n = _as_int(n, "n")
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         need = self._pages_needed(req, n)
@@ -57,7 +76,7 @@ class TokenSlotAllocator:
                 f"{len(self._free)} pages are free"
             )
         slots = self._owned.setdefault(req, [])
-        new = []
+        new: list[int] = []
         have = len(slots)
         if have % self.page_size:
             last = slots[-1]
@@ -65,7 +84,8 @@ class TokenSlotAllocator:
             new.extend(range(last + 1, last + 1 + take))
         for _ in range(need):
             page = self._free.pop()
-            assert page not in self._in_use, "allocator bug: page handed out twice"
+            if page in self._in_use:
+                raise RuntimeError(f"allocator bug: page {page} handed out twice")
             self._in_use.add(page)
             base = page * self.page_size
             new.extend(range(base, base + min(self.page_size, n - len(new))))
@@ -73,19 +93,23 @@ class TokenSlotAllocator:
         return torch.tensor(new, dtype=torch.int64)
 
     def release_last(self, req: object, n: int) -> None:
-        """Undo the last ``n`` slots given to ``req`` (pages left empty go back to the free list)."""
+        """Undo the last ``n`` (>= 0) slots given to ``req`` (pages left empty go back to the free list)."""
+        n = _as_int(n, "n")
         slots = self._owned.get(req, [])
-        if n > len(slots):
-            raise ValueError(f"request holds {len(slots)} slots, cannot release {n}")
+        if n < 0 or n > len(slots):
+            raise ValueError(f"n must be in [0, {len(slots)}] (the slots the request holds), got {n}")
         keep, drop = slots[: len(slots) - n], slots[len(slots) - n :]
         kept_pages = {s // self.page_size for s in keep}
         for p in sorted({s // self.page_size for s in drop} - kept_pages, reverse=True):
             self._in_use.discard(p)
             self._free.append(p)
-        self._owned[req] = keep
+        if keep:
+            self._owned[req] = keep
+        else:
+            self._owned.pop(req, None)
 
     def free(self, req: object) -> None:
-        """Return all of ``req``'s pages."""
+        """Return all of ``req``'s pages (nothing happens for a request that holds none)."""
         slots = self._owned.pop(req, [])
         pages = sorted({s // self.page_size for s in slots}, reverse=True)
         for p in pages:

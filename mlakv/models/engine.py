@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
-from .allocator import PoolFullError, TokenSlotAllocator
+from .allocator import TokenSlotAllocator
 from .mla import MLAModel, PrefillSegment
 
 __all__ = ["Request", "Engine", "DecodeGraphRunner"]
@@ -116,30 +117,62 @@ class Engine:
     def _slots(self, req: Request) -> torch.Tensor:
         return torch.tensor(self.alloc.slots_of(req), dtype=torch.int64, device=self.device)
 
+    def _check_new(self, reqs: Sequence[Request]) -> list[Request]:
+        """Refuse a batch that cannot be admitted, before anything is allocated."""
+        if not isinstance(reqs, (list, tuple)):
+            raise TypeError(f"reqs must be a list or tuple of Request, got {type(reqs).__name__}")
+        vocab = self.model.cfg.vocab_size
+        seen: set[int] = set()
+        running = {id(r) for r in self.running}
+        for i, r in enumerate(reqs):
+            if not isinstance(r, Request):
+                raise TypeError(f"reqs[{i}] must be a Request, got {type(r).__name__}")
+            if id(r) in seen:
+                raise ValueError(f"reqs[{i}] is the same Request as an earlier entry of this batch")
+            if id(r) in running or r.output or r.done:
+                raise ValueError(f"reqs[{i}] was already admitted (a Request is prefilled once)")
+            seen.add(id(r))
+            if not isinstance(r.prompt, (list, tuple)) or len(r.prompt) == 0:
+                raise ValueError(f"reqs[{i}].prompt must be a non-empty list of token ids")
+            for t in r.prompt:
+                if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
+                    raise ValueError(f"reqs[{i}].prompt holds {t!r}: token ids must be ints in [0, {vocab})")
+            m = r.max_new_tokens
+            if isinstance(m, (bool, np.bool_)) or not isinstance(m, (int, np.integer)) or m < 1:
+                raise ValueError(f"reqs[{i}].max_new_tokens must be an int >= 1, got {r.max_new_tokens!r}")
+        return list(reqs)
+
     def prefill(self, reqs: Sequence[Request]) -> None:
-        """Admit ``reqs``: allocate their prompt slots (all or none: a full pool raises
-        :class:`PoolFullError` and leaves every admitted request as it was), run one batched
-        prefill, and take each request's first greedy token."""
+        """Admit ``reqs``: check them (empty prompts, token ids outside the vocabulary, a request
+        twice or already admitted are refused before anything is allocated), allocate their prompt
+        slots, run one batched prefill, and take each request's first greedy token.
+
+        All or nothing: if allocation (:class:`PoolFullError`) or the forward pass fails, every slot
+        this call took is given back and the requests are left as they were."""
+        reqs = self._check_new(reqs)
         new_slots = []
         try:
             for r in reqs:
                 new_slots.append(self.alloc.alloc(r, len(r.prompt)))
-        except PoolFullError:
+            ids = torch.tensor([t for r in reqs for t in r.prompt], dtype=torch.int64, device=self.device)
+            pos = torch.cat([torch.arange(len(r.prompt)) for r in reqs]).to(self.device)
+            loc = torch.cat(new_slots).to(self.device)
+            segs, start = [], 0
+            for r in reqs:
+                segs.append(PrefillSegment(start, len(r.prompt), self._slots(r)))
+                start += len(r.prompt)
+            logits = self.model.prefill(self.cache, ids, pos, loc, segs)
+            firsts = []
+            for seg in segs:
+                last = logits[seg.start + seg.length - 1]
+                firsts.append((last.float().cpu(), int(last.argmax())))
+        except BaseException:
             for r in reqs[: len(new_slots)]:
                 self.alloc.free(r)
             raise
-        ids = torch.tensor([t for r in reqs for t in r.prompt], dtype=torch.int64, device=self.device)
-        pos = torch.cat([torch.arange(len(r.prompt)) for r in reqs]).to(self.device)
-        loc = torch.cat(new_slots).to(self.device)
-        segs, start = [], 0
-        for r in reqs:
-            segs.append(PrefillSegment(start, len(r.prompt), self._slots(r)))
-            start += len(r.prompt)
-        logits = self.model.prefill(self.cache, ids, pos, loc, segs)
-        for r, seg in zip(reqs, segs):
-            last = logits[seg.start + seg.length - 1]
-            r.logits.append(last.float().cpu())
-            r.output.append(int(last.argmax()))
+        for r, (lg, tok) in zip(reqs, firsts):
+            r.logits.append(lg)
+            r.output.append(tok)
         self.running.extend(reqs)
         self._retire()
 
@@ -158,27 +191,28 @@ class Engine:
         try:
             for r in reqs:
                 got.append(self.alloc.alloc(r, 1))
-        except PoolFullError:
+            ids = torch.tensor([r.output[-1] for r in reqs], dtype=torch.int64, device=self.device)
+            pos = torch.tensor([r.cached_len for r in reqs], dtype=torch.int64, device=self.device)
+            loc = torch.cat(got).to(self.device)
+            tables = [self._slots(r) for r in reqs]
+            runner = self.graph_runner if (use_graph and self.graph_runner is not None) else self.padded_runner
+            if runner is not None:
+                logits = runner.run(ids, pos, loc, tables, use_graph=use_graph and runner is self.graph_runner)
+            else:  # unpadded eager decode
+                t = max(x.numel() for x in tables)
+                table = torch.zeros(len(reqs), t, dtype=torch.int64, device=self.device)
+                for i, row in enumerate(tables):
+                    table[i, : row.numel()] = row
+                lengths = torch.tensor([x.numel() for x in tables], device=self.device)
+                logits = self.model.decode(self.cache, ids, pos, loc, table, lengths)
+            outs = [(lg.float().cpu(), int(lg.argmax())) for lg in logits]
+        except BaseException:
             for r in reqs[: len(got)]:  # undo this step's single slots
                 self.alloc.release_last(r, 1)
             raise
-        ids = torch.tensor([r.output[-1] for r in reqs], dtype=torch.int64, device=self.device)
-        pos = torch.tensor([r.cached_len for r in reqs], dtype=torch.int64, device=self.device)
-        loc = torch.cat(got).to(self.device)
-        tables = [self._slots(r) for r in reqs]
-        runner = self.graph_runner if (use_graph and self.graph_runner is not None) else self.padded_runner
-        if runner is not None:
-            logits = runner.run(ids, pos, loc, tables, use_graph=use_graph and runner is self.graph_runner)
-        else:  # unpadded eager decode
-            t = max(x.numel() for x in tables)
-            table = torch.zeros(len(reqs), t, dtype=torch.int64, device=self.device)
-            for i, row in enumerate(tables):
-                table[i, : row.numel()] = row
-            lengths = torch.tensor([x.numel() for x in tables], device=self.device)
-            logits = self.model.decode(self.cache, ids, pos, loc, table, lengths)
-        for r, lg in zip(reqs, logits):
-            r.logits.append(lg.float().cpu())
-            r.output.append(int(lg.argmax()))
+        for r, (lg, tok) in zip(reqs, outs):
+            r.logits.append(lg)
+            r.output.append(tok)
 
     def _retire(self) -> None:
         for r in self.running:
