@@ -239,13 +239,29 @@ def test_cache_refuses_a_pool_of_another_rank():
         DCPPoolKVCache(pool, DCPGroup(0, 2, None))
 
 
+@pytest.mark.parametrize("world_size,rank", [(2, 0), (2, 1), (4, 3)])
+def test_shard_reads_the_rank_rows_and_masks_the_rest(world_size, rank):
+    """``shard`` of logical slots: owned entries read row ``slot // W``; the others are masked out."""
+    pool = MLATokenToKVPool(
+        world_size * 16 - 1, 1, torch.float32, 8, 4, 1, "cpu", dcp_world_size=world_size, dcp_rank=rank
+    )
+    pool.kv_buffer[0][:, 0].copy_(torch.arange(pool.num_slots, dtype=torch.float32)[:, None])  # row p holds p
+    slots = torch.randint(0, world_size * 16, (3, 10))
+    mask = torch.rand(3, 2, 10) < 0.7
+    c_nope, c_pe, m = DCPPoolKVCache(pool, DCPGroup(rank, world_size, None)).shard(0, slots, mask)
+    owned = slots % world_size == rank
+    assert torch.equal(m, mask & owned[:, None, :])
+    assert torch.equal(c_nope[..., 0][owned], (slots // world_size)[owned].float())
+    assert torch.equal(c_pe[..., 0][owned], (slots // world_size)[owned].float())
+
+
 def test_interleave_puts_rank_rows_at_their_logical_slots():
     w, phys = 3, 4
     bufs = [torch.arange(phys) * w + r for r in range(w)]  # each row holds its logical slot
     assert torch.equal(interleave_rank_rows(bufs), torch.arange(w * phys))
 
 
-# ---- the two-GPU check script, at a tiny size on CPU ------------------------------------------------
+# ---- the two-GPU check script ----------------------------------------------------------------------
 def test_two_gpu_check_runs_at_tiny_size(tmp_path):
     """The issue-17 script's whole flow (rows, decode, timings) on 2 gloo ranks: it reports the rows
     bit-exact and the tokens equal, and writes its table and JSON."""
@@ -255,3 +271,14 @@ def test_two_gpu_check_runs_at_tiny_size(tmp_path):
     res = json.loads((tmp_path / "dcp_two_gpu.json").read_text())
     assert res["rows_bit_exact"] and res["tokens_equal"]
     assert (tmp_path / "dcp_two_gpu.md").read_text().startswith("#")
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL ranks)")
+def test_two_gpu_check_on_two_gpus_at_tiny_size(tmp_path):
+    """The same flow on two GPUs over NCCL, decode replayed from CUDA graphs."""
+    from mlakv.bench.dcp_two_gpu import main
+
+    assert main(["--tiny", "--device", "cuda", "--world", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "dcp_two_gpu.json").read_text())
+    assert res["rows_bit_exact"] and res["tokens_equal"] and res["logits_within_tol"]
+    assert res["graphs"]["dcpw"], f"DCP decode did not capture: {res['capture_errors']['dcpw']}"

@@ -55,10 +55,6 @@ class DCPGroup:
     world_size: int
     group: Optional[dist.ProcessGroup] = None
 
-    @staticmethod
-    def single() -> "DCPGroup":
-        return DCPGroup(0, 1, None)
-
 
 def dcp_backend(device: torch.device | str) -> str:
     """``"nccl"`` for CUDA devices, ``"gloo"`` otherwise."""
