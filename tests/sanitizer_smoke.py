@@ -66,6 +66,32 @@ def main() -> int:
     if not (torch.equal(nope[0], kv[3, 0, :512]) and torch.equal(rope[4], kv[63, 0, 512:]) and not nope[1:4].any()):
         failures += 1
         print("MISMATCH gather with invalid slots")
+    # HiCache page transfers (transfer_kernels.py): row units (page 1) and page units (page 16), every
+    # host layout, a persistent grid of 1 and 8 programs; backup, poison, per-layer load, compare.
+    from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
+
+    for page in (1, 16):
+        pool = MLATokenToKVPool(64 * 16, page, torch.bfloat16, 512, 64, 2, "cuda")
+        n_pages = 5
+        dev = (torch.tensor([3, 1, 7, 2, 9])[:, None] * page + torch.arange(page)).flatten()
+        for layout in ("layer_first", "page_first", "page_first_direct"):
+            for sms in (1, 8):
+                host = MLATokenToKVPoolHost(pool, host_size=64 * 16, layout=layout, transfer_sms=sms)
+                hs = host.alloc(n_pages * page).flip(0) if page == 1 else host.alloc(n_pages * page)
+                for b in pool.kv_buffer:
+                    b.view(torch.uint8).random_(0, 256)
+                want = [b[dev.cuda()].clone() for b in pool.kv_buffer]
+                host.backup_from_device_all_layer(pool, hs, dev)
+                host.synchronize()
+                for b in pool.kv_buffer:
+                    b.view(torch.uint8).random_(0, 256)
+                for layer in range(2):
+                    host.load_to_device_per_layer(pool, hs, dev, layer)
+                host.synchronize()
+                cases += 1
+                if not all(torch.equal(w.view(torch.uint8), b[dev.cuda()].view(torch.uint8)) for w, b in zip(want, pool.kv_buffer)):
+                    failures += 1
+                    print(f"MISMATCH hicache transfer page={page} {layout} sms={sms}")
     print(f"sanitizer smoke: {cases - failures}/{cases} variant runs bit-exact")
     return 1 if failures else 0
 
