@@ -61,7 +61,8 @@ def _copy_units_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if RECORD_SMID:
-        tl.store(smid_ptr + pid, _smid(pid))
+        one = tl.arange(0, 1)
+        tl.store(smid_ptr + pid + one, _smid(one))
     n_tiles = tl.cdiv(n_units, ROWS)
     r = tl.arange(0, ROWS)
     w = tl.arange(0, BLOCK)
