@@ -1,0 +1,296 @@
+"""MooncakeStorage (HiCache L3) against a real ``mooncake_master`` on loopback.
+
+Spec: pages round-trip bit-exactly between host pools through the store for every host layout;
+keys keep pools of different layouts apart; a corrupted page is a counted miss and never lands in
+the host pool; faults (no master, master killed mid-batch, store full) raise clear errors and lose
+nothing already stored. Skipped, with the reason, only where Mooncake cannot be installed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
+from mlakv.mem_cache.mooncake_master import MooncakeMaster, MooncakeUnavailable, check_mooncake
+from mlakv.mem_cache.mooncake_storage import (
+    TRAILER_BYTES,
+    MooncakeConnectionError,
+    MooncakeStorage,
+    MooncakeStoreFull,
+    mooncake_page_key,
+    page_format,
+)
+
+try:
+    check_mooncake()
+except MooncakeUnavailable as e:  # only where the wheel or libibverbs cannot be installed
+    pytest.skip(str(e), allow_module_level=True)
+
+LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
+PAGE = 16
+SEG = 32 << 20
+
+
+def make_host(layout: str = "page_first_direct", dtype=torch.bfloat16, layers: int = 3, page: int = PAGE,
+              pages: int = 16, start_layer: int = 0) -> MLATokenToKVPoolHost:
+    dev = MLATokenToKVPool(pages * page, page, dtype, 512, 64, layers, "cpu", start_layer=start_layer,
+                           end_layer=start_layer + layers)
+    host = MLATokenToKVPoolHost(dev, host_size=pages * page, layout=layout)
+    host.kv_buffer.view(-1).view(torch.uint8).random_(0, 256)  # fresh random bytes, never zeros
+    return host
+
+
+def first_slots(pages: list[int], page: int = PAGE) -> torch.Tensor:
+    return torch.tensor(pages, dtype=torch.int64) * page
+
+
+def page_bytes(host: MLATokenToKVPoolHost, page: int) -> bytes:
+    return host.get_page_bytes(page * host.page_size)
+
+
+@pytest.fixture(scope="module")
+def master():
+    with MooncakeMaster() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def _clients(master):
+    """Writer and reader clients per host layout, shared by the module (a client takes ~1-2 s to close)."""
+    made: dict[str, tuple] = {}
+    yield made
+    for a, sa, b, sb in made.values():
+        sa.close()
+        sb.close()
+
+
+@pytest.fixture
+def store_pair(master, _clients, request):
+    """Two nodes, a writer and a reader, each with its own host pool (fresh random bytes) and
+    client; keys live under a model id unique to the test."""
+    layout = getattr(request, "param", "page_first_direct")
+    if layout not in _clients:
+        a, b = make_host(layout), make_host(layout)
+        sa = MooncakeStorage(a, master.master_addr, master.metadata_url, global_segment_bytes=SEG)
+        sb = MooncakeStorage(b, master.master_addr, master.metadata_url, global_segment_bytes=SEG)
+        _clients[layout] = (a, sa, b, sb)
+    a, sa, b, sb = _clients[layout]
+    for host in (a, b):
+        host.kv_buffer.view(-1).view(torch.uint8).random_(0, 256)
+    sa.model_id = sb.model_id = f"t{len(request.node.name)}-{abs(hash(request.node.name))}"
+    sa._stats = {k: 0 for k in sa._stats}
+    sb._stats = {k: 0 for k in sb._stats}
+    yield a, sa, b, sb
+
+
+# ---- keys ----------------------------------------------------------------------------------
+BASE = dict(prefix_hash="abc", model_id="m", layer_range=(0, 61), page_size=64, fmt="bfloat16-512+64-1152B-LTR")
+
+
+@pytest.mark.parametrize("change", [dict(prefix_hash="abd"), dict(model_id="m2"), dict(layer_range=(0, 30)),
+                                    dict(page_size=32), dict(fmt="float8_e4m3fn-512+64-656B-LTR")])
+def test_page_key_changes_with_every_component(change):
+    assert mooncake_page_key(**{**BASE, **change}) != mooncake_page_key(**BASE)
+
+
+@pytest.mark.parametrize("bad, err", [(dict(model_id="a/b"), ValueError), (dict(layer_range=(3, 3)), ValueError),
+                                      (dict(page_size=0), ValueError), (dict(prefix_hash=""), TypeError)])
+def test_page_key_rejects_bad_components(bad, err):
+    with pytest.raises(err):
+        mooncake_page_key(**{**BASE, **bad})
+
+
+def test_page_format_names_dtype_and_byte_order():
+    assert page_format(make_host("page_first")).endswith("1152B-TLR")
+    assert page_format(make_host("layer_first")) == page_format(make_host("page_first_direct"))
+    assert page_format(make_host(dtype=torch.float8_e4m3fn)).startswith("float8_e4m3fn-512+64-")
+
+
+# ---- round trips ---------------------------------------------------------------------------
+@pytest.mark.parametrize("store_pair", LAYOUTS, indirect=True)
+def test_batch_round_trip_between_nodes_is_bit_exact(store_pair):
+    a, sa, b, sb = store_pair
+    keys = [f"k{i}" for i in range(6)]
+    assert sa.batch_set_from(keys, first_slots([0, 3, 5, 7, 9, 15])) == 6
+    assert sb.batch_get_into(keys, first_slots([1, 2, 4, 6, 8, 10])) == 6
+    for src, dst in zip([0, 3, 5, 7, 9, 15], [1, 2, 4, 6, 8, 10]):
+        assert page_bytes(b, dst) == page_bytes(a, src)
+
+
+def test_batch_accepts_whole_page_slots(store_pair):
+    a, sa, b, sb = store_pair
+    slots = torch.arange(2 * PAGE, 4 * PAGE)  # pages 2 and 3, every token slot
+    assert sa.batch_set_from(["x", "y"], slots) == 2
+    assert sb.batch_get_into(["x", "y"], slots) == 2
+    assert page_bytes(b, 3) == page_bytes(a, 3)
+
+
+@pytest.mark.parametrize("store_pair", LAYOUTS, indirect=True)
+def test_single_page_api_uses_canonical_order_and_meets_batch_api(store_pair):
+    a, sa, b, sb = store_pair
+    sa.set("one", page_bytes(a, 4))
+    assert sb.get("one") == page_bytes(a, 4)
+    assert sb.batch_get_into(["one"], first_slots([9])) == 1
+    assert page_bytes(b, 9) == page_bytes(a, 4)
+    sa.batch_set_from(["two"], first_slots([6]))
+    assert sb.get("two") == page_bytes(a, 6)
+
+
+def test_batch_exists_is_a_prefix_match(store_pair):
+    a, sa, b, sb = store_pair
+    sa.batch_set_from(["p0", "p1", "p2"], first_slots([0, 1, 2]))
+    assert sb.batch_exists(["p0", "p1", "p2", "absent"]) == 3
+    assert sb.batch_exists(["p0", "absent", "p2"]) == 1
+    assert sb.batch_exists(["absent", "p0"]) == 0
+    assert sb.exists("p1") and not sb.exists("absent")
+
+
+def test_get_into_stops_at_first_absent_key_and_leaves_later_pages_untouched(store_pair):
+    a, sa, b, sb = store_pair
+    sa.batch_set_from(["q0", "q1", "q3"], first_slots([0, 1, 3]))
+    before = page_bytes(b, 12)
+    assert sb.batch_get_into(["q0", "q1", "absent", "q3"], first_slots([10, 11, 12, 13])) == 2
+    assert page_bytes(b, 11) == page_bytes(a, 1)
+    assert page_bytes(b, 12) == before
+    assert sb.stats()["misses"] == 1
+
+
+@pytest.mark.parametrize("bad_len", [0, 1, 2 * PAGE + 1])
+def test_host_indices_must_be_one_per_key_or_whole_pages(store_pair, bad_len):
+    a, sa, b, sb = store_pair
+    with pytest.raises(ValueError, match="host_indices"):
+        sa.batch_set_from(["a", "b"], torch.arange(bad_len))
+
+
+def test_misaligned_or_out_of_range_host_index_is_refused(store_pair):
+    a, sa, b, sb = store_pair
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        sb.batch_get_into(["a"], torch.tensor([3]))
+    with pytest.raises(IndexError, match="host_indices"):
+        sb.batch_get_into(["a"], torch.tensor([16 * PAGE]))
+
+
+def test_pools_of_different_layouts_never_read_each_others_pages(master):
+    token_major, layer_major = make_host("page_first"), make_host("layer_first")
+    fp8 = make_host(dtype=torch.float8_e4m3fn)
+    other_layers = make_host(start_layer=3)
+    kw = dict(model_id="sep", global_segment_bytes=SEG)
+    with MooncakeStorage(token_major, master.master_addr, master.metadata_url, **kw) as s1:
+        s1.batch_set_from(["shared"], first_slots([0]))
+        for host in (layer_major, fp8, other_layers):
+            with MooncakeStorage(host, master.master_addr, master.metadata_url, **kw) as s2:
+                assert s2.batch_exists(["shared"]) == 0
+                assert s2.get("shared") is None
+
+
+# ---- checksums ------------------------------------------------------------------------------
+def _tamper(store: MooncakeStorage, key: str, data: bytes) -> None:
+    raw, skey = store.raw_client, store.store_key(key)
+    raw.remove(skey, True)
+    assert raw.put(skey, data) == 0
+
+
+@pytest.mark.parametrize("how", ["flip_page_byte", "flip_checksum", "truncate", "foreign_magic"])
+def test_corrupted_page_is_a_counted_miss_and_never_loaded(store_pair, how):
+    a, sa, b, sb = store_pair
+    sa.batch_set_from(["c0", "c1", "c2"], first_slots([0, 1, 2]))
+    good = sa.raw_client.get(sa.store_key("c1"))
+    bad = bytearray(good)
+    if how == "flip_page_byte":
+        bad[12345] ^= 0x01
+    elif how == "flip_checksum":
+        bad[-8] ^= 0x80
+    elif how == "truncate":
+        bad = bad[:-TRAILER_BYTES - 1]
+    else:
+        bad[-TRAILER_BYTES] ^= 0xFF
+    _tamper(sa, "c1", bytes(bad))
+    assert sb.get("c1") is None
+    assert sb.batch_get_into(["c0", "c1", "c2"], first_slots([5, 6, 7])) == 1
+    assert page_bytes(b, 5) == page_bytes(a, 0)
+    assert set(page_bytes(b, 6)) == {0} and set(page_bytes(b, 7)) == {0}  # fetched but unverified: zeroed
+    assert sb.stats()["corrupt"] == 2
+
+
+# ---- faults --------------------------------------------------------------------------------
+def test_no_master_at_setup_fails_fast_and_l2_keeps_working():
+    from mlakv.mem_cache.mooncake_master import _free_port
+
+    host = make_host()
+    t0 = time.monotonic()
+    with pytest.raises(MooncakeConnectionError, match="not reachable"):
+        MooncakeStorage(host, f"127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}/metadata")
+    assert time.monotonic() - t0 < 10
+    before = page_bytes(host, 2)
+    host.set_page_bytes(3 * PAGE, before)  # the host tier is untouched and usable
+    assert page_bytes(host, 3) == before
+
+
+def test_store_full_refuses_the_set_and_keeps_what_was_stored():
+    host = make_host(layers=8, page=64, pages=48)  # 576 KiB pages; one 16 MiB segment holds < 30
+    with MooncakeMaster() as m, MooncakeStorage(host, m.master_addr, m.metadata_url, global_segment_bytes=16 << 20) as s:
+        keys = [f"f{i}" for i in range(48)]
+        with pytest.raises(MooncakeStoreFull, match="store full") as ei:
+            s.batch_set_from(keys, first_slots(list(range(48)), 64))
+        n = ei.value.stored
+        assert 0 < n < 48
+        assert s.batch_exists(keys) == n
+        reader = make_host(layers=8, page=64, pages=48)
+        with MooncakeStorage(reader, m.master_addr, m.metadata_url, global_segment_bytes=16 << 20) as r:
+            assert r.batch_get_into(keys[:n], first_slots(list(range(n)), 64)) == n
+        assert all(page_bytes(reader, i) == page_bytes(host, i) for i in range(n))
+
+
+def test_master_killed_during_batches_fails_clearly_with_no_half_loaded_page():
+    src, dst = make_host(pages=64), make_host(pages=80)
+    keys = [f"m{i}" for i in range(32)]
+    dst_pages = list(range(32, 64))
+    sentinel = page_bytes(dst, 79)  # an L2 page no batch touches
+    m = MooncakeMaster().start()
+    try:
+        writer = MooncakeStorage(src, m.master_addr, m.metadata_url, global_segment_bytes=64 << 20)
+        reader = MooncakeStorage(dst, m.master_addr, m.metadata_url, global_segment_bytes=64 << 20, retry_interval=60)
+        writer.batch_set_from(keys, first_slots(list(range(32))))
+        killer = threading.Timer(0.3, m.kill)
+        killer.start()
+        err = None
+        deadline = time.monotonic() + 60
+        while err is None and time.monotonic() < deadline:
+            try:
+                assert reader.batch_get_into(keys, first_slots(dst_pages)) == 32
+            except MooncakeConnectionError as e:
+                err = e
+        killer.join()
+        assert err is not None and "unreachable" in str(err)
+        for i, page in enumerate(dst_pages):  # every page of the batch: the whole source page or zeros
+            got = page_bytes(dst, page)
+            assert got == page_bytes(src, i) or set(got) == {0}
+        assert page_bytes(dst, 79) == sentinel
+        t0 = time.monotonic()
+        with pytest.raises(MooncakeConnectionError, match="failing fast"):
+            reader.batch_exists(keys)
+        with pytest.raises(MooncakeConnectionError, match="failing fast"):
+            reader.batch_set_from(keys[:1], first_slots([0]))
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        m.stop()
+
+
+def test_reconnects_after_the_master_comes_back():
+    host = make_host()
+    m = MooncakeMaster().start()
+    ports = dict(rpc_port=m.rpc_port, metadata_port=m.metadata_port, metrics_port=m.metrics_port)
+    s = MooncakeStorage(host, m.master_addr, m.metadata_url, retry_interval=0.2, global_segment_bytes=SEG)
+    s.batch_set_from(["r0"], first_slots([0]))
+    m.kill()
+    with pytest.raises(MooncakeConnectionError):
+        s.batch_set_from(["r1"], first_slots([1]))
+    with MooncakeMaster(**ports):
+        time.sleep(0.3)
+        assert s.batch_set_from(["r2"], first_slots([2])) == 1  # a new client on the new master
+        assert s.get("r2") == page_bytes(host, 2)
+        s.close()
