@@ -1,0 +1,134 @@
+"""The benchmark's own logic: the roofline, the report on each kind of machine, the plot, and the
+sglang peer provider (built from source the user fetched into ``.peers/sglang``, never committed).
+
+The table and plot tests feed synthetic rows (no timing), so they run the GPU report path on a CPU.
+The sglang build test compiles and loads sglang's kernel for sm_90a without a GPU, as CI does for
+mlakv's own kernel; it skips with the reason where the peer source or the toolchain is absent.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mlakv.bench.kv_write import CPU_LABEL, LAYOUTS, Row, check_provider, format_table, make_layers, plot, provider_fn
+from mlakv.bench.sglang_peer import _sgl_cuda_arch, peer_absent_reason
+from mlakv.jit_kernel import JitUnavailable, find_cuda_home
+
+COPY_GBS, TINY_US = 3000.0, 0.7
+
+
+def synthetic_rows(providers: dict[str, float]) -> list[Row]:
+    """bf16 rows at three sizes; provider time = factor x roofline."""
+    rows = []
+    for n in (1, 1024, 65536):
+        r = Row("bf16", n, "int64", "jit")
+        roof = r.roofline_us(COPY_GBS, TINY_US)
+        for p, factor in providers.items():
+            r.times_us[p] = roof * factor
+            r.spread_us[p] = [roof * factor * 0.9, roof * factor, roof * factor * 1.1]
+        rows.append(r)
+    return rows
+
+
+@pytest.mark.parametrize("n_loc, expected_us", [(1, TINY_US), (65536, 2 * 65536 * 1152 / (COPY_GBS * 1e9) * 1e6)])
+def test_roofline_is_the_larger_of_launch_floor_and_copy_time(n_loc, expected_us):
+    assert Row("bf16", n_loc, "int64", "jit").roofline_us(COPY_GBS, TINY_US) == pytest.approx(expected_us)
+
+
+def test_gpu_table_ranks_and_reports_percent_of_roofline():
+    table = format_table(synthetic_rows({"auto": 1.25, "sglang": 1.5}), ["auto", "sglang"], COPY_GBS, TINY_US)
+    header, *body = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for line in body:
+        cells = dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+        assert cells["best"] == "auto"
+        assert cells["auto %roofline"] == "80%"
+        assert cells["sglang/auto"] == "1.20"
+
+
+def test_cpu_table_shows_spread_and_ranks_nothing():
+    table = format_table(synthetic_rows({"auto": 2.0, "torch": 1.0}), ["auto", "torch"], None, None)
+    assert table.startswith(CPU_LABEL)
+    assert "best" not in table and "auto/best" not in table
+    assert "median [min-max]" in table and "[" in table.splitlines()[-1]
+
+
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu-two-panels", "cpu-band"])
+def test_plot_is_written(gpu, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "p.png"
+    rows = synthetic_rows({"auto": 1.2, "torch": 3.0})
+    note = plot(rows, ["auto", "torch"], COPY_GBS if gpu else None, TINY_US if gpu else None, path, "test")
+    assert note is None and path.stat().st_size > 0
+
+
+def test_plot_with_nothing_timed_says_so(tmp_path):
+    assert plot([Row("bf16", 1, "int64", "torch")], ["auto"], None, None, tmp_path / "p.png", "test") is not None
+
+
+@pytest.mark.parametrize("layout", ["bf16", "u8"])
+def test_cpu_providers_pass_their_own_check(layout):
+    inp = make_layers(LAYOUTS[layout], 33, torch.int64, "cpu", 1)[0]
+    for p in ("auto", "torch"):
+        assert check_provider(provider_fn(p), inp) is None
+
+
+def test_check_catches_a_wrong_provider():
+    inp = make_layers(LAYOUTS["bf16"], 8, torch.int64, "cpu", 1)[0]
+
+    def drops_last_row(kv, loc, nope, rope):
+        provider_fn("torch")(kv, loc[:-1], nope[:-1], rope[:-1])
+
+    assert check_provider(drops_last_row, inp) == "WRONG: 1 rows differ from the reference"
+
+
+@pytest.mark.parametrize("arch, value", [("9.0a", 900), ("10.0a", 1000), ("8.9", 890), ("9.0a;10.0a", 900)])
+def test_sgl_cuda_arch(arch, value):
+    assert _sgl_cuda_arch(arch) == value
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("nope_bytes, rope_bytes", [(1024, 128), (528, 128)], ids=["bf16-512+64", "u8-528+128"])
+def test_sglang_peer_compiles_and_loads_for_sm90a(nope_bytes, rope_bytes, monkeypatch):
+    absent = peer_absent_reason()
+    if absent:
+        pytest.skip(absent)
+    try:
+        import tvm_ffi  # noqa: F401
+    except ImportError:
+        pytest.skip("apache-tvm-ffi is not installed")
+    if find_cuda_home() is None:
+        pytest.skip("nvcc is not available")
+    from mlakv.bench.sglang_peer import build_sglang_module
+
+    monkeypatch.setenv("TVM_FFI_CUDA_ARCH_LIST", os.environ.get("TVM_FFI_CUDA_ARCH_LIST", "9.0a"))
+    try:
+        module = build_sglang_module(nope_bytes, rope_bytes, use_pdl=True, device_capability=(9, 0))
+    except JitUnavailable as e:
+        pytest.fail(f"sglang's kernel did not build from .peers/sglang: {e}")
+    assert callable(module.set_mla_kv_buffer)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs an SM90+ GPU (none present)")
+@pytest.mark.parametrize("layout", ["bf16", "u8"])
+@pytest.mark.parametrize("n_loc", [1, 37, 4096])
+def test_sglang_provider_is_bit_exact_on_gpu(layout, n_loc):
+    absent = peer_absent_reason()
+    if absent:
+        pytest.skip(absent)
+    inp = make_layers(LAYOUTS[layout], n_loc, torch.int64, "cuda", 1)[0]
+    assert check_provider(provider_fn("sglang"), inp) is None
+
+
+def test_absent_peer_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch):
+    from mlakv.bench import kv_write, sglang_peer
+
+    monkeypatch.setattr(sglang_peer, "_candidates", lambda: [tmp_path / "nowhere"])
+    why = kv_write.provider_unavailable("sglang", LAYOUTS["bf16"])
+    assert why is not None and str(tmp_path / "nowhere") in why and "fetch_sglang.sh" in why
+    with pytest.raises(JitUnavailable, match="sglang source absent"):
+        sglang_peer.build_sglang_module(1024, 128, device_capability=(9, 0))
