@@ -195,6 +195,25 @@ def _decode_run(model, cache, logical_slots: int, sizes: Sizes, device: torch.de
     return reqs, use_graph, runner, err
 
 
+def compare_decodes(got: list[Request], ref: list[Request], tol: float) -> dict:
+    """Tokens and logits of two greedy runs of the same requests. Logits are compared up to each
+    request's first differing token (after it the inputs differ); a first difference is reported
+    with the reference's top-2 logit margin there (a margin below the logit error is a near-tie,
+    which rounding alone can flip)."""
+    max_abs, close, first = 0.0, True, None
+    for i, (a, b) in enumerate(zip(got, ref)):
+        n = next((k for k, (x, y) in enumerate(zip(a.output, b.output)) if x != y), len(b.output))
+        for x, y in zip(a.logits[: n + 1], b.logits[: n + 1]):
+            max_abs = max(max_abs, float((x - y).abs().max()))
+            close &= torch.allclose(x, y, rtol=tol, atol=tol)
+        if n < len(b.output) and first is None:
+            top2 = b.logits[n].topk(2).values
+            first = dict(request=i, step=n, ref_top2_margin=float(top2[0] - top2[1]),
+                         logit_diff_there=float((a.logits[n] - b.logits[n]).abs().max()))
+    return dict(tokens_equal=first is None and all(len(a.output) == len(b.output) for a, b in zip(got, ref)),
+                first_divergence=first, logits_max_abs_diff=max_abs, logits_within_tol=close, logits_tol=tol)
+
+
 def _step_time_us(runner: DecodeGraphRunner, bs: int, use_graph: bool, device, reps: int) -> float:
     if use_graph:
         return _median_wall_us(runner.graphs[bs].replay, device, reps)
@@ -228,18 +247,7 @@ def check_decode(group: DCPGroup, device: torch.device, sizes: Sizes) -> dict:
     out.update(dcpw_graph=gw, dcpw_capture_error=errw, dcpw_step_us=step_us)
     if group.rank == 0:
         tol = 1e-4 if dtype == torch.float32 else 5e-2
-        first_diff = next(
-            (i for i, (a, b) in enumerate(zip(reqs, ref)) if a.output != b.output), None
-        )
-        max_abs = max(float((x - y).abs().max()) for a, b in zip(reqs, ref) for x, y in zip(a.logits, b.logits))
-        close = all(
-            torch.allclose(x, y, rtol=tol, atol=tol) for a, b in zip(reqs, ref) for x, y in zip(a.logits, b.logits)
-        )
-        out.update(
-            tokens_equal=first_diff is None, first_request_differing=first_diff,
-            logits_max_abs_diff=max_abs, logits_within_tol=close, logits_tol=tol,
-            decode_tokens_per_request=len(ref[0].output), model_dtype=str(dtype),
-        )
+        out.update(compare_decodes(reqs, ref, tol), model_dtype=str(dtype), decode_tokens_per_request=len(ref[0].output))
     return out
 
 
@@ -329,7 +337,7 @@ def _write_report(per_rank: list[dict], device, sizes: Sizes, out: Path, argv: l
     )
     summary = dict(
         meta, world_size=w, rows_bit_exact=r0["rows_bit_exact"], row_write_paths=r0["row_write_paths"],
-        tokens_equal=r0["tokens_equal"], logits_within_tol=r0["logits_within_tol"],
+        tokens_equal=r0["tokens_equal"], first_divergence=r0["first_divergence"], logits_within_tol=r0["logits_within_tol"],
         logits_max_abs_diff=r0["logits_max_abs_diff"], decode_steps=sizes.decode_steps,
         decode_batch=sizes.decode_batch, dcp1_step_us=r0["dcp1_step_us"],
         dcpw_step_us=[p["dcpw_step_us"] for p in per_rank], graphs=dict(dcp1=r0["dcp1_graph"], dcpw=r0["dcpw_graph"]),
@@ -348,7 +356,8 @@ def _write_report(per_rank: list[dict], device, sizes: Sizes, out: Path, argv: l
         f"2. decode, {sizes.decode_batch} requests x {r0['decode_tokens_per_request']} tokens, {r0['model_dtype']}: "
         f"same tokens as DCP=1: **{r0['tokens_equal']}**; logits max |diff| {r0['logits_max_abs_diff']:.3g} "
         f"(within {r0['logits_tol']}: {r0['logits_within_tol']}); CUDA graphs: DCP=1 {r0['dcp1_graph']}, "
-        f"DCP={w} {r0['dcpw_graph']}" + (f" (capture failed: {r0['dcpw_capture_error']})" if r0["dcpw_capture_error"] else ""),
+        f"DCP={w} {r0['dcpw_graph']}" + (f" (capture failed: {r0['dcpw_capture_error']})" if r0["dcpw_capture_error"] else "")
+        + (f"; first divergence: {r0['first_divergence']}" if r0["first_divergence"] else ""),
         "",
         f"| decode step ({unit}) | us |",
         "|---|---|",
