@@ -81,6 +81,25 @@ def test_round_trip_layer_by_layer(kind, page_size, layout, io_backend):
     _round_trip(pool, host, host_slots, dev_slots, new_slots, io_backend)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_kernel_path_round_trip_under_the_interpreter(layout, page_size, monkeypatch):
+    """The host pool's kernel path (its layouts' byte addressing, row and page units, a grid smaller
+    than the work) run by the Triton interpreter on CPU tensors, against the written rows."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import mlakv.mem_cache.host_pool as hp
+
+    if not HAS_CUDA:
+        monkeypatch.setattr(hp, "_kernel_path", lambda device, io_backend: io_backend == "kernel")
+    pool = _pool(page_size=page_size, size=256, layer_num=2)
+    host = MLATokenToKVPoolHost(pool, host_size=512, layout=layout, transfer_sms=2)
+    n = 3 if page_size > 1 else 40
+    dev = _slots([1, 4, 2][:n] if page_size > 1 else list(range(1, 1 + n)), page_size)
+    hs = _slots([9, 3, 20], page_size) if page_size > 1 else torch.randperm(512)[:n]
+    new = _slots([7, 8, 11], page_size) if page_size > 1 else torch.arange(100, 100 + n)
+    _round_trip(pool, host, hs, dev, new)
+
+
 def _odd_vector(kind: str, base: torch.Tensor) -> torch.Tensor:
     """``base``'s values in a vector of the given odd layout (values equal, memory layout not)."""
     if kind == "strided":

@@ -253,10 +253,6 @@ class MLATokenToKVPoolHost:
         P = self.page_size
         page_units = P > 1 and device_pool.page_size % P == 0 and self.layout != "page_first"
         b = _Batch(key, (device_pool, host_indices, device_indices), int(h.numel()), h, d, page_units=page_units)
-        if device_pool.device.type == "cuda" and b.n:
-            hs, ds = (h[::P], d[::P]) if page_units else (h, d)
-            b.h_dev = hs.to(device_pool.device, non_blocking=True)
-            b.d_dev = ds.to(device_pool.device, non_blocking=True)
         self._batch = b
         return b
 
@@ -305,30 +301,36 @@ class MLATokenToKVPoolHost:
     def _copy_layer(self, device_pool: MLATokenToKVPool, b: _Batch, local: int, to_host: bool, io_backend: str) -> None:
         """One layer of a validated batch, on the current (transfer) stream or the CPU."""
         dev = _device_rows(device_pool, local)
+        if _kernel_path(device_pool.device, io_backend):
+            from .transfer_kernels import launch_copy_rows
+
+            if b.h_dev is None:  # the batch's first use: its vectors go to the device once
+                P = self.page_size
+                hs, ds = (b.h_cpu[::P], b.d_cpu[::P]) if b.page_units else (b.h_cpu, b.d_cpu)
+                # contiguous before the kernel, which reads them densely (page starts are a strided view)
+                b.h_dev = hs.contiguous().to(device_pool.device, non_blocking=True)
+                b.d_dev = ds.contiguous().to(device_pool.device, non_blocking=True)
+            off, host_layout = self._host_layer(local)
+            host = self._bytes[off:]
+            dev_layout = (1, self.row_bytes, self.row_bytes)
+            unit = self.row_bytes * (self.page_size if b.page_units else 1)
+            if to_host:
+                launch_copy_rows(dev, host, b.d_dev, b.h_dev, unit, dev_layout, host_layout, max_programs=self.transfer_sms)
+            else:
+                launch_copy_rows(host, dev, b.h_dev, b.d_dev, unit, host_layout, dev_layout, max_programs=self.transfer_sms)
+            return
         if device_pool.device.type != "cuda":
             if to_host:
                 self._rows[self._host_rows(local, b.h_cpu)] = dev[b.d_cpu]
             else:
                 dev[b.d_cpu] = self._rows[self._host_rows(local, b.h_cpu)]
             return
-        if io_backend == "direct":
-            for hs, ds, n in _runs(b.h_cpu, b.d_cpu, self._host_run_limit()):
-                host = self._host_row_run(local, hs, n)
-                if to_host:
-                    host.copy_(dev[ds : ds + n], non_blocking=True)
-                else:
-                    dev[ds : ds + n].copy_(host, non_blocking=True)
-            return
-        from .transfer_kernels import launch_copy_rows
-
-        off, host_layout = self._host_layer(local)
-        host = self._bytes[off:]
-        dev_layout = (1, self.row_bytes, self.row_bytes)
-        unit = self.row_bytes * (self.page_size if b.page_units else 1)
-        if to_host:
-            launch_copy_rows(dev, host, b.d_dev, b.h_dev, unit, dev_layout, host_layout, max_programs=self.transfer_sms)
-        else:
-            launch_copy_rows(host, dev, b.h_dev, b.d_dev, unit, host_layout, dev_layout, max_programs=self.transfer_sms)
+        for hs, ds, n in _runs(b.h_cpu, b.d_cpu, self._host_run_limit()):  # "direct" on CUDA
+            host = self._host_row_run(local, hs, n)
+            if to_host:
+                host.copy_(dev[ds : ds + n], non_blocking=True)
+            else:
+                dev[ds : ds + n].copy_(host, non_blocking=True)
 
     def _host_run_limit(self) -> int:
         """Longest run of consecutive host slots that is one contiguous block of a layer's rows."""
@@ -519,6 +521,12 @@ def page_bytes_tensor(data: Any, page_bytes: int, name: str) -> torch.Tensor:
     if t.numel() != page_bytes:
         raise ValueError(f"{name}: a page is {page_bytes} bytes, got {t.numel()}")
     return t
+
+
+def _kernel_path(device: torch.device, io_backend: str) -> bool:
+    """The one place that picks the copy path: the zero-copy Triton kernel for ``"kernel"`` on CUDA;
+    plain torch copies otherwise (indexed on CPU, ``copy_`` of contiguous runs for ``"direct"``)."""
+    return io_backend == "kernel" and device.type == "cuda"
 
 
 def _check_backend(io_backend: Any) -> None:

@@ -54,6 +54,7 @@ def _copy_units_kernel(
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     RECORD_SMID: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     # Unit i: dst[dst_idx[i]] = src[src_idx[i]] (UNIT words, contiguous on both sides), where slot t
     # lives at (t // page) * page_stride + (t % page) * row_stride words on each side. Either side
@@ -73,6 +74,9 @@ def _copy_units_kernel(
         d = tl.load(dst_idx_ptr + u, mask=live, other=0).to(tl.int64)
         s_off = (s // src_page) * src_page_stride + (s % src_page) * src_row_stride
         d_off = (d // dst_page) * dst_page_stride + (d % dst_page) * dst_row_stride
+        # every offset is a multiple of ALIGN words: lets the compiler use vector loads and stores
+        s_off = tl.multiple_of(s_off, ALIGN)
+        d_off = tl.multiple_of(d_off, ALIGN)
         for start in tl.static_range(0, UNIT, BLOCK):
             offs = start + w
             m = live[:, None] & (offs < UNIT)[None, :]
@@ -114,7 +118,8 @@ def launch_copy_rows(
 ) -> None:
     """Copy ``unit_bytes``-wide units ``src[src_idx[i]] -> dst[dst_idx[i]]`` in one launch.
 
-    The caller (the host pool) has validated everything: this launcher trusts its arguments.
+    The caller (the host pool) has validated the slot values (range, page alignment); this launcher
+    only refuses index vectors it would misread (not contiguous int64 of one length).
 
     Args:
         src, dst: byte-addressable buffers (device or pinned host memory); the layouts address
@@ -134,6 +139,9 @@ def launch_copy_rows(
         return
     if max_programs < 1:
         raise ValueError(f"max_programs must be >= 1, got {max_programs}")
+    for name, t in (("src_idx", src_idx), ("dst_idx", dst_idx)):  # read densely: refuse what would misread
+        if t.dim() != 1 or t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != n:
+            raise ValueError(f"{name} must be a contiguous [{n}] int64 vector, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
     sp, sps, srs = src_layout
     dp, dps, drs = dst_layout
     w, word = _word(unit_bytes, sps, srs, dps, drs, src.data_ptr(), dst.data_ptr(), src.nbytes, dst.nbytes)
@@ -141,9 +149,12 @@ def launch_copy_rows(
     unit = unit_bytes // w
     rows, block = tile_shape(unit)
     grid = min(max_programs, triton.cdiv(n, rows))
+    align = 16 // w  # words per 16 bytes, then halved until it divides every stride and the unit
+    while align > 1 and any(q % align for q in (unit, sps // w, srs // w, dps // w, drs // w)):
+        align //= 2
     record = smid_out is not None
     _copy_units_kernel[(grid,)](
         s_words, d_words, src_idx, dst_idx, smid_out if record else src_idx, n,
         sp, sps // w, srs // w, dp, dps // w, drs // w,
-        UNIT=unit, BLOCK=block, ROWS=rows, RECORD_SMID=record, num_warps=num_warps,
+        UNIT=unit, BLOCK=block, ROWS=rows, RECORD_SMID=record, ALIGN=align, num_warps=num_warps,
     )
