@@ -74,7 +74,9 @@ class HiCacheStorage(abc.ABC):
 
         ``host_indices``: ``[n_keys]`` first token slot of each host page (or ``[n_keys * page_size]``
         token slots of whole pages). Returns how many leading pages were loaded; pages after the
-        first miss are not touched.
+        first miss are not touched (a backend that reads straight into host memory may have written
+        into the page at the first miss: its contents are undefined, as for any page not loaded).
+        A page stored from a host pool of another layout arrives in this host pool's own layout.
         """
 
     @abc.abstractmethod
