@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-len", type=_positive, default=None, help="tokens per prompt (default GPU 1024, CPU 64)")
     ap.add_argument("--decode-batch", type=_positive, default=None, help="requests decoded together (default GPU 32, CPU 8)")
     ap.add_argument("--decode-steps", type=_positive, default=None, help="decode steps timed per variant (default GPU 32, CPU 8)")
+    ap.add_argument("--kv-cache-format", choices=["ds_mla", "per_tensor"], default=None,
+                    help="also run the model on an FP8 cache of this format (quantized in the write, dequantized in "
+                    "the gather) and report how far its logits move from the plain cache's")  # fmt: skip
     return ap
 
 
@@ -206,6 +209,62 @@ def report(t_prefill: dict, t_decode: dict, n_tokens: int, dbatch: int, gpu: boo
               "the write; run on a GPU for the write's share.")
 
 
+class _Fp8PoolCache(PoolKVCache):
+    """The model's cache on an FP8-format pool: sources go in as bf16 (quantized in the write), rows
+    come back dequantized by the pool's fused gather, in the model's dtype."""
+
+    def __init__(self, pool: MLATokenToKVPool, model_dtype: torch.dtype) -> None:
+        super().__init__(pool)
+        self.model_dtype = model_dtype
+
+    def write(self, layer, loc, k_nope, k_rope):
+        src = k_nope.dtype if k_nope.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        self.pool.set_kv_buffer(layer, loc, k_nope.to(src), k_rope.to(src))
+
+    def gather(self, layer, slots):
+        nope, rope = self.pool.get_mla_kv_buffer(layer, slots.reshape(-1), dst_dtype=self.model_dtype)
+        return nope.reshape(*slots.shape, -1), rope.reshape(*slots.shape, -1)
+
+
+def fp8_logit_drift(cfg: MLAConfig, model, device, dtype, fmt: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Run ``prompts`` (eager) on the plain cache and on an FP8 cache of format ``fmt``; compare the
+    logits of every generated token while both runs have produced the same tokens so far.
+
+    per_tensor's ``k_scale`` is calibrated as engines do it: the plain run's largest cached |value| / 448.
+    Returns ``max_abs``, ``mean_abs`` (logit differences), ``top1`` (argmax agreement) and ``compared``.
+    """
+    size = sum(len(p) + new_tokens for p in prompts) + 64
+    runs, pools = [], []
+    for kind in ("plain", fmt):
+        if kind == "plain":
+            pool = MLATokenToKVPool(size, 1, dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_layers, device)
+            cache = PoolKVCache(pool)
+        else:
+            k_scale = None
+            if fmt == "per_tensor":
+                amax = max(float(b.float().abs().max()) for b in pools[0].kv_buffer)
+                k_scale = max(amax / 448.0, 1e-12)
+            pool = MLATokenToKVPool(size, 1, torch.float8_e4m3fn, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                    cfg.n_layers, device, kv_cache_format=fmt, k_scale=k_scale)  # fmt: skip
+            cache = _Fp8PoolCache(pool, dtype)
+        pools.append(pool)
+        eng = Engine(model, cache, TokenSlotAllocator(pool.num_slots, 1), device)
+        reqs = [Request(p, new_tokens) for p in prompts]
+        eng.prefill(reqs)
+        while eng.running:
+            eng.decode_step(use_graph=False)
+        runs.append(reqs)
+    diffs, agree = [], []
+    for a, b in zip(*runs):
+        for t, (la, lb) in enumerate(zip(a.logits, b.logits)):
+            if a.output[:t] != b.output[:t]:
+                break  # the runs have fed different tokens since: their logits are not comparable
+            diffs.append((la.float() - lb.float()).abs().flatten())
+            agree.append(int(la.argmax()) == int(lb.argmax()))
+    d = torch.cat(diffs)
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "top1": sum(agree) / len(agree), "compared": len(agree)}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``mlakv demo``: returns 0, or 1 if the reference check failed."""
     args = build_parser().parse_args(argv)
@@ -238,5 +297,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_prefill = time_prefill(model, caches, prompts, device, gpu)
     t_decode = time_decode(model, caches, prompts, dbatch, steps, ctx, pool, device, gpu)
     report(t_prefill, t_decode, n_prompts * plen, dbatch, gpu)
+    if args.kv_cache_format:
+        progress(f"fp8 cache: the model on a {args.kv_cache_format} cache vs the plain {dtype} cache")
+        drift = fp8_logit_drift(cfg, model, device, dtype, args.kv_cache_format, prompts[:4], 16)
+        print(f"FP8 KV cache ({args.kv_cache_format}, quantized in the write, dequantized in the gather) vs the "
+              f"{dtype} cache, over {drift['compared']} generated tokens of {min(4, len(prompts))} prompts: "
+              f"logits max abs diff {drift['max_abs']:.4f}, mean abs diff {drift['mean_abs']:.5f}, "
+              f"top-1 agreement {drift['top1']:.1%}")  # fmt: skip
     progress(f"done in {time.perf_counter() - t_start:.0f} s")
     return 0 if ok else 1

@@ -699,3 +699,21 @@ def test_hicache_and_storage_round_trip_quantized_rows(fmt, tmp_path):
         nope, rope = pool.get_mla_kv_buffer(layer, new_slots.to(DEVICE))
         ref = dequantize_mla_rows(written[layer], fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
         assert torch.equal(bits_of(nope), bits_of(ref[0])) and torch.equal(bits_of(rope), bits_of(ref[1]))
+
+
+# ---- the demo's FP8 comparison ---------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_demo_runs_the_model_on_the_quantized_cache(fmt):
+    from mlakv.demo import fp8_logit_drift
+    from mlakv.models import MLAConfig
+    from mlakv.models.mla import default_dtype, make_model
+
+    cfg = MLAConfig(vocab_size=512, hidden=128, n_heads=2, n_layers=2)
+    device = torch.device(DEVICE)
+    model = make_model(cfg, device)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 14)]
+    drift = fp8_logit_drift(cfg, model, device, default_dtype(device), fmt, prompts, 4)
+    assert drift["compared"] >= 2
+    assert 0 < drift["max_abs"] < 1.0  # the quantized cache is really read, and stays close
+    assert drift["mean_abs"] <= drift["max_abs"] and 0.5 <= drift["top1"] <= 1.0
