@@ -4,7 +4,6 @@ failed admission or decode step gives back every slot it took (nothing leaks, no
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import DEVICE
 from mlakv.mem_cache import MLATokenToKVPool
