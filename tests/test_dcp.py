@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from mlakv.models import DecodeGraphRunner, Engine, MLAConfig, PoolKVCache, Requ
 from mlakv.models.dcp import (
     DCPGroup,
     DCPPoolKVCache,
+    all_gather_merge,
     interleave_rank_rows,
     make_dcp_pool,
     merge_attn_partials,
@@ -233,6 +235,11 @@ def test_merge_rejects_mismatched_shapes():
         merge_attn_partials(torch.zeros(2, 4, 8), torch.zeros(2, 5))
 
 
+def test_merge_over_ranks_without_a_process_group_is_refused():
+    with pytest.raises(ValueError, match="process group"):
+        all_gather_merge(torch.zeros(1, 1, 2, 8), torch.zeros(1, 1, 2), DCPGroup(0, 2, None))
+
+
 def test_cache_refuses_a_pool_of_another_rank():
     pool = MLATokenToKVPool(15, 1, torch.float32, 8, 4, 1, "cpu", dcp_world_size=2, dcp_rank=1)
     with pytest.raises(ValueError, match="rank 1 of 2"):
@@ -259,6 +266,29 @@ def test_interleave_puts_rank_rows_at_their_logical_slots():
     w, phys = 3, 4
     bufs = [torch.arange(phys) * w + r for r in range(w)]  # each row holds its logical slot
     assert torch.equal(interleave_rank_rows(bufs), torch.arange(w * phys))
+
+
+# ---- run_ranks: failures and deadlines -------------------------------------------------------------
+def _rank_raises_on_1(group: DCPGroup, device: torch.device) -> None:
+    if group.rank == 1:
+        raise RuntimeError("rank 1 broke")
+    torch.distributed.barrier()  # rank 0 would wait forever for rank 1
+
+
+def _rank_sleeps(group: DCPGroup, device: torch.device) -> None:
+    time.sleep(600)
+
+
+def test_run_ranks_fails_with_the_rank_error():
+    with pytest.raises(Exception, match="rank 1 broke"):
+        run_ranks(_rank_raises_on_1, 2, timeout_s=RANK_TIMEOUT_S)
+
+
+def test_run_ranks_kills_ranks_past_the_deadline():
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="within 3 s"):
+        run_ranks(_rank_sleeps, 2, timeout_s=3)
+    assert time.monotonic() - t0 < 60
 
 
 # ---- the two-GPU check script ----------------------------------------------------------------------

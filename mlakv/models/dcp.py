@@ -48,8 +48,8 @@ __all__ = [
 # ---- process groups ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DCPGroup:
-    """This process's place among the DCP ranks. ``group`` is ``None`` for a single rank (no
-    communication at all)."""
+    """This process's place among the DCP ranks. ``group`` is the process group the ranks merge
+    over; ``None`` allows no communication (a single rank, or the rank-local parts alone)."""
 
     rank: int
     world_size: int
@@ -120,6 +120,8 @@ def all_gather_merge(o_lat: torch.Tensor, lse: torch.Tensor, group: DCPGroup) ->
     dtype, identical on every rank. CUDA-graph capturable with NCCL."""
     if group.world_size == 1:
         return o_lat
+    if group.group is None:
+        raise ValueError(f"merging over {group.world_size} ranks needs a process group (DCPGroup.group is None)")
     packed = torch.cat([o_lat.float(), lse.float()[..., None]], dim=-1).contiguous()
     flat = packed.reshape(-1)
     gathered = torch.empty(group.world_size * flat.numel(), dtype=flat.dtype, device=flat.device)
@@ -197,12 +199,14 @@ def interleave_rank_rows(rank_buffers: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # ---- local multi-process runs ---------------------------------------------------------------
-def _rank_entry(rank: int, fn: Callable, world_size: int, device_type: str, store_dir: str, args: tuple) -> None:
+def _rank_entry(
+    rank: int, fn: Callable, world_size: int, device_type: str, store_dir: str, timeout_s: float, args: tuple
+) -> None:
     torch.set_num_threads(1)  # W processes share the machine's cores
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    group = init_dcp_group(device, rank, world_size, f"file://{store_dir}/store")
+    group = init_dcp_group(device, rank, world_size, f"file://{store_dir}/store", timeout_s=timeout_s)
     try:
         result = fn(group, device, *args)
         torch.save(result, Path(store_dir) / f"result{rank}.pt")
@@ -218,13 +222,14 @@ def run_ranks(
 
     ``fn`` must be importable by name (a module-level function) and its result picklable by
     ``torch.save``. A rank that raises fails the call with its traceback; a run past ``timeout_s``
-    kills the ranks and raises ``TimeoutError``.
+    kills the ranks and raises ``TimeoutError`` (a collective waiting that long fails in the rank).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     with tempfile.TemporaryDirectory(prefix="mlakv-dcp-") as d:
         ctx = mp.start_processes(
-            _rank_entry, args=(fn, world_size, device_type, d, args), nprocs=world_size, join=False, start_method="spawn"
+            _rank_entry, args=(fn, world_size, device_type, d, timeout_s, args), nprocs=world_size, join=False,
+            start_method="spawn",
         )
         deadline = time.monotonic() + timeout_s
         try:
