@@ -1,99 +1,213 @@
-"""A small run of every JIT kernel variant and the Triton row kernel, for compute-sanitizer.
+"""A small run of every GPU kernel variant and layout, for compute-sanitizer (memcheck, racecheck, synccheck).
 
-Not collected by pytest (no ``test_`` prefix). On the GPU machine:
+Not collected by pytest (no ``test_`` prefix). On the GPU machine, from the repository root:
 
-    compute-sanitizer --tool memcheck  python tests/sanitizer_smoke.py
-    compute-sanitizer --tool racecheck python tests/sanitizer_smoke.py
+    compute-sanitizer --tool memcheck  --error-exitcode 1 python tests/sanitizer_smoke.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 --racecheck-report all python tests/sanitizer_smoke.py
+    compute-sanitizer --tool synccheck --error-exitcode 1 python tests/sanitizer_smoke.py
 
-It also checks every result bit-exactly, so a sanitizer run is a correctness run too.
+Covered: the JIT row write (every TMA/direct-store x warps x items-per-warp variant), the Triton row
+kernel and the dispatcher, for bf16 512+64, fp16 512+64, uint8 528+128 and rope-less bf16 512+0,
+with ``loc`` contiguous with padding, strided, with a storage offset, expanded (stride 0), holding
+the reserved slot and slots past the buffer (unchecked: skipped); refused calls (a float ``loc``, a
+buffer with overlapping rows, a misaligned source at the JIT's checked entry) that must write
+nothing; the gather with padding and out-of-range slots; the move kernel (staged and direct, with
+out-of-range pairs); the HiCache row copy device <-> pinned host.
+
+The caching allocator is turned off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every tensor
+is its own allocation and memcheck sees an access past any of them. Every result is also checked
+bit for bit, so a sanitizer run is a correctness run too; the exit status is 1 on any mismatch.
 """
 
 from __future__ import annotations
 
-import sys
+import os
 
-import torch
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")  # before torch initialises CUDA
 
-from mlakv import jit_kernel
-from mlakv.mem_cache import set_mla_kv_buffer_torch
-from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+import sys  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+from mlakv import jit_kernel  # noqa: E402
+from mlakv.mem_cache import set_mla_kv_buffer_triton  # noqa: E402
+from mlakv.mem_cache.move_kv import launch_move_kv_rows, move_kv_cache_torch  # noqa: E402
+from mlakv.mem_cache.triton_kernels import launch_get_kv_rows, launch_set_kv_rows  # noqa: E402
+
+LAYOUTS = [(torch.bfloat16, 512, 64), (torch.float16, 512, 64), (torch.uint8, 528, 128), (torch.bfloat16, 512, 0)]
+LOC_KINDS = ["contiguous", "strided", "offset", "expanded", "reserved_and_past_end"]
+RESERVED = 0
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _rand(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    es = torch.empty((), dtype=dtype).element_size()
+    return torch.randint(0, 256, (n * d * es,), dtype=torch.uint8, device="cuda").view(dtype).view(n, d)
+
+
+def _loc(kind: str, n: int, num_slots: int) -> torch.Tensor:
+    slots = torch.randperm(num_slots - 1, device="cuda")[:n] + 1
+    slots[::5] = -1  # padding rows
+    if kind == "strided":
+        wide = torch.full((2 * n,), num_slots + 7, dtype=torch.int64, device="cuda")  # the gaps lie past the end
+        wide[::2] = slots
+        return wide[::2]
+    if kind == "offset":
+        wide = torch.full((n + 3,), num_slots + 7, dtype=torch.int32, device="cuda")
+        wide[3:] = slots.int()
+        return wide[3:]
+    if kind == "expanded":
+        return slots[:1].clamp_min(1).expand(n)
+    if kind == "reserved_and_past_end":
+        slots[1::5] = RESERVED
+        slots[2::7] = num_slots + 1000
+        return slots
+    return slots
+
+
+def _expected(base: torch.Tensor, loc: torch.Tensor, nope: torch.Tensor, rope: torch.Tensor, skip) -> torch.Tensor:
+    """The write's spec on integer views: rows with a slot in [0, num_slots) other than ``skip`` get [nope | rope]."""
+    out = _bits(base).reshape(base.shape[0], -1).clone()
+    idx = loc.to(torch.long)
+    keep = (idx >= 0) & (idx < base.shape[0])
+    if skip is not None:
+        keep &= idx != skip
+    rows = torch.cat([_bits(nope), _bits(rope)], dim=1)
+    out[idx[keep], : rows.shape[1]] = rows[keep]
+    return out
+
+
+class Smoke:
+    def __init__(self) -> None:
+        self.cases = 0
+        self.failures = 0
+
+    def check(self, name: str, ok: bool) -> None:
+        self.cases += 1
+        if not ok:
+            self.failures += 1
+            print(f"MISMATCH {name}")
+
+    def writes(self) -> None:
+        for dtype, nd, rd in LAYOUTS:
+            es = torch.empty((), dtype=dtype).element_size()
+            jit_ok = jit_kernel.can_use_set_mla_kv_buffer(nd * es, rd * es, "cuda")
+            for kind in LOC_KINDS:
+                for n in (1, 37, 300):
+                    num_slots = n + 50
+                    loc = _loc(kind, n, num_slots)
+                    nope, rope = _rand(n, nd, dtype), _rand(n, rd, dtype)
+                    if kind == "expanded":  # one slot written n times: with one row, any order gives it
+                        nope, rope = nope[:1].expand(n, nd), rope[:1].expand(n, rd)
+                    base = torch.empty((num_slots, 1, nd + rd), dtype=dtype, device="cuda")
+                    base.view(torch.uint8).random_(0, 256)
+                    runs: dict[str, tuple[Callable[[torch.Tensor], None], object]] = {
+                        "triton": (lambda kv: launch_set_kv_rows(kv, loc, nope, rope), None),
+                        "dispatch": (lambda kv: set_mla_kv_buffer_triton(kv, loc, nope, rope), None),
+                        "dispatch skip=0": (
+                            lambda kv: set_mla_kv_buffer_triton(kv, loc, nope, rope, reserved_skip_index=RESERVED),
+                            RESERVED,
+                        ),
+                    }
+                    if jit_ok:
+                        sweep = [(t, w, i) for t in (True, False) for w in (1, 4, 8) for i in (1, 2, 4)]
+                        for tma, warps, items in sweep if kind == "contiguous" else [(None, 0, 0)]:
+                            runs[f"jit tma={tma} w{warps} i{items}"] = (
+                                lambda kv, t=tma, w=warps, i=items: jit_kernel.set_mla_kv_buffer(
+                                    kv, loc, nope, rope, w, items_per_warp=i, use_tma=t
+                                ),
+                                None,
+                            )
+                    for name, (run, skip) in runs.items():
+                        kv = base.clone()
+                        run(kv)
+                        torch.cuda.synchronize()
+                        want = _expected(base, loc, nope, rope, skip)
+                        self.check(f"{dtype} {nd}+{rd} loc={kind} n={n} {name}",
+                                   torch.equal(_bits(kv).reshape(num_slots, -1), want))
+
+    def refused(self) -> None:
+        """Calls that must be refused before anything is written."""
+        kv = torch.empty((64, 1, 576), dtype=torch.bfloat16, device="cuda")
+        kv.view(torch.uint8).random_(0, 256)
+        before = kv.clone()
+        loc = torch.arange(1, 9, device="cuda")
+        nope, rope = _rand(8, 512, torch.bfloat16), _rand(8, 64, torch.bfloat16)
+        wide = _rand(8, 513, torch.bfloat16)
+        calls = {
+            "float loc": lambda: set_mla_kv_buffer_triton(kv, loc.float(), nope, rope),
+            "overlapping kv rows": lambda: set_mla_kv_buffer_triton(kv[:1].expand(64, 1, 576), loc, nope, rope),
+            "jit misaligned source": lambda: jit_kernel.set_mla_kv_buffer(kv, loc, wide[:, 1:], rope),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+                torch.cuda.synchronize()
+                refused = False
+            except (TypeError, ValueError, RuntimeError):
+                refused = True
+            self.check(f"refused: {name}", refused and torch.equal(_bits(kv), _bits(before)))
+
+    def gather(self) -> None:
+        for dtype, nd, rd in LAYOUTS:
+            kv = torch.empty((64, 1, nd + rd), dtype=dtype, device="cuda")
+            kv.view(torch.uint8).random_(0, 256)
+            bad = torch.tensor([3, 64, -1, 10**9, 63], device="cuda")
+            for loc in (bad, torch.tensor([3, 0, 64, 0, -1, 0, 10**9, 0, 63], device="cuda")[::2]):
+                nope, rope = launch_get_kv_rows(kv, loc, nd, rd)
+                torch.cuda.synchronize()
+                rows = _bits(kv).reshape(64, -1)
+                ok = (torch.equal(_bits(nope[0]), rows[3, :nd]) and torch.equal(_bits(rope[4]), rows[63, nd:])
+                      and not _bits(nope[1:4]).any() and not _bits(rope[1:4]).any())
+                self.check(f"gather {dtype} {nd}+{rd} invalid slots, loc stride {loc.stride(0)}", ok)
+
+    def move(self) -> None:
+        layers = [torch.empty((80, 1, 576), dtype=torch.bfloat16, device="cuda") for _ in range(3)]
+        for b in layers:
+            b.view(torch.uint8).random_(0, 256)
+        cases = {
+            "staged overlap": (torch.tensor([5, 6, 7, 9], device="cuda"), torch.tensor([6, 7, 8, 80], device="cuda"), False),
+            "direct disjoint": (torch.tensor([20, 21, -1], device="cuda"), torch.tensor([30, 31, 32], device="cuda"), True),
+            "strided": (torch.arange(40, 50, device="cuda")[::2], torch.tensor([60], device="cuda").expand(5), False),
+        }
+        for name, (tgt, src, disjoint) in cases.items():
+            want = [b.clone() for b in layers]
+            keep = (tgt >= 0) & (tgt < 80) & (src >= 0) & (src < 80)
+            move_kv_cache_torch(want, tgt[keep], src[keep])
+            launch_move_kv_rows(layers, tgt, src, disjoint=disjoint)
+            torch.cuda.synchronize()
+            self.check(f"move {name}", all(torch.equal(_bits(a), _bits(b)) for a, b in zip(layers, want)))
+
+    def host_copy(self) -> None:
+        from mlakv.mem_cache.transfer_kernels import launch_copy_rows
+
+        row = 1152
+        dev = torch.randint(0, 256, (64, row), dtype=torch.uint8, device="cuda")
+        host = torch.zeros((4, 8, row), dtype=torch.uint8).pin_memory()  # 4 pages of 8 tokens
+        d_idx, h_idx = torch.tensor([5, 9, 63, 1], device="cuda"), torch.tensor([8, 9, 10, 11], device="cuda")
+        launch_copy_rows(dev, host, d_idx, h_idx, row, (1, row, row), (8, 8 * row, row))
+        torch.cuda.synchronize()
+        self.check("hicache copy device -> pinned host", torch.equal(host.view(-1, row)[8:12], dev[d_idx].cpu()))
+        back = torch.zeros_like(dev)
+        launch_copy_rows(host, back, h_idx, d_idx, row, (8, 8 * row, row), (1, row, row))
+        torch.cuda.synchronize()
+        self.check("hicache copy pinned host -> device", torch.equal(back[d_idx], dev[d_idx]))
 
 
 def main() -> int:
+    if not torch.cuda.is_available():
+        print("sanitizer smoke: needs a CUDA GPU (none present)")
+        return 2
     torch.manual_seed(0)
-    failures = 0
-    cases = 0
-    for dtype, nd, rd in [(torch.bfloat16, 512, 64), (torch.uint8, 528, 128)]:
-        for n in (1, 37, 300):
-            num_slots = n + 50
-            if dtype == torch.uint8:
-                nope = torch.randint(0, 256, (n, nd), dtype=dtype, device="cuda")
-                rope = torch.randint(0, 256, (n, rd), dtype=dtype, device="cuda")
-            else:
-                nope = torch.randn(n, nd, device="cuda").to(dtype)
-                rope = torch.randn(n, rd, device="cuda").to(dtype)
-            loc = torch.randperm(num_slots, device="cuda")[:n]
-            loc[::5] = -1  # padding rows
-            base = torch.empty((num_slots, 1, nd + rd), dtype=dtype, device="cuda")
-            base.view(torch.uint8).random_(0, 256)
-            expected = base.clone()
-            set_mla_kv_buffer_torch(expected, loc, nope, rope)
-            runs = {"triton": lambda kv: launch_set_kv_rows(kv, loc, nope, rope)}
-            for tma in (True, False):
-                for warps in (1, 4, 8):
-                    for items in (1, 2, 4):
-                        runs[f"jit tma={tma} w{warps} i{items}"] = (
-                            lambda kv, t=tma, w=warps, i=items: jit_kernel.set_mla_kv_buffer(
-                                kv, loc, nope, rope, w, items_per_warp=i, use_tma=t
-                            )
-                        )
-            for name, run in runs.items():
-                kv = base.clone()
-                run(kv)
-                torch.cuda.synchronize()
-                cases += 1
-                if not torch.equal(kv.view(torch.uint8), expected.view(torch.uint8)):
-                    failures += 1
-                    print(f"MISMATCH {dtype} n={n} {name}")
-    # The gather with out-of-range and negative slots must not touch memory outside the buffer.
-    from mlakv.mem_cache.triton_kernels import launch_get_kv_rows
-
-    kv = torch.randn(64, 1, 576, device="cuda").to(torch.bfloat16)
-    bad = torch.tensor([3, 64, -1, 10**9, 63], device="cuda")
-    nope, rope = launch_get_kv_rows(kv, bad, 512, 64)
-    torch.cuda.synchronize()
-    cases += 1
-    if not (torch.equal(nope[0], kv[3, 0, :512]) and torch.equal(rope[4], kv[63, 0, 512:]) and not nope[1:4].any()):
-        failures += 1
-        print("MISMATCH gather with invalid slots")
-    # HiCache page transfers (transfer_kernels.py): row units (page 1) and page units (page 16), every
-    # host layout, a persistent grid of 1 and 8 programs; backup, poison, per-layer load, compare.
-    from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
-
-    for page in (1, 16):
-        pool = MLATokenToKVPool(64 * 16, page, torch.bfloat16, 512, 64, 2, "cuda")
-        n_pages = 5
-        dev = (torch.tensor([3, 1, 7, 2, 9])[:, None] * page + torch.arange(page)).flatten()
-        for layout in ("layer_first", "page_first", "page_first_direct"):
-            for sms in (1, 8):
-                host = MLATokenToKVPoolHost(pool, host_size=64 * 16, layout=layout, transfer_sms=sms)
-                hs = host.alloc(n_pages * page).flip(0) if page == 1 else host.alloc(n_pages * page)
-                for b in pool.kv_buffer:
-                    b.view(torch.uint8).random_(0, 256)
-                want = [b[dev.cuda()].clone() for b in pool.kv_buffer]
-                host.backup_from_device_all_layer(pool, hs, dev)
-                host.synchronize()
-                for b in pool.kv_buffer:
-                    b.view(torch.uint8).random_(0, 256)
-                for layer in range(2):
-                    host.load_to_device_per_layer(pool, hs, dev, layer)
-                host.synchronize()
-                cases += 1
-                if not all(torch.equal(w.view(torch.uint8), b[dev.cuda()].view(torch.uint8)) for w, b in zip(want, pool.kv_buffer)):
-                    failures += 1
-                    print(f"MISMATCH hicache transfer page={page} {layout} sms={sms}")
-    print(f"sanitizer smoke: {cases - failures}/{cases} variant runs bit-exact")
-    return 1 if failures else 0
+    smoke = Smoke()
+    for part in (smoke.writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy):
+        part()
+    print(f"sanitizer smoke: {smoke.cases - smoke.failures}/{smoke.cases} variant runs bit-exact")
+    return 1 if smoke.failures else 0
 
 
 if __name__ == "__main__":
