@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-format", choices=["ds_mla", "per_tensor"], default=None,
                     help="also run the model on an FP8 cache of this format (quantized in the write, dequantized in "
                     "the gather) and report how far its logits move from the plain cache's")  # fmt: skip
+    ap.add_argument("--l3", choices=["mooncake"], default=None,
+                    help="run the HiCache L3 demo instead: a shared prefix backed up to Mooncake Store by one node "
+                    "and loaded by another (starts its own mooncake_master; mlakv.l3_demo)")  # fmt: skip
     return ap
 
 
@@ -268,6 +271,11 @@ def fp8_logit_drift(cfg: MLAConfig, model, device, dtype, fmt: str, prompts: lis
 def main(argv: Optional[list[str]] = None) -> int:
     """``mlakv demo``: returns 0, or 1 if the reference check failed."""
     args = build_parser().parse_args(argv)
+    if args.l3 == "mooncake":
+        from .l3_demo import main as l3_main
+
+        opts = ["--layers", str(args.layers)] + (["--prompts", str(args.prompts)] if args.prompts else [])
+        return l3_main(opts + (["--decode-steps", str(args.decode_steps)] if args.decode_steps else []))
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
