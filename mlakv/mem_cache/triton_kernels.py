@@ -74,23 +74,25 @@ def _set_kv_rows_kernel(
     i = tl.program_id(0).to(tl.int64)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    # The source loads do not depend on loc: they are issued alongside it (one memory round trip
-    # before the store, not two); a skipped row only masks off the store.
     slot = tl.load(loc_ptr + i * loc_stride).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    in_nope = offs < NOPE
-    a = tl.load(nope_ptr + i * nope_row_stride + offs, mask=in_nope)
-    if ROPE > 0:
-        in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-        b = tl.load(rope_ptr + i * rope_row_stride + (offs - NOPE), mask=in_rope)
-        val = tl.where(in_nope, a, b)
-    else:
-        val = a
     # The row selection rule (the same on every path): padding, the reserved slot and other DCP
     # ranks' slots are skipped; so is a row landing past the buffer (never a write outside it).
     row = slot // dcp_world  # dcp_world == 1 is specialised by Triton: no division then
     live = (slot >= 0) & (slot != skip_index) & ((slot - row * dcp_world) == dcp_rank) & (row < num_slots)
     live_b = (tl.zeros([BLOCK], dtype=tl.int32) + live.to(tl.int32)) != 0  # broadcast over the block
+    # Without DCP the source loads do not depend on loc: they are issued alongside it (one memory
+    # round trip before the store, not two) and a skipped row only masks off the store. With DCP
+    # most rows are other ranks': their sources are not read.
+    need = live_b | ((tl.zeros([BLOCK], dtype=tl.int32) + dcp_world) == 1)  # constant when dcp_world == 1
+    in_nope = offs < NOPE
+    a = tl.load(nope_ptr + i * nope_row_stride + offs, mask=in_nope & need)
+    if ROPE > 0:
+        in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
+        b = tl.load(rope_ptr + i * rope_row_stride + (offs - NOPE), mask=in_rope & need)
+        val = tl.where(in_nope, a, b)
+    else:
+        val = a
     tl.store(kv_ptr + row * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live_b)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()

@@ -112,8 +112,10 @@ __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_st
   int64_t slot[kItemsPerWarp];
   LaneSpan<kNopeBytes, kNopeVec> n_regs[kItemsPerWarp];
   LaneSpan<kRopeBytes, kRopeVec> r_regs[kItemsPerWarp];
-  // The source loads do not depend on loc: issue them together with the loc load, so a small
-  // call pays one memory round trip before its stores instead of two. Only the stores test loc.
+  // Without DCP the source loads do not depend on loc: issue them together with the loc load, so
+  // a small call pays one memory round trip before its stores instead of two; only the stores test
+  // loc. With DCP (dcp_world > 1, uniform) most rows belong to other ranks: load a row's sources
+  // only once loc says it is kept, so a rank reads only the bytes it stores.
 #pragma unroll
   for (int k = 0; k < kItemsPerWarp; ++k) {
     const int64_t item = first + k;
@@ -126,8 +128,10 @@ __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_st
         s /= dcp_world;
       }
       slot[k] = (live && s < num_slots) ? s : -1;
-      n_regs[k].load(nope + item * nope_stride, lane);
-      r_regs[k].load(rope + item * rope_stride, lane);
+      if (dcp_world == 1 || slot[k] >= 0) {
+        n_regs[k].load(nope + item * nope_stride, lane);
+        r_regs[k].load(rope + item * rope_stride, lane);
+      }
     }
   }
 
