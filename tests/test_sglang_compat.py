@@ -273,3 +273,14 @@ def test_host_flat_data_pages_round_trip():
     assert torch.equal(bits(host.get_data_page(int(h[4]), flat=True)), bits(page))
     ptrs, sizes = host.get_page_buffer_meta(h)
     assert len(ptrs) == 2 and sizes == [host.page_bytes] * 2
+
+
+def test_docs_sglang_example_runs():
+    """docs/sglang.md's example runs as written (on the CPU)."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "sglang.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", doc, re.S)
+    assert len(code) == 1
+    exec(compile(code[0], "docs/sglang.md", "exec"), {})
