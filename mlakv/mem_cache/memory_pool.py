@@ -210,7 +210,7 @@ class MLATokenToKVPool:
         if torch.compiler.is_compiling():  # one opaque op node: no graph break, same rule (custom_ops.gather_rows)
             nope, rope = _ops.get_mla_kv_buffer_op(
                 self.kv_buffer[self._local_layer(layer)], loc, self.kv_lora_rank, self.qk_rope_head_dim,
-                bool(self.check_bounds or _CHECK_BOUNDS_DEFAULT),
+                self.check_bounds,
             )
             if self._store_view:
                 nope, rope = nope.view(self.dtype), rope.view(self.dtype)
@@ -273,7 +273,9 @@ class MLATokenToKVPool:
                 f"{cache_k_nope.dtype}/{cache_k_rope.dtype}; quantize before writing"
             )
         if torch.compiler.is_compiling():  # one opaque op node: no graph break
-            _ops.set_mla_kv_buffer_op(buf, loc, cache_k_nope, cache_k_rope, bool(self.check_bounds))
+            _ops.set_mla_kv_buffer_op(
+                buf, loc, cache_k_nope, cache_k_rope, self.check_bounds, RESERVED_SLOT, self.dcp_world_size, self.dcp_rank
+            )
             return
         set_mla_kv_buffer_triton(
             buf,
@@ -316,7 +318,7 @@ class MLATokenToKVPool:
         ``[0, num_slots)`` raises ``IndexError`` when checked (always on CPU, ``check_bounds`` on
         GPU) and is skipped otherwise; nothing outside the buffers is touched.
         """
-        check = bool(self.check_bounds or _CHECK_BOUNDS_DEFAULT)
+        check = self.check_bounds
         if torch.compiler.is_compiling():
             _ops.move_kv_cache_op(self.kv_buffer, tgt_loc, src_loc, check, disjoint)
             return
