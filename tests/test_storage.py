@@ -107,7 +107,8 @@ def test_str_and_bytes_keys_name_the_same_page(tmp_path):
     store.set(b"abc", _page(3))
     assert store.get("abc") == _page(3)
     store.set("../../escape/\x00", _page(4))  # any characters: the file name is a hash
-    assert store.get(b"../../escape/\x00") == _page(4) and sorted(os.listdir(tmp_path)) == sorted(os.listdir(tmp_path))
+    assert store.get(b"../../escape/\x00") == _page(4)
+    assert len(os.listdir(tmp_path)) == 2 and not (tmp_path.parent / "escape").exists()
 
 
 @pytest.mark.parametrize("key,exc", [(["a"], TypeError), (7, TypeError), (None, TypeError), ("", ValueError), (b"", ValueError)])
