@@ -353,7 +353,21 @@ def test_k_scale_float_and_tensor_agree():
 
 
 # ---- the gather ---------------------------------------------------------------------------------
-GATHER_PATHS = ["torch", "triton"]
+GATHER_PATHS = ["torch", "triton"] + (["jit"] if IS_SM90 else [])
+
+
+def gather_via(path, kv, loc, fmt, dst):
+    if path == "torch":
+        return get_mla_kv_buffer_dequant(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
+    if path == "triton":
+        from mlakv.mem_cache.fp8_triton import launch_dequant_gather
+
+        return launch_dequant_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
+    from mlakv.jit_kernel.mla_fp8 import fp8_jit_gather
+
+    out = fp8_jit_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
+    assert out is not None, "the JIT gather refused an aligned call"
+    return out
 
 
 @pytest.mark.parametrize("path", GATHER_PATHS)
@@ -368,24 +382,18 @@ def test_dequant_gather_bit_exact(path, fmt, dst, n_loc):
     set_mla_kv_buffer_quant(kv, torch.arange(9, device=DEVICE), nope, rope, fmt, k_scale_for(fmt))
     loc = torch.randint(0, 12, (n_loc,)).to(DEVICE)
     expect = dequantize_mla_rows(kv.cpu()[loc.cpu()], fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"), dst)
-    if path == "torch":
-        got = get_mla_kv_buffer_dequant(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
-    else:
-        from mlakv.mem_cache.fp8_triton import launch_dequant_gather
-
-        got = launch_dequant_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
+    got = gather_via(path, kv, loc, fmt, dst)
     for g, e in zip(got, expect):
         assert g.dtype == dst and g.shape == e.shape and torch.equal(bits_of(g), bits_of(e))
 
 
+@pytest.mark.parametrize("path", [p for p in GATHER_PATHS if p != "torch"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_triton_gather_gives_zero_rows_for_invalid_slots(fmt):
-    path_available("triton", 3)
-    from mlakv.mem_cache.fp8_triton import launch_dequant_gather
-
+@pytest.mark.parametrize("dst", DST_DTYPES)
+def test_kernel_gather_gives_zero_rows_for_invalid_slots(path, fmt, dst):
+    path_available(path, 3)
     kv = poisoned(4, fp8_row_bytes(fmt, NOPE, ROPE))
-    nope, rope = launch_dequant_gather(kv, torch.tensor([-1, 4, 1 << 40], device=DEVICE), fmt, NOPE, ROPE,
-                                       k_scale_for(fmt), torch.bfloat16)  # fmt: skip
+    nope, rope = gather_via(path, kv, torch.tensor([-1, 4, 1 << 40], device=DEVICE), fmt, dst)
     assert not bits_of(nope).any() and not bits_of(rope).any()
 
 

@@ -1,8 +1,8 @@
-"""Python entry of the JIT CUDA quantizing write (``csrc/mla_fp8.cuh``): FP8 rows in one launch.
+"""Python entry of the JIT CUDA FP8 kernels (``csrc/mla_fp8.cuh``): the quantizing write and the dequantizing gather.
 
 The routing decision is made in :mod:`mlakv.mem_cache.fp8` (the fp8 dispatcher); this module says
-whether the kernel can serve a call (:func:`fp8_jit_accepts`), launches it (:func:`fp8_jit_write`)
-and builds the module through :mod:`mlakv.jit_kernel.loader`, the one place that compiles. One module
+whether the kernel can serve a call (:func:`fp8_jit_accepts`), launches it (:func:`fp8_jit_write`,
+:func:`fp8_jit_gather`) and builds the module through :mod:`mlakv.jit_kernel.loader`, the one place that compiles. One module
 is built per ``(format, nope_dim, rope_dim, use_pdl)``; it holds the bf16/fp16 and int32/int64 loc
 variants.
 """
@@ -19,7 +19,14 @@ from .loader import JitUnavailable, load_cuda_module
 
 logger = logging.getLogger("mlakv.jit")
 
-__all__ = ["FP8_JIT_WARPS", "build_mla_fp8_module", "fp8_jit_widths_reason", "fp8_jit_accepts", "fp8_jit_write"]
+__all__ = [
+    "FP8_JIT_WARPS",
+    "build_mla_fp8_module",
+    "fp8_jit_widths_reason",
+    "fp8_jit_accepts",
+    "fp8_jit_write",
+    "fp8_jit_gather",
+]
 
 FP8_JIT_WARPS = 4  # rows (warps) per CTA
 _FORMAT_CODE = {"per_tensor": 0, "ds_mla": 1}
@@ -33,6 +40,12 @@ bool mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::
                                                                        num_warps);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_quant, mla_fp8_quant);
+
+bool mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView scale,
+                    tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps) {{
+  return mlakv::fp8::launch_mla_fp8_gather<{fmt}, {nope}, {rope}>(kv, loc, scale, nope_out, rope_out, num_warps);
+}}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_gather, mla_fp8_gather);
 """
 
 
@@ -71,7 +84,7 @@ _warned: set[str] = set()
 
 @functools.lru_cache(maxsize=None)
 def _fn_for(device_index: int, kv_cache_format: str, nope_dim: int, rope_dim: int) -> Union[str, Any]:
-    """The loaded kernel function for a device and layout, or the reason (str) it cannot be had."""
+    """The loaded module for a device and layout, or the reason (str) it cannot be had."""
     reason = fp8_jit_widths_reason(kv_cache_format, nope_dim, rope_dim)
     if reason:
         return reason
@@ -85,7 +98,7 @@ def _fn_for(device_index: int, kv_cache_format: str, nope_dim: int, rope_dim: in
             _warned.add(str(e))
             logger.warning("mlakv: JIT fp8 write unavailable, using Triton: %s", e)
         return str(e)
-    return mod.mla_fp8_quant
+    return mod
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,10 +140,38 @@ def fp8_jit_write(
     ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or None; rows whose slot is
     ``skip_slot`` are skipped like padding (-1: none).
     """
-    fn = _fn_for(kv_buffer.get_device(), kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
-    if isinstance(fn, str):
+    mod = _fn_for(kv_buffer.get_device(), kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
+    if isinstance(mod, str):
         return False
+    fn = mod.mla_fp8_quant
     kv = kv_buffer if kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
     if k_scale is None:
         k_scale = _dummy_scale(kv_buffer.device)
     return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, FP8_JIT_WARPS))
+
+
+def fp8_jit_gather(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    kv_cache_format: str,
+    nope_dim: int,
+    rope_dim: int,
+    k_scale: Optional[torch.Tensor],
+    dst_dtype: torch.dtype,
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Gather and dequantize ``kv_buffer[loc]`` with the CUDA kernel: ``(k_nope [n_loc, nope_dim],
+    k_rope [n_loc, rope_dim])`` in ``dst_dtype`` (bf16/fp16/fp32), or None (nothing launched) when
+    the kernel cannot serve the call here. Validated arguments; an invalid slot gives a zero row."""
+    if not kv_buffer.is_cuda:
+        return None
+    mod = _fn_for(kv_buffer.get_device(), kv_cache_format, nope_dim, rope_dim)
+    if isinstance(mod, str):
+        return None
+    kv = kv_buffer if kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
+    n = loc.shape[0]
+    nope_out = torch.empty((n, nope_dim), dtype=dst_dtype, device=kv_buffer.device)
+    rope_out = torch.empty((n, rope_dim), dtype=dst_dtype, device=kv_buffer.device)
+    scale = k_scale if k_scale is not None else _dummy_scale(kv_buffer.device)
+    if not mod.mla_fp8_gather(kv, loc, scale, nope_out, rope_out, FP8_JIT_WARPS):
+        return None
+    return nope_out, rope_out

@@ -441,7 +441,8 @@ def get_mla_kv_buffer_dequant(
     *,
     check_bounds: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather rows ``kv_buffer[loc]`` and dequantize them (fused on the GPU: one Triton launch).
+    """Gather rows ``kv_buffer[loc]`` and dequantize them (fused on the GPU: one launch, JIT CUDA on
+    SM90+ where the widths and alignment suit it, else Triton; torch on CPU).
 
     Args:
         kv_buffer: ``[num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn.
@@ -466,6 +467,12 @@ def get_mla_kv_buffer_dequant(
         rows = _rows2d(kv_buffer).view(torch.uint8)[loc.clamp(min=0).to(torch.long), :rb]
         rows = torch.where(valid[:, None], rows, torch.zeros_like(rows))
         return dequantize_mla_rows(rows, kv_cache_format, kv_lora_rank, rope_dim, scale, dst_dtype)
+    if _jit_enabled():
+        from mlakv.jit_kernel import mla_fp8
+
+        out = mla_fp8.fp8_jit_gather(kv_buffer, loc, kv_cache_format, kv_lora_rank, rope_dim, scale, dst_dtype)
+        if out is not None:
+            return out
     from .fp8_triton import launch_dequant_gather
 
     return launch_dequant_gather(kv_buffer, loc, kv_cache_format, kv_lora_rank, rope_dim, scale, dst_dtype)

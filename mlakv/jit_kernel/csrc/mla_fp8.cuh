@@ -1,4 +1,5 @@
-// FP8 MLA KV write, quantizing on the fly: kv[loc[i]] = quantize([k_nope[i] | k_rope[i]]).
+// FP8 MLA KV cache kernels: the quantizing write kv[loc[i]] = quantize([k_nope[i] | k_rope[i]]) and,
+// at the end of this file, the dequantizing gather.
 //
 // The formats are specified (and implemented in plain torch) in mlakv/mem_cache/fp8.py:
 //   kFormat 0, per_tensor: row = e4m3([nope | rope] / k_scale)                   (nope + rope bytes)
@@ -289,6 +290,216 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
     else MLAKV_FP8_LAUNCH(false, int64_t);
   }
 #undef MLAKV_FP8_LAUNCH
+  return true;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Dequantizing gather: out[i] = dequantize(kv[loc[i]]) in bf16 (kDst 0), fp16 (1) or fp32 (2).
+// One warp per row; lane l decodes 8-byte e4m3 chunks c = l + 32*i (cvt.rn.f16x2.e4m3x2 is exact),
+// multiplies by the fp32 scale (k_scale, or the chunk's tile scale read from the row) and rounds to
+// the destination (RNE; NaN as the canonical quiet NaN). ds_mla rope is the stored bf16. A slot
+// outside [0, num_slots) reads nothing and gives a zero row.
+// ---------------------------------------------------------------------------------------------
+template <int kDst>
+struct DstOf;
+template <>
+struct DstOf<0> {
+  static constexpr int kBytes = 2;
+  __device__ __forceinline__ static uint32_t bits(float x) { return bf16_bits(x); }
+};
+template <>
+struct DstOf<1> {
+  static constexpr int kBytes = 2;
+  __device__ __forceinline__ static uint32_t bits(float x) {
+    if (x != x) return 0x7e00u;
+    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(x)));
+  }
+};
+template <>
+struct DstOf<2> {
+  static constexpr int kBytes = 4;
+  __device__ __forceinline__ static uint32_t bits(float x) { return x != x ? 0x7fc00000u : __float_as_uint(x); }
+};
+
+// 8 e4m3 bytes -> 8 fp32 (exact).
+__device__ __forceinline__ void e4m3x8_to_float(uint2 q, float f[8]) {
+  const uint32_t w[2] = {q.x, q.y};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint16_t pair = static_cast<uint16_t>(w[j] >> (16 * h));
+      uint32_t f16x2;
+      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(f16x2) : "h"(pair));
+      __half2 hv;
+      memcpy(&hv, &f16x2, 4);
+      const float2 p = __half22float2(hv);
+      f[4 * j + 2 * h] = p.x;
+      f[4 * j + 2 * h + 1] = p.y;
+    }
+  }
+}
+
+// 8 destination values (bits) to dst (16 or 32 bytes, aligned).
+template <int kDst>
+__device__ __forceinline__ void store8(uint8_t* dst, const uint32_t b[8]) {
+  if constexpr (DstOf<kDst>::kBytes == 2) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(b[0] | (b[1] << 16), b[2] | (b[3] << 16), b[4] | (b[5] << 16),
+                                                b[6] | (b[7] << 16));
+  } else {
+    reinterpret_cast<uint4*>(dst)[0] = make_uint4(b[0], b[1], b[2], b[3]);
+    reinterpret_cast<uint4*>(dst)[1] = make_uint4(b[4], b[5], b[6], b[7]);
+  }
+}
+
+template <int kFormat, int kNope, int kRope, int kDst, typename LocT>
+__global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv_stride, const LocT* __restrict__ loc,
+                                      int64_t loc_stride, int64_t n_loc, int64_t num_slots,
+                                      const float* __restrict__ k_scale, uint8_t* __restrict__ nope_out,
+                                      uint8_t* __restrict__ rope_out) {
+  constexpr int kOut = DstOf<kDst>::kBytes;
+  const int lane = threadIdx.x & 31;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (item >= n_loc) return;
+  const int64_t slot = static_cast<int64_t>(loc[item * loc_stride]);
+  const bool valid = slot >= 0 && slot < num_slots;
+  const uint8_t* src = kv + (valid ? slot : 0) * kv_stride;
+  uint8_t* n_dst = nope_out + item * (static_cast<int64_t>(kNope) * kOut);
+  uint8_t* r_dst = rope_out + item * (static_cast<int64_t>(kRope) * kOut);
+  constexpr int kNC = kNope / 8;
+  if constexpr (kFormat == 0) {
+    constexpr int kC = (kNope + kRope) / 8;
+    const float scale = __ldg(k_scale);
+#pragma unroll
+    for (int i = 0; i < (kC + 31) / 32; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kC) {
+        const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
+        float f[8];
+        uint32_t b[8];
+        e4m3x8_to_float(q, f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale);
+        store8<kDst>(c < kNC ? n_dst + c * 8 * kOut : r_dst + (c - kNC) * 8 * kOut, b);
+      }
+    }
+  } else {
+    constexpr int kRopeOff = kNope + 4 * (kNope / 128);
+    constexpr int kRC = kRope / 8;
+#pragma unroll
+    for (int i = 0; i < (kNC + 31) / 32; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kNC) {
+        const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
+        const float scale = valid ? __ldg(reinterpret_cast<const float*>(src + kNope) + (c >> 4)) : 0.0f;
+        float f[8];
+        uint32_t b[8];
+        e4m3x8_to_float(q, f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale);
+        store8<kDst>(n_dst + c * 8 * kOut, b);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < (kRC + 31) / 32; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kRC) {
+        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(src + kRopeOff) + c) : make_uint4(0, 0, 0, 0);
+        if constexpr (kDst == 0) {
+          *reinterpret_cast<uint4*>(r_dst + c * 16) = v;  // the stored bf16, bit for bit
+        } else {
+          float f[8];
+          uint32_t b[8];
+          chunk_to_float<true>(v, f);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j]);
+          store8<kDst>(r_dst + c * 8 * kOut, b);
+        }
+      }
+    }
+  }
+}
+
+template <int kFormat, int kNope, int kRope, int kDst, typename LocT>
+void launch_gather_typed(const uint8_t* kv, int64_t kv_stride, const void* loc, int64_t loc_stride, int64_t n_loc,
+                         int64_t num_slots, const float* scale, uint8_t* nope_out, uint8_t* rope_out, int num_warps,
+                         cudaStream_t stream) {
+  const int64_t blocks = (n_loc + num_warps - 1) / num_warps;
+  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
+  dequant_gather_kernel<kFormat, kNope, kRope, kDst, LocT>
+      <<<static_cast<unsigned>(blocks), num_warps * 32, 0, stream>>>(
+          kv, kv_stride, static_cast<const LocT*>(loc), loc_stride, n_loc, num_slots, scale, nope_out, rope_out);
+  TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+}
+
+// kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride); scale: per_tensor
+// 1-element fp32; nope_out [n_loc, kNope] and rope_out [n_loc, kRope]: contiguous, one dtype of
+// bf16/fp16/fp32. Returns false, launching nothing, when kv's address or row stride is not 16-byte aligned.
+template <int kFormat, int kNope, int kRope>
+bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView scale,
+                           tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps) {
+  constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
+  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
+  TVM_FFI_CHECK(kv.ndim() == 2 || (kv.ndim() == 3 && kv.size(1) == 1), ValueError)
+      << "kv_buffer must be 2-D [num_slots, d] or 3-D [num_slots, 1, d]";
+  const DLDevice dev = kv.device();
+  const auto on_dev = [&dev](const tvm::ffi::TensorView& t) {
+    return t.device().device_type == dev.device_type && t.device().device_id == dev.device_id;
+  };
+  TVM_FFI_CHECK(dev.device_type == kDLCUDA && on_dev(loc) && on_dev(scale) && on_dev(nope_out) && on_dev(rope_out),
+                ValueError)
+      << "kv_buffer, loc, k_scale and the outputs must be on one CUDA device";
+  TVM_FFI_CHECK(loc.dtype().code == kDLInt && (loc.dtype().bits == 32 || loc.dtype().bits == 64), TypeError)
+      << "loc must be int32 or int64";
+  TVM_FFI_CHECK(kv.dtype().bits == 8 && kv.dtype().lanes == 1 && kv.stride(-1) == 1, TypeError)
+      << "kv_buffer must hold bytes (8-bit) with a contiguous last dim";
+  TVM_FFI_CHECK(kv.size(-1) >= kRowBytes, ValueError)
+      << "kv_buffer: last dim holds " << kv.size(-1) << " bytes, the row needs " << kRowBytes;
+  const int64_t n_loc = loc.size(0);
+  const DLDataType od = nope_out.dtype();
+  int dst = -1;
+  if (od.code == kDLBfloat && od.bits == 16) dst = 0;
+  else if (od.code == kDLFloat && od.bits == 16) dst = 1;
+  else if (od.code == kDLFloat && od.bits == 32) dst = 2;
+  TVM_FFI_CHECK(dst >= 0 && od.lanes == 1 && rope_out.dtype() == od, TypeError)
+      << "nope_out/rope_out must both be bfloat16, float16 or float32";
+  TVM_FFI_CHECK(nope_out.ndim() == 2 && rope_out.ndim() == 2 && nope_out.size(0) == n_loc && rope_out.size(0) == n_loc &&
+                    nope_out.size(1) == kNope && rope_out.size(1) == kRope && nope_out.IsContiguous() &&
+                    rope_out.IsContiguous(),
+                ValueError)
+      << "nope_out/rope_out must be contiguous [n_loc, " << kNope << "] and [n_loc, " << kRope << "]";
+  if (kFormat == 0) {
+    TVM_FFI_CHECK(scale.dtype().code == kDLFloat && scale.dtype().bits == 32 && scale.numel() >= 1, TypeError)
+        << "k_scale must be a 1-element float32 tensor";
+  }
+  TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  const int64_t kv_stride = kv.stride(0);
+  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
+  if ((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16 || addr(nope_out) % 16 || addr(rope_out) % 16) return false;
+  if (n_loc == 0) return true;
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
+  const auto* kv_ptr = static_cast<const uint8_t*>(kv.data_ptr());
+  const auto* s_ptr = static_cast<const float*>(scale.data_ptr());
+  auto* n_ptr = static_cast<uint8_t*>(nope_out.data_ptr());
+  auto* r_ptr = static_cast<uint8_t*>(rope_out.data_ptr());
+  const int64_t loc_stride = loc.stride(0), num_slots = kv.size(0);
+  const int w = static_cast<int>(num_warps);
+#define MLAKV_FP8_GATHER(DST, LOCT)                                                                       \
+  launch_gather_typed<kFormat, kNope, kRope, DST, LOCT>(kv_ptr, kv_stride, loc.data_ptr(), loc_stride, n_loc, \
+                                                        num_slots, s_ptr, n_ptr, r_ptr, w, stream)
+  const bool i32 = loc.dtype().bits == 32;
+  if (dst == 0) {
+    if (i32) MLAKV_FP8_GATHER(0, int32_t);
+    else MLAKV_FP8_GATHER(0, int64_t);
+  } else if (dst == 1) {
+    if (i32) MLAKV_FP8_GATHER(1, int32_t);
+    else MLAKV_FP8_GATHER(1, int64_t);
+  } else {
+    if (i32) MLAKV_FP8_GATHER(2, int32_t);
+    else MLAKV_FP8_GATHER(2, int64_t);
+  }
+#undef MLAKV_FP8_GATHER
   return true;
 }
 
