@@ -165,7 +165,7 @@ def test_ops_pass_torch_library_opcheck():
 
 @requires_cuda
 def test_compiled_layer_in_cuda_graph_matches_eager():
-    """H100: the compiled layer (JIT path, 512 + 64) captured in a CUDA graph and replayed == eager."""
+    """H100: the compiled layer (JIT path, 512 + 64), captured in a CUDA graph and replayed, == eager."""
     pools = [
         MLATokenToKVPool(size=256, page_size=1, dtype=torch.bfloat16, kv_lora_rank=512, qk_rope_head_dim=64,
                          layer_num=2, device="cuda")
@@ -183,9 +183,20 @@ def test_compiled_layer_in_cuda_graph_matches_eager():
     loc[::7] = -1
     ctx = torch.arange(1, 200, device="cuda")
     eager = _run(layers[0], x, loc, ctx)
-    compiled = torch.compile(layers[1], fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):  # warm-up, capture, replay (the same rows rewritten: idempotent)
-        out, bufs = _run(compiled, x, loc, ctx)
-        out = tuple(t.clone() for t in out)
+    compiled = torch.compile(layers[1], fullgraph=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # warm-up: compile, build the JIT module, autotune
+        for _ in range(2):
+            compiled(x, loc, ctx)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):  # nothing in the compiled layer may sync
+        static_out = compiled(x, loc, ctx)
+    kept = loc[loc >= 0]
+    for b in pools[1].kv_buffer:  # un-write the rows: only the replay can put them back
+        b[kept] = 0
+    graph.replay()
     torch.cuda.synchronize()
+    out, bufs = tuple(t.clone() for t in static_out), [bits(b).clone() for b in pools[1].kv_buffer]
     _assert_same((out, bufs), eager)
