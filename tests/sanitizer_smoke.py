@@ -12,7 +12,8 @@ with ``loc`` contiguous with padding, strided, with a storage offset, expanded (
 the reserved slot and slots past the buffer (unchecked: skipped); refused calls (a float ``loc``, a
 buffer with overlapping rows, a misaligned source at the JIT's checked entry) that must write
 nothing; the gather with padding and out-of-range slots; the move kernel (staged and direct, with
-out-of-range pairs); the HiCache row copy device <-> pinned host.
+out-of-range pairs); the HiCache row copy device <-> pinned host; the FP8 quantizing write and
+dequantizing gather (JIT and Triton, per_tensor and ds_mla).
 
 The caching allocator is turned off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every tensor
 is its own allocation and memcheck sees an access past any of them. Every result is also checked
@@ -197,6 +198,58 @@ class Smoke:
         torch.cuda.synchronize()
         self.check("hicache copy pinned host -> device", torch.equal(back[d_idx], dev[d_idx]))
 
+    def fp8(self) -> None:
+        """The FP8 quantizing write (JIT, Triton; both formats, bf16/fp16 sources, every loc kind)
+        and the dequantizing gather (JIT, Triton) with padding and out-of-range slots."""
+        from mlakv.jit_kernel.mla_fp8 import fp8_jit_gather, fp8_jit_write
+        from mlakv.mem_cache.fp8 import dequantize_mla_rows, fp8_row_bytes, quantize_mla_rows, scale_tensor
+        from mlakv.mem_cache.fp8_triton import launch_dequant_gather, launch_quant_write
+
+        for fmt in ("per_tensor", "ds_mla"):
+            scale = scale_tensor(0.1875, torch.device("cuda")) if fmt == "per_tensor" else None
+            rb = fp8_row_bytes(fmt, 512, 64)
+            for dtype in (torch.bfloat16, torch.float16):
+                for kind in LOC_KINDS:
+                    for n in (1, 37, 300):
+                        num_slots = n + 50
+                        nope = torch.randn(n, 512, device="cuda").to(dtype)
+                        rope = torch.randn(n, 64, device="cuda").to(dtype)
+                        loc = _loc(kind, n, num_slots)
+                        base = torch.randint(0, 256, (num_slots, 1, rb), dtype=torch.uint8, device="cuda")
+                        rows = quantize_mla_rows(nope, rope, fmt, scale).view(torch.uint8)
+                        expected = base.clone().view(num_slots, rb)
+                        idx = loc.to(torch.long)
+                        keep = (idx >= 0) & (idx < num_slots) & (idx != RESERVED)
+                        expected[idx[keep]] = rows[keep]
+                        runs = {
+                            "triton": lambda kv: launch_quant_write(kv, loc, nope, rope, fmt, scale, RESERVED),
+                            "jit": lambda kv: fp8_jit_write(kv, loc, nope, rope, fmt, scale, RESERVED),
+                        }
+                        for name, run in runs.items():
+                            kv = base.clone()
+                            launched = run(kv) is not False
+                            torch.cuda.synchronize()
+                            ok = launched and torch.equal(kv.view(num_slots, rb), expected)
+                            if kind == "expanded":  # every row targets one slot: any one row may win
+                                ok = launched
+                            self.check(f"fp8 write {fmt} {dtype} {kind} n={n} {name}", ok)
+            kv = torch.randint(0, 256, (64, 1, rb), dtype=torch.uint8, device="cuda")
+            bad = torch.tensor([3, 64, -1, 10**9, 63], device="cuda")
+            ref = dequantize_mla_rows(kv[[3, 63], 0], fmt, 512, 64, scale)
+            gathers = {
+                "triton": lambda: launch_dequant_gather(kv, bad, fmt, 512, 64, scale, torch.bfloat16),
+                "jit": lambda: fp8_jit_gather(kv, bad, fmt, 512, 64, scale, torch.bfloat16),
+            }
+            for name, gather in gathers.items():
+                out = gather()
+                torch.cuda.synchronize()
+                ok = out is not None
+                if ok:
+                    nope, rope = (_bits(t) for t in out)
+                    ok = (torch.equal(nope[0], _bits(ref[0][0])) and torch.equal(rope[4], _bits(ref[1][1]))
+                          and not nope[1:4].any() and not rope[1:4].any())  # fmt: skip
+                self.check(f"fp8 gather {fmt} {name} with invalid slots", ok)
+
 
 def main() -> int:
     if not torch.cuda.is_available():
@@ -204,7 +257,7 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     smoke = Smoke()
-    for part in (smoke.writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy):
+    for part in (smoke.writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy, smoke.fp8):
         part()
     print(f"sanitizer smoke: {smoke.cases - smoke.failures}/{smoke.cases} variant runs bit-exact")
     return 1 if smoke.failures else 0
