@@ -133,6 +133,8 @@ def load_cuda_module(
         os.environ["TVM_FFI_CUDA_ARCH_LIST"] = arch
         t0 = time.perf_counter()
         fresh = not (build_dir / f"{name}.so").exists()
+        if fresh:  # a first build takes seconds: say so before, not only after
+            logger.info("mlakv: compiling %s for %s (first use; cached afterwards)", name, arch)
         try:
             lib = tvm_ffi.cpp.build_inline(
                 name=name,
