@@ -17,6 +17,7 @@ its own copy of the memory-safety checks.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 from typing import Any, Callable, Optional, Union
@@ -44,9 +45,9 @@ _WRAPPER = """\
 
 bool set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                        tvm::ffi::TensorView rope, int64_t num_warps, int64_t items, bool use_tma,
-                       int64_t skip_index, int64_t dcp_world, int64_t dcp_rank) {{
+                       bool early_trigger, int64_t skip_index, int64_t dcp_world, int64_t dcp_rank) {{
   return mlakv::launch_set_mla_kv_buffer<{nope}, {rope}, {pdl}>(kv, loc, nope, rope, num_warps, items, use_tma,
-                                                                 skip_index, dcp_world, dcp_rank);
+                                                                 early_trigger, skip_index, dcp_world, dcp_rank);
 }}
 bool check_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                              tvm::ffi::TensorView rope, int64_t dcp_world, int64_t dcp_rank) {{
@@ -141,16 +142,27 @@ def jit_writer(device: torch.device, nope_bytes: int, rope_bytes: int) -> Option
     tune = tuning_for(device)
     launch = tune.launch
     if len(tune.steps) == 1:  # one launch shape for every n_loc: bind it (this is the hot path)
-        warps, items, tma = launch(0)
-
-        def write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=-1, dcp_world_size=1, dcp_rank=0) -> bool:
-            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, warps, items, tma, skip_index, dcp_world_size, dcp_rank)
-
-    else:
+        warps, items, tma, early = launch(0)
 
         def write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=-1, dcp_world_size=1, dcp_rank=0) -> bool:
             return fn(
-                kv_buffer, loc, cache_k_nope, cache_k_rope, *launch(loc.shape[0]), skip_index, dcp_world_size, dcp_rank
+                kv_buffer, loc, cache_k_nope, cache_k_rope, warps, items, tma, early, skip_index, dcp_world_size, dcp_rank
+            )
+
+    else:  # a few steps by n_loc: one bisect per call
+        bounds = [s.max_n_loc for s in tune.steps[:-1]]
+        shapes = [launch(b) for b in bounds] + [launch(1 << 62)]
+
+        def write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=-1, dcp_world_size=1, dcp_rank=0) -> bool:
+            return fn(
+                kv_buffer,
+                loc,
+                cache_k_nope,
+                cache_k_rope,
+                *shapes[bisect.bisect_left(bounds, loc.shape[0])],
+                skip_index,
+                dcp_world_size,
+                dcp_rank,
             )
 
     return write, tune.min_n_loc
@@ -165,6 +177,7 @@ def set_mla_kv_buffer_unchecked(
     items_per_warp: int = 0,
     use_tma: Optional[bool] = None,
     *,
+    early_trigger: Optional[bool] = None,
     reserved_skip_index: Optional[int] = None,
     dcp_world_size: int = 1,
     dcp_rank: int = 0,
@@ -180,7 +193,7 @@ def set_mla_kv_buffer_unchecked(
     fn = _module_for(_device_index(kv_buffer.device), cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es)
     if isinstance(fn, str):
         return False
-    warps, items, tma = tuning_for(kv_buffer.device).launch(loc.shape[0])
+    warps, items, tma, early = tuning_for(kv_buffer.device).launch(loc.shape[0])
     skip = -1 if reserved_skip_index is None else reserved_skip_index
     return bool(
         fn(
@@ -191,6 +204,7 @@ def set_mla_kv_buffer_unchecked(
             num_warps or warps,
             items_per_warp or items,
             tma if use_tma is None else use_tma,
+            early if early_trigger is None else early_trigger,
             skip,
             dcp_world_size,
             dcp_rank,

@@ -18,12 +18,17 @@ __all__ = ["LaunchStep", "LaunchTuning", "TUNING", "gpu_family", "tuning_for"]
 
 @dataclass(frozen=True)
 class LaunchStep:
-    """Launch shape for calls with ``n_loc <= max_n_loc`` (``None``: no upper bound)."""
+    """Launch shape for calls with ``n_loc <= max_n_loc`` (``None``: no upper bound).
+
+    ``early_trigger``: the kernel lets the next (PDL) grid launch at entry instead of right after
+    its ``griddepcontrol.wait``; see the kernel's header comment.
+    """
 
     max_n_loc: int | None
     num_warps: int
     items_per_warp: int
     use_tma: bool
+    early_trigger: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,11 @@ class LaunchTuning:
     steps: tuple[LaunchStep, ...]
     measured: str
 
-    def launch(self, n_loc: int) -> tuple[int, int, bool]:
-        """``(num_warps, items_per_warp, use_tma)`` for a call of ``n_loc`` rows."""
+    def launch(self, n_loc: int) -> tuple[int, int, bool, bool]:
+        """``(num_warps, items_per_warp, use_tma, early_trigger)`` for a call of ``n_loc`` rows."""
         for s in self.steps:
             if s.max_n_loc is None or n_loc <= s.max_n_loc:
-                return s.num_warps, s.items_per_warp, s.use_tma
+                return s.num_warps, s.items_per_warp, s.use_tma, s.early_trigger
         raise AssertionError("the last step must have max_n_loc=None")
 
 
@@ -56,16 +61,21 @@ TUNING: dict[str, LaunchTuning] = {
         (LaunchStep(768, 4, 1, True), LaunchStep(None, 8, 1, True)),
         "seed: GB300 (threshold 768; 4 warps up to 768 rows else 8)",
     ),
-    # H100 80GB HBM3 (docs/benchmarks.md, 2026-11-24). Every call goes to the JIT kernel: at
-    # n_loc <= 128 it is within ~0.2 us of the Triton row kernel on the device (equal or faster for
-    # the uint8 row, up to 0.18 us slower for 16-bit rows) at a sixth of its eager host cost; from
-    # 512 rows it is faster (1.3-2.4x at 1024-65536). Direct vectorised stores measured equal to or
-    # faster than TMA bulk stores; 8 warps x 1 row per warp was within 0-7% of the best variant at
-    # every size from 1 to 65536 rows (1/2/4/16 warps, 2 rows per warp and TMA measured too).
+    # H100 80GB HBM3. Every call goes to the JIT kernel. Launch shape from the side-by-side probe of
+    # 2026-11-24 (docs/benchmarks.md, "Tuning the PDL trigger"): 8 warps x 1 row, direct stores
+    # (1/2/4 warps, 2 rows per warp, streaming stores and TMA measured equal or slower); the PDL
+    # trigger at kernel entry up to 256 rows and from 2048 rows, right after the wait in between
+    # (at 512-1024 rows an entry trigger measured 1.5-2.3x slower, at <= 128 rows and >= 4096 rows
+    # it is the fastest place; with the trigger after the stores the kernel was 0.15-0.2 us slower
+    # than sglang 0.5.23 at 8-1024 rows).
     "hopper": LaunchTuning(
         0,
-        (LaunchStep(None, 8, 1, False),),
-        "H100 80GB HBM3, python -m mlakv bench --tune, 2026-11-24 (docs/benchmarks.md)",
+        (
+            LaunchStep(256, 8, 1, False, early_trigger=True),
+            LaunchStep(2048, 8, 1, False, early_trigger=False),
+            LaunchStep(None, 8, 1, False, early_trigger=True),
+        ),
+        "H100 80GB HBM3, side-by-side probe with sglang 0.5.23, 2026-11-24 (docs/benchmarks.md)",
     ),
 }
 
