@@ -117,10 +117,11 @@ def scale_tensor(k_scale: Union[float, torch.Tensor], device: torch.device) -> t
     v = float(torch.tensor(float(k_scale), dtype=torch.float32))
     if not (v > 0.0 and v != float("inf")):
         raise ValueError(f"k_scale must be positive and finite (as fp32), got {k_scale!r}")
-    key = (v, device)
-    t = _SCALES.get(key)
+    t = _SCALES.get((v, device))
     if t is None:
-        t = _SCALES[key] = torch.tensor([v], dtype=torch.float32, device=device)
+        t = _SCALES[(v, device)] = torch.tensor([v], dtype=torch.float32, device=device)
+    if isinstance(k_scale, float):
+        _SCALES[(k_scale, device)] = t  # the float as given -> its fp32 tensor (the write's fast path)
     return t
 
 
@@ -340,8 +341,81 @@ def validate_quant_write(
 ) -> tuple[int, Optional[torch.Tensor]]:
     """Check a quantizing write's arguments; return ``(n_loc, k_scale tensor or None)``.
 
-    Raises ``TypeError``/``ValueError`` naming the argument, the dim and what was expected.
+    Raises ``TypeError``/``ValueError`` naming the argument, the dim and what was expected. The
+    common (valid) case is one boolean expression (this runs on every layer's write); only a
+    failure walks the rules one by one to name the broken one.
     """
+    try:
+        fast = _fast_valid(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale)
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        fast = None
+    if fast is not None:
+        return fast
+    return _validate_slow(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale)
+
+
+_ROW_BYTES: dict[tuple, Optional[int]] = {}
+_SRC_SET = frozenset(SOURCE_DTYPES)
+_KV_SET = frozenset(_KV_DTYPES)
+_LOC_SET = frozenset(_LOC_DTYPES)
+
+
+def _row_ok(t: torch.Tensor) -> bool:
+    nd = t.ndim
+    return (nd == 2 or (nd == 3 and t.shape[1] == 1)) and (t.stride(-1) == 1 or t.shape[-1] == 1)
+
+
+def _fast_valid(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale) -> Optional[tuple[int, Optional[torch.Tensor]]]:
+    """``(n_loc, scale)`` when every rule holds (the common case), else None (the slow path names the error)."""
+    key = (kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
+    rb = _ROW_BYTES.get(key, -1)
+    if rb == -1:
+        try:
+            rb = _ROW_BYTES[key] = fp8_row_bytes(*key)
+        except (ValueError, TypeError):
+            rb = _ROW_BYTES[key] = None
+    if rb is None:
+        return None
+    device = kv_buffer.device
+    n_loc = loc.shape[0]
+    kv_rows = kv_buffer.shape[0]
+    ok = (
+        k_nope.dtype in _SRC_SET
+        and k_rope.dtype is k_nope.dtype
+        and kv_buffer.dtype in _KV_SET
+        and loc.dtype in _LOC_SET
+        and loc.ndim == 1
+        and k_nope.shape[0] == n_loc
+        and k_rope.shape[0] == n_loc
+        and kv_buffer.shape[-1] >= rb
+        and (kv_rows <= 1 or kv_buffer.stride(0) >= kv_buffer.shape[-1])
+        and _row_ok(kv_buffer)
+        and _row_ok(k_nope)
+        and _row_ok(k_rope)
+        and loc.device == device
+        and k_nope.device == device
+        and k_rope.device == device
+    )
+    if not ok:
+        return None
+    if kv_cache_format == "ds_mla":
+        return (n_loc, None) if k_scale is None else None
+    if (
+        type(k_scale) is torch.Tensor
+        and k_scale.dtype is torch.float32
+        and k_scale.ndim == 1
+        and k_scale.shape[0] == 1
+        and k_scale.device == device
+    ):
+        return n_loc, k_scale
+    if type(k_scale) is float:
+        t = _SCALES.get((k_scale, device))  # the fp32-rounded value of a float seen before
+        if t is not None:
+            return n_loc, t
+    return None
+
+
+def _validate_slow(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale) -> tuple[int, Optional[torch.Tensor]]:
     n_loc, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format)
     rb = fp8_row_bytes(kv_cache_format, nope_dim, rope_dim)
     _check_rows_buffer("kv_buffer", kv_buffer, rb, "num_slots")
