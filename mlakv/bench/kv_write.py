@@ -441,9 +441,11 @@ def plot(
             (line,) = ax.plot(xs, med, marker="o", ms=3, label=p)
             if not gpu:
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-        if gpu:
-            xs = [r.n_loc for r in lrows]
-            ax.plot(xs, [r.roofline_us(copy_gbs, tiny_us) for r in lrows], "k--", lw=1, label="roofline")
+        if gpu:  # drawn densely, so the knee between the launch and bandwidth floors shows
+            lo_n, hi_n = min(r.n_loc for r in lrows), max(r.n_loc for r in lrows)
+            dense = sorted({round(lo_n * (hi_n / lo_n) ** (i / 199)) for i in range(200)})
+            roof = [Row(lname, n, "int64", "").roofline_us(copy_gbs, tiny_us) for n in dense]
+            ax.plot(dense, roof, "k--", lw=1, label="roofline: max(launch floor, bytes / copy bandwidth)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("n_loc (rows per call)")
