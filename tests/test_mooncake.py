@@ -107,7 +107,9 @@ def test_page_key_rejects_bad_components(bad, err):
 def test_page_format_names_dtype_and_byte_order():
     assert page_format(make_host("page_first")).endswith("1152B-TLR")
     assert page_format(make_host("layer_first")) == page_format(make_host("page_first_direct"))
-    assert page_format(make_host(dtype=torch.float8_e4m3fn)).startswith("float8_e4m3fn-512+64-")
+    assert page_format(make_host(dtype=torch.float8_e4m3fn)).startswith("float8_e4m3fn-raw-512+64-")
+    dev = MLATokenToKVPool(PAGE, PAGE, torch.float8_e4m3fn, 512, 64, 2, "cpu", kv_cache_format="ds_mla")
+    assert page_format(MLATokenToKVPoolHost(dev, host_size=PAGE)).startswith("float8_e4m3fn-ds_mla-512+64-656B-")
 
 
 # ---- round trips ---------------------------------------------------------------------------

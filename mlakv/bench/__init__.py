@@ -21,6 +21,10 @@ def _kv_write(argv: list[str]) -> int:
 
 
 def _hicache(argv: list[str]) -> int:
+    if "--l3" in argv:  # `mlakv bench hicache --l3 mooncake`: the L3 store bench
+        from .hicache_l3 import main as run
+
+        return run(argv)
     from .hicache import main as run
 
     return run(argv)

@@ -1,0 +1,148 @@
+"""HiCache L3 on Mooncake Store (``mlakv bench hicache --l3 mooncake``): what mlakv's layer costs.
+
+Two clients (two "nodes") of one real ``mooncake_master`` on loopback: node A stores a batch of host
+pages, node B loads them. Each batch is moved twice, round-robin: by mlakv's
+``MooncakeStorage.batch_set_from`` / ``batch_get_into`` (keys, checksum trailer written and verified,
+pieces from the host pool's buffer meta) and by the raw ``batch_put_from`` / ``batch_get_into`` of
+the same page bytes from the same registered buffers. The table gives pages/s and GB/s of both and
+mlakv's overhead (time ratio - 1), with the CRC-32 of the batch timed alone (the checksum's share).
+
+Pages are 64 tokens x 61 layers (DeepSeek-V3's layer count) of bf16 512 + 64 rows (1152 B) and of
+the FP8 ``ds_mla`` 656-byte row. Medians over ``--reps`` rounds; the store is emptied between rounds.
+On a CPU machine the host pools are pageable and the transport is TCP over loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import zlib
+from typing import Optional
+
+import torch
+
+from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
+from mlakv.mem_cache.mooncake_master import MooncakeMaster, MooncakeUnavailable
+from mlakv.mem_cache.mooncake_storage import MooncakeStorage
+
+ROWS = {"bf16 1152B": (torch.bfloat16, None), "fp8 ds_mla 656B": (torch.float8_e4m3fn, "ds_mla")}
+GPU_MACHINE_PAGES = [64, 256, 1024]
+CPU_PAGES = [64, 128]  # 1024 pages of 4.3 MiB need ~18 GiB here (two host pools + two segments)
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _csv(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mlakv bench hicache --l3 mooncake", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--l3", choices=["mooncake"], required=True, help="the L3 store to time")
+    ap.add_argument("--pages", type=_csv, default=None,
+                    help=f"comma list of batch sizes in pages (default: CUDA machine {GPU_MACHINE_PAGES}, CPU {CPU_PAGES})")
+    ap.add_argument("--layers", type=int, default=61, help="layers per page (default 61)")
+    ap.add_argument("--page-size", type=int, default=64, help="tokens per page (default 64)")
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds per batch size (default 5)")
+    return ap
+
+
+def _host(dtype, fmt, n_pages: int, P: int, L: int) -> MLATokenToKVPoolHost:
+    dev = MLATokenToKVPool(P, P, dtype, 512, 64, L, "cpu", kv_cache_format=fmt)
+    host = MLATokenToKVPoolHost(dev, host_size=max(n_pages, 1) * P, layout="page_first_direct")
+    host.kv_buffer.view(-1).view(torch.uint8).random_(0, 256)
+    return host
+
+
+def bench_one(m: MooncakeMaster, dtype, fmt, n_pages: int, P: int, L: int, reps: int) -> dict:
+    """Medians (s) of raw put/get, mlakv set/get and CRC-32 alone for one batch of ``n_pages``."""
+    src, dst = _host(dtype, fmt, n_pages, P, L), _host(dtype, fmt, n_pages, P, L)
+    seg = int(n_pages * (src.page_bytes + 4096) * 1.5) + (64 << 20)
+    kw = dict(global_segment_bytes=seg, model_id="bench")
+    a = MooncakeStorage(src, m.master_addr, m.metadata_url, **kw)
+    b = MooncakeStorage(dst, m.master_addr, m.metadata_url, **kw)
+    try:
+        slots = torch.arange(n_pages) * P
+        ptr_src, sizes = src.get_page_buffer_meta(torch.arange(n_pages * P))
+        ptr_dst, _ = dst.get_page_buffer_meta(torch.arange(n_pages * P))
+        keys = [f"page{i}" for i in range(n_pages)]
+        raw_keys = [f"raw/{k}" for k in keys]
+        ra, rb = a.raw_client, b.raw_client
+        t = {k: [] for k in ("raw_put", "raw_get", "set", "get", "crc")}
+        ok = True
+        for rep in range(reps + 1):  # round 0 warms up (connections, page faults)
+            ra.remove_all(True)
+            s0 = time.perf_counter()
+            codes = ra.batch_put_from(raw_keys, ptr_src, sizes)
+            s1 = time.perf_counter()
+            got = rb.batch_get_into(raw_keys, ptr_dst, sizes)
+            s2 = time.perf_counter()
+            ok &= all(c == 0 for c in codes) and all(g == sizes[0] for g in got)
+            ra.remove_all(True)
+            dst.kv_buffer.zero_()
+            s3 = time.perf_counter()
+            a.batch_set_from(keys, slots)
+            s4 = time.perf_counter()
+            ok &= b.batch_get_into(keys, slots) == n_pages
+            s5 = time.perf_counter()
+            for p in range(n_pages):
+                zlib.crc32(src.page_view(p * P).numpy())
+            s6 = time.perf_counter()
+            ok &= torch.equal(src.kv_buffer.view(-1).view(torch.uint8), dst.kv_buffer.view(-1).view(torch.uint8))
+            if rep:
+                for k, v in zip(t, (s1 - s0, s2 - s1, s4 - s3, s5 - s4, s6 - s5)):
+                    t[k].append(v)
+        ra.remove_all(True)
+        out = {k: statistics.median(v) for k, v in t.items()}
+        out["ok"], out["bytes"] = ok, n_pages * src.page_bytes
+        return out
+    finally:
+        a.close()
+        b.close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``mlakv bench hicache --l3 mooncake``: returns 0, 1 if a round trip was wrong, 2 without Mooncake."""
+    args = build_parser().parse_args(argv)
+    cuda = torch.cuda.is_available()
+    pages = args.pages or (GPU_MACHINE_PAGES if cuda else CPU_PAGES)
+    P, L = args.page_size, args.layers
+    try:
+        master = MooncakeMaster().start()
+    except MooncakeUnavailable as e:
+        print(f"mlakv bench hicache --l3 mooncake: {e}", file=sys.stderr)
+        return 2
+    wrong = False
+    try:
+        print(f"# HiCache L3 on Mooncake Store (TCP over loopback, two clients of one master; host pools "
+              f"{'pageable' if not cuda else 'pageable (CPU bench)'}), page {P} tokens x {L} layers, medians of {args.reps}")
+        print("| row | pages | batch MiB | raw put GB/s | mlakv set GB/s | set overhead | raw get GB/s | "
+              "mlakv get GB/s | get overhead | mlakv get pages/s | CRC-32 alone GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for label, (dtype, fmt) in ROWS.items():
+            for n in pages:
+                progress(f"{label}, {n} pages")
+                r = bench_one(master, dtype, fmt, n, P, L, args.reps)
+                gb = r["bytes"] / 1e9
+                wrong |= not r["ok"]
+                print(f"| {label} | {n} | {r['bytes'] / 2**20:.0f} | {gb / r['raw_put']:.2f} | {gb / r['set']:.2f} | "
+                      f"{r['set'] / r['raw_put'] - 1:+.0%} | {gb / r['raw_get']:.2f} | {gb / r['get']:.2f} | "
+                      f"{r['get'] / r['raw_get'] - 1:+.0%} | {n / r['get']:,.0f} | {gb / r['crc']:.2f} |"
+                      + ("" if r["ok"] else " WRONG: round trip differs |"))
+    finally:
+        master.stop()
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
