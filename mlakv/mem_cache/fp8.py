@@ -46,6 +46,8 @@ from typing import Optional, Union
 
 import torch
 
+from . import rules
+
 __all__ = [
     "KV_CACHE_FORMATS",
     "SOURCE_DTYPES",
@@ -69,7 +71,6 @@ DEQUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 E4M3_MAX = 448.0
 DS_MLA_TILE = 128
 FLT_MIN = 2.0**-126  # 1.17549435e-38, the smallest normal fp32 (torch.finfo(torch.float32).tiny)
-_LOC_DTYPES = (torch.int32, torch.int64)
 _KV_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 _E4M3_NAN = 0x7F
 _CANON_NAN_BITS = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float32: 0x7FC00000}
@@ -157,21 +158,9 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
-def _check_source(name: str, t: object, n_what: str = "n_loc") -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() == 3:
-        if t.shape[1] != 1:
-            raise ValueError(f"{name}: dim 1 of a 3-D tensor must be 1 ([{n_what}, 1, D]), got shape {tuple(t.shape)}")
-    elif t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [{n_what}, D] or 3-D [{n_what}, 1, D], got {t.dim()}-D shape {tuple(t.shape)}")
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
-
-
 def _check_sources(k_nope: object, k_rope: object, kv_cache_format: object) -> tuple[int, int, int]:
-    _check_source("k_nope", k_nope)
-    _check_source("k_rope", k_rope)
+    rules.check_rows_tensor("k_nope", k_nope, "n_loc")
+    rules.check_rows_tensor("k_rope", k_rope, "n_loc")
     for name, t in (("k_nope", k_nope), ("k_rope", k_rope)):
         if t.dtype not in SOURCE_DTYPES:
             raise TypeError(f"{name} dtype must be one of {SOURCE_DTYPES} to quantize, got {t.dtype}")
@@ -298,7 +287,7 @@ def _check_dst(dst_dtype: object) -> None:
 
 
 def _check_rows_buffer(name: str, t: object, row_bytes: int, n_what: str) -> None:
-    _check_source(name, t, n_what)
+    rules.check_rows_tensor(name, t, n_what)
     if t.dtype not in _KV_DTYPES:
         raise TypeError(f"{name} must be uint8 or float8_e4m3fn (the stored bytes), got {t.dtype}")
     if t.shape[-1] < row_bytes:
@@ -306,29 +295,11 @@ def _check_rows_buffer(name: str, t: object, row_bytes: int, n_what: str) -> Non
 
 
 def _check_loc(loc: object, n_loc: Optional[int], device: torch.device) -> None:
-    if not isinstance(loc, torch.Tensor):
-        raise TypeError(f"loc must be a torch.Tensor, got {type(loc).__name__}")
-    if loc.dim() != 1:
-        raise ValueError(f"loc must be 1-D [n_loc], got {loc.dim()}-D shape {tuple(loc.shape)}")
-    if loc.dtype not in _LOC_DTYPES:
-        raise TypeError(f"loc must be int32 or int64, got {loc.dtype}")
+    rules.check_loc(loc)
     if loc.device != device:
         raise ValueError(f"loc is on {loc.device} but kv_buffer is on {device}")
     if n_loc is not None and loc.shape[0] != n_loc:
         raise ValueError(f"k_nope/k_rope: dim 0 is {n_loc} but loc has n_loc={loc.shape[0]} entries")
-
-
-def _check_bounds(loc: torch.Tensor, num_slots: int) -> None:
-    if loc.numel() == 0:
-        return
-    bad = (loc >= num_slots).nonzero()
-    if bad.numel():
-        i = int(bad[0, 0])
-        raise IndexError(f"loc[{i}] = {int(loc[i])} is out of range for kv_buffer with num_slots={num_slots}")
-
-
-def _check_bounds_default() -> bool:
-    return os.environ.get("MLAKV_CHECK_BOUNDS", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def validate_quant_write(
@@ -357,12 +328,7 @@ def validate_quant_write(
 _ROW_BYTES: dict[tuple, Optional[int]] = {}
 _SRC_SET = frozenset(SOURCE_DTYPES)
 _KV_SET = frozenset(_KV_DTYPES)
-_LOC_SET = frozenset(_LOC_DTYPES)
-
-
-def _row_ok(t: torch.Tensor) -> bool:
-    nd = t.ndim
-    return (nd == 2 or (nd == 3 and t.shape[1] == 1)) and (t.stride(-1) == 1 or t.shape[-1] == 1)
+_LOC_SET = frozenset(rules.LOC_DTYPES)
 
 
 def _fast_valid(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale) -> Optional[tuple[int, Optional[torch.Tensor]]]:
@@ -389,9 +355,9 @@ def _fast_valid(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale) -> Opt
         and k_rope.shape[0] == n_loc
         and kv_buffer.shape[-1] >= rb
         and (kv_rows <= 1 or kv_buffer.stride(0) >= kv_buffer.shape[-1])
-        and _row_ok(kv_buffer)
-        and _row_ok(k_nope)
-        and _row_ok(k_rope)
+        and rules.rows_ok(kv_buffer)
+        and rules.rows_ok(k_nope)
+        and rules.rows_ok(k_rope)
         and loc.device == device
         and k_nope.device == device
         and k_rope.device == device
@@ -481,9 +447,9 @@ def set_mla_kv_buffer_quant(
     skip = -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
     if n_loc == 0:
         return
-    bounds = check_bounds if check_bounds is not None else _check_bounds_default()
+    bounds = check_bounds if check_bounds is not None else rules.check_bounds_default()
     if bounds or not kv_buffer.is_cuda:
-        _check_bounds(loc, kv_buffer.shape[0])
+        rules.check_loc_bounds(loc, kv_buffer.shape[0], reserved_skip_index=None if skip < 0 else skip)
     if not kv_buffer.is_cuda:
         _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip)
         return
@@ -533,9 +499,9 @@ def get_mla_kv_buffer_dequant(
     _check_loc(loc, None, kv_buffer.device)
     _check_dst(dst_dtype)
     scale = _check_k_scale(kv_cache_format, k_scale, kv_buffer.device)
-    bounds = check_bounds if check_bounds is not None else _check_bounds_default()
+    bounds = check_bounds if check_bounds is not None else rules.check_bounds_default()
     if bounds or not kv_buffer.is_cuda:
-        _check_bounds(loc, kv_buffer.shape[0])
+        rules.check_loc_bounds(loc, kv_buffer.shape[0])
     if not kv_buffer.is_cuda:
         valid = loc >= 0
         rows = _rows2d(kv_buffer).view(torch.uint8)[loc.clamp(min=0).to(torch.long), :rb]
