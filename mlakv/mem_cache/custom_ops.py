@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import torch
 
 from .kv_write import set_mla_kv_buffer_triton, validate_kv_write
+from .rules import check_loc
 from .torch_ref import get_mla_kv_buffer_torch
 
 __all__ = ["set_mla_kv_buffer_op", "get_mla_kv_buffer_op", "move_kv_cache_op", "copy_rows_op", "gather_rows"]
@@ -101,6 +102,12 @@ set_mla_kv_buffer_op = _register(
 # ---- the gather ------------------------------------------------------------------------------
 
 
+def _check_gather_args(kv_buffer: torch.Tensor, loc: object) -> None:
+    check_loc(loc)
+    if loc.device != kv_buffer.device:
+        raise ValueError(f"loc is on {loc.device} but kv_buffer is on {kv_buffer.device}")
+
+
 def gather_rows(
     kv_buffer: torch.Tensor, loc: torch.Tensor, nope_dim: int, rope_dim: int, check_bounds: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,11 +115,10 @@ def gather_rows(
 
     The gather rule: a padding slot (``< 0``) gives a zero row; a slot ``>= num_slots`` raises
     ``IndexError`` when checked (``check_bounds``, always on CPU) and gives a zero row unchecked on
-    the GPU. Nothing outside ``kv_buffer`` is ever read. (The pool's eager gather applies the same
-    rule; this is its form for compiled graphs.)
+    the GPU. Nothing outside ``kv_buffer`` is ever read. The pool's gather is this function
+    (eagerly) or its op (while compiling). ``loc``: ``[n_loc]`` int32/int64, any stride.
     """
-    if loc.dim() != 1 or loc.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"loc must be a 1-D int32/int64 tensor, got {loc.dim()}-D {loc.dtype}")
+    _check_gather_args(kv_buffer, loc)
     num_slots = kv_buffer.shape[0]
     if (check_bounds or not kv_buffer.is_cuda) and loc.numel():
         top = int(loc.max())
@@ -134,6 +140,7 @@ def _gather_kernel(
 
 
 def _gather_fake(kv_buffer, loc, nope_dim, rope_dim, check_bounds=False):
+    _check_gather_args(kv_buffer, loc)
     n = loc.shape[0]
     return kv_buffer.new_empty((n, nope_dim)), kv_buffer.new_empty((n, rope_dim))
 

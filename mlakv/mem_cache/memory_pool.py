@@ -15,7 +15,6 @@ import torch
 
 from . import rules
 from .kv_write import _CHECK_BOUNDS_DEFAULT, set_mla_kv_buffer_triton
-from .torch_ref import get_mla_kv_buffer_torch
 from .fp8 import SOURCE_DTYPES as _FP8_SOURCE_DTYPES
 from .fp8 import check_pool_fp8, fp8_row_bytes, get_mla_kv_buffer_dequant, set_mla_kv_buffer_quant
 from . import custom_ops as _ops  # registers the torch.ops.mlakv.* ops the pool uses under torch.compile
@@ -207,27 +206,10 @@ class MLATokenToKVPool:
                 self.kv_buffer[self._local_layer(layer)], loc, self.kv_cache_format, self.kv_lora_rank,
                 self.qk_rope_head_dim, self.k_scale, dst_dtype or torch.bfloat16, check_bounds=self.check_bounds,
             )  # fmt: skip
-        if torch.compiler.is_compiling():  # one opaque op node: no graph break, same rule (custom_ops.gather_rows)
-            nope, rope = _ops.get_mla_kv_buffer_op(
-                self.kv_buffer[self._local_layer(layer)], loc, self.kv_lora_rank, self.qk_rope_head_dim,
-                self.check_bounds,
-            )
-            if self._store_view:
-                nope, rope = nope.view(self.dtype), rope.view(self.dtype)
-            return (nope, rope) if dst_dtype is None else (nope.to(dst_dtype), rope.to(dst_dtype))
         buf = self.kv_buffer[self._local_layer(layer)]
-        rules.check_loc(loc)
-        if loc.device != buf.device:
-            raise ValueError(f"loc is on {loc.device} but the pool is on {buf.device}")
-        if (self.check_bounds or not buf.is_cuda) and loc.numel() and int(loc.max()) >= self.num_slots:
-            i = int((loc >= self.num_slots).nonzero()[0, 0])
-            raise IndexError(f"loc[{i}] = {int(loc[i])} is out of range for a gather from num_slots={self.num_slots}")
-        if buf.is_cuda:
-            from .triton_kernels import launch_get_kv_rows
-
-            nope, rope = launch_get_kv_rows(buf, loc, self.kv_lora_rank, self.qk_rope_head_dim)
-        else:
-            nope, rope = get_mla_kv_buffer_torch(buf, loc, self.kv_lora_rank, self.qk_rope_head_dim)
+        # one rule book for the gather (custom_ops.gather_rows); while compiling, the same as one op node
+        gather = _ops.get_mla_kv_buffer_op if torch.compiler.is_compiling() else _ops.gather_rows
+        nope, rope = gather(buf, loc, self.kv_lora_rank, self.qk_rope_head_dim, self.check_bounds)
         if self._store_view:
             nope, rope = nope.view(self.dtype), rope.view(self.dtype)
         if dst_dtype is not None and dst_dtype != nope.dtype:
