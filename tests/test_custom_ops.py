@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, bits, random_loc, random_rows, reference_write, requires_cuda
+from conftest import DEVICE, bits, random_loc, random_rows, reference_write, requires_cuda
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.mem_cache import custom_ops  # noqa: F401  (registers torch.ops.mlakv.*)
 from mlakv.mem_cache.move_kv import move_kv_cache_torch
@@ -114,7 +114,7 @@ def test_move_op_matches_reference():
     pool = _pool(layers=2)
     expected = [b.clone() for b in pool.kv_buffer]
     tgt, src = torch.tensor([1, 2, 3], device=DEVICE), torch.tensor([2, 3, 9], device=DEVICE)
-    move_kv_cache_torch(expected, tgt.cpu() if not HAS_CUDA else tgt, src)
+    move_kv_cache_torch(expected, tgt, src)
     torch.ops.mlakv.move_kv_cache(pool.kv_buffer, tgt, src)
     for a, b in zip(pool.kv_buffer, expected):
         assert torch.equal(bits(a), bits(b))
