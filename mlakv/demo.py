@@ -61,10 +61,19 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def round_robin_medians(fns: dict[str, Callable[[], None]], device, reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time (s) of each callable, timed in turn ``reps`` times each after ``warmup`` rounds."""
+def round_robin_medians(
+    fns: dict[str, Callable[[], None]], device, reps: int, warmup: int = 1, what: str = "timing"
+) -> dict[str, float]:
+    """Median wall time (s) of each callable, timed in turn ``reps`` times each after ``warmup`` rounds.
+
+    A round that ends more than ~2 s after the last progress line prints one (``what``, round i/n).
+    """
     samples: dict[str, list[float]] = {label: [] for label in fns}
+    last = time.perf_counter()
     for rep in range(warmup + reps):
+        if time.perf_counter() - last > 2.0:
+            progress(f"  {what}: round {rep + 1}/{warmup + reps}")
+            last = time.perf_counter()
         for label, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
@@ -161,7 +170,7 @@ def time_prefill(model, caches: dict, prompts: list[list[int]], device, gpu: boo
         fns[label] = fn
     reps = 10 if gpu else 3  # CPU: a prefill takes seconds there, and the shares are not meaningful anyway
     progress(f"prefill: timing {len(fns)} variants round-robin, {reps} rounds")
-    return round_robin_medians(fns, device, reps=reps)
+    return round_robin_medians(fns, device, reps=reps, what="prefill")
 
 
 def time_decode(model, caches: dict, prompts: list[list[int]], dbatch: int, steps: int, ctx: int, pool, device, gpu: bool):
@@ -182,9 +191,10 @@ def time_decode(model, caches: dict, prompts: list[list[int]], dbatch: int, step
         engines[label], runners[label] = eng, runner
     progress(f"decode: {steps} engine steps per variant, round-robin")
     loop = round_robin_medians({label: (lambda e=e: e.decode_step(use_graph=gpu)) for label, e in engines.items()},
-                               device, reps=max(1, steps - 1))
+                               device, reps=max(1, steps - 1), what="decode (engine loop)")
     if gpu:
-        step = round_robin_medians({label: r.graphs[dbatch].replay for label, r in runners.items()}, device, reps=50)
+        step = round_robin_medians({label: r.graphs[dbatch].replay for label, r in runners.items()}, device, reps=50,
+                                   what="decode (graph replay)")
     else:
         step = loop
     return {label: (step[label], loop[label]) for label in caches}
