@@ -89,6 +89,7 @@ def _quant_per_tensor_kernel(
     row = tl.program_id(0).to(tl.int64)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next grid's wait still covers all of this grid
     slot = tl.load(loc_ptr + row * loc_stride).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     in_nope = offs < NOPE
@@ -100,8 +101,6 @@ def _quant_per_tensor_kernel(
     slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
     live = (slot_b >= 0) & (slot_b < num_slots) & (slot_b != skip_slot)
     tl.store(kv_ptr + slot * kv_row_stride + offs, q.to(tl.uint8), mask=(offs < NOPE + ROPE) & live)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -117,6 +116,7 @@ def _quant_ds_mla_kernel(
     row = tl.program_id(0).to(tl.int64)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next grid's wait still covers all of this grid
     slot = tl.load(loc_ptr + row * loc_stride).to(tl.int64)
     t = tl.arange(0, TILES_P2)[:, None]
     offs = t * 128 + tl.arange(0, 128)[None, :]
@@ -148,8 +148,6 @@ def _quant_ds_mla_kernel(
     rope_dst = dst + NOPE + 4 * TILES + 2 * r
     tl.store(rope_dst, (rb & 0xFF).to(tl.uint8), mask=live_r)
     tl.store(rope_dst + 1, ((rb >> 8) & 0xFF).to(tl.uint8), mask=live_r)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
