@@ -49,6 +49,15 @@ def test_gpu_table_ranks_and_reports_percent_of_roofline():
         assert cells["sglang/auto"] == "1.20"
 
 
+def test_gpu_table_does_not_rank_auto_against_the_kernel_it_dispatched_to():
+    rows = synthetic_rows({"auto": 1.30, "jit": 1.29, "triton": 1.5})  # path "jit": jit is auto's own kernel
+    table = format_table(rows, ["auto", "jit", "triton"], COPY_GBS, TINY_US)
+    header, *body = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for line in body:
+        assert dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))["best"] == "auto"
+
+
 def test_cpu_table_shows_spread_and_ranks_nothing():
     table = format_table(synthetic_rows({"auto": 2.0, "torch": 1.0}), ["auto", "torch"], None, None)
     assert table.startswith(CPU_LABEL)

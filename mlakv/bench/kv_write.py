@@ -381,7 +381,8 @@ def format_table(rows: list[Row], providers: list[str], copy_gbs: Optional[float
     if "legacy" in providers:
         head.append("legacy/auto")
     lines = [
-        "us per call (CUDA-graph median, mean of two passes); roofline = max(launch floor, bytes at copy bandwidth)",
+        "us per call (CUDA-graph median, mean of two passes); roofline = max(launch floor, bytes at copy bandwidth); "
+        "best leaves out the provider auto dispatched to (`path`: the same kernel)",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
@@ -389,7 +390,9 @@ def format_table(rows: list[Row], providers: list[str], copy_gbs: Optional[float
         cells = [r.layout, r.loc_dtype, str(r.n_loc), r.path]
         cells += [f"{r.times_us[p]:.2f}" if p in r.times_us else _why_cell(r, p) for p in providers]
         timed = r.times_us
-        best = min(timed, key=timed.get) if timed else None
+        # The provider auto dispatched to runs the same kernel as auto: not a rival, never "best".
+        rivals = {p: t for p, t in timed.items() if not (p == r.path and "auto" in timed)}
+        best = min(rivals, key=rivals.get) if rivals else None
         auto = timed.get("auto")
         roof = r.roofline_us(copy_gbs, tiny_us)
         cells.append(best or "-")
