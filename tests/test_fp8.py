@@ -702,7 +702,7 @@ def test_hicache_and_storage_round_trip_quantized_rows(fmt, tmp_path):
         pool.set_kv_buffer(layer, dev_slots.to(DEVICE), nope, rope)
         written[layer] = pool.kv_buffer[layer][dev_slots.to(DEVICE)].cpu().clone()
     hslots = host.alloc(dev_slots.numel())
-    host.backup_from_device_all_layer(pool, hslots, dev_slots.to(DEVICE))
+    host.backup_from_device_all_layer(pool, hslots, dev_slots)  # index tensors as the host pool tests pass them
     host.synchronize()
     store = LocalFileStorage(tmp_path, host.page_bytes, fsync=False)
     first = [int(hslots[i]) for i in range(0, hslots.numel(), page)]
@@ -716,7 +716,7 @@ def test_hicache_and_storage_round_trip_quantized_rows(fmt, tmp_path):
         b.random_(0, 256)
     new_slots = torch.arange(5 * page, 7 * page)
     for layer in range(pool.layer_num):
-        host.load_to_device_per_layer(pool, hslots2, new_slots.to(DEVICE), layer)
+        host.load_to_device_per_layer(pool, hslots2, new_slots, layer)
         if HAS_CUDA:
             host.wait_until_layer_ready(layer)
         assert torch.equal(pool.kv_buffer[layer][new_slots.to(DEVICE)].cpu(), written[layer]), f"layer {layer}"
