@@ -87,6 +87,43 @@ def store_pair(master, _clients, request):
     yield a, sa, b, sb
 
 
+# ---- the master helper -----------------------------------------------------------------------
+def _loopback_listeners() -> dict[int, str]:
+    """Listening TCP ports -> local address (hex, as /proc/net/tcp writes it)."""
+    out = {}
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                addr, port = local.split(":")
+                out[int(port, 16)] = addr
+    return out
+
+
+def test_master_listens_on_loopback_only_and_stops(master):
+    listeners = _loopback_listeners()
+    for port in (master.rpc_port, master.metadata_port, master.metrics_port):
+        assert listeners.get(port) == "0100007F", f"port {port} is not bound to 127.0.0.1 only"
+    m = MooncakeMaster().start()
+    m.stop()
+    assert not m.alive() and m.proc.returncode is not None and m.meta_proc.returncode is not None
+
+
+def test_missing_master_binary_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLAKV_MOONCAKE_MASTER", str(tmp_path / "nope"))
+    with pytest.raises(MooncakeUnavailable, match="MLAKV_MOONCAKE_MASTER"):
+        MooncakeMaster()
+
+
+def test_missing_mooncake_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mooncake" else real(name, *a))
+    with pytest.raises(MooncakeUnavailable, match="pip install mooncake-transfer-engine"):
+        check_mooncake()
+
+
 # ---- keys ----------------------------------------------------------------------------------
 BASE = dict(prefix_hash="abc", model_id="m", layer_range=(0, 61), page_size=64, fmt="bfloat16-512+64-1152B-LTR")
 

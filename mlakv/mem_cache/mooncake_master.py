@@ -1,11 +1,17 @@
 """Start and stop a real Mooncake master on free loopback ports, for tests, the demo and the bench.
 
 A Mooncake Store (the distributed KV store that sglang's and vLLM's HiCache L3 use) needs one
-``mooncake_master`` process: it keeps the object directory and, with
-``--enable_http_metadata_server``, the transfer engine's metadata. Starting it is the library's job in
-tests and the demo, not the user's shell, so :class:`MooncakeMaster` finds the binary shipped with the
-``mooncake-transfer-engine*`` wheel, binds every port it opens (RPC, HTTP metadata, metrics/admin) to
-``127.0.0.1`` on free ports, waits until they all listen, and stops it (SIGTERM, then SIGKILL).
+``mooncake_master`` process (the object directory) and an HTTP metadata server (the transfer
+engine's segment descriptors). Starting them is the library's job in tests and the demo, not the
+user's shell, so :class:`MooncakeMaster` finds the binary shipped with the ``mooncake-transfer-engine*``
+wheel, binds every port to ``127.0.0.1`` on free ports (master RPC, metrics/admin, metadata), waits
+until they all listen, and stops them (SIGTERM, then SIGKILL).
+
+The metadata server is the wheel's own ``mooncake.http_metadata_server`` run as a second process,
+not the master's embedded one (``--enable_http_metadata_server``): in 0.3.13.post1 the embedded
+server listens on ``0.0.0.0`` even with ``--http_metadata_server_host=127.0.0.1`` (its log says
+127.0.0.1; ``ss -ltn`` shows 0.0.0.0), and a test binding to loopback must not open a port to the
+network.
 
 Missing pieces are reported as :class:`MooncakeUnavailable` with the command that fixes them:
 the wheel not installed, or Debian's ``libibverbs1`` missing (the wheel's binaries and its Python
@@ -23,6 +29,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,10 +109,11 @@ class MooncakeMaster:
         extra_args: more ``--flag=value`` arguments for the master.
 
     Attributes (after :meth:`start`): ``master_addr`` (``"127.0.0.1:P"``, the client's
-    ``master_server_addr``), ``metadata_url`` (``"http://127.0.0.1:Q/metadata"``), ``proc``, ``log_path``.
+    ``master_server_addr``), ``metadata_url`` (``"http://127.0.0.1:Q/metadata"``), ``proc`` (the
+    master), ``meta_proc`` (the metadata server), ``log_path`` (both processes' output).
 
-    ``with MooncakeMaster() as m: ...`` starts it and always stops it. :meth:`kill` SIGKILLs it (the
-    fault tests use it); :meth:`stop` is safe to call again.
+    ``with MooncakeMaster() as m: ...`` starts them and always stops them. :meth:`kill` SIGKILLs both
+    (a crashed master node; the fault tests use it); :meth:`stop` is safe to call again.
     """
 
     def __init__(
@@ -127,6 +135,7 @@ class MooncakeMaster:
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
         self.proc: Optional[subprocess.Popen] = None
+        self.meta_proc: Optional[subprocess.Popen] = None
         self.log_path: Optional[str] = None
         self._log = None
 
@@ -139,19 +148,22 @@ class MooncakeMaster:
         return f"http://127.0.0.1:{self.metadata_port}/metadata"
 
     def command(self) -> list[str]:
-        """The master's command line (every listener on 127.0.0.1)."""
+        """The master's command line (every listener on 127.0.0.1; metadata served separately)."""
         return [
             self.binary,
             "--rpc_address=127.0.0.1",
             f"--rpc_port={self.rpc_port}",
-            "--enable_http_metadata_server=true",
-            "--http_metadata_server_host=127.0.0.1",
-            f"--http_metadata_server_port={self.metadata_port}",
+            "--enable_http_metadata_server=false",
             "--metrics_host=127.0.0.1",
             f"--metrics_port={self.metrics_port}",
             "--enable_metric_reporting=false",
             *self.extra_args,
         ]
+
+    def metadata_command(self) -> list[str]:
+        """The metadata server's command line (the wheel's aiohttp server on 127.0.0.1)."""
+        return [sys.executable, "-m", "mooncake.http_metadata_server", "--host", "127.0.0.1",
+                "--port", str(self.metadata_port), "--log-level", "WARNING"]
 
     def start(self) -> "MooncakeMaster":
         """Launch the master and wait until its ports listen. Raises ``RuntimeError`` with the tail
@@ -160,16 +172,18 @@ class MooncakeMaster:
             raise RuntimeError("this MooncakeMaster is already started")
         fd, self.log_path = tempfile.mkstemp(prefix="mooncake_master.", suffix=".log")
         self._log = os.fdopen(fd, "wb")
-        self.proc = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+        popen = dict(stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.meta_proc = subprocess.Popen(self.metadata_command(), **popen)
+        self.proc = subprocess.Popen(self.command(), **popen)
         deadline = time.monotonic() + self.startup_timeout
         ports = (self.rpc_port, self.metadata_port, self.metrics_port)
         while True:
-            if self.proc.poll() is not None:
+            dead = [(n, p) for n, p in (("mooncake_master", self.proc), ("metadata server", self.meta_proc)) if p.poll() is not None]
+            if dead:
                 tail = self.log_tail()
-                self._cleanup()
-                raise RuntimeError(f"mooncake_master exited with code {self.proc.returncode} at startup:\n{tail}")
+                self.stop()
+                name, p = dead[0]
+                raise RuntimeError(f"{name} exited with code {p.returncode} at startup:\n{tail}")
             if all(_listening(p) for p in ports):
                 return self
             if time.monotonic() > deadline:
@@ -186,22 +200,29 @@ class MooncakeMaster:
             return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
 
     def alive(self) -> bool:
+        """Whether the master process runs."""
         return self.proc is not None and self.proc.poll() is None
 
+    def _procs(self) -> list[subprocess.Popen]:
+        return [p for p in (self.proc, self.meta_proc) if p is not None and p.poll() is None]
+
     def kill(self) -> None:
-        """SIGKILL the master (a crash, for fault tests) and reap it."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        """SIGKILL the master and its metadata server (a crashed node, for fault tests) and reap them."""
+        for p in self._procs():
+            p.send_signal(signal.SIGKILL)
+            p.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; remove the log."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM both processes, wait up to ``timeout`` seconds, then SIGKILL; remove the log."""
+        procs = self._procs()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
             try:
-                self.proc.wait(timeout)
+                p.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.kill()
+                p.send_signal(signal.SIGKILL)
+                p.wait()
         self._cleanup()
 
     def _cleanup(self) -> None:
