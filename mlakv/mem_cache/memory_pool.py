@@ -295,8 +295,8 @@ class MLATokenToKVPool:
         """Copy rows ``src_loc -> tgt_loc`` (``[n]`` int32/int64 each) in every layer, from the pre-move state.
 
         What speculative decoding calls to keep accepted tokens. Overlapping sets read the old rows.
-        CUDA: the Triton move kernel, all layers per launch (two launches through a scratch, or one
-        with ``disjoint=True`` when no slot is both source and target); CPU: torch. A slot outside
+        CUDA: one Triton launch for all layers (staged through a scratch inside the kernel; with
+        ``disjoint=True``, when no slot is both source and target, row-parallel); CPU: torch. A slot outside
         ``[0, num_slots)`` raises ``IndexError`` when checked (always on CPU, ``check_bounds`` on
         GPU) and is skipped otherwise; nothing outside the buffers is touched.
         """

@@ -7,14 +7,15 @@ from the first layer's buffer and covers every layer in one launch.
 
 Semantics are those of ``kv[tgt] = kv[src].clone()``: the rows are copied from the state **before**
 the move, also when the two sets overlap (``tgt = [5, 6], src = [6, 7]`` moves old 6 to 5 and old
-7 to 6). A single launch cannot order a read of row 6 before another program's write of row 6, so
-the kernel runs in two modes:
+7 to 6). Programs of one launch are not ordered, so a program that writes row 6 must be the one that read
+it. Two kernels, one launch each:
 
-* ``staged`` (the default): launch 1 gathers every ``(layer, src row)`` into a scratch
-  ``[n, layers, row]``, launch 2 scatters it to the targets. Correct for any overlap, no host sync,
-  capturable in a CUDA graph.
+* ``staged`` (the default): a program owns a block of columns of one layer for every row; it
+  copies all source rows' columns to a scratch ``[n, layers, row]``, then, after a barrier, to the
+  targets. Correct for any overlap, no host sync, capturable in a CUDA graph; it loops over the
+  rows, which suits the short moves of speculative decoding.
 * ``direct`` (``disjoint=True``, the caller guarantees that ``tgt_loc`` and ``src_loc`` share no
-  slot): one launch copies straight from source to target.
+  slot): one program per (row, layer) copies straight from source to target.
 
 Slots outside ``[0, num_slots)`` are refused with ``IndexError`` when bounds are checked (always on
 CPU); unchecked on the GPU the kernel skips such a pair and never touches memory outside the
@@ -114,8 +115,7 @@ def _word_for(kv_buffers: Sequence[torch.Tensor]) -> tuple[int, torch.dtype]:
 
 @triton.jit
 def _move_rows_kernel(
-    src_ptr,
-    dst_ptr,
+    ptr,
     layer_off_ptr,
     tgt_loc_ptr,
     src_loc_ptr,
@@ -123,51 +123,88 @@ def _move_rows_kernel(
     src_loc_stride,
     row_stride,
     num_slots,
-    scratch_row_stride,
-    scratch_layer_stride,
-    MODE: tl.constexpr,
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Program (i, layer) moves one row of one layer, in words. Layer l's buffer starts
-    # layer_off[l] words from the first layer's (a table, so all layers share one launch).
-    # MODE 0: layer[tgt[i]] = layer[src[i]]; 1: scratch[i, l] = layer[src[i]]; 2: layer[tgt[i]] = scratch[i, l].
-    # A pair with a slot outside [0, num_slots) is masked off entirely: nothing outside the buffers.
+    # Direct mode (disjoint sets): program (i, layer) copies row src[i] -> tgt[i] of one layer, in
+    # words. Layer l's buffer starts layer_off[l] words from the first layer's (one table, one
+    # launch). A pair with a slot outside [0, num_slots) is masked off: nothing outside the buffers.
     i = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(1).to(tl.int64)
     t = tl.load(tgt_loc_ptr + i * tgt_loc_stride).to(tl.int64)
     s = tl.load(src_loc_ptr + i * src_loc_stride).to(tl.int64)
     base = tl.load(layer_off_ptr + layer)
-    scratch_off = i * scratch_row_stride + layer * scratch_layer_stride
-    if MODE == 0:
-        src_off = base + s * row_stride
-        dst_off = base + t * row_stride
-    elif MODE == 1:
-        src_off = base + s * row_stride
-        dst_off = scratch_off
-    else:
-        src_off = scratch_off
-        dst_off = base + t * row_stride
     t_b = tl.zeros([BLOCK], dtype=tl.int64) + t  # the pair's slots, broadcast over the block
     s_b = tl.zeros([BLOCK], dtype=tl.int64) + s
     ok = (t_b >= 0) & (t_b < num_slots) & (s_b >= 0) & (s_b < num_slots)
     for start in tl.static_range(0, ROW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = (offs < ROW) & ok
-        x = tl.load(src_ptr + src_off + offs, mask=m)
-        tl.store(dst_ptr + dst_off + offs, x, mask=m)
+        x = tl.load(ptr + base + s * row_stride + offs, mask=m)
+        tl.store(ptr + base + t * row_stride + offs, x, mask=m)
+
+
+@triton.jit
+def _move_columns_kernel(
+    ptr,
+    scratch_ptr,
+    layer_off_ptr,
+    tgt_loc_ptr,
+    src_loc_ptr,
+    tgt_loc_stride,
+    src_loc_stride,
+    row_stride,
+    num_slots,
+    n,
+    n_layers,
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Staged mode (any sets, one launch): program (layer, column block) owns columns
+    # [cb * BLOCK, cb * BLOCK + BLOCK) of one layer for *every* row, so no other program reads or
+    # writes them. It first copies all n source rows' columns to its own part of the scratch,
+    # then (after a CTA barrier) all of them to the targets: every read sees the pre-move state.
+    # (i * stride stays far below 2^31 for any index vector; `layer` is int64, so the scratch and
+    # row offsets are formed in 64 bits.)
+    layer = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < ROW
+    base = tl.load(layer_off_ptr + layer)
+    for i in range(n):
+        t = tl.load(tgt_loc_ptr + i * tgt_loc_stride).to(tl.int64)
+        s = tl.load(src_loc_ptr + i * src_loc_stride).to(tl.int64)
+        t_b = tl.zeros([BLOCK], dtype=tl.int64) + t
+        s_b = tl.zeros([BLOCK], dtype=tl.int64) + s
+        m = in_row & (t_b >= 0) & (t_b < num_slots) & (s_b >= 0) & (s_b < num_slots)
+        x = tl.load(ptr + base + s * row_stride + cols, mask=m)
+        tl.store(scratch_ptr + (i * n_layers + layer) * ROW + cols, x, mask=m)
+    tl.debug_barrier()  # the block's scratch writes are visible to all its threads before the scatter
+    for i in range(n):
+        t = tl.load(tgt_loc_ptr + i * tgt_loc_stride).to(tl.int64)
+        s = tl.load(src_loc_ptr + i * src_loc_stride).to(tl.int64)
+        t_b = tl.zeros([BLOCK], dtype=tl.int64) + t
+        s_b = tl.zeros([BLOCK], dtype=tl.int64) + s
+        m = in_row & (t_b >= 0) & (t_b < num_slots) & (s_b >= 0) & (s_b < num_slots)
+        x = tl.load(scratch_ptr + (i * n_layers + layer) * ROW + cols, mask=m)
+        tl.store(ptr + base + t * row_stride + cols, x, mask=m)
+
+
+_COLUMN_BLOCK = 32  # words per program of the staged kernel: one warp, one word per lane
 
 
 def launch_move_kv_rows(
     kv_buffers: Sequence[torch.Tensor], tgt_loc: torch.Tensor, src_loc: torch.Tensor, *, disjoint: bool = False
 ) -> None:
-    """Launch the move kernel over every layer: staged (two launches) or ``disjoint`` (one launch).
+    """Launch the move over every layer in one kernel: staged (any sets) or ``disjoint`` (row-parallel).
 
     Args (checked by :func:`check_move_args`):
         kv_buffers: ``L`` buffers ``[num_slots, (1,) D]``, same shape/strides/dtype/device.
         tgt_loc, src_loc: ``[n]`` int32/int64 on that device, any stride; a pair with either slot
             outside ``[0, num_slots)`` is skipped.
-        disjoint: the caller guarantees ``tgt_loc`` and ``src_loc`` share no slot.
+        disjoint: the caller guarantees ``tgt_loc`` and ``src_loc`` share no slot: grid
+            ``(n, L)``, one row per program. Otherwise grid ``(L, row_words / 32)``: each program
+            loops over all rows twice (gather to a scratch ``[n, L, row]``, then scatter), which
+            suits the short moves of speculative decoding.
     """
     n = tgt_loc.shape[0]
     if n == 0:
@@ -183,24 +220,18 @@ def launch_move_kv_rows(
     # Layer l starts (addr_l - addr_0) / w words from layer 0's first word: one table, one launch.
     offsets = torch.tensor([(b.data_ptr() - base0) // w for b in kv_buffers], dtype=torch.int64, device=first.device)
     n_layers = len(kv_buffers)
-    block = 1 << max(0, (min(row, 1024) - 1).bit_length())
-    grid = (n, n_layers)
-    common = dict(ROW=row, BLOCK=block, num_warps=4)
+    t_stride, s_stride = tgt_loc.stride(0), src_loc.stride(0)
     if disjoint:
-        _move_rows_kernel[grid](
-            base_words, base_words, offsets, tgt_loc, src_loc, tgt_loc.stride(0), src_loc.stride(0),
-            row_stride, num_slots, 0, 0, MODE=0, **common,
+        block = 1 << max(0, (min(row, 1024) - 1).bit_length())
+        _move_rows_kernel[(n, n_layers)](
+            base_words, offsets, tgt_loc, src_loc, t_stride, s_stride, row_stride, num_slots,
+            ROW=row, BLOCK=block, num_warps=4,
         )
         return
     scratch = torch.empty((n, n_layers, row), dtype=word, device=first.device)
-    # launch 1: scratch[i, l] = layer_l[src[i]];  launch 2: layer_l[tgt[i]] = scratch[i, l]
-    _move_rows_kernel[grid](
-        base_words, scratch, offsets, tgt_loc, src_loc, tgt_loc.stride(0), src_loc.stride(0),
-        row_stride, num_slots, n_layers * row, row, MODE=1, **common,
-    )
-    _move_rows_kernel[grid](
-        scratch, base_words, offsets, tgt_loc, src_loc, tgt_loc.stride(0), src_loc.stride(0),
-        row_stride, num_slots, n_layers * row, row, MODE=2, **common,
+    _move_columns_kernel[(n_layers, triton.cdiv(row, _COLUMN_BLOCK))](
+        base_words, scratch, offsets, tgt_loc, src_loc, t_stride, s_stride, row_stride, num_slots, n, n_layers,
+        ROW=row, BLOCK=_COLUMN_BLOCK, num_warps=1,
     )
 
 
