@@ -1,7 +1,8 @@
 """mlakv's benchmarks, shipped with the package so ``mlakv bench`` works from an installed copy.
 
 ``mlakv bench`` (:mod:`.kv_write`) times every row-write provider side by side;
-``mlakv bench hicache`` (:mod:`.hicache`) the HiCache transfers. The legacy baseline kernel
+``mlakv bench hicache`` (:mod:`.hicache`) the HiCache transfers; ``mlakv bench fp8``
+(:mod:`.fp8_bench`) the fused FP8 write and dequantizing gather. The legacy baseline kernel
 (:mod:`.legacy_kernel`) and the sglang peer (:mod:`.sglang_peer`, built only from source the user
 fetched) exist only for comparison and are not part of the library. Submodules import torch and
 triton lazily, so ``import mlakv.bench`` is cheap.
@@ -30,12 +31,18 @@ def _hicache(argv: list[str]) -> int:
     return run(argv)
 
 
+def _fp8(argv: list[str]) -> int:
+    from .fp8_bench import main as run
+
+    return run(argv)
+
+
 # `mlakv bench <name> ...`: one entry per bench; the row-write bench runs when no name is given.
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"hicache": _hicache}
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"hicache": _hicache, "fp8": _fp8}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run ``mlakv bench [hicache] [options]``; returns the process exit code."""
+    """Run ``mlakv bench [hicache|fp8] [options]``; returns the process exit code."""
     argv = list(argv or [])
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
