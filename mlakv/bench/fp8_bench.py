@@ -14,7 +14,7 @@ calls divided by 8 (``triton.testing.do_bench_cudagraph``):
   fraction of the device-to-device copy bandwidth.
 
 Every provider is checked bit-exactly against the torch reference before it is timed. Ratios are
-printed beside the times. Run: ``python -m mlakv.bench.fp8_bench [--sizes 1,128,4096,65536] [--out bench-out]``.
+printed beside the times. Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--out bench-out]``.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def format_tables(res: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlakv.bench.fp8_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mlakv bench fp8", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated n_loc values")
     p.add_argument("--out", default="bench-out", help="directory for fp8.json")
     args = p.parse_args(argv)
