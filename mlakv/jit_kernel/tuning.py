@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LaunchStep", "LaunchTuning", "TUNING", "gpu_family", "tuning_for"]
+__all__ = ["LaunchStep", "LaunchTuning", "TUNING", "gpu_family", "tuning_for", "TRITON_ROW_STEPS", "triton_row_launch"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +100,21 @@ def tuning_for(device: torch.device) -> LaunchTuning:
     """The tuning row for ``device``'s family (Hopper's row for families not measured yet)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _tuning_for_index(index)
+
+
+# The Triton row kernel (every pre-Hopper GPU's path, and the fallback elsewhere):
+# (max n_loc, bytes per warp, rows per program, PDL trigger at entry), by increasing n_loc; warps =
+# clamp(BLOCK bytes / bytes per warp, 1, 8) with BLOCK = next_pow2(row width) elements.
+TRITON_ROW_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
+    (None, 512, 1, False),
+)
+TRITON_ROW_MEASURED = "seed: one 16-byte vector per thread per pass, one row per program (not yet measured)"
+
+
+def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
+    """``(num_warps, rows_per_program, early_trigger)`` of the Triton row kernel for a call of
+    ``n_loc`` rows whose ``BLOCK`` spans ``block_bytes``."""
+    for max_n, bytes_per_warp, rows, early in TRITON_ROW_STEPS:
+        if max_n is None or n_loc <= max_n:
+            return max(1, min(8, block_bytes // bytes_per_warp)), rows, early
+    raise AssertionError("the last Triton step must have max n_loc None")

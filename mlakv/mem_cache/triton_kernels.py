@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from mlakv.jit_kernel.tuning import triton_row_launch
 
 __all__ = ["launch_set_kv_rows", "launch_get_kv_rows", "row_kernel_block"]
 
@@ -45,11 +48,6 @@ def row_kernel_block(nope_dim: int, rope_dim: int) -> int:
     return triton.next_power_of_2(nope_dim + rope_dim)
 
 
-def _row_kernel_warps(block: int, elem_bytes: int) -> int:
-    # One 16-byte vector per thread per pass: block * elem_bytes / (32 lanes * 16 bytes).
-    return max(1, min(8, block * elem_bytes // 512))
-
-
 @triton.jit
 def _set_kv_rows_kernel(
     kv_ptr,
@@ -64,17 +62,38 @@ def _set_kv_rows_kernel(
     skip_index,
     dcp_world,
     dcp_rank,
+    n_loc,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):
-    # One program writes one whole row: kv[row, :NOPE+ROPE] = [nope[i] | rope[i]], row = loc[i] // dcp_world.
+    # One program writes ROWS whole rows: kv[row, :NOPE+ROPE] = [nope[i] | rope[i]], row = loc[i] // dcp_world.
     # Strides are in elements; every product is formed in int64 (slot * stride may pass 2^31).
-    i = tl.program_id(0).to(tl.int64)
+    # PDL: the trigger carries no memory ordering (the next grid's wait covers this grid's stores), so
+    # it may come at entry (EARLY_TRIGGER) or after the stores; the tuning table picks per size.
+    if USE_PDL and EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    slot = tl.load(loc_ptr + i * loc_stride).to(tl.int64)
+    for r in tl.static_range(ROWS):
+        _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_stride, rope_row_stride, loc_stride,
+                    num_slots, skip_index, dcp_world, dcp_rank, n_loc, tl.program_id(0).to(tl.int64) * ROWS + r,
+                    NOPE, ROPE, BLOCK)
+    if USE_PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_stride, rope_row_stride, loc_stride,
+                num_slots, skip_index, dcp_world, dcp_rank, n_loc, i,
+                NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
+    # Row i of the call (a program's last rows may lie past n_loc: they read and write nothing).
+    in_call = i < n_loc
+    slot = tl.load(loc_ptr + tl.minimum(i, n_loc - 1) * loc_stride).to(tl.int64)  # n_loc >= 1 when launched
+    slot = tl.where(in_call, slot, -1)
     offs = tl.arange(0, BLOCK)
     # The row selection rule (the same on every path): padding, the reserved slot and other DCP
     # ranks' slots are skipped; so is a row landing past the buffer (never a write outside it).
@@ -84,7 +103,8 @@ def _set_kv_rows_kernel(
     # Without DCP the source loads do not depend on loc: they are issued alongside it (one memory
     # round trip before the store, not two) and a skipped row only masks off the store. With DCP
     # most rows are other ranks': their sources are not read.
-    need = live_b | ((tl.zeros([BLOCK], dtype=tl.int32) + dcp_world) == 1)  # constant when dcp_world == 1
+    in_call_b = (tl.zeros([BLOCK], dtype=tl.int32) + in_call.to(tl.int32)) != 0
+    need = (live_b | ((tl.zeros([BLOCK], dtype=tl.int32) + dcp_world) == 1)) & in_call_b
     in_nope = offs < NOPE
     a = tl.load(nope_ptr + i * nope_row_stride + offs, mask=in_nope & need)
     if ROPE > 0:
@@ -94,8 +114,6 @@ def _set_kv_rows_kernel(
     else:
         val = a
     tl.store(kv_ptr + row * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live_b)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def launch_set_kv_rows(
@@ -107,8 +125,14 @@ def launch_set_kv_rows(
     skip_index: int = -1,
     dcp_world_size: int = 1,
     dcp_rank: int = 0,
+    num_warps: int = 0,
+    rows_per_program: int = 0,
+    early_trigger: Optional[bool] = None,
 ) -> None:
-    """Launch the row kernel: grid ``(n_loc,)``, ``BLOCK = next_pow2(nope_dim + rope_dim)``.
+    """Launch the row kernel: ``rows_per_program`` rows per program, ``BLOCK = next_pow2(nope_dim + rope_dim)``.
+
+    ``num_warps``/``rows_per_program``/``early_trigger`` override the launch table
+    (:func:`mlakv.jit_kernel.tuning.triton_row_launch`; 0/None: its choice) — for the benchmark's sweep.
 
     Args (validated by the dispatcher; 2-D or 3-D with a middle dim of 1):
         kv_buffer: ``[num_slots, (1,) total]``, last dim contiguous.
@@ -125,7 +149,9 @@ def launch_set_kv_rows(
     block = row_kernel_block(nope_dim, rope_dim)
     use_pdl = kv.is_cuda and _pdl_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
-    _set_kv_rows_kernel[(n_loc,)](
+    warps, rows, early = triton_row_launch(n_loc, block * kv.element_size())
+    rows = rows_per_program or rows
+    _set_kv_rows_kernel[(triton.cdiv(n_loc, rows),)](
         kv,
         loc,
         nope,
@@ -138,11 +164,14 @@ def launch_set_kv_rows(
         skip_index,
         dcp_world_size,
         dcp_rank,
+        n_loc,
         NOPE=nope_dim,
         ROPE=rope_dim,
         BLOCK=block,
+        ROWS=rows,
         USE_PDL=use_pdl,
-        num_warps=_row_kernel_warps(block, kv.element_size()),
+        EARLY_TRIGGER=early if early_trigger is None else early_trigger,
+        num_warps=num_warps or warps,
         **extra,
     )
 
