@@ -119,6 +119,8 @@ MOVES = {
     "swap": ([3, 4], [4, 3]),
     "self": ([9], [9]),
     "empty": ([], []),
+    "long_chain": (list(range(2, 42)), list(range(3, 43))),  # more rows than one kernel step (16)
+    "permutation": (list(range(10, 50)), [10 + (7 * k) % 40 for k in range(40)]),  # targets = sources, shuffled
 }
 
 
@@ -182,13 +184,13 @@ def test_move_kv_cache_bad_arguments_are_named(bad, err):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("case", ["disjoint", "chain_overlap", "swap"])
+@pytest.mark.parametrize("case", ["disjoint", "chain_overlap", "swap", "long_chain", "permutation"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
 def test_move_kernel_all_layers_in_one_table(case, dtype):
     """The Triton kernel itself (under the interpreter on CPU): staged mode for any sets, direct for disjoint."""
     from mlakv.mem_cache.move_kv import launch_move_kv_rows
 
-    pool = _pool(dtype=dtype, layer_num=2, size=28)
+    pool = _pool(dtype=dtype, layer_num=2, size=60)
     tgt, src = (torch.tensor(v, device=DEVICE) for v in MOVES[case])
     expected = _expected_move(pool, tgt, src)
     launch_move_kv_rows(pool.kv_buffer, tgt, src, disjoint=case == "disjoint")

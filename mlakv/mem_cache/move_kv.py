@@ -159,37 +159,39 @@ def _move_columns_kernel(
     n_layers,
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # Staged mode (any sets, one launch): program (layer, column block) owns columns
     # [cb * BLOCK, cb * BLOCK + BLOCK) of one layer for *every* row, so no other program reads or
-    # writes them. It first copies all n source rows' columns to its own part of the scratch,
-    # then (after a CTA barrier) all of them to the targets: every read sees the pre-move state.
-    # (i * stride stays far below 2^31 for any index vector; `layer` is int64, so the scratch and
-    # row offsets are formed in 64 bits.)
+    # writes them. It first copies all n source rows' columns (ROWS rows per step) to its own part
+    # of the scratch, then, after a CTA barrier, all of them to the targets: every read sees the
+    # pre-move state. A pair with a slot outside [0, num_slots) is masked off in both phases.
+    # (`layer` is int64, so the scratch and row offsets are formed in 64 bits.)
     layer = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < ROW
+    in_row = (cols < ROW)[None, :]
     base = tl.load(layer_off_ptr + layer)
-    for i in range(n):
-        t = tl.load(tgt_loc_ptr + i * tgt_loc_stride).to(tl.int64)
-        s = tl.load(src_loc_ptr + i * src_loc_stride).to(tl.int64)
-        t_b = tl.zeros([BLOCK], dtype=tl.int64) + t
-        s_b = tl.zeros([BLOCK], dtype=tl.int64) + s
-        m = in_row & (t_b >= 0) & (t_b < num_slots) & (s_b >= 0) & (s_b < num_slots)
-        x = tl.load(ptr + base + s * row_stride + cols, mask=m)
-        tl.store(scratch_ptr + (i * n_layers + layer) * ROW + cols, x, mask=m)
-    tl.debug_barrier()  # the block's scratch writes are visible to all its threads before the scatter
-    for i in range(n):
-        t = tl.load(tgt_loc_ptr + i * tgt_loc_stride).to(tl.int64)
-        s = tl.load(src_loc_ptr + i * src_loc_stride).to(tl.int64)
-        t_b = tl.zeros([BLOCK], dtype=tl.int64) + t
-        s_b = tl.zeros([BLOCK], dtype=tl.int64) + s
-        m = in_row & (t_b >= 0) & (t_b < num_slots) & (s_b >= 0) & (s_b < num_slots)
-        x = tl.load(scratch_ptr + (i * n_layers + layer) * ROW + cols, mask=m)
-        tl.store(ptr + base + t * row_stride + cols, x, mask=m)
+    for phase in tl.static_range(2):
+        for i0 in range(0, n, ROWS):
+            idx = (i0 + tl.arange(0, ROWS)).to(tl.int64)
+            live = idx < n
+            t = tl.load(tgt_loc_ptr + idx * tgt_loc_stride, mask=live, other=-1).to(tl.int64)
+            s = tl.load(src_loc_ptr + idx * src_loc_stride, mask=live, other=-1).to(tl.int64)
+            ok = live & (t >= 0) & (t < num_slots) & (s >= 0) & (s < num_slots)
+            m = ok[:, None] & in_row
+            scratch = scratch_ptr + ((idx * n_layers + layer) * ROW)[:, None] + cols[None, :]
+            if phase == 0:
+                x = tl.load(ptr + base + (s * row_stride)[:, None] + cols[None, :], mask=m)
+                tl.store(scratch, x, mask=m)
+            else:
+                x = tl.load(scratch, mask=m)
+                tl.store(ptr + base + (t * row_stride)[:, None] + cols[None, :], x, mask=m)
+        if phase == 0:
+            tl.debug_barrier()  # the block's scratch writes are visible to all its threads before the scatter
 
 
-_COLUMN_BLOCK = 32  # words per program of the staged kernel: one warp, one word per lane
+_COLUMN_BLOCK = 32  # words per program of the staged kernel
+_ROWS_PER_STEP = 16  # rows each step of its loops moves
 
 
 def launch_move_kv_rows(
@@ -203,8 +205,8 @@ def launch_move_kv_rows(
             outside ``[0, num_slots)`` is skipped.
         disjoint: the caller guarantees ``tgt_loc`` and ``src_loc`` share no slot: grid
             ``(n, L)``, one row per program. Otherwise grid ``(L, row_words / 32)``: each program
-            loops over all rows twice (gather to a scratch ``[n, L, row]``, then scatter), which
-            suits the short moves of speculative decoding.
+            loops over all rows twice, 16 at a time (gather to a scratch ``[n, L, row]``, then
+            scatter), which suits the short moves of speculative decoding.
     """
     n = tgt_loc.shape[0]
     if n == 0:
@@ -231,7 +233,7 @@ def launch_move_kv_rows(
     scratch = torch.empty((n, n_layers, row), dtype=word, device=first.device)
     _move_columns_kernel[(n_layers, triton.cdiv(row, _COLUMN_BLOCK))](
         base_words, scratch, offsets, tgt_loc, src_loc, t_stride, s_stride, row_stride, num_slots, n, n_layers,
-        ROW=row, BLOCK=_COLUMN_BLOCK, num_warps=1,
+        ROW=row, BLOCK=_COLUMN_BLOCK, ROWS=_ROWS_PER_STEP, num_warps=4,
     )
 
 
