@@ -11,7 +11,7 @@ cache needs on top:
   bytes, and the byte order inside a page: ``LTR`` layer-major for ``layer_first``/``page_first_direct``, ``TLR``
   token-major for ``page_first``), so pools of different layouts never read each other's pages.
 * **A checksum per page.** Every object is the page followed by a 16-byte trailer (magic, version,
-  CRC-32 of the page, page size). A read whose trailer does not match is a miss, counted in
+  XXH3-64 of the page). A read whose size or trailer does not match is a miss, counted in
   ``stats()["corrupt"]``.
 * **Zero copy.** The host pool's buffer is registered with the store once; the batch calls hand the
   store the pieces ``MLATokenToKVPoolHost.get_page_buffer_meta`` names (one per page for
@@ -33,7 +33,6 @@ import os
 import socket
 import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
@@ -53,8 +52,9 @@ __all__ = [
     "page_format",
 ]
 
-#: The trailer after each page: magic, version, reserved, CRC-32 of the page, page bytes (mod 2**32).
-_TRAILER = struct.Struct("<4sHHII")
+#: The trailer after each page: magic, version, reserved, XXH3-64 of the page. XXH3 rather than
+#: zlib's CRC-32 because the checksum is this layer's main cost: ~12 GB/s against ~2 GB/s per core.
+_TRAILER = struct.Struct("<4sHHQ")
 TRAILER_BYTES = _TRAILER.size  # 16
 _MAGIC = b"MLKV"
 _VERSION = 1
@@ -131,6 +131,17 @@ def mooncake_page_key(
     return f"mlakv/{model_id}/L{start}-{end}/P{page_size}/{fmt}/{prefix_hash}"
 
 
+def _require_xxhash():
+    """The ``xxhash`` module (page checksums), or :class:`MooncakeUnavailable` naming the install."""
+    try:
+        import xxhash
+    except ImportError as e:
+        from .mooncake_master import MooncakeUnavailable
+
+        raise MooncakeUnavailable("MooncakeStorage checksums pages with XXH3: pip install xxhash") from e
+    return xxhash
+
+
 def _master_listening(addr: str, timeout: float) -> bool:
     host, _, port = addr.rpartition(":")
     try:
@@ -155,8 +166,8 @@ class MooncakeStorage(HiCacheStorage):
         connect_timeout: seconds to wait for the master's port before giving up.
         retry_interval: after a connection failure, calls fail fast for this many seconds, then
             the next call tries to reconnect.
-        crc_threads: threads computing a batch's page checksums (``zlib.crc32`` releases the GIL);
-            default ``min(8, cpu count)``. The checksum is most of this layer's cost over raw Mooncake.
+        crc_threads: threads computing a batch's page checksums; default ``min(4, cpu count)``. The
+            checksum is most of this layer's cost over raw Mooncake.
 
     Raises :class:`MooncakeConnectionError` at once if no master listens at ``master_addr``, and
     :class:`~mlakv.mem_cache.mooncake_master.MooncakeUnavailable` if Mooncake is not installed.
@@ -181,6 +192,7 @@ class MooncakeStorage(HiCacheStorage):
         crc_threads: Optional[int] = None,
     ) -> None:
         check_mooncake()
+        self._xxh = _require_xxhash()
         if global_segment_bytes < 16 << 20:
             raise ValueError(f"global_segment_bytes must be at least 16 MiB (Mooncake's minimum), got {global_segment_bytes}")
         self.master_addr, self.metadata_url = master_addr, metadata_url
@@ -192,7 +204,7 @@ class MooncakeStorage(HiCacheStorage):
         self._down_since: Optional[float] = None
         self._down_reason = ""
         self._stats = {"hits": 0, "misses": 0, "corrupt": 0, "stored": 0, "errors": 0}
-        threads = min(8, os.cpu_count() or 1) if crc_threads is None else int(crc_threads)
+        threads = min(4, os.cpu_count() or 1) if crc_threads is None else int(crc_threads)
         if threads < 1:
             raise ValueError(f"crc_threads must be >= 1, got {crc_threads}")
         self._crc_pool = ThreadPoolExecutor(threads, thread_name_prefix="mlakv-crc") if threads > 1 else None
@@ -322,23 +334,27 @@ class MooncakeStorage(HiCacheStorage):
         return out
 
     def _crc(self, segs: list[tuple[int, int]]) -> int:
-        c = 0
-        for v in self._views(segs):
-            c = zlib.crc32(v, c)
-        return c
+        """XXH3-64 of one page's pieces, in order."""
+        views = self._views(segs)
+        if len(views) == 1:
+            return self._xxh.xxh3_64_intdigest(views[0])
+        h = self._xxh.xxh3_64()
+        for v in views:
+            h.update(v)
+        return h.intdigest()
 
     def _crcs(self, all_segs: Sequence[list[tuple[int, int]]]) -> list[int]:
-        """CRC-32 of each page, on the checksum threads when there are several pages."""
+        """The checksum of each page, on the checksum threads when there are several pages."""
         if self._crc_pool is None or len(all_segs) < 2:
             return [self._crc(segs) for segs in all_segs]
         return list(self._crc_pool.map(self._crc, all_segs))
 
     def _trailer(self, crc: int) -> bytes:
-        return _TRAILER.pack(_MAGIC, _VERSION, 0, crc, self.page_bytes & 0xFFFFFFFF)
+        return _TRAILER.pack(_MAGIC, _VERSION, 0, crc)
 
     def _trailer_ok(self, trailer: bytes, crc: int) -> bool:
-        magic, version, _, want, nbytes = _TRAILER.unpack(trailer)
-        return magic == _MAGIC and version == _VERSION and nbytes == self.page_bytes & 0xFFFFFFFF and want == crc
+        magic, version, _, want = _TRAILER.unpack(trailer)
+        return magic == _MAGIC and version == _VERSION and want == crc
 
     def _pages(self, keys: Sequence[StorageKey], host_indices: torch.Tensor) -> list[int]:
         """Validate ``host_indices`` (first slots ``[n_keys]`` or whole pages ``[n_keys * page_size]``)
@@ -410,7 +426,7 @@ class MooncakeStorage(HiCacheStorage):
             self._stats["corrupt"] += 1
             return None
         page = memoryview(data)[: self.page_bytes]
-        if not self._trailer_ok(bytes(data[self.page_bytes :]), zlib.crc32(page)):
+        if not self._trailer_ok(bytes(data[self.page_bytes :]), self._xxh.xxh3_64_intdigest(page)):
             self._stats["corrupt"] += 1
             return None
         self._stats["hits"] += 1
@@ -437,7 +453,7 @@ class MooncakeStorage(HiCacheStorage):
             raise ValueError(f"data: a page is {self.page_bytes} bytes, got {buf.nbytes}")
         stored = self._reorder(buf, to_stored=True)
         skey = self.store_key(key)
-        rc = self._client().put(skey, stored + self._trailer(zlib.crc32(stored)))
+        rc = self._client().put(skey, stored + self._trailer(self._xxh.xxh3_64_intdigest(stored)))
         self._raise_put([rc], [skey], 0)
         self._stats["stored"] += 1
 
