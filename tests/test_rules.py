@@ -89,6 +89,16 @@ def _ropeless_table():
     }
 
 
+def _fp32_table():
+    """fp32 255 + 1 (the (1020, 4)-byte module): a rope of one element may have any last-dim stride."""
+    n = 8
+    kv = torch.zeros(32, 256)
+    return {
+        "fp32-rope-width-1": _case(kv=kv, nope=torch.randn(n, 255), rope=torch.randn(n, 1)),
+        "fp32-rope-width-1-strided": _case(kv=kv, nope=torch.randn(n, 255), rope=torch.randn(1, n).t()),
+    }
+
+
 def python_verdict(kv, loc, nope, rope, dcp) -> tuple[str, type | None]:
     """``accept`` / ``fallback`` (valid, but the JIT kernel's alignment does not fit) / ``refuse``."""
     try:
@@ -129,7 +139,7 @@ def modules():
         return {
             rope_bytes: build_set_mla_kv_buffer_module(1024, rope_bytes, use_pdl=True, device_capability=(9, 0))
             for rope_bytes in (128, 0)
-        }
+        } | {4: build_set_mla_kv_buffer_module(1020, 4, use_pdl=True, device_capability=(9, 0))}
     except JitUnavailable as e:
         pytest.fail(f"the module does not build: {e}")
     finally:
@@ -139,6 +149,8 @@ def modules():
 
 TABLE = _table()
 ROPELESS = _ropeless_table()
+FP32 = _fp32_table()
+ALL = {**TABLE, **ROPELESS, **FP32}
 EXPECTED = {
     **{k: "accept" for k in TABLE},
     "misaligned-source": "fallback",
@@ -156,21 +168,23 @@ EXPECTED = {
     "ropeless-strided-empty-rope": "accept",
     "ropeless-wider-kv": "accept",
     "ropeless-misaligned-nope": "fallback",
+    "fp32-rope-width-1": "accept",
+    "fp32-rope-width-1-strided": "accept",
 }
 
 
-@pytest.mark.parametrize("name", list(TABLE) + list(ROPELESS))
+@pytest.mark.parametrize("name", list(ALL))
 def test_rule_book_verdict(name):
     """The Python rule book gives each row its expected verdict (runs without nvcc)."""
-    case = TABLE.get(name) or ROPELESS[name]
+    case = ALL[name]
     assert python_verdict(*case)[0] == EXPECTED[name]
 
 
 @pytest.mark.jit_build
-@pytest.mark.parametrize("name", list(TABLE) + list(ROPELESS))
+@pytest.mark.parametrize("name", list(ALL))
 def test_launcher_agrees_with_rule_book(modules, name):
     """The compiled launcher accepts, refuses (with the same exception type) or falls back alike."""
-    case = TABLE.get(name) or ROPELESS[name]
+    case = ALL[name]
     mod = modules[case[3].shape[-1] * case[3].element_size()]
     assert cpp_verdict(mod, *case) == python_verdict(*case)
 
