@@ -258,6 +258,23 @@ def test_quant_write_bit_exact(path, n_loc, fmt, src_dtype, loc_dtype):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scale,src_dtype", [(1.0, torch.float16), (K_SCALE, torch.float16), (K_SCALE, torch.bfloat16)])
+def test_quant_write_every_16bit_value(path, scale, src_dtype):
+    """Every fp16/bf16 bit pattern (zeros, subnormals, +-inf, NaNs, both signs) through each path's e4m3 rounding."""
+    if path == "torch" and HAS_CUDA:
+        pytest.skip("the torch path is the CPU path")
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(src_dtype)
+    n = every.numel() // (NOPE + ROPE)
+    x = every[: n * (NOPE + ROPE)].reshape(n, NOPE + ROPE)
+    k = torch.tensor([scale], device=DEVICE)
+    kv = poisoned(n, NOPE + ROPE)
+    loc = torch.arange(n, device=DEVICE)
+    write_via(path, kv, loc, x[:, :NOPE].to(DEVICE), x[:, NOPE:].to(DEVICE), "per_tensor", k)
+    expected = e4m3_table_encode(x.float() / torch.tensor(scale, dtype=torch.float32))
+    assert_rows_equal(kv, expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
 def test_quant_write_magnitudes_and_special_values(path, fmt, magnitude):
