@@ -395,7 +395,7 @@ def test_dequant_gather_bit_exact(path, fmt, dst, n_loc):
     path_available(path, n_loc)
     nope, rope = make_sources(9, torch.bfloat16, seed=10)
     nope[1, 0], nope[2, 9], rope[3, 1] = float("nan"), float("inf"), float("nan")
-    kv = poisoned(12, fp8_row_bytes(fmt, NOPE, ROPE) + 8)
+    kv = poisoned(12, fp8_row_bytes(fmt, NOPE, ROPE) + 16)  # spare bytes; rows stay 16-byte aligned
     set_mla_kv_buffer_quant(kv, torch.arange(9, device=DEVICE), nope, rope, fmt, k_scale_for(fmt))
     loc = torch.randint(0, 12, (n_loc,)).to(DEVICE)
     expect = dequantize_mla_rows(kv.cpu()[loc.cpu()], fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"), dst)
@@ -634,6 +634,18 @@ def test_gpu_misaligned_sources_fall_back_and_stay_exact(fmt):
     assert fp8_write_path(kv, nope, wide_r, fmt) == "triton"
     set_mla_kv_buffer_quant(kv, loc, nope, wide_r, fmt, k_scale_for(fmt))
     assert_rows_equal(kv, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_gather_of_misaligned_rows_falls_back_and_stays_exact(fmt):
+    kv = poisoned(9, fp8_row_bytes(fmt, NOPE, ROPE) + 8)  # rows not on 16 bytes: not the JIT's
+    loc = torch.tensor([8, 0, 3, -1], device="cuda")
+    nope, rope = get_mla_kv_buffer_dequant(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt))
+    rows = kv.cpu()[loc.cpu().clamp(min=0)]
+    rows[3] = 0
+    ref = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+    assert torch.equal(bits_of(nope), bits_of(ref[0])) and torch.equal(bits_of(rope), bits_of(ref[1]))
 
 
 @requires_cuda
