@@ -209,6 +209,29 @@ def test_move_kernel_skips_out_of_range_pairs_unchecked():
     assert all(torch.equal(a, b) for a, b in zip(_snapshot(pool), expected))
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (none present)")
+@pytest.mark.parametrize("disjoint", [False, True])
+def test_move_kv_cache_replays_in_a_cuda_graph(disjoint):
+    """Speculative decoding moves rows inside its captured step: the move must not sync or copy from the host."""
+    pool = _pool(layer_num=4)
+    tgt = torch.tensor([5, 6, 7], device=DEVICE)
+    src = torch.tensor([20, 21, 22] if disjoint else [6, 7, 8], device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernel, builds the layer table
+        pool.move_kv_cache(tgt, src, disjoint=disjoint)
+    torch.cuda.current_stream().wait_stream(side)
+    for b in pool.kv_buffer:
+        b.view(torch.uint8).random_(0, 256)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pool.move_kv_cache(tgt, src, disjoint=disjoint)
+    expected = _expected_move(pool, tgt, src)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(pool), expected))
+
+
 # ---- get_cpu_copy / load_cpu_copy (request offload) ---------------------------------------------
 
 

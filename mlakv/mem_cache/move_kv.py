@@ -25,6 +25,7 @@ The CPU path is plain torch (:func:`move_kv_cache_torch`), also the tests' refer
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -111,6 +112,14 @@ def _word_for(kv_buffers: Sequence[torch.Tensor]) -> tuple[int, torch.dtype]:
         if row_bytes % w == 0 and stride_bytes % w == 0 and all(a % w == 0 for a in addrs):
             return w, dt
     raise AssertionError("unreachable: 1 divides everything")
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_offsets(device: torch.device, word: int, ptrs: tuple[int, ...]) -> torch.Tensor:
+    """Layer l starts ``(addr_l - addr_0) / word`` words from layer 0's first word: the kernels' layer
+    table, made once per set of buffers (no host-to-device copy per call, so a move can be captured
+    in a CUDA graph). It depends on the addresses only."""
+    return torch.tensor([(p - ptrs[0]) // word for p in ptrs], dtype=torch.int64, device=device)
 
 
 @triton.jit
@@ -218,9 +227,7 @@ def launch_move_kv_rows(
     row_stride = first.stride(0) * es // w
     num_slots = first.shape[0]
     base_words = _rows2d(first).view(torch.uint8).view(word)
-    base0 = first.data_ptr()
-    # Layer l starts (addr_l - addr_0) / w words from layer 0's first word: one table, one launch.
-    offsets = torch.tensor([(b.data_ptr() - base0) // w for b in kv_buffers], dtype=torch.int64, device=first.device)
+    offsets = _layer_offsets(first.device, w, tuple(b.data_ptr() for b in kv_buffers))
     n_layers = len(kv_buffers)
     t_stride, s_stride = tgt_loc.stride(0), src_loc.stride(0)
     if disjoint:
