@@ -467,3 +467,48 @@ def test_unchecked_slot_past_the_buffer_is_skipped_on_gpu(path):
     _run_sel(path, kv, loc, nope, rope)
     assert_bits_equal(kv, reference_write(before[:64].view(torch.bfloat16), _selected_loc(loc, 64), nope, rope))
     assert torch.equal(bits(big[64:].cpu()), before[64:])
+
+
+@requires_cuda
+@pytest.mark.parametrize("world,rank,skip", [(1, 0, None), (2, 1, 0), (4, 2, 7)])
+def test_checked_gpu_dispatch_applies_the_row_selection(world, rank, skip):
+    """``check_bounds=True`` on the GPU: the bounds check, then the kernel, with the same selection."""
+    n, phys = 300, 256
+    kv = poisoned_buffer(phys, 576, torch.bfloat16)
+    loc = random_loc(n, phys * world, torch.int64)
+    loc[::13] = -1
+    nope, rope = random_rows(n, 512, torch.bfloat16), random_rows(n, 64, torch.bfloat16)
+    expected = reference_write(kv, _selected_loc(loc, phys, skip=skip, world=world, rank=rank), nope, rope)
+    set_mla_kv_buffer_triton(
+        kv, loc, nope, rope, check_bounds=True, reserved_skip_index=skip, dcp_world_size=world, dcp_rank=rank
+    )
+    torch.cuda.synchronize()
+    assert_bits_equal(kv, expected)
+
+
+@requires_cuda
+def test_checked_gpu_dispatch_refuses_a_slot_past_the_buffer_before_writing():
+    kv = poisoned_buffer(64, 576, torch.bfloat16)
+    before = bits(kv.cpu()).clone()
+    loc = torch.tensor([1, 2, 64 * 2 + 1], device=DEVICE)  # DCP W=2 rank 1: lands at row 64
+    nope, rope = random_rows(3, 512, torch.bfloat16), random_rows(3, 64, torch.bfloat16)
+    with pytest.raises(IndexError, match=r"loc\[2\] = 129 \(row 64 of dcp rank 1\) is out of range"):
+        set_mla_kv_buffer_triton(kv, loc, nope, rope, check_bounds=True, dcp_world_size=2, dcp_rank=1)
+    torch.cuda.synchronize()
+    assert torch.equal(bits(kv.cpu()), before)
+
+
+def test_rope_less_rows_take_the_jit_kernel_where_it_serves_them():
+    """A rope-less bf16 row (1024 + 0 bytes) is a JIT layout: on SM90+ the dispatcher takes the kernel
+    from the tuning table's threshold on; on CPU the torch path."""
+    n = 1024
+    kv = poisoned_buffer(n + 8, 512, torch.bfloat16)
+    loc = random_loc(n, n + 8, torch.int64)
+    path = kv_write_path(kv, loc, random_rows(n, 512, torch.bfloat16), None)
+    if not HAS_CUDA:
+        assert path == "torch"
+        return
+    from mlakv import jit_kernel
+
+    jit_ok = jit_kernel.can_use_set_mla_kv_buffer(1024, 0, kv.device) and n >= jit_kernel.tuning_for(kv.device).min_n_loc
+    assert path == ("jit" if jit_ok else "triton")
