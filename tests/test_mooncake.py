@@ -356,3 +356,21 @@ def test_demo_cli_runs_the_l3_demo(capsys):
     assert main(["--l3", "mooncake", "--layers", "1", "--prompts", "1", "--decode-steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "found 8/8 prefix pages" in out and "L3 demo: PASSED" in out
+
+
+# ---- the bench ----------------------------------------------------------------------------
+def test_l3_bench_compares_mlakv_with_raw_mooncake(capsys):
+    from mlakv.bench import main
+
+    assert main(["hicache", "--l3", "mooncake", "--pages", "2", "--layers", "2", "--page-size", "4", "--reps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| bf16") or line.startswith("| fp8")]
+    assert len(rows) == 2 and not any("WRONG" in r for r in rows)
+
+
+@pytest.mark.parametrize("bad", [["--pages", "0"], ["--layers", "-1"], ["--reps", "x"]])
+def test_l3_bench_rejects_bad_options(bad):
+    from mlakv.bench.hicache_l3 import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--l3", "mooncake", *bad])
+    assert ei.value.code == 2

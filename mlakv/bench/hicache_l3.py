@@ -46,14 +46,24 @@ def _csv(text: str) -> list[int]:
     return vals
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mlakv bench hicache --l3 mooncake", description=__doc__.split("\n\n")[0])
     ap.add_argument("--l3", choices=["mooncake"], required=True, help="the L3 store to time")
     ap.add_argument("--pages", type=_csv, default=None,
                     help=f"comma list of batch sizes in pages (default: CUDA machine {GPU_MACHINE_PAGES}, CPU {CPU_PAGES})")
-    ap.add_argument("--layers", type=int, default=61, help="layers per page (default 61)")
-    ap.add_argument("--page-size", type=int, default=64, help="tokens per page (default 64)")
-    ap.add_argument("--reps", type=int, default=5, help="timed rounds per batch size (default 5)")
+    ap.add_argument("--layers", type=_positive, default=61, help="layers per page (default 61)")
+    ap.add_argument("--page-size", type=_positive, default=64, help="tokens per page (default 64)")
+    ap.add_argument("--reps", type=_positive, default=5, help="timed rounds per batch size (default 5)")
     return ap
 
 
