@@ -96,7 +96,7 @@ def _fn_for(device_index: int, kv_cache_format: str, nope_dim: int, rope_dim: in
     except JitUnavailable as e:
         if str(e) not in _warned:
             _warned.add(str(e))
-            logger.warning("mlakv: JIT fp8 write unavailable, using Triton: %s", e)
+            logger.warning("mlakv: JIT fp8 kernels unavailable, using Triton: %s", e)
         return str(e)
     return mod
 
@@ -137,8 +137,8 @@ def fp8_jit_write(
     cannot serve the call here (no module, misaligned), so the caller falls back.
 
     Shapes: ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn, ``loc [n_loc]``,
-    ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or None; rows whose slot is
-    ``skip_slot`` are skipped like padding (-1: none).
+    ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or
+    None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none).
     """
     mod = _fn_for(kv_buffer.get_device(), kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
     if isinstance(mod, str):
