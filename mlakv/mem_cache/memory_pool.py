@@ -178,7 +178,7 @@ class MLATokenToKVPool:
 
     # ---- reads --------------------------------------------------------------------------
     def get_key_buffer(self, layer_id: LayerRef) -> torch.Tensor:
-        """The layer's whole buffer ``[num_slots, 1, kv_lora_rank + qk_rope_head_dim]`` as ``dtype``."""
+        """The layer's whole buffer ``[num_slots, 1, kv_lora_rank + qk_rope_head_dim]`` as ``dtype`` (physical rows)."""
         return self._dtype_views[self._local_layer(layer_id)]
 
     def get_value_buffer(self, layer_id: LayerRef) -> torch.Tensor:
@@ -224,7 +224,10 @@ class MLATokenToKVPool:
         cache_k: torch.Tensor,
         cache_v: Optional[torch.Tensor] = None,
     ) -> None:
-        """Write one layer's rows at slots ``loc`` (``< 0``: padding, skipped), in either of two forms.
+        """Write one layer's rows at *logical* slots ``loc``, in either of two forms.
+
+        Rows with ``loc < 0`` (padding) or ``loc == 0`` (the reserved slot) are skipped; with DCP so
+        are other ranks' slots, and a kept row lands at physical row ``loc // dcp_world_size``.
 
         * split (mlakv): ``cache_k = k_nope [n_loc, (1,) kv_lora_rank]``,
           ``cache_v = k_rope [n_loc, (1,) qk_rope_head_dim]``;
@@ -236,8 +239,9 @@ class MLATokenToKVPool:
         naming both widths expected. Sources must be in the pool ``dtype``.
 
         Args:
-            layer: global layer id, or an object with ``.layer_id``.
-            loc: ``[n_loc]`` int32/int64.
+            layer: global layer id (an int, numpy integers included; not a bool), or an object with
+                ``.layer_id``.
+            loc: ``[n_loc]`` int32/int64, any stride.
         """
         buf = self._dtype_views[self._local_layer(layer)]
         cache_k_nope, cache_k_rope = self._split_row_sources(cache_k, cache_v)
@@ -292,7 +296,7 @@ class MLATokenToKVPool:
 
     # ---- sglang's whole-pool row operations ---------------------------------------------
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor, *, disjoint: bool = False) -> None:
-        """Copy rows ``src_loc -> tgt_loc`` (``[n]`` int32/int64 each) in every layer, from the pre-move state.
+        """Copy rows ``src_loc -> tgt_loc`` (``[n]`` int32/int64 each, physical rows) in every layer, from the pre-move state.
 
         What speculative decoding calls to keep accepted tokens. Overlapping sets read the old rows.
         CUDA: one Triton launch for all layers (staged through a scratch inside the kernel; with
@@ -309,7 +313,7 @@ class MLATokenToKVPool:
         move_kv_cache(self.kv_buffer, tgt_loc, src_loc, check_bounds=check, disjoint=disjoint)
 
     def get_cpu_copy(self, indices: torch.Tensor, chunk_size: int = 8192) -> list[list[torch.Tensor]]:
-        """Copy rows ``indices`` (``[n]`` int) of every layer to the CPU (request offload).
+        """Copy rows ``indices`` (``[n]`` int, physical rows) of every layer to the CPU (request offload).
 
         Returns ``out[layer][chunk]``: ``[<= chunk_size, 1, kv_cache_dim]`` tensors in the storage
         dtype, ``indices`` taken ``chunk_size`` at a time (sglang's format). Syncs the device.
