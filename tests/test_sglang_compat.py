@@ -110,6 +110,25 @@ def test_get_key_and_value_buffer_shapes():
     assert pool.get_value_buffer(0).data_ptr() == pool.get_key_buffer(0).data_ptr()
 
 
+def test_set_mla_kv_buffer_alias_and_gather_with_dst_dtype():
+    pool = _pool()
+    nope, rope = random_rows(3, R, torch.bfloat16), random_rows(3, P, torch.bfloat16)
+    loc = _loc(11, 12, 13, dtype=torch.int32)
+    pool.set_mla_kv_buffer(0, loc, nope, rope)  # sglang's split-form name
+    got_nope, got_rope = pool.get_mla_kv_buffer(0, loc, torch.float32)
+    assert got_nope.dtype == torch.float32 and torch.equal(got_nope, nope.float()) and torch.equal(got_rope, rope.float())
+
+
+def test_buffer_infos_for_transfer_engines():
+    """mlakv's item is one token slot (sglang's is one page: docs/sglang.md says so)."""
+    pool = _pool(layer_num=3)
+    ptrs, lens, items = pool.get_contiguous_buf_infos()
+    row = (R + P) * 2
+    assert ptrs == [b.data_ptr() for b in pool.kv_buffer]
+    assert lens == [pool.num_slots * row] * 3 and items == [row] * 3
+    assert pool.get_kv_size_bytes() == 3 * pool.num_slots * row
+
+
 # ---- move_kv_cache(tgt_loc, src_loc) -----------------------------------------------------------
 
 MOVES = {
