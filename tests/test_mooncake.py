@@ -324,17 +324,20 @@ def test_master_killed_during_batches_fails_clearly_with_no_half_loaded_page():
 def test_reconnects_after_the_master_comes_back():
     host = make_host()
     m = MooncakeMaster().start()
-    ports = dict(rpc_port=m.rpc_port, metadata_port=m.metadata_port, metrics_port=m.metrics_port)
-    s = MooncakeStorage(host, m.master_addr, m.metadata_url, retry_interval=0.2, global_segment_bytes=SEG)
-    s.batch_set_from(["r0"], first_slots([0]))
-    m.kill()
-    with pytest.raises(MooncakeConnectionError):
-        s.batch_set_from(["r1"], first_slots([1]))
-    with MooncakeMaster(**ports):
-        time.sleep(0.3)
-        assert s.batch_set_from(["r2"], first_slots([2])) == 1  # a new client on the new master
-        assert s.get("r2") == page_bytes(host, 2)
-        s.close()
+    try:
+        ports = dict(rpc_port=m.rpc_port, metadata_port=m.metadata_port, metrics_port=m.metrics_port)
+        s = MooncakeStorage(host, m.master_addr, m.metadata_url, retry_interval=0.2, global_segment_bytes=SEG)
+        s.batch_set_from(["r0"], first_slots([0]))
+        m.kill()
+        with pytest.raises(MooncakeConnectionError):
+            s.batch_set_from(["r1"], first_slots([1]))
+        with MooncakeMaster(**ports):
+            time.sleep(0.3)
+            assert s.batch_set_from(["r2"], first_slots([2])) == 1  # a new client on the new master
+            assert s.get("r2") == page_bytes(host, 2)
+            s.close()
+    finally:
+        m.stop()
 
 
 # ---- end to end ----------------------------------------------------------------------------
