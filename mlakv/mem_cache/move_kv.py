@@ -259,9 +259,11 @@ def move_kv_cache(
         tgt_loc: ``[n]`` int32/int64 target slots; src_loc: ``[n]`` source slots (any strides).
         check_bounds: raise ``IndexError`` for a slot outside ``[0, num_slots)`` before anything is
             written (syncs on GPU; always done on CPU). Unchecked on the GPU such a pair is skipped.
-        disjoint: promise that no slot is both a source and a target: one launch instead of two.
+        disjoint: promise that no slot is both a source and a target: the row-parallel kernel
+            (faster for long moves) instead of the staged one; no scratch.
 
-    CPU: plain torch. CUDA: the Triton kernel, all layers per launch.
+    CPU: plain torch. CUDA: one Triton launch for all layers; the staged kernel allocates a
+    scratch of ``n * layers * row`` bytes (the rows' pre-move copy).
     """
     n = check_move_args(kv_buffers, tgt_loc, src_loc)
     if n == 0:
