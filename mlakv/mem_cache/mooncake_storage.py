@@ -166,7 +166,7 @@ class MooncakeStorage(HiCacheStorage):
         connect_timeout: seconds to wait for the master's port before giving up.
         retry_interval: after a connection failure, calls fail fast for this many seconds, then
             the next call tries to reconnect.
-        crc_threads: threads computing a batch's page checksums; default ``min(4, cpu count)``. The
+        checksum_threads: threads computing a batch's page checksums; default ``min(4, cpu count)``. The
             checksum is most of this layer's cost over raw Mooncake.
 
     Raises :class:`MooncakeConnectionError` at once if no master listens at ``master_addr``, and
@@ -189,7 +189,7 @@ class MooncakeStorage(HiCacheStorage):
         rdma_devices: str = "",
         connect_timeout: float = 2.0,
         retry_interval: float = 5.0,
-        crc_threads: Optional[int] = None,
+        checksum_threads: Optional[int] = None,
     ) -> None:
         check_mooncake()
         self._xxh = _require_xxhash()
@@ -204,10 +204,10 @@ class MooncakeStorage(HiCacheStorage):
         self._down_since: Optional[float] = None
         self._down_reason = ""
         self._stats = {"hits": 0, "misses": 0, "corrupt": 0, "stored": 0, "errors": 0}
-        threads = min(4, os.cpu_count() or 1) if crc_threads is None else int(crc_threads)
+        threads = min(4, os.cpu_count() or 1) if checksum_threads is None else int(checksum_threads)
         if threads < 1:
-            raise ValueError(f"crc_threads must be >= 1, got {crc_threads}")
-        self._crc_pool = ThreadPoolExecutor(threads, thread_name_prefix="mlakv-crc") if threads > 1 else None
+            raise ValueError(f"checksum_threads must be >= 1, got {checksum_threads}")
+        self._hash_pool = ThreadPoolExecutor(threads, thread_name_prefix="mlakv-xxh3") if threads > 1 else None
         self.host_pool = None
         self.register_mem_pool_host(host_pool)
         if local_buffer_bytes < self.page_bytes + TRAILER_BYTES:
@@ -270,9 +270,9 @@ class MooncakeStorage(HiCacheStorage):
         store, self._store = self._store, None
         if store is not None:
             store.close()
-        if self._crc_pool is not None:
-            self._crc_pool.shutdown()
-            self._crc_pool = None
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown()
+            self._hash_pool = None
 
     def __enter__(self) -> "MooncakeStorage":
         return self
@@ -333,7 +333,7 @@ class MooncakeStorage(HiCacheStorage):
             out.append(self._np[off : off + n])
         return out
 
-    def _crc(self, segs: list[tuple[int, int]]) -> int:
+    def _checksum(self, segs: list[tuple[int, int]]) -> int:
         """XXH3-64 of one page's pieces, in order."""
         views = self._views(segs)
         if len(views) == 1:
@@ -343,18 +343,18 @@ class MooncakeStorage(HiCacheStorage):
             h.update(v)
         return h.intdigest()
 
-    def _crcs(self, all_segs: Sequence[list[tuple[int, int]]]) -> list[int]:
+    def _checksums(self, all_segs: Sequence[list[tuple[int, int]]]) -> list[int]:
         """The checksum of each page, on the checksum threads when there are several pages."""
-        if self._crc_pool is None or len(all_segs) < 2:
-            return [self._crc(segs) for segs in all_segs]
-        return list(self._crc_pool.map(self._crc, all_segs))
+        if self._hash_pool is None or len(all_segs) < 2:
+            return [self._checksum(segs) for segs in all_segs]
+        return list(self._hash_pool.map(self._checksum, all_segs))
 
-    def _trailer(self, crc: int) -> bytes:
-        return _TRAILER.pack(_MAGIC, _VERSION, 0, crc)
+    def _trailer(self, digest: int) -> bytes:
+        return _TRAILER.pack(_MAGIC, _VERSION, 0, digest)
 
-    def _trailer_ok(self, trailer: bytes, crc: int) -> bool:
+    def _trailer_ok(self, trailer: bytes, digest: int) -> bool:
         magic, version, _, want = _TRAILER.unpack(trailer)
-        return magic == _MAGIC and version == _VERSION and want == crc
+        return magic == _MAGIC and version == _VERSION and want == digest
 
     def _pages(self, keys: Sequence[StorageKey], host_indices: torch.Tensor) -> list[int]:
         """Validate ``host_indices`` (first slots ``[n_keys]`` or whole pages ``[n_keys * page_size]``)
@@ -479,8 +479,8 @@ class MooncakeStorage(HiCacheStorage):
         ptrs, sizes = [], []
         tbase = self._wtrail_t.data_ptr()
         all_segs = self._segments(pages)
-        for page, segs, crc in zip(pages, all_segs, self._crcs(all_segs)):
-            self._wtrail[page] = np.frombuffer(self._trailer(crc), dtype=np.uint8)
+        for page, segs, digest in zip(pages, all_segs, self._checksums(all_segs)):
+            self._wtrail[page] = np.frombuffer(self._trailer(digest), dtype=np.uint8)
             ptrs.append([p for p, _ in segs] + [tbase + page * TRAILER_BYTES])
             sizes.append([n for _, n in segs] + [TRAILER_BYTES])
         codes = self._client().batch_put_from_multi_buffers(skeys, ptrs, sizes)
@@ -521,13 +521,13 @@ class MooncakeStorage(HiCacheStorage):
             raise
         want = self.page_bytes + TRAILER_BYTES
         complete = [i for i, c in enumerate(codes) if c == want]
-        crcs = dict(zip(complete, self._crcs([all_segs[i] for i in complete])))
+        sums = dict(zip(complete, self._checksums([all_segs[i] for i in complete])))
         n = 0
         for i, page in enumerate(pages):
             if codes[i] == _OBJECT_NOT_FOUND:  # removed or evicted since the existence check
                 self._stats["misses"] += 1
                 break
-            if codes[i] != want or not self._trailer_ok(self._rtrail[page].tobytes(), crcs[i]):
+            if codes[i] != want or not self._trailer_ok(self._rtrail[page].tobytes(), sums[i]):
                 self._stats["corrupt"] += 1  # wrong size (foreign object) or checksum mismatch
                 break
             n += 1
