@@ -230,6 +230,6 @@ def launch_get_kv_rows(
         NOPE=nope_dim,
         ROPE=rope_dim,
         BLOCK=block,
-        num_warps=_row_kernel_warps(block, kv.element_size()),
+        num_warps=triton_row_launch(n_loc, block * kv.element_size())[0],
     )
     return nope_out, rope_out
