@@ -96,7 +96,8 @@ class MLATokenToKVPoolHost:
         page_size: tokens per host page; defaults to the device pool's.
         layout: one of :data:`LAYOUTS`. ``page_first`` and ``page_first_direct`` keep each page's
             bytes contiguous (zero-copy storage I/O); ``layer_first`` keeps each layer contiguous.
-        pin_memory: pin the buffer when CUDA is present (needed for the zero-copy transfers).
+        pin_memory: pin the buffer when CUDA is present (the zero-copy "kernel" transfers need it; an
+            unpinned pool uses plain copies whatever io_backend says).
         memory_headroom: fraction in [0, 1) of the host's available memory to leave free.
         transfer_sms: the most SMs a ``"kernel"`` transfer occupies (its persistent grid size).
 
@@ -301,7 +302,7 @@ class MLATokenToKVPoolHost:
     def _copy_layer(self, device_pool: MLATokenToKVPool, b: _Batch, local: int, to_host: bool, io_backend: str) -> None:
         """One layer of a validated batch, on the current (transfer) stream or the CPU."""
         dev = _device_rows(device_pool, local)
-        if _kernel_path(device_pool.device, io_backend):
+        if _kernel_path(device_pool.device, io_backend, self.pinned):
             from .transfer_kernels import launch_copy_rows
 
             if b.h_dev is None:  # the batch's first use: its vectors go to the device once
@@ -523,10 +524,12 @@ def page_bytes_tensor(data: Any, page_bytes: int, name: str) -> torch.Tensor:
     return t
 
 
-def _kernel_path(device: torch.device, io_backend: str) -> bool:
-    """The one place that picks the copy path: the zero-copy Triton kernel for ``"kernel"`` on CUDA;
-    plain torch copies otherwise (indexed on CPU, ``copy_`` of contiguous runs for ``"direct"``)."""
-    return io_backend == "kernel" and device.type == "cuda"
+def _kernel_path(device: torch.device, io_backend: str, pinned: bool) -> bool:
+    """The one place that picks the copy path: the zero-copy Triton kernel for ``"kernel"`` on CUDA
+    with a pinned host buffer (the kernel reaches host memory through unified addressing, which
+    pageable memory does not have); plain torch copies otherwise (indexed on CPU, ``copy_`` of
+    contiguous runs for ``"direct"`` or a pageable host buffer)."""
+    return io_backend == "kernel" and device.type == "cuda" and pinned
 
 
 def _check_backend(io_backend: Any) -> None:
