@@ -239,7 +239,8 @@ def test_writer_killed_at_every_step_of_set_leaves_old_or_new(tmp_path):
 
 
 def test_writers_sigkilled_at_random_times_never_tear_a_page(tmp_path):
-    """A writer looping ``set`` over two 1 MiB pages, SIGKILLed at a random moment, 60 times."""
+    """A writer looping ``set`` over two 1 MiB pages, SIGKILLed at a random moment: at least 60 times,
+    and on until 10 kills have landed inside a ``set`` (a fast disk needs more tries; 600 at most)."""
     big = 1 << 20
     pages = [_page(20, big), _page(21, big)]
     store = LocalFileStorage(tmp_path, big)
@@ -252,7 +253,9 @@ def test_writers_sigkilled_at_random_times_never_tear_a_page(tmp_path):
             store.set("k", pages[i % 2])
             i += 1
 
-    for _ in range(60):
+    kills = 0
+    while kills < 60 or (len(_temp_files(tmp_path)) < 10 and kills < 600):
+        kills += 1
         pid = os.fork()
         if pid == 0:
             try:
