@@ -22,7 +22,9 @@ cache needs on top:
   HiCache on L2). The master gone during a batch: that batch raises :class:`MooncakeConnectionError`,
   its destination host pages are zeroed (never half-loaded), and later calls fail fast until
   ``retry_interval`` has passed, then reconnect if the master is back. The store full: ``set`` is
-  refused with :class:`MooncakeStoreFull` naming how many pages were stored; pages already stored stay.
+  refused with :class:`MooncakeStoreFull` naming how many pages were stored. (Mooncake is a cache:
+  above its high watermark it evicts older objects in the background, so earlier pages may make room
+  for later ones; what it still holds reads back exactly.)
 
 Not thread-safe: one storage object per engine thread.
 """
@@ -168,6 +170,7 @@ class MooncakeStorage(HiCacheStorage):
             the next call tries to reconnect.
         checksum_threads: threads computing a batch's page checksums; default ``min(4, cpu count)``. The
             checksum is most of this layer's cost over raw Mooncake.
+        pipeline_pages: pages per chunk of a batch; hashing one chunk overlaps moving the next.
 
     Raises :class:`MooncakeConnectionError` at once if no master listens at ``master_addr``, and
     :class:`~mlakv.mem_cache.mooncake_master.MooncakeUnavailable` if Mooncake is not installed.
@@ -190,6 +193,7 @@ class MooncakeStorage(HiCacheStorage):
         connect_timeout: float = 2.0,
         retry_interval: float = 5.0,
         checksum_threads: Optional[int] = None,
+        pipeline_pages: int = 16,
     ) -> None:
         check_mooncake()
         self._xxh = _require_xxhash()
@@ -207,6 +211,9 @@ class MooncakeStorage(HiCacheStorage):
         threads = min(4, os.cpu_count() or 1) if checksum_threads is None else int(checksum_threads)
         if threads < 1:
             raise ValueError(f"checksum_threads must be >= 1, got {checksum_threads}")
+        if pipeline_pages < 1:
+            raise ValueError(f"pipeline_pages must be >= 1, got {pipeline_pages}")
+        self.pipeline_pages = int(pipeline_pages)
         self._hash_pool = ThreadPoolExecutor(threads, thread_name_prefix="mlakv-xxh3") if threads > 1 else None
         self.host_pool = None
         self.register_mem_pool_host(host_pool)
@@ -343,12 +350,6 @@ class MooncakeStorage(HiCacheStorage):
             h.update(v)
         return h.intdigest()
 
-    def _checksums(self, all_segs: Sequence[list[tuple[int, int]]]) -> list[int]:
-        """The checksum of each page, on the checksum threads when there are several pages."""
-        if self._hash_pool is None or len(all_segs) < 2:
-            return [self._checksum(segs) for segs in all_segs]
-        return list(self._hash_pool.map(self._checksum, all_segs))
-
     def _trailer(self, digest: int) -> bytes:
         return _TRAILER.pack(_MAGIC, _VERSION, 0, digest)
 
@@ -463,29 +464,58 @@ class MooncakeStorage(HiCacheStorage):
             if c == _NO_AVAILABLE_HANDLE:
                 raise MooncakeStoreFull(
                     f"Mooncake store full: page {base + i} ({skeys[i]!r}) refused ({_code(c)}); "
-                    f"{i} earlier pages of this batch were stored, the rest were not", stored=i)
+                    f"{base + i} earlier pages of this batch were stored, the rest were not (Mooncake evicts "
+                    "older objects in the background above its high watermark; a later set may fit)", stored=base + i)
             if c != 0:
-                raise MooncakeStoreError(f"Mooncake put of {skeys[i]!r} failed: {_code(c)}; {i} earlier pages were stored")
+                raise MooncakeStoreError(
+                    f"Mooncake put of {skeys[i]!r} failed: {_code(c)}; {base + i} earlier pages of this batch were stored")
 
     # ---- batches -------------------------------------------------------------------------
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        c = self.pipeline_pages
+        return [(lo, min(n, lo + c)) for lo in range(0, n, c)]
+
+    def _hash_async(self, all_segs: Sequence[list[tuple[int, int]]], lo: int, hi: int) -> list:
+        """Start hashing pages ``[lo, hi)`` on the hash threads (inline without them); returns one
+        future-like object per page (``.result()`` gives the digest)."""
+        if self._hash_pool is None:
+            return [_Done(self._checksum(all_segs[i])) for i in range(lo, hi)]
+        return [self._hash_pool.submit(self._checksum, all_segs[i]) for i in range(lo, hi)]
+
     def batch_set_from(self, keys: Sequence[StorageKey], host_indices: torch.Tensor) -> int:
         """Store host pages ``host_indices`` under ``keys`` straight from the host buffer (zero copy),
         each with its checksum trailer. Returns ``len(keys)``; raises :class:`MooncakeStoreFull`
-        (``.stored`` leading pages went in) or :class:`MooncakeConnectionError`."""
+        (``.stored`` leading pages went in) or :class:`MooncakeConnectionError`.
+
+        The batch goes in chunks of ``pipeline_pages``; chunk ``k + 1`` is hashed while chunk ``k``
+        is put."""
         pages = self._pages(keys, host_indices)
         if not pages:
             return 0
         skeys = [self.store_key(k) for k in keys]
-        ptrs, sizes = [], []
         tbase = self._wtrail_t.data_ptr()
         all_segs = self._segments(pages)
-        for page, segs, digest in zip(pages, all_segs, self._checksums(all_segs)):
-            self._wtrail[page] = np.frombuffer(self._trailer(digest), dtype=np.uint8)
-            ptrs.append([p for p, _ in segs] + [tbase + page * TRAILER_BYTES])
-            sizes.append([n for _, n in segs] + [TRAILER_BYTES])
-        codes = self._client().batch_put_from_multi_buffers(skeys, ptrs, sizes)
-        self._raise_put(codes, skeys, 0)
-        self._stats["stored"] += len(pages)
+        chunks = self._chunks(len(pages))
+        pending = self._hash_async(all_segs, *chunks[0])
+        for ci, (lo, hi) in enumerate(chunks):
+            digests = [f.result() for f in pending]
+            if ci + 1 < len(chunks):
+                pending = self._hash_async(all_segs, *chunks[ci + 1])
+            ptrs, sizes = [], []
+            for i, digest in zip(range(lo, hi), digests):
+                page = pages[i]
+                self._wtrail[page] = np.frombuffer(self._trailer(digest), dtype=np.uint8)
+                ptrs.append([p for p, _ in all_segs[i]] + [tbase + page * TRAILER_BYTES])
+                sizes.append([n for _, n in all_segs[i]] + [TRAILER_BYTES])
+            try:
+                codes = self._client().batch_put_from_multi_buffers(skeys[lo:hi], ptrs, sizes)
+                self._raise_put(codes, skeys[lo:hi], lo)
+            except MooncakeStoreError:
+                if ci + 1 < len(chunks):
+                    for f in pending:
+                        f.result()
+                raise
+            self._stats["stored"] += hi - lo
         return len(pages)
 
     def batch_get_into(self, keys: Sequence[StorageKey], host_indices: torch.Tensor) -> int:
@@ -497,6 +527,9 @@ class MooncakeStorage(HiCacheStorage):
         and every fetched page after it are zeroed and not counted. If the master goes away during
         the batch, every page of the batch is zeroed and :class:`MooncakeConnectionError` is raised.
         Destination pages must be pages the caller allocated for this load.
+
+        Pages come in chunks of ``pipeline_pages``; chunk ``k`` is hashed while chunk ``k + 1`` is
+        fetched, and a chunk with a missing or short page ends the fetching.
         """
         pages = self._pages(keys, host_indices)
         if not pages:
@@ -507,32 +540,52 @@ class MooncakeStorage(HiCacheStorage):
             return 0
         pages = pages[:lead]
         skeys = [self.store_key(k) for k in keys[:lead]]
-        ptrs, sizes = [], []
         tbase = self._rtrail_t.data_ptr()
         all_segs = self._segments(pages)
-        for page, segs in zip(pages, all_segs):
-            ptrs.append([p for p, _ in segs] + [tbase + page * TRAILER_BYTES])
-            sizes.append([n for _, n in segs] + [TRAILER_BYTES])
+        want = self.page_bytes + TRAILER_BYTES
+        codes: list[int] = []
+        sums: dict[int, Any] = {}
         try:
-            codes = self._client().batch_get_into_multi_buffers(skeys, ptrs, sizes)
-            self._check_rpc(codes, "batch_get_into")
+            for lo, hi in self._chunks(len(pages)):
+                ptrs = [[p for p, _ in all_segs[i]] + [tbase + pages[i] * TRAILER_BYTES] for i in range(lo, hi)]
+                sizes = [[n for _, n in all_segs[i]] + [TRAILER_BYTES] for i in range(lo, hi)]
+                got = self._client().batch_get_into_multi_buffers(skeys[lo:hi], ptrs, sizes)
+                self._check_rpc(got, "batch_get_into")
+                codes.extend(got)
+                ok = [i for i in range(lo, hi) if codes[i] == want]
+                if ok:
+                    first, last = ok[0], ok[-1] + 1
+                    sums.update(zip(range(first, last), self._hash_async(all_segs, first, last)))
+                if len(ok) < hi - lo:
+                    break
         except MooncakeStoreError:
+            for f in sums.values():
+                f.result()
             self._scrub(all_segs)
             raise
-        want = self.page_bytes + TRAILER_BYTES
-        complete = [i for i, c in enumerate(codes) if c == want]
-        sums = dict(zip(complete, self._checksums([all_segs[i] for i in complete])))
         n = 0
-        for i, page in enumerate(pages):
+        for i, page in enumerate(pages[: len(codes)]):
             if codes[i] == _OBJECT_NOT_FOUND:  # removed or evicted since the existence check
                 self._stats["misses"] += 1
                 break
-            if codes[i] != want or not self._trailer_ok(self._rtrail[page].tobytes(), sums[i]):
+            if codes[i] != want or not self._trailer_ok(self._rtrail[page].tobytes(), sums[i].result()):
                 self._stats["corrupt"] += 1  # wrong size (foreign object) or checksum mismatch
                 break
             n += 1
-        self._scrub(all_segs[n:])
+        for f in sums.values():
+            f.result()
+        self._scrub(all_segs[n : len(codes)])
         self._stats["hits"] += n
         if n == lead and lead < len(keys):
             self._stats["misses"] += 1
         return n
+
+
+class _Done:
+    """An already computed result with a future's ``result()``."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def result(self) -> int:
+        return self.value
