@@ -408,6 +408,19 @@ def test_dequant_gather_bit_exact(path, fmt, dst, n_loc):
         assert g.dtype == dst and g.shape == e.shape and torch.equal(bits_of(g), bits_of(e))
 
 
+@pytest.mark.parametrize("path", GATHER_PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("loc_dtype", [torch.int32, torch.int64])
+def test_dequant_gather_strided_and_expanded_loc(path, fmt, loc_dtype):
+    path_available(path, 5)
+    kv = poisoned(10, fp8_row_bytes(fmt, NOPE, ROPE))
+    for loc in (torch.tensor([7, 99, 2, 99, 9, 99, 0, 99, 4, 99], dtype=loc_dtype, device=DEVICE)[::2],
+                torch.tensor([6], dtype=loc_dtype, device=DEVICE).expand(3)):  # fmt: skip
+        got = gather_via(path, kv, loc, fmt, torch.bfloat16)
+        ref = dequantize_mla_rows(kv.cpu()[loc.cpu().long()], fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+        assert torch.equal(bits_of(got[0]), bits_of(ref[0])) and torch.equal(bits_of(got[1]), bits_of(ref[1]))
+
+
 @pytest.mark.parametrize("path", [p for p in GATHER_PATHS if p != "torch"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dst", DST_DTYPES)
