@@ -269,7 +269,7 @@ def test_a_short_page_ends_fetching_at_its_chunk(store_pair):
         assert set(page_bytes(b, 6)) == {0}
         assert page_bytes(b, 7) == before  # its chunk was never fetched
     finally:
-        sb.pipeline_pages = 16
+        sb.pipeline_pages = 64
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
@@ -282,7 +282,7 @@ def test_pipelined_batches_round_trip_whatever_the_chunk(store_pair, chunk):
         assert sb.batch_get_into(keys, first_slots(list(range(8, 15)))) == 7
         assert all(page_bytes(b, 8 + i) == page_bytes(a, i) for i in range(7))
     finally:
-        sa.pipeline_pages = sb.pipeline_pages = 16
+        sa.pipeline_pages = sb.pipeline_pages = 64
 
 
 # ---- faults --------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ cache needs on top:
   above its high watermark it evicts older objects in the background, so earlier pages may make room
   for later ones; what it still holds reads back exactly.)
 
+Across host layouts: pages are stored in the host pool's own byte order (that is what makes the
+batches zero-copy), and the order is part of the key. A ``page_first`` (token-major) pool and a
+layer-major pool (``layer_first``, ``page_first_direct``) therefore do not share pages: to each other
+such a page is a miss, never a page in the wrong order. Layer-major pools of either layout share.
+
 Not thread-safe: one storage object per engine thread.
 """
 
@@ -193,7 +198,7 @@ class MooncakeStorage(HiCacheStorage):
         connect_timeout: float = 2.0,
         retry_interval: float = 5.0,
         checksum_threads: Optional[int] = None,
-        pipeline_pages: int = 16,
+        pipeline_pages: int = 64,
     ) -> None:
         check_mooncake()
         self._xxh = _require_xxhash()
