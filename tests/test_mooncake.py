@@ -386,6 +386,17 @@ def test_second_node_finds_the_prefix_in_mooncake_and_decodes_like_recompute(mas
     assert res.t_recompute > 0 and res.t_l3 > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned host pool, Triton page transfers)")
+def test_second_node_on_the_gpu_loads_the_prefix_through_pinned_host_memory(master):
+    from mlakv.l3_demo import run_l3_demo
+
+    res = run_l3_demo(master, n_layers=2, hidden=128, page_size=64, prefix_pages=4, n_prompts=2, suffix_len=8,
+                      decode_steps=4, device="cuda", verbose=False)
+    assert res.pages_found == 4
+    assert res.rows_bit_exact
+    assert res.tokens_equal
+
+
 def test_demo_cli_runs_the_l3_demo(capsys):
     from mlakv.demo import main
 

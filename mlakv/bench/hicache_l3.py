@@ -136,8 +136,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     wrong = False
     try:
+        pinned = _host(torch.bfloat16, None, 1, P, 1).pinned
         print(f"# HiCache L3 on Mooncake Store (TCP over loopback, two clients of one master; host pools "
-              f"{'pageable' if not cuda else 'pageable (CPU bench)'}), page {P} tokens x {L} layers, medians of {args.reps}")
+              f"{'pinned' if pinned else 'pageable'}), page {P} tokens x {L} layers, medians of {args.reps}")
         print("| row | pages | batch MiB | raw put GB/s | mlakv set GB/s | set overhead | raw get GB/s | "
               "mlakv get GB/s | get overhead | mlakv get pages/s | XXH3 alone GB/s (1 thread) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
