@@ -571,28 +571,37 @@ def test_cuda_source_compiles_and_loads(fmt, built_fp8_modules):
     assert callable(mod.mla_fp8_quant) and callable(mod.mla_fp8_gather)
 
 
-_TRITON_SIGS = {
-    "_quant_per_tensor_kernel": (
-        dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*bf16", rope_ptr="*bf16", scale_ptr="*fp32"),
-        ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot"),
-        dict(NOPE=512, ROPE=64, BLOCK=1024, USE_PDL=True),
-    ),
-    "_quant_ds_mla_kernel": (
-        dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16"),
-        ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot"),
-        dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, ROPE_IS_BF16=False, USE_PDL=True),
-    ),
-    "_dequant_per_tensor_kernel": (
-        dict(kv_ptr="*u8", loc_ptr="*i64", nope_out_ptr="*i16", rope_out_ptr="*i16", scale_ptr="*fp32"),
-        ("kv_row_stride", "loc_stride", "num_slots"),
-        dict(NOPE=512, ROPE=64, BLOCK=1024, DST=0),
-    ),
-    "_dequant_ds_mla_kernel": (
-        dict(kv_ptr="*u8", loc_ptr="*i32", nope_out_ptr="*i32", rope_out_ptr="*i32"),
-        ("kv_row_stride", "loc_stride", "num_slots"),
-        dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, DST=2),
-    ),
-}
+_QUANT_INTS = ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot")
+_GATHER_INTS = ("kv_row_stride", "loc_stride", "num_slots")
+# (kernel, pointer types, int args, constexprs): every kernel of fp8_triton, each constexpr branch
+# (source dtypes, PDL on/off, every destination dtype) and both loc dtypes, as the launchers call them.
+_TRITON_SIGS = [
+    ("_quant_per_tensor_kernel",
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*bf16", rope_ptr="*bf16", scale_ptr="*fp32"), _QUANT_INTS,
+     dict(NOPE=512, ROPE=64, BLOCK=1024, USE_PDL=True)),
+    ("_quant_per_tensor_kernel",
+     dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16", scale_ptr="*fp32"), _QUANT_INTS,
+     dict(NOPE=512, ROPE=64, BLOCK=1024, USE_PDL=False)),
+    ("_quant_ds_mla_kernel",
+     dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
+     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, ROPE_IS_BF16=False, USE_PDL=True)),
+    ("_quant_ds_mla_kernel",
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*bf16", rope_ptr="*i16"), _QUANT_INTS,
+     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, ROPE_IS_BF16=True, USE_PDL=True)),
+    ("_quant_ds_mla_kernel",
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*bf16", rope_ptr="*i16"), _QUANT_INTS,
+     dict(TILES=3, TILES_P2=4, ROPE=32, ROPE_P2=32, ROPE_IS_BF16=True, USE_PDL=False)),
+] + [
+    ("_dequant_per_tensor_kernel",
+     dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out, scale_ptr="*fp32"), _GATHER_INTS,
+     dict(NOPE=512, ROPE=64, BLOCK=1024, DST=dst))
+    for dst, out, loc in ((0, "*i16", "*i64"), (1, "*i16", "*i32"), (2, "*i32", "*i64"))
+] + [
+    ("_dequant_ds_mla_kernel",
+     dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out), _GATHER_INTS,
+     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, DST=dst))
+    for dst, out, loc in ((0, "*i16", "*i32"), (1, "*i16", "*i64"), (2, "*i32", "*i32"))
+]  # fmt: skip
 
 
 _COMPILE_SCRIPT = """
@@ -601,20 +610,63 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mlakv.mem_cache import fp8_triton
-out = {}
-for name, (ptrs, ints, consts) in json.loads(sys.argv[1]).items():
+out = []
+for name, ptrs, ints, consts in json.loads(sys.argv[1]):
     sig = {**ptrs, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
     k = triton.compile(ASTSource(fn=getattr(fp8_triton, name), signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32))
-    out[name] = k.asm["ptx"]
+    out.append([name, consts, k.asm["ttir"], k.asm["ptx"]])
 print(json.dumps(out))
 """
+
+
+def _triton_jit_functions() -> list:
+    """The ``@triton.jit`` functions of fp8_triton, as AST nodes (the interpreter replaces the
+    decorated objects, so they are found in the source)."""
+    import ast
+    import inspect
+
+    from mlakv.mem_cache import fp8_triton
+
+    tree = ast.parse(inspect.getsource(fp8_triton))
+    return [f for f in tree.body if isinstance(f, ast.FunctionDef)
+            and any(ast.unparse(d) == "triton.jit" for d in f.decorator_list)]  # fmt: skip
+
+
+def test_triton_compile_check_covers_every_kernel():
+    kernels = {f.name for f in _triton_jit_functions() if f.name.endswith("_kernel")}
+    assert len(kernels) == 4 and {name for name, *_ in _TRITON_SIGS} == kernels
+
+
+def test_triton_kernel_float_literals_are_fp32_in_every_triton():
+    """Triton types a bare Python float as fp32 only when it is 0, inf, NaN or a normal fp32 value;
+    otherwise as fp64, and (depending on the Triton version's scalar promotion) that fp64 spreads
+    into the arithmetic and ``div_rn`` (fp32 only) refuses to compile. The H100's Triton did exactly
+    that with FLT_MIN written as ``1.17549435e-38`` (a hair below 2^-126), while this machine's
+    Triton compiled it. So every float literal in the kernels must be exactly an fp32 value in the
+    normal range (or 0 / inf); a value that needs rounding would also differ from the spec."""
+    import ast
+    import struct
+
+    jitted = _triton_jit_functions()
+    assert len(jitted) >= 8  # the 4 kernels and their helpers
+    bad = []
+    for f in jitted:
+        for c in ast.walk(f):
+            if isinstance(c, ast.Constant) and isinstance(c.value, float):
+                v = c.value
+                as_fp32 = struct.unpack("f", struct.pack("f", v))[0]
+                normal = v == 0.0 or math.isinf(v) or 2.0**-126 <= abs(v) <= torch.finfo(torch.float32).max
+                if not normal or as_fp32 != v:
+                    bad.append(f"{f.name} line {c.lineno}: {v!r}")
+    assert not bad, bad
 
 
 def test_triton_kernels_compile_for_sm90_with_ieee_division():
     """The interpreter runs the kernels' Python; this compiles them for sm_90 (no GPU needed, in a
     process without ``TRITON_INTERPRET``), so a construct only the compiler rejects fails here, and
-    checks that every division is IEEE (``div.rn``) and the writes carry the PDL instructions."""
+    checks that no kernel computes in fp64, every division is IEEE (``div.rn``) and the writes
+    carry the PDL instructions when built with them."""
     import json
     import subprocess
     import sys
@@ -625,11 +677,15 @@ def test_triton_kernels_compile_for_sm90_with_ieee_division():
     if proc.returncode and "ptxas" in proc.stderr.lower():  # pragma: no cover - a triton without ptxas
         pytest.skip(f"triton cannot assemble for sm_90 here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ptx = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, text in ptx.items():
-        assert "div.full" not in text and "div.approx" not in text, name
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(compiled) == len(_TRITON_SIGS)
+    for name, consts, ttir, ptx in compiled:
+        where = f"{name} {consts}"
+        assert "f64" not in ttir and ".f64" not in ptx, where
+        assert "div.full" not in ptx and "div.approx" not in ptx, where
         if name.startswith("_quant"):
-            assert "div.rn.f32" in text and "griddepcontrol" in text, name
+            assert "div.rn.f32" in ptx, where
+            assert ("griddepcontrol" in ptx) == consts["USE_PDL"], where
 
 
 # ---- GPU only --------------------------------------------------------------------------------------

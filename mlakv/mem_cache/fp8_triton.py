@@ -38,8 +38,10 @@ def _e4m3_byte(y):
     # normal range: round the 23-bit mantissa to 3 bits (RNE), then rebias the exponent 127 -> 7
     normal = ((safe + 0x7FFFF + ((safe >> 20) & 1)) >> 20) - 960
     # subnormal range (|y| < 2^-6): m * 2^-9, m = rne(|y| * 512), 0..8 (8 is the smallest normal)
+    # (adding 2^23 in fp32 rounds to an integer, RNE; both constants fp32 so no Triton makes it fp64)
     small = tl.where(a < 0.015625, a, 0.0)
-    sub = ((small * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    two_pow_23 = tl.full([], 8388608.0, tl.float32)
+    sub = ((small * tl.full([], 512.0, tl.float32) + two_pow_23) - two_pow_23).to(tl.int32)
     mag = tl.where(a < 0.015625, sub, normal)
     mag = tl.where(a >= 448.0, 0x7E, mag)
     return tl.where(a_bits > 0x7F800000, 0x7F, mag | sign)
@@ -73,7 +75,7 @@ def _e4m3_value(b):
     e = (b >> 3) & 15
     m = b & 7
     normal = s | ((e + 120) << 23) | (m << 20)
-    sub = (m.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True) | s
+    sub = (m.to(tl.float32) * tl.full([], 0.001953125, tl.float32)).to(tl.int32, bitcast=True) | s  # m * 2^-9
     bits = tl.where(e == 0, sub, normal)
     bits = tl.where((b & 0x7F) == 0x7F, 0x7FC00000, bits)
     return bits.to(tl.float32, bitcast=True)
@@ -124,7 +126,12 @@ def _quant_ds_mla_kernel(
     x = tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_tile, other=0).to(tl.float32)
     ax = tl.abs(x)
     amax = tl.max(tl.where(ax < float("inf"), ax, 0.0), axis=1)  # NaN and inf excluded
-    scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1.17549435e-38)
+    # The constants are fp32 tensors, not Python floats: some Triton versions type a bare literal
+    # outside fp32's normal range (FLT_MIN written as 1.17549435e-38 is a hair below 2^-126) as
+    # fp64, which makes `scale` fp64 and div_rn (fp32 only) refuse to compile.
+    e4m3_max = tl.full([], 448.0, tl.float32)
+    flt_min = tl.full([], 1.1754943508222875e-38, tl.float32)  # 2^-126 exactly
+    scale = tl.maximum(tl.math.div_rn(amax, e4m3_max), flt_min)
     q = _e4m3_byte(tl.math.div_rn(x, scale[:, None]))
     slot_t = tl.zeros([TILES_P2, 128], dtype=tl.int64) + slot
     live_t = (slot_t >= 0) & (slot_t < num_slots) & (slot_t != skip_slot)
