@@ -60,6 +60,14 @@ def e4m3_table_encode(y: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(y), torch.full_like(code, 0x7F), code)
 
 
+def ieee_div_fp32(a: torch.Tensor, b: float) -> torch.Tensor:
+    """``a / b`` correctly rounded to fp32, on the CPU: Python's double quotient of each value, then
+    one RNE rounding to fp32 (exact for division: 53 >= 2 * 24 + 2 bits). Independent of torch's
+    CUDA ``tensor / scalar``, which multiplies by the reciprocal and is off by one ulp at times."""
+    q = [x / b for x in a.detach().cpu().double().flatten().tolist()]
+    return torch.tensor(q, dtype=torch.float64).float().reshape(a.shape)
+
+
 def expected_buffer(kv: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Row-by-row scatter of reference rows: padding and out-of-range slots are skipped."""
     out = kv.detach().cpu().view(torch.uint8).clone().reshape(kv.shape[0], -1)
@@ -143,19 +151,34 @@ def test_e4m3_rounding_matches_the_nearest_value_table_for_every_fp16(scale):
 
 @pytest.mark.parametrize("dtype", SRC_DTYPES)
 def test_ds_mla_row_layout(dtype):
-    nope, rope = make_sources(5, dtype, seed=1)
+    """The reference runs on DEVICE (on the GPU too); the expected bytes are computed on the CPU."""
+    nope, rope = make_sources(64, dtype, seed=1)
     nope[2, 128:256] = 0  # one all-zero tile
-    rows = quantize_mla_rows(nope, rope, "ds_mla")
-    assert rows.dtype == torch.uint8 and rows.shape == (5, 656)
+    rows = quantize_mla_rows(nope, rope, "ds_mla").cpu()
+    nope, rope = nope.cpu(), rope.cpu()
+    assert rows.dtype == torch.uint8 and rows.shape == (64, 656)
     scales = rows[:, 512:528].contiguous().view(torch.float32)
-    amax = nope.float().reshape(5, 4, 128).abs().amax(dim=2)
-    assert torch.equal(scales, torch.clamp_min(amax / E4M3_MAX, FLT_MIN))
+    amax = nope.float().reshape(64, 4, 128).abs().amax(dim=2)
+    assert torch.equal(scales, torch.clamp_min(ieee_div_fp32(amax, E4M3_MAX), FLT_MIN))  # IEEE, not x * (1/448)
     assert scales[2, 1].item() == FLT_MIN
-    y = nope.float().reshape(5, 4, 128) / scales[:, :, None]
-    assert torch.equal(rows[:, :512], e4m3_table_encode(y).reshape(5, 512))
+    y = nope.float().reshape(64, 4, 128) / scales[:, :, None]
+    assert torch.equal(rows[:, :512], e4m3_table_encode(y).reshape(64, 512))
     assert torch.equal(rows[:, 528:].contiguous().view(torch.bfloat16), rope.to(torch.bfloat16))
     deq, _ = dequantize_mla_rows(rows, "ds_mla", NOPE, ROPE)
     assert torch.equal(bits_of(deq[2, 128:256]), torch.zeros(128, dtype=torch.int16))  # exact +0.0
+
+
+@requires_cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_reference_gives_the_cpu_bytes(fmt):
+    """quantize_mla_rows is the spec on any device: on CUDA it must not pick up torch's
+    ``tensor / scalar`` reciprocal shortcut. 64 rows hold amax values where the shortcut is off."""
+    nope, rope = make_sources(64, torch.bfloat16, seed=1)
+    amax = nope.cpu().float().reshape(64, 4, 128).abs().amax(dim=2)
+    assert not torch.equal(ieee_div_fp32(amax, E4M3_MAX), amax * (1 / E4M3_MAX))  # the data shows the difference
+    on_device = quantize_mla_rows(nope, rope, fmt, k_scale_for(fmt)).view(torch.uint8).cpu()
+    on_cpu = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")).view(torch.uint8)
+    assert torch.equal(on_device, on_cpu)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -176,7 +199,7 @@ def test_nonfinite_values_do_not_set_the_tile_scale():
     rows = quantize_mla_rows(nope, rope, "ds_mla")
     finite = torch.isfinite(nope[0, :128].float())
     amax = nope[0, :128].float()[finite].abs().max()
-    assert rows[0, 512:516].view(torch.float32).item() == max((amax / E4M3_MAX).item(), FLT_MIN)
+    assert rows[0, 512:516].view(torch.float32).item() == max(ieee_div_fp32(amax, E4M3_MAX).item(), FLT_MIN)
     assert rows[0, 3] == 0x7F and rows[0, 4] == 0x7E and rows[0, 5] == 0xFE
     others = torch.ones(656, dtype=torch.bool)
     others[3:6] = False
@@ -736,8 +759,8 @@ def test_gpu_64bit_offsets(path, fmt):
     nope, rope = make_sources(3, torch.bfloat16, seed=12)
     loc = torch.tensor([num_slots - 1, num_slots - 40, -1], device="cuda")
     write_via(path, kv, loc, nope, rope, fmt, k_scale_for(fmt))
-    rows = quantize_mla_rows(nope, rope, fmt, k_scale_for(fmt)).view(torch.uint8)
-    assert torch.equal(kv[num_slots - 1], rows[0]) and torch.equal(kv[num_slots - 40], rows[1])
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")).view(torch.uint8)
+    assert torch.equal(kv[num_slots - 1].cpu(), rows[0]) and torch.equal(kv[num_slots - 40].cpu(), rows[1])
 
 
 @requires_cuda

@@ -238,7 +238,9 @@ def quantize_mla_rows(
     tiles = nope_dim // DS_MLA_TILE
     x = nope.reshape(n, tiles, DS_MLA_TILE)
     amax = _finite_abs(x).amax(dim=2, keepdim=True) if n else torch.zeros(0, tiles, 1, device=x.device)
-    scales = torch.clamp_min(amax / E4M3_MAX, FLT_MIN)  # [n, tiles, 1] fp32
+    # IEEE division by a tensor, never by the Python scalar: on CUDA, torch computes ``t / scalar``
+    # as ``t * (1 / scalar)``, which is off by one ulp for some amax (then the whole tile differs).
+    scales = torch.clamp_min(amax / torch.full_like(amax, E4M3_MAX), FLT_MIN)  # [n, tiles, 1] fp32
     q = _e4m3_bytes(x / scales).reshape(n, nope_dim)
     scale_bytes = scales.reshape(n, tiles).contiguous().view(torch.uint8)
     rope_bytes = _bf16_bits_of(rope).contiguous().view(torch.uint8).reshape(n, 2 * rope_dim)
