@@ -131,16 +131,22 @@ __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_st
     const int64_t item = first + k;
     slot[k] = -1;
     if (item < n_loc) {
-      int64_t s = static_cast<int64_t>(loc[item * loc_stride]);
-      bool live = s >= 0 && s != skip_index;
-      if (dcp_world > 1) {
-        live = live && (s % dcp_world) == dcp_rank;
-        s /= dcp_world;
-      }
-      slot[k] = (live && s < num_slots) ? s : -1;
-      if (dcp_world == 1 || slot[k] >= 0) {
+      const int64_t raw = static_cast<int64_t>(loc[item * loc_stride]);
+      if (dcp_world == 1) {
+        // The branch is on a kernel argument, not on loc, and nothing before the loads reads raw:
+        // the compiler issues them right behind the loc load (a condition on raw here put them a
+        // whole memory round trip later: +0.3 us per call on the H100).
         n_regs[k].load(nope + item * nope_stride, lane);
         r_regs[k].load(rope + item * rope_stride, lane);
+        slot[k] = (raw >= 0 && raw != skip_index && raw < num_slots) ? raw : -1;
+      } else {
+        const int64_t row = raw / dcp_world;
+        const bool live = raw >= 0 && raw != skip_index && raw - row * dcp_world == dcp_rank && row < num_slots;
+        slot[k] = live ? row : -1;
+        if (live) {
+          n_regs[k].load(nope + item * nope_stride, lane);
+          r_regs[k].load(rope + item * rope_stride, lane);
+        }
       }
     }
   }
