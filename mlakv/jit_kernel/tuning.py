@@ -105,10 +105,18 @@ def tuning_for(device: torch.device) -> LaunchTuning:
 # The Triton row kernel (every pre-Hopper GPU's path, and the fallback elsewhere):
 # (max n_loc, bytes per warp, rows per program, PDL trigger at entry), by increasing n_loc; warps =
 # clamp(BLOCK bytes / bytes per warp, 1, 8) with BLOCK = next_pow2(row width) elements.
+# H100, 2026-11-24 (docs/benchmarks.md, "Triton launch sweep"): 4 warps x 3 rows/program x 2 trigger
+# places timed with PDL on for bf16 512+64 and u8 528+128 at 1..65536 rows. The PDL trigger at
+# program entry won at every size (the old trigger after the store cost up to 1.9x at 65536 rows, where
+# 65536 one-row programs each waited); several rows per program win from 768 rows.
 TRITON_ROW_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
-    (None, 512, 1, False),
+    (256, 256, 1, True),
+    (768, 2048, 1, True),
+    (1024, 512, 2, True),
+    (4096, 2048, 2, True),
+    (None, 2048, 4, True),
 )
-TRITON_ROW_MEASURED = "seed: one 16-byte vector per thread per pass, one row per program (not yet measured)"
+TRITON_ROW_MEASURED = "H100 80GB HBM3, Triton launch sweep, 2026-11-24 (docs/benchmarks.md)"
 
 
 def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
