@@ -594,6 +594,92 @@ def test_cuda_source_compiles_and_loads(fmt, built_fp8_modules):
     assert callable(mod.mla_fp8_quant) and callable(mod.mla_fp8_gather)
 
 
+class FakeCudaTensor:
+    """A DLPack description (shape, strides, dtype) of a CUDA tensor at a made-up address, so the
+    built module's host launcher can be called without a GPU: only for calls that must return
+    before any launch (its checks, the alignment refusal, zero rows). Nothing reads the address."""
+
+    _DTYPES = {torch.uint8: (1, 8), torch.int32: (0, 32), torch.int64: (0, 64), torch.bfloat16: (4, 16),
+               torch.float16: (2, 16), torch.float32: (2, 32)}  # fmt: skip
+
+    def __init__(self, shape, dtype, strides=None, addr=1 << 20):
+        import ctypes
+
+        class Device(ctypes.Structure):
+            _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+        class DType(ctypes.Structure):
+            _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+        class Managed(ctypes.Structure):  # DLManagedTensor = DLTensor + manager_ctx + deleter
+            _fields_ = [("data", ctypes.c_void_p), ("device", Device), ("ndim", ctypes.c_int32), ("dtype", DType),
+                        ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                        ("byte_offset", ctypes.c_uint64), ("manager_ctx", ctypes.c_void_p),
+                        ("deleter", ctypes.c_void_p)]  # fmt: skip
+
+        strides = strides or [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        self._shape = (ctypes.c_int64 * len(shape))(*shape)
+        self._strides = (ctypes.c_int64 * len(shape))(*strides)
+        self._m = Managed(addr, Device(2, 0), len(shape), DType(*self._DTYPES[dtype], 1), self._shape, self._strides)
+        self._new_capsule = ctypes.pythonapi.PyCapsule_New
+        self._new_capsule.restype = ctypes.py_object
+        self._new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        self._ctypes = ctypes
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, *args, **kwargs):
+        return self._new_capsule(self._ctypes.addressof(self._m), b"dltensor", None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("spare", [0, 8], ids=["aligned", "misaligned"])
+def test_jit_launchers_serve_zero_rows_at_any_alignment(fmt, spare, built_fp8_modules):
+    """A 0-row call passes the host launcher's checks and is served (True, nothing launched) even
+    where rows are not 16-byte aligned (the GPU run saw the gather refuse it); a 1-row call on the
+    misaligned rows is refused (False) so the caller falls back. No GPU needed: nothing launches."""
+    mod = built_fp8_modules[fmt]
+    if isinstance(mod, Exception):
+        pytest.fail(str(mod))
+    width = fp8_row_bytes(fmt, NOPE, ROPE) + spare
+    kv = FakeCudaTensor((12, width), torch.uint8)
+    scale = FakeCudaTensor((1,), torch.float32)
+    for loc_dtype in (torch.int32, torch.int64):
+        loc = FakeCudaTensor((0,), loc_dtype)
+        for dst in DST_DTYPES:
+            outs = FakeCudaTensor((0, NOPE), dst), FakeCudaTensor((0, ROPE), dst)
+            assert mod.mla_fp8_gather(kv, loc, scale, *outs, 8) is True
+        srcs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
+        assert mod.mla_fp8_quant(kv, loc, *srcs, scale, -1, 8) is True
+    one = FakeCudaTensor((1,), torch.int64)
+    outs = FakeCudaTensor((1, NOPE), torch.bfloat16), FakeCudaTensor((1, ROPE), torch.bfloat16)
+    if spare:
+        assert mod.mla_fp8_gather(kv, one, scale, *outs, 8) is False
+        assert mod.mla_fp8_quant(kv, one, *outs, scale, -1, 8) is False
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
+    mod = built_fp8_modules[fmt]
+    if isinstance(mod, Exception):
+        pytest.fail(str(mod))
+    kv = FakeCudaTensor((12, fp8_row_bytes(fmt, NOPE, ROPE)), torch.uint8)
+    scale = FakeCudaTensor((1,), torch.float32)
+    loc = FakeCudaTensor((0,), torch.int64)
+    outs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
+    with pytest.raises(ValueError, match="loc must be 1-D"):
+        mod.mla_fp8_gather(kv, FakeCudaTensor((0, 1), torch.int64), scale, *outs, 8)
+    with pytest.raises(TypeError, match="loc must be int32 or int64"):
+        mod.mla_fp8_gather(kv, FakeCudaTensor((0,), torch.float32), scale, *outs, 8)
+    with pytest.raises(ValueError, match=r"nope_out/rope_out must be contiguous \[n_loc, 512\]"):
+        mod.mla_fp8_gather(kv, loc, scale, FakeCudaTensor((0, 256), torch.bfloat16), outs[1], 8)
+    with pytest.raises(ValueError, match="the row needs"):
+        mod.mla_fp8_quant(FakeCudaTensor((12, 100), torch.uint8), loc, *outs, scale, -1, 8)
+    with pytest.raises(TypeError, match="k_nope and k_rope must both be bfloat16 or both float16"):
+        mod.mla_fp8_quant(kv, loc, outs[0], FakeCudaTensor((0, ROPE), torch.float16), scale, -1, 8)
+
+
 _QUANT_INTS = ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot")
 _GATHER_INTS = ("kv_row_stride", "loc_stride", "num_slots")
 # (kernel, pointer types, int args, constexprs): every kernel of fp8_triton, each constexpr branch

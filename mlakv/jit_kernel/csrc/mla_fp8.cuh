@@ -194,7 +194,8 @@ __global__ void quant_write_kernel(uint8_t* __restrict__ kv, int64_t kv_stride, 
 // Host launcher. Python (mlakv/mem_cache/fp8.py) has validated the call; this re-checks every fact
 // the kernel's memory safety rests on and raises a Python exception, never faults. Returns false,
 // launching nothing, when the addresses or row strides do not suit the kernel's vectors
-// (sources 16 bytes, kv 16 bytes): the caller falls back to Triton.
+// (sources 16 bytes, kv 16 bytes): the caller falls back to Triton. A call with no rows returns true
+// (after the checks; nothing is launched) whatever the alignment.
 // ---------------------------------------------------------------------------------------------
 inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
   return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
@@ -268,6 +269,9 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
         << "k_scale must be a 1-element float32 tensor";
   }
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  // Every check above holds for any n_loc; a call with no rows is served (nothing to launch) however
+  // the tensors are aligned, so the caller never falls back for it.
+  if (n_loc == 0) return true;
   const int64_t kv_stride = kv.stride(0);  // bytes: 8-bit elements
   const int64_t nope_stride = nope.stride(0) * 2, rope_stride = rope.stride(0) * 2;
   const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
@@ -276,7 +280,6 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
       ((addr(rope) | static_cast<uintptr_t>(rope_stride)) % 16)) {
     return false;
   }
-  if (n_loc == 0) return true;
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
   auto* kv_ptr = static_cast<uint8_t*>(kv.data_ptr());
   const auto* n_ptr = static_cast<const uint8_t*>(nope.data_ptr());
@@ -441,7 +444,8 @@ void launch_gather_typed(const uint8_t* kv, int64_t kv_stride, const void* loc, 
 
 // kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride); scale: per_tensor
 // 1-element fp32; nope_out [n_loc, kNope] and rope_out [n_loc, kRope]: contiguous, one dtype of
-// bf16/fp16/fp32. Returns false, launching nothing, when kv's address or row stride is not 16-byte aligned.
+// bf16/fp16/fp32. Returns false, launching nothing, when kv's address or row stride is not 16-byte aligned
+// (n_loc == 0 returns true after the checks, launching nothing, whatever the alignment).
 template <int kFormat, int kNope, int kRope>
 bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView scale,
                            tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps) {
@@ -480,10 +484,10 @@ bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tv
         << "k_scale must be a 1-element float32 tensor";
   }
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  if (n_loc == 0) return true;  // served for any alignment: nothing to launch (the checks above still ran)
   const int64_t kv_stride = kv.stride(0);
   const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
   if ((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16 || addr(nope_out) % 16 || addr(rope_out) % 16) return false;
-  if (n_loc == 0) return true;
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
   const auto* kv_ptr = static_cast<const uint8_t*>(kv.data_ptr());
   const auto* s_ptr = static_cast<const float*>(scale.data_ptr());
