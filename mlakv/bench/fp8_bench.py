@@ -13,8 +13,9 @@ calls divided by 8 (``triton.testing.do_bench_cudagraph``):
   plain row gather of a bf16 cache), with the achieved bandwidth (bytes read + written) as a
   fraction of the device-to-device copy bandwidth.
 
-Every provider is checked bit-exactly against the torch reference before it is timed. Ratios are
-printed beside the times. Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--out bench-out]``.
+Every provider is checked bit-exactly against the torch reference (run on the CPU) before it is
+timed. Ratios are printed beside the times.
+Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--out bench-out]``.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ def _layers(n: int, device: str = "cuda") -> list[dict]:
             tmp656=torch.empty(n, 656, dtype=torch.uint8, device=device),
             iota=torch.arange(n, device=device),
         )
-        d["q656"] = quantize_mla_rows(d["nope"], d["rope"], "ds_mla")
-        d["q576"] = quantize_mla_rows(d["nope"], d["rope"], "per_tensor", K_SCALE).view(torch.uint8)
+        # the expected rows: the reference on the CPU (the spec), moved to the device
+        nope_c, rope_c = d["nope"].cpu(), d["rope"].cpu()
+        d["q656"] = quantize_mla_rows(nope_c, rope_c, "ds_mla").to(device)
+        d["q576"] = quantize_mla_rows(nope_c, rope_c, "per_tensor", K_SCALE).view(torch.uint8).to(device)
         out.append(d)
     return out
 
@@ -131,8 +134,9 @@ def run_fp8_bench(sizes: list[int]) -> dict:
             k = scale if fmt == "per_tensor" else None
             d0 = layers[0]
             got = get_mla_kv_buffer_dequant(d0[kvk], d0["loc"], fmt, NOPE, ROPE, k)
-            ref = dequantize_mla_rows(d0[kvk][d0["loc"]], fmt, NOPE, ROPE, k)
-            ok = all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(got, ref))
+            rows_c = d0[kvk][d0["loc"]].cpu()
+            ref = dequantize_mla_rows(rows_c, fmt, NOPE, ROPE, None if k is None else k.cpu())  # on the CPU
+            ok = all(torch.equal(a.cpu().view(torch.int16), b.view(torch.int16)) for a, b in zip(got, ref))
             us = _graph_us(lambda kvk=kvk, fmt=fmt, k=k: [get_mla_kv_buffer_dequant(d[kvk], d["loc"], fmt, NOPE, ROPE, k) for d in layers])
             moved = n * (fp8_row_bytes(fmt, NOPE, ROPE) + 2 * (NOPE + ROPE))
             g[f"dequant-{fmt}"] = us if ok else "WRONG"
