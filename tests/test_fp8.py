@@ -46,7 +46,8 @@ CPU_TRITON_MAX_N = 7
 # ---- references -------------------------------------------------------------------------------
 def e4m3_table_encode(y: torch.Tensor) -> torch.Tensor:
     """Independent e4m3 spec: the nearest of the 127 finite magnitudes, ties to the even code,
-    saturating at 448; NaN -> 0x7F. ``y`` fp32 (CPU) -> uint8."""
+    saturating at 448; NaN -> 0x7F. ``y`` fp32 (any device; computed on the CPU) -> uint8 (CPU)."""
+    y = y.detach().cpu()
     codes = torch.arange(0, 0x7F, dtype=torch.uint8)
     mags = codes.view(torch.float8_e4m3fn).double()  # increasing in the code
     a = y.double().abs().clamp(max=E4M3_MAX)
@@ -828,6 +829,18 @@ def test_gpu_gather_of_misaligned_rows_falls_back_and_stays_exact(fmt):
     rows[3] = 0
     ref = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
     assert torch.equal(bits_of(nope), bits_of(ref[0])) and torch.equal(bits_of(rope), bits_of(ref[1]))
+
+
+@requires_sm90
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("spare", [0, 8], ids=["aligned", "misaligned"])
+def test_gpu_jit_gather_serves_zero_rows(fmt, spare):
+    from mlakv.jit_kernel.mla_fp8 import fp8_jit_gather
+
+    kv = poisoned(12, fp8_row_bytes(fmt, NOPE, ROPE) + spare)
+    for loc in (torch.zeros(0, dtype=torch.int32, device="cuda"), torch.zeros(0, dtype=torch.int64, device="cuda")):
+        out = fp8_jit_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), torch.bfloat16)
+        assert out is not None and out[0].shape == (0, NOPE) and out[1].shape == (0, ROPE)
 
 
 @requires_cuda
