@@ -321,6 +321,24 @@ def test_quant_write_magnitudes_and_special_values(path, fmt, magnitude):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_ds_mla_tile_of_subnormals_keeps_its_values(path):
+    """A tile of bf16 values that are fp32 subnormals (amax / 448 < FLT_MIN): its scale is FLT_MIN
+    and x / FLT_MIN is a normal e4m3 value, so a path that flushes subnormals to zero (FTZ division)
+    writes zeros and fails here; the reference keeps them."""
+    path_available(path, 2)
+    nope, rope = make_sources(2, torch.bfloat16, seed=15, device="cpu")
+    nope[0, 128:256] = (torch.randn(128) * 2.0**-131).to(torch.bfloat16)  # about 2^-131: fp32 subnormals
+    nope[1, :128] = -(2.0**-133)
+    rows = quantize_mla_rows(nope, rope, "ds_mla")
+    assert rows[0, 516:520].view(torch.float32).item() == FLT_MIN and rows[0, 128:256].any()
+    assert (rows[1, :128] == 0x84).all()  # -2^-133 / 2^-126 = -2^-7 = -4 * 2^-9: sign, e4m3 subnormal m = 4
+    kv = poisoned(4, 656)
+    loc = torch.tensor([2, 0], device=DEVICE)
+    write_via(path, kv, loc, nope.to(DEVICE), rope.to(DEVICE), "ds_mla", None)
+    assert_rows_equal(kv, expected_buffer(kv, loc, rows))
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quant_write_strided_sources_and_strided_loc(path, fmt):
     path_available(path, 5)
@@ -687,20 +705,20 @@ _GATHER_INTS = ("kv_row_stride", "loc_stride", "num_slots")
 # (source dtypes, PDL on/off, every destination dtype) and both loc dtypes, as the launchers call them.
 _TRITON_SIGS = [
     ("_quant_per_tensor_kernel",
-     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*bf16", rope_ptr="*bf16", scale_ptr="*fp32"), _QUANT_INTS,
-     dict(NOPE=512, ROPE=64, BLOCK=1024, USE_PDL=True)),
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16", scale_ptr="*fp32"), _QUANT_INTS,
+     dict(NOPE=512, ROPE=64, BLOCK=1024, SRC_IS_BF16=True, USE_PDL=True)),
     ("_quant_per_tensor_kernel",
      dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16", scale_ptr="*fp32"), _QUANT_INTS,
-     dict(NOPE=512, ROPE=64, BLOCK=1024, USE_PDL=False)),
+     dict(NOPE=512, ROPE=64, BLOCK=1024, SRC_IS_BF16=False, USE_PDL=False)),
     ("_quant_ds_mla_kernel",
      dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
-     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, ROPE_IS_BF16=False, USE_PDL=True)),
+     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, SRC_IS_BF16=False, USE_PDL=True)),
     ("_quant_ds_mla_kernel",
-     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*bf16", rope_ptr="*i16"), _QUANT_INTS,
-     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, ROPE_IS_BF16=True, USE_PDL=True)),
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
+     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, SRC_IS_BF16=True, USE_PDL=True)),
     ("_quant_ds_mla_kernel",
-     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*bf16", rope_ptr="*i16"), _QUANT_INTS,
-     dict(TILES=3, TILES_P2=4, ROPE=32, ROPE_P2=32, ROPE_IS_BF16=True, USE_PDL=False)),
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
+     dict(TILES=3, TILES_P2=4, ROPE=32, ROPE_P2=32, SRC_IS_BF16=True, USE_PDL=False)),
 ] + [
     ("_dequant_per_tensor_kernel",
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out, scale_ptr="*fp32"), _GATHER_INTS,

@@ -1,10 +1,12 @@
 """Triton kernels of the FP8 KV cache: the fused quantizing row write and the dequantizing gather.
 
 They are the GPU path where the JIT CUDA kernel cannot serve (pre-Hopper GPUs, odd widths or
-alignments) and run on CPU tensors under ``TRITON_INTERPRET=1`` in CI. The e4m3 and bf16 roundings
-are done with integer bit arithmetic rather than Triton casts, so the result is the same on every
-GPU generation and in the interpreter, and bit-identical to :func:`mlakv.mem_cache.fp8.quantize_mla_rows`.
-Divisions are IEEE (``div_rn``). The formats are specified in :mod:`mlakv.mem_cache.fp8`.
+alignments) and run on CPU tensors under ``TRITON_INTERPRET=1`` in CI. The e4m3 and bf16 roundings,
+and the widening of bf16 sources to fp32, are done with integer bit arithmetic rather than Triton
+casts, so the result is the same on every GPU generation and in the interpreter (whose bf16 cast
+flushes subnormals), and bit-identical to :func:`mlakv.mem_cache.fp8.quantize_mla_rows`.
+Divisions are IEEE (``div_rn``); every float constant that feeds fp32 arithmetic is an explicit
+fp32 tensor (a bare literal outside fp32's normal range is fp64 to some Triton versions). The formats are specified in :mod:`mlakv.mem_cache.fp8`.
 
 Launchers take arguments the caller (``fp8.py``) has validated and do no checking of their own.
 One program handles one row; a row whose slot is negative (padding) or ``>= num_slots`` is not
@@ -56,6 +58,18 @@ def _bf16_bits(y):
 
 
 @triton.jit
+def _src_f32(v, IS_BF16: tl.constexpr):
+    """A loaded source value as fp32, exactly. bf16 sources arrive as their int16 bits and are
+    widened by a shift (the interpreter's bf16 -> fp32 cast flushes fp32 subnormals to zero; the
+    shift keeps them, as the GPU does); fp16 is cast (every fp16 value is a normal fp32)."""
+    if IS_BF16:
+        r = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        r = v.to(tl.float32)
+    return r
+
+
+@triton.jit
 def _dst_bits(y, DST: tl.constexpr):
     """fp32 -> the destination dtype's bits (int32): 0 bf16, 1 fp16, 2 fp32; canonical NaN."""
     if DST == 0:
@@ -85,7 +99,7 @@ def _e4m3_value(b):
 def _quant_per_tensor_kernel(
     kv_ptr, loc_ptr, nope_ptr, rope_ptr, scale_ptr,
     kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot,
-    NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr, SRC_IS_BF16: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # kv[loc[i], :NOPE+ROPE] = e4m3([nope[i] | rope[i]] / k_scale); all offsets in int64.
     row = tl.program_id(0).to(tl.int64)
@@ -96,8 +110,8 @@ def _quant_per_tensor_kernel(
     offs = tl.arange(0, BLOCK)
     in_nope = offs < NOPE
     in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-    a = tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_nope, other=0).to(tl.float32)
-    b = tl.load(rope_ptr + row * rope_row_stride + (offs - NOPE), mask=in_rope, other=0).to(tl.float32)
+    a = _src_f32(tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_nope, other=0), SRC_IS_BF16)
+    b = _src_f32(tl.load(rope_ptr + row * rope_row_stride + (offs - NOPE), mask=in_rope, other=0), SRC_IS_BF16)
     s = tl.load(scale_ptr)
     q = _e4m3_byte(tl.math.div_rn(tl.where(in_nope, a, b), s))
     slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
@@ -110,7 +124,7 @@ def _quant_ds_mla_kernel(
     kv_ptr, loc_ptr, nope_ptr, rope_ptr,
     kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot,
     TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
-    ROPE_IS_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+    SRC_IS_BF16: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # One row: [e4m3 nope (TILES x 128) | TILES fp32 scales | ROPE bf16]. Scale of a tile =
     # max(amax of its finite |x| / 448, FLT_MIN).
@@ -123,7 +137,7 @@ def _quant_ds_mla_kernel(
     t = tl.arange(0, TILES_P2)[:, None]
     offs = t * 128 + tl.arange(0, 128)[None, :]
     in_tile = (t < TILES) & (offs >= 0)
-    x = tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_tile, other=0).to(tl.float32)
+    x = _src_f32(tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_tile, other=0), SRC_IS_BF16)
     ax = tl.abs(x)
     amax = tl.max(tl.where(ax < float("inf"), ax, 0.0), axis=1)  # NaN and inf excluded
     # The constants are fp32 tensors, not Python floats: some Triton versions type a bare literal
@@ -146,7 +160,7 @@ def _quant_ds_mla_kernel(
     # rope as bf16 bytes
     r = tl.arange(0, ROPE_P2)
     in_r = r < ROPE
-    if ROPE_IS_BF16:
+    if SRC_IS_BF16:
         rb = tl.load(rope_ptr + row * rope_row_stride + r, mask=in_r, other=0).to(tl.int32) & 0xFFFF
     else:
         rb = _bf16_bits(tl.load(rope_ptr + row * rope_row_stride + r, mask=in_r, other=0).to(tl.float32))
@@ -184,6 +198,9 @@ def launch_quant_write(
     kv = _rows(kv_buffer).view(torch.uint8)
     nope, rope = _rows(k_nope), _rows(k_rope)
     nope_dim, rope_dim = nope.shape[-1], rope.shape[-1]
+    src_is_bf16 = nope.dtype == torch.bfloat16
+    if src_is_bf16:  # the kernels widen bf16 bits themselves (see _src_f32)
+        nope, rope = nope.view(torch.int16), rope.view(torch.int16)
     use_pdl = kv.is_cuda and _pdl_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
     if kv_cache_format == "per_tensor":
@@ -191,17 +208,16 @@ def launch_quant_write(
         _quant_per_tensor_kernel[(n_loc,)](
             kv, loc, nope, rope, k_scale,
             kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot,
-            NOPE=nope_dim, ROPE=rope_dim, BLOCK=block, USE_PDL=use_pdl,
+            NOPE=nope_dim, ROPE=rope_dim, BLOCK=block, SRC_IS_BF16=src_is_bf16, USE_PDL=use_pdl,
             num_warps=max(1, min(8, block // 256)), **extra,
         )  # fmt: skip
         return
     tiles = nope_dim // 128
-    rope_is_bf16 = rope.dtype == torch.bfloat16
     _quant_ds_mla_kernel[(n_loc,)](
-        kv, loc, nope, rope.view(torch.int16) if rope_is_bf16 else rope,
+        kv, loc, nope, rope,
         kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot,
         TILES=tiles, TILES_P2=triton.next_power_of_2(tiles), ROPE=rope_dim,
-        ROPE_P2=triton.next_power_of_2(max(1, rope_dim)), ROPE_IS_BF16=rope_is_bf16, USE_PDL=use_pdl,
+        ROPE_P2=triton.next_power_of_2(max(1, rope_dim)), SRC_IS_BF16=src_is_bf16, USE_PDL=use_pdl,
         num_warps=max(1, min(8, tiles)), **extra,
     )  # fmt: skip
 
