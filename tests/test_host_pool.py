@@ -90,7 +90,7 @@ def test_kernel_path_round_trip_under_the_interpreter(layout, page_size, monkeyp
     import mlakv.mem_cache.host_pool as hp
 
     if not HAS_CUDA:
-        monkeypatch.setattr(hp, "_kernel_path", lambda device, io_backend: io_backend == "kernel")
+        monkeypatch.setattr(hp, "_kernel_path", lambda device, io_backend, pinned: io_backend == "kernel")
     pool = _pool(page_size=page_size, size=256, layer_num=2)
     host = MLATokenToKVPoolHost(pool, host_size=512, layout=layout, transfer_sms=2)
     n = 3 if page_size > 1 else 40

@@ -69,11 +69,11 @@ struct LaneSpan {
   static constexpr int kIters = kChunks == 0 ? 1 : (kChunks + 31) / 32;
   V v[kIters];
 
-  __device__ __forceinline__ void load(const uint8_t* __restrict__ src, int lane) {
+  __device__ __forceinline__ void load(const uint8_t* src, int lane) {
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int c = lane + 32 * i;
-      if (c < kChunks) v[i] = __ldg(reinterpret_cast<const V*>(src) + c);
+      if (c < kChunks) v[i] = reinterpret_cast<const V*>(src)[c];
     }
   }
   __device__ __forceinline__ void store(uint8_t* dst, int lane) const {
@@ -96,9 +96,9 @@ template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kEarlyTrigger, bool
           typename LocT>
 __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_stride,  // bytes
                                          int64_t num_slots,
-                                         const uint8_t* __restrict__ nope, int64_t nope_stride,
-                                         const uint8_t* __restrict__ rope, int64_t rope_stride,
-                                         const LocT* __restrict__ loc, int64_t loc_stride,  // elements
+                                         const uint8_t* nope, int64_t nope_stride,
+                                         const uint8_t* rope, int64_t rope_stride,
+                                         const LocT* loc, int64_t loc_stride,  // elements
                                          int64_t n_loc, int64_t skip_index, int64_t dcp_world,
                                          int64_t dcp_rank) {
   constexpr int kRowBytes = kNopeBytes + kRopeBytes;
