@@ -13,7 +13,17 @@ import os
 import pytest
 import torch
 
-from mlakv.bench.kv_write import CPU_LABEL, LAYOUTS, Row, check_provider, format_table, make_layers, plot, provider_fn
+from mlakv.bench.kv_write import (
+    CPU_LABEL,
+    LAYOUTS,
+    Row,
+    check_provider,
+    format_table,
+    launch_floor_us,
+    make_layers,
+    plot,
+    provider_fn,
+)
 from mlakv.bench.sglang_peer import _sgl_cuda_arch, peer_absent_reason
 from mlakv.jit_kernel import JitUnavailable, find_cuda_home
 
@@ -36,6 +46,13 @@ def synthetic_rows(providers: dict[str, float]) -> list[Row]:
 @pytest.mark.parametrize("n_loc, expected_us", [(1, TINY_US), (65536, 2 * 65536 * 1152 / (COPY_GBS * 1e9) * 1e6)])
 def test_roofline_is_the_larger_of_launch_floor_and_copy_time(n_loc, expected_us):
     assert Row("bf16", n_loc, "int64", "jit").roofline_us(COPY_GBS, TINY_US) == pytest.approx(expected_us)
+
+
+@pytest.mark.parametrize("fastest, expected", [(0.69, 0.69), (2.0, TINY_US)], ids=["pdl-call-below-kernel", "kernel"])
+def test_launch_floor_is_the_faster_of_the_one_element_kernel_and_any_call(fastest, expected):
+    rows = synthetic_rows({"auto": 3.0})
+    rows[0].times_us["triton"] = fastest
+    assert launch_floor_us(rows, TINY_US) == pytest.approx(expected)
 
 
 def test_gpu_table_ranks_and_reports_percent_of_roofline():
