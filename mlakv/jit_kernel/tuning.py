@@ -61,21 +61,18 @@ TUNING: dict[str, LaunchTuning] = {
         (LaunchStep(768, 4, 1, True), LaunchStep(None, 8, 1, True)),
         "seed: GB300 (threshold 768; 4 warps up to 768 rows else 8)",
     ),
-    # H100 80GB HBM3. Every call goes to the JIT kernel. Launch shape from the side-by-side probe of
-    # 2026-11-24 (docs/benchmarks.md, "Tuning the PDL trigger"): 8 warps x 1 row, direct stores
-    # (1/2/4 warps, 2 rows per warp, streaming stores and TMA measured equal or slower); the PDL
-    # trigger at kernel entry up to 256 rows and from 2048 rows, right after the wait in between
-    # (at 512-1024 rows an entry trigger measured 1.5-2.3x slower, at <= 128 rows and >= 4096 rows
-    # it is the fastest place; with the trigger after the stores the kernel was 0.15-0.2 us slower
-    # than sglang 0.5.23 at 8-1024 rows).
+    # H100 80GB HBM3. Every call goes to the JIT kernel (its one-warp-per-row kernel,
+    # set_mla_kv_row_kernel). From the side-by-side probes of 2026-11-24 (docs/benchmarks.md, "What
+    # decides a small call"): 8 warps x 1 row, direct stores (1 warp, 2 rows per warp, streaming
+    # stores and TMA measured equal or slower); the PDL trigger at kernel entry up to 256 rows, right
+    # after the wait above (at 1024 rows an entry trigger measured 1.6-1.9x slower; at 4096 rows 1 %).
     "hopper": LaunchTuning(
         0,
         (
             LaunchStep(256, 8, 1, False, early_trigger=True),
-            LaunchStep(2048, 8, 1, False, early_trigger=False),
-            LaunchStep(None, 8, 1, False, early_trigger=True),
+            LaunchStep(None, 8, 1, False, early_trigger=False),
         ),
-        "H100 80GB HBM3, side-by-side probe with sglang 0.5.23, 2026-11-24 (docs/benchmarks.md)",
+        "H100 80GB HBM3, side-by-side probes with sglang 0.5.23, 2026-11-24 (docs/benchmarks.md)",
     ),
 }
 

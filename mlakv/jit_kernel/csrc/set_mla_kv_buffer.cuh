@@ -182,10 +182,6 @@ __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_st
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Host launcher. It re-checks every fact the kernel's memory safety rests on and fails with a
-// Python exception, never a fault.
-// ---------------------------------------------------------------------------------------------
 // The kernel's arguments, gathered once by the launcher (strides in bytes except loc_stride).
 struct RowArgs {
   uint8_t* kv;
@@ -197,6 +193,52 @@ struct RowArgs {
   const void* loc;
   int64_t loc_stride, n_loc, skip_index, dcp_world, dcp_rank;
 };
+
+// The hot path's kernel: one warp per row, direct stores — the launch shape the tuning table picks
+// on Hopper. Same rules as set_mla_kv_buffer_kernel (which serves the TMA and rows-per-warp
+// variants of the benchmark's sweep), in the smallest body: in one CUDA graph of back-to-back PDL
+// writes the general kernel's per-item arrays measured 0.15-0.3 us slower per call at 1-128 rows on
+// the H100 (docs/benchmarks.md). The arguments come as one __grid_constant__ struct; DCP is a
+// template parameter (kDcp), so the single-rank kernel carries no division or rank test.
+template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kEarlyTrigger, bool kDcp, typename LocT>
+__global__ void set_mla_kv_row_kernel(const __grid_constant__ RowArgs a) {
+  constexpr int kNopeVec = vec_width(kNopeBytes);
+  constexpr int kRopeVec = vec_width(kRopeBytes, kNopeBytes);
+  const int lane = threadIdx.x;  // blockDim = (32, warps)
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if constexpr (kUsePDL && kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if (item >= a.n_loc) return;
+  const uint8_t* nope = a.nope + item * a.nope_stride;
+  const uint8_t* rope = a.rope + item * a.rope_stride;
+  const LocT* loc = static_cast<const LocT*>(a.loc) + item * a.loc_stride;
+  if constexpr (kUsePDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (kUsePDL && !kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int64_t raw = static_cast<int64_t>(*loc);
+  LaneSpan<kNopeBytes, kNopeVec> n_regs;
+  LaneSpan<kRopeBytes, kRopeVec> r_regs;
+  int64_t slot;
+  if constexpr (!kDcp) {  // sources do not depend on loc: loaded right behind it
+    n_regs.load(nope, lane);
+    r_regs.load(rope, lane);
+    slot = (raw >= 0 && raw != a.skip_index && raw < a.num_slots) ? raw : -1;
+  } else {  // DCP: only the rows this rank keeps are read
+    const int64_t row = raw / a.dcp_world;
+    const bool live = raw >= 0 && raw != a.skip_index && raw - row * a.dcp_world == a.dcp_rank && row < a.num_slots;
+    if (!live) return;
+    slot = row;
+    n_regs.load(nope, lane);
+    r_regs.load(rope, lane);
+  }
+  if (slot < 0) return;
+  uint8_t* dst = a.kv + slot * a.kv_stride;
+  n_regs.store(dst, lane);
+  r_regs.store(dst + kNopeBytes, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launcher. It re-checks every fact the kernel's memory safety rests on and fails with a
+// Python exception, never a fault.
+// ---------------------------------------------------------------------------------------------
 
 template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kEarly, bool kUseTMA, int kItems, typename LocT>
 void launch_variant(const RowArgs& a, int num_warps, cudaStream_t stream) {
@@ -226,7 +268,26 @@ void launch_variant(const RowArgs& a, int num_warps, cudaStream_t stream) {
 }
 
 template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kEarly, typename LocT>
+void launch_rows(const RowArgs& a, int num_warps, cudaStream_t stream) {
+  const int64_t blocks = (a.n_loc + num_warps - 1) / num_warps;
+  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << a.n_loc << " needs too many blocks";
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(32, static_cast<unsigned>(num_warps));
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = kUsePDL ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  TVM_FFI_CHECK_CUDA_ERROR(
+      a.dcp_world > 1 ? cudaLaunchKernelEx(&cfg, set_mla_kv_row_kernel<kNopeBytes, kRopeBytes, kUsePDL, kEarly, true, LocT>, a)
+                      : cudaLaunchKernelEx(&cfg, set_mla_kv_row_kernel<kNopeBytes, kRopeBytes, kUsePDL, kEarly, false, LocT>, a));
+}
+
+template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kEarly, typename LocT>
 void launch_shape(const RowArgs& a, int num_warps, int items, bool use_tma, cudaStream_t stream) {
+  if (!use_tma && items == 1) return launch_rows<kNopeBytes, kRopeBytes, kUsePDL, kEarly, LocT>(a, num_warps, stream);
 #define MLAKV_LAUNCH(TMA, ITEMS) \
   launch_variant<kNopeBytes, kRopeBytes, kUsePDL, kEarly, TMA, ITEMS, LocT>(a, num_warps, stream)
   constexpr bool kTMAOk = (kNopeBytes + kRopeBytes) % 16 == 0;
