@@ -60,7 +60,7 @@ def _table():
         "loc-float": _case(loc=torch.rand(n)),
         "loc-int16": _case(loc=torch.randperm(32)[:n].short()),
         "loc-2d": _case(loc=torch.randperm(32)[:n].view(2, 4)),
-        "nope-dtype": _case(nope=_t(n, NOPE, torch.float16)),
+        "nope-dtype": _case(nope=_t(n, NOPE).view(torch.int16)),
         "kv-float64": _case(
             kv=torch.zeros(32, 144, dtype=torch.float64), nope=_t(n, 128, torch.float64), rope=_t(n, 16, torch.float64)
         ),

@@ -25,8 +25,8 @@ def _call(kv, loc, nope, rope, **kw):
 @pytest.mark.parametrize(
     "mutate,exc,match",
     [
-        (lambda a: (a[0], a[1], a[2].half(), a[3]), TypeError, r"cache_k_nope dtype torch.float16 does not match"),
-        (lambda a: (a[0], a[1], a[2], a[3].float()), TypeError, r"cache_k_rope dtype torch.float32 does not match"),
+        (lambda a: (a[0], a[1], a[2].view(torch.int16), a[3]), TypeError, r"cache_k_nope dtype torch.int16 does not match"),
+        (lambda a: (a[0], a[1], a[2], a[3].double()), TypeError, r"cache_k_rope dtype torch.float64 does not match"),
         (lambda a: (a[0].double(), a[1], a[2], a[3]), TypeError, r"kv_buffer dtype torch.float64 is not supported"),
         (lambda a: (a[0], a[1].float(), a[2], a[3]), TypeError, r"loc must be int32 or int64"),
         (lambda a: (a[0], a[1].view(2, 2), a[2], a[3]), ValueError, r"loc must be 1-D"),

@@ -12,6 +12,8 @@ only routes each call:
   expected. A call whose addresses do not suit the kernel's vectors falls through to Triton.
 * CUDA otherwise -> the rule book's check, the optional bounds check, then the JIT kernel (when
   bounds were checked) or the Triton row kernel (``BLOCK = next_pow2(nope + rope)``).
+* A source of another dtype than ``kv_buffer`` (a converting write) never takes the JIT kernel (a
+  byte copy): on CUDA it runs on the Triton row kernel, which converts in registers.
 * CPU -> the rule book's check, the bounds check (always: it costs nothing there, and it makes a
   bad ``loc`` raise before anything is written), then
   :func:`mlakv.mem_cache.torch_ref.set_mla_kv_buffer_torch`.
@@ -144,8 +146,11 @@ def set_mla_kv_buffer_triton(
         dcp_world_size, dcp_rank: decode context parallelism: this rank writes only rows with
             ``loc % dcp_world_size == dcp_rank``, at row ``loc // dcp_world_size``.
 
-    One dtype for the three data tensors (float16, bfloat16, float32, float8 e4m3fn/e5m2, uint8,
-    int8); the copy is bit-exact. ``n_loc == 0`` returns without launching anything. Duplicate
+    ``kv_buffer`` is float16, bfloat16, float32, float8 e4m3fn/e5m2, uint8 or int8. A source of the
+    same dtype is copied bit-exactly; a 16/32-bit float source into a 16/32-bit float buffer of another
+    dtype is converted inside the write (round to nearest even, bit-identical to ``src.to(dtype)`` for
+    every non-NaN value; a NaN stays a NaN), one launch and no temporary on the GPU (Triton; the
+    JIT kernel is a byte copy and takes same-dtype calls only). Other dtype pairs raise ``TypeError``. ``n_loc == 0`` returns without launching anything. Duplicate
     kept slots are undefined (any one of the rows may win).
     """
     if cache_k_rope is None and isinstance(cache_k_nope, torch.Tensor):
@@ -199,6 +204,8 @@ def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, d
         return (
             write is not None
             and loc.shape[0] >= min_n
+            and cache_k_nope.dtype is kv_buffer.dtype  # the kernel copies bytes: a converting write is Triton's
+            and cache_k_rope.dtype is kv_buffer.dtype
             and write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank)
         )
     except (AttributeError, IndexError, TypeError, ValueError, RuntimeError):

@@ -236,7 +236,9 @@ class MLATokenToKVPool:
           views of ``cache_k`` through the same dispatcher: no copy.
 
         The forms are told apart by ``cache_k``'s last dim; anything else raises ``ValueError``
-        naming both widths expected. Sources must be in the pool ``dtype``.
+        naming both widths expected. Sources are in the pool ``dtype``, or, into a float16/bfloat16/
+        float32 pool, in another of those three: converted inside the write as ``source.to(dtype)`` (as
+        sglang casts), one launch and no temporary. fp8 pools take their own formats (see ``kv_cache_format``).
 
         Args:
             layer: global layer id (an int, numpy integers included; not a bool), or an object with
@@ -253,10 +255,11 @@ class MLATokenToKVPool:
                 self.k_scale, check_bounds=self.check_bounds, reserved_skip_index=RESERVED_SLOT,
             )  # fmt: skip
             return
-        if cache_k_nope.dtype is not self.dtype or cache_k_rope.dtype is not self.dtype:
+        if not (rules.source_dtype_ok(cache_k_nope.dtype, self.dtype) and rules.source_dtype_ok(cache_k_rope.dtype, self.dtype)):
             raise TypeError(
-                f"cache_k_nope/cache_k_rope must be {self.dtype} (the pool dtype), got "
-                f"{cache_k_nope.dtype}/{cache_k_rope.dtype}; quantize before writing"
+                f"cache_k_nope/cache_k_rope must be {self.dtype} (the pool dtype), or a 16/32-bit float into a "
+                f"16/32-bit float pool (converted in the write), got {cache_k_nope.dtype}/{cache_k_rope.dtype}; "
+                "quantize before writing"
             )
         if torch.compiler.is_compiling():  # one opaque op node: no graph break
             _ops.set_mla_kv_buffer_op(

@@ -13,7 +13,10 @@ The rules (shapes: ``kv_buffer [num_slots, (1,) total]``, ``loc [n_loc]``,
 * all four are tensors; the three data tensors are 2-D, or 3-D with a middle dim of 1;
 * their last dim is contiguous (stride 1) unless it holds at most one element;
 * ``kv_buffer`` rows do not overlap: ``num_slots <= 1`` or ``stride(0) >= total``;
-* one dtype from :data:`SUPPORTED_DTYPES` for the data tensors (no implicit cast); ``loc`` int32/int64;
+* ``kv_buffer``'s dtype is one of :data:`SUPPORTED_DTYPES`; each source has that dtype, or both it and
+  ``kv_buffer`` are 16/32-bit floats (:data:`FLOAT_DTYPES`): that source is converted inside the write
+  (round to nearest even, as ``Tensor.to``). Nothing else is cast: byte/fp8 buffers and integer
+  sources take only their own dtype; ``loc`` int32/int64;
 * one device for all four; ``cache_k_nope``/``cache_k_rope`` have ``n_loc`` rows;
 * ``nope_dim + rope_dim <= total``; ``rope_dim`` may be 0.
 
@@ -33,6 +36,8 @@ import torch
 __all__ = [
     "SUPPORTED_DTYPES",
     "LOC_DTYPES",
+    "FLOAT_DTYPES",
+    "source_dtype_ok",
     "CHECK_BOUNDS_ENV",
     "parse_check_bounds",
     "check_bounds_default",
@@ -58,6 +63,9 @@ SUPPORTED_DTYPES = (
     torch.int8,
 )
 LOC_DTYPES = (torch.int32, torch.int64)
+# A source of one of these dtypes written into a buffer of another of them is converted in the write.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
 _SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
 _LOC_SET = frozenset(LOC_DTYPES)
 
@@ -89,6 +97,12 @@ def check_bounds_default() -> bool:
 # ---- the write's argument rules --------------------------------------------------------------
 
 
+def source_dtype_ok(src_dtype: torch.dtype, dst_dtype: torch.dtype) -> bool:
+    """Whether a source of ``src_dtype`` may be written into a ``dst_dtype`` buffer: the same dtype
+    (copied bit-exactly), or two 16/32-bit floats (converted in the write, as ``src.to(dst_dtype)``)."""
+    return src_dtype is dst_dtype or (src_dtype in _FLOAT_SET and dst_dtype in _FLOAT_SET)
+
+
 def rows_ok(t: torch.Tensor) -> bool:
     """2-D, or 3-D with a middle dim of 1, with a contiguous last dim (or one of <= 1 element)."""
     nd = t.ndim
@@ -103,8 +117,8 @@ def kv_write_ok(kv_buffer, loc, cache_k_nope, cache_k_rope) -> bool:
         n_loc = loc.shape[0]
         total = kv_buffer.shape[-1]
         return (
-            cache_k_nope.dtype is dtype
-            and cache_k_rope.dtype is dtype
+            (cache_k_nope.dtype is dtype or (cache_k_nope.dtype in _FLOAT_SET and dtype in _FLOAT_SET))
+            and (cache_k_rope.dtype is dtype or (cache_k_rope.dtype in _FLOAT_SET and dtype in _FLOAT_SET))
             and dtype in _SUPPORTED_SET
             and loc.dtype in _LOC_SET
             and loc.ndim == 1
@@ -156,8 +170,11 @@ def explain_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> None:
     if dtype not in _SUPPORTED_SET:
         raise TypeError(f"kv_buffer dtype {dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
     for name, t in (("cache_k_nope", cache_k_nope), ("cache_k_rope", cache_k_rope)):
-        if t.dtype != dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match kv_buffer dtype {dtype} (no implicit cast)")
+        if not source_dtype_ok(t.dtype, dtype):
+            raise TypeError(
+                f"{name} dtype {t.dtype} does not match kv_buffer dtype {dtype}: only a 16/32-bit float source "
+                f"{FLOAT_DTYPES} is converted, into a 16/32-bit float buffer (no other implicit cast)"
+            )
     device = kv_buffer.device
     for name, t in (("loc", loc), ("cache_k_nope", cache_k_nope), ("cache_k_rope", cache_k_rope)):
         if t.device != device:
@@ -243,11 +260,14 @@ def _addr_stride_misaligned(t: torch.Tensor, vec: int) -> bool:
 
 
 def jit_layout_reason(kv_buffer: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor) -> Optional[str]:
-    """Why these (valid) tensors' addresses and row strides do not suit the JIT kernel, or None.
+    """Why these (valid) tensors' dtypes, addresses and row strides do not suit the JIT kernel, or None.
 
+    The kernel copies bytes: sources of another dtype than ``kv_buffer`` (a converting write) go to Triton.
     ``kv_buffer`` rows must start on 16 bytes; ``cache_k_nope`` rows on ``vec_width(nope_bytes)``;
     ``cache_k_rope`` rows (when ``rope_dim > 0``) on ``vec_width(rope_bytes, nope_bytes)``.
     """
+    if cache_k_nope.dtype != kv_buffer.dtype or cache_k_rope.dtype != kv_buffer.dtype:
+        return "cache_k_nope/cache_k_rope: the JIT kernel copies bytes; a source of another dtype is converted by Triton"
     es = kv_buffer.element_size()
     nope_bytes, rope_bytes = cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es
     if _addr_stride_misaligned(kv_buffer, 16):

@@ -3,7 +3,9 @@
 This module is both the CPU path of the dispatcher and the reference every kernel is tested
 against, so it is written for obviousness, not speed. All copies go through same-width integer
 views of the tensors, which makes them bit-exact for every dtype (NaN payloads and float8 bytes
-included) and independent of which dtypes a device's ``index_put_`` supports.
+included) and independent of which dtypes a device's ``index_put_`` supports. A write's source of
+another 16/32-bit float dtype than the buffer is first converted with ``Tensor.to`` (the definition
+of the conversion the kernels do in registers).
 """
 
 from __future__ import annotations
@@ -72,11 +74,14 @@ def set_mla_kv_buffer_torch(
     ``kv_buffer[row[i], nope_dim:nope_dim + rope_dim] = cache_k_rope[i]`` for each kept row (see
     :func:`kept_rows`; rows landing past the buffer are skipped, the dispatcher raises for them
     first); nothing else changes. Duplicate kept slots are undefined (any one may win), as on every path.
+    A source of another dtype than ``kv_buffer`` (16/32-bit floats) is written as ``source.to(kv_buffer.dtype)``.
     """
     kv = bit_view(_rows(kv_buffer))
-    nope = bit_view(_rows(cache_k_nope))
+    nope = bit_view(_rows(cache_k_nope).to(kv_buffer.dtype))
     nope_dim = nope.shape[-1]
-    rope = bit_view(_rows(cache_k_rope)) if cache_k_rope is not None and cache_k_rope.shape[-1] > 0 else None
+    rope = (
+        bit_view(_rows(cache_k_rope).to(kv_buffer.dtype)) if cache_k_rope is not None and cache_k_rope.shape[-1] > 0 else None
+    )
     keep, idx = kept_rows(loc, kv.shape[0], reserved_skip_index, dcp_world_size, dcp_rank)
     if not bool(keep.all()):
         keep = keep.to(kv.device)

@@ -4,7 +4,9 @@ The HiCache page transfers live in :mod:`mlakv.mem_cache.transfer_kernels`.
 
 Each kernel sits beside its launcher. Launchers take tensors that the dispatcher has already
 validated; they do no checking of their own. Every kernel is bit-exact: it only moves elements,
-and float8 tensors reach it as uint8 views. Under ``TRITON_INTERPRET=1`` the same kernels run on
+and float8 tensors reach it as uint8 views; the one exception is the row write's dtype conversion
+(a 16/32-bit float source into a 16/32-bit float buffer of another dtype), done in registers with
+round-to-nearest-even, bit-identical to ``src.to(dtype)``. Under ``TRITON_INTERPRET=1`` the same kernels run on
 CPU tensors, which is how CI exercises them.
 """
 
@@ -48,6 +50,37 @@ def row_kernel_block(nope_dim: int, rope_dim: int) -> int:
     return triton.next_power_of_2(nope_dim + rope_dim)
 
 
+# A converting write's float codes (-1 for all three: a same-dtype call, a plain copy). bf16 values
+# travel as their int16 bits and are converted by integer arithmetic: the interpreter's bf16 casts
+# truncate and flush fp32 subnormals, the GPU's round to nearest even; the bit arithmetic is the
+# same everywhere and matches ``Tensor.to``.
+_FLOAT_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+@triton.jit
+def _convert(v, SRC: tl.constexpr, DST: tl.constexpr):
+    """A loaded source value in the buffer's storage type (code 0: bf16 as int16 bits, 1: fp16, 2: fp32).
+
+    Widened to fp32 exactly (bf16: its bits shifted up; fp16: a cast), then narrowed with round to
+    nearest even (bf16: on the bits, a NaN becomes the quiet NaN 0x7FC0; fp16: a cast). SRC == DST: v.
+    """
+    if SRC == DST:
+        r = v
+    else:
+        if SRC == 0:
+            y = ((v.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        else:
+            y = v.to(tl.float32)
+        if DST == 0:
+            u = y.to(tl.int32, bitcast=True)
+            r = tl.where(y != y, 0x7FC0, ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).to(tl.int16)
+        elif DST == 1:
+            r = y.to(tl.float16)
+        else:
+            r = y
+    return r
+
+
 @triton.jit
 def _set_kv_rows_kernel(
     kv_ptr,
@@ -69,6 +102,9 @@ def _set_kv_rows_kernel(
     ROWS: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
+    SRC_NOPE: tl.constexpr = -1,
+    SRC_ROPE: tl.constexpr = -1,
+    DST: tl.constexpr = -1,
 ):
     # One program writes ROWS whole rows: kv[row, :NOPE+ROPE] = [nope[i] | rope[i]], row = loc[i] // dcp_world.
     # Strides are in elements; every product is formed in int64 (slot * stride may pass 2^31).
@@ -81,7 +117,7 @@ def _set_kv_rows_kernel(
     for r in tl.static_range(ROWS):
         _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_stride, rope_row_stride, loc_stride,
                     num_slots, skip_index, dcp_world, dcp_rank, n_loc, tl.program_id(0).to(tl.int64) * ROWS + r,
-                    NOPE, ROPE, BLOCK)
+                    NOPE, ROPE, BLOCK, SRC_NOPE, SRC_ROPE, DST)
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -89,7 +125,8 @@ def _set_kv_rows_kernel(
 @triton.jit
 def _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_stride, rope_row_stride, loc_stride,
                 num_slots, skip_index, dcp_world, dcp_rank, n_loc, i,
-                NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
+                NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr,
+                SRC_NOPE: tl.constexpr, SRC_ROPE: tl.constexpr, DST: tl.constexpr):
     # Row i of the call (a program's last rows may lie past n_loc: they read and write nothing).
     in_call = i < n_loc
     slot = tl.load(loc_ptr + tl.minimum(i, n_loc - 1) * loc_stride).to(tl.int64)  # n_loc >= 1 when launched
@@ -105,11 +142,12 @@ def _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_str
     # most rows are other ranks': their sources are not read.
     in_call_b = (tl.zeros([BLOCK], dtype=tl.int32) + in_call.to(tl.int32)) != 0
     need = (live_b | ((tl.zeros([BLOCK], dtype=tl.int32) + dcp_world) == 1)) & in_call_b
+    # A converting write (SRC_* != DST) converts each source value in registers (see _convert).
     in_nope = offs < NOPE
-    a = tl.load(nope_ptr + i * nope_row_stride + offs, mask=in_nope & need)
+    a = _convert(tl.load(nope_ptr + i * nope_row_stride + offs, mask=in_nope & need), SRC_NOPE, DST)
     if ROPE > 0:
         in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-        b = tl.load(rope_ptr + i * rope_row_stride + (offs - NOPE), mask=in_rope & need)
+        b = _convert(tl.load(rope_ptr + i * rope_row_stride + (offs - NOPE), mask=in_rope & need), SRC_ROPE, DST)
         val = tl.where(in_nope, a, b)
     else:
         val = a
@@ -140,12 +178,20 @@ def launch_set_kv_rows(
             skip_index`` (-1: none) or ``loc % dcp_world_size != dcp_rank`` are skipped, the others
             land at ``loc // dcp_world_size`` (and are skipped if that is ``>= num_slots``).
         cache_k_nope: ``[n_loc, (1,) nope_dim]``; cache_k_rope: ``[n_loc, (1,) rope_dim]``, rope_dim may be 0.
+            Each in ``kv_buffer``'s dtype, or (16/32-bit floats) another one, converted in the kernel.
     """
     n_loc = loc.shape[0]
     nope_dim, rope_dim = cache_k_nope.shape[-1], cache_k_rope.shape[-1]
-    kv, nope, rope = (_as_triton_dtype(t) for t in (kv_buffer, cache_k_nope, cache_k_rope))
+    codes = {}
+    if cache_k_nope.dtype != kv_buffer.dtype or cache_k_rope.dtype != kv_buffer.dtype:  # a converting write
+        codes = dict(
+            SRC_NOPE=_FLOAT_CODE[cache_k_nope.dtype], SRC_ROPE=_FLOAT_CODE[cache_k_rope.dtype], DST=_FLOAT_CODE[kv_buffer.dtype]
+        )
+        kv, nope, rope = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t for t in (kv_buffer, cache_k_nope, cache_k_rope))
+    else:
+        kv, nope, rope = (_as_triton_dtype(t) for t in (kv_buffer, cache_k_nope, cache_k_rope))
     if rope_dim == 0:
-        rope = nope  # never read; an empty tensor's pointer may be null
+        rope, codes = nope, {**codes, "SRC_ROPE": codes.get("SRC_NOPE", -1)}  # never read; an empty tensor's pointer may be null
     block = row_kernel_block(nope_dim, rope_dim)
     use_pdl = kv.is_cuda and _pdl_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
@@ -172,6 +218,7 @@ def launch_set_kv_rows(
         USE_PDL=use_pdl,
         EARLY_TRIGGER=early if early_trigger is None else early_trigger,
         num_warps=num_warps or warps,
+        **codes,
         **extra,
     )
 
