@@ -8,6 +8,7 @@ Not collected by pytest (no ``test_`` prefix). On the GPU machine, from the repo
 
 Covered: the JIT row write (every TMA/direct-store x warps x items-per-warp variant), the Triton row
 kernel and the dispatcher, for bf16 512+64, fp16 512+64, uint8 528+128 and rope-less bf16 512+0,
+and the converting write (each pair of fp16/bf16/fp32 source and buffer, through the dispatcher),
 with ``loc`` contiguous with padding, strided, with a storage offset, expanded (stride 0), holding
 the reserved slot and slots past the buffer (unchecked: skipped); refused calls (a float ``loc``, a
 buffer with overlapping rows, a misaligned source at the JIT's checked entry) that must write
@@ -130,6 +131,25 @@ class Smoke:
                         want = _expected(base, loc, nope, rope, skip)
                         self.check(f"{dtype} {nd}+{rd} loc={kind} n={n} {name}",
                                    torch.equal(_bits(kv).reshape(num_slots, -1), want))
+
+    def converting_writes(self) -> None:
+        """A float source of another dtype than the buffer: the Triton row kernel converts in registers."""
+        floats = (torch.float16, torch.bfloat16, torch.float32)
+        for src, dst in [(s, d) for s in floats for d in floats if s != d]:
+            for kind in ("strided", "reserved_and_past_end"):
+                for n, rd in ((37, 64), (300, 0)):
+                    num_slots = n + 50
+                    loc = _loc(kind, n, num_slots)
+                    nope = (torch.randn(n, 512, device="cuda") * 300).to(src)
+                    rope = (torch.randn(n, rd, device="cuda") * 300).to(src)
+                    base = torch.empty((num_slots, 1, 512 + rd), dtype=dst, device="cuda")
+                    base.view(torch.uint8).random_(0, 256)
+                    kv = base.clone()
+                    set_mla_kv_buffer_triton(kv, loc, nope, rope, reserved_skip_index=RESERVED)
+                    torch.cuda.synchronize()
+                    want = _expected(base, loc, nope.to(dst), rope.to(dst), RESERVED)
+                    self.check(f"convert {src}->{dst} 512+{rd} loc={kind} n={n}",
+                               torch.equal(_bits(kv).reshape(num_slots, -1), want))
 
     def refused(self) -> None:
         """Calls that must be refused before anything is written."""
@@ -257,7 +277,7 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     smoke = Smoke()
-    for part in (smoke.writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy, smoke.fp8):
+    for part in (smoke.writes, smoke.converting_writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy, smoke.fp8):
         part()
     print(f"sanitizer smoke: {smoke.cases - smoke.failures}/{smoke.cases} variant runs bit-exact")
     return 1 if smoke.failures else 0
