@@ -27,7 +27,7 @@ import torch
 from mlakv.mem_cache import rules
 
 from .loader import JitUnavailable, load_cuda_module
-from .tuning import tuning_for
+from .tuning import LaunchTuning, tuning_for
 
 logger = logging.getLogger("mlakv.jit")
 
@@ -37,6 +37,7 @@ __all__ = [
     "set_mla_kv_buffer_unchecked",
     "jit_accepts_layout",
     "jit_writer",
+    "bind_launch_shapes",
     "build_set_mla_kv_buffer_module",
 ]
 
@@ -140,32 +141,43 @@ def jit_writer(device: torch.device, nope_bytes: int, rope_bytes: int) -> Option
         return None
     fn = _module_for(_device_index(device), nope_bytes, rope_bytes)
     tune = tuning_for(device)
+    return bind_launch_shapes(fn, tune), tune.min_n_loc
+
+
+def bind_launch_shapes(fn: Callable[..., bool], tune: LaunchTuning) -> Callable[..., bool]:
+    """``write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index, dcp_world_size, dcp_rank)``
+    calling the module function ``fn`` with ``tune``'s launch shape for ``loc.shape[0]`` rows.
+
+    This is the hot path of every eager write: the shapes are bound as constants (one step: no
+    branch; two steps: one comparison; more: one bisect), and the closure takes positional
+    arguments only. The benchmark (:mod:`mlakv.bench.host_cost`) binds a stub ``fn`` to time it.
+    """
     launch = tune.launch
-    if len(tune.steps) == 1:  # one launch shape for every n_loc: bind it (this is the hot path)
-        warps, items, tma, early = launch(0)
+    if len(tune.steps) == 1:  # one launch shape for every n_loc
+        w, i, t, e = launch(0)
 
         def write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=-1, dcp_world_size=1, dcp_rank=0) -> bool:
-            return fn(
-                kv_buffer, loc, cache_k_nope, cache_k_rope, warps, items, tma, early, skip_index, dcp_world_size, dcp_rank
-            )
+            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, w, i, t, e, skip_index, dcp_world_size, dcp_rank)
+
+    elif len(tune.steps) == 2:  # two shapes: one comparison on n_loc
+        b0 = tune.steps[0].max_n_loc
+        w0, i0, t0, e0 = launch(b0)
+        w1, i1, t1, e1 = launch(1 << 62)
+
+        def write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=-1, dcp_world_size=1, dcp_rank=0) -> bool:
+            if loc.shape[0] <= b0:
+                return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, w0, i0, t0, e0, skip_index, dcp_world_size, dcp_rank)
+            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, w1, i1, t1, e1, skip_index, dcp_world_size, dcp_rank)
 
     else:  # a few steps by n_loc: one bisect per call
         bounds = [s.max_n_loc for s in tune.steps[:-1]]
         shapes = [launch(b) for b in bounds] + [launch(1 << 62)]
 
         def write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=-1, dcp_world_size=1, dcp_rank=0) -> bool:
-            return fn(
-                kv_buffer,
-                loc,
-                cache_k_nope,
-                cache_k_rope,
-                *shapes[bisect.bisect_left(bounds, loc.shape[0])],
-                skip_index,
-                dcp_world_size,
-                dcp_rank,
-            )
+            w, i, t, e = shapes[bisect.bisect_left(bounds, loc.shape[0])]
+            return fn(kv_buffer, loc, cache_k_nope, cache_k_rope, w, i, t, e, skip_index, dcp_world_size, dcp_rank)
 
-    return write, tune.min_n_loc
+    return write
 
 
 def set_mla_kv_buffer_unchecked(

@@ -44,6 +44,7 @@ __all__ = [
     "validate_kv_write",
     "check_loc_bounds",
     "kv_write_path",
+    "jit_route",
 ]
 
 _SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
@@ -88,6 +89,21 @@ def _jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[O
             route = jit_kernel.jit_writer(kv_buffer.device, nope_dim * es, rope_dim * es) or _NO_ROUTE
         _JIT_ROUTES[key] = route
     return route
+
+
+def jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[Optional[Callable[..., bool]], int]:
+    """The route table's entry for unchecked CUDA writes into ``kv_buffer`` of ``[n_loc, (1,) nope_dim]``
+    + ``[n_loc, (1,) rope_dim]`` rows: ``(write, min_n_loc)``, ``write`` None when the JIT kernel
+    does not serve them.
+
+    For a caller that binds this decision once per buffer layout (the pool's hot path): for a call
+    with bounds unchecked, ``n_loc >= min_n_loc`` and sources of ``kv_buffer``'s dtype,
+    ``write(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index, dcp_world_size, dcp_rank)`` is
+    what :func:`set_mla_kv_buffer_triton` runs (``skip_index`` -1 for none). When it returns False or
+    raises, nothing was written: the caller then calls :func:`set_mla_kv_buffer_triton`, which
+    falls back or names the broken rule.
+    """
+    return _jit_route(kv_buffer, nope_dim, rope_dim)
 
 
 def kv_write_path(

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import rules
-from .kv_write import _CHECK_BOUNDS_DEFAULT, set_mla_kv_buffer_triton
+from .kv_write import _CHECK_BOUNDS_DEFAULT, jit_route, set_mla_kv_buffer_triton
 from .fp8 import SOURCE_DTYPES as _FP8_SOURCE_DTYPES
 from .fp8 import check_pool_fp8, fp8_row_bytes, get_mla_kv_buffer_dequant, set_mla_kv_buffer_quant
 from . import custom_ops as _ops  # registers the torch.ops.mlakv.* ops the pool uses under torch.compile
@@ -159,6 +159,12 @@ class MLATokenToKVPool:
         self._dtype_views = [b.view(dtype) if self._store_view else b for b in self.kv_buffer]
         if kv_cache_format == "ds_mla":  # mixed bytes (e4m3, fp32 scales, bf16): attention reads uint8
             self._dtype_views = list(self.kv_buffer)
+        # set_kv_buffer's hot path: the dispatcher's JIT route for this pool's row layout, (write,
+        # min_n_loc), learnt on the first eager write (not here: that may build the kernel) and kept.
+        # None: not learnt yet, or no JIT route (CPU, rope-less rows, ds_mla: never looked up).
+        self._jit_route: Optional[tuple] = None
+        self._jit_route_learnt = kv_cache_format == "ds_mla" or qk_rope_head_dim == 0
+        self._row_split = (kv_lora_rank, qk_rope_head_dim)
 
     # ---- layer lookup -------------------------------------------------------------------
     def _local_layer(self, layer: LayerRef) -> int:
@@ -245,6 +251,39 @@ class MLATokenToKVPool:
                 ``.layer_id``.
             loc: ``[n_loc]`` int32/int64, any stride.
         """
+        hot = self._jit_route
+        if (
+            hot is not None
+            and type(layer) is int
+            and self.start_layer <= layer < self.end_layer
+            and not self.check_bounds
+            and not torch.compiler.is_compiling()
+        ):
+            # The hot path (an eager CUDA write of same-dtype rows): no Python validation, as in the
+            # dispatcher; the kernel's launcher checks every rule. A call it refuses or does not take
+            # goes the checked way below, which names the broken rule (or converts / falls back).
+            try:
+                write, min_n = hot
+                dt = self.dtype
+                if cache_k.dtype is dt and (min_n == 0 or loc.shape[0] >= min_n):
+                    width = cache_k.shape[-1]
+                    if width == self.kv_lora_rank:  # the split form (rope > 0 here, so not a full row)
+                        if cache_v is not None and cache_v.dtype is dt and write(
+                            self._dtype_views[layer - self.start_layer], loc, cache_k, cache_v,
+                            RESERVED_SLOT, self.dcp_world_size, self.dcp_rank,
+                        ):  # fmt: skip
+                            return
+                    elif width == self.kv_lora_rank + self.qk_rope_head_dim and (
+                        cache_v is None or cache_v.shape[-1] != self.qk_rope_head_dim
+                    ):  # sglang's full row, as the same two views _split_row_sources makes
+                        nope, rope = torch.split_with_sizes(cache_k, self._row_split, -1)
+                        if write(
+                            self._dtype_views[layer - self.start_layer], loc, nope, rope,
+                            RESERVED_SLOT, self.dcp_world_size, self.dcp_rank,
+                        ):  # fmt: skip
+                            return
+            except Exception:  # noqa: BLE001 - the checked path below raises the error naming the argument
+                pass
         buf = self._dtype_views[self._local_layer(layer)]
         cache_k_nope, cache_k_rope = self._split_row_sources(cache_k, cache_v)
         if self.kv_cache_format is not None and (
@@ -276,6 +315,15 @@ class MLATokenToKVPool:
             dcp_world_size=self.dcp_world_size,
             dcp_rank=self.dcp_rank,
         )
+        if not self._jit_route_learnt:
+            self._learn_jit_route(buf)
+
+    def _learn_jit_route(self, buf: torch.Tensor) -> None:
+        """Keep the dispatcher's JIT route for this pool's layout (see :func:`kv_write.jit_route`), once."""
+        self._jit_route_learnt = True
+        if buf.is_cuda:
+            write, min_n = jit_route(buf, self.kv_lora_rank, self.qk_rope_head_dim)
+            self._jit_route = None if write is None else (write, min_n)
 
     def _split_row_sources(
         self, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor]
@@ -287,7 +335,7 @@ class MLATokenToKVPool:
         nope, rope, full = self.kv_lora_rank, self.qk_rope_head_dim, self.kv_lora_rank + self.qk_rope_head_dim
         width = cache_k.shape[-1] if cache_k.dim() else -1
         if width == full and (rope == 0 or cache_v is None or cache_v.shape[-1] != rope):
-            return cache_k[..., :nope], cache_k[..., nope:]  # sglang's full row
+            return torch.split_with_sizes(cache_k, self._row_split, -1)  # sglang's full row (two views, one call)
         if width == nope and cache_v is not None and cache_v.shape[-1] == rope:
             return cache_k, cache_v  # the split form
         got_v = "None" if cache_v is None else str(cache_v.shape[-1])
