@@ -85,8 +85,9 @@ def test_layer_outside_range_is_a_clear_error(bad):
 def test_source_dtype_must_match_pool():
     pool = _pool(dtype=torch.bfloat16)
     loc = torch.arange(1, 3, device=DEVICE)
-    with pytest.raises(TypeError, match="must be torch.bfloat16"):
-        pool.set_kv_buffer(0, loc, random_rows(2, 512, torch.float16), random_rows(2, 64, torch.float16))
+    ints = [torch.randint(-9, 9, (2, d), dtype=torch.int16, device=DEVICE) for d in (512, 64)]
+    with pytest.raises(TypeError, match="must be torch.bfloat16"):  # a float source converts (test_kv_write_convert.py)
+        pool.set_kv_buffer(0, loc, *ints)
 
 
 def test_source_width_must_match_pool():
