@@ -203,3 +203,12 @@ def test_compiled_layer_in_cuda_graph_matches_eager():
     torch.cuda.synchronize()
     out, bufs = tuple(t.clone() for t in static_out), [bits(b).clone() for b in pools[1].kv_buffer]
     _assert_same((out, bufs), eager)
+
+
+def test_custom_op_cost_bench_runs(capsys):
+    """``python -m mlakv.bench.custom_op_cost`` prints its table (direct, via op, the empty-op floor) for n_loc 0 and 1."""
+    from mlakv.bench import custom_op_cost
+
+    assert custom_op_cost.main(["--calls", "20", "--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
+    assert len(rows) == 2 and all(len(r.split("|")) == 8 for r in rows)

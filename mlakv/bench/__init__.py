@@ -2,7 +2,9 @@
 
 ``mlakv bench`` (:mod:`.kv_write`) times every row-write provider side by side;
 ``mlakv bench hicache`` (:mod:`.hicache`) the HiCache transfers; ``mlakv bench fp8``
-(:mod:`.fp8_bench`) the fused FP8 write and dequantizing gather. The legacy baseline kernel
+(:mod:`.fp8_bench`) the fused FP8 write and dequantizing gather. Run as modules:
+``python -m mlakv.bench.move_kv`` (``move_kv_cache``'s one launch vs a torch loop per layer, GPU)
+and ``python -m mlakv.bench.custom_op_cost`` (the write's torch custom op's host cost per call). The legacy baseline kernel
 (:mod:`.legacy_kernel`) and the sglang peer (:mod:`.sglang_peer`, built only from source the user
 fetched) exist only for comparison and are not part of the library. Submodules import torch and
 triton lazily, so ``import mlakv.bench`` is cheap.

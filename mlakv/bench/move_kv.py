@@ -6,7 +6,7 @@ mlakv's kernel covers every layer in one launch: ``staged`` (any overlap; the de
 ``direct`` (disjoint sets). Rows are moved within 61-layer bf16 512+64 buffers; medians of CUDA
 events over repeated launches, side by side, with ratios to the torch loop.
 
-    python scripts/move_kv_bench.py [--layers 61] [--n 8 64 512 4096]
+    python -m mlakv.bench.move_kv [--layers 61] [--n 8 64 512 4096]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[8, 64, 512, 4096])
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("move_kv_bench needs a CUDA GPU")
+        raise SystemExit("mlakv.bench.move_kv needs a CUDA GPU")
     bufs = [torch.randn(args.slots, 1, 576, device="cuda").to(torch.bfloat16) for _ in range(args.layers)]
     print(f"{torch.cuda.get_device_name()}, {args.layers} layers x {args.slots} slots, bf16 512+64; median us")
     print("| n rows | torch loop (per layer) | mlakv staged | mlakv direct | staged vs torch | direct vs torch |")
