@@ -196,3 +196,14 @@ def test_fp8_pool_refuses_a_float_source_naming_the_pool_dtype():
                            torch.randn(1, ROPE, device=DEVICE).bfloat16())
     assert torch.equal(bits(pool.kv_buffer[1]), before)
 
+
+
+def test_compiled_converting_write_matches_eager():
+    """``torch.compile(fullgraph=True)`` of a converting pool write (the custom op) stores the same bits as eager."""
+    pools = [_pool(torch.bfloat16), _pool(torch.bfloat16)]
+    pools[1].kv_buffer[1].copy_(pools[0].kv_buffer[1])
+    loc = torch.tensor([4, 9, 0, 21], device=DEVICE)
+    row = converting_values(4, NOPE + ROPE, torch.float32, seed=9).to(DEVICE)
+    pools[0].set_kv_buffer(1, loc, row.unsqueeze(1), None)
+    torch.compile(lambda r, l: pools[1].set_kv_buffer(1, l, r.unsqueeze(1), None), fullgraph=True)(row, loc)
+    assert torch.equal(bits(pools[1].kv_buffer[1]), bits(pools[0].kv_buffer[1]))
