@@ -108,6 +108,17 @@ def test_each_source_converts_from_its_own_dtype(write):
 
 
 @pytest.mark.parametrize("write", list(PATHS.values()))
+def test_ropeless_converting_write(write):
+    kv = poisoned_buffer(SLOTS, NOPE, torch.bfloat16)
+    loc = torch.tensor([6, 2, -1], device=DEVICE)
+    nope = converting_values(3, NOPE, torch.float16, seed=10).to(DEVICE)
+    rope = nope[:, :0]
+    expected = reference(kv, loc, nope, rope)
+    write(kv, loc, nope, rope)
+    assert_bits_equal(kv, expected)
+
+
+@pytest.mark.parametrize("write", list(PATHS.values()))
 def test_converting_write_reads_strided_full_row_views(write):
     """sglang's full row ``[n, 1, nope + rope]`` in fp32, cut into two strided views, into a bf16 buffer."""
     kv = poisoned_buffer(SLOTS, NOPE + ROPE, torch.bfloat16, three_d=True)

@@ -191,7 +191,7 @@ def launch_set_kv_rows(
     else:
         kv, nope, rope = (_as_triton_dtype(t) for t in (kv_buffer, cache_k_nope, cache_k_rope))
     if rope_dim == 0:
-        rope, codes = nope, {**codes, "SRC_ROPE": codes.get("SRC_NOPE", -1)}  # never read; an empty tensor's pointer may be null
+        rope = nope  # never read; an empty tensor's pointer may be null
     block = row_kernel_block(nope_dim, rope_dim)
     use_pdl = kv.is_cuda and _pdl_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
