@@ -23,6 +23,7 @@ from mlakv.mem_cache.mooncake_storage import (
     MooncakeStoreFull,
     mooncake_page_key,
     _require_xxhash,
+    default_checksum_threads,
     page_format,
 )
 
@@ -73,14 +74,17 @@ def _clients(master):
 @pytest.fixture
 def store_pair(master, _clients, request):
     """Two nodes, a writer and a reader, each with its own host pool (fresh random bytes) and
-    client; keys live under a model id unique to the test."""
-    layout = getattr(request, "param", "page_first_direct")
-    if layout not in _clients:
+    client; keys live under a model id unique to the test. The param is a host layout, or
+    ``(layout, checksum_threads)`` (default: the storage's own thread count)."""
+    param = getattr(request, "param", "page_first_direct")
+    layout, threads = param if isinstance(param, tuple) else (param, None)
+    if param not in _clients:
         a, b = make_host(layout), make_host(layout)
-        sa = MooncakeStorage(a, master.master_addr, master.metadata_url, global_segment_bytes=SEG)
-        sb = MooncakeStorage(b, master.master_addr, master.metadata_url, global_segment_bytes=SEG)
-        _clients[layout] = (a, sa, b, sb)
-    a, sa, b, sb = _clients[layout]
+        kw = dict(global_segment_bytes=SEG, checksum_threads=threads)
+        sa = MooncakeStorage(a, master.master_addr, master.metadata_url, **kw)
+        sb = MooncakeStorage(b, master.master_addr, master.metadata_url, **kw)
+        _clients[param] = (a, sa, b, sb)
+    a, sa, b, sb = _clients[param]
     for host in (a, b):
         host.kv_buffer.view(-1).view(torch.uint8).random_(0, 256)
     sa.model_id = sb.model_id = f"t{len(request.node.name)}-{abs(hash(request.node.name))}"
@@ -235,6 +239,10 @@ def _tamper(store: MooncakeStorage, key: str, data: bytes) -> None:
     assert raw.put(skey, data) == 0
 
 
+HASH_THREADS = [("page_first_direct", 1), ("page_first_direct", 2)]  # inline hashing and the hash pool
+
+
+@pytest.mark.parametrize("store_pair", HASH_THREADS, indirect=True, ids=["1thread", "2threads"])
 @pytest.mark.parametrize("how", ["flip_page_byte", "flip_checksum", "truncate", "foreign_magic"])
 def test_corrupted_page_is_a_counted_miss_and_never_loaded(store_pair, how):
     a, sa, b, sb = store_pair
@@ -272,6 +280,7 @@ def test_a_short_page_ends_fetching_at_its_chunk(store_pair):
         sb.pipeline_pages = 64
 
 
+@pytest.mark.parametrize("store_pair", HASH_THREADS, indirect=True, ids=["1thread", "2threads"])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 def test_pipelined_batches_round_trip_whatever_the_chunk(store_pair, chunk):
     a, sa, b, sb = store_pair
@@ -283,6 +292,17 @@ def test_pipelined_batches_round_trip_whatever_the_chunk(store_pair, chunk):
         assert all(page_bytes(b, 8 + i) == page_bytes(a, i) for i in range(7))
     finally:
         sa.pipeline_pages = sb.pipeline_pages = 64
+
+
+@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (4, 1), (8, 2), (16, 4), (128, 4)])
+def test_default_checksum_threads_leave_cores_to_the_transfer(cores, threads):
+    assert default_checksum_threads(cores) == threads
+
+
+def test_checksum_threads_must_be_positive(master):
+    with pytest.raises(ValueError, match="checksum_threads must be >= 1"):
+        MooncakeStorage(make_host(), master.master_addr, master.metadata_url, global_segment_bytes=SEG,
+                        checksum_threads=0)
 
 
 # ---- faults --------------------------------------------------------------------------------
@@ -414,7 +434,7 @@ def test_l3_bench_compares_mlakv_with_raw_mooncake(capsys):
     assert len(rows) == 2 and not any("WRONG" in r for r in rows)
 
 
-@pytest.mark.parametrize("bad", [["--pages", "0"], ["--layers", "-1"], ["--reps", "x"]])
+@pytest.mark.parametrize("bad", [["--pages", "0"], ["--layers", "-1"], ["--reps", "x"], ["--checksum-threads", "0"]])
 def test_l3_bench_rejects_bad_options(bad):
     from mlakv.bench.hicache_l3 import main
 
