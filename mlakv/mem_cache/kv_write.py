@@ -10,6 +10,7 @@ only routes each call:
   rule (it must, for memory safety) for a fraction of the Python cost. A call it refuses is
   re-checked by the rule book, which raises the error naming the argument, the dim and what was
   expected. A call whose addresses do not suit the kernel's vectors falls through to Triton.
+  The pool binds this route once (:func:`jit_route`) and calls it without coming here.
 * CUDA otherwise -> the rule book's check, the optional bounds check, then the JIT kernel (when
   bounds were checked) or the Triton row kernel (``BLOCK = next_pow2(nope + rope)``).
 * A source of another dtype than ``kv_buffer`` (a converting write) never takes the JIT kernel (a

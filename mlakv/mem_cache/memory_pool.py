@@ -245,6 +245,9 @@ class MLATokenToKVPool:
         naming both widths expected. Sources are in the pool ``dtype``, or, into a float16/bfloat16/
         float32 pool, in another of those three: converted inside the write as ``source.to(dtype)`` (as
         sglang casts), one launch and no temporary. fp8 pools take their own formats (see ``kv_cache_format``).
+        An eager, unchecked CUDA write of rows in the pool dtype calls the dispatcher's JIT route
+        directly (bound once per pool, :func:`~mlakv.mem_cache.kv_write.jit_route`); every other call,
+        and any the kernel's launcher refuses, goes through the dispatcher with the checks.
 
         Args:
             layer: global layer id (an int, numpy integers included; not a bool), or an object with
