@@ -10,6 +10,7 @@ STEPS = [
     "write closure (bound launch shapes)",
     "dispatcher set_mla_kv_buffer_triton",
     "pool.set_kv_buffer (split: k_nope, k_rope)",
+    "pool.set_kv_buffer (split, sglang's layer object)",
     "pool.set_kv_buffer (full row, cache_v=None)",
 ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,16 +89,18 @@ def _rows(n, form):
     return full, (None if form == "full-none" else full[..., :R])  # sglang passes None or the latent part
 
 
+@pytest.mark.parametrize("layer", ["int", "object"])  # sglang passes the layer object (.layer_id)
 @pytest.mark.parametrize("dcp", [(1, 0), (2, 1)])
 @pytest.mark.parametrize("form", ["split-2d", "split-3d", "full-none", "full-latent"])
-def test_valid_write_takes_the_hot_route_and_writes_the_same_rows(launcher_check, form, dcp):
+def test_valid_write_takes_the_hot_route_and_writes_the_same_rows(launcher_check, form, dcp, layer):
     hot, ref, writer = _pools(launcher_check, dcp_world_size=dcp[0], dcp_rank=dcp[1])
     hot.check_bounds = ref.check_bounds = False  # the hot route is for unchecked writes (as on a GPU)
     loc = random_loc(9, 64, torch.int64)
     loc[0] = RESERVED_SLOT
     k, v = _rows(9, form)
-    hot.set_kv_buffer(4, loc, k, v)
-    ref.set_kv_buffer(4, loc, k, v)
+    lid = 4 if layer == "int" else SimpleNamespace(layer_id=4)
+    hot.set_kv_buffer(lid, loc, k, v)
+    ref.set_kv_buffer(lid, loc, k, v)
     assert len(writer.calls) == 1
     kv, skip, dw, dr = writer.calls[0]
     assert kv is hot._dtype_views[1] and (skip, dw, dr) == (RESERVED_SLOT, *dcp)
@@ -108,7 +111,7 @@ def test_valid_write_takes_the_hot_route_and_writes_the_same_rows(launcher_check
     "case",
     [
         "bounds checked",  # check_bounds=True: the checked path
-        "layer object",  # a layer with .layer_id: the checked path resolves it
+        "numpy layer id",  # an integer that is not an int: the checked path resolves it
         "converting source",  # fp16 rows into the bf16 pool: the converting write
         "rope of another dtype",
     ],
@@ -118,7 +121,7 @@ def test_calls_the_hot_route_does_not_take_go_the_checked_path(launcher_check, c
     hot.check_bounds = ref.check_bounds = case == "bounds checked"
     loc = random_loc(5, 64, torch.int32)
     k, v = _rows(5, "split-2d")
-    layer = SimpleNamespace(layer_id=3) if case == "layer object" else 3
+    layer = np.int64(3) if case == "numpy layer id" else 3
     if case == "converting source":
         k, v = k.half(), v.half()
     if case == "rope of another dtype":
@@ -155,6 +158,8 @@ def _bad_calls():
         "rows not contiguous": (3, loc, random_rows(4, 2 * R, torch.bfloat16, "cpu")[:, ::2], rope),
         "layer out of range": (5, loc, nope, rope),
         "layer is a bool": (True, loc, nope, rope),
+        "layer object with a bool id": (SimpleNamespace(layer_id=True), loc, nope, rope),
+        "layer object out of range": (SimpleNamespace(layer_id=9), loc, nope, rope),
         "neither form": (3, loc, random_rows(4, 100, torch.bfloat16, "cpu"), rope),
     }
 

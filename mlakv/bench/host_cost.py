@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -102,6 +103,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
     tune = tuning_for(device) if cuda else TUNING["hopper"]
     stub_write = bind_launch_shapes(_stub, tune)
     w, i, t, e = tune.launch(1)
+    layer = SimpleNamespace(layer_id=0)  # what sglang passes: its attention layer, with .layer_id
 
     # python column: stub module function everywhere
     pool = MLATokenToKVPool(4096, 1, dtype, nd, rd, 1, device, check_bounds=False)
@@ -119,6 +121,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
                 "write closure (bound launch shapes)": lambda: stub_write(kv, loc, nope, rope, 0, 1, 0),
                 "dispatcher set_mla_kv_buffer_triton": lambda: set_mla_kv_buffer_triton(kv_disp, loc, nope, rope),
                 "pool.set_kv_buffer (split: k_nope, k_rope)": lambda: pool.set_kv_buffer(0, loc, nope, rope),
+                "pool.set_kv_buffer (split, sglang's layer object)": lambda: pool.set_kv_buffer(layer, loc, nope, rope),
                 "pool.set_kv_buffer (full row, cache_v=None)": lambda: pool.set_kv_buffer(0, loc, full, None),
             },
             calls, rounds, sync,
@@ -153,6 +156,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
             steps["write closure (bound launch shapes)"] = lambda: write(kv, loc, nope, rope, 0, 1, 0)
         steps["dispatcher set_mla_kv_buffer_triton"] = lambda: set_mla_kv_buffer_triton(kv, loc, nope, rope)
         steps["pool.set_kv_buffer (split: k_nope, k_rope)"] = lambda: pool.set_kv_buffer(0, loc, nope, rope)
+        steps["pool.set_kv_buffer (split, sglang's layer object)"] = lambda: pool.set_kv_buffer(layer, loc, nope, rope)
         steps["pool.set_kv_buffer (full row, cache_v=None)"] = lambda: pool.set_kv_buffer(0, loc, full, None)
         if route[0] is not None:
             steps["jit_kernel.set_mla_kv_buffer (checked entry)"] = lambda: jit_kernel.set_mla_kv_buffer(kv, loc, nope, rope)

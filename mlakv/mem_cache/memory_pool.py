@@ -255,10 +255,11 @@ class MLATokenToKVPool:
             loc: ``[n_loc]`` int32/int64, any stride.
         """
         hot = self._jit_route
+        lid = layer if type(layer) is int else getattr(layer, "layer_id", None)  # sglang passes the layer object
         if (
             hot is not None
-            and type(layer) is int
-            and self.start_layer <= layer < self.end_layer
+            and type(lid) is int
+            and self.start_layer <= lid < self.end_layer
             and not self.check_bounds
             and not torch.compiler.is_compiling()
         ):
@@ -272,7 +273,7 @@ class MLATokenToKVPool:
                     width = cache_k.shape[-1]
                     if width == self.kv_lora_rank:  # the split form (rope > 0 here, so not a full row)
                         if cache_v is not None and cache_v.dtype is dt and write(
-                            self._dtype_views[layer - self.start_layer], loc, cache_k, cache_v,
+                            self._dtype_views[lid - self.start_layer], loc, cache_k, cache_v,
                             RESERVED_SLOT, self.dcp_world_size, self.dcp_rank,
                         ):  # fmt: skip
                             return
@@ -281,7 +282,7 @@ class MLATokenToKVPool:
                     ):  # sglang's full row, as the same two views _split_row_sources makes
                         nope, rope = torch.split_with_sizes(cache_k, self._row_split, -1)
                         if write(
-                            self._dtype_views[layer - self.start_layer], loc, nope, rope,
+                            self._dtype_views[lid - self.start_layer], loc, nope, rope,
                             RESERVED_SLOT, self.dcp_world_size, self.dcp_rank,
                         ):  # fmt: skip
                             return
