@@ -16,7 +16,7 @@ STEPS = [
 
 
 def test_step_costs_time_each_step_of_the_hot_path():
-    rows = {name: py for name, py, _ in step_costs("u8", calls=5, rounds=1)}
+    rows = {name: py for name, py, _ in step_costs("bf16", calls=5, rounds=1)  # bf16: the module test_rules builds too}
     for step in STEPS:
         assert math.isfinite(rows[step]) and rows[step] > 0, step
 
