@@ -65,11 +65,15 @@ def _check_fn(nope_bytes: int, rope_bytes: int) -> Optional[Callable]:
 
     if not find_cuda_home():
         return None
+    old = os.environ.get("TVM_FFI_CUDA_ARCH_LIST")
     os.environ.setdefault("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
     try:
         return build_set_mla_kv_buffer_module(nope_bytes, rope_bytes, use_pdl=True, device_capability=(9, 0)).check_set_mla_kv_buffer
     except (JitUnavailable, ImportError):
         return None
+    finally:
+        if old is None:
+            os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
 
 
 def _interleaved_us(steps: dict[str, Callable], calls: int, rounds: int, sync: Callable) -> dict[str, float]:
