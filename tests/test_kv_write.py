@@ -265,7 +265,7 @@ def test_misaligned_sources_fall_back_and_stay_exact():
     "mutate,exc,match",
     [
         (lambda a: (a[0], a[1].cpu(), a[2], a[3]), ValueError, r"loc is on cpu but kv_buffer is on cuda"),
-        (lambda a: (a[0], a[1], a[2].half(), a[3]), TypeError, r"cache_k_nope dtype torch.float16 does not match"),
+        (lambda a: (a[0], a[1], a[2].double(), a[3]), TypeError, r"cache_k_nope dtype torch.float64 does not match"),
         (lambda a: (a[0], a[1][:3], a[2], a[3]), ValueError, r"cache_k_nope: dim 0 is 4 but loc has n_loc=3"),
         (lambda a: (a[0], a[1].float(), a[2], a[3]), TypeError, r"loc must be int32 or int64"),
         (lambda a: (a[0], a[1], a[2].reshape(2, 2, 512), a[3]), ValueError, r"cache_k_nope: dim 1 of a 3-D tensor must be 1"),

@@ -99,7 +99,7 @@ def _rows(n, form):
 def test_valid_write_takes_the_hot_route_and_writes_the_same_rows(launcher_check, form, dcp, layer):
     hot, ref, writer = _pools(launcher_check, dcp_world_size=dcp[0], dcp_rank=dcp[1])
     hot.check_bounds = ref.check_bounds = False  # the hot route is for unchecked writes (as on a GPU)
-    loc = random_loc(9, 64, torch.int64)
+    loc = random_loc(9, 64, torch.int64, "cpu")
     loc[0] = RESERVED_SLOT
     k, v = _rows(9, form)
     lid = 4 if layer == "int" else SimpleNamespace(layer_id=4)
@@ -123,7 +123,7 @@ def test_valid_write_takes_the_hot_route_and_writes_the_same_rows(launcher_check
 def test_calls_the_hot_route_does_not_take_go_the_checked_path(launcher_check, case):
     hot, ref, writer = _pools(launcher_check)
     hot.check_bounds = ref.check_bounds = case == "bounds checked"
-    loc = random_loc(5, 64, torch.int32)
+    loc = random_loc(5, 64, torch.int32, "cpu")
     k, v = _rows(5, "split-2d")
     layer = np.int64(3) if case == "numpy layer id" else 3
     if case == "converting source":
@@ -139,7 +139,7 @@ def test_calls_the_hot_route_does_not_take_go_the_checked_path(launcher_check, c
 def test_misaligned_sources_fall_back_after_the_launcher_declines(launcher_check):
     hot, ref, writer = _pools(launcher_check)
     hot.check_bounds = ref.check_bounds = False
-    loc = random_loc(4, 64, torch.int64)
+    loc = random_loc(4, 64, torch.int64, "cpu")
     nope = random_rows(4, R + 1, torch.bfloat16, "cpu")[:, 1:]  # rows start 2 bytes off the vector width
     rope = random_rows(4, P, torch.bfloat16, "cpu")
     hot.set_kv_buffer(3, loc, nope, rope)
@@ -149,7 +149,7 @@ def test_misaligned_sources_fall_back_after_the_launcher_declines(launcher_check
 
 
 def _bad_calls():
-    loc = random_loc(4, 64, torch.int64)
+    loc = random_loc(4, 64, torch.int64, "cpu")
     nope, rope = random_rows(4, R, torch.bfloat16, "cpu"), random_rows(4, P, torch.bfloat16, "cpu")
     return {
         "float loc": (3, loc.float(), nope, rope),
