@@ -205,14 +205,6 @@ class LocalFileStorage(HiCacheStorage):
         self._write(kb, key, page.numpy(), ORDER_LAYER_MAJOR, 0, 0)
 
     # ---- batches (host pool pages, no Python byte copies for contiguous-page layouts) ----------
-    def batch_exists(self, keys: Sequence[StorageKey]) -> int:
-        n = 0
-        for k in keys:
-            if not self.exists(k):
-                break
-            n += 1
-        return n
-
     def register_mem_pool_host(self, host_pool: Any) -> None:
         if getattr(host_pool, "page_bytes", None) != self.page_bytes:
             raise ValueError(

@@ -240,6 +240,22 @@ __global__ void set_mla_kv_row_kernel(const __grid_constant__ RowArgs a) {
 // Python exception, never a fault.
 // ---------------------------------------------------------------------------------------------
 
+// A launch configuration on `stream`, with programmatic stream serialization (PDL) when `pdl`;
+// `attr` (one element) must outlive the launch call.
+inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                                        cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kEarly, bool kUseTMA, int kItems, typename LocT>
 void launch_variant(const RowArgs& a, int num_warps, cudaStream_t stream) {
   constexpr int kSlotBytes = (kNopeBytes + kRopeBytes + 15) / 16 * 16;
@@ -252,16 +268,10 @@ void launch_variant(const RowArgs& a, int num_warps, cudaStream_t stream) {
     TVM_FFI_CHECK_CUDA_ERROR(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(static_cast<unsigned>(num_warps * 32));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = kUsePDL ? 1 : 0;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const cudaLaunchConfig_t cfg =
+      launch_config(dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(num_warps * 32)), smem, stream,
+                    kUsePDL, attr);
   TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, kernel, a.kv, a.kv_stride, a.num_slots, a.nope, a.nope_stride,
                                               a.rope, a.rope_stride, static_cast<const LocT*>(a.loc), a.loc_stride,
                                               a.n_loc, a.skip_index, a.dcp_world, a.dcp_rank));
@@ -271,15 +281,10 @@ template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kEarly, typename Lo
 void launch_rows(const RowArgs& a, int num_warps, cudaStream_t stream) {
   const int64_t blocks = (a.n_loc + num_warps - 1) / num_warps;
   TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << a.n_loc << " needs too many blocks";
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(32, static_cast<unsigned>(num_warps));
-  cfg.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = kUsePDL ? 1 : 0;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const cudaLaunchConfig_t cfg =
+      launch_config(dim3(static_cast<unsigned>(blocks)), dim3(32, static_cast<unsigned>(num_warps)), 0, stream, kUsePDL,
+                    attr);
   TVM_FFI_CHECK_CUDA_ERROR(
       a.dcp_world > 1 ? cudaLaunchKernelEx(&cfg, set_mla_kv_row_kernel<kNopeBytes, kRopeBytes, kUsePDL, kEarly, true, LocT>, a)
                       : cudaLaunchKernelEx(&cfg, set_mla_kv_row_kernel<kNopeBytes, kRopeBytes, kUsePDL, kEarly, false, LocT>, a));
