@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from mlakv.argtypes import positive_int
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.models import DecodeGraphRunner, DictKVCache, Engine, MLAConfig, PoolKVCache, Request, TokenSlotAllocator
 from mlakv.models.mla import PrefillSegment, default_dtype, make_model
@@ -113,16 +114,6 @@ def reference_check(cfg: MLAConfig, device, dtype) -> bool:
     return same and rows_same
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``mlakv demo`` parser (defaults: GPU sizes / CPU sizes)."""
     ap = argparse.ArgumentParser(
@@ -130,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a small DeepSeek-style MLA model through the pool: a reference check against a "
         "dict-of-tensors cache, then prefill and decode timed with three KV-write variants.",
     )
-    ap.add_argument("--layers", type=_positive, default=4, help="transformer layers of the model (default 4)")
-    ap.add_argument("--prompts", type=_positive, default=None, help="prefill batch: number of prompts (default GPU 16, CPU 4)")
-    ap.add_argument("--prompt-len", type=_positive, default=None, help="tokens per prompt (default GPU 1024, CPU 64)")
-    ap.add_argument("--decode-batch", type=_positive, default=None, help="requests decoded together (default GPU 32, CPU 8)")
-    ap.add_argument("--decode-steps", type=_positive, default=None, help="decode steps timed per variant (default GPU 32, CPU 8)")
+    ap.add_argument("--layers", type=positive_int, default=4, help="transformer layers of the model (default 4)")
+    ap.add_argument("--prompts", type=positive_int, default=None, help="prefill batch: number of prompts (default GPU 16, CPU 4)")
+    ap.add_argument("--prompt-len", type=positive_int, default=None, help="tokens per prompt (default GPU 1024, CPU 64)")
+    ap.add_argument("--decode-batch", type=positive_int, default=None, help="requests decoded together (default GPU 32, CPU 8)")
+    ap.add_argument("--decode-steps", type=positive_int, default=None, help="decode steps timed per variant (default GPU 32, CPU 8)")
     ap.add_argument("--kv-cache-format", choices=["ds_mla", "per_tensor"], default=None,
                     help="also run the model on an FP8 cache of this format (quantized in the write, dequantized in "
                     "the gather) and report how far its logits move from the plain cache's")  # fmt: skip

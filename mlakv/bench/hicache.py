@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from mlakv.argtypes import positive_int
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
 
 HOST_LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
@@ -103,16 +104,6 @@ def _csv_pages(text: str) -> list[int]:
     return pages
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``mlakv bench hicache`` parser."""
     ap = argparse.ArgumentParser(
@@ -122,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--pages", type=_csv_pages, default=None,
                     help=f"comma list of page counts (default: GPU {GPU_PAGES}, CPU {CPU_PAGES})")
-    ap.add_argument("--layers", type=_positive, default=2, help="layers in the pool (default 2)")
-    ap.add_argument("--page-size", type=_positive, default=64, help="tokens per page (default 64)")
+    ap.add_argument("--layers", type=positive_int, default=2, help="layers in the pool (default 2)")
+    ap.add_argument("--page-size", type=positive_int, default=64, help="tokens per page (default 64)")
     ap.add_argument("--layouts", type=str, choices=HOST_LAYOUTS + ["both"], default="both",
                     help="host pool layout(s) to time (default \"both\": every layout)")
     ap.add_argument("--sms", type=_csv_pages, default=[8],

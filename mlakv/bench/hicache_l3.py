@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from mlakv.argtypes import positive_int
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
 from mlakv.mem_cache.mooncake_master import MooncakeMaster, MooncakeUnavailable
 from mlakv.mem_cache.mooncake_storage import MooncakeStorage, default_checksum_threads
@@ -48,25 +49,15 @@ def _csv(text: str) -> list[int]:
     return vals
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mlakv bench hicache --l3 mooncake", description=__doc__.split("\n\n")[0])
     ap.add_argument("--l3", choices=["mooncake"], required=True, help="the L3 store to time")
     ap.add_argument("--pages", type=_csv, default=None,
                     help=f"comma list of batch sizes in pages (default: CUDA machine {GPU_MACHINE_PAGES}, CPU {CPU_PAGES})")
-    ap.add_argument("--layers", type=_positive, default=61, help="layers per page (default 61)")
-    ap.add_argument("--page-size", type=_positive, default=64, help="tokens per page (default 64)")
-    ap.add_argument("--reps", type=_positive, default=9, help="timed rounds per batch size (default 9)")
-    ap.add_argument("--checksum-threads", type=_positive, default=None,
+    ap.add_argument("--layers", type=positive_int, default=61, help="layers per page (default 61)")
+    ap.add_argument("--page-size", type=positive_int, default=64, help="tokens per page (default 64)")
+    ap.add_argument("--reps", type=positive_int, default=9, help="timed rounds per batch size (default 9)")
+    ap.add_argument("--checksum-threads", type=positive_int, default=None,
                     help="MooncakeStorage checksum_threads (default: its own, default_checksum_threads())")
     return ap
 
