@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -30,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .memory_pool import MLATokenToKVPool
+from .memory_pool import MLATokenToKVPool, host_available_bytes
 
 __all__ = ["MLATokenToKVPoolHost", "host_available_bytes", "LAYOUTS", "IO_BACKENDS"]
 
@@ -38,21 +37,6 @@ __all__ = ["MLATokenToKVPoolHost", "host_available_bytes", "LAYOUTS", "IO_BACKEN
 #: together); ``page_first_direct`` ``[pages, layer, page_size, 1, D]`` (a page's layers together).
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 IO_BACKENDS = ("kernel", "direct")
-
-
-def host_available_bytes() -> Optional[int]:
-    """Memory the host can still give (``MemAvailable``), or None if it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _as_int(value: Any, name: str) -> int:

@@ -9,6 +9,7 @@ attention kernels, the write path, transfer engines and HiCache the views they n
 from __future__ import annotations
 
 import operator
+import os
 from typing import Optional, Union
 
 import torch
@@ -26,18 +27,28 @@ LayerRef = Union[int, object]
 RESERVED_SLOT = 0  # the dummy slot of padded tokens (sglang's reserved_skip_index): writes skip it
 
 
+def host_available_bytes() -> Optional[int]:
+    """Memory the host can still give (``MemAvailable``), or None if it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _free_bytes(device: torch.device) -> Optional[int]:
-    """Free memory on ``device`` in bytes (CUDA: the driver's count; CPU: MemAvailable), or None if unknown."""
+    """Free memory on ``device`` in bytes (CUDA: the driver's count; CPU: :func:`host_available_bytes`),
+    or None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+        return host_available_bytes()
     return None
 
 
