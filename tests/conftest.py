@@ -6,6 +6,7 @@ tensors); it must be set before the first ``@triton.jit`` decoration, hence here
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -77,3 +78,40 @@ def assert_bits_equal(actual: torch.Tensor, expected_bits: torch.Tensor) -> None
     if not torch.equal(a, expected_bits):
         diff = (a != expected_bits).reshape(a.shape[0], -1).any(dim=1).nonzero().flatten()
         raise AssertionError(f"{diff.numel()} rows differ, first rows: {diff[:8].tolist()}")
+
+
+JIT_BUILD_REQUIRED = os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0")
+
+
+def jit_toolchain_missing() -> str | None:
+    """Why the CUDA sources cannot be built here (no tvm-ffi, no nvcc), or None."""
+    try:
+        import tvm_ffi  # noqa: F401
+    except ImportError:
+        return "apache-tvm-ffi is not installed"
+    from mlakv.jit_kernel import find_cuda_home
+
+    return None if find_cuda_home() is not None else "nvcc is not available"
+
+
+def require_jit_toolchain() -> None:
+    """Skip without tvm-ffi/nvcc, or fail where ``MLAKV_REQUIRE_JIT_BUILD=1`` (CI) says they must be there."""
+    missing = jit_toolchain_missing()
+    if missing:
+        if JIT_BUILD_REQUIRED:
+            pytest.fail(f"MLAKV_REQUIRE_JIT_BUILD=1 but {missing}")
+        pytest.skip(missing)
+
+
+@contextlib.contextmanager
+def sm90a_build_env():
+    """:func:`require_jit_toolchain`, then builds target sm_90a (unless ``TVM_FFI_CUDA_ARCH_LIST`` says
+    otherwise) inside the block: the CUDA sources compile and load without a GPU."""
+    require_jit_toolchain()
+    old = os.environ.get("TVM_FFI_CUDA_ARCH_LIST")
+    os.environ.setdefault("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_cuda, requires_sm90
+from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_cuda, requires_sm90, sm90a_build_env
 
 from mlakv.mem_cache.fp8 import (
     E4M3_MAX,
@@ -567,29 +567,13 @@ def test_cpu_path_is_torch():
 
 
 # ---- the CUDA source builds (no GPU needed) -----------------------------------------------------
-REQUIRED = os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0")
-
-
 @pytest.fixture(scope="module")
 def built_fp8_modules():
     """Both formats' modules built for sm_90a in parallel (no GPU needed), or the reason they cannot be."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mlakv.jit_kernel import JitUnavailable, find_cuda_home
+    from mlakv.jit_kernel import JitUnavailable
     from mlakv.jit_kernel.mla_fp8 import build_mla_fp8_module
-
-    try:
-        import tvm_ffi  # noqa: F401
-    except ImportError:
-        missing = "apache-tvm-ffi is not installed"
-    else:
-        missing = None if find_cuda_home() is not None else "nvcc is not available"
-    if missing:
-        if REQUIRED:
-            pytest.fail(f"MLAKV_REQUIRE_JIT_BUILD=1 but {missing}")
-        pytest.skip(missing)
-    old = os.environ.get("TVM_FFI_CUDA_ARCH_LIST")
-    os.environ.setdefault("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
 
     def build(fmt):
         try:
@@ -597,12 +581,8 @@ def built_fp8_modules():
         except JitUnavailable as e:
             return fmt, e
 
-    try:
-        with ThreadPoolExecutor(max_workers=2) as ex:
-            return dict(ex.map(build, FORMATS))
-    finally:
-        if old is None:
-            os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
+    with sm90a_build_env(), ThreadPoolExecutor(max_workers=2) as ex:
+        return dict(ex.map(build, FORMATS))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

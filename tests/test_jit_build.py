@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mlakv.jit_kernel import JitUnavailable, build_set_mla_kv_buffer_module, can_use_set_mla_kv_buffer, find_cuda_home
+from conftest import require_jit_toolchain, sm90a_build_env
+from mlakv.jit_kernel import JitUnavailable, build_set_mla_kv_buffer_module, can_use_set_mla_kv_buffer
 
 # (nope bytes, rope bytes) of every layout in the test matrix.
 LAYOUTS = [
@@ -28,41 +29,18 @@ LAYOUTS = [
     (1024, 0),  # bf16 rope-less 512+0
     (528, 0),  # uint8 rope-less 528+0 (16-byte row, 16-byte nope vectors)
 ]
-REQUIRED = os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0")
-
-
-def _toolchain_missing() -> str | None:
-    try:
-        import tvm_ffi  # noqa: F401
-    except ImportError:
-        return "apache-tvm-ffi is not installed"
-    if find_cuda_home() is None:
-        return "nvcc is not available"
-    return None
 
 
 @pytest.fixture(scope="module")
 def built_modules():
-    missing = _toolchain_missing()
-    if missing:
-        if REQUIRED:
-            pytest.fail(f"MLAKV_REQUIRE_JIT_BUILD=1 but {missing}")
-        pytest.skip(missing)
-    old = os.environ.get("TVM_FFI_CUDA_ARCH_LIST")
-    os.environ.setdefault("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
-
     def build(layout):
         try:
             return layout, build_set_mla_kv_buffer_module(*layout, use_pdl=True, device_capability=(9, 0))
         except JitUnavailable as e:
             return layout, e
 
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as ex:
-            return dict(ex.map(build, LAYOUTS))
-    finally:
-        if old is None:
-            os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
+    with sm90a_build_env(), ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as ex:
+        return dict(ex.map(build, LAYOUTS))
 
 
 @pytest.mark.jit_build
@@ -100,11 +78,7 @@ def test_missing_nvcc_is_reported_not_raised_through(monkeypatch):
 
 @pytest.mark.jit_build
 def test_broken_source_fails_with_the_compiler_error(tmp_path, monkeypatch):
-    missing = _toolchain_missing()
-    if missing:
-        if REQUIRED:
-            pytest.fail(f"MLAKV_REQUIRE_JIT_BUILD=1 but {missing}")
-        pytest.skip(missing)
+    require_jit_toolchain()
     from mlakv.jit_kernel.loader import load_cuda_module
 
     monkeypatch.setenv("MLAKV_CACHE_DIR", str(tmp_path))

@@ -10,14 +10,13 @@ as one without, and the hot route is only used for the calls it may take.
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import bits, random_loc, random_rows
+from conftest import bits, random_loc, random_rows, sm90a_build_env
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.mem_cache.memory_pool import RESERVED_SLOT
 from mlakv.mem_cache.torch_ref import set_mla_kv_buffer_torch
@@ -28,27 +27,15 @@ R, P = 512, 64  # kv_lora_rank, qk_rope_head_dim (bf16: the 1024 + 128 byte modu
 @pytest.fixture(scope="module")
 def launcher_check():
     """The compiled module's ``check_set_mla_kv_buffer`` for bf16 512 + 64 rows."""
-    from mlakv.jit_kernel import JitUnavailable, build_set_mla_kv_buffer_module, find_cuda_home
+    from mlakv.jit_kernel import JitUnavailable, build_set_mla_kv_buffer_module
 
-    try:
-        import tvm_ffi  # noqa: F401
-    except ImportError:
-        missing = "apache-tvm-ffi is not installed"
-    else:
-        missing = None if find_cuda_home() else "nvcc is not available"
-    if missing:
-        if os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0"):
-            pytest.fail(f"MLAKV_REQUIRE_JIT_BUILD=1 but {missing}")
-        pytest.skip(missing)
-    old = os.environ.get("TVM_FFI_CUDA_ARCH_LIST")
-    os.environ.setdefault("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
-    try:
-        return build_set_mla_kv_buffer_module(2 * R, 2 * P, use_pdl=True, device_capability=(9, 0)).check_set_mla_kv_buffer
-    except JitUnavailable as e:
-        pytest.fail(f"the module does not build: {e}")
-    finally:
-        if old is None:
-            os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
+    with sm90a_build_env():
+        try:
+            return build_set_mla_kv_buffer_module(
+                2 * R, 2 * P, use_pdl=True, device_capability=(9, 0)
+            ).check_set_mla_kv_buffer
+        except JitUnavailable as e:
+            pytest.fail(f"the module does not build: {e}")
 
 
 class RecordingWriter:

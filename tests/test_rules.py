@@ -7,11 +7,11 @@ The launcher's checks run on CPU tensors through the module's ``check_set_mla_kv
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from conftest import sm90a_build_env
 from mlakv.mem_cache import rules
 
 BF16 = torch.bfloat16
@@ -120,31 +120,16 @@ def cpp_verdict(mod, kv, loc, nope, rope, dcp) -> tuple[str, type | None]:
 
 @pytest.fixture(scope="module")
 def modules():
-    from mlakv.jit_kernel import JitUnavailable, build_set_mla_kv_buffer_module, find_cuda_home
+    from mlakv.jit_kernel import JitUnavailable, build_set_mla_kv_buffer_module
 
-    required = os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0")
-    try:
-        import tvm_ffi  # noqa: F401
-    except ImportError:
-        missing = "apache-tvm-ffi is not installed"
-    else:
-        missing = None if find_cuda_home() else "nvcc is not available"
-    if missing:
-        if required:
-            pytest.fail(f"MLAKV_REQUIRE_JIT_BUILD=1 but {missing}")
-        pytest.skip(missing)
-    old = os.environ.get("TVM_FFI_CUDA_ARCH_LIST")
-    os.environ.setdefault("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
-    try:
-        return {
-            rope_bytes: build_set_mla_kv_buffer_module(1024, rope_bytes, use_pdl=True, device_capability=(9, 0))
-            for rope_bytes in (128, 0)
-        } | {4: build_set_mla_kv_buffer_module(1020, 4, use_pdl=True, device_capability=(9, 0))}
-    except JitUnavailable as e:
-        pytest.fail(f"the module does not build: {e}")
-    finally:
-        if old is None:
-            os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
+    with sm90a_build_env():
+        try:
+            return {
+                rope_bytes: build_set_mla_kv_buffer_module(1024, rope_bytes, use_pdl=True, device_capability=(9, 0))
+                for rope_bytes in (128, 0)
+            } | {4: build_set_mla_kv_buffer_module(1020, 4, use_pdl=True, device_capability=(9, 0))}
+        except JitUnavailable as e:
+            pytest.fail(f"the module does not build: {e}")
 
 
 TABLE = _table()
