@@ -650,12 +650,12 @@ def test_jit_launchers_serve_zero_rows_at_any_alignment(fmt, spare, built_fp8_mo
             outs = FakeCudaTensor((0, NOPE), dst), FakeCudaTensor((0, ROPE), dst)
             assert mod.mla_fp8_gather(kv, loc, scale, *outs, 8) is True
         srcs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
-        assert mod.mla_fp8_quant(kv, loc, *srcs, scale, -1, 8) is True
+        assert mod.mla_fp8_quant(kv, loc, *srcs, scale, -1, 8, False) is True
     one = FakeCudaTensor((1,), torch.int64)
     outs = FakeCudaTensor((1, NOPE), torch.bfloat16), FakeCudaTensor((1, ROPE), torch.bfloat16)
     if spare:
         assert mod.mla_fp8_gather(kv, one, scale, *outs, 8) is False
-        assert mod.mla_fp8_quant(kv, one, *outs, scale, -1, 8) is False
+        assert mod.mla_fp8_quant(kv, one, *outs, scale, -1, 8, False) is False
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -674,9 +674,9 @@ def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
     with pytest.raises(ValueError, match=r"nope_out/rope_out must be contiguous \[n_loc, 512\]"):
         mod.mla_fp8_gather(kv, loc, scale, FakeCudaTensor((0, 256), torch.bfloat16), outs[1], 8)
     with pytest.raises(ValueError, match="the row needs"):
-        mod.mla_fp8_quant(FakeCudaTensor((12, 100), torch.uint8), loc, *outs, scale, -1, 8)
+        mod.mla_fp8_quant(FakeCudaTensor((12, 100), torch.uint8), loc, *outs, scale, -1, 8, False)
     with pytest.raises(TypeError, match="k_nope and k_rope must both be bfloat16 or both float16"):
-        mod.mla_fp8_quant(kv, loc, outs[0], FakeCudaTensor((0, ROPE), torch.float16), scale, -1, 8)
+        mod.mla_fp8_quant(kv, loc, outs[0], FakeCudaTensor((0, ROPE), torch.float16), scale, -1, 8, False)
 
 
 _QUANT_INTS = ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot")

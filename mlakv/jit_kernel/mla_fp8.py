@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .loader import JitUnavailable, load_cuda_module
+from .tuning import tuning_for
 
 logger = logging.getLogger("mlakv.jit")
 
@@ -35,9 +36,10 @@ _WRAPPER = """\
 #include "mla_fp8.cuh"
 
 bool mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
-                   tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot, int64_t num_warps) {{
+                   tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot, int64_t num_warps,
+                   bool early_trigger) {{
   return mlakv::fp8::launch_mla_fp8_quant<{fmt}, {nope}, {rope}, {pdl}>(kv, loc, nope, rope, scale, skip_slot,
-                                                                       num_warps);
+                                                                       num_warps, early_trigger);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_quant, mla_fp8_quant);
 
@@ -138,7 +140,8 @@ def fp8_jit_write(
 
     Shapes: ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn, ``loc [n_loc]``,
     ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or
-    None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none).
+    None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none). The PDL trigger's
+    place follows the plain write's tuning row for ``n_loc`` (:mod:`mlakv.jit_kernel.tuning`).
     """
     mod = _fn_for(kv_buffer.get_device(), kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
     if isinstance(mod, str):
@@ -147,7 +150,8 @@ def fp8_jit_write(
     kv = kv_buffer if kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
     if k_scale is None:
         k_scale = _dummy_scale(kv_buffer.device)
-    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, FP8_JIT_WARPS))
+    early = tuning_for(kv_buffer.device).launch(loc.shape[0])[3]
+    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, FP8_JIT_WARPS, early))
 
 
 def fp8_jit_gather(

@@ -15,7 +15,8 @@
 // Padding rows (loc < 0), slot == skip_slot (the pool's reserved slot) and slots >= num_slots are
 // not written. loc is read at its stride.
 // Offsets are 64-bit. With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait)
-// before reading inputs and lets the next one launch right after that wait.
+// before reading inputs and lets the next one launch at entry or right after that wait, as the
+// plain write's tuning row says for the call's n_loc (mlakv/jit_kernel/tuning.py).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -77,114 +78,131 @@ __device__ __forceinline__ uint32_t bf16_bits(float x) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(x)));
 }
 
-template <int kFormat, int kNope, int kRope, bool kBf16, bool kUsePDL, typename LocT>
-__global__ void quant_write_kernel(uint8_t* __restrict__ kv, int64_t kv_stride,  // bytes
-                                   const uint8_t* __restrict__ nope, int64_t nope_stride,  // bytes
-                                   const uint8_t* __restrict__ rope, int64_t rope_stride,  // bytes
-                                   const LocT* __restrict__ loc, int64_t loc_stride,       // elements
-                                   int64_t n_loc, int64_t num_slots, int64_t skip_slot,
-                                   const float* __restrict__ k_scale) {
+// The quantizing write's arguments, gathered once by the launcher (strides in bytes except
+// loc_stride). Passed as one __grid_constant__ struct, as the plain row write's.
+struct QuantArgs {
+  uint8_t* kv;
+  int64_t kv_stride, num_slots;
+  const uint8_t* nope;
+  int64_t nope_stride;
+  const uint8_t* rope;
+  int64_t rope_stride;
+  const void* loc;
+  int64_t loc_stride, n_loc, skip_slot;
+  const float* k_scale;  // per_tensor: 1 element on the device; ds_mla: not read
+};
+
+// 16-byte chunk c of a row's sources (nope chunks first, then rope), plain loads.
+template <int kNC>
+__device__ __forceinline__ uint4 load_chunk(const uint8_t* nsrc, const uint8_t* rsrc, int c) {
+  return c < kNC ? reinterpret_cast<const uint4*>(nsrc)[c] : reinterpret_cast<const uint4*>(rsrc)[c - kNC];
+}
+
+// The launch order of one row, as the plain row write (set_mla_kv_row_kernel) measured best on the
+// H100: the PDL trigger at entry (kEarlyTrigger) or right after the wait, never behind a use of a
+// loaded value; addresses formed before the wait; loc, sources and the scale loaded together right
+// behind it (no load waits on a test of loc); only the stores test loc.
+template <int kFormat, int kNope, int kRope, bool kBf16, bool kUsePDL, bool kEarlyTrigger, typename LocT>
+__global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
   static_assert(kNope % 8 == 0 && kRope % 8 == 0, "widths must be multiples of 8 values");
   constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
   constexpr int kRC = kRope / 8;
-  const int lane = threadIdx.x & 31;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x;  // blockDim = (32, warps)
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
 
-  if (item >= n_loc) return;  // uniform per warp: the shuffles below see all 32 lanes
-  if constexpr (kUsePDL) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    // The next grid's own griddepcontrol.wait still waits for this whole grid to finish, so letting
-    // it launch now only overlaps its prologue with our work (the plain write measured a trigger
-    // after the stores 0.15-0.2 us slower at small n_loc).
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  }
-  {
-    const int64_t slot = static_cast<int64_t>(loc[item * loc_stride]);
-    const uint8_t* nsrc = nope + item * nope_stride;
-    const uint8_t* rsrc = rope + item * rope_stride;
-    const bool live = slot >= 0 && slot < num_slots && slot != skip_slot;
-    uint8_t* dst = kv + slot * kv_stride;
+  if constexpr (kUsePDL && kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if (item >= a.n_loc) return;  // uniform per warp: the shuffles below see all 32 lanes
+  const uint8_t* nsrc = a.nope + item * a.nope_stride;
+  const uint8_t* rsrc = a.rope + item * a.rope_stride;
+  const LocT* lp = static_cast<const LocT*>(a.loc) + item * a.loc_stride;
+  if constexpr (kUsePDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (kUsePDL && !kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int64_t raw = static_cast<int64_t>(*lp);
 
-    if constexpr (kFormat == 0) {
-      constexpr int kC = kNC + kRC;
-      constexpr int kIters = (kC + 31) / 32;
-      uint4 v[kIters];
+  if constexpr (kFormat == 0) {
+    constexpr int kC = kNC + kRC;
+    constexpr int kIters = (kC + 31) / 32;
+    uint4 v[kIters];
 #pragma unroll
-      for (int i = 0; i < kIters; ++i) {
-        const int c = lane + 32 * i;
-        if (c < kNC) v[i] = __ldg(reinterpret_cast<const uint4*>(nsrc) + c);
-        else if (c < kC) v[i] = __ldg(reinterpret_cast<const uint4*>(rsrc) + (c - kNC));
-      }
-      const float scale = __ldg(k_scale);
-      if (live) {
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
+    }
+    const float scale = *a.k_scale;
+    if (raw < 0 || raw == a.skip_slot || raw >= a.num_slots) return;
+    uint8_t* dst = a.kv + raw * a.kv_stride;
 #pragma unroll
-        for (int i = 0; i < kIters; ++i) {
-          const int c = lane + 32 * i;
-          if (c < kC) {
-            float f[8];
-            chunk_to_float<kBf16>(v[i], f);
-            reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale);
-          }
-        }
-      }
-    } else {
-      static_assert(kNope % 128 == 0, "ds_mla tiles are 128 values");
-      constexpr int kTiles = kNope / 128;
-      constexpr int kScaleOff = kNope;
-      constexpr int kRopeOff = kNope + 4 * kTiles;
-      static_assert(kRopeOff % 16 == 0, "the rope of a ds_mla row must start on 16 bytes");
-      constexpr int kNI = (kNC + 31) / 32;
-      constexpr int kRI = (kRC + 31) / 32;
-      uint4 v[kNI];
-      uint4 r[kRI];
-#pragma unroll
-      for (int i = 0; i < kNI; ++i) {
-        const int c = lane + 32 * i;
-        if (c < kNC) v[i] = __ldg(reinterpret_cast<const uint4*>(nsrc) + c);
-      }
-#pragma unroll
-      for (int i = 0; i < kRI; ++i) {
-        const int c = lane + 32 * i;
-        if (c < kRC) r[i] = __ldg(reinterpret_cast<const uint4*>(rsrc) + c);
-      }
-#pragma unroll
-      for (int i = 0; i < kNI; ++i) {
-        const int c = lane + 32 * i;
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kC) {
         float f[8];
-        float amax = 0.0f;
-        if (c < kNC) {
-          chunk_to_float<kBf16>(v[i], f);
+        chunk_to_float<kBf16>(v[i], f);
+        reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale);
+      }
+    }
+  } else {
+    static_assert(kNope % 128 == 0, "ds_mla tiles are 128 values");
+    constexpr int kTiles = kNope / 128;
+    constexpr int kScaleOff = kNope;
+    constexpr int kRopeOff = kNope + 4 * kTiles;
+    static_assert(kRopeOff % 16 == 0, "the rope of a ds_mla row must start on 16 bytes");
+    constexpr int kNI = (kNC + 31) / 32;
+    constexpr int kRI = (kRC + 31) / 32;
+    uint4 v[kNI];
+    uint4 r[kRI];
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const float a = fabsf(f[j]);
-            if (a < INFINITY) amax = fmaxf(amax, a);  // NaN and inf do not set the scale
-          }
-        }
+    for (int i = 0; i < kNI; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kNC) v[i] = reinterpret_cast<const uint4*>(nsrc)[c];
+    }
 #pragma unroll
-        for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float scale = fmaxf(__fdiv_rn(amax, kE4M3Max), kFltMin);
-        if (live && c < kNC) {
-          reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale);
-          if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale;
+    for (int i = 0; i < kRI; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kRC) r[i] = reinterpret_cast<const uint4*>(rsrc)[c];
+    }
+    // Tile amax and scale: every lane takes part in the shuffles, whatever loc says.
+    float f[kNI][8];
+    float scale[kNI];
+#pragma unroll
+    for (int i = 0; i < kNI; ++i) {
+      const int c = lane + 32 * i;
+      float amax = 0.0f;
+      if (c < kNC) {
+        chunk_to_float<kBf16>(v[i], f[i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float x = fabsf(f[i][j]);
+          if (x < INFINITY) amax = fmaxf(amax, x);  // NaN and inf do not set the scale
         }
       }
-      if (live) {
 #pragma unroll
-        for (int i = 0; i < kRI; ++i) {
-          const int c = lane + 32 * i;
-          if (c < kRC) {
-            uint4 out = r[i];
-            if constexpr (!kBf16) {
-              float f[8];
-              chunk_to_float<false>(r[i], f);
-              out.x = bf16_bits(f[0]) | (bf16_bits(f[1]) << 16);
-              out.y = bf16_bits(f[2]) | (bf16_bits(f[3]) << 16);
-              out.z = bf16_bits(f[4]) | (bf16_bits(f[5]) << 16);
-              out.w = bf16_bits(f[6]) | (bf16_bits(f[7]) << 16);
-            }
-            reinterpret_cast<uint4*>(dst + kRopeOff)[c] = out;
-          }
+      for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      scale[i] = fmaxf(__fdiv_rn(amax, kE4M3Max), kFltMin);
+    }
+    if (raw < 0 || raw == a.skip_slot || raw >= a.num_slots) return;
+    uint8_t* dst = a.kv + raw * a.kv_stride;
+#pragma unroll
+    for (int i = 0; i < kNI; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kNC) {
+        reinterpret_cast<uint2*>(dst)[c] = quant8(f[i], scale[i]);
+        if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale[i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRI; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kRC) {
+        uint4 out = r[i];
+        if constexpr (!kBf16) {
+          float h[8];
+          chunk_to_float<false>(r[i], h);
+          out.x = bf16_bits(h[0]) | (bf16_bits(h[1]) << 16);
+          out.y = bf16_bits(h[2]) | (bf16_bits(h[3]) << 16);
+          out.z = bf16_bits(h[4]) | (bf16_bits(h[5]) << 16);
+          out.w = bf16_bits(h[6]) | (bf16_bits(h[7]) << 16);
         }
+        reinterpret_cast<uint4*>(dst + kRopeOff)[c] = out;
       }
     }
   }
@@ -202,16 +220,12 @@ inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
 }
 
 template <int kFormat, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
-void launch_quant_typed(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int64_t nope_stride,
-                        const uint8_t* rope, int64_t rope_stride, const void* loc, int64_t loc_stride,
-                        int64_t n_loc, int64_t num_slots, int64_t skip_slot, const float* scale, int num_warps,
-                        cudaStream_t stream) {
-  const int64_t blocks = (n_loc + num_warps - 1) / num_warps;
-  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
-  auto kernel = quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, LocT>;
+void launch_quant_typed(const QuantArgs& a, int num_warps, bool early_trigger, cudaStream_t stream) {
+  const int64_t blocks = (a.n_loc + num_warps - 1) / num_warps;
+  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << a.n_loc << " needs too many blocks";
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(static_cast<unsigned>(num_warps * 32));
+  cfg.blockDim = dim3(32, static_cast<unsigned>(num_warps));
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -219,18 +233,20 @@ void launch_quant_typed(uint8_t* kv, int64_t kv_stride, const uint8_t* nope, int
   attr[0].val.programmaticStreamSerializationAllowed = kUsePDL ? 1 : 0;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, kernel, kv, kv_stride, nope, nope_stride, rope, rope_stride,
-                                              static_cast<const LocT*>(loc), loc_stride, n_loc, num_slots, skip_slot, scale));
+  TVM_FFI_CHECK_CUDA_ERROR(
+      early_trigger ? cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, true, LocT>, a)
+                    : cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, false, LocT>, a));
 }
 
 // kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride);
 // nope: [n_loc, (1,) kNope], rope: [n_loc, (1,) kRope], both bf16 or both fp16;
 // scale: per_tensor: 1-element fp32 on the device (ds_mla: not read); rows whose slot is skip_slot
-// are skipped like padding (-1: none); num_warps in [1, 32].
+// are skipped like padding (-1: none); num_warps in [1, 32]; early_trigger: the PDL trigger at
+// kernel entry (else right after the wait).
 template <int kFormat, int kNope, int kRope, bool kUsePDL>
 bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                           tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot,
-                          int64_t num_warps) {
+                          int64_t num_warps, bool early_trigger) {
   constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
   const auto rows_ok = [](const tvm::ffi::TensorView& t) {
     return t.ndim() == 2 || (t.ndim() == 3 && t.size(1) == 1);
@@ -274,23 +290,31 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
   if (n_loc == 0) return true;
   const int64_t kv_stride = kv.stride(0);  // bytes: 8-bit elements
   const int64_t nope_stride = nope.stride(0) * 2, rope_stride = rope.stride(0) * 2;
-  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
+  const auto addr = [](const tvm::ffi::TensorView& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) + static_cast<uintptr_t>(t.byte_offset());
+  };
   if (((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16) ||
       ((addr(nope) | static_cast<uintptr_t>(nope_stride)) % 16) ||
       ((addr(rope) | static_cast<uintptr_t>(rope_stride)) % 16)) {
     return false;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
-  auto* kv_ptr = static_cast<uint8_t*>(kv.data_ptr());
-  const auto* n_ptr = static_cast<const uint8_t*>(nope.data_ptr());
-  const auto* r_ptr = static_cast<const uint8_t*>(rope.data_ptr());
-  const auto* s_ptr = static_cast<const float*>(scale.data_ptr());
-  const int64_t loc_stride = loc.stride(0), num_slots = kv.size(0);
+  QuantArgs a;
+  a.kv = static_cast<uint8_t*>(kv.data_ptr()) + kv.byte_offset();
+  a.kv_stride = kv_stride;
+  a.num_slots = kv.size(0);
+  a.nope = static_cast<const uint8_t*>(nope.data_ptr()) + nope.byte_offset();
+  a.nope_stride = nope_stride;
+  a.rope = static_cast<const uint8_t*>(rope.data_ptr()) + rope.byte_offset();
+  a.rope_stride = rope_stride;
+  a.loc = static_cast<const uint8_t*>(loc.data_ptr()) + loc.byte_offset();
+  a.loc_stride = loc.stride(0);
+  a.n_loc = n_loc;
+  a.skip_slot = skip_slot;
+  a.k_scale = reinterpret_cast<const float*>(static_cast<const uint8_t*>(scale.data_ptr()) + scale.byte_offset());
   const int w = static_cast<int>(num_warps);
-#define MLAKV_FP8_LAUNCH(BF16, LOCT)                                                                       \
-  launch_quant_typed<kFormat, kNope, kRope, kUsePDL, BF16, LOCT>(kv_ptr, kv_stride, n_ptr, nope_stride, r_ptr, \
-                                                                 rope_stride, loc.data_ptr(), loc_stride,     \
-                                                                 n_loc, num_slots, skip_slot, s_ptr, w, stream)
+#define MLAKV_FP8_LAUNCH(BF16, LOCT) \
+  launch_quant_typed<kFormat, kNope, kRope, kUsePDL, BF16, LOCT>(a, w, early_trigger, stream)
   if (is_bf16) {
     if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(true, int32_t);
     else MLAKV_FP8_LAUNCH(true, int64_t);
