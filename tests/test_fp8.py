@@ -1035,3 +1035,77 @@ def test_gpu_fp8_bench_checks_every_provider():
     cells = [v for r in res["write"] + res["gather"] for v in r.values()]
     assert "WRONG" not in cells
     assert "| 64 |" in format_tables(res)
+
+
+# ---- the kernel's division: IEEE round-to-nearest without a per-value branch --------------------
+_DIV_PROBE_SRC = """\
+#include "mla_fp8.cuh"
+
+__global__ void div_probe_kernel(const float* a, const float* b, float* q, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float f[8];
+  for (int j = 0; j < 8; ++j) f[j] = a[i * 8 + j];
+  mlakv::fp8::div8(f, mlakv::fp8::make_divisor(b[i]));
+  for (int j = 0; j < 8; ++j) q[i * 8 + j] = f[j];
+}
+
+// a [n, 8], b [n], q [n, 8]: contiguous fp32 on one GPU; q[i, j] = a[i, j] / b[i] as the kernels divide.
+void div_probe(tvm::ffi::TensorView a, tvm::ffi::TensorView b, tvm::ffi::TensorView q) {
+  const int64_t n = b.size(0);
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, a.device().device_id));
+  div_probe_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+      static_cast<const float*>(a.data_ptr()), static_cast<const float*>(b.data_ptr()),
+      static_cast<float*>(q.data_ptr()), n);
+  TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(div_probe, div_probe);
+"""
+
+
+def _floats(sign: torch.Tensor, exponent: torch.Tensor, mantissa: torch.Tensor) -> torch.Tensor:
+    return ((sign << 31) | (exponent << 23) | mantissa).to(torch.int32).view(torch.float32)
+
+
+def _div_cases(kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a [n, 8], b [n])`` fp32 on the CPU."""
+    def rand_bits(shape, bits):
+        return torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.int64)
+
+    if kind == "every_exponent_pair":  # 16 rows for each (exponent of a, exponent of b), signs mixed
+        ea, eb = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+        ea, eb = ea.reshape(-1).repeat_interleave(16), eb.reshape(-1).repeat_interleave(16)
+        n = ea.shape[0]
+        a = _floats(rand_bits((n, 8), 1), ea[:, None].expand(n, 8), rand_bits((n, 8), 23))
+        b = _floats((rand_bits((n,), 4) == 0).long(), eb, rand_bits((n,), 23))  # 1 in 16 negative
+    elif kind == "every_divisor_mantissa":  # each of the 2**23 mantissas of b, a within 2**+-30
+        m = torch.arange(1 << 23, dtype=torch.int64)
+        n = m.shape[0]
+        b = _floats(torch.zeros_like(m), torch.full_like(m, 127), m)
+        a = _floats(rand_bits((n, 8), 1), 97 + rand_bits((n, 8), 6) % 61, rand_bits((n, 8), 23))
+    else:  # random bit patterns: NaN, inf, zeros, subnormals in one chunk with normal values
+        n = 1 << 20
+        a = rand_bits((n, 8), 32).to(torch.int32).view(torch.float32)
+        b = rand_bits((n,), 32).to(torch.int32).view(torch.float32)
+    return a.contiguous(), b.contiguous()
+
+
+@requires_sm90
+@pytest.mark.parametrize("kind", ["every_exponent_pair", "every_divisor_mantissa", "random_bits"])
+def test_kernel_division_is_ieee_round_to_nearest(kind):
+    """div8 (the quantizing kernels' x / scale) equals the correctly rounded quotient bit for bit:
+    the fp64 quotient rounded once to fp32 (exact: 53 >= 2 * 24 + 2 bits)."""
+    from mlakv.jit_kernel.loader import load_cuda_module
+
+    mod = load_cuda_module("mla_fp8_div_probe", _DIV_PROBE_SRC)
+    a, b = _div_cases(kind, torch.Generator().manual_seed(11))
+    q = torch.empty(a.shape, dtype=torch.float32, device="cuda")
+    mod.div_probe(a.cuda(), b.cuda(), q)
+    got = q.cpu()
+    want = (a.double() / b.double()[:, None]).float()
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (torch.isnan(got) & torch.isnan(want))
+    bad = (~same).nonzero()
+    assert bad.numel() == 0, (
+        f"{bad.shape[0]} of {a.numel()} quotients differ; first: a={a[tuple(bad[0])].item()!r} "
+        f"b={b[bad[0, 0]].item()!r} got={got[tuple(bad[0])].item()!r} want={want[tuple(bad[0])].item()!r}"
+    )

@@ -8,7 +8,8 @@
 // One warp per row. Lane l holds 16-byte source chunks c = l + 32*i (8 values each); in ds_mla a
 // tile of 128 values is 16 consecutive chunks = 16 lanes of one i, so its amax is a 4-step
 // __shfl_xor_sync butterfly inside each half-warp. Values are divided by the scale with IEEE
-// division (__fdiv_rn) and converted with cvt.rn.satfinite.e4m3x2.f32 (RNE, saturating to +-448);
+// division (div8: the result of __fdiv_rn without its per-value branch) and converted with
+// cvt.rn.satfinite.e4m3x2.f32 (RNE, saturating to +-448);
 // NaN is then written as the canonical 0x7F. The 8 bytes of a chunk go out as one 8-byte store, a
 // tile's scale as one 4-byte store, the rope as 16-byte stores: the whole row (656 bytes for
 // 512 + 64) is written by the warp in one pass.
@@ -64,11 +65,64 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
   return out;
 }
 
-// 8 values / scale -> 8 e4m3 bytes.
-__device__ __forceinline__ uint2 quant8(const float f[8], float scale) {
+// IEEE round-to-nearest division x / s (the result of __fdiv_rn, bit for bit) without its
+// per-division branch. __fdiv_rn is a refined-reciprocal FMA sequence followed by a range check and a
+// branch to a slow path; sixteen of them per lane put sixteen such branches in a row and measured
+// ~1 us per call at small n_loc on the H100. Here the reciprocal is refined once per divisor, the
+// quotient of each value takes the same FMA sequence with no branch, and one test per 8 values
+// (div_fast_ok) sends the chunk to __fdiv_rn when any operand leaves the range where that sequence
+// is exact: x zero or normal with its exponent within 100 of the divisor's (so neither the quotient
+// nor the remainders come near underflow or overflow), the divisor positive and normal. tests/
+// test_fp8.py compares div8 with torch's IEEE division on the GPU over every exponent pair.
+struct Divisor {
+  float s;       // the divisor
+  float r;       // 1/s: the hardware reciprocal, refined by one Newton step
+  uint32_t exp;  // s's biased exponent, or 0x100 (no fast path) when s is not positive and normal
+};
+
+__device__ __forceinline__ Divisor make_divisor(float s) {
+  const uint32_t bits = __float_as_uint(s);
+  const uint32_t e = bits >> 23;  // includes the sign bit: a negative s gives e >= 256
+  float r0;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(s));
+  return {s, fmaf(r0, fmaf(-s, r0, 1.0f), r0), (e >= 2 && e <= 252) ? e : 0x100u};
+}
+
+__device__ __forceinline__ bool div_fast_ok(float x, uint32_t es) {
+  const uint32_t bits = __float_as_uint(x);
+  const uint32_t ex = (bits >> 23) & 0xffu;
+  return (bits << 1) == 0 || (ex >= 27 && ex <= 254 && ex + 100 >= es && ex <= es + 100);
+}
+
+// On |x|, the sign put back after: the FMA steps would turn -0 into +0 (round-to-nearest is
+// symmetric, so this changes nothing else).
+__device__ __forceinline__ float div_fast(float x, const Divisor& d) {
+  const float a = fabsf(x);
+  const float q0 = __fmul_rn(a, d.r);
+  const float q1 = fmaf(d.r, fmaf(-d.s, q0, a), q0);
+  return copysignf(fmaf(d.r, fmaf(-d.s, q1, a), q1), x);
+}
+
+// f[0..7] / d.s, each the IEEE round-to-nearest quotient.
+__device__ __forceinline__ void div8(float f[8], const Divisor& d) {
+  bool fast = d.exp != 0x100u;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) fast &= div_fast_ok(f[j], d.exp);
+  if (fast) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] = div_fast(f[j], d);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] = __fdiv_rn(f[j], d.s);
+  }
+}
+
+// 8 values / scale -> 8 e4m3 bytes (f is overwritten with the quotients).
+__device__ __forceinline__ uint2 quant8(float f[8], const Divisor& d) {
+  div8(f, d);
   uint32_t b[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) b[j] = e4m3x2(__fdiv_rn(f[2 * j], scale), __fdiv_rn(f[2 * j + 1], scale));
+  for (int j = 0; j < 4; ++j) b[j] = e4m3x2(f[2 * j], f[2 * j + 1]);
   return make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
 }
 
@@ -128,7 +182,7 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
       const int c = lane + 32 * i;
       if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
     }
-    const float scale = *a.k_scale;
+    const Divisor scale = make_divisor(*a.k_scale);
     if (raw < 0 || raw == a.skip_slot || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
 #pragma unroll
@@ -162,7 +216,7 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
     }
     // Tile amax and scale: every lane takes part in the shuffles, whatever loc says.
     float f[kNI][8];
-    float scale[kNI];
+    Divisor scale[kNI];
 #pragma unroll
     for (int i = 0; i < kNI; ++i) {
       const int c = lane + 32 * i;
@@ -177,7 +231,7 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
       }
 #pragma unroll
       for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      scale[i] = fmaxf(__fdiv_rn(amax, kE4M3Max), kFltMin);
+      scale[i] = make_divisor(fmaxf(__fdiv_rn(amax, kE4M3Max), kFltMin));
     }
     if (raw < 0 || raw == a.skip_slot || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
@@ -186,7 +240,7 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
       const int c = lane + 32 * i;
       if (c < kNC) {
         reinterpret_cast<uint2*>(dst)[c] = quant8(f[i], scale[i]);
-        if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale[i];
+        if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale[i].s;
       }
     }
 #pragma unroll
