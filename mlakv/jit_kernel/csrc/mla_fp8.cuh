@@ -66,32 +66,30 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 }
 
 // IEEE round-to-nearest division x / s (the result of __fdiv_rn, bit for bit) without its
-// per-division branch. __fdiv_rn is a refined-reciprocal FMA sequence followed by a range check and a
-// branch to a slow path; sixteen of them per lane put sixteen such branches in a row and measured
-// ~1 us per call at small n_loc on the H100. Here the reciprocal is refined once per divisor, the
-// quotient of each value takes the same FMA sequence with no branch, and one test per 8 values
-// (div_fast_ok) sends the chunk to __fdiv_rn when any operand leaves the range where that sequence
-// is exact: x zero or normal with its exponent within 100 of the divisor's (so neither the quotient
-// nor the remainders come near underflow or overflow), the divisor positive and normal. tests/
-// test_fp8.py compares div8 with torch's IEEE division on the GPU over every exponent pair.
+// per-division branch. __fdiv_rn is a refined-reciprocal FMA sequence, a range check and a branch
+// to a slow path; inlined sixteen times per lane it put sixteen branches, calls and convergence
+// barriers in a row (~1300 instructions per kernel, ~1 us per call at small n_loc on the H100).
+// Here the reciprocal is refined once per divisor and each quotient takes the same FMA sequence
+// with no branch; one test per 8 values sends a chunk to __fdiv_rn (out of line) when an operand
+// leaves the range where that sequence is exact: x zero or normal with its exponent within 100 of
+// the divisor's and >= 27 (so neither the quotient nor the remainders come near underflow or
+// overflow), the divisor positive and normal. tests/test_fp8.py compares it with the fp64-rounded
+// quotient on the GPU over every exponent pair and every divisor mantissa.
 struct Divisor {
-  float s;       // the divisor
-  float r;       // 1/s: the hardware reciprocal, refined by one Newton step
-  uint32_t exp;  // s's biased exponent, or 0x100 (no fast path) when s is not positive and normal
+  float s;        // the divisor
+  float r;        // 1/s: the hardware reciprocal, refined by one Newton step
+  uint32_t lo;    // fast path: |x|'s bits in [lo, lo + span), or x == 0
+  uint32_t span;  // 0 when s is not positive and normal (no fast path)
 };
 
 __device__ __forceinline__ Divisor make_divisor(float s) {
-  const uint32_t bits = __float_as_uint(s);
-  const uint32_t e = bits >> 23;  // includes the sign bit: a negative s gives e >= 256
+  const uint32_t e = __float_as_uint(s) >> 23;  // includes the sign bit: a negative s gives e >= 256
   float r0;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(s));
-  return {s, fmaf(r0, fmaf(-s, r0, 1.0f), r0), (e >= 2 && e <= 252) ? e : 0x100u};
-}
-
-__device__ __forceinline__ bool div_fast_ok(float x, uint32_t es) {
-  const uint32_t bits = __float_as_uint(x);
-  const uint32_t ex = (bits >> 23) & 0xffu;
-  return (bits << 1) == 0 || (ex >= 27 && ex <= 254 && ex + 100 >= es && ex <= es + 100);
+  const uint32_t lo_e = e > 127 ? e - 100 : 27u;          // max(27, e - 100), for e in [2, 252]
+  const uint32_t hi_e = e + 101 < 255 ? e + 101 : 255u;  // min(255, e + 101): inf/NaN excluded
+  const bool ok = e >= 2 && e <= 252;
+  return {s, fmaf(r0, fmaf(-s, r0, 1.0f), r0), lo_e << 23, ok ? (hi_e - lo_e) << 23 : 0u};
 }
 
 // On |x|, the sign put back after: the FMA steps would turn -0 into +0 (round-to-nearest is
@@ -103,23 +101,55 @@ __device__ __forceinline__ float div_fast(float x, const Divisor& d) {
   return copysignf(fmaf(d.r, fmaf(-d.s, q1, a), q1), x);
 }
 
-// f[0..7] / d.s, each the IEEE round-to-nearest quotient.
-__device__ __forceinline__ void div8(float f[8], const Divisor& d) {
-  bool fast = d.exp != 0x100u;
+// Whether every value of f[0..7] lies where div_fast equals __fdiv_rn for this divisor.
+__device__ __forceinline__ bool div_fast_ok(const float f[8], const Divisor& d) {
+  bool ok = d.span != 0;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) fast &= div_fast_ok(f[j], d.exp);
-  if (fast) {
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t a = __float_as_uint(f[j]) & 0x7fffffffu;
+    ok &= (a == 0) | (a - d.lo < d.span);
+  }
+  return ok;
+}
+
+// The IEEE quotients of 8 values, __fdiv_rn's own code, out of line: the kernel holds one copy.
+struct F8 {
+  float v[8];
+};
+
+__device__ __noinline__ F8 div8_ieee(F8 x, float s) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) x.v[j] = __fdiv_rn(x.v[j], s);
+  return x;
+}
+
+__device__ __noinline__ float div1_ieee(float x, float s) { return __fdiv_rn(x, s); }
+
+// f[0..7] / d.s, each the IEEE round-to-nearest quotient; `fast`: the caller has shown that
+// div_fast gives the same bytes for these values (div_fast_ok, or the ds_mla tile rule).
+__device__ __forceinline__ void div8(float f[8], const Divisor& d, bool fast) {
+  if (__builtin_expect(fast, 1)) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) f[j] = div_fast(f[j], d);
   } else {
+    F8 x;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) f[j] = __fdiv_rn(f[j], d.s);
+    for (int j = 0; j < 8; ++j) x.v[j] = f[j];
+    x = div8_ieee(x, d.s);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] = x.v[j];
   }
 }
 
-// 8 values / scale -> 8 e4m3 bytes (f is overwritten with the quotients).
-__device__ __forceinline__ uint2 quant8(float f[8], const Divisor& d) {
-  div8(f, d);
+// x / d.s, the IEEE round-to-nearest quotient.
+__device__ __forceinline__ float div1(float x, const Divisor& d) {
+  const uint32_t a = __float_as_uint(x) & 0x7fffffffu;
+  return (d.span != 0 && ((a == 0) | (a - d.lo < d.span))) ? div_fast(x, d) : div1_ieee(x, d.s);
+}
+
+// 8 values / scale -> 8 e4m3 bytes (f is overwritten with the quotients); `fast` as for div8.
+__device__ __forceinline__ uint2 quant8(float f[8], const Divisor& d, bool fast) {
+  div8(f, d, fast);
   uint32_t b[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) b[j] = e4m3x2(f[2 * j], f[2 * j + 1]);
@@ -191,7 +221,7 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
       if (c < kC) {
         float f[8];
         chunk_to_float<kBf16>(v[i], f);
-        reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale);
+        reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale, div_fast_ok(f, scale));
       }
     }
   } else {
@@ -214,24 +244,35 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
       const int c = lane + 32 * i;
       if (c < kRC) r[i] = reinterpret_cast<const uint4*>(rsrc)[c];
     }
-    // Tile amax and scale: every lane takes part in the shuffles, whatever loc says.
+    // Tile amax and scale: every lane takes part in the shuffles, whatever loc says. The division
+    // by a tile's scale needs no per-value range test: |x| <= amax = 448 * scale for finite x, so
+    // with scale >= 2^-88 (biased exponent >= 39) a quotient >= 2^-12 has x >= 2^-100 in div_fast's
+    // exact range, and a smaller one is e4m3 +-0 however its last bits fall (the smallest e4m3
+    // magnitude is 2^-9). A chunk holding inf or NaN, or a tile with a smaller scale, divides with
+    // __fdiv_rn.
+    const Divisor e4m3_max = make_divisor(kE4M3Max);
     float f[kNI][8];
     Divisor scale[kNI];
+    bool fast[kNI];
 #pragma unroll
     for (int i = 0; i < kNI; ++i) {
       const int c = lane + 32 * i;
       float amax = 0.0f;
+      fast[i] = true;
       if (c < kNC) {
         chunk_to_float<kBf16>(v[i], f[i]);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const float x = fabsf(f[i][j]);
-          if (x < INFINITY) amax = fmaxf(amax, x);  // NaN and inf do not set the scale
+          const bool finite = x < INFINITY;
+          if (finite) amax = fmaxf(amax, x);  // NaN and inf do not set the scale
+          fast[i] &= finite;
         }
       }
 #pragma unroll
       for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      scale[i] = make_divisor(fmaxf(__fdiv_rn(amax, kE4M3Max), kFltMin));
+      scale[i] = make_divisor(fmaxf(div1(amax, e4m3_max), kFltMin));
+      fast[i] &= (__float_as_uint(scale[i].s) >> 23) >= 39u;
     }
     if (raw < 0 || raw == a.skip_slot || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
@@ -239,7 +280,7 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
     for (int i = 0; i < kNI; ++i) {
       const int c = lane + 32 * i;
       if (c < kNC) {
-        reinterpret_cast<uint2*>(dst)[c] = quant8(f[i], scale[i]);
+        reinterpret_cast<uint2*>(dst)[c] = quant8(f[i], scale[i], fast[i]);
         if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale[i].s;
       }
     }
