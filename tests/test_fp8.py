@@ -286,7 +286,12 @@ def test_quant_write_bit_exact(path, n_loc, fmt, src_dtype, loc_dtype):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("scale,src_dtype", [(1.0, torch.float16), (K_SCALE, torch.float16), (K_SCALE, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "scale,src_dtype",
+    [(1.0, torch.float16), (K_SCALE, torch.float16), (K_SCALE, torch.bfloat16)]
+    # the ends of the kernel's branch-free division (2^-80 and below: the exact __fdiv_rn)
+    + [(s, torch.bfloat16) for s in (2.0**-80, 2.0**-81, 1e-30, 1e-38, 1e-42, 2.0**100, 3e38)],
+)
 def test_quant_write_every_16bit_value(path, scale, src_dtype):
     """Every fp16/bf16 bit pattern (zeros, subnormals, +-inf, NaNs, both signs) through each path's e4m3 rounding."""
     if path == "torch" and HAS_CUDA:
@@ -304,7 +309,7 @@ def test_quant_write_every_16bit_value(path, scale, src_dtype):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-26, 1e-25, 1e-24, 1e-3, 1.0, 1e3, 1e30])
 def test_quant_write_magnitudes_and_special_values(path, fmt, magnitude):
     path_available(path, 6)
     nope, rope = make_sources(6, torch.bfloat16, magnitude, seed=5)
@@ -1046,7 +1051,8 @@ __global__ void div_probe_kernel(const float* a, const float* b, float* q, int64
   if (i >= n) return;
   float f[8];
   for (int j = 0; j < 8; ++j) f[j] = a[i * 8 + j];
-  mlakv::fp8::div8(f, mlakv::fp8::make_divisor(b[i]));
+  const mlakv::fp8::Divisor d = mlakv::fp8::make_divisor(b[i]);
+  mlakv::fp8::div8(f, d, mlakv::fp8::div_fast_ok(f, d));
   for (int j = 0; j < 8; ++j) q[i * 8 + j] = f[j];
 }
 
@@ -1088,6 +1094,14 @@ def _div_cases(kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
         a = rand_bits((n, 8), 32).to(torch.int32).view(torch.float32)
         b = rand_bits((n,), 32).to(torch.int32).view(torch.float32)
     return a.contiguous(), b.contiguous()
+
+
+def test_division_probe_compiles():
+    """The probe below builds on any machine with the toolchain (the GPU test runs it)."""
+    from mlakv.jit_kernel.loader import load_cuda_module
+
+    with sm90a_build_env():
+        assert callable(load_cuda_module("mla_fp8_div_probe", _DIV_PROBE_SRC, device_capability=(9, 0)).div_probe)
 
 
 @requires_sm90
