@@ -1052,7 +1052,7 @@ __global__ void div_probe_kernel(const float* a, const float* b, float* q, int64
   float f[8];
   for (int j = 0; j < 8; ++j) f[j] = a[i * 8 + j];
   const mlakv::fp8::Divisor d = mlakv::fp8::make_divisor(b[i]);
-  mlakv::fp8::div8(f, d, mlakv::fp8::div_fast_ok(f, d));
+  for (int j = 0; j < 8; ++j) f[j] = mlakv::fp8::div1(f[j], d);
   for (int j = 0; j < 8; ++j) q[i * 8 + j] = f[j];
 }
 
@@ -1107,7 +1107,7 @@ def test_division_probe_compiles():
 @requires_sm90
 @pytest.mark.parametrize("kind", ["every_exponent_pair", "every_divisor_mantissa", "random_bits"])
 def test_kernel_division_is_ieee_round_to_nearest(kind):
-    """div8 (the quantizing kernels' x / scale) equals the correctly rounded quotient bit for bit:
+    """div1 (div_fast inside its exact range, the quantizing kernels' x / scale) equals the correctly rounded quotient bit for bit:
     the fp64 quotient rounded once to fp32 (exact: 53 >= 2 * 24 + 2 bits)."""
     from mlakv.jit_kernel.loader import load_cuda_module
 

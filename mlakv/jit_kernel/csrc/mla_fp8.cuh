@@ -8,7 +8,7 @@
 // One warp per row. Lane l holds 16-byte source chunks c = l + 32*i (8 values each); in ds_mla a
 // tile of 128 values is 16 consecutive chunks = 16 lanes of one i, so its amax is a 4-step
 // __shfl_xor_sync butterfly inside each half-warp. Values are divided by the scale with IEEE
-// division (div8: the result of __fdiv_rn without its per-value branch) and converted with
+// division (div_fast: the result of __fdiv_rn without its per-value branch) and converted with
 // cvt.rn.satfinite.e4m3x2.f32 (RNE, saturating to +-448);
 // NaN is then written as the canonical 0x7F. The 8 bytes of a chunk go out as one 8-byte store, a
 // tile's scale as one 4-byte store, the rope as 16-byte stores: the whole row (656 bytes for
@@ -68,13 +68,14 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 // IEEE round-to-nearest division x / s (the result of __fdiv_rn, bit for bit) without its
 // per-division branch. __fdiv_rn is a refined-reciprocal FMA sequence, a range check and a branch
 // to a slow path; inlined sixteen times per lane it put sixteen branches, calls and convergence
-// barriers in a row (~1300 instructions per kernel, ~1 us per call at small n_loc on the H100).
-// Here the reciprocal is refined once per divisor and each quotient takes the same FMA sequence
-// with no branch; one test per 8 values sends a chunk to __fdiv_rn (out of line) when an operand
-// leaves the range where that sequence is exact: x zero or normal with its exponent within 100 of
-// the divisor's and >= 27 (so neither the quotient nor the remainders come near underflow or
-// overflow), the divisor positive and normal. tests/test_fp8.py compares it with the fp64-rounded
-// quotient on the GPU over every exponent pair and every divisor mantissa.
+// barriers in a row (~1300 instructions per kernel; removing them saved 0.2-0.4 us per call at
+// 1-1024 rows on the H100, docs/benchmarks.md). Here the reciprocal is refined once per divisor and
+// each quotient takes the same FMA sequence with no branch; one test per 8 values sends a chunk to
+// __fdiv_rn (out of line) when an operand leaves the range where that sequence is exact
+// (div_fast_exact): x zero or normal with its exponent >= 27 and within 100 of the divisor's (so
+// neither the quotient nor the remainders come near underflow or overflow), the divisor positive
+// and normal. tests/test_fp8.py compares div1 with the fp64-rounded quotient on the GPU over every
+// exponent pair and every divisor mantissa.
 struct Divisor {
   float s;        // the divisor
   float r;        // 1/s: the hardware reciprocal, refined by one Newton step
@@ -106,19 +107,14 @@ __device__ __forceinline__ float div_fast(float x, const Divisor& d) {
   return copysignf(fmaf(d.r, fmaf(-d.s, q1, a), q1), x);
 }
 
-// Whether every value of f[0..7] lies where div_fast equals __fdiv_rn for this divisor.
-__device__ __forceinline__ bool div_fast_ok(const float f[8], const Divisor& d) {
-  bool ok = d.span != 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const uint32_t a = __float_as_uint(f[j]) & 0x7fffffffu;
-    ok &= (a == 0) | (a - d.lo < d.span);
-  }
-  return ok;
+// Whether x lies where div_fast(x, d) equals __fdiv_rn(x, d.s).
+__device__ __forceinline__ bool div_fast_exact(float x, const Divisor& d) {
+  const uint32_t a = __float_as_uint(x) & 0x7fffffffu;
+  return d.span != 0 && ((a == 0) | (a - d.lo < d.span));
 }
 
 // Whether the e4m3 bytes of f[0..7] / d.s are the same through div_fast as through __fdiv_rn: the
-// largest |x| (as bits) below d.hi. Two instructions per value instead of div_fast_ok's five.
+// largest |x| (as bits) below d.hi: two instructions per value.
 __device__ __forceinline__ bool div_fast_ok_e4m3(const float f[8], const Divisor& d) {
   uint32_t m = 0;
 #pragma unroll
@@ -126,48 +122,50 @@ __device__ __forceinline__ bool div_fast_ok_e4m3(const float f[8], const Divisor
   return m < d.hi;
 }
 
-// The IEEE quotients of 8 values, __fdiv_rn's own code, out of line: the kernel holds one copy.
+// 8 values / s -> 8 e4m3 bytes through __fdiv_rn and the NaN rule, out of line: the kernel holds
+// one copy (inlined, each division brought its own branch, call and convergence barrier).
 struct F8 {
   float v[8];
 };
 
-__device__ __noinline__ F8 div8_ieee(F8 x, float s) {
+__device__ __forceinline__ uint2 pack_e4m3x8(const uint32_t b[4]) {
+  return make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+}
+
+__device__ __noinline__ uint2 quant8_ieee(F8 x, float s) {
+  uint32_t b[4];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) x.v[j] = __fdiv_rn(x.v[j], s);
-  return x;
+  for (int j = 0; j < 4; ++j) b[j] = e4m3x2(__fdiv_rn(x.v[2 * j], s), __fdiv_rn(x.v[2 * j + 1], s));
+  return pack_e4m3x8(b);
 }
 
 __device__ __noinline__ float div1_ieee(float x, float s) { return __fdiv_rn(x, s); }
 
-// f[0..7] / d.s, each the IEEE round-to-nearest quotient; `fast`: the caller has shown that
-// div_fast gives the same bytes for these values (div_fast_ok, or the ds_mla tile rule).
-__device__ __forceinline__ void div8(float f[8], const Divisor& d, bool fast) {
-  if (__builtin_expect(fast, 1)) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) f[j] = div_fast(f[j], d);
-  } else {
-    F8 x;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) x.v[j] = f[j];
-    x = div8_ieee(x, d.s);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) f[j] = x.v[j];
-  }
-}
-
 // x / d.s, the IEEE round-to-nearest quotient.
 __device__ __forceinline__ float div1(float x, const Divisor& d) {
-  const uint32_t a = __float_as_uint(x) & 0x7fffffffu;
-  return (d.span != 0 && ((a == 0) | (a - d.lo < d.span))) ? div_fast(x, d) : div1_ieee(x, d.s);
+  return div_fast_exact(x, d) ? div_fast(x, d) : div1_ieee(x, d.s);
 }
 
-// 8 values / scale -> 8 e4m3 bytes (f is overwritten with the quotients); `fast` as for div8.
-__device__ __forceinline__ uint2 quant8(float f[8], const Divisor& d, bool fast) {
-  div8(f, d, fast);
-  uint32_t b[4];
+// 8 values / d.s -> 8 e4m3 bytes, RNE, saturating, NaN -> 0x7F. `fast`: the caller has shown that
+// div_fast gives the same bytes for these values (div_fast_ok_e4m3, or the ds_mla tile rule); both
+// rules refuse inf and NaN, so the fast path's quotients are finite and need no NaN fix-up.
+__device__ __forceinline__ uint2 quant8(const float f[8], const Divisor& d, bool fast) {
+  if (__builtin_expect(fast, 1)) {
+    uint32_t b[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) b[j] = e4m3x2(f[2 * j], f[2 * j + 1]);
-  return make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+    for (int j = 0; j < 4; ++j) {
+      uint16_t r;
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;"
+          : "=h"(r)
+          : "f"(div_fast(f[2 * j + 1], d)), "f"(div_fast(f[2 * j], d)));
+      b[j] = r;
+    }
+    return pack_e4m3x8(b);
+  }
+  F8 x;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) x.v[j] = f[j];
+  return quant8_ieee(x, d.s);
 }
 
 // fp32 -> bf16 bits, RNE, NaN -> 0x7FC0 (the ds_mla rope of an fp16 source).
