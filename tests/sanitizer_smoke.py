@@ -73,7 +73,7 @@ def _loc(kind: str, n: int, num_slots: int) -> torch.Tensor:
 
 def _expected(base: torch.Tensor, loc: torch.Tensor, nope: torch.Tensor, rope: torch.Tensor, skip) -> torch.Tensor:
     """The write's spec on integer views: rows with a slot in [0, num_slots) other than ``skip`` get [nope | rope].
-    A slot that several kept rows target gets one of them (which one is unspecified): see _written_as_expected."""
+    A slot that several kept rows target is unspecified: see _written_as_expected."""
     out = _bits(base).reshape(base.shape[0], -1).clone()
     idx = loc.to(torch.long)
     keep = (idx >= 0) & (idx < base.shape[0])
@@ -85,7 +85,8 @@ def _expected(base: torch.Tensor, loc: torch.Tensor, nope: torch.Tensor, rope: t
 
 
 def _written_as_expected(kv: torch.Tensor, base: torch.Tensor, loc: torch.Tensor, nope, rope, skip) -> bool:
-    """kv holds _expected(...), except that a slot several kept rows target may hold any one of them."""
+    """kv holds _expected(...), except that a slot several kept rows target may mix those rows (they
+    are written concurrently, vector by vector): each of its bytes comes from one of them."""
     got = _bits(kv).reshape(kv.shape[0], -1)
     want = _expected(base, loc, nope, rope, skip)
     idx = loc.to(torch.long)
@@ -100,7 +101,7 @@ def _written_as_expected(kv: torch.Tensor, base: torch.Tensor, loc: torch.Tensor
     width = rows.shape[1]
     for slot in shared.tolist():
         candidates = rows[keep & (idx == slot)]
-        if not (candidates == got[slot, :width]).all(dim=1).any() or not torch.equal(got[slot, width:], want[slot, width:]):
+        if not (candidates == got[slot, :width]).any(dim=0).all() or not torch.equal(got[slot, width:], want[slot, width:]):
             return False
     return True
 

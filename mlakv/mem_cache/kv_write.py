@@ -171,8 +171,10 @@ def set_mla_kv_buffer_triton(
     same dtype is copied bit-exactly; a 16/32-bit float source into a 16/32-bit float buffer of another
     dtype is converted inside the write (round to nearest even, bit-identical to ``src.to(dtype)`` for
     every non-NaN value; a NaN stays a NaN), one launch and no temporary on the GPU (Triton; the
-    JIT kernel is a byte copy and takes same-dtype calls only). Other dtype pairs raise ``TypeError``. ``n_loc == 0`` returns without launching anything. Duplicate
-    kept slots are undefined (any one of the rows may win).
+    JIT kernel is a byte copy and takes same-dtype calls only). Other dtype pairs raise ``TypeError``.
+    ``n_loc == 0`` returns without launching anything. A slot that several kept rows target holds
+    unspecified contents afterwards: on the GPU the rows are written concurrently, so it may mix
+    pieces (16-byte vectors) of those rows.
     """
     if cache_k_rope is None and isinstance(cache_k_nope, torch.Tensor):
         cache_k_rope = cache_k_nope[..., :0]
