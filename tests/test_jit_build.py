@@ -97,6 +97,21 @@ def test_arch_follows_device_capability_and_env(monkeypatch):
     assert cuda_arch_list((9, 0)) == "9.0"
 
 
+@pytest.mark.parametrize(
+    "capability,name,key",
+    [
+        ((9, 0), "NVIDIA H100 80GB HBM3", "hopper"),
+        ((9, 0), "NVIDIA H200", "hopper-h200"),
+        ((10, 0), "NVIDIA B200", "blackwell"),
+        ((8, 0), "NVIDIA A100-SXM4-80GB", "hopper"),  # no row of its own (the JIT path is SM90+ anyway)
+    ],
+)
+def test_tuning_key_picks_a_measured_row(capability, name, key):
+    from mlakv.jit_kernel.tuning import TUNING, tuning_key
+
+    assert tuning_key(capability, name) == key and key in TUNING
+
+
 def test_tuning_table_rows_are_well_formed():
     from mlakv.jit_kernel import TUNING, gpu_family
 

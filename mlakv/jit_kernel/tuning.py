@@ -1,4 +1,4 @@
-"""Launch tuning of the JIT row-write kernel, one row per GPU family.
+"""Launch tuning of the JIT row-write kernel, one row per GPU family (or model, where measured).
 
 The dispatcher reads ``min_n_loc`` (the JIT path is taken for ``n_loc >= min_n_loc``, else the
 Triton row kernel) and the JIT entry reads the launch shape for a given ``n_loc`` from ``steps``.
@@ -13,7 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LaunchStep", "LaunchTuning", "TUNING", "gpu_family", "tuning_for", "TRITON_ROW_STEPS", "triton_row_launch"]
+__all__ = [
+    "LaunchStep",
+    "LaunchTuning",
+    "TUNING",
+    "gpu_family",
+    "tuning_key",
+    "tuning_for",
+    "TRITON_ROW_STEPS",
+    "triton_row_launch",
+]
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,19 @@ TUNING: dict[str, LaunchTuning] = {
 }
 
 
+# H200 (sm_90 like the H100; the row is chosen by device name, see tuning_key). Its own run,
+# 2026-11-24 (`python -m mlakv bench --layouts bf16,u8 --no-cold --tune`, docs/benchmarks.md "H200"):
+# with the H100's shape auto was at or below sglang 0.5.23 at all 24 points and within 1.07x of the
+# fastest of 13 launch variants at every size; every variant that beat it (2 or 4 warps per CTA at
+# 8-128 rows, 4 warps at 2048-65536) did so by less than the run's own spread between two providers
+# that launch the same kernel (auto vs jit: up to 6 % at 1 row). The H100's shape stands, measured.
+TUNING["hopper-h200"] = LaunchTuning(
+    0,
+    TUNING["hopper"].steps,
+    "H200, mlakv bench --tune with sglang 0.5.23 side by side, 2026-11-24 (docs/benchmarks.md)",
+)
+
+
 def gpu_family(capability: tuple[int, int]) -> str:
     """``(9, 0)`` -> ``hopper``; ``(10, x)`` and newer -> ``blackwell``; older -> ``pre-hopper``."""
     major = capability[0]
@@ -87,14 +109,22 @@ def gpu_family(capability: tuple[int, int]) -> str:
     return "pre-hopper"
 
 
+def tuning_key(capability: tuple[int, int], device_name: str) -> str:
+    """The TUNING row for a GPU: a row of its own model where one was measured (``hopper-h200``
+    for an H200), else its family's (Hopper's for families not measured yet)."""
+    family = gpu_family(capability)
+    if family == "hopper" and "H200" in device_name.upper():
+        return "hopper-h200"
+    return family if family in TUNING else "hopper"
+
+
 @functools.lru_cache(maxsize=None)
 def _tuning_for_index(index: int) -> LaunchTuning:
-    family = gpu_family(torch.cuda.get_device_capability(index))
-    return TUNING.get(family, TUNING["hopper"])
+    return TUNING[tuning_key(torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))]
 
 
 def tuning_for(device: torch.device) -> LaunchTuning:
-    """The tuning row for ``device``'s family (Hopper's row for families not measured yet)."""
+    """The tuning row for ``device`` (see :func:`tuning_key`)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _tuning_for_index(index)
 
