@@ -188,7 +188,9 @@ class MooncakeStorage(HiCacheStorage):
             (one below 8 cores). The checksum is most of this layer's cost over raw Mooncake, and it is
             bound by memory bandwidth, not by the core: on a 2-core host a second hash thread only takes
             a core from the transfer (set +24 % over raw with 2 threads, +12 % with 1: measured).
-        pipeline_pages: pages per chunk of a batch; hashing one chunk overlaps moving the next.
+        pipeline_pages: pages per chunk of a batch (the first chunks of a set and the last of a
+            get are smaller, from ``pipeline_pages // 8``, where hash threads run); hashing one chunk
+            overlaps moving the next.
 
     Raises :class:`MooncakeConnectionError` at once if no master listens at ``master_addr``, and
     :class:`~mlakv.mem_cache.mooncake_master.MooncakeUnavailable` if Mooncake is not installed.
@@ -489,9 +491,25 @@ class MooncakeStorage(HiCacheStorage):
                     f"Mooncake put of {skeys[i]!r} failed: {_code(c)}; {base + i} earlier pages of this batch were stored")
 
     # ---- batches -------------------------------------------------------------------------
-    def _chunks(self, n: int) -> list[tuple[int, int]]:
+    def _chunks(self, n: int, small_first: bool) -> list[tuple[int, int]]:
+        """``[lo, hi)`` chunks of ``n`` pages: sizes double from ``pipeline_pages // 8`` up to
+        ``pipeline_pages`` (``small_first``: a set, whose first chunk is hashed before anything
+        moves) or shrink the same way towards the end (a get, whose last chunk is hashed after
+        everything moved), so the part of the hashing that overlaps no transfer stays small. Without
+        hash threads nothing overlaps: equal chunks (each chunk is one more Mooncake call)."""
         c = self.pipeline_pages
-        return [(lo, min(n, lo + c)) for lo in range(0, n, c)]
+        sizes, step, total = [], (max(1, c // 8) if self._hash_pool is not None else c), 0
+        while total < n:
+            sizes.append(min(step, n - total))
+            total += sizes[-1]
+            step = min(c, 2 * step)
+        if not small_first:
+            sizes.reverse()
+        bounds, lo = [], 0
+        for size in sizes:
+            bounds.append((lo, lo + size))
+            lo += size
+        return bounds
 
     def _hash_async(self, all_segs: Sequence[list[tuple[int, int]]], lo: int, hi: int) -> list:
         """Start hashing pages ``[lo, hi)`` on the hash threads (inline without them); returns one
@@ -513,7 +531,7 @@ class MooncakeStorage(HiCacheStorage):
         skeys = [self.store_key(k) for k in keys]
         tbase = self._wtrail_t.data_ptr()
         all_segs = self._segments(pages)
-        chunks = self._chunks(len(pages))
+        chunks = self._chunks(len(pages), small_first=True)
         pending = self._hash_async(all_segs, *chunks[0])
         for ci, (lo, hi) in enumerate(chunks):
             digests = [f.result() for f in pending]
@@ -564,7 +582,7 @@ class MooncakeStorage(HiCacheStorage):
         codes: list[int] = []
         sums: dict[int, Any] = {}
         try:
-            for lo, hi in self._chunks(len(pages)):
+            for lo, hi in self._chunks(len(pages), small_first=False):
                 ptrs = [[p for p, _ in all_segs[i]] + [tbase + pages[i] * TRAILER_BYTES] for i in range(lo, hi)]
                 sizes = [[n for _, n in all_segs[i]] + [TRAILER_BYTES] for i in range(lo, hi)]
                 got = self._client().batch_get_into_multi_buffers(skeys[lo:hi], ptrs, sizes)
