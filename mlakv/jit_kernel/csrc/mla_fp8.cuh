@@ -30,6 +30,8 @@
 
 #include <cstdint>
 
+#include "row_args.cuh"
+
 namespace mlakv {
 namespace fp8 {
 
@@ -174,20 +176,6 @@ __device__ __forceinline__ uint32_t bf16_bits(float x) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(x)));
 }
 
-// The quantizing write's arguments, gathered once by the launcher (strides in bytes except
-// loc_stride). Passed as one __grid_constant__ struct, as the plain row write's.
-struct QuantArgs {
-  uint8_t* kv;
-  int64_t kv_stride, num_slots;
-  const uint8_t* nope;
-  int64_t nope_stride;
-  const uint8_t* rope;
-  int64_t rope_stride;
-  const void* loc;
-  int64_t loc_stride, n_loc, skip_slot;
-  const float* k_scale;  // per_tensor: 1 element on the device; ds_mla: not read
-};
-
 // 16-byte chunk c of a row's sources (nope chunks first, then rope), plain loads.
 template <int kNC>
 __device__ __forceinline__ uint4 load_chunk(const uint8_t* nsrc, const uint8_t* rsrc, int c) {
@@ -198,8 +186,10 @@ __device__ __forceinline__ uint4 load_chunk(const uint8_t* nsrc, const uint8_t* 
 // H100: the PDL trigger at entry (kEarlyTrigger) or right after the wait, never behind a use of a
 // loaded value; addresses formed before the wait; loc, sources and the scale loaded together right
 // behind it (no load waits on a test of loc); only the stores test loc.
+// a: the row block of row_args.cuh (dcp_world 1); k_scale: per_tensor's scale (1 element on the
+// device; ds_mla does not read it).
 template <int kFormat, int kNope, int kRope, bool kBf16, bool kUsePDL, bool kEarlyTrigger, typename LocT>
-__global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
+__global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const float* __restrict__ k_scale) {
   static_assert(kNope % 8 == 0 && kRope % 8 == 0, "widths must be multiples of 8 values");
   constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
   constexpr int kRC = kRope / 8;
@@ -224,8 +214,8 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
       const int c = lane + 32 * i;
       if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
     }
-    const Divisor scale = make_divisor(*a.k_scale);
-    if (raw < 0 || raw == a.skip_slot || raw >= a.num_slots) return;
+    const Divisor scale = make_divisor(*k_scale);
+    if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
@@ -286,7 +276,7 @@ __global__ void quant_write_kernel(const __grid_constant__ QuantArgs a) {
       scale[i] = make_divisor(fmaxf(div1(amax, e4m3_max), kFltMin));
       fast[i] &= (__float_as_uint(scale[i].s) >> 23) >= 39u;
     }
-    if (raw < 0 || raw == a.skip_slot || raw >= a.num_slots) return;
+    if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
 #pragma unroll
     for (int i = 0; i < kNI; ++i) {
@@ -327,22 +317,17 @@ inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
 }
 
 template <int kFormat, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
-void launch_quant_typed(const QuantArgs& a, int num_warps, bool early_trigger, cudaStream_t stream) {
+void launch_quant_typed(const RowArgs& a, const float* k_scale, int num_warps, bool early_trigger,
+                        cudaStream_t stream) {
   const int64_t blocks = (a.n_loc + num_warps - 1) / num_warps;
   TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << a.n_loc << " needs too many blocks";
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(32, static_cast<unsigned>(num_warps));
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = kUsePDL ? 1 : 0;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const cudaLaunchConfig_t cfg = launch_config(dim3(static_cast<unsigned>(blocks)),
+                                               dim3(32, static_cast<unsigned>(num_warps)), 0, stream, kUsePDL, attr);
   TVM_FFI_CHECK_CUDA_ERROR(
-      early_trigger ? cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, true, LocT>, a)
-                    : cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, false, LocT>, a));
+      early_trigger
+          ? cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, true, LocT>, a, k_scale)
+          : cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, false, LocT>, a, k_scale));
 }
 
 // kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride);
@@ -406,7 +391,7 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
     return false;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
-  QuantArgs a;
+  RowArgs a;
   a.kv = static_cast<uint8_t*>(kv.data_ptr()) + kv.byte_offset();
   a.kv_stride = kv_stride;
   a.num_slots = kv.size(0);
@@ -417,11 +402,14 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
   a.loc = static_cast<const uint8_t*>(loc.data_ptr()) + loc.byte_offset();
   a.loc_stride = loc.stride(0);
   a.n_loc = n_loc;
-  a.skip_slot = skip_slot;
-  a.k_scale = reinterpret_cast<const float*>(static_cast<const uint8_t*>(scale.data_ptr()) + scale.byte_offset());
+  a.skip_index = skip_slot;
+  a.dcp_world = 1;
+  a.dcp_rank = 0;
+  const auto* k_scale =
+      reinterpret_cast<const float*>(static_cast<const uint8_t*>(scale.data_ptr()) + scale.byte_offset());
   const int w = static_cast<int>(num_warps);
 #define MLAKV_FP8_LAUNCH(BF16, LOCT) \
-  launch_quant_typed<kFormat, kNope, kRope, kUsePDL, BF16, LOCT>(a, w, early_trigger, stream)
+  launch_quant_typed<kFormat, kNope, kRope, kUsePDL, BF16, LOCT>(a, k_scale, w, early_trigger, stream)
   if (is_bf16) {
     if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(true, int32_t);
     else MLAKV_FP8_LAUNCH(true, int64_t);

@@ -39,6 +39,8 @@
 
 #include <cstdint>
 
+#include "row_args.cuh"
+
 namespace mlakv {
 
 // Largest of 16, 8, 4 that divides every argument (0 counts as divisible).
@@ -182,18 +184,6 @@ __global__ void set_mla_kv_buffer_kernel(uint8_t* __restrict__ kv, int64_t kv_st
   }
 }
 
-// The kernel's arguments, gathered once by the launcher (strides in bytes except loc_stride).
-struct RowArgs {
-  uint8_t* kv;
-  int64_t kv_stride, num_slots;
-  const uint8_t* nope;
-  int64_t nope_stride;
-  const uint8_t* rope;
-  int64_t rope_stride;
-  const void* loc;
-  int64_t loc_stride, n_loc, skip_index, dcp_world, dcp_rank;
-};
-
 // The hot path's kernel: one warp per row, direct stores — the launch shape the tuning table picks
 // on Hopper. Same rules as set_mla_kv_buffer_kernel (which serves the TMA and rows-per-warp
 // variants of the benchmark's sweep), in the smallest body: in one CUDA graph of back-to-back PDL
@@ -239,22 +229,6 @@ __global__ void set_mla_kv_row_kernel(const __grid_constant__ RowArgs a) {
 // Host launcher. It re-checks every fact the kernel's memory safety rests on and fails with a
 // Python exception, never a fault.
 // ---------------------------------------------------------------------------------------------
-
-// A launch configuration on `stream`, with programmatic stream serialization (PDL) when `pdl`;
-// `attr` (one element) must outlive the launch call.
-inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
-                                        cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cfg;
-}
 
 template <int kNopeBytes, int kRopeBytes, bool kUsePDL, bool kEarly, bool kUseTMA, int kItems, typename LocT>
 void launch_variant(const RowArgs& a, int num_warps, cudaStream_t stream) {
