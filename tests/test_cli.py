@@ -137,3 +137,17 @@ def test_demo_small_run_passes_reference_and_marks_cpu_shares(capsys):
         assert all(ln.count("(n/m)") == 2 for ln in table)
         assert "not meaningful" in out
     assert "prefill: timing 3 variants round-robin" in err and "decode:" in err and "round-robin" in err
+
+
+def test_version_and_help_do_not_import_torch():
+    """`mlakv --version` / `--help` answer without loading torch (the package's names load on use)."""
+    code = (
+        "import sys, mlakv.cli as c\n"
+        "try:\n    c.main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().endswith("False"), (done.stdout, done.stderr)
+    done = subprocess.run([sys.executable, "-c", "import mlakv, sys; mlakv.MLATokenToKVPool; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
