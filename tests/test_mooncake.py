@@ -294,6 +294,25 @@ def test_pipelined_batches_round_trip_whatever_the_chunk(store_pair, chunk):
         sa.pipeline_pages = sb.pipeline_pages = 64
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 100, 1000])
+@pytest.mark.parametrize("hash_threads", [False, True])
+def test_chunks_cover_the_batch_and_ramp_only_with_hash_threads(n, hash_threads):
+    """A set's chunks grow from pipeline_pages // 8 and a get's shrink to it where hash threads overlap
+    the transfer; without them the chunks are equal. Either way they tile [0, n) in order."""
+    s = MooncakeStorage.__new__(MooncakeStorage)  # only the chunking state; no client
+    s.pipeline_pages, s._hash_pool = 64, (object() if hash_threads else None)
+    for small_first in (True, False):
+        chunks = s._chunks(n, small_first)
+        assert [lo for lo, _ in chunks] == [0] + [hi for _, hi in chunks[:-1]] and chunks[-1][1] == n
+        sizes = [hi - lo for lo, hi in chunks]
+        assert max(sizes) <= 64
+        if not hash_threads:
+            assert all(size == 64 for size in sizes[:-1])
+        elif n > 8:
+            edge = sizes[0] if small_first else sizes[-1]
+            assert edge == 8
+
+
 @pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (4, 1), (8, 2), (16, 4), (128, 4)])
 def test_default_checksum_threads_leave_cores_to_the_transfer(cores, threads):
     assert default_checksum_threads(cores) == threads

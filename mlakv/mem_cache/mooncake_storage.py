@@ -498,12 +498,13 @@ class MooncakeStorage(HiCacheStorage):
         everything moved), so the part of the hashing that overlaps no transfer stays small. Without
         hash threads nothing overlaps: equal chunks (each chunk is one more Mooncake call)."""
         c = self.pipeline_pages
-        sizes, step, total = [], (max(1, c // 8) if self._hash_pool is not None else c), 0
+        ramp = self._hash_pool is not None
+        sizes, step, total = [], (max(1, c // 8) if ramp else c), 0
         while total < n:
             sizes.append(min(step, n - total))
             total += sizes[-1]
             step = min(c, 2 * step)
-        if not small_first:
+        if ramp and not small_first:
             sizes.reverse()
         bounds, lo = [], 0
         for size in sizes:

@@ -83,7 +83,7 @@ struct Divisor {
   float r;        // 1/s: the hardware reciprocal, refined by one Newton step
   uint32_t lo;    // fast path: |x|'s bits in [lo, lo + span), or x == 0
   uint32_t span;  // 0 when s is not positive and normal (no fast path)
-  uint32_t hi;    // lo + span: for an e4m3 result, |x|'s bits below hi suffice (div_fast_ok_e4m3)
+  uint32_t hi;    // e4m3 results: |x|'s bits below hi suffice (div_fast_ok_e4m3); 0 when s < 2^-80
 };
 
 __device__ __forceinline__ Divisor make_divisor(float s) {
