@@ -34,8 +34,9 @@ import torch  # noqa: E402
 
 from mlakv import jit_kernel  # noqa: E402
 from mlakv.mem_cache import set_mla_kv_buffer_triton  # noqa: E402
-from mlakv.mem_cache.move_kv import launch_move_kv_rows, move_kv_cache_torch  # noqa: E402
-from mlakv.mem_cache.triton_kernels import launch_get_kv_rows, launch_set_kv_rows  # noqa: E402
+from mlakv.kernels.triton.move import launch_move_kv_rows  # noqa: E402
+from mlakv.ops.move import move_kv_cache_torch  # noqa: E402
+from mlakv.kernels.triton.row_write import launch_get_kv_rows, launch_set_kv_rows  # noqa: E402
 
 LAYOUTS = [(torch.bfloat16, 512, 64), (torch.float16, 512, 64), (torch.uint8, 528, 128), (torch.bfloat16, 512, 0)]
 LOC_KINDS = ["contiguous", "strided", "offset", "expanded", "reserved_and_past_end"]
@@ -227,7 +228,7 @@ class Smoke:
             self.check(f"move {name}", all(torch.equal(_bits(a), _bits(b)) for a, b in zip(layers, want)))
 
     def host_copy(self) -> None:
-        from mlakv.mem_cache.transfer_kernels import launch_copy_rows
+        from mlakv.kernels.triton.transfer import launch_copy_rows
 
         row = 1152
         dev = torch.randint(0, 256, (64, row), dtype=torch.uint8, device="cuda")
@@ -244,9 +245,9 @@ class Smoke:
     def fp8(self) -> None:
         """The FP8 quantizing write (JIT, Triton; both formats, bf16/fp16 sources, every loc kind)
         and the dequantizing gather (JIT, Triton) with padding and out-of-range slots."""
-        from mlakv.jit_kernel.mla_fp8 import fp8_jit_gather, fp8_jit_write
-        from mlakv.mem_cache.fp8 import dequantize_mla_rows, fp8_row_bytes, quantize_mla_rows, scale_tensor
-        from mlakv.mem_cache.fp8_triton import launch_dequant_gather, launch_quant_write
+        from mlakv.kernels.cuda.fp8 import fp8_jit_gather, fp8_jit_write
+        from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, quantize_mla_rows, scale_tensor
+        from mlakv.kernels.triton.fp8 import launch_dequant_gather, launch_quant_write
 
         for fmt in ("per_tensor", "ds_mla"):
             scale = scale_tensor(0.1875, torch.device("cuda")) if fmt == "per_tensor" else None

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 
-from mlakv.models import PoolFullError, TokenSlotAllocator
+from mlakv.mem_cache.allocator import PoolFullError, TokenSlotAllocator
 
 
 @pytest.mark.parametrize(

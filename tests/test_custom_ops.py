@@ -14,8 +14,8 @@ import torch
 
 from conftest import DEVICE, bits, random_loc, random_rows, reference_write, requires_cuda
 from mlakv.mem_cache import MLATokenToKVPool
-from mlakv.mem_cache import custom_ops  # noqa: F401  (registers torch.ops.mlakv.*)
-from mlakv.mem_cache.move_kv import move_kv_cache_torch
+from mlakv.ops import custom_ops  # noqa: F401  (registers torch.ops.mlakv.*)
+from mlakv.ops.move import move_kv_cache_torch
 
 NOPE, ROPE = 64, 16  # small widths keep the CPU compile fast; the ops do not depend on them
 

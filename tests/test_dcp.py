@@ -19,17 +19,19 @@ import torch
 
 from conftest import DEVICE, HAS_CUDA, bits, random_rows
 from mlakv.mem_cache import MLATokenToKVPool
-from mlakv.models import DecodeGraphRunner, Engine, MLAConfig, PoolKVCache, Request, TokenSlotAllocator
-from mlakv.models.dcp import (
+from mlakv.demo.engine import DecodeGraphRunner, Engine, Request
+from mlakv.demo.model import MLAConfig, PoolKVCache
+from mlakv.mem_cache.allocator import TokenSlotAllocator
+from mlakv.demo.dcp import DCPPoolKVCache
+from mlakv.distributed.dcp import (
     DCPGroup,
-    DCPPoolKVCache,
     all_gather_merge,
     interleave_rank_rows,
     make_dcp_pool,
     merge_attn_partials,
     run_ranks,
 )
-from mlakv.models.mla import MLAAttention, default_dtype, make_model
+from mlakv.demo.model import MLAAttention, default_dtype, make_model
 
 WORLD_SIZES = [2, 4]
 RANK_TIMEOUT_S = 120

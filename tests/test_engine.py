@@ -7,8 +7,10 @@ import pytest
 
 from conftest import DEVICE
 from mlakv.mem_cache import MLATokenToKVPool
-from mlakv.models import Engine, MLAConfig, PoolFullError, PoolKVCache, Request, TokenSlotAllocator
-from mlakv.models.mla import default_dtype, make_model
+from mlakv.demo.engine import Engine, Request
+from mlakv.demo.model import MLAConfig, PoolKVCache
+from mlakv.mem_cache.allocator import PoolFullError, TokenSlotAllocator
+from mlakv.demo.model import default_dtype, make_model
 
 CFG = MLAConfig(vocab_size=64, hidden=64, n_heads=2, n_layers=1)
 

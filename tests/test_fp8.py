@@ -1,6 +1,6 @@
 """FP8 KV cache: the formats (per_tensor, ds_mla), the fused quantizing write and the dequantizing gather.
 
-Spec: :mod:`mlakv.mem_cache.fp8`. The reference quantizer is checked against an independent
+Spec: :mod:`mlakv.ops.fp8`. The reference quantizer is checked against an independent
 nearest-value table of e4m3; every path (torch on CPU, Triton under the interpreter on CPU and on
 the GPU, the JIT CUDA kernel on SM90+) is checked bit-exactly against the reference, on fresh
 random inputs, with a poisoned destination so unwritten or misplaced rows show.
@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_cuda, requires_sm90, sm90a_build_env
 
-from mlakv.mem_cache.fp8 import (
+from mlakv.ops.fp8 import (
     E4M3_MAX,
     FLT_MIN,
     dequantize_mla_rows,
@@ -104,11 +104,11 @@ def write_via(path: str, kv, loc, nope, rope, fmt, k_scale) -> None:
         return
     n_loc, scale = validate_quant_write(kv, loc, nope, rope, fmt, k_scale)
     if path == "triton":
-        from mlakv.mem_cache.fp8_triton import launch_quant_write
+        from mlakv.kernels.triton.fp8 import launch_quant_write
 
         launch_quant_write(kv, loc, nope, rope, fmt, scale)
     else:
-        from mlakv.jit_kernel.mla_fp8 import fp8_jit_write
+        from mlakv.kernels.cuda.fp8 import fp8_jit_write
 
         assert fp8_jit_write(kv, loc, nope, rope, fmt, scale), "the JIT kernel refused an aligned call"
 
@@ -378,7 +378,7 @@ def test_quant_write_expanded_loc_and_sources(path, fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_skips_slots_past_the_buffer(fmt):
     path_available("triton", 3)
-    from mlakv.mem_cache.fp8_triton import launch_quant_write
+    from mlakv.kernels.triton.fp8 import launch_quant_write
 
     nope, rope = make_sources(3, torch.bfloat16, seed=8)
     kv_all = poisoned(8, fp8_row_bytes(fmt, NOPE, ROPE))
@@ -428,10 +428,10 @@ def gather_via(path, kv, loc, fmt, dst):
     if path == "torch":
         return get_mla_kv_buffer_dequant(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
     if path == "triton":
-        from mlakv.mem_cache.fp8_triton import launch_dequant_gather
+        from mlakv.kernels.triton.fp8 import launch_dequant_gather
 
         return launch_dequant_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
-    from mlakv.jit_kernel.mla_fp8 import fp8_jit_gather
+    from mlakv.kernels.cuda.fp8 import fp8_jit_gather
 
     out = fp8_jit_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
     assert out is not None, "the JIT gather refused an aligned call"
@@ -504,11 +504,11 @@ def test_reserved_slot_is_skipped_like_padding(path, fmt):
     if path == "torch":
         set_mla_kv_buffer_quant(kv, loc, nope, rope, fmt, k_scale_for(fmt), reserved_skip_index=0)
     elif path == "triton":
-        from mlakv.mem_cache.fp8_triton import launch_quant_write
+        from mlakv.kernels.triton.fp8 import launch_quant_write
 
         launch_quant_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), 0)
     else:
-        from mlakv.jit_kernel.mla_fp8 import fp8_jit_write
+        from mlakv.kernels.cuda.fp8 import fp8_jit_write
 
         assert fp8_jit_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), 0)
     rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu"))
@@ -578,7 +578,7 @@ def built_fp8_modules():
     from concurrent.futures import ThreadPoolExecutor
 
     from mlakv.jit_kernel import JitUnavailable
-    from mlakv.jit_kernel.mla_fp8 import build_mla_fp8_module
+    from mlakv.kernels.cuda.fp8 import build_mla_fp8_module
 
     def build(fmt):
         try:
@@ -722,7 +722,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mlakv.mem_cache import fp8_triton
+from mlakv.kernels.triton import fp8 as fp8_triton
 out = []
 for name, ptrs, ints, consts in json.loads(sys.argv[1]):
     sig = {**ptrs, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
@@ -739,7 +739,7 @@ def _triton_jit_functions() -> list:
     import ast
     import inspect
 
-    from mlakv.mem_cache import fp8_triton
+    from mlakv.kernels.triton import fp8 as fp8_triton
 
     tree = ast.parse(inspect.getsource(fp8_triton))
     return [f for f in tree.body if isinstance(f, ast.FunctionDef)
@@ -838,7 +838,7 @@ def test_gpu_gather_of_misaligned_rows_falls_back_and_stays_exact(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("spare", [0, 8], ids=["aligned", "misaligned"])
 def test_gpu_jit_gather_serves_zero_rows(fmt, spare):
-    from mlakv.jit_kernel.mla_fp8 import fp8_jit_gather
+    from mlakv.kernels.cuda.fp8 import fp8_jit_gather
 
     kv = poisoned(12, fp8_row_bytes(fmt, NOPE, ROPE) + spare)
     for loc in (torch.zeros(0, dtype=torch.int32, device="cuda"), torch.zeros(0, dtype=torch.int64, device="cuda")):
@@ -1016,9 +1016,9 @@ def test_hicache_and_storage_round_trip_quantized_rows(fmt, tmp_path):
 # ---- the demo's FP8 comparison ---------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_demo_runs_the_model_on_the_quantized_cache(fmt):
-    from mlakv.demo import fp8_logit_drift
-    from mlakv.models import MLAConfig
-    from mlakv.models.mla import default_dtype, make_model
+    from mlakv.demo.serve import fp8_logit_drift
+    from mlakv.demo.model import MLAConfig
+    from mlakv.demo.model import default_dtype, make_model
 
     cfg = MLAConfig(vocab_size=512, hidden=128, n_heads=2, n_layers=2)
     device = torch.device(DEVICE)
@@ -1044,7 +1044,7 @@ def test_gpu_fp8_bench_checks_every_provider():
 
 # ---- the kernel's division: IEEE round-to-nearest without a per-value branch --------------------
 _DIV_PROBE_SRC = """\
-#include "mla_fp8.cuh"
+#include "fp8.cuh"
 
 __global__ void div_probe_kernel(const float* a, const float* b, float* q, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -1098,7 +1098,7 @@ def _div_cases(kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
 
 def test_division_probe_compiles():
     """The probe below builds on any machine with the toolchain (the GPU test runs it)."""
-    from mlakv.jit_kernel.loader import load_cuda_module
+    from mlakv.kernels.cuda.loader import load_cuda_module
 
     with sm90a_build_env():
         assert callable(load_cuda_module("mla_fp8_div_probe", _DIV_PROBE_SRC, device_capability=(9, 0)).div_probe)
@@ -1109,7 +1109,7 @@ def test_division_probe_compiles():
 def test_kernel_division_is_ieee_round_to_nearest(kind):
     """div1 (div_fast inside its exact range, the quantizing kernels' x / scale) equals the correctly rounded quotient bit for bit:
     the fp64 quotient rounded once to fp32 (exact: 53 >= 2 * 24 + 2 bits)."""
-    from mlakv.jit_kernel.loader import load_cuda_module
+    from mlakv.kernels.cuda.loader import load_cuda_module
 
     mod = load_cuda_module("mla_fp8_div_probe", _DIV_PROBE_SRC)
     a, b = _div_cases(kind, torch.Generator().manual_seed(11))

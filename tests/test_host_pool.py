@@ -408,7 +408,7 @@ def test_copy_kernel_paged_addressing(unit_rows, row_bytes, max_programs):
     """The transfer kernel (Triton interpreter on CPU, the GPU otherwise) against indexing, into a
     poisoned destination: rows or whole pages, a persistent grid smaller than the tile count."""
     pytest.importorskip("triton", reason="triton is not installed")
-    from mlakv.mem_cache.transfer_kernels import launch_copy_rows
+    from mlakv.kernels.triton.transfer import launch_copy_rows
 
     page, layers, pages = 4, 3, 12
     dev = torch.randint(0, 256, (48, row_bytes), dtype=torch.uint8, device=DEVICE)
@@ -466,7 +466,7 @@ def test_per_layer_load_makes_no_host_sync(layout):
 @pytest.mark.parametrize("sms", [1, 4, 8])
 def test_transfer_occupies_at_most_transfer_sms(sms):
     """The kernel records the SM each program ran on: a transfer uses at most ``max_programs`` SMs."""
-    from mlakv.mem_cache.transfer_kernels import launch_copy_rows
+    from mlakv.kernels.triton.transfer import launch_copy_rows
 
     n = 4096
     src = torch.randint(0, 256, (n, 1152), dtype=torch.uint8, device="cuda")

@@ -67,7 +67,7 @@ def test_unsupported_widths_do_not_build():
 
 def test_missing_nvcc_is_reported_not_raised_through(monkeypatch):
     """No toolkit: the loader raises JitUnavailable with the reason (the dispatcher then uses Triton)."""
-    import mlakv.jit_kernel.loader as loader
+    import mlakv.kernels.cuda.loader as loader
 
     monkeypatch.setattr(loader, "find_cuda_home", lambda: None)
     monkeypatch.setattr(loader, "_MODULES", {})
@@ -79,7 +79,7 @@ def test_missing_nvcc_is_reported_not_raised_through(monkeypatch):
 @pytest.mark.jit_build
 def test_broken_source_fails_with_the_compiler_error(tmp_path, monkeypatch):
     require_jit_toolchain()
-    from mlakv.jit_kernel.loader import load_cuda_module
+    from mlakv.kernels.cuda.loader import load_cuda_module
 
     monkeypatch.setenv("MLAKV_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TVM_FFI_CUDA_ARCH_LIST", "9.0a")
@@ -89,7 +89,7 @@ def test_broken_source_fails_with_the_compiler_error(tmp_path, monkeypatch):
 
 
 def test_arch_follows_device_capability_and_env(monkeypatch):
-    from mlakv.jit_kernel.loader import cuda_arch_list
+    from mlakv.kernels.cuda.loader import cuda_arch_list
 
     monkeypatch.delenv("TVM_FFI_CUDA_ARCH_LIST", raising=False)
     assert cuda_arch_list((9, 0)) == "9.0a" and cuda_arch_list((8, 9)) == "8.9" and cuda_arch_list((10, 0)) == "10.0a"
@@ -107,7 +107,7 @@ def test_arch_follows_device_capability_and_env(monkeypatch):
     ],
 )
 def test_tuning_key_picks_a_measured_row(capability, name, key):
-    from mlakv.jit_kernel.tuning import TUNING, tuning_key
+    from mlakv.spec.tuning import TUNING, tuning_key
 
     assert tuning_key(capability, name) == key and key in TUNING
 

@@ -32,7 +32,7 @@ LOC_DTYPES = [torch.int32, torch.int64]
 
 
 def _run_triton(kv, loc, nope, rope):
-    from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+    from mlakv.kernels.triton.row_write import launch_set_kv_rows
 
     validate_kv_write(kv, loc, nope, rope)
     if loc.shape[0]:
@@ -319,13 +319,13 @@ def _run_sel(path, kv, loc, nope, rope, skip=None, world=1, rank=0):
     """Write through ``path`` with the row-selection options (rope may be None)."""
     sel = dict(reserved_skip_index=skip, dcp_world_size=world, dcp_rank=rank)
     if path == "torch":
-        from mlakv.mem_cache.torch_ref import set_mla_kv_buffer_torch
+        from mlakv.ops.reference import set_mla_kv_buffer_torch
 
         set_mla_kv_buffer_torch(kv, loc, nope, rope, **sel)
     elif path == "dispatch":
         set_mla_kv_buffer_triton(kv, loc, nope, rope, **sel)
     elif path == "triton":
-        from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+        from mlakv.kernels.triton.row_write import launch_set_kv_rows
 
         rope = nope[..., :0] if rope is None else rope
         validate_kv_write(kv, loc, nope, rope)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, assert_bits_equal, bits, poisoned_buffer, requires_cuda, requires_triton
-from mlakv.mem_cache import MLATokenToKVPool, kv_write_path, rules, set_mla_kv_buffer_triton
+from mlakv.mem_cache import MLATokenToKVPool, kv_write_path, set_mla_kv_buffer_triton
+from mlakv.spec import rules
 
 # fp32 -> fp16 overflows to inf on purpose (an edge case); numpy, under the Triton interpreter, warns.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -59,13 +60,13 @@ def _ref_rows(kv, loc, nope, rope):
 
 
 def _triton_write(kv, loc, nope, rope, skip=None):
-    from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+    from mlakv.kernels.triton.row_write import launch_set_kv_rows
 
     launch_set_kv_rows(kv, loc, nope, rope, skip_index=-1 if skip is None else skip)
 
 
 def _torch_write(kv, loc, nope, rope, skip=None):
-    from mlakv.mem_cache.torch_ref import set_mla_kv_buffer_torch
+    from mlakv.ops.reference import set_mla_kv_buffer_torch
 
     set_mla_kv_buffer_torch(kv, loc, nope, rope, reserved_skip_index=skip)
 

@@ -297,7 +297,7 @@ def test_gather_loc_list_is_a_type_error():
 
 @pytest.mark.parametrize("env,flag,expected", [(True, False, False), (False, True, True), (True, None, True), (False, None, False)])
 def test_pool_check_bounds_overrides_the_environment(monkeypatch, env, flag, expected):
-    import mlakv.mem_cache.memory_pool as mp
+    from mlakv import _env
 
-    monkeypatch.setattr(mp, "_CHECK_BOUNDS_DEFAULT", env)
+    monkeypatch.setattr(_env, "CHECK_BOUNDS", env)
     assert _pool(check_bounds=flag).check_bounds is expected

@@ -8,8 +8,10 @@ import torch
 
 from conftest import DEVICE, bits, requires_cuda
 from mlakv.mem_cache import MLATokenToKVPool
-from mlakv.models import DecodeGraphRunner, DictKVCache, Engine, MLAConfig, PoolFullError, PoolKVCache, Request, TokenSlotAllocator
-from mlakv.models.mla import default_dtype, make_model
+from mlakv.demo.engine import DecodeGraphRunner, Engine, Request
+from mlakv.demo.model import DictKVCache, MLAConfig, PoolKVCache
+from mlakv.mem_cache.allocator import PoolFullError, TokenSlotAllocator
+from mlakv.demo.model import default_dtype, make_model
 
 CFG = MLAConfig(vocab_size=256, hidden=128, n_heads=2, n_layers=2)
 DTYPE = default_dtype(DEVICE)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
-from mlakv.mem_cache.mooncake_master import MooncakeMaster, MooncakeUnavailable, check_mooncake
-from mlakv.mem_cache.mooncake_storage import (
+from mlakv.testing.mooncake_master import MooncakeMaster, MooncakeUnavailable, check_mooncake
+from mlakv.mem_cache.storage.mooncake import (
     TRAILER_BYTES,
     MooncakeConnectionError,
     MooncakeStorage,
@@ -326,7 +326,7 @@ def test_checksum_threads_must_be_positive(master):
 
 # ---- faults --------------------------------------------------------------------------------
 def test_no_master_at_setup_fails_fast_and_l2_keeps_working():
-    from mlakv.mem_cache.mooncake_master import _free_port
+    from mlakv.testing.mooncake_master import _free_port
 
     host = make_host()
     t0 = time.monotonic()
@@ -414,7 +414,7 @@ def test_reconnects_after_the_master_comes_back():
 
 # ---- end to end ----------------------------------------------------------------------------
 def test_second_node_finds_the_prefix_in_mooncake_and_decodes_like_recompute(master):
-    from mlakv.l3_demo import run_l3_demo
+    from mlakv.demo.l3 import run_l3_demo
 
     res = run_l3_demo(master, n_layers=2, hidden=64, page_size=16, prefix_pages=3, n_prompts=2, suffix_len=5,
                       decode_steps=3, device="cpu", verbose=False)
@@ -427,7 +427,7 @@ def test_second_node_finds_the_prefix_in_mooncake_and_decodes_like_recompute(mas
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned host pool, Triton page transfers)")
 def test_second_node_on_the_gpu_loads_the_prefix_through_pinned_host_memory(master):
-    from mlakv.l3_demo import run_l3_demo
+    from mlakv.demo.l3 import run_l3_demo
 
     res = run_l3_demo(master, n_layers=2, hidden=128, page_size=64, prefix_pages=4, n_prompts=2, suffix_len=8,
                       decode_steps=4, device="cuda", verbose=False)
@@ -437,7 +437,7 @@ def test_second_node_on_the_gpu_loads_the_prefix_through_pinned_host_memory(mast
 
 
 def test_demo_cli_runs_the_l3_demo(capsys):
-    from mlakv.demo import main
+    from mlakv.demo.serve import main
 
     assert main(["--l3", "mooncake", "--layers", "1", "--prompts", "1", "--decode-steps", "1"]) == 0
     out = capsys.readouterr().out

@@ -19,7 +19,7 @@ import torch
 from conftest import bits, random_loc, random_rows, sm90a_build_env
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.mem_cache.memory_pool import RESERVED_SLOT
-from mlakv.mem_cache.torch_ref import set_mla_kv_buffer_torch
+from mlakv.ops.reference import set_mla_kv_buffer_torch
 
 R, P = 512, 64  # kv_lora_rank, qk_rope_head_dim (bf16: the 1024 + 128 byte module)
 

@@ -1,5 +1,5 @@
 """The rule book and the CUDA launcher agree: a table of layouts is accepted, refused or sent to the
-fallback path alike by :mod:`mlakv.mem_cache.rules` and by the compiled launcher's own checks.
+fallback path alike by :mod:`mlakv.spec.rules` and by the compiled launcher's own checks.
 
 The launcher's checks run on CPU tensors through the module's ``check_set_mla_kv_buffer`` export
 (compiled for sm_90a with nvcc; no GPU needed). Each row breaks at most one rule.
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import sm90a_build_env
-from mlakv.mem_cache import rules
+from mlakv import _env
+from mlakv.spec import rules
 
 BF16 = torch.bfloat16
 NOPE, ROPE = 512, 64  # bf16 elements: the (1024, 128)-byte module; rope-less rows use (1024, 0)
@@ -180,13 +181,13 @@ def test_launcher_agrees_with_rule_book(modules, name):
      ("Off", False), ("", False), (None, False)],
 )
 def test_check_bounds_env_values(value, expected):
-    assert rules.parse_check_bounds(value) is expected
+    assert _env.parse_flag("MLAKV_CHECK_BOUNDS", value) is expected
 
 
 @pytest.mark.parametrize("value", ["2", "maybe", "enabled"])
 def test_check_bounds_env_rejects_unknown_values(value):
     with pytest.raises(ValueError, match=r"MLAKV_CHECK_BOUNDS="):
-        rules.parse_check_bounds(value)
+        _env.parse_flag("MLAKV_CHECK_BOUNDS", value)
 
 
 def test_rules_module_is_a_leaf():

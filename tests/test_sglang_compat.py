@@ -13,7 +13,7 @@ import torch
 from conftest import DEVICE, HAS_TRITON, bits, random_rows
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
 from mlakv.mem_cache import memory_pool as memory_pool_module
-from mlakv.mem_cache.move_kv import move_kv_cache_torch
+from mlakv.ops.move import move_kv_cache_torch
 
 R, P = 512, 64  # kv_lora_rank, qk_rope_head_dim (DeepSeek-V3)
 
@@ -207,7 +207,7 @@ def test_move_kv_cache_bad_arguments_are_named(bad, err):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
 def test_move_kernel_all_layers_in_one_table(case, dtype):
     """The Triton kernel itself (under the interpreter on CPU): staged mode for any sets, direct for disjoint."""
-    from mlakv.mem_cache.move_kv import launch_move_kv_rows
+    from mlakv.kernels.triton.move import launch_move_kv_rows
 
     pool = _pool(dtype=dtype, layer_num=2, size=60)
     tgt, src = (torch.tensor(v, device=DEVICE) for v in MOVES[case])
@@ -218,7 +218,7 @@ def test_move_kernel_all_layers_in_one_table(case, dtype):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_move_kernel_skips_out_of_range_pairs_unchecked():
-    from mlakv.mem_cache.move_kv import launch_move_kv_rows
+    from mlakv.kernels.triton.move import launch_move_kv_rows
 
     pool = _pool(layer_num=2, size=28)
     n = pool.num_slots

@@ -186,7 +186,7 @@ class Soak:
                 what += " (jit refused layout -> dispatch)"
                 set_mla_kv_buffer_triton(kv, loc, k_nope, k_rope)
         elif entry == "triton":
-            from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+            from mlakv.kernels.triton.row_write import launch_set_kv_rows
 
             if n:
                 launch_set_kv_rows(kv, loc, k_nope, k_rope)

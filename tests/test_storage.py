@@ -21,7 +21,7 @@ import torch
 
 from mlakv.mem_cache import LocalFileStorage, MLATokenToKVPool, MLATokenToKVPoolHost, prefix_page_key
 from mlakv.mem_cache.host_pool import LAYOUTS
-from mlakv.mem_cache.storage_api import HiCacheStorage
+from mlakv.mem_cache.storage.base import HiCacheStorage
 
 PAGE = 4096
 

@@ -81,9 +81,9 @@ def test_bounds_check_raises_index_error(via_env, monkeypatch):
     loc[2] = 16
     before = kv.clone()
     if via_env:
-        import mlakv.mem_cache.kv_write as kw
+        from mlakv import _env
 
-        monkeypatch.setattr(kw, "_CHECK_BOUNDS_DEFAULT", True)
+        monkeypatch.setattr(_env, "CHECK_BOUNDS", True)
         ctx = pytest.raises(IndexError, match=r"loc\[2\] = 16 is out of range .* num_slots=16")
         with ctx:
             _call(kv, loc, nope, rope)
@@ -94,12 +94,12 @@ def test_bounds_check_raises_index_error(via_env, monkeypatch):
 
 
 def _env_default(value: str):
-    """``kv_write._CHECK_BOUNDS_DEFAULT`` in a fresh interpreter with ``MLAKV_CHECK_BOUNDS=value``."""
+    """``mlakv._env.CHECK_BOUNDS`` in a fresh interpreter with ``MLAKV_CHECK_BOUNDS=value``."""
     import os
     import subprocess
     import sys
 
-    code = "import mlakv.mem_cache.kv_write as k; print(k._CHECK_BOUNDS_DEFAULT)"
+    code = "import mlakv.ops.dispatch, mlakv._env as e; print(e.CHECK_BOUNDS)"
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLAKV_CHECK_BOUNDS": value},
                        capture_output=True, text=True, timeout=120)
     return r.returncode, r.stdout.strip(), r.stderr

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from mlakv.mem_cache import custom_ops  # noqa: F401  (registers torch.ops.mlakv.*)
-from mlakv.mem_cache.kv_write import set_mla_kv_buffer_triton
+from mlakv.ops import custom_ops  # noqa: F401  (registers torch.ops.mlakv.*)
+from mlakv.ops.dispatch import set_mla_kv_buffer_triton
 
 _FLOOR_LIB: Optional[torch.library.Library] = None
 

@@ -40,16 +40,18 @@ import torch
 import torch.distributed as dist
 
 from mlakv.mem_cache import MLATokenToKVPool, kv_write_path
-from mlakv.models import DecodeGraphRunner, Engine, MLAConfig, PoolKVCache, Request, TokenSlotAllocator
-from mlakv.models.dcp import (
+from mlakv.demo.engine import DecodeGraphRunner, Engine, Request
+from mlakv.demo.model import MLAConfig, PoolKVCache
+from mlakv.mem_cache.allocator import TokenSlotAllocator
+from mlakv.demo.dcp import DCPPoolKVCache
+from mlakv.distributed.dcp import (
     DCPGroup,
-    DCPPoolKVCache,
     init_dcp_group,
     interleave_rank_rows,
     make_dcp_pool,
     run_ranks,
 )
-from mlakv.models.mla import default_dtype, make_model
+from mlakv.demo.model import default_dtype, make_model
 
 __all__ = ["Sizes", "main"]
 

@@ -36,7 +36,7 @@ from mlakv.mem_cache import (
     set_mla_kv_buffer_quant,
     set_mla_kv_buffer_triton,
 )
-from mlakv.mem_cache.fp8 import fp8_write_path, scale_tensor
+from mlakv.ops.fp8 import fp8_write_path, scale_tensor
 
 __all__ = ["run_fp8_bench", "main"]
 
@@ -77,7 +77,7 @@ def _layers(n: int, device: str = "cuda") -> list[dict]:
 
 
 def _write_providers(scale: torch.Tensor) -> dict[str, dict[str, Callable[[dict], None]]]:
-    from mlakv.mem_cache.fp8_triton import launch_quant_write
+    from mlakv.kernels.triton.fp8 import launch_quant_write
 
     def quant_then_write(d):
         set_mla_kv_buffer_quant(d["tmp656"], d["iota"], d["nope"], d["rope"], "ds_mla")  # quantize kernel
@@ -141,7 +141,7 @@ def run_fp8_bench(sizes: list[int]) -> dict:
             moved = n * (fp8_row_bytes(fmt, NOPE, ROPE) + 2 * (NOPE + ROPE))
             g[f"dequant-{fmt}"] = us if ok else "WRONG"
             g[f"dequant-{fmt}-of-copy-bw"] = moved / (us * 1e-6) / 1e9 / copy_gbs
-        from mlakv.mem_cache.triton_kernels import launch_get_kv_rows
+        from mlakv.kernels.triton.row_write import launch_get_kv_rows
 
         us = _graph_us(lambda: [launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE) for d in layers])
         g["plain-gather-bf16"] = us

@@ -27,8 +27,8 @@ import torch
 
 from mlakv.argtypes import positive_int
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
-from mlakv.mem_cache.mooncake_master import MooncakeMaster, MooncakeUnavailable
-from mlakv.mem_cache.mooncake_storage import MooncakeStorage, default_checksum_threads
+from mlakv.testing.mooncake_master import MooncakeMaster, MooncakeUnavailable
+from mlakv.mem_cache.storage.mooncake import MooncakeStorage, default_checksum_threads
 
 ROWS = {"bf16 1152B": (torch.bfloat16, None), "fp8 ds_mla 656B": (torch.float8_e4m3fn, "ds_mla")}
 GPU_MACHINE_PAGES = [64, 256, 1024]

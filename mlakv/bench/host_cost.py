@@ -2,7 +2,7 @@
 
 ``mlakv bench`` reports the end-to-end eager cost of ``pool.set_kv_buffer`` on a GPU. This splits
 it along the hot path: pool -> dispatcher (``set_mla_kv_buffer_triton``) -> the bound ``write``
-closure (:func:`mlakv.jit_kernel.set_mla_kv_buffer.bind_launch_shapes`) -> the tvm-ffi module
+closure (:func:`mlakv.kernels.cuda.row_write.bind_launch_shapes`) -> the tvm-ffi module
 function (argument marshalling, the launcher's checks, the launch). Each step is timed twice:
 
 * ``python``: the module function replaced by a no-op stub taking the same 11 arguments, so the
@@ -30,9 +30,10 @@ from typing import Callable, Optional
 
 import torch
 
-from mlakv.jit_kernel.set_mla_kv_buffer import _module_for, bind_launch_shapes
-from mlakv.jit_kernel.tuning import TUNING, tuning_for
-from mlakv.mem_cache import MLATokenToKVPool, kv_write, set_mla_kv_buffer_triton
+from mlakv.kernels.cuda.row_write import _module_for, bind_launch_shapes
+from mlakv.spec.tuning import TUNING, tuning_for
+from mlakv.mem_cache import MLATokenToKVPool, set_mla_kv_buffer_triton
+from mlakv.ops import dispatch as kv_write
 
 __all__ = ["main", "step_costs"]
 

@@ -72,7 +72,7 @@ def provider_fn(name: str, jit_kw: Optional[dict] = None) -> Callable:
     if name == "torch":
         return set_mla_kv_buffer_torch_index_put
     if name == "triton":
-        from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+        from mlakv.kernels.triton.row_write import launch_set_kv_rows
 
         return launch_set_kv_rows
     if name == "legacy":
@@ -344,7 +344,7 @@ def host_costs() -> dict:
         )
         if torch.cuda.is_available():
             from mlakv import jit_kernel
-            from mlakv.mem_cache.triton_kernels import launch_set_kv_rows
+            from mlakv.kernels.triton.row_write import launch_set_kv_rows
 
             out[f"triton row kernel launch alone[{lname}, n_loc=1]"] = med(lambda: launch_set_kv_rows(kv, loc, n8, r8))
             if jit_kernel.can_use_set_mla_kv_buffer(nd * es, rd * es):

@@ -16,7 +16,8 @@ import statistics
 
 import torch
 
-from mlakv.mem_cache.move_kv import launch_move_kv_rows, move_kv_cache_torch
+from mlakv.kernels.triton.move import launch_move_kv_rows
+from mlakv.ops.move import move_kv_cache_torch
 
 
 def _median_us(fn, reps: int = 50, warm: int = 5) -> float:

@@ -19,11 +19,11 @@ from typing import Any, Optional
 
 import torch
 
-from mlakv.jit_kernel.loader import JitUnavailable, cuda_arch_list, load_cuda_module
+from mlakv.kernels.cuda.loader import JitUnavailable, cuda_arch_list, load_cuda_module
 
 __all__ = ["peer_dir", "peer_absent_reason", "build_sglang_module", "sglang_set_mla_kv_buffer"]
 
-KERNEL_HEADER = Path("csrc") / "elementwise" / "set_mla_kv_buffer.cuh"
+KERNEL_HEADER = Path("csrc") / "elementwise" / "row_write.cuh"
 FETCH_HINT = "fetch it with `bash ../shared/peers/fetch_sglang.sh` from the checkout, or set MLAKV_SGLANG_SRC"
 
 _WRAPPER = """\

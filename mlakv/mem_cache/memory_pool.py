@@ -14,11 +14,12 @@ from typing import Optional, Union
 
 import torch
 
-from . import rules
-from .kv_write import _CHECK_BOUNDS_DEFAULT, jit_route, set_mla_kv_buffer_triton
-from .fp8 import SOURCE_DTYPES as _FP8_SOURCE_DTYPES
-from .fp8 import check_pool_fp8, fp8_row_bytes, get_mla_kv_buffer_dequant, set_mla_kv_buffer_quant
-from . import custom_ops as _ops  # registers the torch.ops.mlakv.* ops the pool uses under torch.compile
+from mlakv import _env
+from mlakv.spec import rules
+from mlakv.ops.dispatch import jit_route, set_mla_kv_buffer_triton
+from mlakv.ops.fp8 import SOURCE_DTYPES as _FP8_SOURCE_DTYPES
+from mlakv.ops.fp8 import check_pool_fp8, fp8_row_bytes, get_mla_kv_buffer_dequant, set_mla_kv_buffer_quant
+from mlakv.ops import custom_ops as _ops  # registers the torch.ops.mlakv.* ops the pool uses under torch.compile
 
 __all__ = ["MLATokenToKVPool", "FP8_DTYPES"]
 
@@ -84,7 +85,7 @@ class MLATokenToKVPool:
         dcp_world_size: decode-context-parallel ranks sharing the logical slot space (1: off).
         dcp_rank: this pool's rank in ``[0, dcp_world_size)``.
         kv_cache_format: None (default: rows are exact copies of ``dtype``), ``"per_tensor"`` or
-            ``"ds_mla"`` (with ``dtype=torch.float8_e4m3fn``; see :mod:`mlakv.mem_cache.fp8`): bf16/fp16
+            ``"ds_mla"`` (with ``dtype=torch.float8_e4m3fn``; see :mod:`mlakv.ops.fp8`): bf16/fp16
             sources are quantized inside the write, :meth:`get_mla_kv_buffer` dequantizes in the gather.
             ``ds_mla`` rows are ``kv_lora_rank + 4 * kv_lora_rank / 128 + 2 * rope`` bytes (656 for
             512 + 64) and :meth:`get_key_buffer` returns them as uint8.
@@ -146,7 +147,7 @@ class MLATokenToKVPool:
                 f"end_layer - start_layer = {self.end_layer} - {self.start_layer} must equal layer_num={layer_num}"
             )
         # resolved once: True/False override MLAKV_CHECK_BOUNDS both ways
-        self.check_bounds: bool = _CHECK_BOUNDS_DEFAULT if check_bounds is None else check_bounds
+        self.check_bounds: bool = _env.CHECK_BOUNDS if check_bounds is None else check_bounds
         self.dcp_world_size = dcp_world_size
         self.dcp_rank = dcp_rank
         self._store_view = self.store_dtype != dtype
@@ -257,7 +258,7 @@ class MLATokenToKVPool:
         float32 pool, in another of those three: converted inside the write as ``source.to(dtype)`` (as
         sglang casts), one launch and no temporary. fp8 pools take their own formats (see ``kv_cache_format``).
         An eager, unchecked CUDA write of rows in the pool dtype calls the dispatcher's JIT route
-        directly (bound once per pool, :func:`~mlakv.mem_cache.kv_write.jit_route`); every other call,
+        directly (bound once per pool, :func:`~mlakv.ops.dispatch.jit_route`); every other call,
         and any the kernel's launcher refuses, goes through the dispatcher with the checks.
 
         Args:
@@ -374,7 +375,7 @@ class MLATokenToKVPool:
         if torch.compiler.is_compiling():
             _ops.move_kv_cache_op(self.kv_buffer, tgt_loc, src_loc, check, disjoint)
             return
-        from .move_kv import move_kv_cache
+        from mlakv.ops.move import move_kv_cache
 
         move_kv_cache(self.kv_buffer, tgt_loc, src_loc, check_bounds=check, disjoint=disjoint)
 

@@ -1,0 +1,319 @@
+"""``python -m mlakv demo``: the small MLA model served through the pool, prefill then decode.
+
+Prints prefill and decode throughput, the KV-write share of step time (with the dispatcher's path,
+with a plain two-``index_put_`` write, and against no write at all), and whether the model over the
+pool matched the same model over a plain dict-of-tensors cache. The three write variants are timed
+round-robin (prefill and decode alike), so drift hits them alike. On a CPU the shares are printed
+but marked as not meaningful: there the model's matmuls dominate and the noise exceeds the write.
+
+Each step is one function (parser, reference check, prefill timing, decode timing, report), so
+an option is added in :func:`build_parser` and used where its step is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+from mlakv.argtypes import positive_int
+from mlakv.mem_cache import MLATokenToKVPool
+from mlakv.demo.engine import DecodeGraphRunner, Engine, Request
+from mlakv.demo.model import DictKVCache, MLAConfig, PoolKVCache
+from mlakv.mem_cache.allocator import TokenSlotAllocator
+from mlakv.demo.model import PrefillSegment, default_dtype, make_model
+
+
+class _VariantCache(PoolKVCache):
+    """The pool cache with a replaceable row write (for the write-share measurement only)."""
+
+    def __init__(self, pool: MLATokenToKVPool, write_fn: Optional[Callable]) -> None:
+        super().__init__(pool)
+        self._write_fn = write_fn
+
+    def write(self, layer, loc, k_nope, k_rope):
+        if self._write_fn is not None:
+            self._write_fn(self.pool, layer, loc, k_nope, k_rope)
+
+
+def _write_auto(pool, layer, loc, k_nope, k_rope):
+    pool.set_kv_buffer(layer, loc, k_nope, k_rope)
+
+
+def _write_index_put(pool, layer, loc, k_nope, k_rope):
+    kv = pool.get_key_buffer(layer)[:, 0]
+    r = pool.kv_lora_rank
+    kv[:, :r].index_put_((loc,), k_nope)
+    kv[:, r : r + pool.qk_rope_head_dim].index_put_((loc,), k_rope)
+
+
+VARIANTS = {"mlakv dispatcher": _write_auto, "two index_put_": _write_index_put, "no KV write": None}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def progress(msg: str) -> None:
+    """A progress line on stderr (the report goes to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def round_robin_medians(
+    fns: dict[str, Callable[[], None]], device, reps: int, warmup: int = 1, what: str = "timing"
+) -> dict[str, float]:
+    """Median wall time (s) of each callable, timed in turn ``reps`` times each after ``warmup`` rounds.
+
+    A round that ends more than ~2 s after the last progress line prints one (``what``, round i/n).
+    """
+    samples: dict[str, list[float]] = {label: [] for label in fns}
+    last = time.perf_counter()
+    for rep in range(warmup + reps):
+        if time.perf_counter() - last > 2.0:
+            progress(f"  {what}: round {rep + 1}/{warmup + reps}")
+            last = time.perf_counter()
+        for label, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if rep >= warmup:
+                samples[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(v) for label, v in samples.items()}
+
+
+def reference_check(cfg: MLAConfig, device, dtype) -> bool:
+    """A short interleaved workload over the pool and over the dict cache: same tokens, close
+    logits, and bit-identical cached rows."""
+    model = make_model(cfg, device, dtype)
+    pool = MLATokenToKVPool(1024, 1, dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_layers, device)
+    ref = DictKVCache(cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (17, 40, 9)]
+    outs = []
+    for cache in (PoolKVCache(pool), ref):
+        eng = Engine(model, cache, TokenSlotAllocator(pool.num_slots, 1), device)
+        reqs = [Request(p, 8) for p in prompts]
+        eng.prefill(reqs[:2])
+        eng.decode_step(use_graph=False)
+        eng.prefill(reqs[2:])
+        while eng.running:
+            eng.decode_step(use_graph=False)
+        outs.append(reqs)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    same = all(a.output == b.output for a, b in zip(*outs)) and all(
+        torch.allclose(x, y, rtol=tol, atol=tol) for a, b in zip(*outs) for x, y in zip(a.logits, b.logits)
+    )
+    rows_same = all(
+        torch.equal(pool.get_key_buffer(layer)[slot, 0].view(torch.uint8), ref.rows[(layer, slot)].view(torch.uint8))
+        for (layer, slot) in ref.rows
+    )
+    return same and rows_same
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mlakv demo`` parser (defaults: GPU sizes / CPU sizes)."""
+    ap = argparse.ArgumentParser(
+        prog="mlakv demo",
+        description="Serve a small DeepSeek-style MLA model through the pool: a reference check against a "
+        "dict-of-tensors cache, then prefill and decode timed with three KV-write variants.",
+    )
+    ap.add_argument("--layers", type=positive_int, default=4, help="transformer layers of the model (default 4)")
+    ap.add_argument("--prompts", type=positive_int, default=None, help="prefill batch: number of prompts (default GPU 16, CPU 4)")
+    ap.add_argument("--prompt-len", type=positive_int, default=None, help="tokens per prompt (default GPU 1024, CPU 64)")
+    ap.add_argument("--decode-batch", type=positive_int, default=None, help="requests decoded together (default GPU 32, CPU 8)")
+    ap.add_argument("--decode-steps", type=positive_int, default=None, help="decode steps timed per variant (default GPU 32, CPU 8)")
+    ap.add_argument("--kv-cache-format", choices=["ds_mla", "per_tensor"], default=None,
+                    help="also run the model on an FP8 cache of this format (quantized in the write, dequantized in "
+                    "the gather) and report how far its logits move from the plain cache's")  # fmt: skip
+    ap.add_argument("--l3", choices=["mooncake"], default=None,
+                    help="run the HiCache L3 demo instead: a shared prefix backed up to Mooncake Store by one node "
+                    "and loaded by another (starts its own mooncake_master; mlakv.demo.l3)")  # fmt: skip
+    return ap
+
+
+def time_prefill(model, caches: dict, prompts: list[list[int]], device, gpu: bool) -> dict[str, float]:
+    """Median prefill time (s) per variant: the model's forward over the whole batch.
+
+    Inputs are built once, outside the timing. On a GPU each variant's forward is captured in a
+    CUDA graph and the replay is timed, so the host's Python (a per-request loop here) does not
+    drown the device time. Variants are timed round-robin.
+    """
+    n_prompts, plen = len(prompts), len(prompts[0])
+    ids = torch.tensor([t for p in prompts for t in p], device=device)
+    pos = torch.arange(plen, device=device).repeat(n_prompts)
+    loc = torch.arange(1, 1 + n_prompts * plen, device=device)
+    segs = [PrefillSegment(i * plen, plen, loc[i * plen : (i + 1) * plen]) for i in range(n_prompts)]
+    fns = {}
+    for label, cache in caches.items():
+        fn = (lambda c=cache: model.prefill(c, ids, pos, loc, segs))
+        if gpu:
+            progress(f"prefill: capturing the {label!r} forward in a CUDA graph")
+            fn()  # warm-up outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            fn = graph.replay
+        fns[label] = fn
+    reps = 10 if gpu else 3  # CPU: a prefill takes seconds there, and the shares are not meaningful anyway
+    progress(f"prefill: timing {len(fns)} variants round-robin, {reps} rounds")
+    return round_robin_medians(fns, device, reps=reps, what="prefill")
+
+
+def time_decode(model, caches: dict, prompts: list[list[int]], dbatch: int, steps: int, ctx: int, pool, device, gpu: bool):
+    """Per variant: (decode step s — graph replay on GPU, engine step on CPU; engine-loop step s).
+
+    ``dbatch`` requests with 64-token contexts per variant; every variant's engine steps in turn,
+    one step each per round, and (GPU) the graph replays are timed round-robin too.
+    """
+    engines, runners = {}, {}
+    for label, cache in caches.items():
+        eng = Engine(model, cache, TokenSlotAllocator(pool.num_slots, 1), device)
+        eng.prefill([Request(p[:64], steps + 2) for p in (prompts * dbatch)[:dbatch]])
+        runner = DecodeGraphRunner(model, cache, [dbatch], max_ctx=ctx, device=device)
+        if gpu:
+            progress(f"decode: capturing the {label!r} step in a CUDA graph")
+            runner.capture()
+        eng.graph_runner, eng.padded_runner = (runner if gpu else None), runner
+        engines[label], runners[label] = eng, runner
+    progress(f"decode: {steps} engine steps per variant, round-robin")
+    loop = round_robin_medians({label: (lambda e=e: e.decode_step(use_graph=gpu)) for label, e in engines.items()},
+                               device, reps=max(1, steps - 1), what="decode (engine loop)")
+    if gpu:
+        step = round_robin_medians({label: r.graphs[dbatch].replay for label, r in runners.items()}, device, reps=50,
+                                   what="decode (graph replay)")
+    else:
+        step = loop
+    return {label: (step[label], loop[label]) for label in caches}
+
+
+def report(t_prefill: dict, t_decode: dict, n_tokens: int, dbatch: int, gpu: bool) -> None:
+    """Print the table: throughput and the KV-write share of each step per variant."""
+    none_p, (none_d, _) = t_prefill["no KV write"], t_decode["no KV write"]
+    g = " (graph)" if gpu else ""
+    print()
+    print(f"| KV write | prefill ms{g} | prefill tok/s | decode step us{g} | decode tok/s (engine loop) | "
+          "KV-write share of prefill | of decode step |")
+    print("|---|---|---|---|---|---|---|")
+    for label in t_prefill:
+        tp, (ts, tl) = t_prefill[label], t_decode[label]
+        share_p = (tp - none_p) / tp if label != "no KV write" else 0.0
+        share_d = (ts - none_d) / ts if label != "no KV write" else 0.0
+        mark = "" if gpu or label == "no KV write" else " (n/m)"
+        print(f"| {label} | {tp * 1e3:.2f} | {n_tokens / tp:,.0f} | {ts * 1e6:.1f} | {dbatch / tl:,.0f} | "
+              f"{share_p:.1%}{mark} | {share_d:.1%}{mark} |")
+    print()
+    print("Shares are (time with the write - time without) / time with it; differences under ~1% are within noise.")
+    if not gpu:
+        print("CPU run: the shares are not meaningful (n/m) — the model's CPU matmuls dominate and their noise exceeds "
+              "the write; run on a GPU for the write's share.")
+
+
+class _Fp8PoolCache(PoolKVCache):
+    """The model's cache on an FP8-format pool: sources go in as bf16 (quantized in the write), rows
+    come back dequantized by the pool's fused gather, in the model's dtype."""
+
+    def __init__(self, pool: MLATokenToKVPool, model_dtype: torch.dtype) -> None:
+        super().__init__(pool)
+        self.model_dtype = model_dtype
+
+    def write(self, layer, loc, k_nope, k_rope):
+        src = k_nope.dtype if k_nope.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        self.pool.set_kv_buffer(layer, loc, k_nope.to(src), k_rope.to(src))
+
+    def gather(self, layer, slots):
+        nope, rope = self.pool.get_mla_kv_buffer(layer, slots.reshape(-1), dst_dtype=self.model_dtype)
+        return nope.reshape(*slots.shape, -1), rope.reshape(*slots.shape, -1)
+
+
+def fp8_logit_drift(cfg: MLAConfig, model, device, dtype, fmt: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Run ``prompts`` (eager) on the plain cache and on an FP8 cache of format ``fmt``; compare the
+    logits of every generated token while both runs have produced the same tokens so far.
+
+    per_tensor's ``k_scale`` is calibrated as engines do it: the plain run's largest cached |value| / 448.
+    Returns ``max_abs``, ``mean_abs`` (logit differences), ``top1`` (argmax agreement) and ``compared``.
+    """
+    size = sum(len(p) + new_tokens for p in prompts) + 64
+    runs, pools = [], []
+    for kind in ("plain", fmt):
+        if kind == "plain":
+            pool = MLATokenToKVPool(size, 1, dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_layers, device)
+            cache = PoolKVCache(pool)
+        else:
+            k_scale = None
+            if fmt == "per_tensor":
+                amax = max(float(b.float().abs().max()) for b in pools[0].kv_buffer)
+                k_scale = max(amax / 448.0, 1e-12)
+            pool = MLATokenToKVPool(size, 1, torch.float8_e4m3fn, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                    cfg.n_layers, device, kv_cache_format=fmt, k_scale=k_scale)  # fmt: skip
+            cache = _Fp8PoolCache(pool, dtype)
+        pools.append(pool)
+        eng = Engine(model, cache, TokenSlotAllocator(pool.num_slots, 1), device)
+        reqs = [Request(p, new_tokens) for p in prompts]
+        eng.prefill(reqs)
+        while eng.running:
+            eng.decode_step(use_graph=False)
+        runs.append(reqs)
+    diffs, agree = [], []
+    for a, b in zip(*runs):
+        for t, (la, lb) in enumerate(zip(a.logits, b.logits)):
+            if a.output[:t] != b.output[:t]:
+                break  # the runs have fed different tokens since: their logits are not comparable
+            diffs.append((la.float() - lb.float()).abs().flatten())
+            agree.append(int(la.argmax()) == int(lb.argmax()))
+    d = torch.cat(diffs)
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "top1": sum(agree) / len(agree), "compared": len(agree)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``mlakv demo``: returns 0, or 1 if the reference check failed."""
+    args = build_parser().parse_args(argv)
+    if args.l3 == "mooncake":
+        from .l3 import main as l3_main
+
+        opts = ["--layers", str(args.layers)] + (["--prompts", str(args.prompts)] if args.prompts else [])
+        return l3_main(opts + (["--decode-steps", str(args.decode_steps)] if args.decode_steps else []))
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    dtype = default_dtype(device)
+    cfg = MLAConfig(vocab_size=4096, hidden=512, n_heads=8, n_layers=args.layers)
+    n_prompts = args.prompts or (16 if gpu else 4)
+    plen = args.prompt_len or (1024 if gpu else 64)
+    dbatch = args.decode_batch or (32 if gpu else 8)
+    name = torch.cuda.get_device_name() if gpu else "CPU"
+    print(f"mlakv demo on {name}: {cfg.n_layers}-layer MLA model (kv_lora_rank {cfg.kv_lora_rank} + rope "
+          f"{cfg.qk_rope_head_dim}, {dtype}), prefill {n_prompts} x {plen} tokens, decode batch {dbatch}"
+          f"{' under CUDA graphs' if gpu else ' (eager)'}")
+
+    progress("reference check: the model over the pool vs over a dict-of-tensors cache (first use compiles kernels)")
+    ok = reference_check(MLAConfig(vocab_size=512, hidden=128, n_heads=2, n_layers=2), device, dtype)
+    print(f"reference check (pool vs dict-of-tensors cache: tokens, logits, cached rows): {'PASSED' if ok else 'FAILED'}")
+
+    model = make_model(cfg, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (plen,), generator=g).tolist() for _ in range(n_prompts)]
+    steps = args.decode_steps or (32 if gpu else 8)
+    ctx = 64 + steps + 8
+    pool_size = max(n_prompts * plen, dbatch * ctx) + 64
+    pool = MLATokenToKVPool(pool_size, 1, dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_layers, device)
+    caches = {label: _VariantCache(pool, fn) for label, fn in VARIANTS.items()}
+
+    t_prefill = time_prefill(model, caches, prompts, device, gpu)
+    t_decode = time_decode(model, caches, prompts, dbatch, steps, ctx, pool, device, gpu)
+    report(t_prefill, t_decode, n_prompts * plen, dbatch, gpu)
+    if args.kv_cache_format:
+        progress(f"fp8 cache: the model on a {args.kv_cache_format} cache vs the plain {dtype} cache")
+        drift = fp8_logit_drift(cfg, model, device, dtype, args.kv_cache_format, prompts[:4], 16)
+        print(f"FP8 KV cache ({args.kv_cache_format}, quantized in the write, dequantized in the gather) vs the "
+              f"{dtype} cache, over {drift['compared']} generated tokens of {min(4, len(prompts))} prompts: "
+              f"logits max abs diff {drift['max_abs']:.4f}, mean abs diff {drift['mean_abs']:.5f}, "
+              f"top-1 agreement {drift['top1']:.1%}")  # fmt: skip
+    progress(f"done in {time.perf_counter() - t_start:.0f} s")
+    return 0 if ok else 1

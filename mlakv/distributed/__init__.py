@@ -1,0 +1,1 @@
+"""Multi-rank pieces of the cache: decode context parallelism (:mod:`mlakv.distributed.dcp`)."""

@@ -1,0 +1,636 @@
+// FP8 MLA KV cache kernels: the quantizing write kv[loc[i]] = quantize([k_nope[i] | k_rope[i]]) and,
+// at the end of this file, the dequantizing gather.
+//
+// The formats are specified (and implemented in plain torch) in mlakv/ops/fp8.py:
+//   kFormat 0, per_tensor: row = e4m3([nope | rope] / k_scale)                   (nope + rope bytes)
+//   kFormat 1, ds_mla:     row = [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
+//                          scale_t = max(amax_t / 448, FLT_MIN), amax over the tile's finite |x|.
+// One warp per row. Lane l holds 16-byte source chunks c = l + 32*i (8 values each); in ds_mla a
+// tile of 128 values is 16 consecutive chunks = 16 lanes of one i, so its amax is a 4-step
+// __shfl_xor_sync butterfly inside each half-warp. Values are divided by the scale with IEEE
+// division (div_fast: the result of __fdiv_rn without its per-value branch) and converted with
+// cvt.rn.satfinite.e4m3x2.f32 (RNE, saturating to +-448);
+// NaN is then written as the canonical 0x7F. The 8 bytes of a chunk go out as one 8-byte store, a
+// tile's scale as one 4-byte store, the rope as 16-byte stores: the whole row (656 bytes for
+// 512 + 64) is written by the warp in one pass.
+// Padding rows (loc < 0), slot == skip_slot (the pool's reserved slot) and slots >= num_slots are
+// not written. loc is read at its stride.
+// Offsets are 64-bit. With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait)
+// before reading inputs and lets the next one launch at entry or right after that wait, as the
+// plain write's tuning row says for the call's n_loc (mlakv/spec/tuning.py).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/extra/cuda/base.h>
+
+#include <cstdint>
+
+#include "row_args.cuh"
+
+namespace mlakv {
+namespace fp8 {
+
+constexpr float kE4M3Max = 448.0f;
+constexpr float kFltMin = 1.17549435e-38f;
+
+// 8 source values (one 16-byte chunk) as fp32; exact for bf16 and fp16.
+template <bool kBf16>
+__device__ __forceinline__ void chunk_to_float(const uint4& v, float f[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (kBf16) {
+      f[2 * j] = __uint_as_float(w[j] << 16);
+      f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    } else {
+      __half2 h;
+      memcpy(&h, &w[j], 4);
+      const float2 p = __half22float2(h);
+      f[2 * j] = p.x;
+      f[2 * j + 1] = p.y;
+    }
+  }
+}
+
+// Two fp32 -> two e4m3 bytes (lo in the low byte): RNE, saturating, NaN -> 0x7F.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  uint32_t out = r;
+  if (lo != lo) out = (out & 0xff00u) | 0x7fu;
+  if (hi != hi) out = (out & 0x00ffu) | 0x7f00u;
+  return out;
+}
+
+// IEEE round-to-nearest division x / s (the result of __fdiv_rn, bit for bit) without its
+// per-division branch. __fdiv_rn is a refined-reciprocal FMA sequence, a range check and a branch
+// to a slow path; inlined sixteen times per lane it put sixteen branches, calls and convergence
+// barriers in a row (~1300 instructions per kernel; removing them saved 0.2-0.4 us per call at
+// 1-1024 rows on the H100, docs/benchmarks.md). Here the reciprocal is refined once per divisor and
+// each quotient takes the same FMA sequence with no branch; one test per 8 values sends a chunk to
+// __fdiv_rn (out of line) when an operand leaves the range where that sequence is exact
+// (div_fast_exact): x zero or normal with its exponent >= 27 and within 100 of the divisor's (so
+// neither the quotient nor the remainders come near underflow or overflow), the divisor positive
+// and normal. tests/test_fp8.py compares div1 with the fp64-rounded quotient on the GPU over every
+// exponent pair and every divisor mantissa.
+struct Divisor {
+  float s;        // the divisor
+  float r;        // 1/s: the hardware reciprocal, refined by one Newton step
+  uint32_t lo;    // fast path: |x|'s bits in [lo, lo + span), or x == 0
+  uint32_t span;  // 0 when s is not positive and normal (no fast path)
+  uint32_t hi;    // e4m3 results: |x|'s bits below hi suffice (div_fast_ok_e4m3); 0 when s < 2^-80
+};
+
+__device__ __forceinline__ Divisor make_divisor(float s) {
+  const uint32_t e = __float_as_uint(s) >> 23;  // includes the sign bit: a negative s gives e >= 256
+  float r0;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(s));
+  const uint32_t lo_e = e > 127 ? e - 100 : 27u;          // max(27, e - 100), for e in [2, 252]
+  const uint32_t hi_e = e + 101 < 255 ? e + 101 : 255u;  // min(255, e + 101): inf/NaN excluded
+  const bool ok = e >= 2 && e <= 252;
+  // For an e4m3 result, values below the exact range are harmless once s >= 2^-80 (e >= 47): their
+  // quotients are < 2^-20 and become e4m3 +-0 whatever their last bits (the smallest e4m3 magnitude
+  // is 2^-9), so only the upper end needs a test; hi = 0 (no fast path) below that.
+  return {s, fmaf(r0, fmaf(-s, r0, 1.0f), r0), lo_e << 23, ok ? (hi_e - lo_e) << 23 : 0u,
+          (ok && e >= 47) ? hi_e << 23 : 0u};
+}
+
+// On |x|, the sign put back after: the FMA steps would turn -0 into +0 (round-to-nearest is
+// symmetric, so this changes nothing else).
+__device__ __forceinline__ float div_fast(float x, const Divisor& d) {
+  const float a = fabsf(x);
+  const float q0 = __fmul_rn(a, d.r);
+  const float q1 = fmaf(d.r, fmaf(-d.s, q0, a), q0);
+  return copysignf(fmaf(d.r, fmaf(-d.s, q1, a), q1), x);
+}
+
+// Whether x lies where div_fast(x, d) equals __fdiv_rn(x, d.s).
+__device__ __forceinline__ bool div_fast_exact(float x, const Divisor& d) {
+  const uint32_t a = __float_as_uint(x) & 0x7fffffffu;
+  return d.span != 0 && ((a == 0) | (a - d.lo < d.span));
+}
+
+// Whether the e4m3 bytes of f[0..7] / d.s are the same through div_fast as through __fdiv_rn: the
+// largest |x| (as bits) below d.hi: two instructions per value.
+__device__ __forceinline__ bool div_fast_ok_e4m3(const float f[8], const Divisor& d) {
+  uint32_t m = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) m = max(m, __float_as_uint(f[j]) & 0x7fffffffu);
+  return m < d.hi;
+}
+
+// 8 values / s -> 8 e4m3 bytes through __fdiv_rn and the NaN rule, out of line: the kernel holds
+// one copy (inlined, each division brought its own branch, call and convergence barrier).
+struct F8 {
+  float v[8];
+};
+
+__device__ __forceinline__ uint2 pack_e4m3x8(const uint32_t b[4]) {
+  return make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+}
+
+__device__ __noinline__ uint2 quant8_ieee(F8 x, float s) {
+  uint32_t b[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b[j] = e4m3x2(__fdiv_rn(x.v[2 * j], s), __fdiv_rn(x.v[2 * j + 1], s));
+  return pack_e4m3x8(b);
+}
+
+__device__ __noinline__ float div1_ieee(float x, float s) { return __fdiv_rn(x, s); }
+
+// x / d.s, the IEEE round-to-nearest quotient.
+__device__ __forceinline__ float div1(float x, const Divisor& d) {
+  return div_fast_exact(x, d) ? div_fast(x, d) : div1_ieee(x, d.s);
+}
+
+// 8 values / d.s -> 8 e4m3 bytes, RNE, saturating, NaN -> 0x7F. `fast`: the caller has shown that
+// div_fast gives the same bytes for these values (div_fast_ok_e4m3, or the ds_mla tile rule); both
+// rules refuse inf and NaN, so the fast path's quotients are finite and need no NaN fix-up.
+__device__ __forceinline__ uint2 quant8(const float f[8], const Divisor& d, bool fast) {
+  if (__builtin_expect(fast, 1)) {
+    uint32_t b[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint16_t r;
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;"
+          : "=h"(r)
+          : "f"(div_fast(f[2 * j + 1], d)), "f"(div_fast(f[2 * j], d)));
+      b[j] = r;
+    }
+    return pack_e4m3x8(b);
+  }
+  F8 x;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) x.v[j] = f[j];
+  return quant8_ieee(x, d.s);
+}
+
+// fp32 -> bf16 bits, RNE, NaN -> 0x7FC0 (the ds_mla rope of an fp16 source).
+__device__ __forceinline__ uint32_t bf16_bits(float x) {
+  if (x != x) return 0x7fc0u;
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(x)));
+}
+
+// 16-byte chunk c of a row's sources (nope chunks first, then rope), plain loads.
+template <int kNC>
+__device__ __forceinline__ uint4 load_chunk(const uint8_t* nsrc, const uint8_t* rsrc, int c) {
+  return c < kNC ? reinterpret_cast<const uint4*>(nsrc)[c] : reinterpret_cast<const uint4*>(rsrc)[c - kNC];
+}
+
+// The launch order of one row, as the plain row write (set_mla_kv_row_kernel) measured best on the
+// H100: the PDL trigger at entry (kEarlyTrigger) or right after the wait, never behind a use of a
+// loaded value; addresses formed before the wait; loc, sources and the scale loaded together right
+// behind it (no load waits on a test of loc); only the stores test loc.
+// a: the row block of row_args.cuh (dcp_world 1); k_scale: per_tensor's scale (1 element on the
+// device; ds_mla does not read it).
+template <int kFormat, int kNope, int kRope, bool kBf16, bool kUsePDL, bool kEarlyTrigger, typename LocT>
+__global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const float* __restrict__ k_scale) {
+  static_assert(kNope % 8 == 0 && kRope % 8 == 0, "widths must be multiples of 8 values");
+  constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
+  constexpr int kRC = kRope / 8;
+  const int lane = threadIdx.x;  // blockDim = (32, warps)
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+
+  if constexpr (kUsePDL && kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if (item >= a.n_loc) return;  // uniform per warp: the shuffles below see all 32 lanes
+  const uint8_t* nsrc = a.nope + item * a.nope_stride;
+  const uint8_t* rsrc = a.rope + item * a.rope_stride;
+  const LocT* lp = static_cast<const LocT*>(a.loc) + item * a.loc_stride;
+  if constexpr (kUsePDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (kUsePDL && !kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int64_t raw = static_cast<int64_t>(*lp);
+
+  if constexpr (kFormat == 0) {
+    constexpr int kC = kNC + kRC;
+    constexpr int kIters = (kC + 31) / 32;
+    uint4 v[kIters];
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
+    }
+    const Divisor scale = make_divisor(*k_scale);
+    if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
+    uint8_t* dst = a.kv + raw * a.kv_stride;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kC) {
+        float f[8];
+        chunk_to_float<kBf16>(v[i], f);
+        reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale, div_fast_ok_e4m3(f, scale));
+      }
+    }
+  } else {
+    static_assert(kNope % 128 == 0, "ds_mla tiles are 128 values");
+    constexpr int kTiles = kNope / 128;
+    constexpr int kScaleOff = kNope;
+    constexpr int kRopeOff = kNope + 4 * kTiles;
+    static_assert(kRopeOff % 16 == 0, "the rope of a ds_mla row must start on 16 bytes");
+    constexpr int kNI = (kNC + 31) / 32;
+    constexpr int kRI = (kRC + 31) / 32;
+    uint4 v[kNI];
+    uint4 r[kRI];
+#pragma unroll
+    for (int i = 0; i < kNI; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kNC) v[i] = reinterpret_cast<const uint4*>(nsrc)[c];
+    }
+#pragma unroll
+    for (int i = 0; i < kRI; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kRC) r[i] = reinterpret_cast<const uint4*>(rsrc)[c];
+    }
+    // Tile amax and scale: every lane takes part in the shuffles, whatever loc says. The division
+    // by a tile's scale needs no per-value range test: |x| <= amax = 448 * scale for finite x, so
+    // with scale >= 2^-88 (biased exponent >= 39) a quotient >= 2^-12 has x >= 2^-100 in div_fast's
+    // exact range, and a smaller one is e4m3 +-0 however its last bits fall (the smallest e4m3
+    // magnitude is 2^-9). A chunk holding inf or NaN, or a tile with a smaller scale, divides with
+    // __fdiv_rn.
+    const Divisor e4m3_max = make_divisor(kE4M3Max);
+    float f[kNI][8];
+    Divisor scale[kNI];
+    bool fast[kNI];
+#pragma unroll
+    for (int i = 0; i < kNI; ++i) {
+      const int c = lane + 32 * i;
+      float amax = 0.0f;
+      fast[i] = true;
+      if (c < kNC) {
+        chunk_to_float<kBf16>(v[i], f[i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float x = fabsf(f[i][j]);
+          const bool finite = x < INFINITY;
+          if (finite) amax = fmaxf(amax, x);  // NaN and inf do not set the scale
+          fast[i] &= finite;
+        }
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      scale[i] = make_divisor(fmaxf(div1(amax, e4m3_max), kFltMin));
+      fast[i] &= (__float_as_uint(scale[i].s) >> 23) >= 39u;
+    }
+    if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
+    uint8_t* dst = a.kv + raw * a.kv_stride;
+#pragma unroll
+    for (int i = 0; i < kNI; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kNC) {
+        reinterpret_cast<uint2*>(dst)[c] = quant8(f[i], scale[i], fast[i]);
+        if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale[i].s;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRI; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kRC) {
+        uint4 out = r[i];
+        if constexpr (!kBf16) {
+          float h[8];
+          chunk_to_float<false>(r[i], h);
+          out.x = bf16_bits(h[0]) | (bf16_bits(h[1]) << 16);
+          out.y = bf16_bits(h[2]) | (bf16_bits(h[3]) << 16);
+          out.z = bf16_bits(h[4]) | (bf16_bits(h[5]) << 16);
+          out.w = bf16_bits(h[6]) | (bf16_bits(h[7]) << 16);
+        }
+        reinterpret_cast<uint4*>(dst + kRopeOff)[c] = out;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launcher. Python (mlakv/ops/fp8.py) has validated the call; this re-checks every fact
+// the kernel's memory safety rests on and raises a Python exception, never faults. Returns false,
+// launching nothing, when the addresses or row strides do not suit the kernel's vectors
+// (sources 16 bytes, kv 16 bytes): the caller falls back to Triton. A call with no rows returns true
+// (after the checks; nothing is launched) whatever the alignment.
+// ---------------------------------------------------------------------------------------------
+inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
+  return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
+}
+
+template <int kFormat, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
+void launch_quant_typed(const RowArgs& a, const float* k_scale, int num_warps, bool early_trigger,
+                        cudaStream_t stream) {
+  const int64_t blocks = (a.n_loc + num_warps - 1) / num_warps;
+  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << a.n_loc << " needs too many blocks";
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg = launch_config(dim3(static_cast<unsigned>(blocks)),
+                                               dim3(32, static_cast<unsigned>(num_warps)), 0, stream, kUsePDL, attr);
+  TVM_FFI_CHECK_CUDA_ERROR(
+      early_trigger
+          ? cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, true, LocT>, a, k_scale)
+          : cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, false, LocT>, a, k_scale));
+}
+
+// kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride);
+// nope: [n_loc, (1,) kNope], rope: [n_loc, (1,) kRope], both bf16 or both fp16;
+// scale: per_tensor: 1-element fp32 on the device (ds_mla: not read); rows whose slot is skip_slot
+// are skipped like padding (-1: none); num_warps in [1, 32]; early_trigger: the PDL trigger at
+// kernel entry (else right after the wait).
+template <int kFormat, int kNope, int kRope, bool kUsePDL>
+bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
+                          tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot,
+                          int64_t num_warps, bool early_trigger) {
+  constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
+  const auto rows_ok = [](const tvm::ffi::TensorView& t) {
+    return t.ndim() == 2 || (t.ndim() == 3 && t.size(1) == 1);
+  };
+  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
+  TVM_FFI_CHECK(rows_ok(kv) && rows_ok(nope) && rows_ok(rope), ValueError)
+      << "kv_buffer/k_nope/k_rope must be 2-D [n, d] or 3-D [n, 1, d]";
+  const DLDevice dev = kv.device();
+  const auto on_dev = [&dev](const tvm::ffi::TensorView& t) {
+    return t.device().device_type == dev.device_type && t.device().device_id == dev.device_id;
+  };
+  TVM_FFI_CHECK(dev.device_type == kDLCUDA && on_dev(loc) && on_dev(nope) && on_dev(rope) && on_dev(scale),
+                ValueError)
+      << "kv_buffer, loc, k_nope, k_rope and k_scale must be on one CUDA device";
+  TVM_FFI_CHECK(loc.dtype().code == kDLInt && (loc.dtype().bits == 32 || loc.dtype().bits == 64), TypeError)
+      << "loc must be int32 or int64";
+  const int64_t n_loc = loc.size(0);
+  TVM_FFI_CHECK(nope.size(0) == n_loc && rope.size(0) == n_loc, ValueError)
+      << "k_nope/k_rope: dim 0 must equal n_loc=" << n_loc;
+  const DLDataType sd = nope.dtype();
+  const bool is_bf16 = sd.code == kDLBfloat && sd.bits == 16 && sd.lanes == 1;
+  const bool is_f16 = sd.code == kDLFloat && sd.bits == 16 && sd.lanes == 1;
+  TVM_FFI_CHECK((is_bf16 || is_f16) && rope.dtype() == sd, TypeError)
+      << "k_nope and k_rope must both be bfloat16 or both float16";
+  TVM_FFI_CHECK(kv.dtype().bits == 8 && kv.dtype().lanes == 1, TypeError) << "kv_buffer must hold bytes (8-bit)";
+  TVM_FFI_CHECK(kv.stride(-1) == 1 && nope.stride(-1) == 1 && rope.stride(-1) == 1, ValueError)
+      << "kv_buffer/k_nope/k_rope: the last dim must be contiguous";
+  TVM_FFI_CHECK(nope.size(-1) == kNope && rope.size(-1) == kRope, ValueError)
+      << "this module was built for " << kNope << " + " << kRope << " values, got " << nope.size(-1) << " + "
+      << rope.size(-1);
+  TVM_FFI_CHECK(kv.size(-1) >= kRowBytes, ValueError)
+      << "kv_buffer: last dim holds " << kv.size(-1) << " bytes, the row needs " << kRowBytes;
+  TVM_FFI_CHECK(kv.size(0) <= 1 || kv.stride(0) >= kv.size(-1), ValueError) << "kv_buffer: rows overlap";
+  if (kFormat == 0) {
+    TVM_FFI_CHECK(scale.dtype().code == kDLFloat && scale.dtype().bits == 32 && scale.numel() >= 1, TypeError)
+        << "k_scale must be a 1-element float32 tensor";
+  }
+  TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  // Every check above holds for any n_loc; a call with no rows is served (nothing to launch) however
+  // the tensors are aligned, so the caller never falls back for it.
+  if (n_loc == 0) return true;
+  const int64_t kv_stride = kv.stride(0);  // bytes: 8-bit elements
+  const int64_t nope_stride = nope.stride(0) * 2, rope_stride = rope.stride(0) * 2;
+  const auto addr = [](const tvm::ffi::TensorView& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) + static_cast<uintptr_t>(t.byte_offset());
+  };
+  if (((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16) ||
+      ((addr(nope) | static_cast<uintptr_t>(nope_stride)) % 16) ||
+      ((addr(rope) | static_cast<uintptr_t>(rope_stride)) % 16)) {
+    return false;
+  }
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
+  RowArgs a;
+  a.kv = static_cast<uint8_t*>(kv.data_ptr()) + kv.byte_offset();
+  a.kv_stride = kv_stride;
+  a.num_slots = kv.size(0);
+  a.nope = static_cast<const uint8_t*>(nope.data_ptr()) + nope.byte_offset();
+  a.nope_stride = nope_stride;
+  a.rope = static_cast<const uint8_t*>(rope.data_ptr()) + rope.byte_offset();
+  a.rope_stride = rope_stride;
+  a.loc = static_cast<const uint8_t*>(loc.data_ptr()) + loc.byte_offset();
+  a.loc_stride = loc.stride(0);
+  a.n_loc = n_loc;
+  a.skip_index = skip_slot;
+  a.dcp_world = 1;
+  a.dcp_rank = 0;
+  const auto* k_scale =
+      reinterpret_cast<const float*>(static_cast<const uint8_t*>(scale.data_ptr()) + scale.byte_offset());
+  const int w = static_cast<int>(num_warps);
+#define MLAKV_FP8_LAUNCH(BF16, LOCT) \
+  launch_quant_typed<kFormat, kNope, kRope, kUsePDL, BF16, LOCT>(a, k_scale, w, early_trigger, stream)
+  if (is_bf16) {
+    if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(true, int32_t);
+    else MLAKV_FP8_LAUNCH(true, int64_t);
+  } else {
+    if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(false, int32_t);
+    else MLAKV_FP8_LAUNCH(false, int64_t);
+  }
+#undef MLAKV_FP8_LAUNCH
+  return true;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Dequantizing gather: out[i] = dequantize(kv[loc[i]]) in bf16 (kDst 0), fp16 (1) or fp32 (2).
+// One warp per row; lane l decodes 8-byte e4m3 chunks c = l + 32*i (cvt.rn.f16x2.e4m3x2 is exact),
+// multiplies by the fp32 scale (k_scale, or the chunk's tile scale read from the row) and rounds to
+// the destination (RNE; NaN as the canonical quiet NaN). ds_mla rope is the stored bf16. A slot
+// outside [0, num_slots) reads nothing and gives a zero row.
+// ---------------------------------------------------------------------------------------------
+template <int kDst>
+struct DstOf;
+template <>
+struct DstOf<0> {
+  static constexpr int kBytes = 2;
+  __device__ __forceinline__ static uint32_t bits(float x) { return bf16_bits(x); }
+};
+template <>
+struct DstOf<1> {
+  static constexpr int kBytes = 2;
+  __device__ __forceinline__ static uint32_t bits(float x) {
+    if (x != x) return 0x7e00u;
+    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(x)));
+  }
+};
+template <>
+struct DstOf<2> {
+  static constexpr int kBytes = 4;
+  __device__ __forceinline__ static uint32_t bits(float x) { return x != x ? 0x7fc00000u : __float_as_uint(x); }
+};
+
+// 8 e4m3 bytes -> 8 fp32 (exact).
+__device__ __forceinline__ void e4m3x8_to_float(uint2 q, float f[8]) {
+  const uint32_t w[2] = {q.x, q.y};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint16_t pair = static_cast<uint16_t>(w[j] >> (16 * h));
+      uint32_t f16x2;
+      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(f16x2) : "h"(pair));
+      __half2 hv;
+      memcpy(&hv, &f16x2, 4);
+      const float2 p = __half22float2(hv);
+      f[4 * j + 2 * h] = p.x;
+      f[4 * j + 2 * h + 1] = p.y;
+    }
+  }
+}
+
+// 8 destination values (bits) to dst (16 or 32 bytes, aligned).
+template <int kDst>
+__device__ __forceinline__ void store8(uint8_t* dst, const uint32_t b[8]) {
+  if constexpr (DstOf<kDst>::kBytes == 2) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(b[0] | (b[1] << 16), b[2] | (b[3] << 16), b[4] | (b[5] << 16),
+                                                b[6] | (b[7] << 16));
+  } else {
+    reinterpret_cast<uint4*>(dst)[0] = make_uint4(b[0], b[1], b[2], b[3]);
+    reinterpret_cast<uint4*>(dst)[1] = make_uint4(b[4], b[5], b[6], b[7]);
+  }
+}
+
+template <int kFormat, int kNope, int kRope, int kDst, typename LocT>
+__global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv_stride, const LocT* __restrict__ loc,
+                                      int64_t loc_stride, int64_t n_loc, int64_t num_slots,
+                                      const float* __restrict__ k_scale, uint8_t* __restrict__ nope_out,
+                                      uint8_t* __restrict__ rope_out) {
+  constexpr int kOut = DstOf<kDst>::kBytes;
+  const int lane = threadIdx.x & 31;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (item >= n_loc) return;
+  const int64_t slot = static_cast<int64_t>(loc[item * loc_stride]);
+  const bool valid = slot >= 0 && slot < num_slots;
+  const uint8_t* src = kv + (valid ? slot : 0) * kv_stride;
+  uint8_t* n_dst = nope_out + item * (static_cast<int64_t>(kNope) * kOut);
+  uint8_t* r_dst = rope_out + item * (static_cast<int64_t>(kRope) * kOut);
+  constexpr int kNC = kNope / 8;
+  if constexpr (kFormat == 0) {
+    constexpr int kC = (kNope + kRope) / 8;
+    const float scale = __ldg(k_scale);
+#pragma unroll
+    for (int i = 0; i < (kC + 31) / 32; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kC) {
+        const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
+        float f[8];
+        uint32_t b[8];
+        e4m3x8_to_float(q, f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale);
+        store8<kDst>(c < kNC ? n_dst + c * 8 * kOut : r_dst + (c - kNC) * 8 * kOut, b);
+      }
+    }
+  } else {
+    constexpr int kRopeOff = kNope + 4 * (kNope / 128);
+    constexpr int kRC = kRope / 8;
+#pragma unroll
+    for (int i = 0; i < (kNC + 31) / 32; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kNC) {
+        const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
+        const float scale = valid ? __ldg(reinterpret_cast<const float*>(src + kNope) + (c >> 4)) : 0.0f;
+        float f[8];
+        uint32_t b[8];
+        e4m3x8_to_float(q, f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale);
+        store8<kDst>(n_dst + c * 8 * kOut, b);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < (kRC + 31) / 32; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kRC) {
+        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(src + kRopeOff) + c) : make_uint4(0, 0, 0, 0);
+        if constexpr (kDst == 0) {
+          *reinterpret_cast<uint4*>(r_dst + c * 16) = v;  // the stored bf16, bit for bit
+        } else {
+          float f[8];
+          uint32_t b[8];
+          chunk_to_float<true>(v, f);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j]);
+          store8<kDst>(r_dst + c * 8 * kOut, b);
+        }
+      }
+    }
+  }
+}
+
+template <int kFormat, int kNope, int kRope, int kDst, typename LocT>
+void launch_gather_typed(const uint8_t* kv, int64_t kv_stride, const void* loc, int64_t loc_stride, int64_t n_loc,
+                         int64_t num_slots, const float* scale, uint8_t* nope_out, uint8_t* rope_out, int num_warps,
+                         cudaStream_t stream) {
+  const int64_t blocks = (n_loc + num_warps - 1) / num_warps;
+  TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
+  dequant_gather_kernel<kFormat, kNope, kRope, kDst, LocT>
+      <<<static_cast<unsigned>(blocks), num_warps * 32, 0, stream>>>(
+          kv, kv_stride, static_cast<const LocT*>(loc), loc_stride, n_loc, num_slots, scale, nope_out, rope_out);
+  TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+}
+
+// kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride); scale: per_tensor
+// 1-element fp32; nope_out [n_loc, kNope] and rope_out [n_loc, kRope]: contiguous, one dtype of
+// bf16/fp16/fp32. Returns false, launching nothing, when kv's address or row stride is not 16-byte aligned
+// (n_loc == 0 returns true after the checks, launching nothing, whatever the alignment).
+template <int kFormat, int kNope, int kRope>
+bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView scale,
+                           tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps) {
+  constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
+  TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
+  TVM_FFI_CHECK(kv.ndim() == 2 || (kv.ndim() == 3 && kv.size(1) == 1), ValueError)
+      << "kv_buffer must be 2-D [num_slots, d] or 3-D [num_slots, 1, d]";
+  const DLDevice dev = kv.device();
+  const auto on_dev = [&dev](const tvm::ffi::TensorView& t) {
+    return t.device().device_type == dev.device_type && t.device().device_id == dev.device_id;
+  };
+  TVM_FFI_CHECK(dev.device_type == kDLCUDA && on_dev(loc) && on_dev(scale) && on_dev(nope_out) && on_dev(rope_out),
+                ValueError)
+      << "kv_buffer, loc, k_scale and the outputs must be on one CUDA device";
+  TVM_FFI_CHECK(loc.dtype().code == kDLInt && (loc.dtype().bits == 32 || loc.dtype().bits == 64), TypeError)
+      << "loc must be int32 or int64";
+  TVM_FFI_CHECK(kv.dtype().bits == 8 && kv.dtype().lanes == 1 && kv.stride(-1) == 1, TypeError)
+      << "kv_buffer must hold bytes (8-bit) with a contiguous last dim";
+  TVM_FFI_CHECK(kv.size(-1) >= kRowBytes, ValueError)
+      << "kv_buffer: last dim holds " << kv.size(-1) << " bytes, the row needs " << kRowBytes;
+  const int64_t n_loc = loc.size(0);
+  const DLDataType od = nope_out.dtype();
+  int dst = -1;
+  if (od.code == kDLBfloat && od.bits == 16) dst = 0;
+  else if (od.code == kDLFloat && od.bits == 16) dst = 1;
+  else if (od.code == kDLFloat && od.bits == 32) dst = 2;
+  TVM_FFI_CHECK(dst >= 0 && od.lanes == 1 && rope_out.dtype() == od, TypeError)
+      << "nope_out/rope_out must both be bfloat16, float16 or float32";
+  TVM_FFI_CHECK(nope_out.ndim() == 2 && rope_out.ndim() == 2 && nope_out.size(0) == n_loc && rope_out.size(0) == n_loc &&
+                    nope_out.size(1) == kNope && rope_out.size(1) == kRope && nope_out.IsContiguous() &&
+                    rope_out.IsContiguous(),
+                ValueError)
+      << "nope_out/rope_out must be contiguous [n_loc, " << kNope << "] and [n_loc, " << kRope << "]";
+  if (kFormat == 0) {
+    TVM_FFI_CHECK(scale.dtype().code == kDLFloat && scale.dtype().bits == 32 && scale.numel() >= 1, TypeError)
+        << "k_scale must be a 1-element float32 tensor";
+  }
+  TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  if (n_loc == 0) return true;  // served for any alignment: nothing to launch (the checks above still ran)
+  const int64_t kv_stride = kv.stride(0);
+  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
+  if ((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16 || addr(nope_out) % 16 || addr(rope_out) % 16) return false;
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
+  const auto* kv_ptr = static_cast<const uint8_t*>(kv.data_ptr());
+  const auto* s_ptr = static_cast<const float*>(scale.data_ptr());
+  auto* n_ptr = static_cast<uint8_t*>(nope_out.data_ptr());
+  auto* r_ptr = static_cast<uint8_t*>(rope_out.data_ptr());
+  const int64_t loc_stride = loc.stride(0), num_slots = kv.size(0);
+  const int w = static_cast<int>(num_warps);
+#define MLAKV_FP8_GATHER(DST, LOCT)                                                                       \
+  launch_gather_typed<kFormat, kNope, kRope, DST, LOCT>(kv_ptr, kv_stride, loc.data_ptr(), loc_stride, n_loc, \
+                                                        num_slots, s_ptr, n_ptr, r_ptr, w, stream)
+  const bool i32 = loc.dtype().bits == 32;
+  if (dst == 0) {
+    if (i32) MLAKV_FP8_GATHER(0, int32_t);
+    else MLAKV_FP8_GATHER(0, int64_t);
+  } else if (dst == 1) {
+    if (i32) MLAKV_FP8_GATHER(1, int32_t);
+    else MLAKV_FP8_GATHER(1, int64_t);
+  } else {
+    if (i32) MLAKV_FP8_GATHER(2, int32_t);
+    else MLAKV_FP8_GATHER(2, int64_t);
+  }
+#undef MLAKV_FP8_GATHER
+  return true;
+}
+
+}  // namespace fp8
+}  // namespace mlakv

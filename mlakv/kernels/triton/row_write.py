@@ -1,0 +1,262 @@
+"""Triton kernels of the pool: the row write (the dispatcher's portable GPU path) and the gather.
+
+The HiCache page transfers live in :mod:`mlakv.kernels.triton.transfer`.
+
+Each kernel sits beside its launcher. Launchers take tensors that the dispatcher has already
+validated; they do no checking of their own. Every kernel is bit-exact: it only moves elements,
+and float8 tensors reach it as uint8 views; the one exception is the row write's dtype conversion
+(a 16/32-bit float source into a 16/32-bit float buffer of another dtype), done in registers with
+round-to-nearest-even, bit-identical to ``src.to(dtype)``. Under ``TRITON_INTERPRET=1`` the same kernels run on
+CPU tensors, which is how CI exercises them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from mlakv.spec.tuning import triton_row_launch
+
+from .common import as_triton_dtype, pdl_supported
+
+__all__ = ["launch_set_kv_rows", "launch_get_kv_rows", "row_kernel_block"]
+
+
+def row_kernel_block(nope_dim: int, rope_dim: int) -> int:
+    """``BLOCK`` of the row kernel: the next power of two of the row width (one program per row)."""
+    return triton.next_power_of_2(nope_dim + rope_dim)
+
+
+# A converting write's float codes (-1 for all three: a same-dtype call, a plain copy). bf16 values
+# travel as their int16 bits and are converted by integer arithmetic: the interpreter's bf16 casts
+# truncate and flush fp32 subnormals, the GPU's round to nearest even; the bit arithmetic is the
+# same everywhere and matches ``Tensor.to``.
+_FLOAT_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+@triton.jit
+def _convert(v, SRC: tl.constexpr, DST: tl.constexpr):
+    """A loaded source value in the buffer's storage type (code 0: bf16 as int16 bits, 1: fp16, 2: fp32).
+
+    Widened to fp32 exactly (bf16: its bits shifted up; fp16: a cast), then narrowed with round to
+    nearest even (bf16: on the bits, a NaN becomes the quiet NaN 0x7FC0; fp16: a cast). SRC == DST: v.
+    """
+    if SRC == DST:
+        r = v
+    else:
+        if SRC == 0:
+            y = ((v.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        else:
+            y = v.to(tl.float32)
+        if DST == 0:
+            u = y.to(tl.int32, bitcast=True)
+            r = tl.where(y != y, 0x7FC0, ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).to(tl.int16)
+        elif DST == 1:
+            r = y.to(tl.float16)
+        else:
+            r = y
+    return r
+
+
+@triton.jit
+def _set_kv_rows_kernel(
+    kv_ptr,
+    loc_ptr,
+    nope_ptr,
+    rope_ptr,
+    kv_row_stride,
+    nope_row_stride,
+    rope_row_stride,
+    loc_stride,
+    num_slots,
+    skip_index,
+    dcp_world,
+    dcp_rank,
+    n_loc,
+    NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
+    SRC_NOPE: tl.constexpr = -1,
+    SRC_ROPE: tl.constexpr = -1,
+    DST: tl.constexpr = -1,
+):
+    # One program writes ROWS whole rows: kv[row, :NOPE+ROPE] = [nope[i] | rope[i]], row = loc[i] // dcp_world.
+    # Strides are in elements; every product is formed in int64 (slot * stride may pass 2^31).
+    # PDL: the trigger carries no memory ordering (the next grid's wait covers this grid's stores), so
+    # it may come at entry (EARLY_TRIGGER) or after the stores; the tuning table picks per size.
+    if USE_PDL and EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    for r in tl.static_range(ROWS):
+        _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_stride, rope_row_stride, loc_stride,
+                    num_slots, skip_index, dcp_world, dcp_rank, n_loc, tl.program_id(0).to(tl.int64) * ROWS + r,
+                    NOPE, ROPE, BLOCK, SRC_NOPE, SRC_ROPE, DST)
+    if USE_PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_stride, rope_row_stride, loc_stride,
+                num_slots, skip_index, dcp_world, dcp_rank, n_loc, i,
+                NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr,
+                SRC_NOPE: tl.constexpr, SRC_ROPE: tl.constexpr, DST: tl.constexpr):
+    # Row i of the call (a program's last rows may lie past n_loc: they read and write nothing).
+    in_call = i < n_loc
+    slot = tl.load(loc_ptr + tl.minimum(i, n_loc - 1) * loc_stride).to(tl.int64)  # n_loc >= 1 when launched
+    slot = tl.where(in_call, slot, -1)
+    offs = tl.arange(0, BLOCK)
+    # The row selection rule (the same on every path): padding, the reserved slot and other DCP
+    # ranks' slots are skipped; so is a row landing past the buffer (never a write outside it).
+    row = slot // dcp_world  # dcp_world == 1 is specialised by Triton: no division then
+    live = (slot >= 0) & (slot != skip_index) & ((slot - row * dcp_world) == dcp_rank) & (row < num_slots)
+    live_b = (tl.zeros([BLOCK], dtype=tl.int32) + live.to(tl.int32)) != 0  # broadcast over the block
+    # Without DCP the source loads do not depend on loc: they are issued alongside it (one memory
+    # round trip before the store, not two) and a skipped row only masks off the store. With DCP
+    # most rows are other ranks': their sources are not read.
+    in_call_b = (tl.zeros([BLOCK], dtype=tl.int32) + in_call.to(tl.int32)) != 0
+    need = (live_b | ((tl.zeros([BLOCK], dtype=tl.int32) + dcp_world) == 1)) & in_call_b
+    # A converting write (SRC_* != DST) converts each source value in registers (see _convert).
+    in_nope = offs < NOPE
+    a = _convert(tl.load(nope_ptr + i * nope_row_stride + offs, mask=in_nope & need), SRC_NOPE, DST)
+    if ROPE > 0:
+        in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
+        b = _convert(tl.load(rope_ptr + i * rope_row_stride + (offs - NOPE), mask=in_rope & need), SRC_ROPE, DST)
+        val = tl.where(in_nope, a, b)
+    else:
+        val = a
+    tl.store(kv_ptr + row * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live_b)
+
+
+def launch_set_kv_rows(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+    *,
+    skip_index: int = -1,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
+    num_warps: int = 0,
+    rows_per_program: int = 0,
+    early_trigger: Optional[bool] = None,
+) -> None:
+    """Launch the row kernel: ``rows_per_program`` rows per program, ``BLOCK = next_pow2(nope_dim + rope_dim)``.
+
+    ``num_warps``/``rows_per_program``/``early_trigger`` override the launch table
+    (:func:`mlakv.spec.tuning.triton_row_launch`; 0/None: its choice) — for the benchmark's sweep.
+
+    Args (validated by the dispatcher; 2-D or 3-D with a middle dim of 1):
+        kv_buffer: ``[num_slots, (1,) total]``, last dim contiguous.
+        loc: ``[n_loc]`` int32/int64, read at its stride; rows with ``loc < 0``, ``loc ==
+            skip_index`` (-1: none) or ``loc % dcp_world_size != dcp_rank`` are skipped, the others
+            land at ``loc // dcp_world_size`` (and are skipped if that is ``>= num_slots``).
+        cache_k_nope: ``[n_loc, (1,) nope_dim]``; cache_k_rope: ``[n_loc, (1,) rope_dim]``, rope_dim may be 0.
+            Each in ``kv_buffer``'s dtype, or (16/32-bit floats) another one, converted in the kernel.
+    """
+    n_loc = loc.shape[0]
+    nope_dim, rope_dim = cache_k_nope.shape[-1], cache_k_rope.shape[-1]
+    codes = {}
+    if cache_k_nope.dtype != kv_buffer.dtype or cache_k_rope.dtype != kv_buffer.dtype:  # a converting write
+        codes = dict(
+            SRC_NOPE=_FLOAT_CODE[cache_k_nope.dtype], SRC_ROPE=_FLOAT_CODE[cache_k_rope.dtype], DST=_FLOAT_CODE[kv_buffer.dtype]
+        )
+        kv, nope, rope = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t for t in (kv_buffer, cache_k_nope, cache_k_rope))
+    else:
+        kv, nope, rope = (as_triton_dtype(t) for t in (kv_buffer, cache_k_nope, cache_k_rope))
+    if rope_dim == 0:
+        rope = nope  # never read; an empty tensor's pointer may be null
+    block = row_kernel_block(nope_dim, rope_dim)
+    use_pdl = kv.is_cuda and pdl_supported(kv.device.index or 0)
+    extra = {"launch_pdl": True} if use_pdl else {}
+    warps, rows, early = triton_row_launch(n_loc, block * kv.element_size())
+    rows = rows_per_program or rows
+    _set_kv_rows_kernel[(triton.cdiv(n_loc, rows),)](
+        kv,
+        loc,
+        nope,
+        rope,
+        kv.stride(0),
+        nope.stride(0),
+        rope.stride(0),
+        loc.stride(0),
+        kv.shape[0],
+        skip_index,
+        dcp_world_size,
+        dcp_rank,
+        n_loc,
+        NOPE=nope_dim,
+        ROPE=rope_dim,
+        BLOCK=block,
+        ROWS=rows,
+        USE_PDL=use_pdl,
+        EARLY_TRIGGER=early if early_trigger is None else early_trigger,
+        num_warps=num_warps or warps,
+        **codes,
+        **extra,
+    )
+
+
+@triton.jit
+def _get_kv_rows_kernel(
+    kv_ptr,
+    loc_ptr,
+    nope_out_ptr,
+    rope_out_ptr,
+    kv_row_stride,
+    loc_stride,
+    num_slots,
+    NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program reads one row kv[loc[i]] and splits it into nope_out[i] and rope_out[i]. A slot
+    # outside [0, num_slots) (padding or out of range) reads nothing: its row comes out as zeros.
+    i = tl.program_id(0).to(tl.int64)
+    slot = tl.load(loc_ptr + i * loc_stride).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
+    valid = (slot_b >= 0) & (slot_b < num_slots)
+    x = tl.load(kv_ptr + slot * kv_row_stride + offs, mask=(offs < NOPE + ROPE) & valid, other=0)
+    tl.store(nope_out_ptr + i * NOPE + offs, x, mask=offs < NOPE)
+    if ROPE > 0:
+        tl.store(rope_out_ptr + i * ROPE + (offs - NOPE), x, mask=(offs >= NOPE) & (offs < NOPE + ROPE))
+
+
+def launch_get_kv_rows(
+    kv_buffer: torch.Tensor, loc: torch.Tensor, nope_dim: int, rope_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather ``kv_buffer[loc]`` as ``([n_loc, nope_dim], [n_loc, rope_dim])`` (new contiguous tensors).
+
+    ``kv_buffer [num_slots, (1,) total]``; ``loc [n_loc]`` int32/int64 physical rows, read at its
+    stride. Rows whose slot is outside ``[0, num_slots)`` come out as zeros (nothing is read for them).
+    """
+    n_loc = loc.shape[0]
+    nope_out = torch.empty((n_loc, nope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
+    rope_out = torch.empty((n_loc, rope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
+    if n_loc == 0:
+        return nope_out, rope_out
+    kv, n_out, r_out = (as_triton_dtype(t) for t in (kv_buffer, nope_out, rope_out))
+    if rope_dim == 0:
+        r_out = n_out  # never written; an empty tensor's pointer may be null
+    block = row_kernel_block(nope_dim, rope_dim)
+    _get_kv_rows_kernel[(n_loc,)](
+        kv,
+        loc,
+        n_out,
+        r_out,
+        kv.stride(0),
+        loc.stride(0),
+        kv.shape[0],
+        NOPE=nope_dim,
+        ROPE=rope_dim,
+        BLOCK=block,
+        num_warps=triton_row_launch(n_loc, block * kv.element_size())[0],
+    )
+    return nope_out, rope_out

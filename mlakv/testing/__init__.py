@@ -1,0 +1,1 @@
+"""Launchers that tests, demos and benches use (not part of the cache's data path)."""
