@@ -1,0 +1,276 @@
+"""The fused cache step of an MLA layer: RoPE on k_pe/q_pe, the cache-row write, the absorbed query.
+
+Spec: :mod:`mlakv.ops.rope_write_reference`. The reference is checked against an independent
+composition (this file's own rotation, then the plain writers and a concatenation); every kernel
+path is then checked bit for bit against the reference, on fresh random inputs, with the cache and
+``q_out`` poisoned first (random bytes) so unwritten or misplaced rows show.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from mlakv.ops.fp8 import E4M3_MAX, fp8_row_bytes, set_mla_kv_buffer_quant
+from mlakv.ops.dispatch import set_mla_kv_buffer_triton
+from mlakv.ops.rope_write_reference import rope_rotate_torch, set_mla_kv_buffer_rope_torch
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+NOPE, ROPE = 512, 64
+FORMATS = [None, "per_tensor", "ds_mla"]
+STYLES = [True, False]  # is_neox_style
+SRC_DTYPES = [torch.bfloat16, torch.float16]
+Q_MODES = ["none", "16bit", "fp8"]
+K_SCALE = 0.0625 * 3  # not a power of two: the division really rounds
+Q_SCALE = 0.0234375 * 5
+MAX_POS = 4096
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fmt_id(f):
+    return "bf16rows" if f is None else f
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(_BITS[t.element_size()])
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+def yarn_like_cache(max_pos: int, rope_dim: int, gen: torch.Generator, device=DEVICE) -> torch.Tensor:
+    """A DeepSeek-YaRN-shaped table ``[max_pos, rope_dim]`` fp32: ``cos | sin`` of ``pos * inv_freq``
+    times an ``mscale`` != 1 (as YaRN's), with random frequencies so no value is special."""
+    inv = torch.rand(rope_dim // 2, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    mscale = 1.0 + 0.1 * torch.rand(1, generator=gen, dtype=torch.float64)
+    return torch.cat([ang.cos() * mscale, ang.sin() * mscale], dim=1).float().to(device)
+
+
+def kv_dtype_of(fmt, src_dtype):
+    return src_dtype if fmt is None else torch.float8_e4m3fn
+
+
+def row_width(fmt) -> int:
+    return NOPE + ROPE if fmt is None else fp8_row_bytes(fmt, NOPE, ROPE)
+
+
+def make_case(n, heads, src_dtype, fmt, q_mode, *, num_slots=48, seed=0, extra_cols=8, device=DEVICE):
+    """Fresh random inputs and poisoned destinations. Two of the rows are padding (loc -1), one
+    targets the reserved slot 3 (skipped when the call passes ``reserved_skip_index=3``)."""
+    g = torch.Generator().manual_seed(seed)
+    c = dict(
+        k_nope=torch.randn(n, NOPE, generator=g).to(src_dtype).to(device),
+        k_pe=torch.randn(n, ROPE, generator=g).to(src_dtype).to(device),
+        positions=torch.randint(0, MAX_POS, (n,), generator=g).to(device),
+        cos_sin_cache=yarn_like_cache(MAX_POS, ROPE, g, device),
+    )
+    loc = torch.randperm(num_slots - 4, generator=g)[:n] + 4  # slots 0..3 stay free
+    if n >= 4:
+        loc[1], loc[n - 1], loc[2] = -1, -1, 3
+    c["loc"] = loc.to(device)
+    width = row_width(fmt) + extra_cols
+    raw = torch.randint(0, 256, (num_slots, width * (2 if fmt is None else 1)), dtype=torch.uint8, generator=g)
+    c["kv_buffer"] = raw.view(kv_dtype_of(fmt, src_dtype)).to(device)
+    if q_mode != "none":
+        c["q_nope"] = torch.randn(n, heads, NOPE, generator=g).to(src_dtype).to(device)
+        c["q_pe"] = torch.randn(n, heads, ROPE, generator=g).to(src_dtype).to(device)
+        qd = src_dtype if q_mode == "16bit" else torch.float8_e4m3fn
+        qraw = torch.randint(0, 256, (n, heads, (NOPE + ROPE) * (2 if q_mode == "16bit" else 1)), dtype=torch.uint8, generator=g)
+        c["q_out"] = qraw.view(qd).to(device)
+    return c
+
+
+def call_kwargs(c, fmt, q_mode, **extra):
+    kw = dict(kv_cache_format=fmt, **extra)
+    if fmt == "per_tensor":
+        kw["k_scale"] = K_SCALE
+    if q_mode != "none":
+        kw.update(q_nope=c["q_nope"], q_pe=c["q_pe"], q_out=c["q_out"])
+        if q_mode == "fp8":
+            kw["q_scale"] = Q_SCALE
+    return kw
+
+
+def run_reference(c, fmt, q_mode, is_neox, **extra):
+    set_mla_kv_buffer_rope_torch(
+        c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], is_neox,
+        **call_kwargs(c, fmt, q_mode, **extra),
+    )  # fmt: skip
+
+
+# ---- the independent composition: this file's rotation, then the plain writers ---------------
+def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """RoPE by explicit pair indices: pair j is (a[j], b[j]) = (j, j + d/2) or (2j, 2j + 1); the
+    rotated pair is (x_a c - x_b s, x_a s + x_b c) in fp32, then one rounding to ``x``'s dtype."""
+    d = x.shape[-1]
+    j = torch.arange(d // 2)
+    a, b = (j, j + d // 2) if is_neox else (2 * j, 2 * j + 1)
+    xf = x.detach().cpu().float()
+    rows = cache.detach().cpu()[positions.detach().cpu().long()]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (d // 2,)
+    cos, sin = rows[:, : d // 2].reshape(shape), rows[:, d // 2 :].reshape(shape)
+    xa, xb = xf.index_select(-1, a), xf.index_select(-1, b)
+    out = torch.empty_like(xf)
+    out[..., a] = xa * cos - xb * sin
+    out[..., b] = xa * sin + xb * cos
+    return out.to(x.dtype)
+
+
+def compose(c, fmt, q_mode, is_neox, *, reserved_skip_index=None, dcp_world_size=1, dcp_rank=0):
+    """Expected (kv_buffer, q_out) bits from the rotate-then-write composition, on CPU copies."""
+    kv = c["kv_buffer"].detach().cpu().clone()
+    loc = c["loc"].detach().cpu()
+    k_rot = rotate_pairs(c["k_pe"], c["positions"], c["cos_sin_cache"], is_neox)
+    k_nope = c["k_nope"].detach().cpu()
+    if fmt is None:
+        set_mla_kv_buffer_triton(
+            kv, loc, k_nope, k_rot, reserved_skip_index=reserved_skip_index,
+            dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+        )  # fmt: skip
+    else:
+        owned = (loc >= 0) & (loc % dcp_world_size == dcp_rank)
+        if reserved_skip_index is not None:
+            owned &= loc != reserved_skip_index
+        phys = torch.where(owned, loc // dcp_world_size, torch.full_like(loc, -1))
+        set_mla_kv_buffer_quant(kv, phys, k_nope, k_rot, fmt, K_SCALE if fmt == "per_tensor" else None)
+    q_out = None
+    if q_mode != "none":
+        q_rot = rotate_pairs(c["q_pe"], c["positions"], c["cos_sin_cache"], is_neox)
+        q = torch.cat([c["q_nope"].detach().cpu(), q_rot], dim=-1)
+        if q_mode == "16bit":
+            q_out = q
+        else:
+            scale = torch.tensor(Q_SCALE, dtype=torch.float32)
+            q_out = (q.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return bits(kv), None if q_out is None else bits(q_out)
+
+
+def assert_same(actual: torch.Tensor, expected_bits: torch.Tensor, what: str) -> None:
+    a = bits(actual)
+    if not torch.equal(a, expected_bits):
+        rows = (a != expected_bits).reshape(a.shape[0], -1).any(dim=1).nonzero().flatten()
+        raise AssertionError(f"{what}: {rows.numel()} rows differ, first: {rows[:8].tolist()}")
+
+
+# ---- the reference against the composition ----------------------------------------------------
+@pytest.mark.parametrize("is_neox", STYLES, ids=["neox", "interleaved"])
+@pytest.mark.parametrize("dtype", SRC_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(9, ROPE), (9, 1, ROPE), (9, 5, ROPE)], ids=["2d", "n1d", "heads"])
+def test_rotation_matches_pairwise_definition(is_neox, dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    pos = torch.randint(0, MAX_POS, (shape[0],), generator=g)
+    cache = yarn_like_cache(MAX_POS, ROPE, g, "cpu")
+    got = rope_rotate_torch(x, pos, cache, is_neox)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(bits(got), bits(rotate_pairs(x, pos, cache, is_neox)))
+
+
+@pytest.mark.parametrize("is_neox", STYLES, ids=["neox", "interleaved"])
+def test_rotation_pairs_the_style_says(is_neox):
+    """A quarter turn (cos 0, sin 1) maps each pair (x, y) to (-y, x): which elements pair up is the style."""
+    d = 8
+    x = torch.arange(1, d + 1, dtype=torch.float32).to(torch.bfloat16)[None]
+    cache = torch.cat([torch.zeros(1, d // 2), torch.ones(1, d // 2)], dim=1)
+    got = rope_rotate_torch(x, torch.zeros(1, dtype=torch.long), cache, is_neox)[0].float().tolist()
+    if is_neox:  # pairs (0,4) (1,5) (2,6) (3,7)
+        assert got == [-5, -6, -7, -8, 1, 2, 3, 4]
+    else:  # pairs (0,1) (2,3) (4,5) (6,7)
+        assert got == [-2, 1, -4, 3, -6, 5, -8, 7]
+
+
+def test_rotation_rounds_once_from_fp32_products():
+    """fp32 products and sum, one rounding: x c - y s with values whose fp32 product pair would
+    round differently through a fused multiply-add or a bf16 intermediate."""
+    x = torch.tensor([[1.0 + 2**-7, 1.0 - 2**-8]], dtype=torch.bfloat16)
+    c, s = 1.0 + 2**-20, 1.0 - 2**-21
+    cache = torch.tensor([[c, s]], dtype=torch.float32)
+    got = rope_rotate_torch(x, torch.zeros(1, dtype=torch.long), cache, False)
+    xf = x.float()[0]
+    cf, sf = torch.tensor(c, dtype=torch.float32), torch.tensor(s, dtype=torch.float32)
+    want = torch.stack([xf[0] * cf - xf[1] * sf, xf[0] * sf + xf[1] * cf]).to(torch.bfloat16)
+    assert torch.equal(bits(got[0]), bits(want))
+
+
+@pytest.mark.parametrize("dtype,nan_bits,inf_bits", [(torch.bfloat16, 0x7FC0, 0x7F80), (torch.float16, 0x7E00, 0x7C00)])
+def test_rotated_nan_is_the_canonical_nan(dtype, nan_bits, inf_bits):
+    """Pairs (NaN, 1) -> (NaN, NaN); (inf, inf) with cos == sin -> (inf - inf, inf + inf) = (NaN, inf)."""
+    x = torch.tensor([[float("nan"), 1.0, float("inf"), float("inf")]], dtype=dtype)
+    cache = torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float32)
+    got = [v & 0xFFFF for v in bits(rope_rotate_torch(x, torch.zeros(1, dtype=torch.long), cache, False)[0]).tolist()]
+    assert got == [nan_bits, nan_bits, nan_bits, inf_bits]
+
+
+@pytest.mark.parametrize("q_mode", Q_MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("dtype", SRC_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("is_neox", STYLES, ids=["neox", "interleaved"])
+def test_reference_is_rotate_then_write(is_neox, dtype, fmt, q_mode):
+    c = make_case(9, 3, dtype, fmt, q_mode, device="cpu")
+    want_kv, want_q = compose(c, fmt, q_mode, is_neox, reserved_skip_index=3)
+    run_reference(c, fmt, q_mode, is_neox, reserved_skip_index=3)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    if q_mode != "none":
+        assert_same(c["q_out"], want_q, "q_out")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_reference_dcp_writes_owner_rows_only(fmt, rank):
+    c = make_case(16, 2, torch.bfloat16, fmt, "16bit", num_slots=64, device="cpu")
+    c["kv_buffer"] = c["kv_buffer"][:22]  # 64 logical slots over 3 ranks: 22 rows each
+    want_kv, want_q = compose(c, fmt, "16bit", False, dcp_world_size=3, dcp_rank=rank)
+    run_reference(c, fmt, "16bit", False, dcp_world_size=3, dcp_rank=rank)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(c["q_out"], want_q, "q_out")  # the query is built for every token, owned or not
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+def test_reference_slot_past_the_buffer_raises_before_writing(fmt):
+    c = make_case(6, 2, torch.bfloat16, fmt, "16bit", device="cpu")
+    c["loc"][4] = c["kv_buffer"].shape[0]
+    before_kv, before_q = bits(c["kv_buffer"]).clone(), bits(c["q_out"]).clone()
+    with pytest.raises(IndexError, match=r"loc\[4\]"):
+        run_reference(c, fmt, "16bit", True)
+    assert torch.equal(bits(c["kv_buffer"]), before_kv) and torch.equal(bits(c["q_out"]), before_q)
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_POS])
+def test_reference_position_out_of_range_raises_before_writing(bad):
+    c = make_case(6, 2, torch.bfloat16, None, "16bit", device="cpu")
+    c["positions"][3] = bad
+    before_kv, before_q = bits(c["kv_buffer"]).clone(), bits(c["q_out"]).clone()
+    with pytest.raises(IndexError, match=r"positions\[3\]"):
+        run_reference(c, None, "16bit", True)
+    assert torch.equal(bits(c["kv_buffer"]), before_kv) and torch.equal(bits(c["q_out"]), before_q)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+def test_reference_leaves_its_inputs_alone(fmt):
+    c = make_case(7, 2, torch.float16, fmt, "fp8", device="cpu")
+    inputs = {k: bits(c[k]).clone() for k in ("k_nope", "k_pe", "q_nope", "q_pe", "positions", "loc", "cos_sin_cache")}
+    run_reference(c, fmt, "fp8", True)
+    for k, v in inputs.items():
+        assert torch.equal(bits(c[k]), v), k
+
+
+def test_reference_honours_strided_views():
+    """loc expanded/strided, positions strided, source rows strided, the query a view of a wider tensor."""
+    c = make_case(6, 3, torch.bfloat16, None, "16bit", device="cpu")
+    want_kv, want_q = compose(c, None, "16bit", True)
+    g = torch.Generator().manual_seed(5)
+    wide_loc = torch.full((12,), -7, dtype=torch.int32)
+    wide_loc[::2] = c["loc"].int()
+    wide_pos = torch.zeros(6, 3, dtype=torch.long)
+    wide_pos[:, 1] = c["positions"]
+    k_nope = torch.randn(6, NOPE + 40, generator=g).to(torch.bfloat16)
+    k_nope[:, 8 : 8 + NOPE] = c["k_nope"]
+    q_wide = torch.randn(6, 3, NOPE + ROPE + 16, generator=g).to(torch.bfloat16)
+    q_wide[..., :NOPE] = c["q_nope"]
+    q_wide[..., NOPE + 16 :] = c["q_pe"]
+    c.update(loc=wide_loc[::2], positions=wide_pos[:, 1], k_nope=k_nope[:, 8 : 8 + NOPE],
+             q_nope=q_wide[..., :NOPE], q_pe=q_wide[..., NOPE + 16 :])  # fmt: skip
+    run_reference(c, None, "16bit", True)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(c["q_out"], want_q, "q_out")
