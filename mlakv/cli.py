@@ -22,7 +22,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from .demo import main as demo_main
+    from .demo.serve import main as demo_main
 
     return demo_main(argv)
 
