@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, HAS_CUDA, IS_SM90
 
 from mlakv.ops.fp8 import E4M3_MAX, fp8_row_bytes, set_mla_kv_buffer_quant
 from mlakv.ops.dispatch import set_mla_kv_buffer_triton
@@ -26,6 +26,8 @@ Q_MODES = ["none", "16bit", "fp8"]
 K_SCALE = 0.0625 * 3  # not a power of two: the division really rounds
 Q_SCALE = 0.0234375 * 5
 MAX_POS = 4096
+# Kernel paths run here: Triton (interpreted on CPU, small sizes), the JIT CUDA kernel on SM90+.
+KERNEL_PATHS = ["triton"] + (["cuda"] if IS_SM90 else [])
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -274,3 +276,186 @@ def test_reference_honours_strided_views():
     run_reference(c, None, "16bit", True)
     assert_same(c["kv_buffer"], want_kv, "kv_buffer")
     assert_same(c["q_out"], want_q, "q_out")
+
+
+# ---- the kernels against the reference ----------------------------------------------------------
+def as_scale(v):
+    return None if v is None else torch.tensor([v], dtype=torch.float32, device=DEVICE)
+
+
+def run_kernel(path, c, fmt, q_mode, is_neox, *, reserved_skip_index=None, dcp_world_size=1, dcp_rank=0):
+    """One launch on ``path`` with the call's arguments (validated here by construction)."""
+    q = q_mode != "none"
+    args = (
+        c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], is_neox, fmt,
+        as_scale(K_SCALE if fmt == "per_tensor" else None),
+        c["q_nope"] if q else None, c["q_pe"] if q else None, c["q_out"] if q else None,
+        as_scale(Q_SCALE if q_mode == "fp8" else None),
+        -1 if reserved_skip_index is None else reserved_skip_index, dcp_world_size, dcp_rank,
+    )  # fmt: skip
+    if path == "triton":
+        from mlakv.kernels.triton.rope_write import launch_rope_write
+
+        launch_rope_write(*args)
+    else:
+        from mlakv.kernels.cuda.rope_write import rope_write_cuda
+
+        assert rope_write_cuda(*args), "the CUDA kernel refused an aligned call"
+
+
+def expected(c, fmt, q_mode, is_neox, **sel):
+    """The reference's result on CPU copies: (kv bits, q_out bits or None)."""
+    cpu = {k: v.detach().cpu().clone() for k, v in c.items()}
+    run_reference(cpu, fmt, q_mode, is_neox, **sel)
+    return bits(cpu["kv_buffer"]), bits(cpu["q_out"]) if q_mode != "none" else None
+
+
+def check_kernel(path, c, fmt, q_mode, is_neox, **sel):
+    want_kv, want_q = expected(c, fmt, q_mode, is_neox, **sel)
+    run_kernel(path, c, fmt, q_mode, is_neox, **sel)
+    assert_same(c["kv_buffer"], want_kv, f"{path} kv_buffer")
+    if q_mode != "none":
+        assert_same(c["q_out"], want_q, f"{path} q_out")
+
+
+def small(n_gpu: int, n_cpu: int) -> int:
+    return n_gpu if HAS_CUDA else n_cpu
+
+
+@pytest.mark.parametrize("q_mode", Q_MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("dtype", SRC_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("is_neox", STYLES, ids=["neox", "interleaved"])
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_matches_reference(path, is_neox, dtype, fmt, q_mode):
+    c = make_case(small(67, 5), small(16, 2), dtype, fmt, q_mode, num_slots=small(256, 48))
+    check_kernel(path, c, fmt, q_mode, is_neox, reserved_skip_index=3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_padding_rows_are_skipped_without_skip_index(path, fmt):
+    """Without reserved_skip_index only loc < 0 is padding: the row aimed at slot 3 is written."""
+    c = make_case(small(33, 5), 2, torch.bfloat16, fmt, "16bit")
+    check_kernel(path, c, fmt, "16bit", False)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("rank", [0, 2])
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_dcp_writes_owner_rows_only(path, fmt, rank):
+    c = make_case(small(40, 8), 2, torch.bfloat16, fmt, "fp8", num_slots=64)
+    c["kv_buffer"] = c["kv_buffer"][:22]
+    check_kernel(path, c, fmt, "fp8", True, dcp_world_size=3, dcp_rank=rank)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_skips_slots_past_the_buffer_unchecked(path, fmt):
+    """Unchecked, a slot >= num_slots is skipped (the reference would raise): nothing outside the
+    buffer is touched; the buffer's other rows and every query row are as the reference has them."""
+    c = make_case(small(24, 5), 2, torch.bfloat16, fmt, "16bit", num_slots=40)
+    storage = torch.randint(0, 256, (41 * c["kv_buffer"].shape[1] * c["kv_buffer"].element_size(),), dtype=torch.uint8)
+    whole = storage.view(c["kv_buffer"].dtype).view(41, -1).to(DEVICE)
+    whole[:40] = c["kv_buffer"]
+    c["kv_buffer"] = whole[:40]
+    c["loc"][0] = 40
+    c["loc"][3] = 1 << 40 if c["loc"].dtype == torch.int64 else 40
+    tail = bits(whole[40]).clone()
+    ref = {k: v.detach().cpu().clone() for k, v in c.items()}
+    ref["loc"][0] = ref["loc"][3] = -1  # what the kernel must do with them: nothing
+    want_kv, want_q = expected(ref, fmt, "16bit", True)
+    run_kernel(path, c, fmt, "16bit", True)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(c["q_out"], want_q, "q_out")
+    assert torch.equal(bits(whole[40]), tail), "a row past the view was written"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_position_out_of_range_writes_nothing_for_that_token(path, fmt):
+    """Unchecked, a token whose position is outside the table reads no table row and writes neither
+    its cache row nor its query rows (the public function raises for it when bounds are checked)."""
+    c = make_case(small(20, 5), 3, torch.bfloat16, fmt, "16bit")
+    c["positions"][0] = MAX_POS
+    c["positions"][4] = -5
+    ref = {k: v.detach().cpu().clone() for k, v in c.items()}
+    ref["loc"][0] = ref["loc"][4] = -1
+    ref["positions"][0] = ref["positions"][4] = 0
+    want_kv, want_q = expected(ref, fmt, "16bit", False)
+    for t in (0, 4):  # the query rows of those tokens stay poisoned
+        want_q[t] = bits(c["q_out"][t])
+    run_kernel(path, c, fmt, "16bit", False)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(c["q_out"], want_q, "q_out")
+
+
+@pytest.mark.parametrize("loc_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_honours_strides_and_offsets(path, fmt, loc_dtype):
+    """loc strided (and offset), positions strided, k rows strided, q views of a wider tensor,
+    q_out a strided view, the cache a 3-D [S, 1, row] view with a wider row stride."""
+    n, h = small(37, 4), 3
+    c = make_case(n, h, torch.bfloat16, fmt, "16bit", num_slots=64)
+    g = torch.Generator().manual_seed(11)
+    wide_loc = torch.full((2 * n + 1,), -9, dtype=loc_dtype)
+    wide_loc[1::2] = c["loc"].cpu().to(loc_dtype)
+    wide_pos = torch.zeros(n, 3, dtype=torch.int32)
+    wide_pos[:, 2] = c["positions"].cpu().int()
+    k_nope = torch.randn(n, NOPE + 64, generator=g).to(torch.bfloat16)
+    k_nope[:, 16 : 16 + NOPE] = c["k_nope"].cpu()
+    k_pe = torch.randn(n, 3 * ROPE, generator=g).to(torch.bfloat16)
+    k_pe[:, ROPE : 2 * ROPE] = c["k_pe"].cpu()
+    q_wide = torch.randn(n, h, NOPE + ROPE + 32, generator=g).to(torch.bfloat16)
+    q_wide[..., :NOPE] = c["q_nope"].cpu()
+    q_wide[..., NOPE + 32 :] = c["q_pe"].cpu()
+    out_wide = torch.randint(0, 256, (n, h + 1, (NOPE + ROPE) * 2), dtype=torch.uint8, generator=g).view(torch.bfloat16)
+    out_wide[:, :h] = c["q_out"].cpu()
+    kv = c["kv_buffer"].cpu()
+    kv_wide = torch.randint(0, 256, (kv.shape[0], 1, (kv.shape[1] + 16) * kv.element_size()), dtype=torch.uint8, generator=g)
+    kv_wide = kv_wide.view(kv.dtype)
+    kv_wide[:, 0, : kv.shape[1]] = kv
+    dev = {k: v.to(DEVICE) for k, v in dict(wl=wide_loc, wp=wide_pos, kn=k_nope, kp=k_pe, qw=q_wide, ow=out_wide, kw=kv_wide).items()}
+    view = dict(c, loc=dev["wl"][1::2], positions=dev["wp"][:, 2], k_nope=dev["kn"][:, 16 : 16 + NOPE],
+                k_pe=dev["kp"][:, ROPE : 2 * ROPE], q_nope=dev["qw"][..., :NOPE], q_pe=dev["qw"][..., NOPE + 32 :],
+                q_out=dev["ow"][:, :h], kv_buffer=dev["kw"][..., : kv.shape[1]])  # fmt: skip
+    want_kv, want_q = expected(view, fmt, "16bit", False, reserved_skip_index=3)
+    before_out, before_kv = bits(dev["ow"]).clone(), bits(dev["kw"]).clone()
+    run_kernel(path, view, fmt, "16bit", False, reserved_skip_index=3)
+    assert_same(view["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(view["q_out"], want_q, "q_out")
+    assert torch.equal(bits(dev["ow"][:, h]), before_out[:, h]), "q_out's neighbour head was written"
+    assert torch.equal(bits(dev["kw"])[..., kv.shape[1] :], before_kv[..., kv.shape[1] :]), "bytes past the row"
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_expanded_loc_and_positions(path):
+    """Stride-0 (expanded) loc and positions: every token targets one slot with one position."""
+    n = small(9, 3)
+    c = make_case(n, 2, torch.bfloat16, None, "16bit")
+    c["loc"] = torch.tensor([7], device=DEVICE).expand(n)
+    c["positions"] = torch.tensor([123], device=DEVICE).expand(n)
+    c["k_nope"] = c["k_nope"][:1].expand(n, NOPE)  # one source row: the slot's contents are defined
+    c["k_pe"] = c["k_pe"][:1].expand(n, ROPE)
+    check_kernel(path, c, None, "16bit", True)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_tiny_and_huge_values_round_as_the_reference(path):
+    """Rope values near the bottom of fp32 (subnormal products) and near the top (overflow to inf)."""
+    n = small(16, 4)
+    for scale in (2.0**-120, 2.0**100):
+        for fmt in FORMATS:
+            c = make_case(n, 2, torch.bfloat16, fmt, "fp8", seed=int(scale > 1))
+            c["k_pe"] = (c["k_pe"].float() * scale).to(torch.bfloat16)
+            c["q_pe"] = (c["q_pe"].float() * scale).to(torch.bfloat16)
+            check_kernel(path, c, fmt, "fp8", False)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_no_rows_launches_nothing(path):
+    c = make_case(0, 2, torch.bfloat16, "ds_mla", "16bit")
+    before = bits(c["kv_buffer"]).clone()
+    run_kernel(path, c, "ds_mla", "16bit", True)
+    assert torch.equal(bits(c["kv_buffer"]), before)

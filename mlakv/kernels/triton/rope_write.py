@@ -1,0 +1,274 @@
+"""Triton kernel of the fused MLA cache step: RoPE on ``k_pe``/``q_pe``, the cache-row write, the absorbed query.
+
+The portable GPU path of :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` (pre-Hopper GPUs, and
+layouts the JIT CUDA kernel does not take), and the kernel CI runs on CPU tensors under
+``TRITON_INTERPRET=1``. One launch does the work of three kernels: programs ``[0, n)`` each rotate
+one token's ``k_pe`` and write its cache row; programs ``[n, n + n * H)`` each build one
+``(token, head)`` row of ``q_out``. The result is bit-identical to
+:mod:`mlakv.ops.rope_write_reference`:
+
+* the rotation is fp32 products and sums, each rounded (the launch passes
+  ``enable_fp_fusion=False``, so no multiply-add is contracted into an FMA);
+* 16-bit values travel as their int16 bits; bf16 is widened by a shift and rounded by integer
+  arithmetic (the interpreter's bf16 casts truncate and flush subnormals; the bit arithmetic is the
+  same on every GPU and in the interpreter); fp16 is cast (exact widening, RNE narrowing);
+* divisions are IEEE (``div_rn``); e4m3 rounding is integer arithmetic (RNE, saturating, NaN -> 0x7F).
+
+Row selection: a cache row is written only when ``loc >= 0``, ``loc != skip_index``,
+``loc % dcp_world == dcp_rank`` (landing at ``loc // dcp_world``) and that row is below
+``num_slots``. A token whose position lies outside ``[0, max_pos)`` reads no table row and writes
+nothing (neither its cache row nor its ``q_out`` rows); the Python side raises ``IndexError`` for it
+when bounds are checked. All offsets are 64-bit. The launcher takes validated arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import pdl_supported
+
+__all__ = ["FORMAT_CODE", "launch_rope_write"]
+
+FORMAT_CODE = {None: 0, "per_tensor": 1, "ds_mla": 2}
+_SRC_CODE = {torch.bfloat16: 0, torch.float16: 1}
+
+
+@triton.jit
+def _widen(v, SRC: tl.constexpr):
+    """int16 bits of a bf16 (SRC 0) or fp16 (SRC 1) value -> fp32, exactly."""
+    if SRC == 0:
+        r = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        r = v.to(tl.float16, bitcast=True).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _bf16_bits(y):
+    """fp32 -> bf16 bits (int32, 0..65535): round to nearest even, NaN -> 0x7FC0."""
+    u = y.to(tl.int32, bitcast=True)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return tl.where(y != y, 0x7FC0, r)
+
+
+@triton.jit
+def _round_bits(y, SRC: tl.constexpr):
+    """fp32 -> the bits (int32, 0..65535) of the source dtype: bf16 (SRC 0) or fp16 (SRC 1), RNE,
+    NaN as the canonical quiet NaN (0x7FC0 / 0x7E00)."""
+    if SRC == 0:
+        r = _bf16_bits(y)
+    else:
+        h = y.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        r = tl.where(y != y, 0x7E00, h)
+    return r
+
+
+@triton.jit
+def _e4m3(y):
+    """fp32 -> e4m3 byte (int32, 0..255): round to nearest even, saturating to +-448, NaN -> 0x7F."""
+    u = y.to(tl.int32, bitcast=True)
+    sign = (u >> 24) & 0x80
+    a_bits = u & 0x7FFFFFFF
+    a = a_bits.to(tl.float32, bitcast=True)
+    finite = tl.where(a_bits > 0x7F800000, 0, a_bits)
+    # |y| >= 2^-6: round the mantissa to 3 bits (RNE) and rebias the exponent (127 -> 7)
+    normal = ((finite + 0x7FFFF + ((finite >> 20) & 1)) >> 20) - 960
+    # |y| < 2^-6: multiples of 2^-9; adding 2^23 in fp32 rounds |y| * 512 to an integer (RNE)
+    small = tl.where(a < 0.015625, a, 0.0)
+    big = tl.full([], 8388608.0, tl.float32)
+    sub = ((small * tl.full([], 512.0, tl.float32) + big) - big).to(tl.int32)
+    mag = tl.where(a < 0.015625, sub, normal)
+    mag = tl.where(a >= 448.0, 0x7E, mag)
+    return tl.where(a_bits > 0x7F800000, 0x7F, mag | sign)
+
+
+@triton.jit
+def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.constexpr, SRC: tl.constexpr, ok):
+    """Rotate one head's rope values: ``(a_off, b_off, ra, rb)``, the pair offsets and the rotated
+    values' source-dtype bits. Pair j is (j, j + HALF) (neox) or (2j, 2j + 1); ``ok`` masks the loads."""
+    j = tl.arange(0, HALF_P2)
+    jm = (j < HALF) & ((tl.zeros([HALF_P2], dtype=tl.int32) + ok.to(tl.int32)) != 0)
+    if NEOX:
+        a_off = j
+        b_off = j + HALF
+    else:
+        a_off = 2 * j
+        b_off = 2 * j + 1
+    xa = _widen(tl.load(pe_row + a_off, mask=jm, other=0), SRC)
+    xb = _widen(tl.load(pe_row + b_off, mask=jm, other=0), SRC)
+    c = tl.load(cs_row + j, mask=jm, other=0.0)
+    s = tl.load(cs_row + HALF + j, mask=jm, other=0.0)
+    ra = _round_bits(xa * c - xb * s, SRC)
+    rb = _round_bits(xa * s + xb * c, SRC)
+    return a_off, b_off, ra, rb, jm
+
+
+@triton.jit
+def _rope_write_kernel(
+    kv_ptr, loc_ptr, pos_ptr, cs_ptr, k_nope_ptr, k_pe_ptr, k_scale_ptr,
+    q_nope_ptr, q_pe_ptr, q_out_ptr, q_scale_ptr,
+    n, heads, kv_stride, loc_stride, pos_stride, cs_stride, kn_stride, kp_stride,
+    qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
+    num_slots, max_pos, skip_index, dcp_world, dcp_rank,
+    NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+    TILES_P2: tl.constexpr, FORMAT: tl.constexpr, SRC: tl.constexpr, NEOX: tl.constexpr,
+    Q_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    # Strides in elements of each pointer's type (kv: int16 for 16-bit rows, bytes for FP8 formats;
+    # q_out: int16 or bytes). 16-bit tensors arrive as int16 views.
+    pid = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next grid's wait still covers all of this grid
+    if pid < n:
+        # ---- the cache row of token pid ----
+        t = pid
+        slot = tl.load(loc_ptr + t * loc_stride).to(tl.int64)
+        pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
+        pos_ok = (pos >= 0) & (pos < max_pos)
+        row = slot // dcp_world
+        keep = (slot >= 0) & (slot != skip_index) & (slot - row * dcp_world == dcp_rank) & (row < num_slots) & pos_ok
+        cs_row = cs_ptr + tl.where(pos_ok, pos, 0) * cs_stride
+        a_off, b_off, ra, rb, jm = _rotate(k_pe_ptr + t * kp_stride, cs_row, HALF, HALF_P2, NEOX, SRC, keep)
+        dst = kv_ptr + tl.where(keep, row, 0) * kv_stride
+        offs = tl.arange(0, NOPE_P2)
+        keep_n = ((tl.zeros([NOPE_P2], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (offs < NOPE)
+        if FORMAT == 0:  # 16-bit row: [nope | rotated rope] as bits
+            nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
+            tl.store(dst + offs, nb, mask=keep_n)
+            tl.store(dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
+            tl.store(dst + NOPE + b_off, rb.to(tl.int16), mask=jm)
+        elif FORMAT == 1:  # per_tensor: e4m3(x / k_scale)
+            ks = tl.load(k_scale_ptr)
+            nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
+            tl.store(dst + offs, _e4m3(tl.math.div_rn(_widen(nb, SRC), ks)).to(tl.uint8), mask=keep_n)
+            qa = _e4m3(tl.math.div_rn(_widen(ra.to(tl.int16), SRC), ks)).to(tl.uint8)
+            qb = _e4m3(tl.math.div_rn(_widen(rb.to(tl.int16), SRC), ks)).to(tl.uint8)
+            tl.store(dst + NOPE + a_off, qa, mask=jm)
+            tl.store(dst + NOPE + b_off, qb, mask=jm)
+        else:  # ds_mla: [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
+            TILES: tl.constexpr = NOPE // 128
+            tt = tl.arange(0, TILES_P2)[:, None]
+            toffs = tt * 128 + tl.arange(0, 128)[None, :]
+            keep_t = ((tl.zeros([TILES_P2, 128], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
+            x = _widen(tl.load(k_nope_ptr + t * kn_stride + toffs, mask=keep_t, other=0), SRC)
+            ax = tl.abs(x)
+            amax = tl.max(tl.where(ax < float("inf"), ax, 0.0), axis=1)  # NaN and inf do not set the scale
+            scale = tl.maximum(
+                tl.math.div_rn(amax, tl.full([], 448.0, tl.float32)),
+                tl.full([], 1.1754943508222875e-38, tl.float32),  # FLT_MIN = 2^-126 exactly
+            )
+            tl.store(dst + toffs, _e4m3(tl.math.div_rn(x, scale[:, None])).to(tl.uint8), mask=keep_t)
+            k4 = tl.arange(0, 4)[None, :]
+            sbits = scale.to(tl.int32, bitcast=True)[:, None]
+            keep_s = ((tl.zeros([TILES_P2, 4], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
+            tl.store(dst + NOPE + tt * 4 + k4, ((sbits >> (8 * k4)) & 0xFF).to(tl.uint8), mask=keep_s)
+            if SRC == 0:
+                ba = ra
+                bb = rb
+            else:  # the rotated fp16 value, rounded to bf16 (the ds_mla rope is bf16)
+                ba = _bf16_bits(_widen(ra.to(tl.int16), SRC))
+                bb = _bf16_bits(_widen(rb.to(tl.int16), SRC))
+            rope_dst = dst + NOPE + 4 * TILES
+            tl.store(rope_dst + 2 * a_off, (ba & 0xFF).to(tl.uint8), mask=jm)
+            tl.store(rope_dst + 2 * a_off + 1, ((ba >> 8) & 0xFF).to(tl.uint8), mask=jm)
+            tl.store(rope_dst + 2 * b_off, (bb & 0xFF).to(tl.uint8), mask=jm)
+            tl.store(rope_dst + 2 * b_off + 1, ((bb >> 8) & 0xFF).to(tl.uint8), mask=jm)
+    else:
+        # ---- one (token, head) row of q_out ----
+        item = pid - n
+        t = item // heads
+        h = item - t * heads
+        pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
+        pos_ok = (pos >= 0) & (pos < max_pos)
+        cs_row = cs_ptr + tl.where(pos_ok, pos, 0) * cs_stride
+        a_off, b_off, ra, rb, jm = _rotate(q_pe_ptr + t * qp_s0 + h * qp_s1, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok)
+        offs = tl.arange(0, NOPE_P2)
+        ok_n = ((tl.zeros([NOPE_P2], dtype=tl.int32) + pos_ok.to(tl.int32)) != 0) & (offs < NOPE)
+        nb = tl.load(q_nope_ptr + t * qn_s0 + h * qn_s1 + offs, mask=ok_n, other=0)
+        dst = q_out_ptr + t * qo_s0 + h * qo_s1
+        if Q_FP8:
+            qs = tl.load(q_scale_ptr)
+            tl.store(dst + offs, _e4m3(tl.math.div_rn(_widen(nb, SRC), qs)).to(tl.uint8), mask=ok_n)
+            tl.store(dst + NOPE + a_off, _e4m3(tl.math.div_rn(_widen(ra.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
+            tl.store(dst + NOPE + b_off, _e4m3(tl.math.div_rn(_widen(rb.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
+        else:
+            tl.store(dst + offs, nb, mask=ok_n)
+            tl.store(dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
+            tl.store(dst + NOPE + b_off, rb.to(tl.int16), mask=jm)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.select(1, 0) if t.dim() == 3 else t
+
+
+def launch_rope_write(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_pe: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool,
+    kv_cache_format: Optional[str],
+    k_scale: Optional[torch.Tensor],
+    q_nope: Optional[torch.Tensor] = None,
+    q_pe: Optional[torch.Tensor] = None,
+    q_out: Optional[torch.Tensor] = None,
+    q_scale: Optional[torch.Tensor] = None,
+    skip_index: int = -1,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
+) -> None:
+    """Launch the fused kernel: grid ``(n + n * H,)`` (``(n,)`` without a query).
+
+    Args (validated by :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope`):
+        kv_buffer: ``[num_slots, (1,) row]``: bf16/fp16 (``kv_cache_format=None``) or
+            uint8/float8_e4m3fn bytes (``"per_tensor"``, ``"ds_mla"``).
+        loc: ``[n]`` int32/int64, any stride. positions: ``[n]`` int32/int64, any stride.
+        k_nope: ``[n, (1,) nope_dim]``; k_pe: ``[n, (1,) rope_dim]``, bf16/fp16, rows strided.
+        cos_sin_cache: ``[max_pos, rope_dim]`` float32, last dim contiguous.
+        k_scale: ``[1]`` fp32 (per_tensor) or None.
+        q_nope: ``[n, H, nope_dim]``, q_pe: ``[n, H, rope_dim]`` (k's dtype), q_out:
+            ``[n, H, nope_dim + rope_dim]`` of that dtype or 8-bit (then ``q_scale [1]`` fp32); or None.
+        skip_index: a slot skipped like padding (-1: none); dcp_world_size/dcp_rank: the owner rule.
+    """
+    n = loc.shape[0]
+    if n == 0:
+        return
+    kn, kp = _rows(k_nope), _rows(k_pe)
+    nope_dim, rope_dim = kn.shape[-1], kp.shape[-1]
+    src = _SRC_CODE[kn.dtype]
+    kv = _rows(kv_buffer)
+    kv = kv.view(torch.int16) if kv_cache_format is None else kv.view(torch.uint8)
+    kn, kp = kn.view(torch.int16), kp.view(torch.int16)
+    heads = 0
+    q_fp8 = False
+    qn = qp = qo = kp  # never read without a query (the grid has no query programs)
+    if q_out is not None:
+        heads = q_nope.shape[1]
+        qn, qp = q_nope.view(torch.int16), q_pe.view(torch.int16)
+        q_fp8 = q_out.element_size() == 1
+        qo = q_out.view(torch.uint8) if q_fp8 else q_out.view(torch.int16)
+    dummy = cos_sin_cache  # an fp32 pointer for the scales a call does not read
+    use_pdl = kv.is_cuda and pdl_supported(kv.device.index or 0)
+    extra = {"launch_pdl": True} if use_pdl else {}
+    if kv.is_cuda:
+        extra["enable_fp_fusion"] = False  # the rotation's products and sums are rounded one by one
+    tiles = nope_dim // 128
+    _rope_write_kernel[(n + n * heads,)](
+        kv, loc, positions, cos_sin_cache, kn, kp, k_scale if k_scale is not None else dummy,
+        qn, qp, qo, q_scale if q_scale is not None else dummy,
+        n, max(heads, 1), kv.stride(0), loc.stride(0), positions.stride(0), cos_sin_cache.stride(0),
+        kn.stride(0), kp.stride(0), qn.stride(0), qn.stride(1) if qn.dim() == 3 else 0,
+        qp.stride(0), qp.stride(1) if qp.dim() == 3 else 0, qo.stride(0), qo.stride(1) if qo.dim() == 3 else 0,
+        kv.shape[0], cos_sin_cache.shape[0], skip_index, dcp_world_size, dcp_rank,
+        NOPE=nope_dim, NOPE_P2=triton.next_power_of_2(nope_dim), HALF=rope_dim // 2,
+        HALF_P2=triton.next_power_of_2(max(1, rope_dim // 2)), TILES_P2=triton.next_power_of_2(max(1, tiles)),
+        FORMAT=FORMAT_CODE[kv_cache_format], SRC=src, NEOX=bool(is_neox_style), Q_FP8=q_fp8, USE_PDL=use_pdl,
+        num_warps=4, **extra,
+    )  # fmt: skip
