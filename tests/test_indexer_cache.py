@@ -1,0 +1,323 @@
+"""The DSA indexer K cache: its page format, the quantizing store and the gather.
+
+Spec: :mod:`mlakv.ops.indexer_reference` (sglang's ``FusedStoreCacheIndexerKernel`` arithmetic,
+``x * (1 / scale)``). The reference is checked against an independent oracle written with Python
+floats (fp32 rounding through numpy, e4m3 by a nearest-value table) on hand-made edge rows and on
+random rows; every kernel path is checked bit for bit against the reference on fresh random inputs,
+with poisoned (random-byte) pages so that unwritten or misplaced bytes show.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_cuda, requires_sm90, sm90a_build_env  # noqa: F401
+
+from mlakv.ops.indexer_reference import (
+    INDEX_AMAX_FLOOR,
+    INDEX_PAGE_BYTES,
+    INDEX_SCALE_OFFSET,
+    dequantize_index_k,
+    gather_index_k_reference,
+    index_k_scales,
+    quantize_index_k,
+    slot_byte_offsets,
+    store_index_k_reference,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+SRC_DTYPES = [torch.bfloat16, torch.float16]
+RULES = ["fp32", "ue8m0"]
+
+
+# ---- the independent oracle ---------------------------------------------------------------------
+def _e4m3_magnitudes() -> list[float]:
+    return torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).double().tolist()
+
+
+_MAGS = _e4m3_magnitudes()
+
+
+def e4m3_encode(y: float) -> int:
+    """Nearest of the 127 finite e4m3 magnitudes, ties to the even code; |y| >= 448 -> 0x7E; sign kept."""
+    assert not math.isnan(y)
+    a = min(abs(y), 448.0)
+    best = min(range(len(_MAGS)), key=lambda c: (abs(_MAGS[c] - a), c % 2))
+    return best | (0x80 if math.copysign(1.0, y) < 0 else 0)
+
+
+def f32(v: float) -> float:
+    """Round a Python float to fp32 (RNE; overflow to inf)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(v))
+
+
+def ue8m0_up(s: float) -> float:
+    if math.isinf(s) or s == 0:
+        return s
+    m, e = math.frexp(s)  # s = m * 2^e, 0.5 <= m < 1
+    return f32(2.0 ** (e - 1)) if m == 0.5 else f32(2.0**e)
+
+
+def oracle_row(values: list[float], scale_rule: str = "fp32") -> tuple[list[int], float]:
+    """sglang's quantization of one key, in Python floats: (e4m3 bytes, fp32 scale)."""
+    finite_or_inf = [abs(v) for v in values if not math.isnan(v)]
+    amax = max(finite_or_inf, default=0.0)
+    scale = f32(max(INDEX_AMAX_FLOOR, amax) / 448.0)  # a double quotient, rounded once to fp32
+    if scale_rule == "ue8m0":
+        scale = ue8m0_up(scale)
+    inv = f32(1.0 / scale) if scale != 0 else math.inf
+    out = []
+    for v in values:
+        y = f32(v * inv) if not (math.isinf(v) and inv == 0) else math.nan  # fp32 product (exact in double)
+        y = 448.0 if math.isnan(y) else max(min(y, 448.0), -448.0)  # fminf then fmaxf: NaN -> +448
+        out.append(e4m3_encode(y))
+    return out, scale
+
+
+def random_keys(n: int, dtype: torch.dtype, seed: int = 0, device=DEVICE) -> torch.Tensor:
+    """Fresh random keys; each row its own magnitude in [1e-3, 1e3]."""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp(torch.empty(n, 1).uniform_(math.log(1e-3), math.log(1e3), generator=g))
+    return (torch.randn(n, 128, generator=g) * mag).to(dtype).to(device)
+
+
+def poisoned_pages(num_pages: int, device=DEVICE, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (num_pages, INDEX_PAGE_BYTES), dtype=torch.uint8, generator=g).to(device)
+
+
+def expected_pages(pages: torch.Tensor, loc: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, keep) -> torch.Tensor:
+    """Row by row: the poisoned pages with each kept row's key and scale bytes put at its slot."""
+    out = pages.detach().cpu().clone()
+    sbytes = scale.cpu().contiguous().view(torch.uint8).view(-1, 4)
+    for i, slot in enumerate(loc.cpu().tolist()):
+        if keep(slot):
+            page, k_off, s_off = slot_byte_offsets(slot)
+            out[page, k_off : k_off + 128] = q[i].cpu()
+            out[page, s_off : s_off + 4] = sbytes[i]
+    return out
+
+
+def row_values(x: torch.Tensor) -> list[float]:
+    return x.float().cpu().tolist()
+
+
+# ---- the reference against the oracle --------------------------------------------------------------
+def test_page_constants():
+    assert INDEX_PAGE_BYTES == 8448 and INDEX_SCALE_OFFSET == 8192
+    assert slot_byte_offsets(0) == (0, 0, 8192)
+    assert slot_byte_offsets(63) == (0, 63 * 128, 8192 + 63 * 4)
+    assert slot_byte_offsets(64 * 5 + 7) == (5, 7 * 128, 8192 + 28)
+    assert torch.tensor(INDEX_AMAX_FLOOR, dtype=torch.float32).view(torch.int32).item() == 0x38D1B717  # 1e-4f
+
+
+@pytest.mark.parametrize("dtype", SRC_DTYPES)
+@pytest.mark.parametrize("rule", RULES)
+def test_random_rows_match_the_oracle(dtype, rule):
+    x = random_keys(24, dtype, seed=3, device="cpu")
+    q, scale = quantize_index_k(x, rule)
+    for i in range(x.shape[0]):
+        want_q, want_s = oracle_row(row_values(x[i]), rule)
+        assert q[i].tolist() == want_q, f"row {i}"
+        assert scale[i].item() == want_s, f"row {i}"
+
+
+def test_all_zero_key_gets_the_floor_scale_and_zero_bytes():
+    x = torch.zeros(2, 128, dtype=torch.bfloat16)
+    x[1, ::2] = -0.0
+    q, scale = quantize_index_k(x)
+    assert scale.tolist() == [f32(INDEX_AMAX_FLOOR / 448.0)] * 2
+    assert not q[0].any()
+    assert q[1, ::2].eq(0x80).all() and not q[1, 1::2].any()  # -0.0 keeps its sign
+
+
+def test_largest_value_quantizes_to_448_and_scale_is_amax_over_448():
+    x = random_keys(1, torch.bfloat16, seed=5, device="cpu")
+    x[0, 17] = 3.0
+    x[0, 18] = -3.0
+    x = x.clamp(-3, 3)
+    q, scale = quantize_index_k(x)
+    assert scale.item() == f32(3.0 / 448.0)
+    assert q[0, 17].item() == 0x7E and q[0, 18].item() == 0xFE
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.bfloat16, 3.3895313892515355e38), (torch.float16, 65504.0)])
+def test_huge_values(dtype, big):
+    """The largest finite source values: the scale stays finite and the products saturate to 448 at most."""
+    x = random_keys(1, dtype, seed=6, device="cpu")
+    x[0, 0], x[0, 1], x[0, 2] = big, -big, big / 3
+    q, scale = quantize_index_k(x)
+    want_q, want_s = oracle_row(row_values(x[0]))
+    assert math.isfinite(scale.item()) and scale.item() == want_s
+    assert q[0].tolist() == want_q
+    assert q[0, 0].item() == 0x7E and q[0, 1].item() == 0xFE
+
+
+def test_product_rounding_up_past_448_saturates():
+    """amax * (1 / scale) may round above 448: clip first, so it is 448, never NaN."""
+    found = 0
+    for a in np.linspace(1.0, 2.0, 4001, dtype=np.float32)[1:]:
+        s = f32(float(a) / 448.0)
+        if f32(float(a) * f32(1.0 / s)) > 448.0:
+            x = torch.zeros(1, 128, dtype=torch.float32)
+            x[0, 0] = float(a)
+            if x.to(torch.bfloat16).float()[0, 0].item() != float(a):
+                continue
+            q, _ = quantize_index_k(x.to(torch.bfloat16))
+            assert q[0, 0].item() == 0x7E
+            found += 1
+    assert found, "no bf16 amax whose product rounds above 448 in [1, 2]"
+
+
+def test_subnormal_inputs_quantize_to_signed_zero():
+    x = torch.zeros(1, 128, dtype=torch.bfloat16)
+    tiny = torch.tensor([1e-39, -1e-39, 9.2e-41, -9.2e-41], dtype=torch.float32).to(torch.bfloat16)
+    assert (tiny.float().abs() < 2.0**-126).all() and (tiny != 0).all()  # bf16 subnormals
+    x[0, :4] = tiny
+    q, scale = quantize_index_k(x)
+    assert q[0, :4].tolist() == [0x00, 0x80, 0x00, 0x80]
+    assert scale.item() == f32(INDEX_AMAX_FLOOR / 448.0)
+    assert q[0].tolist() == oracle_row(row_values(x[0]))[0]
+
+
+def test_inf_in_a_key_follows_sglang():
+    """amax = inf -> scale inf, 1/scale = 0: finite values become +-0, +-inf becomes NaN -> +448 (0x7E)."""
+    x = random_keys(1, torch.bfloat16, seed=7, device="cpu")
+    x[0, 10], x[0, 11] = float("inf"), -float("inf")
+    q, scale = quantize_index_k(x)
+    assert math.isinf(scale.item()) and scale.item() > 0
+    assert q[0, 10].item() == 0x7E and q[0, 11].item() == 0x7E
+    finite = torch.ones(128, dtype=torch.bool)
+    finite[10:12] = False
+    signs = torch.where(x[0].float() < 0, 0x80, 0)[finite]
+    assert torch.equal(q[0, finite].to(torch.int64), signs)
+    assert q[0].tolist() == oracle_row(row_values(x[0]))[0]
+
+
+def test_nan_is_ignored_by_amax_and_stored_as_448():
+    x = random_keys(1, torch.bfloat16, seed=8, device="cpu")
+    clean_q, clean_s = quantize_index_k(x)
+    x[0, 3] = float("nan")
+    x[0, 4] = -float("nan")
+    q, scale = quantize_index_k(x)
+    amax_rest = torch.cat([x[0, :3], x[0, 5:]]).float().abs().max().item()
+    assert scale.item() == f32(max(INDEX_AMAX_FLOOR, amax_rest) / 448.0)
+    assert q[0, 3].item() == 0x7E and q[0, 4].item() == 0x7E  # +448 whatever the NaN's sign
+    assert q[0].tolist() == oracle_row(row_values(x[0]))[0]
+
+
+def test_all_nan_key_gets_the_floor_scale():
+    x = torch.full((1, 128), float("nan"), dtype=torch.float16)
+    q, scale = quantize_index_k(x)
+    assert scale.item() == f32(INDEX_AMAX_FLOOR / 448.0) and q.eq(0x7E).all()
+
+
+def test_multiply_by_reciprocal_is_not_division():
+    """x * (1 / scale) and x / scale give other e4m3 bytes for some values: the reference takes the product."""
+    x = random_keys(256, torch.bfloat16, seed=9, device="cpu")
+    q, scale = quantize_index_k(x)
+    xs = x.float()
+    by_div = (xs / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    differ = (by_div != q).nonzero()
+    assert differ.shape[0] > 0, "the data does not tell the two roundings apart"
+    i, j = differ[0].tolist()
+    want_q, _ = oracle_row(row_values(x[i]))
+    assert q[i, j].item() == want_q[j] != by_div[i, j].item()
+
+
+def test_ue8m0_scales_are_powers_of_two_not_below_the_fp32_scale():
+    x = random_keys(32, torch.float16, seed=10, device="cpu")
+    s32 = index_k_scales(x, "fp32")
+    s8 = index_k_scales(x, "ue8m0")
+    mant = s8.view(torch.int32) & 0x7FFFFF
+    assert not mant.any() and (s8 >= s32).all() and (s8 < 2 * s32).all()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_dequantized_error_is_within_half_an_e4m3_step(rule):
+    x = random_keys(16, torch.bfloat16, seed=11, device="cpu")
+    q, scale = quantize_index_k(x, rule)
+    deq = dequantize_index_k(q, scale)
+    y = x.float() / scale[:, None]
+    ulp = torch.exp2(torch.floor(torch.log2(y.abs().clamp(min=2.0**-6))) - 3)
+    assert ((deq - x.float()).abs() <= scale[:, None] * ulp / 2 + x.float().abs() * 2.0**-20).all()
+
+
+# ---- the reference store and gather -----------------------------------------------------------------
+@pytest.mark.parametrize("loc_dtype", [torch.int32, torch.int64])
+def test_store_writes_only_the_kept_slots_bytes(loc_dtype):
+    pages = poisoned_pages(4, "cpu")
+    x = random_keys(9, torch.bfloat16, seed=12, device="cpu")
+    loc = torch.tensor([5, -1, 64, 130, 0, 255, -7, 200, 63], dtype=loc_dtype)
+    before = pages.clone()
+    store_index_k_reference(pages, loc, x, reserved_skip_index=0)
+    q, scale = quantize_index_k(x)
+    assert torch.equal(pages, expected_pages(before, loc, q, scale, lambda s: s > 0))
+
+
+def test_store_honours_a_strided_loc_and_strided_keys():
+    pages = poisoned_pages(2, "cpu")
+    wide = random_keys(6, torch.float16, seed=13, device="cpu")
+    keys = torch.zeros(6, 256, dtype=torch.float16)
+    keys[:, 64:192] = wide
+    x = keys[:, 64:192]
+    loc_wide = torch.tensor([3, 99, 70, 99, 1, 99, 127, 99, 40, 99, 2, 99])
+    loc = loc_wide[::2]
+    before = pages.clone()
+    store_index_k_reference(pages, loc, x)
+    q, scale = quantize_index_k(wide)
+    assert torch.equal(pages, expected_pages(before, loc, q, scale, lambda s: s >= 0))
+
+
+def test_store_skips_slots_past_the_buffer():
+    pages = poisoned_pages(1, "cpu")
+    before = pages.clone()
+    store_index_k_reference(pages, torch.tensor([64, 1000]), random_keys(2, torch.bfloat16, device="cpu"))
+    assert torch.equal(pages, before)
+
+
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (3, 2)])
+def test_store_dcp_owner_rule(world, rank):
+    pages = poisoned_pages(2, "cpu")
+    x = random_keys(12, torch.bfloat16, seed=14, device="cpu")
+    loc = torch.tensor([0, 1, 2, 3, 4, 5, 190, 191, 127, 128, -1, 66])
+    before = pages.clone()
+    store_index_k_reference(pages, loc, x, dcp_world_size=world, dcp_rank=rank)
+    q, scale = quantize_index_k(x)
+    want = before.clone()
+    for i, s in enumerate(loc.tolist()):
+        if s >= 0 and s % world == rank and s // world < 128:
+            page, k_off, s_off = slot_byte_offsets(s // world)
+            want[page, k_off : k_off + 128] = q[i]
+            want[page, s_off : s_off + 4] = scale[i : i + 1].view(torch.uint8)
+    assert torch.equal(pages, want)
+
+
+def test_gather_reads_keys_and_scales_by_page_table():
+    pages = poisoned_pages(6, "cpu")
+    table = torch.tensor([[4, 1, -1], [2, 7, 0], [5, 5, 5]])
+    lens = torch.tensor([70, 130, 0])
+    k, s = gather_index_k_reference(pages, table, lens)
+    assert k.dtype == torch.float8_e4m3fn and k.shape == (200, 128) and s.shape == (200,)
+    kb = k.view(torch.uint8)
+    sb = s.view(torch.uint8).view(200, 4)
+    assert torch.equal(kb[0], pages[4, :128]) and torch.equal(sb[0], pages[4, 8192:8196])
+    assert torch.equal(kb[69], pages[1, 5 * 128 : 6 * 128]) and torch.equal(sb[69], pages[1, 8192 + 20 : 8192 + 24])
+    assert torch.equal(kb[70 + 63], pages[2, 63 * 128 : 64 * 128])
+    assert not kb[70 + 64 : 70 + 128].any() and not sb[70 + 64 : 70 + 128].any()  # page 7 is past the buffer
+    assert torch.equal(kb[70 + 128], pages[0, :128])
+
+
+def test_store_then_gather_round_trip():
+    pages = poisoned_pages(3, "cpu")
+    x = random_keys(100, torch.bfloat16, seed=15, device="cpu")
+    slots = torch.cat([torch.arange(128, 192), torch.arange(0, 36)])
+    store_index_k_reference(pages, slots, x)
+    k, s = gather_index_k_reference(pages, torch.tensor([[2, 0]]), torch.tensor([100]))
+    q, scale = quantize_index_k(x)
+    assert torch.equal(k.view(torch.uint8), q) and torch.equal(s, scale)
