@@ -22,6 +22,9 @@ __all__ = [
     "tuning_for",
     "TRITON_ROW_STEPS",
     "triton_row_launch",
+    "ROPE_WRITE_WARPS",
+    "ROPE_WRITE_EARLY_MAX_ITEMS",
+    "rope_write_launch",
 ]
 
 
@@ -153,3 +156,17 @@ def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
         if max_n is None or n_loc <= max_n:
             return max(1, min(8, block_bytes // bytes_per_warp)), rows, early
     raise AssertionError("the last Triton step must have max n_loc None")
+
+
+# The fused RoPE + cache-row + query kernel (csrc/rope_write.cuh): one warp per item (a cache row or
+# one head's query row), ROPE_WRITE_WARPS per CTA, the PDL trigger at kernel entry for calls of at
+# most ROPE_WRITE_EARLY_MAX_ITEMS items (n * (H + 1)), else right after the wait. Seed values carried
+# over from the plain write's Hopper row (8 warps; entry trigger while the grid is a few waves of
+# CTAs); `mlakv bench rope --sweep` times both trigger places side by side to replace them.
+ROPE_WRITE_WARPS = 8
+ROPE_WRITE_EARLY_MAX_ITEMS = 2048
+
+
+def rope_write_launch(n_items: int) -> tuple[int, bool]:
+    """``(num_warps, early_trigger)`` of the fused RoPE write for a call of ``n_items`` warp items."""
+    return ROPE_WRITE_WARPS, n_items <= ROPE_WRITE_EARLY_MAX_ITEMS
