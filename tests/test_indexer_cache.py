@@ -321,3 +321,231 @@ def test_store_then_gather_round_trip():
     k, s = gather_index_k_reference(pages, torch.tensor([[2, 0]]), torch.tensor([100]))
     q, scale = quantize_index_k(x)
     assert torch.equal(k.view(torch.uint8), q) and torch.equal(s, scale)
+
+
+# ---- the kernels against the reference ---------------------------------------------------------------
+# Triton runs on CPU tensors under the interpreter (conftest sets TRITON_INTERPRET=1 without a GPU):
+# sizes stay small there.
+CPU_MAX_N = 7
+N_ROWS = [1, 5, 257, 4096] if HAS_CUDA else [1, 5]
+LOC_KINDS = ["contiguous", "strided", "offset", "expanded", "reserved_and_past_end"]
+
+
+def make_loc(kind: str, n: int, num_slots: int, dtype=torch.int64, seed: int = 0) -> torch.Tensor:
+    """``n`` slots of one of the layouts a caller may pass, with padding rows (-1) mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    slots = (torch.randperm(num_slots - 1, generator=g)[:n] + 1).to(dtype)
+    slots[::4] = -1
+    if kind == "strided":
+        wide = torch.full((2 * n,), num_slots + 7, dtype=dtype)  # the gaps lie past the end: must not be read
+        wide[::2] = slots
+        return wide.to(DEVICE)[::2]
+    if kind == "offset":
+        wide = torch.full((n + 3,), num_slots + 7, dtype=dtype)
+        wide[3:] = slots
+        return wide.to(DEVICE)[3:]
+    if kind == "expanded":
+        return slots[1:2].clamp_min(1).to(DEVICE).expand(n) if n > 1 else slots[:1].clamp_min(1).to(DEVICE)
+    if kind == "reserved_and_past_end":
+        slots[1::4] = 0
+        slots[2::4] = num_slots + 1000
+    return slots.to(DEVICE)
+
+
+def store_via(path: str, pages, loc, keys, *, skip=-1, world=1, rank=0, rule="fp32") -> None:
+    """Run one kernel path directly, on arguments the public op would accept."""
+    if path == "triton":
+        from mlakv.kernels.triton.indexer import launch_store_index_k
+
+        launch_store_index_k(pages, loc, keys, skip_slot=skip, dcp_world_size=world, dcp_rank=rank, ue8m0=rule == "ue8m0")
+    else:
+        from mlakv.kernels.cuda.indexer import indexer_jit_store
+
+        assert indexer_jit_store(pages, loc, keys, skip_slot=skip, dcp_world_size=world, dcp_rank=rank, scale_rule=rule)
+
+
+KERNEL_PATHS = ["triton"] + (["jit"] if IS_SM90 else [])
+
+
+def expected_store(pages, loc, keys, *, skip=None, world=1, rank=0, rule="fp32") -> torch.Tensor:
+    want = pages.detach().cpu().clone()
+    store_index_k_reference(
+        want, loc.cpu(), keys.cpu(), reserved_skip_index=skip, dcp_world_size=world, dcp_rank=rank, scale_rule=rule
+    )
+    return want
+
+
+def assert_pages_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    a = actual.detach().cpu()
+    if not torch.equal(a, expected):
+        bad = (a != expected).nonzero()
+        raise AssertionError(f"{bad.shape[0]} bytes differ, first (page, byte): {bad[:6].tolist()}")
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("dtype", SRC_DTYPES)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("n", N_ROWS)
+def test_store_is_bit_exact(path, dtype, rule, n):
+    num_pages = n // 64 + 2
+    pages = poisoned_pages(num_pages, seed=n)
+    keys = random_keys(n, dtype, seed=n + 1)
+    loc = make_loc("contiguous", n, num_pages * 64, seed=n)
+    want = expected_store(pages, loc, keys, rule=rule)
+    store_via(path, pages, loc, keys, rule=rule)
+    assert_pages_equal(pages, want)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("kind", LOC_KINDS)
+@pytest.mark.parametrize("loc_dtype", [torch.int32, torch.int64])
+def test_store_loc_layouts_padding_and_skip(path, kind, loc_dtype):
+    n = 6 if not HAS_CUDA else 300
+    num_pages = n // 64 + 2
+    pages = poisoned_pages(num_pages, seed=3)
+    keys = random_keys(n, torch.bfloat16, seed=4)
+    if kind == "expanded":
+        keys = keys[:1].expand(n, 128)  # one slot written n times: every row is the same key
+    loc = make_loc(kind, n, num_pages * 64, loc_dtype, seed=5)
+    want = expected_store(pages, loc, keys, skip=0)
+    store_via(path, pages, loc, keys, skip=0)
+    assert_pages_equal(pages, want)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("world,rank", [(2, 1), (4, 3)])
+def test_store_dcp_owner_rule_on_kernels(path, world, rank):
+    n = 7 if not HAS_CUDA else 500
+    pages = poisoned_pages(n // 64 + 2, seed=6)
+    keys = random_keys(n, torch.float16, seed=7)
+    loc = make_loc("contiguous", n, pages.shape[0] * 64 * world, seed=8)
+    want = expected_store(pages, loc, keys, world=world, rank=rank, skip=0)
+    store_via(path, pages, loc, keys, world=world, rank=rank, skip=0)
+    assert_pages_equal(pages, want)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_store_strided_3d_and_offset_sources(path):
+    n = 5
+    pages = poisoned_pages(2, seed=9)
+    wide = random_keys(n, torch.bfloat16, seed=10)
+    holder = torch.zeros(n, 1, 384, dtype=torch.bfloat16, device=DEVICE)
+    holder[:, 0, 128:256] = wide
+    keys = holder[:, :, 128:256]  # [n, 1, 128], row stride 384, storage offset 128
+    loc = torch.tensor([3, 70, 1, 127, 64], device=DEVICE)
+    want = expected_store(pages, loc, wide)
+    store_via(path, pages, loc, keys)
+    assert_pages_equal(pages, want)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_store_edge_rows(path):
+    """Zeros, -0, huge, subnormal, +-inf and NaN keys through the kernel, against the reference."""
+    keys = random_keys(6, torch.bfloat16, seed=11)
+    keys[0] = 0
+    keys[1, ::3] = -0.0
+    keys[1, 1::3] = 3.3895313892515355e38
+    keys[2, :4] = torch.tensor([1e-39, -1e-39, 9.2e-41, -9.2e-41]).to(torch.bfloat16).to(DEVICE)
+    keys[3, 5], keys[3, 6] = float("inf"), -float("inf")
+    keys[4, 7], keys[4, 8] = float("nan"), -float("nan")
+    keys[5] = float("nan")
+    pages = poisoned_pages(1, seed=12)
+    loc = torch.tensor([10, 11, 12, 13, 14, 15], device=DEVICE)
+    for rule in RULES:
+        want = expected_store(pages, loc, keys, rule=rule)
+        store_via(path, pages, loc, keys, rule=rule)
+        assert_pages_equal(pages, want)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_store_skips_slots_past_the_buffer_unchecked(path):
+    pages = poisoned_pages(2, seed=13)
+    before = pages.clone().cpu()
+    loc = torch.tensor([128, 129, 10**9, -5, 2**40], device=DEVICE)
+    store_via(path, pages, loc, random_keys(5, torch.bfloat16, seed=14))
+    assert_pages_equal(pages, before)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_store_page_view_with_a_stride(path):
+    """A pages view whose page stride is larger than 8448 bytes (every other page of a buffer)."""
+    backing = poisoned_pages(6, seed=15)
+    pages = backing.view(3, 2 * INDEX_PAGE_BYTES)[:, :INDEX_PAGE_BYTES]
+    before = backing.cpu().clone()
+    keys = random_keys(4, torch.float16, seed=16)
+    loc = torch.tensor([0, 65, 130, 191], device=DEVICE)
+    store_via(path, pages, loc, keys)
+    want = before.view(3, 2 * INDEX_PAGE_BYTES).clone()
+    store_index_k_reference(want[:, :INDEX_PAGE_BYTES], loc.cpu(), keys.cpu())
+    assert_pages_equal(backing.view(3, -1), want)
+
+
+def gather_via(path, pages, table, lens, total, max_len):
+    if path == "triton":
+        from mlakv.kernels.triton.indexer import launch_gather_index_k
+
+        return launch_gather_index_k(pages, table, lens, total, max_len)
+    from mlakv.kernels.cuda.indexer import indexer_jit_gather
+
+    out = indexer_jit_gather(pages, table, lens, total, max_len)
+    assert out is not None
+    return out
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_gather_is_bit_exact(path, table_dtype):
+    pages = poisoned_pages(9, seed=17)
+    table = torch.tensor([[4, 1, -1, 3], [2, 70, 0, 8], [5, 5, 5, 5], [6, 7, 8, 0]], dtype=table_dtype)
+    lens = torch.tensor([70, 150, 0, 250 if HAS_CUDA else 3], dtype=torch.int32)
+    want_k, want_s = gather_index_k_reference(pages.cpu(), table, lens)
+    total = int(lens.sum())
+    k, s = gather_via(path, pages, table.to(DEVICE), lens.to(DEVICE), total, int(lens.max()))
+    assert k.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and k.shape == (total, 128)
+    assert torch.equal(k.cpu().view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(s.cpu().view(torch.int32), want_s.view(torch.int32))  # poisoned bits, NaNs included
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_gather_strided_table_and_lens_past_the_table(path):
+    pages = poisoned_pages(4, seed=18)
+    wide = torch.tensor([[9, 3, 9, 1], [9, 2, 9, 0]], device=DEVICE)
+    table = wide[:, 1::2]  # [[3, 1], [2, 0]], column stride 2
+    lens_wide = torch.tensor([130, -1, 5, -1], dtype=torch.int64, device=DEVICE)
+    lens = lens_wide[::2]  # 130 > 2 pages * 64: tokens 128, 129 have no page -> zeros
+    want_k, want_s = gather_index_k_reference(pages.cpu(), table.cpu(), lens.cpu())
+    k, s = gather_via(path, pages, table, lens, 135, 130)
+    assert torch.equal(k.cpu().view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(s.cpu().view(torch.int32), want_s.view(torch.int32))
+    assert not k.cpu().view(torch.uint8)[128:130].any()
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_store_then_gather_round_trip_on_kernels(path):
+    pages = poisoned_pages(3, seed=19)
+    keys = random_keys(6, torch.bfloat16, seed=20)
+    slots = torch.tensor([128, 129, 130, 0, 1, 2], device=DEVICE)
+    store_via(path, pages, slots, keys)
+    k, s = gather_via(path, pages, torch.tensor([[2, 0]], device=DEVICE), torch.tensor([3], device=DEVICE), 3, 3)
+    q, scale = quantize_index_k(keys.cpu())
+    assert torch.equal(k.cpu().view(torch.uint8), q[:3]) and torch.equal(s.cpu(), scale[:3])
+
+
+def rows_where_quotient_differs(count: int) -> torch.Tensor:
+    """Random bf16 keys for which e4m3(x / scale) differs from e4m3(x * (1 / scale)) somewhere."""
+    x = random_keys(512, torch.bfloat16, seed=21, device="cpu")
+    q, scale = quantize_index_k(x)
+    by_div = (x.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    rows = (by_div != q).any(dim=1).nonzero().flatten()[:count]
+    assert rows.numel() == count
+    return x[rows]
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_store_takes_the_product_not_the_quotient(path):
+    keys = rows_where_quotient_differs(4).to(DEVICE)
+    pages = poisoned_pages(1, seed=22)
+    loc = torch.tensor([7, 8, 9, 10], device=DEVICE)
+    want = expected_store(pages, loc, keys)
+    store_via(path, pages, loc, keys)
+    assert_pages_equal(pages, want)
