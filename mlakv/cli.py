@@ -27,9 +27,16 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _fetch_peers(argv: list[str]) -> int:
+    from .bench.peers import main as fetch_main
+
+    return fetch_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "bench": (_bench, "time every KV-row write provider side by side (`mlakv bench hicache`: HiCache transfers)"),
     "demo": (_demo, "serve a small MLA model through the pool: prefill, decode, write share, reference check"),
+    "fetch-peers": (_fetch_peers, "download the source of the projects the benches compare with (sglang) into .peers/"),
 }
 
 

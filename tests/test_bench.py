@@ -155,6 +155,6 @@ def test_absent_peer_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch
 
     monkeypatch.setattr(sglang_peer, "_candidates", lambda: [tmp_path / "nowhere"])
     why = kv_write.provider_unavailable("sglang", LAYOUTS["bf16"])
-    assert why is not None and str(tmp_path / "nowhere") in why and "fetch_sglang.sh" in why
+    assert why is not None and str(tmp_path / "nowhere") in why and "mlakv fetch-peers sglang" in why
     with pytest.raises(JitUnavailable, match="sglang source absent"):
         sglang_peer.build_sglang_module(1024, 128, device_capability=(9, 0))

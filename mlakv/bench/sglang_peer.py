@@ -1,8 +1,7 @@
 """sglang's own row-write kernel as a benchmark provider, built from source the user fetched.
 
-The project never contains sglang's code. ``bash ../shared/peers/fetch_sglang.sh`` (or any copy of
-sglang's ``kernels/jit`` tree laid out the same way) puts it into ``.peers/sglang/`` of a checkout;
-this module only generates the few lines sglang itself generates to export its kernel
+The project never contains sglang's code. ``mlakv fetch-peers sglang`` (:mod:`mlakv.bench.peers`:
+sglang's published wheel, the files the benches use) puts it into ``.peers/sglang/``; this module only generates the few lines sglang itself generates to export its kernel
 (``SetMlaKVBufferKernel<nope_bytes, rope_bytes, use_pdl>::run``) and builds them through mlakv's
 JIT loader with sglang's flags (C++20, ``SGL_CUDA_ARCH``, its include directory). Where the source
 is absent the provider is reported as absent and the bench runs without it.
@@ -23,8 +22,8 @@ from mlakv.kernels.cuda.loader import JitUnavailable, cuda_arch_list, load_cuda_
 
 __all__ = ["peer_dir", "peer_absent_reason", "build_sglang_module", "sglang_set_mla_kv_buffer"]
 
-KERNEL_HEADER = Path("csrc") / "elementwise" / "row_write.cuh"
-FETCH_HINT = "fetch it with `bash ../shared/peers/fetch_sglang.sh` from the checkout, or set MLAKV_SGLANG_SRC"
+KERNEL_HEADER = Path("csrc") / "elementwise" / "set_mla_kv_buffer.cuh"  # sglang's file name
+FETCH_HINT = "fetch it with `mlakv fetch-peers sglang` (into ./.peers/sglang), or set MLAKV_SGLANG_SRC"
 
 _WRAPPER = """\
 #include "elementwise/set_mla_kv_buffer.cuh"
