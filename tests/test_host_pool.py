@@ -163,7 +163,7 @@ def test_backup_covers_every_layer_and_nothing_else():
         (torch.arange(0, 32), torch.arange(64, 96), ValueError, "not a whole number of pages"),
         (torch.arange(1024, 1088), torch.arange(64, 128), IndexError, r"host_indices: slots must lie in \[0, 1024\)"),
         (torch.arange(0, 64), torch.arange(576, 640), IndexError, r"device_indices: slots must lie in \[0, 576\)"),
-        (torch.arange(0, 64).float(), torch.arange(64, 128), ValueError, "host_indices must be a 1-D int32/int64"),
+        (torch.arange(0, 64).float(), torch.arange(64, 128), TypeError, "host_indices must be a 1-D int32/int64"),
         (list(range(64)), torch.arange(64, 128), TypeError, "host_indices must be a 1-D int32/int64 tensor .* got list"),
         (torch.arange(0, 64).view(8, 8), torch.arange(64, 128), ValueError, "got 2-D"),
     ],

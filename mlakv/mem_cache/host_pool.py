@@ -14,14 +14,27 @@ written against sglang's host pool can drive this one.
 On CUDA the ``"kernel"`` backend is one zero-copy Triton launch per layer (the kernel reads or writes
 the pinned host buffer directly through unified addressing) on a dedicated stream, with one event
 per layer and a bounded number of SMs; ``"direct"`` is plain ``copy_`` of contiguous runs. On CPU
-both are plain indexed copies, so CI tests the same logic. Index vectors are validated once per batch
-(one host sync) and kept on the device: the per-layer loads of a batch make no host sync.
+both are plain indexed copies, so CI tests the same logic.
+
+Index vectors are never trusted from an earlier call: a transfer always moves the slots the vectors
+hold *now*. A CPU vector is copied (privately) and compared with the copy last validated, so it is
+validated again only when its values changed, whatever wrote them (a numpy alias, ``.data``, an
+inference tensor without a version counter). A CUDA vector on the kernel path is validated on the
+host (one sync) the first time it is seen and then read by the kernel itself at its current values,
+with the kernel's own bounds (a slot out of range or a page start off its page is skipped, as every
+unchecked GPU path does; with the device pool's ``check_bounds`` it is validated on every call): the
+per-layer loads of a batch make no host sync.
+
+The page allocator (:meth:`alloc`, :meth:`free`, :meth:`available_size`, :meth:`clear`) is safe to
+call from several threads (sglang's cache controller does): one lock makes each call atomic, so a
+page is never handed out twice and a double free is refused even when two threads race.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,6 +42,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from mlakv.spec import rules
 from .memory_pool import MLATokenToKVPool, host_available_bytes
 
 __all__ = ["MLATokenToKVPoolHost", "host_available_bytes", "LAYOUTS", "IO_BACKENDS"]
@@ -56,17 +70,38 @@ def _as_fraction(value: Any, name: str, lo: float, hi: float, hi_open: bool) -> 
 
 
 @dataclass
-class _Batch:
-    """A validated transfer: index vectors on the transfer device, as the kernel wants them."""
+class _Slots:
+    """One validated index vector of a transfer.
 
-    key: tuple
-    refs: tuple  # the caller's tensors, kept alive so their ids in ``key`` stay theirs
+    Either ``cpu`` holds a private copy of the values validated (never an alias of the caller's
+    tensor), or ``live`` is the caller's CUDA vector, which the kernel reads at its current values
+    with its own bounds (``key`` says which tensor was validated on the host, so it is not synced on
+    again; it keeps ``live`` alive, so its id stays its own)."""
+
+    scope: tuple  # (limit, page_size): what the values were checked against
     n: int
-    h_cpu: torch.Tensor  # [n] int64 host slots
-    d_cpu: torch.Tensor  # [n] int64 device slots
-    h_dev: Optional[torch.Tensor] = None  # [n] or [n_pages] (page mode) int64 on the device
-    d_dev: Optional[torch.Tensor] = None
+    cpu: Optional[torch.Tensor] = None  # [n] int64, CPU, private
+    live: Optional[torch.Tensor] = None  # [n] the caller's int32/int64 CUDA vector (kernel path)
+    key: Optional[tuple] = None
+    dev: Optional[torch.Tensor] = None  # ``cpu`` on the device, for the kernel (made on first use)
+
+
+@dataclass
+class _Batch:
+    """A validated transfer: its two index vectors and the kernel's unit (token row or page)."""
+
+    h: _Slots
+    d: _Slots
+    n: int
     page_units: bool = False
+
+    @property
+    def h_cpu(self) -> torch.Tensor:
+        return self.h.cpu
+
+    @property
+    def d_cpu(self) -> torch.Tensor:
+        return self.d.cpu
 
 
 class MLATokenToKVPoolHost:
@@ -159,31 +194,35 @@ class MLATokenToKVPoolHost:
             "page_first": self._bytes.view(self.size, L, rb),
             "page_first_direct": self._bytes.view(self.num_pages, L, P, rb),
         }[layout]
+        self._lock = threading.Lock()  # the page allocator's state changes only under it
         self._free_pages = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low pages first
         self._page_free = torch.ones(self.num_pages, dtype=torch.bool)
         self._stream: Optional[torch.cuda.Stream] = None
         self._layer_events: dict[int, torch.cuda.Event] = {}
-        self._batch: Optional[_Batch] = None
+        self._checked: dict[str, _Slots] = {}  # the last validated vector per argument name
 
     # ---- page allocator (sglang meaning: sizes in tokens) ---------------------------------
     def available_size(self) -> int:
-        """Free host token slots."""
-        return len(self._free_pages) * self.page_size
+        """Free host token slots (thread-safe)."""
+        with self._lock:
+            return len(self._free_pages) * self.page_size
 
     def alloc(self, need_size: int) -> Optional[torch.Tensor]:
         """Take ``need_size`` token slots (a multiple of ``page_size``) as whole free pages.
 
         Returns their slots ``[need_size]`` (int64, page by page, ascending within a page), or None
-        if fewer are free (nothing taken).
+        if fewer are free (nothing taken). Thread-safe.
         """
         need = _as_int(need_size, "need_size")
         if need < 0 or need % self.page_size:
             raise ValueError(f"need_size must be a non-negative multiple of page_size={self.page_size}, got {need}")
         n_pages = need // self.page_size
-        if n_pages > len(self._free_pages):
-            return None
-        pages = torch.tensor([self._free_pages.pop() for _ in range(n_pages)], dtype=torch.int64)
-        self._page_free[pages] = False
+        with self._lock:
+            if n_pages > len(self._free_pages):
+                return None
+            taken = [self._free_pages.pop() for _ in range(n_pages)]
+            pages = torch.tensor(taken, dtype=torch.int64)
+            self._page_free[pages] = False
         return (pages[:, None] * self.page_size + torch.arange(self.page_size)).flatten()
 
     def free(self, indices: torch.Tensor) -> int:
@@ -191,30 +230,34 @@ class MLATokenToKVPoolHost:
 
         Returns the number of token slots freed. A page named twice, a page already free, or a
         vector that is not whole aligned pages is refused (``ValueError``) and nothing is freed.
+        Thread-safe: the check and the free are one step under the allocator's lock, so when two
+        threads free the same pages exactly one succeeds and the other gets the double-free error.
         """
         pages = self._pages_of(indices, "indices")
         uniq, counts = torch.unique(pages, return_counts=True)
         if bool((counts > 1).any()):
             raise ValueError(f"indices: page {int(uniq[counts > 1][0])} is named more than once (double free)")
-        already = self._page_free[pages]
-        if bool(already.any()):
-            raise ValueError(f"indices: page {int(pages[already][0])} is already free (double free)")
-        self._page_free[pages] = True
-        self._free_pages.extend(reversed(pages.tolist()))
+        with self._lock:
+            already = self._page_free[pages]
+            if bool(already.any()):
+                raise ValueError(f"indices: page {int(pages[already][0])} is already free (double free)")
+            self._page_free[pages] = True
+            self._free_pages.extend(reversed(pages.tolist()))
         return int(pages.numel()) * self.page_size
 
     def clear(self) -> None:
-        """Every page free again."""
-        self._free_pages = list(range(self.num_pages - 1, -1, -1))
-        self._page_free.fill_(True)
+        """Every page free again (thread-safe)."""
+        with self._lock:
+            self._free_pages = list(range(self.num_pages - 1, -1, -1))
+            self._page_free.fill_(True)
 
     def _pages_of(self, indices: torch.Tensor, name: str) -> torch.Tensor:
         idx = _check_slots(indices, name, self.size, self.page_size)
         return idx.reshape(-1, self.page_size)[:, 0] // self.page_size
 
-    # ---- validation, once per batch -------------------------------------------------------
-    def _prepare(self, device_pool: MLATokenToKVPool, host_indices: Any, device_indices: Any) -> _Batch:
-        """Validate a transfer's index vectors (reused while the same, unmodified tensors come back)."""
+    # ---- validation: the values the vectors hold now ---------------------------------------
+    def _prepare(self, device_pool: MLATokenToKVPool, host_indices: Any, device_indices: Any, io_backend: str) -> _Batch:
+        """Validate a transfer's index vectors, as they are now (see the module docstring)."""
         if device_pool.row_bytes() != self.row_bytes or device_pool.layer_num != self.layer_num:
             raise ValueError(
                 f"device_pool: rows of {device_pool.row_bytes()} B x {device_pool.layer_num} layers do not match this "
@@ -223,23 +266,41 @@ class MLATokenToKVPoolHost:
         for name, t in (("host_indices", host_indices), ("device_indices", device_indices)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {type(t).__name__}")
-        key = (
-            id(device_pool), id(host_indices), host_indices._version, id(device_indices), device_indices._version,
-        )
-        b = self._batch
-        if b is not None and b.key == key:
-            return b
         if host_indices.numel() != device_indices.numel():
             raise ValueError(
                 f"host_indices has {host_indices.numel()} slots but device_indices has {device_indices.numel()}"
             )
-        h = _check_slots(host_indices, "host_indices", self.size, self.page_size)
-        d = _check_slots(device_indices, "device_indices", device_pool.num_slots, device_pool.page_size)
+        kernel = _kernel_path(device_pool.device, io_backend, self.pinned)
+        live_ok = kernel and not device_pool.check_bounds
+        h = self._slots(host_indices, "host_indices", self.size, self.page_size, device_pool.device, live_ok)
+        d = self._slots(device_indices, "device_indices", device_pool.num_slots, device_pool.page_size,
+                        device_pool.device, live_ok)  # fmt: skip
         P = self.page_size
         page_units = P > 1 and device_pool.page_size % P == 0 and self.layout != "page_first"
-        b = _Batch(key, (device_pool, host_indices, device_indices), int(h.numel()), h, d, page_units=page_units)
-        self._batch = b
-        return b
+        return _Batch(h, d, h.n, page_units=page_units)
+
+    def _slots(self, t: torch.Tensor, name: str, limit: int, page_size: int, device: torch.device, live_ok: bool) -> _Slots:
+        """One index vector, validated unless it is the vector last validated under ``name`` with the
+        same values (CPU: compared with the private copy) or the same CUDA tensor read live."""
+        scope = (limit, page_size)
+        last = self._checked.get(name)
+        if live_ok and t.device == device and t.dim() == 1 and t.dtype in rules.LOC_DTYPES:
+            version = None if t.is_inference() else t._version  # inference tensors have no counter
+            key = (id(t), t.data_ptr(), t.shape[0], t.stride(0), t.dtype, version)
+            if last is not None and last.key == key and last.scope == scope:
+                return last
+            _check_slots(t, name, limit, page_size)  # one host sync; later calls: the kernel's bounds
+            s = _Slots(scope, t.shape[0], live=t, key=key)
+        else:
+            if t.dim() == 1 and t.dtype in rules.LOC_DTYPES:
+                now = torch.empty(t.shape[0], dtype=torch.int64)
+                now.copy_(t)  # a private copy of the values as they are now (one sync for a device vector)
+                if last is not None and last.cpu is not None and last.scope == scope and torch.equal(last.cpu, now):
+                    return last
+                t = now
+            s = _Slots(scope, t.shape[0] if t.dim() else 0, cpu=_check_slots(t, name, limit, page_size))
+        self._checked[name] = s
+        return s
 
     # ---- addressing --------------------------------------------------------------------
     def _host_layer(self, local_layer: int) -> tuple[int, tuple[int, int, int]]:
@@ -287,22 +348,22 @@ class MLATokenToKVPoolHost:
         """One layer of a validated batch, on the current (transfer) stream or the CPU."""
         dev = _device_rows(device_pool, local)
         if _kernel_path(device_pool.device, io_backend, self.pinned):
-            from .transfer_kernels import launch_copy_rows
+            from mlakv.kernels.triton.transfer import launch_copy_rows
 
-            if b.h_dev is None:  # the batch's first use: its vectors go to the device once
-                P = self.page_size
-                hs, ds = (b.h_cpu[::P], b.d_cpu[::P]) if b.page_units else (b.h_cpu, b.d_cpu)
-                # contiguous before the kernel, which reads them densely (page starts are a strided view)
-                b.h_dev = hs.contiguous().to(device_pool.device, non_blocking=True)
-                b.d_dev = ds.contiguous().to(device_pool.device, non_blocking=True)
+            P = self.page_size if b.page_units else 1
+            hv, dv = _kernel_vector(b.h, device_pool.device, P), _kernel_vector(b.d, device_pool.device, P)
             off, host_layout = self._host_layer(local)
             host = self._bytes[off:]
             dev_layout = (1, self.row_bytes, self.row_bytes)
-            unit = self.row_bytes * (self.page_size if b.page_units else 1)
+            unit = self.row_bytes * P
+            # the kernel's own bounds: a unit whose slot is outside [0, limit) or off its page is skipped
+            hl, dl = self.size, device_pool.num_slots
             if to_host:
-                launch_copy_rows(dev, host, b.d_dev, b.h_dev, unit, dev_layout, host_layout, max_programs=self.transfer_sms)
+                launch_copy_rows(dev, host, dv, hv, unit, dev_layout, host_layout, max_programs=self.transfer_sms,
+                                 src_limit=dl, src_align=P, dst_limit=hl, dst_align=P)
             else:
-                launch_copy_rows(host, dev, b.h_dev, b.d_dev, unit, host_layout, dev_layout, max_programs=self.transfer_sms)
+                launch_copy_rows(host, dev, hv, dv, unit, host_layout, dev_layout, max_programs=self.transfer_sms,
+                                 src_limit=hl, src_align=P, dst_limit=dl, dst_align=P)
             return
         if device_pool.device.type != "cuda":
             if to_host:
@@ -340,7 +401,7 @@ class MLATokenToKVPoolHost:
         the device slots.
         """
         _check_backend(io_backend)
-        b = self._prepare(device_pool, host_indices, device_indices)
+        b = self._prepare(device_pool, host_indices, device_indices, io_backend)
         if b.n == 0:
             return
         if device_pool.device.type != "cuda":
@@ -366,14 +427,15 @@ class MLATokenToKVPoolHost:
     ) -> None:
         """Copy host slots ``host_indices`` of one layer (global ``layer_id``) to device rows ``device_indices``.
 
-        The index vectors are validated on the first layer of a batch (one host sync) and reused, on
-        the device, while the same unmodified tensors come back: the later layers make no host sync.
+        The index vectors are validated on the first layer of a batch (one host sync for a CUDA
+        vector); later layers move the slots the vectors hold then, without a host sync (see the
+        module docstring).
         On CUDA the copy is queued on the transfer stream and an event is recorded for the layer;
         the consumer calls :meth:`wait_until_layer_ready` on its stream before reading the rows.
         """
         _check_backend(io_backend)
         local = device_pool._local_layer(layer_id)
-        b = self._prepare(device_pool, host_indices, device_indices)
+        b = self._prepare(device_pool, host_indices, device_indices, io_backend)
         if b.n == 0:
             return
         if device_pool.device.type != "cuda":
@@ -542,24 +604,21 @@ def _runs(h: torch.Tensor, d: torch.Tensor, host_limit: int) -> list[tuple[int, 
 
 
 def _check_slots(indices: Any, name: str, limit: int, page_size: int) -> torch.Tensor:
-    """Validate a token-slot vector (1-D int32/int64, any stride, in ``[0, limit)``, whole aligned
-    pages); return it as a contiguous CPU int64 copy. One host sync for a device vector."""
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {type(indices).__name__}")
-    if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {indices.dim()}-D {indices.dtype}")
-    idx = indices.to("cpu", torch.int64).contiguous()  # honours strides, expansion and offsets
-    n = idx.numel()
-    if n == 0:
-        return idx
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= limit:
-        raise IndexError(f"{name}: slots must lie in [0, {limit}), got [{lo}, {hi}]")
-    if page_size > 1:
-        p = page_size
-        if n % p:
-            raise ValueError(f"{name}: {n} slots is not a whole number of pages of {p}")
-        runs = idx.view(-1, p)
-        if bool((runs[:, 0] % p != 0).any()) or bool((runs - runs[:, :1] != torch.arange(p)).any()):
-            raise ValueError(f"{name}: slots must come in whole, aligned pages of {p} (t, t+1, ..., t+{p - 1} with t % {p} == 0)")
-    return idx
+    """:func:`mlakv.spec.rules.check_token_slots`: a private contiguous CPU int64 copy of a valid
+    token-slot vector. One host sync for a device vector."""
+    return rules.check_token_slots(indices, name, limit, page_size)
+
+
+def _kernel_vector(s: _Slots, device: torch.device, page: int) -> torch.Tensor:
+    """The index vector the transfer kernel reads for ``s``: the caller's CUDA vector itself (marked
+    as used on the transfer stream), or the validated copy uploaded once; every ``page``-th slot
+    (a strided view) when the kernel moves whole pages."""
+    if s.live is not None:
+        v = s.live
+        if v.is_cuda:
+            v.record_stream(torch.cuda.current_stream(device))  # read on the transfer stream
+    else:
+        if s.dev is None:
+            s.dev = s.cpu.to(device, non_blocking=True)
+        v = s.dev
+    return v[::page] if page > 1 else v

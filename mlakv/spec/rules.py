@@ -28,6 +28,7 @@ refused with ``IndexError`` when bounds are checked (always on CPU) and skipped 
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -47,6 +48,13 @@ __all__ = [
     "vec_width",
     "jit_widths_reason",
     "jit_layout_reason",
+    "check_int_arg",
+    "check_token_slots",
+    "check_gather",
+    "check_copy_rows",
+    "copy_rows_bad_unit",
+    "byte_span",
+    "tensors_overlap",
 ]
 
 SUPPORTED_DTYPES = (
@@ -252,3 +260,164 @@ def jit_layout_reason(kv_buffer: torch.Tensor, cache_k_nope: torch.Tensor, cache
     if rope_bytes and _addr_stride_misaligned(cache_k_rope, vr):
         return f"cache_k_rope: the row stride and base address must be multiples of {vr} bytes"
     return None
+
+
+
+# ---- plain integer arguments (sizes, counts, layer ids) --------------------------------------
+
+
+def check_int_arg(value: object, name: str, minimum: Optional[int] = None) -> int:
+    """``value`` as a Python int: ints and integer scalars of numpy (anything with ``__index__``
+    that is not a bool or a tensor). ``TypeError`` naming ``name`` for a bool, a float, a string or a
+    tensor (never truncated); ``ValueError`` when below ``minimum``."""
+    if isinstance(value, (bool, torch.Tensor)) or type(value).__name__ in ("bool_", "bool"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+# ---- token-slot vectors of the host pool and the storages ------------------------------------
+
+
+def check_token_slots(indices: object, name: str, limit: int, page_size: int) -> torch.Tensor:
+    """Validate a token-slot vector and return a PRIVATE contiguous CPU int64 copy of its values.
+
+    Rules: a 1-D int32/int64 tensor (any stride, any device); every slot in ``[0, limit)``
+    (``IndexError``); with ``page_size > 1``, whole aligned pages: ``t, t+1, ..., t+page_size-1``
+    with ``t % page_size == 0`` (``ValueError``). The copy never aliases ``indices``, so a later
+    write to ``indices`` (through any alias) cannot change what was validated. One host sync for a
+    device vector.
+    """
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {type(indices).__name__}")
+    if indices.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {indices.dim()}-D {indices.dtype}")
+    if indices.dtype not in _LOC_SET:
+        raise TypeError(f"{name} must be a 1-D int32/int64 tensor of token slots, got {indices.dim()}-D {indices.dtype}")
+    idx = torch.empty(indices.shape[0], dtype=torch.int64)
+    idx.copy_(indices)  # a private copy: honours strides, expansion and offsets; converts the dtype
+    n = idx.numel()
+    if n == 0:
+        return idx
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= limit:
+        raise IndexError(f"{name}: slots must lie in [0, {limit}), got [{lo}, {hi}]")
+    if page_size > 1:
+        p = page_size
+        if n % p:
+            raise ValueError(f"{name}: {n} slots is not a whole number of pages of {p}")
+        runs = idx.view(-1, p)
+        if bool((runs[:, 0] % p != 0).any()) or bool((runs - runs[:, :1] != torch.arange(p)).any()):
+            raise ValueError(
+                f"{name}: slots must come in whole, aligned pages of {p} (t, t+1, ..., t+{p - 1} with t % {p} == 0)"
+            )
+    return idx
+
+
+# ---- the gather (``get_mla_kv_buffer``) ---------------------------------------------------------
+
+
+def check_gather(kv_buffer: object, loc: object, nope_dim: object, rope_dim: object) -> None:
+    """The gather's argument rules (``kv_buffer [num_slots, (1,) total]``, ``loc [n_loc]``): a rows
+    tensor of a supported dtype, a 1-D int32/int64 ``loc`` on its device, ``nope_dim >= 1`` and
+    ``rope_dim >= 0`` ints with ``nope_dim + rope_dim <= total``. Raises naming the argument."""
+    check_rows_tensor("kv_buffer", kv_buffer, "num_slots")
+    if kv_buffer.dtype not in _SUPPORTED_SET:
+        raise TypeError(f"kv_buffer dtype {kv_buffer.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+    check_loc(loc)
+    if loc.device != kv_buffer.device:
+        raise ValueError(f"loc is on {loc.device} but kv_buffer is on {kv_buffer.device}")
+    nope = check_int_arg(nope_dim, "nope_dim", 1)
+    rope = check_int_arg(rope_dim, "rope_dim", 0)
+    total = kv_buffer.shape[-1]
+    if nope + rope > total:
+        raise ValueError(
+            f"nope_dim + rope_dim = {nope} + {rope} = {nope + rope} does not fit kv_buffer's last dim {total}"
+        )
+    if kv_buffer.shape[0] > 1 and kv_buffer.stride(0) < total:
+        raise ValueError(f"kv_buffer: rows overlap (dim 0 stride {kv_buffer.stride(0)} < last dim {total})")
+
+
+# ---- HiCache's row copy (``copy_rows``) ---------------------------------------------------------
+
+
+def check_copy_rows(
+    src: object, dst: object, src_idx: object, dst_idx: object, unit_bytes: object, src_layout: object, dst_layout: object
+) -> None:
+    """The row copy's argument rules: ``src``/``dst`` contiguous tensors; ``src_idx``/``dst_idx``
+    1-D int32/int64 of one length ``[n]``, on the device of the buffer that is not pinned host
+    memory (CPU for two CPU buffers); ``unit_bytes >= 1``; each layout three ints ``(page_size >= 1,
+    page_stride_bytes >= 0, row_stride_bytes >= 0)``. Slot values are checked by
+    :func:`copy_rows_bad_unit`. Raises ``TypeError``/``ValueError`` naming the argument."""
+    for name, t in (("src", src), ("dst", dst), ("src_idx", src_idx), ("dst_idx", dst_idx)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("src", src), ("dst", dst)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the row copy addresses it by bytes)")
+    for name, t in (("src_idx", src_idx), ("dst_idx", dst_idx)):
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor of slots, got {t.dim()}-D {t.dtype}")
+        if t.dtype not in _LOC_SET:
+            raise TypeError(f"{name} must be a 1-D int32/int64 tensor of slots, got {t.dim()}-D {t.dtype}")
+    if src_idx.shape[0] != dst_idx.shape[0]:
+        raise ValueError(f"src_idx has {src_idx.shape[0]} entries but dst_idx has {dst_idx.shape[0]}")
+    if src_idx.device != dst_idx.device:
+        raise ValueError(f"src_idx is on {src_idx.device} but dst_idx is on {dst_idx.device}")
+    gpu = src.device if src.is_cuda else dst.device
+    if src_idx.device != gpu:
+        raise ValueError(f"src_idx/dst_idx must be on {gpu} (where the copy runs), got {src_idx.device}")
+    check_int_arg(unit_bytes, "row_bytes", 1)
+    for name, lay in (("src_layout", src_layout), ("dst_layout", dst_layout)):
+        if not isinstance(lay, (list, tuple)) or len(lay) != 3:
+            raise ValueError(f"{name} must be (page_size, page_stride_bytes, row_stride_bytes), got {lay!r}")
+        check_int_arg(lay[0], f"{name}[0] (page_size)", 1)
+        check_int_arg(lay[1], f"{name}[1] (page_stride_bytes)", 0)
+        check_int_arg(lay[2], f"{name}[2] (row_stride_bytes)", 0)
+
+
+def copy_rows_bad_unit(idx: torch.Tensor, layout, unit_bytes: int, nbytes: int) -> Optional[int]:
+    """The first ``i`` whose unit ``[off(idx[i]), off(idx[i]) + unit_bytes)`` is not inside a buffer of
+    ``nbytes`` bytes (a negative slot included), or None. ``off(t) = (t // page) * page_stride + (t %
+    page) * row_stride``. Syncs on GPU."""
+    if idx.numel() == 0:
+        return None
+    page, page_stride, row_stride = (int(x) for x in layout)
+    t = idx.to(torch.int64)
+    off = torch.div(t, page, rounding_mode="floor") * page_stride + torch.remainder(t, page) * row_stride
+    bad = (t < 0) | (off + unit_bytes > nbytes)
+    if not bool(bad.any()):
+        return None
+    return int(bad.nonzero()[0, 0])
+
+
+# ---- aliasing: do two tensors share bytes? ------------------------------------------------------
+
+
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[lo, hi)`` addresses of the bytes ``t`` may touch (its elements at any stride); empty if numel 0."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo = hi = t.data_ptr()
+    es = t.element_size()
+    for size, stride in zip(t.shape, t.stride()):
+        if stride >= 0:
+            hi += (size - 1) * stride * es
+        else:  # pragma: no cover - torch has no negative strides
+            lo += (size - 1) * stride * es
+    return lo, hi + es
+
+
+def tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (on one device) may share bytes: their address spans intersect
+    (conservative: interleaved strided views count as overlapping)."""
+    if a.device != b.device:
+        return False
+    alo, ahi = byte_span(a)
+    blo, bhi = byte_span(b)
+    return alo < bhi and blo < ahi

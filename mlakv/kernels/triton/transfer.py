@@ -12,6 +12,12 @@ looping over tiles of units, so a transfer occupies a known, small number of SMs
 keeps the rest. Each program moves a tile of up to ``TILE_WORDS`` words per iteration (all loads of
 the tile are issued before its stores), which keeps enough bytes in flight over PCIe with few SMs.
 
+Every unit is bounds-checked in the kernel, whatever the caller validated: a unit whose slot is
+negative, ``>= limit``, not a multiple of ``align`` (a page start off its page), or whose words do
+not lie inside its buffer is skipped. So the index vectors may be read at their current values (the
+host pool hands the kernel a caller's CUDA vector without copying it) and no value in them can make
+the kernel touch memory outside ``src`` or ``dst``.
+
 Kept apart from the row write (:mod:`mlakv.kernels.triton.row_write`): different callers, different
 launch rules.
 """
@@ -44,6 +50,14 @@ def _copy_units_kernel(
     dst_idx_ptr,
     smid_ptr,
     n_units,
+    src_idx_stride,
+    dst_idx_stride,
+    src_limit,
+    dst_limit,
+    src_align,
+    dst_align,
+    src_words,
+    dst_words,
     src_page,
     src_page_stride,
     src_row_stride,
@@ -59,6 +73,8 @@ def _copy_units_kernel(
     # Unit i: dst[dst_idx[i]] = src[src_idx[i]] (UNIT words, contiguous on both sides), where slot t
     # lives at (t // page) * page_stride + (t % page) * row_stride words on each side. Either side
     # may be pinned host memory. A tile is ROWS units x BLOCK words; programs stride over tiles.
+    # A unit whose slot is outside [0, limit), off its alignment, or whose words leave the buffer
+    # is skipped (its slot is replaced by 0 first, so even its address arithmetic stays tame).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if RECORD_SMID:
@@ -70,10 +86,15 @@ def _copy_units_kernel(
     for tile in range(pid, n_tiles, nprog):
         u = (tile * ROWS + r).to(tl.int64)
         live = u < n_units
-        s = tl.load(src_idx_ptr + u, mask=live, other=0).to(tl.int64)
-        d = tl.load(dst_idx_ptr + u, mask=live, other=0).to(tl.int64)
+        s = tl.load(src_idx_ptr + u * src_idx_stride, mask=live, other=0).to(tl.int64)
+        d = tl.load(dst_idx_ptr + u * dst_idx_stride, mask=live, other=0).to(tl.int64)
+        ok = live & (s >= 0) & (s < src_limit) & (s % src_align == 0)
+        ok = ok & (d >= 0) & (d < dst_limit) & (d % dst_align == 0)
+        s = tl.where(ok, s, 0)
+        d = tl.where(ok, d, 0)
         s_off = (s // src_page) * src_page_stride + (s % src_page) * src_row_stride
         d_off = (d // dst_page) * dst_page_stride + (d % dst_page) * dst_row_stride
+        live = ok & (s_off + UNIT <= src_words) & (d_off + UNIT <= dst_words)
         # every offset is a multiple of ALIGN words: lets the compiler use vector loads and stores
         s_off = tl.multiple_of(s_off, ALIGN)
         d_off = tl.multiple_of(d_off, ALIGN)
@@ -115,17 +136,22 @@ def launch_copy_rows(
     max_programs: int = DEFAULT_MAX_PROGRAMS,
     num_warps: int = 16,
     smid_out: torch.Tensor | None = None,
+    src_limit: int | None = None,
+    dst_limit: int | None = None,
+    src_align: int = 1,
+    dst_align: int = 1,
 ) -> None:
     """Copy ``unit_bytes``-wide units ``src[src_idx[i]] -> dst[dst_idx[i]]`` in one launch.
 
-    The caller (the host pool) has validated the slot values (range, page alignment); this launcher
-    only refuses index vectors it would misread (not contiguous int64 of one length).
+    Unchecked on the host (no sync): the kernel skips a unit whose slot on either side is negative,
+    ``>= *_limit``, not a multiple of ``*_align``, or whose bytes are not all inside its buffer.
+    This launcher refuses only index vectors it would misread (not 1-D int32/int64 of one length).
 
     Args:
         src, dst: byte-addressable buffers (device or pinned host memory); the layouts address
             from their first byte.
-        src_idx, dst_idx: ``[n]`` contiguous int64 slots on the launching device (for page units,
-            the first slot of each page).
+        src_idx, dst_idx: ``[n]`` int32/int64 slots on the launching device, any stride (for page
+            units, the first slot of each page).
         unit_bytes: bytes of one unit (a row, or ``page_size`` rows when a page is contiguous).
         src_layout, dst_layout: ``(page_size, page_stride_bytes, row_stride_bytes)``: slot ``t``
             starts at byte ``(t // page_size) * page_stride + (t % page_size) * row_stride``.
@@ -133,15 +159,21 @@ def launch_copy_rows(
         num_warps: warps per program.
         smid_out: optional ``[max_programs]`` int32 device tensor; when given, each program writes
             the SM id it ran on (CUDA only; the benchmark counts the SMs a transfer occupied).
+        src_limit, dst_limit: slots must be below these (default: no limit but the buffer's end).
+        src_align, dst_align: slots must be multiples of these (page units: the page size).
     """
     n = src_idx.shape[0]
     if n == 0:
         return
     if max_programs < 1:
         raise ValueError(f"max_programs must be >= 1, got {max_programs}")
-    for name, t in (("src_idx", src_idx), ("dst_idx", dst_idx)):  # read densely: refuse what would misread
-        if t.dim() != 1 or t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != n:
-            raise ValueError(f"{name} must be a contiguous [{n}] int64 vector, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+    for name, t in (("src_idx", src_idx), ("dst_idx", dst_idx)):  # refuse what the kernel would misread
+        if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64) or t.shape[0] != n:
+            raise ValueError(f"{name} must be a [{n}] int32/int64 vector, got {tuple(t.shape)} {t.dtype}")
+    for name, v in (("src_align", src_align), ("dst_align", dst_align)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    no_limit = 1 << 62
     sp, sps, srs = src_layout
     dp, dps, drs = dst_layout
     w, word = _word(unit_bytes, sps, srs, dps, drs, src.data_ptr(), dst.data_ptr(), src.nbytes, dst.nbytes)
@@ -155,6 +187,9 @@ def launch_copy_rows(
     record = smid_out is not None
     _copy_units_kernel[(grid,)](
         s_words, d_words, src_idx, dst_idx, smid_out if record else src_idx, n,
+        src_idx.stride(0), dst_idx.stride(0),
+        no_limit if src_limit is None else src_limit, no_limit if dst_limit is None else dst_limit,
+        src_align, dst_align, s_words.numel(), d_words.numel(),
         sp, sps // w, srs // w, dp, dps // w, drs // w,
         UNIT=unit, BLOCK=block, ROWS=rows, RECORD_SMID=record, ALIGN=align, num_warps=num_warps,
     )
