@@ -158,3 +158,43 @@ def test_absent_peer_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch
     assert why is not None and str(tmp_path / "nowhere") in why and "mlakv fetch-peers sglang" in why
     with pytest.raises(JitUnavailable, match="sglang source absent"):
         sglang_peer.build_sglang_module(1024, 128, device_capability=(9, 0))
+
+
+# ---- the benches' layering -------------------------------------------------------------------
+# Modules of mlakv.bench that are not benches: the shared timing module, the command lines, the peer
+# fetcher and the comparison providers (built only to be timed beside mlakv's own kernels).
+BENCH_SUPPORT = {"timing", "options", "peers", "sglang_peer", "legacy_kernel", "__init__"}
+
+
+def _bench_imports(path) -> set[str]:
+    """The mlakv.bench submodules a module imports (absolute or relative, at any depth in the file)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 1:
+                found |= {mod.split(".")[0]} if mod else {a.name for a in node.names}
+            elif mod.startswith("mlakv.bench."):
+                found.add(mod.split(".")[2])
+            elif mod == "mlakv.bench":
+                found |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("mlakv.bench.")}
+    return found
+
+
+def test_no_bench_imports_another_bench():
+    """Every bench reads its clocks from mlakv.bench.timing; none reaches into another bench."""
+    from pathlib import Path
+
+    import mlakv.bench
+
+    root = Path(mlakv.bench.__file__).parent
+    benches = {p.stem for p in root.glob("*.py")} - BENCH_SUPPORT
+    assert {"kv_write", "fp8_bench", "hicache"} <= benches
+    offenders = {b: sorted(_bench_imports(root / f"{b}.py") & (benches - {b})) for b in benches}
+    assert not {b: v for b, v in offenders.items() if v}, offenders
+    users = {b for b in benches if "timing" in _bench_imports(root / f"{b}.py")}
+    assert users >= benches - {"host_cost"}, f"benches timing on their own: {sorted(benches - users)}"

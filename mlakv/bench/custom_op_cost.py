@@ -14,14 +14,14 @@ the boxed dispatch, the call back into Python). Medians over rounds of interleav
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Optional
 
 import torch
 
 from mlakv.ops import custom_ops  # noqa: F401  (registers torch.ops.mlakv.*)
 from mlakv.ops.dispatch import set_mla_kv_buffer_triton
+
+from .timing import interleaved_us
 
 _FLOOR_LIB: Optional[torch.library.Library] = None
 
@@ -35,15 +35,6 @@ def _floor_op() -> torch._ops.OpOverload:
         _FLOOR_LIB.define("empty_write" + str(schema)[len(str(schema.name)) :])
         _FLOOR_LIB.impl("empty_write", lambda *args: None, "CompositeExplicitAutograd")
     return torch.ops.mlakv_bench.empty_write.default
-
-
-def _per_call_us(fn, calls: int, sync) -> float:
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -69,13 +60,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             "op": lambda: op(kv, loc, nope, rope),
             "floor": lambda: floor(kv, loc, nope, rope),
         }
-        for f in runs.values():  # warm-up (first calls build caches, JIT modules)
-            _per_call_us(f, 200, sync)
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(args.rounds):  # interleaved, so drift in machine load hits all alike
-            for k, f in runs.items():
-                times[k].append(_per_call_us(f, args.calls, sync))
-        md, mo, mf = (statistics.median(times[k]) for k in ("direct", "op", "floor"))
+        # 200 warm-up calls each (first calls build caches, JIT modules), then interleaved rounds, so
+        # drift in machine load hits all alike
+        med = interleaved_us(runs, args.calls, args.rounds, sync, warmup=200)
+        md, mo, mf = med["direct"], med["op"], med["floor"]
         print(f"| {n_loc} | {md:.2f} | {mo:.2f} | {mo - md:.2f} | {mo / md:.2f}x | {mf:.2f} |")
     return 0
 

@@ -29,9 +29,7 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,6 +50,8 @@ from mlakv.distributed.dcp import (
     run_ranks,
 )
 from mlakv.demo.model import default_dtype, make_model
+
+from .timing import graph_median_us, sync, wall_median_s
 
 __all__ = ["Sizes", "main"]
 
@@ -96,31 +96,16 @@ KV_DIMS = (512, 64)  # the row check and write timings use DeepSeek's widths at 
 
 
 # ---- timing ---------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _write_time_us(fn: Callable[[], None], calls: int, device: torch.device, reps: int) -> float:
     """Median time of one of the ``calls`` writes ``fn`` makes: CUDA-graph replay on GPUs (host
     cost excluded, as in ``mlakv bench``), host wall time on CPU."""
     if device.type == "cuda":
-        import triton.testing as tt
-
-        return tt.do_bench_cudagraph(fn, rep=max(20, reps), return_mode="median") * 1e3 / calls
-    return _median_wall_us(fn, device, reps) / calls
+        return graph_median_us(fn, calls, rep=max(20, reps))
+    return wall_median_s(fn, device, reps) * 1e6 / calls
 
 
 def _median_wall_us(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
+    return wall_median_s(fn, device, reps) * 1e6
 
 
 # ---- 1. rows ----------------------------------------------------------------------------------
@@ -193,7 +178,7 @@ def _decode_run(model, cache, logical_slots: int, sizes: Sizes, device: torch.de
     use_graph = eng.graph_runner is not None
     while eng.running:
         eng.decode_step(use_graph=use_graph)
-    _sync(device)
+    sync(device)
     return reqs, use_graph, runner, err
 
 
@@ -301,7 +286,7 @@ def _warm_up_writes(group: DCPGroup, device: torch.device, sizes: Sizes) -> None
         pool = _timing_pool(sizes, device, 1, 0)
         for n in sizes.write_sizes:
             pool.set_kv_buffer(0, *_write_inputs(sizes, n, device))
-        _sync(device)
+        sync(device)
         del pool
     dist.barrier(group=group.group)
 

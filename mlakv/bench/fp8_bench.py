@@ -38,20 +38,19 @@ from mlakv.mem_cache import (
 )
 from mlakv.ops.fp8 import fp8_write_path, scale_tensor
 
+from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, rotating
+
 __all__ = ["run_fp8_bench", "main"]
 
 NOPE, ROPE = 512, 64
-LAYERS = 8
+LAYERS = INPUT_SETS  # input sets (layers) per timed graph
 DEFAULT_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
 K_SCALE = 0.0625
 
 
-def _graph_us(body: Callable[[], None]) -> float:
-    import triton.testing as tt
-
-    body()
-    torch.cuda.synchronize()
-    return tt.do_bench_cudagraph(body, rep=40, return_mode="median") * 1e3 / LAYERS
+def _graph_us(fn: Callable[[dict], object], layers: list[dict]) -> float:
+    """CUDA-graph median per call of ``fn``, once per layer's inputs in each replay."""
+    return graph_median_us(rotating(fn, [(d,) for d in layers]), calls=len(layers))
 
 
 def _layers(n: int, device: str = "cuda") -> list[dict]:
@@ -114,8 +113,6 @@ def _check_write(fmt: str, name: str, fn: Callable[[dict], None], d: dict) -> Op
 
 def run_fp8_bench(sizes: list[int]) -> dict:
     """Time every provider at each n_loc; return ``{"copy_gbs", "write": [...], "gather": [...]}`` (GPU only)."""
-    from mlakv.bench.kv_write import copy_bandwidth_gbs
-
     scale = scale_tensor(K_SCALE, torch.device("cuda"))
     copy_gbs = copy_bandwidth_gbs()
     write_rows, gather_rows = [], []
@@ -126,7 +123,7 @@ def run_fp8_bench(sizes: list[int]) -> dict:
             row = {"fmt": fmt, "n_loc": n, "path": fp8_write_path(kv0, layers[0]["nope"], layers[0]["rope"], fmt)}
             for name, fn in providers.items():
                 bad = _check_write(fmt, name, fn, layers[0])
-                row[name] = bad or _graph_us(lambda fn=fn: [fn(d) for d in layers])
+                row[name] = bad or _graph_us(fn, layers)
             write_rows.append(row)
         g = {"n_loc": n}
         for fmt in ("ds_mla", "per_tensor"):
@@ -137,13 +134,13 @@ def run_fp8_bench(sizes: list[int]) -> dict:
             rows_c = d0[kvk][d0["loc"]].cpu()
             ref = dequantize_mla_rows(rows_c, fmt, NOPE, ROPE, None if k is None else k.cpu())  # on the CPU
             ok = all(torch.equal(a.cpu().view(torch.int16), b.view(torch.int16)) for a, b in zip(got, ref))
-            us = _graph_us(lambda kvk=kvk, fmt=fmt, k=k: [get_mla_kv_buffer_dequant(d[kvk], d["loc"], fmt, NOPE, ROPE, k) for d in layers])
+            us = _graph_us(lambda d, kvk=kvk, fmt=fmt, k=k: get_mla_kv_buffer_dequant(d[kvk], d["loc"], fmt, NOPE, ROPE, k), layers)
             moved = n * (fp8_row_bytes(fmt, NOPE, ROPE) + 2 * (NOPE + ROPE))
             g[f"dequant-{fmt}"] = us if ok else "WRONG"
             g[f"dequant-{fmt}-of-copy-bw"] = moved / (us * 1e-6) / 1e9 / copy_gbs
         from mlakv.kernels.triton.row_write import launch_get_kv_rows
 
-        us = _graph_us(lambda: [launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE) for d in layers])
+        us = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers)
         g["plain-gather-bf16"] = us
         g["plain-gather-bf16-of-copy-bw"] = n * 4 * (NOPE + ROPE) / (us * 1e-6) / 1e9 / copy_gbs
         gather_rows.append(g)

@@ -10,15 +10,14 @@ path, and the output says so: those numbers are host memory bandwidth, not PCIe.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from mlakv.argtypes import positive_int
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
+
+from .timing import progress, sync, wall_median_s
 
 HOST_LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
 GPU_PAGES = [1024, 16384]
@@ -26,36 +25,12 @@ CPU_PAGES = [64, 512]
 CPU_LABEL = "CPU copies (torch path; the 'device' pool is on the CPU; GPU numbers need a GPU)"
 
 
-def progress(msg: str) -> None:
-    """A progress line on stderr."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_s(fn: Callable[[], None], device: torch.device, reps: int = 5) -> float:
-    """Median wall time (s) of ``fn`` over ``reps`` synchronized runs, after one warm-up."""
-    fn()
-    _sync(device)
-    out = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
 def copy_ceilings_gbs(nbytes: int, device: torch.device) -> tuple[float, float]:
     """(to-host, to-device) GB/s of one contiguous ``copy_`` of ``nbytes`` (pinned host on GPU)."""
     dev_block = torch.empty(nbytes, dtype=torch.uint8, device=device)
     host_block = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    d2h = nbytes / time_s(lambda: host_block.copy_(dev_block, non_blocking=True), device) / 1e9
-    h2d = nbytes / time_s(lambda: dev_block.copy_(host_block, non_blocking=True), device) / 1e9
+    d2h = nbytes / wall_median_s(lambda: host_block.copy_(dev_block, non_blocking=True), device) / 1e9
+    h2d = nbytes / wall_median_s(lambda: dev_block.copy_(host_block, non_blocking=True), device) / 1e9
     return d2h, h2d
 
 
@@ -87,11 +62,11 @@ def bench_host_layout(
     for b in pool.kv_buffer:
         b.view(torch.uint8).random_(0, 256)
     load()
-    _sync(device)
+    sync(device)
     if not all(torch.equal(a.view(torch.uint8), b[d].view(torch.uint8)) for a, b in zip(ref, pool.kv_buffer)):
         return None
     nbytes = n_pages * P * pool.row_bytes() * L
-    return nbytes / time_s(backup, device) / 1e9, nbytes / time_s(load, device) / 1e9
+    return nbytes / wall_median_s(backup, device) / 1e9, nbytes / wall_median_s(load, device) / 1e9
 
 
 def _csv_pages(text: str) -> list[int]:

@@ -30,13 +30,11 @@ from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
 from mlakv.testing.mooncake_master import MooncakeMaster, MooncakeUnavailable
 from mlakv.mem_cache.storage.mooncake import MooncakeStorage, default_checksum_threads
 
+from .timing import progress
+
 ROWS = {"bf16 1152B": (torch.bfloat16, None), "fp8 ds_mla 656B": (torch.float8_e4m3fn, "ds_mla")}
 GPU_MACHINE_PAGES = [64, 256, 1024]
 CPU_PAGES = [64, 128, 256]  # 1024 pages of 4.3 MiB need ~18 GiB (two host pools + two segments); 23 GiB here
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _csv(text: str) -> list[int]:

@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,17 @@ import torch
 
 import mlakv
 from mlakv.mem_cache import MLATokenToKVPool, kv_write_path, set_mla_kv_buffer_torch, set_mla_kv_buffer_triton
+
+from .timing import (
+    INPUT_SETS,
+    cold_median_us,
+    copy_bandwidth_gbs,
+    graph_median_us,
+    host_rounds_us,
+    one_element_graph_us,
+    progress,
+    rotating,
+)
 
 LAYOUTS = {
     "bf16": (torch.bfloat16, 512, 64),
@@ -43,14 +53,9 @@ CPU_SIZES = [1, 32, 1024, 8192]
 CPU_QUICK_SIZES = [1, 1024]
 PROVIDERS = ["auto", "jit", "triton", "sglang", "legacy", "torch"]
 CPU_PROVIDERS = ["auto", "torch"]
-LAYERS = 8
+LAYERS = INPUT_SETS  # input sets per timed graph (one per layer), so sources do not sit in L2
 MAX_SIZE = 1 << 24
 CPU_LABEL = "CPU (torch path; GPU numbers need a GPU)"
-
-
-def progress(msg: str) -> None:
-    """A progress line on stderr (the report itself goes to stdout)."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---- providers ---------------------------------------------------------------------------------
@@ -173,68 +178,10 @@ def check_provider(fn: Callable, inp: LayerInputs) -> Optional[str]:
     return f"WRONG: {bad} rows differ from the reference"
 
 
-# ---- timing ----------------------------------------------------------------------------------
+# ---- timing (mlakv.bench.timing) -------------------------------------------------------------
 def _graph_time_per_call_us(fn: Callable, layers: list[LayerInputs]) -> float:
-    import triton.testing as tt
-
-    def body():
-        for inp in layers:
-            fn(inp.kv, inp.loc, inp.nope, inp.rope)
-
-    body()  # warm up (compiles, loads modules) outside the capture
-    torch.cuda.synchronize()
-    ms = tt.do_bench_cudagraph(body, rep=40, return_mode="median")
-    return ms * 1e3 / len(layers)
-
-
-def _cold_time_us(fn: Callable, inp: LayerInputs) -> float:
-    import triton.testing as tt
-
-    ms = tt.do_bench(lambda: fn(inp.kv, inp.loc, inp.nope, inp.rope), warmup=5, rep=20, return_mode="median")
-    return ms * 1e3
-
-
-def host_rounds_us(call: Callable, n: int = 2000, rounds: int = 5) -> list[float]:
-    """Host time per eager call (µs) in each of ``rounds`` rounds of ``n`` calls (no sync inside a round)."""
-    for _ in range(min(n, 50)):
-        call()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    out = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            call()
-        out.append((time.perf_counter() - t0) / n * 1e6)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    return out
-
-
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-    import triton.testing as tt
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 256)
-    dst = torch.empty_like(src)
-    ms = tt.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def tiny_kernel_graph_us() -> float:
-    """Graph time per call of a one-element kernel, 8 per graph like the rows (the launch floor)."""
-    import triton.testing as tt
-
-    xs = [torch.zeros(1, device="cuda") for _ in range(LAYERS)]
-
-    def body():
-        for x in xs:
-            x.add_(1)
-
-    body()
-    return tt.do_bench_cudagraph(body, rep=100, return_mode="median") * 1e3 / LAYERS
+    """CUDA-graph median per call of ``fn`` over the layers' input sets, one call each per replay."""
+    return graph_median_us(rotating(fn, [(i.kv, i.loc, i.nope, i.rope) for i in layers]), calls=len(layers))
 
 
 # ---- the sweep -------------------------------------------------------------------------------
@@ -305,7 +252,7 @@ def run_sweep(
                         row.times_us[p] = (first[p] + second[p]) / 2
                         row.spread_us[p] = [min(first[p], second[p]), row.times_us[p], max(first[p], second[p])]
                     if cold and n >= 1024:
-                        row.cold_us = {p: _cold_time_us(timed_fns[p], i0) for p in order}
+                        row.cold_us = {p: cold_median_us(lambda f=timed_fns[p]: f(i0.kv, i0.loc, i0.nope, i0.rope)) for p in order}
                 else:
                     # Round-robin over the providers, so drift hits them alike.
                     samples: dict[str, list[float]] = {p: [] for p in timed_fns}
@@ -563,7 +510,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cuda:
         dev = torch.cuda.get_device_name()
         progress(f"mlakv {mlakv.__version__} bench on {dev}: measuring copy bandwidth and the launch floor")
-        copy_gbs, tiny_us = copy_bandwidth_gbs(), tiny_kernel_graph_us()
+        copy_gbs, tiny_us = copy_bandwidth_gbs(), one_element_graph_us(LAYERS)
     else:
         dev = f"{CPU_LABEL} [{platform.processor() or platform.machine()}]"
         copy_gbs = tiny_us = None

@@ -12,26 +12,13 @@ events over repeated launches, side by side, with ratios to the torch loop.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 from mlakv.kernels.triton.move import launch_move_kv_rows
 from mlakv.ops.move import move_kv_cache_torch
 
-
-def _median_us(fn, reps: int = 50, warm: int = 5) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+from .timing import event_median_us
 
 
 def main() -> None:
@@ -49,9 +36,9 @@ def main() -> None:
     for n in args.n:
         perm = torch.randperm(args.slots - 1, device="cuda") + 1
         src, tgt = perm[:n], perm[n : 2 * n]  # disjoint, so all three may run
-        t_torch = _median_us(lambda: move_kv_cache_torch(bufs, tgt, src))
-        t_staged = _median_us(lambda: launch_move_kv_rows(bufs, tgt, src))
-        t_direct = _median_us(lambda: launch_move_kv_rows(bufs, tgt, src, disjoint=True))
+        t_torch = event_median_us(lambda: move_kv_cache_torch(bufs, tgt, src))
+        t_staged = event_median_us(lambda: launch_move_kv_rows(bufs, tgt, src))
+        t_direct = event_median_us(lambda: launch_move_kv_rows(bufs, tgt, src, disjoint=True))
         print(f"| {n} | {t_torch:.1f} | {t_staged:.1f} | {t_direct:.1f} | {t_torch / t_staged:.2f}x | {t_torch / t_direct:.2f}x |")
 
 
