@@ -549,3 +549,86 @@ def test_store_takes_the_product_not_the_quotient(path):
     want = expected_store(pages, loc, keys)
     store_via(path, pages, loc, keys)
     assert_pages_equal(pages, want)
+
+
+# ---- the JIT CUDA module ------------------------------------------------------------------------------
+@pytest.mark.jit_build
+def test_cuda_module_builds_for_sm90a_without_a_gpu():
+    """The .cuh compiles (nvcc, sm_90a) and its module loads with both entry points, here on the CPU."""
+    with sm90a_build_env():
+        from mlakv.kernels.cuda.indexer import build_indexer_module
+
+        mod = build_indexer_module(True, (9, 0))
+    assert callable(mod.store_index_k) and callable(mod.gather_index_k)
+
+
+def test_store_steps_table_covers_every_size():
+    from mlakv.kernels.cuda.indexer import STORE_STEPS, store_steps_for
+
+    assert STORE_STEPS[-1][0] is None
+    assert [store_steps_for(n) for n in (1, 4096, 4097, 16384, 16385, 10**7)] == [1, 1, 2, 2, 4, 4]
+
+
+@requires_sm90
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("num_warps", [1, 8])
+@pytest.mark.parametrize("n", [1, 3, 33, 1000])
+def test_jit_store_every_launch_shape_is_bit_exact(steps, num_warps, n):
+    from mlakv.kernels.cuda.indexer import indexer_jit_store
+
+    pages = poisoned_pages(n // 64 + 2, seed=30)
+    keys = random_keys(n, torch.bfloat16, seed=31)
+    loc = make_loc("reserved_and_past_end", n, pages.shape[0] * 64, seed=32)
+    want = expected_store(pages, loc, keys, skip=0)
+    for early in (True, False):
+        got = pages.clone()
+        assert indexer_jit_store(got, loc, keys, skip_slot=0, steps=steps, num_warps=num_warps, early_trigger=early)
+        assert_pages_equal(got, want)
+
+
+@requires_sm90
+def test_jit_store_refuses_misaligned_sources_and_writes_nothing():
+    from mlakv.kernels.cuda.indexer import indexer_jit_store
+
+    pages = poisoned_pages(1, seed=33)
+    before = pages.clone()
+    holder = random_keys(2, torch.bfloat16, seed=34).reshape(-1)[: 2 * 129].view(2, 129)
+    assert indexer_jit_store(pages, torch.tensor([1, 2], device=DEVICE), holder[:, 1:]) is False
+    assert torch.equal(pages, before)
+
+
+@requires_sm90
+@pytest.mark.parametrize(
+    "what",
+    ["float loc", "2-D loc", "wrong width", "fp32 keys", "rows differ", "bad page bytes", "misaligned pages", "bad dcp"],
+)
+def test_jit_launcher_checks_memory_safety_itself(what):
+    """The C++ launcher does not trust its caller: each broken fact raises, nothing is written."""
+    from mlakv.kernels.cuda.indexer import build_indexer_module
+
+    mod = build_indexer_module(True)
+    pages = poisoned_pages(2, seed=35)
+    before = pages.clone()
+    loc = torch.tensor([1, 2], device=DEVICE)
+    keys = random_keys(2, torch.bfloat16, seed=36)
+    args = dict(pages=pages, loc=loc, keys=keys, world=1, rank=0)
+    if what == "float loc":
+        args["loc"] = loc.float()
+    elif what == "2-D loc":
+        args["loc"] = loc[:, None]
+    elif what == "wrong width":
+        args["keys"] = torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE)
+    elif what == "fp32 keys":
+        args["keys"] = keys.float()
+    elif what == "rows differ":
+        args["keys"] = keys[:1]
+    elif what == "bad page bytes":
+        args["pages"] = pages[:, :8192]
+    elif what == "misaligned pages":
+        args["pages"] = pages.view(-1)[4 : 4 + INDEX_PAGE_BYTES].view(1, INDEX_PAGE_BYTES)
+    else:
+        args["world"], args["rank"] = 2, 2
+    with pytest.raises((TypeError, ValueError)):
+        mod.store_index_k(args["pages"], args["loc"], args["keys"], -1, args["world"], args["rank"], False, 1, 8, True)
+    torch.cuda.synchronize()
+    assert torch.equal(pages, before)
