@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, IS_SM90
+from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_sm90, sm90a_build_env
 
 from mlakv.ops.fp8 import E4M3_MAX, fp8_row_bytes, set_mla_kv_buffer_quant
 from mlakv.ops.dispatch import set_mla_kv_buffer_triton
@@ -57,7 +57,7 @@ def row_width(fmt) -> int:
     return NOPE + ROPE if fmt is None else fp8_row_bytes(fmt, NOPE, ROPE)
 
 
-def make_case(n, heads, src_dtype, fmt, q_mode, *, num_slots=48, seed=0, extra_cols=8, device=DEVICE):
+def make_case(n, heads, src_dtype, fmt, q_mode, *, num_slots=48, seed=0, extra_cols=16, device=DEVICE):
     """Fresh random inputs and poisoned destinations. Two of the rows are padding (loc -1), one
     targets the reserved slot 3 (skipped when the call passes ``reserved_skip_index=3``)."""
     g = torch.Generator().manual_seed(seed)
@@ -459,3 +459,114 @@ def test_kernel_no_rows_launches_nothing(path):
     before = bits(c["kv_buffer"]).clone()
     run_kernel(path, c, "ds_mla", "16bit", True)
     assert torch.equal(bits(c["kv_buffer"]), before)
+
+
+# ---- the CUDA source: builds for sm_90a without a GPU; its launcher refuses what the rules refuse ----
+BUILD_LAYOUTS = [(None, torch.bfloat16), ("per_tensor", torch.bfloat16), ("ds_mla", torch.float16)]
+
+
+@pytest.fixture(scope="module")
+def built_rope_modules():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlakv.kernels.cuda.loader import JitUnavailable
+    from mlakv.kernels.cuda.rope_write import build_rope_write_module
+
+    def build(layout):
+        try:
+            return layout, build_rope_write_module(layout[0], layout[1], NOPE, ROPE, True, (9, 0))
+        except JitUnavailable as e:
+            return layout, e
+
+    with sm90a_build_env(), ThreadPoolExecutor(max_workers=2) as ex:
+        return dict(ex.map(build, BUILD_LAYOUTS))
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("layout", BUILD_LAYOUTS, ids=lambda l: f"{fmt_id(l[0])}-{str(l[1])[6:]}")
+def test_cuda_module_builds_for_sm90a(built_rope_modules, layout):
+    mod = built_rope_modules[layout]
+    assert not isinstance(mod, Exception), f"build failed: {mod}"
+    assert callable(mod.rope_write) and callable(mod.check_rope_write)
+
+
+def _check_args(fmt, dtype, q_mode, **over):
+    c = make_case(4, 2, dtype, fmt, q_mode, device="cpu")
+    scale = torch.ones(1, dtype=torch.float32)
+    kv = c["kv_buffer"] if fmt is None else c["kv_buffer"].view(torch.uint8)
+    q = q_mode != "none"
+    a = dict(kv=kv, loc=c["loc"], k_nope=c["k_nope"], k_pe=c["k_pe"], positions=c["positions"], cos_sin=c["cos_sin_cache"],
+             k_scale=scale, has_q=q, q_nope=c.get("q_nope", scale), q_pe=c.get("q_pe", scale),
+             q_out=c["q_out"].view(torch.uint8) if q_mode == "fp8" else c.get("q_out", scale), q_scale=scale,
+             dcp_world=1, dcp_rank=0)  # fmt: skip
+    a.update(over)
+    return list(a.values())
+
+
+REFUSED = {
+    "k_nope-dtype": (dict(k_nope=torch.zeros(4, NOPE, dtype=torch.float32)), TypeError),
+    "k_pe-width": (dict(k_pe=torch.zeros(4, 32, dtype=torch.bfloat16)), ValueError),
+    "k_pe-rows": (dict(k_pe=torch.zeros(3, ROPE, dtype=torch.bfloat16)), ValueError),
+    "positions-dtype": (dict(positions=torch.zeros(4, dtype=torch.int16)), TypeError),
+    "positions-rows": (dict(positions=torch.zeros(5, dtype=torch.long)), ValueError),
+    "loc-2d": (dict(loc=torch.zeros(4, 1, dtype=torch.long)), ValueError),
+    "cos_sin-dtype": (dict(cos_sin=torch.zeros(8, ROPE, dtype=torch.bfloat16)), ValueError),
+    "cos_sin-width": (dict(cos_sin=torch.zeros(8, 2 * ROPE)), ValueError),
+    "kv-too-narrow": (dict(kv=torch.zeros(8, NOPE, dtype=torch.bfloat16)), ValueError),
+    "kv-dtype": (dict(kv=torch.zeros(8, 600, dtype=torch.float16)), TypeError),
+    "q_out-width": (dict(q_out=torch.zeros(4, 2, NOPE, dtype=torch.bfloat16)), ValueError),
+    "q_pe-heads": (dict(q_pe=torch.zeros(4, 3, ROPE, dtype=torch.bfloat16)), ValueError),
+    "q_out-dtype": (dict(q_out=torch.zeros(4, 2, NOPE + ROPE, dtype=torch.float32)), TypeError),
+    "dcp-rank": (dict(dcp_world=2, dcp_rank=2), ValueError),
+}
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
+def test_cuda_launcher_refuses_invalid_calls(built_rope_modules, case):
+    """The C++ launcher's own checks (on CPU tensors): a broken rule raises, naming what is wrong."""
+    mod = built_rope_modules[(None, torch.bfloat16)]
+    assert not isinstance(mod, Exception), f"build failed: {mod}"
+    over, exc = REFUSED[case]
+    with pytest.raises(exc):
+        mod.check_rope_write(*_check_args(None, torch.bfloat16, "16bit", **over))
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("q_mode", Q_MODES)
+def test_cuda_launcher_accepts_valid_calls_and_reports_alignment(built_rope_modules, q_mode):
+    mod = built_rope_modules[("per_tensor", torch.bfloat16)]
+    assert not isinstance(mod, Exception), f"build failed: {mod}"
+    assert mod.check_rope_write(*_check_args("per_tensor", torch.bfloat16, q_mode)) is True
+    odd = torch.zeros(8, 600, dtype=torch.uint8)[:, 8:600]  # rows at an 8-byte offset: valid, not for its vectors
+    assert mod.check_rope_write(*_check_args("per_tensor", torch.bfloat16, q_mode, kv=odd)) is False
+
+
+# ---- GPU: every n, 64-bit offsets, no access outside the tensors ---------------------------------------
+def run_reference_on_device(c, fmt, q_mode, is_neox):
+    """The reference run on the GPU copies (large sizes; the small cases compare against the CPU)."""
+    ref = {k: v.clone() for k, v in c.items()}
+    run_reference(ref, fmt, q_mode, is_neox)
+    return bits(ref["kv_buffer"]), bits(ref["q_out"]) if q_mode != "none" else None
+
+
+@requires_sm90
+@pytest.mark.parametrize(
+    "n,heads,fmt,q_mode",
+    [
+        (16384 + 17, 16, None, "16bit"),
+        (16384 + 17, 16, "per_tensor", "fp8"),
+        (16384 + 17, 16, "ds_mla", "16bit"),
+        (16384, 128, None, "16bit"),  # q_out is 2.4 GB: offsets past 2^31 bytes
+        (65536 + 3, 1, "ds_mla", "fp8"),
+        (1, 128, "ds_mla", "fp8"),
+    ],
+)
+def test_cuda_large_calls_match_reference(n, heads, fmt, q_mode):
+    c = make_case(n, heads, torch.bfloat16, fmt, q_mode, num_slots=n + 4096)
+    want_kv, want_q = run_reference_on_device(c, fmt, q_mode, False)
+    run_kernel("cuda", c, fmt, q_mode, False)
+    torch.cuda.synchronize()
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    if q_mode != "none":
+        assert_same(c["q_out"], want_q, "q_out")

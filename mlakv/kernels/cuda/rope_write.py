@@ -1,0 +1,175 @@
+"""Python entry of the fused RoPE + cache-row + query JIT kernel (``csrc/rope_write.cuh``).
+
+The routing decision is made in :mod:`mlakv.ops.dispatch`; this module says whether the kernel can
+serve a call (:func:`rope_write_widths_reason`, :func:`rope_write_cuda` returning False), builds the
+module through :mod:`mlakv.kernels.cuda.loader` (the one place that compiles) and launches it. One
+module is built per ``(kv_cache_format, source dtype, nope_dim, rope_dim, use_pdl)``; it holds both
+RoPE styles and both PDL trigger places, and exports two functions:
+
+* ``rope_write(kv, loc, k_nope, k_pe, positions, cos_sin, k_scale, has_q, q_nope, q_pe, q_out,
+  q_scale, is_neox, skip_index, dcp_world, dcp_rank, num_warps, early_trigger) -> bool``: the
+  launcher's checks, then one launch on the current stream (False: misaligned, nothing launched);
+* ``check_rope_write(kv, loc, k_nope, k_pe, positions, cos_sin, k_scale, has_q, q_nope, q_pe, q_out,
+  q_scale, dcp_world, dcp_rank) -> bool``: the checks alone, on tensors of any device (the
+  rule-parity test runs it on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Optional, Union
+
+import torch
+
+from mlakv.spec.tuning import rope_write_launch
+
+from .loader import JitUnavailable, load_cuda_module
+
+logger = logging.getLogger("mlakv.jit")
+
+__all__ = ["FORMAT_CODE", "rope_write_widths_reason", "build_rope_write_module", "rope_write_module", "rope_write_cuda"]
+
+FORMAT_CODE = {None: 0, "per_tensor": 1, "ds_mla": 2}
+_DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+_WRAPPER = """\
+#include "rope_write.cuh"
+
+using tvm::ffi::TensorView;
+
+bool rope_write(TensorView kv, TensorView loc, TensorView k_nope, TensorView k_pe, TensorView positions,
+                TensorView cos_sin, TensorView k_scale, bool has_q, TensorView q_nope, TensorView q_pe,
+                TensorView q_out, TensorView q_scale, bool is_neox, int64_t skip_index, int64_t dcp_world,
+                int64_t dcp_rank, int64_t num_warps, bool early_trigger) {{
+  return mlakv::rope::launch_rope_write<{fmt}, {bf16}, {nope}, {rope}, {pdl}>(
+      kv, loc, k_nope, k_pe, positions, cos_sin, k_scale, has_q, q_nope, q_pe, q_out, q_scale, is_neox, skip_index,
+      dcp_world, dcp_rank, num_warps, early_trigger);
+}}
+bool check_rope_write(TensorView kv, TensorView loc, TensorView k_nope, TensorView k_pe, TensorView positions,
+                      TensorView cos_sin, TensorView k_scale, bool has_q, TensorView q_nope, TensorView q_pe,
+                      TensorView q_out, TensorView q_scale, int64_t dcp_world, int64_t dcp_rank) {{
+  return mlakv::rope::check_rope_write<{fmt}, {bf16}, {nope}, {rope}>(
+      kv, loc, k_nope, k_pe, positions, cos_sin, k_scale, has_q, q_nope, q_pe, q_out, q_scale, dcp_world, dcp_rank);
+}}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(rope_write, rope_write);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(check_rope_write, check_rope_write);
+"""
+
+
+def rope_write_widths_reason(
+    kv_cache_format: Optional[str], dtype: torch.dtype, nope_dim: int, rope_dim: int
+) -> Optional[str]:
+    """Why the CUDA kernel cannot be built for this layout, or None: a known format, bf16/fp16
+    sources, ``rope_dim == 64`` (two values per lane) and ``nope_dim`` a positive multiple of 8
+    (16-byte chunks; ``ds_mla``: of 128, its tile)."""
+    if kv_cache_format not in FORMAT_CODE:
+        return f"unknown kv_cache_format {kv_cache_format!r}"
+    if dtype not in _DTYPE_NAME:
+        return f"sources must be bfloat16 or float16 for the CUDA kernel, got {dtype}"
+    if rope_dim != 64:
+        return f"the CUDA kernel takes rope_dim == 64, got {rope_dim}"
+    if nope_dim <= 0 or nope_dim % (128 if kv_cache_format == "ds_mla" else 8):
+        return f"nope_dim={nope_dim} must be a positive multiple of {128 if kv_cache_format == 'ds_mla' else 8}"
+    return None
+
+
+def build_rope_write_module(
+    kv_cache_format: Optional[str],
+    dtype: torch.dtype,
+    nope_dim: int,
+    rope_dim: int,
+    use_pdl: bool = True,
+    device_capability: Optional[tuple[int, int]] = None,
+) -> Any:
+    """Compile (or load from cache) the module for one layout; raises ``JitUnavailable``."""
+    reason = rope_write_widths_reason(kv_cache_format, dtype, nope_dim, rope_dim)
+    if reason:
+        raise JitUnavailable(reason)
+    src = _WRAPPER.format(
+        fmt=FORMAT_CODE[kv_cache_format],
+        bf16="true" if dtype == torch.bfloat16 else "false",
+        nope=nope_dim,
+        rope=rope_dim,
+        pdl="true" if use_pdl else "false",
+    )
+    fmt = kv_cache_format or "rows16"
+    name = f"rope_write_{fmt}_{_DTYPE_NAME[dtype]}_{nope_dim}_{rope_dim}_{'pdl' if use_pdl else 'nopdl'}"
+    return load_cuda_module(name, src, device_capability=device_capability)
+
+
+_warned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def rope_write_module(
+    device_index: int, kv_cache_format: Optional[str], dtype: torch.dtype, nope_dim: int, rope_dim: int
+) -> Union[str, Any]:
+    """The loaded module for a device and layout, or the reason (str) it cannot be had (logged once)."""
+    reason = rope_write_widths_reason(kv_cache_format, dtype, nope_dim, rope_dim)
+    if reason:
+        return reason
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 9:
+        return f"GPU sm_{major}{minor} is older than SM90"
+    try:
+        return build_rope_write_module(kv_cache_format, dtype, nope_dim, rope_dim, True, (major, minor))
+    except JitUnavailable as e:
+        if str(e) not in _warned:
+            _warned.add(str(e))
+            logger.warning("mlakv: JIT fused RoPE write unavailable, using Triton: %s", e)
+        return str(e)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.select(1, 0) if t.dim() == 3 else t
+
+
+def rope_write_cuda(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_pe: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool,
+    kv_cache_format: Optional[str],
+    k_scale: Optional[torch.Tensor],
+    q_nope: Optional[torch.Tensor] = None,
+    q_pe: Optional[torch.Tensor] = None,
+    q_out: Optional[torch.Tensor] = None,
+    q_scale: Optional[torch.Tensor] = None,
+    skip_index: int = -1,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
+    *,
+    num_warps: int = 0,
+    early_trigger: Optional[bool] = None,
+) -> bool:
+    """Launch the fused kernel on validated arguments (those of
+    :func:`mlakv.kernels.triton.rope_write.launch_rope_write`); False, launching nothing, when the
+    kernel cannot serve the call here (no module for this device/layout, or the alignment does not
+    suit its vectors), so the caller falls back. ``num_warps``/``early_trigger`` override the
+    launch row (0/None: :func:`mlakv.spec.tuning.rope_write_launch`), for the benchmark's sweep.
+    """
+    if not kv_buffer.is_cuda:
+        return False
+    mod = rope_write_module(kv_buffer.get_device(), kv_cache_format, k_nope.dtype, k_nope.shape[-1], k_pe.shape[-1])
+    if isinstance(mod, str):
+        return False
+    kv = kv_buffer if kv_cache_format is None or kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
+    has_q = q_out is not None
+    if has_q and q_out.element_size() == 1 and q_out.dtype != torch.uint8:
+        q_out = q_out.view(torch.uint8)
+    n = loc.shape[0]
+    warps, early = rope_write_launch(n * (1 + (q_nope.shape[1] if has_q else 0)))
+    dummy = cos_sin_cache  # fp32, on the device: stands for the tensors a call does not pass
+    return bool(
+        mod.rope_write(
+            kv, loc, _rows(k_nope), _rows(k_pe), positions, cos_sin_cache,
+            k_scale if k_scale is not None else dummy, has_q,
+            q_nope if has_q else dummy, q_pe if has_q else dummy, q_out if has_q else dummy,
+            q_scale if q_scale is not None else dummy, bool(is_neox_style), int(skip_index),
+            int(dcp_world_size), int(dcp_rank), num_warps or warps, early if early_trigger is None else early_trigger,
+        )  # fmt: skip
+    )
