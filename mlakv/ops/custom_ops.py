@@ -30,6 +30,12 @@ Ops (namespace ``mlakv``):
 * ``get_mla_kv_buffer(kv_buffer, loc, nope_dim, rope_dim, check_bounds) -> (nope, rope)``
 * ``move_kv_cache(kv_buffers![], tgt_loc, src_loc, check_bounds, disjoint)``
 * ``copy_rows(src, dst!, src_idx, dst_idx, row_bytes, src_layout, dst_layout)`` (HiCache transfers)
+
+Every op validates its arguments with the same rules (:mod:`mlakv.spec.rules`) and raises the same
+exceptions as its Python function (:func:`~mlakv.ops.dispatch.set_mla_kv_buffer_triton`,
+:func:`gather_rows`, :func:`~mlakv.ops.move.move_kv_cache`, :func:`copy_rows`); every fake
+implementation checks the same argument rules (those that do not read values) and gives the real
+output shapes. No argument makes an op read or write outside its tensors.
 """
 
 from __future__ import annotations
@@ -39,10 +45,10 @@ from typing import Optional, Sequence
 import torch
 
 from .dispatch import set_mla_kv_buffer_triton, validate_kv_write
-from mlakv.spec.rules import check_loc
+from mlakv.spec import rules
 from .reference import get_mla_kv_buffer_torch
 
-__all__ = ["set_mla_kv_buffer_op", "get_mla_kv_buffer_op", "move_kv_cache_op", "copy_rows_op", "gather_rows"]
+__all__ = ["set_mla_kv_buffer_op", "get_mla_kv_buffer_op", "move_kv_cache_op", "copy_rows_op", "gather_rows", "copy_rows"]
 
 
 # ---- the row write ---------------------------------------------------------------------------
@@ -102,6 +108,7 @@ def _set_fake(
     # The argument rules look at dtypes, shapes, strides and devices only: they hold on fake tensors,
     # so a bad call fails while tracing, naming the argument, not at run time inside the graph.
     validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
+    rules.check_dcp(dcp_world_size, dcp_rank)
 
 
 set_mla_kv_buffer_op = _register(
@@ -115,12 +122,6 @@ set_mla_kv_buffer_op = _register(
 # ---- the gather ------------------------------------------------------------------------------
 
 
-def _check_gather_args(kv_buffer: torch.Tensor, loc: object) -> None:
-    check_loc(loc)
-    if loc.device != kv_buffer.device:
-        raise ValueError(f"loc is on {loc.device} but kv_buffer is on {kv_buffer.device}")
-
-
 def gather_rows(
     kv_buffer: torch.Tensor, loc: torch.Tensor, nope_dim: int, rope_dim: int, check_bounds: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +131,10 @@ def gather_rows(
     ``IndexError`` when checked (``check_bounds``, always on CPU) and gives a zero row unchecked on
     the GPU. Nothing outside ``kv_buffer`` is ever read. The pool's gather is this function
     (eagerly) or its op (while compiling). ``loc``: ``[n_loc]`` int32/int64, any stride.
+    ``kv_buffer``: ``[num_slots, (1,) total]``; ``nope_dim >= 1``, ``rope_dim >= 0`` with
+    ``nope_dim + rope_dim <= total`` (:func:`mlakv.spec.rules.check_gather`).
     """
-    _check_gather_args(kv_buffer, loc)
+    rules.check_gather(kv_buffer, loc, nope_dim, rope_dim)
     num_slots = kv_buffer.shape[0]
     if (check_bounds or not kv_buffer.is_cuda) and loc.numel():
         top = int(loc.max())
@@ -153,7 +156,7 @@ def _gather_kernel(
 
 
 def _gather_fake(kv_buffer, loc, nope_dim, rope_dim, check_bounds=False):
-    _check_gather_args(kv_buffer, loc)
+    rules.check_gather(kv_buffer, loc, nope_dim, rope_dim)
     n = loc.shape[0]
     return kv_buffer.new_empty((n, nope_dim)), kv_buffer.new_empty((n, rope_dim))
 
@@ -204,7 +207,7 @@ def _copy_rows_torch(
     src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, row_bytes: int,
     src_layout: Sequence[int], dst_layout: Sequence[int],
 ) -> None:
-    """CPU path of ``copy_rows``: the same byte addressing as the Triton kernel, in torch."""
+    """CPU path of ``copy_rows``: the same byte addressing as the Triton kernel, in torch (slots checked)."""
     def offsets(idx: torch.Tensor, layout: Sequence[int]) -> torch.Tensor:
         page, page_stride, row_stride = layout
         idx = idx.to(torch.long)
@@ -216,6 +219,41 @@ def _copy_rows_torch(
     d[offsets(dst_idx, dst_layout)] = s[offsets(src_idx, src_layout)]
 
 
+def copy_rows(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    row_bytes: int,
+    src_layout: Sequence[int],
+    dst_layout: Sequence[int],
+) -> None:
+    """HiCache's row copy ``dst[dst_idx[i]] = src[src_idx[i]]`` (``row_bytes`` each).
+
+    ``src``/``dst``: contiguous buffers (device or pinned host); ``src_idx``/``dst_idx``: ``[n]``
+    int32/int64 token slots, any stride, on the device the copy runs on; layouts ``(page_size,
+    page_stride_bytes, row_stride_bytes)``: slot ``t`` starts at byte ``(t // page_size) *
+    page_stride + (t % page_size) * row_stride`` (:func:`mlakv.spec.rules.check_copy_rows`). A slot
+    whose ``row_bytes`` are not all inside its buffer (a negative one included) raises
+    ``IndexError`` before anything is written on the CPU (both buffers there); on CUDA the Triton
+    kernel (:func:`mlakv.kernels.triton.transfer.launch_copy_rows`) skips it unchecked.
+    """
+    rules.check_copy_rows(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout)
+    if src.is_cuda or dst.is_cuda:
+        from mlakv.kernels.triton.transfer import launch_copy_rows
+
+        launch_copy_rows(src, dst, src_idx, dst_idx, row_bytes, tuple(src_layout), tuple(dst_layout))
+        return
+    for name, idx, buf, lay in (("src_idx", src_idx, src, src_layout), ("dst_idx", dst_idx, dst, dst_layout)):
+        i = rules.copy_rows_bad_unit(idx, lay, row_bytes, buf.numel() * buf.element_size())
+        if i is not None:
+            raise IndexError(
+                f"{name}[{i}] = {int(idx[i])}: its {row_bytes} bytes at layout {tuple(lay)} are not inside "
+                f"{name[:3]} ({buf.numel() * buf.element_size()} bytes)"
+            )
+    _copy_rows_torch(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout)
+
+
 def _copy_rows_kernel(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -225,30 +263,13 @@ def _copy_rows_kernel(
     src_layout: list[int],
     dst_layout: list[int],
 ) -> None:
-    """HiCache's row copy ``dst[dst_idx[i]] = src[src_idx[i]]`` (``row_bytes`` each) as an op.
-
-    ``src``/``dst``: contiguous buffers (device or pinned host); ``src_idx``/``dst_idx``: ``[n]``
-    int64 token slots; layouts ``(page_size, page_stride_bytes, row_stride_bytes)``. CUDA: the
-    zero-copy Triton kernel (:func:`mlakv.kernels.triton.transfer.launch_copy_rows`); both
-    buffers on the CPU: the same addressing in torch.
-    """
-    if src_idx.shape[0] != dst_idx.shape[0]:
-        raise ValueError(f"src_idx has {src_idx.shape[0]} entries but dst_idx has {dst_idx.shape[0]}")
-    for name, t in (("src", src), ("dst", dst)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (the row copy addresses it by bytes)")
-    if src.is_cuda or dst.is_cuda:
-        from mlakv.kernels.triton.transfer import launch_copy_rows
-
-        launch_copy_rows(src, dst, src_idx, dst_idx, row_bytes, tuple(src_layout), tuple(dst_layout))
-    else:
-        _copy_rows_torch(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout)
+    """:func:`copy_rows` as an op."""
+    copy_rows(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout)
     _bump(dst)
 
 
 def _copy_rows_fake(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout) -> None:
-    if src_idx.shape[0] != dst_idx.shape[0]:
-        raise ValueError(f"src_idx has {src_idx.shape[0]} entries but dst_idx has {dst_idx.shape[0]}")
+    rules.check_copy_rows(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout)
 
 
 copy_rows_op = _register(
