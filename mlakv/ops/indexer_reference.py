@@ -54,6 +54,15 @@ from typing import Optional
 
 import torch
 
+from mlakv.spec.rules import (
+    INDEX_HEAD_DIM,
+    INDEX_PAGE_BYTES,
+    INDEX_PAGE_TOKENS,
+    INDEX_SCALE_RULES,
+    INDEX_SOURCE_DTYPES,
+    check_index_scale_rule,
+)
+
 from .reference import kept_rows
 
 __all__ = [
@@ -75,20 +84,12 @@ __all__ = [
     "gather_index_k_reference",
 ]
 
-INDEX_HEAD_DIM = 128  # values per key
-INDEX_PAGE_TOKENS = 64  # slots per page
+# (head dim 128, 64 slots and 8448 bytes per page, the source dtypes and scale rules: the rule book's)
 INDEX_KEY_BYTES = INDEX_HEAD_DIM  # one e4m3 byte per value
 INDEX_SCALE_OFFSET = INDEX_PAGE_TOKENS * INDEX_KEY_BYTES  # 8192: where a page's scales start
-INDEX_PAGE_BYTES = INDEX_PAGE_TOKENS * (INDEX_KEY_BYTES + 4)  # 8448
 INDEX_E4M3_MAX = 448.0
 INDEX_AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))  # 1e-4f (bits 0x38D1B717)
-INDEX_SCALE_RULES = ("fp32", "ue8m0")
-INDEX_SOURCE_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _check_rule(scale_rule: object) -> None:
-    if scale_rule not in INDEX_SCALE_RULES:
-        raise ValueError(f"scale_rule must be one of {INDEX_SCALE_RULES}, got {scale_rule!r}")
+_check_rule = check_index_scale_rule
 
 
 def _keys(index_k: torch.Tensor) -> torch.Tensor:

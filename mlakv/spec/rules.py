@@ -24,6 +24,9 @@ Any strides otherwise are honoured on every path: ``loc`` is read as ``loc[i * l
 (strided, expanded stride-0 and storage-offset vectors included), source rows at their row stride,
 ``kv_buffer`` rows at theirs. Kernels never write outside ``kv_buffer``: a slot ``>= num_slots`` is
 refused with ``IndexError`` when bounds are checked (always on CPU) and skipped otherwise.
+
+The fused RoPE write (:mod:`mlakv.ops.rope_write`) has its section at the end: the same row rules
+for the cache and its sources, plus ``positions`` and ``cos_sin_cache`` and the optional query.
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ __all__ = [
     "copy_rows_bad_unit",
     "byte_span",
     "tensors_overlap",
+    "INDEX_HEAD_DIM",
+    "INDEX_PAGE_TOKENS",
+    "INDEX_PAGE_BYTES",
+    "INDEX_SOURCE_DTYPES",
+    "INDEX_SCALE_RULES",
+    "check_index_pages",
+    "index_store_ok",
+    "explain_index_store",
+    "check_index_scale_rule",
+    "check_index_gather",
+    "check_index_gather_values",
 ]
 
 SUPPORTED_DTYPES = (
@@ -421,3 +435,308 @@ def tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     alo, ahi = byte_span(a)
     blo, bhi = byte_span(b)
     return alo < bhi and blo < ahi
+
+
+# ---- the DSA indexer K cache (``mlakv.ops.indexer``) --------------------------------------------
+# One layer's cache is ``index_pages [num_pages, 8448]`` uint8: pages of 64 slots, 64 keys of 128
+# e4m3 bytes then 64 fp32 scales (the format: mlakv.ops.indexer_reference). The store takes
+# ``loc [n]`` and ``index_k [n, (1,) 128]`` bf16/fp16; the gather ``page_table [batch, max_pages]``
+# and ``seq_lens [batch]`` (int32/int64, any strides). Pages start on 16 bytes (base address and page
+# stride): every path addresses a page's keys as 16-byte vectors and its scales as fp32.
+
+INDEX_HEAD_DIM = 128
+INDEX_PAGE_TOKENS = 64
+INDEX_PAGE_BYTES = INDEX_PAGE_TOKENS * (INDEX_HEAD_DIM + 4)  # 8448
+INDEX_SOURCE_DTYPES = (torch.bfloat16, torch.float16)
+INDEX_SCALE_RULES = ("fp32", "ue8m0")
+_INDEX_SRC_SET = frozenset(INDEX_SOURCE_DTYPES)
+
+
+def _index_pages_ok(t: torch.Tensor) -> bool:
+    return (
+        t.dim() == 2
+        and t.dtype is torch.uint8
+        and t.shape[1] == INDEX_PAGE_BYTES
+        and t.stride(1) == 1
+        and (t.shape[0] <= 1 or t.stride(0) >= INDEX_PAGE_BYTES)
+        and (t.data_ptr() | t.stride(0)) % 16 == 0
+    )
+
+
+def check_index_pages(index_pages: object) -> None:
+    """Raise naming ``index_pages`` unless it is a ``[num_pages, 8448]`` uint8 tensor with contiguous,
+    non-overlapping pages whose base address and page stride are multiples of 16 bytes."""
+    if not isinstance(index_pages, torch.Tensor):
+        raise TypeError(f"index_pages must be a torch.Tensor, got {type(index_pages).__name__}")
+    if index_pages.dim() != 2 or index_pages.shape[1] != INDEX_PAGE_BYTES:
+        raise ValueError(f"index_pages must be [num_pages, {INDEX_PAGE_BYTES}], got shape {tuple(index_pages.shape)}")
+    if index_pages.dtype is not torch.uint8:
+        raise TypeError(f"index_pages must be uint8 (the stored bytes), got {index_pages.dtype}")
+    if index_pages.stride(1) != 1:
+        raise ValueError(f"index_pages: dim 1 must be contiguous (stride 1), got strides {tuple(index_pages.stride())}")
+    if index_pages.shape[0] > 1 and index_pages.stride(0) < INDEX_PAGE_BYTES:
+        raise ValueError(f"index_pages: pages overlap (dim 0 stride {index_pages.stride(0)} < {INDEX_PAGE_BYTES})")
+    if (index_pages.data_ptr() | index_pages.stride(0)) % 16:
+        raise ValueError(
+            f"index_pages: the base address and the page stride ({index_pages.stride(0)} bytes) must be multiples of 16"
+        )
+
+
+def index_store_ok(index_pages, loc, index_k) -> bool:
+    """All the indexer store's rules as one boolean expression (the fast path; no error naming)."""
+    try:
+        device = index_pages.device
+        return (
+            _index_pages_ok(index_pages)
+            and loc.dtype in _LOC_SET
+            and loc.ndim == 1
+            and index_k.dtype in _INDEX_SRC_SET
+            and rows_ok(index_k)
+            and index_k.shape[-1] == INDEX_HEAD_DIM
+            and index_k.shape[0] == loc.shape[0]
+            and loc.device == device
+            and index_k.device == device
+        )
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return False
+
+
+def explain_index_store(index_pages, loc, index_k) -> None:
+    """Find the first broken rule of the indexer store and raise its ``TypeError``/``ValueError``."""
+    check_index_pages(index_pages)
+    check_loc(loc)
+    check_rows_tensor("index_k", index_k, "n")
+    if index_k.shape[-1] != INDEX_HEAD_DIM:
+        raise ValueError(f"index_k: the last dim must be {INDEX_HEAD_DIM} (one indexer key), got {index_k.shape[-1]}")
+    if index_k.dtype not in _INDEX_SRC_SET:
+        raise TypeError(f"index_k dtype must be one of {INDEX_SOURCE_DTYPES} (quantized in the store), got {index_k.dtype}")
+    for name, t in (("loc", loc), ("index_k", index_k)):
+        if t.device != index_pages.device:
+            raise ValueError(f"{name} is on {t.device} but index_pages is on {index_pages.device}")
+    if index_k.shape[0] != loc.shape[0]:
+        raise ValueError(f"index_k: dim 0 is {index_k.shape[0]} but loc has n={loc.shape[0]} entries")
+    raise AssertionError("explain_index_store: the fast check failed but no rule is broken")  # pragma: no cover
+
+
+def check_index_scale_rule(scale_rule: object) -> None:
+    """Raise ``ValueError`` unless ``scale_rule`` is one of :data:`INDEX_SCALE_RULES`."""
+    if scale_rule not in INDEX_SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {INDEX_SCALE_RULES}, got {scale_rule!r}")
+
+
+def check_index_gather(index_pages: object, page_table: object, seq_lens: object) -> None:
+    """The gather's argument rules: ``index_pages`` as :func:`check_index_pages`; ``page_table`` a 2-D
+    and ``seq_lens`` a 1-D int32/int64 tensor (any strides) with ``batch`` rows each, all on one
+    device. Raises naming the argument."""
+    check_index_pages(index_pages)
+    for name, t, nd, shape in (("page_table", page_table, 2, "[batch, max_pages]"), ("seq_lens", seq_lens, 1, "[batch]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != nd:
+            raise ValueError(f"{name} must be {nd}-D {shape}, got {t.dim()}-D shape {tuple(t.shape)}")
+        if t.dtype not in _LOC_SET:
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.device != index_pages.device:
+            raise ValueError(f"{name} is on {t.device} but index_pages is on {index_pages.device}")
+    if page_table.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"page_table: dim 0 is {page_table.shape[0]} but seq_lens has batch={seq_lens.shape[0]}")
+
+
+def check_index_gather_values(
+    index_pages: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, total: int, max_seq_len: int
+) -> None:
+    """The gather's value rules (syncs on GPU): every ``seq_lens[b] >= 0`` (``ValueError``);
+    ``total == sum(seq_lens)`` and ``max_seq_len >= max(seq_lens)`` (``ValueError``); every token's
+    page column ``j // 64`` inside the table and its page id in ``[0, num_pages)`` (``IndexError``)."""
+    lens = seq_lens.to(torch.int64)
+    if lens.numel() and int(lens.min()) < 0:
+        b = int((lens < 0).nonzero()[0, 0])
+        raise ValueError(f"seq_lens[{b}] = {int(lens[b])} is negative")
+    s = int(lens.sum()) if lens.numel() else 0
+    if total != s:
+        raise ValueError(f"total_tokens={total} but sum(seq_lens) = {s}")
+    m = int(lens.max()) if lens.numel() else 0
+    if max_seq_len < m:
+        raise ValueError(f"max_seq_len={max_seq_len} but max(seq_lens) = {m}")
+    pages_needed = (lens + INDEX_PAGE_TOKENS - 1) // INDEX_PAGE_TOKENS
+    width = page_table.shape[1]
+    if lens.numel() and int(pages_needed.max()) > width:
+        b = int((pages_needed > width).nonzero()[0, 0])
+        raise IndexError(f"seq_lens[{b}] = {int(lens[b])} needs {int(pages_needed[b])} pages but page_table has {width} columns")
+    if width == 0 or lens.numel() == 0:
+        return
+    used = torch.arange(width, device=lens.device)[None, :] < pages_needed[:, None]
+    ids = page_table.to(torch.int64)
+    bad = used & ((ids < 0) | (ids >= index_pages.shape[0]))
+    if bool(bad.any()):
+        b, c = (int(v) for v in bad.nonzero()[0])
+        raise IndexError(f"page_table[{b}, {c}] = {int(ids[b, c])} is not a page of index_pages (num_pages={index_pages.shape[0]})")
+
+
+# ---- the fused RoPE write's rules (mlakv.ops.rope_write) ------------------------------------------
+# Shapes: kv_buffer [num_slots, (1,) row], loc [n], k_nope [n, (1,) nope_dim], k_pe [n, (1,) rope_dim],
+# positions [n], cos_sin_cache [max_pos, rope_dim]; a query is q_nope [n, H, nope_dim],
+# q_pe [n, H, rope_dim] and q_out [n, H, nope_dim + rope_dim], all three or none.
+ROPE_SOURCE_DTYPES = (torch.bfloat16, torch.float16)
+_ROPE_SRC_SET = frozenset(ROPE_SOURCE_DTYPES)
+_BYTE_SET = frozenset((torch.uint8, torch.float8_e4m3fn))
+
+
+def _last_contiguous(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 or t.shape[-1] <= 1
+
+
+def rope_write_ok(kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, q_nope, q_pe, q_out, quantized, row_bytes) -> bool:
+    """All the fused RoPE write's tensor rules as one boolean expression (no error naming).
+
+    ``quantized``: the cache holds FP8 rows (``kv_buffer`` uint8/float8_e4m3fn), else 16-bit rows of
+    the sources' dtype; ``row_bytes``: the bytes of one stored row (the format's).
+    """
+    try:
+        dt = k_nope.dtype
+        device = kv_buffer.device
+        n = loc.shape[0]
+        rope = k_pe.shape[-1]
+        ok = (
+            dt in _ROPE_SRC_SET
+            and k_pe.dtype is dt
+            and rows_ok(k_nope)
+            and rows_ok(k_pe)
+            and rows_ok(kv_buffer)
+            and k_nope.shape[0] == n
+            and k_pe.shape[0] == n
+            and rope > 0
+            and rope % 2 == 0
+            and loc.ndim == 1
+            and loc.dtype in _LOC_SET
+            and positions.ndim == 1
+            and positions.dtype in _LOC_SET
+            and positions.shape[0] == n
+            and cos_sin_cache.ndim == 2
+            and cos_sin_cache.dtype is torch.float32
+            and cos_sin_cache.shape[1] == rope
+            and _last_contiguous(cos_sin_cache)
+            and (kv_buffer.dtype in _BYTE_SET if quantized else kv_buffer.dtype is dt)
+            and kv_buffer.shape[-1] * kv_buffer.element_size() >= row_bytes
+            and (kv_buffer.shape[0] <= 1 or kv_buffer.stride(0) >= kv_buffer.shape[-1])
+            and loc.device == device
+            and k_nope.device == device
+            and k_pe.device == device
+            and positions.device == device
+            and cos_sin_cache.device == device
+        )
+        if not ok or (q_nope is None and q_pe is None and q_out is None):
+            return ok
+        nope = k_nope.shape[-1]
+        return (
+            q_nope.ndim == 3
+            and q_pe.ndim == 3
+            and q_out.ndim == 3
+            and q_nope.shape[0] == n
+            and q_pe.shape[0] == n
+            and q_out.shape[0] == n
+            and q_nope.shape[1] >= 1
+            and q_pe.shape[1] == q_nope.shape[1]
+            and q_out.shape[1] == q_nope.shape[1]
+            and q_nope.shape[2] == nope
+            and q_pe.shape[2] == rope
+            and q_out.shape[2] == nope + rope
+            and _last_contiguous(q_nope)
+            and _last_contiguous(q_pe)
+            and _last_contiguous(q_out)
+            and q_nope.dtype is dt
+            and q_pe.dtype is dt
+            and (q_out.dtype is dt or q_out.dtype in _BYTE_SET)
+            and q_nope.device == device
+            and q_pe.device == device
+            and q_out.device == device
+        )
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return False
+
+
+def _check_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def explain_rope_write(kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, q_nope, q_pe, q_out, quantized, row_bytes) -> None:
+    """Find the first broken rule of the fused RoPE write and raise its ``TypeError``/``ValueError``."""
+    check_rows_tensor("k_nope", k_nope, "n")
+    check_rows_tensor("k_pe", k_pe, "n")
+    check_rows_tensor("kv_buffer", kv_buffer, "num_slots")
+    check_loc(loc)
+    _check_tensor("positions", positions)
+    _check_tensor("cos_sin_cache", cos_sin_cache)
+    dt = k_nope.dtype
+    if dt not in _ROPE_SRC_SET:
+        raise TypeError(f"k_nope dtype must be one of {ROPE_SOURCE_DTYPES}, got {dt}")
+    if k_pe.dtype is not dt:
+        raise TypeError(f"k_pe dtype {k_pe.dtype} must match k_nope dtype {dt}")
+    rope = k_pe.shape[-1]
+    if rope <= 0 or rope % 2:
+        raise ValueError(f"k_pe: last dim (rope_dim) must be positive and even, got {rope}")
+    if positions.dim() != 1:
+        raise ValueError(f"positions must be 1-D [n], got {positions.dim()}-D shape {tuple(positions.shape)}")
+    if positions.dtype not in _LOC_SET:
+        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+    if cos_sin_cache.dim() != 2:
+        raise ValueError(f"cos_sin_cache must be 2-D [max_pos, rope_dim], got shape {tuple(cos_sin_cache.shape)}")
+    if cos_sin_cache.dtype is not torch.float32:
+        raise TypeError(f"cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
+    if cos_sin_cache.shape[1] != rope:
+        raise ValueError(f"cos_sin_cache: dim 1 is {cos_sin_cache.shape[1]} but k_pe's rope_dim is {rope}")
+    if not _last_contiguous(cos_sin_cache):
+        raise ValueError(f"cos_sin_cache: the last dim must be contiguous, got strides {tuple(cos_sin_cache.stride())}")
+    if quantized and kv_buffer.dtype not in _BYTE_SET:
+        raise TypeError(f"kv_buffer must be uint8 or float8_e4m3fn for an FP8 format, got {kv_buffer.dtype}")
+    if not quantized and kv_buffer.dtype is not dt:
+        raise TypeError(f"kv_buffer dtype {kv_buffer.dtype} must be the sources' dtype {dt} (16-bit rows; no implicit cast)")
+    have = kv_buffer.shape[-1] * kv_buffer.element_size()
+    if have < row_bytes:
+        raise ValueError(f"kv_buffer: last dim holds {have} bytes but a row needs {row_bytes}")
+    if kv_buffer.shape[0] > 1 and kv_buffer.stride(0) < kv_buffer.shape[-1]:
+        raise ValueError(f"kv_buffer: rows overlap (dim 0 stride {kv_buffer.stride(0)} < last dim {kv_buffer.shape[-1]})")
+    device = kv_buffer.device
+    n = loc.shape[0]
+    for name, t in (("k_nope", k_nope), ("k_pe", k_pe), ("positions", positions)):
+        if t.shape[0] != n:
+            raise ValueError(f"{name}: dim 0 is {t.shape[0]} but loc has n={n} entries")
+    for name, t in (("loc", loc), ("k_nope", k_nope), ("k_pe", k_pe), ("positions", positions), ("cos_sin_cache", cos_sin_cache)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but kv_buffer is on {device}")
+    given = [name for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("q_out", q_out)) if t is not None]
+    if given and len(given) != 3:
+        raise ValueError(f"q_nope, q_pe and q_out come together; got only {', '.join(given)}")
+    if given:
+        nope = k_nope.shape[-1]
+        for name, t, d in (("q_nope", q_nope, nope), ("q_pe", q_pe, rope), ("q_out", q_out, nope + rope)):
+            _check_tensor(name, t)
+            if t.dim() != 3:
+                raise ValueError(f"{name} must be 3-D [n, H, {d}], got shape {tuple(t.shape)}")
+            if t.shape[0] != n:
+                raise ValueError(f"{name}: dim 0 is {t.shape[0]} but loc has n={n} entries")
+            if t.shape[1] != q_nope.shape[1] or t.shape[1] < 1:
+                raise ValueError(f"{name}: dim 1 (heads) is {t.shape[1]}, expected q_nope's {q_nope.shape[1]} (>= 1)")
+            if t.shape[2] != d:
+                raise ValueError(f"{name}: dim 2 is {t.shape[2]}, expected {d}")
+            if not _last_contiguous(t):
+                raise ValueError(f"{name}: the last dim must be contiguous, got strides {tuple(t.stride())}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but kv_buffer is on {device}")
+        for name, t in (("q_nope", q_nope), ("q_pe", q_pe)):
+            if t.dtype is not dt:
+                raise TypeError(f"{name} dtype {t.dtype} must match k_nope dtype {dt}")
+        if q_out.dtype is not dt and q_out.dtype not in _BYTE_SET:
+            raise TypeError(f"q_out dtype must be q_nope's {dt} or float8_e4m3fn/uint8 (then q_scale), got {q_out.dtype}")
+    raise AssertionError("explain_rope_write: the fast check failed but no rule is broken")  # pragma: no cover
+
+
+def check_positions_bounds(positions: torch.Tensor, max_pos: int) -> None:
+    """Raise ``IndexError`` naming the first ``positions[i]`` outside ``[0, max_pos)``. Syncs on GPU."""
+    if positions.numel() == 0:
+        return
+    bad = (positions < 0) | (positions >= max_pos)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"positions[{i}] = {int(positions[i])} is out of range for cos_sin_cache with max_pos={max_pos}")
