@@ -53,7 +53,6 @@ from .reference import bit_view, kept_rows, set_mla_kv_buffer_torch
 __all__ = [
     "ROPE_DTYPES",
     "rope_rotate_torch",
-    "check_positions_bounds",
     "build_q_out_torch",
     "set_mla_kv_buffer_rope_torch",
 ]
@@ -102,18 +101,6 @@ def rope_rotate_torch(
     o2 = x1 * sin + x2 * cos
     out = torch.cat([o1, o2], dim=-1) if is_neox_style else torch.stack([o1, o2], dim=-1).reshape(xf.shape)
     return _round_to(out, x.dtype)
-
-
-def check_positions_bounds(positions: torch.Tensor, max_pos: int) -> None:
-    """Raise ``IndexError`` naming the first ``positions[i]`` outside ``[0, max_pos)``. Syncs on GPU."""
-    if positions.numel() == 0:
-        return
-    bad = (positions < 0) | (positions >= max_pos)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise IndexError(
-            f"positions[{i}] = {int(positions[i])} is out of range for cos_sin_cache with max_pos={max_pos}"
-        )
 
 
 def build_q_out_torch(
@@ -177,7 +164,7 @@ def set_mla_kv_buffer_rope_torch(
     rules.check_loc_bounds(
         loc, kv_buffer.shape[0], reserved_skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank
     )
-    check_positions_bounds(positions, cos_sin_cache.shape[0])
+    rules.check_positions_bounds(positions, cos_sin_cache.shape[0])
     k_rot = rope_rotate_torch(_rows(k_pe), positions, cos_sin_cache, is_neox_style)
     q_rot = None if q_pe is None else rope_rotate_torch(q_pe, positions, cos_sin_cache, is_neox_style)
     if kv_cache_format is None:
