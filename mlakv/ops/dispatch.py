@@ -233,3 +233,18 @@ def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, d
     except (AttributeError, IndexError, TypeError, ValueError, RuntimeError):
         validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
         raise
+
+
+# ---- the DSA indexer K cache (mlakv.ops.indexer) ------------------------------------------------
+def indexer_backend(device: torch.device) -> str:
+    """The backend of the indexer K cache's store and gather on ``device``: ``torch`` (CPU), ``jit``
+    (a CUDA device of SM90+ whose module builds, ``MLAKV_DISABLE_JIT`` off) or ``triton``. A call
+    the JIT kernel declines (source rows not on 16 bytes) runs on Triton (:mod:`mlakv.ops.indexer`)."""
+    if device.type != "cuda":
+        return "torch"
+    if not _env.DISABLE_JIT:
+        from mlakv.kernels.cuda.indexer import indexer_jit_available  # lazy: tvm-ffi and nvcc only here
+
+        if indexer_jit_available(device):
+            return "jit"
+    return "triton"

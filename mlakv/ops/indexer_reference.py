@@ -220,7 +220,7 @@ def store_index_k_reference(
 def gather_index_k_reference(
     index_pages: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather the keys of requests into contiguous tensors, token by token (the spec, slow).
+    """Gather the keys of requests into contiguous tensors (the spec; the CPU path).
 
     Args:
         index_pages: ``[num_pages, 8448]`` uint8.
@@ -228,24 +228,29 @@ def gather_index_k_reference(
         seq_lens: ``[batch]`` int32/int64 tokens per request (negative counts as 0).
     Returns:
         ``(k [total, 128] float8_e4m3fn, scale [total] float32)`` with ``total = sum(seq_lens)``,
-        request ``b``'s tokens at rows ``sum(seq_lens[:b]) ..``; a token with no valid page gives a
-        zero key and scale 0.
+        request ``b``'s token ``j`` at row ``sum(seq_lens[:b]) + j``; a token with no valid page
+        (page id negative or past the buffer, or ``j // 64`` past the table's width) gives a zero key
+        and scale 0 (all bits zero).
     """
-    pages = _pages(index_pages).cpu()
-    table = page_table.cpu().to(torch.long)
-    lens = seq_lens.cpu().to(torch.long).clamp(min=0).tolist()
-    total = sum(lens)
-    k = torch.zeros((total, INDEX_KEY_BYTES), dtype=torch.uint8)
-    s = torch.zeros((total, 4), dtype=torch.uint8)
-    row = 0
-    for b, n in enumerate(lens):
-        for j in range(n):
-            col = j // INDEX_PAGE_TOKENS
-            page = int(table[b, col]) if col < table.shape[1] else -1
-            if 0 <= page < pages.shape[0]:
-                pos = j % INDEX_PAGE_TOKENS
-                k[row] = pages[page, pos * INDEX_KEY_BYTES : (pos + 1) * INDEX_KEY_BYTES]
-                s[row] = pages[page, INDEX_SCALE_OFFSET + pos * 4 : INDEX_SCALE_OFFSET + pos * 4 + 4]
-            row += 1
-    dev = index_pages.device
-    return k.view(torch.float8_e4m3fn).to(dev), s.view(torch.float32).view(total).to(dev)
+    pages = _pages(index_pages)
+    dev = pages.device
+    lens = seq_lens.to(device=dev, dtype=torch.long).clamp(min=0)
+    table = page_table.to(device=dev, dtype=torch.long)
+    total = int(lens.sum()) if lens.numel() else 0
+    req = torch.repeat_interleave(torch.arange(lens.shape[0], device=dev), lens)  # [total] request of each row
+    first = torch.cumsum(lens, 0) - lens  # each request's first row
+    j = torch.arange(total, device=dev) - first[req]  # token index inside its request
+    col = j // INDEX_PAGE_TOKENS
+    width = table.shape[1]
+    if width:
+        page = torch.where(col < width, table[req, col.clamp(max=width - 1)], torch.full_like(col, -1))
+    else:
+        page = torch.full_like(col, -1)
+    ok = (page >= 0) & (page < pages.shape[0])
+    page = torch.where(ok, page, torch.zeros_like(page))
+    pos = j % INDEX_PAGE_TOKENS
+    k = pages[page[:, None], pos[:, None] * INDEX_KEY_BYTES + torch.arange(INDEX_KEY_BYTES, device=dev)]
+    s = pages[page[:, None], INDEX_SCALE_OFFSET + pos[:, None] * 4 + torch.arange(4, device=dev)]
+    k = torch.where(ok[:, None], k, torch.zeros_like(k)).contiguous()
+    s = torch.where(ok[:, None], s, torch.zeros_like(s)).contiguous()
+    return k.view(torch.float8_e4m3fn), s.view(torch.float32).view(total)
