@@ -632,3 +632,214 @@ def test_jit_launcher_checks_memory_safety_itself(what):
         mod.store_index_k(args["pages"], args["loc"], args["keys"], -1, args["world"], args["rank"], False, 1, 8, True)
     torch.cuda.synchronize()
     assert torch.equal(pages, before)
+
+
+# ---- the public ops -------------------------------------------------------------------------------------
+from mlakv.ops.indexer import get_index_k_buffer, index_k_path, set_index_k_buffer  # noqa: E402
+
+
+def loop_gather(pages: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token on the CPU (independent of the vectorized reference): bytes ``[total, 128]``, ``[total, 4]``."""
+    pages, table = pages.cpu(), table.cpu()
+    ks, ss = [], []
+    for b, n in enumerate(lens.cpu().tolist()):
+        for j in range(max(n, 0)):
+            col = j // 64
+            page = int(table[b, col]) if col < table.shape[1] else -1
+            if 0 <= page < pages.shape[0]:
+                page_, k_off, s_off = page, (j % 64) * 128, 8192 + (j % 64) * 4
+                ks.append(pages[page_, k_off : k_off + 128])
+                ss.append(pages[page_, s_off : s_off + 4])
+            else:
+                ks.append(torch.zeros(128, dtype=torch.uint8))
+                ss.append(torch.zeros(4, dtype=torch.uint8))
+    if not ks:
+        return torch.zeros(0, 128, dtype=torch.uint8), torch.zeros(0, 4, dtype=torch.uint8)
+    return torch.stack(ks), torch.stack(ss)
+
+
+def test_vectorized_reference_gather_equals_the_token_loop():
+    g = torch.Generator().manual_seed(40)
+    pages = poisoned_pages(12, "cpu", seed=41)
+    table = torch.randint(-2, 14, (5, 4), generator=g)
+    lens = torch.tensor([0, 1, 64, 255, -3])
+    k, s = gather_index_k_reference(pages, table, lens)
+    want_k, want_s = loop_gather(pages, table, lens)
+    assert torch.equal(k.view(torch.uint8), want_k) and torch.equal(s.view(torch.uint8).view(-1, 4), want_s)
+
+
+def test_cpu_path_is_torch_and_equals_the_reference():
+    pages = poisoned_pages(3, "cpu", seed=42)
+    keys = random_keys(20, torch.bfloat16, seed=43, device="cpu")
+    loc = make_loc("reserved_and_past_end", 20, 3 * 64, seed=44).cpu()
+    loc = torch.where(loc >= 3 * 64, torch.full_like(loc, -1), loc)  # CPU checks bounds: keep them inside
+    assert index_k_path(pages) == "torch"
+    want = expected_store(pages, loc, keys, skip=0)
+    set_index_k_buffer(pages, loc, keys, reserved_skip_index=0)
+    assert_pages_equal(pages, want)
+
+
+@pytest.mark.parametrize(
+    "what,error",
+    [
+        ("pages not a tensor", TypeError),
+        ("pages wrong width", ValueError),
+        ("pages int8", TypeError),
+        ("pages overlap", ValueError),
+        ("pages misaligned", ValueError),
+        ("float loc", TypeError),
+        ("2-D loc", ValueError),
+        ("keys fp32", TypeError),
+        ("keys width 64", ValueError),
+        ("keys rows differ", ValueError),
+        ("keys [n, 2, 128]", ValueError),
+        ("keys last dim strided", ValueError),
+        ("bad scale rule", ValueError),
+        ("bool skip index", TypeError),
+        ("dcp rank out of range", ValueError),
+    ],
+)
+def test_store_refuses_bad_arguments_and_writes_nothing(what, error):
+    pages = poisoned_pages(2, seed=45)
+    before = pages.clone()
+    loc = torch.tensor([1, 2], device=DEVICE)
+    keys = random_keys(2, torch.bfloat16, seed=46)
+    kw: dict = {}
+    args = [pages, loc, keys]
+    if what == "pages not a tensor":
+        args[0] = [1, 2]
+    elif what == "pages wrong width":
+        args[0] = pages[:, :8000]
+    elif what == "pages int8":
+        args[0] = pages.view(torch.int8)
+    elif what == "pages overlap":
+        args[0] = pages[:1].expand(2, INDEX_PAGE_BYTES)
+    elif what == "pages misaligned":
+        args[0] = pages.view(-1)[4 : 4 + INDEX_PAGE_BYTES].view(1, INDEX_PAGE_BYTES)
+    elif what == "float loc":
+        args[1] = loc.float()
+    elif what == "2-D loc":
+        args[1] = loc[:, None]
+    elif what == "keys fp32":
+        args[2] = keys.float()
+    elif what == "keys width 64":
+        args[2] = keys[:, :64]
+    elif what == "keys rows differ":
+        args[2] = keys[:1]
+    elif what == "keys [n, 2, 128]":
+        args[2] = keys[:, None].expand(2, 2, 128)
+    elif what == "keys last dim strided":
+        args[2] = torch.zeros(2, 256, dtype=torch.bfloat16, device=DEVICE)[:, ::2]
+    elif what == "bad scale rule":
+        kw["scale_rule"] = "e8m0"
+    elif what == "bool skip index":
+        kw["reserved_skip_index"] = True
+    else:
+        kw.update(dcp_world_size=2, dcp_rank=2)
+    with pytest.raises(error):
+        set_index_k_buffer(*args, **kw)
+    assert torch.equal(pages, before)
+
+
+def test_store_raises_index_error_before_writing_on_cpu():
+    pages = poisoned_pages(1, "cpu", seed=47)
+    before = pages.clone()
+    with pytest.raises(IndexError, match="loc\\[2\\] = 64"):
+        set_index_k_buffer(pages, torch.tensor([1, 2, 64]), random_keys(3, torch.bfloat16, device="cpu"))
+    assert torch.equal(pages, before)
+    # skipped rows are not checked: padding, the reserved slot, another DCP rank's slot
+    set_index_k_buffer(pages, torch.tensor([-1, 65, 3]), random_keys(3, torch.bfloat16, device="cpu"), dcp_world_size=2)
+
+
+def test_empty_store_does_nothing():
+    pages = poisoned_pages(1, seed=48)
+    before = pages.clone()
+    set_index_k_buffer(pages, torch.zeros(0, dtype=torch.int64, device=DEVICE), torch.zeros(0, 128, dtype=torch.float16, device=DEVICE))
+    assert torch.equal(pages, before)
+
+
+@pytest.mark.parametrize(
+    "what,error,match",
+    [
+        ("negative len", ValueError, "seq_lens\\[1\\] = -1"),
+        ("wrong total", ValueError, "total_tokens=5"),
+        ("short max len", ValueError, "max_seq_len=3"),
+        ("page past buffer", IndexError, "page_table\\[0, 1\\] = 4"),
+        ("negative page", IndexError, "page_table\\[0, 0\\] = -1"),
+        ("table too narrow", IndexError, "needs 3 pages"),
+        ("lens batch differs", ValueError, "batch=1"),
+        ("float table", TypeError, "page_table must be int32"),
+    ],
+)
+def test_gather_refuses_bad_values_when_checked(what, error, match):
+    pages = poisoned_pages(4, seed=49)
+    table = torch.tensor([[0, 1], [2, 3]], device=DEVICE)
+    lens = torch.tensor([70, 2], device=DEVICE)
+    kw: dict = {"check_bounds": True}
+    if what == "negative len":
+        lens = torch.tensor([70, -1], device=DEVICE)
+    elif what == "wrong total":
+        kw.update(total_tokens=5, max_seq_len=70)
+    elif what == "short max len":
+        kw.update(total_tokens=72, max_seq_len=3)
+    elif what == "page past buffer":
+        table = torch.tensor([[0, 4], [2, 3]], device=DEVICE)
+    elif what == "negative page":
+        table = torch.tensor([[-1, 1], [2, 3]], device=DEVICE)
+    elif what == "table too narrow":
+        lens = torch.tensor([130, 2], device=DEVICE)
+    elif what == "lens batch differs":
+        lens = lens[:1]
+    else:
+        table = table.float()
+    with pytest.raises(error, match=match):
+        get_index_k_buffer(pages, table, lens, **kw)
+
+
+def test_gather_on_cpu_equals_the_token_loop():
+    pages = poisoned_pages(5, "cpu", seed=50)
+    table = torch.tensor([[4, 1, 0], [2, 3, 0]], dtype=torch.int32)
+    lens = torch.tensor([150, 64], dtype=torch.int32)
+    k, s = get_index_k_buffer(pages, table, lens)
+    want_k, want_s = loop_gather(pages, table, lens)
+    assert torch.equal(k.view(torch.uint8), want_k) and torch.equal(s.view(torch.uint8).view(-1, 4), want_s)
+
+
+@requires_cuda
+def test_gpu_ops_pick_the_dispatched_path_and_are_bit_exact():
+    pages = poisoned_pages(40, seed=51)
+    keys = random_keys(2000, torch.bfloat16, seed=52)
+    loc = make_loc("strided", 2000, 40 * 64, seed=53)
+    assert index_k_path(pages) == ("jit" if IS_SM90 else "triton")
+    want = expected_store(pages, loc, keys, skip=0)
+    set_index_k_buffer(pages, loc, keys, reserved_skip_index=0)
+    assert_pages_equal(pages, want)
+    table = torch.randperm(40, device=DEVICE)[:36].view(3, 12)
+    lens = torch.tensor([700, 1, 768], device=DEVICE)
+    k, s = get_index_k_buffer(pages, table, lens, total_tokens=1469, max_seq_len=768)
+    want_k, want_s = loop_gather(pages, table, lens)
+    assert torch.equal(k.cpu().view(torch.uint8), want_k) and torch.equal(s.cpu().view(torch.uint8).view(-1, 4), want_s)
+
+
+@requires_cuda
+def test_gpu_store_of_misaligned_sources_falls_back_and_is_bit_exact():
+    pages = poisoned_pages(2, seed=54)
+    holder = random_keys(5, torch.float16, seed=55).reshape(-1)[: 5 * 129].view(5, 129)
+    keys = holder[:, 1:]  # rows on 2-byte boundaries: the JIT kernel declines, Triton writes
+    loc = torch.tensor([1, 66, 3, 127, 0], device=DEVICE)
+    want = expected_store(pages, loc, keys)
+    set_index_k_buffer(pages, loc, keys)
+    assert_pages_equal(pages, want)
+
+
+@requires_cuda
+def test_gpu_checked_store_raises_before_writing_and_unchecked_skips():
+    pages = poisoned_pages(1, seed=56)
+    before = pages.clone()
+    loc = torch.tensor([5, 64, 7], device=DEVICE)
+    keys = random_keys(3, torch.bfloat16, seed=57)
+    with pytest.raises(IndexError):
+        set_index_k_buffer(pages, loc, keys, check_bounds=True)
+    assert torch.equal(pages, before)
+    set_index_k_buffer(pages, loc, keys, check_bounds=False)
+    assert_pages_equal(pages, expected_store(before, loc, keys))
