@@ -26,6 +26,9 @@ Row selection is one rule on every path: ``loc`` is read at its own stride; rows
 
 The threshold and launch shape come from the per-GPU-family table in :mod:`mlakv.spec.tuning`;
 nothing else in the library makes the routing decision.
+
+The fused RoPE write (:mod:`mlakv.ops.rope_write`) is routed here too (:func:`run_rope_write`): torch on
+CPU, the JIT CUDA kernel where it builds and the call's alignment suits it, else Triton.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ __all__ = [
     "check_loc_bounds",
     "kv_write_path",
     "jit_route",
+    "rope_write_path",
+    "run_rope_write",
 ]
 
 _SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
@@ -247,4 +252,66 @@ def indexer_backend(device: torch.device) -> str:
 
         if indexer_jit_available(device):
             return "jit"
+    return "triton"
+
+
+# ---- the fused RoPE write (mlakv.ops.rope_write): the one place that picks its path ----------------
+def rope_write_path(kv_buffer: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, kv_cache_format: Optional[str]) -> str:
+    """The path the fused RoPE write takes for these (valid) arguments: ``torch`` (CPU), ``jit`` (the
+    CUDA kernel builds for this device and layout; a call whose alignment does not suit its vectors
+    still runs on Triton) or ``triton``."""
+    if not kv_buffer.is_cuda:
+        return "torch"
+    if not _env.DISABLE_JIT:
+        from mlakv.kernels.cuda.rope_write import rope_write_module
+
+        mod = rope_write_module(kv_buffer.get_device(), kv_cache_format, k_nope.dtype, k_nope.shape[-1], k_pe.shape[-1])
+        if not isinstance(mod, str):
+            return "jit"
+    return "triton"
+
+
+def run_rope_write(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_pe: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool,
+    kv_cache_format: Optional[str],
+    k_scale: Optional[torch.Tensor],
+    q_nope: Optional[torch.Tensor],
+    q_pe: Optional[torch.Tensor],
+    q_out: Optional[torch.Tensor],
+    q_scale: Optional[torch.Tensor],
+    skip: int,
+    dcp_world_size: int,
+    dcp_rank: int,
+) -> str:
+    """Run a validated (and, where asked, bounds-checked) fused RoPE write on its path; returns the
+    path taken: ``torch`` on CPU (the reference), else the JIT CUDA kernel where it serves the call,
+    else Triton. Arguments as :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` after its checks
+    (scales as 1-element fp32 tensors or None, ``skip`` -1 for none)."""
+    if not kv_buffer.is_cuda:
+        from .rope_write_reference import set_mla_kv_buffer_rope_torch
+
+        set_mla_kv_buffer_rope_torch(
+            kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, q_nope=q_nope, q_pe=q_pe,
+            q_out=q_out, kv_cache_format=kv_cache_format, k_scale=k_scale, q_scale=q_scale,
+            reserved_skip_index=None if skip < 0 else skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+        )  # fmt: skip
+        return "torch"
+    args = (
+        kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
+        q_nope, q_pe, q_out, q_scale, skip, dcp_world_size, dcp_rank,
+    )  # fmt: skip
+    if not _env.DISABLE_JIT:
+        from mlakv.kernels.cuda.rope_write import rope_write_cuda
+
+        if rope_write_cuda(*args):
+            return "jit"
+    from mlakv.kernels.triton.rope_write import launch_rope_write
+
+    launch_rope_write(*args)
     return "triton"
