@@ -25,6 +25,17 @@ Formats (``kv_cache_format``):
     row bytes ``= nope + 4 * nope / 128 + 2 * rope``. An all-zero tile gets ``FLT_MIN`` and
     dequantizes to exact zeros.
 
+``ds_mla_scale="pow2"`` (vLLM's ``fp8_ds_mla`` rule, see docs/vllm.md): the same row, but each tile
+    scale is a power of two, ``scale_t = 2^ceil(log2(max(amax_t / 448, 1e-4)))`` (``1e-4`` as
+    fp32), with ``amax_t`` over the tile's ``|x|`` *including* infinities (a NaN is ignored). The
+    division by a power of two is exact, so only the e4m3 rounding remains. Sources bf16 only (vLLM's
+    kernel reads fp16 sources' amax from their raw bits; mlakv does not reproduce that). The fused
+    kernels compute the ``amax`` rule only: ``pow2`` is the reference quantizer (on the device)
+    followed by the plain row write of its bytes.
+
+``per_tensor`` also takes float32 sources (``x / k_scale`` in fp32 directly), written the same
+unfused way on the GPU.
+
 Non-finite sources (both formats): NaN is stored as the canonical e4m3 NaN ``0x7F`` (its sign is
 dropped), ``+-inf`` saturates to ``+-448``. In ``ds_mla`` a tile's ``amax`` is taken over its
 **finite** values only: one NaN or inf does not wipe out the precision of the other 127 values
@@ -51,6 +62,8 @@ from mlakv.spec import rules
 __all__ = [
     "KV_CACHE_FORMATS",
     "SOURCE_DTYPES",
+    "PER_TENSOR_SOURCE_DTYPES",
+    "DS_MLA_SCALE_RULES",
     "DEQUANT_DTYPES",
     "E4M3_MAX",
     "DS_MLA_TILE",
@@ -61,12 +74,16 @@ __all__ = [
     "set_mla_kv_buffer_quant",
     "get_mla_kv_buffer_dequant",
     "fp8_write_path",
+    "pow2_ceil",
     "scale_tensor",
     "check_pool_fp8",
 ]
 
 KV_CACHE_FORMATS = ("per_tensor", "ds_mla")
 SOURCE_DTYPES = (torch.bfloat16, torch.float16)
+PER_TENSOR_SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DS_MLA_SCALE_RULES = ("amax", "pow2")
+_POW2_FLOOR = 1e-4  # vLLM's fp8_ds_mla scale floor (rounded to fp32 where used)
 DEQUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 E4M3_MAX = 448.0
 DS_MLA_TILE = 128
@@ -158,12 +175,27 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
-def _check_sources(k_nope: object, k_rope: object, kv_cache_format: object) -> tuple[int, int, int]:
+def _source_dtypes(kv_cache_format: object, ds_mla_scale: str = "amax") -> tuple[torch.dtype, ...]:
+    if kv_cache_format == "per_tensor":
+        return PER_TENSOR_SOURCE_DTYPES
+    return (torch.bfloat16,) if ds_mla_scale == "pow2" else SOURCE_DTYPES
+
+
+def _check_scale_rule(ds_mla_scale: object) -> None:
+    if ds_mla_scale not in DS_MLA_SCALE_RULES:
+        raise ValueError(f"ds_mla_scale must be one of {DS_MLA_SCALE_RULES}, got {ds_mla_scale!r}")
+
+
+def _check_sources(
+    k_nope: object, k_rope: object, kv_cache_format: object, ds_mla_scale: str = "amax"
+) -> tuple[int, int, int]:
     rules.check_rows_tensor("k_nope", k_nope, "n_loc")
     rules.check_rows_tensor("k_rope", k_rope, "n_loc")
+    _check_scale_rule(ds_mla_scale)
+    allowed = _source_dtypes(kv_cache_format, ds_mla_scale)
     for name, t in (("k_nope", k_nope), ("k_rope", k_rope)):
-        if t.dtype not in SOURCE_DTYPES:
-            raise TypeError(f"{name} dtype must be one of {SOURCE_DTYPES} to quantize, got {t.dtype}")
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} dtype must be one of {allowed} to quantize as {kv_cache_format!r}, got {t.dtype}")
     if k_rope.dtype != k_nope.dtype:
         raise TypeError(f"k_rope dtype {k_rope.dtype} must match k_nope dtype {k_nope.dtype}")
     if k_rope.device != k_nope.device:
@@ -217,18 +249,22 @@ def quantize_mla_rows(
     k_rope: torch.Tensor,
     kv_cache_format: str,
     k_scale: Union[float, torch.Tensor, None] = None,
+    *,
+    ds_mla_scale: str = "amax",
 ) -> torch.Tensor:
     """The stored rows for ``[k_nope | k_rope]`` (the reference quantizer, plain torch).
 
     Args:
-        k_nope: ``[n, nope_dim]`` or ``[n, 1, nope_dim]``, bf16 or fp16.
+        k_nope: ``[n, nope_dim]`` or ``[n, 1, nope_dim]``, bf16 or fp16 (per_tensor: or fp32).
         k_rope: ``[n, rope_dim]`` or ``[n, 1, rope_dim]``, same dtype and device.
         kv_cache_format: ``"per_tensor"`` or ``"ds_mla"`` (see the module docstring).
         k_scale: per_tensor only: float or 1-element fp32 tensor on the sources' device.
+        ds_mla_scale: ds_mla's tile-scale rule, ``"amax"`` (mlakv's) or ``"pow2"`` (vLLM's
+            ``fp8_ds_mla``; bf16 sources); see the module docstring.
     Returns:
         per_tensor: ``[n, nope_dim + rope_dim]`` float8_e4m3fn; ds_mla: ``[n, fp8_row_bytes]`` uint8.
     """
-    n, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format)
+    n, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format, ds_mla_scale)
     scale = _check_k_scale(kv_cache_format, k_scale, k_nope.device)
     nope = _rows2d(k_nope).float()
     rope = _rows2d(k_rope)
@@ -237,14 +273,32 @@ def quantize_mla_rows(
         return _e4m3_bytes(y).view(torch.float8_e4m3fn)
     tiles = nope_dim // DS_MLA_TILE
     x = nope.reshape(n, tiles, DS_MLA_TILE)
-    amax = _finite_abs(x).amax(dim=2, keepdim=True) if n else torch.zeros(0, tiles, 1, device=x.device)
-    # IEEE division by a tensor, never by the Python scalar: on CUDA, torch computes ``t / scalar``
-    # as ``t * (1 / scalar)``, which is off by one ulp for some amax (then the whole tile differs).
-    scales = torch.clamp_min(amax / torch.full_like(amax, E4M3_MAX), FLT_MIN)  # [n, tiles, 1] fp32
+    if ds_mla_scale == "pow2":
+        a = x.abs()
+        a = torch.where(torch.isnan(a), torch.zeros_like(a), a)  # NaN ignored, inf kept (fmaxf's rule)
+        amax = a.amax(dim=2, keepdim=True) if n else torch.zeros(0, tiles, 1, device=x.device)
+        floor = torch.full_like(amax, _POW2_FLOOR)  # 1e-4 rounded to fp32
+        scales = pow2_ceil(torch.maximum(amax / torch.full_like(amax, E4M3_MAX), floor))
+    else:
+        amax = _finite_abs(x).amax(dim=2, keepdim=True) if n else torch.zeros(0, tiles, 1, device=x.device)
+        # IEEE division by a tensor, never by the Python scalar: on CUDA, torch computes ``t / scalar``
+        # as ``t * (1 / scalar)``, which is off by one ulp for some amax (then the whole tile differs).
+        scales = torch.clamp_min(amax / torch.full_like(amax, E4M3_MAX), FLT_MIN)  # [n, tiles, 1] fp32
     q = _e4m3_bytes(x / scales).reshape(n, nope_dim)
     scale_bytes = scales.reshape(n, tiles).contiguous().view(torch.uint8)
     rope_bytes = _bf16_bits_of(rope).contiguous().view(torch.uint8).reshape(n, 2 * rope_dim)
     return torch.cat([q, scale_bytes, rope_bytes], dim=1)
+
+
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """``2^ceil(log2(s))`` of positive normal fp32 values (and +inf), exactly, by bit arithmetic.
+
+    A power of two is kept; anything else goes up to the next power of two (the exponent field
+    plus one, mantissa cleared); past 2^127 that is +inf, as ``exp2f(128)``.
+    """
+    bits = s.view(torch.int32)
+    up = (bits & 0x7F800000) + torch.where((bits & 0x7FFFFF) != 0, 0x00800000, 0).to(torch.int32)
+    return up.view(torch.float32)
 
 
 def dequantize_mla_rows(
@@ -311,13 +365,17 @@ def validate_quant_write(
     k_rope: torch.Tensor,
     kv_cache_format: str,
     k_scale: Union[float, torch.Tensor, None],
+    ds_mla_scale: str = "amax",
 ) -> tuple[int, Optional[torch.Tensor]]:
     """Check a quantizing write's arguments; return ``(n_loc, k_scale tensor or None)``.
 
     Raises ``TypeError``/``ValueError`` naming the argument, the dim and what was expected. The
     common (valid) case is one boolean expression (this runs on every layer's write); only a
-    failure walks the rules one by one to name the broken one.
+    failure walks the rules one by one to name the broken one. ``ds_mla_scale="pow2"`` (and a
+    float32 per_tensor source) always takes the rule-by-rule path.
     """
+    if ds_mla_scale != "amax":
+        return _validate_slow(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale)
     try:
         fast = _fast_valid(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale)
     except (AttributeError, IndexError, TypeError, RuntimeError):
@@ -383,8 +441,10 @@ def _fast_valid(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale) -> Opt
     return None
 
 
-def _validate_slow(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale) -> tuple[int, Optional[torch.Tensor]]:
-    n_loc, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format)
+def _validate_slow(
+    kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale: str = "amax"
+) -> tuple[int, Optional[torch.Tensor]]:
+    n_loc, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format, ds_mla_scale)
     rb = fp8_row_bytes(kv_cache_format, nope_dim, rope_dim)
     _check_rows_buffer("kv_buffer", kv_buffer, rb, "num_slots")
     kv2 = _rows2d(kv_buffer)
@@ -401,11 +461,18 @@ def _jit_enabled() -> bool:
     return not _env.DISABLE_JIT
 
 
-def fp8_write_path(kv_buffer: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, kv_cache_format: str) -> str:
+def _jit_serves(k_nope: torch.Tensor, ds_mla_scale: str) -> bool:
+    """The JIT kernel computes the ``amax`` scale rule from bf16/fp16 sources only."""
+    return _jit_enabled() and ds_mla_scale == "amax" and k_nope.dtype is not torch.float32
+
+
+def fp8_write_path(
+    kv_buffer: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, kv_cache_format: str, ds_mla_scale: str = "amax"
+) -> str:
     """The path the quantizing write takes for these (valid) arguments: ``torch``, ``jit`` or ``triton``."""
     if not kv_buffer.is_cuda:
         return "torch"
-    if _jit_enabled():
+    if _jit_serves(k_nope, ds_mla_scale):
         from mlakv.kernels.cuda import fp8 as mla_fp8
 
         if mla_fp8.fp8_jit_accepts(kv_buffer, k_nope, k_rope, kv_cache_format):
@@ -423,6 +490,7 @@ def set_mla_kv_buffer_quant(
     *,
     check_bounds: Optional[bool] = None,
     reserved_skip_index: Optional[int] = None,
+    ds_mla_scale: str = "amax",
 ) -> None:
     """Quantize ``[k_nope | k_rope]`` and write the stored rows at slots ``loc`` (fused, one launch).
 
@@ -438,10 +506,14 @@ def set_mla_kv_buffer_quant(
         check_bounds: raise ``IndexError`` for ``loc >= num_slots`` first (syncs); default
             ``MLAKV_CHECK_BOUNDS``.
         reserved_skip_index: a slot whose rows are skipped like padding (the pool's dummy slot).
+        ds_mla_scale: ds_mla's tile-scale rule: ``"amax"`` (mlakv's, any path) or ``"pow2"``
+            (vLLM's ``fp8_ds_mla``: bf16 sources). The fused kernels compute ``amax`` from bf16/fp16;
+            ``pow2`` and float32 per_tensor sources run the reference quantizer on the device and
+            the plain row write (two passes; same bytes).
 
     The result is bit-identical to ``quantize_mla_rows`` on every path.
     """
-    n_loc, scale = validate_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale)
+    n_loc, scale = validate_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale)
     if reserved_skip_index is not None and (
         isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)
     ):
@@ -453,9 +525,12 @@ def set_mla_kv_buffer_quant(
     if bounds or not kv_buffer.is_cuda:
         rules.check_loc_bounds(loc, kv_buffer.shape[0], reserved_skip_index=None if skip < 0 else skip)
     if not kv_buffer.is_cuda:
-        _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip)
+        _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, ds_mla_scale)
         return
-    if _jit_enabled():
+    if not _fused_serves(k_nope, ds_mla_scale):
+        _write_unfused(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, ds_mla_scale)
+        return
+    if _jit_serves(k_nope, ds_mla_scale):
         from mlakv.kernels.cuda import fp8 as mla_fp8
 
         if mla_fp8.fp8_jit_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip):
@@ -465,8 +540,26 @@ def set_mla_kv_buffer_quant(
     launch_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip)
 
 
-def _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int) -> None:
-    rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale).view(torch.uint8)
+def _fused_serves(k_nope: torch.Tensor, ds_mla_scale: str) -> bool:
+    """Whether the fused kernels (JIT, Triton) compute this write: the ``amax`` rule, bf16/fp16 sources."""
+    return ds_mla_scale == "amax" and k_nope.dtype in _SRC_SET
+
+
+def _write_unfused(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int, ds_mla_scale: str) -> None:
+    """GPU path of what the fused kernels do not compute (``pow2`` ds_mla scales, fp32 per_tensor
+    sources): the reference quantizer on the device, then the plain row write of the stored bytes
+    (no sync: padding, ``skip`` and rows past the buffer are skipped by the row kernel)."""
+    from .dispatch import set_mla_kv_buffer_triton
+
+    rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale, ds_mla_scale=ds_mla_scale).view(torch.uint8)
+    kv = _rows2d(kv_buffer).view(torch.uint8)[:, : rows.shape[1]]
+    set_mla_kv_buffer_triton(
+        kv, loc, rows, rows[:, :0], check_bounds=False, reserved_skip_index=None if skip < 0 else skip
+    )
+
+
+def _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int, ds_mla_scale: str = "amax") -> None:
+    rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale, ds_mla_scale=ds_mla_scale).view(torch.uint8)
     keep = (loc >= 0) & (loc != skip)
     idx = loc[keep].to(torch.long)
     _rows2d(kv_buffer).view(torch.uint8)[idx, : rows.shape[1]] = rows[keep]
