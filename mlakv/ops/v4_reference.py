@@ -121,6 +121,16 @@ class V4Geometry:
         """Byte offset of row ``row``'s values inside its page (ints or int64 tensors)."""
         return row * (self.token_bytes if self.interleaved else self.value_bytes)
 
+    def kernel_geometry(self, page_size: int) -> dict:
+        """The kernels' geometry arguments: ``page_size``, and a row ``r``'s values at byte ``r *
+        data_stride`` of its page, its scales at ``scale_base + r * scale_stride``."""
+        return dict(
+            page_size=page_size,
+            data_stride=self.data_offset(1, page_size),
+            scale_base=self.scale_offset(0, page_size),
+            scale_stride=self.scale_offset(1, page_size) - self.scale_offset(0, page_size),
+        )
+
     def scale_offset(self, row, page_size: int):
         """Byte offset of row ``row``'s first scale byte inside its page."""
         if self.interleaved:
