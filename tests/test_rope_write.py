@@ -570,3 +570,146 @@ def test_cuda_large_calls_match_reference(n, heads, fmt, q_mode):
     assert_same(c["kv_buffer"], want_kv, "kv_buffer")
     if q_mode != "none":
         assert_same(c["q_out"], want_q, "q_out")
+
+
+# ---- the public function: validation, bounds, routing -------------------------------------------------
+def public_call(c, fmt, q_mode, is_neox, **extra):
+    from mlakv.ops.rope_write import set_mla_kv_buffer_rope
+
+    kw = call_kwargs(c, fmt, q_mode)
+    kw.update(extra)
+    return set_mla_kv_buffer_rope(
+        c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], is_neox, **kw
+    )
+
+
+@pytest.mark.parametrize("q_mode", Q_MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("is_neox", STYLES, ids=["neox", "interleaved"])
+def test_public_function_matches_reference(is_neox, fmt, q_mode):
+    c = make_case(small(70, 6), small(16, 2), torch.bfloat16, fmt, q_mode, num_slots=small(256, 48))
+    want_kv, want_q = expected(c, fmt, q_mode, is_neox, reserved_skip_index=3)
+    out = public_call(c, fmt, q_mode, is_neox, reserved_skip_index=3)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    if q_mode == "none":
+        assert out is None
+    else:
+        assert out is c["q_out"]
+        assert_same(c["q_out"], want_q, "q_out")
+
+
+def test_public_function_path_is_named_by_the_dispatcher():
+    from mlakv.ops.dispatch import rope_write_path
+
+    c = make_case(2, 1, torch.bfloat16, None, "none")
+    want = "torch" if not HAS_CUDA else ("jit" if IS_SM90 else "triton")
+    assert rope_write_path(c["kv_buffer"], c["k_nope"], c["k_pe"], None) == want
+
+
+@pytest.mark.parametrize("q_mode", ["16bit", "fp8"])
+def test_public_function_allocates_q_out(q_mode):
+    c = make_case(small(20, 5), 3, torch.bfloat16, "ds_mla", q_mode)
+    want_kv, want_q = expected(c, "ds_mla", q_mode, False)
+    kw = dict(q_nope=c["q_nope"], q_pe=c["q_pe"], q_scale=Q_SCALE if q_mode == "fp8" else None)
+    from mlakv.ops.rope_write import set_mla_kv_buffer_rope
+
+    out = set_mla_kv_buffer_rope(
+        c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], False,
+        kv_cache_format="ds_mla", **kw,
+    )  # fmt: skip
+    assert out.shape == (c["q_nope"].shape[0], 3, NOPE + ROPE)
+    assert out.dtype == (torch.float8_e4m3fn if q_mode == "fp8" else torch.bfloat16)
+    assert_same(out, want_q, "q_out")
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+
+
+def _bad(c, **over):
+    """(args, kwargs) of a valid per_tensor call with a query, with ``over`` replacing arguments."""
+    a = dict(kv_buffer=c["kv_buffer"], loc=c["loc"], k_nope=c["k_nope"], k_pe=c["k_pe"], positions=c["positions"],
+             cos_sin_cache=c["cos_sin_cache"], is_neox_style=True, q_nope=c["q_nope"], q_pe=c["q_pe"], q_out=c["q_out"],
+             kv_cache_format="per_tensor", k_scale=K_SCALE, q_scale=None)  # fmt: skip
+    a.update(over)
+    return a
+
+
+def _cpu(shape, dtype):
+    return torch.zeros(shape, dtype=dtype, device=DEVICE)
+
+
+BAD_CALLS = {
+    "is_neox_style": (dict(is_neox_style=1), TypeError),
+    "kv_cache_format": (dict(kv_cache_format="fp4"), ValueError),
+    "k_nope dtype": (dict(k_nope=_cpu((4, NOPE), torch.float32)), TypeError),
+    "k_pe dtype": (dict(k_pe=_cpu((4, ROPE), torch.float16)), TypeError),
+    "k_pe": (dict(k_pe=_cpu((4, 2, ROPE), torch.bfloat16)), ValueError),
+    "positions dtype": (dict(positions=_cpu((4,), torch.float32)), TypeError),
+    "positions": (dict(positions=_cpu((3,), torch.int64)), ValueError),
+    "cos_sin_cache dtype": (dict(cos_sin_cache=_cpu((16, ROPE), torch.bfloat16)), TypeError),
+    "cos_sin_cache": (dict(cos_sin_cache=_cpu((16, ROPE // 2), torch.float32)), ValueError),
+    "kv_buffer dtype": (dict(kv_buffer=_cpu((16, 600), torch.bfloat16)), TypeError),
+    "kv_buffer": (dict(kv_buffer=_cpu((16, 500), torch.uint8)), ValueError),
+    "k_scale": (dict(k_scale=None), ValueError),
+    "q_scale": (dict(q_scale=1.0), ValueError),
+    "q_nope": (dict(q_out=None, q_nope=None), ValueError),
+    "q_pe alone missing": (dict(q_pe=None), ValueError),
+    "q_out width": (dict(q_out=_cpu((4, 2, NOPE), torch.bfloat16)), ValueError),
+    "q_pe": (dict(q_pe=_cpu((4, 3, ROPE), torch.bfloat16)), ValueError),
+    "q_nope dtype": (dict(q_nope=_cpu((4, 2, NOPE), torch.float16)), TypeError),
+    "dcp_rank": (dict(dcp_world_size=2, dcp_rank=2), ValueError),
+    "reserved_skip_index": (dict(reserved_skip_index=1.5), TypeError),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS), ids=list(BAD_CALLS))
+def test_public_function_names_the_bad_argument(name):
+    from mlakv.ops.rope_write import set_mla_kv_buffer_rope
+
+    c = make_case(4, 2, torch.bfloat16, "per_tensor", "16bit")
+    over, exc = BAD_CALLS[name]
+    before = bits(c["kv_buffer"]).clone()
+    with pytest.raises(exc, match=name.split()[0]):
+        set_mla_kv_buffer_rope(**_bad(c, **over))
+    assert torch.equal(bits(c["kv_buffer"]), before)
+
+
+@pytest.mark.parametrize("what", ["loc", "positions"])
+def test_public_function_checked_bounds_raise_before_writing(what):
+    c = make_case(small(30, 6), 2, torch.bfloat16, "ds_mla", "fp8")
+    if what == "loc":
+        c["loc"][5] = c["kv_buffer"].shape[0] + 2
+    else:
+        c["positions"][5] = MAX_POS
+    before_kv, before_q = bits(c["kv_buffer"]).clone(), bits(c["q_out"]).clone()
+    with pytest.raises(IndexError, match=rf"{what}\[5\]"):
+        public_call(c, "ds_mla", "fp8", True, check_bounds=True)
+    assert torch.equal(bits(c["kv_buffer"]), before_kv) and torch.equal(bits(c["q_out"]), before_q)
+
+
+def test_public_function_no_tokens_writes_nothing():
+    c = make_case(0, 2, torch.bfloat16, None, "16bit")
+    before = bits(c["kv_buffer"]).clone()
+    assert public_call(c, None, "16bit", True) is c["q_out"]
+    assert torch.equal(bits(c["kv_buffer"]), before)
+
+
+@requires_sm90
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+def test_misaligned_call_falls_back_to_triton_bit_exact(fmt):
+    """A cache whose rows start 8 bytes off 16 cannot take the CUDA kernel's vectors: the dispatcher
+    runs Triton instead, with the same result."""
+    from mlakv.kernels.cuda.rope_write import rope_write_cuda
+    from mlakv.ops import dispatch
+
+    c = make_case(40, 4, torch.bfloat16, fmt, "fp8")
+    es = c["kv_buffer"].element_size()
+    wide = torch.randint(0, 256, (c["kv_buffer"].shape[0], c["kv_buffer"].shape[1] * es + 8), dtype=torch.uint8,
+                         device=DEVICE)  # fmt: skip
+    c["kv_buffer"] = wide[:, 8:].view(c["kv_buffer"].dtype)
+    want_kv, want_q = expected(c, fmt, "fp8", True)
+    q_scale = as_scale(Q_SCALE)
+    args = (c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], True, fmt,
+            as_scale(K_SCALE if fmt == "per_tensor" else None), c["q_nope"], c["q_pe"], c["q_out"], q_scale, -1, 1, 0)  # fmt: skip
+    assert rope_write_cuda(*args) is False  # refused, nothing launched
+    assert dispatch.run_rope_write(*args) == "triton"
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(c["q_out"], want_q, "q_out")
