@@ -15,11 +15,13 @@ from mlakv.ops.fp8 import (
 from mlakv.ops.reference import get_mla_kv_buffer_torch, set_mla_kv_buffer_torch
 
 from .allocator import PoolFullError, TokenSlotAllocator
+from .dsa_pool import DSATokenToKVPool
 from .host_pool import MLATokenToKVPoolHost
 from .memory_pool import MLATokenToKVPool
 from .storage import LocalFileStorage, prefix_page_key
 
 __all__ = [
+    "DSATokenToKVPool",
     "LocalFileStorage",
     "MLATokenToKVPool",
     "MLATokenToKVPoolHost",
