@@ -20,7 +20,7 @@ import torch
 
 from mlakv.kernels.cuda.loader import JitUnavailable, cuda_arch_list, load_cuda_module
 
-__all__ = ["peer_dir", "peer_absent_reason", "build_sglang_module", "sglang_set_mla_kv_buffer"]
+__all__ = ["peer_dir", "peer_absent_reason", "build_sglang_source", "build_sglang_module", "sglang_set_mla_kv_buffer"]
 
 KERNEL_HEADER = Path("csrc") / "elementwise" / "set_mla_kv_buffer.cuh"  # sglang's file name
 FETCH_HINT = "fetch it with `mlakv fetch-peers sglang` (into ./.peers/sglang), or set MLAKV_SGLANG_SRC"
@@ -65,26 +65,40 @@ def _sgl_cuda_arch(arch: str) -> int:
     return int(major) * 100 + int(minor) * 10
 
 
-def build_sglang_module(
-    nope_bytes: int, rope_bytes: int, use_pdl: bool = True, device_capability: Optional[tuple[int, int]] = None
+def build_sglang_source(
+    name: str,
+    source: str,
+    device_capability: Optional[tuple[int, int]] = None,
+    extra_flags: tuple[str, ...] = (),
 ) -> Any:
-    """Compile (or load from cache) sglang's kernel for one row layout.
+    """Compile (or load from cache) a few generated lines exporting sglang kernels: ``source`` may
+    include any header of the peer's ``csrc/`` and ``include/``; it is built with sglang's flags
+    (C++20, ``SGL_CUDA_ARCH``) plus ``extra_flags``.
 
-    Raises :class:`~mlakv.jit_kernel.JitUnavailable` with the reason when the source is absent,
-    the toolchain is missing or the build fails.
+    Raises :class:`~mlakv.kernels.cuda.loader.JitUnavailable` with the reason when the source is
+    absent, the toolchain is missing or the build fails.
     """
     root = peer_dir()
     if root is None:
         raise JitUnavailable(peer_absent_reason())
     arch = cuda_arch_list(device_capability)
-    src = _WRAPPER.format(nope=nope_bytes, rope=rope_bytes, pdl="true" if use_pdl else "false")
     return load_cuda_module(
-        f"sglang_set_mla_kv_buffer_{nope_bytes}_{rope_bytes}_{'pdl' if use_pdl else 'nopdl'}",
-        src,
+        name,
+        source,
         device_capability=device_capability,
         cxx_std="c++20",
-        extra_flags=[f"-DSGL_CUDA_ARCH={_sgl_cuda_arch(arch)}"],
+        extra_flags=[f"-DSGL_CUDA_ARCH={_sgl_cuda_arch(arch)}", *extra_flags],
         extra_include_paths=[root / "include", root / "csrc"],
+    )
+
+
+def build_sglang_module(
+    nope_bytes: int, rope_bytes: int, use_pdl: bool = True, device_capability: Optional[tuple[int, int]] = None
+) -> Any:
+    """Compile (or load from cache) sglang's row-write kernel for one row layout (see :func:`build_sglang_source`)."""
+    src = _WRAPPER.format(nope=nope_bytes, rope=rope_bytes, pdl="true" if use_pdl else "false")
+    return build_sglang_source(
+        f"sglang_set_mla_kv_buffer_{nope_bytes}_{rope_bytes}_{'pdl' if use_pdl else 'nopdl'}", src, device_capability
     )
 
 
