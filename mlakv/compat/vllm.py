@@ -1,0 +1,771 @@
+"""vLLM's MLA KV-cache ops, served by mlakv's kernels: one library behind both engines.
+
+vLLM writes and reads DeepSeek-style MLA caches through a small set of ops (``vllm/_custom_ops.py``
+over ``csrc/cache_kernels.cu``). This module offers them with vLLM's names, argument order, shapes,
+``kv_cache_dtype`` strings and semantics (vLLM 0.33.0, the version docs/vllm.md was written against),
+each a thin adapter over mlakv's own ops — no write or gather is implemented twice:
+
+* vLLM's paged cache ``[num_blocks, block_size, entry]`` is a view of rows ``[rows, entry]``
+  (:func:`paged_rows`); ``slot_mapping`` is the row write's ``loc`` (:func:`slot_rows`);
+* ``concat_and_cache_mla`` -> :func:`mlakv.ops.dispatch.set_mla_kv_buffer_triton` (``"auto"``),
+  :func:`mlakv.ops.fp8.set_mla_kv_buffer_quant` (``"fp8"``/``"fp8_e4m3"``: ``per_tensor``;
+  ``"fp8_ds_mla"``: ``ds_mla`` with vLLM's power-of-two tile scales, ``ds_mla_scale="pow2"``);
+* the gathers turn ``block_table`` + start offsets into one source row per output token
+  (:func:`gather_plan`, on the device, no sync) and run :func:`mlakv.ops.custom_ops.copy_rows`
+  (the HiCache row copy, byte-exact: ``"auto"`` and ``cp_gather_cache``) or
+  :func:`mlakv.ops.fp8.get_mla_kv_buffer_dequant` (``"fp8"`` and the 656-byte upconvert);
+* ``swap_blocks`` -> :func:`mlakv.ops.custom_ops.copy_rows` with whole blocks as units.
+
+Each op is also registered as a torch library op (``torch.ops.mlakv_vllm.<name>``, vLLM's schema,
+a fake implementation that runs the same argument checks) so ``torch.compile`` traces it as one
+node, as vLLM's ``torch.ops._C_cache_ops.*`` are; :func:`register_ops` registers the same ops under
+another namespace (the test shim uses ``_C_cache_ops``). The module-level functions call the
+registered op, as vLLM's ``_custom_ops`` functions do.
+
+Unlike vLLM's kernels, every call is validated (``TypeError``/``ValueError`` naming the argument,
+the dim and what was expected), and no input makes a kernel touch memory outside its tensors:
+slots, block ids and logical blocks outside the tensors are skipped on the GPU (unchecked, no sync)
+and raise ``IndexError`` before anything is written on the CPU. Where vLLM's results differ from
+what mlakv computes (NaN payloads, fp16 ``fp8_ds_mla``, inputs vLLM reads out of bounds), the
+difference is stated in docs/vllm.md.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional, Sequence
+
+import torch
+
+from mlakv.ops import fp8
+from mlakv.ops.custom_ops import copy_rows
+from mlakv.ops.dispatch import set_mla_kv_buffer_triton
+from mlakv.spec import rules
+
+__all__ = [
+    "KV_CACHE_DTYPES",
+    "DS_MLA_ENTRY_BYTES",
+    "concat_and_cache_mla",
+    "gather_and_maybe_dequant_cache",
+    "cp_gather_cache",
+    "cp_gather_and_upconvert_fp8_kv_cache",
+    "swap_blocks",
+    "convert_fp8",
+    "paged_rows",
+    "slot_rows",
+    "gather_plan",
+    "register_ops",
+    "NAMESPACE",
+]
+
+#: The ``kv_cache_dtype`` strings taken (vLLM's ``CacheDType`` names that map to these formats).
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_ds_mla")
+_KIND = {"auto": "auto", "float16": "auto", "bfloat16": "auto", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_ds_mla": "ds_mla"}
+#: One ``fp8_ds_mla`` entry: 512 e4m3 nope bytes, 4 fp32 tile scales, 64 bf16 rope values.
+DS_MLA_ENTRY_BYTES = 656
+_DS_NOPE, _DS_ROPE = 512, 64
+_BYTE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
+_IDX_DTYPES = (torch.int32, torch.int64)
+NAMESPACE = "mlakv_vllm"
+
+
+# ---- argument checks (metadata only: they also run in the fake implementations) ----------------
+
+
+def _tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _kind(kv_cache_dtype: object, allowed: Sequence[str]) -> str:
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    kind = _KIND[kv_cache_dtype]
+    if kind not in allowed:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by this op (takes {tuple(allowed)})")
+    return kind
+
+
+def _same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _index_vector(name: str, t: object, dims: int = 1) -> torch.Tensor:
+    _tensor(name, t)
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got {t.dim()}-D shape {tuple(t.shape)}")
+    if t.dtype not in _IDX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    return t
+
+
+def _entry_shape(name: str, cache: object) -> tuple[int, int, int]:
+    """``(num_blocks, block_size, entry)`` of a paged cache ``[num_blocks, block_size, *entry_dims]``
+    whose entry dims are contiguous (one row of ``entry`` elements per slot)."""
+    _tensor(name, cache)
+    if cache.dim() < 3:
+        raise ValueError(f"{name} must be [num_blocks, block_size, entry...] (3-D or more), got shape {tuple(cache.shape)}")
+    entry, expect = 1, 1
+    for size, stride in zip(reversed(cache.shape[2:]), reversed(cache.stride()[2:])):
+        if size > 1 and stride != expect:
+            raise ValueError(f"{name}: the entry dims (dim 2 on) must be contiguous, got strides {tuple(cache.stride())}")
+        entry *= size
+        expect *= size
+    nb, bs = cache.shape[0], cache.shape[1]
+    if nb and bs and entry:
+        s0, s1 = cache.stride(0), cache.stride(1)
+        if bs > 1 and s1 < entry:
+            raise ValueError(f"{name}: slots overlap (dim 1 stride {s1} < entry size {entry})")
+        if nb > 1 and (s0 < (bs - 1) * s1 + entry or (bs > 1 and s0 % s1)):
+            raise ValueError(
+                f"{name}: dim 0 (block) stride {s0} must be a multiple of the slot stride {s1} and hold "
+                f"block_size={bs} slots"
+            )
+    return nb, bs, entry
+
+
+def paged_rows(cache: torch.Tensor, name: str = "kv_cache") -> tuple[torch.Tensor, int]:
+    """vLLM's paged cache as mlakv rows: ``(rows [R, entry], rows_per_block)``.
+
+    ``cache``: ``[num_blocks, block_size, entry...]`` with contiguous entry dims and a block stride
+    that is a multiple of the slot stride (vLLM pads blocks that way, if at all). Row ``r`` of the
+    result is slot ``r % rows_per_block`` of block ``r // rows_per_block`` (``rows_per_block =
+    block stride / slot stride``; padded blocks leave rows no slot maps to). A view: no copy.
+    """
+    nb, bs, entry = _entry_shape(name, cache)
+    if bs > 1:
+        s1 = cache.stride(1)
+        rpb = cache.stride(0) // s1 if nb > 1 else bs
+    else:  # one slot per block: a row is a block
+        s1 = cache.stride(0) if nb > 1 else entry
+        rpb = 1
+    n_rows = (nb - 1) * rpb + bs if nb and bs else 0
+    return torch.as_strided(cache, (n_rows, entry), (s1, 1), cache.storage_offset()), rpb
+
+
+def slot_rows(slot: torch.Tensor, block_size: int, rows_per_block: int) -> torch.Tensor:
+    """vLLM slots (``block * block_size + offset``) as :func:`paged_rows` rows; negatives stay negative.
+
+    Unpadded blocks (``rows_per_block == block_size``): ``slot`` itself, no kernel launched.
+    """
+    if rows_per_block == block_size:
+        return slot
+    s = slot.to(torch.int64)
+    return torch.where(s >= 0, (s // block_size) * rows_per_block + s % block_size, -1)
+
+
+def _check_scale(scale: object, device: torch.device) -> torch.Tensor:
+    _tensor("scale", scale)
+    if scale.dtype != torch.float32 or scale.numel() != 1:
+        raise TypeError(f"scale must be a 1-element float32 tensor, got {scale.dtype} shape {tuple(scale.shape)}")
+    if scale.device != device:
+        raise ValueError(f"scale is on {scale.device} but kv_cache is on {device}")
+    return scale.reshape(1)
+
+
+def _check_concat(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip_scale) -> tuple[str, int]:
+    """The write's rules; returns ``(kind, num_tokens)``."""
+    kind = _kind(kv_cache_dtype, ("auto", "fp8", "ds_mla"))
+    for name, t in (("kv_c", kv_c), ("k_pe", k_pe)):
+        _tensor(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [num_tokens, D], got shape {tuple(t.shape)}")
+    _index_vector("slot_mapping", slot_mapping)
+    _tensor("scale", scale)
+    if not isinstance(skip_scale, bool):
+        raise TypeError(f"skip_scale must be a bool, got {type(skip_scale).__name__}")
+    nb, bs, entry = _entry_shape("kv_cache", kv_cache)
+    _same_device("kv_cache", kv_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping)
+    n = slot_mapping.shape[0]  # vLLM: kv_c/k_pe may carry more rows (CUDA-graph padding); these are written
+    for name, t in (("kv_c", kv_c), ("k_pe", k_pe)):
+        if t.shape[0] < n:
+            raise ValueError(f"{name}: dim 0 has {t.shape[0]} rows but slot_mapping has num_tokens={n}")
+    if k_pe.dtype != kv_c.dtype:
+        raise TypeError(f"k_pe dtype {k_pe.dtype} must match kv_c dtype {kv_c.dtype}")
+    r, p = kv_c.shape[1], k_pe.shape[1]
+    if kind == "ds_mla":
+        if r != _DS_NOPE or p not in (_DS_ROPE, 0):
+            raise ValueError(f"fp8_ds_mla needs kv_c [num_tokens, 512] and k_pe [num_tokens, 64 or 0], got {r} and {p}")
+        if kv_c.dtype != torch.bfloat16:
+            raise TypeError(
+                f"fp8_ds_mla takes bfloat16 kv_c/k_pe, got {kv_c.dtype} (vLLM's kernel reads a float16 tile's "
+                "amax from the raw bits; mlakv does not reproduce that)"
+            )
+        if kv_cache.dtype not in _BYTE_DTYPES or entry != DS_MLA_ENTRY_BYTES:
+            raise ValueError(
+                f"kv_cache for fp8_ds_mla must be uint8/float8_e4m3fn with {DS_MLA_ENTRY_BYTES}-byte entries, "
+                f"got {kv_cache.dtype} entry {entry}"
+            )
+        return kind, n
+    if entry != r + p:
+        raise ValueError(f"kv_cache: entry size (dim 2) is {entry} but kv_lora_rank + pe_dim = {r} + {p} = {r + p}")
+    if kind == "auto":
+        if kv_cache.dtype != kv_c.dtype:
+            raise TypeError(
+                f"kv_cache_dtype={kv_cache_dtype!r} copies bytes: kv_cache dtype {kv_cache.dtype} must equal kv_c dtype "
+                f"{kv_c.dtype}"
+            )
+        if kv_c.dtype not in rules.SUPPORTED_DTYPES:
+            raise TypeError(f"kv_c dtype {kv_c.dtype} is not supported; expected one of {rules.SUPPORTED_DTYPES}")
+        return kind, n
+    if kv_cache.dtype not in _BYTE_DTYPES:
+        raise TypeError(f"kv_cache for {kv_cache_dtype!r} must be uint8 or float8_e4m3fn (e4m3 bytes), got {kv_cache.dtype}")
+    if kv_c.dtype not in fp8.PER_TENSOR_SOURCE_DTYPES:
+        raise TypeError(f"kv_c dtype must be one of {fp8.PER_TENSOR_SOURCE_DTYPES} for {kv_cache_dtype!r}, got {kv_c.dtype}")
+    if not skip_scale:
+        _check_scale(scale, kv_cache.device)
+    return kind, n
+
+
+# ---- concat_and_cache_mla ------------------------------------------------------------------
+
+
+def _concat_impl(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip_scale=False) -> None:
+    kind, n = _check_concat(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip_scale)
+    if n == 0:
+        return
+    rows, rpb = paged_rows(kv_cache)
+    loc = slot_rows(slot_mapping, kv_cache.shape[1], rpb)
+    nope, rope = kv_c[:n], k_pe[:n]
+    if kind == "auto":
+        set_mla_kv_buffer_triton(rows, loc, nope, rope)
+    elif kind == "fp8":
+        k_scale = 1.0 if skip_scale else _check_scale(scale, kv_cache.device)
+        fp8.set_mla_kv_buffer_quant(rows, loc, nope, rope, "per_tensor", k_scale)
+    else:
+        if rope.shape[1] == 0:  # vLLM's NoPE rows: the rope tail is written as zeros
+            rope = nope.new_zeros((1, _DS_ROPE)).expand(n, _DS_ROPE)
+        fp8.set_mla_kv_buffer_quant(rows.view(torch.uint8), loc, nope, rope, "ds_mla", None, ds_mla_scale="pow2")
+
+
+def _concat_fake(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip_scale=False) -> None:
+    _check_concat(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip_scale)
+
+
+# ---- the gathers ----------------------------------------------------------------------------
+
+
+def gather_plan(
+    block_table: torch.Tensor,
+    starts: torch.Tensor,
+    num_reqs: int,
+    total: int,
+    block_size: int,
+    num_blocks: int,
+    seq_starts: Optional[torch.Tensor] = None,
+    terminal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which cache slot each output token reads: ``(slot [total] int64, valid [total] bool)``.
+
+    vLLM's request layout: request ``r`` owns output rows ``[min(starts[r], total), min(end_r,
+    total))`` with ``end_r = starts[r + 1]`` (``terminal``: ``starts`` has ``num_reqs + 1`` entries,
+    a ``cu_seq_lens``) or, without a terminal entry (``workspace_starts``), the next request's start
+    and ``total`` for the last one. Its ``j``-th row reads logical position ``p = seq_starts[r] + j``
+    (``seq_starts`` None: ``j``): block ``block_table[r, p // block_size]``, offset ``p %
+    block_size``, i.e. slot ``block * block_size + offset``. A row no request owns, or whose logical
+    block is past ``block_table``'s columns or whose block id is outside ``[0, num_blocks)``, is not
+    valid (``slot = -1``): the ops leave it untouched. Requests must start in non-decreasing order
+    (the gathers check it on the CPU). Runs on ``block_table``'s device without a sync.
+    """
+    dev = block_table.device
+    t = torch.arange(total, device=dev)
+    if num_reqs == 0 or total == 0 or block_table.shape[1] == 0:
+        return torch.full((total,), -1, dtype=torch.int64, device=dev), torch.zeros(total, dtype=torch.bool, device=dev)
+    st = starts.to(torch.int64)
+    begin = st[:num_reqs].clamp(max=total)
+    if terminal:
+        end = st[1 : num_reqs + 1]
+    else:
+        end = torch.cat([st[1:num_reqs], torch.full((1,), total, dtype=torch.int64, device=dev)])
+    end = end.clamp(max=total)
+    req = torch.searchsorted(begin, t, right=True) - 1  # the last request starting at or before t
+    r = req.clamp(0, num_reqs - 1)
+    pos = t - begin[r]
+    if seq_starts is not None:
+        pos = pos + seq_starts.to(torch.int64)[r]
+    logical = torch.div(pos, block_size, rounding_mode="floor")
+    valid = (req >= 0) & (t < end[r]) & (pos >= 0) & (logical < block_table.shape[1])
+    block = block_table[r, logical.clamp(0, block_table.shape[1] - 1)].to(torch.int64)
+    valid &= (block >= 0) & (block < num_blocks)
+    slot = torch.where(valid, block * block_size + pos % block_size, -1)
+    return slot, valid
+
+
+def _check_plan_values(
+    block_table: torch.Tensor, starts: torch.Tensor, starts_name: str, num_reqs: int, total: int, block_size: int,
+    num_blocks: int, seq_starts: Optional[torch.Tensor], terminal: bool,
+) -> None:
+    """CPU value checks (free there): ordered starts, non-negative seq_starts, every owned row's
+    logical block inside ``block_table`` and its block id inside the cache; ``IndexError``/``ValueError``."""
+    st = starts[: num_reqs + (1 if terminal else 0)].to(torch.int64)
+    if st.numel() > 1 and bool((st[1:] < st[:-1]).any()):
+        raise ValueError(f"{starts_name} must be non-decreasing, got {st.tolist()[:16]}")
+    if st.numel() and int(st[0]) < 0:
+        raise ValueError(f"{starts_name}[0] must be >= 0, got {int(st[0])}")
+    if seq_starts is not None and num_reqs and bool((seq_starts[:num_reqs] < 0).any()):
+        raise ValueError(f"seq_starts must be >= 0, got {seq_starts[:num_reqs].tolist()[:16]}")
+    for r in range(num_reqs):
+        b = min(int(st[r]), total)
+        e = min(int(st[r + 1]) if r + 1 < st.numel() else total, total)
+        if e <= b:
+            continue
+        first = int(seq_starts[r]) if seq_starts is not None else 0
+        last_block = (first + e - b - 1) // block_size
+        if last_block >= block_table.shape[1]:
+            raise IndexError(
+                f"request {r} reads logical block {last_block} but block_table has {block_table.shape[1]} columns"
+            )
+        ids = block_table[r, first // block_size : last_block + 1]
+        bad = (ids < 0) | (ids >= num_blocks)
+        if bool(bad.any()):
+            j = first // block_size + int(bad.nonzero()[0, 0])
+            raise IndexError(f"block_table[{r}, {j}] = {int(block_table[r, j])} is out of range for num_blocks={num_blocks}")
+
+
+def _check_gather_common(src_cache, dst, block_table, starts, starts_name: str, seq_starts) -> tuple[int, int, int]:
+    nb, bs, entry = _entry_shape("src_cache", src_cache)
+    _tensor("dst", dst)
+    if dst.dim() < 2:
+        raise ValueError(f"dst must be [num_tokens, entry...] (2-D or more), got shape {tuple(dst.shape)}")
+    d_entry, expect = 1, 1
+    for size, stride in zip(reversed(dst.shape[1:]), reversed(dst.stride()[1:])):
+        if size > 1 and stride != expect:
+            raise ValueError(f"dst: the entry dims (dim 1 on) must be contiguous, got strides {tuple(dst.stride())}")
+        d_entry *= size
+        expect *= size
+    if dst.shape[0] > 1 and dst.stride(0) < d_entry:
+        raise ValueError(f"dst: rows overlap (dim 0 stride {dst.stride(0)} < entry size {d_entry})")
+    _index_vector("block_table", block_table, 2)
+    _index_vector(starts_name, starts)
+    if seq_starts is not None:
+        _index_vector("seq_starts", seq_starts)
+    _same_device("src_cache", src_cache, dst=dst, block_table=block_table, **{starts_name: starts}, seq_starts=seq_starts)
+    return nb, bs, entry
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _dst_rows(dst: torch.Tensor) -> torch.Tensor:
+    """``dst [T, entry...]`` as ``[T, entry]`` rows (a view)."""
+    return dst.reshape(dst.shape[0], -1) if dst.dim() != 2 else dst
+
+
+def _span(t: torch.Tensor) -> torch.Tensor:
+    """The bytes ``t`` spans (first to last element, at its strides) as one contiguous uint8 vector
+    over the same storage (a view; the row copy addresses it by bytes)."""
+    lo, hi = rules.byte_span(t)
+    out = torch.empty(0, dtype=torch.uint8, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset() * t.element_size(), (hi - lo,), (1,))
+
+
+def _byte_gather(src_cache: torch.Tensor, dst: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, entry_bytes: int) -> None:
+    """``dst[t] = src_cache slot[t]`` (``entry_bytes`` each) for valid ``t``: the HiCache row copy."""
+    total = slot.shape[0]
+    es = src_cache.element_size()
+    src_layout = (src_cache.shape[1], src_cache.stride(0) * es, src_cache.stride(1) * es)
+    dst_layout = (1, dst.stride(0) * dst.element_size(), 0)
+    out = torch.arange(total, device=slot.device)
+    if not src_cache.is_cuda:  # the CPU copy refuses negative slots: pass the owned rows only
+        keep = valid.nonzero().flatten()
+        slot, out = slot[keep], out[keep]
+    copy_rows(_span(src_cache), _span(dst), slot, out, entry_bytes, src_layout, dst_layout)
+
+
+def _masked_store(dst_rows: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:
+    """``dst_rows[t] = values[t]`` where ``valid[t]``; other rows keep their bytes."""
+    dst_rows.copy_(torch.where(valid[:, None], values, dst_rows))
+
+
+def _check_gmd(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts):
+    kind = _kind(kv_cache_dtype, ("auto", "fp8"))
+    nb, bs, entry = _check_gather_common(src_cache, dst, block_table, cu_seq_lens, "cu_seq_lens", seq_starts)
+    _tensor("token_to_seq", token_to_seq)
+    n = rules.check_int_arg(num_tokens, "num_tokens", 0)
+    if n > dst.shape[0]:
+        raise ValueError(f"num_tokens={n} exceeds dst's {dst.shape[0]} rows (dim 0)")
+    d_entry = _prod(dst.shape[1:])
+    if d_entry > entry:
+        raise ValueError(f"dst: entry size {d_entry} exceeds src_cache's entry size {entry} (dim 2)")
+    if kind == "auto":
+        if src_cache.dtype != dst.dtype:
+            raise TypeError(f"kv_cache_dtype={kv_cache_dtype!r} copies bytes: src_cache dtype {src_cache.dtype} must equal dst dtype {dst.dtype}")
+    else:
+        if src_cache.dtype not in _BYTE_DTYPES:
+            raise TypeError(f"src_cache for {kv_cache_dtype!r} must be uint8 or float8_e4m3fn, got {src_cache.dtype}")
+        if dst.dtype not in fp8.DEQUANT_DTYPES:
+            raise TypeError(f"dst dtype must be one of {fp8.DEQUANT_DTYPES} to dequantize into, got {dst.dtype}")
+        _check_scale(scale, src_cache.device)
+    return kind, n, nb, bs, d_entry
+
+
+def _gmd_impl(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts=None) -> None:
+    kind, n, nb, bs, entry = _check_gmd(
+        src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts
+    )
+    num_reqs = max(cu_seq_lens.shape[0] - 1, 0)
+    if n == 0 or num_reqs == 0:
+        return
+    if not src_cache.is_cuda:
+        _check_plan_values(block_table, cu_seq_lens, "cu_seq_lens", num_reqs, n, bs, nb, seq_starts, True)
+    slot, valid = gather_plan(block_table, cu_seq_lens, num_reqs, n, bs, nb, seq_starts, terminal=True)
+    rows = _dst_rows(dst)
+    if kind == "auto":
+        _byte_gather(src_cache, rows, slot, valid, entry * dst.element_size())
+        return
+    cache_rows, rpb = paged_rows(src_cache, "src_cache")
+    deq, _ = fp8.get_mla_kv_buffer_dequant(
+        cache_rows, slot_rows(slot, bs, rpb), "per_tensor", entry, 0, _check_scale(scale, src_cache.device), dst.dtype
+    )
+    _masked_store(rows[:n], valid, deq)
+
+
+def _gmd_fake(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts=None) -> None:
+    _check_gmd(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts)
+
+
+def _check_cp_gather(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_starts):
+    nb, bs, entry = _check_gather_common(src_cache, dst, block_table, cu_seq_lens, "cu_seq_lens", seq_starts)
+    b = rules.check_int_arg(batch_size, "batch_size", 0)
+    if b != cu_seq_lens.shape[0] - 1:
+        raise ValueError(f"batch_size={b} must match cu_seq_lens ({cu_seq_lens.shape[0]} entries = batch_size + 1)")
+    if src_cache.dtype != dst.dtype:
+        raise TypeError(f"src_cache dtype {src_cache.dtype} must equal dst dtype {dst.dtype} (a byte copy)")
+    d_entry = _prod(dst.shape[1:])
+    if d_entry != entry:
+        raise ValueError(f"dst: entry size {d_entry} (dims 1 on) must equal src_cache's entry size {entry}")
+    return b, nb, bs, entry
+
+
+def _cp_gather_impl(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_starts=None) -> None:
+    b, nb, bs, entry = _check_cp_gather(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_starts)
+    total = dst.shape[0]
+    if total == 0 or b == 0 or entry == 0:
+        return
+    if not src_cache.is_cuda:
+        _check_plan_values(block_table, cu_seq_lens, "cu_seq_lens", b, total, bs, nb, seq_starts, True)
+    slot, valid = gather_plan(block_table, cu_seq_lens, b, total, bs, nb, seq_starts, terminal=True)
+    _byte_gather(src_cache, _dst_rows(dst), slot, valid, entry * dst.element_size())
+
+
+def _cp_gather_fake(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_starts=None) -> None:
+    _check_cp_gather(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_starts)
+
+
+_UPCONVERT_SRC = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _check_upconvert(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts, host_cache, host_row_ids, device_row_ids):
+    nb, bs, entry = _check_gather_common(src_cache, dst, block_table, workspace_starts, "workspace_starts", seq_starts)
+    b = rules.check_int_arg(batch_size, "batch_size", 0)
+    if b > workspace_starts.shape[0] or b > block_table.shape[0]:
+        raise ValueError(
+            f"batch_size={b} exceeds workspace_starts ({workspace_starts.shape[0]}) or block_table rows ({block_table.shape[0]})"
+        )
+    if seq_starts is not None and b > seq_starts.shape[0]:
+        raise ValueError(f"batch_size={b} exceeds seq_starts ({seq_starts.shape[0]} entries)")
+    if src_cache.dtype not in _UPCONVERT_SRC or entry != DS_MLA_ENTRY_BYTES:
+        raise ValueError(
+            f"src_cache must be uint8/float8 [num_blocks, block_size, {DS_MLA_ENTRY_BYTES}], got {src_cache.dtype} entry {entry}"
+        )
+    if dst.dtype != torch.bfloat16 or dst.dim() != 2 or dst.shape[1] != _DS_NOPE + _DS_ROPE:
+        raise ValueError(f"dst must be bfloat16 [total_tokens, 576], got {dst.dtype} shape {tuple(dst.shape)}")
+    if host_cache is not None or host_row_ids is not None or device_row_ids is not None:
+        raise NotImplementedError(
+            "host_cache/host_row_ids/device_row_ids (rows read from pinned host memory) are not supported by mlakv's face"
+        )
+    return b, nb, bs
+
+
+def _upconvert_impl(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None,
+                    host_cache=None, host_row_ids=None, device_row_ids=None) -> None:  # fmt: skip
+    b, nb, bs = _check_upconvert(
+        src_cache, dst, block_table, workspace_starts, batch_size, seq_starts, host_cache, host_row_ids, device_row_ids
+    )
+    total = dst.shape[0]
+    if total == 0 or b == 0:
+        return
+    if not src_cache.is_cuda:
+        _check_plan_values(block_table, workspace_starts, "workspace_starts", b, total, bs, nb, seq_starts, False)
+    slot, valid = gather_plan(block_table, workspace_starts, b, total, bs, nb, seq_starts, terminal=False)
+    cache_rows, rpb = paged_rows(src_cache.view(torch.uint8), "src_cache")
+    nope, rope = fp8.get_mla_kv_buffer_dequant(
+        cache_rows, slot_rows(slot, bs, rpb), "ds_mla", _DS_NOPE, _DS_ROPE, None, torch.bfloat16
+    )
+    _masked_store(dst[:, :_DS_NOPE], valid, nope)
+    _masked_store(dst[:, _DS_NOPE:], valid, rope)
+
+
+def _upconvert_fake(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None,
+                    host_cache=None, host_row_ids=None, device_row_ids=None) -> None:  # fmt: skip
+    _check_upconvert(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts, host_cache, host_row_ids, device_row_ids)
+
+
+# ---- swap_blocks ----------------------------------------------------------------------------
+
+
+def _check_swap(src, dst, block_size_in_bytes, block_mapping) -> int:
+    _tensor("src", src)
+    _tensor("dst", dst)
+    bsb = rules.check_int_arg(block_size_in_bytes, "block_size_in_bytes", 1)
+    _tensor("block_mapping", block_mapping)
+    if block_mapping.dim() != 2 or block_mapping.shape[1] != 2:
+        raise ValueError(f"block_mapping must be [num_pairs, 2], got shape {tuple(block_mapping.shape)}")
+    if block_mapping.dtype != torch.int64:
+        raise TypeError(f"block_mapping must be int64, got {block_mapping.dtype}")
+    if block_mapping.device.type != "cpu":
+        raise ValueError(f"block_mapping must be on the CPU (read on the host), got {block_mapping.device}")
+    if src.is_cuda and dst.is_cuda and src.device != dst.device:
+        raise ValueError(f"src and dst must be on the same GPU, got {src.device} and {dst.device}")
+    for name, t in (("src", src), ("dst", dst)):
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} must be a CPU or CUDA tensor, got {t.device}")
+        if t.numel() and t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
+    return bsb
+
+
+def _swap_impl(src, dst, block_size_in_bytes, block_mapping) -> None:
+    bsb = _check_swap(src, dst, block_size_in_bytes, block_mapping)
+    m = block_mapping.shape[0]
+    if m == 0:
+        return
+    gpu = src.device if src.is_cuda else dst.device
+    for name, t in (("src", src), ("dst", dst)):
+        if gpu.type == "cuda" and not t.is_cuda and not t.is_pinned():
+            raise ValueError(f"{name} is CPU memory that is not pinned: the GPU copy reads host memory in place (pin_memory())")
+    s_span, d_span = _span(src), _span(dst)
+    for col, name, span in ((0, "src", s_span), (1, "dst", d_span)):
+        blocks = block_mapping[:, col]
+        bad = (blocks < 0) | ((blocks + 1) * bsb > span.numel())
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise IndexError(
+                f"block_mapping[{i}, {col}] = {int(blocks[i])}: a {bsb}-byte block outside {name} ({span.numel()} bytes)"
+            )
+    if torch.unique(block_mapping[:, 1]).numel() != m:
+        raise ValueError("block_mapping: a destination block appears twice (the copies run concurrently)")
+    idx = block_mapping.to(gpu) if gpu.type == "cuda" else block_mapping
+    layout = (1, bsb, 0)
+    copy_rows(s_span, d_span, idx[:, 0], idx[:, 1], bsb, layout, layout)
+
+
+def _swap_fake(src, dst, block_size_in_bytes, block_mapping) -> None:
+    _check_swap(src, dst, block_size_in_bytes, block_mapping)
+
+
+# ---- convert_fp8 (vLLM's test-only conversion) ------------------------------------------------
+
+
+def convert_fp8(output: torch.Tensor, input: torch.Tensor, scale: float = 1.0, kv_dtype: str = "fp8") -> None:
+    """vLLM's ``convert_fp8`` (a testing helper there): e4m3 bytes <-> 16/32-bit floats, elementwise.
+
+    ``output``/``input``: the same shape; one side uint8/float8_e4m3fn, the other bf16/fp16/fp32.
+    Into bytes: ``e4m3(float(x) / scale)`` (IEEE division, RNE, saturating; mlakv's per_tensor
+    quantizer); out of bytes: ``float(e4m3) * scale`` rounded to ``output``'s dtype. Plain torch,
+    through :func:`mlakv.ops.fp8.quantize_mla_rows` / :func:`~mlakv.ops.fp8.dequantize_mla_rows`.
+    Only ``kv_dtype`` ``"fp8"``/``"fp8_e4m3"``.
+    """
+    if kv_dtype not in ("fp8", "fp8_e4m3"):
+        raise ValueError(f"kv_dtype must be 'fp8' or 'fp8_e4m3', got {kv_dtype!r}")
+    _tensor("output", output)
+    _tensor("input", input)
+    if output.shape != input.shape:
+        raise ValueError(f"output shape {tuple(output.shape)} must equal input shape {tuple(input.shape)}")
+    k = float(torch.tensor(float(scale), dtype=torch.float32))
+    d = input.shape[-1] if input.dim() else 1
+    if input.dtype in _BYTE_DTYPES:
+        rows = input.reshape(-1, d).view(torch.uint8)
+        vals, _ = fp8.dequantize_mla_rows(rows, "per_tensor", d, 0, k, output.dtype)
+        output.copy_(vals.reshape(output.shape))
+        return
+    if output.dtype not in _BYTE_DTYPES:
+        raise TypeError(f"one of output/input must hold e4m3 bytes (uint8/float8_e4m3fn), got {output.dtype} and {input.dtype}")
+    x = input.reshape(-1, d)
+    q = fp8.quantize_mla_rows(x, x[:, :0], "per_tensor", k)
+    output.copy_(q.view(torch.uint8).view(output.dtype).reshape(output.shape))
+
+
+# ---- registration as torch library ops ------------------------------------------------------
+
+_SCHEMAS = {
+    "concat_and_cache_mla": (
+        "concat_and_cache_mla(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, str kv_cache_dtype, "
+        "Tensor scale, bool skip_scale=False) -> ()",
+        _concat_impl, _concat_fake, ("kv_cache",),
+    ),
+    "gather_and_maybe_dequant_cache": (
+        "gather_and_maybe_dequant_cache(Tensor src_cache, Tensor(a!) dst, Tensor block_table, Tensor cu_seq_lens, "
+        "Tensor token_to_seq, int num_tokens, str kv_cache_dtype, Tensor scale, Tensor? seq_starts) -> ()",
+        _gmd_impl, _gmd_fake, ("dst",),
+    ),
+    "cp_gather_cache": (
+        "cp_gather_cache(Tensor src_cache, Tensor(a!) dst, Tensor block_table, Tensor cu_seq_lens, int batch_size, "
+        "Tensor? seq_starts) -> ()",
+        _cp_gather_impl, _cp_gather_fake, ("dst",),
+    ),
+    "cp_gather_and_upconvert_fp8_kv_cache": (
+        "cp_gather_and_upconvert_fp8_kv_cache(Tensor src_cache, Tensor(a!) dst, Tensor block_table, "
+        "Tensor workspace_starts, int batch_size, Tensor? seq_starts, Tensor? host_cache=None, "
+        "Tensor? host_row_ids=None, Tensor? device_row_ids=None) -> ()",
+        _upconvert_impl, _upconvert_fake, ("dst",),
+    ),
+    "swap_blocks": (
+        "swap_blocks(Tensor src, Tensor(a!) dst, int block_size_in_bytes, Tensor block_mapping) -> ()",
+        _swap_impl, _swap_fake, ("dst",),
+    ),
+    "convert_fp8": (
+        "convert_fp8(Tensor(a!) dst_cache, Tensor src_cache, float scale, str kv_cache_dtype) -> ()",
+        lambda dst_cache, src_cache, scale, kv_cache_dtype: convert_fp8(dst_cache, src_cache, scale, kv_cache_dtype),
+        lambda dst_cache, src_cache, scale, kv_cache_dtype: None, ("dst_cache",),
+    ),
+}
+
+_LIBS: dict[str, torch.library.Library] = {}
+
+
+def _kernel(impl, written: tuple[str, ...], names: list[str]):
+    positions = [names.index(w) for w in written]
+
+    def run(*args, **kwargs):
+        impl(*args, **kwargs)
+        touched = [args[i] if i < len(args) else kwargs[names[i]] for i in positions]
+        torch._C._increment_version(touched)  # what the op wrote (as mlakv's other ops do)
+
+    return run
+
+
+def register_ops(namespace: str = NAMESPACE) -> object:
+    """Register the ops as ``torch.ops.<namespace>.<name>`` (vLLM's schemas, fake implementations);
+    returns ``torch.ops.<namespace>``. Registering a namespace twice is a no-op."""
+    if namespace not in _LIBS:
+        lib = torch.library.Library(namespace, "FRAGMENT")
+        for name, (schema, impl, fake, written) in _SCHEMAS.items():
+            arg_names = [a.strip().split(" ")[-1].split("=")[0] for a in schema.split("(", 1)[1].rsplit(") ->", 1)[0].split(",")]
+            lib.define(schema)
+            lib.impl(name, _kernel(impl, written, arg_names), "CompositeExplicitAutograd")
+            torch.library.register_fake(f"{namespace}::{name}", fake, lib=lib)
+        _LIBS[namespace] = lib
+    return getattr(torch.ops, namespace)
+
+
+_OPS = register_ops()
+
+
+# ---- vLLM's _custom_ops functions (each calls its op, as vLLM's do) ---------------------------
+
+
+def concat_and_cache_mla(
+    kv_c: torch.Tensor,
+    k_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+    scale: torch.Tensor,
+    skip_scale: bool = False,
+) -> None:
+    """Write ``[kv_c | k_pe]`` of token ``i`` into ``kv_cache`` at slot ``slot_mapping[i]`` (vLLM's op).
+
+    Args:
+        kv_c: ``[num_tokens_or_more, kv_lora_rank]``; k_pe: ``[num_tokens_or_more, pe_dim]`` (same
+            dtype); only the first ``num_tokens = slot_mapping.shape[0]`` rows are written.
+        kv_cache: ``[num_blocks, block_size, entry]``; slot ``s`` is block ``s // block_size``,
+            offset ``s % block_size``. ``"auto"``: kv_c's dtype, ``entry = kv_lora_rank + pe_dim``
+            (bytes copied). ``"fp8"``/``"fp8_e4m3"``: uint8/float8_e4m3fn, the same entry,
+            ``e4m3(x / scale)`` (sources bf16/fp16/fp32). ``"fp8_ds_mla"``: 656-byte entries
+            (kv_lora_rank 512, pe_dim 64 or 0, bf16 sources): 4 tiles of 128 e4m3 values with
+            power-of-two fp32 scales, then the rope as bf16 (zeros for pe_dim 0).
+        slot_mapping: ``[num_tokens]`` int64 (or int32); ``< 0`` is padding (skipped).
+        kv_cache_dtype: one of :data:`KV_CACHE_DTYPES` ("float16"/"bfloat16" mean "auto").
+        scale: 1-element fp32 tensor on the cache's device (fp8 only; ``skip_scale``: 1.0 is used).
+    """
+    _OPS.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip_scale)
+
+
+def gather_and_maybe_dequant_cache(
+    src_cache: torch.Tensor,
+    dst: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    token_to_seq: torch.Tensor,
+    num_tokens: int,
+    kv_cache_dtype: str,
+    scale: torch.Tensor,
+    seq_starts: Optional[torch.Tensor] = None,
+) -> None:
+    """Gather requests' cache entries into rows of ``dst``, dequantizing fp8 (vLLM's op).
+
+    Args:
+        src_cache: ``[num_blocks, block_size, entry]``; dst: ``[rows >= num_tokens, head_dim]``,
+            ``head_dim <= entry`` (the first ``head_dim`` values of each entry are read).
+        block_table: ``[num_reqs, max_blocks]`` int32; cu_seq_lens: ``[num_reqs + 1]`` int32.
+        token_to_seq: accepted and unused (vLLM 0.33's kernel ignores it too).
+        num_tokens: rows ``[0, num_tokens)`` of dst are the output (rows no request owns keep their bytes).
+        kv_cache_dtype: ``"auto"`` (dst dtype == src_cache dtype; bytes copied) or ``"fp8"``/
+            ``"fp8_e4m3"`` (uint8 cache; dst bf16/fp16/fp32 = ``float(e4m3) * scale``, rounded).
+        scale: 1-element fp32 tensor (fp8). seq_starts: ``[num_reqs]`` int32, request ``r``'s first
+            logical position (None: 0). See :func:`gather_plan` for the row mapping.
+    """
+    _OPS.gather_and_maybe_dequant_cache(
+        src_cache, dst, block_table, cu_seq_lens, token_to_seq, operator.index(num_tokens), kv_cache_dtype, scale, seq_starts
+    )
+
+
+def cp_gather_cache(
+    src_cache: torch.Tensor,
+    dst: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    batch_size: int,
+    seq_starts: Optional[torch.Tensor] = None,
+) -> None:
+    """Copy requests' cache entries (bytes, any dtype) into rows of ``dst`` (vLLM's op).
+
+    ``src_cache [num_blocks, block_size, entry...]``, ``dst [total_tokens, entry...]`` of the same
+    dtype and entry size; ``cu_seq_lens [batch_size + 1]``, ``block_table [batch_size, max_blocks]``,
+    ``seq_starts [batch_size]`` (a start offset that need not be block aligned), all int32.
+    """
+    _OPS.cp_gather_cache(src_cache, dst, block_table, cu_seq_lens, operator.index(batch_size), seq_starts)
+
+
+def cp_gather_and_upconvert_fp8_kv_cache(
+    src_cache: torch.Tensor,
+    dst: torch.Tensor,
+    block_table: torch.Tensor,
+    workspace_starts: torch.Tensor,
+    batch_size: int,
+    seq_starts: Optional[torch.Tensor] = None,
+    host_cache: Optional[torch.Tensor] = None,
+    host_row_ids: Optional[torch.Tensor] = None,
+    device_row_ids: Optional[torch.Tensor] = None,
+) -> None:
+    """Gather ``fp8_ds_mla`` entries and upconvert them to bf16 rows ``[total_tokens, 576]`` (vLLM's op).
+
+    ``src_cache [num_blocks, block_size, 656]`` uint8/float8; ``dst [total_tokens, 576]`` bf16:
+    nope = ``bf16(e4m3 * tile_scale)``, rope = the stored bf16. Request ``r`` fills rows
+    ``[workspace_starts[r], workspace_starts[r + 1])`` (the last up to ``total_tokens``) from logical
+    position ``seq_starts[r]`` on. ``host_cache``/``host_row_ids``/``device_row_ids`` (pinned host
+    rows) raise ``NotImplementedError``.
+    """
+    _OPS.cp_gather_and_upconvert_fp8_kv_cache(
+        src_cache, dst, block_table, workspace_starts, operator.index(batch_size), seq_starts,
+        host_cache, host_row_ids, device_row_ids,
+    )  # fmt: skip
+
+
+def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_size_in_bytes: int, block_mapping: torch.Tensor) -> None:
+    """Copy block ``block_mapping[i, 0]`` of ``src`` to block ``block_mapping[i, 1]`` of ``dst`` (vLLM's op).
+
+    Block ``b`` is bytes ``[b * block_size_in_bytes, (b + 1) * block_size_in_bytes)`` from each
+    tensor's first byte. ``block_mapping [num_pairs, 2]`` int64 on the CPU. GPU <-> GPU (one device)
+    and GPU <-> pinned CPU memory run as one kernel (mlakv's HiCache row copy); CPU <-> CPU is a torch
+    copy (vLLM refuses it).
+    """
+    _OPS.swap_blocks(src, dst, operator.index(block_size_in_bytes), block_mapping)
