@@ -62,7 +62,7 @@ def _pools(check, **kw):
         a.view(torch.uint8).random_(0, 256)
         b.copy_(a)
     writer = RecordingWriter(check)
-    hot._jit_route, hot._jit_route_learnt = (writer, 0), True
+    hot._route.jit = (writer, 0)
     return hot, ref, writer
 
 
@@ -80,7 +80,7 @@ def _rows(n, form):
     return full, (None if form == "full-none" else full[..., :R])  # sglang passes None or the latent part
 
 
-@pytest.mark.parametrize("layer", ["int", "object"])  # sglang passes the layer object (.layer_id)
+@pytest.mark.parametrize("layer", ["int", "numpy", "object"])  # sglang passes the layer object (.layer_id)
 @pytest.mark.parametrize("dcp", [(1, 0), (2, 1)])
 @pytest.mark.parametrize("form", ["split-2d", "split-3d", "full-none", "full-latent"])
 def test_valid_write_takes_the_hot_route_and_writes_the_same_rows(launcher_check, form, dcp, layer):
@@ -89,7 +89,7 @@ def test_valid_write_takes_the_hot_route_and_writes_the_same_rows(launcher_check
     loc = random_loc(9, 64, torch.int64, "cpu")
     loc[0] = RESERVED_SLOT
     k, v = _rows(9, form)
-    lid = 4 if layer == "int" else SimpleNamespace(layer_id=4)
+    lid = {"int": 4, "numpy": np.int64(4), "object": SimpleNamespace(layer_id=4)}[layer]
     hot.set_kv_buffer(lid, loc, k, v)
     ref.set_kv_buffer(lid, loc, k, v)
     assert len(writer.calls) == 1
@@ -102,7 +102,6 @@ def test_valid_write_takes_the_hot_route_and_writes_the_same_rows(launcher_check
     "case",
     [
         "bounds checked",  # check_bounds=True: the checked path
-        "numpy layer id",  # an integer that is not an int: the checked path resolves it
         "converting source",  # fp16 rows into the bf16 pool: the converting write
         "rope of another dtype",
     ],
@@ -112,7 +111,7 @@ def test_calls_the_hot_route_does_not_take_go_the_checked_path(launcher_check, c
     hot.check_bounds = ref.check_bounds = case == "bounds checked"
     loc = random_loc(5, 64, torch.int32, "cpu")
     k, v = _rows(5, "split-2d")
-    layer = np.int64(3) if case == "numpy layer id" else 3
+    layer = 3
     if case == "converting source":
         k, v = k.half(), v.half()
     if case == "rope of another dtype":
@@ -169,6 +168,8 @@ def test_refused_calls_raise_the_checked_paths_error_and_write_nothing(launcher_
 
 
 def test_a_cpu_pool_learns_no_route():
+    from mlakv.ops.dispatch import NO_JIT
+
     pool = MLATokenToKVPool(16, 1, torch.bfloat16, R, P, 1, "cpu")
     pool.set_kv_buffer(0, torch.tensor([1]), *_rows(1, "split-2d"))
-    assert pool._jit_route_learnt and pool._jit_route is None
+    assert pool._route.jit is NO_JIT

@@ -56,9 +56,9 @@ def test_set_kv_buffer_full_row(three_d, cache_v):
 def test_full_row_goes_to_the_dispatcher_as_two_views_without_a_copy(monkeypatch):
     pool = _pool()
     seen = {}
-    monkeypatch.setattr(
-        memory_pool_module, "set_mla_kv_buffer_triton", lambda kv, loc, n, r, **kw: seen.update(n=n, r=r)
-    )
+    from mlakv.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "write_rows", lambda kv, loc, n, r, *a, **kw: seen.update(n=n, r=r))
     k = random_rows(4, R + P, torch.bfloat16).unsqueeze(1)
     pool.set_kv_buffer(0, _loc(1, 2, 3, 4), k, None)
     es = k.element_size()

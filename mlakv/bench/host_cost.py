@@ -112,7 +112,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
 
     # python column: stub module function everywhere
     pool = MLATokenToKVPool(4096, 1, dtype, nd, rd, 1, device, check_bounds=False)
-    pool._jit_route, pool._jit_route_learnt = (stub_write, 0), True
+    pool._route.jit = (stub_write, 0)
     kv = pool._dtype_views[0]
     kv_disp = kv if cuda else kv.as_subclass(_CudaLooking)
     key = (kv_disp.get_device(), dtype, nd, rd)
@@ -151,7 +151,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
         kv = pool._dtype_views[0]
         pool.set_kv_buffer(0, loc, nope, rope)  # learns the route (builds the module on first use)
         route = kv_write.jit_route(kv, nd, rd)
-        if pool._jit_route is None:
+        if pool._route.jit[0] is None:
             print(f"# {layout}: the pool has no JIT route on this GPU (its writes take the checked path)")
         steps = {}
         if route[0] is not None:

@@ -16,10 +16,10 @@ import torch
 
 from mlakv import _env
 from mlakv.spec import rules
-from mlakv.ops.dispatch import jit_route, set_mla_kv_buffer_triton
-from mlakv.ops.fp8 import SOURCE_DTYPES as _FP8_SOURCE_DTYPES
-from mlakv.ops.fp8 import check_pool_fp8, fp8_row_bytes, get_mla_kv_buffer_dequant, set_mla_kv_buffer_quant
 from mlakv.ops import custom_ops as _ops  # registers the torch.ops.mlakv.* ops the pool uses under torch.compile
+from mlakv.ops import route as _route
+from mlakv.ops.fp8 import check_pool_fp8
+from mlakv.spec import formats as _formats
 
 __all__ = ["MLATokenToKVPool", "FP8_DTYPES"]
 
@@ -138,8 +138,8 @@ class MLATokenToKVPool:
         self.k_scale = check_pool_fp8(
             kv_cache_format, k_scale, dtype, kv_lora_rank, qk_rope_head_dim, dcp_world_size, self.device
         )
-        if kv_cache_format == "ds_mla":  # the stored row is the format's bytes, wider than the values
-            self.kv_cache_dim = fp8_row_bytes(kv_cache_format, kv_lora_rank, qk_rope_head_dim)
+        self.format = _formats.resolve(kv_cache_format, dtype, kv_lora_rank, qk_rope_head_dim)
+        self.kv_cache_dim = self.format.row_elems  # the stored row's elements (ds_mla: its bytes)
         self.start_layer = 0 if start_layer is None else start_layer
         self.end_layer = self.start_layer + layer_num if end_layer is None else end_layer
         if self.end_layer - self.start_layer != layer_num:
@@ -147,10 +147,9 @@ class MLATokenToKVPool:
                 f"end_layer - start_layer = {self.end_layer} - {self.start_layer} must equal layer_num={layer_num}"
             )
         # resolved once: True/False override MLAKV_CHECK_BOUNDS both ways
-        self.check_bounds: bool = _env.CHECK_BOUNDS if check_bounds is None else check_bounds
+        check_bounds = _env.CHECK_BOUNDS if check_bounds is None else check_bounds
         self.dcp_world_size = dcp_world_size
         self.dcp_rank = dcp_rank
-        self._store_view = self.store_dtype != dtype
         self.num_logical_slots = size + page_size
         rows = -(-self.num_logical_slots // dcp_world_size)
         self.num_slots = -(-rows // page_size) * page_size
@@ -163,20 +162,28 @@ class MLATokenToKVPool:
                 f"{self.kv_cache_dim * elem} bytes) but {self.device} has {free / 2**30:.2f} GiB free"
             )
         self.kv_buffer = [
-            torch.zeros((self.num_slots, 1, self.kv_cache_dim), dtype=self.store_dtype, device=self.device)
+            torch.zeros(self.format.buffer_shape(self.num_slots, page_size), dtype=self.store_dtype, device=self.device)
             for _ in range(layer_num)
         ]
-        # Views in the pool dtype, made once: writes pass them with sources of the same dtype, so
-        # an fp8 pool pays no per-call dtype views (the kernels copy bytes either way).
-        self._dtype_views = [b.view(dtype) if self._store_view else b for b in self.kv_buffer]
-        if kv_cache_format == "ds_mla":  # mixed bytes (e4m3, fp32 scales, bf16): attention reads uint8
-            self._dtype_views = list(self.kv_buffer)
-        # set_kv_buffer's hot path: the dispatcher's JIT route for this pool's row layout, (write,
-        # min_n_loc), learnt on the first eager write (not here: that may build the kernel) and kept.
-        # None: not learnt yet, or no JIT route (CPU, rope-less rows, ds_mla: never looked up).
-        self._jit_route: Optional[tuple] = None
-        self._jit_route_learnt = kv_cache_format == "ds_mla" or qk_rope_head_dim == 0
+        # The write and gather of this layout, bound once: set_kv_buffer and get_mla_kv_buffer call it.
+        self._route = _route.bind(
+            self.format, dtype, self.kv_buffer, check_bounds=check_bounds, reserved_skip_index=RESERVED_SLOT,
+            dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, k_scale=self.k_scale,
+        )  # fmt: skip
+        # Views in the pool dtype, made once (ds_mla: the uint8 rows): what get_key_buffer returns.
+        self._dtype_views = self._route.views
         self._row_split = (kv_lora_rank, qk_rope_head_dim)
+
+    @property
+    def check_bounds(self) -> bool:
+        """Whether writes and gathers check slots (and raise ``IndexError``); settable."""
+        return self._route.check_bounds
+
+    @check_bounds.setter
+    def check_bounds(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"check_bounds must be a bool, got {type(value).__name__}")
+        self._route.check_bounds = value
 
     # ---- layer lookup -------------------------------------------------------------------
     def _local_layer(self, layer: LayerRef) -> int:
@@ -219,20 +226,7 @@ class MLATokenToKVPool:
         The result is in the pool ``dtype``, or cast to ``dst_dtype`` when given. An fp8-format
         pool (``kv_cache_format``) dequantizes in the gather (fused) to ``dst_dtype``, default bf16.
         """
-        if self.kv_cache_format is not None:
-            return get_mla_kv_buffer_dequant(
-                self.kv_buffer[self._local_layer(layer)], loc, self.kv_cache_format, self.kv_lora_rank,
-                self.qk_rope_head_dim, self.k_scale, dst_dtype or torch.bfloat16, check_bounds=self.check_bounds,
-            )  # fmt: skip
-        buf = self.kv_buffer[self._local_layer(layer)]
-        # one rule book for the gather (custom_ops.gather_rows); while compiling, the same as one op node
-        gather = _ops.get_mla_kv_buffer_op if torch.compiler.is_compiling() else _ops.gather_rows
-        nope, rope = gather(buf, loc, self.kv_lora_rank, self.qk_rope_head_dim, self.check_bounds)
-        if self._store_view:
-            nope, rope = nope.view(self.dtype), rope.view(self.dtype)
-        if dst_dtype is not None and dst_dtype != nope.dtype:
-            nope, rope = nope.to(dst_dtype), rope.to(dst_dtype)
-        return nope, rope
+        return self._route.gather(self._local_layer(layer), loc, dst_dtype)
 
     # ---- writes -------------------------------------------------------------------------
     def set_kv_buffer(
@@ -257,107 +251,39 @@ class MLATokenToKVPool:
         naming both widths expected. Sources are in the pool ``dtype``, or, into a float16/bfloat16/
         float32 pool, in another of those three: converted inside the write as ``source.to(dtype)`` (as
         sglang casts), one launch and no temporary. fp8 pools take their own formats (see ``kv_cache_format``).
-        An eager, unchecked CUDA write of rows in the pool dtype calls the dispatcher's JIT route
-        directly (bound once per pool, :func:`~mlakv.ops.dispatch.jit_route`); every other call,
-        and any the kernel's launcher refuses, goes through the dispatcher with the checks.
+        The write is the pool's route (:func:`mlakv.ops.route.bind`, bound once for this layout): an
+        eager, unchecked CUDA write of rows in the pool dtype goes straight to the JIT kernel, whose
+        launcher checks every rule; every other call, and any the launcher refuses, takes the
+        dispatcher's checked path, which names the broken rule.
 
         Args:
             layer: global layer id (an int, numpy integers included; not a bool), or an object with
                 ``.layer_id``.
             loc: ``[n_loc]`` int32/int64, any stride.
         """
-        hot = self._jit_route
-        lid = layer if type(layer) is int else getattr(layer, "layer_id", None)  # sglang passes the layer object
-        if (
-            hot is not None
-            and type(lid) is int
-            and self.start_layer <= lid < self.end_layer
-            and not self.check_bounds
-            and not torch.compiler.is_compiling()
-        ):
-            # The hot path (an eager CUDA write of same-dtype rows): no Python validation, as in the
-            # dispatcher; the kernel's launcher checks every rule. A call it refuses or does not take
-            # goes the checked way below, which names the broken rule (or converts / falls back).
-            try:
-                write, min_n = hot
-                dt = self.dtype
-                if cache_k.dtype is dt and (min_n == 0 or loc.shape[0] >= min_n):
-                    width = cache_k.shape[-1]
-                    if width == self.kv_lora_rank:  # the split form (rope > 0 here, so not a full row)
-                        if cache_v is not None and cache_v.dtype is dt and write(
-                            self._dtype_views[lid - self.start_layer], loc, cache_k, cache_v,
-                            RESERVED_SLOT, self.dcp_world_size, self.dcp_rank,
-                        ):  # fmt: skip
-                            return
-                    elif width == self.kv_lora_rank + self.qk_rope_head_dim and (
-                        cache_v is None or cache_v.shape[-1] != self.qk_rope_head_dim
-                    ):  # sglang's full row, as the same two views _split_row_sources makes
-                        nope, rope = torch.split_with_sizes(cache_k, self._row_split, -1)
-                        if write(
-                            self._dtype_views[lid - self.start_layer], loc, nope, rope,
-                            RESERVED_SLOT, self.dcp_world_size, self.dcp_rank,
-                        ):  # fmt: skip
-                            return
-            except Exception:  # noqa: BLE001 - the checked path below raises the error naming the argument
-                pass
-        buf = self._dtype_views[self._local_layer(layer)]
-        cache_k_nope, cache_k_rope = self._split_row_sources(cache_k, cache_v)
-        if self.kv_cache_format is not None and (
-            cache_k_nope.dtype in _FP8_SOURCE_DTYPES or self.kv_cache_format == "ds_mla"
-        ):  # quantize in the write (per_tensor also takes already-quantized e4m3 rows below)
-            set_mla_kv_buffer_quant(
-                self.kv_buffer[self._local_layer(layer)], loc, cache_k_nope, cache_k_rope, self.kv_cache_format,
-                self.k_scale, check_bounds=self.check_bounds, reserved_skip_index=RESERVED_SLOT,
-            )  # fmt: skip
-            return
-        if not (rules.source_dtype_ok(cache_k_nope.dtype, self.dtype) and rules.source_dtype_ok(cache_k_rope.dtype, self.dtype)):
-            raise TypeError(
-                f"cache_k_nope/cache_k_rope must be {self.dtype} (the pool dtype), or a 16/32-bit float into a "
-                f"16/32-bit float pool (converted in the write), got {cache_k_nope.dtype}/{cache_k_rope.dtype}; "
-                "quantize before writing"
-            )
-        if torch.compiler.is_compiling():  # one opaque op node: no graph break
-            _ops.set_mla_kv_buffer_op(
-                buf, loc, cache_k_nope, cache_k_rope, self.check_bounds, RESERVED_SLOT, self.dcp_world_size, self.dcp_rank
-            )
-            return
-        set_mla_kv_buffer_triton(
-            buf,
-            loc,
-            cache_k_nope,
-            cache_k_rope,
-            check_bounds=self.check_bounds,
-            reserved_skip_index=RESERVED_SLOT,
-            dcp_world_size=self.dcp_world_size,
-            dcp_rank=self.dcp_rank,
-        )
-        if not self._jit_route_learnt:
-            self._learn_jit_route(buf)
-
-    def _learn_jit_route(self, buf: torch.Tensor) -> None:
-        """Keep the dispatcher's JIT route for this pool's layout (see :func:`kv_write.jit_route`), once."""
-        self._jit_route_learnt = True
-        if buf.is_cuda:
-            write, min_n = jit_route(buf, self.kv_lora_rank, self.qk_rope_head_dim)
-            self._jit_route = None if write is None else (write, min_n)
+        nope, rope = self._split_row_sources(cache_k, cache_v)
+        self._route.write(self._local_layer(layer), loc, nope, rope)
 
     def _split_row_sources(
         self, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_nope, k_rope)`` views for :meth:`set_kv_buffer`: the split form as given, or the full row cut in two."""
+        nope, rope = self._row_split
+        if isinstance(cache_k, torch.Tensor) and cache_k.dim():
+            width = cache_k.shape[-1]
+            v_fits = isinstance(cache_v, torch.Tensor) and cache_v.dim() > 0 and cache_v.shape[-1] == rope
+            if width == nope and v_fits:
+                return cache_k, cache_v  # the split form
+            if width == nope + rope and (rope == 0 or not v_fits):
+                return torch.split_with_sizes(cache_k, self._row_split, -1)  # sglang's full row (two views, one call)
         for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        nope, rope, full = self.kv_lora_rank, self.qk_rope_head_dim, self.kv_lora_rank + self.qk_rope_head_dim
         width = cache_k.shape[-1] if cache_k.dim() else -1
-        if width == full and (rope == 0 or cache_v is None or cache_v.shape[-1] != rope):
-            return torch.split_with_sizes(cache_k, self._row_split, -1)  # sglang's full row (two views, one call)
-        if width == nope and cache_v is not None and cache_v.shape[-1] == rope:
-            return cache_k, cache_v  # the split form
-        got_v = "None" if cache_v is None else str(cache_v.shape[-1])
+        got_v = "None" if cache_v is None else str(cache_v.shape[-1] if cache_v.dim() else -1)
         raise ValueError(
             f"cache_k: last dim {width} (cache_v: {got_v}) fits neither form: a full row needs cache_k's last dim = "
-            f"kv_lora_rank + qk_rope_head_dim = {full}; the split form needs cache_k's = kv_lora_rank={nope} "
+            f"kv_lora_rank + qk_rope_head_dim = {nope + rope}; the split form needs cache_k's = kv_lora_rank={nope} "
             f"and cache_v's = qk_rope_head_dim={rope}"
         )
 

@@ -51,6 +51,8 @@ __all__ = [
     "jit_route",
     "rope_write_path",
     "run_rope_write",
+    "write_rows",
+    "NO_JIT",
 ]
 
 _SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
@@ -77,7 +79,7 @@ def validate_kv_write(
 
 # (device index, dtype, nope_dim, rope_dim) -> (jit writer or None, min n_loc for it)
 _JIT_ROUTES: dict[tuple, tuple[Optional[Callable[..., bool]], int]] = {}
-_NO_ROUTE: tuple[None, int] = (None, 1 << 62)
+NO_JIT: tuple[None, int] = (None, 1 << 62)  # the route table's entry where the JIT kernel does not serve
 
 
 def _jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[Optional[Callable[..., bool]], int]:
@@ -88,12 +90,12 @@ def _jit_route(kv_buffer: torch.Tensor, nope_dim: int, rope_dim: int) -> tuple[O
 def _new_jit_route(key: tuple, kv_buffer: torch.Tensor) -> tuple[Optional[Callable[..., bool]], int]:
     """Decide and remember the route of ``key = (device index, dtype, nope_dim, rope_dim)``."""
     nope_dim, rope_dim = key[2], key[3]
-    route = _NO_ROUTE
+    route = NO_JIT
     if not _env.DISABLE_JIT and kv_buffer.is_cuda and kv_buffer.dtype in _SUPPORTED_SET:
         from mlakv.kernels.cuda import row_write  # lazy: tvm-ffi and nvcc are only needed here
 
         es = kv_buffer.element_size()
-        route = row_write.jit_writer(kv_buffer.device, nope_dim * es, rope_dim * es) or _NO_ROUTE
+        route = row_write.jit_writer(kv_buffer.device, nope_dim * es, rope_dim * es) or NO_JIT
     _JIT_ROUTES[key] = route
     return route
 
@@ -189,10 +191,26 @@ def set_mla_kv_buffer_triton(
         _check_selection(reserved_skip_index, dcp_world_size, dcp_rank)
     skip = -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
     bounds = check_bounds if check_bounds is not None else _env.CHECK_BOUNDS
-    if (
-        not bounds
-        and getattr(kv_buffer, "is_cuda", False)
-        and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank)
+    write_rows(kv_buffer, loc, cache_k_nope, cache_k_rope, bounds, skip, dcp_world_size, dcp_rank)
+
+
+def write_rows(
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    cache_k_nope: torch.Tensor,
+    cache_k_rope: torch.Tensor,
+    bounds: bool,
+    skip: int,
+    dcp_world_size: int,
+    dcp_rank: int,
+    jit: Optional[tuple[Optional[Callable[..., bool]], int]] = None,
+) -> None:
+    """The row write with its options already checked: what :func:`set_mla_kv_buffer_triton` and every
+    bound route (:mod:`mlakv.ops.route`) run. ``skip`` is -1 for none; ``jit`` the route table's
+    entry when the caller bound it (None: looked up here, on CUDA only).
+    """
+    if not bounds and (jit is not None or getattr(kv_buffer, "is_cuda", False)) and _try_jit(
+        kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit
     ):
         return
     n_loc = validate_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope)
@@ -210,15 +228,16 @@ def set_mla_kv_buffer_triton(
             reserved_skip_index=None if skip < 0 else skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
         )
         return
-    if bounds and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank):
+    if bounds and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit):
         return
     from mlakv.kernels.triton.row_write import launch_set_kv_rows
 
     launch_set_kv_rows(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank)
 
 
-def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank) -> bool:
-    """Write through the JIT kernel if the route table allows it; False if it did not launch.
+def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit=None) -> bool:
+    """Write through the JIT kernel if the route table (or the caller's bound entry ``jit``) allows it;
+    False if it did not launch.
 
     This is the hot path, so it does no Python validation: the JIT module's launcher enforces
     every rule of the rule book (it must, for memory safety) at a fraction of the cost. If the
@@ -226,8 +245,10 @@ def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, d
     """
     try:
         dt = kv_buffer.dtype  # each tensor attribute read costs ~0.1 us: read once, route table inline
-        key = (kv_buffer.get_device(), dt, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
-        write, min_n = _JIT_ROUTES.get(key) or _new_jit_route(key, kv_buffer)
+        if jit is None:
+            key = (kv_buffer.get_device(), dt, cache_k_nope.shape[-1], cache_k_rope.shape[-1])
+            jit = _JIT_ROUTES.get(key) or _new_jit_route(key, kv_buffer)
+        write, min_n = jit
         return (
             write is not None
             and cache_k_nope.dtype is dt  # the kernel copies bytes: a converting write is Triton's

@@ -8,11 +8,15 @@ cache needs on top:
 
 * **Keys that name what a page is.** :func:`mooncake_page_key` prefixes the caller's prefix hash with
   the model id, the layer range, the page size and the format (dtype, FP8 cache format, widths, row
-  bytes, and the byte order inside a page: ``LTR`` layer-major for ``layer_first``/``page_first_direct``, ``TLR``
-  token-major for ``page_first``), so pools of different layouts never read each other's pages.
-* **A checksum per page.** Every object is the page followed by a 16-byte trailer (magic, version,
-  XXH3-64 of the page). A read whose size or trailer does not match is a miss, counted in
-  ``stats()["corrupt"]``.
+  bytes, ``per_tensor``'s ``k_scale``, and the byte order inside a page: ``LTR`` layer-major for
+  ``layer_first``/``page_first_direct``, ``TLR`` token-major for ``page_first``), so pools of
+  different layouts or scales never read each other's pages.
+* **A checksum per page, bound to its key.** Every object is the page followed by a 16-byte trailer
+  (magic, version, XXH3-64 of the page seeded with a hash of the object's full store key). A read
+  whose size or trailer does not match is a miss, counted in ``stats()["corrupt"]``: so is an object
+  copied under another key (by a raw client, a buggy peer), since its checksum was seeded with the
+  key it was written for, and the key names the pool's format and scale. (XXH3 guards against
+  mistakes, not against an adversary with write access to the store.)
 * **Zero copy.** The host pool's buffer is registered with the store once; the batch calls hand the
   store the pieces ``MLATokenToKVPoolHost.get_page_buffer_meta`` names (one per page for
   ``page_first`` / ``page_first_direct``, one per layer of a page for ``layer_first``), plus the
@@ -46,8 +50,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from mlakv.testing.mooncake_master import check_mooncake
-from .base import HiCacheStorage, StorageKey
+from .mooncake_install import MooncakeUnavailable, check_mooncake
+from .base import HiCacheStorage, StorageKey, pool_format
 
 __all__ = [
     "MooncakeConnectionError",
@@ -60,12 +64,13 @@ __all__ = [
     "page_format",
 ]
 
-#: The trailer after each page: magic, version, reserved, XXH3-64 of the page. XXH3 rather than
-#: zlib's CRC-32 because the checksum is this layer's main cost: ~12 GB/s against ~2 GB/s per core.
+#: The trailer after each page: magic, version, reserved, XXH3-64 of the page seeded with the XXH3-64
+#: of the object's store key. XXH3 rather than zlib's CRC-32 because the checksum is this layer's main
+#: cost: ~12 GB/s against ~2 GB/s per core.
 _TRAILER = struct.Struct("<4sHHQ")
 TRAILER_BYTES = _TRAILER.size  # 16
 _MAGIC = b"MLKV"
-_VERSION = 1
+_VERSION = 2  # 2: the checksum is seeded with the store key
 
 # Mooncake's error codes (mooncake-store/include/types.h) that this module reacts to.
 _NO_AVAILABLE_HANDLE = -200  # no space left in any segment
@@ -105,14 +110,13 @@ def _token_major(host_pool: Any) -> bool:
 
 
 def page_format(host_pool: Any) -> str:
-    """The page format of a pool as a key component: dtype, FP8 cache format (``raw`` when rows are
-    exact copies), ``nope+rope`` widths, row bytes and the byte order of a stored page, e.g.
-    ``"bfloat16-raw-512+64-1152B-LTR"`` or ``"float8_e4m3fn-ds_mla-512+64-656B-TLR"``."""
-    dev = host_pool.device_pool
-    dtype = str(dev.dtype).removeprefix("torch.")
-    fp8 = getattr(dev, "kv_cache_format", None) or "raw"
+    """The page format of a pool as a key component: :func:`~mlakv.mem_cache.storage.base.pool_format`
+    (dtype, FP8 cache format, ``nope+rope`` widths, row bytes, ``per_tensor``'s scale) and the byte
+    order of a stored page, e.g. ``"bfloat16-raw-512+64-1152B-LTR"``,
+    ``"float8_e4m3fn-ds_mla-512+64-656B-TLR"`` or ``"float8_e4m3fn-per_tensor-512+64-576B-s0.5-LTR"``.
+    Pools with different ``k_scale`` values get different formats."""
     order = "TLR" if _token_major(host_pool) else "LTR"
-    return f"{dtype}-{fp8}-{dev.kv_lora_rank}+{dev.qk_rope_head_dim}-{host_pool.row_bytes}B-{order}"
+    return f"{pool_format(host_pool)}-{order}"
 
 
 def mooncake_page_key(
@@ -144,8 +148,6 @@ def _require_xxhash():
     try:
         import xxhash
     except ImportError as e:
-        from mlakv.testing.mooncake_master import MooncakeUnavailable
-
         raise MooncakeUnavailable("MooncakeStorage checksums pages with XXH3: pip install xxhash") from e
     return xxhash
 
@@ -193,7 +195,7 @@ class MooncakeStorage(HiCacheStorage):
             overlaps moving the next.
 
     Raises :class:`MooncakeConnectionError` at once if no master listens at ``master_addr``, and
-    :class:`~mlakv.testing.mooncake_master.MooncakeUnavailable` if Mooncake is not installed.
+    :class:`~mlakv.mem_cache.storage.mooncake_install.MooncakeUnavailable` if Mooncake is not installed.
     Call :meth:`close` (or use ``with``) while the master still runs: a client whose master died
     takes several seconds to close.
     """
@@ -338,8 +340,18 @@ class MooncakeStorage(HiCacheStorage):
             self._connect()
 
     def store_key(self, key: StorageKey) -> str:
-        """The Mooncake key of page ``key`` (a prefix hash) for this pool."""
-        return mooncake_page_key(key, self.model_id, self.layer_range, self.page_size, self.format)
+        """The Mooncake key of page ``key`` (a prefix hash) for this pool (its format as it is now)."""
+        return self._store_keys([key])[0]
+
+    def _store_keys(self, keys: Sequence[StorageKey]) -> list[str]:
+        """The store keys of ``keys``; the pool's format (a ``per_tensor`` scale may have changed since
+        the last call) is read once per call."""
+        self.format = page_format(self.host_pool)
+        return [mooncake_page_key(k, self.model_id, self.layer_range, self.page_size, self.format) for k in keys]
+
+    def _seed(self, skey: str) -> int:
+        """The checksum seed of the object stored under ``skey``: binds its bytes to the key."""
+        return self._xxh.xxh3_64_intdigest(skey.encode())
 
     def _segments(self, pages: Sequence[int]) -> list[list[tuple[int, int]]]:
         """Per host page, its ``(ptr, nbytes)`` pieces in stored order (the host pool's
@@ -360,12 +372,12 @@ class MooncakeStorage(HiCacheStorage):
             out.append(self._np[off : off + n])
         return out
 
-    def _checksum(self, segs: list[tuple[int, int]]) -> int:
-        """XXH3-64 of one page's pieces, in order."""
+    def _checksum(self, segs: list[tuple[int, int]], seed: int) -> int:
+        """XXH3-64 of one page's pieces, in order, seeded with its key's seed."""
         views = self._views(segs)
         if len(views) == 1:
-            return self._xxh.xxh3_64_intdigest(views[0])
-        h = self._xxh.xxh3_64()
+            return self._xxh.xxh3_64_intdigest(views[0], seed=seed)
+        h = self._xxh.xxh3_64(seed=seed)
         for v in views:
             h.update(v)
         return h.intdigest()
@@ -422,7 +434,7 @@ class MooncakeStorage(HiCacheStorage):
         """Length of the leading run of present keys, in one round trip to the master."""
         if not keys:
             return 0
-        skeys = [self.store_key(k) for k in keys]
+        skeys = self._store_keys(keys)
         codes = self._client().batch_is_exist(skeys)
         n = 0
         if any(c < 0 for c in codes):  # -1 / RPC_FAIL: the master did not answer
@@ -447,7 +459,7 @@ class MooncakeStorage(HiCacheStorage):
             self._stats["corrupt"] += 1
             return None
         page = memoryview(data)[: self.page_bytes]
-        if not self._trailer_ok(bytes(data[self.page_bytes :]), self._xxh.xxh3_64_intdigest(page)):
+        if not self._trailer_ok(bytes(data[self.page_bytes :]), self._xxh.xxh3_64_intdigest(page, seed=self._seed(skey))):
             self._stats["corrupt"] += 1
             return None
         self._stats["hits"] += 1
@@ -474,7 +486,7 @@ class MooncakeStorage(HiCacheStorage):
             raise ValueError(f"data: a page is {self.page_bytes} bytes, got {buf.nbytes}")
         stored = self._reorder(buf, to_stored=True)
         skey = self.store_key(key)
-        rc = self._client().put(skey, stored + self._trailer(self._xxh.xxh3_64_intdigest(stored)))
+        rc = self._client().put(skey, stored + self._trailer(self._xxh.xxh3_64_intdigest(stored, seed=self._seed(skey))))
         self._raise_put([rc], [skey], 0)
         self._stats["stored"] += 1
 
@@ -512,12 +524,12 @@ class MooncakeStorage(HiCacheStorage):
             lo += size
         return bounds
 
-    def _hash_async(self, all_segs: Sequence[list[tuple[int, int]]], lo: int, hi: int) -> list:
-        """Start hashing pages ``[lo, hi)`` on the hash threads (inline without them); returns one
-        future-like object per page (``.result()`` gives the digest)."""
+    def _hash_async(self, all_segs: Sequence[list[tuple[int, int]]], seeds: Sequence[int], lo: int, hi: int) -> list:
+        """Start hashing pages ``[lo, hi)`` (page ``i`` seeded with ``seeds[i]``) on the hash threads
+        (inline without them); returns one future-like object per page (``.result()`` gives the digest)."""
         if self._hash_pool is None:
-            return [_Done(self._checksum(all_segs[i])) for i in range(lo, hi)]
-        return [self._hash_pool.submit(self._checksum, all_segs[i]) for i in range(lo, hi)]
+            return [_Done(self._checksum(all_segs[i], seeds[i])) for i in range(lo, hi)]
+        return [self._hash_pool.submit(self._checksum, all_segs[i], seeds[i]) for i in range(lo, hi)]
 
     def batch_set_from(self, keys: Sequence[StorageKey], host_indices: torch.Tensor) -> int:
         """Store host pages ``host_indices`` under ``keys`` straight from the host buffer (zero copy),
@@ -529,15 +541,16 @@ class MooncakeStorage(HiCacheStorage):
         pages = self._pages(keys, host_indices)
         if not pages:
             return 0
-        skeys = [self.store_key(k) for k in keys]
+        skeys = self._store_keys(keys)
+        seeds = [self._seed(k) for k in skeys]
         tbase = self._wtrail_t.data_ptr()
         all_segs = self._segments(pages)
         chunks = self._chunks(len(pages), small_first=True)
-        pending = self._hash_async(all_segs, *chunks[0])
+        pending = self._hash_async(all_segs, seeds, *chunks[0])
         for ci, (lo, hi) in enumerate(chunks):
             digests = [f.result() for f in pending]
             if ci + 1 < len(chunks):
-                pending = self._hash_async(all_segs, *chunks[ci + 1])
+                pending = self._hash_async(all_segs, seeds, *chunks[ci + 1])
             ptrs, sizes = [], []
             for i, digest in zip(range(lo, hi), digests):
                 page = pages[i]
@@ -576,7 +589,8 @@ class MooncakeStorage(HiCacheStorage):
             self._stats["misses"] += 1
             return 0
         pages = pages[:lead]
-        skeys = [self.store_key(k) for k in keys[:lead]]
+        skeys = self._store_keys(keys[:lead])
+        seeds = [self._seed(k) for k in skeys]
         tbase = self._rtrail_t.data_ptr()
         all_segs = self._segments(pages)
         want = self.page_bytes + TRAILER_BYTES
@@ -592,7 +606,7 @@ class MooncakeStorage(HiCacheStorage):
                 ok = [i for i in range(lo, hi) if codes[i] == want]
                 if ok:
                     first, last = ok[0], ok[-1] + 1
-                    sums.update(zip(range(first, last), self._hash_async(all_segs, first, last)))
+                    sums.update(zip(range(first, last), self._hash_async(all_segs, seeds, first, last)))
                 if len(ok) < hi - lo:
                     break
         except MooncakeStoreError:
