@@ -39,8 +39,14 @@ def _fp8(argv: list[str]) -> int:
     return run(argv)
 
 
+def _indexer(argv: list[str]) -> int:
+    from .indexer import main as run
+
+    return run(argv)
+
+
 # `mlakv bench <name> ...`: one entry per bench; the row-write bench runs when no name is given.
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"hicache": _hicache, "fp8": _fp8}
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"hicache": _hicache, "fp8": _fp8, "indexer": _indexer}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,214 @@
+"""DSA indexer K cache benchmark: the quantizing store (and the page-table gather), providers side by side.
+
+Why: issue 24's goals compare mlakv's indexer store with sglang's (``FusedStoreCacheIndexerKernel<bf16_t,
+int64_t, 64, true>::run`` from ``deepseek_v4/store.cuh``, built from the peer's source in
+``.peers/sglang`` as sglang builds it) at n in {1, 8, 64, 512, 4096, 65536}, and ask for >= 80 % of
+the copy bandwidth at 65536 keys. Per n (GPU, bf16 keys ``[n, 128]``, int64 slots, a random
+permutation of the pages' slots) it times, as the median CUDA-graph replay over 8 rotating input
+sets (:mod:`mlakv.bench.timing`):
+
+* ``mlakv``: the public op (:func:`mlakv.ops.indexer.set_index_k_buffer`; the dispatcher picks the JIT
+  kernel on SM90+); ``mlakv-jit`` and ``mlakv-triton``: each kernel called directly; ``sglang``: the peer.
+* with ``--sweep``: the JIT store at every launch shape (keys per half-warp 1/2/4 x warps per CTA 4/8).
+* the gather (``get_index_k_buffer``, JIT and Triton) of 4 requests of ``n / 4`` tokens.
+
+Before any timing, every store provider writes the same keys into a copy of the same poisoned pages
+and the pages must be byte-equal to the plain-torch reference (run on the CPU): a provider that
+differs is reported ``WRONG`` and not timed. Bandwidth counts bytes read + written (store: 256 + 132
+per key; gather: 132 + 132 per token) against the device-to-device copy bandwidth.
+
+Run: ``python -m mlakv bench indexer [--sizes 1,8,64,512,4096,65536] [--sweep] [--out bench-out]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from mlakv.ops.indexer import get_index_k_buffer, index_k_path, set_index_k_buffer
+from mlakv.ops.indexer_reference import INDEX_PAGE_BYTES, store_index_k_reference
+
+from . import timing
+
+__all__ = ["DEFAULT_SIZES", "build_sglang_indexer_store", "run_indexer_bench", "format_tables", "main"]
+
+DEFAULT_SIZES = [1, 8, 64, 512, 4096, 65536]
+STORE_BYTES_PER_KEY = 256 + 132  # bf16 key read + e4m3 key and fp32 scale written
+GATHER_BYTES_PER_TOKEN = 132 + 132
+
+_SGLANG_WRAPPER = """\
+#include "deepseek_v4/store.cuh"
+
+namespace sglang {
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(store_indexer, (sglang::FusedStoreCacheIndexerKernel<bf16_t, int64_t, 64, true>::run));
+}  // namespace sglang
+"""
+
+
+def build_sglang_indexer_store(device_capability: Optional[tuple[int, int]] = None) -> Any:
+    """sglang's indexer store built from the peer's source (``store_indexer(input [n, 128] bf16, cache
+    [num_pages, 8448] uint8, indices [n] int64)``); raises ``JitUnavailable`` with the reason."""
+    from .sglang_peer import build_sglang_source
+
+    return build_sglang_source("sglang_indexer_store_bf16_i64_p64_pdl", _SGLANG_WRAPPER, device_capability)
+
+
+def _input_sets(n: int, count: int, device: str = "cuda") -> list[dict]:
+    pages = -(-n // 64) + 1
+    sets = []
+    for _ in range(count):
+        sets.append(
+            dict(
+                keys=(torch.randn(n, 128, device=device) * torch.rand(n, 1, device=device) * 10).to(torch.bfloat16),
+                loc=torch.randperm(pages * 64, device=device)[:n],
+                pages=torch.randint(0, 256, (pages, INDEX_PAGE_BYTES), dtype=torch.uint8, device=device),
+            )
+        )
+    return sets
+
+
+def _store_providers(sweep: bool) -> dict[str, Callable[[dict], None]]:
+    from mlakv.kernels.cuda.indexer import indexer_jit_store
+    from mlakv.kernels.triton.indexer import launch_store_index_k
+
+    out: dict[str, Callable[[dict], None]] = {
+        "mlakv": lambda d: set_index_k_buffer(d["pages"], d["loc"], d["keys"]),
+        "mlakv-jit": lambda d: indexer_jit_store(d["pages"], d["loc"], d["keys"]),
+        "mlakv-triton": lambda d: launch_store_index_k(d["pages"], d["loc"], d["keys"]),
+    }
+    try:
+        mod = build_sglang_indexer_store()
+        out["sglang"] = lambda d: mod.store_indexer(d["keys"], d["pages"], d["loc"])
+    except Exception as e:  # noqa: BLE001 - an absent peer is reported, the rest still runs
+        timing.progress(f"indexer bench: sglang's store not built ({e})")
+    if sweep:
+        for steps in (1, 2, 4):
+            for warps in (4, 8):
+                out[f"jit s{steps} w{warps}"] = lambda d, s=steps, w=warps: indexer_jit_store(
+                    d["pages"], d["loc"], d["keys"], steps=s, num_warps=w
+                )
+    return out
+
+
+def _check_store(fn: Callable[[dict], None], d: dict, want: torch.Tensor) -> bool:
+    """Run ``fn`` on a copy of the set's poisoned pages; True when the bytes equal the reference's."""
+    trial = dict(d, pages=d["pages"].clone())
+    fn(trial)
+    torch.cuda.synchronize()
+    return torch.equal(trial["pages"].cpu(), want)
+
+
+def run_indexer_bench(sizes: list[int], sweep: bool = False) -> dict:
+    """Time every provider at each n; ``{"device", "copy_gbs", "store": [...], "gather": [...]}`` (GPU only)."""
+    copy_gbs = timing.copy_bandwidth_gbs()
+    providers = _store_providers(sweep)
+    store_rows, gather_rows = [], []
+    for n in sizes:
+        timing.progress(f"indexer bench: n={n}")
+        sets = _input_sets(n, timing.INPUT_SETS)
+        d0 = sets[0]
+        want = d0["pages"].cpu().clone()
+        store_index_k_reference(want, d0["loc"].cpu(), d0["keys"].cpu())  # the spec, on the CPU
+        row: dict[str, Any] = {"n": n, "path": index_k_path(d0["pages"])}
+        for name, fn in providers.items():
+            if not _check_store(fn, d0, want):
+                row[name] = "WRONG"
+                continue
+            us = timing.graph_median_us(timing.rotating(fn, [(d,) for d in sets]), calls=len(sets))
+            row[name] = us
+            row[f"{name} of copy bw"] = n * STORE_BYTES_PER_KEY / (us * 1e-6) / 1e9 / copy_gbs
+        store_rows.append(row)
+        # the gather: 4 requests of ~n/4 tokens through random page tables over the set's pages
+        g: dict[str, Any] = {"n": n}
+        batch = 4 if n >= 4 else 1
+        lens = torch.full((batch,), n // batch, dtype=torch.int64, device="cuda")
+        lens[0] += n - int(lens.sum())
+        width = -(-int(lens.max()) // 64)
+        tables = [torch.randint(0, d["pages"].shape[0], (batch, width), device="cuda") for d in sets]
+        total, max_len = int(lens.sum()), int(lens.max())
+        from mlakv.kernels.triton.indexer import launch_gather_index_k
+        from mlakv.ops.indexer_reference import gather_index_k_reference
+
+        want_k, want_s = gather_index_k_reference(d0["pages"].cpu(), tables[0].cpu(), lens.cpu())
+        gathers = {
+            "mlakv": lambda d, t: get_index_k_buffer(d["pages"], t, lens, total_tokens=total, max_seq_len=max_len),
+            "mlakv-triton": lambda d, t: launch_gather_index_k(d["pages"], t, lens, total, max_len),
+        }
+        for name, fn in gathers.items():
+            k, s = fn(d0, tables[0])
+            torch.cuda.synchronize()
+            ok = torch.equal(k.cpu().view(torch.uint8), want_k.view(torch.uint8)) and torch.equal(
+                s.cpu().view(torch.int32), want_s.view(torch.int32)
+            )
+            if not ok:
+                g[name] = "WRONG"
+                continue
+            us = timing.graph_median_us(timing.rotating(fn, list(zip(sets, tables))), calls=len(sets))
+            g[name] = us
+            g[f"{name} of copy bw"] = n * GATHER_BYTES_PER_TOKEN / (us * 1e-6) / 1e9 / copy_gbs
+        gather_rows.append(g)
+        del sets
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "store": store_rows, "gather": gather_rows}
+
+
+def _cell(v: Any) -> str:
+    return v if isinstance(v, str) else f"{v:.2f}"
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or isinstance(v, str) else f"{v:.0%}"
+
+
+def format_tables(res: dict) -> str:
+    """Markdown tables: times (µs per call), the share of copy bandwidth, and sglang / mlakv."""
+    names = [k for k in res["store"][0] if k not in ("n", "path") and not k.endswith("of copy bw")]
+    out = [
+        f"device: {res['device']}; copy bandwidth {res['copy_gbs']:.0f} GB/s (read + write); "
+        "times: µs per call, median CUDA-graph replay over 8 rotating input sets",
+        "",
+        "| n | path | " + " | ".join(names) + " | mlakv of copy bw | sglang / mlakv |",
+        "|---" * (len(names) + 4) + "|",
+    ]
+    for r in res["store"]:
+        ratio = "-"
+        if not isinstance(r.get("sglang"), (str, type(None))) and not isinstance(r.get("mlakv"), str):
+            ratio = f"{r['sglang'] / r['mlakv']:.2f}x"
+        cells = " | ".join(_cell(r.get(k, "-")) for k in names)
+        out.append(f"| {r['n']} | {r['path']} | {cells} | {_pct(r.get('mlakv of copy bw'))} | {ratio} |")
+    out += ["", "| n | gather mlakv µs | of copy bw | gather triton µs | of copy bw |", "|---|---|---|---|---|"]
+    for g in res["gather"]:
+        out.append(
+            f"| {g['n']} | {_cell(g.get('mlakv', '-'))} | {_pct(g.get('mlakv of copy bw'))} | "
+            f"{_cell(g.get('mlakv-triton', '-'))} | {_pct(g.get('mlakv-triton of copy bw'))} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="mlakv bench indexer", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated key counts")
+    p.add_argument("--sweep", action="store_true", help="also time the JIT store at every launch shape")
+    p.add_argument("--out", default="bench-out", help="directory for indexer.json and indexer.md")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("indexer bench: no CUDA GPU here; the kernels' timings need one (nothing measured)")
+        return 0
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    res = run_indexer_bench(sizes, sweep=args.sweep)
+    text = format_tables(res)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "indexer.json").write_text(json.dumps(res, indent=1))
+    (out / "indexer.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
