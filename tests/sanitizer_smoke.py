@@ -14,7 +14,9 @@ the reserved slot and slots past the buffer (unchecked: skipped); refused calls 
 buffer with overlapping rows, a misaligned source at the JIT's checked entry) that must write
 nothing; the gather with padding and out-of-range slots; the move kernel (staged and direct, with
 out-of-range pairs); the HiCache row copy device <-> pinned host; the FP8 quantizing write and
-dequantizing gather (JIT and Triton, per_tensor and ds_mla).
+dequantizing gather (JIT and Triton, per_tensor and ds_mla); the DSA indexer K cache's store (JIT at
+every launch shape, Triton, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
+invalid page ids, a short table, an output shorter than the requests).
 
 The caching allocator is turned off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every tensor
 is its own allocation and memcheck sees an access past any of them. Every result is also checked
@@ -294,6 +296,67 @@ class Smoke:
                           and not nope[1:4].any() and not rope[1:4].any())  # fmt: skip
                 self.check(f"fp8 gather {fmt} {name} with invalid slots", ok)
 
+    def indexer(self) -> None:
+        """The DSA indexer K cache: stores (JIT at every launch shape, Triton, the public op) for every
+        loc kind and both source dtypes, a DCP store, and the gathers with invalid pages and short output."""
+        from mlakv.kernels.cuda.indexer import indexer_jit_gather, indexer_jit_store
+        from mlakv.kernels.triton.indexer import launch_gather_index_k, launch_store_index_k
+        from mlakv.ops.indexer import set_index_k_buffer
+        from mlakv.ops.indexer_reference import gather_index_k_reference, store_index_k_reference
+
+        for dtype in (torch.bfloat16, torch.float16):
+            for kind in LOC_KINDS:
+                for n in (1, 37, 300):
+                    num_pages = n // 64 + 2
+                    loc = _loc(kind, n, num_pages * 64)
+                    keys = (torch.randn(n, 128, device="cuda") * 4).to(dtype)
+                    if kind == "expanded":  # one slot written n times: with one key, any order gives it
+                        keys = keys[:1].expand(n, 128)
+                    base = torch.randint(0, 256, (num_pages, 8448), dtype=torch.uint8, device="cuda")
+                    want = base.cpu().clone()
+                    store_index_k_reference(want, loc.cpu(), keys.cpu(), reserved_skip_index=RESERVED)
+                    runs: dict[str, Callable[[torch.Tensor], object]] = {
+                        "triton": lambda p: launch_store_index_k(p, loc, keys, skip_slot=RESERVED),
+                        "op": lambda p: set_index_k_buffer(p, loc, keys, reserved_skip_index=RESERVED),
+                    }
+                    shapes = [(s, w) for s in (1, 2, 4) for w in (1, 8)] if kind == "contiguous" else [(None, 8)]
+                    for steps, warps in shapes:
+                        runs[f"jit s{steps} w{warps}"] = lambda p, s=steps, w=warps: indexer_jit_store(
+                            p, loc, keys, skip_slot=RESERVED, steps=s, num_warps=w
+                        )
+                    for name, run in runs.items():
+                        pages = base.clone()
+                        launched = run(pages) is not False
+                        torch.cuda.synchronize()
+                        self.check(f"indexer store {dtype} loc={kind} n={n} {name}", launched and torch.equal(pages.cpu(), want))
+        loc = _loc("strided", 300, 7 * 64 * 2)
+        keys = (torch.randn(300, 128, device="cuda") * 4).to(torch.bfloat16)
+        base = torch.randint(0, 256, (7, 8448), dtype=torch.uint8, device="cuda")
+        want = base.cpu().clone()
+        store_index_k_reference(want, loc.cpu(), keys.cpu(), dcp_world_size=2, dcp_rank=1)
+        for name, run in {
+            "triton": lambda p: launch_store_index_k(p, loc, keys, dcp_world_size=2, dcp_rank=1),
+            "jit": lambda p: indexer_jit_store(p, loc, keys, dcp_world_size=2, dcp_rank=1),
+        }.items():
+            pages = base.clone()
+            launched = run(pages) is not False
+            torch.cuda.synchronize()
+            self.check(f"indexer store dcp 2/1 {name}", launched and torch.equal(pages.cpu(), want))
+        pages = torch.randint(0, 256, (6, 8448), dtype=torch.uint8, device="cuda")
+        table = torch.tensor([[4, 1, -1, 3], [2, 70, 0, 8], [5, 5, 5, 5]], device="cuda")[:, :3]  # strided rows
+        lens = torch.tensor([70, 250, 0], device="cuda")  # request 1 runs past its 3 columns
+        want_k, want_s = gather_index_k_reference(pages.cpu(), table.cpu(), lens.cpu())
+        for total in (320, 300):  # 300: the output ends inside request 1, nothing is written past it
+            for name, gather in {
+                "triton": lambda t=total: launch_gather_index_k(pages, table, lens, t, 250),
+                "jit": lambda t=total: indexer_jit_gather(pages, table, lens, t, 250),
+            }.items():
+                out = gather()
+                torch.cuda.synchronize()
+                ok = out is not None and torch.equal(out[0].cpu().view(torch.uint8), want_k.view(torch.uint8)[:total])
+                ok = ok and torch.equal(out[1].cpu().view(torch.int32), want_s.view(torch.int32)[:total])
+                self.check(f"indexer gather {name} total={total}", ok)
+
 
 def main() -> int:
     if not torch.cuda.is_available():
@@ -301,7 +364,8 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     smoke = Smoke()
-    for part in (smoke.writes, smoke.converting_writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy, smoke.fp8):
+    for part in (smoke.writes, smoke.converting_writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy, smoke.fp8,
+                 smoke.indexer):
         part()
     print(f"sanitizer smoke: {smoke.cases - smoke.failures}/{smoke.cases} variant runs bit-exact")
     return 1 if smoke.failures else 0
