@@ -175,8 +175,8 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)  # a pid that is certainly dead now
-    dead = tmp_path / f".tmp-{store._host}-{pid}-deadbeefdeadbeef"
-    live = tmp_path / f".tmp-{store._host}-{os.getppid()}-0123456789abcdef"  # our parent: alive
+    dead = tmp_path / f".tmp-{store._writer}-{pid}-deadbeefdeadbeef"
+    live = tmp_path / f".tmp-{store._writer}-{os.getppid()}-0123456789abcdef"  # our parent: alive
     old = tmp_path / ".tmp-otherhost-1-0123456789abcdef"
     for p in (dead, live, old):
         p.write_bytes(b"partial")

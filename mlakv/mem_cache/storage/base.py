@@ -16,10 +16,29 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["HiCacheStorage", "StorageKey"]
+__all__ = ["HiCacheStorage", "StorageKey", "pool_format"]
 
 #: A page key: ``str`` (or ``bytes``, UTF-8). Anything else is a ``TypeError``.
 StorageKey = Union[str, bytes]
+
+
+def pool_format(host_pool: Any) -> str:
+    """What a host pool's page bytes mean, as a string two pools share only if a page of one is a page
+    of the other (the byte order inside a page aside, which a store records or keys separately):
+    value dtype, FP8 cache format (``raw`` when rows are exact copies of the dtype), ``nope+rope``
+    widths, row bytes, and for a scaled format the scale now in use (``per_tensor``'s ``k_scale``:
+    pages quantized with one scale are garbage under another), e.g. ``"bfloat16-raw-512+64-1152B"``
+    or ``"float8_e4m3fn-per_tensor-512+64-576B-s0.009999999776482582"``. Reads a CUDA ``k_scale``
+    (one sync)."""
+    dev = host_pool.device_pool
+    dtype = str(dev.dtype).removeprefix("torch.")
+    fmt = getattr(dev, "kv_cache_format", None) or "raw"
+    out = f"{dtype}-{fmt}-{dev.kv_lora_rank}+{dev.qk_rope_head_dim}-{host_pool.row_bytes}B"
+    scale = getattr(dev, "k_scale", None)
+    if scale is not None:
+        value = float(scale.reshape(-1)[0]) if isinstance(scale, torch.Tensor) else float(scale)
+        out += f"-s{value!r}"
+    return out
 
 
 class HiCacheStorage(abc.ABC):
@@ -31,7 +50,10 @@ class HiCacheStorage(abc.ABC):
     Semantics every backend keeps:
 
     * ``get`` never returns a page that differs from what ``set`` stored: a corrupted, truncated or
-      foreign page is a miss (``None``), counted in ``stats()["corrupt"]``.
+      foreign page is a miss (``None``), counted in ``stats()["corrupt"]``. A page is bound to its key
+      and to its pool's :func:`pool_format` and shape (layers, tokens): the same bytes found under
+      another key, or stored by a pool of another dtype, FP8 format, scale, width, layer range or page
+      size, are foreign.
     * ``set`` is all-or-nothing per page: after a crash or an error a key holds its old page or the
       new one, never a torn one. An error (disk full, server gone) raises with a clear message.
     * The batch calls work on whole host pages named by their first token slot

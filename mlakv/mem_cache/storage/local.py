@@ -2,15 +2,24 @@
 
 :class:`LocalFileStorage` implements :class:`~mlakv.mem_cache.storage.base.HiCacheStorage`. Each page
 is one file named by a hash of its key (bounded length, any key bytes), holding a fixed header —
-magic, format version, the byte order of the page (layer-major or token-major), the page size, a
-digest of the key and a BLAKE2b checksum — followed by the page bytes. A reader checks the file size
-before reading and the header and checksum after: a truncated, corrupted or foreign file is a miss
-(``None``), counted and logged once, never returned.
+magic, format version, the byte order of the page (layer-major or token-major), the page size, its
+layers and tokens, a digest of the key, a digest of the pool's page format (dtype, FP8 format and
+scale, widths, row bytes, layer range, page size: :func:`~mlakv.mem_cache.storage.base.pool_format`)
+and a BLAKE2b checksum — followed by the page bytes. A reader opens without blocking, checks that
+the path is a regular file of the right size before reading and the header and checksum after: a
+FIFO or other special file, a truncated, corrupted or foreign file (another key, another pool
+format or shape) is a miss (``None``), counted and logged once, never returned and never waited on.
+Pages of the two byte orders (``page_first``'s token-major and the layer-major layouts) are the
+same page: a reader reorders them into its own layout.
 
-A page is written to a hidden temporary file in the same directory (``.tmp-<host>-<pid>-<random>``,
-a name no key maps to), fsynced and renamed into place, so a reader sees the old page or the new one,
-never a torn one, whatever happens to the writer. Temporary files left by dead writers are removed
-when a store opens its directory (and by :meth:`LocalFileStorage.remove_stale_temp_files`).
+A page is written to a hidden temporary file in the same directory
+(``.tmp-<writer>-<pid>-<random>``, a name no key maps to), fsynced and renamed into place, so a
+reader sees the old page or the new one, never a torn one, whatever happens to the writer.
+``<writer>`` is a digest of the full host name, the boot id and the pid namespace, so two hosts or
+two containers sharing the directory never take each other's names for their own. Temporary files
+of dead writers (same writer id, pid gone) or older than ``stale_temp_age_s`` are removed when a
+store opens its directory (and by :meth:`LocalFileStorage.remove_stale_temp_files`); another
+writer's in-flight file is never removed by its pid.
 
 ``prefix_page_key`` derives a page's key from the token prefix it caches.
 """
@@ -23,6 +32,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import struct
 import time
 from pathlib import Path
@@ -32,16 +42,16 @@ import numpy as np
 import torch
 
 from ..host_pool import page_bytes_tensor
-from .base import HiCacheStorage, StorageKey
+from .base import HiCacheStorage, StorageKey, pool_format
 
 __all__ = ["LocalFileStorage", "prefix_page_key", "ORDER_LAYER_MAJOR", "ORDER_TOKEN_MAJOR"]
 
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"MLAKVPG\x00"
-_VERSION = 1
-#: magic, version, order, reserved, page_bytes, layers, tokens, key digest, checksum
-_HEADER = struct.Struct("<8sHBBQII32s32s")
+_VERSION = 2
+#: magic, version, order, reserved, page_bytes, layers, tokens, key digest, page-format digest, checksum
+_HEADER = struct.Struct("<8sHBBQII32s32s32s")
 _PREFIX_LEN = _HEADER.size - 32  # the header bytes the checksum covers (all but the checksum)
 #: page bytes as ``[layer][token][row]`` (``get_page_bytes``; ``page_first_direct``; ``layer_first``)
 ORDER_LAYER_MAJOR = 0
@@ -93,6 +103,25 @@ def _key_bytes(key: Any) -> bytes:
     return kb
 
 
+def _writer_identity() -> tuple[str, bool]:
+    """What makes this process's pids meaningful to another process: the full host name, the boot
+    id and the pid namespace; and whether the namespace could be read (only then may a dead pid in
+    a temporary file's name be trusted)."""
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("?")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+        known = True
+    except OSError:
+        parts.append("?")
+        known = False
+    return "|".join(parts), known
+
+
 def _checksum(prefix: bytes, payload: Any) -> bytes:
     h = hashlib.blake2b(digest_size=32)
     h.update(prefix)
@@ -111,8 +140,11 @@ class LocalFileStorage(HiCacheStorage):
         fsync: fsync each page and the directory before a ``set`` returns (durability across power
             loss; atomicity does not depend on it).
 
-    ``stats()``: ``hits``, ``misses``, ``corrupt`` (pages refused on read), ``sets``, ``set_errors``,
-    ``stale_removed``.
+    ``stats()``: ``hits``, ``misses``, ``corrupt`` (pages refused on read: damaged, foreign, or not a
+    regular file), ``sets``, ``set_errors``, ``stale_removed``.
+
+    Until :meth:`register_mem_pool_host` the store holds raw pages (no pool format); after it, every
+    page it writes carries the pool's format and shape, and a page of another format is a miss.
     """
 
     def __init__(self, root: str | os.PathLike, page_bytes: int, *, stale_temp_age_s: float = 3600.0, fsync: bool = True) -> None:
@@ -125,7 +157,8 @@ class LocalFileStorage(HiCacheStorage):
         self.stale_temp_age_s = float(stale_temp_age_s)
         self.fsync = fsync
         self.host_pool: Any = None
-        self._host = socket.gethostname().replace("-", "_")[:32] or "host"
+        identity, self._pids_comparable = _writer_identity()
+        self._writer = hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
         self._stats = {"hits": 0, "misses": 0, "corrupt": 0, "sets": 0, "set_errors": 0, "stale_removed": 0}
         self._warned_corrupt = False
         self.remove_stale_temp_files()
@@ -140,8 +173,8 @@ class LocalFileStorage(HiCacheStorage):
         return hashlib.blake2b(kb, digest_size=32, person=b"mlakv-page-key").digest()
 
     def remove_stale_temp_files(self) -> int:
-        """Delete temporary files whose writer is dead (same host, pid gone) or that are older than
-        ``stale_temp_age_s``; return how many were removed."""
+        """Delete temporary files whose writer is dead (this writer id: same host, boot and pid
+        namespace; pid gone) or that are older than ``stale_temp_age_s``; return how many were removed."""
         removed = 0
         now = time.time()
         try:
@@ -153,7 +186,7 @@ class LocalFileStorage(HiCacheStorage):
                 continue
             parts = e.name[len(_TMP_PREFIX) :].split("-")
             dead = False
-            if len(parts) == 3 and parts[0] == self._host and parts[1].isdigit():
+            if len(parts) == 3 and parts[0] == self._writer and self._pids_comparable and parts[1].isdigit():
                 pid = int(parts[1])
                 if pid != os.getpid():
                     try:
@@ -176,18 +209,33 @@ class LocalFileStorage(HiCacheStorage):
 
     # ---- one page ---------------------------------------------------------------------------
     def exists(self, key: StorageKey) -> bool:
-        """Whether a file of the right size is stored under ``key`` (its checksum is checked on read)."""
+        """Whether a regular file of the right size is stored under ``key`` (its header and checksum
+        are checked on read)."""
         try:
-            return os.stat(self.path_of(key)).st_size == self.file_bytes
-        except FileNotFoundError:
+            st = os.stat(self.path_of(key))
+        except (FileNotFoundError, NotADirectoryError):
             return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == self.file_bytes
+
+    # ---- the page format --------------------------------------------------------------------
+    def page_identity(self) -> str:
+        """The format every page this store writes carries and every page it reads must carry: ``""``
+        (raw pages) before :meth:`register_mem_pool_host`, else the pool's :func:`pool_format` with
+        its layer range and page size, e.g. ``"bfloat16-raw-512+64-1152B-L0-61-P64"``."""
+        host = self.host_pool
+        if host is None:
+            return ""
+        return f"{pool_format(host)}-L{host.start_layer}-{host.start_layer + host.layer_num}-P{host.page_size}"
+
+    def _format_digest(self) -> bytes:
+        return hashlib.blake2b(self.page_identity().encode(), digest_size=32, person=b"mlakv-page-fmt").digest()
 
     def get(self, key: StorageKey) -> Optional[bytes]:
         """The page under ``key`` in layer-major order (``[layer][token][row]``), or ``None`` if absent,
         truncated, corrupted or written for another key."""
         kb = _key_bytes(key)
         buf = bytearray(self.page_bytes)
-        got = self._read(kb, memoryview(buf))
+        got = self._read(kb, memoryview(buf), self._format_digest())
         if got is None:
             return None
         order, layers, tokens = got
@@ -202,7 +250,9 @@ class LocalFileStorage(HiCacheStorage):
         and leaves the key's previous page in place."""
         kb = _key_bytes(key)
         page = page_bytes_tensor(data, self.page_bytes, "data")
-        self._write(kb, key, page.numpy(), ORDER_LAYER_MAJOR, 0, 0)
+        host = self.host_pool
+        layers, tokens = (0, 0) if host is None else (host.layer_num, host.page_size)
+        self._write(kb, key, page.numpy(), ORDER_LAYER_MAJOR, layers, tokens, self._format_digest())
 
     # ---- batches (host pool pages, no Python byte copies for contiguous-page layouts) ----------
     def register_mem_pool_host(self, host_pool: Any) -> None:
@@ -244,12 +294,13 @@ class LocalFileStorage(HiCacheStorage):
         starts = self._host_pages(keys, host_indices)
         host = self.host_pool
         own_order = ORDER_TOKEN_MAJOR if host.layout == "page_first" else ORDER_LAYER_MAJOR
+        fmt = self._format_digest()
         done = 0
         for key, start in zip(keys, starts):
             kb = _key_bytes(key)
             if host.page_is_contiguous():
                 view = host.page_view(start).numpy()
-                got = self._read(kb, memoryview(view))
+                got = self._read(kb, memoryview(view), fmt)
                 if got is None:
                     break
                 if got[0] != own_order:  # stored by a host of the other page order: reorder in place
@@ -257,9 +308,13 @@ class LocalFileStorage(HiCacheStorage):
                     a, b = (L, P) if got[0] == ORDER_LAYER_MAJOR else (P, L)  # the stored leading dims
                     view[:] = _reorder(view.copy(), a, b)
             else:
-                page = self.get(key)
-                if page is None:
+                buf = bytearray(self.page_bytes)
+                got = self._read(kb, memoryview(buf), fmt)
+                if got is None:
                     break
+                page = np.frombuffer(buf, np.uint8)
+                if got[0] == ORDER_TOKEN_MAJOR:
+                    page = _reorder(page, host.page_size, host.layer_num)
                 host.set_page_bytes(start, page)
             done += 1
         return done
@@ -269,14 +324,15 @@ class LocalFileStorage(HiCacheStorage):
         the host buffer, in its own order); returns how many were stored (all, or it raises)."""
         starts = self._host_pages(keys, host_indices)
         host = self.host_pool
+        fmt = self._format_digest()
         for key, start in zip(keys, starts):
             kb = _key_bytes(key)
             if host.page_is_contiguous():
                 order = ORDER_TOKEN_MAJOR if host.layout == "page_first" else ORDER_LAYER_MAJOR
-                self._write(kb, key, host.page_view(start).numpy(), order, host.layer_num, host.page_size)
+                self._write(kb, key, host.page_view(start).numpy(), order, host.layer_num, host.page_size, fmt)
             else:
                 self._write(kb, key, np.frombuffer(host.get_page_bytes(start), np.uint8), ORDER_LAYER_MAJOR,
-                            host.layer_num, host.page_size)
+                            host.layer_num, host.page_size, fmt)
         return len(starts)
 
     # ---- file I/O ---------------------------------------------------------------------------
@@ -286,17 +342,25 @@ class LocalFileStorage(HiCacheStorage):
             self._warned_corrupt = True
             logger.warning("LocalFileStorage: refusing page %s (%s); further refusals are only counted", path, why)
 
-    def _read(self, kb: bytes, into: memoryview) -> Optional[tuple[int, int, int]]:
-        """Read and verify the page of key bytes ``kb`` into ``into`` (``page_bytes`` bytes); return
-        ``(order, layers, tokens)`` or ``None`` on a miss (absent or refused)."""
+    def _read(self, kb: bytes, into: memoryview, fmt: bytes) -> Optional[tuple[int, int, int]]:
+        """Read and verify the page of key bytes ``kb`` and page-format digest ``fmt`` into ``into``
+        (``page_bytes`` bytes); return ``(order, layers, tokens)`` or ``None`` on a miss (absent or
+        refused). Never blocks on a special file: opened with ``O_NONBLOCK``, refused unless regular."""
         path = self.root / (hashlib.blake2b(kb, digest_size=20).hexdigest() + _SUFFIX)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except (FileNotFoundError, NotADirectoryError):
             self._stats["misses"] += 1
             return None
+        except OSError as e:  # a socket, a FIFO that refuses, no permission: not a page we can read
+            self._corrupt(path, f"cannot be opened ({e.strerror})")
+            return None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self._corrupt(path, "not a regular file (a FIFO, device or directory)")
+                return None
+            size = st.st_size
             if size != self.file_bytes:
                 self._corrupt(path, f"file is {size} bytes, expected {self.file_bytes}")
                 return None
@@ -305,7 +369,7 @@ class LocalFileStorage(HiCacheStorage):
                 if head is None:
                     self._corrupt(path, "short read of the header")
                     return None
-                magic, version, order, _, page_bytes, layers, tokens, kdig, csum = _HEADER.unpack(head)
+                magic, version, order, _, page_bytes, layers, tokens, kdig, fdig, csum = _HEADER.unpack(head)
                 if magic != _MAGIC or version != _VERSION:
                     self._corrupt(path, f"not a page file of format version {_VERSION}")
                     return None
@@ -314,6 +378,10 @@ class LocalFileStorage(HiCacheStorage):
                     return None
                 if kdig != self._key_digest(kb):
                     self._corrupt(path, "written for another key")
+                    return None
+                if fdig != fmt:
+                    self._corrupt(path, f"written by a pool of another page format or shape (this store's: "
+                                        f"{self.page_identity() or 'raw pages'})")
                     return None
                 if _read_exact(f, into) is None:
                     self._corrupt(path, "short read of the page")
@@ -329,14 +397,16 @@ class LocalFileStorage(HiCacheStorage):
         self._stats["hits"] += 1
         return order, layers, tokens
 
-    def _write(self, kb: bytes, key: Any, payload: np.ndarray, order: int, layers: int, tokens: int) -> None:
-        """Write ``payload`` (``[page_bytes]`` uint8) under key bytes ``kb``: temp file, fsync, rename."""
+    def _write(self, kb: bytes, key: Any, payload: np.ndarray, order: int, layers: int, tokens: int, fmt: bytes) -> None:
+        """Write ``payload`` (``[page_bytes]`` uint8) under key bytes ``kb`` with page-format digest
+        ``fmt``: temp file, fsync, rename."""
         path = self.root / (hashlib.blake2b(kb, digest_size=20).hexdigest() + _SUFFIX)
-        prefix = _HEADER.pack(_MAGIC, _VERSION, order, 0, self.page_bytes, layers, tokens, self._key_digest(kb), b"\0" * 32)
-        prefix = prefix[:_PREFIX_LEN]
+        prefix = _HEADER.pack(
+            _MAGIC, _VERSION, order, 0, self.page_bytes, layers, tokens, self._key_digest(kb), fmt, b"\0" * 32
+        )[:_PREFIX_LEN]
         mv = memoryview(payload).cast("B")
         header = prefix + _checksum(prefix, mv)
-        tmp = self.root / f"{_TMP_PREFIX}{self._host}-{os.getpid()}-{secrets.token_hex(8)}"
+        tmp = self.root / f"{_TMP_PREFIX}{self._writer}-{os.getpid()}-{secrets.token_hex(8)}"
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -359,7 +429,9 @@ class LocalFileStorage(HiCacheStorage):
                 pass
             what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                     errno.EFBIG: "the file size limit was hit", errno.EROFS: "the file system is read-only",
-                    errno.EACCES: "the directory is not writable"}.get(e.errno, e.strerror or str(e))
+                    errno.EACCES: "the directory is not writable",
+                    errno.ENOENT: "its temporary file was removed by another process before the rename (is "
+                                  "stale_temp_age_s shorter than a write?)"}.get(e.errno, e.strerror or str(e))
             raise OSError(e.errno, f"LocalFileStorage.set: storing key {key!r} in {self.root} failed: {what} "
                                    "(the key keeps its previous page)") from e
         self._stats["sets"] += 1
