@@ -713,3 +713,37 @@ def test_misaligned_call_falls_back_to_triton_bit_exact(fmt):
     assert dispatch.run_rope_write(*args) == "triton"
     assert_same(c["kv_buffer"], want_kv, "kv_buffer")
     assert_same(c["q_out"], want_q, "q_out")
+
+
+# ---- the benchmark's own logic (CPU: the torch path; no timing claims) ----------------------------------
+def test_bench_providers_pass_their_check_and_a_wrong_one_is_caught():
+    from mlakv.bench.rope_write import check_provider, expected_of, make_set, providers_for, rope_table
+
+    cs = rope_table(device=DEVICE)
+    for variant in ("bf16", "fp8", "ds_mla"):
+        d = make_set(3, 2, variant, cs, DEVICE)
+        want = expected_of(d, False)
+        fns, _, _ = providers_for(variant, False, ["fused", "unfused"])
+        for name, fn in fns.items():
+            assert check_provider(fn, d, want) is None, (variant, name)
+
+        def wrong(c, fn=fns["fused"]):
+            fn(c)
+            c["q_out"].view(torch.uint8)[1, 0, -1] ^= 1
+
+        assert "q_out: 1 rows differ" in check_provider(wrong, d, want)
+
+
+def test_bench_bytes_count_sources_writes_and_the_query():
+    from mlakv.bench.rope_write import call_bytes
+
+    per_token_bf16 = 1152 + 16 + 256 + 1152 + 16 * (1152 + 1152)
+    assert call_bytes(10, 16, "bf16") == 10 * per_token_bf16
+    assert call_bytes(1, 1, "ds_mla") == 1152 + 16 + 256 + 656 + 1152 + 1152
+    assert call_bytes(1, 1, "fp8") == 1152 + 16 + 256 + 576 + 1152 + 576
+
+
+def test_bench_runs_on_cpu_and_reports():
+    from mlakv.bench.rope_write import main
+
+    assert main(["--variants", "ds_mla", "--heads", "2", "--sizes", "2"]) == 0
