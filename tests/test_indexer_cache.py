@@ -843,3 +843,19 @@ def test_gpu_checked_store_raises_before_writing_and_unchecked_skips():
     assert torch.equal(pages, before)
     set_index_k_buffer(pages, loc, keys, check_bounds=False)
     assert_pages_equal(pages, expected_store(before, loc, keys))
+
+
+def test_the_rule_book_the_reference_and_the_format_entry_agree():
+    """One format, three readers: spec.formats' ``indexer`` entry, the rule book's constants, the reference's addressing."""
+    from mlakv.ops.indexer_reference import INDEX_FORMAT
+    from mlakv.spec import formats, rules
+
+    fmt = formats.paged_format("indexer")
+    assert fmt is INDEX_FORMAT and fmt.paged and fmt.nope_dim == rules.INDEX_HEAD_DIM
+    assert fmt.page_bytes(rules.INDEX_PAGE_TOKENS) == rules.INDEX_PAGE_BYTES == INDEX_PAGE_BYTES
+    assert fmt.token_bytes == 132 and fmt.scale_kind == "fp32" and fmt.value_dtype == torch.float8_e4m3fn
+    assert fmt.buffer_shape(5 * 64, 64) == (5, INDEX_PAGE_BYTES)
+    for slot in (0, 1, 63, 64, 1000, 2**33 + 5):
+        page, key, scale = slot_byte_offsets(slot)
+        assert (page, key, scale) == (slot // 64, (slot % 64) * 128, 8192 + (slot % 64) * 4)
+        assert fmt.slot_offsets(slot, 64) == (page * 8448 + key, page * 8448 + scale)

@@ -21,6 +21,7 @@ import torch
 
 from mlakv.ops.indexer import get_index_k_buffer as _gather_index_k
 from mlakv.ops.indexer import set_index_k_buffer as _store_index_k
+from mlakv.ops.indexer_reference import INDEX_FORMAT
 from mlakv.spec import rules
 
 from .memory_pool import RESERVED_SLOT, MLATokenToKVPool
@@ -85,10 +86,8 @@ class DSATokenToKVPool(MLATokenToKVPool):
                 f"{self.num_index_pages} pages x {rules.INDEX_PAGE_BYTES} bytes) but {self.device} has "
                 f"{free / 2**30:.2f} GiB free after the MLA buffers"
             )
-        self.index_k_buffer = [
-            torch.zeros((self.num_index_pages, rules.INDEX_PAGE_BYTES), dtype=torch.uint8, device=self.device)
-            for _ in range(layer_num)
-        ]
+        shape = INDEX_FORMAT.buffer_shape(self.num_index_pages * rules.INDEX_PAGE_TOKENS, rules.INDEX_PAGE_TOKENS)
+        self.index_k_buffer = [torch.zeros(shape, dtype=torch.uint8, device=self.device) for _ in range(layer_num)]
 
     # ---- layer lookup -------------------------------------------------------------------
     def _index_layer(self, layer: LayerRef) -> int:

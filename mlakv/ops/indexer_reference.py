@@ -54,6 +54,7 @@ from typing import Optional
 
 import torch
 
+from mlakv.spec import formats as _formats
 from mlakv.spec.rules import (
     INDEX_HEAD_DIM,
     INDEX_PAGE_BYTES,
@@ -75,6 +76,7 @@ __all__ = [
     "INDEX_AMAX_FLOOR",
     "INDEX_SCALE_RULES",
     "INDEX_SOURCE_DTYPES",
+    "INDEX_FORMAT",
     "index_k_scales",
     "quantize_index_k",
     "dequantize_index_k",
@@ -90,6 +92,7 @@ INDEX_SCALE_OFFSET = INDEX_PAGE_TOKENS * INDEX_KEY_BYTES  # 8192: where a page's
 INDEX_E4M3_MAX = 448.0
 INDEX_AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))  # 1e-4f (bits 0x38D1B717)
 _check_rule = check_index_scale_rule
+INDEX_FORMAT = _formats.paged_format("indexer")  # the cache format's entry (sizes, slot addressing, L3 key)
 
 
 def _keys(index_k: torch.Tensor) -> torch.Tensor:
@@ -166,9 +169,12 @@ def index_k_num_slots(index_pages: torch.Tensor) -> int:
 
 
 def slot_byte_offsets(slot: int) -> tuple[int, int, int]:
-    """``(page, key byte offset in the page, scale byte offset in the page)`` of slot ``slot``."""
-    page, pos = divmod(slot, INDEX_PAGE_TOKENS)
-    return page, pos * INDEX_KEY_BYTES, INDEX_SCALE_OFFSET + pos * 4
+    """``(page, key byte offset in the page, scale byte offset in the page)`` of slot ``slot`` (the
+    format entry's addressing, :meth:`mlakv.spec.formats.CacheFormat.slot_offsets`)."""
+    page = slot // INDEX_PAGE_TOKENS
+    key, scale = INDEX_FORMAT.slot_offsets(slot, INDEX_PAGE_TOKENS)
+    base = page * INDEX_FORMAT.page_bytes(INDEX_PAGE_TOKENS)
+    return page, key - base, scale - base
 
 
 def _pages(index_pages: torch.Tensor) -> torch.Tensor:
