@@ -173,6 +173,7 @@ def _check_concat(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, ski
         _tensor(name, t)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [num_tokens, D], got shape {tuple(t.shape)}")
+        rules.check_rows_tensor(name, t, "num_tokens")  # the last dim contiguous; rows may be strided
     _index_vector("slot_mapping", slot_mapping)
     _tensor("scale", scale)
     if not isinstance(skip_scale, bool):

@@ -1,0 +1,566 @@
+"""vLLM's MLA cache ops on mlakv (``mlakv.compat.vllm``): each op against a plain-torch reference of
+vLLM's semantics (written here from vLLM 0.33's ``csrc/cache_kernels.cu``, slot by slot), bit-exact,
+on poisoned destinations; padding slots skipped; rows no request owns untouched; bad input refused
+with the argument named; the registered ops trace under ``torch.compile`` and pass ``opcheck``.
+
+CPU runs the torch paths; the Triton kernels the adapters route to on the GPU (the row write and the
+row copy) run under the interpreter on the adapters' own row views and plans.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_TRITON, requires_cuda
+from mlakv.compat import vllm as V
+from mlakv.ops import fp8
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
+# ---- the reference: vLLM's semantics, written out -------------------------------------------
+
+
+def u8(t: torch.Tensor) -> torch.Tensor:
+    """Bytes of ``t`` (any dtype), on the CPU: compare with ``torch.equal`` for bit-exactness."""
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+
+
+def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
+    """Random bytes (never zeros) in a tensor of ``shape``/``dtype``."""
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.randint(1, 256, (n,), dtype=torch.uint8).view(dtype).reshape(shape).to(device)
+
+
+def e4m3(x: float) -> int:
+    """``__nv_cvt_float_to_fp8(x, SATFINITE, E4M3)`` of an fp32 value: RNE, saturate, NaN -> 0x7F."""
+    if math.isnan(x):
+        return 0x7F
+    t = torch.tensor([min(max(x, -448.0), 448.0)], dtype=F32)
+    return int(t.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=F32))
+
+
+def div32(a: float, b: float) -> float:
+    return float(torch.tensor([a], dtype=F32) / torch.tensor([b], dtype=F32))
+
+
+def ref_tile_scale(vals: list[float]) -> float:
+    """vLLM's fp8_ds_mla tile scale: fmaxf-reduced |x| (NaN dropped), / 448, floor 1e-4f, up to 2^k."""
+    amax = 0.0
+    for v in vals:
+        if not math.isnan(v):
+            amax = max(amax, abs(v))
+    s = max(div32(amax, 448.0), f32(1e-4))
+    if math.isinf(s):
+        return s
+    m, e = math.frexp(s)  # s = m * 2^e, m in [0.5, 1)
+    return s if m == 0.5 else math.ldexp(1.0, e)
+
+
+def ref_concat(kind: str, kv_c, k_pe, cache, slot_mapping, scale: float) -> torch.Tensor:
+    """Expected bytes of ``cache`` ([num_blocks, block_size, entry]) after vLLM's concat_and_cache_mla."""
+    out = u8(cache).clone().reshape(cache.shape[0], cache.shape[1], -1)
+    bs = cache.shape[1]
+    for i, s in enumerate(slot_mapping.tolist()):
+        if s < 0:
+            continue
+        b, o = divmod(s, bs)
+        nope, rope = kv_c[i].cpu(), k_pe[i].cpu()
+        if kind == "auto":
+            row = u8(torch.cat([nope, rope]))
+        elif kind == "fp8":
+            vals = torch.cat([nope.float(), rope.float()]).tolist()
+            row = torch.tensor([e4m3(div32(v, scale)) for v in vals], dtype=torch.uint8)
+        else:
+            x = nope.float().tolist()
+            parts = []
+            scales = []
+            for t in range(4):
+                tile = x[128 * t : 128 * (t + 1)]
+                sc = ref_tile_scale(tile)
+                scales.append(sc)
+                parts.append(torch.tensor([e4m3(div32(v, sc)) for v in tile], dtype=torch.uint8))
+            parts.append(u8(torch.tensor(scales, dtype=F32)))
+            parts.append(u8(rope) if rope.numel() else torch.zeros(128, dtype=torch.uint8))
+            row = torch.cat(parts)
+        out[b, o, : row.numel()] = row
+    return out
+
+
+def ref_rows(block_table, starts, num_reqs, total, block_size, seq_starts=None, terminal=True) -> list[tuple[int, int, int]]:
+    """``(output row, block, offset)`` of every row a request owns, in vLLM's request layout."""
+    st = starts.tolist()
+    out = []
+    for r in range(num_reqs):
+        b = min(st[r], total)
+        e = min(st[r + 1] if (terminal or r + 1 < num_reqs) else total, total)
+        first = 0 if seq_starts is None else int(seq_starts[r])
+        for j in range(max(e - b, 0)):
+            p = first + j
+            out.append((b + j, int(block_table[r, p // block_size]), p % block_size))
+    return out
+
+
+def e4m3_to_f32(byte: int) -> float:
+    return float(torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float())
+
+
+def ref_dequant(byte: int, scale: float, dtype) -> torch.Tensor:
+    """``scaled_convert<dst, uint8>``: e4m3 -> fp32, times the fp32 scale (one rounding), to ``dtype``."""
+    prod = torch.tensor([e4m3_to_f32(byte)], dtype=F32) * torch.tensor([scale], dtype=F32)
+    return prod.to(dtype)
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def sources(n: int, r: int, p: int, dtype, extra: int = 0):
+    kv_c = torch.randn(n + extra, r, dtype=F32).to(dtype).to(DEVICE)
+    k_pe = torch.randn(n + extra, p, dtype=F32).to(dtype).to(DEVICE)
+    return kv_c, k_pe
+
+
+def slots(n: int, num_slots: int, pad: int = 2) -> torch.Tensor:
+    s = random.sample(range(num_slots), n)
+    for i in random.sample(range(n), min(pad, n)):
+        s[i] = -1
+    return torch.tensor(s, dtype=torch.int64, device=DEVICE)
+
+
+def padded_cache(nb: int, bs: int, entry: int, dtype, pad_slots: int) -> torch.Tensor:
+    """A poisoned ``[nb, bs, entry]`` cache whose blocks are ``pad_slots`` slots longer (vLLM's padding)."""
+    base = poisoned((nb, bs + pad_slots, entry), dtype)
+    return base[:, :bs]
+
+
+# ---- concat_and_cache_mla -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize("pad_slots", [0, 3])
+def test_concat_auto_is_a_byte_copy_at_each_slot(dtype, pad_slots):
+    random.seed(0)
+    torch.manual_seed(0)
+    nb, bs, r, p, n = 4, 8, 48, 16, 11
+    kv_c, k_pe = sources(n, r, p, dtype, extra=3)  # CUDA-graph padding: only num_tokens rows are written
+    cache = padded_cache(nb, bs, r + p, dtype, pad_slots)
+    slot = slots(n, nb * bs)
+    expected = ref_concat("auto", kv_c, k_pe, cache, slot, 1.0)
+    V.concat_and_cache_mla(kv_c, k_pe, cache, slot, "auto", torch.tensor(1.0, device=DEVICE))
+    assert torch.equal(u8(cache), expected.reshape(u8(cache).shape))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e4m3"])
+def test_concat_fp8_is_value_over_scale_in_e4m3(dtype, kv_cache_dtype):
+    random.seed(1)
+    torch.manual_seed(1)
+    nb, bs, r, p, n = 4, 8, 32, 16, 9
+    kv_c, k_pe = sources(n, r, p, dtype)
+    kv_c[0, :4] = torch.tensor([1e6, -1e6, 0.0, -0.0], dtype=dtype)  # saturation and signed zero
+    cache = poisoned((nb, bs, r + p), torch.uint8)
+    slot = slots(n, nb * bs)
+    scale = torch.tensor(0.1, dtype=F32, device=DEVICE)
+    expected = ref_concat("fp8", kv_c, k_pe, cache, slot, f32(0.1))
+    V.concat_and_cache_mla(kv_c, k_pe, cache, slot, kv_cache_dtype, scale)
+    assert torch.equal(u8(cache), expected.reshape(u8(cache).shape))
+
+
+def test_concat_fp8_skip_scale_divides_by_one():
+    random.seed(2)
+    nb, bs, r, p, n = 2, 8, 32, 8, 5
+    kv_c, k_pe = sources(n, r, p, BF16)
+    cache = poisoned((nb, bs, r + p), torch.float8_e4m3fn)
+    slot = slots(n, nb * bs, pad=1)
+    expected = ref_concat("fp8", kv_c, k_pe, cache, slot, 1.0)
+    V.concat_and_cache_mla(kv_c, k_pe, cache, slot, "fp8", torch.tensor(7.0, device=DEVICE), skip_scale=True)
+    assert torch.equal(u8(cache), expected.reshape(u8(cache).shape))
+
+
+def _ds_sources(n: int, p: int = 64):
+    kv_c, k_pe = sources(n, 512, p, BF16)
+    kv_c[0, :128] = torch.zeros(128, dtype=BF16)  # all-zero tile: the 1e-4 floor (2^-13)
+    kv_c[0, 128] = 448.0 * 2.0**-5  # a tile whose amax / 448 is a power of two exactly
+    kv_c[0, 129:256] = kv_c[0, 129:256].clamp(-1, 1) * 2.0**-9
+    kv_c[1, 300] = float("nan")  # NaN is ignored by the amax
+    kv_c[2, 400] = float("inf")  # inf sets an infinite scale (vLLM's fmaxf keeps it)
+    return kv_c, k_pe
+
+
+@pytest.mark.parametrize("pe_dim", [64, 0])
+def test_concat_ds_mla_matches_vllm_power_of_two_tiles(pe_dim):
+    random.seed(3)
+    torch.manual_seed(3)
+    nb, bs, n = 3, 4, 7
+    kv_c, k_pe = _ds_sources(n, pe_dim)
+    cache = poisoned((nb, bs, 656), torch.uint8)
+    slot = torch.tensor([0, 5, 9, 2, -1, 11, 7], device=DEVICE)  # the special rows (0-2) are written
+    expected = ref_concat("ds_mla", kv_c, k_pe, cache, slot, 1.0)
+    V.concat_and_cache_mla(kv_c, k_pe, cache, slot, "fp8_ds_mla", torch.tensor(1.0, device=DEVICE))
+    got = u8(cache)
+    assert torch.equal(got, expected.reshape(got.shape))
+    scales = got.reshape(-1, 656)[0, 512:528].view(F32)
+    assert scales[0].item() == 2.0**-13 and scales[1].item() == 2.0**-5
+
+
+def test_pow2_ceil_and_reference_option():
+    s = torch.tensor([1e-4, 2.0**-13, 0.75, 1.0, 3.0, 2.0**127 * 1.5, float("inf")], dtype=F32)
+    assert fp8.pow2_ceil(s).tolist() == [2.0**-13, 2.0**-13, 1.0, 1.0, 4.0, float("inf"), float("inf")]
+    kv_c, k_pe = _ds_sources(3)
+    rows = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale="pow2")
+    for i in range(3):
+        want = [ref_tile_scale(kv_c[i, 128 * t : 128 * (t + 1)].float().tolist()) for t in range(4)]
+        assert rows[i, 512:528].contiguous().view(F32).tolist() == want
+    with pytest.raises(TypeError, match="k_nope dtype"):
+        fp8.quantize_mla_rows(kv_c.cpu().half(), k_pe.cpu().half(), "ds_mla", ds_mla_scale="pow2")
+    with pytest.raises(ValueError, match="ds_mla_scale"):
+        fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale="ue8m0")
+
+
+# ---- the gathers ----------------------------------------------------------------------------
+
+
+def _requests(seq_lens, nb, max_blocks, seq_starts=None):
+    b = len(seq_lens)
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
+    table = torch.stack([torch.randperm(nb)[:max_blocks] for _ in range(b)]).to(torch.int32)
+    ss = None if seq_starts is None else torch.tensor(seq_starts, dtype=torch.int32, device=DEVICE)
+    return cu.to(DEVICE), table.to(DEVICE), ss
+
+
+@pytest.mark.parametrize("seq_starts", [None, [3, 17, 0]])
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_gather_auto_copies_each_owned_row_and_leaves_the_rest(seq_starts, dtype):
+    torch.manual_seed(4)
+    nb, bs, entry = 16, 8, 40
+    cache = poisoned((nb, bs, entry), dtype)
+    cu, table, ss = _requests([5, 0, 13], nb, 5, seq_starts)
+    total = int(cu[-1])
+    dst = poisoned((total + 4, entry - 8), dtype)  # rows past num_tokens and columns past head_dim exist
+    expected = u8(dst).clone().reshape(dst.shape[0], -1)
+    es = dtype.itemsize
+    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 3, total, bs, ss):
+        expected[o] = u8(cache[b, s, : entry - 8])
+    V.gather_and_maybe_dequant_cache(cache, dst, table, cu, torch.zeros(1), total, "auto", torch.ones(1), ss)
+    assert torch.equal(u8(dst).reshape(dst.shape[0], -1), expected)
+    assert es in (2, 4)
+
+
+@pytest.mark.parametrize("dst_dtype", [BF16, F16, F32])
+def test_gather_fp8_dequantizes_times_scale(dst_dtype):
+    torch.manual_seed(5)
+    nb, bs, entry = 8, 4, 24
+    cache = torch.randint(0, 256, (nb, bs, entry), dtype=torch.uint8)
+    cache[cache & 0x7F == 0x7F] = 0  # NaN payloads differ (docs/vllm.md); finite bytes here
+    cache = cache.to(DEVICE)
+    cu, table, ss = _requests([3, 6], nb, 3, [2, 1])
+    total = int(cu[-1])
+    dst = poisoned((total, entry), dst_dtype)
+    scale = torch.tensor([0.37], dtype=F32, device=DEVICE)
+    expected = torch.empty(total, entry, dtype=dst_dtype)
+    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 2, total, bs, ss):
+        for j in range(entry):
+            expected[o, j] = ref_dequant(int(cache[b, s, j]), f32(0.37), dst_dtype)
+    V.gather_and_maybe_dequant_cache(cache, dst, table, cu, torch.zeros(1), torch.tensor(total), "fp8", scale, ss)
+    assert torch.equal(u8(dst), u8(expected))
+
+
+@pytest.mark.parametrize("seq_starts", [None, [5, 0, 9, 1]])
+@pytest.mark.parametrize("dtype,unaligned", [(BF16, False), (BF16, True), (torch.uint8, False), (torch.int32, False)])
+def test_cp_gather_cache_copies_bytes(seq_starts, dtype, unaligned):
+    torch.manual_seed(6)
+    nb, bs, entry = 16, 8, 20
+    storage = poisoned((nb, bs, entry + int(unaligned)), dtype)
+    cache = storage[..., 1:] if unaligned else storage
+    cu, table, ss = _requests([0, 1, 11, 4], nb, 4, seq_starts)
+    total = int(cu[-1])
+    dst_storage = poisoned((total, entry + int(unaligned)), dtype)
+    dst = dst_storage[:, 1:] if unaligned else dst_storage
+    expected = u8(dst).clone()
+    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 4, total, bs, ss):
+        expected[o] = u8(cache[b, s])
+    V.cp_gather_cache(cache, dst, table, cu, 4, ss)
+    assert torch.equal(u8(dst), expected)
+
+
+def test_cp_gather_cache_multi_dim_entries():
+    torch.manual_seed(7)
+    cache = poisoned((6, 4, 2, 8), F16)
+    cu, table, _ = _requests([7], 6, 2)
+    dst = poisoned((7, 2, 8), F16)
+    expected = u8(dst).clone()
+    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 1, 7, 4):
+        expected[o] = u8(cache[b, s])
+    V.cp_gather_cache(cache, dst, table, cu, 1)
+    assert torch.equal(u8(dst), expected)
+
+
+@pytest.mark.parametrize("seq_starts", [None, [2, 0, 6]])
+def test_upconvert_ds_mla_rows_to_bf16(seq_starts):
+    torch.manual_seed(8)
+    random.seed(8)
+    nb, bs = 6, 4
+    cache = poisoned((nb, bs, 656), torch.uint8)
+    kv_c, k_pe = sources(nb * bs, 512, 64, BF16)
+    V.concat_and_cache_mla(kv_c, k_pe, cache, torch.arange(nb * bs, device=DEVICE), "fp8_ds_mla", torch.ones(1, device=DEVICE))
+    ws = torch.tensor([0, 3, 3], dtype=torch.int32, device=DEVICE)  # request 1 is empty; the last runs to total
+    table = torch.stack([torch.randperm(nb)[:4] for _ in range(3)]).to(torch.int32).to(DEVICE)
+    ss = None if seq_starts is None else torch.tensor(seq_starts, dtype=torch.int32, device=DEVICE)
+    total = 9
+    dst = poisoned((total, 576), BF16)
+    expected = u8(dst).clone().reshape(total, -1)
+    flat = cache.cpu()
+    for o, b, s in ref_rows(table.cpu(), ws.cpu(), 3, total, bs, ss, terminal=False):
+        row = flat[b, s]
+        scales = row[512:528].view(F32).tolist()
+        nope = torch.cat([ref_dequant(int(row[j]), scales[j // 128], BF16) for j in range(512)])
+        expected[o] = torch.cat([u8(nope), row[528:656]])
+    V.cp_gather_and_upconvert_fp8_kv_cache(cache, dst, table, ws, 3, ss)
+    assert torch.equal(u8(dst).reshape(total, -1), expected)
+
+
+# ---- swap_blocks --------------------------------------------------------------------------------
+
+
+def test_swap_blocks_copies_whole_blocks():
+    torch.manual_seed(9)
+    src = poisoned((8, 4, 24), BF16, "cpu")
+    dst = poisoned((6, 4, 24), BF16, "cpu")
+    bsb = src.element_size() * src.stride(0)
+    mapping = torch.tensor([[0, 5], [7, 1], [3, 0]], dtype=torch.int64)
+    expected = u8(dst).clone().reshape(6, -1)
+    for s, d in mapping.tolist():
+        expected[d] = u8(src[s]).reshape(-1)
+    V.swap_blocks(src, dst, bsb, mapping)
+    assert torch.equal(u8(dst).reshape(6, -1), expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("direction", [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")])
+def test_swap_blocks_gpu_directions(direction):
+    torch.manual_seed(10)
+
+    def make(dev, nb):
+        t = poisoned((nb, 16, 656), torch.uint8, dev)
+        return t.pin_memory() if dev == "cpu" else t
+
+    src, dst = make(direction[0], 12), make(direction[1], 10)
+    mapping = torch.tensor([[11, 0], [2, 9], [5, 4]], dtype=torch.int64)
+    expected = dst.cpu().clone()
+    for s, d in mapping.tolist():
+        expected[d] = src[s].cpu()
+    V.swap_blocks(src, dst, src.stride(0), mapping)
+    torch.cuda.synchronize()
+    assert torch.equal(dst.cpu(), expected)
+
+
+# ---- the Triton kernels the GPU paths take, on the adapters' own row views (interpreter on CPU) ----
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_row_write_on_the_paged_rows_view():
+    from mlakv.kernels.triton.row_write import launch_set_kv_rows
+
+    random.seed(11)
+    nb, bs, r, p, n = 3, 4, 16, 8, 6
+    kv_c, k_pe = sources(n, r, p, BF16)
+    cache = padded_cache(nb, bs, r + p, BF16, 2)
+    slot = slots(n, nb * bs)
+    expected = ref_concat("auto", kv_c, k_pe, cache, slot, 1.0)
+    rows, rpb = V.paged_rows(cache)
+    launch_set_kv_rows(rows, V.slot_rows(slot, bs, rpb), kv_c, k_pe)
+    assert torch.equal(u8(cache), expected.reshape(u8(cache).shape))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_row_copy_on_the_gather_plan_skips_unowned_rows():
+    from mlakv.kernels.triton.transfer import launch_copy_rows
+
+    torch.manual_seed(12)
+    nb, bs, entry = 8, 4, 12
+    cache = poisoned((nb, bs, entry), BF16)
+    cu, table, ss = _requests([3, 5], nb, 3, [1, 2])
+    dst = poisoned((10, entry), BF16)  # rows 8, 9 are no request's
+    expected = u8(dst).clone()
+    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 2, 10, bs, ss):
+        expected[o] = u8(cache[b, s])
+    slot, valid = V.gather_plan(table, cu, 2, 10, bs, nb, ss)
+    assert valid.tolist() == [True] * 8 + [False] * 2
+    es = cache.element_size()
+    launch_copy_rows(
+        V._span(cache), V._span(dst), slot, torch.arange(10, device=DEVICE), entry * es,
+        (bs, cache.stride(0) * es, cache.stride(1) * es), (1, dst.stride(0) * es, 0),
+    )  # fmt: skip
+    assert torch.equal(u8(dst), expected)
+
+
+# ---- refusals -----------------------------------------------------------------------------------
+
+
+def _concat_args(**over):
+    kv_c, k_pe = sources(4, 32, 16, BF16)
+    a = dict(kv_c=kv_c, k_pe=k_pe, kv_cache=torch.zeros(2, 4, 48, dtype=BF16, device=DEVICE),
+             slot_mapping=torch.arange(4, device=DEVICE), kv_cache_dtype="auto",
+             scale=torch.ones(1, device=DEVICE))  # fmt: skip
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(kv_cache_dtype="fp8_e5m2"), ValueError, "kv_cache_dtype must be one of"),
+        (dict(kv_cache=torch.zeros(2, 4, 50, dtype=BF16)), ValueError, "entry size"),
+        (dict(kv_cache=torch.zeros(2, 4, 48, dtype=F16)), TypeError, "kv_cache dtype"),
+        (dict(kv_cache=torch.zeros(8, 48, dtype=BF16)), ValueError, "kv_cache must be"),
+        (dict(slot_mapping=torch.arange(4.0)), TypeError, "slot_mapping must be int32 or int64"),
+        (dict(slot_mapping=torch.arange(5)), ValueError, "kv_c: dim 0 has 4 rows"),
+        (dict(slot_mapping=torch.tensor([0, 1, 2, 8])), IndexError, "out of range"),
+        (dict(kv_cache=torch.zeros(2, 4, 48, dtype=torch.uint8), kv_cache_dtype="fp8", scale=torch.ones(1, dtype=torch.float64)),
+         TypeError, "scale must be a 1-element float32"),
+        (dict(kv_cache=torch.zeros(2, 4, 48, dtype=torch.uint8), kv_cache_dtype="fp8_ds_mla"), ValueError, "fp8_ds_mla needs"),
+        (dict(kv_c=torch.zeros(4, 64, dtype=BF16)[:, ::2]), ValueError, "kv_c: the last dim must be contiguous"),
+    ],
+)  # fmt: skip
+def test_concat_refuses_bad_input_before_writing(over, exc, match):
+    a = _concat_args(**over)
+    before = a["kv_cache"].clone()
+    with pytest.raises(exc, match=match):
+        V.concat_and_cache_mla(**a)
+    assert torch.equal(u8(a["kv_cache"]), u8(before))
+
+
+def test_ds_mla_refuses_fp16_sources():
+    kv_c, k_pe = sources(2, 512, 64, F16)
+    with pytest.raises(TypeError, match="fp8_ds_mla takes bfloat16"):
+        V.concat_and_cache_mla(kv_c, k_pe, torch.zeros(1, 4, 656, dtype=torch.uint8), torch.arange(2), "fp8_ds_mla", torch.ones(1))
+
+
+def _gather_args(**over):
+    cu, table, _ = _requests([3, 2], 4, 2)
+    a = dict(src_cache=torch.zeros(4, 4, 8, dtype=BF16), dst=torch.zeros(5, 8, dtype=BF16), block_table=table,
+             cu_seq_lens=cu, batch_size=2, seq_starts=None)  # fmt: skip
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(batch_size=3), ValueError, "batch_size=3 must match"),
+        (dict(dst=torch.zeros(5, 8, dtype=F16)), TypeError, "must equal dst dtype"),
+        (dict(dst=torch.zeros(5, 7, dtype=BF16)), ValueError, "entry size 7"),
+        (dict(block_table=torch.zeros(2, 2, dtype=torch.float32)), TypeError, "block_table must be int32"),
+        (dict(block_table=torch.tensor([[9, 0], [1, 2]], dtype=torch.int32)), IndexError, r"block_table\[0, 0\] = 9"),
+        (dict(block_table=torch.tensor([[0, 9], [1, 2]], dtype=torch.int32), dst=torch.zeros(5, 8, dtype=BF16)), None, None),
+        (dict(cu_seq_lens=torch.tensor([0, 3, 2], dtype=torch.int32)), ValueError, "non-decreasing"),
+        (dict(seq_starts=torch.tensor([7, 0], dtype=torch.int32)), IndexError, "logical block"),
+        (dict(src_cache=torch.zeros(4, 4, 8, dtype=BF16)[:, :, ::2], dst=torch.zeros(5, 4, dtype=BF16)), ValueError, "contiguous"),
+    ],
+)  # fmt: skip
+def test_cp_gather_refuses_bad_input_before_writing(over, exc, match):
+    a = _gather_args(**over)
+    if exc is None:  # an out-of-range id in a block no request reads is not an error
+        V.cp_gather_cache(**a)
+        return
+    before = a["dst"].clone()
+    with pytest.raises(exc, match=match):
+        V.cp_gather_cache(**a)
+    assert torch.equal(u8(a["dst"]), u8(before))
+
+
+def test_gather_and_upconvert_refusals():
+    cache = torch.zeros(4, 4, 8, dtype=torch.uint8)
+    cu, table, _ = _requests([3], 4, 1)
+    with pytest.raises(ValueError, match="num_tokens=9 exceeds"):
+        V.gather_and_maybe_dequant_cache(cache, torch.zeros(3, 8, dtype=BF16), table, cu, cu, 9, "fp8", torch.ones(1))
+    with pytest.raises(ValueError, match="not supported by this op"):
+        V.gather_and_maybe_dequant_cache(cache, torch.zeros(3, 8, dtype=BF16), table, cu, cu, 3, "fp8_ds_mla", torch.ones(1))
+    with pytest.raises(TypeError, match="must equal dst dtype"):
+        V.gather_and_maybe_dequant_cache(cache, torch.zeros(3, 8, dtype=BF16), table, cu, cu, 3, "auto", torch.ones(1))
+    with pytest.raises(ValueError, match="656"):
+        V.cp_gather_and_upconvert_fp8_kv_cache(cache, torch.zeros(3, 576, dtype=BF16), table, cu[:1], 1)
+    ds = torch.zeros(4, 4, 656, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"bfloat16 \[total_tokens, 576\]"):
+        V.cp_gather_and_upconvert_fp8_kv_cache(ds, torch.zeros(3, 576, dtype=F16), table, cu[:1], 1)
+    with pytest.raises(NotImplementedError, match="host_cache"):
+        V.cp_gather_and_upconvert_fp8_kv_cache(ds, torch.zeros(3, 576, dtype=BF16), table, cu[:1], 1, host_cache=ds)
+
+
+@pytest.mark.parametrize(
+    "mapping,bsb,exc,match",
+    [
+        (torch.tensor([[0, 4]]), 64, IndexError, r"block_mapping\[0, 1\] = 4"),
+        (torch.tensor([[-1, 0]]), 64, IndexError, r"block_mapping\[0, 0\] = -1"),
+        (torch.tensor([[0, 1], [2, 1]]), 64, ValueError, "appears twice"),
+        (torch.tensor([[0, 1]], dtype=torch.int32), 64, TypeError, "int64"),
+        (torch.tensor([0, 1]), 64, ValueError, r"\[num_pairs, 2\]"),
+        (torch.tensor([[0, 1]]), 0, ValueError, "block_size_in_bytes must be >= 1"),
+    ],
+)
+def test_swap_blocks_refusals(mapping, bsb, exc, match):
+    src, dst = torch.zeros(4, 64, dtype=torch.uint8), torch.full((4, 64), 7, dtype=torch.uint8)
+    with pytest.raises(exc, match=match):
+        V.swap_blocks(src, dst, bsb, mapping)
+    assert bool((dst == 7).all())
+
+
+# ---- the registered ops -------------------------------------------------------------------------
+
+
+def test_ops_pass_opcheck():
+    kv_c, k_pe = sources(4, 32, 16, BF16)
+    cache = torch.zeros(2, 4, 48, dtype=BF16, device=DEVICE)
+    args = (kv_c, k_pe, cache, torch.tensor([0, -1, 5, 2], device=DEVICE), "auto", torch.ones(1, device=DEVICE))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.mlakv_vllm.concat_and_cache_mla, args, test_utils=utils)
+    cu, table, _ = _requests([3, 2], 2, 2)
+    torch.library.opcheck(
+        torch.ops.mlakv_vllm.cp_gather_cache, (cache, torch.zeros(5, 48, dtype=BF16, device=DEVICE), table, cu, 2, None),
+        test_utils=utils,
+    )  # fmt: skip
+
+
+def test_ops_trace_under_torch_compile():
+    kv_c, k_pe = sources(4, 32, 16, BF16)
+    cache = torch.zeros(2, 4, 48, dtype=BF16, device=DEVICE)
+    slot = torch.tensor([0, -1, 5, 2], device=DEVICE)
+    cu, table, _ = _requests([4], 2, 2)
+    out = torch.zeros(4, 48, dtype=BF16, device=DEVICE)
+
+    def step(kv_c, k_pe, cache, slot, out):
+        V.concat_and_cache_mla(kv_c, k_pe, cache, slot, "auto", torch.ones(1, device=DEVICE))
+        V.cp_gather_cache(cache, out, table, cu, 1)
+        return out * 2
+
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(kv_c, k_pe, cache, slot, out)
+    assert torch.equal(u8(got), u8(out * 2))
+    assert torch.equal(u8(cache.reshape(8, 48)[5]), u8(torch.cat([kv_c[2], k_pe[2]])))
+
+
+def test_register_ops_under_another_namespace():
+    ns = V.register_ops("mlakv_vllm_test_ns")
+    assert V.register_ops("mlakv_vllm_test_ns") is ns
+    src, dst = torch.arange(8, dtype=torch.uint8).reshape(2, 4), torch.zeros(2, 4, dtype=torch.uint8)
+    ns.swap_blocks(src, dst, 4, torch.tensor([[1, 0]]))
+    assert dst[0].tolist() == [4, 5, 6, 7] and dst[1].tolist() == [0, 0, 0, 0]
+
+
+def test_convert_fp8_round_trip_matches_the_reference():
+    x = torch.randn(3, 5, 16, dtype=F16)
+    q = torch.empty(3, 5, 16, dtype=torch.uint8)
+    V.convert_fp8(q, x, 0.5)
+    assert q.flatten().tolist() == [e4m3(div32(v, 0.5)) for v in x.float().flatten().tolist()]
+    back = torch.empty(3, 5, 16, dtype=BF16)
+    V.convert_fp8(back, q, 0.5)
+    assert torch.equal(u8(back), u8(torch.cat([ref_dequant(b, 0.5, BF16) for b in q.flatten().tolist()]).reshape(3, 5, 16)))
