@@ -28,19 +28,96 @@ LayerRef = Union[int, object]
 RESERVED_SLOT = 0  # the dummy slot of padded tokens (sglang's reserved_skip_index): writes skip it
 
 
+_CGROUP_ROOT = "/sys/fs/cgroup"  # where the cgroup file systems are mounted
+_PROC_CGROUP = "/proc/self/cgroup"  # which cgroup this process is in
+
+
+def _read_int(path: str) -> Optional[int]:
+    """An integer file (a cgroup limit or counter); None if absent, unreadable or ``max``."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_headroom() -> Optional[int]:
+    """Bytes this process's memory cgroup can still charge before its limit: ``memory.max -
+    memory.current`` (v2) or ``memory.limit_in_bytes - memory.usage_in_bytes`` (v1), the smallest
+    over the cgroup and its ancestors (a container sees its own as the root); None without a limit."""
+    try:
+        with open(_PROC_CGROUP) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    best: Optional[int] = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, rel = parts
+        if hid == "0" and controllers == "":
+            base, limit_name, usage_name = _CGROUP_ROOT, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_name, usage_name = os.path.join(_CGROUP_ROOT, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        d = os.path.normpath(os.path.join(base, rel.lstrip("/")))
+        while True:
+            limit = _read_int(os.path.join(d, limit_name))
+            if limit is not None:
+                room = max(0, limit - (_read_int(os.path.join(d, usage_name)) or 0))
+                best = room if best is None else min(best, room)
+            if len(d) <= len(base) or not d.startswith(base):
+                break
+            d = os.path.dirname(d)
+    return best
+
+
+def _address_space_headroom() -> Optional[int]:
+    """Bytes of address space left under ``RLIMIT_AS`` (``ulimit -v``): the soft limit minus this
+    process's ``VmSize``; None without a limit."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    used = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    used = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    return max(0, soft - used)
+
+
 def host_available_bytes() -> Optional[int]:
-    """Memory the host can still give (``MemAvailable``), or None if it cannot be read."""
+    """Memory this process can still get: the least of the host's ``MemAvailable``, its memory
+    cgroup's room (``memory.max``, v1 ``memory.limit_in_bytes``) and the address space left under
+    ``RLIMIT_AS``; None if none can be read."""
+    avail: Optional[int] = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    limits = [v for v in (avail, _cgroup_headroom(), _address_space_headroom()) if v is not None]
+    return min(limits) if limits else None
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:
@@ -92,8 +169,10 @@ class MLATokenToKVPool:
         k_scale: per_tensor's scale: a positive float, or a 1-element fp32 tensor on ``device`` (kept
             by reference, so it may change between writes and CUDA-graph replays).
 
-    Raises ``TypeError`` for an unsupported dtype and ``MemoryError`` (naming the sizes) when the
-    buffers do not fit in the device's free memory, before allocating anything.
+    Raises ``TypeError`` for an unsupported dtype or a size, width or layer id that is not an int
+    (a bool or a float is refused, never truncated), and ``MemoryError`` (naming the sizes) when the
+    buffers do not fit in the device's free memory — on the CPU the least of ``MemAvailable``, the
+    memory cgroup's limit and ``RLIMIT_AS`` (:func:`host_available_bytes`) — before allocating anything.
     """
 
     def __init__(
@@ -116,6 +195,14 @@ class MLATokenToKVPool:
     ) -> None:
         if not isinstance(dtype, torch.dtype) or dtype not in rules.SUPPORTED_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported for a KV pool; expected one of {rules.SUPPORTED_DTYPES}")
+        size, page_size, layer_num = (rules.check_int_arg(v, n) for v, n in
+                                      ((size, "size"), (page_size, "page_size"), (layer_num, "layer_num")))  # fmt: skip
+        kv_lora_rank = rules.check_int_arg(kv_lora_rank, "kv_lora_rank")
+        qk_rope_head_dim = rules.check_int_arg(qk_rope_head_dim, "qk_rope_head_dim")
+        if start_layer is not None:
+            start_layer = rules.check_int_arg(start_layer, "start_layer", 0)
+        if end_layer is not None:
+            end_layer = rules.check_int_arg(end_layer, "end_layer")
         if size <= 0 or page_size <= 0 or layer_num <= 0:
             raise ValueError(f"size, page_size and layer_num must be positive, got {size}, {page_size}, {layer_num}")
         if kv_lora_rank <= 0 or qk_rope_head_dim < 0:
@@ -309,8 +396,9 @@ class MLATokenToKVPool:
         """Copy rows ``indices`` (``[n]`` int, physical rows) of every layer to the CPU (request offload).
 
         Returns ``out[layer][chunk]``: ``[<= chunk_size, 1, kv_cache_dim]`` tensors in the storage
-        dtype, ``indices`` taken ``chunk_size`` at a time (sglang's format). Syncs the device.
+        dtype, ``indices`` taken ``chunk_size`` at a time (sglang's format; an int >= 1). Syncs the device.
         """
+        chunk_size = rules.check_int_arg(chunk_size, "chunk_size", 1)
         idx = self._checked_slots(indices, "indices")
         out = []
         for buf in self.kv_buffer:
@@ -341,13 +429,9 @@ class MLATokenToKVPool:
                 start += c.shape[0]
 
     def _checked_slots(self, indices: torch.Tensor, name: str) -> torch.Tensor:
-        """``indices`` as int64 on the pool device, after checking they are slots in ``[0, num_slots)``."""
-        if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be a 1-D int32/int64 tensor, got {indices!r:.80}")
-        idx = indices.to(self.device, torch.int64)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_slots):
-            raise IndexError(f"{name}: slots must lie in [0, {self.num_slots}), got [{int(idx.min())}, {int(idx.max())}]")
-        return idx
+        """``indices`` as int64 on the pool device, after the rule book's check that they are slots in
+        ``[0, num_slots)`` (:func:`mlakv.spec.rules.check_token_slots`)."""
+        return rules.check_token_slots(indices, name, self.num_slots, 1).to(self.device)
 
     set_mla_kv_buffer = set_kv_buffer  # the name some engines call the MLA write by
 

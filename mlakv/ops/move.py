@@ -29,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from mlakv.spec import rules
+
 __all__ = ["check_move_args", "move_kv_cache_torch", "move_kv_cache"]
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -69,12 +71,9 @@ def check_move_args(kv_buffers: Sequence[torch.Tensor], tgt_loc: object, src_loc
 
 
 def _check_bounds(tgt_loc: torch.Tensor, src_loc: torch.Tensor, num_slots: int) -> None:
-    """Raise ``IndexError`` naming the first slot outside ``[0, num_slots)`` (syncs on GPU)."""
-    for name, t in (("tgt_loc", tgt_loc), ("src_loc", src_loc)):
-        bad = (t < 0) | (t >= num_slots)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise IndexError(f"{name}[{i}] = {int(t[i])} is out of range for kv buffers with num_slots={num_slots}")
+    """Raise ``IndexError`` for a slot outside ``[0, num_slots)`` (the rule book's slot rule; syncs on GPU)."""
+    rules.check_token_slots(tgt_loc, "tgt_loc", num_slots, 1)
+    rules.check_token_slots(src_loc, "src_loc", num_slots, 1)
 
 
 def _rows2d(b: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,8 @@ __all__ = [
     "INDEX_PAGE_BYTES",
     "INDEX_SOURCE_DTYPES",
     "INDEX_SCALE_RULES",
+    "INDEX_E4M3_MAX",
+    "INDEX_AMAX_FLOOR",
     "check_index_pages",
     "index_store_ok",
     "explain_index_store",
@@ -320,7 +322,8 @@ def check_token_slots(indices: object, name: str, limit: int, page_size: int) ->
         return idx
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= limit:
-        raise IndexError(f"{name}: slots must lie in [0, {limit}), got [{lo}, {hi}]")
+        i = int(((idx < 0) | (idx >= limit)).nonzero()[0, 0])
+        raise IndexError(f"{name}: slots must lie in [0, {limit}), got {name}[{i}] = {int(idx[i])} (values in [{lo}, {hi}])")
     if page_size > 1:
         p = page_size
         if n % p:
@@ -449,6 +452,8 @@ INDEX_PAGE_TOKENS = 64
 INDEX_PAGE_BYTES = INDEX_PAGE_TOKENS * (INDEX_HEAD_DIM + 4)  # 8448
 INDEX_SOURCE_DTYPES = (torch.bfloat16, torch.float16)
 INDEX_SCALE_RULES = ("fp32", "ue8m0")
+INDEX_E4M3_MAX = 448.0  # the largest finite e4m3 magnitude: the quantized keys' range
+INDEX_AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))  # 1e-4f (bits 0x38D1B717): the smallest amax a scale uses
 _INDEX_SRC_SET = frozenset(INDEX_SOURCE_DTYPES)
 
 
