@@ -56,6 +56,8 @@ import torch
 
 from mlakv.spec import formats as _formats
 from mlakv.spec.rules import (
+    INDEX_AMAX_FLOOR,
+    INDEX_E4M3_MAX,
     INDEX_HEAD_DIM,
     INDEX_PAGE_BYTES,
     INDEX_PAGE_TOKENS,
@@ -86,11 +88,10 @@ __all__ = [
     "gather_index_k_reference",
 ]
 
-# (head dim 128, 64 slots and 8448 bytes per page, the source dtypes and scale rules: the rule book's)
+# (head dim 128, 64 slots and 8448 bytes per page, the source dtypes, scale rules, 448 and the 1e-4f
+# amax floor: the rule book's)
 INDEX_KEY_BYTES = INDEX_HEAD_DIM  # one e4m3 byte per value
 INDEX_SCALE_OFFSET = INDEX_PAGE_TOKENS * INDEX_KEY_BYTES  # 8192: where a page's scales start
-INDEX_E4M3_MAX = 448.0
-INDEX_AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))  # 1e-4f (bits 0x38D1B717)
 _check_rule = check_index_scale_rule
 INDEX_FORMAT = _formats.paged_format("indexer")  # the cache format's entry (sizes, slot addressing, L3 key)
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mlakv.ops.indexer_reference import INDEX_AMAX_FLOOR, INDEX_E4M3_MAX
+from mlakv.spec.rules import INDEX_AMAX_FLOOR, INDEX_E4M3_MAX
 
 from .common import interpreting, pdl_supported
 
