@@ -564,3 +564,70 @@ def test_convert_fp8_round_trip_matches_the_reference():
     back = torch.empty(3, 5, 16, dtype=BF16)
     V.convert_fp8(back, q, 0.5)
     assert torch.equal(u8(back), u8(torch.cat([ref_dequant(b, 0.5, BF16) for b in q.flatten().tolist()]).reshape(3, 5, 16)))
+
+
+# ---- the DSA indexer K cache --------------------------------------------------------------------
+
+
+def ref_index_store(k: torch.Tensor, cache: torch.Tensor, slot_mapping, ue8m0: bool) -> torch.Tensor:
+    """vLLM's indexer_k_quant_and_cache: per key ``scale = max(amax, 1e-4) / 448`` (ue8m0: up to
+    2^k), bytes ``e4m3(x / scale)`` at ``block * 8448 + offset * 128``, the fp32 scale at
+    ``block * 8448 + 64 * 128 + offset * 4``."""
+    out = u8(cache).clone().reshape(cache.shape[0], -1)
+    for i, s in enumerate(slot_mapping.tolist()):
+        if s < 0:
+            continue
+        b, o = divmod(s, 64)
+        x = k[i].float().cpu().tolist()
+        amax = max([abs(v) for v in x if not math.isnan(v)] + [0.0])
+        sc = div32(max(amax, f32(1e-4)), 448.0)
+        if ue8m0:
+            m, e = math.frexp(sc)
+            sc = sc if m == 0.5 else math.ldexp(1.0, e)
+        out[b, o * 128 : (o + 1) * 128] = torch.tensor([e4m3(div32(v, sc)) for v in x], dtype=torch.uint8)
+        out[b, 8192 + 4 * o : 8192 + 4 * (o + 1)] = u8(torch.tensor([sc], dtype=F32))
+    return out
+
+
+@pytest.mark.parametrize("scale_fmt", ["ue8m0", "fp32"])
+def test_indexer_store_and_gather(scale_fmt):
+    torch.manual_seed(13)
+    random.seed(13)
+    nb, n = 3, 10
+    k = torch.randn(n, 128, dtype=F32).mul(3).to(BF16).to(DEVICE)
+    cache = poisoned((nb, 64, 132), torch.uint8)
+    slot = slots(n, nb * 64, pad=2)
+    expected = ref_index_store(k, cache, slot, scale_fmt == "ue8m0")
+    V.indexer_k_quant_and_cache(k, cache, slot, 128, scale_fmt)
+    got = u8(cache).reshape(nb, -1)
+    if scale_fmt == "ue8m0":  # a power-of-two scale: x * (1 / s) == x / s, so the bytes are vLLM's
+        assert torch.equal(got, expected)
+    else:  # the fp32 scale: scales exact; a key byte may be one e4m3 step off (docs/vllm.md)
+        assert torch.equal(got[:, 8192:], expected[:, 8192:])
+        diff = (got[:, :8192].to(torch.int16) - expected[:, :8192].to(torch.int16)).abs()
+        assert int(diff.max()) <= 1
+    # gather back: request rows in cu order, rows past cu[-1] untouched
+    table = torch.tensor([[2, 0], [1, 2]], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 70, 75], dtype=torch.int32, device=DEVICE)
+    dst_k, dst_s = poisoned((78, 128), torch.uint8), poisoned((78, 4), torch.uint8)
+    want_k, want_s = u8(dst_k).clone(), u8(dst_s).clone()
+    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 2, 78, 64):
+        want_k[o] = got[b, s * 128 : (s + 1) * 128]
+        want_s[o] = got[b, 8192 + 4 * s : 8192 + 4 * (s + 1)]
+    V.cp_gather_indexer_k_quant_cache(cache, dst_k, dst_s, table, cu)
+    assert torch.equal(u8(dst_k), want_k) and torch.equal(u8(dst_s), want_s)
+
+
+def test_indexer_refusals():
+    k = torch.randn(2, 128, dtype=BF16)
+    with pytest.raises(ValueError, match=r"kv_cache must be uint8 \[num_blocks, 64, 132\]"):
+        V.indexer_k_quant_and_cache(k, torch.zeros(2, 16, 132, dtype=torch.uint8), torch.arange(2), 128, "ue8m0")
+    with pytest.raises(NotImplementedError, match="mxfp8"):
+        V.indexer_k_quant_and_cache(k, torch.zeros(2, 64, 132, dtype=torch.uint8), torch.arange(2), 128, "mxfp8")
+    with pytest.raises(ValueError, match="quant_block_size must be 128"):
+        V.indexer_k_quant_and_cache(k, torch.zeros(2, 64, 132, dtype=torch.uint8), torch.arange(2), 64, "ue8m0")
+    with pytest.raises(ValueError, match="dst_scale must be"):
+        V.cp_gather_indexer_k_quant_cache(
+            torch.zeros(2, 64, 132, dtype=torch.uint8), torch.zeros(3, 128, dtype=torch.uint8), torch.zeros(3, 1, dtype=F32),
+            torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32),
+        )  # fmt: skip

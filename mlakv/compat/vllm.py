@@ -50,6 +50,8 @@ __all__ = [
     "cp_gather_cache",
     "cp_gather_and_upconvert_fp8_kv_cache",
     "swap_blocks",
+    "indexer_k_quant_and_cache",
+    "cp_gather_indexer_k_quant_cache",
     "convert_fp8",
     "paged_rows",
     "slot_rows",
@@ -562,6 +564,107 @@ def _swap_fake(src, dst, block_size_in_bytes, block_mapping) -> None:
     _check_swap(src, dst, block_size_in_bytes, block_mapping)
 
 
+# ---- the DSA indexer K cache ----------------------------------------------------------------
+
+_IDX_DIM, _IDX_BLOCK = rules.INDEX_HEAD_DIM, rules.INDEX_PAGE_TOKENS
+_IDX_ENTRY = _IDX_DIM + 4  # vLLM's cache_stride for quant_block_size 128: 128 key bytes + one fp32 scale
+_SCALE_FMT = {"ue8m0": "ue8m0"}  # any other string: vLLM's fp32 scale ("mxfp8" is refused)
+
+
+def _check_index_cache(kv_cache: object) -> None:
+    """vLLM's indexer cache ``[num_blocks, 64, 132]`` uint8 laid out as mlakv's ``[num_pages, 8448]`` pages."""
+    _tensor("kv_cache", kv_cache)
+    if kv_cache.dim() != 3 or kv_cache.shape[1:] != (_IDX_BLOCK, _IDX_ENTRY) or kv_cache.dtype != torch.uint8:
+        raise ValueError(
+            f"kv_cache must be uint8 [num_blocks, {_IDX_BLOCK}, {_IDX_ENTRY}] (mlakv's indexer page: block_size 64, "
+            f"head_dim 128, quant_block_size 128), got {kv_cache.dtype} shape {tuple(kv_cache.shape)}"
+        )
+    if kv_cache.stride(2) != 1 or kv_cache.stride(1) != _IDX_ENTRY:
+        raise ValueError(f"kv_cache: each block must be contiguous, got strides {tuple(kv_cache.stride())}")
+
+
+def _index_pages(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The ``[num_pages, 8448]`` page view of vLLM's ``[num_blocks, 64, 132]`` cache (keys then scales
+    per block in both)."""
+    s0 = kv_cache.stride(0) if kv_cache.shape[0] > 1 else rules.INDEX_PAGE_BYTES
+    return torch.as_strided(kv_cache, (kv_cache.shape[0], rules.INDEX_PAGE_BYTES), (s0, 1), kv_cache.storage_offset())
+
+
+def _check_index_store(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype) -> str:
+    _tensor("k", k)
+    if k.dim() != 2 or k.shape[1] != _IDX_DIM:
+        raise ValueError(f"k must be [num_tokens, {_IDX_DIM}], got shape {tuple(k.shape)}")
+    _check_index_cache(kv_cache)
+    _index_vector("slot_mapping", slot_mapping)
+    if slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but k has num_tokens={k.shape[0]} rows")
+    if rules.check_int_arg(quant_block_size, "quant_block_size", 1) != _IDX_DIM:
+        raise ValueError(f"quant_block_size must be {_IDX_DIM} (one scale per key), got {quant_block_size}")
+    if not isinstance(kv_cache_dtype, str):
+        raise TypeError(f"kv_cache_dtype (the scale format) must be a str, got {type(kv_cache_dtype).__name__}")
+    if kv_cache_dtype == "mxfp8":
+        raise NotImplementedError("scale format 'mxfp8' (packed UE8M0 scale bytes) is not supported by mlakv's indexer cache")
+    _same_device("kv_cache", kv_cache, k=k, slot_mapping=slot_mapping)
+    return _SCALE_FMT.get(kv_cache_dtype, "fp32")
+
+
+def _index_store_impl(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype) -> None:
+    from mlakv.ops.indexer import set_index_k_buffer
+
+    rule = _check_index_store(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype)
+    set_index_k_buffer(_index_pages(kv_cache), slot_mapping, k, scale_rule=rule)
+
+
+def _index_store_fake(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype) -> None:
+    _check_index_store(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype)
+
+
+def _check_index_gather(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
+    _check_index_cache(kv_cache)
+    for name, t, width in (("dst_k", dst_k, _IDX_DIM), ("dst_scale", dst_scale, 4)):
+        _tensor(name, t)
+        if t.dim() != 2 or t.shape[1] != width or t.element_size() != 1 or (t.shape[1] > 1 and t.stride(1) != 1):
+            raise ValueError(
+                f"{name} must be a 1-byte dtype [num_tokens, {width}] with a contiguous last dim, got {t.dtype} "
+                f"shape {tuple(t.shape)} strides {tuple(t.stride())}"
+            )
+    if dst_scale.shape[0] != dst_k.shape[0]:
+        raise ValueError(f"dst_scale has {dst_scale.shape[0]} rows but dst_k has {dst_k.shape[0]}")
+    _index_vector("block_table", block_table, 2)
+    _index_vector("cu_seq_lens", cu_seq_lens)
+    if cu_seq_lens.shape[0] != block_table.shape[0] + 1:
+        raise ValueError(f"cu_seq_lens has {cu_seq_lens.shape[0]} entries but block_table has {block_table.shape[0]} rows (+1)")
+    _same_device("kv_cache", kv_cache, dst_k=dst_k, dst_scale=dst_scale, block_table=block_table, cu_seq_lens=cu_seq_lens)
+
+
+def _index_gather_impl(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
+    from mlakv.ops.indexer import get_index_k_buffer
+
+    _check_index_gather(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
+    total = dst_k.shape[0]
+    if total == 0 or block_table.shape[0] == 0:
+        return
+    cu = cu_seq_lens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    if kv_cache.is_cuda:  # no sync: dst's rows bound the output; rows past cu[-1] are masked off below
+        k, scale = get_index_k_buffer(
+            _index_pages(kv_cache), block_table, lens, total_tokens=total, max_seq_len=total, check_bounds=False
+        )
+    else:
+        if int(cu[0]) != 0 or bool((lens < 0).any()):
+            raise ValueError(f"cu_seq_lens must start at 0 and be non-decreasing, got {cu.tolist()[:16]}")
+        k, scale = get_index_k_buffer(_index_pages(kv_cache), block_table, lens)
+        k, scale = k[:total], scale[:total]
+    n = k.shape[0]
+    valid = torch.arange(n, device=k.device) < cu[-1]
+    _masked_store(dst_k.view(torch.uint8)[:n], valid, k.view(torch.uint8))
+    _masked_store(dst_scale.view(torch.uint8)[:n], valid, scale.view(torch.uint8).reshape(n, 4))
+
+
+def _index_gather_fake(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
+    _check_index_gather(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
+
+
 # ---- convert_fp8 (vLLM's test-only conversion) ------------------------------------------------
 
 
@@ -621,6 +724,16 @@ _SCHEMAS = {
     "swap_blocks": (
         "swap_blocks(Tensor src, Tensor(a!) dst, int block_size_in_bytes, Tensor block_mapping) -> ()",
         _swap_impl, _swap_fake, ("dst",),
+    ),
+    "indexer_k_quant_and_cache": (
+        "indexer_k_quant_and_cache(Tensor k, Tensor(a!) kv_cache, Tensor slot_mapping, int quant_block_size, "
+        "str kv_cache_dtype) -> ()",
+        _index_store_impl, _index_store_fake, ("kv_cache",),
+    ),
+    "cp_gather_indexer_k_quant_cache": (
+        "cp_gather_indexer_k_quant_cache(Tensor kv_cache, Tensor(a!) dst_k, Tensor(b!) dst_scale, Tensor block_table, "
+        "Tensor cu_seq_lens) -> ()",
+        _index_gather_impl, _index_gather_fake, ("dst_k", "dst_scale"),
     ),
     "convert_fp8": (
         "convert_fp8(Tensor(a!) dst_cache, Tensor src_cache, float scale, str kv_cache_dtype) -> ()",
@@ -770,3 +883,29 @@ def swap_blocks(src: torch.Tensor, dst: torch.Tensor, block_size_in_bytes: int, 
     copy (vLLM refuses it).
     """
     _OPS.swap_blocks(src, dst, operator.index(block_size_in_bytes), block_mapping)
+
+
+def indexer_k_quant_and_cache(
+    k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, quant_block_size: int, kv_cache_dtype: str
+) -> None:
+    """Quantize DSA indexer keys and store them with their scales at ``slot_mapping`` (vLLM's op).
+
+    ``k [num_tokens, 128]`` bf16/fp16; ``kv_cache [num_blocks, 64, 132]`` uint8 (per block: 64 keys
+    of 128 e4m3 bytes, then 64 fp32 scales; mlakv's ``[num_pages, 8448]`` indexer page);
+    ``slot_mapping [num_tokens]`` (``< 0`` skipped); ``quant_block_size`` 128; ``kv_cache_dtype``
+    is the scale format: ``"ue8m0"`` (power-of-two scales, bit-exact with vLLM) or anything else
+    for the fp32 scale ``max(amax, 1e-4) / 448`` (mlakv quantizes ``x * (1 / scale)`` where vLLM
+    divides: see docs/vllm.md). ``"mxfp8"`` raises ``NotImplementedError``.
+    """
+    _OPS.indexer_k_quant_and_cache(k, kv_cache, slot_mapping, operator.index(quant_block_size), kv_cache_dtype)
+
+
+def cp_gather_indexer_k_quant_cache(
+    kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor, block_table: torch.Tensor, cu_seq_lens: torch.Tensor
+) -> None:
+    """Gather requests' indexer keys and scales into ``dst_k [T, 128]`` / ``dst_scale [T, 4]`` (bytes; vLLM's op).
+
+    Request ``b`` fills rows ``[cu_seq_lens[b], cu_seq_lens[b + 1])``; token ``j`` of it is slot
+    ``j % 64`` of block ``block_table[b, j // 64]``. Rows at or past ``cu_seq_lens[-1]`` keep their bytes.
+    """
+    _OPS.cp_gather_indexer_k_quant_cache(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
