@@ -33,4 +33,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public names only (not the helpers this module imports, nor loaded submodules)."""
+    return sorted(__all__)

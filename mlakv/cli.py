@@ -1,8 +1,9 @@
-"""``mlakv`` / ``python -m mlakv``: the command-line entry points (bench, demo, --version).
+"""``mlakv`` / ``python -m mlakv``: the command-line entry points (bench, demo, fetch-peers, --version).
 
 Each command is one function that takes the rest of the command line and returns the exit code;
-the command's own options live beside it (``mlakv.bench``, ``mlakv.demo``), so a new option is
-added there, not here.
+the command's own options live beside it (``mlakv.bench.options``, ``mlakv.demo.options``, parsed
+before torch loads), so a new option is added there, not here. Every command ends the same way on
+Ctrl-C: one line on stderr (what was kept, where the command says), exit code 130.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Callable, Optional
 
 from . import __version__
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+
 
 def _bench(argv: list[str]) -> int:
     from .bench import main as bench_main
@@ -22,6 +25,9 @@ def _bench(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
+    from .demo.options import build_parser
+
+    build_parser().parse_args(argv)  # --help and usage errors answer before torch loads
     from .demo.serve import main as demo_main
 
     return demo_main(argv)
@@ -60,6 +66,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     ap = build_parser()
     if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+            ap.error(f"unrecognized argument {argv[0]} (before the command only --help and --version are known)")
         ap.parse_args(argv)  # --help, --version, or a usage error (exit 2); a missing command also errors
         return 2
-    return COMMANDS[argv[0]][0](argv[1:])
+    name = argv[0]
+    try:
+        return COMMANDS[name][0](argv[1:])
+    except KeyboardInterrupt as e:
+        kept = f": {e}" if str(e) else ""
+        print(f"mlakv {name}: interrupted (Ctrl-C){kept}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED

@@ -1,13 +1,15 @@
 """mlakv's benchmarks, shipped with the package so ``mlakv bench`` works from an installed copy.
 
 ``mlakv bench`` (:mod:`.kv_write`) times every row-write provider side by side;
-``mlakv bench hicache`` (:mod:`.hicache`) the HiCache transfers; ``mlakv bench fp8``
-(:mod:`.fp8_bench`) the fused FP8 write and dequantizing gather. Run as modules:
-``python -m mlakv.bench.move_kv`` (``move_kv_cache``'s one launch vs a torch loop per layer, GPU)
-and ``python -m mlakv.bench.custom_op_cost`` (the write's torch custom op's host cost per call). The legacy baseline kernel
-(:mod:`.legacy_kernel`) and the sglang peer (:mod:`.sglang_peer`, built only from source the user
-fetched) exist only for comparison and are not part of the library. Submodules import torch and
-triton lazily, so ``import mlakv.bench`` is cheap.
+``mlakv bench hicache`` (:mod:`.hicache`) the HiCache transfers, and with ``--l3 mooncake``
+(:mod:`.hicache_l3`) the L3 store; ``mlakv bench fp8`` (:mod:`.fp8_bench`) the fused FP8 write and
+dequantizing gather. Run as modules: ``python -m mlakv.bench.move_kv`` (``move_kv_cache``'s one
+launch vs a torch loop per layer, GPU), ``python -m mlakv.bench.custom_op_cost`` (the write's torch
+custom op's host cost per call) and ``python -m mlakv.bench.host_cost`` (the eager write's host cost
+step by step). Every bench reads its clocks from :mod:`.timing` and none imports another; the
+command lines are in :mod:`.options` (parsed before torch loads). The legacy baseline kernel
+(:mod:`.legacy_kernel`) and the sglang peer (:mod:`.sglang_peer`, built only from source fetched
+with ``mlakv fetch-peers``, :mod:`.peers`) exist only for comparison and are not part of the library.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ def _kv_write(argv: list[str]) -> int:
 
 
 def _hicache(argv: list[str]) -> int:
-    if "--l3" in argv:  # `mlakv bench hicache --l3 mooncake`: the L3 store bench
+    from .options import wants_l3
+
+    if wants_l3(argv):  # `mlakv bench hicache --l3 mooncake`: the L3 store bench
         from .hicache_l3 import main as run
 
         return run(argv)
@@ -50,8 +54,15 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"hicache": _hicache, "fp8"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run ``mlakv bench [hicache|fp8] [options]``; returns the process exit code."""
+    """Run ``mlakv bench [hicache|fp8] [options]``; returns the process exit code.
+
+    The command line is parsed first without torch (``--help`` and usage errors answer at once),
+    then the bench module loads and runs.
+    """
+    from .options import parser_for
+
     argv = list(argv or [])
-    if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    return _kv_write(argv)
+    sub = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    rest = argv[1:] if sub else argv
+    parser_for(argv).parse_args(rest)
+    return SUBCOMMANDS[sub](rest) if sub else _kv_write(rest)

@@ -20,7 +20,6 @@ Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--out bench-out]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -38,13 +37,13 @@ from mlakv.mem_cache import (
 )
 from mlakv.ops.fp8 import fp8_write_path, scale_tensor
 
+from .options import fp8_parser as build_parser
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, rotating
 
 __all__ = ["run_fp8_bench", "main"]
 
 NOPE, ROPE = 512, 64
 LAYERS = INPUT_SETS  # input sets (layers) per timed graph
-DEFAULT_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
 K_SCALE = 0.0625
 
 
@@ -111,11 +110,17 @@ def _check_write(fmt: str, name: str, fn: Callable[[dict], None], d: dict) -> Op
     return None if torch.equal(kv, expected) else "WRONG"
 
 
-def run_fp8_bench(sizes: list[int]) -> dict:
-    """Time every provider at each n_loc; return ``{"copy_gbs", "write": [...], "gather": [...]}`` (GPU only)."""
+def run_fp8_bench(sizes: list[int], into: Optional[dict] = None) -> dict:
+    """Time every provider at each n_loc; return ``{"device", "copy_gbs", "write": [...], "gather": [...]}`` (GPU only).
+
+    The rows go into ``into`` (a new dict by default) as they are measured, so a caller that is
+    interrupted keeps the rows done so far.
+    """
+    res = {} if into is None else into
+    res.update(device=torch.cuda.get_device_name(), copy_gbs=None, write=[], gather=[])
     scale = scale_tensor(K_SCALE, torch.device("cuda"))
-    copy_gbs = copy_bandwidth_gbs()
-    write_rows, gather_rows = [], []
+    res["copy_gbs"] = copy_gbs = copy_bandwidth_gbs()
+    write_rows, gather_rows = res["write"], res["gather"]
     for n in sizes:
         layers = _layers(n)
         for fmt, providers in _write_providers(scale).items():
@@ -146,7 +151,7 @@ def run_fp8_bench(sizes: list[int]) -> dict:
         gather_rows.append(g)
         del layers
         torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "write": write_rows, "gather": gather_rows}
+    return res
 
 
 def _cell(v) -> str:
@@ -184,19 +189,28 @@ def format_tables(res: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="mlakv bench fp8", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated n_loc values")
-    p.add_argument("--out", default="bench-out", help="directory for fp8.json")
-    args = p.parse_args(argv)
+    """``mlakv bench fp8``: returns 0 (also without a GPU: nothing to measure), 2 on a usage error.
+
+    Ctrl-C writes fp8.json and fp8.md with the rows measured so far, then raises ``KeyboardInterrupt``.
+    """
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8 bench: no CUDA GPU here; the fused kernels' timings need one (nothing measured)")
         return 0
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    res = run_fp8_bench(sizes)
-    text = format_tables(res)
-    print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    res: dict = {}
+    try:
+        run_fp8_bench(args.sizes, into=res)
+    except KeyboardInterrupt:
+        if res.get("copy_gbs") is not None:
+            res["interrupted"] = True
+            (out / "fp8.json").write_text(json.dumps(res, indent=1))
+            (out / "fp8.md").write_text("INTERRUPTED (Ctrl-C): the rows measured before it\n\n" + format_tables(res) + "\n")
+        raise KeyboardInterrupt(f"{len(res.get('write', []))} write rows and {len(res.get('gather', []))} gather rows "
+                                f"measured so far are in {out}/fp8.json and fp8.md") from None  # fmt: skip
+    text = format_tables(res)
+    print(text)
     (out / "fp8.json").write_text(json.dumps(res, indent=1))
     (out / "fp8.md").write_text(text + "\n")
     return 0

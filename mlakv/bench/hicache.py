@@ -9,19 +9,16 @@ path, and the output says so: those numbers are host memory bandwidth, not PCIe.
 
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 import torch
 
-from mlakv.argtypes import positive_int
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
 
+from .options import CPU_PAGES, GPU_PAGES, HOST_LAYOUTS, wants_l3
+from .options import hicache_parser as build_parser
 from .timing import progress, sync, wall_median_s
 
-HOST_LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
-GPU_PAGES = [1024, 16384]
-CPU_PAGES = [64, 512]
 CPU_LABEL = "CPU copies (torch path; the 'device' pool is on the CPU; GPU numbers need a GPU)"
 
 
@@ -69,36 +66,17 @@ def bench_host_layout(
     return nbytes / wall_median_s(backup, device) / 1e9, nbytes / wall_median_s(load, device) / 1e9
 
 
-def _csv_pages(text: str) -> list[int]:
-    try:
-        pages = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
-    if not pages or any(p < 1 for p in pages):
-        raise argparse.ArgumentTypeError(f"page counts must be positive integers, got {text!r}")
-    return pages
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``mlakv bench hicache`` parser."""
-    ap = argparse.ArgumentParser(
-        prog="mlakv bench hicache",
-        description="HiCache transfer bandwidth: backup and per-layer load of scattered pages against a "
-        "contiguous copy of the same bytes.",
-    )
-    ap.add_argument("--pages", type=_csv_pages, default=None,
-                    help=f"comma list of page counts (default: GPU {GPU_PAGES}, CPU {CPU_PAGES})")
-    ap.add_argument("--layers", type=positive_int, default=2, help="layers in the pool (default 2)")
-    ap.add_argument("--page-size", type=positive_int, default=64, help="tokens per page (default 64)")
-    ap.add_argument("--layouts", type=str, choices=HOST_LAYOUTS + ["both"], default="both",
-                    help="host pool layout(s) to time (default \"both\": every layout)")
-    ap.add_argument("--sms", type=_csv_pages, default=[8],
-                    help="comma list of SM budgets for the transfer kernel (its grid size), e.g. 4,8,16,132 (default 8)")
-    return ap
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    """``mlakv bench hicache``: returns 0, or 1 when a round trip was wrong."""
+    """``mlakv bench hicache``: returns 0, or 1 when a round trip was wrong.
+
+    Rows are printed as they are measured; Ctrl-C raises ``KeyboardInterrupt`` saying how many were.
+    With ``--l3`` it runs the L3 store bench (``mlakv bench hicache --l3 mooncake``).
+    """
+    argv = list(argv or [])
+    if wants_l3(argv):
+        from . import main as bench_main
+
+        return bench_main(["hicache", *argv])
     args = build_parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -111,26 +89,31 @@ def main(argv: Optional[list[str]] = None) -> int:
           "to-device copy_ GB/s | backup/ceiling | load/ceiling |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     wrong = False
-    for n_pages in pages:
-        progress(f"{n_pages} pages: allocating and measuring the copy ceiling")
-        pool = MLATokenToKVPool(n_pages * P, P, torch.bfloat16, 512, 64, L, device)
-        for b in pool.kv_buffer:
-            b.view(torch.uint8).random_(0, 256)
-        nbytes = n_pages * P * pool.row_bytes() * L
-        d2h, h2d = copy_ceilings_gbs(nbytes, device)
-        for layout, sms in [(lay, k) for lay in layouts for k in args.sms]:
-            progress(f"{n_pages} pages, {layout}, {sms} SMs")
-            got = bench_host_layout(pool, n_pages, layout, device, sms)
-            if got is None:
-                wrong = True
-                print(f"| {n_pages} | {layout} | {sms} | WRONG: round trip differs, not timed |")
-                continue
-            bk, ld = got
-            print(f"| {n_pages} | {layout} | {sms} | {nbytes / 2**20:.0f} MiB | {bk:.1f} | {ld:.1f} | {d2h:.1f} | {h2d:.1f} | "
-                  f"{bk / d2h:.0%} | {ld / h2d:.0%} |")
-        del pool
-        if cuda:
-            torch.cuda.empty_cache()
+    done = 0
+    try:
+        for n_pages in pages:
+            progress(f"{n_pages} pages: allocating and measuring the copy ceiling")
+            pool = MLATokenToKVPool(n_pages * P, P, torch.bfloat16, 512, 64, L, device)
+            for b in pool.kv_buffer:
+                b.view(torch.uint8).random_(0, 256)
+            nbytes = n_pages * P * pool.row_bytes() * L
+            d2h, h2d = copy_ceilings_gbs(nbytes, device)
+            for layout, sms in [(lay, k) for lay in layouts for k in args.sms]:
+                progress(f"{n_pages} pages, {layout}, {sms} SMs")
+                got = bench_host_layout(pool, n_pages, layout, device, sms)
+                done += 1
+                if got is None:
+                    wrong = True
+                    print(f"| {n_pages} | {layout} | {sms} | WRONG: round trip differs, not timed |", flush=True)
+                    continue
+                bk, ld = got
+                print(f"| {n_pages} | {layout} | {sms} | {nbytes / 2**20:.0f} MiB | {bk:.1f} | {ld:.1f} | {d2h:.1f} | "
+                      f"{h2d:.1f} | {bk / d2h:.0%} | {ld / h2d:.0%} |", flush=True)  # fmt: skip
+            del pool
+            if cuda:
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the {done} rows measured so far are printed above") from None
     if not cuda:
         print(f"\n{CPU_LABEL}: these are host-memory copies, not PCIe transfers.")
     return 1 if wrong else 0

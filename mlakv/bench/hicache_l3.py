@@ -13,51 +13,86 @@ alone, on one thread (the checksum's share).
 Pages are 64 tokens x 61 layers (DeepSeek-V3's layer count) of bf16 512 + 64 rows (1152 B) and of
 the FP8 ``ds_mla`` 656-byte row. Medians over ``--reps`` rounds; the store is emptied between rounds.
 On a CPU machine the host pools are pageable and the transport is TCP over loopback.
+
+Before it starts it prints its estimated duration (from the bytes it will move); Mooncake's own log
+is kept at warning level (``MC_LOG_LEVEL``) and a new client's expected "metadata not found" lookup
+is left out, unless ``--verbose``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import os
 import statistics
 import sys
+import tempfile
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-from mlakv.argtypes import positive_int
 from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
 from mlakv.testing.mooncake_master import MooncakeMaster, MooncakeUnavailable
 from mlakv.mem_cache.storage.mooncake import MooncakeStorage, default_checksum_threads
 
+from .options import L3_CPU_PAGES, L3_GPU_MACHINE_PAGES
+from .options import hicache_l3_parser as build_parser
 from .timing import progress
 
 ROWS = {"bf16 1152B": (torch.bfloat16, None), "fp8 ds_mla 656B": (torch.float8_e4m3fn, "ds_mla")}
-GPU_MACHINE_PAGES = [64, 256, 1024]
-CPU_PAGES = [64, 128, 256]  # 1024 pages of 4.3 MiB need ~18 GiB (two host pools + two segments); 23 GiB here
+ROW_BYTES = {"bf16 1152B": 1152, "fp8 ds_mla 656B": 656}
+GPU_MACHINE_PAGES, CPU_PAGES = L3_GPU_MACHINE_PAGES, L3_CPU_PAGES
+
+# Seconds per GB of batch per round (a round moves the batch raw and through mlakv, both ways, hashes
+# it and compares it): ~5 on the 2-core CPU machine (the default run took 129-213 s), ~3 on a 16-core
+# GPU host. Plus a few seconds for the master and the clients.
+S_PER_GB = (3.0, 6.0)
+STARTUP_S = 5.0
+
+COLUMNS = (
+    "Columns: raw = Mooncake's own batch_put_from / batch_get_into of the page bytes; mlakv = "
+    "MooncakeStorage.batch_set_from / batch_get_into of the same pages (keys, checksum written and verified); "
+    "overhead = median over rounds of (mlakv time / raw time of the same round) - 1, and in brackets "
+    "(fastest mlakv round / fastest raw round) - 1; XXH3 alone = the checksum of the batch on one thread."
+)
+
+# What a new client logs while it looks up its own segment before registering it (an error-level
+# 404 and a warning on every successful start): left out unless --verbose.
+EXPECTED_CLIENT_LOG = ("http=404 body: metadata not found", "Failed to retrieve segment descriptor",
+                       "Logging before InitGoogleLogging()")  # fmt: skip
 
 
-def _csv(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
-    return vals
+def estimate_s(pages: list[int], page_size: int, layers: int, reps: int) -> tuple[float, float]:
+    """(low, high) estimate in seconds of a run over ``pages`` for both rows."""
+    gb = sum(n * page_size * layers * rb for n in pages for rb in ROW_BYTES.values()) * (reps + 1) / 1e9
+    return STARTUP_S + gb * S_PER_GB[0], STARTUP_S + gb * S_PER_GB[1]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mlakv bench hicache --l3 mooncake", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--l3", choices=["mooncake"], required=True, help="the L3 store to time")
-    ap.add_argument("--pages", type=_csv, default=None,
-                    help=f"comma list of batch sizes in pages (default: CUDA machine {GPU_MACHINE_PAGES}, CPU {CPU_PAGES})")
-    ap.add_argument("--layers", type=positive_int, default=61, help="layers per page (default 61)")
-    ap.add_argument("--page-size", type=positive_int, default=64, help="tokens per page (default 64)")
-    ap.add_argument("--reps", type=positive_int, default=9, help="timed rounds per batch size (default 9)")
-    ap.add_argument("--checksum-threads", type=positive_int, default=None,
-                    help="MooncakeStorage checksum_threads (default: its own, default_checksum_threads())")
-    return ap
+def _minutes(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+@contextlib.contextmanager
+def native_log_filtered(drop: tuple[str, ...], enabled: bool = True) -> Iterator[None]:
+    """Route file descriptor 2 (where Mooncake's C++ logs go) to a temporary file for the block, then
+    write its lines back to stderr, leaving out those containing any of ``drop``."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines() if not any(d in ln for d in drop)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 def _host(dtype, fmt, n_pages: int, P: int, L: int) -> MLATokenToKVPoolHost:
@@ -68,15 +103,16 @@ def _host(dtype, fmt, n_pages: int, P: int, L: int) -> MLATokenToKVPoolHost:
 
 
 def bench_one(m: MooncakeMaster, dtype, fmt, n_pages: int, P: int, L: int, reps: int,
-              checksum_threads: Optional[int] = None) -> dict:
+              checksum_threads: Optional[int] = None, verbose: bool = False) -> dict:
     """Medians (s) of raw put/get, mlakv set/get and the checksum alone for one batch of ``n_pages``,
     the medians of the per-round ratios ``set_ratio`` (set / raw put) and ``get_ratio``, and the
     ratios of the fastest rounds ``set_best`` / ``get_best`` (the rounds least disturbed by other jobs)."""
     src, dst = _host(dtype, fmt, n_pages, P, L), _host(dtype, fmt, n_pages, P, L)
     seg = int(n_pages * (src.page_bytes + 4096) * 1.5) + (64 << 20)
     kw = dict(global_segment_bytes=seg, model_id="bench", checksum_threads=checksum_threads)
-    a = MooncakeStorage(src, m.master_addr, m.metadata_url, **kw)
-    b = MooncakeStorage(dst, m.master_addr, m.metadata_url, **kw)
+    with native_log_filtered(EXPECTED_CLIENT_LOG, enabled=not verbose):
+        a = MooncakeStorage(src, m.master_addr, m.metadata_url, **kw)
+        b = MooncakeStorage(dst, m.master_addr, m.metadata_url, **kw)
     try:
         import xxhash  # present: MooncakeStorage required it
 
@@ -123,37 +159,62 @@ def bench_one(m: MooncakeMaster, dtype, fmt, n_pages: int, P: int, L: int, reps:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``mlakv bench hicache --l3 mooncake``: returns 0, 1 if a round trip was wrong, 2 without Mooncake."""
+    """``mlakv bench hicache --l3 mooncake``: returns 0, 1 if a round trip was wrong, 2 without Mooncake.
+
+    Rows are printed as they are measured; Ctrl-C stops the master and raises ``KeyboardInterrupt``
+    saying how many rows were.
+    """
     args = build_parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     pages = args.pages or (GPU_MACHINE_PAGES if cuda else CPU_PAGES)
     P, L = args.page_size, args.layers
+    lo, hi = estimate_s(pages, P, L, args.reps)
+    progress(f"mlakv bench hicache --l3 mooncake: {len(ROWS) * len(pages)} batches ({', '.join(ROWS)} x pages "
+             f"{','.join(map(str, pages))}), {args.reps} rounds each: estimated {_minutes(lo)} to {_minutes(hi)}")
+    old_level = os.environ.get("MC_LOG_LEVEL")
+    if not args.verbose and old_level is None:
+        os.environ["MC_LOG_LEVEL"] = "WARNING"  # Mooncake's clients (and the master) read it when they start
+    try:
+        return _run(args, pages, P, L, cuda)
+    finally:
+        if old_level is None:
+            os.environ.pop("MC_LOG_LEVEL", None)
+
+
+def _run(args, pages: list[int], P: int, L: int, cuda: bool) -> int:
     try:
         master = MooncakeMaster().start()
     except MooncakeUnavailable as e:
         print(f"mlakv bench hicache --l3 mooncake: {e}", file=sys.stderr)
         return 2
     wrong = False
+    done = 0
+    t0 = time.perf_counter()
     try:
         pinned = _host(torch.bfloat16, None, 1, P, 1).pinned
         print(f"# HiCache L3 on Mooncake Store (TCP over loopback, two clients of one master; host pools "
               f"{'pinned' if pinned else 'pageable'}), page {P} tokens x {L} layers, medians of {args.reps}, "
               f"checksum threads {args.checksum_threads or default_checksum_threads()}")
+        print(f"\n{COLUMNS}\n")
         print("| row | pages | batch MiB | raw put GB/s | mlakv set GB/s | set overhead (best) | raw get GB/s | "
               "mlakv get GB/s | get overhead (best) | mlakv get pages/s | XXH3 alone GB/s (1 thread) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
         for label, (dtype, fmt) in ROWS.items():
             for n in pages:
                 progress(f"{label}, {n} pages")
-                r = bench_one(master, dtype, fmt, n, P, L, args.reps, args.checksum_threads)
+                r = bench_one(master, dtype, fmt, n, P, L, args.reps, args.checksum_threads, args.verbose)
                 gb = r["bytes"] / 1e9
                 wrong |= not r["ok"]
+                done += 1
                 print(f"| {label} | {n} | {r['bytes'] / 2**20:.0f} | {gb / r['raw_put']:.2f} | {gb / r['set']:.2f} | "
                       f"{r['set_ratio'] - 1:+.0%} ({r['set_best'] - 1:+.0%}) | {gb / r['raw_get']:.2f} | {gb / r['get']:.2f} | "
                       f"{r['get_ratio'] - 1:+.0%} ({r['get_best'] - 1:+.0%}) | {n / r['get']:,.0f} | {gb / r['crc']:.2f} |"
-                      + ("" if r["ok"] else " WRONG: round trip differs |"))
+                      + ("" if r["ok"] else " WRONG: round trip differs |"), flush=True)  # fmt: skip
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the {done} rows measured so far are printed above") from None
     finally:
         master.stop()
+    progress(f"done in {time.perf_counter() - t0:.0f} s")
     return 1 if wrong else 0
 
 

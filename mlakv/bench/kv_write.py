@@ -17,7 +17,6 @@ max over repeats) and ranks nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -31,6 +30,15 @@ import torch
 import mlakv
 from mlakv.mem_cache import MLATokenToKVPool, kv_write_path, set_mla_kv_buffer_torch, set_mla_kv_buffer_triton
 
+from .options import (
+    CPU_PROVIDERS,
+    CPU_QUICK_SIZES,
+    CPU_SIZES,
+    DEFAULT_SIZES,
+    PROVIDERS,
+    QUICK_SIZES,
+)
+from .options import kv_write_parser as build_parser
 from .timing import (
     INPUT_SETS,
     cold_median_us,
@@ -47,14 +55,7 @@ LAYOUTS = {
     "fp16": (torch.float16, 512, 64),
     "u8": (torch.uint8, 528, 128),
 }
-DEFAULT_SIZES = [1, 8, 32, 128, 512, 768, 1024, 2048, 4096, 8192, 16384, 65536]
-QUICK_SIZES = [1, 128, 1024, 16384, 65536]
-CPU_SIZES = [1, 32, 1024, 8192]
-CPU_QUICK_SIZES = [1, 1024]
-PROVIDERS = ["auto", "jit", "triton", "sglang", "legacy", "torch"]
-CPU_PROVIDERS = ["auto", "torch"]
 LAYERS = INPUT_SETS  # input sets per timed graph (one per layer), so sources do not sit in L2
-MAX_SIZE = 1 << 24
 CPU_LABEL = "CPU (torch path; GPU numbers need a GPU)"
 
 
@@ -216,11 +217,16 @@ def run_sweep(
     loc_dtypes: list[torch.dtype],
     cold: bool,
     jit_variants: Optional[dict] = None,
+    into: Optional[list[Row]] = None,
 ) -> list[Row]:
-    """Check then time each provider at each point; providers that cannot run are left out."""
+    """Check then time each provider at each point; providers that cannot run are left out.
+
+    Each finished row is appended to ``into`` (a new list by default) as soon as it is measured, so
+    a caller that is interrupted keeps the rows done so far; returns that list.
+    """
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    rows: list[Row] = []
+    rows: list[Row] = [] if into is None else into
     variants = {p: None for p in providers}
     variants.update(jit_variants or {})
     for lname in layouts:
@@ -262,8 +268,8 @@ def run_sweep(
                     for p, v in samples.items():
                         row.times_us[p] = statistics.median(v)
                         row.spread_us[p] = [min(v), statistics.median(v), max(v)]
+                rows.append(row)  # before the progress line: a Ctrl-C after the line keeps this row
                 progress(f"  {lname} {row.loc_dtype} n_loc={n}: " + ", ".join(f"{k}={v:.2f}us" for k, v in row.times_us.items()))
-                rows.append(row)
                 del layers
                 if cuda:
                     torch.cuda.empty_cache()
@@ -437,53 +443,44 @@ def plot(
     return None
 
 
-# ---- command line ----------------------------------------------------------------------------
-def _csv_of(choices: list[str], what: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; choose from {', '.join(choices)}")
-        return list(dict.fromkeys(items))
-
-    return parse
-
-
-def _csv_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
-    bad = [s for s in sizes if not 1 <= s <= MAX_SIZE]
-    if bad or not sizes:
-        raise argparse.ArgumentTypeError(f"sizes must be integers in 1..{MAX_SIZE}, got {text!r}")
-    return list(dict.fromkeys(sizes))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``mlakv bench`` parser (other subcommands: ``mlakv bench hicache``)."""
-    ap = argparse.ArgumentParser(
-        prog="mlakv bench",
-        description="Time every KV-row write provider side by side on this machine's device, against the "
-        "roofline; write a table, results.json and a plot. `mlakv bench hicache --help`: the HiCache transfers.",
-    )
-    ap.add_argument("--layouts", type=_csv_of(list(LAYOUTS), "layout"), default=list(LAYOUTS),
-                    help=f"comma list of {', '.join(LAYOUTS)} (default: all)")
-    ap.add_argument("--sizes", type=_csv_sizes, default=None,
-                    help=f"comma list of n_loc values, 1..{MAX_SIZE} (default: GPU {DEFAULT_SIZES}; CPU {CPU_SIZES})")
-    ap.add_argument("--providers", type=_csv_of(PROVIDERS, "provider"), default=list(PROVIDERS),
-                    help=f"comma list of {', '.join(PROVIDERS)} (default: all that can run here; on CPU only "
-                    f"{' and '.join(CPU_PROVIDERS)} can; sglang needs its source in .peers/sglang)")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"fewer sizes (GPU {QUICK_SIZES}, CPU {CPU_QUICK_SIZES}) and no int32 spot check")
-    ap.add_argument("--no-cold", action="store_true", help="GPU: skip the L2-flushed medians")
-    ap.add_argument("--tune", action="store_true", help="GPU: also time JIT launch variants (warps x items x TMA/direct)")
-    ap.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for results.json, report.md and the plot")
-    return ap
+# ---- command line (the parser: mlakv.bench.options) -------------------------------------------
+def _report(rows: list[Row], shown: list[str], providers: list[str], dev: str, cuda: bool, copy_gbs: Optional[float],
+            tiny_us: Optional[float], hosts: dict, not_run: dict, interrupted: bool) -> tuple[str, Optional[float]]:  # fmt: skip
+    """The markdown report and the launch floor it used."""
+    floor_us = launch_floor_us(rows, tiny_us) if cuda and tiny_us is not None else None
+    lines = [f"# mlakv {mlakv.__version__} bench — {dev} — {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    if interrupted:
+        lines.append(f"INTERRUPTED (Ctrl-C): the {len(rows)} rows measured before it; the rest of the sweep did not run")
+    if cuda and copy_gbs is not None and floor_us is not None:
+        lines.append(f"copy bandwidth (read+write): {copy_gbs:.0f} GB/s; launch floor: {floor_us:.2f} us (the faster of a "
+                     f"one-element kernel in a graph, {tiny_us:.2f} us, and the fastest call in this run)")  # fmt: skip
+    lines.append(format_table(rows, shown, copy_gbs if cuda else None, floor_us))
+    if not_run:
+        lines.append("\nnot run here:")
+        lines += [f"- {p}: {why}" for p, why in not_run.items()]
+    cold_rows = [r for r in rows if r.cold_us]
+    if cold_rows:
+        lines.append("\ncold (L2 flushed, eager, median) us/call")
+        lines.append("| layout | n_loc | " + " | ".join(providers) + " |")
+        lines.append("|" + "---|" * (2 + len(providers)))
+        for r in cold_rows:
+            lines.append(f"| {r.layout} | {r.n_loc} | " + " | ".join(f"{r.cold_us[p]:.2f}" if p in r.cold_us else "-" for p in providers) + " |")
+    if hosts:
+        lines.append("\neager host cost per call (median of 5 rounds, no sync), us")
+        lines += [f"- {k}: {v:.2f}" for k, v in hosts.items()]
+    wrong = [(r.layout, r.n_loc, p, e) for r in rows for p, e in r.errors.items() if e.startswith(("WRONG", "ERROR"))]
+    if wrong:
+        lines.append("\nproviders reported wrong (not timed):")
+        lines += [f"- {l} n_loc={n} {p}: {e}" for l, n, p, e in wrong]
+    return "\n".join(lines), floor_us
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``mlakv bench``: returns 0, 1 when a provider was wrong, 2 on a usage error."""
+    """``mlakv bench``: returns 0, 1 when a provider was wrong, 2 on a usage error.
+
+    Ctrl-C writes results.json and report.md with the rows measured so far, then raises
+    ``KeyboardInterrupt`` saying so (the command line turns it into one line and exit 130).
+    """
     ap = build_parser()
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -507,14 +504,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not providers:
         ap.error(f"none of the providers {', '.join(args.providers)} can run here (see above)")
 
-    if cuda:
-        dev = torch.cuda.get_device_name()
-        progress(f"mlakv {mlakv.__version__} bench on {dev}: measuring copy bandwidth and the launch floor")
-        copy_gbs, tiny_us = copy_bandwidth_gbs(), one_element_graph_us(LAYERS)
-    else:
-        dev = f"{CPU_LABEL} [{platform.processor() or platform.machine()}]"
-        copy_gbs = tiny_us = None
-
     jit_variants = {}
     if args.tune and cuda and "jit" in providers:
         grid = [(False, w, i) for w in (1, 2, 4, 8, 16) for i in (1, 2)] + [(True, w, 1) for w in (2, 4, 8)]
@@ -522,51 +511,48 @@ def main(argv: Optional[list[str]] = None) -> int:
             jit_variants[f"jit-{'tma' if tma else 'st'}-w{warps}-i{items}"] = dict(
                 num_warps=warps, items_per_warp=items, use_tma=tma
             )
+    shown = providers + sorted(jit_variants)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run_sweep(args.layouts, sizes, providers, [torch.int64], cold=cuda and not args.no_cold, jit_variants=jit_variants)
-    if not args.quick and cuda and "bf16" in args.layouts:
-        progress("int32 loc spot check")
-        rows += run_sweep(["bf16"], [128, 16384], providers, [torch.int32], cold=False)
-    progress("eager host cost per call")
-    hosts = host_costs()
-    shown = providers + sorted(jit_variants)
-    floor_us = launch_floor_us(rows, tiny_us) if cuda else None
-
-    lines = [f"# mlakv {mlakv.__version__} bench — {dev} — {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    rows: list[Row] = []
+    hosts: dict = {}
+    copy_gbs = tiny_us = None
+    interrupted = False
     if cuda:
-        lines.append(f"copy bandwidth (read+write): {copy_gbs:.0f} GB/s; launch floor: {floor_us:.2f} us (the faster of a "
-                     f"one-element kernel in a graph, {tiny_us:.2f} us, and the fastest call in this run)")
-    lines.append(format_table(rows, shown, copy_gbs, floor_us))
-    if not_run:
-        lines.append("\nnot run here:")
-        lines += [f"- {p}: {why}" for p, why in not_run.items()]
-    cold_rows = [r for r in rows if r.cold_us]
-    if cold_rows:
-        lines.append("\ncold (L2 flushed, eager, median) us/call")
-        lines.append("| layout | n_loc | " + " | ".join(providers) + " |")
-        lines.append("|" + "---|" * (2 + len(providers)))
-        for r in cold_rows:
-            lines.append(f"| {r.layout} | {r.n_loc} | " + " | ".join(f"{r.cold_us[p]:.2f}" if p in r.cold_us else "-" for p in providers) + " |")
-    lines.append("\neager host cost per call (median of 5 rounds, no sync), us")
-    lines += [f"- {k}: {v:.2f}" for k, v in hosts.items()]
-    wrong = [(r.layout, r.n_loc, p, e) for r in rows for p, e in r.errors.items() if e.startswith(("WRONG", "ERROR"))]
-    if wrong:
-        lines.append("\nproviders reported wrong (not timed):")
-        lines += [f"- {l} n_loc={n} {p}: {e}" for l, n, p, e in wrong]
-    report = "\n".join(lines)
-    print(report)
-    note = plot(rows, shown, copy_gbs, floor_us, args.out / "kv_write_bench.png", dev)
-    if note:
-        print(note)
+        dev = torch.cuda.get_device_name()
+    else:
+        dev = f"{CPU_LABEL} [{platform.processor() or platform.machine()}]"
+    try:
+        if cuda:
+            progress(f"mlakv {mlakv.__version__} bench on {dev}: measuring copy bandwidth and the launch floor")
+            copy_gbs, tiny_us = copy_bandwidth_gbs(), one_element_graph_us(LAYERS)
+        run_sweep(args.layouts, sizes, providers, [torch.int64], cold=cuda and not args.no_cold,
+                  jit_variants=jit_variants, into=rows)  # fmt: skip
+        if not args.quick and cuda and "bf16" in args.layouts:
+            progress("int32 loc spot check")
+            run_sweep(["bf16"], [128, 16384], providers, [torch.int32], cold=False, into=rows)
+        progress("eager host cost per call")
+        hosts = host_costs()
+    except KeyboardInterrupt:
+        interrupted = True
+
+    report, floor_us = _report(rows, shown, providers, dev, cuda, copy_gbs, tiny_us, hosts, not_run, interrupted)
     result = dict(
         device=dev, cpu_only=not cuda, torch=torch.__version__, mlakv=mlakv.__version__, date=time.strftime("%Y-%m-%d"),
         copy_gbs=copy_gbs, one_element_kernel_us=tiny_us, launch_floor_us=floor_us, rows=[asdict(r) for r in rows],
         host_cost_us=hosts,
         not_run=not_run,
+        interrupted=interrupted,
     )
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     (args.out / "report.md").write_text(report + "\n")
+    if interrupted:
+        raise KeyboardInterrupt(f"{len(rows)} rows measured so far are in {args.out}/results.json and report.md")
+    print(report)
+    note = plot(rows, shown, copy_gbs, floor_us, args.out / "kv_write_bench.png", dev)
+    if note:
+        print(note)
     written = "results.json, report.md" + ("" if note else ", kv_write_bench.png")
     progress(f"done in {time.time() - t_start:.0f} s; wrote {written} in {args.out}/")
+    wrong = any(e.startswith(("WRONG", "ERROR")) for r in rows for e in r.errors.values())
     return 1 if wrong else 0

@@ -3,16 +3,16 @@
 Prints prefill and decode throughput, the KV-write share of step time (with the dispatcher's path,
 with a plain two-``index_put_`` write, and against no write at all), and whether the model over the
 pool matched the same model over a plain dict-of-tensors cache. The three write variants are timed
-round-robin (prefill and decode alike), so drift hits them alike. On a CPU the shares are printed
-but marked as not meaningful: there the model's matmuls dominate and the noise exceeds the write.
+round-robin (prefill and decode alike), so drift hits them alike. On a CPU no share is printed:
+there the model's matmuls dominate and their noise exceeds the write.
 
-Each step is one function (parser, reference check, prefill timing, decode timing, report), so
-an option is added in :func:`build_parser` and used where its step is.
+Each step is one function (reference check, prefill timing, decode timing, report); the parser is
+:func:`mlakv.demo.options.build_parser` (torch-free, so ``--help`` is instant), so an option is added
+there and used where its step is.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -20,12 +20,12 @@ from typing import Callable, Optional
 
 import torch
 
-from mlakv.argtypes import positive_int
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.demo.engine import DecodeGraphRunner, Engine, Request
 from mlakv.demo.model import DictKVCache, MLAConfig, PoolKVCache
 from mlakv.mem_cache.allocator import TokenSlotAllocator
 from mlakv.demo.model import PrefillSegment, default_dtype, make_model
+from mlakv.demo.options import build_parser
 
 
 class _VariantCache(PoolKVCache):
@@ -116,27 +116,6 @@ def reference_check(cfg: MLAConfig, device, dtype) -> bool:
     return same and rows_same
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``mlakv demo`` parser (defaults: GPU sizes / CPU sizes)."""
-    ap = argparse.ArgumentParser(
-        prog="mlakv demo",
-        description="Serve a small DeepSeek-style MLA model through the pool: a reference check against a "
-        "dict-of-tensors cache, then prefill and decode timed with three KV-write variants.",
-    )
-    ap.add_argument("--layers", type=positive_int, default=4, help="transformer layers of the model (default 4)")
-    ap.add_argument("--prompts", type=positive_int, default=None, help="prefill batch: number of prompts (default GPU 16, CPU 4)")
-    ap.add_argument("--prompt-len", type=positive_int, default=None, help="tokens per prompt (default GPU 1024, CPU 64)")
-    ap.add_argument("--decode-batch", type=positive_int, default=None, help="requests decoded together (default GPU 32, CPU 8)")
-    ap.add_argument("--decode-steps", type=positive_int, default=None, help="decode steps timed per variant (default GPU 32, CPU 8)")
-    ap.add_argument("--kv-cache-format", choices=["ds_mla", "per_tensor"], default=None,
-                    help="also run the model on an FP8 cache of this format (quantized in the write, dequantized in "
-                    "the gather) and report how far its logits move from the plain cache's")  # fmt: skip
-    ap.add_argument("--l3", choices=["mooncake"], default=None,
-                    help="run the HiCache L3 demo instead: a shared prefix backed up to Mooncake Store by one node "
-                    "and loaded by another (starts its own mooncake_master; mlakv.demo.l3)")  # fmt: skip
-    return ap
-
-
 def time_prefill(model, caches: dict, prompts: list[list[int]], device, gpu: bool) -> dict[str, float]:
     """Median prefill time (s) per variant: the model's forward over the whole batch.
 
@@ -194,25 +173,31 @@ def time_decode(model, caches: dict, prompts: list[list[int]], dbatch: int, step
 
 
 def report(t_prefill: dict, t_decode: dict, n_tokens: int, dbatch: int, gpu: bool) -> None:
-    """Print the table: throughput and the KV-write share of each step per variant."""
+    """Print the table: throughput per variant and, on a GPU, the KV-write share of each step.
+
+    On a CPU no share is printed: the model's CPU matmuls dominate a step and their noise exceeds
+    the write, so the difference between variants says nothing about the write.
+    """
     none_p, (none_d, _) = t_prefill["no KV write"], t_decode["no KV write"]
     g = " (graph)" if gpu else ""
     print()
-    print(f"| KV write | prefill ms{g} | prefill tok/s | decode step us{g} | decode tok/s (engine loop) | "
-          "KV-write share of prefill | of decode step |")
-    print("|---|---|---|---|---|---|---|")
+    head = f"| KV write | prefill ms{g} | prefill tok/s | decode step us{g} | decode tok/s (engine loop) |"
+    print(head + (" KV-write share of prefill | of decode step |" if gpu else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if gpu else ""))
     for label in t_prefill:
         tp, (ts, tl) = t_prefill[label], t_decode[label]
-        share_p = (tp - none_p) / tp if label != "no KV write" else 0.0
-        share_d = (ts - none_d) / ts if label != "no KV write" else 0.0
-        mark = "" if gpu or label == "no KV write" else " (n/m)"
-        print(f"| {label} | {tp * 1e3:.2f} | {n_tokens / tp:,.0f} | {ts * 1e6:.1f} | {dbatch / tl:,.0f} | "
-              f"{share_p:.1%}{mark} | {share_d:.1%}{mark} |")
+        cells = f"| {label} | {tp * 1e3:.2f} | {n_tokens / tp:,.0f} | {ts * 1e6:.1f} | {dbatch / tl:,.0f} |"
+        if gpu:
+            share_p = (tp - none_p) / tp if label != "no KV write" else 0.0
+            share_d = (ts - none_d) / ts if label != "no KV write" else 0.0
+            cells += f" {share_p:.1%} | {share_d:.1%} |"
+        print(cells)
     print()
-    print("Shares are (time with the write - time without) / time with it; differences under ~1% are within noise.")
-    if not gpu:
-        print("CPU run: the shares are not meaningful (n/m) — the model's CPU matmuls dominate and their noise exceeds "
-              "the write; run on a GPU for the write's share.")
+    if gpu:
+        print("Shares are (time with the write - time without) / time with it; differences under ~1% are within noise.")
+    else:
+        print("CPU run: no KV-write shares — the model's CPU matmuls dominate each step and their noise exceeds the "
+              "write; run on a GPU for the write's share.")
 
 
 class _Fp8PoolCache(PoolKVCache):

@@ -1,0 +1,164 @@
+"""The benches' command lines, apart from the benches so they parse before torch loads.
+
+``mlakv bench [hicache|fp8] --help`` and every usage error answer from here in a fraction of a
+second: this module imports neither torch nor any bench (only :mod:`mlakv.argtypes`). Each bench
+module takes its parser and defaults from here (``build_parser``), so the option a bench reads and
+the help a user reads are one definition. :func:`parser_for` picks the parser of a
+``mlakv bench`` command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from mlakv.argtypes import positive_int
+
+__all__ = [
+    "LAYOUT_NAMES",
+    "PROVIDERS",
+    "CPU_PROVIDERS",
+    "csv_of",
+    "csv_ints",
+    "kv_write_parser",
+    "hicache_parser",
+    "hicache_l3_parser",
+    "fp8_parser",
+    "wants_l3",
+    "parser_for",
+]
+
+# ---- mlakv bench (row write) -------------------------------------------------------------------
+LAYOUT_NAMES = ["bf16", "fp16", "u8"]  # mlakv.bench.kv_write.LAYOUTS: (dtype, nope, rope) of each
+DEFAULT_SIZES = [1, 8, 32, 128, 512, 768, 1024, 2048, 4096, 8192, 16384, 65536]
+QUICK_SIZES = [1, 128, 1024, 16384, 65536]
+CPU_SIZES = [1, 32, 1024, 8192]
+CPU_QUICK_SIZES = [1, 1024]
+PROVIDERS = ["auto", "jit", "triton", "sglang", "legacy", "torch"]
+CPU_PROVIDERS = ["auto", "torch"]
+MAX_SIZE = 1 << 24
+
+# ---- mlakv bench hicache [--l3 mooncake] --------------------------------------------------------
+HOST_LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
+GPU_PAGES = [1024, 16384]
+CPU_PAGES = [64, 512]
+L3_GPU_MACHINE_PAGES = [64, 256, 1024]
+L3_CPU_PAGES = [64, 128, 256]  # 1024 pages of 4.3 MiB need ~18 GiB (two host pools + two segments)
+
+# ---- mlakv bench fp8 -----------------------------------------------------------------------------
+FP8_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
+
+
+def csv_of(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of ``choices`` (duplicates dropped), or a usage error naming the bad items."""
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
+def csv_ints(what: str, lo: int = 1, hi: Optional[int] = None, dedup: bool = True) -> Callable[[str], list[int]]:
+    """An argparse type: a comma list of integers in ``lo..hi`` (``what`` names them in the error)."""
+    bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+
+    def parse(text: str) -> list[int]:
+        try:
+            vals = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of integers ({what}), got {text!r}") from None
+        if not vals or any(v < lo or (hi is not None and v > hi) for v in vals):
+            raise argparse.ArgumentTypeError(f"{what} must be integers {bounds}, got {text!r}")
+        return list(dict.fromkeys(vals)) if dedup else vals
+
+    return parse
+
+
+def kv_write_parser() -> argparse.ArgumentParser:
+    """The ``mlakv bench`` parser (the row-write providers side by side)."""
+    ap = argparse.ArgumentParser(
+        prog="mlakv bench",
+        description="Time every KV-row write provider side by side on this machine's device, against the "
+        "roofline; write a table, results.json and a plot. Other benches: `mlakv bench hicache --help` (HiCache "
+        "transfers; with --l3 mooncake the L3 store), `mlakv bench fp8 --help` (the FP8 cache's write and gather). "
+        "Ctrl-C stops it and keeps the rows measured so far.",
+    )
+    ap.add_argument("--layouts", type=csv_of(LAYOUT_NAMES, "layout"), default=list(LAYOUT_NAMES),
+                    help=f"comma list of {', '.join(LAYOUT_NAMES)} (default: all)")  # fmt: skip
+    ap.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE), default=None,
+                    help=f"comma list of n_loc values, 1..{MAX_SIZE} (default: GPU {DEFAULT_SIZES}; CPU {CPU_SIZES})")  # fmt: skip
+    ap.add_argument("--providers", type=csv_of(PROVIDERS, "provider"), default=list(PROVIDERS),
+                    help=f"comma list of {', '.join(PROVIDERS)} (default: all that can run here; on CPU only "
+                    f"{' and '.join(CPU_PROVIDERS)} can; sglang needs its source: `mlakv fetch-peers sglang`)")  # fmt: skip
+    ap.add_argument("--quick", action="store_true",
+                    help=f"fewer sizes (GPU {QUICK_SIZES}, CPU {CPU_QUICK_SIZES}) and no int32 spot check")  # fmt: skip
+    ap.add_argument("--no-cold", action="store_true", help="GPU: skip the L2-flushed medians")
+    ap.add_argument("--tune", action="store_true", help="GPU: also time JIT launch variants (warps x items x TMA/direct)")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for results.json, report.md and the plot")
+    return ap
+
+
+def hicache_parser() -> argparse.ArgumentParser:
+    """The ``mlakv bench hicache`` parser (device <-> host transfers; ``--l3`` hands over to the L3 bench)."""
+    ap = argparse.ArgumentParser(
+        prog="mlakv bench hicache",
+        description="HiCache transfer bandwidth: backup and per-layer load of scattered pages against a "
+        "contiguous copy of the same bytes. With --l3 mooncake: the L3 store bench instead.",
+    )
+    ap.add_argument("--pages", type=csv_ints("page counts"), default=None,
+                    help=f"comma list of page counts (default: GPU {GPU_PAGES}, CPU {CPU_PAGES})")  # fmt: skip
+    ap.add_argument("--layers", type=positive_int, default=2, help="layers in the pool (default 2)")
+    ap.add_argument("--page-size", type=positive_int, default=64, help="tokens per page (default 64)")
+    ap.add_argument("--layouts", type=str, choices=HOST_LAYOUTS + ["both"], default="both",
+                    help="host pool layout(s) to time (default \"both\": every layout)")  # fmt: skip
+    ap.add_argument("--sms", type=csv_ints("SM budgets"), default=[8],
+                    help="comma list of SM budgets for the transfer kernel (its grid size), e.g. 4,8,16,132 (default 8)")  # fmt: skip
+    ap.add_argument("--l3", choices=["mooncake"], default=None,
+                    help="time the HiCache L3 store instead: mlakv's MooncakeStorage against raw Mooncake calls, two "
+                    "clients of one local master (its own options: `mlakv bench hicache --l3 mooncake --help`)")  # fmt: skip
+    return ap
+
+
+def hicache_l3_parser(description: str = "HiCache L3 on Mooncake Store: what mlakv's storage layer costs.") -> argparse.ArgumentParser:
+    """The ``mlakv bench hicache --l3 mooncake`` parser."""
+    ap = argparse.ArgumentParser(prog="mlakv bench hicache --l3 mooncake", description=description)
+    ap.add_argument("--l3", choices=["mooncake"], required=True, help="the L3 store to time")
+    ap.add_argument("--pages", type=csv_ints("batch sizes (pages)", dedup=False), default=None,
+                    help=f"comma list of batch sizes in pages (default: CUDA machine {L3_GPU_MACHINE_PAGES}, CPU {L3_CPU_PAGES})")  # fmt: skip
+    ap.add_argument("--layers", type=positive_int, default=61, help="layers per page (default 61)")
+    ap.add_argument("--page-size", type=positive_int, default=64, help="tokens per page (default 64)")
+    ap.add_argument("--reps", type=positive_int, default=9, help="timed rounds per batch size (default 9)")
+    ap.add_argument("--checksum-threads", type=positive_int, default=None,
+                    help="MooncakeStorage checksum_threads (default: its own, default_checksum_threads())")  # fmt: skip
+    ap.add_argument("--verbose", action="store_true",
+                    help="show Mooncake's own log at every level (default: its warnings and errors only, the "
+                    "expected 'metadata not found' of a new client left out)")  # fmt: skip
+    return ap
+
+
+def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing write and the dequantizing gather.") -> argparse.ArgumentParser:
+    """The ``mlakv bench fp8`` parser."""
+    p = argparse.ArgumentParser(prog="mlakv bench fp8", description=description)
+    p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE, dedup=False), default=list(FP8_SIZES),
+                   help=f"comma list of n_loc values, 1..{MAX_SIZE} (default {','.join(map(str, FP8_SIZES))})")  # fmt: skip
+    p.add_argument("--out", default="bench-out", help="directory for fp8.json and fp8.md")
+    return p
+
+
+def wants_l3(argv: Sequence[str]) -> bool:
+    """Whether a ``mlakv bench hicache`` command line asks for the L3 bench (``--l3 X`` or ``--l3=X``)."""
+    return any(a == "--l3" or a.startswith("--l3=") for a in argv)
+
+
+def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of a ``mlakv bench ...`` command line (``argv``: what follows ``bench``)."""
+    if argv and argv[0] == "hicache":
+        return hicache_l3_parser() if wants_l3(argv[1:]) else hicache_parser()
+    if argv and argv[0] == "fp8":
+        return fp8_parser()
+    return kv_write_parser()
