@@ -336,3 +336,77 @@ def run_rope_write(
 
     launch_rope_write(*args)
     return "triton"
+
+
+# ---- the DeepSeek-V4 family's paged caches (mlakv.ops.v4): the one place that picks their path ------
+def v4_store_path(kv_pages: torch.Tensor, layout: str) -> str:
+    """The path the V4-family store takes for pages on this device: ``torch`` (CPU), ``jit`` (the CUDA
+    module of ``layout``'s encoding builds for this SM90+ device, ``MLAKV_DISABLE_JIT`` off; a call
+    whose alignment does not suit its 16-byte vectors still runs on Triton) or ``triton``."""
+    if not kv_pages.is_cuda:
+        return "torch"
+    if not _env.DISABLE_JIT:
+        from mlakv.kernels.cuda.v4_store import v4_store_module  # lazy: tvm-ffi and nvcc only here
+
+        if not isinstance(v4_store_module(kv_pages.device, layout), str):
+            return "jit"
+    return "triton"
+
+
+def run_v4_store(
+    kv_pages: torch.Tensor,
+    loc: torch.Tensor,
+    kv: torch.Tensor,
+    layout: str,
+    page_size: int,
+    geometry: dict,
+    encoding: int,
+    freqs_cis: Optional[torch.Tensor],
+    positions: Optional[torch.Tensor],
+    cos_sin_cache: Optional[torch.Tensor],
+    skip: int,
+    dcp_world_size: int,
+    dcp_rank: int,
+) -> str:
+    """Run a validated (and, where asked, bounds-checked) V4-family store on its path; returns the path
+    taken: ``torch`` on CPU (the reference), else the JIT CUDA kernel where it serves the call, else
+    Triton. Arguments as :func:`mlakv.ops.v4.set_v4_kv_buffer` after its checks (``skip`` -1 for
+    none), plus the layout's kernel ``geometry`` and token ``encoding`` (0 v4, 1 v41, 2 v41_fp4)."""
+    if not kv_pages.is_cuda:
+        from . import v4_reference as ref
+
+        cos = sin = None
+        if freqs_cis is not None or positions is not None:
+            cos, sin = ref.rope_cos_sin(loc.shape[0], freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache)
+        ref.set_v4_kv_buffer_torch(
+            kv_pages, loc, kv, layout, page_size, cos=cos, sin=sin, reserved_skip_index=None if skip < 0 else skip,
+            dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+        )  # fmt: skip
+        return "torch"
+    if not _env.DISABLE_JIT and rules.v4_jit_layout_reason(kv_pages, kv, freqs_cis, cos_sin_cache) is None:
+        from mlakv.kernels.cuda.v4_store import v4_jit_store
+
+        if v4_jit_store(
+            kv_pages, loc, kv, layout, page_size, freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache,
+            skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+        ):  # fmt: skip
+            return "jit"
+    from mlakv.kernels.triton.v4_store import launch_v4_store
+
+    launch_v4_store(
+        kv_pages, loc, kv, encoding=encoding, freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache,
+        skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, **geometry,
+    )  # fmt: skip
+    return "triton"
+
+
+def run_v4_gather(kv_pages: torch.Tensor, loc: torch.Tensor, layout: str, page_size: int, geometry: dict, encoding: int) -> torch.Tensor:
+    """Run a validated V4-family gather: the reference on CPU, the Triton kernel on CUDA (a gather is
+    not on the hot path; it has no CUDA kernel of its own). Returns ``[n, 512]`` bf16."""
+    if not kv_pages.is_cuda:
+        from .v4_reference import get_v4_kv_buffer_torch
+
+        return get_v4_kv_buffer_torch(kv_pages, loc, layout, page_size)
+    from mlakv.kernels.triton.v4_store import launch_v4_gather
+
+    return launch_v4_gather(kv_pages, loc, encoding=encoding, **geometry)

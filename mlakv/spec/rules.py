@@ -71,6 +71,16 @@ __all__ = [
     "check_index_scale_rule",
     "check_index_gather",
     "check_index_gather_values",
+    "V4_DIM",
+    "V4_ROPE_DIM",
+    "V4_SOURCE_DTYPES",
+    "MAX_PAGE_SIZE",
+    "check_page_size",
+    "check_v4_pages",
+    "v4_store_ok",
+    "explain_v4_store",
+    "check_v4_gather",
+    "v4_jit_layout_reason",
 ]
 
 SUPPORTED_DTYPES = (
@@ -745,3 +755,165 @@ def check_positions_bounds(positions: torch.Tensor, max_pos: int) -> None:
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise IndexError(f"positions[{i}] = {int(positions[i])} is out of range for cos_sin_cache with max_pos={max_pos}")
+
+
+# ---- the DeepSeek-V4 family's paged caches (``mlakv.ops.v4``) -------------------------------------
+# One layer's cache is ``kv_pages [num_pages, page_bytes]`` uint8 (``page_bytes``: the format's, see
+# mlakv.spec.formats), bytes contiguous, pages not overlapping; ``page_size`` tokens per page, a power
+# of two. The store takes ``loc [n]`` and ``kv [n, (1,) 512]`` bf16/fp16 (nope | rope), and optionally
+# the RoPE angles: ``freqs_cis [n, 64]`` fp32 ``(cos, sin)`` pairs, or ``positions [n]`` int32/int64
+# into ``cos_sin_cache [max_pos, 64]`` fp32 (``cos | sin``), last dims contiguous. The JIT kernel moves
+# 16-byte vectors: it serves pages, ``kv`` rows and angle rows whose base address and row stride are
+# multiples of 16 bytes (the others run on Triton).
+
+V4_DIM = 512
+V4_ROPE_DIM = 64
+V4_SOURCE_DTYPES = (torch.bfloat16, torch.float16)
+MAX_PAGE_SIZE = 1 << 20
+_V4_SRC_SET = frozenset(V4_SOURCE_DTYPES)
+
+
+def check_page_size(page_size: object) -> int:
+    """``page_size`` as an int: a power of two in ``[1, 2^20]`` (``TypeError``/``ValueError`` otherwise)."""
+    p = check_int_arg(page_size, "page_size", 1)
+    if p > MAX_PAGE_SIZE or p & (p - 1):
+        raise ValueError(f"page_size must be a power of two in [1, {MAX_PAGE_SIZE}], got {p}")
+    return p
+
+
+def _v4_pages_ok(t: torch.Tensor, page_bytes: int) -> bool:
+    return (
+        t.dim() == 2
+        and t.dtype is torch.uint8
+        and t.shape[1] == page_bytes
+        and t.stride(1) == 1
+        and (t.shape[0] <= 1 or t.stride(0) >= page_bytes)
+    )
+
+
+def check_v4_pages(kv_pages: object, page_bytes: int) -> None:
+    """Raise naming ``kv_pages`` unless it is a ``[num_pages, page_bytes]`` uint8 tensor with contiguous
+    bytes and non-overlapping pages."""
+    if not isinstance(kv_pages, torch.Tensor):
+        raise TypeError(f"kv_pages must be a torch.Tensor, got {type(kv_pages).__name__}")
+    if kv_pages.dim() != 2 or kv_pages.shape[1] != page_bytes:
+        raise ValueError(f"kv_pages must be [num_pages, {page_bytes}] (the format's page bytes), got shape {tuple(kv_pages.shape)}")
+    if kv_pages.dtype is not torch.uint8:
+        raise TypeError(f"kv_pages must be uint8 (the stored bytes), got {kv_pages.dtype}")
+    if kv_pages.stride(1) != 1:
+        raise ValueError(f"kv_pages: dim 1 must be contiguous (stride 1), got strides {tuple(kv_pages.stride())}")
+    if kv_pages.shape[0] > 1 and kv_pages.stride(0) < page_bytes:
+        raise ValueError(f"kv_pages: pages overlap (dim 0 stride {kv_pages.stride(0)} < {page_bytes})")
+
+
+def v4_store_ok(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_sin_cache) -> bool:
+    """All the V4-family store's tensor rules as one boolean expression (the fast path; no error naming)."""
+    try:
+        device = kv_pages.device
+        n = loc.shape[0]
+        ok = (
+            _v4_pages_ok(kv_pages, page_bytes)
+            and loc.dtype in _LOC_SET
+            and loc.ndim == 1
+            and kv.dtype in _V4_SRC_SET
+            and rows_ok(kv)
+            and kv.shape[-1] == V4_DIM
+            and kv.shape[0] == n
+            and loc.device == device
+            and kv.device == device
+        )
+        if not ok:
+            return False
+        if freqs_cis is not None:
+            return (
+                positions is None
+                and cos_sin_cache is None
+                and freqs_cis.ndim == 2
+                and freqs_cis.dtype is torch.float32
+                and freqs_cis.shape[0] == n
+                and freqs_cis.shape[1] == V4_ROPE_DIM
+                and freqs_cis.stride(1) == 1
+                and freqs_cis.device == device
+            )
+        if positions is None and cos_sin_cache is None:
+            return True
+        return (
+            positions is not None
+            and cos_sin_cache is not None
+            and positions.ndim == 1
+            and positions.dtype in _LOC_SET
+            and positions.shape[0] == n
+            and cos_sin_cache.ndim == 2
+            and cos_sin_cache.dtype is torch.float32
+            and cos_sin_cache.shape[1] == V4_ROPE_DIM
+            and cos_sin_cache.stride(1) == 1
+            and positions.device == device
+            and cos_sin_cache.device == device
+        )
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return False
+
+
+def explain_v4_store(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_sin_cache) -> None:
+    """Find the first broken rule of the V4-family store and raise its ``TypeError``/``ValueError``."""
+    check_v4_pages(kv_pages, page_bytes)
+    check_loc(loc)
+    check_rows_tensor("kv", kv, "n")
+    if kv.shape[-1] != V4_DIM:
+        raise ValueError(f"kv: the last dim must be {V4_DIM} (nope 448 | rope 64), got {kv.shape[-1]}")
+    if kv.dtype not in _V4_SRC_SET:
+        raise TypeError(f"kv dtype must be one of {V4_SOURCE_DTYPES} (quantized in the store), got {kv.dtype}")
+    n = loc.shape[0]
+    if kv.shape[0] != n:
+        raise ValueError(f"kv: dim 0 is {kv.shape[0]} but loc has n={n} entries")
+    device = kv_pages.device
+    for name, t in (("loc", loc), ("kv", kv)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but kv_pages is on {device}")
+    if freqs_cis is not None and (positions is not None or cos_sin_cache is not None):
+        raise ValueError("give the RoPE angles one way: freqs_cis, or positions with cos_sin_cache")
+    if (positions is None) != (cos_sin_cache is None):
+        raise ValueError("positions and cos_sin_cache come together")
+    named = (("freqs_cis", freqs_cis, "[n, 64]"),) if freqs_cis is not None else (
+        ("cos_sin_cache", cos_sin_cache, "[max_pos, 64]"),) if cos_sin_cache is not None else ()
+    for name, t, shape in named:
+        _check_tensor(name, t)
+        if t.dim() != 2 or t.shape[1] != V4_ROPE_DIM:
+            raise ValueError(f"{name} must be 2-D {shape} (cos, sin of the 32 RoPE pairs), got shape {tuple(t.shape)}")
+        if t.dtype is not torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if t.stride(1) != 1:
+            raise ValueError(f"{name}: the last dim must be contiguous, got strides {tuple(t.stride())}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but kv_pages is on {device}")
+    if freqs_cis is not None and freqs_cis.shape[0] != n:
+        raise ValueError(f"freqs_cis: dim 0 is {freqs_cis.shape[0]} but loc has n={n} entries")
+    if positions is not None:
+        _check_tensor("positions", positions)
+        if positions.dim() != 1:
+            raise ValueError(f"positions must be 1-D [n], got {positions.dim()}-D shape {tuple(positions.shape)}")
+        if positions.dtype not in _LOC_SET:
+            raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+        if positions.shape[0] != n:
+            raise ValueError(f"positions: dim 0 is {positions.shape[0]} but loc has n={n} entries")
+        if positions.device != device:
+            raise ValueError(f"positions is on {positions.device} but kv_pages is on {device}")
+    raise AssertionError("explain_v4_store: the fast check failed but no rule is broken")  # pragma: no cover
+
+
+def check_v4_gather(kv_pages: object, loc: object, page_bytes: int) -> None:
+    """The V4-family gather's argument rules: ``kv_pages`` as :func:`check_v4_pages`, ``loc`` a 1-D
+    int32/int64 tensor on its device. Raises naming the argument."""
+    check_v4_pages(kv_pages, page_bytes)
+    check_loc(loc)
+    if loc.device != kv_pages.device:
+        raise ValueError(f"loc is on {loc.device} but kv_pages is on {kv_pages.device}")
+
+
+def v4_jit_layout_reason(kv_pages, kv, freqs_cis, cos_sin_cache) -> Optional[str]:
+    """Why these (valid) tensors' addresses and row strides do not suit the JIT store's 16-byte
+    vectors, or None: ``kv_pages``, ``kv`` rows and the angle rows must start on 16 bytes."""
+    for name, t in (("kv_pages", kv_pages), ("kv", kv), ("freqs_cis", freqs_cis), ("cos_sin_cache", cos_sin_cache)):
+        if t is not None and _addr_stride_misaligned(t, 16):
+            return f"{name}: the base address and row stride must be multiples of 16 bytes for the JIT store"
+    return None

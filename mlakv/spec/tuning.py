@@ -170,3 +170,34 @@ ROPE_WRITE_EARLY_MAX_ITEMS = 2048
 def rope_write_launch(n_items: int) -> tuple[int, bool]:
     """``(num_warps, early_trigger)`` of the fused RoPE write for a call of ``n_items`` warp items."""
     return ROPE_WRITE_WARPS, n_items <= ROPE_WRITE_EARLY_MAX_ITEMS
+
+
+# The DeepSeek-V4 family store (csrc/v4_store.cuh, one warp per token): (max n, warps per CTA,
+# tokens per warp, PDL trigger at entry) by increasing n. Seed values (few warps per CTA at small n to
+# spread a call over SMs; two tokens per warp at large n so each warp has 2 KB of loads in flight);
+# `mlakv bench v4 --sweep` times the alternatives side by side to replace them.
+V4_JIT_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
+    (64, 2, 1, True),
+    (256, 4, 1, True),
+    (2048, 8, 1, False),
+    (None, 8, 2, False),
+)
+V4_JIT_MEASURED = "to be measured (seed values; `mlakv bench v4 --sweep` times the alternatives)"
+# Triton (kernels/triton/v4_store.py): (max n, num_warps, tokens per program, PDL trigger at entry).
+V4_TRITON_STEPS: tuple[tuple[int | None, int, int, bool], ...] = ((256, 4, 1, True), (None, 4, 2, True))
+
+
+def v4_jit_launch(n: int) -> tuple[int, int, bool]:
+    """``(num_warps, tokens_per_warp, early_trigger)`` of the JIT V4-family store for ``n`` tokens."""
+    for max_n, warps, items, early in V4_JIT_STEPS:
+        if max_n is None or n <= max_n:
+            return warps, items, early
+    raise AssertionError("the last V4 JIT step must have max n None")
+
+
+def v4_triton_launch(n: int) -> tuple[int, int, bool]:
+    """``(num_warps, tokens_per_program, early_trigger)`` of the Triton V4-family store for ``n`` tokens."""
+    for max_n, warps, rows, early in V4_TRITON_STEPS:
+        if max_n is None or n <= max_n:
+            return warps, rows, early
+    raise AssertionError("the last V4 Triton step must have max n None")

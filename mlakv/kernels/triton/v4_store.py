@@ -28,9 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from mlakv.spec.tuning import v4_triton_launch
+
 from .common import pdl_supported
 
-__all__ = ["ENCODINGS", "launch_v4_store", "launch_v4_gather", "v4_store_launch"]
+__all__ = ["ENCODINGS", "launch_v4_store", "launch_v4_gather"]
 
 ENCODINGS = {"v4": 0, "v41": 1, "v41_fp4": 2}
 
@@ -278,15 +280,6 @@ def _v4_store_kernel(
         tl.extra.cuda.gdc_launch_dependents()
 
 
-def v4_store_launch(n: int) -> tuple[int, int, bool]:
-    """``(num_warps, tokens per program, PDL trigger at entry)`` of the store for ``n`` tokens.
-    Seed values (one 512-value token is 2-4 KB of registers across 4 warps); the bench's sweep
-    (``mlakv bench v4 --triton-sweep``) measures others."""
-    if n <= 256:
-        return 4, 1, True
-    return 4, 2, True
-
-
 def launch_v4_store(
     kv_pages: torch.Tensor,
     loc: torch.Tensor,
@@ -320,7 +313,8 @@ def launch_v4_store(
         freqs_cis: ``[n, 64]`` fp32 ``(cos, sin)`` pairs, last dim contiguous; or
         positions: ``[n]`` int32/int64 with ``cos_sin_cache [max_pos, 64]`` fp32 (``cos | sin``
             halves, last dim contiguous): the RoPE tail is rotated first (see the module docstring).
-        num_warps / rows_per_program / early_trigger: override :func:`v4_store_launch` (the bench's sweep).
+        num_warps / rows_per_program / early_trigger: override the launch table
+            (:func:`mlakv.spec.tuning.v4_triton_launch`; the bench's sweep).
     """
     n = loc.shape[0]
     is_bf16 = kv.dtype == torch.bfloat16
@@ -332,7 +326,7 @@ def launch_v4_store(
     elif positions is not None:
         rope, cs, cs_stride = 2, cos_sin_cache, cos_sin_cache.stride(0)
         pos, pos_stride, max_pos = positions, positions.stride(0), cos_sin_cache.shape[0]
-    warps, rows, early = v4_store_launch(n)
+    warps, rows, early = v4_triton_launch(n)
     rows = rows_per_program or rows
     use_pdl = kv_pages.is_cuda and pdl_supported(kv_pages.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
