@@ -16,7 +16,9 @@ nothing; the gather with padding and out-of-range slots; the move kernel (staged
 out-of-range pairs); the HiCache row copy device <-> pinned host; the FP8 quantizing write and
 dequantizing gather (JIT and Triton, per_tensor and ds_mla); the DSA indexer K cache's store (JIT at
 every launch shape, Triton, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
-invalid page ids, a short table, an output shorter than the requests).
+invalid page ids, a short table, an output shorter than the requests); the fused RoPE write (JIT,
+Triton, the public op; every cache format, no / bf16 / e4m3 query, both RoPE styles, every loc kind,
+positions outside the table).
 
 The caching allocator is turned off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every tensor
 is its own allocation and memcheck sees an access past any of them. Every result is also checked
@@ -357,6 +359,100 @@ class Smoke:
                 ok = ok and torch.equal(out[1].cpu().view(torch.int32), want_s.view(torch.int32)[:total])
                 self.check(f"indexer gather {name} total={total}", ok)
 
+    def rope_write(self) -> None:
+        """The fused RoPE write: JIT, Triton and the public op, every cache format and query kind,
+        every loc kind (slots past the end skipped), a DCP call, and tokens whose position lies
+        outside the table (they write nothing)."""
+        from mlakv.kernels.cuda.rope_write import rope_write_cuda
+        from mlakv.kernels.triton.rope_write import launch_rope_write
+        from mlakv.ops.fp8 import fp8_row_bytes
+        from mlakv.ops.rope_write import set_mla_kv_buffer_rope
+        from mlakv.ops.rope_write_reference import set_mla_kv_buffer_rope_torch
+
+        max_pos, heads = 1000, 3
+        cs = torch.randn(max_pos, 64, device="cuda")
+        k_scale = torch.tensor([0.1875], device="cuda")
+        q_scale = torch.tensor([0.0625], device="cuda")
+        for fmt in (None, "per_tensor", "ds_mla"):
+            row = 576 * 2 if fmt is None else fp8_row_bytes(fmt, 512, 64)
+            kv_dtype = torch.bfloat16 if fmt is None else torch.uint8
+            for q_mode in ("none", "bf16", "fp8"):
+                for i, kind in enumerate(LOC_KINDS):
+                    for n in (1, 300):
+                        neox = i % 2 == 0
+                        num_slots = n + 50
+                        loc = _loc(kind, n, num_slots)
+                        pos = torch.randint(0, max_pos, (n,), device="cuda")
+                        if kind == "reserved_and_past_end" and n > 4:
+                            pos[3], pos[4] = max_pos, -2
+                        k_nope = torch.randn(n, 512, device="cuda").to(torch.bfloat16)
+                        k_pe = torch.randn(n, 64, device="cuda").to(torch.bfloat16)
+                        if kind == "expanded":  # every row targets one slot: one source row and position define it
+                            k_nope, k_pe = k_nope[:1].expand(n, 512), k_pe[:1].expand(n, 64)
+                            pos = pos[:1].expand(n)
+                        q_nope = torch.randn(n, heads, 512, device="cuda").to(torch.bfloat16)
+                        q_pe = torch.randn(n, heads, 64, device="cuda").to(torch.bfloat16)
+                        q_dt = torch.float8_e4m3fn if q_mode == "fp8" else torch.bfloat16
+                        q_w = 576 * (1 if q_mode == "fp8" else 2)
+                        q_base = torch.randint(0, 256, (n, heads, q_w), dtype=torch.uint8, device="cuda").view(q_dt)
+                        base = torch.randint(0, 256, (num_slots, row), dtype=torch.uint8, device="cuda").view(kv_dtype)
+                        has_q = q_mode != "none"
+                        qs = q_scale if q_mode == "fp8" else None
+                        ks = k_scale if fmt == "per_tensor" else None
+                        # expected: the reference on CPU copies, with what an unchecked call skips made explicit
+                        loc_r, pos_r = loc.cpu().clone(), pos.cpu().clone()
+                        bad_pos = (pos_r < 0) | (pos_r >= max_pos)
+                        loc_r[(loc_r >= num_slots) | bad_pos] = -1
+                        pos_r[bad_pos] = 0
+                        kv_want, q_want = base.cpu().clone(), q_base.cpu().clone()
+                        set_mla_kv_buffer_rope_torch(
+                            kv_want, loc_r, k_nope.cpu(), k_pe.cpu(), pos_r, cs.cpu(), neox,
+                            q_nope=q_nope.cpu() if has_q else None, q_pe=q_pe.cpu() if has_q else None,
+                            q_out=q_want if has_q else None, kv_cache_format=fmt, k_scale=None if ks is None else ks.cpu(),
+                            q_scale=None if qs is None else qs.cpu(), reserved_skip_index=RESERVED,
+                        )  # fmt: skip
+                        q_want[bad_pos] = q_base.cpu()[bad_pos]
+                        runs = {
+                            "jit": lambda kv, qo: rope_write_cuda(kv, loc, k_nope, k_pe, pos, cs, neox, fmt, ks,
+                                                                  q_nope, q_pe, qo, qs, RESERVED, 1, 0),
+                            "triton": lambda kv, qo: launch_rope_write(kv, loc, k_nope, k_pe, pos, cs, neox, fmt, ks,
+                                                                       q_nope, q_pe, qo, qs, RESERVED, 1, 0),
+                        }  # fmt: skip
+                        if kind == "contiguous":
+                            runs["op"] = lambda kv, qo: set_mla_kv_buffer_rope(
+                                kv, loc, k_nope, k_pe, pos, cs, neox, q_nope=q_nope if has_q else None,
+                                q_pe=q_pe if has_q else None, q_out=qo, kv_cache_format=fmt, k_scale=ks, q_scale=qs,
+                                reserved_skip_index=RESERVED,
+                            )  # fmt: skip
+                        for name, run in runs.items():
+                            kv, qo = base.clone(), q_base.clone() if has_q else None
+                            launched = run(kv, qo) is not False
+                            torch.cuda.synchronize()
+                            ok = launched and torch.equal(_bits(kv).cpu(), _bits(kv_want))
+                            if has_q:
+                                ok = ok and torch.equal(_bits(qo).cpu(), _bits(q_want))
+                            self.check(f"rope write {fmt} q={q_mode} {'neox' if neox else 'interleaved'} {kind} n={n} {name}", ok)
+        # DCP: this rank writes only its rows
+        n, num_slots = 300, 350
+        loc = _loc("strided", n, 2 * num_slots)
+        pos = torch.randint(0, max_pos, (n,), device="cuda")
+        k_nope = torch.randn(n, 512, device="cuda").to(torch.bfloat16)
+        k_pe = torch.randn(n, 64, device="cuda").to(torch.bfloat16)
+        base = torch.randint(0, 256, (num_slots, 656), dtype=torch.uint8, device="cuda")
+        want = base.cpu().clone()
+        loc_r = loc.cpu().clone()
+        loc_r[loc_r >= 2 * num_slots] = -1
+        set_mla_kv_buffer_rope_torch(want, loc_r, k_nope.cpu(), k_pe.cpu(), pos.cpu(), cs.cpu(), False,
+                                     kv_cache_format="ds_mla", dcp_world_size=2, dcp_rank=1)  # fmt: skip
+        for name, run in {
+            "jit": lambda kv: rope_write_cuda(kv, loc, k_nope, k_pe, pos, cs, False, "ds_mla", None, dcp_world_size=2, dcp_rank=1),
+            "triton": lambda kv: launch_rope_write(kv, loc, k_nope, k_pe, pos, cs, False, "ds_mla", None, dcp_world_size=2, dcp_rank=1),
+        }.items():
+            kv = base.clone()
+            launched = run(kv) is not False
+            torch.cuda.synchronize()
+            self.check(f"rope write ds_mla dcp 2/1 {name}", launched and torch.equal(kv.cpu(), want))
+
 
 def main() -> int:
     if not torch.cuda.is_available():
@@ -365,7 +461,7 @@ def main() -> int:
     torch.manual_seed(0)
     smoke = Smoke()
     for part in (smoke.writes, smoke.converting_writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy, smoke.fp8,
-                 smoke.indexer):
+                 smoke.indexer, smoke.rope_write):
         part()
     print(f"sanitizer smoke: {smoke.cases - smoke.failures}/{smoke.cases} variant runs bit-exact")
     return 1 if smoke.failures else 0
