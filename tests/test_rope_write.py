@@ -747,3 +747,42 @@ def test_bench_runs_on_cpu_and_reports():
     from mlakv.bench.rope_write import main
 
     assert main(["--variants", "ds_mla", "--heads", "2", "--sizes", "2"]) == 0
+
+
+# ---- the pool method -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("q_mode", ["none", "16bit", "fp8"])
+def test_pool_method_is_rotate_then_set_kv_buffer(fmt, q_mode):
+    """The pool's fused step writes what a RoPE kernel followed by the pool's own set_kv_buffer writes."""
+    from mlakv.mem_cache import MLATokenToKVPool
+
+    def pool():
+        dtype = torch.bfloat16 if fmt is None else torch.float8_e4m3fn
+        return MLATokenToKVPool(64, 1, dtype, NOPE, ROPE, 2, DEVICE, kv_cache_format=fmt,
+                                k_scale=K_SCALE if fmt == "per_tensor" else None)  # fmt: skip
+
+    fused, plain = pool(), pool()
+    c = make_case(small(40, 6), 2, torch.bfloat16, fmt, q_mode, num_slots=60)
+    c["loc"][0] = 0  # the pool's reserved slot: skipped by both
+    q = q_mode != "none"
+    out = fused.set_kv_buffer_rope(
+        1, c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], False,
+        c.get("q_nope"), c.get("q_pe"), c.get("q_out"), q_scale=Q_SCALE if q_mode == "fp8" else None,
+    )  # fmt: skip
+    k_rot = rope_rotate_torch(c["k_pe"], c["positions"], c["cos_sin_cache"], False)
+    plain.set_kv_buffer(1, c["loc"], c["k_nope"], k_rot)
+    assert torch.equal(bits(fused.kv_buffer[1]), bits(plain.kv_buffer[1]))
+    assert torch.equal(bits(fused.kv_buffer[0]), bits(plain.kv_buffer[0]))  # the other layer untouched by both
+    if q:
+        assert out is c["q_out"]
+    else:
+        assert out is None
+
+
+def test_pool_method_refuses_formats_it_does_not_write():
+    from mlakv.mem_cache import MLATokenToKVPool
+
+    p = MLATokenToKVPool(16, 1, torch.float32, NOPE, ROPE, 1, DEVICE)
+    c = make_case(2, 1, torch.bfloat16, None, "none")
+    with pytest.raises(ValueError, match="set_kv_buffer_rope takes"):
+        p.set_kv_buffer_rope(0, c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], True)

@@ -374,6 +374,51 @@ class MLATokenToKVPool:
             f"and cache_v's = qk_rope_head_dim={rope}"
         )
 
+    def set_kv_buffer_rope(
+        self,
+        layer: LayerRef,
+        loc: torch.Tensor,
+        k_nope: torch.Tensor,
+        k_pe: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        is_neox_style: bool,
+        q_nope: Optional[torch.Tensor] = None,
+        q_pe: Optional[torch.Tensor] = None,
+        q_out: Optional[torch.Tensor] = None,
+        *,
+        q_scale: Union[float, torch.Tensor, None] = None,
+    ) -> Optional[torch.Tensor]:
+        """A layer's whole cache step in one launch: RoPE on ``k_pe`` (and ``q_pe``), the row write at
+        *logical* slots ``loc`` in the pool's format, and the absorbed query ``q_out = [q_nope | rotated q_pe]``.
+
+        Shapes: ``k_nope [n, (1,) kv_lora_rank]`` and ``k_pe [n, (1,) qk_rope_head_dim]`` (before
+        rotation; bf16/fp16, the pool's dtype for 16-bit pools), ``positions [n]``, ``cos_sin_cache
+        [max_pos, qk_rope_head_dim]`` float32 (cos half, then sin half), ``q_nope [n, H, kv_lora_rank]``,
+        ``q_pe [n, H, qk_rope_head_dim]``, ``q_out [n, H, kv_lora_rank + qk_rope_head_dim]`` of q's dtype or
+        float8_e4m3fn (then ``q_scale``); ``q_out`` None with a query: allocated. Row selection as
+        :meth:`set_kv_buffer` (padding, the reserved slot, DCP), bounds as the pool's ``check_bounds``.
+        Pools of 16-bit rows (bf16/fp16) and the ``per_tensor``/``ds_mla`` formats take it; other
+        formats raise ``ValueError``. See :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` (the
+        result is bit-identical to rotating with a RoPE kernel and then calling :meth:`set_kv_buffer`).
+
+        Returns ``q_out``, or None without a query.
+        """
+        from mlakv.ops.rope_write import set_mla_kv_buffer_rope
+
+        fmt = self.kv_cache_format
+        if fmt not in (None, "per_tensor", "ds_mla") or (fmt is None and self.dtype not in (torch.bfloat16, torch.float16)):
+            raise ValueError(
+                f"set_kv_buffer_rope takes pools of bf16/fp16 rows or kv_cache_format 'per_tensor'/'ds_mla'; "
+                f"this pool is {self.dtype} with kv_cache_format={fmt!r}"
+            )
+        return set_mla_kv_buffer_rope(
+            self.kv_buffer[self._local_layer(layer)], loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style,
+            q_nope=q_nope, q_pe=q_pe, q_out=q_out, kv_cache_format=fmt, k_scale=self.k_scale, q_scale=q_scale,
+            reserved_skip_index=RESERVED_SLOT, dcp_world_size=self.dcp_world_size, dcp_rank=self.dcp_rank,
+            check_bounds=self.check_bounds,
+        )  # fmt: skip
+
     # ---- sglang's whole-pool row operations ---------------------------------------------
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor, *, disjoint: bool = False) -> None:
         """Copy rows ``src_loc -> tgt_loc`` (``[n]`` int32/int64 each, physical rows) in every layer, from the pre-move state.
