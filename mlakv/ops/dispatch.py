@@ -179,9 +179,14 @@ def set_mla_kv_buffer_triton(
     ``n_loc == 0`` returns without launching anything. A slot that several kept rows target holds
     unspecified contents afterwards: on the GPU the rows are written concurrently, so it may mix
     pieces (16-byte vectors) of those rows.
+
+    A source may be a view of ``kv_buffer`` itself (moving rows within the cache): the write stores
+    the source *as it was before the call* on every path. Such a source is detected by its address
+    (:func:`mlakv.spec.rules.source_aliases`) and copied first; other calls pay one address compare.
     """
     if cache_k_rope is None and isinstance(cache_k_nope, torch.Tensor):
         cache_k_rope = cache_k_nope[..., :0]
+    cache_k_nope, cache_k_rope = unaliased_sources(kv_buffer, cache_k_nope, cache_k_rope)
     if (
         (reserved_skip_index is not None and type(reserved_skip_index) is not int)
         or type(dcp_world_size) is not int
@@ -192,6 +197,21 @@ def set_mla_kv_buffer_triton(
     skip = -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
     bounds = check_bounds if check_bounds is not None else _env.CHECK_BOUNDS
     write_rows(kv_buffer, loc, cache_k_nope, cache_k_rope, bounds, skip, dcp_world_size, dcp_rank)
+
+
+def unaliased_sources(kv_buffer, cache_k_nope, cache_k_rope, span: Optional[tuple[int, int]] = None):
+    """``(cache_k_nope, cache_k_rope)``, each replaced by a copy if it may alias ``kv_buffer``'s bytes
+    (:func:`mlakv.spec.rules.source_aliases`; ``span`` the buffer's storage span if known). Non-tensors
+    pass through (the rule book names them later)."""
+    if not isinstance(kv_buffer, torch.Tensor):
+        return cache_k_nope, cache_k_rope
+    if span is None:
+        span = rules.storage_span(kv_buffer)
+    if isinstance(cache_k_nope, torch.Tensor) and rules.source_aliases(kv_buffer, cache_k_nope, span):
+        cache_k_nope = cache_k_nope.clone()
+    if isinstance(cache_k_rope, torch.Tensor) and rules.source_aliases(kv_buffer, cache_k_rope, span):
+        cache_k_rope = cache_k_rope.clone()
+    return cache_k_nope, cache_k_rope
 
 
 def write_rows(
@@ -207,7 +227,9 @@ def write_rows(
 ) -> None:
     """The row write with its options already checked: what :func:`set_mla_kv_buffer_triton` and every
     bound route (:mod:`mlakv.ops.route`) run. ``skip`` is -1 for none; ``jit`` the route table's
-    entry when the caller bound it (None: looked up here, on CUDA only).
+    entry when the caller bound it (None: looked up here, on CUDA only). The callers have replaced a
+    source that aliases ``kv_buffer`` by a copy (:func:`unaliased_sources`): no kernel reads a row
+    it may already have written.
     """
     if not bounds and (jit is not None or getattr(kv_buffer, "is_cuda", False)) and _try_jit(
         kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit

@@ -36,7 +36,7 @@ class Route:
 
     __slots__ = (
         "fmt", "dtype", "buffers", "views", "nope_dim", "rope_dim", "check_bounds", "skip", "dcp_world_size",
-        "dcp_rank", "k_scale", "jit",
+        "dcp_rank", "k_scale", "jit", "spans",
     )  # fmt: skip
 
     def __init__(
@@ -64,12 +64,23 @@ class Route:
         self.dcp_rank = dcp_rank
         self.k_scale = k_scale
         self.jit: Optional[tuple] = None
+        # each layer's storage span: a source starting inside it is a view of the cache (see write)
+        self.spans = [rules.storage_span(b) for b in buffers]
 
     # ---- write ---------------------------------------------------------------------------------
     def write(self, layer: int, loc: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Write ``[k_nope | k_rope]`` rows (``[n_loc, (1,) nope_dim]``, ``[n_loc, (1,) rope_dim]``) of
-        local layer ``layer`` at slots ``loc`` (``[n_loc]``), in the pool's format."""
+        local layer ``layer`` at slots ``loc`` (``[n_loc]``), in the pool's format.
+
+        A source that is a view of the layer's buffer (rows moved within the cache) is copied first,
+        so the rows written are the source as it was before the call on every path; the test is two
+        address compares against the span kept at bind time (none while compiling: the op's kernel
+        does the same test when it runs)."""
         fmt = self.fmt
+        if not torch.compiler.is_compiling():
+            lo, hi = self.spans[layer]
+            if lo <= k_nope.data_ptr() < hi or lo <= k_rope.data_ptr() < hi:
+                k_nope, k_rope = dispatch.unaliased_sources(self.buffers[layer], k_nope, k_rope, (lo, hi))
         if fmt.scale_kind != "none" and (k_nope.dtype in fp8.SOURCE_DTYPES or fmt.name == "ds_mla"):
             fp8.set_mla_kv_buffer_quant(
                 self.buffers[layer], loc, k_nope, k_rope, fmt.name, self.k_scale,

@@ -58,6 +58,8 @@ __all__ = [
     "copy_rows_bad_unit",
     "byte_span",
     "tensors_overlap",
+    "storage_span",
+    "source_aliases",
     "INDEX_HEAD_DIM",
     "INDEX_PAGE_TOKENS",
     "INDEX_PAGE_BYTES",
@@ -448,6 +450,23 @@ def tensors_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     alo, ahi = byte_span(a)
     blo, bhi = byte_span(b)
     return alo < bhi and blo < ahi
+
+
+def storage_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[lo, hi)`` addresses of the whole storage under ``t`` (every view of it lies inside)."""
+    s = t.untyped_storage()
+    lo = s.data_ptr()
+    return lo, lo + s.nbytes()
+
+
+def source_aliases(buffer: torch.Tensor, source: torch.Tensor, span: Optional[tuple[int, int]] = None) -> bool:
+    """Whether a write's ``source`` may read bytes the write changes in ``buffer``: it starts inside
+    ``buffer``'s storage (``span``, default :func:`storage_span`; the cheap test, a view of the
+    buffer's storage always does) and its byte span meets ``buffer``'s (conservative: a strided
+    view interleaved with the buffer's rows counts). A write whose source aliases copies it first
+    (:func:`mlakv.ops.dispatch.set_mla_kv_buffer_triton`, the pool's route)."""
+    lo, hi = storage_span(buffer) if span is None else span
+    return lo <= source.data_ptr() < hi and source.numel() > 0 and tensors_overlap(buffer, source)
 
 
 # ---- the DSA indexer K cache (``mlakv.ops.indexer``) --------------------------------------------
