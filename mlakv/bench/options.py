@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mlakv.argtypes import positive_int
+from mlakv.argtypes import out_dir, positive_int
 
 __all__ = [
     "LAYOUT_NAMES",
@@ -25,6 +25,7 @@ __all__ = [
     "hicache_parser",
     "hicache_l3_parser",
     "fp8_parser",
+    "rope_parser",
     "wants_l3",
     "parser_for",
 ]
@@ -48,6 +49,14 @@ L3_CPU_PAGES = [64, 128, 256]  # 1024 pages of 4.3 MiB need ~18 GiB (two host po
 
 # ---- mlakv bench fp8 -----------------------------------------------------------------------------
 FP8_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
+
+# ---- mlakv bench rope ----------------------------------------------------------------------------
+ROPE_VARIANTS = ["bf16", "fp8", "ds_mla"]  # mlakv.bench.rope_write.VARIANTS: (cache format, query dtype) of each
+ROPE_SIZES = [1, 8, 32, 64, 128, 512, 1024, 4096, 16384]
+ROPE_QUICK_SIZES = [1, 64, 128, 1024, 16384]
+ROPE_CPU_SIZES = [1, 32]
+ROPE_PROVIDERS = ["fused", "fused-triton", "unfused", "sglang"]
+ROPE_SWEEP = ["jit-early", "jit-late", "jit-w4"]
 
 
 def csv_of(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
@@ -99,7 +108,8 @@ def kv_write_parser() -> argparse.ArgumentParser:
                     help=f"fewer sizes (GPU {QUICK_SIZES}, CPU {CPU_QUICK_SIZES}) and no int32 spot check")  # fmt: skip
     ap.add_argument("--no-cold", action="store_true", help="GPU: skip the L2-flushed medians")
     ap.add_argument("--tune", action="store_true", help="GPU: also time JIT launch variants (warps x items x TMA/direct)")
-    ap.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for results.json, report.md and the plot")
+    ap.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                    help="directory for results.json, report.md and the plot (checked writable before the sweep)")  # fmt: skip
     return ap
 
 
@@ -146,7 +156,34 @@ def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing 
     p = argparse.ArgumentParser(prog="mlakv bench fp8", description=description)
     p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE, dedup=False), default=list(FP8_SIZES),
                    help=f"comma list of n_loc values, 1..{MAX_SIZE} (default {','.join(map(str, FP8_SIZES))})")  # fmt: skip
-    p.add_argument("--out", default="bench-out", help="directory for fp8.json and fp8.md")
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                   help="directory for fp8.json and fp8.md (checked writable before measuring)")  # fmt: skip
+    return p
+
+
+def rope_parser() -> argparse.ArgumentParser:
+    """The ``mlakv bench rope`` parser (the fused RoPE + row write + query step against the kernels it replaces)."""
+    p = argparse.ArgumentParser(
+        prog="mlakv bench rope",
+        description="The fused MLA cache step (RoPE on k_pe/q_pe, the row write, the absorbed query; one launch) "
+        "against the unfused sequence (a RoPE kernel, the write, the query concat) and sglang's "
+        "set_mla_kv_concat_q, each checked byte-equal to the reference first; CUDA-graph medians.",
+    )
+    p.add_argument("--variants", type=csv_of(ROPE_VARIANTS, "variant"), default=list(ROPE_VARIANTS),
+                   help="comma list of bf16 (bf16 rows, bf16 query), fp8 (per_tensor rows, e4m3 query), "
+                   "ds_mla (ds_mla rows, bf16 query); default all")  # fmt: skip
+    p.add_argument("--heads", type=csv_ints("heads", 1, 1024), default=[16, 128], help="query heads H (default 16,128)")
+    p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE), default=None,
+                   help=f"tokens n (default: GPU {ROPE_SIZES}; CPU {ROPE_CPU_SIZES})")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help=f"GPU sizes {ROPE_QUICK_SIZES}")
+    p.add_argument("--providers", type=csv_of(ROPE_PROVIDERS + ROPE_SWEEP, "provider"), default=list(ROPE_PROVIDERS),
+                   help=f"comma list of {', '.join(ROPE_PROVIDERS + ROPE_SWEEP)} (default {','.join(ROPE_PROVIDERS)})")  # fmt: skip
+    p.add_argument("--sweep", action="store_true", help=f"also time the JIT kernel's launch variants {','.join(ROPE_SWEEP)}")
+    p.add_argument("--style", choices=["interleaved", "neox"], default="interleaved",
+                   help="RoPE pairs: interleaved (DeepSeek, default) or neox (rotate halves)")  # fmt: skip
+    p.add_argument("--sglang-max-n", type=positive_int, default=8192,
+                   help="largest n sglang's kernel is run at (a build of it ended in an illegal access at 16384)")  # fmt: skip
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     return p
 
 
@@ -161,4 +198,6 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
         return hicache_l3_parser() if wants_l3(argv[1:]) else hicache_parser()
     if argv and argv[0] == "fp8":
         return fp8_parser()
+    if argv and argv[0] == "rope":
+        return rope_parser()
     return kv_write_parser()

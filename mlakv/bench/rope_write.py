@@ -28,7 +28,6 @@ give the roofline each fused time is read against.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -42,6 +41,12 @@ from mlakv.ops.fp8 import fp8_row_bytes, set_mla_kv_buffer_quant
 from mlakv.ops.rope_write import set_mla_kv_buffer_rope
 from mlakv.ops.rope_write_reference import rope_rotate_torch
 
+from .options import ROPE_CPU_SIZES as CPU_SIZES
+from .options import ROPE_PROVIDERS as PROVIDERS
+from .options import ROPE_QUICK_SIZES as QUICK_SIZES
+from .options import ROPE_SIZES as DEFAULT_SIZES
+from .options import ROPE_SWEEP as SWEEP
+from .options import rope_parser as build_parser
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, one_element_graph_us, progress, rotating, wall_median_s
 
 __all__ = ["VARIANTS", "build_parser", "make_sets", "providers_for", "check_provider", "call_bytes", "run", "format_report", "main"]
@@ -50,11 +55,6 @@ NOPE, ROPE = 512, 64
 MAX_POS = 8192
 #: variant -> (kv_cache_format, query kind)
 VARIANTS = {"bf16": (None, "16bit"), "fp8": ("per_tensor", "fp8"), "ds_mla": ("ds_mla", "16bit")}
-DEFAULT_SIZES = [1, 8, 32, 64, 128, 512, 1024, 4096, 16384]
-QUICK_SIZES = [1, 64, 128, 1024, 16384]
-CPU_SIZES = [1, 32]
-PROVIDERS = ["fused", "fused-triton", "unfused", "sglang"]
-SWEEP = ["jit-early", "jit-late", "jit-w4"]
 SET_BYTES_CAP = 128 << 20
 
 
@@ -380,42 +380,6 @@ def format_report(report: dict, names: list[str]) -> str:
         for text, ns in notes.items():
             out.append(f"\n- {text} (n = {', '.join(map(str, ns))})")
     return "\n".join(out) + "\n"
-
-
-def _ints(s: str) -> list[int]:
-    try:
-        v = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not v or any(x <= 0 for x in v):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
-    return v
-
-
-def _names(choices: list[str]) -> Callable[[str], list[str]]:
-    def parse(s: str) -> list[str]:
-        v = [x.strip() for x in s.split(",") if x.strip()]
-        bad = [x for x in v if x not in choices]
-        if bad or not v:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(choices)}")
-        return v
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlakv bench rope", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", type=_names(list(VARIANTS)), default=list(VARIANTS), help="bf16,fp8,ds_mla")
-    p.add_argument("--heads", type=_ints, default=[16, 128], help="query heads H (default 16,128)")
-    p.add_argument("--sizes", type=_ints, default=None, help=f"tokens n (default {DEFAULT_SIZES})")
-    p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}")
-    p.add_argument("--providers", type=_names(PROVIDERS + SWEEP), default=PROVIDERS)
-    p.add_argument("--sweep", action="store_true", help=f"also time the JIT launch variants {SWEEP}")
-    p.add_argument("--style", choices=["interleaved", "neox"], default="interleaved")
-    p.add_argument("--sglang-max-n", type=int, default=8192,
-                   help="largest n sglang's kernel runs at (its build ended in an illegal access at 16384 once)")
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
