@@ -198,3 +198,41 @@ def test_no_bench_imports_another_bench():
     assert not {b: v for b, v in offenders.items() if v}, offenders
     users = {b for b in benches if "timing" in _bench_imports(root / f"{b}.py")}
     assert users >= benches - {"host_cost"}, f"benches timing on their own: {sorted(benches - users)}"
+
+
+# ---- the L3 bench's estimate and log filter (no Mooncake needed) ------------------------------
+def test_l3_estimate_brackets_the_measured_default_run():
+    """The default CPU run (64,128,256 pages x 61 layers, 9 rounds) took 129-213 s on the 2-core machine."""
+    pytest.importorskip("xxhash")
+    from mlakv.bench.hicache_l3 import estimate_s
+    from mlakv.bench.options import L3_CPU_PAGES
+
+    lo, hi = estimate_s(L3_CPU_PAGES, 64, 61, 9)
+    assert lo <= 129 and 213 <= hi <= 2 * 213
+    assert estimate_s([64], 64, 61, 9)[0] < lo  # fewer pages, less time
+
+
+def test_l3_log_filter_drops_only_the_expected_lines_written_to_fd_2(capfd):
+    """Mooncake logs from C++ straight to file descriptor 2: the filter works below Python's sys.stderr."""
+    import os
+
+    pytest.importorskip("xxhash")
+    from mlakv.bench.hicache_l3 import EXPECTED_CLIENT_LOG, native_log_filtered
+
+    with native_log_filtered(EXPECTED_CLIENT_LOG):
+        os.write(2, b"E1202 transfer_metadata_plugin.cpp:292] GET http://x http=404 body: metadata not found\n")
+        os.write(2, b"W1202 transfer_metadata.cpp:1115] Failed to retrieve segment descriptor, name 127.0.0.1:1\n")
+        os.write(2, b"E1202 real_client.cpp:1] something else went wrong\n")
+    err = capfd.readouterr().err
+    assert err == "E1202 real_client.cpp:1] something else went wrong\n"
+
+
+def test_l3_log_filter_passes_everything_when_verbose(capfd):
+    import os
+
+    pytest.importorskip("xxhash")
+    from mlakv.bench.hicache_l3 import EXPECTED_CLIENT_LOG, native_log_filtered
+
+    with native_log_filtered(EXPECTED_CLIENT_LOG, enabled=False):
+        os.write(2, b"E http=404 body: metadata not found\n")
+    assert "metadata not found" in capfd.readouterr().err

@@ -44,10 +44,13 @@ ROW_BYTES = {"bf16 1152B": 1152, "fp8 ds_mla 656B": 656}
 GPU_MACHINE_PAGES, CPU_PAGES = L3_GPU_MACHINE_PAGES, L3_CPU_PAGES
 
 # Seconds per GB of batch per round (a round moves the batch raw and through mlakv, both ways, hashes
-# it and compares it): ~5 on the 2-core CPU machine (the default run took 129-213 s), ~3 on a 16-core
-# GPU host. Plus a few seconds for the master and the clients.
+# it and compares it), measured on idle machines: ~5 on a 2-core CPU machine (the default run took
+# 129-213 s), ~3 on a 16-core GPU host. Setting a batch up (two host pools filled, two clients
+# mounting their segments) costs about SETUP_ROUNDS rounds more; the master a few seconds.
 S_PER_GB = (3.0, 6.0)
+SETUP_ROUNDS = 2
 STARTUP_S = 5.0
+PER_BATCH_S = 1.0  # two clients started and closed, two host pools allocated
 
 COLUMNS = (
     "Columns: raw = Mooncake's own batch_put_from / batch_get_into of the page bytes; mlakv = "
@@ -62,14 +65,28 @@ EXPECTED_CLIENT_LOG = ("http=404 body: metadata not found", "Failed to retrieve 
                        "Logging before InitGoogleLogging()")  # fmt: skip
 
 
+def _work_gb(n_pages: int, row_bytes: int, page_size: int, layers: int, reps: int) -> float:
+    """One batch's work in GB-rounds: its bytes times (timed rounds + warm-up round + set-up)."""
+    return n_pages * page_size * layers * row_bytes * (reps + 1 + SETUP_ROUNDS) / 1e9
+
+
+def _batch_s(work_gb: float, s_per_gb: float) -> float:
+    return PER_BATCH_S + work_gb * s_per_gb
+
+
 def estimate_s(pages: list[int], page_size: int, layers: int, reps: int) -> tuple[float, float]:
-    """(low, high) estimate in seconds of a run over ``pages`` for both rows."""
-    gb = sum(n * page_size * layers * rb for n in pages for rb in ROW_BYTES.values()) * (reps + 1) / 1e9
-    return STARTUP_S + gb * S_PER_GB[0], STARTUP_S + gb * S_PER_GB[1]
+    """(low, high) estimate in seconds of a run over ``pages`` for both rows, on an idle machine."""
+    work = [_work_gb(n, rb, page_size, layers, reps) for n in pages for rb in ROW_BYTES.values()]
+    return tuple(STARTUP_S + sum(_batch_s(w, k) for w in work) for k in S_PER_GB)  # type: ignore[return-value]
 
 
 def _minutes(s: float) -> str:
     return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+def _span(lo: float, hi: float) -> str:
+    a, b = _minutes(lo), _minutes(hi)
+    return f"about {a}" if a == b else f"{a} to {b}"
 
 
 @contextlib.contextmanager
@@ -170,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     P, L = args.page_size, args.layers
     lo, hi = estimate_s(pages, P, L, args.reps)
     progress(f"mlakv bench hicache --l3 mooncake: {len(ROWS) * len(pages)} batches ({', '.join(ROWS)} x pages "
-             f"{','.join(map(str, pages))}), {args.reps} rounds each: estimated {_minutes(lo)} to {_minutes(hi)}")
+             f"{','.join(map(str, pages))}), {args.reps} rounds each: estimated {_span(lo, hi)} on an idle machine")
     old_level = os.environ.get("MC_LOG_LEVEL")
     if not args.verbose and old_level is None:
         os.environ["MC_LOG_LEVEL"] = "WARNING"  # Mooncake's clients (and the master) read it when they start
@@ -199,13 +216,24 @@ def _run(args, pages: list[int], P: int, L: int, cuda: bool) -> int:
         print("| row | pages | batch MiB | raw put GB/s | mlakv set GB/s | set overhead (best) | raw get GB/s | "
               "mlakv get GB/s | get overhead (best) | mlakv get pages/s | XXH3 alone GB/s (1 thread) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        # each batch's idle-machine estimate; the batches done so far say how much slower this machine runs
+        idle = {(label, n): _batch_s(_work_gb(n, ROW_BYTES[label], P, L, args.reps), sum(S_PER_GB) / 2)
+                for label in ROWS for n in pages}  # fmt: skip
+        idle_done, t_batches = 0.0, 0.0
         for label, (dtype, fmt) in ROWS.items():
             for n in pages:
-                progress(f"{label}, {n} pages")
+                left = ""
+                if idle_done:
+                    rest = sum(idle.values()) - idle_done
+                    left = f"; about {_minutes(rest * t_batches / idle_done)} left at this machine's pace"
+                progress(f"{label}, {n} pages (batch {done + 1}/{len(idle)}{left})")
+                t_batch = time.perf_counter()
                 r = bench_one(master, dtype, fmt, n, P, L, args.reps, args.checksum_threads, args.verbose)
                 gb = r["bytes"] / 1e9
                 wrong |= not r["ok"]
                 done += 1
+                idle_done += idle[(label, n)]
+                t_batches += time.perf_counter() - t_batch
                 print(f"| {label} | {n} | {r['bytes'] / 2**20:.0f} | {gb / r['raw_put']:.2f} | {gb / r['set']:.2f} | "
                       f"{r['set_ratio'] - 1:+.0%} ({r['set_best'] - 1:+.0%}) | {gb / r['raw_get']:.2f} | {gb / r['get']:.2f} | "
                       f"{r['get_ratio'] - 1:+.0%} ({r['get_best'] - 1:+.0%}) | {n / r['get']:,.0f} | {gb / r['crc']:.2f} |"
