@@ -493,7 +493,7 @@ def test_gather_and_upconvert_refusals():
     ds = torch.zeros(4, 4, 656, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"bfloat16 \[total_tokens, 576\]"):
         V.cp_gather_and_upconvert_fp8_kv_cache(ds, torch.zeros(3, 576, dtype=F16), table, cu[:1], 1)
-    with pytest.raises(NotImplementedError, match="host_cache"):
+    with pytest.raises(ValueError, match="must be given together"):
         V.cp_gather_and_upconvert_fp8_kv_cache(ds, torch.zeros(3, 576, dtype=BF16), table, cu[:1], 1, host_cache=ds)
 
 
@@ -631,3 +631,30 @@ def test_indexer_refusals():
             torch.zeros(2, 64, 132, dtype=torch.uint8), torch.zeros(3, 128, dtype=torch.uint8), torch.zeros(3, 1, dtype=F32),
             torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32),
         )  # fmt: skip
+
+
+def test_upconvert_reads_remapped_resident_and_host_rows():
+    torch.manual_seed(14)
+    nb, bs = 4, 4
+    cache = poisoned((nb, bs, 656), torch.uint8)
+    kv_c, k_pe = sources(2 * nb * bs, 512, 64, BF16)
+    rows = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale="pow2")  # [32, 656] stored rows
+    host = rows[nb * bs :].clone()  # host rows 0..15 (pinned: the GPU copy reads them in place)
+    host = host.pin_memory() if DEVICE == "cuda" else host
+    cache.view(-1, 656)[:] = rows[: nb * bs].to(DEVICE)
+    dev_ids = torch.arange(nb * bs, dtype=torch.int32)
+    host_ids = torch.arange(nb * bs, dtype=torch.int32).flip(0)
+    dev_ids[::3] = -1  # every third slot lives on the host, at row 15 - slot
+    table = torch.tensor([[3, 1, 0]], dtype=torch.int32, device=DEVICE)
+    ws = torch.tensor([0], dtype=torch.int32, device=DEVICE)
+    dst = poisoned((10, 576), BF16)
+    expected = torch.empty(10, 576, dtype=BF16)
+    for o, b, s in ref_rows(table.cpu(), ws.cpu(), 1, 10, bs, terminal=False):
+        slot = b * bs + s
+        src = host[int(host_ids[slot])] if dev_ids[slot] < 0 else rows[int(dev_ids[slot])]
+        n, r = fp8.dequantize_mla_rows(src[None], "ds_mla", 512, 64)
+        expected[o] = torch.cat([n[0], r[0]])
+    V.cp_gather_and_upconvert_fp8_kv_cache(
+        cache, dst, table, ws, 1, host_cache=host, host_row_ids=host_ids.to(DEVICE), device_row_ids=dev_ids.to(DEVICE)
+    )  # fmt: skip
+    assert torch.equal(u8(dst), u8(expected))

@@ -480,10 +480,28 @@ def _check_upconvert(src_cache, dst, block_table, workspace_starts, batch_size, 
         )
     if dst.dtype != torch.bfloat16 or dst.dim() != 2 or dst.shape[1] != _DS_NOPE + _DS_ROPE:
         raise ValueError(f"dst must be bfloat16 [total_tokens, 576], got {dst.dtype} shape {tuple(dst.shape)}")
-    if host_cache is not None or host_row_ids is not None or device_row_ids is not None:
-        raise NotImplementedError(
-            "host_cache/host_row_ids/device_row_ids (rows read from pinned host memory) are not supported by mlakv's face"
-        )
+    given = [t is not None for t in (host_cache, host_row_ids, device_row_ids)]
+    if any(given) and not all(given):
+        raise ValueError("host_cache, host_row_ids and device_row_ids must be given together")
+    if all(given):
+        _tensor("host_cache", host_cache)
+        if (
+            host_cache.device.type != "cpu" or host_cache.dtype != torch.uint8 or host_cache.dim() != 2
+            or not host_cache.is_contiguous() or host_cache.shape[1] != DS_MLA_ENTRY_BYTES
+        ):  # fmt: skip
+            raise ValueError(
+                f"host_cache must be a contiguous uint8 CPU [rows, {DS_MLA_ENTRY_BYTES}] tensor, got {host_cache.dtype} "
+                f"shape {tuple(host_cache.shape)} on {host_cache.device}"
+            )
+        for name, t in (("host_row_ids", host_row_ids), ("device_row_ids", device_row_ids)):
+            _tensor(name, t)
+            if t.dtype != torch.int32 or t.dim() > 2 or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous int32 tensor (1-D or 2-D), got {t.dtype} shape {tuple(t.shape)}")
+            if t.numel() < nb * bs:
+                raise ValueError(f"{name} has {t.numel()} entries but src_cache has {nb * bs} slots (one per slot)")
+        if host_row_ids.numel() != device_row_ids.numel():
+            raise ValueError(f"host_row_ids ({host_row_ids.numel()}) and device_row_ids ({device_row_ids.numel()}) differ in size")
+        _same_device("src_cache", src_cache, host_row_ids=host_row_ids, device_row_ids=device_row_ids)
     return b, nb, bs
 
 
@@ -498,12 +516,55 @@ def _upconvert_impl(src_cache, dst, block_table, workspace_starts, batch_size, s
     if not src_cache.is_cuda:
         _check_plan_values(block_table, workspace_starts, "workspace_starts", b, total, bs, nb, seq_starts, False)
     slot, valid = gather_plan(block_table, workspace_starts, b, total, bs, nb, seq_starts, terminal=False)
-    cache_rows, rpb = paged_rows(src_cache.view(torch.uint8), "src_cache")
-    nope, rope = fp8.get_mla_kv_buffer_dequant(
-        cache_rows, slot_rows(slot, bs, rpb), "ds_mla", _DS_NOPE, _DS_ROPE, None, torch.bfloat16
-    )
+    if host_cache is not None:
+        cache_rows, loc, valid = _resident_and_host_rows(src_cache, slot, valid, host_cache, host_row_ids, device_row_ids)
+    else:
+        cache_rows, rpb = paged_rows(src_cache.view(torch.uint8), "src_cache")
+        loc = slot_rows(slot, bs, rpb)
+    nope, rope = fp8.get_mla_kv_buffer_dequant(cache_rows, loc, "ds_mla", _DS_NOPE, _DS_ROPE, None, torch.bfloat16)
     _masked_store(dst[:, :_DS_NOPE], valid, nope)
     _masked_store(dst[:, _DS_NOPE:], valid, rope)
+
+
+def _copy_units(src, dst, src_idx, dst_idx, unit: int, src_layout, dst_layout) -> None:
+    """:func:`~mlakv.ops.custom_ops.copy_rows` where a negative ``src_idx`` means "no copy": skipped by
+    the GPU kernel; left out first on the CPU (whose copy refuses it)."""
+    if not (src.is_cuda or dst.is_cuda):
+        keep = (src_idx >= 0).nonzero().flatten()
+        src_idx, dst_idx = src_idx[keep], dst_idx[keep]
+    copy_rows(src, dst, src_idx, dst_idx, unit, src_layout, dst_layout)
+
+
+def _resident_and_host_rows(src_cache, slot, valid, host_cache, host_row_ids, device_row_ids):
+    """vLLM's remapped rows: slot ``s`` reads cache slot ``device_row_ids[s]`` when that is ``>= 0``,
+    else row ``host_row_ids[s]`` of the pinned ``host_cache``. Both kinds are first copied (the HiCache
+    row copy; host rows read in place) into a device scratch of ``[total, 656]`` stored rows; returns
+    ``(scratch, loc into it, valid)``. A remapped row outside its buffer is not valid (CPU: ``IndexError``)."""
+    total, nb, bs = slot.shape[0], src_cache.shape[0], src_cache.shape[1]
+    dev = slot.device
+    if src_cache.is_cuda and not host_cache.is_pinned():
+        raise ValueError("host_cache is CPU memory that is not pinned: the GPU copy reads host memory in place (pin_memory())")
+    s = slot.clamp(min=0)
+    drow = torch.where(valid, device_row_ids.reshape(-1)[s].to(torch.int64), -1)
+    hrow = torch.where(valid & (drow < 0), host_row_ids.reshape(-1)[s].to(torch.int64), -1)
+    d_ok = (drow >= 0) & (drow < nb * bs)
+    h_ok = (hrow >= 0) & (hrow < host_cache.shape[0])
+    if not src_cache.is_cuda:
+        bad = valid & ~(d_ok | h_ok)
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0, 0])
+            raise IndexError(f"output row {t}: its remapped row (device {int(drow[t])}, host {int(hrow[t])}) is out of range")
+    scratch = torch.empty(total, DS_MLA_ENTRY_BYTES, dtype=torch.uint8, device=dev)
+    out = torch.arange(total, device=dev)
+    es = src_cache.element_size()
+    row_layout = (1, DS_MLA_ENTRY_BYTES, 0)
+    _copy_units(
+        _span(src_cache), scratch, torch.where(d_ok, drow, -1), out, DS_MLA_ENTRY_BYTES,
+        (bs, src_cache.stride(0) * es, src_cache.stride(1) * es), row_layout,
+    )  # fmt: skip
+    _copy_units(host_cache, scratch, torch.where(h_ok, hrow, -1), out, DS_MLA_ENTRY_BYTES, row_layout, row_layout)
+    ok = valid & (d_ok | h_ok)
+    return scratch, torch.where(ok, out, -1), ok
 
 
 def _upconvert_fake(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None,
@@ -865,8 +926,10 @@ def cp_gather_and_upconvert_fp8_kv_cache(
     ``src_cache [num_blocks, block_size, 656]`` uint8/float8; ``dst [total_tokens, 576]`` bf16:
     nope = ``bf16(e4m3 * tile_scale)``, rope = the stored bf16. Request ``r`` fills rows
     ``[workspace_starts[r], workspace_starts[r + 1])`` (the last up to ``total_tokens``) from logical
-    position ``seq_starts[r]`` on. ``host_cache``/``host_row_ids``/``device_row_ids`` (pinned host
-    rows) raise ``NotImplementedError``.
+    position ``seq_starts[r]`` on. With ``host_cache [rows, 656]`` (pinned CPU uint8), ``host_row_ids`` and
+    ``device_row_ids`` (int32, one entry per cache slot ``block * block_size + offset``, on the
+    cache's device), slot ``s`` is read from cache slot ``device_row_ids[s]`` when that is ``>= 0``
+    and from ``host_cache[host_row_ids[s]]`` otherwise.
     """
     _OPS.cp_gather_and_upconvert_fp8_kv_cache(
         src_cache, dst, block_table, workspace_starts, operator.index(batch_size), seq_starts,
