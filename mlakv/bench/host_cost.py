@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from types import SimpleNamespace
 from typing import Callable, Optional
 
@@ -34,6 +32,8 @@ from mlakv.kernels.cuda.row_write import _module_for, bind_launch_shapes
 from mlakv.spec.tuning import TUNING, tuning_for
 from mlakv.mem_cache import MLATokenToKVPool, set_mla_kv_buffer_triton
 from mlakv.ops import dispatch as kv_write
+
+from .timing import interleaved_us
 
 __all__ = ["main", "step_costs"]
 
@@ -77,23 +77,6 @@ def _check_fn(nope_bytes: int, rope_bytes: int) -> Optional[Callable]:
             os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
 
 
-def _interleaved_us(steps: dict[str, Callable], calls: int, rounds: int, sync: Callable) -> dict[str, float]:
-    """Median µs per call of each step over ``rounds`` batches of ``calls``, steps round-robin."""
-    for fn in steps.values():
-        for _ in range(50):
-            fn()
-    sync()
-    samples: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
-            sync()
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[str, float, Optional[float]]]:
     """``[(step, python µs, real µs or None)]`` for one layout at ``n_loc = 1`` (see the module docstring)."""
     dtype, nd, rd = LAYOUTS[layout]
@@ -119,7 +102,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
     saved = kv_write._JIT_ROUTES.get(key)
     kv_write._JIT_ROUTES[key] = (stub_write, 0)
     try:
-        py = _interleaved_us(
+        py = interleaved_us(
             {
                 "python call floor (a no-op taking write's 7 args)": lambda: _noop7(kv, loc, nope, rope, 0, 1, 0),
                 "module function (11 args)": lambda: _stub(kv, loc, nope, rope, w, i, t, e, 0, 1, 0),
@@ -141,7 +124,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
     check = _check_fn(nd * es, rd * es)
     if check is not None:
         c_kv, c_loc, c_nope, c_rope = (x.cpu() for x in (kv, loc, nope, rope))
-        py["tvm-ffi call (check_set_mla_kv_buffer, CPU tensors, no launch)"] = _interleaved_us(
+        py["tvm-ffi call (check_set_mla_kv_buffer, CPU tensors, no launch)"] = interleaved_us(
             {"ffi": lambda: check(c_kv, c_loc, c_nope, c_rope, 1, 0)}, calls, rounds, lambda: None
         )["ffi"]
     if cuda:
@@ -165,7 +148,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
         steps["pool.set_kv_buffer (full row, cache_v=None)"] = lambda: pool.set_kv_buffer(0, loc, full, None)
         if route[0] is not None:
             steps["jit_kernel.set_mla_kv_buffer (checked entry)"] = lambda: jit_kernel.set_mla_kv_buffer(kv, loc, nope, rope)
-        real = _interleaved_us(steps, calls, rounds, sync)
+        real = interleaved_us(steps, calls, rounds, sync)
     names = list(py) + [k for k in real if k not in py]
     return [(k, py.get(k, float("nan")), real.get(k)) for k in names]
 
