@@ -123,9 +123,9 @@ def ref_dequant(byte: int, scale: float, dtype) -> torch.Tensor:
 # ---- inputs -------------------------------------------------------------------------------------
 
 
-def sources(n: int, r: int, p: int, dtype, extra: int = 0):
-    kv_c = torch.randn(n + extra, r, dtype=F32).to(dtype).to(DEVICE)
-    k_pe = torch.randn(n + extra, p, dtype=F32).to(dtype).to(DEVICE)
+def sources(n: int, r: int, p: int, dtype, extra: int = 0, device=DEVICE):
+    kv_c = torch.randn(n + extra, r, dtype=F32).to(dtype).to(device)
+    k_pe = torch.randn(n + extra, p, dtype=F32).to(dtype).to(device)
     return kv_c, k_pe
 
 
@@ -229,13 +229,13 @@ def test_pow2_ceil_and_reference_option():
 # ---- the gathers ----------------------------------------------------------------------------
 
 
-def _requests(seq_lens, nb, max_blocks, seq_starts=None):
+def _requests(seq_lens, nb, max_blocks, seq_starts=None, device=DEVICE):
     b = len(seq_lens)
     cu = torch.zeros(b + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
     table = torch.stack([torch.randperm(nb)[:max_blocks] for _ in range(b)]).to(torch.int32)
-    ss = None if seq_starts is None else torch.tensor(seq_starts, dtype=torch.int32, device=DEVICE)
-    return cu.to(DEVICE), table.to(DEVICE), ss
+    ss = None if seq_starts is None else torch.tensor(seq_starts, dtype=torch.int32, device=device)
+    return cu.to(device), table.to(device), ss
 
 
 @pytest.mark.parametrize("seq_starts", [None, [3, 17, 0]])
@@ -404,14 +404,13 @@ def test_triton_row_copy_on_the_gather_plan_skips_unowned_rows():
     assert torch.equal(u8(dst), expected)
 
 
-# ---- refusals -----------------------------------------------------------------------------------
+# ---- refusals (on the CPU, where every check runs; unchecked GPU calls skip what is out of range) ----
 
 
 def _concat_args(**over):
-    kv_c, k_pe = sources(4, 32, 16, BF16)
-    a = dict(kv_c=kv_c, k_pe=k_pe, kv_cache=torch.zeros(2, 4, 48, dtype=BF16, device=DEVICE),
-             slot_mapping=torch.arange(4, device=DEVICE), kv_cache_dtype="auto",
-             scale=torch.ones(1, device=DEVICE))  # fmt: skip
+    kv_c, k_pe = sources(4, 32, 16, BF16, device="cpu")
+    a = dict(kv_c=kv_c, k_pe=k_pe, kv_cache=torch.zeros(2, 4, 48, dtype=BF16),
+             slot_mapping=torch.arange(4), kv_cache_dtype="auto", scale=torch.ones(1))  # fmt: skip
     a.update(over)
     return a
 
@@ -441,13 +440,13 @@ def test_concat_refuses_bad_input_before_writing(over, exc, match):
 
 
 def test_ds_mla_refuses_fp16_sources():
-    kv_c, k_pe = sources(2, 512, 64, F16)
+    kv_c, k_pe = sources(2, 512, 64, F16, device="cpu")
     with pytest.raises(TypeError, match="fp8_ds_mla takes bfloat16"):
         V.concat_and_cache_mla(kv_c, k_pe, torch.zeros(1, 4, 656, dtype=torch.uint8), torch.arange(2), "fp8_ds_mla", torch.ones(1))
 
 
 def _gather_args(**over):
-    cu, table, _ = _requests([3, 2], 4, 2)
+    cu, table, _ = _requests([3, 2], 4, 2, device="cpu")
     a = dict(src_cache=torch.zeros(4, 4, 8, dtype=BF16), dst=torch.zeros(5, 8, dtype=BF16), block_table=table,
              cu_seq_lens=cu, batch_size=2, seq_starts=None)  # fmt: skip
     a.update(over)
@@ -481,7 +480,7 @@ def test_cp_gather_refuses_bad_input_before_writing(over, exc, match):
 
 def test_gather_and_upconvert_refusals():
     cache = torch.zeros(4, 4, 8, dtype=torch.uint8)
-    cu, table, _ = _requests([3], 4, 1)
+    cu, table, _ = _requests([3], 4, 1, device="cpu")
     with pytest.raises(ValueError, match="num_tokens=9 exceeds"):
         V.gather_and_maybe_dequant_cache(cache, torch.zeros(3, 8, dtype=BF16), table, cu, cu, 9, "fp8", torch.ones(1))
     with pytest.raises(ValueError, match="not supported by this op"):
@@ -513,6 +512,28 @@ def test_swap_blocks_refusals(mapping, bsb, exc, match):
     with pytest.raises(exc, match=match):
         V.swap_blocks(src, dst, bsb, mapping)
     assert bool((dst == 7).all())
+
+
+@requires_cuda
+def test_gpu_calls_skip_out_of_range_slots_and_blocks_unchecked():
+    random.seed(15)
+    nb, bs = 2, 4
+    kv_c, k_pe = sources(3, 32, 16, BF16)
+    cache = poisoned((nb, bs, 48), BF16)
+    before = u8(cache).clone().reshape(nb * bs, -1)
+    V.concat_and_cache_mla(kv_c, k_pe, cache, torch.tensor([1, 8, 100], device=DEVICE), "auto", torch.ones(1, device=DEVICE))
+    torch.cuda.synchronize()
+    after = u8(cache).reshape(nb * bs, -1)
+    assert torch.equal(after[1], u8(torch.cat([kv_c[0], k_pe[0]])))
+    assert torch.equal(torch.cat([after[:1], after[2:]]), torch.cat([before[:1], before[2:]]))
+    table = torch.tensor([[1, 7]], dtype=torch.int32, device=DEVICE)  # block 7 does not exist
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    dst = poisoned((8, 48), BF16)
+    d_before = u8(dst).clone()
+    V.cp_gather_cache(cache, dst, table, cu, 1)
+    torch.cuda.synchronize()
+    got = u8(dst)
+    assert torch.equal(got[:4], u8(cache[1])) and torch.equal(got[4:], d_before[4:])
 
 
 # ---- the registered ops -------------------------------------------------------------------------
