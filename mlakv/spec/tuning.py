@@ -25,6 +25,12 @@ __all__ = [
     "ROPE_WRITE_WARPS",
     "ROPE_WRITE_EARLY_MAX_ITEMS",
     "rope_write_launch",
+    "FP8_JIT_STEPS",
+    "FP8_JIT_MEASURED",
+    "fp8_jit_launch",
+    "FP8_TRITON_STEPS",
+    "FP8_TRITON_MEASURED",
+    "fp8_triton_launch",
 ]
 
 
@@ -170,6 +176,43 @@ ROPE_WRITE_EARLY_MAX_ITEMS = 2048
 def rope_write_launch(n_items: int) -> tuple[int, bool]:
     """``(num_warps, early_trigger)`` of the fused RoPE write for a call of ``n_items`` warp items."""
     return ROPE_WRITE_WARPS, n_items <= ROPE_WRITE_EARLY_MAX_ITEMS
+
+
+# The FP8 family (quantizing write, dequantizing gather): its own rows, not the plain write's.
+# JIT (csrc/fp8.cuh, one warp per row): (max n_loc, warps = rows per CTA, PDL trigger at entry) by
+# increasing n_loc, per kernel ("quant", "dequant"; the gather launches without PDL). Few rows per CTA
+# at small n spread a call over more SMs (8 rows per CTA put a 64-row call on 8 SMs).
+FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool], ...]] = {
+    "quant": ((64, 2, True), (256, 4, True), (None, 8, False)),
+    "dequant": ((64, 2, False), (256, 4, False), (None, 8, False)),
+}
+FP8_JIT_MEASURED = "to be measured (seed values; `mlakv bench fp8 --tune` times the alternatives)"
+
+
+def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool]:
+    """``(num_warps, early_trigger)`` of the JIT FP8 kernel ``kind`` (``quant``/``dequant``) for ``n_loc`` rows."""
+    for max_n, warps, early in FP8_JIT_STEPS[kind]:
+        if max_n is None or n_loc <= max_n:
+            return warps, early
+    raise AssertionError("the last FP8 JIT step must have max n_loc None")
+
+
+# Triton (kernels/triton/fp8.py): (max n_loc, num_warps, rows per program, PDL trigger at entry) by
+# increasing n_loc, per kernel: "quant_per_tensor", "quant_ds_mla", "dequant" (both formats).
+FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
+    "quant_per_tensor": ((64, 2, 1, True), (1024, 4, 2, True), (8192, 4, 4, True), (None, 4, 8, True)),
+    "quant_ds_mla": ((64, 2, 1, True), (1024, 4, 2, True), (8192, 4, 4, True), (None, 4, 8, True)),
+    "dequant": ((64, 2, 1, True), (1024, 4, 2, True), (8192, 4, 4, True), (None, 4, 8, True)),
+}
+FP8_TRITON_MEASURED = "to be measured (seed values; `mlakv bench fp8 --tune` sweeps warps x rows x trigger)"
+
+
+def fp8_triton_launch(kind: str, n_loc: int) -> tuple[int, int, bool]:
+    """``(num_warps, rows_per_program, early_trigger)`` of the Triton FP8 kernel ``kind`` for ``n_loc`` rows."""
+    for max_n, warps, rows, early in FP8_TRITON_STEPS[kind]:
+        if max_n is None or n_loc <= max_n:
+            return warps, rows, early
+    raise AssertionError("the last FP8 Triton step must have max n_loc None")
 
 
 # The DeepSeek-V4 family store (csrc/v4_store.cuh, one warp per token): (max n, warps per CTA,

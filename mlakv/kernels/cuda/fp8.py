@@ -16,12 +16,11 @@ from typing import Any, Optional, Union
 import torch
 
 from .loader import JitUnavailable, load_cuda_module
-from mlakv.spec.tuning import tuning_for
+from mlakv.spec.tuning import fp8_jit_launch
 
 logger = logging.getLogger("mlakv.jit")
 
 __all__ = [
-    "FP8_JIT_WARPS",
     "build_mla_fp8_module",
     "fp8_jit_widths_reason",
     "fp8_jit_accepts",
@@ -29,7 +28,6 @@ __all__ = [
     "fp8_jit_gather",
 ]
 
-FP8_JIT_WARPS = 8  # rows (warps) per CTA, as the plain write's H100 tuning row
 _FORMAT_CODE = {"per_tensor": 0, "ds_mla": 1}
 
 _WRAPPER = """\
@@ -134,14 +132,19 @@ def fp8_jit_write(
     kv_cache_format: str,
     k_scale: Optional[torch.Tensor],
     skip_slot: int = -1,
+    *,
+    num_warps: int = 0,
+    early_trigger: Optional[bool] = None,
 ) -> bool:
     """Launch the quantizing write on validated arguments; False (nothing launched) when the kernel
     cannot serve the call here (no module, misaligned), so the caller falls back.
 
     Shapes: ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn, ``loc [n_loc]``,
     ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or
-    None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none). The PDL trigger's
-    place follows the plain write's tuning row for ``n_loc`` (:mod:`mlakv.spec.tuning`).
+    None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none). Rows (warps) per CTA
+    and the PDL trigger's place come from the FP8 family's launch row for ``n_loc``
+    (:func:`mlakv.spec.tuning.fp8_jit_launch`); ``num_warps``/``early_trigger`` override it (0/None:
+    the table's), for the benchmark's sweep.
     """
     mod = _fn_for(kv_buffer.get_device(), kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
     if isinstance(mod, str):
@@ -150,8 +153,10 @@ def fp8_jit_write(
     kv = kv_buffer if kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
     if k_scale is None:
         k_scale = _dummy_scale(kv_buffer.device)
-    early = tuning_for(kv_buffer.device).launch(loc.shape[0])[3]
-    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, FP8_JIT_WARPS, early))
+    warps, early = fp8_jit_launch("quant", loc.shape[0])
+    if early_trigger is not None:
+        early = early_trigger
+    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, num_warps or warps, early))
 
 
 def fp8_jit_gather(
@@ -162,10 +167,13 @@ def fp8_jit_gather(
     rope_dim: int,
     k_scale: Optional[torch.Tensor],
     dst_dtype: torch.dtype,
+    *,
+    num_warps: int = 0,
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Gather and dequantize ``kv_buffer[loc]`` with the CUDA kernel: ``(k_nope [n_loc, nope_dim],
     k_rope [n_loc, rope_dim])`` in ``dst_dtype`` (bf16/fp16/fp32), or None (nothing launched) when
-    the kernel cannot serve the call here. Validated arguments; an invalid slot gives a zero row."""
+    the kernel cannot serve the call here. Validated arguments; an invalid slot gives a zero row.
+    Rows (warps) per CTA: :func:`mlakv.spec.tuning.fp8_jit_launch` (``dequant``), or ``num_warps``."""
     if not kv_buffer.is_cuda:
         return None
     mod = _fn_for(kv_buffer.get_device(), kv_cache_format, nope_dim, rope_dim)
@@ -176,6 +184,6 @@ def fp8_jit_gather(
     nope_out = torch.empty((n, nope_dim), dtype=dst_dtype, device=kv_buffer.device)
     rope_out = torch.empty((n, rope_dim), dtype=dst_dtype, device=kv_buffer.device)
     scale = k_scale if k_scale is not None else _dummy_scale(kv_buffer.device)
-    if not mod.mla_fp8_gather(kv, loc, scale, nope_out, rope_out, FP8_JIT_WARPS):
+    if not mod.mla_fp8_gather(kv, loc, scale, nope_out, rope_out, num_warps or fp8_jit_launch("dequant", n)[0]):
         return None
     return nope_out, rope_out

@@ -17,7 +17,8 @@
 // not written. loc is read at its stride.
 // Offsets are 64-bit. With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait)
 // before reading inputs and lets the next one launch at entry or right after that wait, as the
-// plain write's tuning row says for the call's n_loc (mlakv/spec/tuning.py).
+// FP8 family's launch row says for the call's n_loc (fp8_jit_launch in mlakv/spec/tuning.py), which
+// also sets the warps (rows) per CTA.
 #pragma once
 
 #include <cuda_bf16.h>
