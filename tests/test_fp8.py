@@ -38,7 +38,9 @@ DST_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NOPE, ROPE = 512, 64
 K_SCALE = 0.0625 * 3  # not a power of two: the division really rounds
 # Triton-interpreter runs are slow on CPU: keep their sizes small there.
-PATHS = ["torch", "triton"] + (["jit"] if IS_SM90 else [])
+# "triton-portable": the Triton kernels with their integer-arithmetic conversions (the interpreter's
+# and pre-sm_89 GPUs' code), forced on a GPU that has the hardware ones; on the CPU "triton" is that code.
+PATHS = ["torch", "triton"] + (["triton-portable"] if HAS_CUDA else []) + (["jit"] if IS_SM90 else [])
 N_LOCS = [0, 1, 7, 257, 4096]
 CPU_TRITON_MAX_N = 7
 
@@ -103,10 +105,10 @@ def write_via(path: str, kv, loc, nope, rope, fmt, k_scale) -> None:
         set_mla_kv_buffer_quant(kv, loc, nope, rope, fmt, k_scale)
         return
     n_loc, scale = validate_quant_write(kv, loc, nope, rope, fmt, k_scale)
-    if path == "triton":
+    if path.startswith("triton"):
         from mlakv.kernels.triton.fp8 import launch_quant_write
 
-        launch_quant_write(kv, loc, nope, rope, fmt, scale)
+        launch_quant_write(kv, loc, nope, rope, fmt, scale, native=False if path == "triton-portable" else None)
     else:
         from mlakv.kernels.cuda.fp8 import fp8_jit_write
 
@@ -390,6 +392,78 @@ def test_triton_skips_slots_past_the_buffer(fmt):
     assert_rows_equal(kv_all, expected_buffer(before, loc[:1], rows[:1]))
 
 
+# Launch shapes of the Triton kernels: (num_warps, rows per program, PDL trigger at entry). 7 rows
+# leave a partial last program for 2 and 4 rows per program and fewer rows than one program for 8.
+TRITON_SHAPES = [(1, 1, False), (2, 2, True), (4, 4, False), (4, 8, True)]
+
+
+@pytest.mark.parametrize("warps,rows,early", TRITON_SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_write_every_launch_shape(fmt, warps, rows, early):
+    from mlakv.kernels.triton.fp8 import launch_quant_write
+
+    n = 7 if not HAS_CUDA else 1000
+    nope, rope = make_sources(n, torch.bfloat16, seed=30)
+    loc = torch.randperm(n + 5)[:n]
+    loc[1::4] = -1
+    loc = loc.to(DEVICE)
+    kv = poisoned(n + 5, fp8_row_bytes(fmt, NOPE, ROPE))
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")))
+    launch_quant_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), num_warps=warps, rows_per_program=rows,
+                       early_trigger=early)  # fmt: skip
+    assert_rows_equal(kv, expected)
+
+
+@pytest.mark.parametrize("warps,rows,early", TRITON_SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_gather_every_launch_shape(fmt, warps, rows, early):
+    from mlakv.kernels.triton.fp8 import launch_dequant_gather
+
+    n = 7 if not HAS_CUDA else 1000
+    kv = poisoned(n + 5, fp8_row_bytes(fmt, NOPE, ROPE))
+    loc = torch.randint(-1, n + 5, (n,)).to(DEVICE)
+    got = launch_dequant_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), torch.bfloat16, num_warps=warps,
+                                rows_per_program=rows, early_trigger=early)  # fmt: skip
+    rows_c = kv.cpu()[loc.cpu().clamp(min=0)]
+    rows_c[loc.cpu() < 0] = 0
+    ref = dequantize_mla_rows(rows_c, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+    assert torch.equal(bits_of(got[0]), bits_of(ref[0])) and torch.equal(bits_of(got[1]), bits_of(ref[1]))
+
+
+# Widths off the fast layout: per_tensor rows that are not powers of two (masked blocks) or have no
+# rope; ds_mla with 3 tiles (a masked tile block), 1 tile, no rope.
+ODD_WIDTHS = [("per_tensor", 320, 40), ("per_tensor", 512, 0), ("per_tensor", 136, 8), ("ds_mla", 384, 32),
+              ("ds_mla", 128, 0), ("ds_mla", 256, 24)]  # fmt: skip
+
+
+@pytest.mark.parametrize("triton_path", ["triton"] + (["triton-portable"] if HAS_CUDA else []))
+@pytest.mark.parametrize("spare", [0, 1], ids=["aligned", "odd-row-stride"])
+@pytest.mark.parametrize("fmt,nope_dim,rope_dim", ODD_WIDTHS)
+def test_triton_odd_widths_and_row_strides(fmt, nope_dim, rope_dim, spare, triton_path):
+    """Masked blocks, and (odd row stride) ds_mla's byte-wise scale and rope stores and loads."""
+    from mlakv.kernels.triton.fp8 import launch_dequant_gather, launch_quant_write
+
+    native = False if triton_path == "triton-portable" else None
+    g = torch.Generator().manual_seed(31)
+    n = 5
+    nope = (torch.randn(n, nope_dim, generator=g) * 3).to(torch.float16).to(DEVICE)
+    rope = (torch.randn(n, rope_dim, generator=g) * 3).to(torch.float16).to(DEVICE)
+    nope[1, 5] = float("nan")
+    rb = fp8_row_bytes(fmt, nope_dim, rope_dim)
+    kv = poisoned(n + 3, rb + spare)
+    loc = torch.tensor([6, 0, -1, 3, 7], device=DEVICE)
+    k = k_scale_for(fmt)
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu"))
+    expected = expected_buffer(kv, loc, rows)
+    launch_quant_write(kv, loc, nope, rope, fmt, k, native=native)
+    assert_rows_equal(kv, expected)
+    for dst in DST_DTYPES:
+        got = launch_dequant_gather(kv, loc, fmt, nope_dim, rope_dim, k, dst, native=native)
+        stored = torch.where(loc.cpu()[:, None] >= 0, expected[loc.cpu().clamp(min=0), :rb], 0)
+        ref = dequantize_mla_rows(stored, fmt, nope_dim, rope_dim, k_scale_for(fmt, "cpu"), dst)
+        assert torch.equal(bits_of(got[0]), bits_of(ref[0])) and torch.equal(bits_of(got[1]), bits_of(ref[1])), dst
+
+
 def test_cpu_write_refuses_slots_past_the_buffer_before_writing():
     nope, rope = make_sources(2, torch.bfloat16, device="cpu")
     kv = poisoned(4, 656, device="cpu")
@@ -421,16 +495,17 @@ def test_k_scale_float_and_tensor_agree():
 
 
 # ---- the gather ---------------------------------------------------------------------------------
-GATHER_PATHS = ["torch", "triton"] + (["jit"] if IS_SM90 else [])
+GATHER_PATHS = ["torch", "triton"] + (["triton-portable"] if HAS_CUDA else []) + (["jit"] if IS_SM90 else [])
 
 
 def gather_via(path, kv, loc, fmt, dst):
     if path == "torch":
         return get_mla_kv_buffer_dequant(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
-    if path == "triton":
+    if path.startswith("triton"):
         from mlakv.kernels.triton.fp8 import launch_dequant_gather
 
-        return launch_dequant_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
+        native = False if path == "triton-portable" else None
+        return launch_dequant_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst, native=native)
     from mlakv.kernels.cuda.fp8 import fp8_jit_gather
 
     out = fp8_jit_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), dst)
@@ -503,10 +578,11 @@ def test_reserved_slot_is_skipped_like_padding(path, fmt):
     loc = torch.tensor([0, 3, 0], device=DEVICE)
     if path == "torch":
         set_mla_kv_buffer_quant(kv, loc, nope, rope, fmt, k_scale_for(fmt), reserved_skip_index=0)
-    elif path == "triton":
+    elif path.startswith("triton"):
         from mlakv.kernels.triton.fp8 import launch_quant_write
 
-        launch_quant_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), 0)
+        native = False if path == "triton-portable" else None
+        launch_quant_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), 0, native=native)
     else:
         from mlakv.kernels.cuda.fp8 import fp8_jit_write
 
@@ -684,36 +760,53 @@ def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
         mod.mla_fp8_quant(kv, loc, outs[0], FakeCudaTensor((0, ROPE), torch.float16), scale, -1, 8, False)
 
 
-_QUANT_INTS = ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot")
-_GATHER_INTS = ("kv_row_stride", "loc_stride", "num_slots")
-# (kernel, pointer types, int args, constexprs): every kernel of fp8_triton, each constexpr branch
-# (source dtypes, PDL on/off, every destination dtype) and both loc dtypes, as the launchers call them.
+_QUANT_INTS = ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot", "n_loc")
+_GATHER_INTS = ("kv_row_stride", "loc_stride", "num_slots", "n_loc")
+_PT = dict(NOPE=512, NOPE_P2=512, ROPE=64, ROPE_P2=64)
+_DS = dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64)
+# (kernel, sm, pointer types, int args, constexprs): every kernel of fp8_triton, each constexpr branch
+# (source dtypes, hardware or integer conversions, PDL and its trigger place, aligned or byte-wise
+# ds_mla scales and rope, masked widths, rows per program, every destination dtype) and both loc
+# dtypes, as the launchers call them. The integer-conversion kernels are built for sm_80 (an A100,
+# where Triton has no e4m3 casts), the others for sm_90.
 _TRITON_SIGS = [
-    ("_quant_per_tensor_kernel",
+    ("_quant_per_tensor_kernel", 90,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16", scale_ptr="*fp32"), _QUANT_INTS,
-     dict(NOPE=512, ROPE=64, BLOCK=1024, SRC_IS_BF16=True, USE_PDL=True)),
-    ("_quant_per_tensor_kernel",
+     dict(**_PT, ROWS=4, SRC_IS_BF16=True, NATIVE=True, USE_PDL=True, EARLY_TRIGGER=True)),
+    ("_quant_per_tensor_kernel", 80,
      dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16", scale_ptr="*fp32"), _QUANT_INTS,
-     dict(NOPE=512, ROPE=64, BLOCK=1024, SRC_IS_BF16=False, USE_PDL=False)),
-    ("_quant_ds_mla_kernel",
+     dict(NOPE=320, NOPE_P2=512, ROPE=40, ROPE_P2=64, ROWS=1, SRC_IS_BF16=False, NATIVE=False, USE_PDL=False,
+          EARLY_TRIGGER=False)),
+    ("_quant_per_tensor_kernel", 80,
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16", scale_ptr="*fp32"), _QUANT_INTS,
+     dict(NOPE=512, NOPE_P2=512, ROPE=0, ROPE_P2=1, ROWS=2, SRC_IS_BF16=True, NATIVE=False, USE_PDL=False,
+          EARLY_TRIGGER=True)),
+    ("_quant_ds_mla_kernel", 90,
      dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
-     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, SRC_IS_BF16=False, USE_PDL=True)),
-    ("_quant_ds_mla_kernel",
+     dict(**_DS, ROWS=2, SRC_IS_BF16=False, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=False)),
+    ("_quant_ds_mla_kernel", 90,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
-     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, SRC_IS_BF16=True, USE_PDL=True)),
-    ("_quant_ds_mla_kernel",
+     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=True)),
+    ("_quant_ds_mla_kernel", 80,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
-     dict(TILES=3, TILES_P2=4, ROPE=32, ROPE_P2=32, SRC_IS_BF16=True, USE_PDL=False)),
+     dict(TILES=3, TILES_P2=4, ROPE=32, ROPE_P2=32, ROWS=1, SRC_IS_BF16=True, NATIVE=False, ALIGN4=False,
+          USE_PDL=False, EARLY_TRIGGER=False)),
+    ("_quant_ds_mla_kernel", 80,
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
+     dict(TILES=1, TILES_P2=1, ROPE=0, ROPE_P2=1, ROWS=2, SRC_IS_BF16=False, NATIVE=False, ALIGN4=True,
+          USE_PDL=False, EARLY_TRIGGER=False)),
 ] + [
-    ("_dequant_per_tensor_kernel",
+    ("_dequant_per_tensor_kernel", 90 if native else 80,
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out, scale_ptr="*fp32"), _GATHER_INTS,
-     dict(NOPE=512, ROPE=64, BLOCK=1024, DST=dst))
-    for dst, out, loc in ((0, "*i16", "*i64"), (1, "*i16", "*i32"), (2, "*i32", "*i64"))
+     dict(**_PT, ROWS=rows, DST=dst, NATIVE=native, USE_PDL=native, EARLY_TRIGGER=True))
+    for dst, out, loc, native, rows in ((0, "*i16", "*i64", True, 4), (1, "*i16", "*i32", False, 1), (2, "*i32", "*i64", True, 2))
 ] + [
-    ("_dequant_ds_mla_kernel",
+    ("_dequant_ds_mla_kernel", 90 if native else 80,
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out), _GATHER_INTS,
-     dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64, DST=dst))
-    for dst, out, loc in ((0, "*i16", "*i32"), (1, "*i16", "*i64"), (2, "*i32", "*i32"))
+     dict(**_DS, ROWS=rows, DST=dst, NATIVE=native, ALIGN4=native, USE_PDL=native, EARLY_TRIGGER=False))
+    for dst, out, loc, native, rows in ((0, "*i16", "*i32", True, 8), (1, "*i16", "*i64", False, 2), (2, "*i32", "*i32", True, 1))
+] + [
+    ("_div_probe_kernel", 90, dict(a_ptr="*fp32", b_ptr="*fp32", q_ptr="*fp32"), ("n",), dict(BLOCK=256)),
 ]  # fmt: skip
 
 
@@ -724,11 +817,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mlakv.kernels.triton import fp8 as fp8_triton
 out = []
-for name, ptrs, ints, consts in json.loads(sys.argv[1]):
+for name, sm, ptrs, ints, consts in json.loads(sys.argv[1]):
     sig = {**ptrs, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
     k = triton.compile(ASTSource(fn=getattr(fp8_triton, name), signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32))
-    out.append([name, consts, k.asm["ttir"], k.asm["ptx"]])
+                       target=GPUTarget("cuda", sm, 32))
+    out.append([name, sm, consts, k.asm["ttir"], k.asm["ptx"]])
 print(json.dumps(out))
 """
 
@@ -748,7 +841,7 @@ def _triton_jit_functions() -> list:
 
 def test_triton_compile_check_covers_every_kernel():
     kernels = {f.name for f in _triton_jit_functions() if f.name.endswith("_kernel")}
-    assert len(kernels) == 4 and {name for name, *_ in _TRITON_SIGS} == kernels
+    assert len(kernels) == 5 and {name for name, *_ in _TRITON_SIGS} == kernels
 
 
 def test_triton_kernel_float_literals_are_fp32_in_every_triton():
@@ -776,28 +869,34 @@ def test_triton_kernel_float_literals_are_fp32_in_every_triton():
 
 
 def test_triton_kernels_compile_for_sm90_with_ieee_division():
-    """The interpreter runs the kernels' Python; this compiles them for sm_90 (no GPU needed, in a
-    process without ``TRITON_INTERPRET``), so a construct only the compiler rejects fails here, and
-    checks that no kernel computes in fp64, every division is IEEE (``div.rn``) and the writes
-    carry the PDL instructions when built with them."""
+    """The interpreter runs the kernels' Python; this compiles them for sm_90 / sm_80 (no GPU needed,
+    in a process without ``TRITON_INTERPRET``), so a construct only the compiler rejects fails here,
+    and checks that no kernel computes in fp64, every division is IEEE (``div.rn`` for the divisors,
+    the FMA sequence per value), the hardware e4m3 conversion is there exactly when asked for, and
+    the kernels carry the PDL instructions exactly when built with them."""
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(_TRITON_SIGS)], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
     if proc.returncode and "ptxas" in proc.stderr.lower():  # pragma: no cover - a triton without ptxas
         pytest.skip(f"triton cannot assemble for sm_90 here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(compiled) == len(_TRITON_SIGS)
-    for name, consts, ttir, ptx in compiled:
-        where = f"{name} {consts}"
+    for name, sm, consts, ttir, ptx in compiled:
+        where = f"{name} sm_{sm} {consts}"
         assert "f64" not in ttir and ".f64" not in ptx, where
         assert "div.full" not in ptx and "div.approx" not in ptx, where
+        if name.startswith("_quant") or name == "_div_probe_kernel":
+            assert "div.rn.f32" in ptx and "fma.rn.f32" in ptx, where
         if name.startswith("_quant"):
-            assert "div.rn.f32" in ptx, where
+            assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == consts["NATIVE"], where
+        if name.startswith("_dequant"):
+            assert ("e4m3x2" in ptx) == consts["NATIVE"], where
+        if "USE_PDL" in consts:
             assert ("griddepcontrol" in ptx) == consts["USE_PDL"], where
 
 
@@ -1073,24 +1172,25 @@ def _floats(sign: torch.Tensor, exponent: torch.Tensor, mantissa: torch.Tensor) 
     return ((sign << 31) | (exponent << 23) | mantissa).to(torch.int32).view(torch.float32)
 
 
-def _div_cases(kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a [n, 8], b [n])`` fp32 on the CPU."""
+def _div_cases(kind: str, g: torch.Generator, reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a [n, 8], b [n])`` fp32 on the CPU; ``reduced``: fewer cases (for the Triton interpreter)."""
     def rand_bits(shape, bits):
         return torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.int64)
 
     if kind == "every_exponent_pair":  # 16 rows for each (exponent of a, exponent of b), signs mixed
+        per_pair = 4 if reduced else 16
         ea, eb = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
-        ea, eb = ea.reshape(-1).repeat_interleave(16), eb.reshape(-1).repeat_interleave(16)
+        ea, eb = ea.reshape(-1).repeat_interleave(per_pair), eb.reshape(-1).repeat_interleave(per_pair)
         n = ea.shape[0]
         a = _floats(rand_bits((n, 8), 1), ea[:, None].expand(n, 8), rand_bits((n, 8), 23))
         b = _floats((rand_bits((n,), 4) == 0).long(), eb, rand_bits((n,), 23))  # 1 in 16 negative
     elif kind == "every_divisor_mantissa":  # each of the 2**23 mantissas of b, a within 2**+-30
-        m = torch.arange(1 << 23, dtype=torch.int64)
+        m = torch.arange(0, 1 << 23, 64 if reduced else 1, dtype=torch.int64)
         n = m.shape[0]
         b = _floats(torch.zeros_like(m), torch.full_like(m, 127), m)
         a = _floats(rand_bits((n, 8), 1), 97 + rand_bits((n, 8), 6) % 61, rand_bits((n, 8), 23))
     else:  # random bit patterns: NaN, inf, zeros, subnormals in one chunk with normal values
-        n = 1 << 20
+        n = 1 << (16 if reduced else 20)
         a = rand_bits((n, 8), 32).to(torch.int32).view(torch.float32)
         b = rand_bits((n,), 32).to(torch.int32).view(torch.float32)
     return a.contiguous(), b.contiguous()
@@ -1102,6 +1202,25 @@ def test_division_probe_compiles():
 
     with sm90a_build_env():
         assert callable(load_cuda_module("mla_fp8_div_probe", _DIV_PROBE_SRC, device_capability=(9, 0)).div_probe)
+
+
+@pytest.mark.parametrize("kind", ["every_exponent_pair", "every_divisor_mantissa", "random_bits"])
+def test_triton_division_is_ieee_round_to_nearest(kind):
+    """The Triton kernels' division (the reciprocal and FMA sequence inside its exact range,
+    ``div_rn`` outside) equals the correctly rounded quotient bit for bit, as the CUDA kernel's does.
+    On the CPU (interpreter) with fewer cases per kind: 4 per exponent pair, every 64th divisor
+    mantissa, 2^16 random pairs."""
+    from mlakv.kernels.triton.fp8 import launch_div_probe
+
+    a, b = _div_cases(kind, torch.Generator().manual_seed(12), reduced=not HAS_CUDA)
+    got = launch_div_probe(a.to(DEVICE), b.to(DEVICE)).cpu()
+    want = (a.double() / b.double()[:, None]).float()
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (torch.isnan(got) & torch.isnan(want))
+    bad = (~same).nonzero()
+    assert bad.numel() == 0, (
+        f"{bad.shape[0]} of {a.numel()} quotients differ; first: a={a[tuple(bad[0])].item()!r} "
+        f"b={b[bad[0, 0]].item()!r} got={got[tuple(bad[0])].item()!r} want={want[tuple(bad[0])].item()!r}"
+    )
 
 
 @requires_sm90

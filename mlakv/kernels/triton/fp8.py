@@ -1,79 +1,158 @@
-"""Triton kernels of the FP8 KV cache: the fused quantizing row write and the dequantizing gather.
+"""Triton kernels of the FP8 KV cache: the fused quantizing write and the dequantizing gather.
 
 They are the GPU path where the JIT CUDA kernel cannot serve (pre-Hopper GPUs, odd widths or
-alignments) and run on CPU tensors under ``TRITON_INTERPRET=1`` in CI. The e4m3 and bf16 roundings,
-and the widening of bf16 sources to fp32, are done with integer bit arithmetic rather than Triton
-casts, so the result is the same on every GPU generation and in the interpreter (whose bf16 cast
-flushes subnormals), and bit-identical to :func:`mlakv.ops.fp8.quantize_mla_rows`.
-Divisions are IEEE (``div_rn``); every float constant that feeds fp32 arithmetic is an explicit
-fp32 tensor (a bare literal outside fp32's normal range is fp64 to some Triton versions). The formats are specified in :mod:`mlakv.ops.fp8`.
+alignments) and run on CPU tensors under ``TRITON_INTERPRET=1`` in CI. Every result is bit-identical
+to :func:`mlakv.ops.fp8.quantize_mla_rows` / :func:`mlakv.ops.fp8.dequantize_mla_rows` (the formats
+are specified there).
 
-Launchers take arguments the caller (``fp8.py``) has validated and do no checking of their own.
-One program handles one row; a row whose slot is negative (padding) or ``>= num_slots`` is not
-written, and the gather reads nothing for an invalid slot (its row comes out as zeros).
+How a program works (the shape of the CUDA kernel, ``csrc/fp8.cuh``, in Triton's terms):
+
+* It handles ``ROWS`` rows (a 2-D ``[ROWS, width]`` block; ds_mla nope as ``[ROWS, tiles, 128]``,
+  each tile exactly 128 wide). The nope and rope parts are separate blocks, so a 512 + 64 row has no
+  masked padding; a program's rows past ``n_loc`` re-read the last row and store nothing.
+* Division ``x / s`` is the correctly rounded quotient without ``div.rn`` per value: ``r = 1 / s``
+  (IEEE, once per divisor), then ``q0 = a * r`` and two FMA corrections (Markstein:
+  ``q += r * fma(-s, q, a)``), on ``a = |x|``, the sign put back on the e4m3 byte. The sequence is
+  exact while no remainder or quotient nears underflow or overflow: ``s`` positive and normal with
+  biased exponent ``e`` in ``[39, 252]`` and ``|x|`` zero or with exponent in ``[max(27, e - 100),
+  e + 101)`` (the CUDA kernel's range, :func:`launch_div_probe` and tests/test_fp8.py check it). Outside
+  it the e4m3 byte needs no exact quotient: ``|x|`` is clamped below ``2^(e + 101)`` (its quotient
+  > 2^100 saturates to 448 either way; inf does too, NaN is set to 0x7F after), and a smaller ``|x|``
+  gives a quotient below 2^-11, e4m3 zero however its last bits fall (e >= 39). per_tensor with a
+  ``k_scale`` outside that exponent range (a program-uniform test) divides with ``div_rn``; a ds_mla
+  tile whose scale is below 2^-88 has both its values and its scale multiplied by the same power of
+  two first (exact, the quotient unchanged) so its division is in range too.
+* Conversions: with ``NATIVE`` (an sm_89+ GPU, not the interpreter) fp32 -> e4m3 is the hardware's
+  ``cvt.rn.satfinite.e4m3x2.f32`` (RNE, saturating) and e4m3 -> fp32, fp32 -> bf16/fp16 are Triton
+  casts; otherwise (the interpreter, older GPUs) integer bit arithmetic that gives the same bits
+  (the interpreter's bf16 cast flushes fp32 subnormals; pre-sm_89 Triton has no e4m3 casts). NaN is
+  stored as the canonical 0x7F (sign dropped) and dequantizes to the destination's canonical NaN.
+* Stores are wide: Triton vectorizes each row's block when the row addresses allow (16-byte rows),
+  ds_mla's tile scales go out as fp32 words and its rope as bf16 words when the rows are 4-byte
+  aligned (``ALIGN4``; byte stores otherwise).
+* PDL (sm_90+): the program waits on the previous grid before its first load and lets the next grid
+  launch at entry (``EARLY_TRIGGER``) or after its stores, as the row kernel does.
+
+Every float constant that feeds fp32 arithmetic is an explicit fp32 tensor or an exact fp32 normal
+literal (a bare literal outside fp32's normal range is fp64 to some Triton versions). Launchers take
+arguments the caller (:mod:`mlakv.ops.fp8`) has validated and do no checking of their own; their
+launch shape comes from :func:`mlakv.spec.tuning.fp8_triton_launch` unless the caller overrides it
+(the benchmark's sweep). A row whose slot is negative (padding), ``skip_slot`` or ``>= num_slots`` is
+not written; the gather reads nothing for a slot outside ``[0, num_slots)`` (its row comes out zeros).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import pdl_supported
+from mlakv.spec.tuning import fp8_triton_launch
 
-__all__ = ["launch_quant_write", "launch_dequant_gather"]
+from .common import interpreting, pdl_supported
+
+__all__ = ["launch_quant_write", "launch_dequant_gather", "launch_div_probe", "native_fp8_supported"]
 
 _DST_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _DST_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
+@functools.lru_cache(maxsize=None)
+def native_fp8_supported(device_index: int) -> bool:
+    """Whether Triton converts fp32 <-> e4m3 in hardware here: a CUDA sm_89+ GPU, not interpreted."""
+    if interpreting() or torch.version.cuda is None:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+# ---- conversions ---------------------------------------------------------------------------------
 @triton.jit
-def _e4m3_byte(y):
-    """fp32 -> e4m3 byte (int32 0..255): RNE, saturate to +-448, NaN -> 0x7F."""
-    u = y.to(tl.int32, bitcast=True)
-    sign = (u >> 24) & 0x80
-    a_bits = u & 0x7FFFFFFF
-    a = a_bits.to(tl.float32, bitcast=True)
-    safe = tl.where(a_bits > 0x7F800000, 0, a_bits)  # keep NaN from overflowing the rounding add
-    # normal range: round the 23-bit mantissa to 3 bits (RNE), then rebias the exponent 127 -> 7
-    normal = ((safe + 0x7FFFF + ((safe >> 20) & 1)) >> 20) - 960
-    # subnormal range (|y| < 2^-6): m * 2^-9, m = rne(|y| * 512), 0..8 (8 is the smallest normal)
-    # (adding 2^23 in fp32 rounds to an integer, RNE; both constants fp32 so no Triton makes it fp64)
-    small = tl.where(a < 0.015625, a, 0.0)
-    two_pow_23 = tl.full([], 8388608.0, tl.float32)
-    sub = ((small * tl.full([], 512.0, tl.float32) + two_pow_23) - two_pow_23).to(tl.int32)
-    mag = tl.where(a < 0.015625, sub, normal)
-    mag = tl.where(a >= 448.0, 0x7E, mag)
-    return tl.where(a_bits > 0x7F800000, 0x7F, mag | sign)
+def _e4m3_mag(y, NATIVE: tl.constexpr):
+    """Non-negative fp32 (inf allowed, not NaN) -> e4m3 magnitude byte (int32 0..0x7E): RNE, saturating to 448."""
+    if NATIVE:
+        m = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        u = y.to(tl.int32, bitcast=True)
+        # normal range: round the 23-bit mantissa to 3 bits (RNE), then rebias the exponent 127 -> 7
+        normal = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) - 960
+        # subnormal range (y < 2^-6): m * 2^-9, m = rne(y * 512), 0..8 (8 is the smallest normal);
+        # adding 2^23 in fp32 rounds to an integer, RNE (both constants fp32, so no Triton makes it fp64)
+        small = tl.where(y < 0.015625, y, 0.0)
+        two_pow_23 = tl.full([], 8388608.0, tl.float32)
+        sub = ((small * tl.full([], 512.0, tl.float32) + two_pow_23) - two_pow_23).to(tl.int32)
+        m = tl.where(y < 0.015625, sub, normal)
+        m = tl.where(y >= 448.0, 0x7E, m)
+    return m
 
 
 @triton.jit
-def _bf16_bits(y):
-    """fp32 -> bf16 bits (int32 0..65535): RNE, NaN -> 0x7FC0."""
-    u = y.to(tl.int32, bitcast=True)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
-    return tl.where(y != y, 0x7FC0, r)
+def _div_fast(a, s, r):
+    """``a / s`` correctly rounded for ``a >= 0`` in the exact range (module docstring); ``r = 1 / s`` (IEEE)."""
+    q0 = a * r
+    q1 = tl.fma(r, tl.fma(-s, q0, a), q0)
+    return tl.fma(r, tl.fma(-s, q1, a), q1)
 
 
 @triton.jit
-def _src_f32(v, IS_BF16: tl.constexpr):
-    """A loaded source value as fp32, exactly. bf16 sources arrive as their int16 bits and are
-    widened by a shift (the interpreter's bf16 -> fp32 cast flushes fp32 subnormals to zero; the
-    shift keeps them, as the GPU does); fp16 is cast (every fp16 value is a normal fp32)."""
+def _divisor_hi(e):
+    """``|x|``'s bits must stay below ``min(e + 101, 255) << 23`` for the exact range (int32)."""
+    return tl.minimum(e + 101, 255) << 23
+
+
+@triton.jit
+def _quant_fast(x, s, r, hi, NATIVE: tl.constexpr):
+    """fp32 ``x / s`` -> e4m3 byte (int32 0..255), ``s`` positive with biased exponent in [39, 252]."""
+    xb = x.to(tl.int32, bitcast=True)
+    ab = xb & 0x7FFFFFFF
+    a = tl.minimum(ab, hi - 1).to(tl.float32, bitcast=True)  # inf and NaN clamp too; NaN is set below
+    byte = _e4m3_mag(_div_fast(a, s, r), NATIVE) | ((xb >> 24) & 0x80)
+    return tl.where(ab > 0x7F800000, 0x7F, byte)
+
+
+@triton.jit
+def _quant_ieee(x, s, NATIVE: tl.constexpr):
+    """fp32 ``x / s`` -> e4m3 byte with ``div_rn`` (any ``s``; the path for a k_scale out of the fast range)."""
+    y = tl.math.div_rn(x, s)
+    yb = y.to(tl.int32, bitcast=True)
+    ab = yb & 0x7FFFFFFF
+    byte = _e4m3_mag(ab.to(tl.float32, bitcast=True), NATIVE) | ((yb >> 24) & 0x80)
+    return tl.where(ab > 0x7F800000, 0x7F, byte)
+
+
+@triton.jit
+def _src_f32(v, IS_BF16: tl.constexpr, NATIVE: tl.constexpr):
+    """A loaded source value as fp32, exactly. bf16 sources arrive as their int16 bits: widened by a
+    shift in the interpreter (its bf16 -> fp32 cast flushes fp32 subnormals), by the cast on a GPU;
+    fp16 is cast (every fp16 value is a normal fp32)."""
     if IS_BF16:
-        r = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        if NATIVE:
+            r = v.to(tl.bfloat16, bitcast=True).to(tl.float32)
+        else:
+            r = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
         r = v.to(tl.float32)
     return r
 
 
 @triton.jit
-def _dst_bits(y, DST: tl.constexpr):
+def _bf16_bits(y, NATIVE: tl.constexpr):
+    """fp32 -> bf16 bits (int32 0..65535): RNE, NaN -> 0x7FC0."""
+    if NATIVE:
+        r = y.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        u = y.to(tl.int32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return tl.where(y != y, 0x7FC0, r)
+
+
+@triton.jit
+def _dst_bits(y, DST: tl.constexpr, NATIVE: tl.constexpr):
     """fp32 -> the destination dtype's bits (int32): 0 bf16, 1 fp16, 2 fp32; canonical NaN."""
     if DST == 0:
-        r = _bf16_bits(y)
+        r = _bf16_bits(y, NATIVE)
     elif DST == 1:
         h = y.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         r = tl.where(y != y, 0x7E00, h)
@@ -83,96 +162,190 @@ def _dst_bits(y, DST: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_value(b):
-    """e4m3 byte (int32 0..255) -> fp32 (exact); 0x7F/0xFF -> NaN."""
-    s = (b & 0x80) << 24
-    e = (b >> 3) & 15
-    m = b & 7
-    normal = s | ((e + 120) << 23) | (m << 20)
-    sub = (m.to(tl.float32) * tl.full([], 0.001953125, tl.float32)).to(tl.int32, bitcast=True) | s  # m * 2^-9
-    bits = tl.where(e == 0, sub, normal)
-    bits = tl.where((b & 0x7F) == 0x7F, 0x7FC00000, bits)
-    return bits.to(tl.float32, bitcast=True)
+def _e4m3_value(b, NATIVE: tl.constexpr):
+    """e4m3 byte (uint8) -> fp32 (exact); 0x7F/0xFF -> NaN."""
+    if NATIVE:
+        v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        w = b.to(tl.int32)
+        s = (w & 0x80) << 24
+        e = (w >> 3) & 15
+        m = w & 7
+        normal = s | ((e + 120) << 23) | (m << 20)
+        sub = (m.to(tl.float32) * tl.full([], 0.001953125, tl.float32)).to(tl.int32, bitcast=True) | s  # m * 2^-9
+        bits = tl.where(e == 0, sub, normal)
+        bits = tl.where((w & 0x7F) == 0x7F, 0x7FC00000, bits)
+        v = bits.to(tl.float32, bitcast=True)
+    return v
+
+
+# ---- program setup shared by the kernels ---------------------------------------------------------
+@triton.jit
+def _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS: tl.constexpr):
+    """``(i, src, slot)``: the program's call rows ``[ROWS]`` (int64), each clamped to ``n_loc - 1``
+    for reading (a program's rows past the call re-read the last row; they are never stored), and
+    their slots (-1 for rows past the call)."""
+    i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    src = tl.minimum(i, n_loc - 1)
+    slot = tl.load(loc_ptr + src * loc_stride).to(tl.int64)
+    return i, src, tl.where(i < n_loc, slot, -1)
 
 
 @triton.jit
+def _load_block(base, cols, W: tl.constexpr, WP2: tl.constexpr, IS_BF16: tl.constexpr, NATIVE: tl.constexpr):
+    """``[ROWS, WP2]`` source values as fp32 from row bases ``base [ROWS, 1]`` (columns past W: 0)."""
+    if W == WP2:
+        v = tl.load(base + cols)
+    else:
+        v = tl.load(base + cols, mask=cols < W, other=0)
+    return _src_f32(v, IS_BF16, NATIVE)
+
+
+@triton.jit
+def _store_block(ptrs, cols, vals, live, W: tl.constexpr, WP2: tl.constexpr):
+    if W == WP2:
+        tl.store(ptrs, vals, mask=live)
+    else:
+        tl.store(ptrs, vals, mask=live & (cols < W))
+
+
+# ---- the quantizing write ------------------------------------------------------------------------
+@triton.jit
 def _quant_per_tensor_kernel(
     kv_ptr, loc_ptr, nope_ptr, rope_ptr, scale_ptr,
-    kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot,
-    NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr, SRC_IS_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+    kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot, n_loc,
+    NOPE: tl.constexpr, NOPE_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
+    SRC_IS_BF16: tl.constexpr, NATIVE: tl.constexpr, USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
 ):  # fmt: skip
-    # kv[loc[i], :NOPE+ROPE] = e4m3([nope[i] | rope[i]] / k_scale); all offsets in int64.
-    row = tl.program_id(0).to(tl.int64)
+    # kv[loc[i], :NOPE+ROPE] = e4m3([nope[i] | rope[i]] / k_scale) for ROWS rows; all offsets int64.
+    if USE_PDL and EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()  # carries no memory order: the next grid's wait covers this grid
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the next grid's wait still covers all of this grid
-    slot = tl.load(loc_ptr + row * loc_stride).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    in_nope = offs < NOPE
-    in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-    a = _src_f32(tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_nope, other=0), SRC_IS_BF16)
-    b = _src_f32(tl.load(rope_ptr + row * rope_row_stride + (offs - NOPE), mask=in_rope, other=0), SRC_IS_BF16)
+    i, src, slot = _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS)
+    live = ((slot >= 0) & (slot < num_slots) & (slot != skip_slot))[:, None]
+    dst = (kv_ptr + slot * kv_row_stride)[:, None]
+    cn = tl.arange(0, NOPE_P2)[None, :]
+    xn = _load_block((nope_ptr + src * nope_row_stride)[:, None], cn, NOPE, NOPE_P2, SRC_IS_BF16, NATIVE)
+    if ROPE > 0:
+        cr = tl.arange(0, ROPE_P2)[None, :]
+        xr = _load_block((rope_ptr + src * rope_row_stride)[:, None], cr, ROPE, ROPE_P2, SRC_IS_BF16, NATIVE)
     s = tl.load(scale_ptr)
-    q = _e4m3_byte(tl.math.div_rn(tl.where(in_nope, a, b), s))
-    slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
-    live = (slot_b >= 0) & (slot_b < num_slots) & (slot_b != skip_slot)
-    tl.store(kv_ptr + slot * kv_row_stride + offs, q.to(tl.uint8), mask=(offs < NOPE + ROPE) & live)
+    e = s.to(tl.int32, bitcast=True) >> 23  # a negative s has a negative e
+    if (e >= 47) & (e <= 252):  # uniform: the fast division (values below 2^(e-100) quantize to zero)
+        r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
+        hi = _divisor_hi(e)
+        qn = _quant_fast(xn, s, r, hi, NATIVE)
+        if ROPE > 0:
+            qr = _quant_fast(xr, s, r, hi, NATIVE)
+    else:
+        qn = _quant_ieee(xn, s, NATIVE)
+        if ROPE > 0:
+            qr = _quant_ieee(xr, s, NATIVE)
+    _store_block(dst + tl.max_contiguous(cn, [1, 8]), cn, qn.to(tl.uint8), live, NOPE, NOPE_P2)
+    if ROPE > 0:
+        _store_block(dst + NOPE + tl.max_contiguous(cr, [1, 8]), cr, qr.to(tl.uint8), live, ROPE, ROPE_P2)
+    if USE_PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _quant_ds_mla_kernel(
     kv_ptr, loc_ptr, nope_ptr, rope_ptr,
-    kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot,
-    TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
-    SRC_IS_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+    kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot, n_loc,
+    TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
+    SRC_IS_BF16: tl.constexpr, NATIVE: tl.constexpr, ALIGN4: tl.constexpr, USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):  # fmt: skip
-    # One row: [e4m3 nope (TILES x 128) | TILES fp32 scales | ROPE bf16]. Scale of a tile =
+    # ROWS rows of [e4m3 nope (TILES x 128) | TILES fp32 scales | ROPE bf16]. Scale of a tile =
     # max(amax of its finite |x| / 448, FLT_MIN).
     NOPE: tl.constexpr = TILES * 128
-    row = tl.program_id(0).to(tl.int64)
+    if USE_PDL and EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the next grid's wait still covers all of this grid
-    slot = tl.load(loc_ptr + row * loc_stride).to(tl.int64)
-    t = tl.arange(0, TILES_P2)[:, None]
-    offs = t * 128 + tl.arange(0, 128)[None, :]
-    in_tile = (t < TILES) & (offs >= 0)
-    x = _src_f32(tl.load(nope_ptr + row * nope_row_stride + offs, mask=in_tile, other=0), SRC_IS_BF16)
-    ax = tl.abs(x)
-    amax = tl.max(tl.where(ax < float("inf"), ax, 0.0), axis=1)  # NaN and inf excluded
+    i, src, slot = _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS)
+    live = (slot >= 0) & (slot < num_slots) & (slot != skip_slot)  # [ROWS]
+    dst = kv_ptr + slot * kv_row_stride  # [ROWS]
+    t = tl.arange(0, TILES_P2)
+    offs = t[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES_P2, 128]
+    base = (nope_ptr + src * nope_row_stride)[:, None, None]
+    if TILES == TILES_P2:
+        v = tl.load(base + offs)
+    else:
+        v = tl.load(base + offs, mask=offs < NOPE, other=0)
+    x = _src_f32(v, SRC_IS_BF16, NATIVE)  # [ROWS, TILES_P2, 128]
+    ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    amax = tl.max(tl.where(ab < 0x7F800000, ab, 0), axis=2).to(tl.float32, bitcast=True)  # finite |x| only
     # The constants are fp32 tensors, not Python floats: some Triton versions type a bare literal
     # outside fp32's normal range (FLT_MIN written as 1.17549435e-38 is a hair below 2^-126) as
     # fp64, which makes `scale` fp64 and div_rn (fp32 only) refuse to compile.
     e4m3_max = tl.full([], 448.0, tl.float32)
     flt_min = tl.full([], 1.1754943508222875e-38, tl.float32)  # 2^-126 exactly
-    scale = tl.maximum(tl.math.div_rn(amax, e4m3_max), flt_min)
-    q = _e4m3_byte(tl.math.div_rn(x, scale[:, None]))
-    slot_t = tl.zeros([TILES_P2, 128], dtype=tl.int64) + slot
-    live_t = (slot_t >= 0) & (slot_t < num_slots) & (slot_t != skip_slot)
-    dst = kv_ptr + slot * kv_row_stride
-    tl.store(dst + offs, q.to(tl.uint8), mask=in_tile & live_t)
-    # scales as 4 little-endian bytes each
-    k = tl.arange(0, 4)[None, :]
-    sbits = scale.to(tl.int32, bitcast=True)[:, None]
-    slot_s = tl.zeros([TILES_P2, 4], dtype=tl.int64) + slot
-    live_s = (slot_s >= 0) & (slot_s < num_slots) & (slot_s != skip_slot) & (t < TILES)
-    tl.store(dst + NOPE + t * 4 + k, ((sbits >> (8 * k)) & 0xFF).to(tl.uint8), mask=live_s)
-    # rope as bf16 bytes
-    r = tl.arange(0, ROPE_P2)
-    in_r = r < ROPE
-    if SRC_IS_BF16:
-        rb = tl.load(rope_ptr + row * rope_row_stride + r, mask=in_r, other=0).to(tl.int32) & 0xFFFF
+    scale = tl.maximum(tl.math.div_rn(amax, e4m3_max), flt_min)  # [ROWS, TILES_P2]
+    # A scale below 2^-88 (biased exponent e < 39): values and divisor times 2^k, k = 39 - e, exact
+    # (|x| <= 448 * scale stays tiny; the GPU keeps fp32 subnormals), the quotient unchanged.
+    sb = scale.to(tl.int32, bitcast=True)
+    k = tl.maximum(39 - (sb >> 23), 0)
+    s2 = (sb + (k << 23)).to(tl.float32, bitcast=True)
+    p2 = ((127 + k) << 23).to(tl.float32, bitcast=True)
+    r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s2)
+    hi = _divisor_hi((sb >> 23) + k)
+    q = _quant_fast(x * p2[:, :, None], s2[:, :, None], r[:, :, None], hi[:, :, None], NATIVE)
+    live3 = live[:, None, None]
+    if TILES == TILES_P2:
+        tl.store(dst[:, None, None] + tl.max_contiguous(offs, [1, 1, 8]), q.to(tl.uint8), mask=live3)
     else:
-        rb = _bf16_bits(tl.load(rope_ptr + row * rope_row_stride + r, mask=in_r, other=0).to(tl.float32))
-    slot_r = tl.zeros([ROPE_P2], dtype=tl.int64) + slot
-    live_r = (slot_r >= 0) & (slot_r < num_slots) & (slot_r != skip_slot) & in_r
-    rope_dst = dst + NOPE + 4 * TILES + 2 * r
-    tl.store(rope_dst, (rb & 0xFF).to(tl.uint8), mask=live_r)
-    tl.store(rope_dst + 1, ((rb >> 8) & 0xFF).to(tl.uint8), mask=live_r)
+        tl.store(dst[:, None, None] + tl.max_contiguous(offs, [1, 1, 8]), q.to(tl.uint8), mask=live3 & (offs < NOPE))
+    # the tile scales: fp32 words (4-byte aligned rows) or 4 little-endian bytes each
+    live_t = live[:, None] & (t[None, :] < TILES)
+    if ALIGN4:
+        tl.store((dst + NOPE).to(tl.pointer_type(tl.float32))[:, None] + t[None, :], scale, mask=live_t)
+    else:
+        kb = tl.arange(0, 4)[None, None, :]
+        sbytes = (sb[:, :, None] >> (8 * kb)) & 0xFF
+        tl.store(dst[:, None, None] + NOPE + t[None, :, None] * 4 + kb, sbytes.to(tl.uint8), mask=live_t[:, :, None])
+    # the rope as bf16: raw bits of a bf16 source, an fp16 source rounded (RNE)
+    if ROPE > 0:
+        cr = tl.arange(0, ROPE_P2)[None, :]
+        rbase = (rope_ptr + src * rope_row_stride)[:, None]
+        if ROPE == ROPE_P2:
+            rv = tl.load(rbase + cr)
+        else:
+            rv = tl.load(rbase + cr, mask=cr < ROPE, other=0)
+        if SRC_IS_BF16:
+            rb = rv
+        else:
+            rb = _bf16_bits(rv.to(tl.float32), NATIVE).to(tl.int16)
+        live_r = live[:, None]
+        if ROPE != ROPE_P2:
+            live_r = live_r & (cr < ROPE)
+        rdst = dst[:, None] + NOPE + 4 * TILES
+        if ALIGN4:
+            tl.store(rdst.to(tl.pointer_type(tl.int16)) + cr, rb.to(tl.int16), mask=live_r)
+        else:
+            rb = rb.to(tl.int32)
+            tl.store(rdst + 2 * cr, (rb & 0xFF).to(tl.uint8), mask=live_r)
+            tl.store(rdst + 2 * cr + 1, ((rb >> 8) & 0xFF).to(tl.uint8), mask=live_r)
+    if USE_PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
+
+
+def _p2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def _aligned4(kv: torch.Tensor) -> bool:
+    return kv.data_ptr() % 4 == 0 and (kv.shape[0] <= 1 or kv.stride(0) % 4 == 0)
+
+
+def _launch_shape(kind: str, n_loc: int, num_warps: int, rows_per_program: int, early_trigger: Optional[bool]):
+    warps, rows, early = fp8_triton_launch(kind, n_loc)
+    return num_warps or warps, rows_per_program or rows, early if early_trigger is None else early_trigger
 
 
 def launch_quant_write(
@@ -183,14 +356,23 @@ def launch_quant_write(
     kv_cache_format: str,
     k_scale: Optional[torch.Tensor],
     skip_slot: int = -1,
+    *,
+    num_warps: int = 0,
+    rows_per_program: int = 0,
+    early_trigger: Optional[bool] = None,
+    native: Optional[bool] = None,
 ) -> None:
-    """Launch the fused quantizing write: grid ``(n_loc,)``, one program per row.
+    """Launch the fused quantizing write: ``rows_per_program`` rows per program.
 
     Args (validated by :func:`mlakv.ops.fp8.set_mla_kv_buffer_quant`):
         kv_buffer: ``[num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn.
         loc: ``[n_loc]`` int32/int64, any stride. k_nope: ``[n_loc, (1,) nope_dim]``,
         k_rope: ``[n_loc, (1,) rope_dim]`` bf16/fp16. k_scale: ``[1]`` fp32 (per_tensor) or None.
         skip_slot: rows with this slot are skipped like padding (-1: none).
+        num_warps, rows_per_program, early_trigger: override the launch table
+            (:func:`mlakv.spec.tuning.fp8_triton_launch`; 0/None: its choice), for the benchmark's sweep.
+        native: force the hardware fp8 conversions on or off (None: on where supported); the
+            results are the same bits either way (the tests run both on a GPU).
     """
     n_loc = loc.shape[0]
     if n_loc == 0:
@@ -201,77 +383,128 @@ def launch_quant_write(
     src_is_bf16 = nope.dtype == torch.bfloat16
     if src_is_bf16:  # the kernels widen bf16 bits themselves (see _src_f32)
         nope, rope = nope.view(torch.int16), rope.view(torch.int16)
-    use_pdl = kv.is_cuda and pdl_supported(kv.device.index or 0)
+    if rope_dim == 0:
+        rope = nope  # never read; an empty tensor's pointer may be null
+    on_gpu = kv.is_cuda
+    use_pdl = on_gpu and pdl_supported(kv.device.index or 0)
+    if native is None:
+        native = on_gpu and native_fp8_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
+    common = dict(ROPE=rope_dim, ROPE_P2=_p2(rope_dim), SRC_IS_BF16=src_is_bf16, NATIVE=bool(native), USE_PDL=use_pdl)
     if kv_cache_format == "per_tensor":
-        block = triton.next_power_of_2(nope_dim + rope_dim)
-        _quant_per_tensor_kernel[(n_loc,)](
+        warps, rows, early = _launch_shape("quant_per_tensor", n_loc, num_warps, rows_per_program, early_trigger)
+        _quant_per_tensor_kernel[(triton.cdiv(n_loc, rows),)](
             kv, loc, nope, rope, k_scale,
-            kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot,
-            NOPE=nope_dim, ROPE=rope_dim, BLOCK=block, SRC_IS_BF16=src_is_bf16, USE_PDL=use_pdl,
-            num_warps=max(1, min(8, block // 256)), **extra,
+            kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot, n_loc,
+            NOPE=nope_dim, NOPE_P2=_p2(nope_dim), ROWS=rows, EARLY_TRIGGER=early, num_warps=warps, **common, **extra,
         )  # fmt: skip
         return
     tiles = nope_dim // 128
-    _quant_ds_mla_kernel[(n_loc,)](
+    warps, rows, early = _launch_shape("quant_ds_mla", n_loc, num_warps, rows_per_program, early_trigger)
+    _quant_ds_mla_kernel[(triton.cdiv(n_loc, rows),)](
         kv, loc, nope, rope,
-        kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot,
-        TILES=tiles, TILES_P2=triton.next_power_of_2(tiles), ROPE=rope_dim,
-        ROPE_P2=triton.next_power_of_2(max(1, rope_dim)), SRC_IS_BF16=src_is_bf16, USE_PDL=use_pdl,
-        num_warps=max(1, min(8, tiles)), **extra,
+        kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot, n_loc,
+        TILES=tiles, TILES_P2=_p2(tiles), ROWS=rows, ALIGN4=_aligned4(kv), EARLY_TRIGGER=early,
+        num_warps=warps, **common, **extra,
     )  # fmt: skip
+
+
+# ---- the dequantizing gather ---------------------------------------------------------------------
+@triton.jit
+def _gather_rows(loc_ptr, loc_stride, n_loc, num_slots, ROWS: tl.constexpr):
+    """``(i, slot, ok, out_ok)``: call rows, their slots (0 where not valid), whether a slot is read
+    (in ``[0, num_slots)``) and whether the row is stored (inside the call)."""
+    i, src, slot = _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS)
+    ok = (slot >= 0) & (slot < num_slots)
+    return i, tl.where(ok, slot, 0), ok, i < n_loc
 
 
 @triton.jit
 def _dequant_per_tensor_kernel(
     kv_ptr, loc_ptr, nope_out_ptr, rope_out_ptr, scale_ptr,
-    kv_row_stride, loc_stride, num_slots,
-    NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr, DST: tl.constexpr,
+    kv_row_stride, loc_stride, num_slots, n_loc,
+    NOPE: tl.constexpr, NOPE_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
+    DST: tl.constexpr, NATIVE: tl.constexpr, USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    slot = tl.load(loc_ptr + row * loc_stride).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
-    valid = (slot_b >= 0) & (slot_b < num_slots)
-    b = tl.load(kv_ptr + slot * kv_row_stride + offs, mask=(offs < NOPE + ROPE) & valid, other=0).to(tl.int32)
-    out = _dst_bits(_e4m3_value(b) * tl.load(scale_ptr), DST).to(nope_out_ptr.dtype.element_ty)
-    tl.store(nope_out_ptr + row * NOPE + offs, out, mask=offs < NOPE)
-    tl.store(rope_out_ptr + row * ROPE + (offs - NOPE), out, mask=(offs >= NOPE) & (offs < NOPE + ROPE))
+    if USE_PDL and EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    i, slot, ok, out_ok = _gather_rows(loc_ptr, loc_stride, n_loc, num_slots, ROWS)
+    src = (kv_ptr + slot * kv_row_stride)[:, None]
+    s = tl.load(scale_ptr)
+    cn = tl.arange(0, NOPE_P2)[None, :]
+    mn = ok[:, None]
+    if NOPE != NOPE_P2:
+        mn = mn & (cn < NOPE)
+    vn = _dst_bits(_e4m3_value(tl.load(src + tl.max_contiguous(cn, [1, 8]), mask=mn, other=0), NATIVE) * s, DST, NATIVE)
+    _store_block(nope_out_ptr + i[:, None] * NOPE + cn, cn, vn.to(nope_out_ptr.dtype.element_ty), out_ok[:, None],
+                 NOPE, NOPE_P2)  # fmt: skip
+    if ROPE > 0:
+        cr = tl.arange(0, ROPE_P2)[None, :]
+        mr = ok[:, None]
+        if ROPE != ROPE_P2:
+            mr = mr & (cr < ROPE)
+        vr = _dst_bits(_e4m3_value(tl.load(src + NOPE + tl.max_contiguous(cr, [1, 8]), mask=mr, other=0), NATIVE) * s, DST,
+                       NATIVE)
+        _store_block(rope_out_ptr + i[:, None] * ROPE + cr, cr, vr.to(rope_out_ptr.dtype.element_ty), out_ok[:, None],
+                     ROPE, ROPE_P2)  # fmt: skip
+    if USE_PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _dequant_ds_mla_kernel(
     kv_ptr, loc_ptr, nope_out_ptr, rope_out_ptr,
-    kv_row_stride, loc_stride, num_slots,
-    TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, DST: tl.constexpr,
+    kv_row_stride, loc_stride, num_slots, n_loc,
+    TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
+    DST: tl.constexpr, NATIVE: tl.constexpr, ALIGN4: tl.constexpr, USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):  # fmt: skip
     NOPE: tl.constexpr = TILES * 128
-    row = tl.program_id(0).to(tl.int64)
-    slot = tl.load(loc_ptr + row * loc_stride).to(tl.int64)
-    src = kv_ptr + slot * kv_row_stride
-    t = tl.arange(0, TILES_P2)[:, None]
-    offs = t * 128 + tl.arange(0, 128)[None, :]
-    slot_t = tl.zeros([TILES_P2, 128], dtype=tl.int64) + slot
-    ok_t = (slot_t >= 0) & (slot_t < num_slots) & (t < TILES)
-    b = tl.load(src + offs, mask=ok_t, other=0).to(tl.int32)
-    k = tl.arange(0, 4)[None, :]
-    slot_s = tl.zeros([TILES_P2, 4], dtype=tl.int64) + slot
-    ok_s = (slot_s >= 0) & (slot_s < num_slots) & (t < TILES)
-    sb = tl.load(src + NOPE + t * 4 + k, mask=ok_s, other=0).to(tl.int32)
-    scale = tl.sum(sb << (8 * k), axis=1).to(tl.float32, bitcast=True)
-    out = _dst_bits(_e4m3_value(b) * scale[:, None], DST).to(nope_out_ptr.dtype.element_ty)
-    tl.store(nope_out_ptr + row * NOPE + offs, out, mask=t < TILES)
-    r = tl.arange(0, ROPE_P2)
-    slot_r = tl.zeros([ROPE_P2], dtype=tl.int64) + slot
-    ok_r = (slot_r >= 0) & (slot_r < num_slots) & (r < ROPE)
-    lo = tl.load(src + NOPE + 4 * TILES + 2 * r, mask=ok_r, other=0).to(tl.int32)
-    hi = tl.load(src + NOPE + 4 * TILES + 2 * r + 1, mask=ok_r, other=0).to(tl.int32)
-    bf = lo | (hi << 8)
-    if DST == 0:
-        rb = bf
+    if USE_PDL and EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    i, slot, ok, out_ok = _gather_rows(loc_ptr, loc_stride, n_loc, num_slots, ROWS)
+    src = kv_ptr + slot * kv_row_stride  # [ROWS]
+    t = tl.arange(0, TILES_P2)
+    ok_t = ok[:, None] & (t[None, :] < TILES)
+    if ALIGN4:
+        scale = tl.load((src + NOPE).to(tl.pointer_type(tl.float32))[:, None] + t[None, :], mask=ok_t, other=0.0)
     else:
-        rb = _dst_bits((bf << 16).to(tl.float32, bitcast=True), DST)
-    tl.store(rope_out_ptr + row * ROPE + r, rb.to(rope_out_ptr.dtype.element_ty), mask=r < ROPE)
+        kb = tl.arange(0, 4)[None, None, :]
+        sb = tl.load(src[:, None, None] + NOPE + t[None, :, None] * 4 + kb, mask=ok_t[:, :, None], other=0)
+        scale = tl.sum(sb.to(tl.int32) << (8 * kb), axis=2).to(tl.float32, bitcast=True)
+    offs = t[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+    mq = ok_t[:, :, None]  # the tile mask folds away when TILES is a power of two
+    b = tl.load(src[:, None, None] + tl.max_contiguous(offs, [1, 1, 8]), mask=mq, other=0)
+    out = _dst_bits(_e4m3_value(b, NATIVE) * scale[:, :, None], DST, NATIVE).to(nope_out_ptr.dtype.element_ty)
+    on = out_ok[:, None, None]
+    if TILES == TILES_P2:
+        tl.store(nope_out_ptr + i[:, None, None] * NOPE + offs, out, mask=on)
+    else:
+        tl.store(nope_out_ptr + i[:, None, None] * NOPE + offs, out, mask=on & (offs < NOPE))
+    if ROPE > 0:
+        cr = tl.arange(0, ROPE_P2)[None, :]
+        mr = ok[:, None]
+        if ROPE != ROPE_P2:
+            mr = mr & (cr < ROPE)
+        rsrc = src[:, None] + NOPE + 4 * TILES
+        if ALIGN4:
+            bf = tl.load(rsrc.to(tl.pointer_type(tl.int16)) + cr, mask=mr, other=0).to(tl.int32) & 0xFFFF
+        else:
+            lo = tl.load(rsrc + 2 * cr, mask=mr, other=0).to(tl.int32)
+            hi = tl.load(rsrc + 2 * cr + 1, mask=mr, other=0).to(tl.int32)
+            bf = lo | (hi << 8)
+        if DST == 0:
+            rb = bf
+        else:
+            rb = _dst_bits((bf << 16).to(tl.float32, bitcast=True), DST, NATIVE)
+        _store_block(rope_out_ptr + i[:, None] * ROPE + cr, cr, rb.to(rope_out_ptr.dtype.element_ty), out_ok[:, None],
+                     ROPE, ROPE_P2)  # fmt: skip
+    if USE_PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def launch_dequant_gather(
@@ -282,10 +515,18 @@ def launch_dequant_gather(
     rope_dim: int,
     k_scale: Optional[torch.Tensor],
     dst_dtype: torch.dtype,
+    *,
+    num_warps: int = 0,
+    rows_per_program: int = 0,
+    early_trigger: Optional[bool] = None,
+    native: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather and dequantize ``kv_buffer[loc]`` into ``([n_loc, nope_dim], [n_loc, rope_dim])`` of ``dst_dtype``.
 
-    Rows whose slot is outside ``[0, num_slots)`` come out as zeros (nothing is read for them).
+    ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn; ``loc [n_loc]`` int32/int64, any
+    stride; ``k_scale [1]`` fp32 (per_tensor) or None. Rows whose slot is outside ``[0, num_slots)``
+    come out as zeros (nothing is read for them). The keyword options are
+    :func:`launch_quant_write`'s (table ``dequant``).
     """
     n_loc = loc.shape[0]
     nope_out = torch.empty((n_loc, nope_dim), dtype=dst_dtype, device=kv_buffer.device)
@@ -294,18 +535,60 @@ def launch_dequant_gather(
         return nope_out, rope_out
     kv = _rows(kv_buffer).view(torch.uint8)
     n_bits, r_bits = nope_out.view(_DST_INT[dst_dtype]), rope_out.view(_DST_INT[dst_dtype])
-    dst = _DST_CODE[dst_dtype]
+    if rope_dim == 0:
+        r_bits = n_bits  # never written; an empty tensor's pointer may be null
+    on_gpu = kv.is_cuda
+    use_pdl = on_gpu and pdl_supported(kv.device.index or 0)
+    if native is None:
+        native = on_gpu and native_fp8_supported(kv.device.index or 0)
+    extra = {"launch_pdl": True} if use_pdl else {}
+    warps, rows, early = _launch_shape("dequant", n_loc, num_warps, rows_per_program, early_trigger)
+    common = dict(ROPE=rope_dim, ROPE_P2=_p2(rope_dim), ROWS=rows, DST=_DST_CODE[dst_dtype], NATIVE=bool(native),
+                  USE_PDL=use_pdl, EARLY_TRIGGER=early, num_warps=warps, **extra)  # fmt: skip
+    grid = (triton.cdiv(n_loc, rows),)
     if kv_cache_format == "per_tensor":
-        block = triton.next_power_of_2(nope_dim + rope_dim)
-        _dequant_per_tensor_kernel[(n_loc,)](
-            kv, loc, n_bits, r_bits, k_scale, kv.stride(0), loc.stride(0), kv.shape[0],
-            NOPE=nope_dim, ROPE=rope_dim, BLOCK=block, DST=dst, num_warps=max(1, min(8, block // 256)),
+        _dequant_per_tensor_kernel[grid](
+            kv, loc, n_bits, r_bits, k_scale, kv.stride(0), loc.stride(0), kv.shape[0], n_loc,
+            NOPE=nope_dim, NOPE_P2=_p2(nope_dim), **common,
         )  # fmt: skip
     else:
         tiles = nope_dim // 128
-        _dequant_ds_mla_kernel[(n_loc,)](
-            kv, loc, n_bits, r_bits, kv.stride(0), loc.stride(0), kv.shape[0],
-            TILES=tiles, TILES_P2=triton.next_power_of_2(tiles), ROPE=rope_dim,
-            ROPE_P2=triton.next_power_of_2(max(1, rope_dim)), DST=dst, num_warps=max(1, min(8, tiles)),
+        _dequant_ds_mla_kernel[grid](
+            kv, loc, n_bits, r_bits, kv.stride(0), loc.stride(0), kv.shape[0], n_loc,
+            TILES=tiles, TILES_P2=_p2(tiles), ALIGN4=_aligned4(kv), **common,
         )  # fmt: skip
     return nope_out, rope_out
+
+
+# ---- the division, on its own (the tests' probe) ------------------------------------------------
+@triton.jit
+def _div_probe_kernel(a_ptr, b_ptr, q_ptr, n, BLOCK: tl.constexpr):
+    # q[i, j] = a[i, j] / b[i] (8 per divisor) as the quantizing kernels divide: the fast sequence
+    # where (a, b) is in its exact range, else div_rn; the sign of a put back on the quotient.
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    s = tl.load(b_ptr + i, mask=m, other=1.0)
+    j = tl.arange(0, 8)[None, :]
+    a = tl.load(a_ptr + i[:, None] * 8 + j, mask=m[:, None], other=0.0)
+    e = s.to(tl.int32, bitcast=True) >> 23
+    r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
+    xb = a.to(tl.int32, bitcast=True)
+    ab = xb & 0x7FFFFFFF
+    ea = ab >> 23
+    in_range = ((e >= 2) & (e <= 252))[:, None] & (
+        (ab == 0) | ((ea >= tl.maximum(e - 100, 27)[:, None]) & (ab < _divisor_hi(e)[:, None]))
+    )
+    fast = _div_fast(ab.to(tl.float32, bitcast=True), s[:, None], r[:, None])
+    fast = (fast.to(tl.int32, bitcast=True) | (xb & -2147483648)).to(tl.float32, bitcast=True)
+    q = tl.where(in_range, fast, tl.math.div_rn(a, s[:, None]))
+    tl.store(q_ptr + i[:, None] * 8 + j, q, mask=m[:, None])
+
+
+def launch_div_probe(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [n, 8] / b [n]`` (contiguous fp32) as the quantizing kernels divide (for the tests)."""
+    q = torch.empty_like(a)
+    n = b.shape[0]
+    block = 1 << 14 if interpreting() else 256  # the interpreter: few large programs
+    if n:
+        _div_probe_kernel[(triton.cdiv(n, block),)](a, b, q, n, BLOCK=block)
+    return q
