@@ -63,7 +63,7 @@ def test_a_member_that_would_leave_the_peer_directory_is_refused(member):
 
 
 def test_extract_writes_exactly_the_mapped_files_with_their_content(tmp_path):
-    wheel = make_wheel(tmp_path / "sglang-0.5.23-py3-none-any.whl", FAKE_WHEEL)
+    wheel = make_wheel(tmp_path / "sglang-0.5.23-py3-none-any.zip", FAKE_WHEEL)
     dest = tmp_path / ".peers" / "sglang"
     written = extract_wheel(wheel, dest, SGLANG)
     expected = {t: m for m, t in FAKE_WHEEL.items() if t is not None}
@@ -79,7 +79,7 @@ def test_extract_replaces_an_older_copy(tmp_path):
     dest = tmp_path / "sglang"
     (dest / "csrc").mkdir(parents=True)
     (dest / "csrc" / "stale.cuh").write_text("old")
-    extract_wheel(make_wheel(tmp_path / "w.whl", FAKE_WHEEL), dest, SGLANG)
+    extract_wheel(make_wheel(tmp_path / "w.zip", FAKE_WHEEL), dest, SGLANG)
     assert not (dest / "csrc" / "stale.cuh").exists()
     assert (dest / "csrc" / "elementwise" / "set_mla_kv_buffer.cuh").is_file()
 
@@ -90,12 +90,12 @@ def test_a_wheel_without_the_kernel_is_refused_and_the_old_copy_kept(tmp_path):
     (dest / "keep.txt").write_text("old")
     members = {m: t for m, t in FAKE_WHEEL.items() if "set_mla_kv_buffer.cuh" not in m}
     with pytest.raises(PeerFetchError, match="lacks csrc/elementwise/set_mla_kv_buffer.cuh"):
-        extract_wheel(make_wheel(tmp_path / "w.whl", members), dest, SGLANG)
+        extract_wheel(make_wheel(tmp_path / "w.zip", members), dest, SGLANG)
     assert (dest / "keep.txt").read_text() == "old"
 
 
 def test_a_file_that_is_not_a_zip_is_named(tmp_path):
-    bad = tmp_path / "sglang.whl"
+    bad = tmp_path / "sglang.zip"
     bad.write_text("not a zip")
     with pytest.raises(PeerFetchError, match="not a readable wheel"):
         extract_wheel(bad, tmp_path / "sglang", SGLANG)
@@ -108,14 +108,34 @@ def test_pip_downloads_the_measured_version_alone(tmp_path):
     assert cmd[-1] == "sglang==0.5.23" and cmd[cmd.index("--dest") + 1] == str(tmp_path)
 
 
+def test_download_returns_the_one_file_pip_left(tmp_path, monkeypatch):
+    import subprocess
+
+    def fake_pip(cmd, **kw):
+        (tmp_path / "sglang-0.5.23-py3-none-any.zip").write_bytes(b"zip")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(peers.subprocess, "run", fake_pip)
+    assert peers.download_wheel(SGLANG, "0.5.23", tmp_path) == tmp_path / "sglang-0.5.23-py3-none-any.zip"
+
+
+def test_a_failed_pip_is_reported_with_its_last_lines(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(peers.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution\n"))  # fmt: skip
+    with pytest.raises(PeerFetchError, match="(?s)exit 1.*No matching distribution"):
+        peers.download_wheel(SGLANG, "9.9.9", tmp_path)
+
+
 def test_fetch_downloads_then_extracts(tmp_path, monkeypatch):
     """``fetch`` hands the wheel pip left to the extraction (pip replaced by a copy of the fake wheel)."""
-    fake = make_wheel(tmp_path / "fake.whl", FAKE_WHEEL)
+    fake = make_wheel(tmp_path / "fake.zip", FAKE_WHEEL)
     seen = {}
 
     def fake_download(peer, version, into):
         seen["version"] = version
-        target = into / f"sglang-{version}-py3-none-any.whl"
+        target = into / f"sglang-{version}-py3-none-any.zip"
         target.write_bytes(fake.read_bytes())
         return target
 
@@ -126,13 +146,13 @@ def test_fetch_downloads_then_extracts(tmp_path, monkeypatch):
 
 
 def test_command_extracts_a_given_wheel(tmp_path, capsys):
-    wheel = make_wheel(tmp_path / "w.whl", FAKE_WHEEL)
+    wheel = make_wheel(tmp_path / "w.zip", FAKE_WHEEL)
     assert peers.main(["sglang", "--wheel", str(wheel), "--dest", str(tmp_path / "p")]) == 0
     assert f"{sum(t is not None for t in FAKE_WHEEL.values())} files in {tmp_path / 'p' / 'sglang'}" in capsys.readouterr().out
 
 
 def test_command_reports_a_failed_fetch_in_one_line(tmp_path, capsys):
-    wheel = make_wheel(tmp_path / "w.whl", {"sglang/other.py": None})
+    wheel = make_wheel(tmp_path / "w.zip", {"sglang/other.py": None})
     assert peers.main(["sglang", "--wheel", str(wheel), "--dest", str(tmp_path / "p")]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mlakv fetch-peers:")]
     assert len(err) == 1 and "lacks" in err[0]

@@ -179,10 +179,10 @@ def download_wheel(peer: Peer, version: str, into: Path) -> Path:
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
         raise PeerFetchError(f"`{' '.join(cmd[2:])}` failed (exit {done.returncode}):\n{tail}")
-    wheels = sorted(into.glob(f"{peer.package.replace('-', '_')}-{version}-*.whl"))
-    if not wheels:
-        raise PeerFetchError(f"pip left no {peer.package} {version} wheel in {into}")
-    return wheels[0]
+    got = [p for p in into.iterdir() if p.is_file()]  # --no-deps into an empty directory: the one wheel
+    if len(got) != 1:
+        raise PeerFetchError(f"pip left {len(got)} files in {into}, expected the one {peer.package} {version} wheel")
+    return got[0]
 
 
 def fetch(name: str, dest_root: Path = Path(".peers"), version: Optional[str] = None,
