@@ -9,7 +9,8 @@ sets (:mod:`mlakv.bench.timing`):
 
 * ``mlakv``: the public op (:func:`mlakv.ops.indexer.set_index_k_buffer`; the dispatcher picks the JIT
   kernel on SM90+); ``mlakv-jit`` and ``mlakv-triton``: each kernel called directly; ``sglang``: the peer.
-* with ``--sweep``: the JIT store at every launch shape (keys per half-warp 1/2/4 x warps per CTA 4/8).
+* with ``--sweep``: the JIT store at every launch shape (keys per half-warp 1/2/4 x warps per CTA 4/8 x
+  the PDL trigger at entry or after the wait).
 * the gather (``get_index_k_buffer``, JIT and Triton) of 4 requests of ``n / 4`` tokens.
 
 Before any timing, every store provider writes the same keys into a copy of the same poisoned pages
@@ -30,6 +31,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mlakv.argtypes import out_dir
 from mlakv.ops.indexer import get_index_k_buffer, index_k_path, set_index_k_buffer
 from mlakv.ops.indexer_reference import INDEX_PAGE_BYTES, store_index_k_reference
 
@@ -89,9 +91,12 @@ def _store_providers(sweep: bool) -> dict[str, Callable[[dict], None]]:
     if sweep:
         for steps in (1, 2, 4):
             for warps in (4, 8):
-                out[f"jit s{steps} w{warps}"] = lambda d, s=steps, w=warps: indexer_jit_store(
-                    d["pages"], d["loc"], d["keys"], steps=s, num_warps=w
-                )
+                for early in (True, False):
+                    out[f"jit s{steps} w{warps} {'entry' if early else 'wait'}"] = (
+                        lambda d, s=steps, w=warps, e=early: indexer_jit_store(
+                            d["pages"], d["loc"], d["keys"], steps=s, num_warps=w, early_trigger=e
+                        )
+                    )
     return out
 
 
@@ -190,16 +195,27 @@ def format_tables(res: dict) -> str:
     return "\n".join(out)
 
 
+def _key_counts(text: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers (key counts), got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"key counts must be integers >= 1, got {text!r}")
+    return vals
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="mlakv bench indexer", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated key counts")
+    p.add_argument("--sizes", type=_key_counts, default=list(DEFAULT_SIZES), help="comma-separated key counts (>= 1)")
     p.add_argument("--sweep", action="store_true", help="also time the JIT store at every launch shape")
-    p.add_argument("--out", default="bench-out", help="directory for indexer.json and indexer.md")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                   help="directory for indexer.json and indexer.md (checked writable before measuring)")  # fmt: skip
+    args = p.parse_args(argv)  # a bad --sizes or --out is a usage error (exit 2), on any machine
     if not torch.cuda.is_available():
         print("indexer bench: no CUDA GPU here; the kernels' timings need one (nothing measured)")
         return 0
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    sizes = args.sizes
     res = run_indexer_bench(sizes, sweep=args.sweep)
     text = format_tables(res)
     print(text)

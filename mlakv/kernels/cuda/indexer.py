@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from mlakv.spec.tuning import tuning_for
+
 from .loader import JitUnavailable, load_cuda_module
 
 logger = logging.getLogger("mlakv.jit")
@@ -105,24 +107,26 @@ def indexer_jit_store(
     scale_rule: str = "fp32",
     steps: Optional[int] = None,
     num_warps: int = STORE_NUM_WARPS,
-    early_trigger: bool = True,
+    early_trigger: Optional[bool] = None,
 ) -> bool:
     """Quantize and store ``index_k [n, (1,) 128]`` at slots ``loc [n]`` of ``index_pages [num_pages, 8448]``.
 
     Validated arguments (the launcher re-checks memory safety and raises ``TypeError``/``ValueError``).
     Returns False, launching nothing, when the kernel cannot serve the call here (no module, source
     rows not 16-byte aligned): the caller falls back to Triton. ``steps`` (keys per half-warp, 1/2/4)
-    defaults to :func:`store_steps_for`.
+    defaults to :func:`store_steps_for`; ``early_trigger`` (the PDL trigger at kernel entry, else after
+    the wait) to the plain row write's tuning row for ``n`` rows (:mod:`mlakv.spec.tuning`).
     """
     mod = _module_for(index_pages.get_device())
     if isinstance(mod, str):
         return False
     n = loc.shape[0]
     s = store_steps_for(n) if steps is None else steps
+    early = tuning_for(index_pages.device).launch(n)[3] if early_trigger is None else early_trigger
     return bool(
         mod.store_index_k(
             index_pages, loc, index_k, skip_slot, dcp_world_size, dcp_rank, scale_rule == "ue8m0", s, num_warps,
-            early_trigger,
+            early,
         )
     )  # fmt: skip
 
