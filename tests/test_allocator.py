@@ -38,7 +38,7 @@ def test_numpy_sizes_are_accepted():
 
 @pytest.mark.parametrize("n,exc", [(-3, ValueError), (5, ValueError), (1.0, TypeError), (True, TypeError)])
 def test_release_last_refuses_bad_counts_and_changes_nothing(n, exc):
-    """Issue 13 case 6: ``release_last(r, -3)`` silently did nothing."""
+    """Issue 13 case 6: ``release_last(r, -3)`` did nothing and raised nothing."""
     a = TokenSlotAllocator(64, 4)
     a.alloc("r", 3)
     before = (a.free_slots(), a.slots_of("r"))

@@ -178,13 +178,13 @@ struct GatherArgs {
   uint32_t* s_out;
 };
 
-template <typename LenT>
+template <typename LensT>
 __device__ __forceinline__ int64_t len_at(const GatherArgs& a, int64_t i) {
-  const int64_t v = static_cast<int64_t>(static_cast<const LenT*>(a.lens)[i * a.lens_stride]);
+  const int64_t v = static_cast<int64_t>(static_cast<const LensT*>(a.lens)[i * a.lens_stride]);
   return v > 0 ? v : 0;
 }
 
-template <typename TableT, typename LenT, bool kUsePDL>
+template <typename TableT, typename LensT, bool kUsePDL>
 __global__ void gather_index_k_kernel(const __grid_constant__ GatherArgs a) {
   __shared__ int64_t partial[32];
   const int64_t b = blockIdx.x;
@@ -193,11 +193,11 @@ __global__ void gather_index_k_kernel(const __grid_constant__ GatherArgs a) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
   }
-  const int64_t seq_len = len_at<LenT>(a, b);
+  const int64_t seq_len = len_at<LensT>(a, b);
   if (static_cast<int64_t>(blockIdx.y) * kPageTokens >= seq_len) return;  // block-uniform
   // start = sum(seq_lens[:b]): strided partial sums, then a warp butterfly and one across warps.
   int64_t acc = 0;
-  for (int64_t i = tid; i < b; i += blockDim.x) acc += len_at<LenT>(a, i);
+  for (int64_t i = tid; i < b; i += blockDim.x) acc += len_at<LensT>(a, i);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if ((tid & 31) == 0) partial[tid >> 5] = acc;
@@ -331,12 +331,12 @@ bool launch_store_index_k(tvm::ffi::TensorView pages, tvm::ffi::TensorView loc, 
   return true;
 }
 
-template <bool kUsePDL, typename TableT, typename LenT>
+template <bool kUsePDL, typename TableT, typename LensT>
 void launch_gather_typed(const GatherArgs& a, int64_t blocks_y, cudaStream_t stream) {
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = launch_config(dim3(static_cast<unsigned>(a.batch), static_cast<unsigned>(blocks_y)),
                                                dim3(256), 0, stream, kUsePDL, attr);
-  TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, gather_index_k_kernel<TableT, LenT, kUsePDL>, a));
+  TVM_FFI_CHECK_CUDA_ERROR(cudaLaunchKernelEx(&cfg, gather_index_k_kernel<TableT, LensT, kUsePDL>, a));
 }
 
 // pages: as the store's; table: [batch, max_pages] int32/int64, any strides; lens: [batch]
