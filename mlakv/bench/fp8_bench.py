@@ -1,21 +1,28 @@
-"""FP8 KV-cache benchmark: the fused quantizing write and the dequantizing gather, side by side.
+"""FP8 KV-cache benchmark: the fused quantizing write and the dequantizing gather, JIT and Triton side by side.
 
-Why: issue 12's performance goals compare the fused write with what an engine would do without it.
-Per n_loc (GPU, bf16 sources, 512 + 64) it times, as the median CUDA-graph replay of 8 layers'
-calls divided by 8 (``triton.testing.do_bench_cudagraph``):
+Why: issue 27's goals read the FP8 kernels against each other and against two floors — the Triton
+kernels (every non-Hopper GPU's path) within 1.15x of the JIT CUDA kernels at every n_loc; the JIT
+write within 1.25x of the plain row write of the same output bytes at 1-1024 rows and within 1.1x
+of its bytes at copy bandwidth at 65536 rows. Per n_loc (GPU, bf16 sources, 512 + 64) it times the
+median CUDA-graph replay per call over 8 rotating input sets (:mod:`mlakv.bench.timing`):
 
-* ds_mla: ``fused`` (the dispatcher: JIT on SM90+), ``fused-triton``, ``plain-u8-656`` (the plain
-  byte write of already-quantized 528 + 128-byte rows, same output bytes) and ``quant-then-write``
-  (the quantize kernel into a temporary ``[n_loc, 656]``, then the byte write: two launches);
-* per_tensor: ``fused``, ``fused-triton``, ``plain-u8-576`` (byte write of the same 576 output
-  bytes) and ``plain-bf16`` (the bf16 cache's write, 1152 bytes);
-* gather: ``dequant-ds_mla`` and ``dequant-per_tensor`` to bf16 vs ``plain-gather-bf16`` (the
-  plain row gather of a bf16 cache), with the achieved bandwidth (bytes read + written) as a
-  fraction of the device-to-device copy bandwidth.
+* write, per format (ds_mla 656-byte rows, per_tensor 576): ``jit`` (the JIT CUDA kernel, the
+  dispatcher's path on SM90+), ``triton`` (the Triton kernel called directly: what
+  ``MLAKV_DISABLE_JIT=1`` runs), ``plain`` (the plain row write of the already-quantized rows: the
+  same output bytes), ``bound`` (bytes read + written — 1152 source bytes, the loc entry, the row —
+  at the measured copy bandwidth); ds_mla also ``quant-then-write`` (quantize into a temporary, then
+  the byte write: two launches);
+* gather, per format, to bf16: ``jit``, ``triton``, ``plain`` (the plain row gather of a bf16 cache,
+  the same output bytes) and ``bound``.
 
 Every provider is checked bit-exactly against the torch reference (run on the CPU) before it is
-timed. Ratios are printed beside the times.
-Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--out bench-out]``.
+timed; a wrong one shows ``WRONG`` instead of a time. Ratios are printed beside the times.
+
+``--tune`` times the launch alternatives instead (Triton: warps x rows per program with the PDL
+trigger at entry, then the fastest shape with the trigger after the stores; JIT: warps = rows per
+CTA x trigger place), and prints, per kernel, the fastest shape at each size and the table rows of
+:mod:`mlakv.spec.tuning` (``FP8_TRITON_STEPS``, ``FP8_JIT_STEPS``) they make.
+Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--tune] [--out bench-out]``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ import torch
 from mlakv.mem_cache import (
     dequantize_mla_rows,
     fp8_row_bytes,
-    get_mla_kv_buffer_dequant,
     quantize_mla_rows,
     set_mla_kv_buffer_quant,
     set_mla_kv_buffer_triton,
@@ -38,18 +44,26 @@ from mlakv.mem_cache import (
 from mlakv.ops.fp8 import fp8_write_path, scale_tensor
 
 from .options import fp8_parser as build_parser
-from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, rotating
+from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, progress, rotating
 
-__all__ = ["run_fp8_bench", "main"]
+__all__ = ["run_fp8_bench", "run_fp8_tune", "format_tables", "format_tune", "main"]
 
 NOPE, ROPE = 512, 64
 LAYERS = INPUT_SETS  # input sets (layers) per timed graph
 K_SCALE = 0.0625
+FORMATS = ("ds_mla", "per_tensor")
+_KV = {"ds_mla": "kv656", "per_tensor": "kv576"}
+_Q = {"ds_mla": "q656", "per_tensor": "q576"}
+# --tune: the Triton shapes tried (warps, rows per program) keep 8..64 values of a 512-wide nope
+# block per thread (fewer at small n, where one row per program is the point).
+TUNE_WARPS = (1, 2, 4, 8)
+TUNE_ROWS = (1, 2, 4, 8, 16)
+TUNE_REP_MS = 20
 
 
-def _graph_us(fn: Callable[[dict], object], layers: list[dict]) -> float:
+def _graph_us(fn: Callable[[dict], object], layers: list[dict], rep: int = 40) -> float:
     """CUDA-graph median per call of ``fn``, once per layer's inputs in each replay."""
-    return graph_median_us(rotating(fn, [(d,) for d in layers]), calls=len(layers))
+    return graph_median_us(rotating(fn, [(d,) for d in layers]), calls=len(layers), rep=rep)
 
 
 def _layers(n: int, device: str = "cuda") -> list[dict]:
@@ -74,124 +88,314 @@ def _layers(n: int, device: str = "cuda") -> list[dict]:
     return out
 
 
-def _write_providers(scale: torch.Tensor) -> dict[str, dict[str, Callable[[dict], None]]]:
+def _bound_us(n: int, nbytes_per_row: int, copy_gbs: float) -> float:
+    """Time of ``n`` rows' bytes (read + written) at the copy bandwidth."""
+    return n * nbytes_per_row / (copy_gbs * 1e3)
+
+
+def _write_bytes(fmt: str) -> int:
+    return 2 * (NOPE + ROPE) + 8 + fp8_row_bytes(fmt, NOPE, ROPE)  # sources, the int64 loc entry, the row
+
+
+def _gather_bytes(fmt: str) -> int:
+    return fp8_row_bytes(fmt, NOPE, ROPE) + 8 + 2 * (NOPE + ROPE)  # the row, the loc entry, bf16 out
+
+
+# ---- the write ----------------------------------------------------------------------------------
+def _jit_write(fmt: str, scale, **kw) -> Callable[[dict], None]:
+    from mlakv.kernels.cuda.fp8 import fp8_jit_write
+
+    k = scale if fmt == "per_tensor" else None
+
+    def run(d):
+        if not fp8_jit_write(d[_KV[fmt]], d["loc"], d["nope"], d["rope"], fmt, k, **kw):
+            raise RuntimeError("the JIT fp8 write refused the call")
+
+    return run
+
+
+def _triton_write(fmt: str, scale, **kw) -> Callable[[dict], None]:
     from mlakv.kernels.triton.fp8 import launch_quant_write
 
-    def quant_then_write(d):
-        set_mla_kv_buffer_quant(d["tmp656"], d["iota"], d["nope"], d["rope"], "ds_mla")  # quantize kernel
-        set_mla_kv_buffer_triton(d["kv656"], d["loc"], d["tmp656"][:, :528], d["tmp656"][:, 528:])
-
-    return {
-        "ds_mla": {
-            "fused": lambda d: set_mla_kv_buffer_quant(d["kv656"], d["loc"], d["nope"], d["rope"], "ds_mla"),
-            "fused-triton": lambda d: launch_quant_write(d["kv656"], d["loc"], d["nope"], d["rope"], "ds_mla", None),
-            "plain-u8-656": lambda d: set_mla_kv_buffer_triton(d["kv656"], d["loc"], d["q656"][:, :528], d["q656"][:, 528:]),
-            "quant-then-write": quant_then_write,
-        },
-        "per_tensor": {
-            "fused": lambda d: set_mla_kv_buffer_quant(d["kv576"], d["loc"], d["nope"], d["rope"], "per_tensor", scale),
-            "fused-triton": lambda d: launch_quant_write(d["kv576"], d["loc"], d["nope"], d["rope"], "per_tensor", scale),
-            "plain-u8-576": lambda d: set_mla_kv_buffer_triton(d["kv576"], d["loc"], d["q576"][:, :512], d["q576"][:, 512:]),
-            "plain-bf16": lambda d: set_mla_kv_buffer_triton(d["kvbf16"], d["loc"], d["nope"], d["rope"]),
-        },
-    }
+    k = scale if fmt == "per_tensor" else None
+    return lambda d: launch_quant_write(d[_KV[fmt]], d["loc"], d["nope"], d["rope"], fmt, k, **kw)
 
 
-def _check_write(fmt: str, name: str, fn: Callable[[dict], None], d: dict) -> Optional[str]:
-    key = "kv656" if fmt == "ds_mla" else "kv576"
-    if name == "plain-bf16":
-        return None  # a different cache dtype: checked by the plain write's own tests
-    kv = d[key]
+def _write_providers(fmt: str, scale: torch.Tensor, jit: bool) -> dict[str, Callable[[dict], None]]:
+    split = 528 if fmt == "ds_mla" else 512
+    out = {}
+    if jit:
+        out["jit"] = _jit_write(fmt, scale)
+    out["triton"] = _triton_write(fmt, scale)
+    out["plain"] = lambda d: set_mla_kv_buffer_triton(d[_KV[fmt]], d["loc"], d[_Q[fmt]][:, :split], d[_Q[fmt]][:, split:])
+    if fmt == "ds_mla":
+
+        def quant_then_write(d):
+            set_mla_kv_buffer_quant(d["tmp656"], d["iota"], d["nope"], d["rope"], "ds_mla")  # quantize kernel
+            set_mla_kv_buffer_triton(d["kv656"], d["loc"], d["tmp656"][:, :528], d["tmp656"][:, 528:])
+
+        out["quant-then-write"] = quant_then_write
+    return out
+
+
+def _check_write(fmt: str, fn: Callable[[dict], None], d: dict) -> Optional[str]:
+    kv = d[_KV[fmt]]
     expected = kv.clone()
-    rows = d["q656"] if fmt == "ds_mla" else d["q576"]
-    expected[d["loc"], 0] = rows
+    expected[d["loc"], 0] = d[_Q[fmt]]
     fn(d)
     torch.cuda.synchronize()
     return None if torch.equal(kv, expected) else "WRONG"
 
 
+# ---- the gather ---------------------------------------------------------------------------------
+def _jit_gather(fmt: str, scale, **kw) -> Callable[[dict], object]:
+    from mlakv.kernels.cuda.fp8 import fp8_jit_gather
+
+    k = scale if fmt == "per_tensor" else None
+
+    def run(d):
+        out = fp8_jit_gather(d[_KV[fmt]], d["loc"], fmt, NOPE, ROPE, k, torch.bfloat16, **kw)
+        if out is None:
+            raise RuntimeError("the JIT fp8 gather refused the call")
+        return out
+
+    return run
+
+
+def _triton_gather(fmt: str, scale, **kw) -> Callable[[dict], object]:
+    from mlakv.kernels.triton.fp8 import launch_dequant_gather
+
+    k = scale if fmt == "per_tensor" else None
+    return lambda d: launch_dequant_gather(d[_KV[fmt]], d["loc"], fmt, NOPE, ROPE, k, torch.bfloat16, **kw)
+
+
+def _gather_ref(fmt: str, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = d[_KV[fmt]][d["loc"]].cpu()
+    return dequantize_mla_rows(rows, fmt, NOPE, ROPE, K_SCALE if fmt == "per_tensor" else None)  # on the CPU
+
+
+def _check_gather(fn: Callable[[dict], object], d: dict, ref) -> Optional[str]:
+    got = fn(d)
+    ok = all(torch.equal(a.cpu().view(torch.int16), b.view(torch.int16)) for a, b in zip(got, ref))
+    return None if ok else "WRONG"
+
+
+def _jit_available(layers: list[dict]) -> bool:
+    from mlakv.kernels.cuda.fp8 import fp8_jit_accepts
+
+    d = layers[0]
+    return all(fp8_jit_accepts(d[_KV[f]], d["nope"], d["rope"], f) for f in FORMATS)
+
+
+# ---- the side-by-side run -----------------------------------------------------------------------
 def run_fp8_bench(sizes: list[int], into: Optional[dict] = None) -> dict:
     """Time every provider at each n_loc; return ``{"device", "copy_gbs", "write": [...], "gather": [...]}`` (GPU only).
 
     The rows go into ``into`` (a new dict by default) as they are measured, so a caller that is
-    interrupted keeps the rows done so far.
+    interrupted keeps the rows done so far. A write row: ``{"fmt", "n_loc", "path", <provider>: us
+    or "WRONG", "bound": us}``; a gather row: ``{"fmt", "n_loc", <provider>: ..., "bound"}``.
     """
     res = {} if into is None else into
     res.update(device=torch.cuda.get_device_name(), copy_gbs=None, write=[], gather=[])
     scale = scale_tensor(K_SCALE, torch.device("cuda"))
     res["copy_gbs"] = copy_gbs = copy_bandwidth_gbs()
-    write_rows, gather_rows = res["write"], res["gather"]
-    for n in sizes:
-        layers = _layers(n)
-        for fmt, providers in _write_providers(scale).items():
-            kv0 = layers[0]["kv656" if fmt == "ds_mla" else "kv576"]
-            row = {"fmt": fmt, "n_loc": n, "path": fp8_write_path(kv0, layers[0]["nope"], layers[0]["rope"], fmt)}
-            for name, fn in providers.items():
-                bad = _check_write(fmt, name, fn, layers[0])
-                row[name] = bad or _graph_us(fn, layers)
-            write_rows.append(row)
-        g = {"n_loc": n}
-        for fmt in ("ds_mla", "per_tensor"):
-            kvk = "kv656" if fmt == "ds_mla" else "kv576"
-            k = scale if fmt == "per_tensor" else None
-            d0 = layers[0]
-            got = get_mla_kv_buffer_dequant(d0[kvk], d0["loc"], fmt, NOPE, ROPE, k)
-            rows_c = d0[kvk][d0["loc"]].cpu()
-            ref = dequantize_mla_rows(rows_c, fmt, NOPE, ROPE, None if k is None else k.cpu())  # on the CPU
-            ok = all(torch.equal(a.cpu().view(torch.int16), b.view(torch.int16)) for a, b in zip(got, ref))
-            us = _graph_us(lambda d, kvk=kvk, fmt=fmt, k=k: get_mla_kv_buffer_dequant(d[kvk], d["loc"], fmt, NOPE, ROPE, k), layers)
-            moved = n * (fp8_row_bytes(fmt, NOPE, ROPE) + 2 * (NOPE + ROPE))
-            g[f"dequant-{fmt}"] = us if ok else "WRONG"
-            g[f"dequant-{fmt}-of-copy-bw"] = moved / (us * 1e-6) / 1e9 / copy_gbs
-        from mlakv.kernels.triton.row_write import launch_get_kv_rows
+    from mlakv.kernels.triton.row_write import launch_get_kv_rows
 
-        us = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers)
-        g["plain-gather-bf16"] = us
-        g["plain-gather-bf16-of-copy-bw"] = n * 4 * (NOPE + ROPE) / (us * 1e-6) / 1e9 / copy_gbs
-        gather_rows.append(g)
+    for n in sizes:
+        progress(f"fp8 bench: n_loc={n}")
+        layers = _layers(n)
+        jit = _jit_available(layers)
+        d0 = layers[0]
+        for fmt in FORMATS:
+            row = {"fmt": fmt, "n_loc": n, "path": fp8_write_path(d0[_KV[fmt]], d0["nope"], d0["rope"], fmt)}
+            for name, fn in _write_providers(fmt, scale, jit).items():
+                row[name] = _check_write(fmt, fn, d0) or _graph_us(fn, layers)
+            row["bound"] = _bound_us(n, _write_bytes(fmt), copy_gbs)
+            res["write"].append(row)
+        for fmt in FORMATS:
+            ref = _gather_ref(fmt, d0)
+            g = {"fmt": fmt, "n_loc": n}
+            providers = {"triton": _triton_gather(fmt, scale)}
+            if jit:
+                providers = {"jit": _jit_gather(fmt, scale), **providers}
+            for name, fn in providers.items():
+                g[name] = _check_gather(fn, d0, ref) or _graph_us(fn, layers)
+            g["plain"] = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers)
+            g["bound"] = _bound_us(n, _gather_bytes(fmt), copy_gbs)
+            res["gather"].append(g)
         del layers
         torch.cuda.empty_cache()
     return res
 
 
 def _cell(v) -> str:
-    return v if isinstance(v, str) else f"{v:.2f}"
+    if v is None:
+        return "-"
+    return v if isinstance(v, str) else (f"{v:.2f}" if v >= 0.1 else f"{v:.3f}")
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
 
 
 def format_tables(res: dict) -> str:
-    """Markdown tables with the ratios the goals name."""
+    """Markdown tables (write, then gather; one per format) with the ratios the goals name."""
     out = [f"device: {res['device']}; copy bandwidth {res['copy_gbs']:.0f} GB/s (read + write); times: us per call, "
-           "median CUDA-graph replay"]  # fmt: skip
-    out += ["", "| n_loc | ds_mla path | fused | fused-triton | plain-u8-656 | quant-then-write | fused / plain | "
-            "quant-then-write / fused |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    ratio = lambda a, b: f"{a / b:.2f}x" if not isinstance(a, str) and not isinstance(b, str) else "-"  # noqa: E731
-    for r in (r for r in res["write"] if r["fmt"] == "ds_mla"):
-        out.append(
-            f"| {r['n_loc']} | {r['path']} | {_cell(r['fused'])} | {_cell(r['fused-triton'])} | {_cell(r['plain-u8-656'])} | "
-            f"{_cell(r['quant-then-write'])} | {ratio(r['fused'], r['plain-u8-656'])} | {ratio(r['quant-then-write'], r['fused'])} |"
-        )
-    out += ["", "| n_loc | per_tensor fused | fused-triton | plain-u8-576 | plain-bf16 | fused / plain-u8-576 | fused / plain-bf16 |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in (r for r in res["write"] if r["fmt"] == "per_tensor"):
-        out.append(
-            f"| {r['n_loc']} | {_cell(r['fused'])} | {_cell(r['fused-triton'])} | {_cell(r['plain-u8-576'])} | "
-            f"{_cell(r['plain-bf16'])} | {ratio(r['fused'], r['plain-u8-576'])} | {ratio(r['fused'], r['plain-bf16'])} |"
-        )
-    out += ["", "| n_loc | dequant ds_mla us | of copy bw | dequant per_tensor us | of copy bw | plain gather bf16 us | of copy bw |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for g in res["gather"]:
-        out.append(
-            f"| {g['n_loc']} | {_cell(g['dequant-ds_mla'])} | {g['dequant-ds_mla-of-copy-bw']:.0%} | "
-            f"{_cell(g['dequant-per_tensor'])} | {g['dequant-per_tensor-of-copy-bw']:.0%} | "
-            f"{_cell(g['plain-gather-bf16'])} | {g['plain-gather-bf16-of-copy-bw']:.0%} |"
-        )
+           "median CUDA-graph replay over 8 input sets; bound: the call's bytes at copy bandwidth"]  # fmt: skip
+    for fmt in FORMATS:
+        extra = " quant-then-write |" if fmt == "ds_mla" else ""
+        out += ["", f"write {fmt}", "",
+                f"| n_loc | path | jit | triton | plain | bound |{extra} triton / jit | jit / plain | jit / bound |",
+                "|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|"]  # fmt: skip
+        for r in (r for r in res["write"] if r.get("fmt") == fmt):
+            qtw = f" {_cell(r.get('quant-then-write'))} |" if extra else ""
+            out.append(
+                f"| {r['n_loc']} | {r.get('path', '-')} | {_cell(r.get('jit'))} | {_cell(r.get('triton'))} | "
+                f"{_cell(r.get('plain'))} | {_cell(r.get('bound'))} |{qtw} {_ratio(r.get('triton'), r.get('jit'))} | "
+                f"{_ratio(r.get('jit'), r.get('plain'))} | {_ratio(r.get('jit'), r.get('bound'))} |"
+            )
+    for fmt in FORMATS:
+        out += ["", f"gather {fmt} (to bf16)", "",
+                "| n_loc | jit | triton | plain gather bf16 | bound | triton / jit | jit / bound | triton / bound |",
+                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for g in (g for g in res["gather"] if g.get("fmt") == fmt):
+            out.append(
+                f"| {g['n_loc']} | {_cell(g.get('jit'))} | {_cell(g.get('triton'))} | {_cell(g.get('plain'))} | "
+                f"{_cell(g.get('bound'))} | {_ratio(g.get('triton'), g.get('jit'))} | {_ratio(g.get('jit'), g.get('bound'))} | "
+                f"{_ratio(g.get('triton'), g.get('bound'))} |"
+            )
     return "\n".join(out)
+
+
+# ---- the launch sweep ---------------------------------------------------------------------------
+def _triton_shapes(n: int) -> list[tuple[int, int]]:
+    """(warps, rows per program) tried at ``n`` rows: rows <= n; 8..64 nope values per thread, or
+    one row per program at up to 64 rows."""
+    out = []
+    for w in TUNE_WARPS:
+        for r in TUNE_ROWS:
+            per_thread = r * NOPE // (32 * w)
+            if r <= max(1, n) and (8 <= per_thread <= 64 or (r == 1 and n <= 64)):
+                out.append((w, r))
+    return out
+
+
+def _shape_key(w: int, r: int, early: bool) -> str:
+    return f"w{w}r{r}{'e' if early else 'l'}"
+
+
+def run_fp8_tune(sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_REP_MS) -> dict:
+    """Time the launch alternatives of each FP8 kernel at each n_loc (GPU only).
+
+    Returns ``{"device", "triton": {kind: {n: {shape: us}}}, "jit": {kind: {n: {shape: us}}}}``;
+    a Triton shape is ``w<warps>r<rows><e|l>`` (trigger at entry / late), a JIT one ``w<warps><e|l>``.
+    The Triton kinds are the table's (``quant_per_tensor``, ``quant_ds_mla``, ``dequant``: the sum
+    of both formats' gathers); the JIT ones ``quant`` (the sum of both formats' writes) and ``dequant``.
+    Every variant is checked bit-exactly before it is timed (``WRONG`` otherwise).
+    """
+    res = {} if into is None else into
+    res.update(device=torch.cuda.get_device_name(), triton={}, jit={})
+    scale = scale_tensor(K_SCALE, torch.device("cuda"))
+
+    def add(table: dict, kind: str, n: int, key: str, us) -> None:
+        table.setdefault(kind, {}).setdefault(str(n), {})[key] = us
+
+    def both(fns: dict[str, Callable[[dict], object]], checks: dict[str, Callable], layers) -> object:
+        total = 0.0
+        for fmt, fn in fns.items():
+            bad = checks[fmt](fn)
+            if bad:
+                return bad
+            total += _graph_us(fn, layers, rep)
+        return total
+
+    for n in sizes:
+        progress(f"fp8 tune: n_loc={n}")
+        layers = _layers(n)
+        d0 = layers[0]
+        refs = {fmt: _gather_ref(fmt, d0) for fmt in FORMATS}
+        wcheck = {fmt: (lambda fn, fmt=fmt: _check_write(fmt, fn, d0)) for fmt in FORMATS}
+        gcheck = {fmt: (lambda fn, fmt=fmt: _check_gather(fn, d0, refs[fmt])) for fmt in FORMATS}
+        kinds = {
+            "quant_per_tensor": lambda **kw: both({"per_tensor": _triton_write("per_tensor", scale, **kw)}, wcheck, layers),
+            "quant_ds_mla": lambda **kw: both({"ds_mla": _triton_write("ds_mla", scale, **kw)}, wcheck, layers),
+            "dequant": lambda **kw: both({f: _triton_gather(f, scale, **kw) for f in FORMATS}, gcheck, layers),
+        }
+        for kind, time_it in kinds.items():
+            times = {}
+            for w, r in _triton_shapes(n):
+                times[(w, r)] = us = time_it(num_warps=w, rows_per_program=r, early_trigger=True)
+                add(res["triton"], kind, n, _shape_key(w, r, True), us)
+            timed = {k: v for k, v in times.items() if not isinstance(v, str)}
+            if timed:
+                w, r = min(timed, key=timed.get)
+                add(res["triton"], kind, n, _shape_key(w, r, False), time_it(num_warps=w, rows_per_program=r, early_trigger=False))
+        if _jit_available(layers):
+            for w in TUNE_WARPS:
+                for early in (True, False):
+                    us = both({f: _jit_write(f, scale, num_warps=w, early_trigger=early) for f in FORMATS}, wcheck, layers)
+                    add(res["jit"], "quant", n, f"w{w}{'e' if early else 'l'}", us)
+                us = both({f: _jit_gather(f, scale, num_warps=w) for f in FORMATS}, gcheck, layers)
+                add(res["jit"], "dequant", n, f"w{w}l", us)
+        del layers
+        torch.cuda.empty_cache()
+    return res
+
+
+def _parse_shape(key: str) -> tuple[int, int, bool]:
+    """``w4r2e`` -> (4, 2, True); ``w4e`` -> (4, 1, True)."""
+    body, early = key[1:-1], key[-1] == "e"
+    w, _, r = body.partition("r")
+    return int(w), int(r or 1), early
+
+
+def _steps(best: list[tuple[int, tuple]]) -> list[tuple]:
+    """``[(n, shape), ...]`` by increasing n -> table steps ``(max_n, *shape)``, equal neighbours merged, the last open."""
+    steps: list[tuple] = []
+    for n, shape in best:
+        if steps and steps[-1][1:] == shape:
+            steps[-1] = (n, *shape)
+        else:
+            steps.append((n, *shape))
+    if steps:
+        steps[-1] = (None, *steps[-1][1:])
+    return steps
+
+
+def format_tune(res: dict) -> str:
+    """Per kernel: the fastest shape at each size (with the runner-up's margin) and the table rows they make."""
+    out = [f"device: {res['device']}; us per call (quant: per format; jit quant and dequant: both formats summed)"]
+    for family, table in (("triton", res.get("triton", {})), ("jit", res.get("jit", {}))):
+        for kind, by_n in table.items():
+            out += ["", f"{family} {kind}", "", "| n_loc | fastest | us | next | us | all |", "|---|---|---|---|---|---|"]
+            best = []
+            for n in sorted(by_n, key=int):
+                timed = sorted((v, k) for k, v in by_n[n].items() if not isinstance(v, str))
+                wrong = [k for k, v in by_n[n].items() if isinstance(v, str)]
+                if not timed:
+                    out.append(f"| {n} | WRONG: {', '.join(wrong)} | | | | |")
+                    continue
+                (t0, k0), nxt = timed[0], (timed[1] if len(timed) > 1 else (None, "-"))
+                allc = ", ".join(f"{k} {v:.2f}" for v, k in timed) + (f"; WRONG: {', '.join(wrong)}" if wrong else "")
+                out.append(f"| {n} | {k0} | {t0:.2f} | {nxt[1]} | {_cell(nxt[0])} | {allc} |")
+                w, r, early = _parse_shape(k0)
+                best.append((int(n), (w, r, early) if family == "triton" else (w, early)))
+            out.append("")
+            name = "FP8_TRITON_STEPS" if family == "triton" else "FP8_JIT_STEPS"
+            out.append(f"{name}[{kind!r}] = {tuple(_steps(best))!r}")
+    return "\n".join(out)
+
+
+def _write_out(out: Path, stem: str, res: dict, text: str) -> None:
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{stem}.md").write_text(text + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``mlakv bench fp8``: returns 0 (also without a GPU: nothing to measure), 2 on a usage error.
 
-    Ctrl-C writes fp8.json and fp8.md with the rows measured so far, then raises ``KeyboardInterrupt``.
+    Writes fp8.json and fp8.md (``--tune``: fp8_tune.json and fp8_tune.md). Ctrl-C writes the rows
+    measured so far, then raises ``KeyboardInterrupt``.
     """
     args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
@@ -200,19 +404,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
+    if getattr(args, "tune", False):
+        try:
+            run_fp8_tune(args.sizes, into=res)
+        except KeyboardInterrupt:
+            if res.get("device"):
+                res["interrupted"] = True
+                _write_out(out, "fp8_tune", res, "INTERRUPTED (Ctrl-C): the sizes measured before it\n\n" + format_tune(res))
+            raise KeyboardInterrupt(f"the launch sweep measured so far is in {out}/fp8_tune.json and fp8_tune.md") from None
+        text = format_tune(res)
+        print(text)
+        _write_out(out, "fp8_tune", res, text)
+        return 0
     try:
         run_fp8_bench(args.sizes, into=res)
     except KeyboardInterrupt:
         if res.get("copy_gbs") is not None:
             res["interrupted"] = True
-            (out / "fp8.json").write_text(json.dumps(res, indent=1))
-            (out / "fp8.md").write_text("INTERRUPTED (Ctrl-C): the rows measured before it\n\n" + format_tables(res) + "\n")
+            _write_out(out, "fp8", res, "INTERRUPTED (Ctrl-C): the rows measured before it\n\n" + format_tables(res))
         raise KeyboardInterrupt(f"{len(res.get('write', []))} write rows and {len(res.get('gather', []))} gather rows "
                                 f"measured so far are in {out}/fp8.json and fp8.md") from None  # fmt: skip
     text = format_tables(res)
     print(text)
-    (out / "fp8.json").write_text(json.dumps(res, indent=1))
-    (out / "fp8.md").write_text(text + "\n")
+    _write_out(out, "fp8", res, text)
     return 0
 
 
