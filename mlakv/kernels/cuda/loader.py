@@ -10,6 +10,7 @@ architecture, so an edited kernel never loads a stale binary.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -135,7 +136,10 @@ def load_cuda_module(
         fresh = not (build_dir / f"{name}.so").exists()
         if fresh:  # a first build takes seconds: say so before, not only after
             logger.info("mlakv: compiling %s for %s (first use; cached afterwards)", name, arch)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(build_dir.with_name(build_dir.name + ".lock"), "w")  # noqa: SIM115 - held across the build
         try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same module: wait, then reuse it
             lib = tvm_ffi.cpp.build_inline(
                 name=name,
                 cuda_sources=cuda_source,
@@ -151,6 +155,7 @@ def load_cuda_module(
             errors = [ln for ln in lines if "error" in ln.lower()] or lines[-6:]
             raise JitUnavailable(f"building {name} for {arch} failed: {' | '.join(errors[:6])}") from e
         finally:
+            lock.close()  # releases the lock
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
