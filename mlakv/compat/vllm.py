@@ -369,6 +369,16 @@ def _span(t: torch.Tensor) -> torch.Tensor:
     return out.set_(t.untyped_storage(), t.storage_offset() * t.element_size(), (hi - lo,), (1,))
 
 
+_PROGRAMS_PER_SM = 4
+
+
+def _grid(t: torch.Tensor) -> Optional[int]:
+    """The row copy's grid bound for a device-local gather: every SM (None on the CPU)."""
+    if not t.is_cuda:
+        return None
+    return torch.cuda.get_device_properties(t.device).multi_processor_count * _PROGRAMS_PER_SM
+
+
 def _byte_gather(src_cache: torch.Tensor, dst: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, entry_bytes: int) -> None:
     """``dst[t] = src_cache slot[t]`` (``entry_bytes`` each) for valid ``t``: the HiCache row copy."""
     total = slot.shape[0]
@@ -379,7 +389,7 @@ def _byte_gather(src_cache: torch.Tensor, dst: torch.Tensor, slot: torch.Tensor,
     if not src_cache.is_cuda:  # the CPU copy refuses negative slots: pass the owned rows only
         keep = valid.nonzero().flatten()
         slot, out = slot[keep], out[keep]
-    copy_rows(_span(src_cache), _span(dst), slot, out, entry_bytes, src_layout, dst_layout)
+    copy_rows(_span(src_cache), _span(dst), slot, out, entry_bytes, src_layout, dst_layout, max_programs=_grid(dst))
 
 
 def _masked_store(dst_rows: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:
@@ -532,7 +542,7 @@ def _copy_units(src, dst, src_idx, dst_idx, unit: int, src_layout, dst_layout) -
     if not (src.is_cuda or dst.is_cuda):
         keep = (src_idx >= 0).nonzero().flatten()
         src_idx, dst_idx = src_idx[keep], dst_idx[keep]
-    copy_rows(src, dst, src_idx, dst_idx, unit, src_layout, dst_layout)
+    copy_rows(src, dst, src_idx, dst_idx, unit, src_layout, dst_layout, max_programs=_grid(dst))
 
 
 def _resident_and_host_rows(src_cache, slot, valid, host_cache, host_row_ids, device_row_ids):
@@ -618,7 +628,9 @@ def _swap_impl(src, dst, block_size_in_bytes, block_mapping) -> None:
         raise ValueError("block_mapping: a destination block appears twice (the copies run concurrently)")
     idx = block_mapping.to(gpu) if gpu.type == "cuda" else block_mapping
     layout = (1, bsb, 0)
-    copy_rows(s_span, d_span, idx[:, 0], idx[:, 1], bsb, layout, layout)
+    # GPU <-> GPU: every SM; a host side: the transfer's own SM budget (it overlaps compute, as vLLM's copy engine does)
+    grid = _grid(src) if src.is_cuda and dst.is_cuda else None
+    copy_rows(s_span, d_span, idx[:, 0], idx[:, 1], bsb, layout, layout, max_programs=grid)
 
 
 def _swap_fake(src, dst, block_size_in_bytes, block_mapping) -> None:

@@ -227,6 +227,8 @@ def copy_rows(
     row_bytes: int,
     src_layout: Sequence[int],
     dst_layout: Sequence[int],
+    *,
+    max_programs: Optional[int] = None,
 ) -> None:
     """HiCache's row copy ``dst[dst_idx[i]] = src[src_idx[i]]`` (``row_bytes`` each).
 
@@ -237,12 +239,15 @@ def copy_rows(
     whose ``row_bytes`` are not all inside its buffer (a negative one included) raises
     ``IndexError`` before anything is written on the CPU (both buffers there); on CUDA the Triton
     kernel (:func:`mlakv.kernels.triton.transfer.launch_copy_rows`) skips it unchecked.
+    ``max_programs`` bounds the kernel's persistent grid (None: the transfer's SM budget,
+    :data:`~mlakv.kernels.triton.transfer.DEFAULT_MAX_PROGRAMS`; a device-local gather passes more).
     """
     rules.check_copy_rows(src, dst, src_idx, dst_idx, row_bytes, src_layout, dst_layout)
     if src.is_cuda or dst.is_cuda:
         from mlakv.kernels.triton.transfer import launch_copy_rows
 
-        launch_copy_rows(src, dst, src_idx, dst_idx, row_bytes, tuple(src_layout), tuple(dst_layout))
+        extra = {} if max_programs is None else {"max_programs": rules.check_int_arg(max_programs, "max_programs", 1)}
+        launch_copy_rows(src, dst, src_idx, dst_idx, row_bytes, tuple(src_layout), tuple(dst_layout), **extra)
         return
     for name, idx, buf, lay in (("src_idx", src_idx, src, src_layout), ("dst_idx", dst_idx, dst, dst_layout)):
         i = rules.copy_rows_bad_unit(idx, lay, row_bytes, buf.numel() * buf.element_size())
