@@ -49,6 +49,7 @@ from mlakv.distributed.dcp import (
     make_dcp_pool,
     run_ranks,
 )
+from mlakv.argtypes import out_dir
 from mlakv.demo.model import default_dtype, make_model
 
 from .timing import graph_median_us, sync, wall_median_s
@@ -390,7 +391,7 @@ def single_device(device: torch.device, sizes: Sizes, out: Path, argv: list[str]
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m mlakv.bench.dcp_two_gpu", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("bench-out/dcp"), help="where the .md and .json go")
+    ap.add_argument("--out", type=out_dir, default=Path("bench-out/dcp"), help="where the .md and .json go (checked writable first)")
     ap.add_argument("--world", type=int, default=2, help="ranks to spawn when not under torchrun (default 2)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run)")

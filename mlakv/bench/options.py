@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mlakv.argtypes import positive_int
+from mlakv.argtypes import out_dir, positive_int
 
 __all__ = [
     "LAYOUT_NAMES",
@@ -108,7 +108,8 @@ def kv_write_parser() -> argparse.ArgumentParser:
                     help=f"fewer sizes (GPU {QUICK_SIZES}, CPU {CPU_QUICK_SIZES}) and no int32 spot check")  # fmt: skip
     ap.add_argument("--no-cold", action="store_true", help="GPU: skip the L2-flushed medians")
     ap.add_argument("--tune", action="store_true", help="GPU: also time JIT launch variants (warps x items x TMA/direct)")
-    ap.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for results.json, report.md and the plot")
+    ap.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                    help="directory for results.json, report.md and the plot (checked writable before the sweep)")  # fmt: skip
     return ap
 
 
@@ -155,7 +156,8 @@ def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing 
     p = argparse.ArgumentParser(prog="mlakv bench fp8", description=description)
     p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE, dedup=False), default=list(FP8_SIZES),
                    help=f"comma list of n_loc values, 1..{MAX_SIZE} (default {','.join(map(str, FP8_SIZES))})")  # fmt: skip
-    p.add_argument("--out", default="bench-out", help="directory for fp8.json and fp8.md")
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                   help="directory for fp8.json and fp8.md (checked writable before measuring)")  # fmt: skip
     return p
 
 

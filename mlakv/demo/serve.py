@@ -13,6 +13,7 @@ there and used where its step is.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -21,10 +22,11 @@ from typing import Callable, Optional
 import torch
 
 from mlakv.mem_cache import MLATokenToKVPool
+from mlakv.mem_cache.memory_pool import host_available_bytes
 from mlakv.demo.engine import DecodeGraphRunner, Engine, Request
 from mlakv.demo.model import DictKVCache, MLAConfig, PoolKVCache
 from mlakv.mem_cache.allocator import TokenSlotAllocator
-from mlakv.demo.model import PrefillSegment, default_dtype, make_model
+from mlakv.demo.model import MLAModel, PrefillSegment, default_dtype, make_model
 from mlakv.demo.options import build_parser
 
 
@@ -256,8 +258,68 @@ def fp8_logit_drift(cfg: MLAConfig, model, device, dtype, fmt: str, prompts: lis
     return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "top1": sum(agree) / len(agree), "compared": len(agree)}
 
 
+def demo_memory_bytes(cfg: MLAConfig, n_prompts: int, plen: int, dbatch: int, steps: int, elem: int,
+                      gpu: bool) -> dict[str, int]:
+    """An upper estimate of what the demo allocates, by part (bytes), computed from the sizes alone
+    (nothing is built): ``model`` (its parameters, counted on the meta device), ``pool`` (every layer's
+    rows), ``prefill`` (the batch's activations: hidden states, per-head queries, logits; on a GPU once
+    per captured variant), ``attention`` (one prompt's scores and probabilities at a time) and
+    ``host_lists`` (the prompts as Python lists, on the host in every case)."""
+    with torch.device("meta"):
+        one = sum(p.numel() for p in MLAModel(dataclasses.replace(cfg, n_layers=1)).parameters())
+        two = sum(p.numel() for p in MLAModel(dataclasses.replace(cfg, n_layers=2)).parameters())
+    per_layer = two - one
+    n_tok = n_prompts * plen
+    row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    pool_size = max(n_tok, dbatch * (64 + steps + 8)) + 64
+    per_token = (8 * cfg.hidden + 3 * cfg.n_heads * row + cfg.vocab_size) * elem + 3 * 8
+    return {
+        "model": (one - per_layer + per_layer * cfg.n_layers) * elem,
+        "pool": cfg.n_layers * (pool_size + 1) * row * elem,
+        "prefill": n_tok * per_token * (len(VARIANTS) if gpu else 1),
+        "attention": cfg.n_heads * plen * plen * (2 * elem + 1) + 2 * plen * row * elem,
+        "host_lists": n_tok * 40,
+    }
+
+
+def check_demo_memory(parts: dict[str, int], gpu: bool, device: torch.device) -> Optional[str]:
+    """None if the estimate fits what the device and the host can still give (the host: the least of
+    ``MemAvailable``, the cgroup limit and ``ulimit -v``), else the one-line reason."""
+    dev_need = sum(v for k, v in parts.items() if k != "host_lists")
+    host_need = parts["host_lists"] + (0 if gpu else dev_need)
+    host_free = host_available_bytes()
+    dev_free = torch.cuda.mem_get_info(device)[0] if gpu else host_free
+    gib = 2**30
+    what = ", ".join(f"{k} {v / gib:.1f}" for k, v in parts.items() if k != "host_lists")
+    if gpu and dev_free is not None and dev_need > dev_free:
+        return (f"needs about {dev_need / gib:.1f} GiB of GPU memory ({what} GiB) but {dev_free / gib:.1f} GiB is free")
+    if host_free is not None and host_need > host_free:
+        return (f"needs about {host_need / gib:.1f} GiB of host memory (prompt lists {parts['host_lists'] / gib:.1f}"
+                f"{'' if gpu else ', ' + what} GiB) but {host_free / gib:.1f} GiB is available (MemAvailable, cgroup "
+                "limit, ulimit -v)")
+    return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    )
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """``mlakv demo``: returns 0, or 1 if the reference check failed."""
+    """``mlakv demo``: returns 0, 1 if the reference check failed or memory ran out, 2 on a usage
+    error (sizes too large for this machine are one, found before anything is built)."""
+    try:
+        return _run(argv)
+    except BaseException as e:  # noqa: BLE001 - only out-of-memory is turned into one line
+        if not _out_of_memory(e):
+            raise
+        print(f"mlakv demo: out of memory ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+              "lower --prompts, --prompt-len, --decode-batch or --layers", file=sys.stderr)
+        return 1
+
+
+def _run(argv: Optional[list[str]]) -> int:
     args = build_parser().parse_args(argv)
     if args.l3 == "mooncake":
         from .l3 import main as l3_main
@@ -272,6 +334,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     n_prompts = args.prompts or (16 if gpu else 4)
     plen = args.prompt_len or (1024 if gpu else 64)
     dbatch = args.decode_batch or (32 if gpu else 8)
+    steps = args.decode_steps or (32 if gpu else 8)
+    parts = demo_memory_bytes(cfg, n_prompts, plen, dbatch, steps, torch.empty((), dtype=dtype).element_size(), gpu)
+    too_big = check_demo_memory(parts, gpu, device)
+    if too_big:  # before the model, the pool or the prompts exist
+        print(f"mlakv demo: {n_prompts} prompts x {plen} tokens, decode batch {dbatch}, {cfg.n_layers} layers "
+              f"{too_big}; lower --prompts, --prompt-len, --decode-batch or --layers", file=sys.stderr)
+        return 2
     name = torch.cuda.get_device_name() if gpu else "CPU"
     print(f"mlakv demo on {name}: {cfg.n_layers}-layer MLA model (kv_lora_rank {cfg.kv_lora_rank} + rope "
           f"{cfg.qk_rope_head_dim}, {dtype}), prefill {n_prompts} x {plen} tokens, decode batch {dbatch}"
@@ -284,7 +353,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = make_model(cfg, device, dtype)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, cfg.vocab_size, (plen,), generator=g).tolist() for _ in range(n_prompts)]
-    steps = args.decode_steps or (32 if gpu else 8)
     ctx = 64 + steps + 8
     pool_size = max(n_prompts * plen, dbatch * ctx) + 64
     pool = MLATokenToKVPool(pool_size, 1, dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_layers, device)
