@@ -252,7 +252,14 @@ template <bool kBf16, int kNope, int kRope, bool kNeox, bool kUsePDL, bool kEarl
 __device__ __forceinline__ void query_row(const RopeWriteArgs& a, int64_t item, int lane) {
   constexpr int kNC = kNope / 8;
   constexpr int kNI = (kNC + 31) / 32;
-  const int64_t t = item / a.heads;
+  // (token, head) of the item: a 32-bit division where it fits (a 64-bit one is a long emulated sequence
+  // per warp), which is every call short of 2^32 query rows.
+  int64_t t;
+  if (item <= 0xffffffffll && a.heads <= 0xffffffffll) {
+    t = static_cast<uint32_t>(item) / static_cast<uint32_t>(a.heads);
+  } else {
+    t = item / a.heads;
+  }
   const int64_t h = item - t * a.heads;
   const uint8_t* nsrc = a.q_nope + t * a.qn_s0 + h * a.qn_s1;
   const uint32_t* psrc = reinterpret_cast<const uint32_t*>(a.q_pe + t * a.qp_s0 + h * a.qp_s1);
