@@ -23,7 +23,6 @@ Run: ``python -m mlakv bench indexer [--sizes 1,8,64,512,4096,65536] [--sweep] [
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,15 +30,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from mlakv.argtypes import out_dir
 from mlakv.ops.indexer import get_index_k_buffer, index_k_path, set_index_k_buffer
 from mlakv.ops.indexer_reference import INDEX_PAGE_BYTES, store_index_k_reference
 
 from . import timing
+from .options import INDEXER_SIZES, indexer_parser
 
 __all__ = ["DEFAULT_SIZES", "build_sglang_indexer_store", "run_indexer_bench", "format_tables", "main"]
 
-DEFAULT_SIZES = [1, 8, 64, 512, 4096, 65536]
+DEFAULT_SIZES = INDEXER_SIZES
 STORE_BYTES_PER_KEY = 256 + 132  # bf16 key read + e4m3 key and fp32 scale written
 GATHER_BYTES_PER_TOKEN = 132 + 132
 
@@ -195,28 +194,13 @@ def format_tables(res: dict) -> str:
     return "\n".join(out)
 
 
-def _key_counts(text: str) -> list[int]:
-    try:
-        vals = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers (key counts), got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"key counts must be integers >= 1, got {text!r}")
-    return vals
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="mlakv bench indexer", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=_key_counts, default=list(DEFAULT_SIZES), help="comma-separated key counts (>= 1)")
-    p.add_argument("--sweep", action="store_true", help="also time the JIT store at every launch shape")
-    p.add_argument("--out", type=out_dir, default=Path("bench-out"),
-                   help="directory for indexer.json and indexer.md (checked writable before measuring)")  # fmt: skip
-    args = p.parse_args(argv)  # a bad --sizes or --out is a usage error (exit 2), on any machine
+    # the command line is mlakv.bench.options.indexer_parser's: a bad --sizes is a usage error (exit 2), on any machine
+    args = indexer_parser(__doc__.splitlines()[0]).parse_args(argv)
     if not torch.cuda.is_available():
         print("indexer bench: no CUDA GPU here; the kernels' timings need one (nothing measured)")
         return 0
-    sizes = args.sizes
-    res = run_indexer_bench(sizes, sweep=args.sweep)
+    res = run_indexer_bench(list(args.sizes), sweep=args.sweep)
     text = format_tables(res)
     print(text)
     out = Path(args.out)

@@ -26,6 +26,7 @@ __all__ = [
     "hicache_l3_parser",
     "fp8_parser",
     "rope_parser",
+    "indexer_parser",
     "wants_l3",
     "parser_for",
 ]
@@ -187,6 +188,23 @@ def rope_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---- mlakv bench indexer -------------------------------------------------------------------------
+INDEXER_SIZES = [1, 8, 64, 512, 4096, 65536]
+
+
+def indexer_parser(
+    description: str = "DSA indexer K cache benchmark: the quantizing store (mlakv, its kernels, sglang's) and the gather.",
+) -> argparse.ArgumentParser:
+    """The ``mlakv bench indexer`` parser."""
+    p = argparse.ArgumentParser(prog="mlakv bench indexer", description=description)
+    p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE, dedup=False), default=list(INDEXER_SIZES),
+                   help=f"comma list of key counts, 1..{MAX_SIZE} (default {','.join(map(str, INDEXER_SIZES))})")  # fmt: skip
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the JIT store at every launch shape (keys per half-warp, warps, PDL trigger place)")  # fmt: skip
+    p.add_argument("--out", default="bench-out", help="directory for indexer.json and indexer.md")
+    return p
+
+
 def wants_l3(argv: Sequence[str]) -> bool:
     """Whether a ``mlakv bench hicache`` command line asks for the L3 bench (``--l3 X`` or ``--l3=X``)."""
     return any(a == "--l3" or a.startswith("--l3=") for a in argv)
@@ -200,4 +218,6 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
         return fp8_parser()
     if argv and argv[0] == "rope":
         return rope_parser()
+    if argv and argv[0] == "indexer":
+        return indexer_parser()
     return kv_write_parser()
