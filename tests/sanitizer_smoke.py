@@ -18,7 +18,10 @@ dequantizing gather (JIT and Triton, per_tensor and ds_mla); the DSA indexer K c
 every launch shape, Triton, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
 invalid page ids, a short table, an output shorter than the requests); the fused RoPE write (JIT,
 Triton, the public op; every cache format, no / bf16 / e4m3 query, both RoPE styles, every loc kind,
-positions outside the table).
+positions outside the table); a hostile caller (issue 22): rows moved within the cache (a source
+aliasing the buffer, through the pool and the dispatcher, JIT and Triton), the registered ops with
+bad arguments (refused, or out-of-range slots skipped by the kernel), and the host pool raced by
+threads (alloc / backup / load / free) with a device index vector rewritten between layers.
 
 The caching allocator is turned off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every tensor
 is its own allocation and memcheck sees an access past any of them. Every result is also checked
@@ -454,6 +457,86 @@ class Smoke:
             self.check(f"rope write ds_mla dcp 2/1 {name}", launched and torch.equal(kv.cpu(), want))
 
 
+def hostile(smoke: "Smoke") -> None:
+    """Issue 22's kernel cases on the GPU: the aliasing write, the ops with bad arguments, the host-pool race."""
+    import threading
+
+    from mlakv.mem_cache import MLATokenToKVPool, MLATokenToKVPoolHost
+
+    for n in (4, 300, 3000):  # small: Triton; large unchecked: the JIT kernel
+        for check in (False, True):
+            pool = MLATokenToKVPool(n + 64, 1, torch.bfloat16, 512, 64, 1, "cuda", check_bounds=check)
+            buf = pool.get_key_buffer(0)
+            buf.view(torch.uint8).random_(0, 256)
+            before = buf.clone()
+            pool.set_kv_buffer(0, torch.arange(9, 9 + n, device="cuda"), buf[8 : 8 + n])
+            torch.cuda.synchronize()
+            want = _bits(before).clone()
+            want[9 : 9 + n] = _bits(before)[8 : 8 + n]
+            smoke.check(f"aliasing write n={n} check_bounds={check}", torch.equal(_bits(buf), want))
+    kv = _rand(600, 576, torch.bfloat16)
+    before = kv.clone()
+    set_mla_kv_buffer_triton(kv, torch.arange(0, 512, device="cuda"), kv[1:513, :512], kv[1:513, 512:])
+    torch.cuda.synchronize()
+    want = _bits(before).clone()
+    want[:512] = _bits(before)[1:513]
+    smoke.check("aliasing write, dispatcher, shifted down", torch.equal(_bits(kv), want))
+    # the ops with bad arguments: refused before any launch, or slots skipped inside the buffers
+    kv3 = _rand(3, 12, torch.bfloat16).view(3, 1, 12)
+    try:
+        torch.ops.mlakv.get_mla_kv_buffer(kv3, torch.tensor([2], device="cuda"), 20, 4, False)
+        refused = False
+    except ValueError:
+        refused = True
+    smoke.check("op get_mla_kv_buffer wider than the row: refused", refused)
+    src = torch.randint(0, 256, (4 * 64,), dtype=torch.uint8, device="cuda")
+    dst = torch.zeros(4 * 64, dtype=torch.uint8, device="cuda")
+    for bad in (-1, 4, 10**12, -(10**12)):
+        torch.ops.mlakv.copy_rows(src, dst, torch.tensor([1, 2], device="cuda"), torch.tensor([0, bad], device="cuda"),
+                                  64, [1, 64, 64], [1, 64, 64])  # fmt: skip
+        torch.cuda.synchronize()
+        smoke.check(f"op copy_rows dst slot {bad}: skipped", torch.equal(dst[:64], src[64:128]) and not dst[64:].any())
+    # the host pool raced by threads, a device vector rewritten (no version bump) between layers
+    P = 4
+    pool = MLATokenToKVPool(256, P, torch.bfloat16, 512, 64, 2, "cuda")
+    host = MLATokenToKVPoolHost(pool, host_size=512, layout="page_first_direct")
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        dev = torch.arange((1 + 4 * k) * P, (3 + 4 * k) * P, device="cuda")
+        try:
+            for _ in range(20):
+                slots = host.alloc(2 * P)
+                if slots is None:
+                    continue
+                host.backup_from_device_all_layer(pool, slots, dev)
+                host.synchronize()
+                new = dev.clone()
+                host.load_to_device_per_layer(pool, slots, new, 0)
+                new.data.copy_(dev + 2 * P)  # other valid slots of this thread, no version bump
+                host.load_to_device_per_layer(pool, slots, new, 1)
+                host.synchronize()
+                host.free(slots)
+        except Exception as e:  # noqa: BLE001 - reported by the check below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    smoke.check("host pool race: every page back, no error", not errors and host.available_size() == host.size)
+    slots = host.alloc(2 * P)
+    vec = torch.arange(P, 3 * P, device="cuda")
+    host.load_to_device_per_layer(pool, slots, vec, 0)
+    vec.data.fill_(10**9)  # out of range after validation: the kernel reads it live and skips every unit
+    layer1 = pool.kv_buffer[1].clone()
+    host.load_to_device_per_layer(pool, slots, vec, 1)
+    host.synchronize()
+    smoke.check("host pool: a vector rewritten out of range is skipped", torch.equal(_bits(pool.kv_buffer[1]), _bits(layer1)))
+    host.free(slots)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("sanitizer smoke: needs a CUDA GPU (none present)")
@@ -461,7 +544,7 @@ def main() -> int:
     torch.manual_seed(0)
     smoke = Smoke()
     for part in (smoke.writes, smoke.converting_writes, smoke.refused, smoke.gather, smoke.move, smoke.host_copy, smoke.fp8,
-                 smoke.indexer, smoke.rope_write):
+                 smoke.indexer, smoke.rope_write, lambda: hostile(smoke)):
         part()
     print(f"sanitizer smoke: {smoke.cases - smoke.failures}/{smoke.cases} variant runs bit-exact")
     return 1 if smoke.failures else 0
