@@ -18,6 +18,7 @@ from mlakv import _env
 from mlakv.spec import rules
 from mlakv.ops import custom_ops as _ops  # registers the torch.ops.mlakv.* ops the pool uses under torch.compile
 from mlakv.ops import route as _route
+from mlakv.ops import v4 as _v4
 from mlakv.ops.fp8 import check_pool_fp8
 from mlakv.spec import formats as _formats
 
@@ -165,7 +166,14 @@ class MLATokenToKVPool:
             ``"ds_mla"`` (with ``dtype=torch.float8_e4m3fn``; see :mod:`mlakv.ops.fp8`): bf16/fp16
             sources are quantized inside the write, :meth:`get_mla_kv_buffer` dequantizes in the gather.
             ``ds_mla`` rows are ``kv_lora_rank + 4 * kv_lora_rank / 128 + 2 * rope`` bytes (656 for
-            512 + 64) and :meth:`get_key_buffer` returns them as uint8.
+            512 + 64) and :meth:`get_key_buffer` returns them as uint8. The DeepSeek-V4 family's
+            paged formats ``"v4"``, ``"v41"``, ``"v41_fp4"``, ``"v41_new"``, ``"v41_fp4_new"`` (with
+            ``dtype`` bf16/fp16, ``kv_lora_rank=448``, ``qk_rope_head_dim=64``, ``page_size`` a power
+            of two, 64 for FlashMLA; see :mod:`mlakv.ops.v4`): each layer is ``[num_pages, page_bytes]``
+            uint8 (what :meth:`get_key_buffer` returns), :meth:`set_kv_buffer` quantizes ``[n, 512]``
+            tokens in the write (optionally rotating their RoPE tail: ``freqs_cis`` or ``positions`` +
+            ``cos_sin_cache``), :meth:`get_mla_kv_buffer` dequantizes to bf16; the buffer infos'
+            item is a page. The whole-pool row operations (move, CPU copy) take row formats only.
         k_scale: per_tensor's scale: a positive float, or a 1-element fp32 tensor on ``device`` (kept
             by reference, so it may change between writes and CUDA-graph replays).
 
@@ -222,11 +230,18 @@ class MLATokenToKVPool:
         self.layer_num = layer_num
         self.device = torch.device(device)
         self.kv_cache_format = kv_cache_format
-        self.k_scale = check_pool_fp8(
-            kv_cache_format, k_scale, dtype, kv_lora_rank, qk_rope_head_dim, dcp_world_size, self.device
-        )
+        self._v4 = kv_cache_format in _v4.V4_LAYOUTS  # a DeepSeek-V4 family pool: block-split pages
+        if self._v4:
+            page_size = _check_v4_pool(kv_cache_format, dtype, kv_lora_rank, qk_rope_head_dim, page_size, k_scale)
+            self.store_dtype = torch.uint8
+            self.k_scale = None
+        else:
+            self.k_scale = check_pool_fp8(
+                kv_cache_format, k_scale, dtype, kv_lora_rank, qk_rope_head_dim, dcp_world_size, self.device
+            )
         self.format = _formats.resolve(kv_cache_format, dtype, kv_lora_rank, qk_rope_head_dim)
-        self.kv_cache_dim = self.format.row_elems  # the stored row's elements (ds_mla: its bytes)
+        # the stored row's elements (ds_mla: its bytes; a V4-family pool: a token's bytes)
+        self.kv_cache_dim = self.format.token_bytes if self._v4 else self.format.row_elems
         self.start_layer = 0 if start_layer is None else start_layer
         self.end_layer = self.start_layer + layer_num if end_layer is None else end_layer
         if self.end_layer - self.start_layer != layer_num:
@@ -241,22 +256,29 @@ class MLATokenToKVPool:
         rows = -(-self.num_logical_slots // dcp_world_size)
         self.num_slots = -(-rows // page_size) * page_size
         elem = torch.empty((), dtype=self.store_dtype).element_size()
-        need = layer_num * self.num_slots * self.kv_cache_dim * elem
+        shape = (
+            (self.num_slots // page_size, self.format.page_bytes(page_size))  # V4 family: whole pages
+            if self._v4 else self.format.buffer_shape(self.num_slots, page_size)
+        )  # fmt: skip
+        need = layer_num * elem * (shape[0] * shape[-1])
         free = _free_bytes(self.device)
         if free is not None and need > free:
             raise MemoryError(
                 f"MLATokenToKVPool needs {need / 2**30:.2f} GiB ({layer_num} layers x {self.num_slots} slots x "
-                f"{self.kv_cache_dim * elem} bytes) but {self.device} has {free / 2**30:.2f} GiB free"
+                f"{need // (layer_num * self.num_slots)} bytes) but {self.device} has {free / 2**30:.2f} GiB free"
             )
-        self.kv_buffer = [
-            torch.zeros(self.format.buffer_shape(self.num_slots, page_size), dtype=self.store_dtype, device=self.device)
-            for _ in range(layer_num)
-        ]
+        self.kv_buffer = [torch.zeros(shape, dtype=self.store_dtype, device=self.device) for _ in range(layer_num)]
         # The write and gather of this layout, bound once: set_kv_buffer and get_mla_kv_buffer call it.
-        self._route = _route.bind(
-            self.format, dtype, self.kv_buffer, check_bounds=check_bounds, reserved_skip_index=RESERVED_SLOT,
-            dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, k_scale=self.k_scale,
-        )  # fmt: skip
+        if self._v4:
+            self._route = _v4.bind_v4(
+                kv_cache_format, page_size, self.kv_buffer, check_bounds=check_bounds,
+                reserved_skip_index=RESERVED_SLOT, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+            )  # fmt: skip
+        else:
+            self._route = _route.bind(
+                self.format, dtype, self.kv_buffer, check_bounds=check_bounds, reserved_skip_index=RESERVED_SLOT,
+                dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, k_scale=self.k_scale,
+            )  # fmt: skip
         # Views in the pool dtype, made once (ds_mla: the uint8 rows): what get_key_buffer returns.
         self._dtype_views = self._route.views
         self._row_split = (kv_lora_rank, qk_rope_head_dim)
@@ -322,6 +344,10 @@ class MLATokenToKVPool:
         loc: torch.Tensor,
         cache_k: torch.Tensor,
         cache_v: Optional[torch.Tensor] = None,
+        *,
+        freqs_cis: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        cos_sin_cache: Optional[torch.Tensor] = None,
     ) -> None:
         """Write one layer's rows at *logical* slots ``loc``, in either of two forms.
 
@@ -343,13 +369,27 @@ class MLATokenToKVPool:
         launcher checks every rule; every other call, and any the launcher refuses, takes the
         dispatcher's checked path, which names the broken rule.
 
+        A V4-family pool (``kv_cache_format="v41"`` etc.) quantizes the ``[n, 512]`` tokens into its pages
+        (:func:`mlakv.ops.v4.set_v4_kv_buffer`); ``freqs_cis [n, 64]`` fp32 ``(cos, sin)`` pairs, or
+        ``positions [n]`` with ``cos_sin_cache [max_pos, 64]``, rotate their RoPE tail inside the write.
+
         Args:
             layer: global layer id (an int, numpy integers included; not a bool), or an object with
                 ``.layer_id``.
             loc: ``[n_loc]`` int32/int64, any stride.
         """
         nope, rope = self._split_row_sources(cache_k, cache_v)
-        self._route.write(self._local_layer(layer), loc, nope, rope)
+        if freqs_cis is None and positions is None and cos_sin_cache is None:
+            self._route.write(self._local_layer(layer), loc, nope, rope)
+        elif self._v4:
+            self._route.write(
+                self._local_layer(layer), loc, nope, rope, freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache
+            )
+        else:
+            raise ValueError(
+                "freqs_cis / positions rotate inside the write of a V4-family pool only; this pool's "
+                f"kv_cache_format is {self.kv_cache_format!r} (use set_kv_buffer_rope)"
+            )
 
     def _split_row_sources(
         self, cache_k: torch.Tensor, cache_v: Optional[torch.Tensor]
@@ -429,6 +469,7 @@ class MLATokenToKVPool:
         ``[0, num_slots)`` raises ``IndexError`` when checked (always on CPU, ``check_bounds`` on
         GPU) and is skipped otherwise; nothing outside the buffers is touched.
         """
+        self._rows_only("move_kv_cache")
         check = self.check_bounds
         if torch.compiler.is_compiling():
             _ops.move_kv_cache_op(self.kv_buffer, tgt_loc, src_loc, check, disjoint)
@@ -443,6 +484,7 @@ class MLATokenToKVPool:
         Returns ``out[layer][chunk]``: ``[<= chunk_size, 1, kv_cache_dim]`` tensors in the storage
         dtype, ``indices`` taken ``chunk_size`` at a time (sglang's format; an int >= 1). Syncs the device.
         """
+        self._rows_only("get_cpu_copy")
         chunk_size = rules.check_int_arg(chunk_size, "chunk_size", 1)
         idx = self._checked_slots(indices, "indices")
         out = []
@@ -454,6 +496,7 @@ class MLATokenToKVPool:
 
     def load_cpu_copy(self, kv_cache_cpu: list[list[torch.Tensor]], indices: torch.Tensor) -> None:
         """Write back what :meth:`get_cpu_copy` returned, at rows ``indices`` (same count and chunking)."""
+        self._rows_only("load_cpu_copy")
         idx = self._checked_slots(indices, "indices")
         if len(kv_cache_cpu) != self.layer_num:
             raise ValueError(f"kv_cache_cpu has {len(kv_cache_cpu)} layers but this pool holds {self.layer_num}")
@@ -473,6 +516,11 @@ class MLATokenToKVPool:
                 buf[idx[start : start + c.shape[0]]] = c.to(self.device, non_blocking=True)
                 start += c.shape[0]
 
+    def _rows_only(self, what: str) -> None:
+        """Raise ``ValueError`` for a whole-pool row operation on a V4-family pool (its layers are pages)."""
+        if self._v4:
+            raise ValueError(f"{what} moves rows; a {self.kv_cache_format!r} pool holds block-split pages")
+
     def _checked_slots(self, indices: torch.Tensor, name: str) -> torch.Tensor:
         """``indices`` as int64 on the pool device, after the rule book's check that they are slots in
         ``[0, num_slots)`` (:func:`mlakv.spec.rules.check_token_slots`)."""
@@ -486,14 +534,28 @@ class MLATokenToKVPool:
         return sum(b.numel() * b.element_size() for b in self.kv_buffer)
 
     def get_contiguous_buf_infos(self) -> tuple[list[int], list[int], list[int]]:
-        """``(data_ptrs, data_lens, item_lens)`` per layer: base address, buffer bytes, row (slot) bytes."""
+        """``(data_ptrs, data_lens, item_lens)`` per layer: base address, buffer bytes, row (slot) bytes
+        (a V4-family pool: page bytes, the unit its pages move in)."""
         ptrs = [b.data_ptr() for b in self.kv_buffer]
         lens = [b.numel() * b.element_size() for b in self.kv_buffer]
         items = [b[0].numel() * b.element_size() for b in self.kv_buffer]
         return ptrs, lens, items
 
     def row_bytes(self) -> int:
-        """Bytes of one token row of one layer."""
+        """Bytes of one token row of one layer (a V4-family pool: a token's bytes, page padding not included)."""
         return self.kv_cache_dim * self.kv_buffer[0].element_size()
 
 
+def _check_v4_pool(kv_cache_format, dtype, kv_lora_rank, qk_rope_head_dim, page_size, k_scale) -> int:
+    """A V4-family pool's settings: bf16/fp16 values, 448 + 64 wide tokens, a power-of-two page size
+    (returned), no ``k_scale``. Raises ``TypeError``/``ValueError`` naming the setting."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"kv_cache_format={kv_cache_format!r} takes dtype bfloat16 or float16 (its tokens), got {dtype}")
+    if (kv_lora_rank, qk_rope_head_dim) != (rules.V4_DIM - rules.V4_ROPE_DIM, rules.V4_ROPE_DIM):
+        raise ValueError(
+            f"kv_cache_format={kv_cache_format!r} stores 448 + 64 values per token; got kv_lora_rank={kv_lora_rank}, "
+            f"qk_rope_head_dim={qk_rope_head_dim}"
+        )
+    if k_scale is not None:
+        raise ValueError(f"k_scale is only used with kv_cache_format='per_tensor', not {kv_cache_format!r}")
+    return rules.check_page_size(page_size)

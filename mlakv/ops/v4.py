@@ -28,7 +28,7 @@ from mlakv.spec import rules
 from . import dispatch
 from .v4_reference import V4_LAYOUTS, v4_geometry
 
-__all__ = ["V4_LAYOUTS", "set_v4_kv_buffer", "get_v4_kv_buffer", "v4_store_path", "v4_page_bytes"]
+__all__ = ["V4_LAYOUTS", "set_v4_kv_buffer", "get_v4_kv_buffer", "v4_store_path", "v4_page_bytes", "V4Route", "bind_v4"]
 
 _ENCODING = {"v4": 0, "v41": 1, "v41_fp4": 2}
 
@@ -150,3 +150,108 @@ def get_v4_kv_buffer(
             i = int(bad.nonzero()[0, 0])
             raise IndexError(f"loc[{i}] = {int(loc[i])} is out of range for kv_pages with num_pages * page_size = {num_slots}")
     return dispatch.run_v4_gather(kv_pages, loc, layout, page_size, g.kernel_geometry(page_size), _ENCODING[g.encoding])
+
+
+# ---- a pool's store and gather, bound once (MLATokenToKVPool with a V4-family kv_cache_format) -------
+
+
+class V4Route:
+    """The store and gather of one V4-family pool, with the row selection and bounds policy bound once
+    (the pool's ``set_kv_buffer`` / ``get_mla_kv_buffer`` call it). Built by :func:`bind_v4`.
+
+    Attributes:
+        layout, page_size: the format and tokens per page.
+        buffers / views: the layers' page buffers ``[num_pages, page_bytes]`` uint8 (``views`` is the
+            same list: what ``get_key_buffer`` returns, the pages FlashMLA reads).
+        check_bounds: whether writes and gathers check slots (settable).
+    """
+
+    __slots__ = ("layout", "page_size", "buffers", "views", "check_bounds", "skip", "dcp_world_size", "dcp_rank")
+
+    def __init__(self, layout, page_size, buffers, *, check_bounds, reserved_skip_index, dcp_world_size, dcp_rank):
+        self.layout = layout
+        self.page_size = page_size
+        self.buffers = buffers
+        self.views = buffers
+        self.check_bounds = check_bounds
+        self.skip = reserved_skip_index
+        self.dcp_world_size = dcp_world_size
+        self.dcp_rank = dcp_rank
+
+    def write(
+        self,
+        layer: int,
+        loc: torch.Tensor,
+        k_nope: torch.Tensor,
+        k_rope: torch.Tensor,
+        *,
+        freqs_cis: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        cos_sin_cache: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Store tokens ``[k_nope (448) | k_rope (64)]`` of local layer ``layer`` at logical slots ``loc``.
+
+        Two views of one ``[n, 512]`` row (what the pool's full-row form passes) are stored from that
+        row directly; separate tensors are joined first (one copy)."""
+        kv = _joined(k_nope, k_rope)
+        set_v4_kv_buffer(
+            self.buffers[layer], loc, kv, self.layout, self.page_size, freqs_cis=freqs_cis, positions=positions,
+            cos_sin_cache=cos_sin_cache, reserved_skip_index=self.skip, dcp_world_size=self.dcp_world_size,
+            dcp_rank=self.dcp_rank, check_bounds=self.check_bounds,
+        )  # fmt: skip
+
+    def gather(self, layer: int, loc: torch.Tensor, dst_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical slots ``loc`` of local layer ``layer`` dequantized: ``(k_nope [n, 448], k_rope [n, 64])``
+        views of one new bf16 ``[n, 512]`` tensor (cast to ``dst_dtype`` when given)."""
+        out = get_v4_kv_buffer(self.buffers[layer], loc, self.layout, self.page_size, check_bounds=self.check_bounds)
+        if dst_dtype is not None and dst_dtype != out.dtype:
+            out = out.to(dst_dtype)
+        return out[:, : rules.V4_DIM - rules.V4_ROPE_DIM], out[:, rules.V4_DIM - rules.V4_ROPE_DIM :]
+
+
+def _joined(k_nope: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+    """``[n, 512]``: the row both views cut (no copy), or the two concatenated."""
+    for name, t in (("k_nope", k_nope), ("k_rope", k_rope)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    a = k_nope.select(1, 0) if k_nope.dim() == 3 and k_nope.shape[1] == 1 else k_nope
+    b = k_rope.select(1, 0) if k_rope.dim() == 3 and k_rope.shape[1] == 1 else k_rope
+    nope = rules.V4_DIM - rules.V4_ROPE_DIM
+    if a.dim() != 2 or b.dim() != 2 or a.shape[-1] != nope or b.shape[-1] != rules.V4_ROPE_DIM or a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"a V4-family token is [n, {nope}] nope + [n, {rules.V4_ROPE_DIM}] rope (or one [n, {rules.V4_DIM}] row), "
+            f"got {tuple(k_nope.shape)} and {tuple(k_rope.shape)}"
+        )
+    if (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.stride() == b.stride()
+        and a.stride(-1) == 1
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.data_ptr() == a.data_ptr() + nope * a.element_size()
+    ):
+        return a.as_strided((a.shape[0], rules.V4_DIM), (a.stride(0), 1))
+    return torch.cat((a, b.to(a.dtype) if b.dtype != a.dtype else b), dim=-1)
+
+
+def bind_v4(
+    layout: str,
+    page_size: int,
+    buffers: list[torch.Tensor],
+    *,
+    check_bounds: bool,
+    reserved_skip_index: Optional[int] = None,
+    dcp_world_size: int = 1,
+    dcp_rank: int = 0,
+) -> V4Route:
+    """Bind the store and gather of a pool whose layers are ``buffers`` (``[num_pages, page_bytes]``
+    uint8 each). The options are checked here, once (``TypeError``/``ValueError`` naming the option)."""
+    v4_geometry(layout)
+    page_size = rules.check_page_size(page_size)
+    if not isinstance(check_bounds, bool):
+        raise TypeError(f"check_bounds must be a bool, got {type(check_bounds).__name__}")
+    _selection(reserved_skip_index, dcp_world_size, dcp_rank)
+    return V4Route(
+        layout, page_size, list(buffers), check_bounds=check_bounds, reserved_skip_index=reserved_skip_index,
+        dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+    )  # fmt: skip
