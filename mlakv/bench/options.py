@@ -27,6 +27,7 @@ __all__ = [
     "fp8_parser",
     "rope_parser",
     "indexer_parser",
+    "v4_parser",
     "wants_l3",
     "parser_for",
 ]
@@ -159,6 +160,9 @@ def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing 
                    help=f"comma list of n_loc values, 1..{MAX_SIZE} (default {','.join(map(str, FP8_SIZES))})")  # fmt: skip
     p.add_argument("--out", type=out_dir, default=Path("bench-out"),
                    help="directory for fp8.json and fp8.md (checked writable before measuring)")  # fmt: skip
+    p.add_argument("--tune", action="store_true",
+                   help="GPU: instead, time the launch alternatives (Triton warps x rows per program x PDL trigger, "
+                   "JIT warps per CTA x trigger) and print the tuning table rows they make (fp8_tune.json/md)")  # fmt: skip
     return p
 
 
@@ -205,6 +209,32 @@ def indexer_parser(
     return p
 
 
+# ---- mlakv bench v4 ------------------------------------------------------------------------------
+V4_LAYOUTS = ["v4", "v41", "v41_fp4", "v41_new", "v41_fp4_new"]
+V4_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
+V4_PROVIDERS = ["mlakv", "mlakv-jit", "mlakv-triton", "sglang"]
+
+
+def v4_parser(
+    description: str = "DeepSeek-V4 family paged-cache store: mlakv (public op, JIT, Triton) against sglang's store.",
+) -> argparse.ArgumentParser:
+    """The ``mlakv bench v4`` parser."""
+    p = argparse.ArgumentParser(prog="mlakv bench v4", description=description)
+    p.add_argument("--layouts", type=csv_of(V4_LAYOUTS, "layout"), default=["v4", "v41", "v41_fp4"],
+                   help=f"comma list of {', '.join(V4_LAYOUTS)} (default v4,v41,v41_fp4)")  # fmt: skip
+    p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE, dedup=False), default=list(V4_SIZES),
+                   help=f"comma list of token counts (default {','.join(map(str, V4_SIZES))})")  # fmt: skip
+    p.add_argument("--providers", type=csv_of(V4_PROVIDERS, "provider"), default=list(V4_PROVIDERS),
+                   help=f"comma list of {', '.join(V4_PROVIDERS)} (default all)")  # fmt: skip
+    p.add_argument("--rope", action="store_true",
+                   help="also time the store with the in-kernel RoPE (freqs_cis; mlakv also with positions + cos_sin_cache)")  # fmt: skip
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the JIT store at every launch shape (warps per CTA x tokens per warp x PDL trigger)")  # fmt: skip
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                   help="directory for v4.json and v4.md (checked writable before measuring)")  # fmt: skip
+    return p
+
+
 def wants_l3(argv: Sequence[str]) -> bool:
     """Whether a ``mlakv bench hicache`` command line asks for the L3 bench (``--l3 X`` or ``--l3=X``)."""
     return any(a == "--l3" or a.startswith("--l3=") for a in argv)
@@ -220,4 +250,6 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
         return rope_parser()
     if argv and argv[0] == "indexer":
         return indexer_parser()
+    if argv and argv[0] == "v4":
+        return v4_parser()
     return kv_write_parser()
