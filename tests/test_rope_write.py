@@ -467,19 +467,32 @@ BUILD_LAYOUTS = [(None, torch.bfloat16), ("per_tensor", torch.bfloat16), ("ds_ml
 
 @pytest.fixture(scope="module")
 def built_rope_modules():
-    from concurrent.futures import ThreadPoolExecutor
-
     from mlakv.kernels.cuda.loader import JitUnavailable
-    from mlakv.kernels.cuda.rope_write import build_rope_write_module
+    from mlakv.kernels.cuda.rope_write import build_rope_write_module, prebuild_rope_write_modules
 
     def build(layout):
         try:
-            return layout, build_rope_write_module(layout[0], layout[1], NOPE, ROPE, True, (9, 0))
+            return build_rope_write_module(layout[0], layout[1], NOPE, ROPE, True, (9, 0))
         except JitUnavailable as e:
-            return layout, e
+            return e
 
-    with sm90a_build_env(), ThreadPoolExecutor(max_workers=2) as ex:
-        return dict(ex.map(build, BUILD_LAYOUTS))
+    with sm90a_build_env():
+        prebuild_rope_write_modules(BUILD_LAYOUTS, (9, 0), NOPE, ROPE, processes=2)  # in parallel, into the disk cache
+        return {layout: build(layout) for layout in BUILD_LAYOUTS}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_modules_built_in_parallel():
+    """On an SM90 GPU, build the six CUDA modules the tests load at once (one process each) before
+    the first test needs one: built one by one on first use they would take minutes."""
+    if IS_SM90:
+        from mlakv.kernels.cuda.rope_write import prebuild_rope_write_modules
+
+        cap = torch.cuda.get_device_capability()
+        layouts = [(f, d) for f in FORMATS for d in SRC_DTYPES]
+        failed = {k: v for k, v in prebuild_rope_write_modules(layouts, cap, NOPE, ROPE).items() if v}
+        assert not failed, f"CUDA module builds failed: {failed}"
+    yield
 
 
 @pytest.mark.jit_build

@@ -142,6 +142,48 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(rope_interleaved, (sglang::FusedRopeKernel<false, 
 """
 
 
+_PEER_BUILDS = (
+    ("sglang_set_mla_kv_concat_q_1024_128_pdl", _CONCAT_WRAPPER, ()),
+    # -fmad=false: the peer's x c - y s rounds each product as the reference does (bit-equal output)
+    ("sglang_rope_64_bf16_pdl_nofma", _ROPE_WRAPPER, ("-fmad=false",)),
+)
+
+
+def _prebuild_job(job: tuple) -> Optional[str]:
+    """One module build in a worker process (mlakv's kernel for a format, or a peer's): None or the error."""
+    from mlakv.kernels.cuda.loader import JitUnavailable
+
+    try:
+        if job[0] == "mlakv":
+            from mlakv.kernels.cuda.rope_write import build_rope_write_module
+
+            build_rope_write_module(job[1], torch.bfloat16, NOPE, ROPE, True, job[2])
+        else:
+            from .sglang_peer import build_sglang_source
+
+            build_sglang_source(job[1], job[2], job[4], extra_flags=job[3])
+    except JitUnavailable as e:
+        return str(e)
+    return None
+
+
+def prebuild(variants: list[str], with_peers: bool) -> None:
+    """Build every module the run loads at once, one spawned process each, into the disk cache (built
+    one by one on first use, mlakv's three and the two peers' would take minutes on a fresh machine)."""
+    import multiprocessing
+
+    from .sglang_peer import peer_absent_reason
+
+    cap = torch.cuda.get_device_capability()
+    jobs: list[tuple] = [("mlakv", VARIANTS[v][0], cap) for v in variants]
+    if with_peers and peer_absent_reason() is None:
+        jobs += [("peer", name, src, flags, cap) for name, src, flags in _PEER_BUILDS]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        for job, err in zip(jobs, pool.map(_prebuild_job, jobs)):
+            if err:
+                progress(f"prebuild {job[1]}: {err}")
+
+
 def sglang_modules() -> tuple[object, object, Optional[str]]:
     """``(concat module, rope module, reason)``: the peer kernels, or None with the reason they are absent."""
     from mlakv.kernels.cuda.loader import JitUnavailable
@@ -152,9 +194,9 @@ def sglang_modules() -> tuple[object, object, Optional[str]]:
     if absent:
         return None, None, absent
     try:
-        concat = build_sglang_source("sglang_set_mla_kv_concat_q_1024_128_pdl", _CONCAT_WRAPPER)
-        # -fmad=false: the peer's x c - y s rounds each product as the reference does (bit-equal output)
-        rope = build_sglang_source("sglang_rope_64_bf16_pdl_nofma", _ROPE_WRAPPER, extra_flags=("-fmad=false",))
+        (cn, cs, cf), (rn, rs, rf) = _PEER_BUILDS
+        concat = build_sglang_source(cn, cs, extra_flags=cf)
+        rope = build_sglang_source(rn, rs, extra_flags=rf)
     except JitUnavailable as e:
         return None, None, str(e)
     return concat, rope, None
@@ -301,6 +343,7 @@ def run(variants: list[str], heads_list: list[int], sizes: list[int], names: lis
     report: dict = {"device": torch.cuda.get_device_name() if on_gpu else "CPU (torch path; GPU numbers need a GPU)",
                     "style": "neox" if is_neox else "interleaved", "results": []}  # fmt: skip
     if on_gpu:
+        prebuild(variants, with_peers="unfused" in names or "sglang" in names)
         report["copy_gbs"] = copy_bandwidth_gbs()
         report["one_element_us"] = one_element_graph_us()
         progress(f"copy bandwidth {report['copy_gbs']:.0f} GB/s, one-element graph {report['one_element_us']:.2f} us")

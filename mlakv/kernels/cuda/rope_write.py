@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Optional, Union
+import multiprocessing
+import os
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -28,7 +30,14 @@ from .loader import JitUnavailable, load_cuda_module
 
 logger = logging.getLogger("mlakv.jit")
 
-__all__ = ["FORMAT_CODE", "rope_write_widths_reason", "build_rope_write_module", "rope_write_module", "rope_write_cuda"]
+__all__ = [
+    "FORMAT_CODE",
+    "rope_write_widths_reason",
+    "build_rope_write_module",
+    "prebuild_rope_write_modules",
+    "rope_write_module",
+    "rope_write_cuda",
+]
 
 FORMAT_CODE = {None: 0, "per_tensor": 1, "ds_mla": 2}
 _DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -96,6 +105,37 @@ def build_rope_write_module(
     fmt = kv_cache_format or "rows16"
     name = f"rope_write_{fmt}_{_DTYPE_NAME[dtype]}_{nope_dim}_{rope_dim}_{'pdl' if use_pdl else 'nopdl'}"
     return load_cuda_module(name, src, device_capability=device_capability)
+
+
+def _build_in_child(job: tuple) -> Optional[str]:
+    """One module build in a worker process: None, or why it failed."""
+    fmt, dtype_name, nope_dim, rope_dim, capability = job
+    try:
+        build_rope_write_module(fmt, getattr(torch, dtype_name), nope_dim, rope_dim, True, capability)
+    except JitUnavailable as e:
+        return str(e)
+    return None
+
+
+def prebuild_rope_write_modules(
+    layouts: Iterable[tuple[Optional[str], torch.dtype]],
+    device_capability: tuple[int, int],
+    nope_dim: int = 512,
+    rope_dim: int = 64,
+    processes: Optional[int] = None,
+) -> dict[tuple[Optional[str], torch.dtype], Optional[str]]:
+    """Build the modules of several ``(kv_cache_format, dtype)`` layouts at once, one process each
+    (the loader builds one module at a time per process; nvcc uses one core), into the disk cache a
+    later :func:`rope_write_module` loads from. Returns ``{layout: None or why it failed}``. The
+    workers are spawned and never touch the GPU."""
+    layouts = list(layouts)
+    jobs = [(f, str(d).split(".")[-1], nope_dim, rope_dim, tuple(device_capability)) for f, d in layouts]
+    if not jobs:
+        return {}
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes or max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        results = pool.map(_build_in_child, jobs)
+    return dict(zip(layouts, results))
 
 
 _warned: set[str] = set()
