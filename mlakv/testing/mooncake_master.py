@@ -36,7 +36,9 @@ from typing import Optional
 
 __all__ = ["MooncakeMaster", "MooncakeUnavailable", "check_mooncake", "find_master_binary"]
 
-from mlakv.mem_cache.storage.mooncake_install import APT_HINT, PIP_HINT, MooncakeUnavailable, check_mooncake
+from mlakv.mem_cache.storage.mooncake_install import (
+    APT_HINT, PIP_HINT, MooncakeUnavailable, check_mooncake, libibverbs_present,
+)
 
 
 def find_master_binary() -> str:
@@ -96,7 +98,7 @@ class MooncakeMaster:
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.binary = find_master_binary()
-        if not _libibverbs_present():
+        if not libibverbs_present():
             raise MooncakeUnavailable(f"mooncake_master needs libibverbs.so.1, which is missing: {APT_HINT}")
         self.rpc_port = rpc_port or _free_port()
         self.metadata_port = metadata_port or _free_port()

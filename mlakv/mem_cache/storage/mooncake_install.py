@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes.util
 import importlib.util
 
-__all__ = ["APT_HINT", "PIP_HINT", "MooncakeUnavailable", "check_mooncake"]
+__all__ = ["APT_HINT", "PIP_HINT", "MooncakeUnavailable", "check_mooncake", "libibverbs_present"]
 
 PIP_HINT = "pip install mooncake-transfer-engine-non-cuda  (or mooncake-transfer-engine where CUDA is wanted)"
 APT_HINT = "apt-get install -y libibverbs1"
@@ -20,7 +20,8 @@ class MooncakeUnavailable(RuntimeError):
     """Mooncake (the Python wheel, its master binary or the libibverbs it links) is not installed."""
 
 
-def _libibverbs_present() -> bool:
+def libibverbs_present() -> bool:
+    """Whether libibverbs (which Mooncake's libraries and master link, even over TCP) can be loaded."""
     if ctypes.util.find_library("ibverbs"):
         return True
     try:
@@ -34,7 +35,7 @@ def check_mooncake() -> None:
     """Raise :class:`MooncakeUnavailable` naming the fix if ``mooncake.store`` cannot be imported."""
     if importlib.util.find_spec("mooncake") is None:
         raise MooncakeUnavailable(f"Mooncake is not installed: {PIP_HINT}")
-    if not _libibverbs_present():
+    if not libibverbs_present():
         raise MooncakeUnavailable(f"Mooncake needs libibverbs.so.1 (even over TCP), which is missing: {APT_HINT}")
     try:
         import mooncake.store  # noqa: F401
