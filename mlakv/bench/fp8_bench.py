@@ -54,8 +54,9 @@ K_SCALE = 0.0625
 FORMATS = ("ds_mla", "per_tensor")
 _KV = {"ds_mla": "kv656", "per_tensor": "kv576"}
 _Q = {"ds_mla": "q656", "per_tensor": "q576"}
-# --tune: the Triton shapes tried (warps, rows per program) keep 8..64 values of a 512-wide nope
-# block per thread (fewer at small n, where one row per program is the point).
+# --tune: the Triton shapes tried (warps, rows per program) give each thread 8, 16 or 32 values of
+# the 512-wide nope block (1, 2 or 4 16-byte source vectors), plus one row on 4 warps at up to 64
+# rows; each is compiled once per kernel, so the sweep's time is mostly Triton's compiles.
 TUNE_WARPS = (1, 2, 4, 8)
 TUNE_ROWS = (1, 2, 4, 8, 16)
 TUNE_REP_MS = 20
@@ -269,13 +270,13 @@ def format_tables(res: dict) -> str:
 
 # ---- the launch sweep ---------------------------------------------------------------------------
 def _triton_shapes(n: int) -> list[tuple[int, int]]:
-    """(warps, rows per program) tried at ``n`` rows: rows <= n; 8..64 nope values per thread, or
-    one row per program at up to 64 rows."""
+    """(warps, rows per program) tried at ``n`` rows: rows <= n; 8, 16 or 32 nope values per thread,
+    or one row per program on 4 warps at up to 64 rows."""
     out = []
     for w in TUNE_WARPS:
         for r in TUNE_ROWS:
             per_thread = r * NOPE // (32 * w)
-            if r <= max(1, n) and (8 <= per_thread <= 64 or (r == 1 and n <= 64)):
+            if r <= max(1, n) and (per_thread in (8, 16, 32) or (r == 1 and w == 4 and n <= 64)):
                 out.append((w, r))
     return out
 
