@@ -592,7 +592,7 @@ def test_jit_store_refuses_misaligned_sources_and_writes_nothing():
 
     pages = poisoned_pages(1, seed=33)
     before = pages.clone()
-    holder = random_keys(2, torch.bfloat16, seed=34).reshape(-1)[: 2 * 129].view(2, 129)
+    holder = random_keys(3, torch.bfloat16, seed=34).reshape(-1)[: 2 * 129].view(2, 129)
     assert indexer_jit_store(pages, torch.tensor([1, 2], device=DEVICE), holder[:, 1:]) is False
     assert torch.equal(pages, before)
 
@@ -824,7 +824,7 @@ def test_gpu_ops_pick_the_dispatched_path_and_are_bit_exact():
 @requires_cuda
 def test_gpu_store_of_misaligned_sources_falls_back_and_is_bit_exact():
     pages = poisoned_pages(2, seed=54)
-    holder = random_keys(5, torch.float16, seed=55).reshape(-1)[: 5 * 129].view(5, 129)
+    holder = random_keys(6, torch.float16, seed=55).reshape(-1)[: 5 * 129].view(5, 129)
     keys = holder[:, 1:]  # rows on 2-byte boundaries: the JIT kernel declines, Triton writes
     loc = torch.tensor([1, 66, 3, 127, 0], device=DEVICE)
     want = expected_store(pages, loc, keys)

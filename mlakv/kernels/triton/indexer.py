@@ -20,9 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mlakv.spec.rules import INDEX_AMAX_FLOOR, INDEX_E4M3_MAX
+from mlakv.spec import rules
 
 from .common import interpreting, pdl_supported
+
+# The rule book's constants as compile-time constants (a compiled kernel reads only constexpr globals).
+INDEX_AMAX_FLOOR = tl.constexpr(rules.INDEX_AMAX_FLOOR)
+INDEX_E4M3_MAX = tl.constexpr(rules.INDEX_E4M3_MAX)
 
 __all__ = ["STORE_ROWS", "launch_store_index_k", "launch_gather_index_k"]
 
