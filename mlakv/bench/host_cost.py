@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mlakv.kernels.cuda.row_write import _module_for, bind_launch_shapes
+from mlakv.kernels.cuda.row_write import row_write_function, bind_launch_shapes
 from mlakv.spec.tuning import TUNING, tuning_for
 from mlakv.mem_cache import MLATokenToKVPool, set_mla_kv_buffer_triton
 from mlakv.ops import dispatch as kv_write
@@ -138,7 +138,7 @@ def step_costs(layout: str, calls: int = 2000, rounds: int = 9) -> list[tuple[st
             print(f"# {layout}: the pool has no JIT route on this GPU (its writes take the checked path)")
         steps = {}
         if route[0] is not None:
-            fn = _module_for(device.index, nd * es, rd * es)
+            fn = row_write_function(device.index, nd * es, rd * es)
             write = route[0]
             steps["module function (11 args)"] = lambda: fn(kv, loc, nope, rope, w, i, t, e, 0, 1, 0)
             steps["write closure (bound launch shapes)"] = lambda: write(kv, loc, nope, rope, 0, 1, 0)

@@ -81,7 +81,7 @@ def _warn_once(reason: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _module_for(device_index: int, nope_bytes: int, rope_bytes: int) -> Any:
+def row_write_function(device_index: int, nope_bytes: int, rope_bytes: int) -> Any:
     """The loaded kernel function for a device, or the reason (str) it cannot be had."""
     major, minor = torch.cuda.get_device_capability(device_index)
     if major < 9:
@@ -114,7 +114,7 @@ def can_use_set_mla_kv_buffer(
         if not torch.cuda.is_available():
             reason = "CUDA is not available"
         else:
-            fn = _module_for(_device_index(device), nope_bytes, rope_bytes)
+            fn = row_write_function(_device_index(device), nope_bytes, rope_bytes)
             reason = fn if isinstance(fn, str) else None
     if reason is not None:
         _warn_once(reason)
@@ -139,7 +139,7 @@ def jit_writer(device: torch.device, nope_bytes: int, rope_bytes: int) -> Option
     """
     if not can_use_set_mla_kv_buffer(nope_bytes, rope_bytes, device):
         return None
-    fn = _module_for(_device_index(device), nope_bytes, rope_bytes)
+    fn = row_write_function(_device_index(device), nope_bytes, rope_bytes)
     tune = tuning_for(device)
     return bind_launch_shapes(fn, tune), tune.min_n_loc
 
@@ -202,7 +202,7 @@ def set_mla_kv_buffer_unchecked(
     suit the kernel, so the caller can fall back.
     """
     es = kv_buffer.element_size()
-    fn = _module_for(_device_index(kv_buffer.device), cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es)
+    fn = row_write_function(_device_index(kv_buffer.device), cache_k_nope.shape[-1] * es, cache_k_rope.shape[-1] * es)
     if isinstance(fn, str):
         return False
     warps, items, tma, early = tuning_for(kv_buffer.device).launch(loc.shape[0])
