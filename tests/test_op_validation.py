@@ -76,7 +76,7 @@ MOVE = [
     ("lengths", lambda: ([_kv(), _kv()], _i([1, 2]), _i([3]), False, False), ValueError, "tgt_loc has 2 entries but src_loc has 1", True),
     ("loc-2d", lambda: ([_kv()], _i([[1]]), _i([3]), False, False), ValueError, "tgt_loc must be 1-D", True),
     ("layers-differ", lambda: ([_kv(), _kv(9)], _i([1]), _i([3]), False, False), ValueError, r"kv_buffers\[1\] differs", True),
-    ("slot-past-end", lambda: ([_kv()], _i([1]), _i([8]), True, False), IndexError, r"src_loc\[0\] = 8 is out of range", False),
+    ("slot-past-end", lambda: ([_kv()], _i([1]), _i([8]), True, False), IndexError, r"src_loc.*8", False),
 ]
 
 

@@ -205,7 +205,8 @@ def indexer_parser(
                    help=f"comma list of key counts, 1..{MAX_SIZE} (default {','.join(map(str, INDEXER_SIZES))})")  # fmt: skip
     p.add_argument("--sweep", action="store_true",
                    help="also time the JIT store at every launch shape (keys per half-warp, warps, PDL trigger place)")  # fmt: skip
-    p.add_argument("--out", default="bench-out", help="directory for indexer.json and indexer.md")
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                   help="directory for indexer.json and indexer.md (checked writable before measuring)")  # fmt: skip
     return p
 
 
