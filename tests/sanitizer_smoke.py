@@ -23,7 +23,10 @@ Triton, the public op; every cache format, no / bf16 / e4m3 query, both RoPE sty
 positions outside the table); a hostile caller (issue 22): rows moved within the cache (a source
 aliasing the buffer, through the pool and the dispatcher, JIT and Triton), the registered ops with
 bad arguments (refused, or out-of-range slots skipped by the kernel), and the host pool raced by
-threads (alloc / backup / load / free) with a device index vector rewritten between layers.
+threads (alloc / backup / load / free) with a device index vector rewritten between layers; the
+DeepSeek-V4 family's paged store (part ``v4``: JIT at every launch shape, Triton, the public op; every
+layout and loc kind, in-kernel RoPE from freqs_cis and from positions, some outside the table, DCP) and
+its gather with invalid slots.
 
 The caching allocator is turned off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every tensor
 is its own allocation and memcheck sees an access past any of them. Every result is also checked
@@ -539,6 +542,80 @@ def hostile(smoke: "Smoke") -> None:
     host.free(slots)
 
 
+def v4_pages(smoke: "Smoke") -> None:
+    """The DeepSeek-V4 family's paged store and gather (every layout; page size 64)."""
+    from mlakv.kernels.cuda.v4_store import v4_jit_store
+    from mlakv.kernels.triton.v4_store import ENCODINGS, launch_v4_gather, launch_v4_store
+    from mlakv.ops import v4_reference as ref
+    from mlakv.ops.v4 import set_v4_kv_buffer
+
+    P = 64
+    for layout in ref.V4_LAYOUTS:
+        g = ref.v4_geometry(layout)
+        geo, enc = g.kernel_geometry(P), ENCODINGS[g.encoding]
+        for kind in LOC_KINDS:
+            for n in (1, 37, 300):
+                num_pages = n // P + 2
+                loc = _loc(kind, n, num_pages * P)
+                kv = (torch.randn(n, 512, device="cuda") * 4).to(torch.bfloat16)
+                if kind == "expanded":  # one slot written n times: with one token, any order gives it
+                    kv = kv[:1].expand(n, 512)
+                base = torch.randint(0, 256, (num_pages, g.page_bytes(P)), dtype=torch.uint8, device="cuda")
+                for rope in ("none", "freqs", "table"):
+                    extra: dict = {}
+                    cos = sin = None
+                    want_loc = loc.cpu()
+                    if rope == "freqs":
+                        extra["freqs_cis"] = torch.rand(n, 64, device="cuda") * 2 - 1
+                        cos, sin = ref.rope_cos_sin(n, freqs_cis=extra["freqs_cis"].cpu())
+                    elif rope == "table":
+                        extra["positions"] = torch.randint(-2, 40, (n,), device="cuda")  # some outside the 33-row table
+                        extra["cos_sin_cache"] = torch.rand(33, 64, device="cuda") * 2 - 1
+                        pos = extra["positions"].cpu()
+                        bad = (pos < 0) | (pos >= 33)
+                        want_loc = torch.where(bad, -1, want_loc)
+                        cos, sin = ref.rope_cos_sin(n, positions=torch.where(bad, 0, pos), cos_sin_cache=extra["cos_sin_cache"].cpu())
+                    want = base.cpu().clone()
+                    ref.set_v4_kv_buffer_torch(want, want_loc, kv.cpu(), layout, P, cos=cos, sin=sin, reserved_skip_index=RESERVED)
+                    runs: dict[str, Callable[[torch.Tensor], object]] = {
+                        "triton": lambda p: launch_v4_store(p, loc, kv, encoding=enc, skip_index=RESERVED, **extra, **geo),
+                        "jit": lambda p: v4_jit_store(p, loc, kv, layout, P, skip_index=RESERVED, **extra),
+                    }
+                    if rope != "table":  # the op checks positions on a checked call; unchecked, as the kernels
+                        runs["op"] = lambda p: set_v4_kv_buffer(p, loc, kv, layout, P, reserved_skip_index=RESERVED, **extra)
+                    if kind == "contiguous" and rope == "none":
+                        for w in (1, 2, 4, 8):
+                            for items in (1, 2):
+                                for early in (True, False):
+                                    runs[f"jit w{w} t{items} {early}"] = lambda p, w=w, i=items, e=early: v4_jit_store(
+                                        p, loc, kv, layout, P, skip_index=RESERVED, num_warps=w, items=i, early_trigger=e
+                                    )
+                    for name, run in runs.items():
+                        pages = base.clone()
+                        launched = run(pages) is not False
+                        torch.cuda.synchronize()
+                        smoke.check(f"v4 store {layout} loc={kind} n={n} rope={rope} {name}", launched and torch.equal(pages.cpu(), want))
+        # DCP, and the gather with padding and slots past the pages
+        loc = _loc("strided", 300, 6 * P * 2)
+        kv = (torch.randn(300, 512, device="cuda") * 4).to(torch.float16)
+        base = torch.randint(0, 256, (6, g.page_bytes(P)), dtype=torch.uint8, device="cuda")
+        want = base.cpu().clone()
+        ref.set_v4_kv_buffer_torch(want, loc.cpu(), kv.cpu(), layout, P, dcp_world_size=2, dcp_rank=1)
+        for name, run in {
+            "triton": lambda p: launch_v4_store(p, loc, kv, encoding=enc, dcp_world_size=2, dcp_rank=1, **geo),
+            "jit": lambda p: v4_jit_store(p, loc, kv, layout, P, dcp_world_size=2, dcp_rank=1),
+        }.items():
+            pages = base.clone()
+            launched = run(pages) is not False
+            torch.cuda.synchronize()
+            smoke.check(f"v4 store {layout} dcp 2/1 {name}", launched and torch.equal(pages.cpu(), want))
+        gl = torch.tensor([3, -1, 6 * P, 1 << 40, 6 * P - 1, -9, 0], device="cuda")[::2]
+        out = launch_v4_gather(pages, gl, encoding=enc, **geo)
+        torch.cuda.synchronize()
+        exp = ref.get_v4_kv_buffer_torch(pages.cpu(), gl.cpu(), layout, P)
+        smoke.check(f"v4 gather {layout} with invalid slots", torch.equal(out.cpu().view(torch.int16), exp.view(torch.int16)))
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("sanitizer smoke: needs a CUDA GPU (none present)")
@@ -548,6 +625,7 @@ def main() -> int:
     parts = {f.__name__: f for f in (smoke.writes, smoke.converting_writes, smoke.refused, smoke.gather, smoke.move,
                                      smoke.host_copy, smoke.fp8, smoke.indexer, smoke.rope_write)}  # fmt: skip
     parts["hostile"] = lambda: hostile(smoke)
+    parts["v4"] = lambda: v4_pages(smoke)
     only = sys.argv[1:]  # part names to run (e.g. `rope_write`); none: every part
     unknown = [p for p in only if p not in parts]
     if unknown:

@@ -3,7 +3,8 @@
 ``mlakv bench`` (:mod:`.kv_write`) times every row-write provider side by side;
 ``mlakv bench hicache`` (:mod:`.hicache`) the HiCache transfers, and with ``--l3 mooncake``
 (:mod:`.hicache_l3`) the L3 store; ``mlakv bench fp8`` (:mod:`.fp8_bench`) the fused FP8 write and
-dequantizing gather; ``mlakv bench rope`` (:mod:`.rope_write`) the fused RoPE + row write + query step. Run as modules: ``python -m mlakv.bench.move_kv`` (``move_kv_cache``'s one
+dequantizing gather; ``mlakv bench rope`` (:mod:`.rope_write`) the fused RoPE + row write + query step;
+``mlakv bench v4`` (:mod:`.v4_store`) the DeepSeek-V4 family's paged-cache store against sglang's. Run as modules: ``python -m mlakv.bench.move_kv`` (``move_kv_cache``'s one
 launch vs a torch loop per layer, GPU), ``python -m mlakv.bench.custom_op_cost`` (the write's torch
 custom op's host cost per call) and ``python -m mlakv.bench.host_cost`` (the eager write's host cost
 step by step). Every bench reads its clocks from :mod:`.timing` and none imports another; the
@@ -55,8 +56,16 @@ def _indexer(argv: list[str]) -> int:
     return run(argv)
 
 
+def _v4(argv: list[str]) -> int:
+    from .v4_store import main as run
+
+    return run(argv)
+
+
 # `mlakv bench <name> ...`: one entry per bench; the row-write bench runs when no name is given.
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"hicache": _hicache, "fp8": _fp8, "indexer": _indexer, "rope": _rope}
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "hicache": _hicache, "fp8": _fp8, "indexer": _indexer, "rope": _rope, "v4": _v4,
+}  # fmt: skip
 
 
 def main(argv: Optional[list[str]] = None) -> int:
