@@ -314,15 +314,17 @@ def run_fp8_tune(sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_
         progress(f"fp8 tune: n_loc={n}")
         layers = _layers(n)
         d0 = layers[0]
-        refs = {fmt: _gather_ref(fmt, d0) for fmt in FORMATS}
+        refs: dict = {}  # the gathers' expected rows, taken from the buffers as the writes left them
         wcheck = {fmt: (lambda fn, fmt=fmt: _check_write(fmt, fn, d0)) for fmt in FORMATS}
-        gcheck = {fmt: (lambda fn, fmt=fmt: _check_gather(fn, d0, refs[fmt])) for fmt in FORMATS}
+        gcheck = {fmt: (lambda fn, fmt=fmt: _check_gather(fn, d0, refs.get(fmt) or refs.setdefault(fmt, _gather_ref(fmt, d0))))
+                  for fmt in FORMATS}  # fmt: skip
         kinds = {
             "quant_per_tensor": lambda **kw: both({"per_tensor": _triton_write("per_tensor", scale, **kw)}, wcheck, layers),
             "quant_ds_mla": lambda **kw: both({"ds_mla": _triton_write("ds_mla", scale, **kw)}, wcheck, layers),
             "dequant": lambda **kw: both({f: _triton_gather(f, scale, **kw) for f in FORMATS}, gcheck, layers),
         }
         for kind, time_it in kinds.items():
+            refs.clear()
             times = {}
             for w, r in _triton_shapes(n):
                 times[(w, r)] = us = time_it(num_warps=w, rows_per_program=r, early_trigger=True)
@@ -336,6 +338,7 @@ def run_fp8_tune(sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_
                 for early in (True, False):
                     us = both({f: _jit_write(f, scale, num_warps=w, early_trigger=early) for f in FORMATS}, wcheck, layers)
                     add(res["jit"], "quant", n, f"w{w}{'e' if early else 'l'}", us)
+                refs.clear()
                 us = both({f: _jit_gather(f, scale, num_warps=w) for f in FORMATS}, gcheck, layers)
                 add(res["jit"], "dequant", n, f"w{w}l", us)
         del layers
