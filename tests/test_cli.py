@@ -14,10 +14,12 @@ import pytest
 import torch
 
 import mlakv
+from mlakv.bench import SUBCOMMANDS
 from mlakv.bench.options import HOST_LAYOUTS
 from mlakv.cli import main
 
 CUDA = torch.cuda.is_available()
+BENCH_SUBCOMMANDS = sorted(SUBCOMMANDS)
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
@@ -78,8 +80,16 @@ def test_usage_error_is_one_line_and_exit_2(argv, names, capsys):
     assert len(errors) == 1 and names in errors[0], err
 
 
-HELP_COMMANDS = [["bench"], ["bench", "hicache"], ["bench", "hicache", "--l3", "mooncake"], ["bench", "fp8"], ["demo"],
-                 ["fetch-peers"]]  # fmt: skip
+# every command and bench subcommand (a new bench is covered by being in SUBCOMMANDS)
+HELP_COMMANDS = [["bench"], *(["bench", name] for name in BENCH_SUBCOMMANDS), ["bench", "hicache", "--l3", "mooncake"],
+                 ["demo"], ["fetch-peers"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BENCH_SUBCOMMANDS)
+def test_every_bench_subcommand_has_its_own_torch_free_parser(name):
+    from mlakv.bench.options import parser_for
+
+    assert parser_for([name]).prog == f"mlakv bench {name}"
 
 
 @pytest.mark.parametrize("cmd", HELP_COMMANDS, ids=" ".join)
