@@ -424,3 +424,25 @@ def test_round_trip_error_is_within_half_a_step(layout):
     assert bool((err <= bound).all())
     if layout == "v4":
         assert torch.equal(back[:, 448:], x[:, 448:])
+
+
+# ---- the kernels' e2m1 method: thresholds instead of a division ---------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_e2m1_threshold_search_equals_the_ieee_quotient_for_every_16_bit_value(dtype):
+    """The CUDA and Triton stores find an e2m1 code by comparing ``|x|`` with ``m_j * scale`` (exact)
+    instead of rounding ``x / scale``; for every finite 16-bit ``x`` and every e4m3 scale they can meet
+    (``[2^-9, 448]``), the code is the one the IEEE fp32 quotient rounds to (ties to even included)."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    x = x[torch.isfinite(x)]
+    a = x.abs()
+    scales = torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    s = scales[scales >= 2.0**-9][:, None]  # every scale at once: [126, 1] against [1, 65k] values
+    t = [m * s for m in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)]  # exact: <= 7 significant bits
+    hi = a >= t[3]  # the kernel's three-level search (odd midpoints tie upward to the even code)
+    mid = a >= torch.where(hi, t[5], t[1])
+    lo = a > torch.where(hi, torch.where(mid, t[6], t[4]), torch.where(mid, t[2], t[0]))
+    code = (hi.int() * 4 + mid.int() * 2 + lo.int()) | (torch.signbit(x).int() << 3)
+    want = R.e2m1_codes(x / s)
+    assert int((code != want.int()).sum()) == 0

@@ -62,6 +62,7 @@ __all__ = [
     "round_to_dtype",
     "rope_cos_sin",
     "rotate_rope_tail",
+    "e2m1_codes",
     "quantize_v4_tokens",
     "dequantize_v4_tokens",
     "set_v4_kv_buffer_torch",
@@ -263,7 +264,7 @@ def _ue8m0_tiles(x: torch.Tensor, encoding: str) -> tuple[torch.Tensor, torch.Te
     return codes, scale
 
 
-def _e2m1_codes(q: torch.Tensor) -> torch.Tensor:
+def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
     """fp32 -> e2m1 codes (uint8 0..15): nearest even on {0, .5, 1, 1.5, 2, 3, 4, 6}, saturating at
     6, the sign bit (0x8) from q's sign. NaN: the magnitude code 0."""
     a = torch.nan_to_num(q.abs(), nan=0.0, posinf=_E2M1_MAX)
@@ -280,7 +281,7 @@ def _fp4_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = torch.where(torch.isnan(x), 0.0, x.abs()).amax(dim=-1)
     raw = torch.clamp(amax / _E2M1_MAX, _FP4_MIN_SCALE, _E4M3_MAX)  # inf -> 448
     scale = raw.to(torch.float8_e4m3fn)
-    codes = _e2m1_codes(x / scale.to(torch.float32)[..., None])
+    codes = e2m1_codes(x / scale.to(torch.float32)[..., None])
     nan_codes = (torch.isnan(x) & torch.signbit(x)).to(torch.uint8) << 3
     codes = torch.where(nan_tile[..., None], nan_codes, codes)
     scale_bytes = torch.where(nan_tile, 0x7F, scale.view(torch.uint8).to(torch.int64)).to(torch.uint8)
