@@ -238,7 +238,7 @@ def test_ctrl_c_in_bench_keeps_the_rows_measured(capsys, tmp_path, monkeypatch):
     args = ["bench", "--layouts", "bf16", "--sizes", "1,16,64", "--out", str(tmp_path)]
     rc, out, err = run_cli(args + (["--providers", "auto,torch", "--no-cold"] if CUDA else []), capsys)
     line = assert_one_interrupt_line(rc, err, "bench")
-    assert "2 rows measured so far" in line and str(tmp_path) in line
+    assert "2 rows measured so far, in" in line and str(tmp_path) in line
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["interrupted"] is True and [r["n_loc"] for r in result["rows"]] == [1, 16]
     assert "INTERRUPTED" in (tmp_path / "report.md").read_text()
@@ -250,7 +250,7 @@ def test_ctrl_c_in_bench_hicache_keeps_the_printed_rows(capsys, monkeypatch):
 
     monkeypatch.setattr(hicache, "bench_host_layout", interrupt_after(1, hicache.bench_host_layout))
     rc, out, err = run_cli(["bench", "hicache", "--pages", "2", "--layers", "1", "--page-size", "4"], capsys)
-    assert "the 1 rows measured so far are printed above" in assert_one_interrupt_line(rc, err, "bench")
+    assert "the 1 row was measured so far, printed above" in assert_one_interrupt_line(rc, err, "bench")
     assert len([ln for ln in out.splitlines() if ln.startswith("| 2 |")]) == 1
 
 

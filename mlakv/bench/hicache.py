@@ -113,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"the {done} rows measured so far are printed above") from None
+        raise KeyboardInterrupt(f"the {done} row{'s were' if done != 1 else ' was'} measured so far, printed above") from None
     if not cuda:
         print(f"\n{CPU_LABEL}: these are host-memory copies, not PCIe transfers.")
     return 1 if wrong else 0

@@ -187,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     P, L = args.page_size, args.layers
     lo, hi = estimate_s(pages, P, L, args.reps)
     progress(f"mlakv bench hicache --l3 mooncake: {len(ROWS) * len(pages)} batches ({', '.join(ROWS)} x pages "
-             f"{','.join(map(str, pages))}), {args.reps} rounds each: estimated {_span(lo, hi)} on an idle machine")
+             f"{','.join(map(str, pages))}), {args.reps} round{'s' if args.reps > 1 else ''} each: estimated {_span(lo, hi)} on an idle machine")
     old_level = os.environ.get("MC_LOG_LEVEL")
     if not args.verbose and old_level is None:
         os.environ["MC_LOG_LEVEL"] = "WARNING"  # Mooncake's clients (and the master) read it when they start
@@ -239,7 +239,7 @@ def _run(args, pages: list[int], P: int, L: int, cuda: bool) -> int:
                       f"{r['get_ratio'] - 1:+.0%} ({r['get_best'] - 1:+.0%}) | {n / r['get']:,.0f} | {gb / r['crc']:.2f} |"
                       + ("" if r["ok"] else " WRONG: round trip differs |"), flush=True)  # fmt: skip
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"the {done} rows measured so far are printed above") from None
+        raise KeyboardInterrupt(f"the {done} row{'s were' if done != 1 else ' was'} measured so far, printed above") from None
     finally:
         master.stop()
     progress(f"done in {time.perf_counter() - t0:.0f} s")

@@ -547,7 +547,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     (args.out / "report.md").write_text(report + "\n")
     if interrupted:
-        raise KeyboardInterrupt(f"{len(rows)} rows measured so far are in {args.out}/results.json and report.md")
+        n = len(rows)
+        raise KeyboardInterrupt(f"{n} row{'s' if n != 1 else ''} measured so far, in {args.out}/results.json and report.md")
     print(report)
     note = plot(rows, shown, copy_gbs, floor_us, args.out / "kv_write_bench.png", dev)
     if note:
