@@ -679,3 +679,19 @@ def test_upconvert_reads_remapped_resident_and_host_rows():
         cache, dst, table, ws, 1, host_cache=host, host_row_ids=host_ids.to(DEVICE), device_row_ids=dev_ids.to(DEVICE)
     )  # fmt: skip
     assert torch.equal(u8(dst), u8(expected))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_ds_mla_pow2_write_equals_the_reference():
+    from mlakv.kernels.triton.fp8 import launch_quant_write
+
+    torch.manual_seed(16)
+    kv_c, k_pe = _ds_sources(6)
+    kv_c[3, 0] = -float("inf")
+    kv_c[4, :128] = float("nan")  # an all-NaN tile: the floor
+    kv_c[5, 200] = 3e38
+    want = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale="pow2")
+    buf = poisoned((10, 656), torch.uint8)
+    loc = torch.tensor([3, 0, 7, 1, 9, 5], device=DEVICE)
+    launch_quant_write(buf, loc, kv_c, k_pe, "ds_mla", None, pow2_scales=True)
+    assert torch.equal(u8(buf)[loc.cpu()], want)

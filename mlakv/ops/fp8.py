@@ -29,9 +29,8 @@ Formats (``kv_cache_format``):
     scale is a power of two, ``scale_t = 2^ceil(log2(max(amax_t / 448, 1e-4)))`` (``1e-4`` as
     fp32), with ``amax_t`` over the tile's ``|x|`` *including* infinities (a NaN is ignored). The
     division by a power of two is exact, so only the e4m3 rounding remains. Sources bf16 only (vLLM's
-    kernel reads fp16 sources' amax from their raw bits; mlakv does not reproduce that). The fused
-    kernels compute the ``amax`` rule only: ``pow2`` is the reference quantizer (on the device)
-    followed by the plain row write of its bytes.
+    kernel reads fp16 sources' amax from their raw bits; mlakv does not reproduce that). On the GPU
+    the fused Triton write computes it (``POW2``); the JIT CUDA kernel computes the ``amax`` rule only.
 
 ``per_tensor`` also takes float32 sources (``x / k_scale`` in fp32 directly), written the same
 unfused way on the GPU.
@@ -507,9 +506,9 @@ def set_mla_kv_buffer_quant(
             ``MLAKV_CHECK_BOUNDS``.
         reserved_skip_index: a slot whose rows are skipped like padding (the pool's dummy slot).
         ds_mla_scale: ds_mla's tile-scale rule: ``"amax"`` (mlakv's, any path) or ``"pow2"``
-            (vLLM's ``fp8_ds_mla``: bf16 sources). The fused kernels compute ``amax`` from bf16/fp16;
-            ``pow2`` and float32 per_tensor sources run the reference quantizer on the device and
-            the plain row write (two passes; same bytes).
+            (vLLM's ``fp8_ds_mla``: bf16 sources; the fused Triton kernel on the GPU, the JIT kernel
+            computes ``amax`` only). float32 per_tensor sources run the reference quantizer on the
+            device and the plain row write (two passes; same bytes).
 
     The result is bit-identical to ``quantize_mla_rows`` on every path.
     """
@@ -527,7 +526,7 @@ def set_mla_kv_buffer_quant(
     if not kv_buffer.is_cuda:
         _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, ds_mla_scale)
         return
-    if not _fused_serves(k_nope, ds_mla_scale):
+    if k_nope.dtype not in _SRC_SET:
         _write_unfused(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, ds_mla_scale)
         return
     if _jit_serves(k_nope, ds_mla_scale):
@@ -537,18 +536,13 @@ def set_mla_kv_buffer_quant(
             return
     from mlakv.kernels.triton.fp8 import launch_quant_write
 
-    launch_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip)
-
-
-def _fused_serves(k_nope: torch.Tensor, ds_mla_scale: str) -> bool:
-    """Whether the fused kernels (JIT, Triton) compute this write: the ``amax`` rule, bf16/fp16 sources."""
-    return ds_mla_scale == "amax" and k_nope.dtype in _SRC_SET
+    launch_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, pow2_scales=ds_mla_scale == "pow2")
 
 
 def _write_unfused(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int, ds_mla_scale: str) -> None:
-    """GPU path of what the fused kernels do not compute (``pow2`` ds_mla scales, fp32 per_tensor
-    sources): the reference quantizer on the device, then the plain row write of the stored bytes
-    (no sync: padding, ``skip`` and rows past the buffer are skipped by the row kernel)."""
+    """GPU path of what the fused kernels do not take (float32 per_tensor sources): the reference
+    quantizer on the device, then the plain row write of the stored bytes (no sync: padding,
+    ``skip`` and rows past the buffer are skipped by the row kernel)."""
     from .dispatch import set_mla_kv_buffer_triton
 
     rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale, ds_mla_scale=ds_mla_scale).view(torch.uint8)

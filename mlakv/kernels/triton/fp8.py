@@ -255,10 +255,11 @@ def _quant_ds_mla_kernel(
     kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot, n_loc,
     TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
     SRC_IS_BF16: tl.constexpr, NATIVE: tl.constexpr, ALIGN4: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr, POW2: tl.constexpr = False,
 ):  # fmt: skip
     # ROWS rows of [e4m3 nope (TILES x 128) | TILES fp32 scales | ROPE bf16]. Scale of a tile =
-    # max(amax of its finite |x| / 448, FLT_MIN).
+    # max(amax of its finite |x| / 448, FLT_MIN); POW2 (vLLM's fp8_ds_mla): the power of two at or
+    # above max(amax of |x| / 448, 1e-4), inf kept in the amax and NaN ignored.
     NOPE: tl.constexpr = TILES * 128
     if USE_PDL and EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
@@ -276,22 +277,34 @@ def _quant_ds_mla_kernel(
         v = tl.load(base + offs, mask=offs < NOPE, other=0)
     x = _src_f32(v, SRC_IS_BF16, NATIVE)  # [ROWS, TILES_P2, 128]
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax = tl.max(tl.where(ab < 0x7F800000, ab, 0), axis=2).to(tl.float32, bitcast=True)  # finite |x| only
     # The constants are fp32 tensors, not Python floats: some Triton versions type a bare literal
     # outside fp32's normal range (FLT_MIN written as 1.17549435e-38 is a hair below 2^-126) as
     # fp64, which makes `scale` fp64 and div_rn (fp32 only) refuse to compile.
     e4m3_max = tl.full([], 448.0, tl.float32)
-    flt_min = tl.full([], 1.1754943508222875e-38, tl.float32)  # 2^-126 exactly
-    scale = tl.maximum(tl.math.div_rn(amax, e4m3_max), flt_min)  # [ROWS, TILES_P2]
-    # A scale below 2^-88 (biased exponent e < 39): values and divisor times 2^k, k = 39 - e, exact
-    # (|x| <= 448 * scale stays tiny; the GPU keeps fp32 subnormals), the quotient unchanged.
-    sb = scale.to(tl.int32, bitcast=True)
-    k = tl.maximum(39 - (sb >> 23), 0)
-    s2 = (sb + (k << 23)).to(tl.float32, bitcast=True)
-    p2 = ((127 + k) << 23).to(tl.float32, bitcast=True)
-    r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s2)
-    hi = _divisor_hi((sb >> 23) + k)
-    q = _quant_fast(x * p2[:, :, None], s2[:, :, None], r[:, :, None], hi[:, :, None], NATIVE)
+    if POW2:
+        amax = tl.max(tl.where(ab <= 0x7F800000, ab, 0), axis=2).to(tl.float32, bitcast=True)  # inf kept, NaN not
+        s = tl.maximum(tl.math.div_rn(amax, e4m3_max), tl.full([], 9.999999747378752e-05, tl.float32))  # 1e-4f exactly
+        sb = s.to(tl.int32, bitcast=True)
+        sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)  # up to a power of two (or inf)
+        scale = sb.to(tl.float32, bitcast=True)  # [ROWS, TILES_P2]
+        # x / 2^k is the exact product x * 2^-k (1 / inf = 0: finite values -> +-0, inf -> NaN, as x / inf)
+        y = x * tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)[:, :, None]
+        yb = y.to(tl.int32, bitcast=True)
+        ay = yb & 0x7FFFFFFF
+        q = tl.where(ay > 0x7F800000, 0x7F, _e4m3_mag(ay.to(tl.float32, bitcast=True), NATIVE) | ((yb >> 24) & 0x80))
+    else:
+        amax = tl.max(tl.where(ab < 0x7F800000, ab, 0), axis=2).to(tl.float32, bitcast=True)  # finite |x| only
+        flt_min = tl.full([], 1.1754943508222875e-38, tl.float32)  # 2^-126 exactly
+        scale = tl.maximum(tl.math.div_rn(amax, e4m3_max), flt_min)  # [ROWS, TILES_P2]
+        # A scale below 2^-88 (biased exponent e < 39): values and divisor times 2^k, k = 39 - e, exact
+        # (|x| <= 448 * scale stays tiny; the GPU keeps fp32 subnormals), the quotient unchanged.
+        sb = scale.to(tl.int32, bitcast=True)
+        k = tl.maximum(39 - (sb >> 23), 0)
+        s2 = (sb + (k << 23)).to(tl.float32, bitcast=True)
+        p2 = ((127 + k) << 23).to(tl.float32, bitcast=True)
+        r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s2)
+        hi = _divisor_hi((sb >> 23) + k)
+        q = _quant_fast(x * p2[:, :, None], s2[:, :, None], r[:, :, None], hi[:, :, None], NATIVE)
     live3 = live[:, None, None]
     if TILES == TILES_P2:
         tl.store(dst[:, None, None] + tl.max_contiguous(offs, [1, 1, 8]), q.to(tl.uint8), mask=live3)
@@ -361,6 +374,7 @@ def launch_quant_write(
     rows_per_program: int = 0,
     early_trigger: Optional[bool] = None,
     native: Optional[bool] = None,
+    pow2_scales: bool = False,
 ) -> None:
     """Launch the fused quantizing write: ``rows_per_program`` rows per program.
 
@@ -373,6 +387,8 @@ def launch_quant_write(
             (:func:`mlakv.spec.tuning.fp8_triton_launch`; 0/None: its choice), for the benchmark's sweep.
         native: force the hardware fp8 conversions on or off (None: on where supported); the
             results are the same bits either way (the tests run both on a GPU).
+        pow2_scales: ds_mla with vLLM's power-of-two tile scales (``ds_mla_scale="pow2"`` of
+            :mod:`mlakv.ops.fp8`).
     """
     n_loc = loc.shape[0]
     if n_loc == 0:
@@ -404,7 +420,7 @@ def launch_quant_write(
     _quant_ds_mla_kernel[(triton.cdiv(n_loc, rows),)](
         kv, loc, nope, rope,
         kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot, n_loc,
-        TILES=tiles, TILES_P2=_p2(tiles), ROWS=rows, ALIGN4=_aligned4(kv), EARLY_TRIGGER=early,
+        TILES=tiles, TILES_P2=_p2(tiles), ROWS=rows, ALIGN4=_aligned4(kv), EARLY_TRIGGER=early, POW2=pow2_scales,
         num_warps=warps, **common, **extra,
     )  # fmt: skip
 
