@@ -799,3 +799,37 @@ def test_pool_method_refuses_formats_it_does_not_write():
     c = make_case(2, 1, torch.bfloat16, None, "none")
     with pytest.raises(ValueError, match="set_kv_buffer_rope takes"):
         p.set_kv_buffer_rope(0, c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], True)
+
+
+# ---- the demo model's fused cache step ---------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", [None], ids=fmt_id)  # the model's PoolKVCache gathers raw rows: 16-bit pools
+def test_demo_model_fused_step_matches_separate_kernels(fmt):
+    """The small MLA model over a pool with the fused step (one launch per layer) gives the same logits
+    and the same cache bits as over a pool written by torch RoPE + set_kv_buffer."""
+    from mlakv.demo.model import MLAConfig, PoolKVCache, PrefillSegment, make_model
+    from mlakv.mem_cache import MLATokenToKVPool
+
+    cfg = MLAConfig(vocab_size=64, hidden=64, n_heads=2, n_layers=2, max_position=256)
+    model = make_model(cfg, DEVICE, torch.bfloat16)
+    pool_dtype = torch.bfloat16 if fmt is None else torch.float8_e4m3fn
+
+    def run(fused):
+        pool = MLATokenToKVPool(64, 1, pool_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_layers, DEVICE,
+                                kv_cache_format=fmt)  # fmt: skip
+        cache = PoolKVCache(pool, fused=fused)
+        assert cache.fused is fused
+        ids = torch.arange(5, device=DEVICE) % 64
+        pos = torch.arange(5, device=DEVICE)
+        slots = torch.arange(1, 6, device=DEVICE)
+        out = model.prefill(cache, ids, pos, slots, [PrefillSegment(0, 5, slots)])
+        table = torch.zeros(2, 8, dtype=torch.long, device=DEVICE)
+        table[0, :6] = torch.arange(1, 7)
+        table[1, :6] = torch.tensor([1, 2, 3, 4, 5, 7])
+        dec = model.decode(cache, ids[:2], torch.tensor([5, 5], device=DEVICE), torch.tensor([6, 7], device=DEVICE),
+                           table, torch.tensor([6, 6], device=DEVICE))  # fmt: skip
+        return out, dec, pool
+
+    a, b = run(True), run(False)
+    assert torch.equal(bits(a[0]), bits(b[0])) and torch.equal(bits(a[1]), bits(b[1]))
+    for layer in range(cfg.n_layers):
+        assert torch.equal(bits(a[2].kv_buffer[layer]), bits(b[2].kv_buffer[layer]))

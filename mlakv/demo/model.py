@@ -16,6 +16,7 @@ rows and merges nothing, so one model code serves both.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -24,8 +25,9 @@ import torch
 from torch import nn
 
 from mlakv.mem_cache import MLATokenToKVPool
+from mlakv.ops.rope_write_reference import rope_rotate_torch
 
-__all__ = ["MLAConfig", "MLAModel", "KVCache", "PoolKVCache", "DictKVCache", "PrefillSegment"]
+__all__ = ["MLAConfig", "MLAModel", "KVCache", "PoolKVCache", "DictKVCache", "PrefillSegment", "fused_step_available", "rope_table"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class MLAConfig:
     v_head_dim: int = 64
     n_layers: int = 3
     rope_theta: float = 10000.0
+    max_position: int = 32768  # rows of the RoPE table (cos | sin per position)
     seed: int = 0
 
 
@@ -77,13 +80,26 @@ class KVCache:
 
 
 class PoolKVCache(KVCache):
-    """The model's cache on an :class:`MLATokenToKVPool` (what an engine does)."""
+    """The model's cache on an :class:`MLATokenToKVPool` (what an engine does).
 
-    def __init__(self, pool: MLATokenToKVPool) -> None:
+    ``fused=True`` (where the pool takes it: 16-bit rows, ``per_tensor`` or ``ds_mla``) makes each
+    layer's cache step one launch, :meth:`write_rope` (RoPE on ``k_pe`` and ``q_pe``, the row write,
+    the absorbed query); the model then hands it the unrotated values. Off, the model rotates with
+    torch and calls :meth:`write`. Both give the same bits.
+    """
+
+    def __init__(self, pool: MLATokenToKVPool, fused: bool = False) -> None:
         self.pool = pool
+        self.fused = bool(fused) and fused_step_available(pool)
 
     def write(self, layer: int, loc: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor) -> None:
         self.pool.set_kv_buffer(layer, loc, k_nope, k_rope)
+
+    def write_rope(self, layer: int, loc, k_nope, k_pe, positions, cos_sin_cache, q_lat, q_pe):
+        """The fused step: returns ``(q_lat, rotated q_pe)`` as views of the one ``q_out`` it builds."""
+        q_out = self.pool.set_kv_buffer_rope(layer, loc, k_nope, k_pe, positions, cos_sin_cache, True, q_lat, q_pe)
+        r = q_lat.shape[-1]
+        return q_out[..., :r], q_out[..., r:]
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows at ``slots`` (any shape ``S``) as ``([*S, kv_lora_rank], [*S, rope_dim])``."""
@@ -122,6 +138,21 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
+def fused_step_available(pool: MLATokenToKVPool) -> bool:
+    """Whether the pool takes the fused RoPE step: bf16/fp16 rows, or the ``per_tensor``/``ds_mla`` formats."""
+    fmt = pool.kv_cache_format
+    return fmt in ("per_tensor", "ds_mla") or (fmt is None and pool.dtype in (torch.bfloat16, torch.float16))
+
+
+@functools.lru_cache(maxsize=8)
+def rope_table(theta: float, rope_dim: int, max_position: int, device: torch.device) -> torch.Tensor:
+    """The model's RoPE table ``[max_position, rope_dim]`` fp32: ``cos`` half, then ``sin`` half, of
+    ``position * theta^(-2j / rope_dim)`` (sglang's / vLLM's ``cos_sin_cache`` layout; shared by layers)."""
+    inv = theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)
+    ang = torch.arange(max_position, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=1).to(device)
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (rotate-half) of ``x [N, ..., d]`` at ``positions [N]``."""
     d = x.shape[-1]
@@ -146,17 +177,37 @@ class MLAAttention(nn.Module):
         self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden, bias=False)
         self.scale = 1.0 / math.sqrt(cfg.qk_nope_head_dim + p)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """``x [N, hidden]`` -> ``q_lat [N, H, R]``, ``q_pe [N, H, P]``, ``k_nope [N, R]``, ``k_rope [N, P]``."""
+    def rope_table(self, device) -> torch.Tensor:
+        cfg = self.cfg
+        return rope_table(cfg.rope_theta, cfg.qk_rope_head_dim, cfg.max_position, torch.device(device))
+
+    def project_unrotated(self, x: torch.Tensor):
+        """``x [N, hidden]`` -> ``q_lat [N, H, R]``, ``q_pe [N, H, P]``, ``k_nope [N, R]``, ``k_pe [N, P]``
+        with ``q_pe``/``k_pe`` before RoPE (what the fused cache step takes)."""
         cfg = self.cfg
         q = self.q_proj(x).view(x.shape[0], cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
         q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, self.w_uk)
-        q_pe = apply_rope(q_pe, positions, cfg.rope_theta)
         kv = self.kv_a_proj(x)
         k_nope = self.kv_a_norm(kv[:, : cfg.kv_lora_rank])
-        k_rope = apply_rope(kv[:, cfg.kv_lora_rank :], positions, cfg.rope_theta)
-        return q_lat, q_pe, k_nope, k_rope
+        return q_lat, q_pe, k_nope, kv[:, cfg.kv_lora_rank :]
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """``x [N, hidden]`` -> ``q_lat [N, H, R]``, ``q_pe [N, H, P]``, ``k_nope [N, R]``, ``k_rope [N, P]``
+        (RoPE applied: rotate-half pairs from the model's table, fp32, rounded once)."""
+        q_lat, q_pe, k_nope, k_pe = self.project_unrotated(x)
+        cs = self.rope_table(x.device)
+        return q_lat, rope_rotate_torch(q_pe, positions, cs, True), k_nope, rope_rotate_torch(k_pe, positions, cs, True)
+
+    def cache_step(self, cache: KVCache, layer_id: int, x: torch.Tensor, positions: torch.Tensor, loc: torch.Tensor):
+        """Project, rotate and write this layer's rows; returns ``(q_lat [N, H, R], q_pe [N, H, P])``.
+        A cache with ``fused`` set does RoPE, the write and the query in one launch (``write_rope``)."""
+        if getattr(cache, "fused", False):
+            q_lat, q_pe, k_nope, k_pe = self.project_unrotated(x)
+            return cache.write_rope(layer_id, loc, k_nope, k_pe, positions, self.rope_table(x.device), q_lat, q_pe)
+        q_lat, q_pe, k_nope, k_rope = self.project(x, positions)
+        cache.write(layer_id, loc, k_nope, k_rope)
+        return q_lat, q_pe
 
     def attend_partial(self, q_lat, q_pe, c_nope, c_pe, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent attention over the rows given (all of them, or one rank's shard).
@@ -222,8 +273,7 @@ class MLAModel(nn.Module):
         x = self.embed(input_ids)
         for layer_id, blk in enumerate(self.blocks):
             h = blk.norm1(x)
-            q_lat, q_pe, k_nope, k_rope = blk.attn.project(h, positions)
-            cache.write(layer_id, loc, k_nope, k_rope)
+            q_lat, q_pe = blk.attn.cache_step(cache, layer_id, h, positions, loc)
             out = torch.empty_like(h)
             for seg in segments:
                 sl = slice(seg.start, seg.start + seg.length)
@@ -249,8 +299,7 @@ class MLAModel(nn.Module):
         mask = (torch.arange(t, device=x.device)[None, :] < lengths[:, None])[:, None, :]  # [B, 1, T]
         for layer_id, blk in enumerate(self.blocks):
             h = blk.norm1(x)
-            q_lat, q_pe, k_nope, k_rope = blk.attn.project(h, positions)
-            cache.write(layer_id, loc, k_nope, k_rope)
+            q_lat, q_pe = blk.attn.cache_step(cache, layer_id, h, positions, loc)
             x = x + blk.attn.attend(cache, layer_id, q_lat[:, None], q_pe[:, None], slot_table, mask)[:, 0]
             x = x + blk.mlp(blk.norm2(x))
         return self.lm_head(self.norm(x))

@@ -68,7 +68,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _round_to(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp32 -> ``dtype`` (bf16/fp16): round to nearest even; NaN as the dtype's canonical quiet NaN
-    (so the result does not depend on the device ``Tensor.to`` runs on)."""
+    (so the result does not depend on the device ``Tensor.to`` runs on). fp32: ``y`` itself."""
+    if dtype == torch.float32:
+        return y
     out = y.to(dtype).view(torch.int16)
     nan = torch.full_like(out, _CANON_NAN[dtype])
     return torch.where(torch.isnan(y), nan, out).view(dtype)
@@ -77,7 +79,8 @@ def _round_to(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def rope_rotate_torch(
     x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox_style: bool
 ) -> torch.Tensor:
-    """Rotate ``x [n, ..., rope_dim]`` (bf16/fp16) by the angles of ``positions [n]``.
+    """Rotate ``x [n, ..., rope_dim]`` (bf16/fp16; fp32 too, unrounded, for models that run in fp32)
+    by the angles of ``positions [n]``.
 
     Args:
         x: ``[n, rope_dim]``, ``[n, 1, rope_dim]`` or ``[n, H, rope_dim]``; any strides.
