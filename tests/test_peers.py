@@ -163,3 +163,10 @@ def test_an_unknown_peer_is_a_usage_error_naming_the_known_ones(capsys):
         peers.main(["vllm2"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unknown peer 'vllm2'" in err and "sglang" in err
+
+
+def test_vllm_is_fetched_by_its_own_module(capsys):
+    """`mlakv fetch-peers vllm ...` hands the rest of the command line to mlakv.compat.fetch_vllm_tests."""
+    with pytest.raises(SystemExit) as e:
+        peers.main(["vllm", "--help"])
+    assert e.value.code == 0 and "vLLM" in capsys.readouterr().out

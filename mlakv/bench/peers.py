@@ -9,10 +9,14 @@ short fixed layout, into a git-ignored directory.
     mlakv fetch-peers                      # sglang 0.5.23 -> ./.peers/sglang
     mlakv fetch-peers sglang --dest DIR    # elsewhere (then MLAKV_SGLANG_SRC=DIR/sglang for the bench)
     mlakv fetch-peers sglang --wheel FILE  # from a wheel already downloaded (no network)
+    mlakv fetch-peers vllm [--help]        # vLLM's cache kernel tests + a shim (mlakv.compat.fetch_vllm_tests)
 
 Each peer is data (:data:`PEERS`): the package, the version the benches were measured with, and
-the map from paths inside the wheel to paths under ``.peers/<name>/``. ``python -m
-mlakv.bench.peers`` is the same command. This module imports nothing of mlakv and not torch.
+the map from paths inside the wheel to paths under ``.peers/<name>/``. vLLM's peer evidence is its
+test files from the source distribution, fetched by :mod:`mlakv.compat.fetch_vllm_tests`, which
+``mlakv fetch-peers vllm ...`` runs with the rest of the command line. ``python -m
+mlakv.bench.peers`` is the same command. This module imports neither torch nor (but for ``vllm``)
+anything of mlakv.
 """
 
 from __future__ import annotations
@@ -209,6 +213,10 @@ def fetch(name: str, dest_root: Path = Path(".peers"), version: Optional[str] = 
     return dest
 
 
+#: Peers fetched by their own module (not a wheel's files): ``mlakv fetch-peers vllm ...`` runs it.
+SOURCE_PEERS = ("vllm",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mlakv fetch-peers`` parser."""
     ap = argparse.ArgumentParser(
@@ -216,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download a peer's published package with pip and extract the kernel sources the benches "
         "build and the tests read as specs into DEST/<peer>/ (never committed; .peers/ is git-ignored).",
     )
-    ap.add_argument("peers", nargs="*", metavar="PEER", help=f"which peers to fetch: {', '.join(PEERS)} (default: all)")
+    ap.add_argument("peers", nargs="*", metavar="PEER",
+                    help=f"which peers to fetch: {', '.join(PEERS)} (default: all of them); `mlakv fetch-peers vllm --help`: "
+                    "vLLM's cache kernel tests and a shim to run them against mlakv.compat.vllm")  # fmt: skip
     ap.add_argument("--dest", type=Path, default=Path(".peers"), help="directory that holds the peers (default ./.peers)")
     ap.add_argument("--version", default=None,
                     help="package version (default: the one measured: "
@@ -226,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``mlakv fetch-peers [PEER ...] [--dest DIR] [--version V] [--wheel FILE]``: 0, 1 on a failed fetch, 2 on usage."""
+    """``mlakv fetch-peers [PEER ...] [--dest DIR] [--version V] [--wheel FILE]``: 0, 1 on a failed fetch, 2 on usage.
+
+    ``mlakv fetch-peers vllm [options]`` hands its options to :mod:`mlakv.compat.fetch_vllm_tests`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [SOURCE_PEERS[0]]:
+        from mlakv.compat.fetch_vllm_tests import main as fetch_vllm
+
+        return fetch_vllm(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     names = list(dict.fromkeys(args.peers)) or list(PEERS)
