@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-format", choices=["ds_mla", "per_tensor"], default=None,
                     help="also run the model on an FP8 cache of this format (quantized in the write, dequantized in "
                     "the gather) and report how far its logits move from the plain cache's")  # fmt: skip
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the fused cache step (RoPE on k_pe/q_pe, the row write and the absorbed query in "
+                    "one launch per layer) where the pool takes it (bf16/fp16 rows: the GPU run), and use it in the "
+                    "reference check (default on; --no-fused: only the separate kernels)")  # fmt: skip
     ap.add_argument("--l3", choices=["mooncake"], default=None,
                     help="run the HiCache L3 demo instead: a shared prefix backed up to Mooncake Store by one node "
                     "and loaded by another (starts its own mooncake_master; mlakv.demo.l3)")  # fmt: skip

@@ -24,7 +24,7 @@ import torch
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.mem_cache.memory_pool import host_available_bytes
 from mlakv.demo.engine import DecodeGraphRunner, Engine, Request
-from mlakv.demo.model import DictKVCache, MLAConfig, PoolKVCache
+from mlakv.demo.model import DictKVCache, MLAConfig, PoolKVCache, fused_step_available
 from mlakv.mem_cache.allocator import TokenSlotAllocator
 from mlakv.demo.model import MLAModel, PrefillSegment, default_dtype, make_model
 from mlakv.demo.options import build_parser
@@ -33,8 +33,8 @@ from mlakv.demo.options import build_parser
 class _VariantCache(PoolKVCache):
     """The pool cache with a replaceable row write (for the write-share measurement only)."""
 
-    def __init__(self, pool: MLATokenToKVPool, write_fn: Optional[Callable]) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: MLATokenToKVPool, write_fn: Optional[Callable], fused: bool = False) -> None:
+        super().__init__(pool, fused=fused)
         self._write_fn = write_fn
 
     def write(self, layer, loc, k_nope, k_rope):
@@ -54,6 +54,9 @@ def _write_index_put(pool, layer, loc, k_nope, k_rope):
 
 
 VARIANTS = {"mlakv dispatcher": _write_auto, "two index_put_": _write_index_put, "no KV write": None}
+# The fused cache step (RoPE, the row write and the absorbed query, one launch per layer), timed beside
+# the variants above where the pool takes it; they rotate with torch kernels before their write.
+FUSED_LABEL = "fused step (RoPE + write + query)"
 
 
 def _sync(device):
@@ -89,16 +92,17 @@ def round_robin_medians(
     return {label: statistics.median(v) for label, v in samples.items()}
 
 
-def reference_check(cfg: MLAConfig, device, dtype) -> bool:
+def reference_check(cfg: MLAConfig, device, dtype, fused: bool = False) -> bool:
     """A short interleaved workload over the pool and over the dict cache: same tokens, close
-    logits, and bit-identical cached rows."""
+    logits, and bit-identical cached rows. ``fused``: the pool cache takes the fused cache step where
+    the pool allows it."""
     model = make_model(cfg, device, dtype)
     pool = MLATokenToKVPool(1024, 1, dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_layers, device)
     ref = DictKVCache(cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (17, 40, 9)]
     outs = []
-    for cache in (PoolKVCache(pool), ref):
+    for cache in (PoolKVCache(pool, fused=fused), ref):
         eng = Engine(model, cache, TokenSlotAllocator(pool.num_slots, 1), device)
         reqs = [Request(p, 8) for p in prompts]
         eng.prefill(reqs[:2])
@@ -347,7 +351,7 @@ def _run(argv: Optional[list[str]]) -> int:
           f"{' under CUDA graphs' if gpu else ' (eager)'}")
 
     progress("reference check: the model over the pool vs over a dict-of-tensors cache (first use compiles kernels)")
-    ok = reference_check(MLAConfig(vocab_size=512, hidden=128, n_heads=2, n_layers=2), device, dtype)
+    ok = reference_check(MLAConfig(vocab_size=512, hidden=128, n_heads=2, n_layers=2), device, dtype, args.fused)
     print(f"reference check (pool vs dict-of-tensors cache: tokens, logits, cached rows): {'PASSED' if ok else 'FAILED'}")
 
     model = make_model(cfg, device, dtype)
@@ -357,6 +361,10 @@ def _run(argv: Optional[list[str]]) -> int:
     pool_size = max(n_prompts * plen, dbatch * ctx) + 64
     pool = MLATokenToKVPool(pool_size, 1, dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_layers, device)
     caches = {label: _VariantCache(pool, fn) for label, fn in VARIANTS.items()}
+    if args.fused and fused_step_available(pool):
+        caches = {FUSED_LABEL: _VariantCache(pool, _write_auto, fused=True), **caches}
+    elif args.fused:
+        print(f"fused cache step: not available for a {dtype} pool (it takes bf16/fp16 rows); timing the separate kernels only")
 
     t_prefill = time_prefill(model, caches, prompts, device, gpu)
     t_decode = time_decode(model, caches, prompts, dbatch, steps, ctx, pool, device, gpu)
