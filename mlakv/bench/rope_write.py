@@ -79,24 +79,24 @@ def make_set(n: int, heads: int, variant: str, cs: torch.Tensor, device="cuda", 
     """One layer's inputs: sources, slots (distinct, all valid), positions, a poisoned cache and
     ``q_out``, the scales (1.0: sglang's fp8 variant has none), and pre-rotated copies for sglang."""
     fmt, q_kind = VARIANTS[variant]
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: the large sets are GBs
     num_slots = n + 64
     d = dict(
-        k_nope=torch.randn(n, NOPE, generator=g).to(torch.bfloat16).to(device),
-        k_pe=torch.randn(n, ROPE, generator=g).to(torch.bfloat16).to(device),
-        q_nope=torch.randn(n, heads, NOPE, generator=g).to(torch.bfloat16).to(device),
-        q_pe=torch.randn(n, heads, ROPE, generator=g).to(torch.bfloat16).to(device),
-        loc=torch.randperm(num_slots, generator=g)[:n].to(device),
-        positions=torch.randint(0, cs.shape[0], (n,), generator=g).to(device),
+        k_nope=torch.randn(n, NOPE, generator=g, device=device).to(torch.bfloat16),
+        k_pe=torch.randn(n, ROPE, generator=g, device=device).to(torch.bfloat16),
+        q_nope=torch.randn(n, heads, NOPE, generator=g, device=device).to(torch.bfloat16),
+        q_pe=torch.randn(n, heads, ROPE, generator=g, device=device).to(torch.bfloat16),
+        loc=torch.randperm(num_slots, generator=g, device=device)[:n],
+        positions=torch.randint(0, cs.shape[0], (n,), generator=g, device=device),
         cs=cs,
         k_scale=torch.ones(1, dtype=torch.float32, device=device) if fmt == "per_tensor" else None,
         q_scale=torch.ones(1, dtype=torch.float32, device=device) if q_kind == "fp8" else None,
     )
     width = row_width(fmt) * (2 if fmt is None else 1)
-    d["kv"] = torch.randint(0, 256, (num_slots, width), dtype=torch.uint8, device=device).view(kv_dtype(fmt))
+    d["kv"] = torch.randint(0, 256, (num_slots, width), dtype=torch.uint8, generator=g, device=device).view(kv_dtype(fmt))
     q_dt = torch.bfloat16 if q_kind == "16bit" else torch.float8_e4m3fn
     q_w = (NOPE + ROPE) * (2 if q_kind == "16bit" else 1)
-    d["q_out"] = torch.randint(0, 256, (n, heads, q_w), dtype=torch.uint8, device=device).view(q_dt)
+    d["q_out"] = torch.randint(0, 256, (n, heads, q_w), dtype=torch.uint8, generator=g, device=device).view(q_dt)
     d["fmt"], d["q_kind"] = fmt, q_kind
     return d
 
