@@ -167,10 +167,11 @@ def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
 # The fused RoPE + cache-row + query kernel (csrc/rope_write.cuh): one warp per item (a cache row or
 # one head's query row), ROPE_WRITE_WARPS per CTA, the PDL trigger at kernel entry for calls of at
 # most ROPE_WRITE_EARLY_MAX_ITEMS items (n * (H + 1)), else right after the wait. Seed values taken
-# over from the plain write's Hopper row (8 warps; entry trigger while the grid is a few waves of
-# CTAs); `mlakv bench rope --sweep` times both trigger places side by side to replace them.
+# over from the plain write's Hopper row, whose items are warps too (8 warps per CTA; entry trigger up to
+# 256 warps, 1.5-2.2x slower at 512-1024 on the H100); `mlakv bench rope --sweep` times both trigger
+# places side by side to replace them.
 ROPE_WRITE_WARPS = 8
-ROPE_WRITE_EARLY_MAX_ITEMS = 2048
+ROPE_WRITE_EARLY_MAX_ITEMS = 256
 
 
 def rope_write_launch(n_items: int) -> tuple[int, bool]:
