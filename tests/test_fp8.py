@@ -761,7 +761,7 @@ def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
 
 
 _QUANT_INTS = ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot", "n_loc")
-_GATHER_INTS = ("kv_row_stride", "loc_stride", "num_slots", "n_loc")
+_GATHER_INTS = ("kv_row_stride", "loc_stride", "num_slots", "n_loc", "nope_out_stride", "rope_out_stride")
 _PT = dict(NOPE=512, NOPE_P2=512, ROPE=64, ROPE_P2=64)
 _DS = dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64)
 # (kernel, sm, pointer types, int args, constexprs): every kernel of fp8_triton, each constexpr branch
@@ -801,13 +801,16 @@ _TRITON_SIGS = [
 ] + [
     ("_dequant_per_tensor_kernel", 90 if native else 80,
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out, scale_ptr="*fp32"), _GATHER_INTS,
-     dict(**_PT, ROWS=rows, DST=dst, NATIVE=native, USE_PDL=native, EARLY_TRIGGER=True))
-    for dst, out, loc, native, rows in ((0, "*i16", "*i64", True, 4), (1, "*i16", "*i32", False, 1), (2, "*i32", "*i64", True, 2))
+     dict(**_PT, ROWS=rows, DST=dst, NATIVE=native, USE_PDL=native, EARLY_TRIGGER=True, SKIP_INVALID=skip))
+    for dst, out, loc, native, rows, skip in ((0, "*i16", "*i64", True, 4, False), (1, "*i16", "*i32", False, 1, True),
+                                              (2, "*i32", "*i64", True, 2, False))
 ] + [
     ("_dequant_ds_mla_kernel", 90 if native else 80,
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out), _GATHER_INTS,
-     dict(**_DS, ROWS=rows, DST=dst, NATIVE=native, ALIGN4=native, USE_PDL=native, EARLY_TRIGGER=False))
-    for dst, out, loc, native, rows in ((0, "*i16", "*i32", True, 8), (1, "*i16", "*i64", False, 2), (2, "*i32", "*i32", True, 1))
+     dict(**_DS, ROWS=rows, DST=dst, NATIVE=native, ALIGN4=native, USE_PDL=native, EARLY_TRIGGER=False,
+          SKIP_INVALID=skip))
+    for dst, out, loc, native, rows, skip in ((0, "*i16", "*i32", True, 8, True), (1, "*i16", "*i64", False, 2, False),
+                                              (2, "*i32", "*i32", True, 1, False))
 ] + [
     ("_div_probe_kernel", 90, dict(a_ptr="*fp32", b_ptr="*fp32", q_ptr="*fp32"), ("n",), dict(BLOCK=256)),
 ]  # fmt: skip

@@ -695,3 +695,30 @@ def test_triton_ds_mla_pow2_write_equals_the_reference():
     loc = torch.tensor([3, 0, 7, 1, 9, 5], device=DEVICE)
     launch_quant_write(buf, loc, kv_c, k_pe, "ds_mla", None, pow2_scales=True)
     assert torch.equal(u8(buf)[loc.cpu()], want)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("fmt", ["ds_mla", "per_tensor"])
+def test_triton_dequant_gather_into_dst_columns_skips_invalid_rows(fmt):
+    """The upconvert's and the fp8 gather's GPU kernel: rows written straight into column slices of
+    ``dst`` at its row stride; rows whose slot is invalid keep their bytes."""
+    from mlakv.kernels.triton.fp8 import launch_dequant_gather
+
+    torch.manual_seed(17)
+    nope_dim, rope_dim = (512, 64) if fmt == "ds_mla" else (40, 0)
+    kv_c, k_pe = sources(8, nope_dim, rope_dim, BF16)
+    scale = None if fmt == "ds_mla" else torch.tensor([0.25], device=DEVICE)
+    stored = fp8.quantize_mla_rows(kv_c, k_pe, fmt, scale, ds_mla_scale="pow2" if fmt == "ds_mla" else "amax")
+    rows = stored.view(torch.uint8).to(DEVICE)
+    loc = torch.tensor([3, -1, 0, 7, 12, 5], device=DEVICE)  # -1 and 12 (past the 8 rows) are invalid
+    dst = poisoned((6, nope_dim + rope_dim + 3), F16)
+    before = u8(dst).clone().reshape(6, -1)
+    out = (dst[:, :nope_dim], dst[:, nope_dim : nope_dim + rope_dim])
+    launch_dequant_gather(rows, loc, fmt, nope_dim, rope_dim, scale, F16, out=out, skip_invalid=True)
+    n, r = fp8.dequantize_mla_rows(stored.view(torch.uint8).cpu(), fmt, nope_dim, rope_dim, scale.cpu() if scale is not None else None, F16)
+    got = u8(dst).reshape(6, -1)
+    for i, s in enumerate(loc.tolist()):
+        want = before[i].clone()
+        if 0 <= s < 8:
+            want[: 2 * (nope_dim + rope_dim)] = u8(torch.cat([n[s], r[s]]))
+        assert torch.equal(got[i], want), i

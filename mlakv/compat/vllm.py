@@ -434,10 +434,10 @@ def _gmd_impl(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens
         _byte_gather(src_cache, rows, slot, valid, entry * dst.element_size())
         return
     cache_rows, rpb = paged_rows(src_cache, "src_cache")
-    deq, _ = fp8.get_mla_kv_buffer_dequant(
-        cache_rows, slot_rows(slot, bs, rpb), "per_tensor", entry, 0, _check_scale(scale, src_cache.device), dst.dtype
-    )
-    _masked_store(rows[:n], valid, deq)
+    fp8.get_mla_kv_buffer_dequant(
+        cache_rows, slot_rows(slot, bs, rpb), "per_tensor", entry, 0, _check_scale(scale, src_cache.device), dst.dtype,
+        out=(rows[:n, :entry], rows[:n, :0]), skip_invalid=True,
+    )  # fmt: skip
 
 
 def _gmd_fake(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts=None) -> None:
@@ -531,9 +531,10 @@ def _upconvert_impl(src_cache, dst, block_table, workspace_starts, batch_size, s
     else:
         cache_rows, rpb = paged_rows(src_cache.view(torch.uint8), "src_cache")
         loc = slot_rows(slot, bs, rpb)
-    nope, rope = fp8.get_mla_kv_buffer_dequant(cache_rows, loc, "ds_mla", _DS_NOPE, _DS_ROPE, None, torch.bfloat16)
-    _masked_store(dst[:, :_DS_NOPE], valid, nope)
-    _masked_store(dst[:, _DS_NOPE:], valid, rope)
+    fp8.get_mla_kv_buffer_dequant(
+        cache_rows, loc, "ds_mla", _DS_NOPE, _DS_ROPE, None, torch.bfloat16,
+        out=(dst[:, :_DS_NOPE], dst[:, _DS_NOPE:]), skip_invalid=True,
+    )  # fmt: skip
 
 
 def _copy_units(src, dst, src_idx, dst_idx, unit: int, src_layout, dst_layout) -> None:

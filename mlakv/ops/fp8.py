@@ -336,6 +336,26 @@ def dequantize_mla_rows(
     return nope, rope
 
 
+def _check_out(out: object, n_loc: int, nope_dim: int, rope_dim: int, dst_dtype: torch.dtype, device: torch.device) -> None:
+    """Raise naming ``out`` unless it is two ``[n_loc, nope_dim]`` / ``[n_loc, rope_dim]`` tensors of
+    ``dst_dtype`` on ``device`` with contiguous last dims."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"out must be a pair (k_nope_out, k_rope_out), got {type(out).__name__}")
+    for name, t, width in (("out[0]", out[0], nope_dim), ("out[1]", out[1], rope_dim)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or tuple(t.shape) != (n_loc, width):
+            raise ValueError(f"{name} must be [n_loc={n_loc}, {width}], got shape {tuple(t.shape)}")
+        if t.dtype != dst_dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must be dst_dtype {dst_dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but kv_buffer is on {device}")
+        if width > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name}: the last dim must be contiguous, got strides {tuple(t.stride())}")
+        if n_loc > 1 and width and t.stride(0) < width:
+            raise ValueError(f"{name}: rows overlap (dim 0 stride {t.stride(0)} < {width})")
+
+
 def _check_dst(dst_dtype: object) -> None:
     if dst_dtype not in DEQUANT_DTYPES:
         raise TypeError(f"dst_dtype must be one of {DEQUANT_DTYPES}, got {dst_dtype}")
@@ -569,6 +589,8 @@ def get_mla_kv_buffer_dequant(
     dst_dtype: torch.dtype = torch.bfloat16,
     *,
     check_bounds: Optional[bool] = None,
+    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    skip_invalid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather rows ``kv_buffer[loc]`` and dequantize them (fused on the GPU: one launch, JIT CUDA on
     SM90+ where the widths and alignment suit it, else Triton; torch on CPU).
@@ -580,14 +602,24 @@ def get_mla_kv_buffer_dequant(
             (always on CPU; on GPU with ``check_bounds``, which syncs) and gives a zero row otherwise.
         kv_cache_format, kv_lora_rank, rope_dim, k_scale: as written.
         dst_dtype: bf16 (default), fp16 or fp32.
+        out: ``(k_nope_out [n_loc, kv_lora_rank], k_rope_out [n_loc, rope_dim])`` of ``dst_dtype``
+            on the buffer's device (any row stride, last dim contiguous) to write instead of new
+            tensors (e.g. column slices of one ``[n_loc, kv_lora_rank + rope_dim]`` output); the
+            GPU path is then the Triton kernel.
+        skip_invalid: rows whose slot is outside ``[0, num_slots)`` keep their bytes in ``out``
+            (instead of becoming zeros); needs ``out``.
     Returns:
-        ``(k_nope [n_loc, kv_lora_rank], k_rope [n_loc, rope_dim])``, new contiguous tensors.
+        ``(k_nope [n_loc, kv_lora_rank], k_rope [n_loc, rope_dim])``: new contiguous tensors, or ``out``.
     """
     rb = fp8_row_bytes(kv_cache_format, kv_lora_rank, rope_dim)
     _check_rows_buffer("kv_buffer", kv_buffer, rb, "num_slots")
     _check_loc(loc, None, kv_buffer.device)
     _check_dst(dst_dtype)
     scale = _check_k_scale(kv_cache_format, k_scale, kv_buffer.device)
+    if out is not None:
+        _check_out(out, loc.shape[0], kv_lora_rank, rope_dim, dst_dtype, kv_buffer.device)
+    elif skip_invalid:
+        raise ValueError("skip_invalid needs out (rows that are not written must be somebody's)")
     bounds = check_bounds if check_bounds is not None else _env.CHECK_BOUNDS
     if bounds or not kv_buffer.is_cuda:
         rules.check_loc_bounds(loc, kv_buffer.shape[0])
@@ -595,7 +627,19 @@ def get_mla_kv_buffer_dequant(
         valid = loc >= 0
         rows = _rows2d(kv_buffer).view(torch.uint8)[loc.clamp(min=0).to(torch.long), :rb]
         rows = torch.where(valid[:, None], rows, torch.zeros_like(rows))
-        return dequantize_mla_rows(rows, kv_cache_format, kv_lora_rank, rope_dim, scale, dst_dtype)
+        nope, rope = dequantize_mla_rows(rows, kv_cache_format, kv_lora_rank, rope_dim, scale, dst_dtype)
+        if out is None:
+            return nope, rope
+        keep = valid if skip_invalid else torch.ones_like(valid)
+        for o, v in zip(out, (nope, rope)):
+            o.copy_(torch.where(keep[:, None], v, o))
+        return out
+    if out is not None:
+        from mlakv.kernels.triton.fp8 import launch_dequant_gather
+
+        return launch_dequant_gather(
+            kv_buffer, loc, kv_cache_format, kv_lora_rank, rope_dim, scale, dst_dtype, out=out, skip_invalid=skip_invalid
+        )
     if _jit_enabled():
         from mlakv.kernels.cuda import fp8 as mla_fp8
 

@@ -438,15 +438,19 @@ def _gather_rows(loc_ptr, loc_stride, n_loc, num_slots, ROWS: tl.constexpr):
 @triton.jit
 def _dequant_per_tensor_kernel(
     kv_ptr, loc_ptr, nope_out_ptr, rope_out_ptr, scale_ptr,
-    kv_row_stride, loc_stride, num_slots, n_loc,
+    kv_row_stride, loc_stride, num_slots, n_loc, nope_out_stride, rope_out_stride,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
     DST: tl.constexpr, NATIVE: tl.constexpr, USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
+    SKIP_INVALID: tl.constexpr = False,
 ):  # fmt: skip
+    # Output rows at their own strides; SKIP_INVALID: a row whose slot is not read is not stored either.
     if USE_PDL and EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     i, slot, ok, out_ok = _gather_rows(loc_ptr, loc_stride, n_loc, num_slots, ROWS)
+    if SKIP_INVALID:
+        out_ok = out_ok & ok
     src = (kv_ptr + slot * kv_row_stride)[:, None]
     s = tl.load(scale_ptr)
     cn = tl.arange(0, NOPE_P2)[None, :]
@@ -454,8 +458,8 @@ def _dequant_per_tensor_kernel(
     if NOPE != NOPE_P2:
         mn = mn & (cn < NOPE)
     vn = _dst_bits(_e4m3_value(tl.load(src + tl.max_contiguous(cn, [1, 8]), mask=mn, other=0), NATIVE) * s, DST, NATIVE)
-    _store_block(nope_out_ptr + i[:, None] * NOPE + cn, cn, vn.to(nope_out_ptr.dtype.element_ty), out_ok[:, None],
-                 NOPE, NOPE_P2)  # fmt: skip
+    _store_block(nope_out_ptr + i[:, None] * nope_out_stride + cn, cn, vn.to(nope_out_ptr.dtype.element_ty),
+                 out_ok[:, None], NOPE, NOPE_P2)  # fmt: skip
     if ROPE > 0:
         cr = tl.arange(0, ROPE_P2)[None, :]
         mr = ok[:, None]
@@ -463,8 +467,8 @@ def _dequant_per_tensor_kernel(
             mr = mr & (cr < ROPE)
         vr = _dst_bits(_e4m3_value(tl.load(src + NOPE + tl.max_contiguous(cr, [1, 8]), mask=mr, other=0), NATIVE) * s, DST,
                        NATIVE)
-        _store_block(rope_out_ptr + i[:, None] * ROPE + cr, cr, vr.to(rope_out_ptr.dtype.element_ty), out_ok[:, None],
-                     ROPE, ROPE_P2)  # fmt: skip
+        _store_block(rope_out_ptr + i[:, None] * rope_out_stride + cr, cr, vr.to(rope_out_ptr.dtype.element_ty),
+                     out_ok[:, None], ROPE, ROPE_P2)  # fmt: skip
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -472,10 +476,10 @@ def _dequant_per_tensor_kernel(
 @triton.jit
 def _dequant_ds_mla_kernel(
     kv_ptr, loc_ptr, nope_out_ptr, rope_out_ptr,
-    kv_row_stride, loc_stride, num_slots, n_loc,
+    kv_row_stride, loc_stride, num_slots, n_loc, nope_out_stride, rope_out_stride,
     TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
     DST: tl.constexpr, NATIVE: tl.constexpr, ALIGN4: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr, SKIP_INVALID: tl.constexpr = False,
 ):  # fmt: skip
     NOPE: tl.constexpr = TILES * 128
     if USE_PDL and EARLY_TRIGGER:
@@ -483,6 +487,8 @@ def _dequant_ds_mla_kernel(
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     i, slot, ok, out_ok = _gather_rows(loc_ptr, loc_stride, n_loc, num_slots, ROWS)
+    if SKIP_INVALID:
+        out_ok = out_ok & ok
     src = kv_ptr + slot * kv_row_stride  # [ROWS]
     t = tl.arange(0, TILES_P2)
     ok_t = ok[:, None] & (t[None, :] < TILES)
@@ -498,9 +504,9 @@ def _dequant_ds_mla_kernel(
     out = _dst_bits(_e4m3_value(b, NATIVE) * scale[:, :, None], DST, NATIVE).to(nope_out_ptr.dtype.element_ty)
     on = out_ok[:, None, None]
     if TILES == TILES_P2:
-        tl.store(nope_out_ptr + i[:, None, None] * NOPE + offs, out, mask=on)
+        tl.store(nope_out_ptr + i[:, None, None] * nope_out_stride + offs, out, mask=on)
     else:
-        tl.store(nope_out_ptr + i[:, None, None] * NOPE + offs, out, mask=on & (offs < NOPE))
+        tl.store(nope_out_ptr + i[:, None, None] * nope_out_stride + offs, out, mask=on & (offs < NOPE))
     if ROPE > 0:
         cr = tl.arange(0, ROPE_P2)[None, :]
         mr = ok[:, None]
@@ -517,8 +523,8 @@ def _dequant_ds_mla_kernel(
             rb = bf
         else:
             rb = _dst_bits((bf << 16).to(tl.float32, bitcast=True), DST, NATIVE)
-        _store_block(rope_out_ptr + i[:, None] * ROPE + cr, cr, rb.to(rope_out_ptr.dtype.element_ty), out_ok[:, None],
-                     ROPE, ROPE_P2)  # fmt: skip
+        _store_block(rope_out_ptr + i[:, None] * rope_out_stride + cr, cr, rb.to(rope_out_ptr.dtype.element_ty),
+                     out_ok[:, None], ROPE, ROPE_P2)  # fmt: skip
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -536,17 +542,25 @@ def launch_dequant_gather(
     rows_per_program: int = 0,
     early_trigger: Optional[bool] = None,
     native: Optional[bool] = None,
+    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    skip_invalid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather and dequantize ``kv_buffer[loc]`` into ``([n_loc, nope_dim], [n_loc, rope_dim])`` of ``dst_dtype``.
 
     ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn; ``loc [n_loc]`` int32/int64, any
     stride; ``k_scale [1]`` fp32 (per_tensor) or None. Rows whose slot is outside ``[0, num_slots)``
     come out as zeros (nothing is read for them). The keyword options are
-    :func:`launch_quant_write`'s (table ``dequant``).
+    :func:`launch_quant_write`'s (table ``dequant``); ``out``: the two output tensors to write
+    (``[n_loc, nope_dim]``, ``[n_loc, rope_dim]`` of ``dst_dtype``, any row stride, last dim
+    contiguous; validated by the caller) instead of new ones; ``skip_invalid``: rows whose slot is
+    outside ``[0, num_slots)`` are not written (instead of zeros).
     """
     n_loc = loc.shape[0]
-    nope_out = torch.empty((n_loc, nope_dim), dtype=dst_dtype, device=kv_buffer.device)
-    rope_out = torch.empty((n_loc, rope_dim), dtype=dst_dtype, device=kv_buffer.device)
+    if out is not None:
+        nope_out, rope_out = out
+    else:
+        nope_out = torch.empty((n_loc, nope_dim), dtype=dst_dtype, device=kv_buffer.device)
+        rope_out = torch.empty((n_loc, rope_dim), dtype=dst_dtype, device=kv_buffer.device)
     if n_loc == 0:
         return nope_out, rope_out
     kv = _rows(kv_buffer).view(torch.uint8)
@@ -561,16 +575,19 @@ def launch_dequant_gather(
     warps, rows, early = _launch_shape("dequant", n_loc, num_warps, rows_per_program, early_trigger)
     common = dict(ROPE=rope_dim, ROPE_P2=_p2(rope_dim), ROWS=rows, DST=_DST_CODE[dst_dtype], NATIVE=bool(native),
                   USE_PDL=use_pdl, EARLY_TRIGGER=early, num_warps=warps, **extra)  # fmt: skip
+    if skip_invalid:
+        common["SKIP_INVALID"] = True
     grid = (triton.cdiv(n_loc, rows),)
+    strides = (n_bits.stride(0), r_bits.stride(0))
     if kv_cache_format == "per_tensor":
         _dequant_per_tensor_kernel[grid](
-            kv, loc, n_bits, r_bits, k_scale, kv.stride(0), loc.stride(0), kv.shape[0], n_loc,
+            kv, loc, n_bits, r_bits, k_scale, kv.stride(0), loc.stride(0), kv.shape[0], n_loc, *strides,
             NOPE=nope_dim, NOPE_P2=_p2(nope_dim), **common,
         )  # fmt: skip
     else:
         tiles = nope_dim // 128
         _dequant_ds_mla_kernel[grid](
-            kv, loc, n_bits, r_bits, kv.stride(0), loc.stride(0), kv.shape[0], n_loc,
+            kv, loc, n_bits, r_bits, kv.stride(0), loc.stride(0), kv.shape[0], n_loc, *strides,
             TILES=tiles, TILES_P2=_p2(tiles), ALIGN4=_aligned4(kv), **common,
         )  # fmt: skip
     return nope_out, rope_out
