@@ -336,7 +336,9 @@ class MLATokenToKVPoolHost:
         """Run the body on the transfer stream, after the work queued on the current stream; yield
         an event that is recorded when the body's work ends."""
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
+            with self._lock:  # threads share one transfer stream (synchronize() waits for it)
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(device=device)
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(device))
         done = torch.cuda.Event()
