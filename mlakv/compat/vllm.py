@@ -32,6 +32,7 @@ difference is stated in docs/vllm.md.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Optional, Sequence
 
@@ -374,9 +375,12 @@ _PROGRAMS_PER_SM = 4
 
 def _grid(t: torch.Tensor) -> Optional[int]:
     """The row copy's grid bound for a device-local gather: every SM (None on the CPU)."""
-    if not t.is_cuda:
-        return None
-    return torch.cuda.get_device_properties(t.device).multi_processor_count * _PROGRAMS_PER_SM
+    return _sm_programs(t.device.index or 0) if t.is_cuda else None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_programs(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count * _PROGRAMS_PER_SM
 
 
 def _byte_gather(src_cache: torch.Tensor, dst: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, entry_bytes: int) -> None:
