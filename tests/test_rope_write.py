@@ -75,11 +75,13 @@ def make_case(n, heads, src_dtype, fmt, q_mode, *, num_slots=48, seed=0, extra_c
     raw = torch.randint(0, 256, (num_slots, width * (2 if fmt is None else 1)), dtype=torch.uint8, generator=g)
     c["kv_buffer"] = raw.view(kv_dtype_of(fmt, src_dtype)).to(device)
     if q_mode != "none":
-        c["q_nope"] = torch.randn(n, heads, NOPE, generator=g).to(src_dtype).to(device)
-        c["q_pe"] = torch.randn(n, heads, ROPE, generator=g).to(src_dtype).to(device)
+        # the query is the bulk (GBs at the largest sizes): drawn where it lives
+        gq = g if torch.device(device).type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+        c["q_nope"] = torch.randn(n, heads, NOPE, generator=gq, device=device).to(src_dtype)
+        c["q_pe"] = torch.randn(n, heads, ROPE, generator=gq, device=device).to(src_dtype)
         qd = src_dtype if q_mode == "16bit" else torch.float8_e4m3fn
-        qraw = torch.randint(0, 256, (n, heads, (NOPE + ROPE) * (2 if q_mode == "16bit" else 1)), dtype=torch.uint8, generator=g)
-        c["q_out"] = qraw.view(qd).to(device)
+        q_w = (NOPE + ROPE) * (2 if q_mode == "16bit" else 1)
+        c["q_out"] = torch.randint(0, 256, (n, heads, q_w), dtype=torch.uint8, generator=gq, device=device).view(qd)
     return c
 
 
