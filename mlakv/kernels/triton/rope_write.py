@@ -120,6 +120,7 @@ def _rope_write_kernel(
 ):  # fmt: skip
     # Strides in elements of each pointer's type (kv: int16 for 16-bit rows, bytes for FP8 formats;
     # q_out: int16 or bytes). 16-bit tensors arrive as int16 views.
+    TILES: tl.constexpr = NOPE // 128  # ds_mla's scale tiles
     pid = tl.program_id(0).to(tl.int64)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -151,7 +152,6 @@ def _rope_write_kernel(
             tl.store(dst + NOPE + a_off, qa, mask=jm)
             tl.store(dst + NOPE + b_off, qb, mask=jm)
         else:  # ds_mla: [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
-            TILES: tl.constexpr = NOPE // 128
             tt = tl.arange(0, TILES_P2)[:, None]
             toffs = tt * 128 + tl.arange(0, 128)[None, :]
             keep_t = ((tl.zeros([TILES_P2, 128], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
