@@ -722,3 +722,97 @@ def test_triton_dequant_gather_into_dst_columns_skips_invalid_rows(fmt):
         if 0 <= s < 8:
             want[: 2 * (nope_dim + rope_dim)] = u8(torch.cat([n[s], r[s]]))
         assert torch.equal(got[i], want), i
+
+
+# ---- the peer-test fetch and shim (no network: a synthetic sdist) --------------------------------
+
+_FAKE_COMPRESSOR_TESTS = '''
+import numpy as np
+from vllm.models.deepseek_v4.common.ops import something  # a module-level import the shim does not provide
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_indexer_quant_cache_roundtrip(n):
+    k = torch.randn(n, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 64, 132, dtype=torch.uint8)
+    ops.indexer_k_quant_and_cache(k, cache, torch.arange(n), 128, "ue8m0")
+    assert cache.any()
+
+
+def test_other_compressor_test():
+    raise AssertionError("not copied")
+'''
+
+_FAKE_CACHE_TESTS = '''
+import torch
+from tests.kernels.utils import DEFAULT_OPCHECK_TEST_UTILS, opcheck
+from vllm import _custom_ops as ops
+from vllm.platforms import current_platform
+from vllm.utils.torch_utils import set_random_seed
+
+
+def test_swap_blocks_mla_cpu():
+    set_random_seed(0)
+    src, dst = torch.arange(32, dtype=torch.uint8).reshape(4, 8), torch.zeros(4, 8, dtype=torch.uint8)
+    mapping = torch.tensor([[3, 0]])
+    opcheck(torch.ops._C_cache_ops.swap_blocks, (src, dst, 8, mapping), test_utils=DEFAULT_OPCHECK_TEST_UTILS)
+    ops.swap_blocks(src, dst, 8, mapping)
+    assert dst[0].tolist() == list(range(24, 32)) and not current_platform.is_rocm()
+'''
+
+
+def _fake_sdist(tmp_path):
+    import io
+    import tarfile
+
+    files = {
+        "vllm-9.9.9/tests/kernels/attention/test_cache.py": _FAKE_CACHE_TESTS,
+        "vllm-9.9.9/tests/kernels/test_cp_gather_fp8.py": "def test_nothing():\n    pass\n",
+        "vllm-9.9.9/tests/kernels/test_compressor_kv_cache.py": _FAKE_COMPRESSOR_TESTS,
+        "vllm-9.9.9/csrc/cache_kernels.cu": "// kernels\n",
+        "vllm-9.9.9/setup.py": "",
+    }
+    path = tmp_path / "vllm-9.9.9.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_fetch_from_an_sdist_writes_tests_shim_and_run_command(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlakv.compat import fetch_vllm_tests as F
+
+    dest = F.fetch("9.9.9", tmp_path / "peers", sdist=_fake_sdist(tmp_path))
+    assert (dest / "tests/kernels/attention/test_cache.py").read_text() == _FAKE_CACHE_TESTS
+    extracted = (dest / F.INDEXER_MODULE).read_text()
+    assert "def test_indexer_quant_cache_roundtrip" in extracted and "test_other_compressor_test" not in extracted
+    assert "deepseek_v4" not in extracted and "@pytest.mark.parametrize" in extracted
+    assert "PYTHONPATH=shim" in (dest / "RUN.txt").read_text()
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTEST_ADDOPTS"}
+    env["PYTHONPATH"] = f"shim:.:{repo}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "tests/kernels/attention/test_cache.py", F.INDEXER_MODULE],
+        cwd=dest, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_fetch_names_what_is_missing(tmp_path):
+    import tarfile
+
+    from mlakv.compat import fetch_vllm_tests as F
+
+    empty = tmp_path / "vllm-0.0.1.tar.gz"
+    with tarfile.open(empty, "w:gz") as tar:
+        (tmp_path / "x").write_text("")
+        tar.add(tmp_path / "x", arcname="vllm-0.0.1/setup.py")
+    with pytest.raises(RuntimeError, match="no tests/kernels/attention/test_cache.py"):
+        F.fetch("0.0.1", tmp_path / "out", sdist=empty)
