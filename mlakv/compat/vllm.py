@@ -69,6 +69,7 @@ DS_MLA_ENTRY_BYTES = 656
 _DS_NOPE, _DS_ROPE = 512, 64
 _BYTE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 _IDX_DTYPES = (torch.int32, torch.int64)
+_AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what vLLM's "auto" dispatch takes
 NAMESPACE = "mlakv_vllm"
 
 
@@ -212,8 +213,8 @@ def _check_concat(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, ski
                 f"kv_cache_dtype={kv_cache_dtype!r} copies bytes: kv_cache dtype {kv_cache.dtype} must equal kv_c dtype "
                 f"{kv_c.dtype}"
             )
-        if kv_c.dtype not in rules.SUPPORTED_DTYPES:
-            raise TypeError(f"kv_c dtype {kv_c.dtype} is not supported; expected one of {rules.SUPPORTED_DTYPES}")
+        if kv_c.dtype not in _AUTO_DTYPES:
+            raise TypeError(f"kv_c dtype must be one of {_AUTO_DTYPES} for {kv_cache_dtype!r}, got {kv_c.dtype}")
         return kind, n
     if kv_cache.dtype not in _BYTE_DTYPES:
         raise TypeError(f"kv_cache for {kv_cache_dtype!r} must be uint8 or float8_e4m3fn (e4m3 bytes), got {kv_cache.dtype}")
@@ -359,7 +360,7 @@ def _prod(shape: Sequence[int]) -> int:
 
 def _dst_rows(dst: torch.Tensor) -> torch.Tensor:
     """``dst [T, entry...]`` as ``[T, entry]`` rows (a view)."""
-    return dst.reshape(dst.shape[0], -1) if dst.dim() != 2 else dst
+    return dst if dst.dim() == 2 else dst.view(dst.shape[0], _prod(dst.shape[1:]))  # a view: entry dims are contiguous
 
 
 def _span(t: torch.Tensor) -> torch.Tensor:
