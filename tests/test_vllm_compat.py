@@ -610,7 +610,7 @@ def ref_index_store(k: torch.Tensor, cache: torch.Tensor, slot_mapping, ue8m0: b
     return out
 
 
-@pytest.mark.parametrize("scale_fmt", ["ue8m0", "fp32"])
+@pytest.mark.parametrize("scale_fmt", ["ue8m0", "mxfp8", "fp32"])
 def test_indexer_store_and_gather(scale_fmt):
     torch.manual_seed(13)
     random.seed(13)
@@ -618,10 +618,16 @@ def test_indexer_store_and_gather(scale_fmt):
     k = torch.randn(n, 128, dtype=F32).mul(3).to(BF16).to(DEVICE)
     cache = poisoned((nb, 64, 132), torch.uint8)
     slot = slots(n, nb * 64, pad=2)
-    expected = ref_index_store(k, cache, slot, scale_fmt == "ue8m0")
+    expected = ref_index_store(k, cache, slot, scale_fmt != "fp32")
+    if scale_fmt == "mxfp8":  # vLLM: ((bits(scale) >> 23) & 0xFF) * 0x01010101
+        for s in slot.tolist():
+            if s >= 0:
+                b, o = divmod(s, 64)
+                word = expected[b, 8192 + 4 * o : 8192 + 4 * (o + 1)].view(torch.int32)
+                expected[b, 8192 + 4 * o : 8192 + 4 * (o + 1)] = ((int(word) >> 23) & 0xFF)
     V.indexer_k_quant_and_cache(k, cache, slot, 128, scale_fmt)
     got = u8(cache).reshape(nb, -1)
-    if scale_fmt == "ue8m0":  # a power-of-two scale: x * (1 / s) == x / s, so the bytes are vLLM's
+    if scale_fmt != "fp32":  # a power-of-two scale: x * (1 / s) == x / s, so the bytes are vLLM's
         assert torch.equal(got, expected)
     else:  # the fp32 scale: scales exact; a key byte may be one e4m3 step off (docs/vllm.md)
         assert torch.equal(got[:, 8192:], expected[:, 8192:])
@@ -643,8 +649,6 @@ def test_indexer_refusals():
     k = torch.randn(2, 128, dtype=BF16)
     with pytest.raises(ValueError, match=r"kv_cache must be uint8 \[num_blocks, 64, 132\]"):
         V.indexer_k_quant_and_cache(k, torch.zeros(2, 16, 132, dtype=torch.uint8), torch.arange(2), 128, "ue8m0")
-    with pytest.raises(NotImplementedError, match="mxfp8"):
-        V.indexer_k_quant_and_cache(k, torch.zeros(2, 64, 132, dtype=torch.uint8), torch.arange(2), 128, "mxfp8")
     with pytest.raises(ValueError, match="quant_block_size must be 128"):
         V.indexer_k_quant_and_cache(k, torch.zeros(2, 64, 132, dtype=torch.uint8), torch.arange(2), 64, "ue8m0")
     with pytest.raises(ValueError, match="dst_scale must be"):

@@ -647,7 +647,7 @@ def _swap_fake(src, dst, block_size_in_bytes, block_mapping) -> None:
 
 _IDX_DIM, _IDX_BLOCK = rules.INDEX_HEAD_DIM, rules.INDEX_PAGE_TOKENS
 _IDX_ENTRY = _IDX_DIM + 4  # vLLM's cache_stride for quant_block_size 128: 128 key bytes + one fp32 scale
-_SCALE_FMT = {"ue8m0": "ue8m0"}  # any other string: vLLM's fp32 scale ("mxfp8" is refused)
+_SCALE_FMT = {"ue8m0": "ue8m0", "mxfp8": "ue8m0"}  # any other string: vLLM's fp32 scale
 
 
 def _check_index_cache(kv_cache: object) -> None:
@@ -681,8 +681,6 @@ def _check_index_store(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dty
         raise ValueError(f"quant_block_size must be {_IDX_DIM} (one scale per key), got {quant_block_size}")
     if not isinstance(kv_cache_dtype, str):
         raise TypeError(f"kv_cache_dtype (the scale format) must be a str, got {type(kv_cache_dtype).__name__}")
-    if kv_cache_dtype == "mxfp8":
-        raise NotImplementedError("scale format 'mxfp8' (packed UE8M0 scale bytes) is not supported by mlakv's indexer cache")
     _same_device("kv_cache", kv_cache, k=k, slot_mapping=slot_mapping)
     return _SCALE_FMT.get(kv_cache_dtype, "fp32")
 
@@ -691,7 +689,27 @@ def _index_store_impl(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtyp
     from mlakv.ops.indexer import set_index_k_buffer
 
     rule = _check_index_store(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype)
-    set_index_k_buffer(_index_pages(kv_cache), slot_mapping, k, scale_rule=rule)
+    pages = _index_pages(kv_cache)
+    set_index_k_buffer(pages, slot_mapping, k, scale_rule=rule)
+    if kv_cache_dtype == "mxfp8" and k.shape[0]:
+        _mx_scale_bytes(pages, slot_mapping, k)
+
+
+def _mx_scale_bytes(pages: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor) -> None:
+    """vLLM's ``mxfp8`` scale format: each stored key's 4 scale bytes are its UE8M0 exponent byte
+    (the power-of-two scale's biased exponent), four times. The keys were stored with the ``ue8m0``
+    scale; the scale words are rewritten by the row copy (4-byte units, padding slots skipped)."""
+    from mlakv.ops.indexer_reference import index_k_scales
+
+    e = (index_k_scales(k, "ue8m0").view(torch.int32) >> 23) & 0xFF
+    mx = e.to(torch.uint8)[:, None].expand(-1, 4).contiguous()  # [n, 4]
+    scales = _span(pages[:, _IDX_BLOCK * _IDX_DIM :])  # from page 0's first scale to the last page's last
+    src = torch.arange(k.shape[0], device=k.device)
+    slot = slot_mapping.to(torch.int64)
+    if not pages.is_cuda:  # the CPU copy refuses negative slots
+        keep = (slot >= 0).nonzero().flatten()
+        src, slot = src[keep], slot[keep]
+    copy_rows(mx, scales, src, slot, 4, (1, 4, 0), (_IDX_BLOCK, pages.stride(0) if pages.shape[0] > 1 else rules.INDEX_PAGE_BYTES, 4))
 
 
 def _index_store_fake(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype) -> None:
@@ -974,9 +992,10 @@ def indexer_k_quant_and_cache(
     ``k [num_tokens, 128]`` bf16/fp16; ``kv_cache [num_blocks, 64, 132]`` uint8 (per block: 64 keys
     of 128 e4m3 bytes, then 64 fp32 scales; mlakv's ``[num_pages, 8448]`` indexer page);
     ``slot_mapping [num_tokens]`` (``< 0`` skipped); ``quant_block_size`` 128; ``kv_cache_dtype``
-    is the scale format: ``"ue8m0"`` (power-of-two scales, bit-exact with vLLM) or anything else
-    for the fp32 scale ``max(amax, 1e-4) / 448`` (mlakv quantizes ``x * (1 / scale)`` where vLLM
-    divides: see docs/vllm.md). ``"mxfp8"`` raises ``NotImplementedError``.
+    is the scale format: ``"ue8m0"`` (power-of-two scales, bit-exact with vLLM), ``"mxfp8"`` (the
+    same keys; each scale stored as its UE8M0 exponent byte four times) or anything else for the
+    fp32 scale ``max(amax, 1e-4) / 448`` (mlakv quantizes ``x * (1 / scale)`` where vLLM divides:
+    see docs/vllm.md).
     """
     _OPS.indexer_k_quant_and_cache(k, kv_cache, slot_mapping, operator.index(quant_block_size), kv_cache_dtype)
 
