@@ -190,16 +190,16 @@ def _rope_write_kernel(
         offs = tl.arange(0, NOPE_P2)
         ok_n = ((tl.zeros([NOPE_P2], dtype=tl.int32) + pos_ok.to(tl.int32)) != 0) & (offs < NOPE)
         nb = tl.load(q_nope_ptr + t * qn_s0 + h * qn_s1 + offs, mask=ok_n, other=0)
-        dst = q_out_ptr + t * qo_s0 + h * qo_s1
+        q_dst = q_out_ptr + t * qo_s0 + h * qo_s1
         if Q_FP8:
             qs = tl.load(q_scale_ptr)
-            tl.store(dst + offs, _e4m3(tl.math.div_rn(_widen(nb, SRC), qs)).to(tl.uint8), mask=ok_n)
-            tl.store(dst + NOPE + a_off, _e4m3(tl.math.div_rn(_widen(ra.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
-            tl.store(dst + NOPE + b_off, _e4m3(tl.math.div_rn(_widen(rb.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
+            tl.store(q_dst + offs, _e4m3(tl.math.div_rn(_widen(nb, SRC), qs)).to(tl.uint8), mask=ok_n)
+            tl.store(q_dst + NOPE + a_off, _e4m3(tl.math.div_rn(_widen(ra.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
+            tl.store(q_dst + NOPE + b_off, _e4m3(tl.math.div_rn(_widen(rb.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
         else:
-            tl.store(dst + offs, nb, mask=ok_n)
-            tl.store(dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
-            tl.store(dst + NOPE + b_off, rb.to(tl.int16), mask=jm)
+            tl.store(q_dst + offs, nb, mask=ok_n)
+            tl.store(q_dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
+            tl.store(q_dst + NOPE + b_off, rb.to(tl.int16), mask=jm)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
