@@ -13,6 +13,7 @@ from mlakv.ops.fp8 import (
     set_mla_kv_buffer_quant,
 )
 from mlakv.ops.reference import get_mla_kv_buffer_torch, set_mla_kv_buffer_torch
+from mlakv.ops.rope_write import set_mla_kv_buffer_rope
 
 from .allocator import PoolFullError, TokenSlotAllocator
 from .dsa_pool import DSATokenToKVPool
@@ -41,4 +42,5 @@ __all__ = [
     "get_mla_kv_buffer_dequant",
     "quantize_mla_rows",
     "set_mla_kv_buffer_quant",
+    "set_mla_kv_buffer_rope",
 ]
