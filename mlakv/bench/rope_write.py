@@ -373,7 +373,7 @@ def run(variants: list[str], heads_list: list[int], sizes: list[int], names: lis
                     for name in names_in_order:
                         fn = live[name]
                         if on_gpu:
-                            t = graph_median_us(rotating(fn, [(d,) for d in sets]), calls=len(sets), rep=25)
+                            t = graph_median_us(rotating(fn, [(d,) for d in sets]), calls=len(sets), rep=20)
                         else:
                             t = wall_median_s(lambda fn=fn: fn(sets[0]), reps=5) * 1e6
                         row["times_us"].setdefault(name, []).append(t)
