@@ -590,65 +590,70 @@ def test_convert_fp8_round_trip_matches_the_reference():
 # ---- the DSA indexer K cache --------------------------------------------------------------------
 
 
-def ref_index_store(k: torch.Tensor, cache: torch.Tensor, slot_mapping, ue8m0: bool) -> torch.Tensor:
-    """vLLM's indexer_k_quant_and_cache: per key ``scale = max(amax, 1e-4) / 448`` (ue8m0: up to
-    2^k), bytes ``e4m3(x / scale)`` at ``block * 8448 + offset * 128``, the fp32 scale at
-    ``block * 8448 + 64 * 128 + offset * 4``."""
+def ref_index_store(k: torch.Tensor, cache: torch.Tensor, slot_mapping, fmt: str) -> torch.Tensor:
+    """vLLM's indexer_k_quant_and_cache into ``[num_blocks, B, 132]``: per key ``scale = max(amax, 1e-4)
+    / 448`` (ue8m0/mxfp8: up to 2^k), bytes ``e4m3(x / scale)`` at ``block * B * 132 + offset * 128``, the
+    scale word at ``block * B * 132 + B * 128 + offset * 4`` (mxfp8: the exponent byte four times)."""
+    bs = cache.shape[1]
     out = u8(cache).clone().reshape(cache.shape[0], -1)
     for i, s in enumerate(slot_mapping.tolist()):
         if s < 0:
             continue
-        b, o = divmod(s, 64)
+        b, o = divmod(s, bs)
         x = k[i].float().cpu().tolist()
         amax = max([abs(v) for v in x if not math.isnan(v)] + [0.0])
         sc = div32(max(amax, f32(1e-4)), 448.0)
-        if ue8m0:
+        if fmt != "fp32":
             m, e = math.frexp(sc)
             sc = sc if m == 0.5 else math.ldexp(1.0, e)
         out[b, o * 128 : (o + 1) * 128] = torch.tensor([e4m3(div32(v, sc)) for v in x], dtype=torch.uint8)
-        out[b, 8192 + 4 * o : 8192 + 4 * (o + 1)] = u8(torch.tensor([sc], dtype=F32))
+        word = u8(torch.tensor([sc], dtype=F32))
+        if fmt == "mxfp8":
+            word = torch.full((4,), (int(word.view(torch.int32)) >> 23) & 0xFF, dtype=torch.uint8)
+        out[b, bs * 128 + 4 * o : bs * 128 + 4 * (o + 1)] = word
     return out
 
 
+@pytest.mark.parametrize("block_size", [64, 16])
 @pytest.mark.parametrize("scale_fmt", ["ue8m0", "mxfp8", "fp32"])
-def test_indexer_store_and_gather(scale_fmt):
+def test_indexer_store_and_gather(scale_fmt, block_size):
     torch.manual_seed(13)
     random.seed(13)
-    nb, n = 3, 10
+    nb, n, bs = 3, 10, block_size
     k = torch.randn(n, 128, dtype=F32).mul(3).to(BF16).to(DEVICE)
-    cache = poisoned((nb, 64, 132), torch.uint8)
-    slot = slots(n, nb * 64, pad=2)
-    expected = ref_index_store(k, cache, slot, scale_fmt != "fp32")
-    if scale_fmt == "mxfp8":  # vLLM: ((bits(scale) >> 23) & 0xFF) * 0x01010101
-        for s in slot.tolist():
-            if s >= 0:
-                b, o = divmod(s, 64)
-                word = expected[b, 8192 + 4 * o : 8192 + 4 * (o + 1)].view(torch.int32)
-                expected[b, 8192 + 4 * o : 8192 + 4 * (o + 1)] = ((int(word) >> 23) & 0xFF)
+    cache = poisoned((nb, bs, 132), torch.uint8)
+    slot = slots(n, nb * bs, pad=2)
+    expected = ref_index_store(k, cache, slot, scale_fmt)
     V.indexer_k_quant_and_cache(k, cache, slot, 128, scale_fmt)
     got = u8(cache).reshape(nb, -1)
+    keys = torch.cat([torch.arange(b * bs * 132, b * bs * 132 + bs * 128) for b in range(nb)])
+    words = torch.cat([torch.arange(b * bs * 132 + bs * 128, (b + 1) * bs * 132) for b in range(nb)])
     if scale_fmt != "fp32":  # a power-of-two scale: x * (1 / s) == x / s, so the bytes are vLLM's
         assert torch.equal(got, expected)
     else:  # the fp32 scale: scales exact; a key byte may be one e4m3 step off (docs/vllm.md)
-        assert torch.equal(got[:, 8192:], expected[:, 8192:])
-        diff = (got[:, :8192].to(torch.int16) - expected[:, :8192].to(torch.int16)).abs()
+        assert torch.equal(got.reshape(-1)[words], expected.reshape(-1)[words])
+        diff = (got.reshape(-1)[keys].to(torch.int16) - expected.reshape(-1)[keys].to(torch.int16)).abs()
         assert int(diff.max()) <= 1
     # gather back: request rows in cu order, rows past cu[-1] untouched
-    table = torch.tensor([[2, 0], [1, 2]], dtype=torch.int32, device=DEVICE)
-    cu = torch.tensor([0, 70, 75], dtype=torch.int32, device=DEVICE)
+    table = torch.tensor([[2, 0, 1, 2, 0], [1, 2, 0, 1, 2]], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, min(70, 5 * bs), min(75, 5 * bs + 5)], dtype=torch.int32, device=DEVICE)
     dst_k, dst_s = poisoned((78, 128), torch.uint8), poisoned((78, 4), torch.uint8)
     want_k, want_s = u8(dst_k).clone(), u8(dst_s).clone()
-    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 2, 78, 64):
-        want_k[o] = got[b, s * 128 : (s + 1) * 128]
-        want_s[o] = got[b, 8192 + 4 * s : 8192 + 4 * (s + 1)]
+    flat = got.reshape(-1)
+    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 2, 78, bs):
+        base = b * bs * 132
+        want_k[o] = flat[base + s * 128 : base + (s + 1) * 128]
+        want_s[o] = flat[base + bs * 128 + 4 * s : base + bs * 128 + 4 * (s + 1)]
     V.cp_gather_indexer_k_quant_cache(cache, dst_k, dst_s, table, cu)
     assert torch.equal(u8(dst_k), want_k) and torch.equal(u8(dst_s), want_s)
 
 
 def test_indexer_refusals():
     k = torch.randn(2, 128, dtype=BF16)
-    with pytest.raises(ValueError, match=r"kv_cache must be uint8 \[num_blocks, 64, 132\]"):
-        V.indexer_k_quant_and_cache(k, torch.zeros(2, 16, 132, dtype=torch.uint8), torch.arange(2), 128, "ue8m0")
+    with pytest.raises(ValueError, match=r"kv_cache must be uint8 \[num_blocks, block_size, 132\]"):
+        V.indexer_k_quant_and_cache(k, torch.zeros(2, 16, 136, dtype=torch.uint8), torch.arange(2), 128, "ue8m0")
+    with pytest.raises(IndexError, match="out of range"):
+        V.indexer_k_quant_and_cache(k, torch.zeros(2, 16, 132, dtype=torch.uint8), torch.tensor([0, 32]), 128, "ue8m0")
     with pytest.raises(ValueError, match="quant_block_size must be 128"):
         V.indexer_k_quant_and_cache(k, torch.zeros(2, 64, 132, dtype=torch.uint8), torch.arange(2), 64, "ue8m0")
     with pytest.raises(ValueError, match="dst_scale must be"):

@@ -397,11 +397,6 @@ def _byte_gather(src_cache: torch.Tensor, dst: torch.Tensor, slot: torch.Tensor,
     copy_rows(_span(src_cache), _span(dst), slot, out, entry_bytes, src_layout, dst_layout, max_programs=_grid(dst))
 
 
-def _masked_store(dst_rows: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:
-    """``dst_rows[t] = values[t]`` where ``valid[t]``; other rows keep their bytes."""
-    dst_rows.copy_(torch.where(valid[:, None], values, dst_rows))
-
-
 def _check_gmd(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts):
     kind = _kind(kv_cache_dtype, ("auto", "fp8"))
     nb, bs, entry = _check_gather_common(src_cache, dst, block_table, cu_seq_lens, "cu_seq_lens", seq_starts)
@@ -542,11 +537,11 @@ def _upconvert_impl(src_cache, dst, block_table, workspace_starts, batch_size, s
     )  # fmt: skip
 
 
-def _copy_units(src, dst, src_idx, dst_idx, unit: int, src_layout, dst_layout) -> None:
-    """:func:`~mlakv.ops.custom_ops.copy_rows` where a negative ``src_idx`` means "no copy": skipped by
-    the GPU kernel; left out first on the CPU (whose copy refuses it)."""
+def _copy_units(src, dst, src_idx, dst_idx, unit: int, src_layout, dst_layout, skip_dst: bool = False) -> None:
+    """:func:`~mlakv.ops.custom_ops.copy_rows` where a negative ``src_idx`` (``skip_dst``: ``dst_idx``)
+    means "no copy": skipped by the GPU kernel; left out first on the CPU (whose copy refuses it)."""
     if not (src.is_cuda or dst.is_cuda):
-        keep = (src_idx >= 0).nonzero().flatten()
+        keep = ((dst_idx if skip_dst else src_idx) >= 0).nonzero().flatten()
         src_idx, dst_idx = src_idx[keep], dst_idx[keep]
     copy_rows(src, dst, src_idx, dst_idx, unit, src_layout, dst_layout, max_programs=_grid(dst))
 
@@ -645,27 +640,38 @@ def _swap_fake(src, dst, block_size_in_bytes, block_mapping) -> None:
 
 # ---- the DSA indexer K cache ----------------------------------------------------------------
 
-_IDX_DIM, _IDX_BLOCK = rules.INDEX_HEAD_DIM, rules.INDEX_PAGE_TOKENS
+_IDX_DIM, _IDX_PAGE = rules.INDEX_HEAD_DIM, rules.INDEX_PAGE_TOKENS
 _IDX_ENTRY = _IDX_DIM + 4  # vLLM's cache_stride for quant_block_size 128: 128 key bytes + one fp32 scale
 _SCALE_FMT = {"ue8m0": "ue8m0", "mxfp8": "ue8m0"}  # any other string: vLLM's fp32 scale
 
 
-def _check_index_cache(kv_cache: object) -> None:
-    """vLLM's indexer cache ``[num_blocks, 64, 132]`` uint8 laid out as mlakv's ``[num_pages, 8448]`` pages."""
+def _check_index_cache(kv_cache: object) -> int:
+    """vLLM's indexer cache ``[num_blocks, block_size, 132]`` uint8, each block contiguous (``block_size``
+    keys of 128 e4m3 bytes, then ``block_size`` fp32 scales); returns ``block_size``."""
     _tensor("kv_cache", kv_cache)
-    if kv_cache.dim() != 3 or kv_cache.shape[1:] != (_IDX_BLOCK, _IDX_ENTRY) or kv_cache.dtype != torch.uint8:
+    if kv_cache.dim() != 3 or kv_cache.shape[2] != _IDX_ENTRY or kv_cache.dtype != torch.uint8 or kv_cache.shape[1] < 1:
         raise ValueError(
-            f"kv_cache must be uint8 [num_blocks, {_IDX_BLOCK}, {_IDX_ENTRY}] (mlakv's indexer page: block_size 64, "
-            f"head_dim 128, quant_block_size 128), got {kv_cache.dtype} shape {tuple(kv_cache.shape)}"
+            f"kv_cache must be uint8 [num_blocks, block_size, {_IDX_ENTRY}] (head_dim 128, quant_block_size 128), "
+            f"got {kv_cache.dtype} shape {tuple(kv_cache.shape)}"
         )
-    if kv_cache.stride(2) != 1 or kv_cache.stride(1) != _IDX_ENTRY:
-        raise ValueError(f"kv_cache: each block must be contiguous, got strides {tuple(kv_cache.stride())}")
+    bs = kv_cache.shape[1]
+    if kv_cache.stride(2) != 1 or (bs > 1 and kv_cache.stride(1) != _IDX_ENTRY) or (
+        kv_cache.shape[0] > 1 and kv_cache.stride(0) < bs * _IDX_ENTRY
+    ):
+        raise ValueError(f"kv_cache: each block must be contiguous bytes, got strides {tuple(kv_cache.stride())}")
+    return bs
 
 
-def _index_pages(kv_cache: torch.Tensor) -> torch.Tensor:
-    """The ``[num_pages, 8448]`` page view of vLLM's ``[num_blocks, 64, 132]`` cache (keys then scales
-    per block in both)."""
-    s0 = kv_cache.stride(0) if kv_cache.shape[0] > 1 else rules.INDEX_PAGE_BYTES
+def _block_stride(kv_cache: torch.Tensor) -> int:
+    return kv_cache.stride(0) if kv_cache.shape[0] > 1 else kv_cache.shape[1] * _IDX_ENTRY
+
+
+def _as_index_pages(kv_cache: torch.Tensor) -> Optional[torch.Tensor]:
+    """mlakv's ``[num_pages, 8448]`` page view of a ``block_size == 64`` cache whose blocks start on
+    16 bytes (the fused store's rule), else None."""
+    s0 = _block_stride(kv_cache)
+    if kv_cache.shape[1] != _IDX_PAGE or (kv_cache.data_ptr() | s0) % 16:
+        return None
     return torch.as_strided(kv_cache, (kv_cache.shape[0], rules.INDEX_PAGE_BYTES), (s0, 1), kv_cache.storage_offset())
 
 
@@ -685,31 +691,46 @@ def _check_index_store(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dty
     return _SCALE_FMT.get(kv_cache_dtype, "fp32")
 
 
+def _copy_to_slots(src: torch.Tensor, kv_cache: torch.Tensor, slot: torch.Tensor, unit: int, offset: int) -> None:
+    """Row ``i`` of ``src [n, unit]`` (bytes) to slot ``slot[i]`` of the cache's per-block array that
+    starts ``offset`` bytes into each block (``unit`` bytes a slot); negative slots skipped."""
+    bs = kv_cache.shape[1]
+    span = _span(kv_cache)[offset:]
+    idx = torch.arange(src.shape[0], device=src.device)
+    _copy_units(src, span, idx, slot, unit, (1, unit, 0), (bs, _block_stride(kv_cache), unit), skip_dst=True)
+
+
 def _index_store_impl(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype) -> None:
     from mlakv.ops.indexer import set_index_k_buffer
+    from mlakv.ops.indexer_reference import quantize_index_k
 
     rule = _check_index_store(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype)
-    pages = _index_pages(kv_cache)
-    set_index_k_buffer(pages, slot_mapping, k, scale_rule=rule)
-    if kv_cache_dtype == "mxfp8" and k.shape[0]:
-        _mx_scale_bytes(pages, slot_mapping, k)
+    n = k.shape[0]
+    if n == 0:
+        return
+    bs = kv_cache.shape[1]
+    pages = _as_index_pages(kv_cache)
+    if pages is not None:  # mlakv's page: the fused store (one launch)
+        set_index_k_buffer(pages, slot_mapping, k, scale_rule=rule)
+        if kv_cache_dtype == "mxfp8":
+            _copy_to_slots(_mx_bytes(k), kv_cache, slot_mapping.to(torch.int64), 4, bs * _IDX_DIM)
+        return
+    # another block size: the reference quantizer on the device, then the row copy of keys and scales
+    if not kv_cache.is_cuda:
+        rules.check_loc_bounds(slot_mapping, kv_cache.shape[0] * bs)
+    q, scale = quantize_index_k(k, rule)
+    sb = _mx_bytes(k) if kv_cache_dtype == "mxfp8" else scale.view(torch.uint8).reshape(n, 4)
+    slot = slot_mapping.to(torch.int64)
+    _copy_to_slots(q.contiguous(), kv_cache, slot, _IDX_DIM, 0)
+    _copy_to_slots(sb.contiguous(), kv_cache, slot, 4, bs * _IDX_DIM)
 
 
-def _mx_scale_bytes(pages: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor) -> None:
-    """vLLM's ``mxfp8`` scale format: each stored key's 4 scale bytes are its UE8M0 exponent byte
-    (the power-of-two scale's biased exponent), four times. The keys were stored with the ``ue8m0``
-    scale; the scale words are rewritten by the row copy (4-byte units, padding slots skipped)."""
+def _mx_bytes(k: torch.Tensor) -> torch.Tensor:
+    """vLLM's ``mxfp8`` scale word of each key: its UE8M0 exponent byte four times, ``[n, 4]`` uint8."""
     from mlakv.ops.indexer_reference import index_k_scales
 
     e = (index_k_scales(k, "ue8m0").view(torch.int32) >> 23) & 0xFF
-    mx = e.to(torch.uint8)[:, None].expand(-1, 4).contiguous()  # [n, 4]
-    scales = _span(pages[:, _IDX_BLOCK * _IDX_DIM :])  # from page 0's first scale to the last page's last
-    src = torch.arange(k.shape[0], device=k.device)
-    slot = slot_mapping.to(torch.int64)
-    if not pages.is_cuda:  # the CPU copy refuses negative slots
-        keep = (slot >= 0).nonzero().flatten()
-        src, slot = src[keep], slot[keep]
-    copy_rows(mx, scales, src, slot, 4, (1, 4, 0), (_IDX_BLOCK, pages.stride(0) if pages.shape[0] > 1 else rules.INDEX_PAGE_BYTES, 4))
+    return e.to(torch.uint8)[:, None].expand(-1, 4).contiguous()
 
 
 def _index_store_fake(k, kv_cache, slot_mapping, quant_block_size, kv_cache_dtype) -> None:
@@ -725,6 +746,8 @@ def _check_index_gather(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) ->
                 f"{name} must be a 1-byte dtype [num_tokens, {width}] with a contiguous last dim, got {t.dtype} "
                 f"shape {tuple(t.shape)} strides {tuple(t.stride())}"
             )
+        if t.shape[0] > 1 and t.stride(0) < width:
+            raise ValueError(f"{name}: rows overlap (dim 0 stride {t.stride(0)} < {width})")
     if dst_scale.shape[0] != dst_k.shape[0]:
         raise ValueError(f"dst_scale has {dst_scale.shape[0]} rows but dst_k has {dst_k.shape[0]}")
     _index_vector("block_table", block_table, 2)
@@ -735,27 +758,22 @@ def _check_index_gather(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) ->
 
 
 def _index_gather_impl(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
-    from mlakv.ops.indexer import get_index_k_buffer
-
     _check_index_gather(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
-    total = dst_k.shape[0]
-    if total == 0 or block_table.shape[0] == 0:
+    total, b = dst_k.shape[0], block_table.shape[0]
+    if total == 0 or b == 0:
         return
-    cu = cu_seq_lens.to(torch.int64)
-    lens = cu[1:] - cu[:-1]
-    if kv_cache.is_cuda:  # no sync: dst's rows bound the output; rows past cu[-1] are masked off below
-        k, scale = get_index_k_buffer(
-            _index_pages(kv_cache), block_table, lens, total_tokens=total, max_seq_len=total, check_bounds=False
-        )
-    else:
-        if int(cu[0]) != 0 or bool((lens < 0).any()):
-            raise ValueError(f"cu_seq_lens must start at 0 and be non-decreasing, got {cu.tolist()[:16]}")
-        k, scale = get_index_k_buffer(_index_pages(kv_cache), block_table, lens)
-        k, scale = k[:total], scale[:total]
-    n = k.shape[0]
-    valid = torch.arange(n, device=k.device) < cu[-1]
-    _masked_store(dst_k.view(torch.uint8)[:n], valid, k.view(torch.uint8))
-    _masked_store(dst_scale.view(torch.uint8)[:n], valid, scale.view(torch.uint8).reshape(n, 4))
+    nb, bs = kv_cache.shape[0], kv_cache.shape[1]
+    if not kv_cache.is_cuda:
+        _check_plan_values(block_table, cu_seq_lens, "cu_seq_lens", b, total, bs, nb, None, True)
+    slot, valid = gather_plan(block_table, cu_seq_lens, b, total, bs, nb, None, terminal=True)
+    s0 = _block_stride(kv_cache)
+    span = _span(kv_cache)
+    out = torch.arange(total, device=slot.device)
+    for dst, unit, offset in ((dst_k, _IDX_DIM, 0), (dst_scale, 4, bs * _IDX_DIM)):
+        _copy_units(
+            span[offset:], _span(dst), torch.where(valid, slot, -1), out, unit,
+            (bs, s0, unit), (1, dst.stride(0) if total > 1 else unit, 0),
+        )  # fmt: skip
 
 
 def _index_gather_fake(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
@@ -989,8 +1007,10 @@ def indexer_k_quant_and_cache(
 ) -> None:
     """Quantize DSA indexer keys and store them with their scales at ``slot_mapping`` (vLLM's op).
 
-    ``k [num_tokens, 128]`` bf16/fp16; ``kv_cache [num_blocks, 64, 132]`` uint8 (per block: 64 keys
-    of 128 e4m3 bytes, then 64 fp32 scales; mlakv's ``[num_pages, 8448]`` indexer page);
+    ``k [num_tokens, 128]`` bf16/fp16; ``kv_cache [num_blocks, block_size, 132]`` uint8 (per block:
+    ``block_size`` keys of 128 e4m3 bytes, then their fp32 scales; with ``block_size`` 64 that is
+    mlakv's ``[num_pages, 8448]`` indexer page and the store is one fused launch, otherwise the
+    reference quantizer on the device and two row copies);
     ``slot_mapping [num_tokens]`` (``< 0`` skipped); ``quant_block_size`` 128; ``kv_cache_dtype``
     is the scale format: ``"ue8m0"`` (power-of-two scales, bit-exact with vLLM), ``"mxfp8"`` (the
     same keys; each scale stored as its UE8M0 exponent byte four times) or anything else for the
@@ -1006,6 +1026,7 @@ def cp_gather_indexer_k_quant_cache(
     """Gather requests' indexer keys and scales into ``dst_k [T, 128]`` / ``dst_scale [T, 4]`` (bytes; vLLM's op).
 
     Request ``b`` fills rows ``[cu_seq_lens[b], cu_seq_lens[b + 1])``; token ``j`` of it is slot
-    ``j % 64`` of block ``block_table[b, j // 64]``. Rows at or past ``cu_seq_lens[-1]`` keep their bytes.
+    ``j % block_size`` of block ``block_table[b, j // block_size]``. Rows no request owns (at or past
+    ``cu_seq_lens[-1]``) keep their bytes. Two row copies (keys, scales), no temporary.
     """
     _OPS.cp_gather_indexer_k_quant_cache(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
