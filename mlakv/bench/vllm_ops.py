@@ -25,8 +25,9 @@ torch paths, the reference): a mismatch is reported ``WRONG`` and the op is not 
 kernels are not built here (its ``cache_kernels.cu`` needs vLLM's whole ``csrc`` build); the report
 says so.
 
-Run: ``python -m mlakv.bench.vllm_ops [--sizes 1,64,1024,16384,65536] [--out DIR]`` (writes
-``vllm_ops.json`` and ``vllm_ops.md`` there).
+Run: ``python -m mlakv.bench.vllm_ops [--sizes 1,64,1024,16384,65536] [--ops concat,gather] [--out DIR]``
+(writes ``vllm_ops.json`` and ``vllm_ops.md`` there). ``MLAKV_DISABLE_JIT=1`` times the Triton paths
+only (no nvcc builds on a fresh machine).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -111,8 +112,9 @@ def _agrees(fn: Callable[[dict], None], written: str, gpu: dict, cpu: dict) -> b
     return torch.equal(g[written].cpu().view(torch.uint8), c[written].view(torch.uint8))
 
 
-def run(sizes: list[int]) -> dict:
-    """Time every op at every size; returns the report (also what ``vllm_ops.json`` holds)."""
+def run(sizes: list[int], only: Optional[list[str]] = None) -> dict:
+    """Time every op (or those whose name contains one of ``only``) at every size; returns the
+    report (also what ``vllm_ops.json`` holds)."""
     bw = timing.copy_bandwidth_gbs()
     report: dict = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bw, "vllm_kernels": "not built", "rows": []}
     for n in sizes:
@@ -121,6 +123,8 @@ def run(sizes: list[int]) -> dict:
         sets = [{k: (v.to("cuda") if isinstance(v, torch.Tensor) and k != "mapping" else v) for k, v in s.items()}
                 for s in cpu_sets]  # fmt: skip
         for name, (fn, written) in _ops().items():
+            if only and not any(o in name for o in only):
+                continue
             timing.progress(f"vllm_ops: n={n} {name}")
             row = {"n": n, "op": name, "bytes": OPS[name] * n}
             if not _agrees(fn, written, sets[0], cpu_sets[0]):
@@ -156,12 +160,13 @@ def format_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="vLLM's MLA cache ops on mlakv vs copy bandwidth")
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="token counts (default %(default)s)")
+    ap.add_argument("--ops", default="", help="only ops whose name contains one of these (comma list), e.g. concat")
     ap.add_argument("--out", type=out_dir, default=None, help="directory for vllm_ops.json / vllm_ops.md")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("vllm_ops: needs a CUDA GPU")
         return 1
-    report = run([int(x) for x in args.sizes.split(",") if x])
+    report = run([int(x) for x in args.sizes.split(",") if x], [o for o in args.ops.split(",") if o])
     table = format_table(report)
     print(table, end="")
     if args.out is not None:
