@@ -825,3 +825,24 @@ def test_fetch_names_what_is_missing(tmp_path):
         tar.add(tmp_path / "x", arcname="vllm-0.0.1/setup.py")
     with pytest.raises(RuntimeError, match="no tests/kernels/attention/test_cache.py"):
         F.fetch("0.0.1", tmp_path / "out", sdist=empty)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("terminal", [True, False])
+@pytest.mark.parametrize("with_seq_starts", [False, True])
+def test_triton_gather_plan_equals_the_torch_plan(terminal, with_seq_starts):
+    """The one-launch plan the GPU gathers use, against the torch plan (the CPU path): empty requests,
+    rows past the last request, logical blocks past the table and invalid block ids included."""
+    from mlakv.kernels.triton.paged_plan import launch_token_slots
+
+    torch.manual_seed(18)
+    nb, bs, cols = 6, 4, 3
+    table = torch.randint(-1, nb + 2, (5, cols), dtype=torch.int32)[:, :cols]  # some ids out of range
+    starts = torch.tensor([0, 3, 3, 9, 14, 20], dtype=torch.int32)  # request 1 empty; 4 runs past the table
+    ss = torch.tensor([1, 0, 5, 2, 0], dtype=torch.int32) if with_seq_starts else None
+    starts_arg = starts if terminal else starts[:5]
+    for total in (25, 11):
+        want, want_valid = V.gather_plan(table, starts_arg, 5, total, bs, nb, ss, terminal)
+        got = launch_token_slots(table.to(DEVICE), starts_arg.to(DEVICE), 5, total, bs, nb,
+                                 None if ss is None else ss.to(DEVICE), terminal)  # fmt: skip
+        assert torch.equal(got.cpu(), want.cpu()), (total, got.tolist(), want.tolist())

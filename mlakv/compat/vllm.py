@@ -273,9 +273,16 @@ def gather_plan(
     block_size``, i.e. slot ``block * block_size + offset``. A row no request owns, or whose logical
     block is past ``block_table``'s columns or whose block id is outside ``[0, num_blocks)``, is not
     valid (``slot = -1``): the ops leave it untouched. Requests must start in non-decreasing order
-    (the gathers check it on the CPU). Runs on ``block_table``'s device without a sync.
+    (the gathers check it on the CPU). Runs on ``block_table``'s device without a sync: one Triton
+    launch on the GPU (:func:`mlakv.kernels.triton.paged_plan.launch_token_slots`), plain torch on
+    the CPU (the reference it is tested against).
     """
     dev = block_table.device
+    if block_table.is_cuda and num_reqs and total and block_table.shape[1]:
+        from mlakv.kernels.triton.paged_plan import launch_token_slots
+
+        slot = launch_token_slots(block_table, starts, num_reqs, total, block_size, num_blocks, seq_starts, terminal)
+        return slot, slot >= 0
     t = torch.arange(total, device=dev)
     if num_reqs == 0 or total == 0 or block_table.shape[1] == 0:
         return torch.full((total,), -1, dtype=torch.int64, device=dev), torch.zeros(total, dtype=torch.bool, device=dev)
