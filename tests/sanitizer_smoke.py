@@ -26,7 +26,9 @@ bad arguments (refused, or out-of-range slots skipped by the kernel), and the ho
 threads (alloc / backup / load / free) with a device index vector rewritten between layers; the
 DeepSeek-V4 family's paged store (part ``v4``: JIT at every launch shape, Triton, the public op; every
 layout and loc kind, in-kernel RoPE from freqs_cis and from positions, some outside the table, DCP) and
-its gather with invalid slots.
+its gather with invalid slots; vLLM's face (part ``vllm``: every ``mlakv.compat.vllm`` op on the GPU
+against the same call on the CPU, with padding and out-of-range slots, unowned output rows, an
+unaligned cache view, a padded-block cache, swap_blocks device <-> device and <-> pinned host).
 
 The caching allocator is turned off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every tensor
 is its own allocation and memcheck sees an access past any of them. Every result is also checked
@@ -616,6 +618,114 @@ def v4_pages(smoke: "Smoke") -> None:
         smoke.check(f"v4 gather {layout} with invalid slots", torch.equal(out.cpu().view(torch.int16), exp.view(torch.int16)))
 
 
+def vllm_face(smoke: "Smoke") -> None:
+    """Each vLLM face op on the GPU, byte-equal to the same call on the CPU (the torch paths)."""
+    from mlakv.compat import vllm as V
+
+    def both(name: str, fn: Callable[[str], torch.Tensor]) -> None:
+        smoke.check(f"vllm {name}", torch.equal(_bits(fn("cuda").cpu()), _bits(fn("cpu"))))
+
+    g = torch.Generator().manual_seed(7)
+    n, bs, nb = 37, 16, 8
+    kv_c = torch.randn(n + 3, 512, generator=g).to(torch.bfloat16)
+    k_pe = torch.randn(n + 3, 64, generator=g).to(torch.bfloat16)
+    slot = torch.randperm(nb * bs, generator=g)[:n]
+    slot[::7] = -1
+    gpu_slot = slot.clone()
+    gpu_slot[3] = nb * bs + 5  # past the cache: skipped unchecked on the GPU (the CPU run gets -1)
+    cpu_slot = slot.clone()
+    cpu_slot[3] = -1
+    base = {"auto": torch.randn(nb, bs + 2, 576, generator=g).to(torch.bfloat16),  # blocks padded by 2 slots
+            "fp8": torch.randint(0, 256, (nb, bs, 576), dtype=torch.uint8, generator=g),
+            "fp8_ds_mla": torch.randint(0, 256, (nb, bs, 656), dtype=torch.uint8, generator=g)}  # fmt: skip
+
+    def cache_on(fmt: str, dev: str) -> torch.Tensor:
+        full = base[fmt].clone().to(dev)
+        return full[:, :bs] if fmt == "auto" else full  # the padded-block view
+
+    for fmt in base:
+        for rope in (k_pe, k_pe[:, :0]) if fmt == "fp8_ds_mla" else (k_pe,):
+
+            def run(dev: str, fmt=fmt, rope=rope) -> torch.Tensor:
+                c = cache_on(fmt, dev)
+                s = (cpu_slot if dev == "cpu" else gpu_slot).to(dev)
+                V.concat_and_cache_mla(kv_c.to(dev), rope.to(dev), c, s, fmt, torch.tensor([0.05], device=dev))
+                return c
+
+            both(f"concat {fmt} rope={rope.shape[1]}", run)
+    cu = torch.tensor([0, 5, 5, 30, n], dtype=torch.int32)
+    table = torch.stack([torch.randperm(nb, generator=g) for _ in range(4)]).to(torch.int32)
+    ss = torch.tensor([3, 0, 17, 1], dtype=torch.int32)
+    dst0 = torch.randn(n + 4, 576, generator=g).to(torch.bfloat16)  # rows past cu[-1] stay
+
+    def gmd(dev: str) -> torch.Tensor:
+        d = dst0.clone().to(dev)
+        V.gather_and_maybe_dequant_cache(cache_on("auto", dev), d, table.to(dev), cu.to(dev), cu.to(dev), n,
+                                         "auto", torch.ones(1, device=dev), ss.to(dev))  # fmt: skip
+        return d
+
+    def gmd8(dev: str) -> torch.Tensor:
+        d = dst0.clone().to(dev)
+        fp8c = (base["fp8"] & 0x77).to(dev)  # finite e4m3 bytes (NaN payloads differ by design)
+        V.gather_and_maybe_dequant_cache(fp8c, d, table.to(dev), cu.to(dev), cu.to(dev), n, "fp8",
+                                         torch.tensor([0.3], device=dev), ss.to(dev))  # fmt: skip
+        return d
+
+    def cpg(dev: str) -> torch.Tensor:
+        store = base["fp8"].to(dev)
+        d = torch.zeros(n, 577, dtype=torch.uint8, device=dev)[:, 1:]
+        V.cp_gather_cache(torch.cat([store, store[..., :1]], -1)[..., 1:], d, table.to(dev), cu.to(dev), 4, ss.to(dev))
+        return d
+
+    def upc(dev: str) -> torch.Tensor:
+        ds = base["fp8_ds_mla"].clone().to(dev)
+        V.concat_and_cache_mla(torch.randn(nb * bs, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(dev),
+                               k_pe[:1].expand(nb * bs, 64).contiguous().to(dev), ds, torch.arange(nb * bs, device=dev),
+                               "fp8_ds_mla", torch.ones(1, device=dev))  # fmt: skip
+        d = dst0.clone().to(dev)
+        V.cp_gather_and_upconvert_fp8_kv_cache(ds, d, table.to(dev), cu[:4].to(dev), 4, ss.to(dev))
+        return d
+
+    for name, fn in (("gather auto", gmd), ("gather fp8", gmd8), ("cp_gather_cache unaligned", cpg), ("upconvert", upc)):
+        both(name, fn)
+
+    def idx(block: int, fmt: str) -> Callable[[str], torch.Tensor]:
+        def run(dev: str) -> torch.Tensor:
+            cache = torch.zeros(4, block, 132, dtype=torch.uint8, device=dev)
+            keys = kv_c[:n, :128].to(dev)
+            islot = torch.randperm(4 * block, generator=torch.Generator().manual_seed(block))[:n]
+            islot[::5] = -1
+            V.indexer_k_quant_and_cache(keys, cache, islot.to(dev), 128, fmt)
+            dk = torch.full((n + 2, 128), 7, dtype=torch.uint8, device=dev)
+            dsc = torch.full((n + 2, 4), 7, dtype=torch.uint8, device=dev)
+            t = torch.stack([torch.arange(4)] * 2).to(torch.int32).to(dev)
+            V.cp_gather_indexer_k_quant_cache(cache, dk, dsc, t, torch.tensor([0, 2 * block, 2 * block + 3], dtype=torch.int32, device=dev))
+            return torch.cat([cache.reshape(-1), dk.reshape(-1), dsc.reshape(-1)])
+
+        return run
+
+    for block in (64, 16):
+        for fmt in ("ue8m0", "mxfp8"):
+            both(f"indexer block={block} {fmt}", idx(block, fmt))
+    src = torch.randint(0, 256, (6, 2048), dtype=torch.uint8, generator=g)
+    mapping = torch.tensor([[5, 0], [1, 3], [2, 1]])
+    for where in ("cuda->cuda", "cuda->pinned", "pinned->cuda"):
+        s_dev, d_dev = where.split("->")
+
+        def swap(dev: str, s_dev=s_dev, d_dev=d_dev) -> torch.Tensor:
+            def place(t: torch.Tensor, kind: str) -> torch.Tensor:
+                if dev == "cpu":
+                    return t.clone()
+                return t.clone().pin_memory() if kind == "pinned" else t.to("cuda")
+
+            a, b = place(src, s_dev), place(torch.zeros(4, 2048, dtype=torch.uint8), d_dev)
+            V.swap_blocks(a, b, 2048, mapping)
+            torch.cuda.synchronize()
+            return b
+
+        both(f"swap_blocks {where}", swap)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("sanitizer smoke: needs a CUDA GPU (none present)")
@@ -626,6 +736,7 @@ def main() -> int:
                                      smoke.host_copy, smoke.fp8, smoke.indexer, smoke.rope_write)}  # fmt: skip
     parts["hostile"] = lambda: hostile(smoke)
     parts["v4"] = lambda: v4_pages(smoke)
+    parts["vllm"] = lambda: vllm_face(smoke)
     only = sys.argv[1:]  # part names to run (e.g. `rope_write`); none: every part
     unknown = [p for p in only if p not in parts]
     if unknown:
