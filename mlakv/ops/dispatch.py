@@ -27,8 +27,9 @@ Row selection is one rule on every path: ``loc`` is read at its own stride; rows
 The threshold and launch shape come from the per-GPU-family table in :mod:`mlakv.spec.tuning`;
 nothing else in the library makes the routing decision.
 
-The fused RoPE write (:mod:`mlakv.ops.rope_write`) is routed here too (:func:`run_rope_write`): torch on
-CPU, the JIT CUDA kernel where it builds and the call's alignment suits it, else Triton.
+The fused RoPE write (:mod:`mlakv.ops.rope_write`) is routed here too (:func:`rope_write_path`,
+:func:`run_rope_write`): torch on CPU (run by that module: its reference), the JIT CUDA kernel where it
+builds and the call's alignment suits it, else Triton.
 """
 
 from __future__ import annotations
@@ -332,19 +333,12 @@ def run_rope_write(
     dcp_world_size: int,
     dcp_rank: int,
 ) -> str:
-    """Run a validated (and, where asked, bounds-checked) fused RoPE write on its path; returns the
-    path taken: ``torch`` on CPU (the reference), else the JIT CUDA kernel where it serves the call,
-    else Triton. Arguments as :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` after its checks
+    """Run a validated (and, where asked, bounds-checked) fused RoPE write of CUDA tensors on its path;
+    returns the path taken: the JIT CUDA kernel where it serves the call, else Triton. (CPU tensors
+    take the reference, in :mod:`mlakv.ops.rope_write`.) Arguments as :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` after its checks
     (scales as 1-element fp32 tensors or None, ``skip`` -1 for none)."""
     if not kv_buffer.is_cuda:
-        from .rope_write_reference import set_mla_kv_buffer_rope_torch
-
-        set_mla_kv_buffer_rope_torch(
-            kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, q_nope=q_nope, q_pe=q_pe,
-            q_out=q_out, kv_cache_format=kv_cache_format, k_scale=k_scale, q_scale=q_scale,
-            reserved_skip_index=None if skip < 0 else skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
-        )  # fmt: skip
-        return "torch"
+        raise ValueError("kv_buffer is on the CPU: the fused RoPE write's CPU path is the reference (mlakv.ops.rope_write)")
     args = (
         kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
         q_nope, q_pe, q_out, q_scale, skip, dcp_world_size, dcp_rank,

@@ -5,8 +5,8 @@ RoPE on ``k_pe`` and ``q_pe``, the cache-row write, and the concatenation ``[q_n
 attention kernel takes. :func:`set_mla_kv_buffer_rope` does all of it in one launch, in any of the
 pool's cache formats, with every rule of the plain write. This module validates the call against the
 rule book (:mod:`mlakv.spec.rules`), checks bounds where asked (always on CPU), and hands the call to
-the dispatcher (:func:`mlakv.ops.dispatch.run_rope_write`), which picks torch (CPU: the reference,
-:mod:`mlakv.ops.rope_write_reference`), the JIT CUDA kernel (SM90+) or Triton.
+its path: CPU tensors take the reference (:mod:`mlakv.ops.rope_write_reference`); CUDA tensors go to
+the dispatcher (:func:`mlakv.ops.dispatch.run_rope_write`), which picks the JIT CUDA kernel (SM90+) or Triton.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mlakv.spec import rules
 
 from . import dispatch
 from .fp8 import check_fp8_format, fp8_row_bytes, scale_tensor
+from .rope_write_reference import set_mla_kv_buffer_rope_torch
 
 __all__ = ["KV_CACHE_FORMATS", "set_mla_kv_buffer_rope", "rope_write_row_bytes"]
 
@@ -149,6 +150,13 @@ def set_mla_kv_buffer_rope(
             dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
         )  # fmt: skip
         rules.check_positions_bounds(positions, cos_sin_cache.shape[0])
+    if not kv_buffer.is_cuda:  # the dispatcher's CPU path: the reference
+        set_mla_kv_buffer_rope_torch(
+            kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, q_nope=q_nope, q_pe=q_pe,
+            q_out=q_out, kv_cache_format=kv_cache_format, k_scale=ks, q_scale=qs,
+            reserved_skip_index=None if skip < 0 else skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
+        )  # fmt: skip
+        return q_out
     dispatch.run_rope_write(
         kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, ks,
         q_nope, q_pe, q_out, qs, skip, dcp_world_size, dcp_rank,
