@@ -18,7 +18,6 @@ from typing import Any, Optional, Union
 
 import torch
 
-from mlakv.spec.tuning import tuning_for
 
 from .loader import JitUnavailable, load_cuda_module
 
@@ -34,10 +33,13 @@ __all__ = [
 ]
 
 STORE_NUM_WARPS = 8  # warps per CTA of the store
-# Keys per half-warp by call size (seed values; `mlakv bench indexer --sweep` measures them):
-# (max n, steps); the last row has no bound. More keys per warp put more loads in flight at
-# large n; at small n one key per half-warp spreads the call over the most SMs.
-STORE_STEPS: tuple[tuple[Optional[int], int], ...] = ((4096, 1), (16384, 2), (None, 4))
+# Keys per half-warp by call size: (max n, steps); the last row has no bound. Measured on an NVIDIA
+# H200 (driver 580.159.04, CUDA 13.0, 2026-12-02, `mlakv bench indexer --sweep`): one key per
+# half-warp with 8 warps and the PDL trigger after the wait was the fastest or within 0.05 us of it
+# at every n in {1, 8, 64, 512, 4096} and the fastest at 65536 (9.14 us against 11.35 us for 4 keys
+# per half-warp); docs/benchmarks.md ("DSA indexer K cache").
+STORE_STEPS: tuple[tuple[Optional[int], int], ...] = ((None, 1),)
+STORE_EARLY_TRIGGER = False  # the PDL trigger after the wait (the sweep's "wait" columns)
 GATHER_TARGET_BLOCKS = 1024  # the gather's grid aims at this many CTAs (blocks per request = this / batch)
 
 _WRAPPER = """\
@@ -115,14 +117,14 @@ def indexer_jit_store(
     Returns False, launching nothing, when the kernel cannot serve the call here (no module, source
     rows not 16-byte aligned): the caller falls back to Triton. ``steps`` (keys per half-warp, 1/2/4)
     defaults to :func:`store_steps_for`; ``early_trigger`` (the PDL trigger at kernel entry, else after
-    the wait) to the plain row write's tuning row for ``n`` rows (:mod:`mlakv.spec.tuning`).
+    the wait) to :data:`STORE_EARLY_TRIGGER`.
     """
     mod = _module_for(index_pages.get_device())
     if isinstance(mod, str):
         return False
     n = loc.shape[0]
     s = store_steps_for(n) if steps is None else steps
-    early = tuning_for(index_pages.device).launch(n)[3] if early_trigger is None else early_trigger
+    early = STORE_EARLY_TRIGGER if early_trigger is None else early_trigger
     return bool(
         mod.store_index_k(
             index_pages, loc, index_k, skip_slot, dcp_world_size, dcp_rank, scale_rule == "ue8m0", s, num_warps,
