@@ -173,18 +173,18 @@ def test_copy_rows_never_writes_outside_dst(bad):
         assert torch.equal(whole, before)
 
 
-def test_copy_rows_kernel_under_the_interpreter_skips_bad_slots():
-    """The Triton path of ``copy_rows`` (interpreter on CPU): the issue's call writes nothing outside
-    a 4-row ``dst``."""
+def test_copy_rows_kernel_skips_bad_slots():
+    """The Triton kernel of ``copy_rows`` (the interpreter on CPU tensors, the compiled kernel on CUDA
+    tensors on a GPU): the issue's call writes nothing outside a 4-row ``dst``."""
     pytest.importorskip("triton", reason="triton is not installed")
     from mlakv.kernels.triton.transfer import launch_copy_rows
 
     row = 8
-    src = _u8(4 * row, "cpu")
-    whole = _u8(8 * row, "cpu")
+    src = _u8(4 * row)
+    whole = _u8(8 * row)
     dst = whole[2 * row : 6 * row]
     before = whole.clone()
-    launch_copy_rows(src, dst, _i([0, 1], "cpu"), _i([-1, 4], "cpu"), row, (1, row, row), (1, row, row), max_programs=1)
+    launch_copy_rows(src, dst, _i([0, 1]), _i([-1, 4]), row, (1, row, row), (1, row, row), max_programs=1)
     assert torch.equal(whole, before)
 
 

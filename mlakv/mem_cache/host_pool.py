@@ -272,9 +272,10 @@ class MLATokenToKVPoolHost:
             )
         kernel = _kernel_path(device_pool.device, io_backend, self.pinned)
         live_ok = kernel and not device_pool.check_bounds
-        h = self._slots(host_indices, "host_indices", self.size, self.page_size, device_pool.device, live_ok)
+        where = _buffer_device(device_pool)
+        h = self._slots(host_indices, "host_indices", self.size, self.page_size, where, live_ok)
         d = self._slots(device_indices, "device_indices", device_pool.num_slots, device_pool.page_size,
-                        device_pool.device, live_ok)  # fmt: skip
+                        where, live_ok)  # fmt: skip
         P = self.page_size
         page_units = P > 1 and device_pool.page_size % P == 0 and self.layout != "page_first"
         return _Batch(h, d, h.n, page_units=page_units)
@@ -583,6 +584,13 @@ def _kernel_path(device: torch.device, io_backend: str, pinned: bool) -> bool:
 def _check_backend(io_backend: Any) -> None:
     if io_backend not in IO_BACKENDS:
         raise ValueError(f"io_backend must be one of {IO_BACKENDS}, got {io_backend!r}")
+
+
+def _buffer_device(device_pool: MLATokenToKVPool) -> torch.device:
+    """The device the pool's buffers are on, as a tensor reports it (``cuda:0``): the pool's own
+    ``device`` may be ``torch.device("cuda")`` without an index, which compares unequal to every CUDA
+    tensor's device, so a CUDA index vector would never be recognised as on the pool's GPU."""
+    return device_pool.kv_buffer[0].device
 
 
 def _device_rows(device_pool: MLATokenToKVPool, local_layer: int) -> torch.Tensor:
