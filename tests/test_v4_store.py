@@ -293,3 +293,67 @@ def test_unchecked_gather_gives_zero_rows_past_the_pages(path):
     pages = poisoned_pages(1, "v41", PAGE_SIZE)
     got = GATHERS[path](pages, torch.tensor([PAGE_SIZE, -3, 1 << 40], device=DEVICE), "v41", PAGE_SIZE)
     assert torch.equal(got.cpu().float(), torch.zeros(3, 512))
+
+
+# ---- compiled for sm_90 (no GPU needed): no operation whose compiled meaning differs from the interpreter's ----
+
+_COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mlakv.kernels.triton import v4_store as m
+
+out = []
+for name, ptrs, const in json.loads(sys.argv[1]):
+    k = getattr(m, name)
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "i64") for a in k.arg_names}
+    src = ASTSource(k, sig, constexprs={(k.arg_names.index(a),): v for a, v in const.items()})
+    opts = {"enable_fp_fusion": False, "num_warps": 4}  # as the launchers build them
+    out.append([name, const, triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]])
+print(json.dumps(out))
+"""
+
+_STORE_PTRS = dict(pages_ptr="*u8", loc_ptr="*i64", kv_ptr="*i16", cs_ptr="*fp32", pos_ptr="*i32")
+_GEOMETRY = dict(PAGE_SIZE=64, DATA_STRIDE=576, SCALE_BASE=64 * 576, SCALE_STRIDE=8)
+# every encoding with both input dtypes (fp16 and bf16 are both read as int16 bits) and each RoPE source
+_PTX_CASES = [
+    ["_v4_store_kernel", _STORE_PTRS, dict(ENC=enc, IS_BF16=bf16, ROPE=rope, ROWS=2, USE_PDL=True, EARLY_TRIGGER=True, **_GEOMETRY)]
+    for enc, bf16, rope in ((0, True, 1), (0, False, 2), (1, True, 0), (1, False, 1), (2, True, 2), (2, False, 0))
+] + [
+    ["_v4_gather_kernel", dict(pages_ptr="*u8", loc_ptr="*i64", out_ptr="*i16"), dict(ENC=enc, **_GEOMETRY)]
+    for enc in (0, 1, 2)
+]  # fmt: skip
+
+# Float operations whose result on the GPU differs from the interpreter's (numpy) for some input:
+#   max/min  PTX returns the non-NaN operand, numpy the NaN;
+#   neg/abs  on a NaN may give any NaN (and a negation written 0 - x gives +0 for +0);
+#   cvt.f32.f16  the hardware widening may return a canonical NaN (a negative NaN's sign lost);
+#   .ftz     flushes fp32 denormals (bf16 subnormals are fp32 denormals) to zero.
+_FORBIDDEN_PTX = r"\b(?:max|min|neg|abs|copysign)(?:\.[a-zA-Z]+)*\.(?:f16|f16x2|bf16|bf16x2|f32)\b|\bcvt(?:\.\w+)*\.f32\.f16\b|\.ftz\b|\bfma\."
+
+
+def test_triton_kernels_compile_for_sm90_without_interpreter_dependent_float_ops():
+    """The interpreter (CPU CI) and the compiled kernels must agree bit for bit, so the compiled code
+    holds none of the float operations whose GPU semantics differ from numpy's (signs and NaN are
+    bit arithmetic, 16-bit inputs are widened by their bits, nothing flushes denormals, no FMA)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia", reason="triton's CUDA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(_PTX_CASES)], env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    if proc.returncode and "ptxas" in proc.stderr.lower():  # pragma: no cover - a triton without ptxas
+        pytest.skip(f"triton cannot assemble for sm_90 here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(compiled) == len(_PTX_CASES)
+    for name, const, ptx in compiled:
+        bad = sorted(set(re.findall(_FORBIDDEN_PTX, ptx)))
+        assert not bad, f"{name} {const}: {bad}"
+        assert ".f64" not in ptx and "div.full" not in ptx and "div.approx" not in ptx, f"{name} {const}"
+        assert ("griddepcontrol" in ptx) == bool(const.get("USE_PDL")), f"{name} {const}"

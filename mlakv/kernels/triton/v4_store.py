@@ -9,6 +9,13 @@ float8 or bf16 cast, so the result is the same on every GPU generation and in th
 launch turns off fused multiply-add (``enable_fp_fusion=False``), which the RoPE rotation's
 separately rounded products need.
 
+Where compiled code and the interpreter disagree, the kernels use neither side's rule: signs are set
+by XOR / OR on the bits (a compiled ``-x`` may be ``0 - x``: ``+0``, not ``-0``, for a zero), NaN is
+detected on the bits (no float ``max``/``min``, whose NaN rule is the operand's on the GPU and NaN's
+in numpy), 16-bit inputs are widened by their bits (the hardware fp16 -> fp32 conversion may return
+a canonical NaN, losing a negative NaN's sign), and no result depends on how fp32 denormals are
+treated (the GPU code is built without flush-to-zero; ``tests/test_v4_store.py`` checks the PTX).
+
 A token's 512 values are handled as two ``[256]`` vectors, the even and the odd elements (the RoPE
 pairs, and the two nibbles or bytes of each output pair); a tile of ``T`` values is ``T / 2``
 consecutive pairs. Layout codes (``encoding``): 0 ``v4``, 1 ``v41``, 2 ``v41_fp4``; the interleaved
@@ -42,20 +49,48 @@ ENCODINGS = {"v4": 0, "v41": 1, "v41_fp4": 2}
 
 @triton.jit
 def _f32(v, IS_BF16: tl.constexpr):
-    """A loaded 16-bit value (bf16 as its int16 bits, or fp16) as fp32, exactly."""
+    """A loaded 16-bit value (bf16 or fp16, as its int16 bits) as fp32, exactly, by its bits: sign and
+    NaN payload kept. (The hardware fp16 -> fp32 conversion may return a canonical NaN, dropping a
+    negative NaN's sign, which the NaN codes keep.)"""
+    h = v.to(tl.int32) & 0xFFFF
     if IS_BF16:
-        r = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        r = (h << 16).to(tl.float32, bitcast=True)
     else:
-        r = v.to(tl.float32)
+        r = _fp16_value_bits(h).to(tl.float32, bitcast=True)
     return r
+
+
+@triton.jit
+def _fp16_value_bits(h):
+    """fp16 bits (int32 0..65535) -> the fp32 bits of the same value (exact; NaN payload and sign kept)."""
+    s = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    normal = ((e + 112) << 23) | (m << 13)
+    special = 0x7F800000 | (m << 13)
+    # a subnormal m * 2^-24 is a normal fp32 value (the product is exact, no denormal involved)
+    sub = (m.to(tl.float32) * tl.full([], 5.9604644775390625e-08, tl.float32)).to(tl.int32, bitcast=True)
+    r = tl.where(e == 0, sub, tl.where(e == 31, special, normal))
+    return r | s
+
+
+@triton.jit
+def _is_nan_bits(u):
+    """NaN test on fp32 bits (an integer compare: no float compare's NaN semantics involved)."""
+    return (u & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
+def _bf16_of_bits(u):
+    """fp32 bits -> bf16 bits (int32 0..65535): nearest even, NaN -> 0x7FC0."""
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return tl.where(_is_nan_bits(u), 0x7FC0, r)
 
 
 @triton.jit
 def _bf16_bits(y):
     """fp32 -> bf16 bits (int32 0..65535): nearest even, NaN -> 0x7FC0."""
-    u = y.to(tl.int32, bitcast=True)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
-    return tl.where(y != y, 0x7FC0, r)
+    return _bf16_of_bits(y.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -65,9 +100,10 @@ def _round_to_input(y, IS_BF16: tl.constexpr):
         b = _bf16_bits(y)
         r = (b << 16).to(tl.float32, bitcast=True)
     else:
-        h = y.to(tl.float16)
-        b = tl.where(y != y, 0x7E00, h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
-        r = tl.where(y != y, tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True), h.to(tl.float32))
+        # the IEEE conversion (cvt.rn.f16.f32, subnormal results kept); back to fp32 by the bits
+        nan = _is_nan_bits(y.to(tl.int32, bitcast=True))
+        b = tl.where(nan, 0x7E00, y.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+        r = _fp16_value_bits(b).to(tl.float32, bitcast=True)
     return r, b
 
 
@@ -210,11 +246,11 @@ def _v4_store_token(
         amax = tl.maximum(tl.max(ae, axis=1), tl.max(ao, axis=1))
         nan_row = amax > 0x7F800000
         amax_f = tl.where(nan_row, 0, amax).to(tl.float32, bitcast=True)
-        raw_s = tl.minimum(
-            tl.maximum(tl.math.div_rn(amax_f, tl.full([32], 6.0, tl.float32)), tl.full([32], 0.001953125, tl.float32)),
-            tl.full([32], 448.0, tl.float32),
-        )
-        sb = _e4m3_byte(raw_s.to(tl.int32, bitcast=True))
+        # clamp(amax / 6, 2^-9, 448) on the quotient's bits (non-negative: ordered as integers), no
+        # float max/min (whose NaN rule differs between the GPU and the interpreter)
+        raw_s = tl.math.div_rn(amax_f, tl.full([32], 6.0, tl.float32)).to(tl.int32, bitcast=True)
+        raw_s = tl.minimum(tl.maximum(raw_s, 0x3B000000), 0x43E00000)  # 2^-9, 448
+        sb = _e4m3_byte(raw_s)
         sv = _e4m3_value(sb)
         ce = _e2m1_codes(xe2, ae, sv * 0.25, sv * 0.75, sv * 1.25, sv * 1.75, sv * 2.5, sv * 3.5, sv * 5.0, nan_row)
         co = _e2m1_codes(xo2, ao, sv * 0.25, sv * 0.75, sv * 1.25, sv * 1.75, sv * 2.5, sv * 3.5, sv * 5.0, nan_row)
@@ -318,7 +354,7 @@ def launch_v4_store(
     """
     n = loc.shape[0]
     is_bf16 = kv.dtype == torch.bfloat16
-    src = kv.view(torch.int16) if is_bf16 else kv
+    src = kv.view(torch.int16)  # both dtypes read as their bits (see _f32)
     rope = 0
     cs, pos, cs_stride, pos_stride, max_pos = src, loc, 0, 0, 0
     if freqs_cis is not None:
@@ -367,9 +403,10 @@ def _v4_gather_kernel(
         code = tl.where((e & 1) == 0, b & 0xF, b >> 4)
         idx = code & 7
         mag = tl.where(idx < 4, idx.to(tl.float32) * 0.5, tl.where(idx < 6, (idx - 2).to(tl.float32), (idx - 4).to(tl.float32) * 2.0))
-        v = tl.where((code & 8) != 0, -mag, mag)
         s = _e4m3_value(tl.load(scales + e // 16, mask=valid_e, other=0).to(tl.int32))
-        bits = _bf16_bits(v * s)
+        # the code's sign flips the exact product's sign bit (IEEE: sign(v * s) = sign(v) ^ sign(s), zeros
+        # included); a compiled float negation may be 0 - x, which gives +0 for a zero magnitude
+        bits = _bf16_of_bits((mag * s).to(tl.int32, bitcast=True) ^ ((code & 8) << 28))
     else:
         TILE: tl.constexpr = 32 if ENC == 1 else 64
         if ENC == 1:
@@ -411,6 +448,6 @@ def launch_v4_gather(
     _v4_gather_kernel[(n,)](
         kv_pages, loc, out.view(torch.int16), kv_pages.stride(0), kv_pages.shape[0] * page_size, loc.stride(0),
         ENC=encoding, PAGE_SIZE=page_size, DATA_STRIDE=data_stride, SCALE_BASE=scale_base, SCALE_STRIDE=scale_stride,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return out
