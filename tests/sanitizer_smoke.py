@@ -378,6 +378,7 @@ class Smoke:
         from mlakv.ops.fp8 import fp8_row_bytes
         from mlakv.ops.rope_write import set_mla_kv_buffer_rope
         from mlakv.ops.rope_write_reference import set_mla_kv_buffer_rope_torch
+        from mlakv.spec.calls import RopeWriteCall
 
         max_pos, heads = 1000, 3
         cs = torch.randn(max_pos, 64, device="cuda")
@@ -415,18 +416,18 @@ class Smoke:
                         loc_r[(loc_r >= num_slots) | bad_pos] = -1
                         pos_r[bad_pos] = 0
                         kv_want, q_want = base.cpu().clone(), q_base.cpu().clone()
-                        set_mla_kv_buffer_rope_torch(
+                        set_mla_kv_buffer_rope_torch(RopeWriteCall(
                             kv_want, loc_r, k_nope.cpu(), k_pe.cpu(), pos_r, cs.cpu(), neox,
                             q_nope=q_nope.cpu() if has_q else None, q_pe=q_pe.cpu() if has_q else None,
                             q_out=q_want if has_q else None, kv_cache_format=fmt, k_scale=None if ks is None else ks.cpu(),
-                            q_scale=None if qs is None else qs.cpu(), reserved_skip_index=RESERVED,
-                        )  # fmt: skip
+                            q_scale=None if qs is None else qs.cpu(), skip_index=RESERVED,
+                        ))  # fmt: skip
                         q_want[bad_pos] = q_base.cpu()[bad_pos]
                         runs = {
-                            "jit": lambda kv, qo: rope_write_cuda(kv, loc, k_nope, k_pe, pos, cs, neox, fmt, ks,
-                                                                  q_nope, q_pe, qo, qs, RESERVED, 1, 0),
-                            "triton": lambda kv, qo: launch_rope_write(kv, loc, k_nope, k_pe, pos, cs, neox, fmt, ks,
-                                                                       q_nope, q_pe, qo, qs, RESERVED, 1, 0),
+                            "jit": lambda kv, qo: rope_write_cuda(RopeWriteCall(kv, loc, k_nope, k_pe, pos, cs, neox, fmt,
+                                                                                ks, q_nope, q_pe, qo, qs, RESERVED)),
+                            "triton": lambda kv, qo: launch_rope_write(RopeWriteCall(kv, loc, k_nope, k_pe, pos, cs, neox,
+                                                                                     fmt, ks, q_nope, q_pe, qo, qs, RESERVED)),
                         }  # fmt: skip
                         if kind == "contiguous":
                             runs["op"] = lambda kv, qo: set_mla_kv_buffer_rope(
@@ -452,11 +453,11 @@ class Smoke:
         want = base.cpu().clone()
         loc_r = loc.cpu().clone()
         loc_r[loc_r >= 2 * num_slots] = -1
-        set_mla_kv_buffer_rope_torch(want, loc_r, k_nope.cpu(), k_pe.cpu(), pos.cpu(), cs.cpu(), False,
-                                     kv_cache_format="ds_mla", dcp_world_size=2, dcp_rank=1)  # fmt: skip
+        set_mla_kv_buffer_rope_torch(RopeWriteCall(want, loc_r, k_nope.cpu(), k_pe.cpu(), pos.cpu(), cs.cpu(), False,
+                                                   kv_cache_format="ds_mla", dcp_world_size=2, dcp_rank=1))  # fmt: skip
         for name, run in {
-            "jit": lambda kv: rope_write_cuda(kv, loc, k_nope, k_pe, pos, cs, False, "ds_mla", None, dcp_world_size=2, dcp_rank=1),
-            "triton": lambda kv: launch_rope_write(kv, loc, k_nope, k_pe, pos, cs, False, "ds_mla", None, dcp_world_size=2, dcp_rank=1),
+            "jit": lambda kv: rope_write_cuda(RopeWriteCall(kv, loc, k_nope, k_pe, pos, cs, False, "ds_mla", dcp_world_size=2, dcp_rank=1)),
+            "triton": lambda kv: launch_rope_write(RopeWriteCall(kv, loc, k_nope, k_pe, pos, cs, False, "ds_mla", dcp_world_size=2, dcp_rank=1)),
         }.items():
             kv = base.clone()
             launched = run(kv) is not False

@@ -15,6 +15,7 @@ from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_sm90, sm90a_build_env
 from mlakv.ops.fp8 import E4M3_MAX, fp8_row_bytes, set_mla_kv_buffer_quant
 from mlakv.ops.dispatch import set_mla_kv_buffer_triton
 from mlakv.ops.rope_write_reference import rope_rotate_torch, set_mla_kv_buffer_rope_torch
+from mlakv.spec.calls import RopeWriteCall
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
@@ -96,10 +97,12 @@ def call_kwargs(c, fmt, q_mode, **extra):
     return kw
 
 
-def run_reference(c, fmt, q_mode, is_neox, **extra):
+def run_reference(c, fmt, q_mode, is_neox, *, reserved_skip_index=None, **extra):
     set_mla_kv_buffer_rope_torch(
-        c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], is_neox,
-        **call_kwargs(c, fmt, q_mode, **extra),
+        RopeWriteCall(
+            c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], is_neox,
+            skip_index=-1 if reserved_skip_index is None else reserved_skip_index, **call_kwargs(c, fmt, q_mode, **extra),
+        )
     )  # fmt: skip
 
 
@@ -288,7 +291,7 @@ def as_scale(v):
 def run_kernel(path, c, fmt, q_mode, is_neox, *, reserved_skip_index=None, dcp_world_size=1, dcp_rank=0):
     """One launch on ``path`` with the call's arguments (validated here by construction)."""
     q = q_mode != "none"
-    args = (
+    call = RopeWriteCall(
         c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], is_neox, fmt,
         as_scale(K_SCALE if fmt == "per_tensor" else None),
         c["q_nope"] if q else None, c["q_pe"] if q else None, c["q_out"] if q else None,
@@ -298,11 +301,11 @@ def run_kernel(path, c, fmt, q_mode, is_neox, *, reserved_skip_index=None, dcp_w
     if path == "triton":
         from mlakv.kernels.triton.rope_write import launch_rope_write
 
-        launch_rope_write(*args)
+        launch_rope_write(call)
     else:
         from mlakv.kernels.cuda.rope_write import rope_write_cuda
 
-        assert rope_write_cuda(*args), "the CUDA kernel refused an aligned call"
+        assert rope_write_cuda(call), "the CUDA kernel refused an aligned call"
 
 
 def expected(c, fmt, q_mode, is_neox, **sel):
@@ -722,10 +725,11 @@ def test_misaligned_call_falls_back_to_triton_bit_exact(fmt):
     c["kv_buffer"] = wide[:, 8:].view(c["kv_buffer"].dtype)
     want_kv, want_q = expected(c, fmt, "fp8", True)
     q_scale = as_scale(Q_SCALE)
-    args = (c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], True, fmt,
-            as_scale(K_SCALE if fmt == "per_tensor" else None), c["q_nope"], c["q_pe"], c["q_out"], q_scale, -1, 1, 0)  # fmt: skip
-    assert rope_write_cuda(*args) is False  # refused, nothing launched
-    assert dispatch.run_rope_write(*args) == "triton"
+    call = RopeWriteCall(c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], True,
+                         fmt, as_scale(K_SCALE if fmt == "per_tensor" else None), c["q_nope"], c["q_pe"], c["q_out"],
+                         q_scale, -1, 1, 0)  # fmt: skip
+    assert rope_write_cuda(call) is False  # refused, nothing launched
+    assert dispatch.run_rope_write(call) == "triton"
     assert_same(c["kv_buffer"], want_kv, "kv_buffer")
     assert_same(c["q_out"], want_q, "q_out")
 

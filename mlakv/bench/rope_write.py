@@ -40,6 +40,7 @@ from mlakv.ops.dispatch import set_mla_kv_buffer_triton
 from mlakv.ops.fp8 import fp8_row_bytes, set_mla_kv_buffer_quant
 from mlakv.ops.rope_write import set_mla_kv_buffer_rope
 from mlakv.ops.rope_write_reference import rope_rotate_torch
+from mlakv.spec.calls import RopeWriteCall
 
 from .options import ROPE_CPU_SIZES as CPU_SIZES
 from .options import ROPE_PROVIDERS as PROVIDERS
@@ -222,13 +223,13 @@ def providers_for(variant: str, is_neox: bool, names: list[str]) -> tuple[dict, 
         )  # fmt: skip
 
     def args(d):
-        return (d["kv"], d["loc"], d["k_nope"], d["k_pe"], d["positions"], d["cs"], is_neox, fmt, d["k_scale"],
-                d["q_nope"], d["q_pe"], d["q_out"], d["q_scale"], -1, 1, 0)  # fmt: skip
+        return RopeWriteCall(d["kv"], d["loc"], d["k_nope"], d["k_pe"], d["positions"], d["cs"], is_neox, fmt,
+                             d["k_scale"], d["q_nope"], d["q_pe"], d["q_out"], d["q_scale"])  # fmt: skip
 
     def fused_triton(d):
         from mlakv.kernels.triton.rope_write import launch_rope_write
 
-        launch_rope_write(*args(d))
+        launch_rope_write(args(d))
 
     if rope_mod is not None:
         rope_fn = rope_mod.rope_neox if is_neox else rope_mod.rope_interleaved
@@ -269,7 +270,7 @@ def providers_for(variant: str, is_neox: bool, names: list[str]) -> tuple[dict, 
         def fn(d):
             from mlakv.kernels.cuda.rope_write import rope_write_cuda
 
-            if not rope_write_cuda(*args(d), **kw):
+            if not rope_write_cuda(args(d), **kw):
                 raise RuntimeError("the JIT kernel refused the call")
 
         return fn
@@ -310,8 +311,10 @@ def expected_of(d: dict, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
     kv, q_out = d["kv"].clone(), d["q_out"].clone()
     set_mla_kv_buffer_rope_torch(
-        kv, d["loc"], d["k_nope"], d["k_pe"], d["positions"], d["cs"], is_neox, q_nope=d["q_nope"], q_pe=d["q_pe"],
-        q_out=q_out, kv_cache_format=d["fmt"], k_scale=d["k_scale"], q_scale=d["q_scale"],
+        RopeWriteCall(
+            kv, d["loc"], d["k_nope"], d["k_pe"], d["positions"], d["cs"], is_neox, d["fmt"], d["k_scale"],
+            d["q_nope"], d["q_pe"], q_out, d["q_scale"],
+        )
     )  # fmt: skip
     d["k_rot"] = rope_rotate_torch(d["k_pe"], d["positions"], d["cs"], is_neox)
     d["q_rot"] = rope_rotate_torch(d["q_pe"], d["positions"], d["cs"], is_neox)

@@ -40,6 +40,7 @@ import torch
 
 from mlakv import _env
 from mlakv.spec import rules
+from mlakv.spec.calls import RopeWriteCall
 from mlakv.spec.rules import SUPPORTED_DTYPES, check_loc_bounds
 from .reference import set_mla_kv_buffer_torch
 
@@ -315,42 +316,22 @@ def rope_write_path(kv_buffer: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.T
     return "triton"
 
 
-def run_rope_write(
-    kv_buffer: torch.Tensor,
-    loc: torch.Tensor,
-    k_nope: torch.Tensor,
-    k_pe: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    is_neox_style: bool,
-    kv_cache_format: Optional[str],
-    k_scale: Optional[torch.Tensor],
-    q_nope: Optional[torch.Tensor],
-    q_pe: Optional[torch.Tensor],
-    q_out: Optional[torch.Tensor],
-    q_scale: Optional[torch.Tensor],
-    skip: int,
-    dcp_world_size: int,
-    dcp_rank: int,
-) -> str:
+def run_rope_write(call: RopeWriteCall) -> str:
     """Run a validated (and, where asked, bounds-checked) fused RoPE write of CUDA tensors on its path;
     returns the path taken: the JIT CUDA kernel where it serves the call, else Triton. (CPU tensors
-    take the reference, in :mod:`mlakv.ops.rope_write`.) Arguments as :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` after its checks
-    (scales as 1-element fp32 tensors or None, ``skip`` -1 for none)."""
-    if not kv_buffer.is_cuda:
+    take the reference, in :mod:`mlakv.ops.rope_write`.) ``call`` holds the arguments of
+    :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` after its checks (scales as 1-element fp32
+    tensors or None, ``skip_index`` -1 for none)."""
+    if not call.kv_buffer.is_cuda:
         raise ValueError("kv_buffer is on the CPU: the fused RoPE write's CPU path is the reference (mlakv.ops.rope_write)")
-    args = (
-        kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
-        q_nope, q_pe, q_out, q_scale, skip, dcp_world_size, dcp_rank,
-    )  # fmt: skip
     if not _env.DISABLE_JIT:
         from mlakv.kernels.cuda.rope_write import rope_write_cuda
 
-        if rope_write_cuda(*args):
+        if rope_write_cuda(call):
             return "jit"
     from mlakv.kernels.triton.rope_write import launch_rope_write
 
-    launch_rope_write(*args)
+    launch_rope_write(call)
     return "triton"
 
 

@@ -17,6 +17,7 @@ import torch
 
 from mlakv import _env
 from mlakv.spec import rules
+from mlakv.spec.calls import RopeWriteCall
 
 from . import dispatch
 from .fp8 import check_fp8_format, fp8_row_bytes, scale_tensor
@@ -150,15 +151,12 @@ def set_mla_kv_buffer_rope(
             dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
         )  # fmt: skip
         rules.check_positions_bounds(positions, cos_sin_cache.shape[0])
-    if not kv_buffer.is_cuda:  # the dispatcher's CPU path: the reference
-        set_mla_kv_buffer_rope_torch(
-            kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, q_nope=q_nope, q_pe=q_pe,
-            q_out=q_out, kv_cache_format=kv_cache_format, k_scale=ks, q_scale=qs,
-            reserved_skip_index=None if skip < 0 else skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
-        )  # fmt: skip
-        return q_out
-    dispatch.run_rope_write(
+    call = RopeWriteCall(
         kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, ks,
         q_nope, q_pe, q_out, qs, skip, dcp_world_size, dcp_rank,
     )  # fmt: skip
+    if kv_buffer.is_cuda:
+        dispatch.run_rope_write(call)
+    else:  # the dispatcher's CPU path: the reference
+        set_mla_kv_buffer_rope_torch(call)
     return q_out

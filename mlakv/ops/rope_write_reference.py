@@ -41,11 +41,12 @@ before anything is written. The inputs are never modified.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
 from mlakv.spec import rules
+from mlakv.spec.calls import RopeWriteCall
 
 from .fp8 import quantize_mla_rows
 from .reference import bit_view, kept_rows, set_mla_kv_buffer_torch
@@ -127,28 +128,10 @@ def build_q_out_torch(
     out[..., nope:] = bit_view(q_pe_rotated)
 
 
-def set_mla_kv_buffer_rope_torch(
-    kv_buffer: torch.Tensor,
-    loc: torch.Tensor,
-    k_nope: torch.Tensor,
-    k_pe: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    is_neox_style: bool,
-    *,
-    q_nope: Optional[torch.Tensor] = None,
-    q_pe: Optional[torch.Tensor] = None,
-    q_out: Optional[torch.Tensor] = None,
-    kv_cache_format: Optional[str] = None,
-    k_scale: Union[float, torch.Tensor, None] = None,
-    q_scale: Union[float, torch.Tensor, None] = None,
-    reserved_skip_index: Optional[int] = None,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
-) -> None:
+def set_mla_kv_buffer_rope_torch(call: RopeWriteCall) -> None:
     """The reference cache step: rotate ``k_pe`` (and ``q_pe``), write the rows, build ``q_out``.
 
-    Args (validated by the caller, :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope`):
+    ``call``'s fields (validated by the caller, :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope`):
         kv_buffer: ``[num_slots, (1,) row]``: the sources' dtype (``kv_cache_format=None``) or
             uint8/float8_e4m3fn bytes (``"per_tensor"``, ``"ds_mla"``); written in place.
         loc: ``[n]`` int32/int64 slots, any stride (padding ``< 0``).
@@ -158,12 +141,14 @@ def set_mla_kv_buffer_rope_torch(
         q_nope: ``[n, H, nope_dim]``; q_pe: ``[n, H, rope_dim]``; q_out: ``[n, H, nope_dim +
             rope_dim]`` of q's dtype or float8_e4m3fn (then ``q_scale``); all three or none.
         kv_cache_format, k_scale: the pool's format and its per-tensor scale (see :mod:`mlakv.ops.fp8`).
-        reserved_skip_index, dcp_world_size, dcp_rank: the plain write's row selection.
+        skip_index (negative: none), dcp_world_size, dcp_rank: the plain write's row selection.
 
     Raises ``IndexError`` (before writing anything) for a kept row landing past ``kv_buffer`` or a
     position outside ``[0, max_pos)``.
     """
-    skip = None if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
+    (kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
+     q_nope, q_pe, q_out, q_scale, skip_index, dcp_world_size, dcp_rank) = call  # fmt: skip
+    skip = None if skip_index is None or skip_index < 0 else skip_index
     rules.check_loc_bounds(
         loc, kv_buffer.shape[0], reserved_skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank
     )

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
+from mlakv.spec.calls import RopeWriteCall
 from mlakv.spec.tuning import rope_write_launch
 
 from .loader import JitUnavailable, load_cuda_module
@@ -165,51 +166,32 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
-def rope_write_cuda(
-    kv_buffer: torch.Tensor,
-    loc: torch.Tensor,
-    k_nope: torch.Tensor,
-    k_pe: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    is_neox_style: bool,
-    kv_cache_format: Optional[str],
-    k_scale: Optional[torch.Tensor],
-    q_nope: Optional[torch.Tensor] = None,
-    q_pe: Optional[torch.Tensor] = None,
-    q_out: Optional[torch.Tensor] = None,
-    q_scale: Optional[torch.Tensor] = None,
-    skip_index: int = -1,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
-    *,
-    num_warps: int = 0,
-    early_trigger: Optional[bool] = None,
-) -> bool:
-    """Launch the fused kernel on validated arguments (those of
-    :func:`mlakv.kernels.triton.rope_write.launch_rope_write`); False, launching nothing, when the
-    kernel cannot serve the call here (no module for this device/layout, or the alignment does not
+def rope_write_cuda(call: RopeWriteCall, *, num_warps: int = 0, early_trigger: Optional[bool] = None) -> bool:
+    """Launch the fused kernel on a validated ``call`` (as
+    :func:`mlakv.kernels.triton.rope_write.launch_rope_write` takes it); False, launching nothing, when
+    the kernel cannot serve the call here (no module for this device/layout, or the alignment does not
     suit its vectors), so the caller falls back. ``num_warps``/``early_trigger`` override the
     launch row (0/None: :func:`mlakv.spec.tuning.rope_write_launch`), for the benchmark's sweep.
     """
-    if not kv_buffer.is_cuda:
+    c = call
+    if not c.kv_buffer.is_cuda:
         return False
-    mod = rope_write_module(kv_buffer.get_device(), kv_cache_format, k_nope.dtype, k_nope.shape[-1], k_pe.shape[-1])
+    mod = rope_write_module(c.kv_buffer.get_device(), c.kv_cache_format, c.k_nope.dtype, c.k_nope.shape[-1], c.k_pe.shape[-1])
     if isinstance(mod, str):
         return False
-    kv = kv_buffer if kv_cache_format is None or kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
+    kv = c.kv_buffer if c.kv_cache_format is None or c.kv_buffer.dtype == torch.uint8 else c.kv_buffer.view(torch.uint8)
+    q_out = c.q_out
     has_q = q_out is not None
     if has_q and q_out.element_size() == 1 and q_out.dtype != torch.uint8:
         q_out = q_out.view(torch.uint8)
-    n = loc.shape[0]
-    warps, early = rope_write_launch(n * (1 + (q_nope.shape[1] if has_q else 0)))
-    dummy = cos_sin_cache  # fp32, on the device: stands for the tensors a call does not pass
+    warps, early = rope_write_launch(c.loc.shape[0] * (1 + (c.q_nope.shape[1] if has_q else 0)))
+    dummy = c.cos_sin_cache  # fp32, on the device: stands for the tensors a call does not pass
     return bool(
         mod.rope_write(
-            kv, loc, _rows(k_nope), _rows(k_pe), positions, cos_sin_cache,
-            k_scale if k_scale is not None else dummy, has_q,
-            q_nope if has_q else dummy, q_pe if has_q else dummy, q_out if has_q else dummy,
-            q_scale if q_scale is not None else dummy, bool(is_neox_style), int(skip_index),
-            int(dcp_world_size), int(dcp_rank), num_warps or warps, early if early_trigger is None else early_trigger,
+            kv, c.loc, _rows(c.k_nope), _rows(c.k_pe), c.positions, c.cos_sin_cache,
+            c.k_scale if c.k_scale is not None else dummy, has_q,
+            c.q_nope if has_q else dummy, c.q_pe if has_q else dummy, q_out if has_q else dummy,
+            c.q_scale if c.q_scale is not None else dummy, bool(c.is_neox_style), int(c.skip_index),
+            int(c.dcp_world_size), int(c.dcp_rank), num_warps or warps, early if early_trigger is None else early_trigger,
         )  # fmt: skip
     )

@@ -23,11 +23,11 @@ when bounds are checked. All offsets are 64-bit. The launcher takes validated ar
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
+
+from mlakv.spec.calls import RopeWriteCall
 
 from .common import pdl_supported
 
@@ -206,27 +206,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
-def launch_rope_write(
-    kv_buffer: torch.Tensor,
-    loc: torch.Tensor,
-    k_nope: torch.Tensor,
-    k_pe: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    is_neox_style: bool,
-    kv_cache_format: Optional[str],
-    k_scale: Optional[torch.Tensor],
-    q_nope: Optional[torch.Tensor] = None,
-    q_pe: Optional[torch.Tensor] = None,
-    q_out: Optional[torch.Tensor] = None,
-    q_scale: Optional[torch.Tensor] = None,
-    skip_index: int = -1,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
-) -> None:
+def launch_rope_write(call: RopeWriteCall) -> None:
     """Launch the fused kernel: grid ``(n + n * H,)`` (``(n,)`` without a query).
 
-    Args (validated by :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope`):
+    ``call``'s fields (validated by :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope`):
         kv_buffer: ``[num_slots, (1,) row]``: bf16/fp16 (``kv_cache_format=None``) or
             uint8/float8_e4m3fn bytes (``"per_tensor"``, ``"ds_mla"``).
         loc: ``[n]`` int32/int64, any stride. positions: ``[n]`` int32/int64, any stride.
@@ -237,6 +220,8 @@ def launch_rope_write(
             ``[n, H, nope_dim + rope_dim]`` of that dtype or 8-bit (then ``q_scale [1]`` fp32); or None.
         skip_index: a slot skipped like padding (-1: none); dcp_world_size/dcp_rank: the owner rule.
     """
+    (kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
+     q_nope, q_pe, q_out, q_scale, skip_index, dcp_world_size, dcp_rank) = call  # fmt: skip
     n = loc.shape[0]
     if n == 0:
         return

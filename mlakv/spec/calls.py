@@ -1,0 +1,51 @@
+"""Argument bundles of the kernel families whose calls pass many tensors through every layer.
+
+The fused RoPE write takes sixteen arguments; the op validates them, the dispatcher picks a path,
+and a kernel launcher or the reference consumes them. Spelling the sixteen out at every layer
+repeated one long signature four times and made a reordering at one layer a silent bug at the
+next. :class:`RopeWriteCall` names them once; each layer passes the bundle on (``call._replace``
+where a layer normalises a field). Plain data: this module imports nothing of mlakv.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+__all__ = ["RopeWriteCall"]
+
+
+class RopeWriteCall(NamedTuple):
+    """One fused RoPE write (see :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` for the rules).
+
+    Fields (tensors are ``torch.Tensor``; shapes as the op's docstring):
+        kv_buffer: ``[num_slots, (1,) row]``, written in place.
+        loc: ``[n]`` int32/int64 slots, any stride (``< 0``: padding).
+        k_nope: ``[n, (1,) nope_dim]``; k_pe: ``[n, (1,) rope_dim]`` before rotation, bf16/fp16.
+        positions: ``[n]`` int32/int64; cos_sin_cache: ``[max_pos, rope_dim]`` float32.
+        is_neox_style: rotate halves (True) or interleaved pairs (False).
+        kv_cache_format: None (16-bit rows), ``"per_tensor"`` or ``"ds_mla"``.
+        k_scale: the per-tensor scale: a ``[1]`` float32 tensor after validation (a float too, for
+            the reference), or None.
+        q_nope: ``[n, H, nope_dim]``; q_pe: ``[n, H, rope_dim]``; q_out: ``[n, H, nope_dim +
+            rope_dim]`` of q's dtype or 8-bit (then ``q_scale``); all three or none.
+        q_scale: as ``k_scale``, for an 8-bit ``q_out``.
+        skip_index: a slot skipped like padding (negative: none).
+        dcp_world_size, dcp_rank: the owner rule (``loc % W == rank`` written at ``loc // W``).
+    """
+
+    kv_buffer: Any
+    loc: Any
+    k_nope: Any
+    k_pe: Any
+    positions: Any
+    cos_sin_cache: Any
+    is_neox_style: bool
+    kv_cache_format: Optional[str] = None
+    k_scale: Any = None
+    q_nope: Any = None
+    q_pe: Any = None
+    q_out: Any = None
+    q_scale: Any = None
+    skip_index: int = -1
+    dcp_world_size: int = 1
+    dcp_rank: int = 0
