@@ -10,15 +10,12 @@ variants.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Optional, Union
 
 import torch
 
-from .loader import JitUnavailable, load_cuda_module
+from .loader import JitUnavailable, load_cuda_module, sm90_module
 from mlakv.spec.tuning import fp8_jit_launch
-
-logger = logging.getLogger("mlakv.jit")
 
 __all__ = [
     "build_mla_fp8_module",
@@ -79,26 +76,15 @@ def build_mla_fp8_module(
     return load_cuda_module(name, src, device_capability=device_capability)
 
 
-_warned: set[str] = set()
-
-
 @functools.lru_cache(maxsize=None)
 def _fn_for(device_index: int, kv_cache_format: str, nope_dim: int, rope_dim: int) -> Union[str, Any]:
     """The loaded module for a device and layout, or the reason (str) it cannot be had."""
     reason = fp8_jit_widths_reason(kv_cache_format, nope_dim, rope_dim)
     if reason:
         return reason
-    major, minor = torch.cuda.get_device_capability(device_index)
-    if major < 9:
-        return f"GPU sm_{major}{minor} is older than SM90"
-    try:
-        mod = build_mla_fp8_module(kv_cache_format, nope_dim, rope_dim, True, (major, minor))
-    except JitUnavailable as e:
-        if str(e) not in _warned:
-            _warned.add(str(e))
-            logger.warning("mlakv: JIT fp8 kernels unavailable, using Triton: %s", e)
-        return str(e)
-    return mod
+    return sm90_module(
+        device_index, "fp8 kernels", lambda cap: build_mla_fp8_module(kv_cache_format, nope_dim, rope_dim, True, cap)
+    )
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,15 +13,12 @@ indices, 1/2/4 keys per half-warp); the C++ launcher re-checks every memory-safe
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Optional, Union
 
 import torch
 
 
-from .loader import JitUnavailable, load_cuda_module
-
-logger = logging.getLogger("mlakv.jit")
+from .loader import load_cuda_module, sm90_module
 
 __all__ = [
     "STORE_NUM_WARPS",
@@ -67,22 +64,10 @@ def build_indexer_module(use_pdl: bool = True, device_capability: Optional[tuple
     return load_cuda_module(f"indexer_k_{'pdl' if use_pdl else 'nopdl'}", src, device_capability=device_capability)
 
 
-_warned: set[str] = set()
-
-
 @functools.lru_cache(maxsize=None)
 def _module_for(device_index: int) -> Union[str, Any]:
     """The loaded module for a device, or the reason (str) it cannot be had."""
-    major, minor = torch.cuda.get_device_capability(device_index)
-    if major < 9:
-        return f"GPU sm_{major}{minor} is older than SM90"
-    try:
-        return build_indexer_module(True, (major, minor))
-    except JitUnavailable as e:
-        if str(e) not in _warned:
-            _warned.add(str(e))
-            logger.warning("mlakv: JIT indexer kernels unavailable, using Triton: %s", e)
-        return str(e)
+    return sm90_module(device_index, "indexer kernels", lambda cap: build_indexer_module(True, cap))
 
 
 def indexer_jit_available(device: torch.device) -> bool:

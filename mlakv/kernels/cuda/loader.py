@@ -18,13 +18,14 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 logger = logging.getLogger("mlakv.jit")
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 _MODULES: dict[str, Any] = {}
 _LOCK = threading.Lock()
+_WARNED: set[tuple[str, str]] = set()
 
 
 class JitUnavailable(RuntimeError):
@@ -165,3 +166,22 @@ def load_cuda_module(
             logger.info("mlakv: compiled %s for %s in %.1f s (%s)", name, arch, time.perf_counter() - t0, build_dir)
         _MODULES[key] = module
         return module
+
+
+def sm90_module(device_index: int, what: str, build: Callable[[tuple[int, int]], Any]) -> Union[str, Any]:
+    """``build(device_capability)`` for an SM90+ device, or the reason (str) it cannot be had: the GPU
+    is older than SM90, or the build raised :class:`JitUnavailable` (logged once per family ``what``
+    and reason: "JIT <what> unavailable, using Triton"). Callers cache the answer per device and
+    layout (``functools.lru_cache``), so each module is built, or refused, once per process."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 9:
+        return f"GPU sm_{major}{minor} is older than SM90"
+    try:
+        return build((major, minor))
+    except JitUnavailable as e:
+        if (what, str(e)) not in _WARNED:
+            _WARNED.add((what, str(e)))
+            logger.warning("mlakv: JIT %s unavailable, using Triton: %s", what, e)
+        return str(e)

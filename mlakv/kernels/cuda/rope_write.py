@@ -17,7 +17,6 @@ RoPE styles and both PDL trigger places, and exports two functions:
 from __future__ import annotations
 
 import functools
-import logging
 import multiprocessing
 import os
 from typing import Any, Iterable, Optional, Union
@@ -27,9 +26,7 @@ import torch
 from mlakv.spec.calls import RopeWriteCall
 from mlakv.spec.tuning import rope_write_launch
 
-from .loader import JitUnavailable, load_cuda_module
-
-logger = logging.getLogger("mlakv.jit")
+from .loader import JitUnavailable, load_cuda_module, sm90_module
 
 __all__ = [
     "FORMAT_CODE",
@@ -139,9 +136,6 @@ def prebuild_rope_write_modules(
     return dict(zip(layouts, results))
 
 
-_warned: set[str] = set()
-
-
 @functools.lru_cache(maxsize=None)
 def rope_write_module(
     device_index: int, kv_cache_format: Optional[str], dtype: torch.dtype, nope_dim: int, rope_dim: int
@@ -150,16 +144,10 @@ def rope_write_module(
     reason = rope_write_widths_reason(kv_cache_format, dtype, nope_dim, rope_dim)
     if reason:
         return reason
-    major, minor = torch.cuda.get_device_capability(device_index)
-    if major < 9:
-        return f"GPU sm_{major}{minor} is older than SM90"
-    try:
-        return build_rope_write_module(kv_cache_format, dtype, nope_dim, rope_dim, True, (major, minor))
-    except JitUnavailable as e:
-        if str(e) not in _warned:
-            _warned.add(str(e))
-            logger.warning("mlakv: JIT fused RoPE write unavailable, using Triton: %s", e)
-        return str(e)
+    return sm90_module(
+        device_index, "fused RoPE write",
+        lambda cap: build_rope_write_module(kv_cache_format, dtype, nope_dim, rope_dim, True, cap),
+    )  # fmt: skip
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

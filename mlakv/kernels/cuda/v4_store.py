@@ -21,16 +21,13 @@ Layout codes (``LAYOUT_CODE``) are mlakv's own: 0 ``v4``, 1 ``v41``, 2 ``v41_fp4
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Optional, Union
 
 import torch
 
 from mlakv.spec.tuning import v4_jit_launch
 
-from .loader import JitUnavailable, load_cuda_module
-
-logger = logging.getLogger("mlakv.jit")
+from .loader import JitUnavailable, load_cuda_module, sm90_module
 
 __all__ = [
     "LAYOUT_CODE",
@@ -74,22 +71,10 @@ def build_v4_store_module(encoding: int, device_capability: Optional[tuple[int, 
     return load_cuda_module(f"v4_store_enc{encoding}", _WRAPPER.format(enc=encoding), device_capability=device_capability)
 
 
-_warned: set[str] = set()
-
-
 @functools.lru_cache(maxsize=None)
 def _module_for(device_index: int, encoding: int) -> Union[str, Any]:
     """The loaded module for a device and encoding, or the reason (str) it cannot be had."""
-    major, minor = torch.cuda.get_device_capability(device_index)
-    if major < 9:
-        return f"GPU sm_{major}{minor} is older than SM90"
-    try:
-        return build_v4_store_module(encoding, (major, minor))
-    except JitUnavailable as e:
-        if str(e) not in _warned:
-            _warned.add(str(e))
-            logger.warning("mlakv: JIT V4-family store unavailable, using Triton: %s", e)
-        return str(e)
+    return sm90_module(device_index, "V4-family store", lambda cap: build_v4_store_module(encoding, cap))
 
 
 def v4_store_module(device: torch.device, layout: str) -> Union[str, Any]:
