@@ -551,6 +551,7 @@ def v4_pages(smoke: "Smoke") -> None:
     from mlakv.kernels.triton.v4_store import ENCODINGS, launch_v4_gather, launch_v4_store
     from mlakv.ops import v4_reference as ref
     from mlakv.ops.v4 import set_v4_kv_buffer
+    from mlakv.spec.calls import V4StoreCall
 
     P = 64
     for layout in ref.V4_LAYOUTS:
@@ -581,8 +582,8 @@ def v4_pages(smoke: "Smoke") -> None:
                     want = base.cpu().clone()
                     ref.set_v4_kv_buffer_torch(want, want_loc, kv.cpu(), layout, P, cos=cos, sin=sin, reserved_skip_index=RESERVED)
                     runs: dict[str, Callable[[torch.Tensor], object]] = {
-                        "triton": lambda p: launch_v4_store(p, loc, kv, encoding=enc, skip_index=RESERVED, **extra, **geo),
-                        "jit": lambda p: v4_jit_store(p, loc, kv, layout, P, skip_index=RESERVED, **extra),
+                        "triton": lambda p: launch_v4_store(V4StoreCall(p, loc, kv, skip_index=RESERVED, **extra), encoding=enc, **geo),
+                        "jit": lambda p: v4_jit_store(V4StoreCall(p, loc, kv, skip_index=RESERVED, **extra), layout, P),
                     }
                     if rope != "table":  # the op checks positions on a checked call; unchecked, as the kernels
                         runs["op"] = lambda p: set_v4_kv_buffer(p, loc, kv, layout, P, reserved_skip_index=RESERVED, **extra)
@@ -591,7 +592,7 @@ def v4_pages(smoke: "Smoke") -> None:
                             for items in (1, 2):
                                 for early in (True, False):
                                     runs[f"jit w{w} t{items} {early}"] = lambda p, w=w, i=items, e=early: v4_jit_store(
-                                        p, loc, kv, layout, P, skip_index=RESERVED, num_warps=w, items=i, early_trigger=e
+                                        V4StoreCall(p, loc, kv, skip_index=RESERVED), layout, P, num_warps=w, items=i, early_trigger=e
                                     )
                     for name, run in runs.items():
                         pages = base.clone()
@@ -605,8 +606,8 @@ def v4_pages(smoke: "Smoke") -> None:
         want = base.cpu().clone()
         ref.set_v4_kv_buffer_torch(want, loc.cpu(), kv.cpu(), layout, P, dcp_world_size=2, dcp_rank=1)
         for name, run in {
-            "triton": lambda p: launch_v4_store(p, loc, kv, encoding=enc, dcp_world_size=2, dcp_rank=1, **geo),
-            "jit": lambda p: v4_jit_store(p, loc, kv, layout, P, dcp_world_size=2, dcp_rank=1),
+            "triton": lambda p: launch_v4_store(V4StoreCall(p, loc, kv, dcp_world_size=2, dcp_rank=1), encoding=enc, **geo),
+            "jit": lambda p: v4_jit_store(V4StoreCall(p, loc, kv, dcp_world_size=2, dcp_rank=1), layout, P),
         }.items():
             pages = base.clone()
             launched = run(pages) is not False

@@ -14,6 +14,7 @@ import torch
 
 from conftest import DEVICE, HAS_CUDA, IS_SM90
 from mlakv.ops import v4_reference as R
+from mlakv.spec.calls import V4StoreCall
 from test_v4_formats import make_tokens
 
 LAYOUTS = list(R.V4_LAYOUTS)
@@ -39,17 +40,24 @@ def _run_triton(kv_pages, loc, kv, layout, page_size, *, freqs_cis=None, positio
     if loc.shape[0] == 0:
         return
     g = R.v4_geometry(layout)
-    launch_v4_store(
-        kv_pages, loc, kv, encoding=ENCODINGS[g.encoding], freqs_cis=freqs_cis, positions=positions,
-        cos_sin_cache=cos_sin_cache, skip_index=-1 if reserved_skip_index is None else reserved_skip_index,
-        dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, **g.kernel_geometry(page_size),
-    )  # fmt: skip
+    call = _call(kv_pages, loc, kv, freqs_cis, positions, cos_sin_cache, reserved_skip_index, dcp_world_size, dcp_rank)
+    launch_v4_store(call, encoding=ENCODINGS[g.encoding], **g.kernel_geometry(page_size))
+
+
+def _call(kv_pages, loc, kv, freqs_cis=None, positions=None, cos_sin_cache=None, reserved_skip_index=None,
+          dcp_world_size=1, dcp_rank=0):  # fmt: skip
+    skip = -1 if reserved_skip_index is None else reserved_skip_index
+    return V4StoreCall(kv_pages, loc, kv, freqs_cis, positions, cos_sin_cache, skip, dcp_world_size, dcp_rank)
 
 
 def _run_jit(kv_pages, loc, kv, layout, page_size, **kw):
-    from mlakv.kernels.cuda import v4_store
+    """The JIT kernel itself (bounds unchecked: out-of-range slots and positions are skipped); it must
+    serve the call (a module for this device, 16-byte aligned operands)."""
+    from mlakv.kernels.cuda.v4_store import v4_jit_store, v4_store_module
 
-    v4_store.set_v4_kv_buffer_jit(kv_pages, loc, kv, layout, page_size, **kw)
+    mod = v4_store_module(kv_pages.device, layout)
+    assert not isinstance(mod, str), f"the JIT V4-family store cannot be used here: {mod}"
+    assert v4_jit_store(_call(kv_pages, loc, kv, **kw), layout, page_size), "the JIT store refused the call"
 
 
 def _run_dispatch(kv_pages, loc, kv, layout, page_size, **kw):

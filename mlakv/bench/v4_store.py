@@ -36,6 +36,7 @@ import torch
 
 from mlakv.ops import v4_reference as ref
 from mlakv.ops.v4 import set_v4_kv_buffer, v4_store_path
+from mlakv.spec.calls import V4StoreCall
 
 from . import timing
 from .options import v4_parser
@@ -93,6 +94,11 @@ def _input_sets(n: int, count: int, layout: str, device: str = "cuda") -> list[d
     return sets
 
 
+def _call(d: dict, **rope) -> V4StoreCall:
+    """The kernels' call for set ``d`` (no row selection; ``rope``: ``freqs_cis=...``)."""
+    return V4StoreCall(d["pages"], d["loc"], d["kv"], **rope)
+
+
 def _providers(layout: str, names: list[str], rope: bool, sweep: bool) -> dict[str, tuple[Callable[[dict], None], str]]:
     """``name -> (store(d), rope kind)``; the rope kind says which reference the provider is checked against."""
     from mlakv.kernels.cuda.v4_store import v4_jit_store
@@ -105,9 +111,9 @@ def _providers(layout: str, names: list[str], rope: bool, sweep: bool) -> dict[s
     if "mlakv" in names:
         out["mlakv"] = (lambda d: set_v4_kv_buffer(d["pages"], d["loc"], d["kv"], layout, PAGE_SIZE), "none")
     if "mlakv-jit" in names:
-        out["mlakv-jit"] = (lambda d: v4_jit_store(d["pages"], d["loc"], d["kv"], layout, PAGE_SIZE), "none")
+        out["mlakv-jit"] = (lambda d: v4_jit_store(_call(d), layout, PAGE_SIZE), "none")
     if "mlakv-triton" in names:
-        out["mlakv-triton"] = (lambda d: launch_v4_store(d["pages"], d["loc"], d["kv"], encoding=enc, **geo), "none")
+        out["mlakv-triton"] = (lambda d: launch_v4_store(_call(d), encoding=enc, **geo), "none")
     mod = None
     if "sglang" in names:
         try:
@@ -128,7 +134,7 @@ def _providers(layout: str, names: list[str], rope: bool, sweep: bool) -> dict[s
             )
         if "mlakv-triton" in names:
             out["mlakv-triton+rope"] = (
-                lambda d: launch_v4_store(d["pages"], d["loc"], d["kv"], encoding=enc, freqs_cis=d["freqs"], **geo), "freqs"
+                lambda d: launch_v4_store(_call(d, freqs_cis=d["freqs"]), encoding=enc, **geo), "freqs"
             )
         if mod is not None and layout != "v4":
             out["sglang+rope"] = (lambda d: mod.store_rope(d["kv"], d["pages"], d["loc"], d["freqs"]), "freqs")
@@ -138,7 +144,7 @@ def _providers(layout: str, names: list[str], rope: bool, sweep: bool) -> dict[s
                 for early in (True, False):
                     out[f"jit w{warps} t{items} {'entry' if early else 'wait'}"] = (
                         lambda d, w=warps, i=items, e=early: v4_jit_store(
-                            d["pages"], d["loc"], d["kv"], layout, PAGE_SIZE, num_warps=w, items=i, early_trigger=e
+                            _call(d), layout, PAGE_SIZE, num_warps=w, items=i, early_trigger=e
                         ),
                         "none",
                     )

@@ -40,7 +40,7 @@ import torch
 
 from mlakv import _env
 from mlakv.spec import rules
-from mlakv.spec.calls import RopeWriteCall
+from mlakv.spec.calls import RopeWriteCall, V4StoreCall
 from mlakv.spec.rules import SUPPORTED_DTYPES, check_loc_bounds
 from .reference import set_mla_kv_buffer_torch
 
@@ -350,28 +350,16 @@ def v4_store_path(kv_pages: torch.Tensor, layout: str) -> str:
     return "triton"
 
 
-def run_v4_store(
-    kv_pages: torch.Tensor,
-    loc: torch.Tensor,
-    kv: torch.Tensor,
-    layout: str,
-    page_size: int,
-    geometry: dict,
-    encoding: int,
-    freqs_cis: Optional[torch.Tensor],
-    positions: Optional[torch.Tensor],
-    cos_sin_cache: Optional[torch.Tensor],
-    skip: int,
-    dcp_world_size: int,
-    dcp_rank: int,
-) -> str:
+def run_v4_store(call: V4StoreCall, layout: str, page_size: int, geometry: dict, encoding: int) -> str:
     """Run a validated (and, where asked, bounds-checked) V4-family store on its path; returns the path
     taken: ``torch`` on CPU (the reference), else the JIT CUDA kernel where it serves the call, else
-    Triton. Arguments as :func:`mlakv.ops.v4.set_v4_kv_buffer` after its checks (``skip`` -1 for
-    none), plus the layout's kernel ``geometry`` and token ``encoding`` (0 v4, 1 v41, 2 v41_fp4)."""
-    if not kv_pages.is_cuda:
+    Triton. ``call`` holds the arguments of :func:`mlakv.ops.v4.set_v4_kv_buffer` after its checks
+    (``skip_index`` -1 for none); beside it the layout's kernel ``geometry`` and token ``encoding``
+    (0 v4, 1 v41, 2 v41_fp4)."""
+    if not call.kv_pages.is_cuda:
         from . import v4_reference as ref
 
+        kv_pages, loc, kv, freqs_cis, positions, cos_sin_cache, skip, dcp_world_size, dcp_rank = call
         cos = sin = None
         if freqs_cis is not None or positions is not None:
             cos, sin = ref.rope_cos_sin(loc.shape[0], freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache)
@@ -380,20 +368,14 @@ def run_v4_store(
             dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
         )  # fmt: skip
         return "torch"
-    if not _env.DISABLE_JIT and rules.v4_jit_layout_reason(kv_pages, kv, freqs_cis, cos_sin_cache) is None:
+    if not _env.DISABLE_JIT and rules.v4_jit_layout_reason(call.kv_pages, call.kv, call.freqs_cis, call.cos_sin_cache) is None:
         from mlakv.kernels.cuda.v4_store import v4_jit_store
 
-        if v4_jit_store(
-            kv_pages, loc, kv, layout, page_size, freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache,
-            skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
-        ):  # fmt: skip
+        if v4_jit_store(call, layout, page_size):
             return "jit"
     from mlakv.kernels.triton.v4_store import launch_v4_store
 
-    launch_v4_store(
-        kv_pages, loc, kv, encoding=encoding, freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache,
-        skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, **geometry,
-    )  # fmt: skip
+    launch_v4_store(call, encoding=encoding, **geometry)
     return "triton"
 
 

@@ -24,6 +24,7 @@ import torch
 
 from mlakv import _env
 from mlakv.spec import rules
+from mlakv.spec.calls import V4StoreCall
 
 from . import dispatch
 from .v4_reference import V4_LAYOUTS, v4_geometry
@@ -118,10 +119,8 @@ def set_v4_kv_buffer(
         )  # fmt: skip
         if positions is not None:
             rules.check_positions_bounds(positions, cos_sin_cache.shape[0])
-    return dispatch.run_v4_store(
-        kv_pages, loc, kv, layout, page_size, g.kernel_geometry(page_size), _ENCODING[g.encoding],
-        freqs_cis, positions, cos_sin_cache, skip, dcp_world_size, dcp_rank,
-    )  # fmt: skip
+    call = V4StoreCall(kv_pages, loc, kv, freqs_cis, positions, cos_sin_cache, skip, dcp_world_size, dcp_rank)
+    return dispatch.run_v4_store(call, layout, page_size, g.kernel_geometry(page_size), _ENCODING[g.encoding])
 
 
 def get_v4_kv_buffer(

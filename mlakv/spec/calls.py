@@ -4,14 +4,16 @@ The fused RoPE write takes sixteen arguments; the op validates them, the dispatc
 and a kernel launcher or the reference consumes them. Spelling the sixteen out at every layer
 repeated one long signature four times and made a reordering at one layer a silent bug at the
 next. :class:`RopeWriteCall` names them once; each layer passes the bundle on (``call._replace``
-where a layer normalises a field). Plain data: this module imports nothing of mlakv.
+where a layer normalises a field). :class:`V4StoreCall` does the same for the DeepSeek-V4 family's
+paged store, whose two kernels (JIT CUDA, Triton) take the same tensors and row selection. Plain
+data: this module imports nothing of mlakv.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-__all__ = ["RopeWriteCall"]
+__all__ = ["RopeWriteCall", "V4StoreCall"]
 
 
 class RopeWriteCall(NamedTuple):
@@ -46,6 +48,32 @@ class RopeWriteCall(NamedTuple):
     q_pe: Any = None
     q_out: Any = None
     q_scale: Any = None
+    skip_index: int = -1
+    dcp_world_size: int = 1
+    dcp_rank: int = 0
+
+
+class V4StoreCall(NamedTuple):
+    """One V4-family paged store (see :func:`mlakv.ops.v4.set_v4_kv_buffer` for the rules); the
+    layout and page geometry travel beside it, in the form each kernel takes them.
+
+    Fields (tensors are ``torch.Tensor``):
+        kv_pages: ``[num_pages, page_bytes]`` uint8, one layer's pages, written in place.
+        loc: ``[n]`` int32/int64 slots, any stride (``< 0``: padding).
+        kv: ``[n, 512]`` bf16/fp16 tokens, last dim contiguous, any row stride.
+        freqs_cis: ``[n, 64]`` fp32 ``(cos, sin)`` pairs; or
+        positions, cos_sin_cache: ``[n]`` int32/int64 positions into a ``[max_pos, 64]`` fp32 table
+            (``cos | sin`` halves): the RoPE tail is rotated first. None: no rotation.
+        skip_index: a slot skipped like padding (negative: none).
+        dcp_world_size, dcp_rank: the owner rule (``loc % W == rank`` stored at ``loc // W``).
+    """
+
+    kv_pages: Any
+    loc: Any
+    kv: Any
+    freqs_cis: Any = None
+    positions: Any = None
+    cos_sin_cache: Any = None
     skip_index: int = -1
     dcp_world_size: int = 1
     dcp_rank: int = 0

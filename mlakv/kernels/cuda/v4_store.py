@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from mlakv.spec.calls import V4StoreCall
 from mlakv.spec.tuning import v4_jit_launch
 
 from .loader import JitUnavailable, load_cuda_module, sm90_module
@@ -35,7 +36,6 @@ __all__ = [
     "build_v4_store_module",
     "v4_store_module",
     "v4_jit_store",
-    "set_v4_kv_buffer_jit",
 ]
 
 LAYOUT_CODE = {"v4": 0, "v41": 1, "v41_fp4": 2, "v41_new": 3, "v41_fp4_new": 4}
@@ -84,18 +84,10 @@ def v4_store_module(device: torch.device, layout: str) -> Union[str, Any]:
 
 
 def v4_jit_store(
-    kv_pages: torch.Tensor,
-    loc: torch.Tensor,
-    kv: torch.Tensor,
+    call: V4StoreCall,
     layout: str,
     page_size: int,
     *,
-    freqs_cis: Optional[torch.Tensor] = None,
-    positions: Optional[torch.Tensor] = None,
-    cos_sin_cache: Optional[torch.Tensor] = None,
-    skip_index: int = -1,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
     num_warps: int = 0,
     items: int = 0,
     early_trigger: Optional[bool] = None,
@@ -106,11 +98,11 @@ def v4_jit_store(
     ``cos_sin_cache`` not a multiple of 16 bytes), so the caller falls back. The module's launcher
     checks every rule itself and raises ``TypeError``/``ValueError`` for invalid arguments.
 
-    Shapes: ``kv_pages [num_pages, page_bytes]`` uint8, ``loc [n]`` int32/int64, ``kv [n, (1,) 512]``
-    bf16/fp16, ``freqs_cis [n, 64]`` fp32, or ``positions [n]`` with ``cos_sin_cache [max_pos, 64]``
-    fp32. ``num_warps`` / ``items`` / ``early_trigger`` override the launch table
-    (:func:`mlakv.spec.tuning.v4_jit_launch`; 0 / None: its choice).
+    ``call``: :class:`mlakv.spec.calls.V4StoreCall` (``kv [n, (1,) 512]`` here); ``layout`` and
+    ``page_size`` say how its pages are laid out. ``num_warps`` / ``items`` / ``early_trigger``
+    override the launch table (:func:`mlakv.spec.tuning.v4_jit_launch`; 0 / None: its choice).
     """
+    kv_pages, loc, kv, freqs_cis, positions, cos_sin_cache, skip_index, dcp_world_size, dcp_rank = call
     if not kv_pages.is_cuda:
         return False
     mod = v4_store_module(kv_pages.device, layout)
@@ -129,35 +121,3 @@ def v4_jit_store(
             num_warps or warps, items or it, early if early_trigger is None else early_trigger, pdl,
         )  # fmt: skip
     )
-
-
-def set_v4_kv_buffer_jit(
-    kv_pages: torch.Tensor,
-    loc: torch.Tensor,
-    kv: torch.Tensor,
-    layout: str,
-    page_size: int,
-    *,
-    freqs_cis: Optional[torch.Tensor] = None,
-    positions: Optional[torch.Tensor] = None,
-    cos_sin_cache: Optional[torch.Tensor] = None,
-    reserved_skip_index: Optional[int] = None,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
-) -> None:
-    """The JIT store's direct entry (tests, benches): as :func:`v4_jit_store` (bounds unchecked: out
-    of range slots and positions are skipped), but raising ``RuntimeError`` when the kernel cannot
-    serve the call instead of returning False."""
-    if layout not in LAYOUT_CODE:
-        raise ValueError(f"layout must be one of {tuple(LAYOUT_CODE)}, got {layout!r}")
-    if not kv_pages.is_cuda:
-        raise ValueError(f"kv_pages must be a CUDA tensor for the JIT kernel, got {kv_pages.device}")
-    mod = v4_store_module(kv_pages.device, layout)
-    if isinstance(mod, str):
-        raise RuntimeError(f"the JIT V4-family store cannot be used here: {mod}")
-    skip = -1 if reserved_skip_index is None else reserved_skip_index
-    if not v4_jit_store(
-        kv_pages, loc, kv, layout, page_size, freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache,
-        skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
-    ):  # fmt: skip
-        raise RuntimeError("the JIT V4-family store refused the call (an address or row stride is not 16-byte aligned)")

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mlakv.spec.calls import V4StoreCall
 from mlakv.spec.tuning import v4_triton_launch
 
 from .common import pdl_supported
@@ -317,21 +318,13 @@ def _v4_store_kernel(
 
 
 def launch_v4_store(
-    kv_pages: torch.Tensor,
-    loc: torch.Tensor,
-    kv: torch.Tensor,
+    call: V4StoreCall,
     *,
     encoding: int,
     page_size: int,
     data_stride: int,
     scale_base: int,
     scale_stride: int,
-    freqs_cis: Optional[torch.Tensor] = None,
-    positions: Optional[torch.Tensor] = None,
-    cos_sin_cache: Optional[torch.Tensor] = None,
-    skip_index: int = -1,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
     num_warps: int = 0,
     rows_per_program: int = 0,
     early_trigger: Optional[bool] = None,
@@ -339,19 +332,18 @@ def launch_v4_store(
     """Launch the store (validated arguments; ``n >= 1``).
 
     Args:
-        kv_pages: ``[num_pages, >= page bytes]`` uint8, last dim contiguous, any page stride.
-        loc: ``[n]`` int32/int64 slots, any stride.
-        kv: ``[n, 512]`` bf16/fp16, last dim contiguous, any row stride.
+        call: :class:`mlakv.spec.calls.V4StoreCall`: ``kv_pages [num_pages, >= page bytes]`` uint8
+            (last dim contiguous, any page stride), ``loc [n]``, ``kv [n, 512]``, the rotation
+            (``freqs_cis``, or ``positions`` with ``cos_sin_cache``: see the module docstring) and
+            the row selection.
         encoding: 0 ``v4``, 1 ``v41``, 2 ``v41_fp4`` (the interleaved layouts: their twin's).
         page_size: tokens per page (a power of two).
         data_stride, scale_base, scale_stride: a row ``r``'s values at byte ``r * data_stride`` of
             its page, its scales at ``scale_base + r * scale_stride``.
-        freqs_cis: ``[n, 64]`` fp32 ``(cos, sin)`` pairs, last dim contiguous; or
-        positions: ``[n]`` int32/int64 with ``cos_sin_cache [max_pos, 64]`` fp32 (``cos | sin``
-            halves, last dim contiguous): the RoPE tail is rotated first (see the module docstring).
         num_warps / rows_per_program / early_trigger: override the launch table
             (:func:`mlakv.spec.tuning.v4_triton_launch`; the bench's sweep).
     """
+    kv_pages, loc, kv, freqs_cis, positions, cos_sin_cache, skip_index, dcp_world_size, dcp_rank = call
     n = loc.shape[0]
     is_bf16 = kv.dtype == torch.bfloat16
     src = kv.view(torch.int16)  # both dtypes read as their bits (see _f32)
