@@ -23,9 +23,7 @@ Run: ``python -m mlakv bench indexer [--sizes 1,8,64,512,4096,65536] [--sweep] [
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -35,6 +33,7 @@ from mlakv.ops.indexer_reference import INDEX_PAGE_BYTES, store_index_k_referenc
 
 from . import timing
 from .options import INDEXER_SIZES, indexer_parser
+from .report import cell, pct, ratio, write_results
 
 __all__ = ["DEFAULT_SIZES", "build_sglang_indexer_store", "run_indexer_bench", "format_tables", "main"]
 
@@ -161,14 +160,6 @@ def run_indexer_bench(sizes: list[int], sweep: bool = False) -> dict:
     return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "store": store_rows, "gather": gather_rows}
 
 
-def _cell(v: Any) -> str:
-    return v if isinstance(v, str) else f"{v:.2f}"
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None or isinstance(v, str) else f"{v:.0%}"
-
-
 def format_tables(res: dict) -> str:
     """Markdown tables: times (µs per call), the share of copy bandwidth, and sglang / mlakv."""
     names = [k for k in res["store"][0] if k not in ("n", "path") and not k.endswith("of copy bw")]
@@ -180,16 +171,14 @@ def format_tables(res: dict) -> str:
         "|---" * (len(names) + 4) + "|",
     ]
     for r in res["store"]:
-        ratio = "-"
-        if not isinstance(r.get("sglang"), (str, type(None))) and not isinstance(r.get("mlakv"), str):
-            ratio = f"{r['sglang'] / r['mlakv']:.2f}x"
-        cells = " | ".join(_cell(r.get(k, "-")) for k in names)
-        out.append(f"| {r['n']} | {r['path']} | {cells} | {_pct(r.get('mlakv of copy bw'))} | {ratio} |")
+        cells = " | ".join(cell(r.get(k, "-")) for k in names)
+        sglang_ratio = ratio(r.get("sglang"), r.get("mlakv"))
+        out.append(f"| {r['n']} | {r['path']} | {cells} | {pct(r.get('mlakv of copy bw'))} | {sglang_ratio} |")
     out += ["", "| n | gather mlakv µs | of copy bw | gather triton µs | of copy bw |", "|---|---|---|---|---|"]
     for g in res["gather"]:
         out.append(
-            f"| {g['n']} | {_cell(g.get('mlakv', '-'))} | {_pct(g.get('mlakv of copy bw'))} | "
-            f"{_cell(g.get('mlakv-triton', '-'))} | {_pct(g.get('mlakv-triton of copy bw'))} |"
+            f"| {g['n']} | {cell(g.get('mlakv', '-'))} | {pct(g.get('mlakv of copy bw'))} | "
+            f"{cell(g.get('mlakv-triton', '-'))} | {pct(g.get('mlakv-triton of copy bw'))} |"
         )
     return "\n".join(out)
 
@@ -201,12 +190,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("indexer bench: no CUDA GPU here; the kernels' timings need one (nothing measured)")
         return 0
     res = run_indexer_bench(list(args.sizes), sweep=args.sweep)
-    text = format_tables(res)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "indexer.json").write_text(json.dumps(res, indent=1))
-    (out / "indexer.md").write_text(text + "\n")
+    write_results(args.out, "indexer", res, format_tables(res))
     return 0
 
 

@@ -27,9 +27,7 @@ Run: ``python -m mlakv bench v4 [--layouts v4,v41,v41_fp4] [--sizes ...] [--rope
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -40,6 +38,7 @@ from mlakv.spec.calls import V4StoreCall
 
 from . import timing
 from .options import v4_parser
+from .report import cell, pct, ratio, write_results
 
 __all__ = ["PAGE_SIZE", "build_sglang_v4_store", "bytes_per_token", "run_v4_bench", "format_tables", "main"]
 
@@ -214,18 +213,6 @@ def run_v4_bench(layouts: list[str], sizes: list[int], providers: list[str], rop
     return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows}
 
 
-def _cell(v: Any) -> str:
-    return v if isinstance(v, str) else f"{v:.2f}"
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None or isinstance(v, str) else f"{v:.0%}"
-
-
-def _ratio(a: Any, b: Any) -> str:
-    return "-" if a is None or b is None or isinstance(a, str) or isinstance(b, str) else f"{a / b:.2f}x"
-
-
 def format_tables(res: dict) -> str:
     """Markdown: per layout, times (µs per call) of every provider, mlakv's share of copy bandwidth,
     sglang / mlakv, and (with RoPE) mlakv+rope / mlakv and mlakv+pos / mlakv."""
@@ -244,10 +231,10 @@ def format_tables(res: dict) -> str:
             "|---" * (len(names) + 6) + "|",
         ]
         for r in rows:
-            cells = " | ".join(_cell(r.get(k, "-")) for k in names)
+            cells = " | ".join(cell(r.get(k, "-")) for k in names)
             out.append(
-                f"| {r['n']} | {r['path']} | {cells} | {_pct(r.get('mlakv of copy bw'))} | {_ratio(r.get('sglang'), r.get('mlakv'))} | "
-                f"{_ratio(r.get('mlakv+rope'), r.get('mlakv'))} | {_ratio(r.get('mlakv+pos'), r.get('mlakv'))} |"
+                f"| {r['n']} | {r['path']} | {cells} | {pct(r.get('mlakv of copy bw'))} | {ratio(r.get('sglang'), r.get('mlakv'))} | "
+                f"{ratio(r.get('mlakv+rope'), r.get('mlakv'))} | {ratio(r.get('mlakv+pos'), r.get('mlakv'))} |"
             )
         notes = [f"{layout} n={r['n']}: {k[:-6]}: {v}" for r in rows for k, v in r.items() if k.endswith(" check")]
         if notes:
@@ -262,12 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("v4 bench: no CUDA GPU here; the kernels' timings need one (nothing measured)")
         return 0
     res = run_v4_bench(list(args.layouts), list(args.sizes), list(args.providers), rope=args.rope, sweep=args.sweep)
-    text = format_tables(res)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "v4.json").write_text(json.dumps(res, indent=1))
-    (out / "v4.md").write_text(text + "\n")
+    write_results(args.out, "v4", res, format_tables(res))
     return 0
 
 
