@@ -33,7 +33,7 @@ from mlakv.ops.indexer_reference import INDEX_PAGE_BYTES, store_index_k_referenc
 
 from . import timing
 from .options import INDEXER_SIZES, indexer_parser
-from .report import cell, pct, ratio, write_results
+from .report import cell, pct, provider_table, run_on_gpu
 
 __all__ = ["DEFAULT_SIZES", "build_sglang_indexer_store", "run_indexer_bench", "format_tables", "main"]
 
@@ -167,13 +167,8 @@ def format_tables(res: dict) -> str:
         f"device: {res['device']}; copy bandwidth {res['copy_gbs']:.0f} GB/s (read + write); "
         "times: µs per call, median CUDA-graph replay over 8 rotating input sets",
         "",
-        "| n | path | " + " | ".join(names) + " | mlakv of copy bw | sglang / mlakv |",
-        "|---" * (len(names) + 4) + "|",
+        *provider_table(res["store"], names, {"sglang / mlakv": ("sglang", "mlakv")}),
     ]
-    for r in res["store"]:
-        cells = " | ".join(cell(r.get(k, "-")) for k in names)
-        sglang_ratio = ratio(r.get("sglang"), r.get("mlakv"))
-        out.append(f"| {r['n']} | {r['path']} | {cells} | {pct(r.get('mlakv of copy bw'))} | {sglang_ratio} |")
     out += ["", "| n | gather mlakv µs | of copy bw | gather triton µs | of copy bw |", "|---|---|---|---|---|"]
     for g in res["gather"]:
         out.append(
@@ -186,12 +181,8 @@ def format_tables(res: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     # the command line is mlakv.bench.options.indexer_parser's: a bad --sizes is a usage error (exit 2), on any machine
     args = indexer_parser(__doc__.splitlines()[0]).parse_args(argv)
-    if not torch.cuda.is_available():
-        print("indexer bench: no CUDA GPU here; the kernels' timings need one (nothing measured)")
-        return 0
-    res = run_indexer_bench(list(args.sizes), sweep=args.sweep)
-    write_results(args.out, "indexer", res, format_tables(res))
-    return 0
+    run = lambda: run_indexer_bench(list(args.sizes), sweep=args.sweep)  # noqa: E731
+    return run_on_gpu("indexer bench", args.out, "indexer", run, format_tables)
 
 
 if __name__ == "__main__":

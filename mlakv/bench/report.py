@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
-__all__ = ["cell", "pct", "ratio", "write_results"]
+__all__ = ["cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu"]
 
 
 def cell(v: Any) -> str:
@@ -29,6 +29,20 @@ def ratio(a: Any, b: Any) -> str:
     return "-" if a is None or b is None or isinstance(a, str) or isinstance(b, str) else f"{a / b:.2f}x"
 
 
+def provider_table(rows: list[dict], names: list[str], ratios: dict[str, tuple[str, str]]) -> list[str]:
+    """A markdown table, one line a row: ``n``, ``path``, each provider's time (``names``), mlakv's
+    share of copy bandwidth, then one column a ratio (``title -> (numerator, denominator)`` keys)."""
+    out = [
+        "| n | path | " + " | ".join([*names, "mlakv of copy bw", *ratios]) + " |",
+        "|---" * (len(names) + 3 + len(ratios)) + "|",
+    ]
+    for r in rows:
+        cells = [cell(r.get(k, "-")) for k in names] + [pct(r.get("mlakv of copy bw"))]
+        cells += [ratio(r.get(a), r.get(b)) for a, b in ratios.values()]
+        out.append(f"| {r['n']} | {r['path']} | " + " | ".join(cells) + " |")
+    return out
+
+
 def write_results(out: Union[str, Path], stem: str, res: dict, text: str) -> None:
     """Print the tables ``text``, then write ``out/<stem>.json`` (``res``) and ``out/<stem>.md``."""
     print(text)
@@ -36,3 +50,16 @@ def write_results(out: Union[str, Path], stem: str, res: dict, text: str) -> Non
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     (out / f"{stem}.md").write_text(text + "\n")
+
+
+def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[], dict], tables: Callable[[dict], str]) -> int:
+    """A benchmark's main after its command line: without a CUDA GPU say so and measure nothing;
+    else ``run()``, then print and write its tables (:func:`write_results`). Returns the exit code 0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"{what}: no CUDA GPU here; the kernels' timings need one (nothing measured)")
+        return 0
+    res = run()
+    write_results(out, stem, res, tables(res))
+    return 0

@@ -38,7 +38,7 @@ from mlakv.spec.calls import V4StoreCall
 
 from . import timing
 from .options import v4_parser
-from .report import cell, pct, ratio, write_results
+from .report import provider_table, run_on_gpu
 
 __all__ = ["PAGE_SIZE", "build_sglang_v4_store", "bytes_per_token", "run_v4_bench", "format_tables", "main"]
 
@@ -213,6 +213,13 @@ def run_v4_bench(layouts: list[str], sizes: list[int], providers: list[str], rop
     return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows}
 
 
+_RATIOS = {
+    "sglang / mlakv": ("sglang", "mlakv"),
+    "rope / store": ("mlakv+rope", "mlakv"),
+    "pos / store": ("mlakv+pos", "mlakv"),
+}
+
+
 def format_tables(res: dict) -> str:
     """Markdown: per layout, times (µs per call) of every provider, mlakv's share of copy bandwidth,
     sglang / mlakv, and (with RoPE) mlakv+rope / mlakv and mlakv+pos / mlakv."""
@@ -227,15 +234,8 @@ def format_tables(res: dict) -> str:
             "",
             f"### {layout} ({bytes_per_token(layout)} B moved per token)",
             "",
-            "| n | path | " + " | ".join(names) + " | mlakv of copy bw | sglang / mlakv | rope / store | pos / store |",
-            "|---" * (len(names) + 6) + "|",
+            *provider_table(rows, names, _RATIOS),
         ]
-        for r in rows:
-            cells = " | ".join(cell(r.get(k, "-")) for k in names)
-            out.append(
-                f"| {r['n']} | {r['path']} | {cells} | {pct(r.get('mlakv of copy bw'))} | {ratio(r.get('sglang'), r.get('mlakv'))} | "
-                f"{ratio(r.get('mlakv+rope'), r.get('mlakv'))} | {ratio(r.get('mlakv+pos'), r.get('mlakv'))} |"
-            )
         notes = [f"{layout} n={r['n']}: {k[:-6]}: {v}" for r in rows for k, v in r.items() if k.endswith(" check")]
         if notes:
             out += ["", "Checks: " + "; ".join(notes)]
@@ -245,12 +245,8 @@ def format_tables(res: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     # the command line is mlakv.bench.options.v4_parser's: a bad --sizes is a usage error (exit 2), on any machine
     args = v4_parser(__doc__.splitlines()[0]).parse_args(argv)
-    if not torch.cuda.is_available():
-        print("v4 bench: no CUDA GPU here; the kernels' timings need one (nothing measured)")
-        return 0
-    res = run_v4_bench(list(args.layouts), list(args.sizes), list(args.providers), rope=args.rope, sweep=args.sweep)
-    write_results(args.out, "v4", res, format_tables(res))
-    return 0
+    run = lambda: run_v4_bench(list(args.layouts), list(args.sizes), list(args.providers), rope=args.rope, sweep=args.sweep)  # noqa: E731
+    return run_on_gpu("v4 bench", args.out, "v4", run, format_tables)
 
 
 if __name__ == "__main__":
