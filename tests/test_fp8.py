@@ -267,6 +267,29 @@ def test_dequantize_rounds_fp32_to_the_destination(fmt, dst):
     assert out[0].dtype == dst and torch.equal(out[0], f32[0].to(dst)) and torch.equal(out[1], f32[1].to(dst))
 
 
+@pytest.mark.parametrize("n", [3, 0])
+@pytest.mark.parametrize("spare", [1, 3], ids=["odd-row-stride-1", "odd-row-stride-3"])
+@pytest.mark.parametrize("fmt,nope_dim,rope_dim", [("ds_mla", 128, 0), ("ds_mla", 256, 24), ("per_tensor", 512, 0),
+                                                   ("per_tensor", 320, 40)])  # fmt: skip
+def test_dequantize_reads_rows_at_any_row_stride(fmt, nope_dim, rope_dim, spare, n):
+    """Rows inside a buffer with spare bytes (an odd row stride, as in a cache view) decode to the
+    bits of the same rows stored compactly: ds_mla's fp32 scales and bf16 rope are read from the
+    bytes whatever the stride, an empty rope (no rope, or no rows) included."""
+    g = torch.Generator().manual_seed(41)
+    nope = (torch.randn(n, nope_dim, generator=g) * 3).to(torch.bfloat16)
+    rope = (torch.randn(n, rope_dim, generator=g) * 3).to(torch.bfloat16)
+    k = k_scale_for(fmt, "cpu")
+    rows = quantize_mla_rows(nope, rope, fmt, k).view(torch.uint8)
+    rb = fp8_row_bytes(fmt, nope_dim, rope_dim)
+    buf = poisoned(n, rb + spare, device="cpu")
+    buf[:, :rb] = rows
+    for dst in DST_DTYPES:
+        got = dequantize_mla_rows(buf, fmt, nope_dim, rope_dim, k, dst)
+        ref = dequantize_mla_rows(rows.clone(), fmt, nope_dim, rope_dim, k, dst)
+        assert got[0].shape == (n, nope_dim) and got[1].shape == (n, rope_dim) and got[1].dtype == dst
+        assert torch.equal(bits_of(got[0]), bits_of(ref[0])) and torch.equal(bits_of(got[1]), bits_of(ref[1])), dst
+
+
 # ---- the write, every path ------------------------------------------------------------------------
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n_loc", N_LOCS)
@@ -904,6 +927,144 @@ def test_triton_kernels_compile_for_sm90_with_ieee_division():
             assert ("e4m3x2" in ptx) == consts["NATIVE"], where
         if "USE_PDL" in consts:
             assert ("griddepcontrol" in ptx) == consts["USE_PDL"], where
+
+
+# The quantizing kernels with the hardware e4m3 conversion, compiled for sm_90 as a launch specializes
+# them (16-byte aligned pointers, 16-divisible ints, a stride of 1 as a constant), at every launch shape
+# of the table and of the tests, for the widths whose blocks give a thread 2, 4 or 8 bytes of a row.
+_NATIVE_WIDTHS = {"per_tensor": [(512, 64), (512, 0), (320, 40)], "ds_mla": [(512, 64), (128, 0)]}
+
+_NATIVE_SCRIPT = """
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mlakv.kernels.triton import fp8 as fp8_triton
+nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+out = []
+for name, warps, ptrs, ints, consts in json.loads(sys.argv[1]):
+    fn = getattr(fp8_triton, name)
+    sig, attrs, cx = dict(ptrs), {}, dict(consts)
+    for k in ptrs:
+        attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", 16]]
+    for k, v in ints.items():
+        if v == 1:
+            sig[k], cx[k] = "constexpr", 1
+        else:
+            sig[k] = "i32"
+            if v % 16 == 0:
+                attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", 16]]
+    sig.update({k: "constexpr" for k in consts})
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps))
+    sass = None
+    if os.path.exists(nvdisasm) and "cubin" in k.asm:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout or None
+    out.append([name, warps, consts, k.asm["ptx"], sass])
+print(json.dumps(out))
+"""
+
+
+def _native_quant_sigs(fmt: str) -> list:
+    from mlakv.spec.tuning import FP8_TRITON_STEPS
+
+    kind = "quant_" + fmt
+    shapes = sorted({(w, r) for _, w, r, _ in FP8_TRITON_STEPS[kind]} | {(w, r) for w, r, _ in TRITON_SHAPES})
+    sigs = []
+    for (warps, rows), (nope, rope) in [(sh, wd) for sh in shapes for wd in _NATIVE_WIDTHS[fmt]]:
+        p2 = lambda v: 1 << max(0, (v - 1).bit_length())  # noqa: E731
+        ptrs = dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16")
+        ints = dict(kv_row_stride=fp8_row_bytes(fmt, nope, rope), loc_stride=1, nope_row_stride=nope,
+                    rope_row_stride=rope or nope, num_slots=1005, skip_slot=-1, n_loc=1000)  # fmt: skip
+        common = dict(ROPE=rope, ROPE_P2=p2(rope), ROWS=rows, SRC_IS_BF16=True, NATIVE=True, USE_PDL=True,
+                      EARLY_TRIGGER=True)  # fmt: skip
+        if fmt == "per_tensor":
+            ptrs["scale_ptr"] = "*fp32"
+            consts = dict(NOPE=nope, NOPE_P2=p2(nope), **common)
+        else:
+            consts = dict(TILES=nope // 128, TILES_P2=p2(nope // 128), ALIGN4=True, POW2=False, **common)
+        sigs.append(("_quant_" + fmt + "_kernel", warps, ptrs, ints, consts))
+    return sigs
+
+
+def e4m3_pair_repacks(ptx: str) -> list[str]:
+    """``mov.b32 %r, {%rsA, %rsB}`` where one half is the result of a ``cvt.rn.satfinite.e4m3x2.f32``
+    and the other is computed from it (``{pair, pair >> 8}``): ptxas 12.8/12.9 folds such a pack into
+    the conversion (``F2FP ... MERGE_C`` with the other half as the merged operand) and computes
+    that half before the conversion, from whatever register it finds (Triton 3.6 on the H200 stored
+    bits of a source value as the second byte)."""
+    import re
+
+    cvt = set(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32\s+(%rs\d+)", ptx))
+    deps: dict[str, set[str]] = {}
+    for line in ptx.splitlines():
+        m = re.match(r"\s*(?:@!?%p\d+\s+)?[a-z][\w.]*\s+(%r[sd]?\d+)\s*,(.*);", line)
+        if m:  # a register and the registers it is computed from, through any width
+            deps.setdefault(m.group(1), set()).update(re.findall(r"%r[sd]?\d+", m.group(2)))
+
+    def reaches(reg: str, target: str, seen: set) -> bool:
+        if reg == target:
+            return True
+        seen.add(reg)
+        return any(reaches(d, target, seen) for d in deps.get(reg, ()) if d not in seen)
+
+    return [f"{{{a}, {b}}}" for a, b in re.findall(r"mov\.b32\s+%r\d+,\s*\{(%rs\d+),\s*(%rs\d+)\}", ptx)
+            if (a in cvt and reaches(b, a, set())) or (b in cvt and reaches(a, b, set()))]  # fmt: skip
+
+
+def stale_e4m3_merges(sass: str) -> list[str]:
+    """``F2FP ... MERGE_C`` instructions whose merged operand was last written (since the last label)
+    by a right shift: the pack of :func:`e4m3_pair_repacks` miscompiled (the shift of the pair's
+    own result cannot come before the conversion that makes it)."""
+    import re
+
+    last, bad = {}, []
+    for raw in sass.splitlines():
+        line = raw.split("*/")[-1].strip()
+        if line.startswith("."):
+            last = {}
+            continue
+        m = re.match(r"(?:@!?U?P\w+\s+)?([A-Z][\w.]*)\s+(.*);", line)
+        if not m:
+            continue
+        op, args = m.groups()
+        regs = [a.strip().split(".")[0] for a in args.split(",")]
+        if op.startswith("F2FP") and "MERGE_C" in op and len(regs) >= 4 and regs[3] != "RZ":
+            if last.get(regs[3], "").startswith("SHF.R"):
+                bad.append(line)
+        if regs and re.fullmatch(r"R\d+", regs[0]) and not op.startswith(("ST", "BRA", "CALL", "RET", "EXIT")):
+            last[regs[0]] = op
+    return bad
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_native_e4m3_bytes_are_not_repacked_for_ptxas(fmt):
+    """The hardware-conversion kernels for sm_90 at every launch shape: no e4m3 pair is packed with a
+    value computed from itself (the PTX that ptxas 12.8/12.9 miscompiles), and where Triton ships
+    nvdisasm, no conversion in the machine code merges a shift computed before it."""
+    import json
+    import subprocess
+    import sys
+
+    sigs = _native_quant_sigs(fmt)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _NATIVE_SCRIPT, json.dumps(sigs)], env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    if proc.returncode and "ptxas" in proc.stderr.lower():  # pragma: no cover - a triton without ptxas
+        pytest.skip(f"triton cannot assemble for sm_90 here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(compiled) == len(sigs) >= 12
+    bad = []
+    for name, warps, consts, ptx, sass in compiled:
+        where = f"{name} warps={warps} rows={consts['ROWS']} rope={consts['ROPE']}"
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, where
+        bad += [f"{where}: PTX {r}" for r in e4m3_pair_repacks(ptx)]
+        bad += [f"{where}: SASS {r}" for r in stale_e4m3_merges(sass or "")]
+    assert not bad, bad
 
 
 # ---- GPU only --------------------------------------------------------------------------------------

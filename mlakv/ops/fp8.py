@@ -174,6 +174,16 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
+def _bytes_as(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, k]`` uint8 (any row stride) -> ``[n, k / itemsize]`` of ``dtype``, from compact rows.
+    An empty slice (``k == 0``, e.g. no rope, or ``n == 0``) is returned as a new empty tensor:
+    ``contiguous()`` keeps its strides (an empty tensor counts as contiguous), and an odd row
+    stride cannot be viewed as a wider dtype."""
+    if b.numel() == 0:
+        return torch.empty((b.shape[0], b.shape[1] // dtype.itemsize), dtype=dtype, device=b.device)
+    return b.contiguous().view(dtype)
+
+
 def _source_dtypes(kv_cache_format: object, ds_mla_scale: str = "amax") -> tuple[torch.dtype, ...]:
     if kv_cache_format == "per_tensor":
         return PER_TENSOR_SOURCE_DTYPES
@@ -324,14 +334,14 @@ def dequantize_mla_rows(
     b = _rows2d(rows).view(torch.uint8)[:, :rb]
     n = b.shape[0]
     if kv_cache_format == "per_tensor":
-        y = b.contiguous().view(torch.float8_e4m3fn).float() * scale
+        y = _bytes_as(b, torch.float8_e4m3fn).float() * scale
         out = _to_dst(y, dst_dtype)
         return out[:, :kv_lora_rank].contiguous(), out[:, kv_lora_rank:].contiguous()
     tiles = kv_lora_rank // DS_MLA_TILE
-    q = b[:, :kv_lora_rank].contiguous().view(torch.float8_e4m3fn).float().reshape(n, tiles, DS_MLA_TILE)
-    scales = b[:, kv_lora_rank : kv_lora_rank + 4 * tiles].contiguous().view(torch.float32).reshape(n, tiles, 1)
+    q = _bytes_as(b[:, :kv_lora_rank], torch.float8_e4m3fn).float().reshape(n, tiles, DS_MLA_TILE)
+    scales = _bytes_as(b[:, kv_lora_rank : kv_lora_rank + 4 * tiles], torch.float32).reshape(n, tiles, 1)
     nope = _to_dst((q * scales).reshape(n, kv_lora_rank), dst_dtype)
-    rope_bf16 = b[:, kv_lora_rank + 4 * tiles : rb].contiguous().view(torch.bfloat16)
+    rope_bf16 = _bytes_as(b[:, kv_lora_rank + 4 * tiles : rb], torch.bfloat16)
     rope = rope_bf16.clone() if dst_dtype == torch.bfloat16 else _to_dst(rope_bf16.float(), dst_dtype)
     return nope, rope
 

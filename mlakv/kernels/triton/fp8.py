@@ -27,6 +27,13 @@ How a program works (the shape of the CUDA kernel, ``csrc/fp8.cuh``, in Triton's
   casts; otherwise (the interpreter, older GPUs) integer bit arithmetic that gives the same bits
   (the interpreter's bf16 cast flushes fp32 subnormals; pre-sm_89 Triton has no e4m3 casts). NaN is
   stored as the canonical 0x7F (sign dropped) and dequantizes to the destination's canonical NaN.
+  per_tensor's hardware path converts the signed quotient (the sign comes from the hardware; only
+  a NaN's byte is replaced, by 0x7F): ORing the sign into the bytes of one ``cvt...e4m3x2`` made
+  LLVM pack ``{pair, pair >> 8}`` into one 32-bit register, which ptxas 12.8/12.9 (the one Triton
+  3.6 runs for sm_90) miscompiles: it folds the pack into the conversion (``F2FP ... MERGE_C``) and
+  computes the shift before it, from a stale register, so a pair's second byte came out as bits of
+  a source value. tests/test_fp8.py checks the PTX (and, where Triton ships nvdisasm, the machine
+  code) of both quantizing kernels at every launch shape for that pattern.
 * Stores are wide: Triton vectorizes each row's block when the row addresses allow (16-byte rows),
   ds_mla's tile scales go out as fp32 words and its rope as bf16 words when the rows are 4-byte
   aligned (``ALIGN4``; byte stores otherwise).
@@ -113,13 +120,30 @@ def _quant_fast(x, s, r, hi, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _quant_ieee(x, s, NATIVE: tl.constexpr):
-    """fp32 ``x / s`` -> e4m3 byte with ``div_rn`` (any ``s``; the path for a k_scale out of the fast range)."""
-    y = tl.math.div_rn(x, s)
-    yb = y.to(tl.int32, bitcast=True)
-    ab = yb & 0x7FFFFFFF
-    byte = _e4m3_mag(ab.to(tl.float32, bitcast=True), NATIVE) | ((yb >> 24) & 0x80)
-    return tl.where(ab > 0x7F800000, 0x7F, byte)
+def _quot_fast(x, s, r, hi):
+    """fp32 ``x / s`` for :func:`_e4m3_signed`, ``s`` as in :func:`_quant_fast`: the correctly rounded
+    quotient of the clamped ``|x|`` (out of the exact range it rounds to the same e4m3 byte) with
+    ``x``'s sign; NaN stays NaN."""
+    xb = x.to(tl.int32, bitcast=True)
+    ab = xb & 0x7FFFFFFF
+    q = _div_fast(tl.minimum(ab, hi - 1).to(tl.float32, bitcast=True), s, r).to(tl.int32, bitcast=True)
+    return tl.where(ab > 0x7F800000, xb, q | (xb & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_signed(y, NATIVE: tl.constexpr):
+    """fp32 -> e4m3 byte (uint8): RNE, saturating to +-448, NaN -> 0x7F. ``NATIVE``: the hardware
+    converts the signed value (no sign OR on its bytes: the ptxas 12.8/12.9 miscompile of the module
+    docstring)."""
+    if NATIVE:
+        r = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        r = tl.where(y != y, tl.full(y.shape, 0x7F, tl.uint8), r)
+    else:
+        yb = y.to(tl.int32, bitcast=True)
+        ab = yb & 0x7FFFFFFF
+        byte = _e4m3_mag(ab.to(tl.float32, bitcast=True), False) | ((yb >> 24) & 0x80)
+        r = tl.where(ab > 0x7F800000, 0x7F, byte).to(tl.uint8)
+    return r
 
 
 @triton.jit
@@ -232,19 +256,20 @@ def _quant_per_tensor_kernel(
         xr = _load_block((rope_ptr + src * rope_row_stride)[:, None], cr, ROPE, ROPE_P2, SRC_IS_BF16, NATIVE)
     s = tl.load(scale_ptr)
     e = s.to(tl.int32, bitcast=True) >> 23  # a negative s has a negative e
+    # The branch yields the signed fp32 quotients; they are converted once, after it.
     if (e >= 47) & (e <= 252):  # uniform: the fast division (values below 2^(e-100) quantize to zero)
         r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
         hi = _divisor_hi(e)
-        qn = _quant_fast(xn, s, r, hi, NATIVE)
+        yn = _quot_fast(xn, s, r, hi)
         if ROPE > 0:
-            qr = _quant_fast(xr, s, r, hi, NATIVE)
+            yr = _quot_fast(xr, s, r, hi)
     else:
-        qn = _quant_ieee(xn, s, NATIVE)
+        yn = tl.math.div_rn(xn, s)
         if ROPE > 0:
-            qr = _quant_ieee(xr, s, NATIVE)
-    _store_block(dst + tl.max_contiguous(cn, [1, 8]), cn, qn.to(tl.uint8), live, NOPE, NOPE_P2)
+            yr = tl.math.div_rn(xr, s)
+    _store_block(dst + tl.max_contiguous(cn, [1, 8]), cn, _e4m3_signed(yn, NATIVE), live, NOPE, NOPE_P2)
     if ROPE > 0:
-        _store_block(dst + NOPE + tl.max_contiguous(cr, [1, 8]), cr, qr.to(tl.uint8), live, ROPE, ROPE_P2)
+        _store_block(dst + NOPE + tl.max_contiguous(cr, [1, 8]), cr, _e4m3_signed(yr, NATIVE), live, ROPE, ROPE_P2)
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
