@@ -14,8 +14,7 @@ treats its ``DSATokenToKVPool``.
 
 from __future__ import annotations
 
-import operator
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -53,27 +52,13 @@ class DSATokenToKVPool(MLATokenToKVPool):
     """
 
     def __init__(
-        self,
-        size: int,
-        page_size: int,
-        dtype: torch.dtype,
-        kv_lora_rank: int,
-        qk_rope_head_dim: int,
-        layer_num: int,
-        device: Union[str, torch.device],
-        start_layer: Optional[int] = None,
-        end_layer: Optional[int] = None,
-        *,
-        index_head_dim: int = rules.INDEX_HEAD_DIM,
-        index_scale_rule: str = "fp32",
-        **kwargs,
+        self, *args: Any, index_head_dim: int = rules.INDEX_HEAD_DIM, index_scale_rule: str = "fp32", **kwargs: Any
     ) -> None:
         if isinstance(index_head_dim, bool) or index_head_dim != rules.INDEX_HEAD_DIM:
             raise ValueError(f"index_head_dim must be {rules.INDEX_HEAD_DIM} (the indexer key's width), got {index_head_dim!r}")
         rules.check_index_scale_rule(index_scale_rule)
-        super().__init__(
-            size, page_size, dtype, kv_lora_rank, qk_rope_head_dim, layer_num, device, start_layer, end_layer, **kwargs
-        )
+        super().__init__(*args, **kwargs)
+        layer_num = self.layer_num
         self.index_head_dim = rules.INDEX_HEAD_DIM
         self.index_page_size = rules.INDEX_PAGE_TOKENS
         self.index_scale_rule = index_scale_rule
@@ -89,20 +74,6 @@ class DSATokenToKVPool(MLATokenToKVPool):
         shape = INDEX_FORMAT.buffer_shape(self.num_index_pages * rules.INDEX_PAGE_TOKENS, rules.INDEX_PAGE_TOKENS)
         self.index_k_buffer = [torch.zeros(shape, dtype=torch.uint8, device=self.device) for _ in range(layer_num)]
 
-    # ---- layer lookup -------------------------------------------------------------------
-    def _index_layer(self, layer: LayerRef) -> int:
-        """The local index of ``layer`` (an int id, numpy integers included, or an object with ``.layer_id``)."""
-        layer_id = layer if type(layer) is int else getattr(layer, "layer_id", layer)
-        if isinstance(layer_id, bool):
-            raise TypeError("layer must be an int id or have an int .layer_id, got bool")
-        try:
-            layer_id = operator.index(layer_id)
-        except TypeError:
-            raise TypeError(f"layer must be an int id or have an int .layer_id, got {type(layer_id).__name__}") from None
-        if not self.start_layer <= layer_id < self.end_layer:
-            raise IndexError(f"layer id {layer_id} is outside this pool's layers [{self.start_layer}, {self.end_layer})")
-        return layer_id - self.start_layer
-
     # ---- the indexer cache ------------------------------------------------------------------
     def set_index_k_buffer(self, layer: LayerRef, loc: torch.Tensor, index_k: torch.Tensor) -> None:
         """Quantize and store one layer's indexer keys at *logical* slots ``loc`` (one launch on the GPU).
@@ -113,14 +84,14 @@ class DSATokenToKVPool(MLATokenToKVPool):
         Bounds as the MLA write (``check_bounds``).
         """
         _store_index_k(
-            self.index_k_buffer[self._index_layer(layer)], loc, index_k, check_bounds=self.check_bounds,
+            self.index_k_buffer[self._local_layer(layer)], loc, index_k, check_bounds=self.check_bounds,
             reserved_skip_index=RESERVED_SLOT, dcp_world_size=self.dcp_world_size, dcp_rank=self.dcp_rank,
             scale_rule=self.index_scale_rule,
         )  # fmt: skip
 
     def get_index_k_buffer(self, layer: LayerRef) -> torch.Tensor:
         """The layer's indexer pages ``[num_index_pages, 8448]`` uint8 (physical slots; a view, not a copy)."""
-        return self.index_k_buffer[self._index_layer(layer)]
+        return self.index_k_buffer[self._local_layer(layer)]
 
     get_index_k_with_scale_buffer = get_index_k_buffer  # sglang's name for the same buffer
 
@@ -139,7 +110,7 @@ class DSATokenToKVPool(MLATokenToKVPool):
         (None: computed, which syncs). Bounds as the pool's ``check_bounds``.
         """
         return _gather_index_k(
-            self.index_k_buffer[self._index_layer(layer)], page_table, seq_lens, total_tokens=total_tokens,
+            self.index_k_buffer[self._local_layer(layer)], page_table, seq_lens, total_tokens=total_tokens,
             max_seq_len=max_seq_len, check_bounds=self.check_bounds,
         )  # fmt: skip
 
