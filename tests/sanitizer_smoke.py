@@ -315,6 +315,7 @@ class Smoke:
         from mlakv.kernels.triton.indexer import launch_gather_index_k, launch_store_index_k
         from mlakv.ops.indexer import set_index_k_buffer
         from mlakv.ops.indexer_reference import gather_index_k_reference, store_index_k_reference
+        from mlakv.spec.calls import IndexStoreCall
 
         for dtype in (torch.bfloat16, torch.float16):
             for kind in LOC_KINDS:
@@ -328,13 +329,13 @@ class Smoke:
                     want = base.cpu().clone()
                     store_index_k_reference(want, loc.cpu(), keys.cpu(), reserved_skip_index=RESERVED)
                     runs: dict[str, Callable[[torch.Tensor], object]] = {
-                        "triton": lambda p: launch_store_index_k(p, loc, keys, skip_slot=RESERVED),
+                        "triton": lambda p: launch_store_index_k(IndexStoreCall(p, loc, keys, skip_slot=RESERVED)),
                         "op": lambda p: set_index_k_buffer(p, loc, keys, reserved_skip_index=RESERVED),
                     }
                     shapes = [(s, w) for s in (1, 2, 4) for w in (1, 8)] if kind == "contiguous" else [(None, 8)]
                     for steps, warps in shapes:
                         runs[f"jit s{steps} w{warps}"] = lambda p, s=steps, w=warps: indexer_jit_store(
-                            p, loc, keys, skip_slot=RESERVED, steps=s, num_warps=w
+                            IndexStoreCall(p, loc, keys, skip_slot=RESERVED), steps=s, num_warps=w
                         )
                     for name, run in runs.items():
                         pages = base.clone()
@@ -347,8 +348,8 @@ class Smoke:
         want = base.cpu().clone()
         store_index_k_reference(want, loc.cpu(), keys.cpu(), dcp_world_size=2, dcp_rank=1)
         for name, run in {
-            "triton": lambda p: launch_store_index_k(p, loc, keys, dcp_world_size=2, dcp_rank=1),
-            "jit": lambda p: indexer_jit_store(p, loc, keys, dcp_world_size=2, dcp_rank=1),
+            "triton": lambda p: launch_store_index_k(IndexStoreCall(p, loc, keys, dcp_world_size=2, dcp_rank=1)),
+            "jit": lambda p: indexer_jit_store(IndexStoreCall(p, loc, keys, dcp_world_size=2, dcp_rank=1)),
         }.items():
             pages = base.clone()
             launched = run(pages) is not False

@@ -27,6 +27,7 @@ from mlakv.ops.indexer_reference import (
     slot_byte_offsets,
     store_index_k_reference,
 )
+from mlakv.spec.calls import IndexStoreCall
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -354,14 +355,15 @@ def make_loc(kind: str, n: int, num_slots: int, dtype=torch.int64, seed: int = 0
 
 def store_via(path: str, pages, loc, keys, *, skip=-1, world=1, rank=0, rule="fp32") -> None:
     """Run one kernel path directly, on arguments the public op would accept."""
+    call = IndexStoreCall(pages, loc, keys, skip_slot=skip, dcp_world_size=world, dcp_rank=rank, scale_rule=rule)
     if path == "triton":
         from mlakv.kernels.triton.indexer import launch_store_index_k
 
-        launch_store_index_k(pages, loc, keys, skip_slot=skip, dcp_world_size=world, dcp_rank=rank, ue8m0=rule == "ue8m0")
+        launch_store_index_k(call)
     else:
         from mlakv.kernels.cuda.indexer import indexer_jit_store
 
-        assert indexer_jit_store(pages, loc, keys, skip_slot=skip, dcp_world_size=world, dcp_rank=rank, scale_rule=rule)
+        assert indexer_jit_store(call)
 
 
 KERNEL_PATHS = ["triton"] + (["jit"] if IS_SM90 else [])
@@ -584,7 +586,7 @@ def test_jit_store_every_launch_shape_is_bit_exact(steps, num_warps, n):
     want = expected_store(pages, loc, keys, skip=0)
     for early in (True, False):
         got = pages.clone()
-        assert indexer_jit_store(got, loc, keys, skip_slot=0, steps=steps, num_warps=num_warps, early_trigger=early)
+        assert indexer_jit_store(IndexStoreCall(got, loc, keys, skip_slot=0), steps=steps, num_warps=num_warps, early_trigger=early)
         assert_pages_equal(got, want)
 
 
@@ -595,7 +597,7 @@ def test_jit_store_refuses_misaligned_sources_and_writes_nothing():
     pages = poisoned_pages(1, seed=33)
     before = pages.clone()
     holder = random_keys(3, torch.bfloat16, seed=34).reshape(-1)[: 2 * 129].view(2, 129)
-    assert indexer_jit_store(pages, torch.tensor([1, 2], device=DEVICE), holder[:, 1:]) is False
+    assert indexer_jit_store(IndexStoreCall(pages, torch.tensor([1, 2], device=DEVICE), holder[:, 1:])) is False
     assert torch.equal(pages, before)
 
 

@@ -30,6 +30,7 @@ import torch
 
 from mlakv.ops.indexer import get_index_k_buffer, index_k_path, set_index_k_buffer
 from mlakv.ops.indexer_reference import INDEX_PAGE_BYTES, store_index_k_reference
+from mlakv.spec.calls import IndexStoreCall
 
 from . import timing
 from .options import INDEXER_SIZES, indexer_parser
@@ -72,14 +73,19 @@ def _input_sets(n: int, count: int, device: str = "cuda") -> list[dict]:
     return sets
 
 
+def _call(d: dict) -> IndexStoreCall:
+    """The kernels' call for set ``d`` (no row selection, sglang's fp32 scale)."""
+    return IndexStoreCall(d["pages"], d["loc"], d["keys"])
+
+
 def _store_providers(sweep: bool) -> dict[str, Callable[[dict], None]]:
     from mlakv.kernels.cuda.indexer import indexer_jit_store
     from mlakv.kernels.triton.indexer import launch_store_index_k
 
     out: dict[str, Callable[[dict], None]] = {
         "mlakv": lambda d: set_index_k_buffer(d["pages"], d["loc"], d["keys"]),
-        "mlakv-jit": lambda d: indexer_jit_store(d["pages"], d["loc"], d["keys"]),
-        "mlakv-triton": lambda d: launch_store_index_k(d["pages"], d["loc"], d["keys"]),
+        "mlakv-jit": lambda d: indexer_jit_store(_call(d)),
+        "mlakv-triton": lambda d: launch_store_index_k(_call(d)),
     }
     try:
         mod = build_sglang_indexer_store()
@@ -92,7 +98,7 @@ def _store_providers(sweep: bool) -> dict[str, Callable[[dict], None]]:
                 for early in (True, False):
                     out[f"jit s{steps} w{warps} {'entry' if early else 'wait'}"] = (
                         lambda d, s=steps, w=warps, e=early: indexer_jit_store(
-                            d["pages"], d["loc"], d["keys"], steps=s, num_warps=w, early_trigger=e
+                            _call(d), steps=s, num_warps=w, early_trigger=e
                         )
                     )
     return out

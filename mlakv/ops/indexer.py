@@ -21,6 +21,7 @@ import torch
 
 from mlakv import _env
 from mlakv.spec import rules
+from mlakv.spec.calls import IndexStoreCall
 
 from . import dispatch
 from .indexer_reference import gather_index_k_reference, store_index_k_reference
@@ -90,20 +91,15 @@ def set_index_k_buffer(
             dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, scale_rule=scale_rule,
         )  # fmt: skip
         return
+    call = IndexStoreCall(index_pages, loc, index_k, skip, dcp_world_size, dcp_rank, scale_rule)
     if backend == "jit":
         from mlakv.kernels.cuda.indexer import indexer_jit_store
 
-        if indexer_jit_store(
-            index_pages, loc, index_k, skip_slot=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
-            scale_rule=scale_rule,
-        ):  # fmt: skip
+        if indexer_jit_store(call):
             return
     from mlakv.kernels.triton.indexer import launch_store_index_k
 
-    launch_store_index_k(
-        index_pages, loc, index_k, skip_slot=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
-        ue8m0=scale_rule == "ue8m0",
-    )  # fmt: skip
+    launch_store_index_k(call)
 
 
 def get_index_k_buffer(

@@ -5,15 +5,16 @@ and a kernel launcher or the reference consumes them. Spelling the sixteen out a
 repeated one long signature four times and made a reordering at one layer a silent bug at the
 next. :class:`RopeWriteCall` names them once; each layer passes the bundle on (``call._replace``
 where a layer normalises a field). :class:`V4StoreCall` does the same for the DeepSeek-V4 family's
-paged store, whose two kernels (JIT CUDA, Triton) take the same tensors and row selection. Plain
-data: this module imports nothing of mlakv.
+paged store, and :class:`IndexStoreCall` for the DSA indexer's key store, whose two kernels (JIT
+CUDA, Triton) take the same tensors and row selection. Plain data: this module imports nothing of
+mlakv.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-__all__ = ["RopeWriteCall", "V4StoreCall"]
+__all__ = ["RopeWriteCall", "V4StoreCall", "IndexStoreCall"]
 
 
 class RopeWriteCall(NamedTuple):
@@ -77,3 +78,21 @@ class V4StoreCall(NamedTuple):
     skip_index: int = -1
     dcp_world_size: int = 1
     dcp_rank: int = 0
+
+
+class IndexStoreCall(NamedTuple):
+    """One indexer key store (see :func:`mlakv.ops.indexer.set_index_k_buffer` for the rules).
+
+    Fields: ``index_pages [num_pages, 8448]`` uint8 (written in place), ``loc [n]`` int32/int64
+    slots (any stride; ``< 0``: padding), ``index_k [n, (1,) 128]`` bf16/fp16; ``skip_slot`` a slot
+    skipped like padding (negative: none); ``dcp_world_size``/``dcp_rank`` the owner rule;
+    ``scale_rule`` ``"fp32"`` or ``"ue8m0"``.
+    """
+
+    index_pages: Any
+    loc: Any
+    index_k: Any
+    skip_slot: int = -1
+    dcp_world_size: int = 1
+    dcp_rank: int = 0
+    scale_rule: str = "fp32"

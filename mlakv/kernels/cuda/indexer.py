@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from mlakv.spec.calls import IndexStoreCall
 
 from .loader import load_cuda_module, sm90_module
 
@@ -84,19 +85,14 @@ def store_steps_for(n: int) -> int:
 
 
 def indexer_jit_store(
-    index_pages: torch.Tensor,
-    loc: torch.Tensor,
-    index_k: torch.Tensor,
+    call: IndexStoreCall,
     *,
-    skip_slot: int = -1,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
-    scale_rule: str = "fp32",
     steps: Optional[int] = None,
     num_warps: int = STORE_NUM_WARPS,
     early_trigger: Optional[bool] = None,
 ) -> bool:
-    """Quantize and store ``index_k [n, (1,) 128]`` at slots ``loc [n]`` of ``index_pages [num_pages, 8448]``.
+    """Quantize and store ``call.index_k [n, (1,) 128]`` at slots ``call.loc [n]`` of ``call.index_pages
+    [num_pages, 8448]`` (:class:`mlakv.spec.calls.IndexStoreCall`).
 
     Validated arguments (the launcher re-checks memory safety and raises ``TypeError``/``ValueError``).
     Returns False, launching nothing, when the kernel cannot serve the call here (no module, source
@@ -104,6 +100,7 @@ def indexer_jit_store(
     defaults to :func:`store_steps_for`; ``early_trigger`` (the PDL trigger at kernel entry, else after
     the wait) to :data:`STORE_EARLY_TRIGGER`.
     """
+    index_pages, loc, index_k, skip_slot, dcp_world_size, dcp_rank, scale_rule = call
     mod = _module_for(index_pages.get_device())
     if isinstance(mod, str):
         return False

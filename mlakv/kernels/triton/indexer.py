@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from mlakv.spec import rules
+from mlakv.spec.calls import IndexStoreCall
 
 from .common import interpreting, pdl_supported
 
@@ -101,19 +102,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
-def launch_store_index_k(
-    index_pages: torch.Tensor,
-    loc: torch.Tensor,
-    index_k: torch.Tensor,
-    *,
-    skip_slot: int = -1,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
-    ue8m0: bool = False,
-) -> None:
-    """Quantize ``index_k [n, (1,) 128]`` (bf16/fp16) and store keys and scales at slots ``loc [n]``
-    of ``index_pages [num_pages, 8448]`` uint8 (page stride a multiple of 16 bytes). One launch,
-    grid ``(ceil(n / STORE_ROWS),)``; ``n == 0`` launches nothing. ``skip_slot`` -1: none."""
+def launch_store_index_k(call: IndexStoreCall) -> None:
+    """Quantize ``call.index_k [n, (1,) 128]`` (bf16/fp16) and store keys and scales at slots ``loc
+    [n]`` of ``index_pages [num_pages, 8448]`` uint8 (page stride a multiple of 16 bytes;
+    :class:`mlakv.spec.calls.IndexStoreCall`). One launch, grid ``(ceil(n / STORE_ROWS),)``;
+    ``n == 0`` launches nothing. ``skip_slot`` -1: none."""
+    index_pages, loc, index_k, skip_slot, dcp_world_size, dcp_rank, scale_rule = call
+    ue8m0 = scale_rule == "ue8m0"
     n = loc.shape[0]
     if n == 0:
         return
