@@ -33,8 +33,6 @@ from mlakv.spec import rules
 
 __all__ = ["check_move_args", "move_kv_cache_torch", "move_kv_cache"]
 
-_INT_DTYPES = (torch.int32, torch.int64)
-
 
 def check_move_args(kv_buffers: Sequence[torch.Tensor], tgt_loc: object, src_loc: object) -> int:
     """Check a move's arguments and return ``n``; raise ``TypeError``/``ValueError`` naming what is wrong.
@@ -57,12 +55,7 @@ def check_move_args(kv_buffers: Sequence[torch.Tensor], tgt_loc: object, src_loc
         if b.shape[0] > 1 and b.stride(0) < b.shape[-1]:
             raise ValueError(f"kv_buffers[{i}]: rows overlap (dim 0 stride {b.stride(0)} < last dim {b.shape[-1]})")
     for name, t in (("tgt_loc", tgt_loc), ("src_loc", src_loc)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D [n], got {t.dim()}-D shape {tuple(t.shape)}")
-        if t.dtype not in _INT_DTYPES:
-            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        rules.check_index_tensor(name, t, "[n]")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but the kv buffers are on {first.device}")
     if tgt_loc.shape[0] != src_loc.shape[0]:

@@ -45,6 +45,7 @@ __all__ = [
     "kv_write_ok",
     "explain_kv_write",
     "check_rows_tensor",
+    "check_index_tensor",
     "check_loc",
     "check_dcp",
     "check_loc_bounds",
@@ -157,14 +158,21 @@ def check_rows_tensor(name: str, t: object, n_what: str) -> None:
         raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
 
 
+def check_index_tensor(name: str, t: object, shape: str) -> None:
+    """Raise naming ``name`` unless ``t`` is an int32/int64 tensor (any strides) of ``shape``'s rank
+    (``shape``: how the message spells it, e.g. ``"[batch, max_pages]"``)."""
+    nd = shape.count(",") + 1
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != nd:
+        raise ValueError(f"{name} must be {nd}-D {shape}, got {t.dim()}-D shape {tuple(t.shape)}")
+    if t.dtype not in _LOC_SET:
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+
+
 def check_loc(loc: object) -> None:
     """Raise naming ``loc`` unless it is a 1-D int32/int64 tensor (any stride)."""
-    if not isinstance(loc, torch.Tensor):
-        raise TypeError(f"loc must be a torch.Tensor, got {type(loc).__name__}")
-    if loc.dim() != 1:
-        raise ValueError(f"loc must be 1-D [n_loc], got {loc.dim()}-D shape {tuple(loc.shape)}")
-    if loc.dtype not in _LOC_SET:
-        raise TypeError(f"loc must be int32 or int64, got {loc.dtype}")
+    check_index_tensor("loc", loc, "[n_loc]")
 
 
 def explain_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> None:
@@ -486,30 +494,39 @@ INDEX_AMAX_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))  # 1e-4f (bits
 _INDEX_SRC_SET = frozenset(INDEX_SOURCE_DTYPES)
 
 
-def _index_pages_ok(t: torch.Tensor) -> bool:
+def _pages_ok(t: torch.Tensor, page_bytes: int) -> bool:
+    """``t`` is ``[num_pages, page_bytes]`` uint8 with contiguous bytes and non-overlapping pages."""
     return (
         t.dim() == 2
         and t.dtype is torch.uint8
-        and t.shape[1] == INDEX_PAGE_BYTES
+        and t.shape[1] == page_bytes
         and t.stride(1) == 1
-        and (t.shape[0] <= 1 or t.stride(0) >= INDEX_PAGE_BYTES)
-        and (t.data_ptr() | t.stride(0)) % 16 == 0
+        and (t.shape[0] <= 1 or t.stride(0) >= page_bytes)
     )
+
+
+def _check_pages(name: str, pages: object, page_bytes: int, what: str = "") -> None:
+    """Raise naming ``name`` unless :func:`_pages_ok` (``what``: a note after the expected shape)."""
+    if not isinstance(pages, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(pages).__name__}")
+    if pages.dim() != 2 or pages.shape[1] != page_bytes:
+        raise ValueError(f"{name} must be [num_pages, {page_bytes}]{what}, got shape {tuple(pages.shape)}")
+    if pages.dtype is not torch.uint8:
+        raise TypeError(f"{name} must be uint8 (the stored bytes), got {pages.dtype}")
+    if pages.stride(1) != 1:
+        raise ValueError(f"{name}: dim 1 must be contiguous (stride 1), got strides {tuple(pages.stride())}")
+    if pages.shape[0] > 1 and pages.stride(0) < page_bytes:
+        raise ValueError(f"{name}: pages overlap (dim 0 stride {pages.stride(0)} < {page_bytes})")
+
+
+def _index_pages_ok(t: torch.Tensor) -> bool:
+    return _pages_ok(t, INDEX_PAGE_BYTES) and (t.data_ptr() | t.stride(0)) % 16 == 0
 
 
 def check_index_pages(index_pages: object) -> None:
     """Raise naming ``index_pages`` unless it is a ``[num_pages, 8448]`` uint8 tensor with contiguous,
     non-overlapping pages whose base address and page stride are multiples of 16 bytes."""
-    if not isinstance(index_pages, torch.Tensor):
-        raise TypeError(f"index_pages must be a torch.Tensor, got {type(index_pages).__name__}")
-    if index_pages.dim() != 2 or index_pages.shape[1] != INDEX_PAGE_BYTES:
-        raise ValueError(f"index_pages must be [num_pages, {INDEX_PAGE_BYTES}], got shape {tuple(index_pages.shape)}")
-    if index_pages.dtype is not torch.uint8:
-        raise TypeError(f"index_pages must be uint8 (the stored bytes), got {index_pages.dtype}")
-    if index_pages.stride(1) != 1:
-        raise ValueError(f"index_pages: dim 1 must be contiguous (stride 1), got strides {tuple(index_pages.stride())}")
-    if index_pages.shape[0] > 1 and index_pages.stride(0) < INDEX_PAGE_BYTES:
-        raise ValueError(f"index_pages: pages overlap (dim 0 stride {index_pages.stride(0)} < {INDEX_PAGE_BYTES})")
+    _check_pages("index_pages", index_pages, INDEX_PAGE_BYTES)
     if (index_pages.data_ptr() | index_pages.stride(0)) % 16:
         raise ValueError(
             f"index_pages: the base address and the page stride ({index_pages.stride(0)} bytes) must be multiples of 16"
@@ -563,13 +580,8 @@ def check_index_gather(index_pages: object, page_table: object, seq_lens: object
     and ``seq_lens`` a 1-D int32/int64 tensor (any strides) with ``batch`` rows each, all on one
     device. Raises naming the argument."""
     check_index_pages(index_pages)
-    for name, t, nd, shape in (("page_table", page_table, 2, "[batch, max_pages]"), ("seq_lens", seq_lens, 1, "[batch]")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != nd:
-            raise ValueError(f"{name} must be {nd}-D {shape}, got {t.dim()}-D shape {tuple(t.shape)}")
-        if t.dtype not in _LOC_SET:
-            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    for name, t, shape in (("page_table", page_table, "[batch, max_pages]"), ("seq_lens", seq_lens, "[batch]")):
+        check_index_tensor(name, t, shape)
         if t.device != index_pages.device:
             raise ValueError(f"{name} is on {t.device} but index_pages is on {index_pages.device}")
     if page_table.shape[0] != seq_lens.shape[0]:
@@ -800,29 +812,10 @@ def check_page_size(page_size: object) -> int:
     return p
 
 
-def _v4_pages_ok(t: torch.Tensor, page_bytes: int) -> bool:
-    return (
-        t.dim() == 2
-        and t.dtype is torch.uint8
-        and t.shape[1] == page_bytes
-        and t.stride(1) == 1
-        and (t.shape[0] <= 1 or t.stride(0) >= page_bytes)
-    )
-
-
 def check_v4_pages(kv_pages: object, page_bytes: int) -> None:
     """Raise naming ``kv_pages`` unless it is a ``[num_pages, page_bytes]`` uint8 tensor with contiguous
     bytes and non-overlapping pages."""
-    if not isinstance(kv_pages, torch.Tensor):
-        raise TypeError(f"kv_pages must be a torch.Tensor, got {type(kv_pages).__name__}")
-    if kv_pages.dim() != 2 or kv_pages.shape[1] != page_bytes:
-        raise ValueError(f"kv_pages must be [num_pages, {page_bytes}] (the format's page bytes), got shape {tuple(kv_pages.shape)}")
-    if kv_pages.dtype is not torch.uint8:
-        raise TypeError(f"kv_pages must be uint8 (the stored bytes), got {kv_pages.dtype}")
-    if kv_pages.stride(1) != 1:
-        raise ValueError(f"kv_pages: dim 1 must be contiguous (stride 1), got strides {tuple(kv_pages.stride())}")
-    if kv_pages.shape[0] > 1 and kv_pages.stride(0) < page_bytes:
-        raise ValueError(f"kv_pages: pages overlap (dim 0 stride {kv_pages.stride(0)} < {page_bytes})")
+    _check_pages("kv_pages", kv_pages, page_bytes, " (the format's page bytes)")
 
 
 def v4_store_ok(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_sin_cache) -> bool:
@@ -831,7 +824,7 @@ def v4_store_ok(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_sin_cac
         device = kv_pages.device
         n = loc.shape[0]
         ok = (
-            _v4_pages_ok(kv_pages, page_bytes)
+            _pages_ok(kv_pages, page_bytes)
             and loc.dtype in _LOC_SET
             and loc.ndim == 1
             and kv.dtype in _V4_SRC_SET
@@ -908,11 +901,7 @@ def explain_v4_store(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_si
     if freqs_cis is not None and freqs_cis.shape[0] != n:
         raise ValueError(f"freqs_cis: dim 0 is {freqs_cis.shape[0]} but loc has n={n} entries")
     if positions is not None:
-        _check_tensor("positions", positions)
-        if positions.dim() != 1:
-            raise ValueError(f"positions must be 1-D [n], got {positions.dim()}-D shape {tuple(positions.shape)}")
-        if positions.dtype not in _LOC_SET:
-            raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+        check_index_tensor("positions", positions, "[n]")
         if positions.shape[0] != n:
             raise ValueError(f"positions: dim 0 is {positions.shape[0]} but loc has n={n} entries")
         if positions.device != device:
