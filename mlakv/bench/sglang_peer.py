@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from mlakv import _env
 from mlakv.kernels.cuda.loader import JitUnavailable, cuda_arch_list, load_cuda_module
 
 __all__ = ["peer_dir", "peer_absent_reason", "build_sglang_source", "build_sglang_module", "sglang_set_mla_kv_buffer"]
@@ -35,7 +36,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_mla_kv_buffer, (sglang::SetMlaKVBufferKernel<{
 
 
 def _candidates() -> list[Path]:
-    env = os.environ.get("MLAKV_SGLANG_SRC")
+    env = _env.path("MLAKV_SGLANG_SRC")
     out = [Path(env)] if env else []
     out.append(Path.cwd() / ".peers" / "sglang")
     out.append(Path(__file__).resolve().parents[2] / ".peers" / "sglang")

@@ -34,17 +34,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["MooncakeMaster", "MooncakeUnavailable", "check_mooncake", "find_master_binary"]
-
+from mlakv import _env
 from mlakv.mem_cache.storage.mooncake_install import (
     APT_HINT, PIP_HINT, MooncakeUnavailable, check_mooncake, libibverbs_present,
 )
+
+__all__ = ["MooncakeMaster", "MooncakeUnavailable", "check_mooncake", "find_master_binary"]
 
 
 def find_master_binary() -> str:
     """Path of ``mooncake_master``: ``$MLAKV_MOONCAKE_MASTER``, the binary inside the installed
     ``mooncake`` package, or the one on ``PATH``. Raises :class:`MooncakeUnavailable`."""
-    env = os.environ.get("MLAKV_MOONCAKE_MASTER")
+    env = _env.path("MLAKV_MOONCAKE_MASTER")
     if env:
         if not os.access(env, os.X_OK):
             raise MooncakeUnavailable(f"MLAKV_MOONCAKE_MASTER={env!r} is not an executable file")

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+from mlakv import _env
+
 logger = logging.getLogger("mlakv.jit")
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
@@ -94,7 +96,7 @@ def _source_digest(source: str, flags: list[str], arch: str, extra_include_paths
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("MLAKV_CACHE_DIR") or os.environ.get("TVM_FFI_CACHE_DIR") or "~/.cache/tvm-ffi"
+    root = _env.path("MLAKV_CACHE_DIR") or os.environ.get("TVM_FFI_CACHE_DIR") or "~/.cache/tvm-ffi"
     return Path(root).expanduser()
 
 
