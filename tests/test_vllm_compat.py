@@ -834,6 +834,7 @@ def test_triton_gather_plan_equals_the_torch_plan(terminal, with_seq_starts):
     """The one-launch plan the GPU gathers use, against the torch plan (the CPU path): empty requests,
     rows past the last request, logical blocks past the table and invalid block ids included."""
     from mlakv.kernels.triton.paged_plan import launch_token_slots
+    from mlakv.spec.calls import TokenSlotPlan
 
     torch.manual_seed(18)
     nb, bs, cols = 6, 4, 3
@@ -843,6 +844,6 @@ def test_triton_gather_plan_equals_the_torch_plan(terminal, with_seq_starts):
     starts_arg = starts if terminal else starts[:5]
     for total in (25, 11):
         want, want_valid = V.gather_plan(table, starts_arg, 5, total, bs, nb, ss, terminal)
-        got = launch_token_slots(table.to(DEVICE), starts_arg.to(DEVICE), 5, total, bs, nb,
-                                 None if ss is None else ss.to(DEVICE), terminal)  # fmt: skip
+        got = launch_token_slots(TokenSlotPlan(table.to(DEVICE), starts_arg.to(DEVICE), 5, total, bs, nb,
+                                               None if ss is None else ss.to(DEVICE), terminal))  # fmt: skip
         assert torch.equal(got.cpu(), want.cpu()), (total, got.tolist(), want.tolist())

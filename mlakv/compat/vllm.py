@@ -42,6 +42,7 @@ from mlakv.ops import fp8
 from mlakv.ops.custom_ops import copy_rows
 from mlakv.ops.dispatch import set_mla_kv_buffer_triton
 from mlakv.spec import rules
+from mlakv.spec.calls import TokenSlotPlan
 
 __all__ = [
     "KV_CACHE_DTYPES",
@@ -281,7 +282,9 @@ def gather_plan(
     if block_table.is_cuda and num_reqs and total and block_table.shape[1]:
         from mlakv.kernels.triton.paged_plan import launch_token_slots
 
-        slot = launch_token_slots(block_table, starts, num_reqs, total, block_size, num_blocks, seq_starts, terminal)
+        slot = launch_token_slots(
+            TokenSlotPlan(block_table, starts, num_reqs, total, block_size, num_blocks, seq_starts, terminal)
+        )
         return slot, slot >= 0
     t = torch.arange(total, device=dev)
     if num_reqs == 0 or total == 0 or block_table.shape[1] == 0:

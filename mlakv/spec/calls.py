@@ -6,15 +6,16 @@ repeated one long signature four times and made a reordering at one layer a sile
 next. :class:`RopeWriteCall` names them once; each layer passes the bundle on (``call._replace``
 where a layer normalises a field). :class:`V4StoreCall` does the same for the DeepSeek-V4 family's
 paged store, and :class:`IndexStoreCall` for the DSA indexer's key store, whose two kernels (JIT
-CUDA, Triton) take the same tensors and row selection. Plain data: this module imports nothing of
-mlakv.
+CUDA, Triton) take the same tensors and row selection; :class:`TokenSlotPlan` is the request layout
+of vLLM's paged gathers, planned in torch or by a Triton kernel. Plain data: this module imports
+nothing of mlakv.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-__all__ = ["RopeWriteCall", "V4StoreCall", "IndexStoreCall"]
+__all__ = ["RopeWriteCall", "V4StoreCall", "IndexStoreCall", "TokenSlotPlan"]
 
 
 class RopeWriteCall(NamedTuple):
@@ -96,3 +97,20 @@ class IndexStoreCall(NamedTuple):
     dcp_world_size: int = 1
     dcp_rank: int = 0
     scale_rule: str = "fp32"
+
+
+class TokenSlotPlan(NamedTuple):
+    """A request-ordered paged gather's layout (see :func:`mlakv.compat.vllm.gather_plan`): request
+    ``r`` owns output rows from ``starts[r]`` (``block_table [num_reqs, max_blocks]``, ``starts``
+    ``[num_reqs (+ 1 when terminal)]`` and ``seq_starts [num_reqs]`` int32/int64 tensors) up to
+    ``total`` rows in all; slots are ``block * block_size + offset`` with block ids in
+    ``[0, num_blocks)``."""
+
+    block_table: Any
+    starts: Any
+    num_reqs: int
+    total: int
+    block_size: int
+    num_blocks: int
+    seq_starts: Any = None
+    terminal: bool = True

@@ -16,11 +16,11 @@ outside ``[0, num_blocks)``, gets slot -1. All offsets are 64-bit.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
+
+from mlakv.spec.calls import TokenSlotPlan
 
 __all__ = ["launch_token_slots", "PLAN_BLOCK"]
 
@@ -65,22 +65,14 @@ def _token_slots_kernel(
     tl.store(slot_ptr + t, slot, mask=live)
 
 
-def launch_token_slots(
-    block_table: torch.Tensor,
-    starts: torch.Tensor,
-    num_reqs: int,
-    total: int,
-    block_size: int,
-    num_blocks: int,
-    seq_starts: Optional[torch.Tensor] = None,
-    terminal: bool = True,
-) -> torch.Tensor:
+def launch_token_slots(plan: TokenSlotPlan) -> torch.Tensor:
     """``slot [total]`` int64 (-1: the row is not read) on ``block_table``'s device, one launch.
 
-    Args (validated by the caller): ``block_table [num_reqs, max_blocks]`` int32/int64, any strides;
+    ``plan`` (validated by the caller): ``block_table [num_reqs, max_blocks]`` int32/int64, any strides;
     ``starts``: ``[num_reqs + 1]`` (``terminal``, a ``cu_seq_lens``) or ``[num_reqs]`` int32/int64,
     non-decreasing; ``seq_starts [num_reqs]`` int32/int64 or None. See the module docstring.
     """
+    block_table, starts, num_reqs, total, block_size, num_blocks, seq_starts, terminal = plan
     slot = torch.empty(total, dtype=torch.int64, device=block_table.device)
     if total == 0:
         return slot
