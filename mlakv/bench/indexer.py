@@ -34,7 +34,7 @@ from mlakv.spec.calls import IndexStoreCall
 
 from . import timing
 from .options import INDEXER_SIZES, indexer_parser
-from .report import cell, pct, provider_table, run_on_gpu
+from .report import cell, launch_grid, pct, provider_table, run_on_gpu
 
 __all__ = ["DEFAULT_SIZES", "build_sglang_indexer_store", "run_indexer_bench", "format_tables", "main"]
 
@@ -92,15 +92,9 @@ def _store_providers(sweep: bool) -> dict[str, Callable[[dict], None]]:
         out["sglang"] = lambda d: mod.store_indexer(d["keys"], d["pages"], d["loc"])
     except Exception as e:  # noqa: BLE001 - an absent peer is reported, the rest still runs
         timing.progress(f"indexer bench: sglang's store not built ({e})")
-    if sweep:
-        for steps in (1, 2, 4):
-            for warps in (4, 8):
-                for early in (True, False):
-                    out[f"jit s{steps} w{warps} {'entry' if early else 'wait'}"] = (
-                        lambda d, s=steps, w=warps, e=early: indexer_jit_store(
-                            _call(d), steps=s, num_warps=w, early_trigger=e
-                        )
-                    )
+    for kw in launch_grid(steps=(1, 2, 4), num_warps=(4, 8), early_trigger=(True, False)) if sweep else ():
+        name = f"jit s{kw['steps']} w{kw['num_warps']} {'entry' if kw['early_trigger'] else 'wait'}"
+        out[name] = lambda d, kw=kw: indexer_jit_store(_call(d), **kw)
     return out
 
 

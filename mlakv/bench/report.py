@@ -1,17 +1,19 @@
-"""Markdown cells and result files shared by the family benchmarks (indexer, V4 store).
+"""Markdown cells, result files and launch sweeps shared by the family benchmarks (indexer, V4 store).
 
 Each benchmark prints its tables and writes ``<stem>.json`` (the raw results) and ``<stem>.md``
 (the tables) under ``--out``; the cell formats (µs to two places, a share of copy bandwidth as a
-percentage, a ratio with an ``x``) are the same in every table, so they live here once.
+percentage, a ratio with an ``x``) are the same in every table, so they live here once, as does the
+grid of launch overrides a ``--sweep`` times (:func:`launch_grid`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
-__all__ = ["cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu"]
+__all__ = ["cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu", "launch_grid"]
 
 
 def cell(v: Any) -> str:
@@ -63,3 +65,9 @@ def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[], di
     res = run()
     write_results(out, stem, res, tables(res))
     return 0
+
+
+def launch_grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every combination of the launch overrides ``axes`` (keyword -> values), the last axis fastest:
+    ``launch_grid(num_warps=(4, 8), early_trigger=(True, False))`` gives four keyword dicts."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]

@@ -38,7 +38,7 @@ from mlakv.spec.calls import V4StoreCall
 
 from . import timing
 from .options import v4_parser
-from .report import provider_table, run_on_gpu
+from .report import launch_grid, provider_table, run_on_gpu
 
 __all__ = ["PAGE_SIZE", "build_sglang_v4_store", "bytes_per_token", "run_v4_bench", "format_tables", "main"]
 
@@ -137,16 +137,9 @@ def _providers(layout: str, names: list[str], rope: bool, sweep: bool) -> dict[s
             )
         if mod is not None and layout != "v4":
             out["sglang+rope"] = (lambda d: mod.store_rope(d["kv"], d["pages"], d["loc"], d["freqs"]), "freqs")
-    if sweep:
-        for warps in (2, 4, 8):
-            for items in (1, 2):
-                for early in (True, False):
-                    out[f"jit w{warps} t{items} {'entry' if early else 'wait'}"] = (
-                        lambda d, w=warps, i=items, e=early: v4_jit_store(
-                            _call(d), layout, PAGE_SIZE, num_warps=w, items=i, early_trigger=e
-                        ),
-                        "none",
-                    )
+    for kw in launch_grid(num_warps=(2, 4, 8), items=(1, 2), early_trigger=(True, False)) if sweep else ():
+        name = f"jit w{kw['num_warps']} t{kw['items']} {'entry' if kw['early_trigger'] else 'wait'}"
+        out[name] = (lambda d, kw=kw: v4_jit_store(_call(d), layout, PAGE_SIZE, **kw), "none")
     return out
 
 
