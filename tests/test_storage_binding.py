@@ -313,4 +313,4 @@ def test_mooncake_page_format_differs_for_different_scales():
     a, b, c = make_host("fp8-per_tensor-1"), make_host("fp8-per_tensor-0.01"), make_host("fp8-per_tensor-1")
     assert page_format(a) != page_format(b) and page_format(a) == page_format(c)
     assert "s1.0" in page_format(a)
-    assert page_format(make_host("base")) == "bfloat16-raw-512+64-1152B-LTR"
+    assert page_format(make_host("base")) == "bfloat16-raw-512+64-1152B-bfloat16:nope512:rope64:bfloat16:none0:rows:page4:4608B-LTR"

@@ -45,7 +45,7 @@ import torch
 from mlakv.spec import rules
 from .memory_pool import MLATokenToKVPool, host_available_bytes
 
-__all__ = ["MLATokenToKVPoolHost", "host_available_bytes", "LAYOUTS", "IO_BACKENDS"]
+__all__ = ["MLATokenToKVPoolHost", "host_available_bytes", "unit_row_bytes", "LAYOUTS", "IO_BACKENDS"]
 
 #: ``layer_first`` ``[layer, size, 1, D]``; ``page_first`` ``[size, layer, 1, D]`` (a token's layers
 #: together); ``page_first_direct`` ``[pages, layer, page_size, 1, D]`` (a page's layers together).
@@ -154,6 +154,12 @@ class MLATokenToKVPoolHost:
                     f"host_size={want} is smaller than the device pool ({device_pool.size} slots): the host "
                     "pool must hold at least every device slot"
                 )
+        self.format = getattr(device_pool, "format", None)  # the device pool's cache format (mlakv.spec.formats)
+        if _is_paged(device_pool) and self.page_size != device_pool.page_size:
+            raise ValueError(
+                f"page_size={self.page_size}: a {self.format.name!r} pool keeps block-split pages, so a host page must "
+                f"be one device page of {device_pool.page_size} slots"
+            )
         self.transfer_sms = _as_int(transfer_sms, "transfer_sms")
         if self.transfer_sms < 1:
             raise ValueError(f"transfer_sms must be >= 1, got {self.transfer_sms}")
@@ -165,7 +171,9 @@ class MLATokenToKVPoolHost:
         self.dtype = device_pool.dtype
         self.store_dtype = device_pool.store_dtype
         self.kv_cache_dim = device_pool.kv_cache_dim
-        self.row_bytes = device_pool.row_bytes()
+        self.row_bytes = unit_row_bytes(device_pool)
+        if _is_paged(device_pool):  # the host row is a slot's share of a page: whole pages move as raw bytes
+            self.kv_cache_dim = self.row_bytes
         self.page_bytes = self.page_size * self.row_bytes * self.layer_num  # one page, all layers
         self.size_per_token = self.row_bytes * self.layer_num
         total = self.size * self.row_bytes * self.layer_num
@@ -258,10 +266,16 @@ class MLATokenToKVPoolHost:
     # ---- validation: the values the vectors hold now ---------------------------------------
     def _prepare(self, device_pool: MLATokenToKVPool, host_indices: Any, device_indices: Any, io_backend: str) -> _Batch:
         """Validate a transfer's index vectors, as they are now (see the module docstring)."""
-        if device_pool.row_bytes() != self.row_bytes or device_pool.layer_num != self.layer_num:
+        if unit_row_bytes(device_pool) != self.row_bytes or device_pool.layer_num != self.layer_num:
             raise ValueError(
-                f"device_pool: rows of {device_pool.row_bytes()} B x {device_pool.layer_num} layers do not match this "
-                f"host pool's {self.row_bytes} B x {self.layer_num} layers"
+                f"device_pool: rows of {unit_row_bytes(device_pool)} B x {device_pool.layer_num} layers do not match "
+                f"this host pool's {self.row_bytes} B x {self.layer_num} layers"
+            )
+        fmt = getattr(device_pool, "format", None)
+        if fmt is not None and self.format is not None and fmt.key(device_pool.page_size) != self.format.key(self.page_size):
+            raise ValueError(
+                f"device_pool: its cache format {fmt.key(device_pool.page_size)} is not this host pool's "
+                f"{self.format.key(self.page_size)}"
             )
         for name, t in (("host_indices", host_indices), ("device_indices", device_indices)):
             if not isinstance(t, torch.Tensor):
@@ -571,6 +585,31 @@ def page_bytes_tensor(data: Any, page_bytes: int, name: str) -> torch.Tensor:
     if t.numel() != page_bytes:
         raise ValueError(f"{name}: a page is {page_bytes} bytes, got {t.numel()}")
     return t
+
+
+def _is_paged(device_pool: Any) -> bool:
+    """Whether ``device_pool`` keeps block-split pages (``[num_pages, page_bytes]`` layers whose token
+    bytes are not one row per slot: :data:`mlakv.spec.formats.SPLIT_PAGES`)."""
+    fmt = getattr(device_pool, "format", None)
+    return fmt is not None and fmt.paged
+
+
+def unit_row_bytes(device_pool: Any) -> int:
+    """Bytes a host slot holds per layer for ``device_pool``: its row (``rows`` formats), or for a
+    block-split paged format a slot's share of a page, ``page_bytes / page_size`` (data rows, scale
+    rows and padding together), so ``page_size`` consecutive host rows are the device page's bytes in
+    order and a transfer of whole aligned pages copies pages bit for bit. Raises ``ValueError`` when
+    ``page_size`` does not divide the page's bytes (such a page cannot be cut into slot rows)."""
+    if not _is_paged(device_pool):
+        return device_pool.row_bytes()
+    P = device_pool.page_size
+    page = device_pool.format.page_bytes(P)
+    if page % P:
+        raise ValueError(
+            f"device_pool: a {device_pool.format.name!r} page of {P} slots is {page} bytes, not a multiple of "
+            f"page_size={P}; the host pool moves such pages as page_size rows and cannot mirror it"
+        )
+    return page // P
 
 
 def _kernel_path(device: torch.device, io_backend: str, pinned: bool) -> bool:

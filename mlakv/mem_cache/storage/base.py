@@ -26,14 +26,19 @@ def pool_format(host_pool: Any) -> str:
     """What a host pool's page bytes mean, as a string two pools share only if a page of one is a page
     of the other (the byte order inside a page aside, which a store records or keys separately):
     value dtype, FP8 cache format (``raw`` when rows are exact copies of the dtype), ``nope+rope``
-    widths, row bytes, and for a scaled format the scale now in use (``per_tensor``'s ``k_scale``:
-    pages quantized with one scale are garbage under another), e.g. ``"bfloat16-raw-512+64-1152B"``
-    or ``"float8_e4m3fn-per_tensor-512+64-576B-s0.009999999776482582"``. Reads a CUDA ``k_scale``
-    (one sync)."""
+    widths, row bytes, the cache format's :meth:`~mlakv.spec.formats.CacheFormat.key` at the pool's
+    page size (value dtype, scale kind and tile, arrangement, page bytes: a V41 page never reads as a
+    V4 or V41_NEW one), and for a scaled format the scale now in use (``per_tensor``'s ``k_scale``:
+    pages quantized with one scale are garbage under another), e.g.
+    ``"bfloat16-raw-512+64-1152B-bfloat16:nope512:rope64:bfloat16:none0:rows:page1:1152B"``. Reads a
+    CUDA ``k_scale`` (one sync)."""
     dev = host_pool.device_pool
     dtype = str(dev.dtype).removeprefix("torch.")
     fmt = getattr(dev, "kv_cache_format", None) or "raw"
     out = f"{dtype}-{fmt}-{dev.kv_lora_rank}+{dev.qk_rope_head_dim}-{host_pool.row_bytes}B"
+    cache_format = getattr(dev, "format", None)
+    if cache_format is not None:  # the format's own key: value dtype, scales, arrangement, page bytes
+        out += f"-{cache_format.key(dev.page_size)}"
     scale = getattr(dev, "k_scale", None)
     if scale is not None:
         value = float(scale.reshape(-1)[0]) if isinstance(scale, torch.Tensor) else float(scale)

@@ -111,10 +111,10 @@ def _token_major(host_pool: Any) -> bool:
 
 def page_format(host_pool: Any) -> str:
     """The page format of a pool as a key component: :func:`~mlakv.mem_cache.storage.base.pool_format`
-    (dtype, FP8 cache format, ``nope+rope`` widths, row bytes, ``per_tensor``'s scale) and the byte
-    order of a stored page, e.g. ``"bfloat16-raw-512+64-1152B-LTR"``,
-    ``"float8_e4m3fn-ds_mla-512+64-656B-TLR"`` or ``"float8_e4m3fn-per_tensor-512+64-576B-s0.5-LTR"``.
-    Pools with different ``k_scale`` values get different formats."""
+    (dtype, FP8 cache format, ``nope+rope`` widths, row bytes, the cache format's key at the pool's
+    page size, ``per_tensor``'s scale) and the byte order of a stored page, e.g.
+    ``"bfloat16-v41-448+64-528B-v41:nope448:rope64:float8_e4m3fn:ue8m032:split_pages:page64:33792B-LTR"``.
+    Pools with different formats (a V41 and a V4 pool) or ``k_scale`` values get different keys."""
     order = "TLR" if _token_major(host_pool) else "LTR"
     return f"{pool_format(host_pool)}-{order}"
 
