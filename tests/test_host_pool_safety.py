@@ -191,18 +191,25 @@ def test_vector_written_through_numpy_is_validated_again():
         host.load_to_device_per_layer(pool, hs, dev, 0)
 
 
-@pytest.mark.parametrize("alias", ["numpy", "data"])
-def test_load_moves_the_slots_the_vector_holds_now(alias):
-    """Per-layer loads: the device vector changes between layers through an alias that does not
-    bump its version; the later layers land at the new slots, not the validated old ones."""
-    pool = _pool(size=64, device="cpu", layer_num=3)
-    host = MLATokenToKVPoolHost(pool, host_size=128)
+def _backed_up_then_layer0_loaded(pool, host):
+    """Slots 1..4 filled and backed up to host slots 10..13, the pool poisoned, then layer 0 loaded
+    back at device slots 20..23 (a CPU vector the test may rewrite). Returns (host slots, vector)."""
     hs, src = torch.arange(10, 14), torch.arange(1, 5)
     _fill(pool, src)
     host.backup_from_device_all_layer(pool, hs, src)
     _poison(pool)
     new = torch.arange(20, 24)
     host.load_to_device_per_layer(pool, hs, new, 0)
+    return hs, new
+
+
+@pytest.mark.parametrize("alias", ["numpy", "data"])
+def test_load_moves_the_slots_the_vector_holds_now(alias):
+    """Per-layer loads: the device vector changes between layers through an alias that does not
+    bump its version; the later layers land at the new slots, not the validated old ones."""
+    pool = _pool(size=64, device="cpu", layer_num=3)
+    host = MLATokenToKVPoolHost(pool, host_size=128)
+    hs, new = _backed_up_then_layer0_loaded(pool, host)
     if alias == "numpy":
         new.numpy()[:] = [30, 31, 32, 33]
     else:
@@ -229,12 +236,7 @@ def test_kernel_reads_a_changed_vector_live_and_skips_bad_slots(kernel_path_on_c
     range and negative: the kernel skips them and writes nothing (the pool's rows are unchanged)."""
     pool = _pool(size=64, layer_num=3, device="cpu")
     host = MLATokenToKVPoolHost(pool, host_size=128, layout=layout, transfer_sms=2)
-    hs, src = torch.arange(10, 14), torch.arange(1, 5)
-    _fill(pool, src)
-    host.backup_from_device_all_layer(pool, hs, src)
-    _poison(pool)
-    new = torch.arange(20, 24)
-    host.load_to_device_per_layer(pool, hs, new, 0)
+    hs, new = _backed_up_then_layer0_loaded(pool, host)
     assert torch.equal(_dev_rows(pool, 0, new), _host_rows(host, 0, hs))
     new.numpy()[:] = [30, 31, 32, 33]
     host.load_to_device_per_layer(pool, hs, new, 1)
