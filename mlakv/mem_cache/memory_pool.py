@@ -76,6 +76,18 @@ def _cgroup_headroom() -> Optional[int]:
     return best
 
 
+def _proc_kib(path: str, key: str) -> Optional[int]:
+    """The ``key`` line of a ``/proc`` file (``"VmSize:   123 kB"``) in bytes; None if it cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _address_space_headroom() -> Optional[int]:
     """Bytes of address space left under ``RLIMIT_AS`` (``ulimit -v``): the soft limit minus this
     process's ``VmSize``; None without a limit."""
@@ -87,31 +99,14 @@ def _address_space_headroom() -> Optional[int]:
         return None
     if soft == resource.RLIM_INFINITY or soft < 0:
         return None
-    used = 0
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    used = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError):
-        pass
-    return max(0, soft - used)
+    return max(0, soft - (_proc_kib("/proc/self/status", "VmSize:") or 0))
 
 
 def host_available_bytes() -> Optional[int]:
     """Memory this process can still get: the least of the host's ``MemAvailable``, its memory
     cgroup's room (``memory.max``, v1 ``memory.limit_in_bytes``) and the address space left under
     ``RLIMIT_AS``; None if none can be read."""
-    avail: Optional[int] = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
+    avail = _proc_kib("/proc/meminfo", "MemAvailable:")
     if avail is None:
         try:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
