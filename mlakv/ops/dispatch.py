@@ -135,13 +135,6 @@ def kv_write_path(
     return "triton"
 
 
-def _check_selection(reserved_skip_index: object, dcp_world_size: object, dcp_rank: object) -> None:
-    """Raise the error naming the bad row-selection option."""
-    if reserved_skip_index is not None and (isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)):
-        raise TypeError(f"reserved_skip_index must be an int or None, got {type(reserved_skip_index).__name__}")
-    rules.check_dcp(dcp_world_size, dcp_rank)
-
-
 def set_mla_kv_buffer_triton(
     kv_buffer: torch.Tensor,
     loc: torch.Tensor,
@@ -195,7 +188,7 @@ def set_mla_kv_buffer_triton(
         or type(dcp_rank) is not int
         or not 0 <= dcp_rank < dcp_world_size
     ):  # a few type checks on the hot path; the slow path names the bad option
-        _check_selection(reserved_skip_index, dcp_world_size, dcp_rank)
+        rules.check_row_selection(reserved_skip_index, dcp_world_size, dcp_rank)
     skip = -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
     bounds = check_bounds if check_bounds is not None else _env.CHECK_BOUNDS
     write_rows(kv_buffer, loc, cache_k_nope, cache_k_rope, bounds, skip, dcp_world_size, dcp_rank)

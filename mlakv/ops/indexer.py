@@ -34,13 +34,6 @@ def index_k_path(index_pages: torch.Tensor) -> str:
     return dispatch.indexer_backend(index_pages.device)
 
 
-def _check_selection(reserved_skip_index: object, dcp_world_size: object, dcp_rank: object) -> int:
-    if reserved_skip_index is not None and (isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)):
-        raise TypeError(f"reserved_skip_index must be an int or None, got {type(reserved_skip_index).__name__}")
-    rules.check_dcp(dcp_world_size, dcp_rank)
-    return -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
-
-
 def set_index_k_buffer(
     index_pages: torch.Tensor,
     loc: torch.Tensor,
@@ -73,7 +66,7 @@ def set_index_k_buffer(
     """
     if not rules.index_store_ok(index_pages, loc, index_k):
         rules.explain_index_store(index_pages, loc, index_k)
-    skip = _check_selection(reserved_skip_index, dcp_world_size, dcp_rank)
+    skip = rules.check_row_selection(reserved_skip_index, dcp_world_size, dcp_rank)
     rules.check_index_scale_rule(scale_rule)
     if loc.shape[0] == 0:
         return

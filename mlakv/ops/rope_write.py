@@ -119,9 +119,7 @@ def set_mla_kv_buffer_rope(
     if (reserved_skip_index is not None and type(reserved_skip_index) is not int) or not (
         type(dcp_world_size) is int and type(dcp_rank) is int and 0 <= dcp_rank < dcp_world_size
     ):
-        if reserved_skip_index is not None and (isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)):
-            raise TypeError(f"reserved_skip_index must be an int or None, got {type(reserved_skip_index).__name__}")
-        rules.check_dcp(dcp_world_size, dcp_rank)
+        rules.check_row_selection(reserved_skip_index, dcp_world_size, dcp_rank)
     rules.check_rows_tensor("k_nope", k_nope, "n")
     rules.check_rows_tensor("k_pe", k_pe, "n")
     row_bytes = rope_write_row_bytes(kv_cache_format, k_nope.dtype, k_nope.shape[-1], k_pe.shape[-1])

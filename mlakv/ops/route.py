@@ -151,9 +151,7 @@ def bind(
         raise ValueError(f"format {fmt.name!r} is block-split into pages; its pool binds its own family's ops")
     if not isinstance(check_bounds, bool):
         raise TypeError(f"check_bounds must be a bool, got {type(check_bounds).__name__}")
-    if reserved_skip_index is not None and (isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)):
-        raise TypeError(f"reserved_skip_index must be an int or None, got {type(reserved_skip_index).__name__}")
-    rules.check_dcp(dcp_world_size, dcp_rank)
+    rules.check_row_selection(reserved_skip_index, dcp_world_size, dcp_rank)
     # A quantized row is mixed bytes (attention reads uint8); raw rows are written in the pool dtype.
     views = list(buffers) if fmt.name == "ds_mla" else [b.view(dtype) if b.dtype != dtype else b for b in buffers]
     return Route(

@@ -45,13 +45,6 @@ def v4_store_path(kv_pages: torch.Tensor, layout: str) -> str:
     return dispatch.v4_store_path(kv_pages, layout)
 
 
-def _selection(reserved_skip_index: object, dcp_world_size: object, dcp_rank: object) -> int:
-    if reserved_skip_index is not None and (isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)):
-        raise TypeError(f"reserved_skip_index must be an int or None, got {type(reserved_skip_index).__name__}")
-    rules.check_dcp(dcp_world_size, dcp_rank)
-    return -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
-
-
 def _real_freqs(freqs_cis: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
     """A complex64 ``[n, 32]`` freqs_cis as its fp32 ``[n, 64]`` (cos, sin) view; anything else as given."""
     if isinstance(freqs_cis, torch.Tensor) and freqs_cis.dtype == torch.complex64 and freqs_cis.dim() == 2:
@@ -107,7 +100,7 @@ def set_v4_kv_buffer(
     freqs_cis = _real_freqs(freqs_cis, n)
     if not rules.v4_store_ok(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_sin_cache):
         rules.explain_v4_store(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_sin_cache)
-    skip = _selection(reserved_skip_index, dcp_world_size, dcp_rank)
+    skip = rules.check_row_selection(reserved_skip_index, dcp_world_size, dcp_rank)
     if n == 0:
         return dispatch.v4_store_path(kv_pages, layout)
     kv = kv.select(1, 0) if kv.dim() == 3 else kv
@@ -249,7 +242,7 @@ def bind_v4(
     page_size = rules.check_page_size(page_size)
     if not isinstance(check_bounds, bool):
         raise TypeError(f"check_bounds must be a bool, got {type(check_bounds).__name__}")
-    _selection(reserved_skip_index, dcp_world_size, dcp_rank)
+    rules.check_row_selection(reserved_skip_index, dcp_world_size, dcp_rank)
     return V4Route(
         layout, page_size, list(buffers), check_bounds=check_bounds, reserved_skip_index=reserved_skip_index,
         dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,

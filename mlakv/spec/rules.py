@@ -47,6 +47,7 @@ __all__ = [
     "check_rows_tensor",
     "check_index_tensor",
     "check_loc",
+    "check_row_selection",
     "check_dcp",
     "check_loc_bounds",
     "vec_width",
@@ -211,6 +212,15 @@ def explain_kv_write(kv_buffer, loc, cache_k_nope, cache_k_rope) -> None:
             "an expanded or overlapping buffer cannot be written"
         )
     raise AssertionError("explain_kv_write: the fast check failed but no rule is broken")  # pragma: no cover
+
+
+def check_row_selection(reserved_skip_index: object, dcp_world_size: object, dcp_rank: object) -> int:
+    """The writes' row-selection options: ``reserved_skip_index`` an int or None (``TypeError``), the
+    DCP pair as :func:`check_dcp`. Returns the slot to skip, -1 for none (None or negative)."""
+    if reserved_skip_index is not None and (isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)):
+        raise TypeError(f"reserved_skip_index must be an int or None, got {type(reserved_skip_index).__name__}")
+    check_dcp(dcp_world_size, dcp_rank)
+    return -1 if reserved_skip_index is None or reserved_skip_index < 0 else reserved_skip_index
 
 
 def check_dcp(dcp_world_size: object, dcp_rank: object) -> None:
