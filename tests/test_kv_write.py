@@ -59,6 +59,15 @@ RUNNERS = {"dispatch": set_mla_kv_buffer_triton, "triton": _run_triton, "jit": _
 PATHS = ["dispatch", "triton", "jit"]
 
 
+def write_matches_reference(path, kv, loc, nope, rope, *, whole=None):
+    """Write with ``path`` and compare ``whole`` (default ``kv``; the allocation ``kv`` is a view of)
+    bit for bit with the reference's write."""
+    target = kv if whole is None else whole
+    expected = reference_write(target, loc, nope, rope)
+    RUNNERS[path](kv, loc, nope, rope)
+    assert_bits_equal(target, expected)
+
+
 def _check(path, dtype, nope_dim, rope_dim, n_loc, loc_dtype, *, extra_slots=37, total=None, three_d=False):
     _gate(path)
     num_slots = n_loc + extra_slots
@@ -117,9 +126,7 @@ def test_three_d_tensors(path, dtype):
     loc = random_loc(n, num_slots, torch.int64)
     nope = random_rows(n, 512, dtype).unsqueeze(1)
     rope = random_rows(n, 64, dtype).unsqueeze(1)
-    expected = reference_write(kv, loc, nope, rope)
-    RUNNERS[path](kv, loc, nope, rope)
-    assert_bits_equal(kv, expected)
+    write_matches_reference(path, kv, loc, nope, rope)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -134,9 +141,7 @@ def test_padding_rows_are_skipped(path):
     loc[pad.to(loc.device)] = -1
     nope = random_rows(n, 512, torch.bfloat16)
     rope = random_rows(n, 64, torch.bfloat16)
-    expected = reference_write(kv, loc, nope, rope)
-    RUNNERS[path](kv, loc, nope, rope)
-    assert_bits_equal(kv, expected)
+    write_matches_reference(path, kv, loc, nope, rope)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -159,9 +164,7 @@ def test_strided_sources(path):
     assert nope.stride(0) == 640 and not nope.is_contiguous()
     kv = poisoned_buffer(num_slots, 576, torch.bfloat16)
     loc = random_loc(n, num_slots, torch.int32)
-    expected = reference_write(kv, loc, nope, rope)
-    RUNNERS[path](kv, loc, nope, rope)
-    assert_bits_equal(kv, expected)
+    write_matches_reference(path, kv, loc, nope, rope)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -179,9 +182,7 @@ def test_strided_buffer_rows(path):
     kv = backing[:, :576]
     loc = random_loc(n, num_slots, torch.int64)
     nope, rope = random_rows(n, 512, torch.bfloat16), random_rows(n, 64, torch.bfloat16)
-    expected_backing = reference_write(backing, loc, nope, rope)
-    RUNNERS[path](kv, loc, nope, rope)
-    assert_bits_equal(backing, expected_backing)
+    write_matches_reference(path, kv, loc, nope, rope, whole=backing)
 
 
 @pytest.mark.parametrize("path", PATHS)
