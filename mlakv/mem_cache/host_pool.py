@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from mlakv.spec import rules
+from mlakv.spec.rules import INDEX_HEAD_DIM, INDEX_PAGE_BYTES, INDEX_PAGE_TOKENS
 from .memory_pool import MLATokenToKVPool, host_available_bytes
 
 __all__ = ["MLATokenToKVPoolHost", "host_available_bytes", "unit_row_bytes", "LAYOUTS", "IO_BACKENDS"]
@@ -171,9 +172,11 @@ class MLATokenToKVPoolHost:
         self.dtype = device_pool.dtype
         self.store_dtype = device_pool.store_dtype
         self.kv_cache_dim = device_pool.kv_cache_dim
-        self.row_bytes = unit_row_bytes(device_pool)
-        if _is_paged(device_pool):  # the host row is a slot's share of a page: whole pages move as raw bytes
-            self.kv_cache_dim = self.row_bytes
+        self.mla_row_bytes = unit_row_bytes(device_pool)
+        self.index_row_bytes = _index_row_bytes(device_pool)  # a DSA pool: the slot's indexer key + scale
+        self.row_bytes = self.mla_row_bytes + self.index_row_bytes
+        if _is_paged(device_pool) or self.index_row_bytes:  # the host row is no longer one device row
+            self.kv_cache_dim = self.row_bytes // torch.empty((), dtype=self.store_dtype).element_size()
         self.page_bytes = self.page_size * self.row_bytes * self.layer_num  # one page, all layers
         self.size_per_token = self.row_bytes * self.layer_num
         total = self.size * self.row_bytes * self.layer_num
@@ -266,9 +269,10 @@ class MLATokenToKVPoolHost:
     # ---- validation: the values the vectors hold now ---------------------------------------
     def _prepare(self, device_pool: MLATokenToKVPool, host_indices: Any, device_indices: Any, io_backend: str) -> _Batch:
         """Validate a transfer's index vectors, as they are now (see the module docstring)."""
-        if unit_row_bytes(device_pool) != self.row_bytes or device_pool.layer_num != self.layer_num:
+        got = unit_row_bytes(device_pool) + _index_row_bytes(device_pool)
+        if got != self.row_bytes or device_pool.layer_num != self.layer_num:
             raise ValueError(
-                f"device_pool: rows of {unit_row_bytes(device_pool)} B x {device_pool.layer_num} layers do not match "
+                f"device_pool: rows of {got} B x {device_pool.layer_num} layers do not match "
                 f"this host pool's {self.row_bytes} B x {self.layer_num} layers"
             )
         fmt = getattr(device_pool, "format", None)
@@ -291,7 +295,7 @@ class MLATokenToKVPoolHost:
         d = self._slots(device_indices, "device_indices", device_pool.num_slots, device_pool.page_size,
                         where, live_ok)  # fmt: skip
         P = self.page_size
-        page_units = P > 1 and device_pool.page_size % P == 0 and self.layout != "page_first"
+        page_units = P > 1 and device_pool.page_size % P == 0 and self.layout != "page_first" and not self.index_row_bytes
         return _Batch(h, d, h.n, page_units=page_units)
 
     def _slots(self, t: torch.Tensor, name: str, limit: int, page_size: int, device: torch.device, live_ok: bool) -> _Slots:
@@ -371,8 +375,9 @@ class MLATokenToKVPoolHost:
             hv, dv = _kernel_vector(b.h, device_pool.device, P), _kernel_vector(b.d, device_pool.device, P)
             off, host_layout = self._host_layer(local)
             host = self._bytes[off:]
-            dev_layout = (1, self.row_bytes, self.row_bytes)
-            unit = self.row_bytes * P
+            mla = self.mla_row_bytes
+            dev_layout = (1, mla, mla)
+            unit = mla * P
             # the kernel's own bounds: a unit whose slot is outside [0, limit) or off its page is skipped
             hl, dl = self.size, device_pool.num_slots
             if to_host:
@@ -381,19 +386,50 @@ class MLATokenToKVPoolHost:
             else:
                 launch_copy_rows(host, dev, hv, dv, unit, host_layout, dev_layout, max_programs=self.transfer_sms,
                                  src_limit=hl, src_align=P, dst_limit=dl, dst_align=P)
+            if self.index_row_bytes:  # the indexer half: keys, then scales, each slot's into its host row
+                index = device_pool.index_k_buffer[local].view(-1)
+                il = device_pool.num_index_pages * INDEX_PAGE_TOKENS
+                for dev_off, host_off, width in _index_parts(mla):
+                    d_layout = (INDEX_PAGE_TOKENS, INDEX_PAGE_BYTES, width)
+                    if to_host:
+                        launch_copy_rows(index[dev_off:], self._bytes[off + host_off :], dv, hv, width, d_layout, host_layout,
+                                         max_programs=self.transfer_sms, src_limit=il, dst_limit=hl)  # fmt: skip
+                    else:
+                        launch_copy_rows(self._bytes[off + host_off :], index[dev_off:], hv, dv, width, host_layout, d_layout,
+                                         max_programs=self.transfer_sms, src_limit=hl, dst_limit=il)  # fmt: skip
             return
+        mla = slice(0, self.mla_row_bytes)
+        if self.index_row_bytes:
+            self._copy_index_half(device_pool, b, local, to_host)
         if device_pool.device.type != "cuda":
+            sel = self._host_rows(local, b.h_cpu) + (mla,)
             if to_host:
-                self._rows[self._host_rows(local, b.h_cpu)] = dev[b.d_cpu]
+                self._rows[sel] = dev[b.d_cpu]
             else:
-                dev[b.d_cpu] = self._rows[self._host_rows(local, b.h_cpu)]
+                dev[b.d_cpu] = self._rows[sel]
             return
         for hs, ds, n in _runs(b.h_cpu, b.d_cpu, self._host_run_limit()):  # "direct" on CUDA
-            host = self._host_row_run(local, hs, n)
+            host = self._host_row_run(local, hs, n)[:, mla]
             if to_host:
                 host.copy_(dev[ds : ds + n], non_blocking=True)
             else:
                 dev[ds : ds + n].copy_(host, non_blocking=True)
+
+    def _copy_index_half(self, device_pool: Any, b: _Batch, local: int, to_host: bool) -> None:
+        """A DSA pool's indexer keys and scales of one layer, plain torch (CPU, and CUDA ``"direct"``
+        or unpinned: gathered on the device into ``[n, 132]``, one copy across, scattered; syncs)."""
+        pages = device_pool.index_k_buffer[local]
+        keys = pages[:, : INDEX_PAGE_TOKENS * INDEX_HEAD_DIM].unflatten(1, (INDEX_PAGE_TOKENS, INDEX_HEAD_DIM))
+        scales = pages[:, INDEX_PAGE_TOKENS * INDEX_HEAD_DIM :].unflatten(1, (INDEX_PAGE_TOKENS, 4))
+        d = b.d_cpu.to(pages.device)
+        page, pos = d // INDEX_PAGE_TOKENS, d % INDEX_PAGE_TOKENS
+        sel = self._host_rows(local, b.h_cpu) + (slice(self.mla_row_bytes, self.row_bytes),)
+        if to_host:
+            self._rows[sel] = torch.cat([keys[page, pos], scales[page, pos]], 1).cpu()
+        else:
+            both = self._rows[sel].to(pages.device)
+            keys[page, pos] = both[:, :INDEX_HEAD_DIM]
+            scales[page, pos] = both[:, INDEX_HEAD_DIM:]
 
     def _host_run_limit(self) -> int:
         """Longest run of consecutive host slots that is one contiguous block of a layer's rows."""
@@ -592,6 +628,18 @@ def _is_paged(device_pool: Any) -> bool:
     bytes are not one row per slot: :data:`mlakv.spec.formats.SPLIT_PAGES`)."""
     fmt = getattr(device_pool, "format", None)
     return fmt is not None and fmt.paged
+
+
+def _index_row_bytes(device_pool: Any) -> int:
+    """Bytes of a slot's indexer half a host row carries for ``device_pool``: 132 (its 128 e4m3 key
+    bytes, then its 4 fp32 scale bytes) for a DSA pool (one with ``index_k_buffer``), else 0."""
+    return INDEX_HEAD_DIM + 4 if getattr(device_pool, "index_k_buffer", None) is not None else 0
+
+
+def _index_parts(mla_row_bytes: int) -> tuple[tuple[int, int, int], ...]:
+    """``(device byte offset in an indexer page, host byte offset in a row, width)`` of the keys and
+    the scales of a slot (the transfer kernel's two extra launches)."""
+    return ((0, mla_row_bytes, INDEX_HEAD_DIM), (INDEX_PAGE_TOKENS * INDEX_HEAD_DIM, mla_row_bytes + INDEX_HEAD_DIM, 4))
 
 
 def unit_row_bytes(device_pool: Any) -> int:

@@ -39,6 +39,8 @@ def pool_format(host_pool: Any) -> str:
     cache_format = getattr(dev, "format", None)
     if cache_format is not None:  # the format's own key: value dtype, scales, arrangement, page bytes
         out += f"-{cache_format.key(dev.page_size)}"
+    if getattr(dev, "index_k_buffer", None) is not None:  # a DSA pool: each page carries its indexer half
+        out += f"-indexer{dev.index_page_bytes()}B-{dev.index_scale_rule}"
     scale = getattr(dev, "k_scale", None)
     if scale is not None:
         value = float(scale.reshape(-1)[0]) if isinstance(scale, torch.Tensor) else float(scale)
