@@ -321,17 +321,21 @@ def launch_floor_us(rows: list[Row], one_element_us: float) -> float:
 
 
 # ---- report ----------------------------------------------------------------------------------
+def _table_head(note: str, head: list[str]) -> list[str]:
+    """A table's first lines: the note above it, the header row and the separator."""
+    return [note, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def format_table(rows: list[Row], providers: list[str], copy_gbs: Optional[float], tiny_us: Optional[float]) -> str:
     """Markdown table of the sweep. On CPU: median [min-max] per provider and no ranking."""
     if copy_gbs is None or tiny_us is None:
         head = ["layout", "loc", "n_loc", "path"] + [f"{p} median [min-max]" for p in providers] + ["auto GB/s"]
-        lines = [
+        lines = _table_head(
             f"{CPU_LABEL}: host wall time per call, us, over 7 round-robin repeats. auto = the dispatcher "
             "(argument checks + the torch reference copy), torch = two bare index_put_: on CPU this measures "
             "host overhead, not a kernel, so nothing is ranked.",
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
-        ]
+            head,
+        )
         for r in rows:
             cells = [r.layout, r.loc_dtype, str(r.n_loc), r.path]
             for p in providers:
@@ -347,12 +351,11 @@ def format_table(rows: list[Row], providers: list[str], copy_gbs: Optional[float
         head.append("sglang/auto")
     if "legacy" in providers:
         head.append("legacy/auto")
-    lines = [
+    lines = _table_head(
         "us per call (CUDA-graph median, mean of two passes); roofline = max(launch floor, bytes at copy bandwidth); "
         "best leaves out the provider auto dispatched to (`path`: the same kernel)",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
+        head,
+    )
     for r in rows:
         cells = [r.layout, r.loc_dtype, str(r.n_loc), r.path]
         cells += [f"{r.times_us[p]:.2f}" if p in r.times_us else _why_cell(r, p) for p in providers]
