@@ -8,14 +8,19 @@ Spec:
 - a page stored by a pool of one format read by a pool of another is a counted miss, whether the page
   bytes agree (v41 vs v41_new: 33792 B) or not (v41 vs v4), from the file store and the Mooncake key;
 - what the host pool cannot do is refused by name: a host page that is not one device page, a page
-  that ``page_size`` does not divide, a device pool of another format.
+  that ``page_size`` does not divide, a device pool of another format;
+- a DSA pool's host rows carry each slot's indexer key and scale: the round trip restores both halves
+  (CPU; CUDA with both io backends), a page stored without its indexer half (or by a DSA pool, read by
+  a plain one) is a counted miss, and a damaged indexer byte fails the page's checksum.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
 
+from mlakv.mem_cache.dsa_pool import DSATokenToKVPool
 from mlakv.mem_cache.host_pool import LAYOUTS, MLATokenToKVPoolHost, unit_row_bytes
 from mlakv.mem_cache.memory_pool import MLATokenToKVPool
 from mlakv.mem_cache.storage.local import LocalFileStorage
@@ -168,3 +173,107 @@ def test_device_pool_of_another_format_is_refused():
     other = make_device("v41_new")  # the same 528-byte host rows
     with pytest.raises(ValueError, match="cache format"):
         host.backup_from_device_all_layer(other, slots([0]), slots([1]), "direct")
+
+
+# ---- DSA: the indexer half travels with the MLA half ------------------------------------------
+IDX_KEYS = 64 * 128  # key bytes of an indexer page, then 64 x 4 scale bytes
+
+
+def make_dsa(device: str = "cpu", page_size: int = PAGE, fmt: str = "ds_mla", pages: int = DEV_PAGES) -> DSATokenToKVPool:
+    dtype = torch.float8_e4m3fn if fmt == "ds_mla" else torch.bfloat16
+    return DSATokenToKVPool(pages * page_size, page_size, dtype, 512, 64, LAYERS, device, kv_cache_format=fmt)
+
+
+def index_half(pool: DSATokenToKVPool, layer: int, slot_ids: torch.Tensor) -> torch.Tensor:
+    """``[n, 132]``: each slot's indexer key bytes then its scale bytes (the reference addressing)."""
+    buf = pool.index_k_buffer[layer].cpu()
+    out = []
+    for s in slot_ids.tolist():
+        p, o = divmod(s, 64)
+        out.append(torch.cat([buf[p, o * 128 : (o + 1) * 128], buf[p, IDX_KEYS + o * 4 : IDX_KEYS + (o + 1) * 4]]))
+    return torch.stack(out)
+
+
+def mla_rows(pool: DSATokenToKVPool, layer: int, slot_ids: torch.Tensor) -> torch.Tensor:
+    return pool.kv_buffer[layer].cpu().view(pool.num_slots, -1).view(torch.uint8)[slot_ids]
+
+
+def poison_dsa(pool: DSATokenToKVPool, seed: int) -> None:
+    for i, b in enumerate(pool.kv_buffer + pool.index_k_buffer):
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        b.view(-1).view(torch.uint8).copy_(torch.randint(0, 256, (b.numel() * b.element_size(),), generator=g, dtype=torch.uint8))
+
+
+DSA_CASES = [("cpu", "direct", 64, "ds_mla"), ("cpu", "direct", 16, None)] + [
+    pytest.param("cuda", be, 64, f, marks=requires_cuda) for be in ("kernel", "direct") for f in ("ds_mla", None)
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("device", "backend", "page_size", "fmt"), DSA_CASES)
+def test_dsa_round_trip_restores_both_halves(tmp_path, layout, device, backend, page_size, fmt):
+    src = make_dsa(device, page_size, fmt)
+    poison_dsa(src, 11)
+    host = MLATokenToKVPoolHost(src, host_size=src.size, layout=layout, pin_memory=device == "cuda")
+    poison(host.kv_buffer, 12)
+    store = LocalFileStorage(tmp_path, host.page_bytes, fsync=False)
+    store.register_mem_pool_host(host)
+    dev_pages, host_pages, dst_pages = [3, 1], [2, 0], [4, 2]
+    host.backup_from_device_all_layer(src, slots(host_pages, page_size), slots(dev_pages, page_size).to(device), backend)
+    if device == "cuda":
+        host.synchronize()
+    assert store.batch_set_from(["a", "b"], slots(host_pages, page_size)) == 2
+
+    host2 = MLATokenToKVPoolHost(make_dsa(device, page_size, fmt), host_size=src.size, layout=layout, pin_memory=device == "cuda")
+    poison(host2.kv_buffer, 13)
+    store2 = LocalFileStorage(tmp_path, host2.page_bytes, fsync=False)
+    store2.register_mem_pool_host(host2)
+    assert store2.batch_get_into(["a", "b"], slots([1, 3], page_size)) == 2
+    dst = make_dsa(device, page_size, fmt)
+    poison_dsa(dst, 14)
+    all_slots = torch.arange(dst.num_slots)
+    before = [(mla_rows(dst, i, all_slots), index_half(dst, i, all_slots)) for i in range(LAYERS)]
+    for layer in range(LAYERS):
+        host2.load_to_device_per_layer(dst, slots([1, 3], page_size), slots(dst_pages, page_size).to(device), layer, backend)
+    if device == "cuda":
+        host2.synchronize()
+    moved_src, moved_dst = slots(dev_pages, page_size), slots(dst_pages, page_size)
+    kept = torch.ones(dst.num_slots, dtype=torch.bool)
+    kept[moved_dst] = False
+    for layer in range(LAYERS):
+        assert torch.equal(mla_rows(dst, layer, moved_dst), mla_rows(src, layer, moved_src))
+        assert torch.equal(index_half(dst, layer, moved_dst), index_half(src, layer, moved_src))
+        assert torch.equal(mla_rows(dst, layer, all_slots[kept]), before[layer][0][kept])
+        assert torch.equal(index_half(dst, layer, all_slots[kept]), before[layer][1][kept])
+
+
+@pytest.mark.parametrize(("writer", "reader"), [("mla", "dsa"), ("dsa", "mla")])
+def test_page_without_its_indexer_half_is_a_counted_miss(tmp_path, writer, reader):
+    def host_of(kind):
+        dev = make_dsa() if kind == "dsa" else MLATokenToKVPool(
+            DEV_PAGES * PAGE, PAGE, torch.float8_e4m3fn, 512, 64, LAYERS, "cpu", kv_cache_format="ds_mla")
+        return MLATokenToKVPoolHost(dev, host_size=dev.size, layout="page_first_direct", pin_memory=False)
+
+    w, r = host_of(writer), host_of(reader)
+    assert w.page_bytes != r.page_bytes and page_format(w) != page_format(r)
+    poison(w.kv_buffer, 15)
+    sw, sr = LocalFileStorage(tmp_path, w.page_bytes, fsync=False), LocalFileStorage(tmp_path, r.page_bytes, fsync=False)
+    sw.register_mem_pool_host(w)
+    sr.register_mem_pool_host(r)
+    sw.batch_set_from(["p"], slots([0]))
+    assert sr.batch_get_into(["p"], slots([1])) == 0
+    assert sr.stats()["hits"] == 0 and sr.stats()["corrupt"] + sr.stats()["misses"] == 1
+
+
+def test_dsa_page_with_a_damaged_indexer_half_is_a_counted_miss(tmp_path):
+    host = MLATokenToKVPoolHost(make_dsa(), host_size=DEV_PAGES * PAGE, layout="page_first_direct", pin_memory=False)
+    poison(host.kv_buffer, 16)
+    store = LocalFileStorage(tmp_path, host.page_bytes, fsync=False)
+    store.register_mem_pool_host(host)
+    store.batch_set_from(["p"], slots([0]))
+    path = store.path_of("p")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # a byte of the last slot's indexer scale (the page's last bytes)
+    path.write_bytes(bytes(data))
+    assert store.batch_get_into(["p"], slots([1])) == 0
+    assert store.stats()["corrupt"] == 1
