@@ -114,26 +114,17 @@ class DSAModel(MLAModel):
         self.indexers = nn.ModuleList(Indexer(cfg) for _ in range(cfg.n_layers))
         torch.random.set_rng_state(gen_state)
 
-    @torch.no_grad()
-    def prefill(self, cache, input_ids, positions, loc, segments: Sequence[PrefillSegment]) -> torch.Tensor:
-        """As :meth:`MLAModel.prefill`, each query attending over its indexer's top-k visible tokens."""
-        x = self.embed(input_ids)
-        for layer_id, blk in enumerate(self.blocks):
-            h = blk.norm1(x)
-            q_lat, q_pe, k_nope, k_rope = blk.attn.project(h, positions)
-            cache.write(layer_id, loc, k_nope, k_rope)
-            cache.write_index(layer_id, loc, self.indexers[layer_id].key(h))
-            out = torch.empty_like(h)
-            for seg in segments:
-                sl = slice(seg.start, seg.start + seg.length)
-                t = seg.ctx_slots.shape[0]
-                visible = torch.arange(t, device=x.device)[None, :] <= positions[sl][:, None]
-                keys = cache.index_keys(layer_id, seg.ctx_slots)
-                mask = self.indexers[layer_id].select(h[sl], keys, visible)[None]
-                out[sl] = blk.attn.attend(cache, layer_id, q_lat[sl][None], q_pe[sl][None], seg.ctx_slots[None], mask)[0]
-            x = x + out
-            x = x + blk.mlp(blk.norm2(x))
-        return self.lm_head(self.norm(x))
+    def _prefill_cache_step(self, cache, layer_id: int, h: torch.Tensor, positions, loc):
+        """Project and write the layer's rows (unfused) and its indexer keys."""
+        q_lat, q_pe, k_nope, k_rope = self.blocks[layer_id].attn.project(h, positions)
+        cache.write(layer_id, loc, k_nope, k_rope)
+        cache.write_index(layer_id, loc, self.indexers[layer_id].key(h))
+        return q_lat, q_pe
+
+    def _prefill_mask(self, cache, layer_id: int, h: torch.Tensor, seg: PrefillSegment, visible: torch.Tensor) -> torch.Tensor:
+        """Each query attends over its indexer's top-k visible tokens."""
+        keys = cache.index_keys(layer_id, seg.ctx_slots)
+        return self.indexers[layer_id].select(h, keys, visible)
 
     @torch.no_grad()
     def decode(self, cache, input_ids, positions, loc, slot_table, lengths) -> torch.Tensor:

@@ -273,17 +273,25 @@ class MLAModel(nn.Module):
         x = self.embed(input_ids)
         for layer_id, blk in enumerate(self.blocks):
             h = blk.norm1(x)
-            q_lat, q_pe = blk.attn.cache_step(cache, layer_id, h, positions, loc)
+            q_lat, q_pe = self._prefill_cache_step(cache, layer_id, h, positions, loc)
             out = torch.empty_like(h)
             for seg in segments:
                 sl = slice(seg.start, seg.start + seg.length)
                 t = seg.ctx_slots.shape[0]
-                qpos = positions[sl]
-                mask = (torch.arange(t, device=x.device)[None, :] <= qpos[:, None])[None]
+                visible = torch.arange(t, device=x.device)[None, :] <= positions[sl][:, None]
+                mask = self._prefill_mask(cache, layer_id, h[sl], seg, visible)[None]
                 out[sl] = blk.attn.attend(cache, layer_id, q_lat[sl][None], q_pe[sl][None], seg.ctx_slots[None], mask)[0]
             x = x + out
             x = x + blk.mlp(blk.norm2(x))
         return self.lm_head(self.norm(x))
+
+    def _prefill_cache_step(self, cache, layer_id: int, h: torch.Tensor, positions, loc):
+        """Layer ``layer_id``'s cache step in :meth:`prefill`: ``(q_lat, q_pe)`` (a subclass adds its own rows)."""
+        return self.blocks[layer_id].attn.cache_step(cache, layer_id, h, positions, loc)
+
+    def _prefill_mask(self, cache, layer_id: int, h: torch.Tensor, seg: PrefillSegment, visible: torch.Tensor) -> torch.Tensor:
+        """The ``[q, t]`` tokens a segment's queries attend over in :meth:`prefill`: the causally visible ones."""
+        return visible
 
     @torch.no_grad()
     def decode(self, cache, input_ids, positions, loc, slot_table, lengths) -> torch.Tensor:
