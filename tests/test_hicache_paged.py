@@ -32,8 +32,8 @@ DEV_PAGES = 4  # usable device pages (plus the reserved one)
 PAGED = ("v4", "v41", "v41_fp4", "v41_new", "v41_fp4_new")
 
 
-def make_device(fmt: str, page_size: int = PAGE, pages: int = DEV_PAGES) -> MLATokenToKVPool:
-    return MLATokenToKVPool(pages * page_size, page_size, torch.bfloat16, 448, 64, LAYERS, "cpu", kv_cache_format=fmt)
+def make_device(fmt: str, page_size: int = PAGE, pages: int = DEV_PAGES, device: str = "cpu") -> MLATokenToKVPool:
+    return MLATokenToKVPool(pages * page_size, page_size, torch.bfloat16, 448, 64, LAYERS, device, kv_cache_format=fmt)
 
 
 def poison(t: torch.Tensor, seed: int) -> None:
@@ -43,7 +43,9 @@ def poison(t: torch.Tensor, seed: int) -> None:
 
 def poison_pool(dev: MLATokenToKVPool, seed: int) -> None:
     for i, b in enumerate(dev.kv_buffer):
-        poison(b, seed * 100 + i)
+        host = torch.empty_like(b, device="cpu")
+        poison(host, seed * 100 + i)
+        b.copy_(host)
 
 
 def slots(pages: list[int], page_size: int = PAGE) -> torch.Tensor:
@@ -54,30 +56,39 @@ def page_bytes_of(dev: MLATokenToKVPool, layer: int, page: int) -> torch.Tensor:
     return dev.kv_buffer[layer][page].clone()
 
 
+BACKENDS = [("cpu", "direct")] + [pytest.param("cuda", be, marks=requires_cuda) for be in ("kernel", "direct")]
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fmt", PAGED)
-def test_round_trip_through_file_store_is_bit_exact(tmp_path, fmt, layout):
-    src = make_device(fmt)
+def test_round_trip_through_file_store_is_bit_exact(tmp_path, fmt, layout, device, backend):
+    src = make_device(fmt, device=device)
     poison_pool(src, 1)
-    host = MLATokenToKVPoolHost(src, host_size=4 * PAGE, layout=layout, pin_memory=False)
+    pin = device == "cuda"
+    host = MLATokenToKVPoolHost(src, host_size=4 * PAGE, layout=layout, pin_memory=pin)
     poison(host.kv_buffer, 2)
     store = LocalFileStorage(tmp_path, host.page_bytes, fsync=False)
     store.register_mem_pool_host(host)
     dev_pages, host_pages = [3, 1], [2, 0]  # out of order on both sides
-    host.backup_from_device_all_layer(src, slots(host_pages), slots(dev_pages), "direct")
+    host.backup_from_device_all_layer(src, slots(host_pages), slots(dev_pages).to(device), backend)
+    if pin:
+        host.synchronize()
     assert store.batch_set_from(["k0", "k1"], slots(host_pages)) == 2
 
-    host2 = MLATokenToKVPoolHost(make_device(fmt), host_size=4 * PAGE, layout=layout, pin_memory=False)
+    host2 = MLATokenToKVPoolHost(make_device(fmt, device=device), host_size=4 * PAGE, layout=layout, pin_memory=pin)
     poison(host2.kv_buffer, 3)
     store2 = LocalFileStorage(tmp_path, host2.page_bytes, fsync=False)
     store2.register_mem_pool_host(host2)
     assert store2.batch_get_into(["k0", "k1"], slots([1, 3])) == 2
-    dst = make_device(fmt)
+    dst = make_device(fmt, device=device)
     poison_pool(dst, 4)
     before = [b.clone() for b in dst.kv_buffer]
     dst_pages = [4, 2]
     for layer in range(LAYERS):
-        host2.load_to_device_per_layer(dst, slots([1, 3]), slots(dst_pages), layer, "direct")
+        host2.load_to_device_per_layer(dst, slots([1, 3]), slots(dst_pages).to(device), layer, backend)
+    if pin:
+        host2.synchronize()
     for layer in range(LAYERS):
         for s, d in zip(dev_pages, dst_pages):
             assert torch.equal(dst.kv_buffer[layer][d], src.kv_buffer[layer][s]), (layer, s, d)
