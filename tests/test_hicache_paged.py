@@ -288,3 +288,71 @@ def test_dsa_page_with_a_damaged_indexer_half_is_a_counted_miss(tmp_path):
     path.write_bytes(bytes(data))
     assert store.batch_get_into(["p"], slots([1])) == 0
     assert store.stats()["corrupt"] == 1
+
+
+# ---- Mooncake: the same bindings through the key -----------------------------------------------
+try:
+    from mlakv.mem_cache.storage.mooncake import MooncakeStorage, _require_xxhash
+    from mlakv.testing.mooncake_master import MooncakeMaster, check_mooncake
+
+    check_mooncake()
+    _require_xxhash()
+    MOONCAKE_SKIP = None
+except Exception as e:  # noqa: BLE001 - only where the wheel or libibverbs cannot be installed
+    MOONCAKE_SKIP = str(e)
+requires_mooncake = pytest.mark.skipif(MOONCAKE_SKIP is not None, reason=f"Mooncake unavailable: {MOONCAKE_SKIP}")
+
+MOONCAKE_POOLS = {
+    "v41": lambda: make_device("v41"),
+    "v41_new": lambda: make_device("v41_new"),
+    "v4": lambda: make_device("v4"),
+    "dsa": lambda: make_dsa(),
+    "ds_mla": lambda: MLATokenToKVPool(DEV_PAGES * PAGE, PAGE, torch.float8_e4m3fn, 512, 64, LAYERS, "cpu",
+                                       kv_cache_format="ds_mla"),  # fmt: skip
+}
+
+
+@pytest.fixture(scope="module")
+def mooncake():
+    """One master; per pool kind a host pool (page_first_direct) and its store, shared by the module."""
+    clients: dict[str, tuple] = {}
+    with MooncakeMaster() as m:
+
+        def client(name: str):
+            if name not in clients:
+                dev = MOONCAKE_POOLS[name]()
+                host = MLATokenToKVPoolHost(dev, host_size=dev.size, layout="page_first_direct", pin_memory=False)
+                clients[name] = (host, MooncakeStorage(host, m.master_addr, m.metadata_url, global_segment_bytes=32 << 20,
+                                                       checksum_threads=1))  # fmt: skip
+            host, store = clients[name]
+            poison(host.kv_buffer, hash(name) % 1000)
+            return host, store
+
+        yield client
+        for _, store in clients.values():
+            store.close()
+
+
+@requires_mooncake
+@pytest.mark.parametrize("kind", ["v41", "v4", "dsa"])
+def test_mooncake_round_trip_is_bit_exact(mooncake, kind):
+    host, store = mooncake(kind)
+    want = host.get_page_bytes(PAGE)
+    assert store.batch_set_from([f"rt-{kind}"], slots([1])) == 1
+    assert store.batch_get_into([f"rt-{kind}"], slots([3])) == 1
+    assert host.get_page_bytes(3 * PAGE) == want
+
+
+@requires_mooncake
+@pytest.mark.parametrize(("writer", "reader"), [("v41", "v41_new"), ("v41", "v4"), ("ds_mla", "dsa"), ("dsa", "ds_mla")])
+def test_mooncake_page_of_another_format_is_a_counted_miss(mooncake, writer, reader):
+    _, w_store = mooncake(writer)
+    _, r_store = mooncake(reader)
+    key = f"x-{writer}-{reader}"
+    w_store.batch_set_from([key], slots([0]))
+    before = r_store.stats()
+    assert r_store.batch_exists([key]) == 0
+    assert r_store.batch_get_into([key], slots([2])) == 0
+    assert r_store.get(key) is None
+    after = r_store.stats()
+    assert after["hits"] == before["hits"] and after["misses"] + after.get("corrupt", 0) > before["misses"] + before.get("corrupt", 0)
