@@ -327,7 +327,7 @@ class Smoke:
                         keys = keys[:1].expand(n, 128)
                     base = torch.randint(0, 256, (num_pages, 8448), dtype=torch.uint8, device="cuda")
                     want = base.cpu().clone()
-                    store_index_k_reference(want, loc.cpu(), keys.cpu(), reserved_skip_index=RESERVED)
+                    store_index_k_reference(IndexStoreCall(want, loc.cpu(), keys.cpu(), skip_slot=RESERVED))
                     runs: dict[str, Callable[[torch.Tensor], object]] = {
                         "triton": lambda p: launch_store_index_k(IndexStoreCall(p, loc, keys, skip_slot=RESERVED)),
                         "op": lambda p: set_index_k_buffer(p, loc, keys, reserved_skip_index=RESERVED),
@@ -346,7 +346,7 @@ class Smoke:
         keys = (torch.randn(300, 128, device="cuda") * 4).to(torch.bfloat16)
         base = torch.randint(0, 256, (7, 8448), dtype=torch.uint8, device="cuda")
         want = base.cpu().clone()
-        store_index_k_reference(want, loc.cpu(), keys.cpu(), dcp_world_size=2, dcp_rank=1)
+        store_index_k_reference(IndexStoreCall(want, loc.cpu(), keys.cpu(), dcp_world_size=2, dcp_rank=1))
         for name, run in {
             "triton": lambda p: launch_store_index_k(IndexStoreCall(p, loc, keys, dcp_world_size=2, dcp_rank=1)),
             "jit": lambda p: indexer_jit_store(IndexStoreCall(p, loc, keys, dcp_world_size=2, dcp_rank=1)),

@@ -17,6 +17,7 @@ from mlakv.ops.indexer_reference import (
     quantize_index_k,
     store_index_k_reference,
 )
+from mlakv.spec.calls import IndexStoreCall
 
 NOPE, ROPE = 512, 64
 
@@ -69,7 +70,7 @@ def test_set_index_k_buffer_writes_the_reference_bytes(rule):
     loc[3] = 0  # the reserved slot: skipped like padding
     pool.set_index_k_buffer(5, loc, x)
     want = before[1].clone()
-    store_index_k_reference(want, loc.cpu(), x.cpu(), reserved_skip_index=0, scale_rule=rule)
+    store_index_k_reference(IndexStoreCall(want, loc.cpu(), x.cpu(), skip_slot=0, scale_rule=rule))
     assert torch.equal(pool.index_k_buffer[1].cpu(), want)
     assert torch.equal(pool.index_k_buffer[0].cpu(), before[0])  # the other layer untouched
 
@@ -124,7 +125,7 @@ def test_dcp_pool_keeps_its_own_slots(world, rank):
     loc = torch.randperm(300, generator=torch.Generator().manual_seed(6))[:30].to(DEVICE)
     pool.set_index_k_buffer(0, loc, x)
     want = before.clone()
-    store_index_k_reference(want, loc.cpu(), x.cpu(), reserved_skip_index=0, dcp_world_size=world, dcp_rank=rank)
+    store_index_k_reference(IndexStoreCall(want, loc.cpu(), x.cpu(), skip_slot=0, dcp_world_size=world, dcp_rank=rank))
     assert torch.equal(pool.index_k_buffer[0].cpu(), want)
 
 
@@ -165,7 +166,7 @@ def test_gpu_pool_store_and_gather_are_bit_exact():
     loc = torch.randperm(5000, device=DEVICE)[:3000]
     pool.set_index_k_buffer(1, loc, x)
     want = before.clone()
-    store_index_k_reference(want, loc.cpu(), x.cpu(), reserved_skip_index=0)
+    store_index_k_reference(IndexStoreCall(want, loc.cpu(), x.cpu(), skip_slot=0))
     assert torch.equal(pool.index_k_buffer[1].cpu(), want)
     table = torch.randperm(pool.num_index_pages, device=DEVICE)[:60].view(3, 20)
     lens = torch.tensor([1280, 7, 1000], device=DEVICE)

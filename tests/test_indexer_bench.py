@@ -67,6 +67,7 @@ def test_sglang_store_writes_the_reference_bytes(n):
     from mlakv.bench.sglang_peer import peer_absent_reason
     from mlakv.ops.indexer import set_index_k_buffer
     from mlakv.ops.indexer_reference import INDEX_PAGE_BYTES, store_index_k_reference
+    from mlakv.spec.calls import IndexStoreCall
 
     if peer_absent_reason():
         pytest.skip(peer_absent_reason())
@@ -80,7 +81,7 @@ def test_sglang_store_writes_the_reference_bytes(n):
         keys[4, 5] = 3.3895313892515355e38
     loc = torch.randperm(pages.shape[0] * 64, device=DEVICE)[:n]
     want = pages.cpu().clone()
-    store_index_k_reference(want, loc.cpu(), keys.cpu())
+    store_index_k_reference(IndexStoreCall(want, loc.cpu(), keys.cpu()))
     theirs, ours = pages.clone(), pages.clone()
     mod.store_indexer(keys, theirs, loc)
     set_index_k_buffer(ours, loc, keys)

@@ -256,7 +256,7 @@ def test_store_writes_only_the_kept_slots_bytes(loc_dtype):
     x = random_keys(9, torch.bfloat16, seed=12, device="cpu")
     loc = torch.tensor([5, -1, 64, 130, 0, 255, -7, 200, 63], dtype=loc_dtype)
     before = pages.clone()
-    store_index_k_reference(pages, loc, x, reserved_skip_index=0)
+    store_index_k_reference(IndexStoreCall(pages, loc, x, skip_slot=0))
     q, scale = quantize_index_k(x)
     assert torch.equal(pages, expected_pages(before, loc, q, scale, lambda s: s > 0))
 
@@ -270,7 +270,7 @@ def test_store_honours_a_strided_loc_and_strided_keys():
     loc_wide = torch.tensor([3, 99, 70, 99, 1, 99, 127, 99, 40, 99, 2, 99])
     loc = loc_wide[::2]
     before = pages.clone()
-    store_index_k_reference(pages, loc, x)
+    store_index_k_reference(IndexStoreCall(pages, loc, x))
     q, scale = quantize_index_k(wide)
     assert torch.equal(pages, expected_pages(before, loc, q, scale, lambda s: s >= 0))
 
@@ -278,7 +278,7 @@ def test_store_honours_a_strided_loc_and_strided_keys():
 def test_store_skips_slots_past_the_buffer():
     pages = poisoned_pages(1, "cpu")
     before = pages.clone()
-    store_index_k_reference(pages, torch.tensor([64, 1000]), random_keys(2, torch.bfloat16, device="cpu"))
+    store_index_k_reference(IndexStoreCall(pages, torch.tensor([64, 1000]), random_keys(2, torch.bfloat16, device="cpu")))
     assert torch.equal(pages, before)
 
 
@@ -288,7 +288,7 @@ def test_store_dcp_owner_rule(world, rank):
     x = random_keys(12, torch.bfloat16, seed=14, device="cpu")
     loc = torch.tensor([0, 1, 2, 3, 4, 5, 190, 191, 127, 128, -1, 66])
     before = pages.clone()
-    store_index_k_reference(pages, loc, x, dcp_world_size=world, dcp_rank=rank)
+    store_index_k_reference(IndexStoreCall(pages, loc, x, dcp_world_size=world, dcp_rank=rank))
     q, scale = quantize_index_k(x)
     want = before.clone()
     for i, s in enumerate(loc.tolist()):
@@ -318,7 +318,7 @@ def test_store_then_gather_round_trip():
     pages = poisoned_pages(3, "cpu")
     x = random_keys(100, torch.bfloat16, seed=15, device="cpu")
     slots = torch.cat([torch.arange(128, 192), torch.arange(0, 36)])
-    store_index_k_reference(pages, slots, x)
+    store_index_k_reference(IndexStoreCall(pages, slots, x))
     k, s = gather_index_k_reference(pages, torch.tensor([[2, 0]]), torch.tensor([100]))
     q, scale = quantize_index_k(x)
     assert torch.equal(k.view(torch.uint8), q) and torch.equal(s, scale)
@@ -372,7 +372,7 @@ KERNEL_PATHS = ["triton"] + (["jit"] if IS_SM90 else [])
 def expected_store(pages, loc, keys, *, skip=None, world=1, rank=0, rule="fp32") -> torch.Tensor:
     want = pages.detach().cpu().clone()
     store_index_k_reference(
-        want, loc.cpu(), keys.cpu(), reserved_skip_index=skip, dcp_world_size=world, dcp_rank=rank, scale_rule=rule
+        IndexStoreCall(want, loc.cpu(), keys.cpu(), -1 if skip is None else skip, world, rank, rule)
     )
     return want
 
@@ -478,7 +478,7 @@ def test_store_page_view_with_a_stride(path):
     loc = torch.tensor([0, 65, 130, 191], device=DEVICE)
     store_via(path, pages, loc, keys)
     want = before.view(3, 2 * INDEX_PAGE_BYTES).clone()
-    store_index_k_reference(want[:, :INDEX_PAGE_BYTES], loc.cpu(), keys.cpu())
+    store_index_k_reference(IndexStoreCall(want[:, :INDEX_PAGE_BYTES], loc.cpu(), keys.cpu()))
     assert_pages_equal(backing.view(3, -1), want)
 
 

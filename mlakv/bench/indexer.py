@@ -116,7 +116,7 @@ def run_indexer_bench(sizes: list[int], sweep: bool = False) -> dict:
         sets = _input_sets(n, timing.INPUT_SETS)
         d0 = sets[0]
         want = d0["pages"].cpu().clone()
-        store_index_k_reference(want, d0["loc"].cpu(), d0["keys"].cpu())  # the spec, on the CPU
+        store_index_k_reference(IndexStoreCall(want, d0["loc"].cpu(), d0["keys"].cpu()))  # the spec, on the CPU
         row: dict[str, Any] = {"n": n, "path": index_k_path(d0["pages"])}
         for name, fn in providers.items():
             if not _check_store(fn, d0, want):

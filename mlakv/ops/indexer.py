@@ -77,14 +77,11 @@ def set_index_k_buffer(
             loc, index_pages.shape[0] * rules.INDEX_PAGE_TOKENS, reserved_skip_index=None if skip < 0 else skip,
             dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
         )  # fmt: skip
+    call = IndexStoreCall(index_pages, loc, index_k, skip, dcp_world_size, dcp_rank, scale_rule)
     backend = dispatch.indexer_backend(index_pages.device)
     if backend == "torch":
-        store_index_k_reference(
-            index_pages, loc, index_k, reserved_skip_index=None if skip < 0 else skip,
-            dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, scale_rule=scale_rule,
-        )  # fmt: skip
+        store_index_k_reference(call)
         return
-    call = IndexStoreCall(index_pages, loc, index_k, skip, dcp_world_size, dcp_rank, scale_rule)
     if backend == "jit":
         from mlakv.kernels.cuda.indexer import indexer_jit_store
 

@@ -50,11 +50,11 @@ table's width, gives a zero key and a zero scale.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from mlakv.spec import formats as _formats
+from mlakv.spec.calls import IndexStoreCall
 from mlakv.spec.rules import (
     INDEX_AMAX_FLOOR,
     INDEX_E4M3_MAX,
@@ -187,31 +187,24 @@ def _pages(index_pages: torch.Tensor) -> torch.Tensor:
     return index_pages
 
 
-def store_index_k_reference(
-    index_pages: torch.Tensor,
-    loc: torch.Tensor,
-    index_k: torch.Tensor,
-    *,
-    reserved_skip_index: Optional[int] = None,
-    dcp_world_size: int = 1,
-    dcp_rank: int = 0,
-    scale_rule: str = "fp32",
-) -> None:
+def store_index_k_reference(call: IndexStoreCall) -> None:
     """Quantize ``index_k`` and write each kept key and scale into its slot (in place).
 
-    Args:
+    ``call`` (:class:`mlakv.spec.calls.IndexStoreCall`):
         index_pages: ``[num_pages, 8448]`` uint8 (any page stride; written in place).
         loc: ``[n]`` int32/int64 logical slots, any stride.
         index_k: ``[n, 128]`` or ``[n, 1, 128]`` bf16/fp16.
-        reserved_skip_index, dcp_world_size, dcp_rank: the row selection (module docstring).
+        skip_slot (negative: none), dcp_world_size, dcp_rank: the row selection (module docstring).
         scale_rule: ``"fp32"`` or ``"ue8m0"``.
 
     Nothing but the kept slots' 128 key bytes and 4 scale bytes changes. Several kept rows with one
     slot: any one of them may win (as on every path).
     """
+    index_pages, loc, index_k, skip_slot, dcp_world_size, dcp_rank, scale_rule = call
     pages = _pages(index_pages)
     q, scale = quantize_index_k(index_k, scale_rule)
-    keep, slot = kept_rows(loc, index_k_num_slots(pages), reserved_skip_index, dcp_world_size, dcp_rank)
+    skip = None if skip_slot is None or skip_slot < 0 else skip_slot
+    keep, slot = kept_rows(loc, index_k_num_slots(pages), skip, dcp_world_size, dcp_rank)
     keep = keep.to(pages.device)
     slot = slot.to(pages.device)[keep]
     if slot.numel() == 0:
