@@ -50,7 +50,6 @@ table's width, gives a zero key and a zero scale.
 
 from __future__ import annotations
 
-
 import torch
 
 from mlakv.spec import formats as _formats
