@@ -25,6 +25,15 @@ with the kernel's own bounds (a slot out of range or a page start off its page i
 unchecked GPU path does; with the device pool's ``check_bounds`` it is validated on every call): the
 per-layer loads of a batch make no host sync.
 
+What a host row holds follows the device pool's cache format (``pool.format``,
+:mod:`mlakv.spec.formats`): for a ``rows`` format, one device row; for a block-split paged format
+(the DeepSeek-V4 family's ``[num_pages, page_bytes]`` layers) a slot's share of a page, ``page_bytes /
+page_size`` bytes, so the host page is the device page byte for byte and transfers of whole aligned
+pages copy pages (the host page size must be the device's); for a DSA pool
+(:class:`~mlakv.mem_cache.dsa_pool.DSATokenToKVPool`) each row also carries the slot's indexer key
+and scale (132 bytes) after the MLA bytes, so one host page, one stored page and one prefix hit hold
+both halves of the same tokens.
+
 The page allocator (:meth:`alloc`, :meth:`free`, :meth:`available_size`, :meth:`clear`) is safe to
 call from several threads (sglang's cache controller does): one lock makes each call atomic, so a
 page is never handed out twice and a double free is refused even when two threads race.
@@ -122,7 +131,10 @@ class MLATokenToKVPoolHost:
         transfer_sms: the most SMs a ``"kernel"`` transfer occupies (its persistent grid size).
 
     ``kv_buffer`` is in the device pool's ``store_dtype`` with a head dim of 1, shaped as the
-    layout says (``D = kv_lora_rank + qk_rope_head_dim``). Raises ``MemoryError`` naming the sizes
+    layout says (``D = kv_lora_rank + qk_rope_head_dim`` for rows of the pool dtype; otherwise the
+    host row's bytes in ``store_dtype`` elements: ``row_bytes = mla_row_bytes + index_row_bytes``,
+    see the module docstring). A paged (V4-family) pool needs ``page_size`` equal to its own and
+    dividing its page bytes (``ValueError`` naming both otherwise). Raises ``MemoryError`` naming the sizes
     if the host does not have the memory, before allocating anything.
     """
 
