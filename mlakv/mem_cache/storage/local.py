@@ -4,7 +4,8 @@
 is one file named by a hash of its key (bounded length, any key bytes), holding a fixed header —
 magic, format version, the byte order of the page (layer-major or token-major), the page size, its
 layers and tokens, a digest of the key, a digest of the pool's page format (dtype, FP8 format and
-scale, widths, row bytes, layer range, page size: :func:`~mlakv.mem_cache.storage.base.pool_format`)
+scale, widths, row bytes, the cache format's key, a DSA pool's indexer half, layer range, page size:
+:func:`~mlakv.mem_cache.storage.base.pool_format`)
 and a BLAKE2b checksum — followed by the page bytes. A reader opens without blocking, checks that
 the path is a regular file of the right size before reading and the header and checksum after: a
 FIFO or other special file, a truncated, corrupted or foreign file (another key, another pool
