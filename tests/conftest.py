@@ -80,6 +80,14 @@ def assert_bits_equal(actual: torch.Tensor, expected_bits: torch.Tensor) -> None
         raise AssertionError(f"{diff.numel()} rows differ, first rows: {diff[:8].tolist()}")
 
 
+def assert_pages_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Byte pages (``[num_pages, page_bytes]`` uint8) equal ``expected`` (CPU), else the differing bytes."""
+    a = actual.detach().cpu()
+    if not torch.equal(a, expected):
+        bad = (a != expected).nonzero()
+        raise AssertionError(f"{bad.shape[0]} bytes differ, first (page, byte): {bad[:8].tolist()}")
+
+
 JIT_BUILD_REQUIRED = os.environ.get("MLAKV_REQUIRE_JIT_BUILD", "0") not in ("", "0")
 
 

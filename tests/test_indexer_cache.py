@@ -14,7 +14,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_cuda, requires_sm90, sm90a_build_env  # noqa: F401
+from conftest import (  # noqa: F401
+    DEVICE, HAS_CUDA, IS_SM90, assert_pages_equal, requires_cuda, requires_sm90, sm90a_build_env,
+)  # fmt: skip
 
 from mlakv.ops.indexer_reference import (
     INDEX_AMAX_FLOOR,
@@ -375,13 +377,6 @@ def expected_store(pages, loc, keys, *, skip=None, world=1, rank=0, rule="fp32")
         IndexStoreCall(want, loc.cpu(), keys.cpu(), -1 if skip is None else skip, world, rank, rule)
     )
     return want
-
-
-def assert_pages_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    a = actual.detach().cpu()
-    if not torch.equal(a, expected):
-        bad = (a != expected).nonzero()
-        raise AssertionError(f"{bad.shape[0]} bytes differ, first (page, byte): {bad[:6].tolist()}")
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, IS_SM90
+from conftest import DEVICE, HAS_CUDA, IS_SM90, assert_pages_equal
 from mlakv.ops import v4_reference as R
 from mlakv.spec.calls import V4StoreCall
 from test_v4_formats import make_tokens
@@ -113,13 +113,6 @@ def expected_after(pages, loc, kv, layout, page_size, **kw) -> torch.Tensor:
         dcp_rank=cpu.get("dcp_rank", 0),
     )  # fmt: skip
     return out
-
-
-def assert_pages_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    a = actual.detach().cpu()
-    if not torch.equal(a, expected):
-        bad = (a != expected).nonzero()
-        raise AssertionError(f"{bad.shape[0]} bytes differ; first (page, byte): {bad[:8].tolist()}")
 
 
 def store_and_check(path, layout, pages, loc, kv, page_size, **kw):
