@@ -148,7 +148,9 @@ def test_page_key_rejects_bad_components(bad, err):
 
 
 def test_page_format_names_dtype_and_byte_order():
-    assert page_format(make_host("page_first")).endswith("1152B-TLR")
+    fmt = page_format(make_host("page_first"))
+    assert fmt.startswith("bfloat16-raw-512+64-1152B-") and fmt.endswith("-TLR")
+    assert ":rows:page16:18432B" in fmt  # the cache format's key at the pool's page size
     assert page_format(make_host("layer_first")) == page_format(make_host("page_first_direct"))
     assert page_format(make_host(dtype=torch.float8_e4m3fn)).startswith("float8_e4m3fn-raw-512+64-")
     dev = MLATokenToKVPool(PAGE, PAGE, torch.float8_e4m3fn, 512, 64, 2, "cpu", kv_cache_format="ds_mla")
