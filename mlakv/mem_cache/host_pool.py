@@ -390,6 +390,9 @@ class MLATokenToKVPoolHost:
             mla = self.mla_row_bytes
             dev_layout = (1, mla, mla)
             unit = mla * P
+            if P > 1:  # page units start at page-aligned slots: the row stride is never used, so give it
+                # the unit's own size, which keeps the copy's word width (a V4 page's slot share is 585 B)
+                dev_layout, host_layout = (P, unit, unit), (host_layout[0], host_layout[1], unit)
             # the kernel's own bounds: a unit whose slot is outside [0, limit) or off its page is skipped
             hl, dl = self.size, device_pool.num_slots
             if to_host:
