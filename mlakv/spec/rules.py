@@ -515,18 +515,39 @@ def _pages_ok(t: torch.Tensor, page_bytes: int) -> bool:
     )
 
 
+def _check_2d(
+    name: str, t: object, cols: int, shape: str, dtype: torch.dtype, dtype_text: str, contiguous_text: str
+) -> None:
+    """Raise naming ``name`` unless ``t`` is a 2-D ``dtype`` tensor of ``cols`` contiguous columns
+    (the texts: how the messages spell the expected shape, dtype and contiguity)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2 or t.shape[1] != cols:
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(t.shape)}")
+    if t.dtype is not dtype:
+        raise TypeError(f"{name} must be {dtype_text}, got {t.dtype}")
+    if t.stride(1) != 1:
+        raise ValueError(f"{name}: {contiguous_text}, got strides {tuple(t.stride())}")
+
+
 def _check_pages(name: str, pages: object, page_bytes: int, what: str = "") -> None:
     """Raise naming ``name`` unless :func:`_pages_ok` (``what``: a note after the expected shape)."""
-    if not isinstance(pages, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(pages).__name__}")
-    if pages.dim() != 2 or pages.shape[1] != page_bytes:
-        raise ValueError(f"{name} must be [num_pages, {page_bytes}]{what}, got shape {tuple(pages.shape)}")
-    if pages.dtype is not torch.uint8:
-        raise TypeError(f"{name} must be uint8 (the stored bytes), got {pages.dtype}")
-    if pages.stride(1) != 1:
-        raise ValueError(f"{name}: dim 1 must be contiguous (stride 1), got strides {tuple(pages.stride())}")
+    _check_2d(
+        name, pages, page_bytes, f"[num_pages, {page_bytes}]{what}", torch.uint8, "uint8 (the stored bytes)",
+        "dim 1 must be contiguous (stride 1)",
+    )  # fmt: skip
     if pages.shape[0] > 1 and pages.stride(0) < page_bytes:
         raise ValueError(f"{name}: pages overlap (dim 0 stride {pages.stride(0)} < {page_bytes})")
+
+
+def _check_store_source(name: str, src: object, width: int, what: str, dtypes: tuple) -> None:
+    """Raise naming ``name`` unless ``src`` is ``[n, (1,) width]`` rows (last dim contiguous) of one of
+    ``dtypes``, the tokens a quantizing paged store takes (``what``: the width's meaning)."""
+    check_rows_tensor(name, src, "n")
+    if src.shape[-1] != width:
+        raise ValueError(f"{name}: the last dim must be {width} ({what}), got {src.shape[-1]}")
+    if src.dtype not in dtypes:
+        raise TypeError(f"{name} dtype must be one of {dtypes} (quantized in the store), got {src.dtype}")
 
 
 def _index_pages_ok(t: torch.Tensor) -> bool:
@@ -566,11 +587,7 @@ def explain_index_store(index_pages, loc, index_k) -> None:
     """Find the first broken rule of the indexer store and raise its ``TypeError``/``ValueError``."""
     check_index_pages(index_pages)
     check_loc(loc)
-    check_rows_tensor("index_k", index_k, "n")
-    if index_k.shape[-1] != INDEX_HEAD_DIM:
-        raise ValueError(f"index_k: the last dim must be {INDEX_HEAD_DIM} (one indexer key), got {index_k.shape[-1]}")
-    if index_k.dtype not in _INDEX_SRC_SET:
-        raise TypeError(f"index_k dtype must be one of {INDEX_SOURCE_DTYPES} (quantized in the store), got {index_k.dtype}")
+    _check_store_source("index_k", index_k, INDEX_HEAD_DIM, "one indexer key", INDEX_SOURCE_DTYPES)
     for name, t in (("loc", loc), ("index_k", index_k)):
         if t.device != index_pages.device:
             raise ValueError(f"{name} is on {t.device} but index_pages is on {index_pages.device}")
@@ -642,6 +659,18 @@ def _last_contiguous(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 or t.shape[-1] <= 1
 
 
+def _positions_table_ok(positions: torch.Tensor, cos_sin_cache: torch.Tensor, n: int, rope: int) -> bool:
+    """``positions [n]`` int32/int64 and a ``[max_pos, rope]`` float32 ``cos_sin_cache`` (shapes and dtypes only)."""
+    return (
+        positions.ndim == 1
+        and positions.dtype in _LOC_SET
+        and positions.shape[0] == n
+        and cos_sin_cache.ndim == 2
+        and cos_sin_cache.dtype is torch.float32
+        and cos_sin_cache.shape[1] == rope
+    )
+
+
 def rope_write_ok(kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, q_nope, q_pe, q_out, quantized, row_bytes) -> bool:
     """All the fused RoPE write's tensor rules as one boolean expression (no error naming).
 
@@ -665,12 +694,7 @@ def rope_write_ok(kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, q_nope
             and rope % 2 == 0
             and loc.ndim == 1
             and loc.dtype in _LOC_SET
-            and positions.ndim == 1
-            and positions.dtype in _LOC_SET
-            and positions.shape[0] == n
-            and cos_sin_cache.ndim == 2
-            and cos_sin_cache.dtype is torch.float32
-            and cos_sin_cache.shape[1] == rope
+            and _positions_table_ok(positions, cos_sin_cache, n, rope)
             and _last_contiguous(cos_sin_cache)
             and (kv_buffer.dtype in _BYTE_SET if quantized else kv_buffer.dtype is dt)
             and kv_buffer.shape[-1] * kv_buffer.element_size() >= row_bytes
@@ -862,12 +886,7 @@ def v4_store_ok(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_sin_cac
         return (
             positions is not None
             and cos_sin_cache is not None
-            and positions.ndim == 1
-            and positions.dtype in _LOC_SET
-            and positions.shape[0] == n
-            and cos_sin_cache.ndim == 2
-            and cos_sin_cache.dtype is torch.float32
-            and cos_sin_cache.shape[1] == V4_ROPE_DIM
+            and _positions_table_ok(positions, cos_sin_cache, n, V4_ROPE_DIM)
             and cos_sin_cache.stride(1) == 1
             and positions.device == device
             and cos_sin_cache.device == device
@@ -880,11 +899,7 @@ def explain_v4_store(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_si
     """Find the first broken rule of the V4-family store and raise its ``TypeError``/``ValueError``."""
     check_v4_pages(kv_pages, page_bytes)
     check_loc(loc)
-    check_rows_tensor("kv", kv, "n")
-    if kv.shape[-1] != V4_DIM:
-        raise ValueError(f"kv: the last dim must be {V4_DIM} (nope 448 | rope 64), got {kv.shape[-1]}")
-    if kv.dtype not in _V4_SRC_SET:
-        raise TypeError(f"kv dtype must be one of {V4_SOURCE_DTYPES} (quantized in the store), got {kv.dtype}")
+    _check_store_source("kv", kv, V4_DIM, "nope 448 | rope 64", V4_SOURCE_DTYPES)
     n = loc.shape[0]
     if kv.shape[0] != n:
         raise ValueError(f"kv: dim 0 is {kv.shape[0]} but loc has n={n} entries")
@@ -899,13 +914,10 @@ def explain_v4_store(kv_pages, loc, kv, page_bytes, freqs_cis, positions, cos_si
     named = (("freqs_cis", freqs_cis, "[n, 64]"),) if freqs_cis is not None else (
         ("cos_sin_cache", cos_sin_cache, "[max_pos, 64]"),) if cos_sin_cache is not None else ()
     for name, t, shape in named:
-        _check_tensor(name, t)
-        if t.dim() != 2 or t.shape[1] != V4_ROPE_DIM:
-            raise ValueError(f"{name} must be 2-D {shape} (cos, sin of the 32 RoPE pairs), got shape {tuple(t.shape)}")
-        if t.dtype is not torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if t.stride(1) != 1:
-            raise ValueError(f"{name}: the last dim must be contiguous, got strides {tuple(t.stride())}")
+        _check_2d(
+            name, t, V4_ROPE_DIM, f"2-D {shape} (cos, sin of the 32 RoPE pairs)", torch.float32, "float32",
+            "the last dim must be contiguous",
+        )  # fmt: skip
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but kv_pages is on {device}")
     if freqs_cis is not None and freqs_cis.shape[0] != n:
