@@ -226,7 +226,7 @@ def write_rows(
     source that aliases ``kv_buffer`` by a copy (:func:`unaliased_sources`): no kernel reads a row
     it may already have written.
     """
-    if not bounds and (jit is not None or getattr(kv_buffer, "is_cuda", False)) and _try_jit(
+    if not bounds and (jit is not None or getattr(kv_buffer, "is_cuda", False)) and try_jit(
         kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit
     ):
         return
@@ -245,14 +245,14 @@ def write_rows(
             reserved_skip_index=None if skip < 0 else skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
         )
         return
-    if bounds and _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit):
+    if bounds and try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit):
         return
     from mlakv.kernels.triton.row_write import launch_set_kv_rows
 
     launch_set_kv_rows(kv_buffer, loc, cache_k_nope, cache_k_rope, skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank)
 
 
-def _try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit=None) -> bool:
+def try_jit(kv_buffer, loc, cache_k_nope, cache_k_rope, skip, dcp_world_size, dcp_rank, jit=None) -> bool:
     """Write through the JIT kernel if the route table (or the caller's bound entry ``jit``) allows it;
     False if it did not launch.
 

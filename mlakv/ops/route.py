@@ -76,9 +76,21 @@ class Route:
         so the rows written are the source as it was before the call on every path; the test is two
         address compares against the span kept at bind time (none while compiling: the op's kernel
         does the same test when it runs)."""
+        jit = self.jit
+        lo, hi = self.spans[layer]
+        hot = (  # an eager, unchecked write of unaliased rows, with the JIT kernel learnt for this layout
+            jit is not None
+            and jit[0] is not None
+            and not self.check_bounds
+            and not (lo <= k_nope.data_ptr() < hi or lo <= k_rope.data_ptr() < hi)
+            and not torch.compiler.is_compiling()
+        )
+        if hot and dispatch.try_jit(
+            self.views[layer], loc, k_nope, k_rope, self.skip, self.dcp_world_size, self.dcp_rank, jit
+        ):  # fmt: skip
+            return
         fmt = self.fmt
         if not torch.compiler.is_compiling():
-            lo, hi = self.spans[layer]
             if lo <= k_nope.data_ptr() < hi or lo <= k_rope.data_ptr() < hi:
                 k_nope, k_rope = dispatch.unaliased_sources(self.buffers[layer], k_nope, k_rope, (lo, hi))
         if fmt.scale_kind != "none" and (k_nope.dtype in fp8.SOURCE_DTYPES or fmt.name == "ds_mla"):
@@ -100,10 +112,13 @@ class Route:
                 self.dcp_world_size, self.dcp_rank,
             )  # fmt: skip
             return
-        jit = self.jit
         if jit is None:  # the first eager write learns the JIT entry of this layout (may build the kernel)
             jit = self.jit = dispatch.jit_route(kv, self.nope_dim, self.rope_dim) if kv.is_cuda else dispatch.NO_JIT
-        dispatch.write_rows(kv, loc, k_nope, k_rope, self.check_bounds, self.skip, self.dcp_world_size, self.dcp_rank, jit)
+        # a call the JIT kernel declined above (misaligned, converting, short) is not offered to it again
+        dispatch.write_rows(
+            kv, loc, k_nope, k_rope, self.check_bounds, self.skip, self.dcp_world_size, self.dcp_rank,
+            dispatch.NO_JIT if hot else jit,
+        )  # fmt: skip
 
     # ---- gather --------------------------------------------------------------------------------
     def gather(
