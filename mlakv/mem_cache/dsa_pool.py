@@ -84,14 +84,14 @@ class DSATokenToKVPool(MLATokenToKVPool):
         Bounds as the MLA write (``check_bounds``).
         """
         _store_index_k(
-            self.index_k_buffer[self._local_layer(layer)], loc, index_k, check_bounds=self.check_bounds,
+            self.index_k_buffer[self.local_layer(layer)], loc, index_k, check_bounds=self.check_bounds,
             reserved_skip_index=RESERVED_SLOT, dcp_world_size=self.dcp_world_size, dcp_rank=self.dcp_rank,
             scale_rule=self.index_scale_rule,
         )  # fmt: skip
 
     def get_index_k_buffer(self, layer: LayerRef) -> torch.Tensor:
         """The layer's indexer pages ``[num_index_pages, 8448]`` uint8 (physical slots; a view, not a copy)."""
-        return self.index_k_buffer[self._local_layer(layer)]
+        return self.index_k_buffer[self.local_layer(layer)]
 
     get_index_k_with_scale_buffer = get_index_k_buffer  # sglang's name for the same buffer
 
@@ -110,7 +110,7 @@ class DSATokenToKVPool(MLATokenToKVPool):
         (None: computed, which syncs). Bounds as the pool's ``check_bounds``.
         """
         return _gather_index_k(
-            self.index_k_buffer[self._local_layer(layer)], page_table, seq_lens, total_tokens=total_tokens,
+            self.index_k_buffer[self.local_layer(layer)], page_table, seq_lens, total_tokens=total_tokens,
             max_seq_len=max_seq_len, check_bounds=self.check_bounds,
         )  # fmt: skip
 

@@ -256,7 +256,7 @@ class MLATokenToKVPoolHost:
         Thread-safe: the check and the free are one step under the allocator's lock, so when two
         threads free the same pages exactly one succeeds and the other gets the double-free error.
         """
-        pages = self._pages_of(indices, "indices")
+        pages = self.pages_of(indices, "indices")
         uniq, counts = torch.unique(pages, return_counts=True)
         if bool((counts > 1).any()):
             raise ValueError(f"indices: page {int(uniq[counts > 1][0])} is named more than once (double free)")
@@ -274,7 +274,9 @@ class MLATokenToKVPoolHost:
             self._free_pages = list(range(self.num_pages - 1, -1, -1))
             self._page_free.fill_(True)
 
-    def _pages_of(self, indices: torch.Tensor, name: str) -> torch.Tensor:
+    def pages_of(self, indices: torch.Tensor, name: str = "indices") -> torch.Tensor:
+        """Page numbers ``[n_pages]`` of the whole, aligned pages that token slots ``indices [n]`` name
+        (the rule book's slot rule; ``IndexError``/``ValueError`` naming ``name`` otherwise)."""
         idx = _check_slots(indices, name, self.size, self.page_size)
         return idx.reshape(-1, self.page_size)[:, 0] // self.page_size
 
@@ -502,7 +504,7 @@ class MLATokenToKVPoolHost:
         the consumer calls :meth:`wait_until_layer_ready` on its stream before reading the rows.
         """
         _check_backend(io_backend)
-        local = device_pool._local_layer(layer_id)
+        local = device_pool.local_layer(layer_id)
         b = self._prepare(device_pool, host_indices, device_indices, io_backend)
         if b.n == 0:
             return
@@ -525,7 +527,7 @@ class MLATokenToKVPoolHost:
             self._stream.synchronize()
 
     # ---- pages for storage (L3) -------------------------------------------------------------
-    def _page_index(self, index: Any, name: str = "index") -> int:
+    def page_index(self, index: Any, name: str = "index") -> int:
         """Page number of the page whose first token slot is ``index``."""
         i = _as_int(index, name)
         if not 0 <= i < self.size or i % self.page_size:
@@ -540,7 +542,7 @@ class MLATokenToKVPoolHost:
         """The bytes of the page starting at slot ``index`` as a ``[page_bytes]`` uint8 view, in the
         layout's own order (``page_first``: token-major; ``page_first_direct``: layer-major).
         Only for contiguous-page layouts (``ValueError`` for ``layer_first``)."""
-        page = self._page_index(index)
+        page = self.page_index(index)
         if not self.page_is_contiguous():
             raise ValueError("page_view: layout 'layer_first' keeps a page's layers apart; use get_page_bytes")
         start = page * self.page_bytes
@@ -549,7 +551,7 @@ class MLATokenToKVPoolHost:
     def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
         """The page starting at slot ``index``, a view of ``kv_buffer`` (sglang's meaning: the
         layout's own order; ``flat`` flattens it, which copies for ``layer_first``)."""
-        page = self._page_index(index)
+        page = self.page_index(index)
         P = self.page_size
         if self.layout == "layer_first":
             data = self.kv_buffer[:, page * P : (page + 1) * P]
@@ -580,7 +582,7 @@ class MLATokenToKVPoolHost:
         """Zero-copy storage I/O: ``(ptrs, nbytes)`` of the host pages holding token slots ``indices``
         (whole aligned pages). Contiguous-page layouts give one ``(ptr, page_bytes)`` per page;
         ``layer_first`` gives one entry per page per layer (``page_size * row_bytes`` each)."""
-        pages = self._pages_of(indices, "indices").tolist()
+        pages = self.pages_of(indices, "indices").tolist()
         base, rb, P = self._bytes.data_ptr(), self.row_bytes, self.page_size
         if self.page_is_contiguous():
             return [base + p * self.page_bytes for p in pages], [self.page_bytes] * len(pages)
@@ -594,7 +596,7 @@ class MLATokenToKVPoolHost:
 
     def _page_layer_major(self, host_index: int) -> torch.Tensor:
         """The page as a ``[layer, page_size, row_bytes]`` byte view (strided for some layouts)."""
-        page = self._page_index(host_index, "host_index")
+        page = self.page_index(host_index, "host_index")
         P = self.page_size
         if self.layout == "layer_first":
             return self._rows[:, page * P : (page + 1) * P]

@@ -290,7 +290,9 @@ class MLATokenToKVPool:
         self._route.check_bounds = value
 
     # ---- layer lookup -------------------------------------------------------------------
-    def _local_layer(self, layer: LayerRef) -> int:
+    def local_layer(self, layer: LayerRef) -> int:
+        """This pool's index of global layer ``layer`` (an int id, numpy integers included, or an object
+        with ``.layer_id``); ``TypeError``/``IndexError`` naming it otherwise."""
         layer_id = layer if type(layer) is int else getattr(layer, "layer_id", layer)
         if type(layer_id) is not int:
             try:  # numpy and other integer types count as ints; a bool is not a layer id
@@ -308,7 +310,7 @@ class MLATokenToKVPool:
     # ---- reads --------------------------------------------------------------------------
     def get_key_buffer(self, layer_id: LayerRef) -> torch.Tensor:
         """The layer's whole buffer ``[num_slots, 1, kv_lora_rank + qk_rope_head_dim]`` as ``dtype`` (physical rows)."""
-        return self._dtype_views[self._local_layer(layer_id)]
+        return self._dtype_views[self.local_layer(layer_id)]
 
     def get_value_buffer(self, layer_id: LayerRef) -> torch.Tensor:
         """The latent part ``[num_slots, 1, kv_lora_rank]`` of the layer's buffer (a view)."""
@@ -330,7 +332,7 @@ class MLATokenToKVPool:
         The result is in the pool ``dtype``, or cast to ``dst_dtype`` when given. An fp8-format
         pool (``kv_cache_format``) dequantizes in the gather (fused) to ``dst_dtype``, default bf16.
         """
-        return self._route.gather(self._local_layer(layer), loc, dst_dtype)
+        return self._route.gather(self.local_layer(layer), loc, dst_dtype)
 
     # ---- writes -------------------------------------------------------------------------
     def set_kv_buffer(
@@ -375,10 +377,10 @@ class MLATokenToKVPool:
         """
         nope, rope = self._split_row_sources(cache_k, cache_v)
         if freqs_cis is None and positions is None and cos_sin_cache is None:
-            self._route.write(self._local_layer(layer), loc, nope, rope)
+            self._route.write(self.local_layer(layer), loc, nope, rope)
         elif self._v4:
             self._route.write(
-                self._local_layer(layer), loc, nope, rope, freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache
+                self.local_layer(layer), loc, nope, rope, freqs_cis=freqs_cis, positions=positions, cos_sin_cache=cos_sin_cache
             )
         else:
             raise ValueError(
@@ -448,7 +450,7 @@ class MLATokenToKVPool:
                 f"this pool is {self.dtype} with kv_cache_format={fmt!r}"
             )
         return set_mla_kv_buffer_rope(
-            self.kv_buffer[self._local_layer(layer)], loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style,
+            self.kv_buffer[self.local_layer(layer)], loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style,
             q_nope=q_nope, q_pe=q_pe, q_out=q_out, kv_cache_format=fmt, k_scale=self.k_scale, q_scale=q_scale,
             reserved_skip_index=RESERVED_SLOT, dcp_world_size=self.dcp_world_size, dcp_rank=self.dcp_rank,
             check_bounds=self.check_bounds,

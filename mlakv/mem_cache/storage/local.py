@@ -276,11 +276,11 @@ class LocalFileStorage(HiCacheStorage):
         idx = host_indices.to("cpu", torch.int64).contiguous()
         P = host.page_size
         if idx.numel() == len(keys) * P and P > 1:
-            pages = host._pages_of(idx, "host_indices") * P
+            pages = host.pages_of(idx, "host_indices") * P
         elif idx.numel() == len(keys):
             pages = idx
             for s in pages.tolist():
-                host._page_index(s, "host_indices")
+                host.page_index(s, "host_indices")
         else:
             raise ValueError(
                 f"host_indices has {idx.numel()} entries for {len(keys)} keys: expected one page start per key "
