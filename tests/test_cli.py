@@ -7,6 +7,7 @@ directory; on a CPU the bench and the demo say what their numbers are.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -162,7 +163,8 @@ def test_demo_small_run_passes_reference_and_prints_shares_only_on_a_gpu(capsys)
     else:
         assert not any("%" in ln for ln in table) and "share of" not in out
         assert "CPU run: no KV-write shares" in out and "(n/m)" not in out and "not meaningful" not in out
-    assert "prefill: timing 3 variants round-robin" in err and "decode:" in err and "round-robin" in err
+    # 3 variants, and a 4th (the fused cache step) where its kernels run
+    assert re.search(r"prefill: timing [34] variants round-robin", err) and "decode:" in err, err
 
 
 def test_version_and_help_do_not_import_torch():

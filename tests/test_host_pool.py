@@ -434,6 +434,26 @@ def test_copy_kernel_paged_addressing(unit_rows, row_bytes, max_programs):
     assert torch.equal(host.cpu(), expected.cpu())
 
 
+def test_transfer_kernel_takes_buffers_whose_last_dim_is_no_word_multiple():
+    """A page pool's buffer may be shaped ``[pages, 64, 585]`` (V4 pages): the kernel copies 8-byte words
+    of a contiguous buffer whatever its last dim, and refuses a non-contiguous one by name."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from mlakv.kernels.triton.transfer import launch_copy_rows
+
+    page_bytes = 8 * 585  # a multiple of 8 bytes, in rows of 585
+    src = torch.randint(0, 256, (6, 8, 585), dtype=torch.uint8, device=DEVICE)
+    dst = torch.randint(0, 256, (6, 8, 585), dtype=torch.uint8, device=DEVICE)
+    expected = dst.clone()
+    src_idx, dst_idx = torch.tensor([0, 2, 5], device=DEVICE), torch.tensor([4, 1, 3], device=DEVICE)
+    for s_, d_ in zip(src_idx.tolist(), dst_idx.tolist()):
+        expected[d_] = src[s_]
+    layout = (1, page_bytes, page_bytes)
+    launch_copy_rows(src, dst, src_idx, dst_idx, page_bytes, layout, layout)
+    assert torch.equal(dst.cpu(), expected.cpu())
+    with pytest.raises(ValueError, match="dst must be a contiguous buffer"):
+        launch_copy_rows(src, dst.transpose(0, 1), src_idx, dst_idx, page_bytes, layout, layout)
+
+
 # ---- GPU -----------------------------------------------------------------------------------
 @requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -177,7 +177,12 @@ def launch_copy_rows(
     sp, sps, srs = src_layout
     dp, dps, drs = dst_layout
     w, word = _word(unit_bytes, sps, srs, dps, drs, src.data_ptr(), dst.data_ptr(), src.nbytes, dst.nbytes)
-    s_words, d_words = src.view(torch.uint8).view(word), dst.view(torch.uint8).view(word)
+    for name, t in (("src", src), ("dst", dst)):  # the kernel addresses every buffer from its first byte
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous buffer, got strides {tuple(t.stride())}")
+    # flattened first: a buffer's last dim need not be a multiple of the word (e.g. 585-byte rows)
+    s_words = src.view(torch.uint8).reshape(-1).view(word)
+    d_words = dst.view(torch.uint8).reshape(-1).view(word)
     unit = unit_bytes // w
     rows, block = tile_shape(unit)
     grid = min(max_programs, triton.cdiv(n, rows))
