@@ -7,7 +7,9 @@ after the softmax), so the cache never holds per-head K or V. The attention itse
 over gathered rows: the point of this model is the cache path, not attention speed.
 
 Two cache backends share the same model code: :class:`PoolKVCache` (an ``MLATokenToKVPool``; writes
-go through the dispatcher) and :class:`DictKVCache` (a dict of tensors, the reference). A third,
+go through the dispatcher) and :class:`DictKVCache` (a dict of tensors, the reference);
+:class:`QuantizedPoolKVCache` is the pool cache for a quantized ``kv_cache_format`` (FP8 rows, the
+DeepSeek-V4 family's pages), whose rows the model reads dequantized. A third,
 :class:`mlakv.demo.dcp.DCPPoolKVCache`, shards the cache over decode-context-parallel ranks: the
 model asks every cache for the rows *this rank* attends over (:meth:`KVCache.shard`) and hands the
 partial result ``(o_lat, lse)`` back to it (:meth:`KVCache.merge`); a single-rank cache returns all
@@ -27,7 +29,10 @@ from torch import nn
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.ops.rope_write_reference import rope_rotate_torch
 
-__all__ = ["MLAConfig", "MLAModel", "KVCache", "PoolKVCache", "DictKVCache", "PrefillSegment", "fused_step_available", "rope_table"]
+__all__ = [
+    "MLAConfig", "MLAModel", "KVCache", "PoolKVCache", "QuantizedPoolKVCache", "DictKVCache", "PrefillSegment",
+    "fused_step_available", "rope_table",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,45 @@ class PoolKVCache(KVCache):
         rows = self.pool.get_key_buffer(layer)[slots, 0]
         r = self.pool.kv_lora_rank
         return rows[..., :r], rows[..., r : r + self.pool.qk_rope_head_dim]
+
+
+class QuantizedPoolKVCache(PoolKVCache):
+    """The model's cache on a pool of a quantized ``kv_cache_format`` (``per_tensor``, ``ds_mla``, or the
+    DeepSeek-V4 family's pages ``v4``, ``v41``, ``v41_fp4``, ``v41_new``, ``v41_fp4_new``).
+
+    Sources go in as 16-bit values (:attr:`src_dtype`: a V4-family pool's own dtype, else the model's
+    dtype when it is bf16/fp16, else bf16), quantized inside the pool's write; rows come back
+    dequantized by the pool's gather, in ``model_dtype``. ``fused=True`` (``per_tensor``/``ds_mla``)
+    runs RoPE, the quantizing write and the absorbed query in one launch per layer
+    (:meth:`write_rope`); the V4 family takes the separate steps.
+    """
+
+    def __init__(self, pool: MLATokenToKVPool, model_dtype: torch.dtype, fused: bool = False) -> None:
+        if pool.kv_cache_format is None:
+            raise ValueError("QuantizedPoolKVCache takes a pool with a kv_cache_format; use PoolKVCache for plain rows")
+        super().__init__(pool, fused=fused)
+        self.model_dtype = model_dtype
+        sixteen = (torch.bfloat16, torch.float16)
+        self.src_dtype = (
+            pool.dtype if pool.dtype in sixteen else model_dtype if model_dtype in sixteen else torch.bfloat16
+        )
+
+    def write(self, layer: int, loc: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor) -> None:
+        self.pool.set_kv_buffer(layer, loc, k_nope.to(self.src_dtype), k_rope.to(self.src_dtype))
+
+    def write_rope(self, layer: int, loc, k_nope, k_pe, positions, cos_sin_cache, q_lat, q_pe):
+        """The fused step on 16-bit sources; returns ``(q_lat, rotated q_pe)`` in ``q_lat``'s dtype."""
+        s = self.src_dtype
+        q_out = self.pool.set_kv_buffer_rope(
+            layer, loc, k_nope.to(s), k_pe.to(s), positions, cos_sin_cache, True, q_lat.to(s), q_pe.to(s)
+        ).to(q_lat.dtype)
+        r = q_lat.shape[-1]
+        return q_out[..., :r], q_out[..., r:]
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows at ``slots`` (any shape ``S``) dequantized: ``([*S, kv_lora_rank], [*S, rope_dim])`` in ``model_dtype``."""
+        nope, rope = self.pool.get_mla_kv_buffer(layer, slots.reshape(-1), dst_dtype=self.model_dtype)
+        return nope.reshape(*slots.shape, -1), rope.reshape(*slots.shape, -1)
 
 
 class DictKVCache(KVCache):

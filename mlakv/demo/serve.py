@@ -24,8 +24,9 @@ import torch
 from mlakv.mem_cache import MLATokenToKVPool
 from mlakv.mem_cache.memory_pool import host_available_bytes
 from mlakv.demo.engine import DecodeGraphRunner, Engine, Request
-from mlakv.demo.model import DictKVCache, MLAConfig, PoolKVCache, fused_step_available
+from mlakv.demo.model import DictKVCache, MLAConfig, PoolKVCache, QuantizedPoolKVCache, fused_step_available
 from mlakv.mem_cache.allocator import TokenSlotAllocator
+from mlakv.ops.v4 import V4_LAYOUTS
 from mlakv.demo.model import MLAModel, PrefillSegment, default_dtype, make_model
 from mlakv.demo.options import build_parser
 
@@ -206,23 +207,6 @@ def report(t_prefill: dict, t_decode: dict, n_tokens: int, dbatch: int, gpu: boo
               "write; run on a GPU for the write's share.")
 
 
-class _Fp8PoolCache(PoolKVCache):
-    """The model's cache on an FP8-format pool: sources go in as bf16 (quantized in the write), rows
-    come back dequantized by the pool's fused gather, in the model's dtype."""
-
-    def __init__(self, pool: MLATokenToKVPool, model_dtype: torch.dtype) -> None:
-        super().__init__(pool)
-        self.model_dtype = model_dtype
-
-    def write(self, layer, loc, k_nope, k_rope):
-        src = k_nope.dtype if k_nope.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        self.pool.set_kv_buffer(layer, loc, k_nope.to(src), k_rope.to(src))
-
-    def gather(self, layer, slots):
-        nope, rope = self.pool.get_mla_kv_buffer(layer, slots.reshape(-1), dst_dtype=self.model_dtype)
-        return nope.reshape(*slots.shape, -1), rope.reshape(*slots.shape, -1)
-
-
 def fp8_logit_drift(cfg: MLAConfig, model, device, dtype, fmt: str, prompts: list[list[int]], new_tokens: int) -> dict:
     """Run ``prompts`` (eager) on the plain cache and on an FP8 cache of format ``fmt``; compare the
     logits of every generated token while both runs have produced the same tokens so far.
@@ -243,7 +227,7 @@ def fp8_logit_drift(cfg: MLAConfig, model, device, dtype, fmt: str, prompts: lis
                 k_scale = max(amax / 448.0, 1e-12)
             pool = MLATokenToKVPool(size, 1, torch.float8_e4m3fn, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                     cfg.n_layers, device, kv_cache_format=fmt, k_scale=k_scale)  # fmt: skip
-            cache = _Fp8PoolCache(pool, dtype)
+            cache = QuantizedPoolKVCache(pool, dtype)
         pools.append(pool)
         eng = Engine(model, cache, TokenSlotAllocator(pool.num_slots, 1), device)
         reqs = [Request(p, new_tokens) for p in prompts]
@@ -260,6 +244,79 @@ def fp8_logit_drift(cfg: MLAConfig, model, device, dtype, fmt: str, prompts: lis
             agree.append(int(la.argmax()) == int(lb.argmax()))
     d = torch.cat(diffs)
     return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "top1": sum(agree) / len(agree), "compared": len(agree)}
+
+
+#: The DeepSeek-V4 family's paged formats (:data:`mlakv.ops.v4.V4_LAYOUTS`): tokens of 448 + 64 values.
+V4_FORMATS = tuple(V4_LAYOUTS)
+V4_NOPE, V4_ROPE = 448, 64
+#: The least share of decode steps whose greedy token must equal the plain cache's (issue 23's goal).
+MIN_AGREEMENT = 0.95
+
+
+def v4_greedy_agreement(cfg: MLAConfig, device, dtype, fmt: str, prompts: list[list[int]], new_tokens: int,
+                        page_size: int = 64) -> dict:  # fmt: skip
+    """The model at the V4 family's widths (``cfg`` with ``kv_lora_rank`` 448, rope 64) run end to end
+    on a plain cache of ``dtype`` and on a pool of V4-family format ``fmt`` (pages of ``page_size``
+    tokens; the tokens quantized in the pool's write, dequantized by its gather), prefill then eager
+    greedy decode of ``new_tokens`` per prompt, the two engines in lockstep.
+
+    After every step the quantized run is fed the plain run's token (teacher forcing), so each decode
+    step compares the two caches on the same inputs, and one early difference does not make every later
+    step differ. Returns ``agreement`` (the share of decode steps whose greedy token equals the plain
+    run's), ``steps`` (decode steps compared), ``first_agreement`` (the prefill's first tokens),
+    ``max_abs`` / ``mean_abs`` (the decode steps' logit differences, fp32) and ``format``.
+    """
+    if fmt not in V4_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(V4_FORMATS)}, got {fmt!r}")
+    vcfg = dataclasses.replace(cfg, kv_lora_rank=V4_NOPE, qk_rope_head_dim=V4_ROPE)
+    model = make_model(vcfg, device, dtype)
+    size = sum(len(p) + new_tokens for p in prompts) + page_size
+    plain = MLATokenToKVPool(size, 1, dtype, V4_NOPE, V4_ROPE, vcfg.n_layers, device)
+    pool_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    v4 = MLATokenToKVPool(size, page_size, pool_dtype, V4_NOPE, V4_ROPE, vcfg.n_layers, device, kv_cache_format=fmt)
+    runs = []
+    for cache, pool in ((PoolKVCache(plain), plain), (QuantizedPoolKVCache(v4, dtype), v4)):
+        eng = Engine(model, cache, TokenSlotAllocator(pool.num_slots, 1), device)
+        runs.append((eng, [Request(list(p), new_tokens) for p in prompts]))
+    (ref_eng, ref_reqs), (q_eng, q_reqs) = runs
+    seen = [0] * len(prompts)
+    agree: list[bool] = []
+    diffs: list[torch.Tensor] = []
+
+    def compare_and_force(record: list[bool], keep_diffs: bool) -> None:
+        for i, (a, b) in enumerate(zip(ref_reqs, q_reqs)):
+            for t in range(seen[i], len(a.output)):
+                record.append(a.output[t] == b.output[t])
+                if keep_diffs:
+                    diffs.append((a.logits[t].float() - b.logits[t].float()).abs().flatten())
+                b.output[t] = a.output[t]  # the next step feeds both runs the plain run's token
+            seen[i] = len(a.output)
+
+    first: list[bool] = []
+    ref_eng.prefill(ref_reqs)
+    q_eng.prefill(q_reqs)
+    compare_and_force(first, keep_diffs=False)
+    while ref_eng.running:
+        ref_eng.decode_step(use_graph=False)
+        q_eng.decode_step(use_graph=False)
+        compare_and_force(agree, keep_diffs=True)
+    d = torch.cat(diffs) if diffs else torch.zeros(1)
+    return {
+        "format": fmt, "agreement": sum(agree) / max(1, len(agree)), "steps": len(agree),
+        "first_agreement": sum(first) / max(1, len(first)), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
+    }  # fmt: skip
+
+
+def print_v4_agreement(res: dict, dtype, min_agreement: float) -> bool:
+    """Print the V4-family run's line (tokens equal, logit error, the verdict); True if ``agreement >= min_agreement``."""
+    ok = res["agreement"] >= min_agreement
+    equal = round(res["agreement"] * res["steps"])
+    print(f"V4-family KV cache ({res['format']}: 448 + 64 values per token, quantized in the write, dequantized in "
+          f"the gather) vs the {dtype} cache, both fed the {dtype} run's tokens: greedy token equal at {equal}/"
+          f"{res['steps']} decode steps ({res['agreement']:.1%}; the prefill's first token {res['first_agreement']:.0%}), "
+          f"logits max abs diff {res['max_abs']:.4f}, mean abs diff {res['mean_abs']:.5f}: "
+          f"{'PASSED' if ok else 'FAILED'} (needs >= {min_agreement:.0%})")  # fmt: skip
+    return ok
 
 
 def demo_memory_bytes(cfg: MLAConfig, n_prompts: int, plen: int, dbatch: int, steps: int, elem: int,
@@ -311,7 +368,8 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``mlakv demo``: returns 0, 1 if the reference check failed or memory ran out, 2 on a usage
+    """``mlakv demo``: returns 0, 1 if the reference check failed, a V4-family cache's greedy tokens agreed
+    with the plain cache's at fewer than ``--min-agreement`` of the decode steps, or memory ran out, 2 on a usage
     error (sizes too large for this machine are one, found before anything is built)."""
     try:
         return _run(argv)
@@ -369,7 +427,13 @@ def _run(argv: Optional[list[str]]) -> int:
     t_prefill = time_prefill(model, caches, prompts, device, gpu)
     t_decode = time_decode(model, caches, prompts, dbatch, steps, ctx, pool, device, gpu)
     report(t_prefill, t_decode, n_prompts * plen, dbatch, gpu)
-    if args.kv_cache_format:
+    agreement_ok = True
+    if args.kv_cache_format in V4_FORMATS:
+        progress(f"V4-family cache: the model (kv_lora_rank 448 + rope 64) on a {args.kv_cache_format} pool vs the "
+                 f"plain {dtype} cache")  # fmt: skip
+        res = v4_greedy_agreement(cfg, device, dtype, args.kv_cache_format, prompts[:4], args.agreement_tokens)
+        agreement_ok = print_v4_agreement(res, dtype, args.min_agreement)
+    elif args.kv_cache_format:
         progress(f"fp8 cache: the model on a {args.kv_cache_format} cache vs the plain {dtype} cache")
         drift = fp8_logit_drift(cfg, model, device, dtype, args.kv_cache_format, prompts[:4], 16)
         print(f"FP8 KV cache ({args.kv_cache_format}, quantized in the write, dequantized in the gather) vs the "
@@ -377,4 +441,4 @@ def _run(argv: Optional[list[str]]) -> int:
               f"logits max abs diff {drift['max_abs']:.4f}, mean abs diff {drift['mean_abs']:.5f}, "
               f"top-1 agreement {drift['top1']:.1%}")  # fmt: skip
     progress(f"done in {time.perf_counter() - t_start:.0f} s")
-    return 0 if ok else 1
+    return 0 if ok and agreement_ok else 1
