@@ -28,6 +28,7 @@ __all__ = [
     "rope_parser",
     "indexer_parser",
     "v4_parser",
+    "demo_step_parser",
     "wants_l3",
     "parser_for",
 ]
@@ -236,6 +237,34 @@ def v4_parser(
     return p
 
 
+# ---- mlakv bench demo-step -----------------------------------------------------------------------
+DEMO_STEP_FORMATS = ["bf16", "per_tensor", "ds_mla"]  # mlakv.bench.demo_step.POOL_OF: the pool of each
+DEMO_STEP_BATCHES = [1, 32, 128]
+DEMO_STEP_CPU_BATCHES = [1, 4]
+
+
+def demo_step_parser(
+    description: str = "The demo model's whole decode step with the fused cache step (RoPE + row write + query, one "
+    "launch per layer) against the separate kernels (RoPE, the write, the query concat), side by side; CUDA-graph "
+    "medians on a GPU, eager wall clock on a CPU.",
+) -> argparse.ArgumentParser:
+    """The ``mlakv bench demo-step`` parser."""
+    p = argparse.ArgumentParser(prog="mlakv bench demo-step", description=description)
+    p.add_argument("--formats", type=csv_of(DEMO_STEP_FORMATS, "cache format"), default=list(DEMO_STEP_FORMATS),
+                   help=f"comma list of {', '.join(DEMO_STEP_FORMATS)} (default all)")  # fmt: skip
+    p.add_argument("--batch-sizes", type=csv_ints("decode batch sizes", 1, 4096), default=None,
+                   help=f"decode batch sizes (default: GPU {','.join(map(str, DEMO_STEP_BATCHES))}; CPU "
+                   f"{','.join(map(str, DEMO_STEP_CPU_BATCHES))})")  # fmt: skip
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="tokens per request's context, the new one included (default: GPU 64, as the demo; CPU 8)")  # fmt: skip
+    p.add_argument("--layers", type=positive_int, default=None, help="model layers (default: GPU 4, as the demo; CPU 1)")
+    p.add_argument("--rounds", type=positive_int, default=3,
+                   help="timing rounds, the variants alternating; the median is reported (default 3)")  # fmt: skip
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                   help="directory for demo_step.json and demo_step.md (checked writable before measuring)")  # fmt: skip
+    return p
+
+
 def wants_l3(argv: Sequence[str]) -> bool:
     """Whether a ``mlakv bench hicache`` command line asks for the L3 bench (``--l3 X`` or ``--l3=X``)."""
     return any(a == "--l3" or a.startswith("--l3=") for a in argv)
@@ -253,4 +282,6 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
         return indexer_parser()
     if argv and argv[0] == "v4":
         return v4_parser()
+    if argv and argv[0] == "demo-step":
+        return demo_step_parser()
     return kv_write_parser()
