@@ -17,11 +17,13 @@ on a GPU each variant's step is captured in a CUDA graph and its median replay t
 median of the rounds is reported). On a CPU the step runs eagerly (synchronized wall-clock medians,
 :func:`mlakv.bench.timing.wall_median_s`) with small defaults: those numbers only show the bench runs.
 
-Writes ``demo_step.json`` and ``demo_step.md`` under ``--out`` (the table is printed too).
+Writes ``demo_step.json`` and ``demo_step.md`` under ``--out`` after every row (a run stopped part way
+keeps what it measured), and prints the table at the end.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from typing import Callable, Optional
@@ -136,8 +138,12 @@ def _same(pools: dict, logits: dict, loc: torch.Tensor) -> bool:
     return same_rows and written and torch.equal(logits["fused"], logits["separate"])
 
 
-def run(formats: list[str], batches: list[int], context: int, layers: int, rounds: int) -> dict:
-    """Time the demo model's decode step per format, batch size and variant (see the module docstring)."""
+def run(formats: list[str], batches: list[int], context: int, layers: int, rounds: int,
+        on_row: Optional[Callable[[dict], None]] = None) -> dict:  # fmt: skip
+    """Time the demo model's decode step per format, batch size and variant (see the module docstring).
+
+    ``on_row(result so far)`` is called after each row (the command writes its files there, so a run
+    stopped part way keeps the rows it measured)."""
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     cfg = MLAConfig(vocab_size=4096, hidden=512, n_heads=8, n_layers=layers)
@@ -163,6 +169,12 @@ def run(formats: list[str], batches: list[int], context: int, layers: int, round
                 "saved_us": t["separate"] - t["fused"], "saved_per_layer_us": (t["separate"] - t["fused"]) / layers,
                 "speedup": t["separate"] / t["fused"], "same": same,
             })  # fmt: skip
+            if on_row is not None:
+                on_row(_result(gpu, cfg, layers, context, rounds, rows))
+    return _result(gpu, cfg, layers, context, rounds, rows)
+
+
+def _result(gpu: bool, cfg: MLAConfig, layers: int, context: int, rounds: int, rows: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if gpu else "CPU"
     return {
         "device": name, "clock": "CUDA-graph median replay" if gpu else "eager wall clock (CPU: not a performance number)",
@@ -198,7 +210,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     batches = args.batch_sizes or (list(GPU_BATCHES) if gpu else list(CPU_BATCHES))
     context = args.context or (64 if gpu else 8)
     layers = args.layers or (4 if gpu else 1)
-    res = run(args.formats, batches, context, layers, args.rounds)
+    def keep(partial: dict) -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "demo_step.json").write_text(json.dumps(partial, indent=1))
+        (args.out / "demo_step.md").write_text(format_report(partial) + "\n")
+
+    res = run(args.formats, batches, context, layers, args.rounds, on_row=keep)
     write_results(args.out, "demo_step", res, format_report(res))
     return 0 if all(r["same"] for r in res["rows"]) else 1
 
