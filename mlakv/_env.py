@@ -13,6 +13,7 @@ test or a process may point them elsewhere).
 | ``MLAKV_REQUIRE_JIT_BUILD`` | tests: a missing nvcc/tvm-ffi fails instead of skipping (CI) |
 | ``MLAKV_CACHE_DIR`` | where built kernel modules are cached (else ``TVM_FFI_CACHE_DIR``, ``~/.cache/tvm-ffi``) |
 | ``MLAKV_SGLANG_SRC`` | bench: sglang's kernel source tree (else ``.peers/sglang``) |
+| ``MLAKV_VLLM_SRC`` | bench: vLLM's fetched cache kernel source (else ``.peers/vllm``) |
 | ``MLAKV_MOONCAKE_MASTER`` | the ``mooncake_master`` binary to run (else the wheel's) |
 | ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors through the interpreter |
 

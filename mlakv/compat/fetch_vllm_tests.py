@@ -10,7 +10,11 @@ sdist to prepare its metadata; that step fails without vLLM's build requirements
 it with ``--no-clean`` in a private temporary directory and picks the files from the unpacked tree,
 or from the archive when pip saved it) and writes, under ``DEST``:
 
-* ``tests/...``: the copied test files (vLLM's, unchanged) and ``csrc/cache_kernels.cu`` for reference;
+* ``tests/...``: the copied test files (vLLM's, unchanged);
+* ``csrc/...``: ``csrc/cache_kernels.cu`` and every header it includes, transitively (vLLM's,
+  unchanged, at their paths under ``csrc/``; :func:`include_closure`), which
+  :mod:`mlakv.bench.vllm_peer` builds into a torch extension so the benchmark can time vLLM's own
+  kernels beside mlakv's;
 * ``shim/vllm/``: a ``vllm`` package whose ``_custom_ops`` is ``mlakv.compat.vllm`` (its ops also
   registered as ``torch.ops._C_cache_ops.*``, the names the tests' ``opcheck`` calls use) and the few
   ``vllm`` helpers the test modules import (``current_platform``, ``set_random_seed``);
@@ -29,6 +33,7 @@ import argparse
 import ast
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,16 +41,22 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-__all__ = ["TEST_FILES", "SELECTION", "fetch", "write_shim", "main"]
+__all__ = ["TEST_FILES", "KERNEL_SOURCE", "SELECTION", "fetch", "include_closure", "write_shim", "main"]
 
 DEFAULT_VERSION = "0.33.0"
-#: vLLM test files copied (paths inside the sdist) and the C source kept for reference.
+#: vLLM test files copied (paths inside the sdist) and the kernel source (with its headers: KERNEL_SOURCE).
 TEST_FILES = (
     "tests/kernels/attention/test_cache.py",
     "tests/kernels/test_cp_gather_fp8.py",
     "tests/kernels/test_compressor_kv_cache.py",
     "csrc/cache_kernels.cu",
 )
+#: vLLM's cache kernels (a path inside the sdist); its ``#include "..."`` closure is kept under ``csrc/``.
+KERNEL_SOURCE = "csrc/cache_kernels.cu"
+#: File name endings of the ``csrc/`` members taken out of the archive to resolve that closure.
+_HEADER_SUFFIXES = (".h", ".hpp", ".cuh", ".inc", ".inl")
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+
 #: The indexer tests of test_compressor_kv_cache.py, copied out into their own module (that file
 #: imports DeepSeek-V4 model code at module level, which the shim does not provide).
 INDEXER_TESTS = ("test_indexer_quant_cache_roundtrip", "test_indexer_gather_accepts_upper_bound_output")
@@ -187,13 +198,65 @@ def _find_tree(work: Path) -> Path | None:
 def _extract(sdist: Path, work: Path) -> Path:
     with tarfile.open(sdist) as tar:
         top = tar.getnames()[0].split("/")[0]
-        members = [m for m in tar.getmembers() if m.isfile() and any(m.name == f"{top}/{f}" for f in TEST_FILES)]
+
+        def wanted(name: str) -> bool:
+            rel = name[len(top) + 1 :] if name.startswith(top + "/") else None
+            return rel is not None and (rel in TEST_FILES or (rel.startswith("csrc/") and rel.endswith(_HEADER_SUFFIXES)))
+
+        members = [m for m in tar.getmembers() if m.isfile() and wanted(m.name)]
         tar.extractall(work / "x", members=members, filter="data")
     return work / "x" / top
 
 
+def include_closure(csrc: str | Path, source: str = "cache_kernels.cu") -> tuple[list[str], list[str]]:
+    """The files ``source`` needs from vLLM's ``csrc`` tree: itself and every ``#include "..."`` it
+    reaches, transitively (under ``#if`` or not), each resolved against the including file's
+    directory, then ``csrc`` itself; ``<...>`` includes (CUDA, torch, the C++ library) are not followed.
+
+    Args:
+        csrc: the ``csrc`` directory.
+        source: the root file, relative to ``csrc``.
+
+    Returns:
+        ``(files, unresolved)``: the paths relative to ``csrc`` (posix, ``source`` first, in the order
+        found) and, for each quoted include found in neither place, ``"including file: name"``.
+    """
+    csrc = Path(csrc)
+    files: list[str] = []
+    unresolved: list[str] = []
+    todo = [source]
+    while todo:
+        rel = todo.pop(0)
+        if rel in files:
+            continue
+        files.append(rel)
+        for name in _INCLUDE.findall((csrc / rel).read_text(errors="replace")):
+            here = os.path.normpath(os.path.join(os.path.dirname(rel), name)).replace(os.sep, "/")
+            top = os.path.normpath(name).replace(os.sep, "/")
+            hit = next((c for c in (here, top) if not c.startswith("..") and (csrc / c).is_file()), None)
+            if hit is None:
+                unresolved.append(f"{rel}: {name}")
+            elif hit not in files and hit not in todo:
+                todo.append(hit)
+    return files, unresolved
+
+
+def _copy_kernel_sources(tree: Path, dest: Path) -> None:
+    """``csrc/cache_kernels.cu`` and its include closure from ``tree`` into ``dest/csrc`` (replacing it)."""
+    if not (tree / KERNEL_SOURCE).is_file():
+        return
+    files, unresolved = include_closure(tree / "csrc", Path(KERNEL_SOURCE).name)
+    if (dest / "csrc").exists():
+        shutil.rmtree(dest / "csrc")
+    for rel in files:
+        (dest / "csrc" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tree / "csrc" / rel, dest / "csrc" / rel)
+    if unresolved:
+        print(f"fetch_vllm_tests: includes not in the sdist's csrc/: {', '.join(unresolved)}", file=sys.stderr)
+
+
 def fetch(version: str = DEFAULT_VERSION, dest: str | Path = ".peers/vllm", sdist: str | Path | None = None) -> Path:
-    """Copy vLLM's test files into ``dest`` and write the shim; returns ``dest``.
+    """Copy vLLM's test files and its cache kernel sources into ``dest`` and write the shim; returns ``dest``.
 
     Raises ``RuntimeError`` when the sdist (or its test files) cannot be had.
     """
@@ -215,9 +278,10 @@ def fetch(version: str = DEFAULT_VERSION, dest: str | Path = ".peers/vllm", sdis
         if "tests/kernels/attention/test_cache.py" in missing:
             raise RuntimeError(f"vllm=={version}'s sdist has no tests/kernels/attention/test_cache.py")
         for f in TEST_FILES:
-            if (tree / f).is_file():
+            if (tree / f).is_file() and f != KERNEL_SOURCE:
                 (dest / f).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(tree / f, dest / f)
+        _copy_kernel_sources(tree, dest)
     compressor = dest / "tests/kernels/test_compressor_kv_cache.py"
     if compressor.is_file():
         (dest / INDEXER_MODULE).write_text(_indexer_module(compressor.read_text()))
