@@ -140,6 +140,10 @@ def _providers(layout: str, names: list[str], rope: bool, sweep: bool) -> dict[s
     for kw in launch_grid(num_warps=(2, 4, 8), items=(1, 2), early_trigger=(True, False)) if sweep else ():
         name = f"jit w{kw['num_warps']} t{kw['items']} {'entry' if kw['early_trigger'] else 'wait'}"
         out[name] = (lambda d, kw=kw: v4_jit_store(_call(d), layout, PAGE_SIZE, **kw), "none")
+        if rope:  # the in-kernel RoPE (freqs_cis) at the same launch shape
+            out[name + " +rope"] = (
+                lambda d, kw=kw: v4_jit_store(_call(d, freqs_cis=d["freqs"]), layout, PAGE_SIZE, **kw), "freqs"
+            )
     return out
 
 

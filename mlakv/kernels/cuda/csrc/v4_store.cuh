@@ -21,7 +21,9 @@
 //   * scale bytes gathered by shuffles into 4-byte stores (v4: one byte from each tile's first lane);
 //   * NaN / inf tiles (the oracle's rules) take a rare, tile-uniform branch.
 // In-kernel RoPE (kRope 1: freqs_cis [n, 64] (cos, sin) pairs; 2: positions [n] into cos_sin_cache
-// [max_pos, 64] = cos | sin) rotates the tail lanes' pairs in fp32 with separately rounded products
+// [max_pos, 64] = cos | sin) rotates the tail's 32 pairs one per lane (shuffled out of the tail
+// lanes and back: the rotation costs every lane one pair, not four lanes eight; each lane loads its
+// own (cos, sin), so the loads are coalesced) in fp32 with separately rounded products
 // (__fmul_rn / __fadd_rn: no contraction into FMA) and rounds them back to the input dtype (nearest
 // even, canonical NaN) before quantizing.
 //
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(256) v4_store_kernel(const __grid_constant__ S
 
   int64_t slot[kItems];
   uint32_t h[kItems][8];
-  float cs[kRope == kRopeNone ? 1 : kItems][16];
+  float2 cs[kRope == kRopeNone ? 1 : kItems];  // this lane's (cos, sin): the tail's pair `lane`
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int64_t item = first + k;
@@ -295,23 +297,12 @@ __global__ void __launch_bounds__(256) v4_store_kernel(const __grid_constant__ S
       h[k][0] = v0.x, h[k][1] = v0.y, h[k][2] = v0.z, h[k][3] = v0.w;
       h[k][4] = v1.x, h[k][5] = v1.y, h[k][6] = v1.z, h[k][7] = v1.w;
     }
-    if constexpr (kRope == kRopeFreqs) {
-      if (rope_lane && (a.dcp_world == 1 || live)) {  // pairs 8 (lane - 28) .. +8: (cos, sin) x 8
-        const float4* f = reinterpret_cast<const float4*>(a.cs + item * a.cs_stride) + 4 * (lane - 28);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float4 v = f[q];
-          cs[k][4 * q] = v.x, cs[k][4 * q + 1] = v.y, cs[k][4 * q + 2] = v.z, cs[k][4 * q + 3] = v.w;
-        }
-      }
-    } else if constexpr (kRope == kRopeTable) {
-      if (rope_lane && live) {  // cos at [8 (lane - 28), +8), sin 32 further
-        const float4* c = reinterpret_cast<const float4*>(a.cs + pos * a.cs_stride) + 2 * (lane - 28);
-        const float4 c0 = c[0], c1 = c[1], s0 = c[8], s1 = c[9];
-        cs[k][0] = c0.x, cs[k][2] = c0.y, cs[k][4] = c0.z, cs[k][6] = c0.w;
-        cs[k][8] = c1.x, cs[k][10] = c1.y, cs[k][12] = c1.z, cs[k][14] = c1.w;
-        cs[k][1] = s0.x, cs[k][3] = s0.y, cs[k][5] = s0.z, cs[k][7] = s0.w;
-        cs[k][9] = s1.x, cs[k][11] = s1.y, cs[k][13] = s1.z, cs[k][15] = s1.w;
+    if constexpr (kRope == kRopeFreqs) {  // (cos, sin) of pair `lane`: one coalesced 256-byte row
+      if (a.dcp_world == 1 || live) cs[k] = reinterpret_cast<const float2*>(a.cs + item * a.cs_stride)[lane];
+    } else if constexpr (kRope == kRopeTable) {  // cos at [lane], sin 32 further
+      if (live) {
+        const float* row = reinterpret_cast<const float*>(a.cs + pos * a.cs_stride);
+        cs[k] = make_float2(row[lane], row[32 + lane]);
       }
     }
     if (!live) slot[k] = -1;
@@ -321,15 +312,23 @@ __global__ void __launch_bounds__(256) v4_store_kernel(const __grid_constant__ S
   for (int k = 0; k < kItems; ++k) {
     if (slot[k] < 0) continue;  // warp-uniform: the whole warp holds one token
     if constexpr (kRope != kRopeNone) {
-      if (rope_lane) {
+      // Every lane rotates one of the tail's 32 pairs: pair q sits in lane 28 + q / 8, register q % 8;
+      // it is shuffled to lane q, rotated there and shuffled back (the warp holds one token here).
+      uint32_t mine = 0;
 #pragma unroll
-        for (int p = 0; p < 8; ++p) {
-          const float2 v = In16<kBF16>::unpack(h[k][p]);
-          const float c = cs[k][2 * p], s = cs[k][2 * p + 1];
-          const float x = __fsub_rn(__fmul_rn(v.x, c), __fmul_rn(v.y, s));
-          const float y = __fadd_rn(__fmul_rn(v.x, s), __fmul_rn(v.y, c));
-          h[k][p] = In16<kBF16>::round(x) | (In16<kBF16>::round(y) << 16);
-        }
+      for (int p = 0; p < 8; ++p) {
+        const uint32_t v = __shfl_sync(0xffffffffu, h[k][p], 28 + (lane >> 3));
+        if (p == (lane & 7)) mine = v;
+      }
+      const float2 v = In16<kBF16>::unpack(mine);
+      const float c = cs[k].x, s = cs[k].y;
+      const float x = __fsub_rn(__fmul_rn(v.x, c), __fmul_rn(v.y, s));
+      const float y = __fadd_rn(__fmul_rn(v.x, s), __fmul_rn(v.y, c));
+      const uint32_t rotated = In16<kBF16>::round(x) | (In16<kBF16>::round(y) << 16);
+#pragma unroll
+      for (int p = 0; p < 8; ++p) {
+        const uint32_t back = __shfl_sync(0xffffffffu, rotated, (8 * (lane - 28) + p) & 31);
+        if (rope_lane) h[k][p] = back;
       }
     }
     const int64_t page = slot[k] >> a.page_shift;
