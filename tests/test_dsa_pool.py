@@ -148,6 +148,108 @@ def test_move_kv_cache_moves_the_indexer_keys_and_scales_too():
         assert torch.equal(k.view(torch.uint8), want_k) and torch.equal(s.view(torch.int32), want_s.view(torch.int32))
 
 
+def poison_rows(pool: DSATokenToKVPool, seed: int) -> None:
+    """Random bytes in every layer's MLA rows and indexer pages."""
+    g = torch.Generator().manual_seed(seed)
+    for b in pool.kv_buffer:
+        b.view(torch.uint8).copy_(torch.randint(0, 256, b.view(torch.uint8).shape, dtype=torch.uint8, generator=g))
+    poison(pool, seed + 1)
+
+
+def u8(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` on the CPU (compare with ``torch.equal``: NaN-safe)."""
+    return t.detach().cpu().contiguous().view(torch.uint8)
+
+
+def index_slot_bytes(pages: torch.Tensor, slot: int) -> torch.Tensor:
+    """A slot's 128 key bytes then its 4 scale bytes, read from ``[num_pages, 8448]`` pages by the page layout."""
+    page, pos = divmod(slot, 64)
+    return torch.cat([pages[page, pos * 128 : pos * 128 + 128], pages[page, 64 * 128 + pos * 4 : 64 * 128 + pos * 4 + 4]])
+
+
+def test_cpu_copy_holds_the_indexer_keys_and_scales_with_the_mla_rows():
+    pool = make_pool(size=250, layers=2)
+    poison_rows(pool, 10)
+    idx = torch.tensor([5, 64, 200, 130, 7, 63, 255], device=DEVICE)  # any slots, across pages
+    snap = pool.get_cpu_copy(idx, chunk_size=3)
+    assert set(snap) == {"kv", "index_k"}
+    for layer in range(2):
+        assert [c.shape for c in snap["index_k"][layer]] == [(3, 132), (3, 132), (1, 132)]
+        got = torch.cat(snap["index_k"][layer])
+        assert got.device.type == "cpu" and got.dtype == torch.uint8
+        pages = pool.index_k_buffer[layer].cpu()
+        assert torch.equal(got, torch.stack([index_slot_bytes(pages, s) for s in idx.tolist()]))
+        assert torch.equal(u8(torch.cat(snap["kv"][layer])), u8(pool.kv_buffer[layer].cpu()[idx.cpu()]))
+
+
+def test_load_cpu_copy_restores_both_halves_of_the_slots_only():
+    pool = make_pool(size=250, layers=2)
+    poison_rows(pool, 11)
+    idx = torch.tensor([5, 64, 200, 130, 7, 63, 255], device=DEVICE)
+    saved_kv = [b.cpu().clone() for b in pool.kv_buffer]
+    saved_index = [b.cpu().clone() for b in pool.index_k_buffer]
+    snap = pool.get_cpu_copy(idx, chunk_size=4)
+    poison_rows(pool, 12)  # the slots are reused while the request is offloaded
+    reused_kv = [b.cpu().clone() for b in pool.kv_buffer]
+    reused_index = [b.cpu().clone() for b in pool.index_k_buffer]
+    pool.load_cpu_copy(snap, idx)
+    for layer in range(2):
+        want_kv = reused_kv[layer].clone()
+        want_kv[idx.cpu()] = saved_kv[layer][idx.cpu()]
+        assert torch.equal(u8(pool.kv_buffer[layer]), u8(want_kv))
+        want_index = reused_index[layer].clone()
+        for s in idx.tolist():
+            page, pos = divmod(s, 64)
+            want_index[page, pos * 128 : pos * 128 + 128] = saved_index[layer][page, pos * 128 : pos * 128 + 128]
+            want_index[page, 8192 + pos * 4 : 8192 + pos * 4 + 4] = saved_index[layer][page, 8192 + pos * 4 : 8192 + pos * 4 + 4]
+        assert torch.equal(pool.index_k_buffer[layer].cpu(), want_index)
+
+
+def test_load_cpu_copy_can_restore_at_other_slots():
+    pool = make_pool(size=250, layers=1)
+    poison_rows(pool, 13)
+    src, dst = torch.tensor([3, 70, 71], device=DEVICE), torch.tensor([128, 10, 250], device=DEVICE)
+    snap = pool.get_cpu_copy(src)
+    pool.load_cpu_copy(snap, dst)
+    pages = pool.index_k_buffer[0].cpu()
+    for s, d in zip(src.tolist(), dst.tolist()):
+        assert torch.equal(index_slot_bytes(pages, d), torch.cat(snap["index_k"][0])[src.tolist().index(s)])
+    assert torch.equal(u8(pool.kv_buffer[0].cpu()[dst.cpu()]), u8(torch.cat(snap["kv"][0])))
+
+
+@pytest.mark.parametrize(
+    "breakage,error,match",
+    [
+        (lambda snap: snap["kv"], TypeError, "the dict a DSATokenToKVPool's get_cpu_copy returns"),
+        (lambda snap: {"kv": snap["kv"]}, TypeError, "with keys"),
+        (lambda snap: {"kv": snap["kv"], "index_k": snap["index_k"][:1]}, ValueError, "must hold 2 layers"),
+        (lambda snap: {"kv": snap["kv"], "index_k": [snap["index_k"][0], [snap["index_k"][1][0][:2]]]}, ValueError,
+         r"\['index_k'\]\[1\] holds 2 slots but indices has 3"),
+        (lambda snap: {"kv": snap["kv"], "index_k": [[c[:, :128] for c in layer] for layer in snap["index_k"]]},
+         ValueError, r"chunks must be \[rows, 132\] uint8"),
+        (lambda snap: {"kv": [snap["kv"][0], [snap["kv"][1][0][:2]]], "index_k": snap["index_k"]}, ValueError,
+         "holds 2 rows but indices has 3"),
+    ],
+    ids=["mla-list", "no-index-half", "index-layers", "index-count", "index-width", "mla-count"],
+)
+def test_load_cpu_copy_checks_both_halves_before_writing(breakage, error, match):
+    pool = make_pool(size=250, layers=2)
+    poison_rows(pool, 14)
+    idx = torch.tensor([1, 100, 200], device=DEVICE)
+    snap = pool.get_cpu_copy(idx)
+    poison_rows(pool, 15)
+    before = [u8(b).clone() for b in pool.kv_buffer + pool.index_k_buffer]
+    with pytest.raises(error, match=match):
+        pool.load_cpu_copy(breakage(snap), idx)
+    assert all(torch.equal(u8(b), want) for b, want in zip(pool.kv_buffer + pool.index_k_buffer, before))
+
+
+def test_cpu_copy_refuses_slots_past_the_pool():
+    pool = make_pool(size=60, layers=1)  # 128 slots
+    with pytest.raises(IndexError):
+        pool.get_cpu_copy(torch.tensor([3, 128], device=DEVICE))
+
+
 @pytest.mark.parametrize(
     "kw,error",
     [({"index_head_dim": 64}, ValueError), ({"index_scale_rule": "e8m0"}, ValueError), ({"index_head_dim": True}, ValueError)],

@@ -154,6 +154,66 @@ class DSATokenToKVPool(MLATokenToKVPool):
             buf[tp, tk] = keys
             buf[tp, ts] = scales
 
+    def get_cpu_copy(self, indices: torch.Tensor, chunk_size: int = 8192) -> dict[str, list[list[torch.Tensor]]]:
+        """Copy slots ``indices`` (``[n]`` int, physical rows) of every layer to the CPU: the MLA rows and
+        the same slots' indexer keys and scales, so a retracted request resumes with both halves (its
+        slots may be reused while it is offloaded). Syncs the device.
+
+        Returns ``{"kv": kv, "index_k": index_k}`` (the keys of sglang's DSA pool): ``kv[layer][chunk]``
+        as :meth:`MLATokenToKVPool.get_cpu_copy`; ``index_k[layer][chunk]``: ``[<= chunk_size, 132]``
+        uint8, row ``i`` the slot's 128 key bytes then its 4 scale bytes, ``indices`` taken
+        ``chunk_size`` at a time as for ``kv``. Slot by slot, so any slots may be copied (sglang copies
+        whole indexer pages and needs page-aligned ``indices``).
+        """
+        kv = super().get_cpu_copy(indices, chunk_size)  # checks indices and chunk_size
+        idx = self._checked_slots(indices, "indices")
+        index_k = []
+        for buf in self.index_k_buffer:
+            flat = buf.view(-1)
+            index_k.append([flat[self._index_bytes(idx[i : i + chunk_size])].to("cpu")
+                            for i in range(0, idx.numel(), chunk_size)])  # fmt: skip
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"kv": kv, "index_k": index_k}
+
+    def load_cpu_copy(self, kv_cache_cpu: dict[str, list[list[torch.Tensor]]], indices: torch.Tensor) -> None:
+        """Write back what :meth:`get_cpu_copy` returned at slots ``indices`` (same count and chunking):
+        the MLA rows and the indexer keys and scales. Every check (both halves) runs before anything
+        is written; a snapshot without its indexer half (an MLA pool's list) raises ``TypeError``."""
+        if not isinstance(kv_cache_cpu, dict) or set(kv_cache_cpu) != {"kv", "index_k"}:
+            raise TypeError(
+                "kv_cache_cpu must be the dict a DSATokenToKVPool's get_cpu_copy returns ({'kv': ..., 'index_k': ...}), "
+                f"got {type(kv_cache_cpu).__name__}" + (f" with keys {sorted(kv_cache_cpu)}" if isinstance(kv_cache_cpu, dict) else "")
+            )
+        idx = self._checked_slots(indices, "indices")
+        index_k = kv_cache_cpu["index_k"]
+        if not isinstance(index_k, (list, tuple)) or len(index_k) != self.layer_num:
+            raise ValueError(f"kv_cache_cpu['index_k'] must hold {self.layer_num} layers of chunks")
+        width = rules.INDEX_HEAD_DIM + 4
+        for layer, chunks in enumerate(index_k):
+            for c in chunks:
+                if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[1] != width or c.dtype != torch.uint8:
+                    raise ValueError(f"kv_cache_cpu['index_k'][{layer}]: chunks must be [rows, {width}] uint8")
+            got = sum(c.shape[0] for c in chunks)
+            if got != idx.numel():
+                raise ValueError(f"kv_cache_cpu['index_k'][{layer}] holds {got} slots but indices has {idx.numel()}")
+        super().load_cpu_copy(kv_cache_cpu["kv"], indices)  # checks the MLA half, then writes it
+        for buf, chunks in zip(self.index_k_buffer, index_k):
+            flat, start = buf.view(-1), 0
+            for c in chunks:
+                flat[self._index_bytes(idx[start : start + c.shape[0]])] = c.to(self.device, non_blocking=True)
+                start += c.shape[0]
+
+    def _index_bytes(self, slots: torch.Tensor) -> torch.Tensor:
+        """Byte offsets ``[n, 132]`` (int64) into a layer's flattened indexer pages of slots ``slots`` (``[n]``
+        int64 on the pool device): the slot's 128 key bytes, then its 4 scale bytes."""
+        page, pos = slots // rules.INDEX_PAGE_TOKENS, slots % rules.INDEX_PAGE_TOKENS
+        base = (page * rules.INDEX_PAGE_BYTES)[:, None]
+        keys = base + pos[:, None] * rules.INDEX_HEAD_DIM + torch.arange(rules.INDEX_HEAD_DIM, device=slots.device)
+        key_bytes = rules.INDEX_PAGE_TOKENS * rules.INDEX_HEAD_DIM
+        scales = base + key_bytes + pos[:, None] * 4 + torch.arange(4, device=slots.device)
+        return torch.cat([keys, scales], dim=1)
+
     # ---- sizes and raw buffers (transfer engines, HiCache) ----------------------------------
     def get_index_k_size_bytes(self) -> int:
         """Bytes of all layers' indexer pages."""
