@@ -317,10 +317,16 @@ print(json.dumps(out))
 
 _STORE_PTRS = dict(pages_ptr="*u8", loc_ptr="*i64", kv_ptr="*i16", cs_ptr="*fp32", pos_ptr="*i32")
 _GEOMETRY = dict(PAGE_SIZE=64, DATA_STRIDE=576, SCALE_BASE=64 * 576, SCALE_STRIDE=8)
-# every encoding with both input dtypes (fp16 and bf16 are both read as int16 bits) and each RoPE source
+# every encoding with both input dtypes (fp16 and bf16 are both read as int16 bits) and each RoPE source,
+# on the portable path (integer bit arithmetic: pre-sm_89 GPUs, the same as the interpreter) and on the
+# Hopper path (the hardware e4m3 conversion, packed half compares for fp4, the pairs as words)
 _PTX_CASES = [
-    ["_v4_store_kernel", _STORE_PTRS, dict(ENC=enc, IS_BF16=bf16, ROPE=rope, ROWS=2, USE_PDL=True, EARLY_TRIGGER=True, **_GEOMETRY)]
-    for enc, bf16, rope in ((0, True, 1), (0, False, 2), (1, True, 0), (1, False, 1), (2, True, 2), (2, False, 0))
+    ["_v4_store_kernel", _STORE_PTRS, dict(ENC=enc, IS_BF16=bf16, ROPE=rope, TOKENS=tokens, NATIVE=hw, PACKED=hw,
+                                           PAIRS=pairs, DCP=dcp, USE_PDL=True, EARLY_TRIGGER=True, **_GEOMETRY)]
+    for enc, bf16, rope, tokens, pairs, dcp in ((0, True, 1, 2, True, False), (0, False, 2, 4, True, True),
+                                               (1, True, 0, 4, True, False), (1, False, 1, 2, True, False),
+                                               (2, True, 2, 2, True, False), (2, False, 0, 4, False, True))
+    for hw in (False, True)
 ] + [
     ["_v4_gather_kernel", dict(pages_ptr="*u8", loc_ptr="*i64", out_ptr="*i16"), dict(ENC=enc, **_GEOMETRY)]
     for enc in (0, 1, 2)
@@ -358,3 +364,7 @@ def test_triton_kernels_compile_for_sm90_without_interpreter_dependent_float_ops
         assert not bad, f"{name} {const}: {bad}"
         assert ".f64" not in ptx and "div.full" not in ptx and "div.approx" not in ptx, f"{name} {const}"
         assert ("griddepcontrol" in ptx) == bool(const.get("USE_PDL")), f"{name} {const}"
+        if name == "_v4_store_kernel":  # the Hopper path uses the hardware; the portable one never does
+            hw = const["NATIVE"]
+            assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == (hw and const["ENC"] != 2), f"{name} {const}"
+            assert ("set.ge.u32." in ptx) == (hw and const["ENC"] == 2), f"{name} {const}"

@@ -31,6 +31,10 @@ __all__ = [
     "FP8_TRITON_STEPS",
     "FP8_TRITON_MEASURED",
     "fp8_triton_launch",
+    "V4_TRITON_STEPS",
+    "V4_TRITON_MEASURED",
+    "V4_TRITON_SWEEP",
+    "v4_triton_launch",
 ]
 
 
@@ -229,8 +233,21 @@ V4_JIT_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
     (None, 8, 2, False),
 )
 V4_JIT_MEASURED = "to be measured (seed values; `mlakv bench v4 --sweep` times the alternatives)"
-# Triton (kernels/triton/v4_store.py): (max n, num_warps, tokens per program, PDL trigger at entry).
-V4_TRITON_STEPS: tuple[tuple[int | None, int, int, bool], ...] = ((256, 4, 1, True), (None, 4, 2, True))
+# Triton (kernels/triton/v4_store.py, one [tokens, 512] block per program): (max n, num_warps, tokens
+# per program (a power of two), PDL trigger at entry) by increasing n. Seed values, from the compiled
+# sm_90 code rather than a clock: a thread holds 16-32 of a token's values (two to four 16-byte loads
+# in flight, as the CUDA kernel's lanes with one or two tokens per warp); one warp per program needs
+# no barrier for the program-wide NaN/inf test and the scale-byte layout change (4 warps: three).
+# One token per program up to 64 tokens spreads a small call over SMs. `mlakv bench v4
+# --triton-sweep` times V4_TRITON_SWEEP side by side to replace them.
+V4_TRITON_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
+    (64, 1, 1, True),
+    (1024, 1, 2, True),
+    (None, 2, 4, True),
+)
+V4_TRITON_MEASURED = "to be measured (seed values; `mlakv bench v4 --triton-sweep` times the alternatives)"
+# The launch shapes the sweep times: (num_warps, tokens per program), 16 or 32 values a thread.
+V4_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16))
 
 
 def v4_jit_launch(n: int) -> tuple[int, int, bool]:

@@ -29,6 +29,7 @@ a slot past the pages (or, with a position table, a position outside it) is skip
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -38,11 +39,21 @@ import triton.language as tl
 from mlakv.spec.calls import V4StoreCall
 from mlakv.spec.tuning import v4_triton_launch
 
-from .common import pdl_supported
+from .common import interpreting, pdl_supported
+from .fp8 import native_fp8_supported
 
-__all__ = ["ENCODINGS", "launch_v4_store", "launch_v4_gather"]
+__all__ = ["ENCODINGS", "launch_v4_store", "launch_v4_gather", "packed_half_compare_supported"]
 
 ENCODINGS = {"v4": 0, "v41": 1, "v41_fp4": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def packed_half_compare_supported(device_index: int) -> bool:
+    """Whether the fp4 store compares packed bf16x2 / f16x2 pairs in inline PTX here (``set...bf16x2``
+    needs sm_90): a CUDA sm_90+ GPU, not interpreted."""
+    if interpreting() or torch.version.cuda is None:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 # ---- roundings (integer bit arithmetic; the same on every GPU and in the interpreter) ----------
@@ -133,163 +144,184 @@ def _e4m3_value(b):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _ue8m0_codes(x, ab, amax, FLOOR: tl.constexpr):
-    """e4m3 bytes of ``x [T, K]`` (fp32; ``ab`` its |bits|) under one ue8m0 scale per row of
-    ``amax [T]`` (the rows' max |bits|), and the scale bytes ``[T]``. A row holding a NaN: scale 0xFF,
-    values 0x7F (0xFF for a negative NaN); holding +-inf (no NaN): scale 0xFF, infinities 0xFF,
-    finite values +-0."""
-    exponent = (amax >> 23) - 8 + ((amax & 0x7FFFFF) > 0x600000).to(tl.int32)
-    exponent = tl.maximum(exponent, FLOOR)
-    inv = ((254 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(127 - E), exact
-    q = x * inv[:, None]  # exact
-    sign = (x.to(tl.int32, bitcast=True) >> 24) & 0x80
-    finite_row = (amax < 0x7F800000)[:, None]
-    mag = _e4m3_byte(tl.where(finite_row, q.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0))
-    finite_code = mag | sign
-    nan_row = (amax > 0x7F800000)[:, None]
-    inf_row = (amax == 0x7F800000)[:, None]
-    is_nan = ab > 0x7F800000
-    is_inf = ab == 0x7F800000
-    code = tl.where(nan_row, tl.where(is_nan, 0x7F | sign, 0x7F), finite_code)
-    code = tl.where(inf_row, tl.where(is_inf, 0xFF, sign), code)
-    scale = tl.where(amax >= 0x7F800000, 0xFF, exponent)
-    return code, scale
-
-
-@triton.jit
-def _e2m1_codes(x, ab, t0, t1, t2, t3, t4, t5, t6, nan_row):
-    """e2m1 codes of ``x [T, K]`` (fp32, |bits| ``ab``) against the row's thresholds ``t_j = m_j *
-    scale`` (``m = .25 .75 1.25 1.75 2.5 3.5 5``, exact): the nearest even code of ``x / scale``, as
-    the IEEE quotient gives it for 16-bit inputs; the sign bit 0x8 from ``x``. A NaN row: 0, or 0x8
-    for a negative NaN."""
-    a = ab.to(tl.float32, bitcast=True)
-    code = (
-        (a > t0[:, None]).to(tl.int32)
-        + (a >= t1[:, None]).to(tl.int32)
-        + (a > t2[:, None]).to(tl.int32)
-        + (a >= t3[:, None]).to(tl.int32)
-        + (a > t4[:, None]).to(tl.int32)
-        + (a >= t5[:, None]).to(tl.int32)
-        + (a > t6[:, None]).to(tl.int32)
-    )
-    sign = (x.to(tl.int32, bitcast=True) >> 28) & 0x8
-    code = code | sign
-    return tl.where(nan_row[:, None], tl.where(ab > 0x7F800000, sign, 0), code)
-
-
 # ---- the store ---------------------------------------------------------------------------------
 
 
 @triton.jit
-def _v4_store_token(
-    pages_ptr, loc_ptr, kv_ptr, cs_ptr, pos_ptr,
-    page_stride, num_slots, loc_stride, kv_stride, cs_stride, pos_stride, max_pos,
-    skip_index, dcp_world, dcp_rank, n, i,
-    ENC: tl.constexpr, PAGE_SIZE: tl.constexpr, DATA_STRIDE: tl.constexpr, SCALE_BASE: tl.constexpr,
-    SCALE_STRIDE: tl.constexpr, IS_BF16: tl.constexpr, ROPE: tl.constexpr,
-):  # fmt: skip
-    in_call = i < n
-    raw = tl.load(loc_ptr + tl.minimum(i, n - 1) * loc_stride).to(tl.int64)  # n >= 1 when launched
-    raw = tl.where(in_call, raw, -1)
-    slot = raw // dcp_world  # dcp_world == 1 is specialised by Triton: no division then
-    live = (raw >= 0) & (raw != skip_index) & ((raw - slot * dcp_world) == dcp_rank) & (slot < num_slots)
-    if ROPE == 2:  # a position outside the table: the token is skipped (nothing is read past the table)
-        pos = tl.load(pos_ptr + tl.minimum(i, n - 1) * pos_stride).to(tl.int64)
-        live = live & (pos >= 0) & (pos < max_pos)
-        pos = tl.where(live, pos, 0)
-    # Without DCP the source loads do not depend on loc (issued beside it); with DCP only the kept
-    # tokens' sources are read.
-    need = in_call & (live | (dcp_world == 1))
-    pair = tl.arange(0, 256)
-    need_p = (tl.zeros([256], dtype=tl.int32) + need.to(tl.int32)) != 0
-    live_p = (tl.zeros([256], dtype=tl.int32) + live.to(tl.int32)) != 0
-    src = kv_ptr + i * kv_stride
-    ve = tl.load(src + 2 * pair, mask=need_p, other=0)
-    vo = tl.load(src + 2 * pair + 1, mask=need_p, other=0)
-    xe = _f32(ve, IS_BF16)
-    xo = _f32(vo, IS_BF16)
-    if IS_BF16:  # the input's own bits (v4 stores bf16 rope bits as given)
-        ke = ve.to(tl.int32) & 0xFFFF
-        ko = vo.to(tl.int32) & 0xFFFF
-    else:  # unused: fp16 rope is rounded to bf16 from its value
-        ke = tl.zeros([256], dtype=tl.int32)
-        ko = tl.zeros([256], dtype=tl.int32)
-    if ROPE != 0:
-        k = tl.maximum(pair - 224, 0)  # the 32 RoPE pairs are pairs 224..255
-        is_rope = pair >= 224
-        if ROPE == 1:
-            m = is_rope & need_p  # freqs_cis [n, 64]: (cos_k, sin_k) interleaved
-            c = tl.load(cs_ptr + i * cs_stride + 2 * k, mask=m, other=0.0)
-            s = tl.load(cs_ptr + i * cs_stride + 2 * k + 1, mask=m, other=0.0)
-        else:  # cos_sin_cache [max_pos, 64]: cos_0..31 | sin_0..31 at row pos (read for kept tokens only)
-            m = is_rope & live_p
-            c = tl.load(cs_ptr + pos * cs_stride + k, mask=m, other=0.0)
-            s = tl.load(cs_ptr + pos * cs_stride + 32 + k, mask=m, other=0.0)
-        re, be = _round_to_input(xe * c - xo * s, IS_BF16)  # products and sums rounded apart (no FMA)
-        ro, bo = _round_to_input(xe * s + xo * c, IS_BF16)
-        xe = tl.where(is_rope, re, xe)
-        xo = tl.where(is_rope, ro, xo)
-        ke = tl.where(is_rope, be, ke)
-        ko = tl.where(is_rope, bo, ko)
-    page = slot // PAGE_SIZE
-    row = slot - page * PAGE_SIZE
-    base = pages_ptr + page * page_stride
-    data = base + row * DATA_STRIDE
-    scales = base + SCALE_BASE + row * SCALE_STRIDE
-    abe = xe.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    abo = xo.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    if ENC == 2:  # v41_fp4: 32 tiles of 16 values = 8 pairs
-        xe2 = tl.reshape(xe, [32, 8])
-        xo2 = tl.reshape(xo, [32, 8])
-        ae = tl.reshape(abe, [32, 8])
-        ao = tl.reshape(abo, [32, 8])
-        amax = tl.maximum(tl.max(ae, axis=1), tl.max(ao, axis=1))
-        nan_row = amax > 0x7F800000
-        amax_f = tl.where(nan_row, 0, amax).to(tl.float32, bitcast=True)
-        # clamp(amax / 6, 2^-9, 448) on the quotient's bits (non-negative: ordered as integers), no
-        # float max/min (whose NaN rule differs between the GPU and the interpreter)
-        raw_s = tl.math.div_rn(amax_f, tl.full([32], 6.0, tl.float32)).to(tl.int32, bitcast=True)
-        raw_s = tl.minimum(tl.maximum(raw_s, 0x3B000000), 0x43E00000)  # 2^-9, 448
-        sb = _e4m3_byte(raw_s)
-        sv = _e4m3_value(sb)
-        ce = _e2m1_codes(xe2, ae, sv * 0.25, sv * 0.75, sv * 1.25, sv * 1.75, sv * 2.5, sv * 3.5, sv * 5.0, nan_row)
-        co = _e2m1_codes(xo2, ao, sv * 0.25, sv * 0.75, sv * 1.25, sv * 1.75, sv * 2.5, sv * 3.5, sv * 5.0, nan_row)
-        out = tl.reshape(ce | (co << 4), [256])
-        tl.store(data + pair, out.to(tl.uint8), mask=live_p)
-        t = tl.arange(0, 32)
-        live_t = (tl.zeros([32], dtype=tl.int32) + live.to(tl.int32)) != 0
-        tl.store(scales + t, tl.where(nan_row, 0x7F, sb).to(tl.uint8), mask=live_t)
+def _program_max(amax16):
+    """The largest of a ``[TOKENS, TILES]`` block (one value for the whole program)."""
+    return tl.max(tl.max(amax16, axis=1), axis=0)
+
+
+@triton.jit
+def _ue8m0_special(code, h, amax16, INF16: tl.constexpr):
+    """The codes of :func:`_ue8m0_quantize` with the tiles holding a NaN or an infinity rewritten."""
+    hb = h.to(tl.int32)
+    sign = (hb >> 8) & 0x80
+    m = hb & 0x7FFF
+    nan_t = (amax16 > INF16)[:, :, None]
+    inf_t = (amax16 == INF16)[:, :, None]
+    c = tl.where(inf_t, tl.where(m == INF16, 0xFF, sign), code.to(tl.int32))
+    return tl.where(nan_t, tl.where(m > INF16, 0x7F | sign, 0x7F), c).to(tl.uint8)
+
+
+@triton.jit
+def _ue8m0_quantize(h, amax16, IS_BF16: tl.constexpr, FLOOR: tl.constexpr, INF16: tl.constexpr,
+                    NATIVE: tl.constexpr, BRANCH: tl.constexpr):  # fmt: skip
+    """e4m3 bytes of tiles of 16-bit input values ``h [TOKENS, TILES, K]`` (their bits: int16, or
+    int32 0..65535) under one ue8m0 scale per tile, and the scale bytes ``[TOKENS, TILES]`` (both
+    uint8). ``amax16 [TOKENS, TILES]``: each tile's largest 16-bit magnitude (NaN > inf > finite as
+    integers). The scale exponent is read off the amax's fp32 bits (exact: ``2^ceil(log2(amax /
+    448))``, at least ``2^(FLOOR - 127)``); values are multiplied by its exact inverse (``|.| <= 448``
+    in a finite tile) and rounded to e4m3, nearest even: ``NATIVE``, the hardware conversion of the
+    signed product (no sign bits are ORed into its bytes: see the module docstring); otherwise
+    integer bit arithmetic on the magnitude, the sign from the input's bits. A tile holding a NaN:
+    scale 0xFF, values 0x7F (0xFF for a negative NaN); holding +-inf (no NaN): scale 0xFF,
+    infinities 0xFF, finite values +-0. Those tiles are rare: with ``BRANCH`` the program rewrites
+    them only when one of its tiles needs it (a program-wide test), otherwise always (small blocks)."""
+    a = _f32(amax16, IS_BF16).to(tl.int32, bitcast=True)
+    e = tl.maximum((a >> 23) - 8 + ((a & 0x7FFFFF) > 0x600000).to(tl.int32), FLOOR)
+    inv = ((254 - e) << 23).to(tl.float32, bitcast=True)[:, :, None]  # 2^(127 - e), exact
+    if NATIVE:
+        code = (_f32(h, IS_BF16) * inv).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+    else:  # the magnitude's product, from the magnitude's bits (no float abs)
+        q = (_f32(h & 0x7FFF, IS_BF16) * inv).to(tl.int32, bitcast=True)
+        code = (_e4m3_byte(q) | ((h.to(tl.int32) >> 8) & 0x80)).to(tl.uint8)
+    if BRANCH:
+        if _program_max(amax16) >= INF16:
+            code = _ue8m0_special(code, h, amax16, INF16)
     else:
-        TILES: tl.constexpr = 16 if ENC == 1 else 8  # v41: 16 tiles of 32 values; v4: 8 tiles of 64
-        K: tl.constexpr = 256 // TILES
-        FLOOR: tl.constexpr = 114 if ENC == 1 else 105
-        ae = tl.reshape(abe, [TILES, K])
-        ao = tl.reshape(abo, [TILES, K])
-        amax = tl.maximum(tl.max(ae, axis=1), tl.max(ao, axis=1))
-        ce, sc = _ue8m0_codes(tl.reshape(xe, [TILES, K]), ae, amax, FLOOR)
-        co, sc = _ue8m0_codes(tl.reshape(xo, [TILES, K]), ao, amax, FLOOR)
-        out = tl.reshape(tl.join(tl.reshape(ce, [256]), tl.reshape(co, [256])), [512])
-        e = tl.arange(0, 512)
-        live_e = (tl.zeros([512], dtype=tl.int32) + live.to(tl.int32)) != 0
-        t = tl.arange(0, TILES)
-        live_t = (tl.zeros([TILES], dtype=tl.int32) + live.to(tl.int32)) != 0
-        if ENC == 1:
-            tl.store(data + e, out.to(tl.uint8), mask=live_e)
-            tl.store(scales + t, sc.to(tl.uint8), mask=live_t)
-        else:  # v4: 448 e4m3 values, then the 64 rope values as bf16 (little-endian bytes)
-            tl.store(data + e, out.to(tl.uint8), mask=live_e & (e < 448))
-            tl.store(scales + t, sc.to(tl.uint8), mask=live_t & (t < 7))
-            if IS_BF16:
-                re16, ro16 = ke, ko
-            else:  # fp16 (rotated or not) -> bf16, nearest even
-                re16 = _bf16_bits(xe)
-                ro16 = _bf16_bits(xo)
-            bits = tl.reshape(tl.join(re16, ro16), [512])  # element j's bf16 bits
-            by = tl.reshape(tl.join(bits & 0xFF, (bits >> 8) & 0xFF), [1024])  # byte f = 2 j + (0 | 1)
-            f = tl.arange(0, 1024)
-            live_f = (tl.zeros([1024], dtype=tl.int32) + live.to(tl.int32)) != 0
-            tl.store(data + (f - 448), by.to(tl.uint8), mask=live_f & (f >= 896))
+        code = _ue8m0_special(code, h, amax16, INF16)
+    scale = tl.where(amax16 >= INF16, 0xFF, e).to(tl.uint8)
+    return code, scale
+
+
+@triton.jit
+def _bits16(t, IS_BF16: tl.constexpr):
+    """A positive fp32 value exact in the 16-bit input type and normal there -> its 16-bit bits (int32)."""
+    u = t.to(tl.int32, bitcast=True)
+    if IS_BF16:
+        r = u >> 16
+    else:
+        r = (u >> 13) - 0x1C000  # fp32 exponent 127 + k -> fp16 15 + k; the mantissa fits 10 bits
+    return r
+
+
+@triton.jit
+def _e2m1_count(m, sign, t0, t1, t2, t3, t4, t5, t6):
+    """e2m1 codes of 16-bit magnitudes ``m [TOKENS, TILES, P]`` (no NaN) against the tiles' thresholds
+    ``t_j [TOKENS, TILES]`` (16-bit bits of ``m_j * scale``, exact): the nearest even code of ``|x| /
+    scale`` (ties: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4), ORed with
+    ``sign`` (0 or 8)."""
+    code = (
+        (m > t0[:, :, None]).to(tl.int32)
+        + (m >= t1[:, :, None]).to(tl.int32)
+        + (m > t2[:, :, None]).to(tl.int32)
+        + (m >= t3[:, :, None]).to(tl.int32)
+        + (m > t4[:, :, None]).to(tl.int32)
+        + (m >= t5[:, :, None]).to(tl.int32)
+        + (m > t6[:, :, None]).to(tl.int32)
+    )
+    return code | sign
+
+
+# One word holding an (even, odd) pair of 16-bit values (the even one in the low half) in, its e2m1
+# byte out: the search of the CUDA kernel (csrc/v4_store.cuh, fp4_chunk) on both values at once. $1:
+# the pair; $2..$8: the thresholds t0..t6, each in both halves. hi = |x| >= t3 (code >= 4; the tie
+# 1.75 goes up, to the even 2), mid = |x| >= (hi ? t5 : t1), lo = |x| > (hi ? (mid ? t6 : t4) :
+# (mid ? t2 : t0)); code = 4 hi + 2 mid + lo | the sign (bit 15 -> bit 3). The compares are packed
+# float compares of magnitudes (no flush of subnormals); a NaN tile's bytes are replaced after.
+_E2M1_PAIR_ASM = """{
+.reg .b32 a, hi, mid, lo, t, u, c;
+and.b32 a, $1, 0x7FFF7FFF;
+set.ge.u32.%(ty)s hi, a, $5;
+lop3.b32 t, $7, $3, hi, 0xE4;
+set.ge.u32.%(ty)s mid, a, t;
+lop3.b32 t, $8, $6, mid, 0xE4;
+lop3.b32 u, $4, $2, mid, 0xE4;
+lop3.b32 t, t, u, hi, 0xE4;
+set.gt.u32.%(ty)s lo, a, t;
+and.b32 c, hi, 0x00040004;
+lop3.b32 c, mid, 0x00020002, c, 0xEA;
+lop3.b32 c, lo, 0x00010001, c, 0xEA;
+shr.b32 u, $1, 12;
+lop3.b32 c, u, 0x00080008, c, 0xEA;
+shr.b32 u, c, 12;
+and.b32 c, c, 0xF;
+lop3.b32 $0, u, 0xF0, c, 0xEA;
+}"""
+E2M1_PAIR_ASM_BF16: tl.constexpr = tl.constexpr(_E2M1_PAIR_ASM % {"ty": "bf16x2"})
+E2M1_PAIR_ASM_F16: tl.constexpr = tl.constexpr(_E2M1_PAIR_ASM % {"ty": "f16x2"})
+
+
+@triton.jit
+def _both_halves(t, shape: tl.constexpr):
+    """A tile threshold ``t [TOKENS, TILES]`` (16-bit bits, int32) in both halves of a word, over the tile."""
+    return tl.broadcast_to((t * 0x10001)[:, :, None], shape)
+
+
+@triton.jit
+def _fp4_special(byte, w, nan_t, INF16: tl.constexpr):
+    """The bytes of :func:`_fp4_quantize` with the tiles holding a NaN rewritten (0, or the sign of a NaN)."""
+    ne = tl.where((w & 0x7FFF) > INF16, (w >> 12) & 0x8, 0)
+    no = tl.where(((w >> 16) & 0x7FFF) > INF16, (w >> 24) & 0x80, 0)
+    return tl.where(nan_t[:, :, None], (ne | no).to(tl.uint8), byte)
+
+
+@triton.jit
+def _fp4_quantize(w, IS_BF16: tl.constexpr, INF16: tl.constexpr, PACKED: tl.constexpr, BRANCH: tl.constexpr):
+    """e2m1 bytes ``[TOKENS, TILES, 8]`` (uint8: the even value's code in the low nibble) of tiles of
+    8 pairs ``w [TOKENS, TILES, 8]`` (int32 words: the even value's 16-bit input bits in the low half,
+    the odd one's in the high half), one e4m3 scale per tile: ``e4m3(clamp(amax / 6, 2^-9, 448))``,
+    and the scale bytes ``[TOKENS, TILES]``. Codes come from comparing magnitudes with the exact
+    thresholds ``m_j * scale`` (no division per value; an infinity is a huge value: code +-6):
+    ``PACKED`` (sm_90+), both values of a word per instruction in inline PTX; otherwise as integers.
+    A tile holding a NaN: scale 0x7F, codes 0 (0x8 for a negative NaN); ``BRANCH`` as
+    :func:`_ue8m0_quantize`'s."""
+    m = w & 0x7FFF7FFF
+    amax16 = tl.max(tl.maximum(m & 0xFFFF, m >> 16), axis=2)  # NaN > inf > finite as integers
+    nan_t = amax16 > INF16
+    a = _f32(tl.where(nan_t, 0, amax16), IS_BF16)
+    # clamp(amax / 6, 2^-9, 448) on the quotient's bits (non-negative: ordered as integers); no float
+    # max/min (whose NaN rule differs between the GPU and the interpreter)
+    raw = tl.math.div_rn(a, tl.full(a.shape, 6.0, tl.float32)).to(tl.int32, bitcast=True)
+    raw = tl.minimum(tl.maximum(raw, 0x3B000000), 0x43E00000)  # 2^-9, 448
+    sb = _e4m3_byte(raw)
+    sv = _e4m3_value(sb)
+    t0 = _bits16(sv * 0.25, IS_BF16)
+    t1 = _bits16(sv * 0.75, IS_BF16)
+    t2 = _bits16(sv * 1.25, IS_BF16)
+    t3 = _bits16(sv * 1.75, IS_BF16)
+    t4 = _bits16(sv * 2.5, IS_BF16)
+    t5 = _bits16(sv * 3.5, IS_BF16)
+    t6 = _bits16(sv * 5.0, IS_BF16)
+    if PACKED:
+        shape: tl.constexpr = w.shape
+        byte = tl.inline_asm_elementwise(
+            E2M1_PAIR_ASM_BF16 if IS_BF16 else E2M1_PAIR_ASM_F16, "=r,r,r,r,r,r,r,r,r",
+            [w, _both_halves(t0, shape), _both_halves(t1, shape), _both_halves(t2, shape), _both_halves(t3, shape),
+             _both_halves(t4, shape), _both_halves(t5, shape), _both_halves(t6, shape)],
+            dtype=tl.int32, is_pure=True, pack=1,
+        ).to(tl.uint8)  # fmt: skip
+    else:
+        he = w & 0xFFFF
+        ho = (w >> 16) & 0xFFFF
+        ce = _e2m1_count(he & 0x7FFF, (he >> 12) & 0x8, t0, t1, t2, t3, t4, t5, t6)
+        co = _e2m1_count(ho & 0x7FFF, (ho >> 12) & 0x8, t0, t1, t2, t3, t4, t5, t6)
+        byte = (ce | (co << 4)).to(tl.uint8)
+    if BRANCH:
+        if _program_max(amax16) > INF16:
+            byte = _fp4_special(byte, w, nan_t, INF16)
+    else:
+        byte = _fp4_special(byte, w, nan_t, INF16)
+    return byte, tl.where(nan_t, 0x7F, sb).to(tl.uint8)
+
+
+@triton.jit
+def _store_bytes16(dst, b16, live, TOKENS: tl.constexpr, W: tl.constexpr):
+    """Store 16-bit values ``b16 [TOKENS, W]`` (int32 0..65535) little-endian at byte rows ``dst [TOKENS]``."""
+    by = tl.reshape(tl.join(b16 & 0xFF, (b16 >> 8) & 0xFF), [TOKENS, 2 * W])
+    tl.store(dst[:, None] + tl.arange(0, 2 * W)[None, :], by.to(tl.uint8), mask=live[:, None])
 
 
 @triton.jit
@@ -298,21 +330,115 @@ def _v4_store_kernel(
     page_stride, num_slots, loc_stride, kv_stride, cs_stride, pos_stride, max_pos,
     skip_index, dcp_world, dcp_rank, n,
     ENC: tl.constexpr, PAGE_SIZE: tl.constexpr, DATA_STRIDE: tl.constexpr, SCALE_BASE: tl.constexpr,
-    SCALE_STRIDE: tl.constexpr, IS_BF16: tl.constexpr, ROPE: tl.constexpr, ROWS: tl.constexpr,
-    USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
+    SCALE_STRIDE: tl.constexpr, IS_BF16: tl.constexpr, ROPE: tl.constexpr, TOKENS: tl.constexpr,
+    NATIVE: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr, DCP: tl.constexpr, USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
 ):  # fmt: skip
-    # One program stores ROWS tokens; every offset is int64. PDL: the trigger carries no memory
-    # ordering (the next grid's wait covers this grid's stores), so it may come at entry.
+    # One program stores TOKENS tokens as one [TOKENS, 512] block; every offset is int64. PDL: the
+    # trigger carries no memory ordering (the next grid's wait covers this grid's stores), so it may
+    # come at entry.
     if USE_PDL and EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    for r in tl.static_range(ROWS):
-        _v4_store_token(
-            pages_ptr, loc_ptr, kv_ptr, cs_ptr, pos_ptr, page_stride, num_slots, loc_stride, kv_stride, cs_stride,
-            pos_stride, max_pos, skip_index, dcp_world, dcp_rank, n, tl.program_id(0).to(tl.int64) * ROWS + r,
-            ENC, PAGE_SIZE, DATA_STRIDE, SCALE_BASE, SCALE_STRIDE, IS_BF16, ROPE,
-        )  # fmt: skip
+    INF16: tl.constexpr = 0x7F80 if IS_BF16 else 0x7C00
+    i = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
+    src = tl.minimum(i, n - 1)  # a program's tokens past the call re-read the last one; never stored
+    raw = tl.load(loc_ptr + src * loc_stride).to(tl.int64)
+    raw = tl.where(i < n, raw, -1)
+    slot = raw // dcp_world  # dcp_world == 1 is specialised by Triton: no division then
+    live = (raw >= 0) & (raw != skip_index) & ((raw - slot * dcp_world) == dcp_rank) & (slot < num_slots)
+    if ROPE == 2:  # a position outside the table: the token is skipped (nothing is read past the table)
+        pos = tl.load(pos_ptr + src * pos_stride).to(tl.int64)
+        live = live & (pos >= 0) & (pos < max_pos)
+        pos = tl.where(live, pos, 0)
+    # Without DCP the source loads do not depend on loc (issued beside it, unmasked); with DCP only the
+    # kept tokens' sources are read.
+    if DCP:
+        need = live
+    else:
+        need = i >= -1  # every row (its mask folds away)
+    page = slot // PAGE_SIZE
+    row = slot - page * PAGE_SIZE
+    base = pages_ptr + page * page_stride
+    data = base + row * DATA_STRIDE  # [TOKENS] byte pointers
+    scales = base + SCALE_BASE + row * SCALE_STRIDE
+    kv_row = kv_ptr + src * kv_stride  # [TOKENS]
+
+    # The RoPE tail (values 448..511) as its 32 (even, odd) pairs, rotated and rounded to the input dtype:
+    # fp32 values re, ro [TOKENS, 32] and their 16-bit bits be, bo.
+    if ROPE != 0:
+        p64 = tl.arange(0, 64)[None, :]
+        tail = tl.load(kv_row[:, None] + 448 + p64, mask=need[:, None], other=0)
+        te, to = tl.split(tl.reshape(tail, [TOKENS, 32, 2]))
+        xe = _f32(te, IS_BF16)
+        xo = _f32(to, IS_BF16)
+        if ROPE == 1:  # freqs_cis [n, 64]: (cos_k, sin_k) interleaved
+            f = tl.load(cs_ptr + src[:, None] * cs_stride + p64, mask=need[:, None], other=0.0)
+            c, s = tl.split(tl.reshape(f, [TOKENS, 32, 2]))
+        else:  # cos_sin_cache [max_pos, 64]: cos_0..31 | sin_0..31 at row pos (read for kept tokens only)
+            p32 = tl.arange(0, 32)[None, :]
+            row_cs = cs_ptr + pos[:, None] * cs_stride
+            c = tl.load(row_cs + p32, mask=live[:, None], other=0.0)
+            s = tl.load(row_cs + 32 + p32, mask=live[:, None], other=0.0)
+        re, be = _round_to_input(xe * c - xo * s, IS_BF16)  # products and sums rounded apart (no FMA)
+        ro, bo = _round_to_input(xe * s + xo * c, IS_BF16)
+
+    if ENC == 2:  # v41_fp4: 32 tiles of 16 values (8 pairs), two codes per byte
+        k8 = tl.arange(0, 32)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        if PAIRS:  # the rows' pairs as 4-byte words (kv 4-byte aligned, even row stride)
+            kvw = kv_ptr.to(tl.pointer_type(tl.int32))
+            w = tl.load(kvw + (src * (kv_stride // 2))[:, None, None] + k8, mask=need[:, None, None], other=0)
+        else:  # 16-bit loads, the pairs put together
+            k16 = tl.arange(0, 32)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+            h = tl.load(kv_row[:, None, None] + k16, mask=need[:, None, None], other=0).to(tl.int32)
+            he, ho = tl.split(tl.reshape(h, [TOKENS, 32, 8, 2]))
+            w = (he & 0xFFFF) | (ho << 16)
+        byte, sc = _fp4_quantize(w, IS_BF16, INF16, PACKED, True)
+        t = tl.arange(0, 32)[None, :]
+        if ROPE == 0:
+            tl.store(data[:, None, None] + k8, byte, mask=live[:, None, None])
+            tl.store(scales[:, None] + t, sc, mask=live[:, None])
+        else:  # the last 4 tiles come from the rotated tail
+            tl.store(data[:, None, None] + k8, byte, mask=live[:, None, None] & (k8 < 224))
+            tl.store(scales[:, None] + t, sc, mask=live[:, None] & (t < 28))
+            rbyte, rsc = _fp4_quantize(tl.reshape(be | (bo << 16), [TOKENS, 4, 8]), IS_BF16, INF16, PACKED, False)
+            tl.store(data[:, None] + 224 + tl.arange(0, 32)[None, :], tl.reshape(rbyte, [TOKENS, 32]), mask=live[:, None])
+            tl.store(scales[:, None] + 28 + tl.arange(0, 4)[None, :], rsc, mask=live[:, None])
+    else:
+        TILES: tl.constexpr = 16 if ENC == 1 else 8  # v41: 16 tiles of 32 values; v4: 8 tiles of 64 (7 stored)
+        K: tl.constexpr = 512 // TILES
+        FLOOR: tl.constexpr = 114 if ENC == 1 else 105
+        k3 = tl.arange(0, TILES)[None, :, None] * K + tl.arange(0, K)[None, None, :]
+        h = tl.load(kv_row[:, None, None] + k3, mask=need[:, None, None], other=0)
+        amax16 = tl.max(h & 0x7FFF, axis=2)
+        code, sc = _ue8m0_quantize(h, amax16, IS_BF16, FLOOR, INF16, NATIVE, True)
+        t = tl.arange(0, TILES)[None, :]
+        if ENC == 1 and ROPE == 0:
+            tl.store(data[:, None, None] + k3, code, mask=live[:, None, None])
+            tl.store(scales[:, None] + t, sc, mask=live[:, None])
+        else:  # values 0..447 from the block (v4: 7 tiles; v41 with RoPE: 14)
+            tl.store(data[:, None, None] + k3, code, mask=live[:, None, None] & (k3 < 448))
+            tl.store(scales[:, None] + t, sc, mask=live[:, None] & (t < 448 // K))
+        if ENC == 1 and ROPE != 0:  # the rotated tail: 2 tiles of 32 values
+            h2 = tl.reshape(tl.join(be, bo), [TOKENS, 2, 32])
+            rcode, rsc = _ue8m0_quantize(h2, tl.max(h2 & 0x7FFF, axis=2), IS_BF16, FLOOR, INF16, NATIVE, False)
+            tl.store(data[:, None] + 448 + tl.arange(0, 64)[None, :], tl.reshape(rcode, [TOKENS, 64]), mask=live[:, None])
+            tl.store(scales[:, None] + 14 + tl.arange(0, 2)[None, :], rsc, mask=live[:, None])
+        if ENC == 0:  # v4: the 64 rope values as bf16 (little-endian) at bytes 448..575
+            if ROPE != 0:
+                if IS_BF16:
+                    r16 = tl.reshape(tl.join(be, bo), [TOKENS, 64])
+                else:  # the rotated fp16 values -> bf16, nearest even
+                    r16 = tl.reshape(tl.join(_bf16_bits(re), _bf16_bits(ro)), [TOKENS, 64])
+                _store_bytes16(data + 448, r16, live, TOKENS, 64)
+            elif IS_BF16:  # the input's own bytes
+                kvb = kv_ptr.to(tl.pointer_type(tl.uint8))
+                b128 = tl.arange(0, 128)[None, :]
+                rb = tl.load(kvb + (src * kv_stride * 2 + 896)[:, None] + b128, mask=need[:, None], other=0)
+                tl.store(data[:, None] + 448 + b128, rb, mask=live[:, None])
+            else:  # fp16 -> bf16, nearest even
+                tail = tl.load(kv_row[:, None] + 448 + tl.arange(0, 64)[None, :], mask=need[:, None], other=0)
+                _store_bytes16(data + 448, _bf16_bits(_f32(tail, IS_BF16)), live, TOKENS, 64)
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -341,7 +467,8 @@ def launch_v4_store(
         data_stride, scale_base, scale_stride: a row ``r``'s values at byte ``r * data_stride`` of
             its page, its scales at ``scale_base + r * scale_stride``.
         num_warps / rows_per_program / early_trigger: override the launch table
-            (:func:`mlakv.spec.tuning.v4_triton_launch`; the bench's sweep).
+            (:func:`mlakv.spec.tuning.v4_triton_launch`; the bench's sweep). ``rows_per_program``:
+            tokens per program, a power of two.
     """
     kv_pages, loc, kv, freqs_cis, positions, cos_sin_cache, skip_index, dcp_world_size, dcp_rank = call
     n = loc.shape[0]
@@ -354,16 +481,22 @@ def launch_v4_store(
     elif positions is not None:
         rope, cs, cs_stride = 2, cos_sin_cache, cos_sin_cache.stride(0)
         pos, pos_stride, max_pos = positions, positions.stride(0), cos_sin_cache.shape[0]
-    warps, rows, early = v4_triton_launch(n)
-    rows = rows_per_program or rows
-    use_pdl = kv_pages.is_cuda and pdl_supported(kv_pages.device.index or 0)
+    warps, tokens, early = v4_triton_launch(n)
+    tokens = rows_per_program or tokens
+    if tokens & (tokens - 1):
+        raise ValueError(f"rows_per_program (tokens per program) must be a power of two, got {tokens}")
+    device = kv_pages.device.index or 0
+    use_pdl = kv_pages.is_cuda and pdl_supported(device)
+    native = kv_pages.is_cuda and native_fp8_supported(device)
+    packed = native and packed_half_compare_supported(device)
+    pairs = kv.data_ptr() % 4 == 0 and src.stride(0) % 2 == 0  # the rows' (even, odd) pairs as int32 words
     extra = {"launch_pdl": True} if use_pdl else {}
-    _v4_store_kernel[(triton.cdiv(n, rows),)](
+    _v4_store_kernel[(triton.cdiv(n, tokens),)](
         kv_pages, loc, src, cs, pos,
         kv_pages.stride(0), kv_pages.shape[0] * page_size, loc.stride(0), src.stride(0), cs_stride, pos_stride, max_pos,
         skip_index, dcp_world_size, dcp_rank, n,
         ENC=encoding, PAGE_SIZE=page_size, DATA_STRIDE=data_stride, SCALE_BASE=scale_base, SCALE_STRIDE=scale_stride,
-        IS_BF16=is_bf16, ROPE=rope, ROWS=rows, USE_PDL=use_pdl,
+        IS_BF16=is_bf16, ROPE=rope, TOKENS=tokens, NATIVE=native, PACKED=packed, PAIRS=pairs, DCP=dcp_world_size > 1, USE_PDL=use_pdl,
         EARLY_TRIGGER=early if early_trigger is None else early_trigger,
         num_warps=num_warps or warps, enable_fp_fusion=False, **extra,
     )  # fmt: skip
