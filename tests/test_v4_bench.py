@@ -24,6 +24,23 @@ def test_cli_without_a_gpu_measures_nothing(capsys, tmp_path):
     assert "no CUDA GPU" in capsys.readouterr().out
 
 
+def test_cli_takes_the_triton_sweep(capsys, tmp_path):
+    if HAS_CUDA:
+        pytest.skip("the CPU behaviour")
+    assert bench.main(["--sizes", "8", "--triton-sweep", "--rope", "--out", str(tmp_path)]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_tables_name_the_fastest_triton_shape():
+    row = {"layout": "v41", "n": 64, "path": "jit", "mlakv": 1.0, "mlakv-jit": 1.0, "mlakv-triton": 1.2,
+           "triton w1 t1": 1.3, "triton w1 t1 of copy bw": 0.1, "triton w2 t2": 1.1, "triton w2 t2 +rope": 1.4,
+           "triton w1 t1 +rope": 1.6, "mlakv+rope": 1.25}  # fmt: skip
+    text = bench.format_tables({"device": "GPU", "copy_gbs": 4000.0, "rows": [row]})
+    assert "- n=64: triton w2 t2: 1.10 µs (1.10x mlakv-jit's 1.00)" in text
+    assert "- n=64: triton w2 t2 +rope: 1.40 µs (1.12x mlakv+rope's 1.25)" in text
+    assert "| 1.20x |" in text  # triton / jit
+
+
 def test_cli_refuses_an_unknown_layout():
     with pytest.raises(SystemExit):
         bench.main(["--layouts", "v5"])
@@ -65,3 +82,15 @@ def test_bench_runs_and_checks_every_provider(tmp_path):
     for name in ("mlakv", "mlakv-jit", "mlakv-triton", "mlakv+rope", "mlakv+pos", "mlakv-triton+rope"):
         assert isinstance(row[name], float) and row[name] > 0, (name, row.get(name))
     assert "v41" in bench.format_tables(res)
+
+
+@requires_sm90
+def test_triton_sweep_checks_and_times_every_shape():
+    from mlakv.spec.tuning import V4_TRITON_SWEEP
+
+    res = bench.run_v4_bench(["v41_fp4"], [300], ["mlakv-jit", "mlakv-triton"], rope=True, triton_sweep=True)
+    row = res["rows"][0]
+    for warps, tokens in V4_TRITON_SWEEP:
+        for name in (f"triton w{warps} t{tokens}", f"triton w{warps} t{tokens} +rope"):
+            assert isinstance(row[name], float) and row[name] > 0, (name, row.get(name))
+    assert "Fastest Triton launch shape" in bench.format_tables(res)

@@ -232,6 +232,9 @@ def v4_parser(
                    help="also time the store with the in-kernel RoPE (freqs_cis; mlakv also with positions + cos_sin_cache)")  # fmt: skip
     p.add_argument("--sweep", action="store_true",
                    help="also time the JIT store at every launch shape (warps per CTA x tokens per warp x PDL trigger)")  # fmt: skip
+    p.add_argument("--triton-sweep", action="store_true",
+                   help="also time the Triton store at every launch shape of mlakv.spec.tuning.V4_TRITON_SWEEP "
+                        "(warps x tokens per program), each checked against the reference first")  # fmt: skip
     p.add_argument("--out", type=out_dir, default=Path("bench-out"),
                    help="directory for v4.json and v4.md (checked writable before measuring)")  # fmt: skip
     return p

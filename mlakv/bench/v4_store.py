@@ -14,6 +14,9 @@ slots, page size 64) it times, as the median CUDA-graph replay over 8 rotating i
   ``mlakv+pos`` (``positions`` into a 4096-row ``cos_sin_cache``, which stays in L2);
 * with ``--sweep``: the JIT store at every launch shape (warps per CTA 2/4/8 x tokens per warp 1/2 x
   the PDL trigger at entry or after the wait).
+* with ``--triton-sweep``: the Triton store (``triton wW tT``) at every launch shape of
+  :data:`mlakv.spec.tuning.V4_TRITON_SWEEP` (W warps, T tokens per program; with ``--rope`` also
+  with ``freqs_cis``), and per n the fastest of them against the JIT store (issue 27's 1.15x).
 
 Before any timing every provider stores the same tokens into a copy of the same poisoned pages and
 the pages are compared with the plain-torch reference (run on the CPU): an mlakv provider that
@@ -22,7 +25,8 @@ differ is reported (its in-kernel RoPE may contract products into FMAs, which th
 Bandwidth counts bytes read + written per token (1024 read + 8 for the slot, + 256 for ``freqs_cis``;
 583 / 528 / 288 written) against the device-to-device copy bandwidth.
 
-Run: ``python -m mlakv bench v4 [--layouts v4,v41,v41_fp4] [--sizes ...] [--rope] [--sweep] [--out bench-out]``.
+Run: ``python -m mlakv bench v4 [--layouts v4,v41,v41_fp4] [--sizes ...] [--rope] [--sweep] [--triton-sweep]
+[--out bench-out]``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ import torch
 from mlakv.ops import v4_reference as ref
 from mlakv.ops.v4 import set_v4_kv_buffer, v4_store_path
 from mlakv.spec.calls import V4StoreCall
+from mlakv.spec.tuning import V4_TRITON_SWEEP
 
 from . import timing
 from .options import v4_parser
-from .report import launch_grid, provider_table, run_on_gpu
+from .report import cell, launch_grid, provider_table, ratio, run_on_gpu
 
 __all__ = ["PAGE_SIZE", "build_sglang_v4_store", "bytes_per_token", "run_v4_bench", "format_tables", "main"]
 
@@ -98,7 +103,9 @@ def _call(d: dict, **rope) -> V4StoreCall:
     return V4StoreCall(d["pages"], d["loc"], d["kv"], **rope)
 
 
-def _providers(layout: str, names: list[str], rope: bool, sweep: bool) -> dict[str, tuple[Callable[[dict], None], str]]:
+def _providers(
+    layout: str, names: list[str], rope: bool, sweep: bool, triton_sweep: bool = False
+) -> dict[str, tuple[Callable[[dict], None], str]]:
     """``name -> (store(d), rope kind)``; the rope kind says which reference the provider is checked against."""
     from mlakv.kernels.cuda.v4_store import v4_jit_store
     from mlakv.kernels.triton.v4_store import ENCODINGS, launch_v4_store
@@ -144,6 +151,14 @@ def _providers(layout: str, names: list[str], rope: bool, sweep: bool) -> dict[s
             out[name + " +rope"] = (
                 lambda d, kw=kw: v4_jit_store(_call(d, freqs_cis=d["freqs"]), layout, PAGE_SIZE, **kw), "freqs"
             )
+    for warps, tokens in V4_TRITON_SWEEP if triton_sweep else ():
+        name = f"triton w{warps} t{tokens}"
+        kw = dict(num_warps=warps, rows_per_program=tokens)
+        out[name] = (lambda d, kw=kw: launch_v4_store(_call(d), encoding=enc, **geo, **kw), "none")
+        if rope:
+            out[name + " +rope"] = (
+                lambda d, kw=kw: launch_v4_store(_call(d, freqs_cis=d["freqs"]), encoding=enc, **geo, **kw), "freqs"
+            )
     return out
 
 
@@ -181,12 +196,15 @@ def _tokens_differing(fn: Callable[[dict], None], d: dict, want: torch.Tensor, l
     return -1 if not torch.equal(got[~touched], want[~touched]) else bad
 
 
-def run_v4_bench(layouts: list[str], sizes: list[int], providers: list[str], rope: bool = False, sweep: bool = False) -> dict:
+def run_v4_bench(
+    layouts: list[str], sizes: list[int], providers: list[str], rope: bool = False, sweep: bool = False,
+    triton_sweep: bool = False,
+) -> dict:
     """Time every provider at each layout and n; ``{"device", "copy_gbs", "rows": [...]}`` (GPU only)."""
     copy_gbs = timing.copy_bandwidth_gbs()
     rows = []
     for layout in layouts:
-        provs = _providers(layout, providers, rope, sweep)
+        provs = _providers(layout, providers, rope, sweep, triton_sweep)
         for n in sizes:
             timing.progress(f"v4 bench: {layout} n={n}")
             sets = _input_sets(n, timing.INPUT_SETS, layout)
@@ -195,7 +213,7 @@ def run_v4_bench(layouts: list[str], sizes: list[int], providers: list[str], rop
             row: dict[str, Any] = {"layout": layout, "n": n, "path": v4_store_path(d0["pages"], layout)}
             for name, (fn, kind) in provs.items():
                 differ = _tokens_differing(fn, d0, wants[kind], layout)
-                if differ and name.startswith(("mlakv", "jit")):
+                if differ and name.startswith(("mlakv", "jit", "triton")):
                     row[name] = "WRONG"
                     continue
                 if differ:
@@ -214,7 +232,24 @@ _RATIOS = {
     "sglang / mlakv": ("sglang", "mlakv"),
     "rope / store": ("mlakv+rope", "mlakv"),
     "pos / store": ("mlakv+pos", "mlakv"),
+    "triton / jit": ("mlakv-triton", "mlakv-jit"),
+    "triton+rope / rope": ("mlakv-triton+rope", "mlakv+rope"),
 }
+
+
+def _fastest_triton(rows: list[dict]) -> list[str]:
+    """Per n, the fastest Triton launch shape of a ``--triton-sweep`` (without, then with RoPE) against
+    the JIT store's time (``mlakv-jit``, ``mlakv+rope``); nothing without a sweep."""
+    out = []
+    for r in rows:
+        for rope, jit in ((False, "mlakv-jit"), (True, "mlakv+rope")):
+            times = {k: v for k, v in r.items() if k.startswith("triton w") and not k.endswith("copy bw")
+                     and k.endswith("+rope") == rope and isinstance(v, float)}  # fmt: skip
+            if times:
+                best = min(times, key=times.get)
+                vs = f" ({ratio(times[best], r[jit])} {jit}'s {cell(r[jit])})" if isinstance(r.get(jit), float) else ""
+                out.append(f"- n={r['n']}: {best}: {times[best]:.2f} µs{vs}")
+    return ["", "Fastest Triton launch shape (`--triton-sweep`):", "", *out] if out else []
 
 
 def format_tables(res: dict) -> str:
@@ -233,6 +268,7 @@ def format_tables(res: dict) -> str:
             "",
             *provider_table(rows, names, _RATIOS),
         ]
+        out += _fastest_triton(rows)
         notes = [f"{layout} n={r['n']}: {k[:-6]}: {v}" for r in rows for k, v in r.items() if k.endswith(" check")]
         if notes:
             out += ["", "Checks: " + "; ".join(notes)]
@@ -242,7 +278,10 @@ def format_tables(res: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     # the command line is mlakv.bench.options.v4_parser's: a bad --sizes is a usage error (exit 2), on any machine
     args = v4_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run = lambda: run_v4_bench(list(args.layouts), list(args.sizes), list(args.providers), rope=args.rope, sweep=args.sweep)  # noqa: E731
+    run = lambda: run_v4_bench(  # noqa: E731
+        list(args.layouts), list(args.sizes), list(args.providers), rope=args.rope, sweep=args.sweep,
+        triton_sweep=args.triton_sweep,
+    )
     return run_on_gpu("v4 bench", args.out, "v4", run, format_tables)
 
 

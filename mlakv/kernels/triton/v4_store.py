@@ -255,9 +255,9 @@ E2M1_PAIR_ASM_F16: tl.constexpr = tl.constexpr(_E2M1_PAIR_ASM % {"ty": "f16x2"})
 
 
 @triton.jit
-def _both_halves(t, shape: tl.constexpr):
-    """A tile threshold ``t [TOKENS, TILES]`` (16-bit bits, int32) in both halves of a word, over the tile."""
-    return tl.broadcast_to((t * 0x10001)[:, :, None], shape)
+def _both_halves(t):
+    """A tile threshold ``t [TOKENS, TILES]`` (16-bit bits, int32) in both halves of a word, ``[TOKENS, TILES, 1]``."""
+    return (t * 0x10001)[:, :, None]
 
 
 @triton.jit
@@ -296,12 +296,11 @@ def _fp4_quantize(w, IS_BF16: tl.constexpr, INF16: tl.constexpr, PACKED: tl.cons
     t5 = _bits16(sv * 3.5, IS_BF16)
     t6 = _bits16(sv * 5.0, IS_BF16)
     if PACKED:
-        shape: tl.constexpr = w.shape
         byte = tl.inline_asm_elementwise(
             E2M1_PAIR_ASM_BF16 if IS_BF16 else E2M1_PAIR_ASM_F16, "=r,r,r,r,r,r,r,r,r",
-            [w, _both_halves(t0, shape), _both_halves(t1, shape), _both_halves(t2, shape), _both_halves(t3, shape),
-             _both_halves(t4, shape), _both_halves(t5, shape), _both_halves(t6, shape)],
-            dtype=tl.int32, is_pure=True, pack=1,
+            [w, _both_halves(t0), _both_halves(t1), _both_halves(t2), _both_halves(t3), _both_halves(t4),
+             _both_halves(t5), _both_halves(t6)],
+            dtype=tl.int32, is_pure=True, pack=1,  # the thresholds broadcast over the tile
         ).to(tl.uint8)  # fmt: skip
     else:
         he = w & 0xFFFF
