@@ -16,7 +16,7 @@ the reserved slot and slots past the buffer (unchecked: skipped); refused calls 
 buffer with overlapping rows, a misaligned source at the JIT's checked entry) that must write
 nothing; the gather with padding and out-of-range slots; the move kernel (staged and direct, with
 out-of-range pairs); the HiCache row copy device <-> pinned host; the FP8 quantizing write and
-dequantizing gather (JIT and Triton, per_tensor and ds_mla); the DSA indexer K cache's store (JIT at
+dequantizing gather (JIT and Triton, per_tensor and ds_mla under each tile-scale rule); the DSA indexer K cache's store (JIT at
 every launch shape, Triton, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
 invalid page ids, a short table, an output shorter than the requests); the fused RoPE write (JIT,
 Triton, the public op; every cache format, no / bf16 / e4m3 query, both RoPE styles, every loc kind,
@@ -257,13 +257,13 @@ class Smoke:
         self.check("hicache copy pinned host -> device", torch.equal(back[d_idx], dev[d_idx]))
 
     def fp8(self) -> None:
-        """The FP8 quantizing write (JIT, Triton; both formats, bf16/fp16 sources, every loc kind)
-        and the dequantizing gather (JIT, Triton) with padding and out-of-range slots."""
+        """The FP8 quantizing write (JIT, Triton; both formats, ds_mla under each tile-scale rule, bf16/fp16
+        sources, every loc kind) and the dequantizing gather (JIT, Triton) with padding and out-of-range slots."""
         from mlakv.kernels.cuda.fp8 import fp8_jit_gather, fp8_jit_write
         from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, quantize_mla_rows, scale_tensor
         from mlakv.kernels.triton.fp8 import launch_dequant_gather, launch_quant_write
 
-        for fmt in ("per_tensor", "ds_mla"):
+        for fmt, rule in (("per_tensor", "fp32_floor"), ("ds_mla", "fp32_floor"), ("ds_mla", "fp32"), ("ds_mla", "ue8m0")):
             scale = scale_tensor(0.1875, torch.device("cuda")) if fmt == "per_tensor" else None
             rb = fp8_row_bytes(fmt, 512, 64)
             for dtype in (torch.bfloat16, torch.float16):
@@ -274,14 +274,15 @@ class Smoke:
                         rope = torch.randn(n, 64, device="cuda").to(dtype)
                         loc = _loc(kind, n, num_slots)
                         base = torch.randint(0, 256, (num_slots, 1, rb), dtype=torch.uint8, device="cuda")
-                        rows = quantize_mla_rows(nope, rope, fmt, scale).view(torch.uint8)
+                        rows = quantize_mla_rows(nope, rope, fmt, scale, ds_mla_scale_rule=rule).view(torch.uint8)
                         expected = base.clone().view(num_slots, rb)
                         idx = loc.to(torch.long)
                         keep = (idx >= 0) & (idx < num_slots) & (idx != RESERVED)
                         expected[idx[keep]] = rows[keep]
                         runs = {
-                            "triton": lambda kv: launch_quant_write(kv, loc, nope, rope, fmt, scale, RESERVED),
-                            "jit": lambda kv: fp8_jit_write(kv, loc, nope, rope, fmt, scale, RESERVED),
+                            "triton": lambda kv: launch_quant_write(kv, loc, nope, rope, fmt, scale, RESERVED,
+                                                                    scale_rule=rule),
+                            "jit": lambda kv: fp8_jit_write(kv, loc, nope, rope, fmt, scale, RESERVED, scale_rule=rule),
                         }
                         for name, run in runs.items():
                             kv = base.clone()
@@ -290,7 +291,7 @@ class Smoke:
                             ok = launched and torch.equal(kv.view(num_slots, rb), expected)
                             if kind == "expanded":  # every row targets one slot: any one row may win
                                 ok = launched
-                            self.check(f"fp8 write {fmt} {dtype} {kind} n={n} {name}", ok)
+                            self.check(f"fp8 write {fmt} {rule} {dtype} {kind} n={n} {name}", ok)
             kv = torch.randint(0, 256, (64, 1, rb), dtype=torch.uint8, device="cuda")
             bad = torch.tensor([3, 64, -1, 10**9, 63], device="cuda")
             ref = dequantize_mla_rows(kv[[3, 63], 0], fmt, 512, 64, scale)
@@ -451,19 +452,23 @@ class Smoke:
         k_nope = torch.randn(n, 512, device="cuda").to(torch.bfloat16)
         k_pe = torch.randn(n, 64, device="cuda").to(torch.bfloat16)
         base = torch.randint(0, 256, (num_slots, 656), dtype=torch.uint8, device="cuda")
-        want = base.cpu().clone()
         loc_r = loc.cpu().clone()
         loc_r[loc_r >= 2 * num_slots] = -1
-        set_mla_kv_buffer_rope_torch(RopeWriteCall(want, loc_r, k_nope.cpu(), k_pe.cpu(), pos.cpu(), cs.cpu(), False,
-                                                   kv_cache_format="ds_mla", dcp_world_size=2, dcp_rank=1))  # fmt: skip
-        for name, run in {
-            "jit": lambda kv: rope_write_cuda(RopeWriteCall(kv, loc, k_nope, k_pe, pos, cs, False, "ds_mla", dcp_world_size=2, dcp_rank=1)),
-            "triton": lambda kv: launch_rope_write(RopeWriteCall(kv, loc, k_nope, k_pe, pos, cs, False, "ds_mla", dcp_world_size=2, dcp_rank=1)),
-        }.items():
-            kv = base.clone()
-            launched = run(kv) is not False
-            torch.cuda.synchronize()
-            self.check(f"rope write ds_mla dcp 2/1 {name}", launched and torch.equal(kv.cpu(), want))
+        for rule in ("fp32_floor", "fp32", "ue8m0"):  # ds_mla's tile-scale rules
+            want = base.cpu().clone()
+            set_mla_kv_buffer_rope_torch(RopeWriteCall(want, loc_r, k_nope.cpu(), k_pe.cpu(), pos.cpu(), cs.cpu(), False,
+                                                       kv_cache_format="ds_mla", dcp_world_size=2, dcp_rank=1,
+                                                       ds_mla_scale_rule=rule))  # fmt: skip
+            call = RopeWriteCall(base, loc, k_nope, k_pe, pos, cs, False, "ds_mla", dcp_world_size=2, dcp_rank=1,
+                                 ds_mla_scale_rule=rule)  # fmt: skip
+            for name, run in {
+                "jit": lambda kv: rope_write_cuda(call._replace(kv_buffer=kv)),
+                "triton": lambda kv: launch_rope_write(call._replace(kv_buffer=kv)),
+            }.items():
+                kv = base.clone()
+                launched = run(kv) is not False
+                torch.cuda.synchronize()
+                self.check(f"rope write ds_mla {rule} dcp 2/1 {name}", launched and torch.equal(kv.cpu(), want))
 
 
 def hostile(smoke: "Smoke") -> None:

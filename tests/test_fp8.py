@@ -754,12 +754,12 @@ def test_jit_launchers_serve_zero_rows_at_any_alignment(fmt, spare, built_fp8_mo
             outs = FakeCudaTensor((0, NOPE), dst), FakeCudaTensor((0, ROPE), dst)
             assert mod.mla_fp8_gather(kv, loc, scale, *outs, 8) is True
         srcs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
-        assert mod.mla_fp8_quant(kv, loc, *srcs, scale, -1, 8, False) is True
+        assert mod.mla_fp8_quant(kv, loc, *srcs, scale, -1, 8, False, 0) is True
     one = FakeCudaTensor((1,), torch.int64)
     outs = FakeCudaTensor((1, NOPE), torch.bfloat16), FakeCudaTensor((1, ROPE), torch.bfloat16)
     if spare:
         assert mod.mla_fp8_gather(kv, one, scale, *outs, 8) is False
-        assert mod.mla_fp8_quant(kv, one, *outs, scale, -1, 8, False) is False
+        assert mod.mla_fp8_quant(kv, one, *outs, scale, -1, 8, False, 0) is False
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -778,9 +778,9 @@ def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
     with pytest.raises(ValueError, match=r"nope_out/rope_out must be contiguous \[n_loc, 512\]"):
         mod.mla_fp8_gather(kv, loc, scale, FakeCudaTensor((0, 256), torch.bfloat16), outs[1], 8)
     with pytest.raises(ValueError, match="the row needs"):
-        mod.mla_fp8_quant(FakeCudaTensor((12, 100), torch.uint8), loc, *outs, scale, -1, 8, False)
+        mod.mla_fp8_quant(FakeCudaTensor((12, 100), torch.uint8), loc, *outs, scale, -1, 8, False, 0)
     with pytest.raises(TypeError, match="k_nope and k_rope must both be bfloat16 or both float16"):
-        mod.mla_fp8_quant(kv, loc, outs[0], FakeCudaTensor((0, ROPE), torch.float16), scale, -1, 8, False)
+        mod.mla_fp8_quant(kv, loc, outs[0], FakeCudaTensor((0, ROPE), torch.float16), scale, -1, 8, False, 0)
 
 
 _QUANT_INTS = ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot", "n_loc")
@@ -806,21 +806,24 @@ _TRITON_SIGS = [
           EARLY_TRIGGER=True)),
     ("_quant_ds_mla_kernel", 90,
      dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
-     dict(**_DS, ROWS=2, SRC_IS_BF16=False, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=False, POW2=False)),
+     dict(**_DS, ROWS=2, SRC_IS_BF16=False, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=False, RULE=0)),
     ("_quant_ds_mla_kernel", 90,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
-     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=True, POW2=False)),
-    ("_quant_ds_mla_kernel", 90,  # vLLM's power-of-two tile scales (the vLLM face's fp8_ds_mla)
+     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=True, RULE=0)),
+    ("_quant_ds_mla_kernel", 90,  # sglang's fp32 tile scales (no floor, values times the reciprocal)
+     dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
+     dict(**_DS, ROWS=4, SRC_IS_BF16=False, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=False, RULE=1)),
+    ("_quant_ds_mla_kernel", 90,  # ue8m0: power-of-two tile scales (the vLLM face's fp8_ds_mla)
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
-     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=True, POW2=True)),
+     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=True, RULE=2)),
     ("_quant_ds_mla_kernel", 80,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
      dict(TILES=3, TILES_P2=4, ROPE=32, ROPE_P2=32, ROWS=1, SRC_IS_BF16=True, NATIVE=False, ALIGN4=False,
-          USE_PDL=False, EARLY_TRIGGER=False, POW2=False)),
+          USE_PDL=False, EARLY_TRIGGER=False, RULE=0)),
     ("_quant_ds_mla_kernel", 80,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
      dict(TILES=1, TILES_P2=1, ROPE=0, ROPE_P2=1, ROWS=2, SRC_IS_BF16=False, NATIVE=False, ALIGN4=True,
-          USE_PDL=False, EARLY_TRIGGER=False, POW2=False)),
+          USE_PDL=False, EARLY_TRIGGER=False, RULE=1)),
 ] + [
     ("_dequant_per_tensor_kernel", 90 if native else 80,
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out, scale_ptr="*fp32"), _GATHER_INTS,
@@ -919,8 +922,9 @@ def test_triton_kernels_compile_for_sm90_with_ieee_division():
         where = f"{name} sm_{sm} {consts}"
         assert "f64" not in ttir and ".f64" not in ptx, where
         assert "div.full" not in ptx and "div.approx" not in ptx, where
-        if name.startswith("_quant") or name == "_div_probe_kernel":  # POW2 divides by powers of two: a product
-            assert "div.rn.f32" in ptx and ("fma.rn.f32" in ptx or consts.get("POW2")), where
+        if name.startswith("_quant") or name == "_div_probe_kernel":  # RULE 1, 2 multiply by an IEEE reciprocal
+            assert "div.rn.f32" in ptx and ("fma.rn.f32" in ptx or consts.get("RULE")), where
+            assert ".ftz" not in ptx, where  # fp32 subnormals kept (the fp32 rule's scales and products)
         if name.startswith("_quant"):
             assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == consts["NATIVE"], where
         if name.startswith("_dequant"):
@@ -968,7 +972,7 @@ print(json.dumps(out))
 """
 
 
-def _native_quant_sigs(fmt: str) -> list:
+def _native_quant_sigs(fmt: str, rule: int = 0) -> list:
     from mlakv.spec.tuning import FP8_TRITON_STEPS
 
     kind = "quant_" + fmt
@@ -985,7 +989,7 @@ def _native_quant_sigs(fmt: str) -> list:
             ptrs["scale_ptr"] = "*fp32"
             consts = dict(NOPE=nope, NOPE_P2=p2(nope), **common)
         else:
-            consts = dict(TILES=nope // 128, TILES_P2=p2(nope // 128), ALIGN4=True, POW2=False, **common)
+            consts = dict(TILES=nope // 128, TILES_P2=p2(nope // 128), ALIGN4=True, RULE=rule, **common)
         sigs.append(("_quant_" + fmt + "_kernel", warps, ptrs, ints, consts))
     return sigs
 
@@ -1040,8 +1044,9 @@ def stale_e4m3_merges(sass: str) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_triton_native_e4m3_bytes_are_not_repacked_for_ptxas(fmt):
+@pytest.mark.parametrize("fmt,rule", [("per_tensor", 0), ("ds_mla", 0), ("ds_mla", 1), ("ds_mla", 2)],
+                         ids=["per_tensor", "ds_mla-fp32_floor", "ds_mla-fp32", "ds_mla-ue8m0"])
+def test_triton_native_e4m3_bytes_are_not_repacked_for_ptxas(fmt, rule):
     """The hardware-conversion kernels for sm_90 at every launch shape: no e4m3 pair is packed with a
     value computed from itself (the PTX that ptxas 12.8/12.9 miscompiles), and where Triton ships
     nvdisasm, no conversion in the machine code merges a shift computed before it."""
@@ -1049,7 +1054,7 @@ def test_triton_native_e4m3_bytes_are_not_repacked_for_ptxas(fmt):
     import subprocess
     import sys
 
-    sigs = _native_quant_sigs(fmt)
+    sigs = _native_quant_sigs(fmt, rule)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _NATIVE_SCRIPT, json.dumps(sigs)], env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip

@@ -216,14 +216,12 @@ def test_pow2_ceil_and_reference_option():
     s = torch.tensor([1e-4, 2.0**-13, 0.75, 1.0, 3.0, 2.0**127 * 1.5, float("inf")], dtype=F32)
     assert fp8.pow2_ceil(s).tolist() == [2.0**-13, 2.0**-13, 1.0, 1.0, 4.0, float("inf"), float("inf")]
     kv_c, k_pe = _ds_sources(3)
-    rows = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale="pow2")
+    rows = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale_rule="ue8m0")
     for i in range(3):
         want = [ref_tile_scale(kv_c[i, 128 * t : 128 * (t + 1)].float().tolist()) for t in range(4)]
         assert rows[i, 512:528].contiguous().view(F32).tolist() == want
-    with pytest.raises(TypeError, match="k_nope dtype"):
-        fp8.quantize_mla_rows(kv_c.cpu().half(), k_pe.cpu().half(), "ds_mla", ds_mla_scale="pow2")
-    with pytest.raises(ValueError, match="ds_mla_scale"):
-        fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale="ue8m0")
+    with pytest.raises(ValueError, match="ds_mla_scale_rule"):
+        fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale_rule="pow2")
 
 
 # ---- the gathers ----------------------------------------------------------------------------
@@ -668,7 +666,7 @@ def test_upconvert_reads_remapped_resident_and_host_rows():
     nb, bs = 4, 4
     cache = poisoned((nb, bs, 656), torch.uint8)
     kv_c, k_pe = sources(2 * nb * bs, 512, 64, BF16)
-    rows = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale="pow2")  # [32, 656] stored rows
+    rows = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale_rule="ue8m0")  # [32, 656] stored rows
     host = rows[nb * bs :].clone()  # host rows 0..15 (pinned: the GPU copy reads them in place)
     host = host.pin_memory() if DEVICE == "cuda" else host
     cache.view(-1, 656)[:] = rows[: nb * bs].to(DEVICE)
@@ -691,7 +689,7 @@ def test_upconvert_reads_remapped_resident_and_host_rows():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_ds_mla_pow2_write_equals_the_reference():
+def test_triton_ds_mla_ue8m0_write_equals_the_reference():
     from mlakv.kernels.triton.fp8 import launch_quant_write
 
     torch.manual_seed(16)
@@ -699,10 +697,10 @@ def test_triton_ds_mla_pow2_write_equals_the_reference():
     kv_c[3, 0] = -float("inf")
     kv_c[4, :128] = float("nan")  # an all-NaN tile: the floor
     kv_c[5, 200] = 3e38
-    want = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale="pow2")
+    want = fp8.quantize_mla_rows(kv_c.cpu(), k_pe.cpu(), "ds_mla", ds_mla_scale_rule="ue8m0")
     buf = poisoned((10, 656), torch.uint8)
     loc = torch.tensor([3, 0, 7, 1, 9, 5], device=DEVICE)
-    launch_quant_write(buf, loc, kv_c, k_pe, "ds_mla", None, pow2_scales=True)
+    launch_quant_write(buf, loc, kv_c, k_pe, "ds_mla", None, scale_rule="ue8m0")
     assert torch.equal(u8(buf)[loc.cpu()], want)
 
 
@@ -717,7 +715,7 @@ def test_triton_dequant_gather_into_dst_columns_skips_invalid_rows(fmt):
     nope_dim, rope_dim = (512, 64) if fmt == "ds_mla" else (40, 0)
     kv_c, k_pe = sources(8, nope_dim, rope_dim, BF16)
     scale = None if fmt == "ds_mla" else torch.tensor([0.25], device=DEVICE)
-    stored = fp8.quantize_mla_rows(kv_c, k_pe, fmt, scale, ds_mla_scale="pow2" if fmt == "ds_mla" else "amax")
+    stored = fp8.quantize_mla_rows(kv_c, k_pe, fmt, scale, ds_mla_scale_rule="ue8m0" if fmt == "ds_mla" else "fp32_floor")
     rows = stored.view(torch.uint8).to(DEVICE)
     loc = torch.tensor([3, -1, 0, 7, 12, 5], device=DEVICE)  # -1 and 12 (past the 8 rows) are invalid
     dst = poisoned((6, nope_dim + rope_dim + 3), F16)

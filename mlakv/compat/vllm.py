@@ -9,7 +9,7 @@ each a thin adapter over mlakv's own ops — no write or gather is implemented t
   (:func:`paged_rows`); ``slot_mapping`` is the row write's ``loc`` (:func:`slot_rows`);
 * ``concat_and_cache_mla`` -> :func:`mlakv.ops.dispatch.set_mla_kv_buffer_triton` (``"auto"``),
   :func:`mlakv.ops.fp8.set_mla_kv_buffer_quant` (``"fp8"``/``"fp8_e4m3"``: ``per_tensor``;
-  ``"fp8_ds_mla"``: ``ds_mla`` with vLLM's power-of-two tile scales, ``ds_mla_scale="pow2"``);
+  ``"fp8_ds_mla"``: ``ds_mla`` with vLLM 0.33's power-of-two tile scales, ``ds_mla_scale_rule="ue8m0"``);
 * the gathers turn ``block_table`` + start offsets into one source row per output token
   (:func:`gather_plan`, on the device, no sync) and run :func:`mlakv.ops.custom_ops.copy_rows`
   (the HiCache row copy, byte-exact: ``"auto"`` and ``cp_gather_cache``) or
@@ -68,6 +68,7 @@ _KIND = {"auto": "auto", "float16": "auto", "bfloat16": "auto", "fp8": "fp8", "f
 #: One ``fp8_ds_mla`` entry: 512 e4m3 nope bytes, 4 fp32 tile scales, 64 bf16 rope values.
 DS_MLA_ENTRY_BYTES = 656
 _DS_NOPE, _DS_ROPE = 512, 64
+_DS_MLA_SCALE_RULE = "ue8m0"  # vLLM 0.33's fp8_ds_mla tile scales: 2^ceil(log2(max(amax / 448, 1e-4f)))
 _BYTE_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 _IDX_DTYPES = (torch.int32, torch.int64)
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what vLLM's "auto" dispatch takes
@@ -244,7 +245,9 @@ def _concat_impl(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip
     else:
         if rope.shape[1] == 0:  # vLLM's NoPE rows: the rope tail is written as zeros
             rope = nope.new_zeros((1, _DS_ROPE)).expand(n, _DS_ROPE)
-        fp8.set_mla_kv_buffer_quant(rows.view(torch.uint8), loc, nope, rope, "ds_mla", None, ds_mla_scale="pow2")
+        fp8.set_mla_kv_buffer_quant(
+            rows.view(torch.uint8), loc, nope, rope, "ds_mla", None, ds_mla_scale_rule=_DS_MLA_SCALE_RULE
+        )
 
 
 def _concat_fake(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip_scale=False) -> None:

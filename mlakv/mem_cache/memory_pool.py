@@ -171,6 +171,12 @@ class MLATokenToKVPool:
             item is a page. The whole-pool row operations (move, CPU copy) take row formats only.
         k_scale: per_tensor's scale: a positive float, or a 1-element fp32 tensor on ``device`` (kept
             by reference, so it may change between writes and CUDA-graph replays).
+        ds_mla_scale_rule: how a ``ds_mla`` pool's writes choose each tile's fp32 scale, for the
+            reader of the cache: ``"fp32_floor"`` (default: ``max(amax / 448, FLT_MIN)``, vLLM's rule
+            before 0.33), ``"fp32"`` (sglang's DSA quantizer: ``amax / 448``, values times the
+            reciprocal) or ``"ue8m0"`` (vLLM 0.33 and FlashMLA: a power of two); every path
+            computes each bit-exactly (:mod:`mlakv.ops.fp8`, docs/formats.md). Other formats take
+            only the default.
 
     Raises ``TypeError`` for an unsupported dtype or a size, width or layer id that is not an int
     (a bool or a float is refused, never truncated), and ``MemoryError`` (naming the sizes) when the
@@ -195,6 +201,7 @@ class MLATokenToKVPool:
         dcp_rank: int = 0,
         kv_cache_format: Optional[str] = None,
         k_scale: Union[float, torch.Tensor, None] = None,
+        ds_mla_scale_rule: str = "fp32_floor",
     ) -> None:
         if not isinstance(dtype, torch.dtype) or dtype not in rules.SUPPORTED_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported for a KV pool; expected one of {rules.SUPPORTED_DTYPES}")
@@ -225,6 +232,13 @@ class MLATokenToKVPool:
         self.layer_num = layer_num
         self.device = torch.device(device)
         self.kv_cache_format = kv_cache_format
+        rules.check_ds_mla_scale_rule(ds_mla_scale_rule)
+        if kv_cache_format != "ds_mla" and ds_mla_scale_rule != "fp32_floor":
+            raise ValueError(
+                f"ds_mla_scale_rule={ds_mla_scale_rule!r} applies to kv_cache_format='ds_mla' only, "
+                f"not {kv_cache_format!r}"
+            )
+        self.ds_mla_scale_rule = ds_mla_scale_rule
         self._v4 = kv_cache_format in _v4.V4_LAYOUTS  # a DeepSeek-V4 family pool: block-split pages
         if self._v4:
             page_size = _check_v4_pool(kv_cache_format, dtype, kv_lora_rank, qk_rope_head_dim, page_size, k_scale)
@@ -273,6 +287,7 @@ class MLATokenToKVPool:
             self._route = _route.bind(
                 self.format, dtype, self.kv_buffer, check_bounds=check_bounds, reserved_skip_index=RESERVED_SLOT,
                 dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, k_scale=self.k_scale,
+                ds_mla_scale_rule=ds_mla_scale_rule,
             )  # fmt: skip
         # Views in the pool dtype, made once (ds_mla: the uint8 rows): what get_key_buffer returns.
         self._dtype_views = self._route.views
@@ -453,7 +468,7 @@ class MLATokenToKVPool:
             self.kv_buffer[self.local_layer(layer)], loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style,
             q_nope=q_nope, q_pe=q_pe, q_out=q_out, kv_cache_format=fmt, k_scale=self.k_scale, q_scale=q_scale,
             reserved_skip_index=RESERVED_SLOT, dcp_world_size=self.dcp_world_size, dcp_rank=self.dcp_rank,
-            check_bounds=self.check_bounds,
+            check_bounds=self.check_bounds, ds_mla_scale_rule=self.ds_mla_scale_rule,
         )  # fmt: skip
 
     # ---- sglang's whole-pool row operations ---------------------------------------------

@@ -18,29 +18,41 @@ Formats (``kv_cache_format``):
 
 ``"ds_mla"`` (DeepSeek-V3.2's 656-byte row for 512 + 64)
     Bytes ``[0, nope)``: the nope values in e4m3, in tiles of 128. Bytes ``[nope, nope + 4 * T)``
-    (``T = nope / 128``): the tile scales as little-endian fp32,
-    ``scale_t = max(amax_t / 448, FLT_MIN)``; each value is ``e4m3(x / scale_t)`` (IEEE division,
-    RNE, saturating). Bytes ``[nope + 4 T, nope + 4 T + 2 rope)``: the rope values as bf16 (raw
-    bits for bf16 sources; fp16 sources are rounded to bf16, RNE). Needs ``nope % 128 == 0``;
-    row bytes ``= nope + 4 * nope / 128 + 2 * rope``. An all-zero tile gets ``FLT_MIN`` and
-    dequantizes to exact zeros.
+    (``T = nope / 128``): the tile scales as little-endian fp32. Bytes ``[nope + 4 T, nope + 4 T + 2
+    rope)``: the rope values as bf16 (raw bits for bf16 sources; fp16 sources are rounded to bf16,
+    RNE). Needs ``nope % 128 == 0``; row bytes ``= nope + 4 * nope / 128 + 2 * rope``. How a tile's
+    scale is chosen is the write's ``ds_mla_scale_rule`` (below); every rule writes this row and
+    every reader decodes it the same way, ``e4m3 * scale``.
 
-``ds_mla_scale="pow2"`` (vLLM's ``fp8_ds_mla`` rule, see docs/vllm.md): the same row, but each tile
-    scale is a power of two, ``scale_t = 2^ceil(log2(max(amax_t / 448, 1e-4)))`` (``1e-4`` as
-    fp32), with ``amax_t`` over the tile's ``|x|`` *including* infinities (a NaN is ignored). The
-    division by a power of two is exact, so only the e4m3 rounding remains. Sources bf16 only (vLLM's
-    kernel reads fp16 sources' amax from their raw bits; mlakv does not reproduce that). On the GPU
-    the fused Triton write computes it (``POW2``); the JIT CUDA kernel computes the ``amax`` rule only.
+``ds_mla_scale_rule`` (:data:`mlakv.spec.rules.DS_MLA_SCALE_RULES`; the arithmetic:
+:func:`ds_mla_tile_scales`, :func:`ds_mla_quotients`; docs/formats.md says which reader expects which):
+
+``"fp32_floor"`` (the default; vLLM's rule before 0.33)
+    ``scale_t = max(amax_t / 448, FLT_MIN)`` with ``amax_t`` over the tile's **finite** ``|x|``;
+    each value ``e4m3(x / scale_t)`` (IEEE division, RNE, saturating). One NaN or inf does not wipe
+    out the precision of the other 127 values (with inf in the amax, every finite value would
+    quantize to 0 and inf itself to NaN): an inf stores as ``+-448`` and dequantizes to
+    ``+-448 * scale_t``, and a tile with no finite non-zero value gets ``FLT_MIN`` (an all-zero
+    tile dequantizes to exact zeros).
+``"fp32"`` (sglang's DSA quantizer, ``quant_k_cache``)
+    ``scale_t = amax_t / 448`` with no floor, ``amax_t`` over ``|x|`` with NaN ignored and inf kept
+    (an ``fmax`` reduction); each value ``e4m3(x * (1 / scale_t))``: the IEEE reciprocal, then the
+    product (not the quotient: the two round differently). A zero stays a zero of its sign where the
+    reciprocal is infinite, so an all-zero tile stores scale 0 and zeros and reads back as zeros
+    (sglang's kernel leaves ``0 * inf`` to Triton's NaN handling there). A tile whose ``amax`` is
+    below about ``448 * 2^-128`` has an infinite reciprocal: its non-zero values store as ``+-448`` (they
+    read back as ``+-448 * scale_t``, about ``+-amax_t``). An inf makes the scale inf: the tile's
+    finite values store as ``+-0``, the inf as NaN.
+``"ue8m0"`` (vLLM 0.33's ``fp8_ds_mla``, FlashMLA's reference quantizer; docs/vllm.md)
+    ``scale_t = 2^ceil(log2(max(amax_t / 448, 1e-4)))`` (``1e-4`` as fp32; the power of two taken
+    by exponent arithmetic), ``amax_t`` as ``"fp32"`` (an inf gives an inf scale, as there); each
+    value ``e4m3(x / scale_t)``, an exact division, so only the e4m3 rounding remains.
 
 ``per_tensor`` also takes float32 sources (``x / k_scale`` in fp32 directly), written the same
 unfused way on the GPU.
 
 Non-finite sources (both formats): NaN is stored as the canonical e4m3 NaN ``0x7F`` (its sign is
-dropped), ``+-inf`` saturates to ``+-448``. In ``ds_mla`` a tile's ``amax`` is taken over its
-**finite** values only: one NaN or inf does not wipe out the precision of the other 127 values
-(with inf in the amax, every finite value would quantize to 0 and inf itself to NaN). So an inf
-dequantizes to ``+-448 * scale_t`` (the tile's largest finite magnitude, about), a NaN to NaN, and
-a tile with no finite non-zero value gets ``FLT_MIN``.
+dropped), ``+-inf`` saturates to ``+-448`` (where the scale is finite).
 
 Dequantization (``dst_dtype`` bf16, fp16 or fp32): ``e4m3 -> fp32``, times the fp32 scale, rounded
 to ``dst_dtype`` (RNE); a NaN comes out as that dtype's canonical quiet NaN (bf16 ``0x7FC0``, fp16
@@ -74,6 +86,8 @@ __all__ = [
     "get_mla_kv_buffer_dequant",
     "fp8_write_path",
     "pow2_ceil",
+    "ds_mla_tile_scales",
+    "ds_mla_quotients",
     "scale_tensor",
     "check_pool_fp8",
 ]
@@ -81,8 +95,7 @@ __all__ = [
 KV_CACHE_FORMATS = ("per_tensor", "ds_mla")
 SOURCE_DTYPES = (torch.bfloat16, torch.float16)
 PER_TENSOR_SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-DS_MLA_SCALE_RULES = ("amax", "pow2")
-_POW2_FLOOR = 1e-4  # vLLM's fp8_ds_mla scale floor (rounded to fp32 where used)
+DS_MLA_SCALE_RULES = rules.DS_MLA_SCALE_RULES  # ("fp32_floor", "fp32", "ue8m0"): see the module docstring
 DEQUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 E4M3_MAX = 448.0
 DS_MLA_TILE = 128
@@ -184,24 +197,17 @@ def _bytes_as(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return b.contiguous().view(dtype)
 
 
-def _source_dtypes(kv_cache_format: object, ds_mla_scale: str = "amax") -> tuple[torch.dtype, ...]:
-    if kv_cache_format == "per_tensor":
-        return PER_TENSOR_SOURCE_DTYPES
-    return (torch.bfloat16,) if ds_mla_scale == "pow2" else SOURCE_DTYPES
-
-
-def _check_scale_rule(ds_mla_scale: object) -> None:
-    if ds_mla_scale not in DS_MLA_SCALE_RULES:
-        raise ValueError(f"ds_mla_scale must be one of {DS_MLA_SCALE_RULES}, got {ds_mla_scale!r}")
+def _source_dtypes(kv_cache_format: object) -> tuple[torch.dtype, ...]:
+    return PER_TENSOR_SOURCE_DTYPES if kv_cache_format == "per_tensor" else SOURCE_DTYPES
 
 
 def _check_sources(
-    k_nope: object, k_rope: object, kv_cache_format: object, ds_mla_scale: str = "amax"
+    k_nope: object, k_rope: object, kv_cache_format: object, ds_mla_scale_rule: str = "fp32_floor"
 ) -> tuple[int, int, int]:
     rules.check_rows_tensor("k_nope", k_nope, "n_loc")
     rules.check_rows_tensor("k_rope", k_rope, "n_loc")
-    _check_scale_rule(ds_mla_scale)
-    allowed = _source_dtypes(kv_cache_format, ds_mla_scale)
+    rules.check_ds_mla_scale_rule(ds_mla_scale_rule)
+    allowed = _source_dtypes(kv_cache_format)
     for name, t in (("k_nope", k_nope), ("k_rope", k_rope)):
         if t.dtype not in allowed:
             raise TypeError(f"{name} dtype must be one of {allowed} to quantize as {kv_cache_format!r}, got {t.dtype}")
@@ -233,11 +239,6 @@ def _e4m3_bytes(y: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(y), torch.full_like(q, _E4M3_NAN), q)
 
 
-def _finite_abs(x: torch.Tensor) -> torch.Tensor:
-    a = x.abs()
-    return torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-
-
 def _to_dst(y: torch.Tensor, dst_dtype: torch.dtype) -> torch.Tensor:
     """fp32 -> ``dst_dtype`` (RNE) with NaN as the dtype's canonical quiet NaN."""
     out = y.to(dst_dtype)
@@ -259,7 +260,7 @@ def quantize_mla_rows(
     kv_cache_format: str,
     k_scale: Union[float, torch.Tensor, None] = None,
     *,
-    ds_mla_scale: str = "amax",
+    ds_mla_scale_rule: str = "fp32_floor",
 ) -> torch.Tensor:
     """The stored rows for ``[k_nope | k_rope]`` (the reference quantizer, plain torch).
 
@@ -268,12 +269,12 @@ def quantize_mla_rows(
         k_rope: ``[n, rope_dim]`` or ``[n, 1, rope_dim]``, same dtype and device.
         kv_cache_format: ``"per_tensor"`` or ``"ds_mla"`` (see the module docstring).
         k_scale: per_tensor only: float or 1-element fp32 tensor on the sources' device.
-        ds_mla_scale: ds_mla's tile-scale rule, ``"amax"`` (mlakv's) or ``"pow2"`` (vLLM's
-            ``fp8_ds_mla``; bf16 sources); see the module docstring.
+        ds_mla_scale_rule: ds_mla's tile-scale rule, ``"fp32_floor"`` (default), ``"fp32"`` or
+            ``"ue8m0"`` (see the module docstring; per_tensor ignores it).
     Returns:
         per_tensor: ``[n, nope_dim + rope_dim]`` float8_e4m3fn; ds_mla: ``[n, fp8_row_bytes]`` uint8.
     """
-    n, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format, ds_mla_scale)
+    n, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format, ds_mla_scale_rule)
     scale = _check_k_scale(kv_cache_format, k_scale, k_nope.device)
     nope = _rows2d(k_nope).float()
     rope = _rows2d(k_rope)
@@ -282,21 +283,49 @@ def quantize_mla_rows(
         return _e4m3_bytes(y).view(torch.float8_e4m3fn)
     tiles = nope_dim // DS_MLA_TILE
     x = nope.reshape(n, tiles, DS_MLA_TILE)
-    if ds_mla_scale == "pow2":
-        a = x.abs()
-        a = torch.where(torch.isnan(a), torch.zeros_like(a), a)  # NaN ignored, inf kept (fmaxf's rule)
-        amax = a.amax(dim=2, keepdim=True) if n else torch.zeros(0, tiles, 1, device=x.device)
-        floor = torch.full_like(amax, _POW2_FLOOR)  # 1e-4 rounded to fp32
-        scales = pow2_ceil(torch.maximum(amax / torch.full_like(amax, E4M3_MAX), floor))
-    else:
-        amax = _finite_abs(x).amax(dim=2, keepdim=True) if n else torch.zeros(0, tiles, 1, device=x.device)
-        # IEEE division by a tensor, never by the Python scalar: on CUDA, torch computes ``t / scalar``
-        # as ``t * (1 / scalar)``, which is off by one ulp for some amax (then the whole tile differs).
-        scales = torch.clamp_min(amax / torch.full_like(amax, E4M3_MAX), FLT_MIN)  # [n, tiles, 1] fp32
-    q = _e4m3_bytes(x / scales).reshape(n, nope_dim)
+    scales = ds_mla_tile_scales(x, ds_mla_scale_rule)
+    q = _e4m3_bytes(ds_mla_quotients(x, scales, ds_mla_scale_rule)).reshape(n, nope_dim)
     scale_bytes = scales.reshape(n, tiles).contiguous().view(torch.uint8)
     rope_bytes = _bf16_bits_of(rope).contiguous().view(torch.uint8).reshape(n, 2 * rope_dim)
     return torch.cat([q, scale_bytes, rope_bytes], dim=1)
+
+
+def ds_mla_tile_scales(x: torch.Tensor, rule: str = "fp32_floor") -> torch.Tensor:
+    """The fp32 scale of every ds_mla tile under ``rule`` (the reference; the module docstring states
+    the rules). ``x``: ``[n, tiles, 128]`` float32 (a row's nope values as tiles) -> ``[n, tiles, 1]``.
+
+    ``amax`` is taken over the finite ``|x|`` (``"fp32_floor"``) or over ``|x|`` with NaN ignored
+    (``"fp32"``, ``"ue8m0"``: an ``fmax`` reduction keeps inf); ``amax / 448`` is the IEEE quotient
+    (divided by a tensor: torch's CUDA ``t / scalar`` multiplies by the reciprocal, off by one ulp
+    at times); then the floor ``FLT_MIN``, no floor, or the floor ``1e-4f`` and the power of two at
+    or above (:func:`pow2_ceil`).
+    """
+    rules.check_ds_mla_scale_rule(rule, "rule")
+    a = x.abs()
+    keep = torch.isfinite(a) if rule == "fp32_floor" else ~torch.isnan(a)
+    a = torch.where(keep, a, torch.zeros_like(a))
+    amax = a.amax(dim=2, keepdim=True) if x.shape[0] else torch.zeros(0, x.shape[1], 1, device=x.device)
+    s = amax / torch.full_like(amax, E4M3_MAX)
+    if rule == "fp32_floor":
+        return torch.clamp_min(s, FLT_MIN)
+    if rule == "fp32":
+        return s
+    return pow2_ceil(torch.maximum(s, torch.full_like(s, rules.DS_MLA_UE8M0_FLOOR)))
+
+
+def ds_mla_quotients(x: torch.Tensor, scales: torch.Tensor, rule: str = "fp32_floor") -> torch.Tensor:
+    """``x / scale`` as ``rule`` computes it, before the e4m3 rounding: ``x [n, tiles, 128]`` and
+    ``scales [n, tiles, 1]`` float32 -> ``[n, tiles, 128]`` float32.
+
+    ``"fp32_floor"`` and ``"ue8m0"``: the IEEE quotient (exact for ue8m0's powers of two).
+    ``"fp32"``: ``x * (1 / scale)``, the IEEE reciprocal then the product, with a zero kept as
+    itself (``0 * inf`` where the scale is 0 or tiny).
+    """
+    rules.check_ds_mla_scale_rule(rule, "rule")
+    if rule != "fp32":
+        return x / scales
+    inv = torch.ones_like(scales) / scales
+    return torch.where(x == 0, x, x * inv)
 
 
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
@@ -394,17 +423,17 @@ def validate_quant_write(
     k_rope: torch.Tensor,
     kv_cache_format: str,
     k_scale: Union[float, torch.Tensor, None],
-    ds_mla_scale: str = "amax",
+    ds_mla_scale_rule: str = "fp32_floor",
 ) -> tuple[int, Optional[torch.Tensor]]:
     """Check a quantizing write's arguments; return ``(n_loc, k_scale tensor or None)``.
 
     Raises ``TypeError``/``ValueError`` naming the argument, the dim and what was expected. The
     common (valid) case is one boolean expression (this runs on every layer's write); only a
-    failure walks the rules one by one to name the broken one. ``ds_mla_scale="pow2"`` (and a
-    float32 per_tensor source) always takes the rule-by-rule path.
+    failure walks the rules one by one to name the broken one (a float32 per_tensor source always
+    takes the rule-by-rule path).
     """
-    if ds_mla_scale != "amax":
-        return _validate_slow(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale)
+    if ds_mla_scale_rule not in _RULE_SET:
+        return _validate_slow(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale_rule)
     try:
         fast = _fast_valid(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale)
     except (AttributeError, IndexError, TypeError, RuntimeError):
@@ -415,6 +444,7 @@ def validate_quant_write(
 
 
 _ROW_BYTES: dict[tuple, Optional[int]] = {}
+_RULE_SET = frozenset(DS_MLA_SCALE_RULES)
 _SRC_SET = frozenset(SOURCE_DTYPES)
 _KV_SET = frozenset(_KV_DTYPES)
 _LOC_SET = frozenset(rules.LOC_DTYPES)
@@ -471,9 +501,9 @@ def _fast_valid(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale) -> Opt
 
 
 def _validate_slow(
-    kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale: str = "amax"
+    kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale_rule: str = "fp32_floor"
 ) -> tuple[int, Optional[torch.Tensor]]:
-    n_loc, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format, ds_mla_scale)
+    n_loc, nope_dim, rope_dim = _check_sources(k_nope, k_rope, kv_cache_format, ds_mla_scale_rule)
     rb = fp8_row_bytes(kv_cache_format, nope_dim, rope_dim)
     _check_rows_buffer("kv_buffer", kv_buffer, rb, "num_slots")
     kv2 = _rows2d(kv_buffer)
@@ -490,18 +520,19 @@ def _jit_enabled() -> bool:
     return not _env.DISABLE_JIT
 
 
-def _jit_serves(k_nope: torch.Tensor, ds_mla_scale: str) -> bool:
-    """The JIT kernel computes the ``amax`` scale rule from bf16/fp16 sources only."""
-    return _jit_enabled() and ds_mla_scale == "amax" and k_nope.dtype is not torch.float32
+def _jit_serves(k_nope: torch.Tensor) -> bool:
+    """The JIT kernel quantizes bf16/fp16 sources (every scale rule)."""
+    return _jit_enabled() and k_nope.dtype is not torch.float32
 
 
 def fp8_write_path(
-    kv_buffer: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, kv_cache_format: str, ds_mla_scale: str = "amax"
+    kv_buffer: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, kv_cache_format: str
 ) -> str:
-    """The path the quantizing write takes for these (valid) arguments: ``torch``, ``jit`` or ``triton``."""
+    """The path the quantizing write takes for these (valid) arguments: ``torch``, ``jit`` or ``triton``
+    (the same for every ``ds_mla_scale_rule``)."""
     if not kv_buffer.is_cuda:
         return "torch"
-    if _jit_serves(k_nope, ds_mla_scale):
+    if _jit_serves(k_nope):
         from mlakv.kernels.cuda import fp8 as mla_fp8
 
         if mla_fp8.fp8_jit_accepts(kv_buffer, k_nope, k_rope, kv_cache_format):
@@ -519,7 +550,7 @@ def set_mla_kv_buffer_quant(
     *,
     check_bounds: Optional[bool] = None,
     reserved_skip_index: Optional[int] = None,
-    ds_mla_scale: str = "amax",
+    ds_mla_scale_rule: str = "fp32_floor",
 ) -> None:
     """Quantize ``[k_nope | k_rope]`` and write the stored rows at slots ``loc`` (fused, one launch).
 
@@ -535,14 +566,14 @@ def set_mla_kv_buffer_quant(
         check_bounds: raise ``IndexError`` for ``loc >= num_slots`` first (syncs); default
             ``MLAKV_CHECK_BOUNDS``.
         reserved_skip_index: a slot whose rows are skipped like padding (the pool's dummy slot).
-        ds_mla_scale: ds_mla's tile-scale rule: ``"amax"`` (mlakv's, any path) or ``"pow2"``
-            (vLLM's ``fp8_ds_mla``: bf16 sources; the fused Triton kernel on the GPU, the JIT kernel
-            computes ``amax`` only). float32 per_tensor sources run the reference quantizer on the
-            device and the plain row write (two passes; same bytes).
+        ds_mla_scale_rule: ds_mla's tile-scale rule, ``"fp32_floor"`` (default), ``"fp32"`` or
+            ``"ue8m0"`` (the module docstring; every path computes each). float32 per_tensor
+            sources run the reference quantizer on the device and the plain row write (two
+            passes; same bytes).
 
     The result is bit-identical to ``quantize_mla_rows`` on every path.
     """
-    n_loc, scale = validate_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale)
+    n_loc, scale = validate_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, k_scale, ds_mla_scale_rule)
     if reserved_skip_index is not None and (
         isinstance(reserved_skip_index, bool) or not isinstance(reserved_skip_index, int)
     ):
@@ -554,36 +585,40 @@ def set_mla_kv_buffer_quant(
     if bounds or not kv_buffer.is_cuda:
         rules.check_loc_bounds(loc, kv_buffer.shape[0], reserved_skip_index=None if skip < 0 else skip)
     if not kv_buffer.is_cuda:
-        _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, ds_mla_scale)
+        _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, ds_mla_scale_rule)
         return
     if k_nope.dtype not in _SRC_SET:
-        _write_unfused(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, ds_mla_scale)
+        _write_unfused(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, ds_mla_scale_rule)
         return
-    if _jit_serves(k_nope, ds_mla_scale):
+    if _jit_serves(k_nope):
         from mlakv.kernels.cuda import fp8 as mla_fp8
 
-        if mla_fp8.fp8_jit_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip):
+        if mla_fp8.fp8_jit_write(
+            kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, scale_rule=ds_mla_scale_rule
+        ):
             return
     from mlakv.kernels.triton.fp8 import launch_quant_write
 
-    launch_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, pow2_scales=ds_mla_scale == "pow2")
+    launch_quant_write(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip, scale_rule=ds_mla_scale_rule)
 
 
-def _write_unfused(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int, ds_mla_scale: str) -> None:
+def _write_unfused(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int, ds_mla_scale_rule: str) -> None:
     """GPU path of what the fused kernels do not take (float32 per_tensor sources): the reference
     quantizer on the device, then the plain row write of the stored bytes (no sync: padding,
     ``skip`` and rows past the buffer are skipped by the row kernel)."""
     from .dispatch import set_mla_kv_buffer_triton
 
-    rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale, ds_mla_scale=ds_mla_scale).view(torch.uint8)
+    rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale, ds_mla_scale_rule=ds_mla_scale_rule).view(torch.uint8)
     kv = _rows2d(kv_buffer).view(torch.uint8)[:, : rows.shape[1]]
     set_mla_kv_buffer_triton(
         kv, loc, rows, rows[:, :0], check_bounds=False, reserved_skip_index=None if skip < 0 else skip
     )
 
 
-def _write_torch(kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int, ds_mla_scale: str = "amax") -> None:
-    rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale, ds_mla_scale=ds_mla_scale).view(torch.uint8)
+def _write_torch(
+    kv_buffer, loc, k_nope, k_rope, kv_cache_format, scale, skip: int, ds_mla_scale_rule: str = "fp32_floor"
+) -> None:
+    rows = quantize_mla_rows(k_nope, k_rope, kv_cache_format, scale, ds_mla_scale_rule=ds_mla_scale_rule).view(torch.uint8)
     keep = (loc >= 0) & (loc != skip)
     idx = loc[keep].to(torch.long)
     _rows2d(kv_buffer).view(torch.uint8)[idx, : rows.shape[1]] = rows[keep]

@@ -71,6 +71,7 @@ def set_mla_kv_buffer_rope(
     dcp_world_size: int = 1,
     dcp_rank: int = 0,
     check_bounds: Optional[bool] = None,
+    ds_mla_scale_rule: str = "fp32_floor",
 ) -> Optional[torch.Tensor]:
     """Rotate ``k_pe`` (and ``q_pe``), write the cache rows at ``loc`` and build ``q_out``, in one launch.
 
@@ -94,6 +95,8 @@ def set_mla_kv_buffer_rope(
             None with ``q_nope``/``q_pe`` given: allocated (float8_e4m3fn when ``q_scale`` is given).
             Must not overlap the inputs.
         kv_cache_format: None, ``"per_tensor"`` (needs ``k_scale``) or ``"ds_mla"`` (rope stays bf16).
+        ds_mla_scale_rule: ds_mla's tile-scale rule, ``"fp32_floor"`` (default), ``"fp32"`` or
+            ``"ue8m0"`` (:mod:`mlakv.ops.fp8`); other formats ignore it.
         k_scale, q_scale: positive finite float, or a 1-element float32 tensor on the device (read by
             the kernel: CUDA-graph safe).
         reserved_skip_index, dcp_world_size, dcp_rank: the plain write's row selection.
@@ -116,6 +119,8 @@ def set_mla_kv_buffer_rope(
         raise TypeError(f"is_neox_style must be a bool, got {type(is_neox_style).__name__}")
     if kv_cache_format not in KV_CACHE_FORMATS:
         raise ValueError(f"kv_cache_format must be one of {KV_CACHE_FORMATS}, got {kv_cache_format!r}")
+    if ds_mla_scale_rule != "fp32_floor":
+        rules.check_ds_mla_scale_rule(ds_mla_scale_rule)
     if (reserved_skip_index is not None and type(reserved_skip_index) is not int) or not (
         type(dcp_world_size) is int and type(dcp_rank) is int and 0 <= dcp_rank < dcp_world_size
     ):
@@ -151,7 +156,7 @@ def set_mla_kv_buffer_rope(
         rules.check_positions_bounds(positions, cos_sin_cache.shape[0])
     call = RopeWriteCall(
         kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, ks,
-        q_nope, q_pe, q_out, qs, skip, dcp_world_size, dcp_rank,
+        q_nope, q_pe, q_out, qs, skip, dcp_world_size, dcp_rank, ds_mla_scale_rule,
     )  # fmt: skip
     if kv_buffer.is_cuda:
         dispatch.run_rope_write(call)

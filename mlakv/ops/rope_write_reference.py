@@ -25,7 +25,7 @@ The rotated rows are then written exactly as the plain writes write them:
 * ``kv_cache_format=None``: 16-bit rows, ``kv_buffer`` of the sources' dtype, bytes copied;
 * ``"per_tensor"`` / ``"ds_mla"``: the FP8 formats of :mod:`mlakv.ops.fp8` (``ds_mla`` keeps the
   rope part in bf16: an fp16 rotated value is rounded to bf16 there, a second rounding, as the plain
-  FP8 write of a rotated fp16 row does).
+  FP8 write of a rotated fp16 row does; its tile scales by the call's ``ds_mla_scale_rule``).
 
 and the query: ``q_out[..., :nope] = q_nope``, ``q_out[..., nope:] = rotated q_pe`` in the query's
 dtype, or, for a float8_e4m3fn ``q_out``, ``e4m3([q_nope | rotated q_pe] / q_scale)`` (the
@@ -142,12 +142,13 @@ def set_mla_kv_buffer_rope_torch(call: RopeWriteCall) -> None:
             rope_dim]`` of q's dtype or float8_e4m3fn (then ``q_scale``); all three or none.
         kv_cache_format, k_scale: the pool's format and its per-tensor scale (see :mod:`mlakv.ops.fp8`).
         skip_index (negative: none), dcp_world_size, dcp_rank: the plain write's row selection.
+        ds_mla_scale_rule: ds_mla's tile-scale rule (:func:`mlakv.ops.fp8.quantize_mla_rows`).
 
     Raises ``IndexError`` (before writing anything) for a kept row landing past ``kv_buffer`` or a
     position outside ``[0, max_pos)``.
     """
     (kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
-     q_nope, q_pe, q_out, q_scale, skip_index, dcp_world_size, dcp_rank) = call  # fmt: skip
+     q_nope, q_pe, q_out, q_scale, skip_index, dcp_world_size, dcp_rank, ds_mla_scale_rule) = call  # fmt: skip
     skip = None if skip_index is None or skip_index < 0 else skip_index
     rules.check_loc_bounds(
         loc, kv_buffer.shape[0], reserved_skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank
@@ -161,7 +162,9 @@ def set_mla_kv_buffer_rope_torch(call: RopeWriteCall) -> None:
             reserved_skip_index=skip, dcp_world_size=dcp_world_size, dcp_rank=dcp_rank,
         )  # fmt: skip
     else:
-        rows = quantize_mla_rows(_rows(k_nope), k_rot, kv_cache_format, k_scale).view(torch.uint8)
+        rows = quantize_mla_rows(
+            _rows(k_nope), k_rot, kv_cache_format, k_scale, ds_mla_scale_rule=ds_mla_scale_rule
+        ).view(torch.uint8)
         keep, idx = kept_rows(loc, kv_buffer.shape[0], skip, dcp_world_size, dcp_rank)
         keep = keep.to(rows.device)
         if bool(keep.any()):

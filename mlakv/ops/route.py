@@ -32,11 +32,12 @@ class Route:
         fmt: the cache format.
         jit: the dispatcher's JIT entry ``(write, min_n_loc)`` for the raw-row format, learnt on the
             first eager write (None until then; :data:`mlakv.ops.dispatch.NO_JIT` where it does not serve).
+        ds_mla_scale_rule: the tile-scale rule of a ``ds_mla`` route (:mod:`mlakv.ops.fp8`).
     """
 
     __slots__ = (
         "fmt", "dtype", "buffers", "views", "nope_dim", "rope_dim", "check_bounds", "skip", "dcp_world_size",
-        "dcp_rank", "k_scale", "jit", "spans",
+        "dcp_rank", "k_scale", "jit", "spans", "ds_mla_scale_rule",
     )  # fmt: skip
 
     def __init__(
@@ -51,6 +52,7 @@ class Route:
         dcp_world_size: int,
         dcp_rank: int,
         k_scale: Optional[torch.Tensor],
+        ds_mla_scale_rule: str = "fp32_floor",
     ) -> None:
         self.fmt = fmt
         self.dtype = dtype
@@ -63,6 +65,7 @@ class Route:
         self.dcp_world_size = dcp_world_size
         self.dcp_rank = dcp_rank
         self.k_scale = k_scale
+        self.ds_mla_scale_rule = ds_mla_scale_rule
         self.jit: Optional[tuple] = None
         # each layer's storage span: a source starting inside it is a view of the cache (see write)
         self.spans = [rules.storage_span(b) for b in buffers]
@@ -97,6 +100,7 @@ class Route:
             fp8.set_mla_kv_buffer_quant(
                 self.buffers[layer], loc, k_nope, k_rope, fmt.name, self.k_scale,
                 check_bounds=self.check_bounds, reserved_skip_index=None if self.skip < 0 else self.skip,
+                ds_mla_scale_rule=self.ds_mla_scale_rule,
             )  # fmt: skip
             return
         if not (rules.source_dtype_ok(k_nope.dtype, self.dtype) and rules.source_dtype_ok(k_rope.dtype, self.dtype)):
@@ -153,9 +157,12 @@ def bind(
     dcp_world_size: int = 1,
     dcp_rank: int = 0,
     k_scale: Union[torch.Tensor, None] = None,
+    ds_mla_scale_rule: str = "fp32_floor",
 ) -> Route:
     """Bind the write and gather of a pool whose layers are ``buffers`` (each ``fmt.buffer_shape``, in
-    ``fmt.store_dtype``) and whose values are ``dtype``.
+    ``fmt.store_dtype``) and whose values are ``dtype``; ``ds_mla_scale_rule``: the tile-scale rule of
+    a ``ds_mla`` format (``"fp32_floor"``, ``"fp32"``, ``"ue8m0"``; :mod:`mlakv.ops.fp8`), which
+    other formats take only as the default.
 
     The options are checked here, once (``TypeError``/``ValueError`` naming the option): the route's
     calls do not check them again.
@@ -167,9 +174,12 @@ def bind(
     if not isinstance(check_bounds, bool):
         raise TypeError(f"check_bounds must be a bool, got {type(check_bounds).__name__}")
     rules.check_row_selection(reserved_skip_index, dcp_world_size, dcp_rank)
+    rules.check_ds_mla_scale_rule(ds_mla_scale_rule)
+    if fmt.name != "ds_mla" and ds_mla_scale_rule != "fp32_floor":
+        raise ValueError(f"ds_mla_scale_rule={ds_mla_scale_rule!r} applies to the 'ds_mla' format only, not {fmt.name!r}")
     # A quantized row is mixed bytes (attention reads uint8); raw rows are written in the pool dtype.
     views = list(buffers) if fmt.name == "ds_mla" else [b.view(dtype) if b.dtype != dtype else b for b in buffers]
     return Route(
         fmt, dtype, list(buffers), views, check_bounds=check_bounds, reserved_skip_index=reserved_skip_index,
-        dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, k_scale=k_scale,
+        dcp_world_size=dcp_world_size, dcp_rank=dcp_rank, k_scale=k_scale, ds_mla_scale_rule=ds_mla_scale_rule,
     )  # fmt: skip

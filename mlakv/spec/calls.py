@@ -35,6 +35,8 @@ class RopeWriteCall(NamedTuple):
         q_scale: as ``k_scale``, for an 8-bit ``q_out``.
         skip_index: a slot skipped like padding (negative: none).
         dcp_world_size, dcp_rank: the owner rule (``loc % W == rank`` written at ``loc // W``).
+        ds_mla_scale_rule: ds_mla's tile-scale rule, ``"fp32_floor"``, ``"fp32"`` or ``"ue8m0"``
+            (:mod:`mlakv.ops.fp8`; other formats ignore it).
     """
 
     kv_buffer: Any
@@ -53,6 +55,7 @@ class RopeWriteCall(NamedTuple):
     skip_index: int = -1
     dcp_world_size: int = 1
     dcp_rank: int = 0
+    ds_mla_scale_rule: str = "fp32_floor"
 
 
 class V4StoreCall(NamedTuple):

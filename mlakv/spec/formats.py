@@ -183,7 +183,8 @@ def per_tensor(nope_dim: int, rope_dim: int) -> CacheFormat:
 
 def ds_mla(nope_dim: int, rope_dim: int) -> CacheFormat:
     """DeepSeek-V3.2's row: nope e4m3 in tiles of 128, one fp32 scale per tile, then rope as bf16
-    (656 bytes for 512 + 64)."""
+    (656 bytes for 512 + 64). How a writer picks the scales is its rule
+    (:data:`mlakv.spec.rules.DS_MLA_SCALE_RULES`); every rule's rows have this layout."""
     if nope_dim <= 0 or nope_dim % DS_MLA_TILE:
         raise ValueError(f"kv_cache_format='ds_mla' needs kv_lora_rank % {DS_MLA_TILE} == 0, got {nope_dim}")
     tiles = nope_dim // DS_MLA_TILE

@@ -62,6 +62,9 @@ __all__ = [
     "tensors_overlap",
     "storage_span",
     "source_aliases",
+    "DS_MLA_SCALE_RULES",
+    "DS_MLA_UE8M0_FLOOR",
+    "check_ds_mla_scale_rule",
     "INDEX_HEAD_DIM",
     "INDEX_PAGE_TOKENS",
     "INDEX_PAGE_BYTES",
@@ -485,6 +488,25 @@ def source_aliases(buffer: torch.Tensor, source: torch.Tensor, span: Optional[tu
     (:func:`mlakv.ops.dispatch.set_mla_kv_buffer_triton`, the pool's route)."""
     lo, hi = storage_span(buffer) if span is None else span
     return lo <= source.data_ptr() < hi and source.numel() > 0 and tensors_overlap(buffer, source)
+
+
+# ---- the ds_mla row's tile-scale rules (``mlakv.ops.fp8``) ---------------------------------------
+# How a ds_mla tile's fp32 scale is chosen and its values brought to e4m3; the arithmetic of each is
+# in the reference (mlakv.ops.fp8.ds_mla_tile_scales / ds_mla_quotients). A rule's index in the tuple
+# is its code in the kernels (``kRule`` of csrc/fp8.cuh and csrc/rope_write.cuh, ``RULE`` of the
+# Triton kernels). "fp32_floor": mlakv's default (vLLM's before 0.33); "fp32": sglang's DSA
+# quantizer; "ue8m0": vLLM 0.33's fp8_ds_mla and FlashMLA's reference (power-of-two scales).
+
+DS_MLA_SCALE_RULES = ("fp32_floor", "fp32", "ue8m0")
+DS_MLA_UE8M0_FLOOR = float(torch.tensor(1e-4, dtype=torch.float32))  # 1e-4f: ue8m0's least scale before rounding up
+
+
+def check_ds_mla_scale_rule(rule: object, name: str = "ds_mla_scale_rule") -> int:
+    """Raise ``ValueError`` naming ``name`` unless ``rule`` is one of :data:`DS_MLA_SCALE_RULES`;
+    return its code (the kernels' compile-time switch)."""
+    if not isinstance(rule, str) or rule not in DS_MLA_SCALE_RULES:
+        raise ValueError(f"{name} must be one of {DS_MLA_SCALE_RULES}, got {rule!r}")
+    return DS_MLA_SCALE_RULES.index(rule)
 
 
 # ---- the DSA indexer K cache (``mlakv.ops.indexer``) --------------------------------------------

@@ -4,7 +4,7 @@ The routing decision is made in :mod:`mlakv.ops.fp8` (the fp8 dispatcher); this 
 whether the kernel can serve a call (:func:`fp8_jit_accepts`), launches it (:func:`fp8_jit_write`,
 :func:`fp8_jit_gather`) and builds the module through :mod:`mlakv.kernels.cuda.loader`, the one place that compiles. One module
 is built per ``(format, nope_dim, rope_dim, use_pdl)``; it holds the bf16/fp16 and int32/int64 loc
-variants.
+variants and, for ds_mla, the kernel of each tile-scale rule (``scale_rule``, picked per call).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .loader import JitUnavailable, load_cuda_module, sm90_module
+from mlakv.spec.rules import check_ds_mla_scale_rule
 from mlakv.spec.tuning import fp8_jit_launch
 
 __all__ = [
@@ -32,9 +33,9 @@ _WRAPPER = """\
 
 bool mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                    tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot, int64_t num_warps,
-                   bool early_trigger) {{
+                   bool early_trigger, int64_t scale_rule) {{
   return mlakv::fp8::launch_mla_fp8_quant<{fmt}, {nope}, {rope}, {pdl}>(kv, loc, nope, rope, scale, skip_slot,
-                                                                       num_warps, early_trigger);
+                                                                       num_warps, early_trigger, scale_rule);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_quant, mla_fp8_quant);
 
@@ -121,6 +122,7 @@ def fp8_jit_write(
     *,
     num_warps: int = 0,
     early_trigger: Optional[bool] = None,
+    scale_rule: str = "fp32_floor",
 ) -> bool:
     """Launch the quantizing write on validated arguments; False (nothing launched) when the kernel
     cannot serve the call here (no module, misaligned), so the caller falls back.
@@ -130,8 +132,10 @@ def fp8_jit_write(
     None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none). Rows (warps) per CTA
     and the PDL trigger's place come from the FP8 family's launch row for ``n_loc``
     (:func:`mlakv.spec.tuning.fp8_jit_launch`); ``num_warps``/``early_trigger`` override it (0/None:
-    the table's), for the benchmark's sweep.
+    the table's), for the benchmark's sweep. ``scale_rule``: ds_mla's tile-scale rule (``"fp32_floor"``,
+    ``"fp32"``, ``"ue8m0"``; per_tensor ignores it).
     """
+    rule = check_ds_mla_scale_rule(scale_rule, "scale_rule")
     mod = _fn_for(kv_buffer.get_device(), kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
     if isinstance(mod, str):
         return False
@@ -142,7 +146,7 @@ def fp8_jit_write(
     warps, early = fp8_jit_launch("quant", loc.shape[0])
     if early_trigger is not None:
         early = early_trigger
-    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, num_warps or warps, early))
+    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, num_warps or warps, early, rule))
 
 
 def fp8_jit_gather(

@@ -4,11 +4,11 @@ The routing decision is made in :mod:`mlakv.ops.dispatch`; this module says whet
 serve a call (:func:`rope_write_widths_reason`, :func:`rope_write_cuda` returning False), builds the
 module through :mod:`mlakv.kernels.cuda.loader` (the one place that compiles) and launches it. One
 module is built per ``(kv_cache_format, source dtype, nope_dim, rope_dim, use_pdl)``; it holds both
-RoPE styles and both PDL trigger places, and exports two functions:
+RoPE styles, both PDL trigger places and (``ds_mla``) every tile-scale rule, and exports two functions:
 
 * ``rope_write(kv, loc, k_nope, k_pe, positions, cos_sin, k_scale, has_q, q_nope, q_pe, q_out,
-  q_scale, is_neox, skip_index, dcp_world, dcp_rank, num_warps, early_trigger) -> bool``: the
-  launcher's checks, then one launch on the current stream (False: misaligned, nothing launched);
+  q_scale, is_neox, skip_index, dcp_world, dcp_rank, num_warps, early_trigger, scale_rule) -> bool``:
+  the launcher's checks, then one launch on the current stream (False: misaligned, nothing launched);
 * ``check_rope_write(kv, loc, k_nope, k_pe, positions, cos_sin, k_scale, has_q, q_nope, q_pe, q_out,
   q_scale, dcp_world, dcp_rank) -> bool``: the checks alone, on tensors of any device (the
   rule-parity test runs it on CPU tensors).
@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from mlakv.spec.calls import RopeWriteCall
+from mlakv.spec.rules import check_ds_mla_scale_rule
 from mlakv.spec.tuning import rope_write_launch
 
 from .loader import JitUnavailable, load_cuda_module, sm90_module
@@ -48,10 +49,10 @@ using tvm::ffi::TensorView;
 bool rope_write(TensorView kv, TensorView loc, TensorView k_nope, TensorView k_pe, TensorView positions,
                 TensorView cos_sin, TensorView k_scale, bool has_q, TensorView q_nope, TensorView q_pe,
                 TensorView q_out, TensorView q_scale, bool is_neox, int64_t skip_index, int64_t dcp_world,
-                int64_t dcp_rank, int64_t num_warps, bool early_trigger) {{
+                int64_t dcp_rank, int64_t num_warps, bool early_trigger, int64_t scale_rule) {{
   return mlakv::rope::launch_rope_write<{fmt}, {bf16}, {nope}, {rope}, {pdl}>(
       kv, loc, k_nope, k_pe, positions, cos_sin, k_scale, has_q, q_nope, q_pe, q_out, q_scale, is_neox, skip_index,
-      dcp_world, dcp_rank, num_warps, early_trigger);
+      dcp_world, dcp_rank, num_warps, early_trigger, scale_rule);
 }}
 bool check_rope_write(TensorView kv, TensorView loc, TensorView k_nope, TensorView k_pe, TensorView positions,
                       TensorView cos_sin, TensorView k_scale, bool has_q, TensorView q_nope, TensorView q_pe,
@@ -181,5 +182,6 @@ def rope_write_cuda(call: RopeWriteCall, *, num_warps: int = 0, early_trigger: O
             c.q_nope if has_q else dummy, c.q_pe if has_q else dummy, q_out if has_q else dummy,
             c.q_scale if c.q_scale is not None else dummy, bool(c.is_neox_style), int(c.skip_index),
             int(c.dcp_world_size), int(c.dcp_rank), num_warps or warps, early if early_trigger is None else early_trigger,
+            check_ds_mla_scale_rule(c.ds_mla_scale_rule),
         )  # fmt: skip
     )

@@ -21,7 +21,10 @@ How a program works (the shape of the CUDA kernel, ``csrc/fp8.cuh``, in Triton's
   gives a quotient below 2^-11, e4m3 zero however its last bits fall (e >= 39). per_tensor with a
   ``k_scale`` outside that exponent range (a program-uniform test) divides with ``div_rn``; a ds_mla
   tile whose scale is below 2^-88 has both its values and its scale multiplied by the same power of
-  two first (exact, the quotient unchanged) so its division is in range too.
+  two first (exact, the quotient unchanged) so its division is in range too. That is ds_mla's
+  ``fp32_floor`` rule; its ``fp32`` and ``ue8m0`` rules (``RULE`` 1, 2) take no quotient: each value
+  is multiplied by the tile's IEEE reciprocal ``div_rn(1, s)`` (:func:`ds_mla_tile_scale`,
+  :func:`ds_mla_scaled`; ``div_rn`` and the product keep fp32 subnormals, no ``.ftz``).
 * Conversions: with ``NATIVE`` (an sm_89+ GPU, not the interpreter) fp32 -> e4m3 is the hardware's
   ``cvt.rn.satfinite.e4m3x2.f32`` (RNE, saturating) and e4m3 -> fp32, fp32 -> bf16/fp16 are Triton
   casts; otherwise (the interpreter, older GPUs) integer bit arithmetic that gives the same bits
@@ -57,11 +60,19 @@ import torch
 import triton
 import triton.language as tl
 
+from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import fp8_triton_launch
 
 from .common import interpreting, pdl_supported
 
-__all__ = ["launch_quant_write", "launch_dequant_gather", "launch_div_probe", "native_fp8_supported"]
+__all__ = [
+    "launch_quant_write",
+    "launch_dequant_gather",
+    "launch_div_probe",
+    "native_fp8_supported",
+    "ds_mla_tile_scale",
+    "ds_mla_scaled",
+]
 
 _DST_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _DST_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -233,6 +244,39 @@ def _store_block(ptrs, cols, vals, live, W: tl.constexpr, WP2: tl.constexpr):
         tl.store(ptrs, vals, mask=live & (cols < W))
 
 
+# ---- ds_mla's tile-scale rules (shared with the fused RoPE write's kernel) -------------------------
+@triton.jit
+def ds_mla_tile_scale(ab, RULE: tl.constexpr, AXIS: tl.constexpr):
+    """A ds_mla tile's fp32 scale by rule code ``RULE`` (0 ``fp32_floor``, 1 ``fp32``, 2 ``ue8m0``:
+    :data:`mlakv.spec.rules.DS_MLA_SCALE_RULES`; the reference is
+    :func:`mlakv.ops.fp8.ds_mla_tile_scales`), from the ``|x|`` bits ``ab`` (int32) of its values,
+    reduced over ``AXIS``. The amax is a max over bits (their order is the values' order): over the
+    finite ones for rule 0, NaN excluded and inf kept otherwise. The constants are fp32 tensors, not
+    Python floats: some Triton versions type a bare literal outside fp32's normal range (FLT_MIN
+    written as 1.17549435e-38 is a hair below 2^-126) as fp64, which makes the scale fp64 and
+    ``div_rn`` (fp32 only) refuse to compile."""
+    e4m3_max = tl.full([], 448.0, tl.float32)
+    if RULE == 0:
+        amax = tl.max(tl.where(ab < 0x7F800000, ab, 0), axis=AXIS).to(tl.float32, bitcast=True)
+        s = tl.maximum(tl.math.div_rn(amax, e4m3_max), tl.full([], 1.1754943508222875e-38, tl.float32))  # 2^-126
+    else:
+        amax = tl.max(tl.where(ab <= 0x7F800000, ab, 0), axis=AXIS).to(tl.float32, bitcast=True)
+        s = tl.math.div_rn(amax, e4m3_max)  # fp32: no floor (0 for an all-zero tile; subnormals kept)
+        if RULE == 2:
+            s = tl.maximum(s, tl.full([], 9.999999747378752e-05, tl.float32))  # 1e-4f exactly
+            sb = s.to(tl.int32, bitcast=True)
+            sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)  # up to a power of two (or inf)
+            s = sb.to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def ds_mla_scaled(x, inv):
+    """``x * inv`` (fp32, ``inv`` the IEEE ``1 / scale``) with a zero kept as itself: the quotient of
+    the ``fp32`` and ``ue8m0`` rules before the e4m3 rounding (:func:`mlakv.ops.fp8.ds_mla_quotients`)."""
+    return tl.where(x == 0, x, x * inv)
+
+
 # ---- the quantizing write ------------------------------------------------------------------------
 @triton.jit
 def _quant_per_tensor_kernel(
@@ -280,11 +324,10 @@ def _quant_ds_mla_kernel(
     kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot, n_loc,
     TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
     SRC_IS_BF16: tl.constexpr, NATIVE: tl.constexpr, ALIGN4: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr, POW2: tl.constexpr = False,
+    EARLY_TRIGGER: tl.constexpr, RULE: tl.constexpr = 0,
 ):  # fmt: skip
-    # ROWS rows of [e4m3 nope (TILES x 128) | TILES fp32 scales | ROPE bf16]. Scale of a tile =
-    # max(amax of its finite |x| / 448, FLT_MIN); POW2 (vLLM's fp8_ds_mla): the power of two at or
-    # above max(amax of |x| / 448, 1e-4), inf kept in the amax and NaN ignored.
+    # ROWS rows of [e4m3 nope (TILES x 128) | TILES fp32 scales | ROPE bf16]; a tile's scale and
+    # quotients by the scale rule RULE (ds_mla_tile_scale: 0 fp32_floor, 1 fp32, 2 ue8m0).
     NOPE: tl.constexpr = TILES * 128
     if USE_PDL and EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
@@ -302,34 +345,25 @@ def _quant_ds_mla_kernel(
         v = tl.load(base + offs, mask=offs < NOPE, other=0)
     x = _src_f32(v, SRC_IS_BF16, NATIVE)  # [ROWS, TILES_P2, 128]
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    # The constants are fp32 tensors, not Python floats: some Triton versions type a bare literal
-    # outside fp32's normal range (FLT_MIN written as 1.17549435e-38 is a hair below 2^-126) as
-    # fp64, which makes `scale` fp64 and div_rn (fp32 only) refuse to compile.
-    e4m3_max = tl.full([], 448.0, tl.float32)
-    if POW2:
-        amax = tl.max(tl.where(ab <= 0x7F800000, ab, 0), axis=2).to(tl.float32, bitcast=True)  # inf kept, NaN not
-        s = tl.maximum(tl.math.div_rn(amax, e4m3_max), tl.full([], 9.999999747378752e-05, tl.float32))  # 1e-4f exactly
-        sb = s.to(tl.int32, bitcast=True)
-        sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)  # up to a power of two (or inf)
-        scale = sb.to(tl.float32, bitcast=True)  # [ROWS, TILES_P2]
-        # x / 2^k is the exact product x * 2^-k (1 / inf = 0: finite values -> +-0, inf -> NaN, as x / inf)
-        y = x * tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)[:, :, None]
-        yb = y.to(tl.int32, bitcast=True)
-        ay = yb & 0x7FFFFFFF
-        q = tl.where(ay > 0x7F800000, 0x7F, _e4m3_mag(ay.to(tl.float32, bitcast=True), NATIVE) | ((yb >> 24) & 0x80))
-    else:
-        amax = tl.max(tl.where(ab < 0x7F800000, ab, 0), axis=2).to(tl.float32, bitcast=True)  # finite |x| only
-        flt_min = tl.full([], 1.1754943508222875e-38, tl.float32)  # 2^-126 exactly
-        scale = tl.maximum(tl.math.div_rn(amax, e4m3_max), flt_min)  # [ROWS, TILES_P2]
-        # A scale below 2^-88 (biased exponent e < 39): values and divisor times 2^k, k = 39 - e, exact
-        # (|x| <= 448 * scale stays tiny; the GPU keeps fp32 subnormals), the quotient unchanged.
-        sb = scale.to(tl.int32, bitcast=True)
+    scale = ds_mla_tile_scale(ab, RULE, 2)  # [ROWS, TILES_P2]
+    sb = scale.to(tl.int32, bitcast=True)
+    if RULE == 0:
+        # x / scale. A scale below 2^-88 (biased exponent e < 39): values and divisor times 2^k,
+        # k = 39 - e, exact (|x| <= 448 * scale stays tiny; the GPU keeps fp32 subnormals), the
+        # quotient unchanged.
         k = tl.maximum(39 - (sb >> 23), 0)
         s2 = (sb + (k << 23)).to(tl.float32, bitcast=True)
         p2 = ((127 + k) << 23).to(tl.float32, bitcast=True)
         r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s2)
         hi = _divisor_hi((sb >> 23) + k)
         q = _quant_fast(x * p2[:, :, None], s2[:, :, None], r[:, :, None], hi[:, :, None], NATIVE)
+    else:
+        # fp32: x * (1 / scale); ue8m0: x / 2^k, the exact product x * 2^-k (1 / inf = 0: finite
+        # values -> +-0, inf -> NaN, as x / inf)
+        y = ds_mla_scaled(x, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)[:, :, None])
+        yb = y.to(tl.int32, bitcast=True)
+        ay = yb & 0x7FFFFFFF
+        q = tl.where(ay > 0x7F800000, 0x7F, _e4m3_mag(ay.to(tl.float32, bitcast=True), NATIVE) | ((yb >> 24) & 0x80))
     live3 = live[:, None, None]
     if TILES == TILES_P2:
         tl.store(dst[:, None, None] + tl.max_contiguous(offs, [1, 1, 8]), q.to(tl.uint8), mask=live3)
@@ -399,7 +433,7 @@ def launch_quant_write(
     rows_per_program: int = 0,
     early_trigger: Optional[bool] = None,
     native: Optional[bool] = None,
-    pow2_scales: bool = False,
+    scale_rule: str = "fp32_floor",
 ) -> None:
     """Launch the fused quantizing write: ``rows_per_program`` rows per program.
 
@@ -412,8 +446,8 @@ def launch_quant_write(
             (:func:`mlakv.spec.tuning.fp8_triton_launch`; 0/None: its choice), for the benchmark's sweep.
         native: force the hardware fp8 conversions on or off (None: on where supported); the
             results are the same bits either way (the tests run both on a GPU).
-        pow2_scales: ds_mla with vLLM's power-of-two tile scales (``ds_mla_scale="pow2"`` of
-            :mod:`mlakv.ops.fp8`).
+        scale_rule: ds_mla's tile-scale rule, ``"fp32_floor"``, ``"fp32"`` or ``"ue8m0"``
+            (``ds_mla_scale_rule`` of :mod:`mlakv.ops.fp8`; per_tensor ignores it).
     """
     n_loc = loc.shape[0]
     if n_loc == 0:
@@ -445,7 +479,8 @@ def launch_quant_write(
     _quant_ds_mla_kernel[(triton.cdiv(n_loc, rows),)](
         kv, loc, nope, rope,
         kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot, n_loc,
-        TILES=tiles, TILES_P2=_p2(tiles), ROWS=rows, ALIGN4=_aligned4(kv), EARLY_TRIGGER=early, POW2=pow2_scales,
+        TILES=tiles, TILES_P2=_p2(tiles), ROWS=rows, ALIGN4=_aligned4(kv), EARLY_TRIGGER=early,
+        RULE=DS_MLA_SCALE_RULES.index(scale_rule),
         num_warps=warps, **common, **extra,
     )  # fmt: skip
 

@@ -12,7 +12,9 @@ one token's ``k_pe`` and write its cache row; programs ``[n, n + n * H)`` each b
 * 16-bit values travel as their int16 bits; bf16 is widened by a shift and rounded by integer
   arithmetic (the interpreter's bf16 casts truncate and flush subnormals; the bit arithmetic is the
   same on every GPU and in the interpreter); fp16 is cast (exact widening, RNE narrowing);
-* divisions are IEEE (``div_rn``); e4m3 rounding is integer arithmetic (RNE, saturating, NaN -> 0x7F).
+* divisions are IEEE (``div_rn``); e4m3 rounding is integer arithmetic (RNE, saturating, NaN -> 0x7F);
+  ``ds_mla``'s tile scales follow the call's rule (``RULE``; the helpers are the FP8 write's,
+  :func:`mlakv.kernels.triton.fp8.ds_mla_tile_scale`).
 
 Row selection: a cache row is written only when ``loc >= 0``, ``loc != skip_index``,
 ``loc % dcp_world == dcp_rank`` (landing at ``loc // dcp_world``) and that row is below
@@ -29,7 +31,10 @@ import triton.language as tl
 
 from mlakv.spec.calls import RopeWriteCall
 
+from mlakv.spec.rules import DS_MLA_SCALE_RULES
+
 from .common import pdl_supported
+from .fp8 import ds_mla_scaled, ds_mla_tile_scale
 
 __all__ = ["FORMAT_CODE", "launch_rope_write"]
 
@@ -116,7 +121,7 @@ def _rope_write_kernel(
     num_slots, max_pos, skip_index, dcp_world, dcp_rank,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
     TILES_P2: tl.constexpr, FORMAT: tl.constexpr, SRC: tl.constexpr, NEOX: tl.constexpr,
-    Q_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    Q_FP8: tl.constexpr, USE_PDL: tl.constexpr, RULE: tl.constexpr = 0,
 ):  # fmt: skip
     # Strides in elements of each pointer's type (kv: int16 for 16-bit rows, bytes for FP8 formats;
     # q_out: int16 or bytes). 16-bit tensors arrive as int16 views.
@@ -156,13 +161,12 @@ def _rope_write_kernel(
             toffs = tt * 128 + tl.arange(0, 128)[None, :]
             keep_t = ((tl.zeros([TILES_P2, 128], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
             x = _widen(tl.load(k_nope_ptr + t * kn_stride + toffs, mask=keep_t, other=0), SRC)
-            ax = tl.abs(x)
-            amax = tl.max(tl.where(ax < float("inf"), ax, 0.0), axis=1)  # NaN and inf do not set the scale
-            scale = tl.maximum(
-                tl.math.div_rn(amax, tl.full([], 448.0, tl.float32)),
-                tl.full([], 1.1754943508222875e-38, tl.float32),  # FLT_MIN = 2^-126 exactly
-            )
-            tl.store(dst + toffs, _e4m3(tl.math.div_rn(x, scale[:, None])).to(tl.uint8), mask=keep_t)
+            scale = ds_mla_tile_scale(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, RULE, 1)  # [TILES_P2]
+            if RULE == 0:  # fp32_floor: x / scale
+                y = tl.math.div_rn(x, scale[:, None])
+            else:  # fp32, ue8m0: x * (1 / scale)
+                y = ds_mla_scaled(x, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)[:, None])
+            tl.store(dst + toffs, _e4m3(y).to(tl.uint8), mask=keep_t)
             k4 = tl.arange(0, 4)[None, :]
             sbits = scale.to(tl.int32, bitcast=True)[:, None]
             keep_s = ((tl.zeros([TILES_P2, 4], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
@@ -219,9 +223,10 @@ def launch_rope_write(call: RopeWriteCall) -> None:
         q_nope: ``[n, H, nope_dim]``, q_pe: ``[n, H, rope_dim]`` (k's dtype), q_out:
             ``[n, H, nope_dim + rope_dim]`` of that dtype or 8-bit (then ``q_scale [1]`` fp32); or None.
         skip_index: a slot skipped like padding (-1: none); dcp_world_size/dcp_rank: the owner rule.
+        ds_mla_scale_rule: ds_mla's tile-scale rule (``"fp32_floor"``, ``"fp32"``, ``"ue8m0"``).
     """
     (kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
-     q_nope, q_pe, q_out, q_scale, skip_index, dcp_world_size, dcp_rank) = call  # fmt: skip
+     q_nope, q_pe, q_out, q_scale, skip_index, dcp_world_size, dcp_rank, ds_mla_scale_rule) = call  # fmt: skip
     n = loc.shape[0]
     if n == 0:
         return
@@ -255,5 +260,6 @@ def launch_rope_write(call: RopeWriteCall) -> None:
         NOPE=nope_dim, NOPE_P2=triton.next_power_of_2(nope_dim), HALF=rope_dim // 2,
         HALF_P2=triton.next_power_of_2(max(1, rope_dim // 2)), TILES_P2=triton.next_power_of_2(max(1, tiles)),
         FORMAT=FORMAT_CODE[kv_cache_format], SRC=src, NEOX=bool(is_neox_style), Q_FP8=q_fp8, USE_PDL=use_pdl,
+        RULE=DS_MLA_SCALE_RULES.index(ds_mla_scale_rule) if kv_cache_format == "ds_mla" else 0,
         num_warps=4, **extra,
     )  # fmt: skip

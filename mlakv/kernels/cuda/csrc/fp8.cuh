@@ -3,8 +3,14 @@
 //
 // The formats are specified (and implemented in plain torch) in mlakv/ops/fp8.py:
 //   kFormat 0, per_tensor: row = e4m3([nope | rope] / k_scale)                   (nope + rope bytes)
-//   kFormat 1, ds_mla:     row = [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
-//                          scale_t = max(amax_t / 448, FLT_MIN), amax over the tile's finite |x|.
+//   kFormat 1, ds_mla:     row = [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope], the
+//                          tile scale by the rule kRule (mlakv.spec.rules.DS_MLA_SCALE_RULES):
+//     kRule 0, fp32_floor: scale_t = max(amax_t / 448, FLT_MIN), amax over the tile's finite |x|,
+//                          values x / scale_t;
+//     kRule 1, fp32:       scale_t = amax_t / 448, amax over |x| (NaN ignored, inf kept), values
+//                          x * (1 / scale_t) with a zero kept as itself;
+//     kRule 2, ue8m0:      scale_t = 2^ceil(log2(max(amax_t / 448, 1e-4f))), amax as kRule 1,
+//                          values x * (1 / scale_t) (exact: a power of two).
 // One warp per row. Lane l holds 16-byte source chunks c = l + 32*i (8 values each); in ds_mla a
 // tile of 128 values is 16 consecutive chunks = 16 lanes of one i, so its amax is a 4-step
 // __shfl_xor_sync butterfly inside each half-warp. Values are divided by the scale with IEEE
@@ -13,6 +19,8 @@
 // NaN is then written as the canonical 0x7F. The 8 bytes of a chunk go out as one 8-byte store, a
 // tile's scale as one 4-byte store, the rope as 16-byte stores: the whole row (656 bytes for
 // 512 + 64) is written by the warp in one pass.
+// Rules 1 and 2 need no division per value: the reciprocal is __frcp_rn (IEEE) once per tile, each
+// value one __fmul_rn.
 // Padding rows (loc < 0), slot == skip_slot (the pool's reserved slot) and slots >= num_slots are
 // not written. loc is read at its stride.
 // Offsets are 64-bit. With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait)
@@ -38,6 +46,12 @@ namespace fp8 {
 
 constexpr float kE4M3Max = 448.0f;
 constexpr float kFltMin = 1.17549435e-38f;
+constexpr float kUe8m0Floor = 1e-4f;  // 0x38D1B717
+
+// ds_mla's tile-scale rules: the codes of mlakv.spec.rules.DS_MLA_SCALE_RULES.
+constexpr int kRuleFp32Floor = 0;
+constexpr int kRuleFp32 = 1;
+constexpr int kRuleUe8m0 = 2;
 
 // 8 source values (one 16-byte chunk) as fp32; exact for bf16 and fp16.
 template <bool kBf16>
@@ -171,6 +185,63 @@ __device__ __forceinline__ uint2 quant8(const float f[8], const Divisor& d, bool
   return quant8_ieee(x, d.s);
 }
 
+// ---- ds_mla's tile-scale rules, shared with the fused RoPE write (rope_write.cuh) ------------------
+// A lane's part of a tile's amax over its 8 values f[0..7]: kRuleFp32Floor takes the finite |x| only
+// (`fast` turns false on a chunk holding inf or NaN: quant8 divides it with __fdiv_rn); the others
+// are an fmaxf reduction (a NaN is ignored, an inf kept).
+template <int kRule>
+__device__ __forceinline__ float chunk_amax(const float f[8], float amax, bool& fast) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float x = fabsf(f[j]);
+    if constexpr (kRule == kRuleFp32Floor) {
+      const bool finite = x < INFINITY;
+      if (finite) amax = fmaxf(amax, x);  // NaN and inf do not set the scale
+      fast &= finite;
+    } else {
+      amax = fmaxf(amax, x);
+    }
+  }
+  return amax;
+}
+
+// The tile's scale from its amax, as a Divisor: kRuleFp32Floor's for quant8 (the IEEE division
+// scheme above); for the other rules .s is the scale and .r its IEEE reciprocal (__frcp_rn: inf for
+// a zero or tiny scale, 0 for an infinite one), what quant8_tile multiplies by.
+template <int kRule>
+__device__ __forceinline__ Divisor tile_divisor(float amax, const Divisor& e4m3_max) {
+  const float q = div1(amax, e4m3_max);  // __fdiv_rn(amax, 448)
+  if constexpr (kRule == kRuleFp32Floor) {
+    return make_divisor(fmaxf(q, kFltMin));
+  } else {
+    float s = q;
+    if constexpr (kRule == kRuleUe8m0) {
+      uint32_t b = __float_as_uint(fmaxf(q, kUe8m0Floor));
+      b = (b & 0x7f800000u) + ((b & 0x7fffffu) ? 0x800000u : 0u);  // up to a power of two (+inf stays)
+      s = __uint_as_float(b);
+    }
+    return {s, __frcp_rn(s), 0u, 0u, 0u};
+  }
+}
+
+// 8 values of a tile -> 8 e4m3 bytes by the rule: kRuleFp32Floor through quant8 (`fast` as there, and
+// false for a scale below 2^-88); the others x * d.r with a zero kept as itself, then the
+// conversion (RNE, saturating, NaN -> 0x7F).
+template <int kRule>
+__device__ __forceinline__ uint2 quant8_tile(const float f[8], const Divisor& d, bool fast) {
+  if constexpr (kRule == kRuleFp32Floor) {
+    return quant8(f, d, fast && (__float_as_uint(d.s) >> 23) >= 39u);
+  } else {
+    float y[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) y[j] = f[j] == 0.0f ? f[j] : __fmul_rn(f[j], d.r);
+    uint32_t b[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = e4m3x2(y[2 * j], y[2 * j + 1]);
+    return pack_e4m3x8(b);
+  }
+}
+
 // fp32 -> bf16 bits, RNE, NaN -> 0x7FC0 (the ds_mla rope of an fp16 source).
 __device__ __forceinline__ uint32_t bf16_bits(float x) {
   if (x != x) return 0x7fc0u;
@@ -189,7 +260,7 @@ __device__ __forceinline__ uint4 load_chunk(const uint8_t* nsrc, const uint8_t* 
 // behind it (no load waits on a test of loc); only the stores test loc.
 // a: the row block of row_args.cuh (dcp_world 1); k_scale: per_tensor's scale (1 element on the
 // device; ds_mla does not read it).
-template <int kFormat, int kNope, int kRope, bool kBf16, bool kUsePDL, bool kEarlyTrigger, typename LocT>
+template <int kFormat, int kRule, int kNope, int kRope, bool kBf16, bool kUsePDL, bool kEarlyTrigger, typename LocT>
 __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const float* __restrict__ k_scale) {
   static_assert(kNope % 8 == 0 && kRope % 8 == 0, "widths must be multiples of 8 values");
   constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
@@ -247,12 +318,12 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
       const int c = lane + 32 * i;
       if (c < kRC) r[i] = reinterpret_cast<const uint4*>(rsrc)[c];
     }
-    // Tile amax and scale: every lane takes part in the shuffles, whatever loc says. The division
-    // by a tile's scale needs no per-value range test: |x| <= amax = 448 * scale for finite x, so
-    // with scale >= 2^-88 (biased exponent >= 39) a quotient >= 2^-12 has x >= 2^-100 in div_fast's
-    // exact range, and a smaller one is e4m3 +-0 however its last bits fall (the smallest e4m3
-    // magnitude is 2^-9). A chunk holding inf or NaN, or a tile with a smaller scale, divides with
-    // __fdiv_rn.
+    // Tile amax and scale: every lane takes part in the shuffles, whatever loc says. kRuleFp32Floor:
+    // the division by a tile's scale needs no per-value range test: |x| <= amax = 448 * scale for
+    // finite x, so with scale >= 2^-88 (biased exponent >= 39) a quotient >= 2^-12 has x >= 2^-100 in
+    // div_fast's exact range, and a smaller one is e4m3 +-0 however its last bits fall (the smallest
+    // e4m3 magnitude is 2^-9). A chunk holding inf or NaN, or a tile with a smaller scale, divides
+    // with __fdiv_rn (quant8_tile).
     const Divisor e4m3_max = make_divisor(kE4M3Max);
     float f[kNI][8];
     Divisor scale[kNI];
@@ -264,18 +335,11 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
       fast[i] = true;
       if (c < kNC) {
         chunk_to_float<kBf16>(v[i], f[i]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float x = fabsf(f[i][j]);
-          const bool finite = x < INFINITY;
-          if (finite) amax = fmaxf(amax, x);  // NaN and inf do not set the scale
-          fast[i] &= finite;
-        }
+        amax = chunk_amax<kRule>(f[i], amax, fast[i]);
       }
 #pragma unroll
       for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      scale[i] = make_divisor(fmaxf(div1(amax, e4m3_max), kFltMin));
-      fast[i] &= (__float_as_uint(scale[i].s) >> 23) >= 39u;
+      scale[i] = tile_divisor<kRule>(amax, e4m3_max);
     }
     if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
@@ -283,7 +347,7 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
     for (int i = 0; i < kNI; ++i) {
       const int c = lane + 32 * i;
       if (c < kNC) {
-        reinterpret_cast<uint2*>(dst)[c] = quant8(f[i], scale[i], fast[i]);
+        reinterpret_cast<uint2*>(dst)[c] = quant8_tile<kRule>(f[i], scale[i], fast[i]);
         if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale[i].s;
       }
     }
@@ -317,7 +381,7 @@ inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
   return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
 }
 
-template <int kFormat, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
+template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
 void launch_quant_typed(const RowArgs& a, const float* k_scale, int num_warps, bool early_trigger,
                         cudaStream_t stream) {
   const int64_t blocks = (a.n_loc + num_warps - 1) / num_warps;
@@ -327,19 +391,38 @@ void launch_quant_typed(const RowArgs& a, const float* k_scale, int num_warps, b
                                                dim3(32, static_cast<unsigned>(num_warps)), 0, stream, kUsePDL, attr);
   TVM_FFI_CHECK_CUDA_ERROR(
       early_trigger
-          ? cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, true, LocT>, a, k_scale)
-          : cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kNope, kRope, kBf16, kUsePDL, false, LocT>, a, k_scale));
+          ? cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kRule, kNope, kRope, kBf16, kUsePDL, true, LocT>, a,
+                               k_scale)
+          : cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kRule, kNope, kRope, kBf16, kUsePDL, false, LocT>, a,
+                               k_scale));
+}
+
+// One rule's kernels for the sources' dtype and loc's width.
+template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL>
+void launch_quant_rule(const RowArgs& a, const float* k_scale, bool is_bf16, bool loc32, int num_warps,
+                       bool early_trigger, cudaStream_t stream) {
+#define MLAKV_FP8_LAUNCH(BF16, LOCT) \
+  launch_quant_typed<kFormat, kRule, kNope, kRope, kUsePDL, BF16, LOCT>(a, k_scale, num_warps, early_trigger, stream)
+  if (is_bf16) {
+    if (loc32) MLAKV_FP8_LAUNCH(true, int32_t);
+    else MLAKV_FP8_LAUNCH(true, int64_t);
+  } else {
+    if (loc32) MLAKV_FP8_LAUNCH(false, int32_t);
+    else MLAKV_FP8_LAUNCH(false, int64_t);
+  }
+#undef MLAKV_FP8_LAUNCH
 }
 
 // kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride);
 // nope: [n_loc, (1,) kNope], rope: [n_loc, (1,) kRope], both bf16 or both fp16;
 // scale: per_tensor: 1-element fp32 on the device (ds_mla: not read); rows whose slot is skip_slot
 // are skipped like padding (-1: none); num_warps in [1, 32]; early_trigger: the PDL trigger at
-// kernel entry (else right after the wait).
+// kernel entry (else right after the wait); scale_rule: ds_mla's tile-scale rule code (0 fp32_floor,
+// 1 fp32, 2 ue8m0; per_tensor takes any of them and ignores it).
 template <int kFormat, int kNope, int kRope, bool kUsePDL>
 bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                           tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot,
-                          int64_t num_warps, bool early_trigger) {
+                          int64_t num_warps, bool early_trigger, int64_t scale_rule) {
   constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
   const auto rows_ok = [](const tvm::ffi::TensorView& t) {
     return t.ndim() == 2 || (t.ndim() == 3 && t.size(1) == 1);
@@ -378,6 +461,8 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
         << "k_scale must be a 1-element float32 tensor";
   }
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  TVM_FFI_CHECK(scale_rule >= kRuleFp32Floor && scale_rule <= kRuleUe8m0, ValueError)
+      << "scale_rule must be 0 (fp32_floor), 1 (fp32) or 2 (ue8m0), got " << scale_rule;
   // Every check above holds for any n_loc; a call with no rows is served (nothing to launch) however
   // the tensors are aligned, so the caller never falls back for it.
   if (n_loc == 0) return true;
@@ -409,16 +494,19 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
   const auto* k_scale =
       reinterpret_cast<const float*>(static_cast<const uint8_t*>(scale.data_ptr()) + scale.byte_offset());
   const int w = static_cast<int>(num_warps);
-#define MLAKV_FP8_LAUNCH(BF16, LOCT) \
-  launch_quant_typed<kFormat, kNope, kRope, kUsePDL, BF16, LOCT>(a, k_scale, w, early_trigger, stream)
-  if (is_bf16) {
-    if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(true, int32_t);
-    else MLAKV_FP8_LAUNCH(true, int64_t);
+  const bool loc32 = loc.dtype().bits == 32;
+#define MLAKV_FP8_RULE(RULE) \
+  launch_quant_rule<kFormat, RULE, kNope, kRope, kUsePDL>(a, k_scale, is_bf16, loc32, w, early_trigger, stream)
+  if constexpr (kFormat == 0) {  // per_tensor: one scale for the cache, no tile rule
+    MLAKV_FP8_RULE(kRuleFp32Floor);
+  } else if (scale_rule == kRuleFp32Floor) {
+    MLAKV_FP8_RULE(kRuleFp32Floor);
+  } else if (scale_rule == kRuleFp32) {
+    MLAKV_FP8_RULE(kRuleFp32);
   } else {
-    if (loc.dtype().bits == 32) MLAKV_FP8_LAUNCH(false, int32_t);
-    else MLAKV_FP8_LAUNCH(false, int64_t);
+    MLAKV_FP8_RULE(kRuleUe8m0);
   }
-#undef MLAKV_FP8_LAUNCH
+#undef MLAKV_FP8_RULE
   return true;
 }
 

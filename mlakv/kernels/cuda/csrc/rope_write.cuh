@@ -8,7 +8,8 @@
 //     no contraction into an FMA), then rounded once to the source dtype (RNE; NaN canonical);
 //   * kFormat 0 writes the 16-bit row [k_nope | rotated k_pe]; 1 (per_tensor) e4m3(x / k_scale) of
 //     both; 2 (ds_mla) [e4m3 nope in tiles of 128 | fp32 tile scales | rotated rope as bf16] — the
-//     quantization exactly as fp8.cuh's quantizing write (its IEEE division scheme, reused here);
+//     quantization exactly as fp8.cuh's quantizing write (its tile-scale rule kRule and its IEEE
+//     arithmetic, reused here; per_tensor and 16-bit rows are built with kRule 0 only);
 //   * q_out (when the call has a query) is [q_nope | rotated q_pe] in the source dtype, or
 //     e4m3(x / q_scale) of both (the per_tensor rule).
 //
@@ -147,7 +148,7 @@ __device__ __forceinline__ uint16_t quant_word(uint32_t w, const fp8::Divisor& d
 }
 
 // ---- one cache row -----------------------------------------------------------------------------
-template <int kFormat, bool kBf16, int kNope, int kRope, bool kNeox, bool kUsePDL, bool kEarly>
+template <int kFormat, int kRule, bool kBf16, int kNope, int kRope, bool kNeox, bool kUsePDL, bool kEarly>
 __device__ __forceinline__ void cache_row(const RopeWriteArgs& a, int64_t t, int lane) {
   constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope (8 values each)
   constexpr int kNI = (kNC + 31) / 32;
@@ -203,9 +204,10 @@ __device__ __forceinline__ void cache_row(const RopeWriteArgs& a, int64_t t, int
     static_assert(kNope % 128 == 0, "ds_mla tiles are 128 values");
     constexpr int kTiles = kNope / 128;
     constexpr int kRopeOff = kNope + 4 * kTiles;
-    // Tile amax over finite |x| (a tile = 16 chunks = 16 lanes of one i: a half-warp butterfly) and
-    // the tile scale max(amax / 448, FLT_MIN); the division needs no per-value range test once the
-    // scale is >= 2^-88 and the chunk is finite (see fp8.cuh's quantizing write).
+    // Tile amax (a tile = 16 chunks = 16 lanes of one i: a half-warp butterfly) and the tile scale by
+    // the rule kRule, as fp8.cuh's quantizing write computes them (chunk_amax, tile_divisor,
+    // quant8_tile: kRule 0's division needs no per-value range test once the scale is >= 2^-88 and
+    // the chunk is finite).
     const fp8::Divisor e4m3_max = fp8::make_divisor(fp8::kE4M3Max);
     float f[kNI][8];
     fp8::Divisor scale[kNI];
@@ -217,24 +219,17 @@ __device__ __forceinline__ void cache_row(const RopeWriteArgs& a, int64_t t, int
       fast[i] = true;
       if (c < kNC) {
         fp8::chunk_to_float<kBf16>(v[i], f[i]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float x = fabsf(f[i][j]);
-          const bool finite = x < INFINITY;
-          if (finite) amax = fmaxf(amax, x);
-          fast[i] &= finite;
-        }
+        amax = fp8::chunk_amax<kRule>(f[i], amax, fast[i]);
       }
 #pragma unroll
       for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      scale[i] = fp8::make_divisor(fmaxf(fp8::div1(amax, e4m3_max), fp8::kFltMin));
-      fast[i] &= (__float_as_uint(scale[i].s) >> 23) >= 39u;
+      scale[i] = fp8::tile_divisor<kRule>(amax, e4m3_max);
     }
 #pragma unroll
     for (int i = 0; i < kNI; ++i) {
       const int c = lane + 32 * i;
       if (c < kNC) {
-        reinterpret_cast<uint2*>(dst)[c] = fp8::quant8(f[i], scale[i], fast[i]);
+        reinterpret_cast<uint2*>(dst)[c] = fp8::quant8_tile<kRule>(f[i], scale[i], fast[i]);
         if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kNope + 4 * (c >> 4)) = scale[i].s;
       }
     }
@@ -302,7 +297,7 @@ __device__ __forceinline__ void query_row(const RopeWriteArgs& a, int64_t item, 
   }
 }
 
-template <int kFormat, bool kBf16, int kNope, int kRope, bool kNeox, bool kUsePDL, bool kEarly>
+template <int kFormat, int kRule, bool kBf16, int kNope, int kRope, bool kNeox, bool kUsePDL, bool kEarly>
 __global__ void rope_write_kernel(const __grid_constant__ RopeWriteArgs a) {
   static_assert(kRope == 64, "one rope head is 64 values: two per lane");
   static_assert(kNope % 8 == 0, "nope is whole 16-byte chunks");
@@ -311,7 +306,7 @@ __global__ void rope_write_kernel(const __grid_constant__ RopeWriteArgs a) {
   if constexpr (kUsePDL && kEarly) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if (item >= a.n_items) return;  // uniform over the warp: no item, nothing to wait for
   if (item < a.n) {
-    cache_row<kFormat, kBf16, kNope, kRope, kNeox, kUsePDL, kEarly>(a, item, lane);
+    cache_row<kFormat, kRule, kBf16, kNope, kRope, kNeox, kUsePDL, kEarly>(a, item, lane);
   } else {
     query_row<kBf16, kNope, kRope, kNeox, kUsePDL, kEarly>(a, item - a.n, lane);
   }
@@ -427,7 +422,7 @@ bool check_rope_write(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ff
   return aligned;
 }
 
-template <int kFormat, bool kBf16, int kNope, int kRope, bool kUsePDL, bool kNeox, bool kEarly>
+template <int kFormat, int kRule, bool kBf16, int kNope, int kRope, bool kUsePDL, bool kNeox, bool kEarly>
 void launch_typed(const RopeWriteArgs& a, int num_warps, cudaStream_t stream) {
   const int64_t blocks = (a.n_items + num_warps - 1) / num_warps;
   TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << a.n_items << " rows need too many blocks";
@@ -435,11 +430,24 @@ void launch_typed(const RopeWriteArgs& a, int num_warps, cudaStream_t stream) {
   const cudaLaunchConfig_t cfg = launch_config(dim3(static_cast<unsigned>(blocks)),
                                                dim3(32, static_cast<unsigned>(num_warps)), 0, stream, kUsePDL, attr);
   TVM_FFI_CHECK_CUDA_ERROR(
-      cudaLaunchKernelEx(&cfg, rope_write_kernel<kFormat, kBf16, kNope, kRope, kNeox, kUsePDL, kEarly>, a));
+      cudaLaunchKernelEx(&cfg, rope_write_kernel<kFormat, kRule, kBf16, kNope, kRope, kNeox, kUsePDL, kEarly>, a));
+}
+
+// One tile-scale rule's kernels for the RoPE style and the PDL trigger's place.
+template <int kFormat, int kRule, bool kBf16, int kNope, int kRope, bool kUsePDL>
+void launch_rule(const RopeWriteArgs& a, bool is_neox, bool early_trigger, int num_warps, cudaStream_t stream) {
+  if (is_neox) {
+    if (early_trigger) launch_typed<kFormat, kRule, kBf16, kNope, kRope, kUsePDL, true, true>(a, num_warps, stream);
+    else launch_typed<kFormat, kRule, kBf16, kNope, kRope, kUsePDL, true, false>(a, num_warps, stream);
+  } else {
+    if (early_trigger) launch_typed<kFormat, kRule, kBf16, kNope, kRope, kUsePDL, false, true>(a, num_warps, stream);
+    else launch_typed<kFormat, kRule, kBf16, kNope, kRope, kUsePDL, false, false>(a, num_warps, stream);
+  }
 }
 
 // The checks above, then one launch on the current stream. skip_index: a slot skipped like padding
-// (-1: none); num_warps: warps (items) per CTA in [1, 32]; early_trigger: the PDL trigger at entry.
+// (-1: none); num_warps: warps (items) per CTA in [1, 32]; early_trigger: the PDL trigger at entry;
+// scale_rule: ds_mla's tile-scale rule code (0 fp32_floor, 1 fp32, 2 ue8m0; other formats ignore it).
 // Returns false, launching nothing, when the alignment does not suit the kernel; n == 0 returns true
 // after the checks, launching nothing.
 template <int kFormat, bool kBf16, int kNope, int kRope, bool kUsePDL>
@@ -448,12 +456,14 @@ bool launch_rope_write(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::f
                        tvm::ffi::TensorView k_scale, bool has_q, tvm::ffi::TensorView q_nope,
                        tvm::ffi::TensorView q_pe, tvm::ffi::TensorView q_out, tvm::ffi::TensorView q_scale,
                        bool is_neox, int64_t skip_index, int64_t dcp_world, int64_t dcp_rank, int64_t num_warps,
-                       bool early_trigger) {
+                       bool early_trigger, int64_t scale_rule) {
   const bool aligned = check_rope_write<kFormat, kBf16, kNope, kRope>(kv, loc, k_nope, k_pe, positions, cos_sin,
                                                                      k_scale, has_q, q_nope, q_pe, q_out, q_scale,
                                                                      dcp_world, dcp_rank);
   TVM_FFI_CHECK(kv.device().device_type == kDLCUDA, ValueError) << "kv_buffer must be a CUDA tensor";
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  TVM_FFI_CHECK(scale_rule >= fp8::kRuleFp32Floor && scale_rule <= fp8::kRuleUe8m0, ValueError)
+      << "scale_rule must be 0 (fp32_floor), 1 (fp32) or 2 (ue8m0), got " << scale_rule;
   if (!aligned) return false;
   const int64_t n = loc.size(0);
   if (n == 0) return true;
@@ -498,12 +508,14 @@ bool launch_rope_write(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::f
   }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, kv.device().device_id));
   const int w = static_cast<int>(num_warps);
-  if (is_neox) {
-    if (early_trigger) launch_typed<kFormat, kBf16, kNope, kRope, kUsePDL, true, true>(a, w, stream);
-    else launch_typed<kFormat, kBf16, kNope, kRope, kUsePDL, true, false>(a, w, stream);
+  if constexpr (kFormat != 2) {  // only ds_mla has tile scales
+    launch_rule<kFormat, fp8::kRuleFp32Floor, kBf16, kNope, kRope, kUsePDL>(a, is_neox, early_trigger, w, stream);
+  } else if (scale_rule == fp8::kRuleFp32Floor) {
+    launch_rule<kFormat, fp8::kRuleFp32Floor, kBf16, kNope, kRope, kUsePDL>(a, is_neox, early_trigger, w, stream);
+  } else if (scale_rule == fp8::kRuleFp32) {
+    launch_rule<kFormat, fp8::kRuleFp32, kBf16, kNope, kRope, kUsePDL>(a, is_neox, early_trigger, w, stream);
   } else {
-    if (early_trigger) launch_typed<kFormat, kBf16, kNope, kRope, kUsePDL, false, true>(a, w, stream);
-    else launch_typed<kFormat, kBf16, kNope, kRope, kUsePDL, false, false>(a, w, stream);
+    launch_rule<kFormat, fp8::kRuleUe8m0, kBf16, kNope, kRope, kUsePDL>(a, is_neox, early_trigger, w, stream);
   }
   return true;
 }
