@@ -454,7 +454,7 @@ def test_a_run_checks_then_times_both_providers_and_marks_wrong_and_absent_ops(f
     report = B.run([8], ["cp_gather", "swap", "indexer gather"], ["mlakv", "vllm"], device="cpu", load_peer=_fake_peer)
     rows = {r["op"]: r for r in report["rows"]}
     assert list(rows) == ["cp_gather_cache", "swap_blocks", "indexer gather"]
-    assert report["providers"] == ["mlakv", "vllm"] and report["vllm_kernels"].startswith("built from")
+    assert report["providers"] == ["mlakv", "vllm"] and report["vllm_kernels"].startswith("built (vLLM's source, unchanged")
     assert all(r["mlakv"]["status"] == "ok" for r in rows.values())
     assert rows["cp_gather_cache"]["vllm"]["status"] == "WRONG"
     assert rows["cp_gather_cache"]["vllm"]["mismatch"].startswith("out: 1 of ")
@@ -473,3 +473,41 @@ def test_a_run_whose_peer_cannot_be_built_times_mlakv_alone_and_says_why(fixed_c
     assert report["providers"] == ["mlakv"] and report["vllm_kernels"] == "not built: nvcc not found"
     (row,) = report["rows"]
     assert row["mlakv"]["status"] == "ok" and "vllm" not in row
+
+
+# ---- the saved torch headers (the fallback build) -------------------------------------------------
+
+
+def test_saved_torch_headers_are_the_closure_of_the_sources_torch_includes(only_env_peer):
+    _write_tree(only_env_peer / "csrc", {"cache_kernels.cu": "#include <torch/headeronly/util/Exception.h>\n"})
+    dest = P.save_torch_headers()
+    saved = _files_under(dest)
+    assert (dest / "TORCH_VERSION").read_text().strip() == torch.__version__
+    # the sources' own include, the binding's (stable library), and what those include in turn
+    assert {"torch/headeronly/util/Exception.h", "torch/csrc/stable/library.h"} <= saved
+    assert "torch/csrc/inductor/aoti_torch/c/shim.h" in saved
+    assert not any(f.startswith(("c10/", "ATen/")) for f in saved)
+
+
+@pytest.mark.jit_build
+def test_the_saved_headers_alone_resolve_every_torch_include_of_the_build(tmp_path):
+    """Preprocessing with the saved copy and without torch's include directory: nothing is missing,
+    so a fallback build never mixes two torch versions' headers."""
+    require_jit_toolchain()
+    if P.peer_absent_reason() is not None:
+        pytest.skip(P.peer_absent_reason())
+    peer = tmp_path / "peer"
+    shutil.copytree(P.peer_dir() / "csrc", peer / "csrc")
+    saved = P.save_torch_headers(peer)
+    plan = P.prepare_build(tmp_path / "build", peer, "9.0a")
+    incs = [f"-I{saved}"] + [f"-I{d}" for d in plan.include_dirs]
+    from mlakv.kernels.cuda.loader import find_cuda_home
+
+    nvcc = str(Path(find_cuda_home()) / "bin" / "nvcc")
+    for cmd in ([nvcc, "-M", *plan.nvcc_flags, *incs, str(plan.kernels)],
+                ["c++", "-fsyntax-only", *plan.cxx_flags, *incs, str(plan.binding)]):  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        if "-M" in cmd:
+            torch_dir = str(Path(torch.__file__).parent)
+            assert torch_dir not in done.stdout and str(saved) in done.stdout

@@ -257,7 +257,7 @@ def _load_peer(requested: Sequence[str], load_peer: Optional[Callable[[], Any]])
         ops = (load_peer or vllm_peer.load_vllm_peer)()
     except JitUnavailable as e:
         return None, str(e), ""
-    return ops, None, str(vllm_peer.peer_dir())
+    return ops, None, vllm_peer.build_note() or f"from {vllm_peer.peer_dir()}"
 
 
 def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[str] = PROVIDERS,
@@ -275,7 +275,7 @@ def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[
         timing.progress(f"vllm_ops: vLLM's kernels not built, timing mlakv alone: {peer_error}")
     chosen, note = select_providers(list(providers), peer_error)
     if note == "built":
-        note = f"built from {peer_src}/csrc/cache_kernels.cu (vLLM's source, unchanged) as torch.ops.mlakv_vllm_peer"
+        note = f"built (vLLM's source, unchanged, as torch.ops.mlakv_vllm_peer): {peer_src}"
     apis = {"mlakv": V, "vllm": peer}
     bw = timing.copy_bandwidth_gbs()
     device_name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else device

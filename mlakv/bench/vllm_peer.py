@@ -55,7 +55,11 @@ __all__ = [
     "BuildPlan",
     "prepare_build",
     "compile_objects",
+    "SAVED_HEADERS",
+    "save_torch_headers",
+    "build_note",
     "load_vllm_peer",
+    "main",
 ]
 
 #: ``torch.ops.<NAMESPACE>.<op>``: vLLM's kernels (mlakv's face is ``torch.ops.mlakv_vllm``).
@@ -327,7 +331,58 @@ def compile_objects(build_dir: str | Path, root: Optional[Path] = None, arch: st
     return bo, ko
 
 
+#: Under the peer directory: a copy of the stable-ABI torch headers of the machine that fetched the
+#: source (:func:`save_torch_headers`), tried when the installed torch's headers do not compile it.
+SAVED_HEADERS = "torch_include"
+_TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch/[^>"]+)[>"]', re.M)
+
+
+def save_torch_headers(root: Optional[Path] = None) -> Path:
+    """Copy the torch headers the build includes (the stable ABI's: ``torch/csrc/stable``,
+    ``torch/headeronly``, the C shim), from this machine's torch, to ``<peer>/torch_include``.
+
+    vLLM builds its kernels against a newer torch than the one it targets (``TORCH_TARGET_VERSION``
+    2.11); where the installed torch's headers lack something vLLM's source uses, the loader retries
+    with these. Only the headers reached from the ``#include <torch/...>`` lines of vLLM's files and of
+    the binding are copied, transitively; ``TORCH_VERSION`` records the torch they came from.
+    Returns the directory. Raises :class:`JitUnavailable` when the peer is absent.
+    """
+    import torch
+    from torch.utils.cpp_extension import include_paths
+
+    if root is None:
+        reason = peer_absent_reason()
+        if reason is not None:
+            raise JitUnavailable(reason)
+        root = peer_dir()
+    root = Path(root)
+    files, _ = include_closure(root / "csrc", Path(KERNEL_SOURCE).name)
+    texts = [(root / "csrc" / f).read_text(errors="replace") for f in files] + [binding_source(list(PEER_OPS))]
+    base = Path(include_paths()[0])
+    todo = sorted({name for t in texts for name in _TORCH_INCLUDE.findall(t)})
+    found: list[str] = []
+    while todo:
+        rel = todo.pop()
+        if rel in found or not (base / rel).is_file():
+            continue
+        found.append(rel)
+        todo += [n for n in _TORCH_INCLUDE.findall((base / rel).read_text(errors="replace")) if n not in found]
+    dest = root / SAVED_HEADERS
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel in found:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base / rel, dest / rel)
+    (dest / "TORCH_VERSION").write_text(torch.__version__ + "\n")
+    return dest
+
+
 _LOADED: dict[str, Any] = {}
+
+
+def build_note() -> Optional[str]:
+    """How the loaded peer was built (which torch headers), or None before :func:`load_vllm_peer`."""
+    return _LOADED.get("note")
 
 
 def load_vllm_peer(device_capability: Optional[tuple[int, int]] = None, build_dir: Optional[str | Path] = None,
@@ -336,7 +391,9 @@ def load_vllm_peer(device_capability: Optional[tuple[int, int]] = None, build_di
 
     The ops take vLLM's arguments in vLLM's order (its ``_custom_ops`` pass them the same way); the
     ones bound are those of :data:`PEER_OPS` the fetched source defines (:func:`defined_ops`). Built
-    once per process; the build directory keeps the objects, so a later process only loads.
+    once per process; the build directory keeps the objects, so a later process only loads. The
+    installed torch's headers are tried first, then, where that build fails and
+    ``<peer>/torch_include`` exists (:func:`save_torch_headers`), those.
 
     Args:
         device_capability: the GPU's (default: the current device's, or ``TVM_FFI_CUDA_ARCH_LIST``).
@@ -369,16 +426,57 @@ def load_vllm_peer(device_capability: Optional[tuple[int, int]] = None, build_di
 
     if cpp_extension.CUDA_HOME is None:
         cpp_extension.CUDA_HOME = str(plan.cuda_home)
+    saved = plan.kernels.parents[1] / SAVED_HEADERS
+    attempts = [(f"torch {torch.__version__}'s headers (installed)", [])]
+    if (saved / "TORCH_VERSION").is_file():
+        version = (saved / "TORCH_VERSION").read_text().strip()
+        attempts.append((f"torch {version}'s stable-ABI headers saved in {saved}", [str(saved)]))
+    failures = []
+    for what, extra in attempts:
+        try:
+            cpp_extension.load(
+                name=NAMESPACE, sources=[str(plan.binding), str(plan.kernels)],
+                extra_cflags=list(plan.cxx_flags), extra_cuda_cflags=list(plan.nvcc_flags),
+                extra_include_paths=extra + [str(d) for d in plan.include_dirs], build_directory=str(plan.build_dir),
+                verbose=verbose, with_cuda=True, is_python_module=False,
+            )  # fmt: skip
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            tail = "\n".join(str(e).strip().splitlines()[-30:])
+            failures.append(f"with {what}:\n{tail}")
+            continue
+        ns = getattr(torch.ops, NAMESPACE)
+        _LOADED[NAMESPACE] = ns
+        _LOADED["note"] = f"{', '.join(plan.ops)} from {plan.kernels} with {what}, TORCH_TARGET_VERSION 2.11, {arch}"
+        return ns
+    raise JitUnavailable("building vLLM's cache kernels as a torch extension failed " + "\n".join(failures))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m mlakv.bench.vllm_peer save-torch-headers | compile [--build-dir DIR]``: 0, 1 on failure."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mlakv.bench.vllm_peer", description=__doc__.split("\n\n")[0])
+    ap.add_argument("action", choices=["save-torch-headers", "compile"],
+                    help="save-torch-headers: copy this torch's stable-ABI headers beside the fetched source; "
+                    "compile: compile the binding and cache_kernels.cu without linking (no GPU needed)")  # fmt: skip
+    ap.add_argument("--build-dir", type=Path, default=None, help="compile: where the objects go (default: a temporary one)")
+    args = ap.parse_args(argv)
     try:
-        cpp_extension.load(
-            name=NAMESPACE, sources=[str(plan.binding), str(plan.kernels)],
-            extra_cflags=list(plan.cxx_flags), extra_cuda_cflags=list(plan.nvcc_flags),
-            extra_include_paths=[str(d) for d in plan.include_dirs], build_directory=str(plan.build_dir),
-            verbose=verbose, with_cuda=True, is_python_module=False,
-        )  # fmt: skip
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        tail = "\n".join(str(e).strip().splitlines()[-30:])
-        raise JitUnavailable(f"building vLLM's cache kernels as a torch extension failed:\n{tail}") from e
-    ns = getattr(torch.ops, NAMESPACE)
-    _LOADED[NAMESPACE] = ns
-    return ns
+        if args.action == "save-torch-headers":
+            dest = save_torch_headers()
+            n = sum(1 for p in dest.rglob("*.h"))
+            print(f"{n} headers of torch {(dest / 'TORCH_VERSION').read_text().strip()} in {dest}")
+        else:
+            import tempfile
+
+            build = args.build_dir or Path(tempfile.mkdtemp(prefix="mlakv-vllm-peer-"))
+            objs = compile_objects(build, arch=cuda_arch_list((9, 0)))
+            print("compiled: " + ", ".join(map(str, objs)))
+    except JitUnavailable as e:
+        print(f"vllm_peer: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
