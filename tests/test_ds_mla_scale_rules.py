@@ -534,6 +534,18 @@ def test_vllm_face_writes_fp8_ds_mla_with_ue8m0():
     assert torch.equal(cache.cpu().reshape(-1, ROW)[slots.cpu()], want)
 
 
+# ---- the benchmark's table of the rules -----------------------------------------------------------
+def test_fp8_bench_prints_the_write_of_each_rule():
+    from mlakv.bench.fp8_bench import format_tables
+
+    res = {"device": "test", "copy_gbs": 4000.0, "write": [], "gather": [],
+           "rules": [{"rule": r, "n_loc": 64, "jit": 2.0, "triton": 3.0, "bound": 1.0} for r in RULES]}  # fmt: skip
+    text = format_tables(res)
+    assert "write ds_mla by tile-scale rule" in text
+    for r in RULES:
+        assert f"| {r} | 64 | 2.00 | 3.00 | 1.00 | 1.50x | 2.00x |" in text
+
+
 # ---- the CUDA sources build, with every rule (no GPU needed) ------------------------------------
 @pytest.fixture(scope="module")
 def built_modules():

@@ -1308,9 +1308,9 @@ def test_gpu_fp8_bench_checks_every_provider():
     from mlakv.bench.fp8_bench import format_tables, run_fp8_bench
 
     res = run_fp8_bench([1, 64])
-    cells = [v for r in res["write"] + res["gather"] for v in r.values()]
+    cells = [v for r in res["write"] + res["gather"] + res["rules"] for v in r.values()]
     assert "WRONG" not in cells
-    assert "| 64 |" in format_tables(res)
+    assert "| 64 |" in format_tables(res) and "| ue8m0 | 64 |" in format_tables(res)
 
 
 # ---- the kernel's division: IEEE round-to-nearest without a per-value branch --------------------

@@ -13,7 +13,10 @@ median CUDA-graph replay per call over 8 rotating input sets (:mod:`mlakv.bench.
   at the measured copy bandwidth); ds_mla also ``quant-then-write`` (quantize into a temporary, then
   the byte write: two launches);
 * gather, per format, to bf16: ``jit``, ``triton``, ``plain`` (the plain row gather of a bf16 cache,
-  the same output bytes) and ``bound``.
+  the same output bytes) and ``bound``;
+* the ds_mla write under each tile-scale rule (``fp32_floor``, ``fp32``, ``ue8m0``:
+  ``ds_mla_scale_rule`` of :mod:`mlakv.ops.fp8`): ``jit`` and ``triton``, each checked against its
+  rule's reference rows, and ``bound``.
 
 Every provider is checked bit-exactly against the torch reference (run on the CPU) before it is
 timed; a wrong one shows ``WRONG`` instead of a time. Ratios are printed beside the times.
@@ -42,6 +45,7 @@ from mlakv.mem_cache import (
     set_mla_kv_buffer_triton,
 )
 from mlakv.ops.fp8 import fp8_write_path, scale_tensor
+from mlakv.spec.rules import DS_MLA_SCALE_RULES
 
 from .options import fp8_parser as build_parser
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, progress, rotating
@@ -139,10 +143,11 @@ def _write_providers(fmt: str, scale: torch.Tensor, jit: bool) -> dict[str, Call
     return out
 
 
-def _check_write(fmt: str, fn: Callable[[dict], None], d: dict) -> Optional[str]:
+def _check_write(fmt: str, fn: Callable[[dict], None], d: dict, rows: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None when ``fn(d)`` writes ``rows`` (default: the format's reference rows of ``d``) at ``d["loc"]``."""
     kv = d[_KV[fmt]]
     expected = kv.clone()
-    expected[d["loc"], 0] = d[_Q[fmt]]
+    expected[d["loc"], 0] = d[_Q[fmt]] if rows is None else rows
     fn(d)
     torch.cuda.synchronize()
     return None if torch.equal(kv, expected) else "WRONG"
@@ -194,10 +199,11 @@ def run_fp8_bench(sizes: list[int], into: Optional[dict] = None) -> dict:
 
     The rows go into ``into`` (a new dict by default) as they are measured, so a caller that is
     interrupted keeps the rows done so far. A write row: ``{"fmt", "n_loc", "path", <provider>: us
-    or "WRONG", "bound": us}``; a gather row: ``{"fmt", "n_loc", <provider>: ..., "bound"}``.
+    or "WRONG", "bound": us}``; a gather row: ``{"fmt", "n_loc", <provider>: ..., "bound"}``; a
+    ``"rules"`` row (the ds_mla write by tile-scale rule): ``{"rule", "n_loc", "jit", "triton", "bound"}``.
     """
     res = {} if into is None else into
-    res.update(device=torch.cuda.get_device_name(), copy_gbs=None, write=[], gather=[])
+    res.update(device=torch.cuda.get_device_name(), copy_gbs=None, write=[], gather=[], rules=[])
     scale = scale_tensor(K_SCALE, torch.device("cuda"))
     res["copy_gbs"] = copy_gbs = copy_bandwidth_gbs()
     from mlakv.kernels.triton.row_write import launch_get_kv_rows
@@ -224,6 +230,16 @@ def run_fp8_bench(sizes: list[int], into: Optional[dict] = None) -> dict:
             g["plain"] = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers)
             g["bound"] = _bound_us(n, _gather_bytes(fmt), copy_gbs)
             res["gather"].append(g)
+        for rule in DS_MLA_SCALE_RULES:
+            rows = quantize_mla_rows(d0["nope"].cpu(), d0["rope"].cpu(), "ds_mla", ds_mla_scale_rule=rule).cuda()
+            r = {"rule": rule, "n_loc": n}
+            providers = {"triton": _triton_write("ds_mla", scale, scale_rule=rule)}
+            if jit:
+                providers = {"jit": _jit_write("ds_mla", scale, scale_rule=rule), **providers}
+            for name, fn in providers.items():
+                r[name] = _check_write("ds_mla", fn, d0, rows) or _graph_us(fn, layers)
+            r["bound"] = _bound_us(n, _write_bytes("ds_mla"), copy_gbs)
+            res["rules"].append(r)
         del layers
         torch.cuda.empty_cache()
     return res
@@ -264,6 +280,14 @@ def format_tables(res: dict) -> str:
                 f"| {g['n_loc']} | {_cell(g.get('jit'))} | {_cell(g.get('triton'))} | {_cell(g.get('plain'))} | "
                 f"{_cell(g.get('bound'))} | {_ratio(g.get('triton'), g.get('jit'))} | {_ratio(g.get('jit'), g.get('bound'))} | "
                 f"{_ratio(g.get('triton'), g.get('bound'))} |"
+            )
+    if res.get("rules"):
+        out += ["", "write ds_mla by tile-scale rule (ds_mla_scale_rule)", "",
+                "| rule | n_loc | jit | triton | bound | triton / jit | jit / bound |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in res["rules"]:
+            out.append(
+                f"| {r['rule']} | {r['n_loc']} | {_cell(r.get('jit'))} | {_cell(r.get('triton'))} | {_cell(r.get('bound'))} | "
+                f"{_ratio(r.get('triton'), r.get('jit'))} | {_ratio(r.get('jit'), r.get('bound'))} |"
             )
     return "\n".join(out)
 
