@@ -110,40 +110,43 @@ GOAL_PCT = 85.0
 
 
 def _poison(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Random bytes viewed as ``dtype`` (a destination's starting contents)."""
+    """Random bytes viewed as ``dtype`` (a destination's starting contents), on ``gen``'s device."""
     width = torch.empty((), dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * width), dtype=torch.uint8, generator=gen)
+    raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * width), dtype=torch.uint8, generator=gen, device=gen.device)
     return raw.view(dtype)
 
 
 def make_case(n: int, device: str, gen: torch.Generator) -> dict:
-    """One input set: sources, caches (bf16, e4m3, ds_mla, indexer), slots, a 4-request block table,
-    destinations of random bytes."""
+    """One input set on ``device``: sources, caches (bf16, e4m3, ds_mla, indexer), slots, a 4-request
+    block table, destinations of random bytes. ``gen`` (a CPU generator) decides the CPU tensors
+    and the block mapping; on another device the values come from a generator of that device seeded
+    from ``gen`` (no host-side generation of the large tensors)."""
     nb = -(-2 * n // BS) + 1
-    kv_c = torch.randn(n, R, generator=gen).to(torch.bfloat16)
-    k_pe = torch.randn(n, P, generator=gen).to(torch.bfloat16)
-    slot = torch.randperm(nb * BS, generator=gen)[:n]
-    lens = [n // 4] * 3 + [n - 3 * (n // 4)]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-    table = torch.stack([torch.randperm(nb, generator=gen) for _ in range(4)]).to(torch.int32)
     swaps = max(1, n // BS)
+    mapping = torch.stack([torch.randperm(nb, generator=gen)[:swaps], torch.arange(swaps)], 1)  # CPU, as vLLM's
+    g = gen if torch.device(device).type == "cpu" else torch.Generator(device).manual_seed(
+        int(torch.randint(0, 2**62, (1,), generator=gen)))  # fmt: skip
+    kw = dict(generator=g, device=device)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, **kw).to(torch.bfloat16)
+
+    def bytes_(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, **kw)
+
+    lens = [n // 4] * 3 + [n - 3 * (n // 4)]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
     d = dict(
-        kv_c=kv_c, k_pe=k_pe, slot=slot, cu=cu, table=table, ws=cu[:4].clone(),
-        auto=torch.randn(nb, BS, R + P, generator=gen).to(torch.bfloat16),
-        fp8=torch.randint(0, 256, (nb, BS, R + P), dtype=torch.uint8, generator=gen) & 0x77,  # finite e4m3
-        ds=torch.zeros(nb, BS, 656, dtype=torch.uint8),
-        scale=torch.tensor([0.05]), out=_poison((n, R + P), torch.bfloat16, gen),
-        swap_dst=_poison((swaps + 1, BS, R + P), torch.bfloat16, gen),
-        mapping=torch.stack([torch.randperm(nb, generator=gen)[:swaps], torch.arange(swaps)], 1),
-        idx_k=torch.randn(n, IDX_DIM, generator=gen).to(torch.bfloat16),
-        idx_cache=torch.randint(0, 256, (nb, BS, IDX_ENTRY), dtype=torch.uint8, generator=gen),
-        dst_k=torch.randint(0, 256, (n, IDX_DIM), dtype=torch.uint8, generator=gen),
-        dst_scale=torch.randint(0, 256, (n, 4), dtype=torch.uint8, generator=gen),
+        kv_c=randn(n, R), k_pe=randn(n, P), slot=torch.randperm(nb * BS, **kw)[:n], cu=cu, ws=cu[:4].clone(),
+        table=torch.stack([torch.randperm(nb, **kw) for _ in range(4)]).to(torch.int32),
+        auto=randn(nb, BS, R + P), fp8=bytes_(nb, BS, R + P) & 0x77,  # finite e4m3
+        ds=torch.zeros(nb, BS, 656, dtype=torch.uint8, device=device),
+        scale=torch.tensor([0.05], device=device), out=_poison((n, R + P), torch.bfloat16, g),
+        swap_dst=_poison((swaps + 1, BS, R + P), torch.bfloat16, g), mapping=mapping,
+        idx_k=randn(n, IDX_DIM), idx_cache=bytes_(nb, BS, IDX_ENTRY), dst_k=bytes_(n, IDX_DIM), dst_scale=bytes_(n, 4),
     )  # fmt: skip
-    fill = (torch.randn(nb * BS, R, generator=gen).to(torch.bfloat16), torch.randn(nb * BS, P, generator=gen).to(torch.bfloat16))
-    d = {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "mapping" else v) for k, v in d.items()}
     # every ds_mla entry valid (the face's write, on the set's device)
-    V.concat_and_cache_mla(fill[0].to(device), fill[1].to(device), d["ds"], torch.arange(nb * BS, device=device),
+    V.concat_and_cache_mla(randn(nb * BS, R), randn(nb * BS, P), d["ds"], torch.arange(nb * BS, device=device),
                            "fp8_ds_mla", d["scale"])  # fmt: skip
     return d
 
@@ -253,6 +256,7 @@ def _load_peer(requested: Sequence[str], load_peer: Optional[Callable[[], Any]])
         return None, None, ""
     from . import vllm_peer
 
+    timing.progress("vllm_ops: building vLLM's cache kernels (nvcc, about a minute when not cached)")
     try:
         ops = (load_peer or vllm_peer.load_vllm_peer)()
     except JitUnavailable as e:
