@@ -4,22 +4,43 @@ the RoPE tail first) and the dequantizing gather, each beside its launcher.
 They are the GPU path where the JIT CUDA kernel cannot serve (pre-Hopper GPUs, misaligned pages or
 tokens) and run on CPU tensors under ``TRITON_INTERPRET=1`` in CI. The formats are specified, and
 their plain-torch reference written, in :mod:`mlakv.ops.v4_reference`; these kernels are bit-exact
-with it. Every rounding is integer bit arithmetic or an IEEE operation (``div_rn``), never a Triton
-float8 or bf16 cast, so the result is the same on every GPU generation and in the interpreter; the
-launch turns off fused multiply-add (``enable_fp_fusion=False``), which the RoPE rotation's
-separately rounded products need.
+with it.
 
-Where compiled code and the interpreter disagree, the kernels use neither side's rule: signs are set
-by XOR / OR on the bits (a compiled ``-x`` may be ``0 - x``: ``+0``, not ``-0``, for a zero), NaN is
-detected on the bits (no float ``max``/``min``, whose NaN rule is the operand's on the GPU and NaN's
-in numpy), 16-bit inputs are widened by their bits (the hardware fp16 -> fp32 conversion may return
-a canonical NaN, losing a negative NaN's sign), and no result depends on how fp32 denormals are
-treated (the GPU code is built without flush-to-zero; ``tests/test_v4_store.py`` checks the PTX).
+How the store works (the CUDA kernel's work split, ``csrc/v4_store.cuh``, in Triton's terms):
 
-A token's 512 values are handled as two ``[256]`` vectors, the even and the odd elements (the RoPE
-pairs, and the two nibbles or bytes of each output pair); a tile of ``T`` values is ``T / 2``
-consecutive pairs. Layout codes (``encoding``): 0 ``v4``, 1 ``v41``, 2 ``v41_fp4``; the interleaved
-layouts pass their geometry (``data_stride``, ``scale_base``, ``scale_stride``) with their twin's code.
+* A program stores ``TOKENS`` tokens (the launch table's tokens per program,
+  :func:`mlakv.spec.tuning.v4_triton_launch`) as one block of their 16-bit input bits: ``[TOKENS,
+  TILES, K]`` for the ue8m0 layouts (v41: 16 tiles of 32 values, v4: 8 of 64), ``[TOKENS, 32, 8]``
+  (even, odd) pairs as 4-byte words for fp4 (16-bit loads put together where ``kv`` is not 4-byte
+  aligned). Loads and stores are 16-byte vectors; the block's codes go out as one masked store per
+  token row and the scale bytes as another. A program's rows past the call re-read the last token
+  and store nothing; without DCP the token loads do not wait for ``loc``.
+* Tile amax: a max over the tile's axis of the 16-bit magnitudes (as integers NaN > inf > finite, so
+  no float max, whose NaN rule differs between the GPU and numpy). The ue8m0 exponent is read off the
+  amax's bits (exact); values are multiplied by its exact inverse power of two.
+* e4m3 (``NATIVE``: an sm_89+ GPU): the hardware ``cvt.rn.satfinite.e4m3x2.f32`` of the signed
+  product (no sign bits ORed into its bytes: that pack is what ptxas 12.8/12.9 miscompiles, see
+  :mod:`mlakv.kernels.triton.fp8`; ``tests/test_v4_triton_tokens.py`` looks for it at every launch
+  shape); otherwise (the interpreter, older GPUs) integer bit arithmetic giving the same bytes.
+* e2m1 (fp4): the code of ``x / scale`` from compares with the exact thresholds ``m_j * scale``
+  (no division per value); ``PACKED`` (sm_90): both values of a word per instruction in inline PTX
+  (packed bf16x2 / f16x2 compares, the CUDA kernel's three-level search); otherwise integer compares.
+* Tiles holding a NaN or an infinity (the oracle's rules) are rare: the program rewrites their bytes
+  in a branch taken only when one of its tiles needs it.
+* The RoPE tail (values 448..511) is loaded again as 32 (even, odd) pairs, rotated in fp32 with
+  separately rounded products (the launch turns off fused multiply-add, ``enable_fp_fusion=False``),
+  rounded back to the input dtype, and quantized as its own small block (its tiles' bytes replace
+  the unrotated ones: the block's store leaves them out).
+
+Where compiled code and the interpreter could disagree, the kernels use neither side's rule: signs
+are set by XOR / OR on the bits (a compiled ``-x`` may be ``0 - x``: ``+0``, not ``-0``, for a
+zero), NaN is detected on the bits, 16-bit inputs are widened by their bits (the hardware fp16 ->
+fp32 conversion may return a canonical NaN, losing a negative NaN's sign), and no result depends on
+how fp32 denormals are treated (the GPU code is built without flush-to-zero;
+``tests/test_v4_store.py`` checks the PTX of both paths).
+
+Layout codes (``encoding``): 0 ``v4``, 1 ``v41``, 2 ``v41_fp4``; the interleaved layouts pass their
+geometry (``data_stride``, ``scale_base``, ``scale_stride``) with their twin's code.
 
 Launchers take arguments the ops layer (:mod:`mlakv.ops.v4`) has validated and do no checking of
 their own. Row selection is the library's: ``loc`` read at its stride; ``loc < 0``, ``loc ==
@@ -56,7 +77,7 @@ def packed_half_compare_supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-# ---- roundings (integer bit arithmetic; the same on every GPU and in the interpreter) ----------
+# ---- roundings (integer bit arithmetic: the same on every GPU and in the interpreter) ----------
 
 
 @triton.jit
