@@ -849,22 +849,24 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mlakv.kernels.triton.rope_write import _rope_write_kernel as k
 
-for fmt, q8, src, neox in [(0, 0, 0, 0), (0, 1, 1, 1), (1, 0, 0, 1), (1, 1, 1, 0), (2, 0, 1, 0), (2, 1, 0, 1)]:
+for fmt, q8, src, neox, rule in [(0, 0, 0, 0, 0), (0, 1, 1, 1, 0), (1, 0, 0, 1, 0), (1, 1, 1, 0, 0), (2, 0, 1, 0, 0),
+                                  (2, 1, 0, 1, 0), (2, 0, 0, 0, 1), (2, 1, 1, 1, 2)]:
     ptr = dict(kv_ptr="*u8" if fmt else "*i16", loc_ptr="*i64", pos_ptr="*i32", cs_ptr="*fp32", k_nope_ptr="*i16",
                k_pe_ptr="*i16", k_scale_ptr="*fp32", q_nope_ptr="*i16", q_pe_ptr="*i16",
                q_out_ptr="*u8" if q8 else "*i16", q_scale_ptr="*fp32")
     const = dict(NOPE=512, NOPE_P2=512, HALF=32, HALF_P2=32, TILES_P2=4, FORMAT=fmt, SRC=src, NEOX=bool(neox),
-                 Q_FP8=bool(q8), USE_PDL=True)
+                 Q_FP8=bool(q8), USE_PDL=True, RULE=rule)
     sig = {n: "constexpr" if n in const else ptr.get(n, "i64") for n in k.arg_names}
     src_ = ASTSource(k, sig, constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
     ptx = triton.compile(src_, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False, "num_warps": 4}).asm["ptx"]
-    print(fmt, q8, src, neox, "fma", ptx.count("fma.rn"), "ftz", ptx.count(".ftz"))
+    print(fmt, q8, src, neox, rule, "fma", ptx.count("fma.rn"), "ftz", ptx.count(".ftz"))
 """
 
 
 def test_triton_kernel_compiles_for_sm90_without_fma():
-    """Compiled for a real GPU (not the interpreter): every format and query kind builds, and no
-    multiply-add of the rotation is contracted into an FMA (nor any op flushed to zero)."""
+    """Compiled for a real GPU (not the interpreter): every format and query kind (and ds_mla's
+    tile-scale rules) builds, and no multiply-add of the rotation is contracted into an FMA (nor any
+    op flushed to zero)."""
     import os
     import subprocess
     import sys
@@ -874,4 +876,4 @@ def test_triton_kernel_compiles_for_sm90_without_fma():
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 6 and all(ln.endswith("fma 0 ftz 0") for ln in lines), r.stdout
+    assert len(lines) == 8 and all(ln.endswith("fma 0 ftz 0") for ln in lines), r.stdout
