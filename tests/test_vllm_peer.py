@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import require_jit_toolchain
+from conftest import require_jit_toolchain, requires_sm90
 from mlakv.bench import vllm_ops as B
 from mlakv.bench import vllm_peer as P
 from mlakv.compat import fetch_vllm_tests as F
@@ -511,3 +511,28 @@ def test_the_saved_headers_alone_resolve_every_torch_include_of_the_build(tmp_pa
         if "-M" in cmd:
             torch_dir = str(Path(torch.__file__).parent)
             assert torch_dir not in done.stdout and str(saved) in done.stdout
+
+
+# ---- on an SM90+ GPU: vLLM's own kernels against the reference ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peer_ops():
+    if P.peer_absent_reason() is not None:
+        pytest.skip(P.peer_absent_reason())
+    return P.load_vllm_peer()  # a failed build fails the tests, with the compiler's lines
+
+
+@requires_sm90
+@pytest.mark.parametrize("provider", ["mlakv", "vllm"])
+@pytest.mark.parametrize("op", list(B.OPS))
+def test_on_the_gpu_each_provider_writes_the_references_bytes(peer_ops, provider, op):
+    """The bench's check at n = 200 (4 requests of 50, blocks of 64): vLLM's kernel (built from its
+    unchanged source) and the face, each against the face's CPU path (vLLM 0.33's rules)."""
+    cpu = B.make_case(200, "cpu", torch.Generator().manual_seed(11))
+    gpu = {k: (v.cuda() if isinstance(v, torch.Tensor) and k != "mapping" else v) for k, v in cpu.items()}
+    fn_ref, written = B.calls(V)[op]
+    ref = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in cpu.items()}
+    fn_ref(ref)
+    api = V if provider == "mlakv" else peer_ops
+    assert B.check_provider(B.calls(api)[op][0], written, gpu, ref) is None
