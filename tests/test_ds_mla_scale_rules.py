@@ -620,9 +620,20 @@ def test_rope_module_refuses_an_unknown_rule_code(built_modules):
 # ---- GPU only ------------------------------------------------------------------------------------
 @requires_sm90
 @pytest.mark.parametrize("rule", RULES)
-def test_gpu_dispatcher_takes_the_jit_path_for_every_rule(rule):
-    nope, rope = edge_nope(torch.bfloat16)[:2].to(DEVICE), make_rope(2, torch.bfloat16).to(DEVICE)
-    assert fp8_write_path(poisoned(8), nope, rope, "ds_mla") == "jit"
+def test_gpu_dispatcher_serves_every_rule_with_the_jit_kernel(rule, monkeypatch):
+    import mlakv.kernels.triton.fp8 as triton_fp8
+
+    def triton_ran(*args, **kwargs):
+        raise AssertionError("the dispatcher fell back to Triton")
+
+    monkeypatch.setattr(triton_fp8, "launch_quant_write", triton_ran)
+    nope, rope = edge_nope(torch.bfloat16), make_rope(8, torch.bfloat16)
+    kv = poisoned(12)
+    loc = torch.arange(8, device=DEVICE) + 2
+    assert fp8_write_path(kv, nope.to(DEVICE), rope.to(DEVICE), "ds_mla") == "jit"
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope, rope, "ds_mla", ds_mla_scale_rule=rule))
+    set_mla_kv_buffer_quant(kv, loc, nope.to(DEVICE), rope.to(DEVICE), "ds_mla", ds_mla_scale_rule=rule)
+    assert_bytes_equal(kv, expected)
 
 
 @requires_cuda
