@@ -469,10 +469,12 @@ def test_a_run_whose_peer_cannot_be_built_times_mlakv_alone_and_says_why(fixed_c
     def no_peer():
         raise JitUnavailable("nvcc not found")
 
-    report = B.run([8], ["indexer store"], ["mlakv", "vllm"], device="cpu", load_peer=no_peer)
+    saved = []
+    report = B.run([8, 3], ["indexer store"], ["mlakv", "vllm"], device="cpu", load_peer=no_peer,
+                   checkpoint=lambda r: saved.append(len(r["rows"])))  # fmt: skip
     assert report["providers"] == ["mlakv"] and report["vllm_kernels"] == "not built: nvcc not found"
-    (row,) = report["rows"]
-    assert row["mlakv"]["status"] == "ok" and "vllm" not in row
+    assert [r["n"] for r in report["rows"]] == [8, 3] and saved == [1, 2]  # the report saved after each size
+    assert all(r["mlakv"]["status"] == "ok" and "vllm" not in r for r in report["rows"])
 
 
 # ---- the saved torch headers (the fallback build) -------------------------------------------------

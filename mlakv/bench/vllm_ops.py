@@ -265,14 +265,16 @@ def _load_peer(requested: Sequence[str], load_peer: Optional[Callable[[], Any]])
 
 
 def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[str] = PROVIDERS,
-        device: str = "cuda", load_peer: Optional[Callable[[], Any]] = None) -> dict:  # fmt: skip
+        device: str = "cuda", load_peer: Optional[Callable[[], Any]] = None,
+        checkpoint: Optional[Callable[[dict], None]] = None) -> dict:  # fmt: skip
     """Time every op (or those whose name contains one of ``only``) at every size with each provider;
     returns the report (also what ``vllm_ops.json`` holds).
 
     Each row: ``n``, ``op``, ``bytes``, one entry per provider (``status`` ``ok`` with ``us``, ``gbs``,
     ``pct_copy_bw``; ``WRONG`` with ``mismatch``; ``absent``), and ``vllm_over_mlakv`` (vLLM's time over
     mlakv's) where both were timed. ``device`` and ``load_peer`` (what builds vLLM's ops; default
-    :func:`mlakv.bench.vllm_peer.load_vllm_peer`) let the bookkeeping run elsewhere (tests).
+    :func:`mlakv.bench.vllm_peer.load_vllm_peer`) let the bookkeeping run elsewhere (tests);
+    ``checkpoint`` is called with the report so far after each size (a run cut short keeps its rows).
     """
     peer, peer_error, peer_src = _load_peer(providers, load_peer)
     if peer_error is not None:
@@ -317,6 +319,9 @@ def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[
             if row.get("mlakv", {}).get("status") == "ok" and row.get("vllm", {}).get("status") == "ok":
                 row["vllm_over_mlakv"] = row["vllm"]["us"] / row["mlakv"]["us"]
             report["rows"].append(row)
+        report["summary"] = summarize(report)
+        if checkpoint is not None:
+            checkpoint(report)
     report["summary"] = summarize(report)
     return report
 
@@ -412,13 +417,17 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("vllm_ops: needs a CUDA GPU")
         return 1
-    report = run([int(x) for x in args.sizes.split(",") if x], [o for o in args.ops.split(",") if o], providers)
-    table = format_table(report)
-    print(table, end="")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "vllm_ops.json").write_text(json.dumps(report, indent=1))
-        (args.out / "vllm_ops.md").write_text(table)
+
+    def save(report: dict) -> None:
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "vllm_ops.json").write_text(json.dumps(report, indent=1))
+            (args.out / "vllm_ops.md").write_text(format_table(report))
+
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    report = run(sizes, [o for o in args.ops.split(",") if o], providers, checkpoint=save)
+    save(report)
+    print(format_table(report), end="")
     return 0
 
 
