@@ -229,8 +229,8 @@ def _sass_cases() -> list:
     for enc in (0, 1):
         for i, (warps, per_program) in enumerate(shapes):
             rope = (0, 1, 2)[i % 3] if enc == 1 else 0  # the RoPE tail's conversions too, at some shapes
-            consts = dict(ENC=enc, PAGE_SIZE=64, IS_BF16=True, ROPE=rope, TOKENS=per_program, NATIVE=True,
-                          PACKED=True, PAIRS=True, DCP=False, USE_PDL=True, EARLY_TRIGGER=True, **geometry[enc])  # fmt: skip
+            consts = dict(ENC=enc, PAGE_SIZE=64, IS_BF16=True, ROPE=rope, TOKENS=per_program, NATIVE=True, PACKED=True,
+                          PAIRS=True, DCP=False, USE_PDL=True, EARLY_TRIGGER=True, **geometry[enc])  # fmt: skip
             cases.append([warps, consts])
     return cases
 

@@ -276,9 +276,10 @@ E2M1_PAIR_ASM_F16: tl.constexpr = tl.constexpr(_E2M1_PAIR_ASM % {"ty": "f16x2"})
 
 
 @triton.jit
-def _both_halves(t):
-    """A tile threshold ``t [TOKENS, TILES]`` (16-bit bits, int32) in both halves of a word, ``[TOKENS, TILES, 1]``."""
-    return (t * 0x10001)[:, :, None]
+def _both_halves(t, like):
+    """A tile threshold ``t [TOKENS, TILES]`` (16-bit bits, int32) in both halves of a word, over the
+    tile (``like``'s shape ``[TOKENS, TILES, P]``)."""
+    return tl.broadcast_to((t * 0x10001)[:, :, None], like.shape)
 
 
 @triton.jit
@@ -319,9 +320,9 @@ def _fp4_quantize(w, IS_BF16: tl.constexpr, INF16: tl.constexpr, PACKED: tl.cons
     if PACKED:
         byte = tl.inline_asm_elementwise(
             E2M1_PAIR_ASM_BF16 if IS_BF16 else E2M1_PAIR_ASM_F16, "=r,r,r,r,r,r,r,r,r",
-            [w, _both_halves(t0), _both_halves(t1), _both_halves(t2), _both_halves(t3), _both_halves(t4),
-             _both_halves(t5), _both_halves(t6)],
-            dtype=tl.int32, is_pure=True, pack=1,  # the thresholds broadcast over the tile
+            [w, _both_halves(t0, w), _both_halves(t1, w), _both_halves(t2, w), _both_halves(t3, w),
+             _both_halves(t4, w), _both_halves(t5, w), _both_halves(t6, w)],
+            dtype=tl.int32, is_pure=True, pack=1,
         ).to(tl.uint8)  # fmt: skip
     else:
         he = w & 0xFFFF
@@ -351,7 +352,8 @@ def _v4_store_kernel(
     skip_index, dcp_world, dcp_rank, n,
     ENC: tl.constexpr, PAGE_SIZE: tl.constexpr, DATA_STRIDE: tl.constexpr, SCALE_BASE: tl.constexpr,
     SCALE_STRIDE: tl.constexpr, IS_BF16: tl.constexpr, ROPE: tl.constexpr, TOKENS: tl.constexpr,
-    NATIVE: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr, DCP: tl.constexpr, USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
+    NATIVE: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr, DCP: tl.constexpr, USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):  # fmt: skip
     # One program stores TOKENS tokens as one [TOKENS, 512] block; every offset is int64. PDL: the
     # trigger carries no memory ordering (the next grid's wait covers this grid's stores), so it may
@@ -422,7 +424,8 @@ def _v4_store_kernel(
             tl.store(data[:, None, None] + k8, byte, mask=live[:, None, None] & (k8 < 224))
             tl.store(scales[:, None] + t, sc, mask=live[:, None] & (t < 28))
             rbyte, rsc = _fp4_quantize(tl.reshape(be | (bo << 16), [TOKENS, 4, 8]), IS_BF16, INF16, PACKED, False)
-            tl.store(data[:, None] + 224 + tl.arange(0, 32)[None, :], tl.reshape(rbyte, [TOKENS, 32]), mask=live[:, None])
+            r32 = tl.arange(0, 32)[None, :]
+            tl.store(data[:, None] + 224 + r32, tl.reshape(rbyte, [TOKENS, 32]), mask=live[:, None])
             tl.store(scales[:, None] + 28 + tl.arange(0, 4)[None, :], rsc, mask=live[:, None])
     else:
         TILES: tl.constexpr = 16 if ENC == 1 else 8  # v41: 16 tiles of 32 values; v4: 8 tiles of 64 (7 stored)
@@ -442,7 +445,8 @@ def _v4_store_kernel(
         if ENC == 1 and ROPE != 0:  # the rotated tail: 2 tiles of 32 values
             h2 = tl.reshape(tl.join(be, bo), [TOKENS, 2, 32])
             rcode, rsc = _ue8m0_quantize(h2, tl.max(h2 & 0x7FFF, axis=2), IS_BF16, FLOOR, INF16, NATIVE, False)
-            tl.store(data[:, None] + 448 + tl.arange(0, 64)[None, :], tl.reshape(rcode, [TOKENS, 64]), mask=live[:, None])
+            r64 = tl.arange(0, 64)[None, :]
+            tl.store(data[:, None] + 448 + r64, tl.reshape(rcode, [TOKENS, 64]), mask=live[:, None])
             tl.store(scales[:, None] + 14 + tl.arange(0, 2)[None, :], rsc, mask=live[:, None])
         if ENC == 0:  # v4: the 64 rope values as bf16 (little-endian) at bytes 448..575
             if ROPE != 0:
