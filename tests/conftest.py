@@ -123,3 +123,15 @@ def sm90a_build_env():
     finally:
         if old is None:
             os.environ.pop("TVM_FFI_CUDA_ARCH_LIST", None)
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """``mlakv.cli.main(argv)`` in-process: (exit code, stdout, stderr); argparse's SystemExit becomes the code."""
+    from mlakv.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err

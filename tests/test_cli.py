@@ -17,20 +17,12 @@ import torch
 import mlakv
 from mlakv.bench import SUBCOMMANDS
 from mlakv.bench.options import HOST_LAYOUTS
-from mlakv.cli import main
+from conftest import run_cli
 
 CUDA = torch.cuda.is_available()
 BENCH_SUBCOMMANDS = sorted(SUBCOMMANDS)
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """``main(argv)`` in-process: (exit code, stdout, stderr); argparse's SystemExit becomes the code."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def test_version(capsys):

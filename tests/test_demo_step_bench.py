@@ -17,19 +17,12 @@ import torch
 
 from mlakv.bench import SUBCOMMANDS, demo_step
 from mlakv.bench.options import DEMO_STEP_FORMATS, parser_for
-from mlakv.cli import main
+from conftest import run_cli
 from mlakv.demo.model import MLAConfig, make_model
 
 TINY = ["--batch-sizes", "1,3", "--context", "4", "--layers", "1", "--rounds", "1"]
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def test_bench_demo_step_is_a_bench_subcommand_with_its_own_parser():

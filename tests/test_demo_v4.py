@@ -20,8 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE
-from mlakv.cli import main
+from conftest import DEVICE, run_cli
 from mlakv.demo import options, serve
 from mlakv.demo.model import MLAConfig, QuantizedPoolKVCache, default_dtype
 from mlakv.mem_cache import MLATokenToKVPool
@@ -49,13 +48,6 @@ def agreement_of(fmt: str) -> dict:
     return _RESULTS[fmt]
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 # ---- the command line offers every format the pool has ------------------------------------------
