@@ -465,6 +465,22 @@ def test_a_run_checks_then_times_both_providers_and_marks_wrong_and_absent_ops(f
     assert "WRONG" in B.format_table(report)
 
 
+def test_each_op_is_checked_on_fresh_inputs_after_earlier_ops_timed_writes_into_the_sets(monkeypatch):
+    """Timing runs the writes into the input sets; a later gather is still checked against inputs as
+    the reference saw them (every op of the mlakv face equals its own CPU path)."""
+    from mlakv.bench import timing
+
+    def run_body(body, calls=1):
+        body()  # what timing does: the writes land in the sets
+        return 2.0
+
+    monkeypatch.setattr(timing, "copy_bandwidth_gbs", lambda: 4000.0)
+    monkeypatch.setattr(timing, "graph_median_us", run_body)
+    monkeypatch.setattr(timing, "event_median_us", lambda fn: (fn(), 4.0)[1])
+    report = B.run([64], ["concat auto", "gather auto", "cp_gather", "swap"], ["mlakv"], device="cpu")
+    assert [r["mlakv"]["status"] for r in report["rows"]] == ["ok"] * 4, [r["mlakv"] for r in report["rows"]]
+
+
 def test_a_run_whose_peer_cannot_be_built_times_mlakv_alone_and_says_why(fixed_clock):
     def no_peer():
         raise JitUnavailable("nvcc not found")

@@ -244,6 +244,11 @@ def check_provider(fn: Callable[[dict], None], written: tuple[str, ...], inputs:
     return None
 
 
+def _on_device(cpu_set: dict, device: str) -> dict:
+    """A copy of a CPU input set on ``device`` (the block mapping stays on the host, as vLLM takes it)."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "mapping" else v) for k, v in cpu_set.items()}
+
+
 def _time(name: str, fn: Callable[[dict], None], sets: list[dict]) -> float:
     if name == "swap_blocks":
         return timing.event_median_us(lambda: fn(sets[0]))
@@ -290,7 +295,7 @@ def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[
     for n in sizes:
         gen = torch.Generator().manual_seed(n)
         cpu_set = make_case(n, "cpu", gen)  # the reference's inputs; the GPU's first set is a copy
-        sets = [{k: (v.to(device) if isinstance(v, torch.Tensor) and k != "mapping" else v) for k, v in cpu_set.items()}]
+        sets = [_on_device(cpu_set, device)]
         sets += [make_case(n, device, gen) for _ in range(timing.INPUT_SETS - 1)]
         ref_calls = calls(V)
         per_provider = {p: calls(apis[p]) for p in chosen}
@@ -309,7 +314,9 @@ def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[
                     row[p] = {"status": "absent"}
                     continue
                 fn = per_provider[p][name][0]
-                bad = check_provider(fn, written, sets[0], ref)
+                # checked on a fresh copy of the reference's inputs: the sets' caches hold what earlier
+                # ops' timing wrote into them
+                bad = check_provider(fn, written, _on_device(cpu_set, device), ref)
                 if bad is not None:
                     row[p] = {"status": "WRONG", "mismatch": bad}
                     continue
