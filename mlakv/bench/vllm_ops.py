@@ -246,7 +246,7 @@ def check_provider(fn: Callable[[dict], None], written: tuple[str, ...], inputs:
 
 def _on_device(cpu_set: dict, device: str) -> dict:
     """A copy of a CPU input set on ``device`` (the block mapping stays on the host, as vLLM takes it)."""
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "mapping" else v) for k, v in cpu_set.items()}
+    return {k: (v.to(device, copy=True) if isinstance(v, torch.Tensor) and k != "mapping" else v) for k, v in cpu_set.items()}
 
 
 def _time(name: str, fn: Callable[[dict], None], sets: list[dict]) -> float:
