@@ -163,7 +163,7 @@ def test_absent_peer_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch
 # ---- the benches' layering -------------------------------------------------------------------
 # Modules of mlakv.bench that are not benches: the shared timing module, the command lines, the peer
 # fetcher and the comparison providers (built only to be timed beside mlakv's own kernels).
-BENCH_SUPPORT = {"timing", "report", "options", "peers", "sglang_peer", "legacy_kernel", "__init__"}
+BENCH_SUPPORT = {"timing", "report", "options", "peers", "sglang_peer", "vllm_peer", "legacy_kernel", "__init__"}
 
 
 def _bench_imports(path) -> set[str]:
