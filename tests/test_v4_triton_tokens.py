@@ -34,7 +34,7 @@ LAYOUTS = list(R.V4_LAYOUTS)
 PAGE_SIZE = 64 if HAS_CUDA else 4
 #: launch shapes (num_warps, tokens per program): every one of the table and the sweep on a GPU; on
 #: CPU (the interpreter ignores warps) one per tokens-per-program count
-SHAPES = sorted({(w, t) for _, w, t, _ in V4_TRITON_STEPS} | set(V4_TRITON_SWEEP))
+SHAPES = sorted({(w, t) for steps in V4_TRITON_STEPS.values() for _, w, t, _ in steps} | set(V4_TRITON_SWEEP))
 if not HAS_CUDA:
     SHAPES = sorted({t: (w, t) for w, t in SHAPES if t <= 8}.values())
 
@@ -71,14 +71,16 @@ def _ids(shape) -> str:
 # ---- the launch table ------------------------------------------------------------------------------
 
 
-def test_launch_table_covers_every_n_with_power_of_two_blocks():
-    assert V4_TRITON_STEPS[-1][0] is None
-    bounds = [s[0] for s in V4_TRITON_STEPS[:-1]]
+@pytest.mark.parametrize("encoding", [0, 1, 2])
+def test_launch_table_covers_every_n_with_power_of_two_blocks(encoding):
+    steps = V4_TRITON_STEPS[encoding]
+    assert steps[-1][0] is None
+    bounds = [s[0] for s in steps[:-1]]
     assert bounds == sorted(bounds)
     for n in (1, 64, 65, 1024, 1025, 1 << 20):
-        warps, per_program, _ = v4_triton_launch(n)
-        assert (warps, per_program) in {(w, t) for _, w, t, _ in V4_TRITON_STEPS}
-    for warps, per_program in {(w, t) for _, w, t, _ in V4_TRITON_STEPS} | set(V4_TRITON_SWEEP):
+        warps, per_program, _ = v4_triton_launch(n, encoding)
+        assert (warps, per_program) in {(w, t) for _, w, t, _ in steps}
+    for warps, per_program in {(w, t) for _, w, t, _ in steps} | set(V4_TRITON_SWEEP):
         assert warps in (1, 2, 4, 8) and per_program & (per_program - 1) == 0
         assert per_program * 512 // (32 * warps) >= 16, "a thread holds at least one 16-byte load of a token"
 
@@ -224,7 +226,7 @@ print(json.dumps(out))
 def _sass_cases() -> list:
     geometry = {0: dict(DATA_STRIDE=576, SCALE_BASE=64 * 576, SCALE_STRIDE=8),
                 1: dict(DATA_STRIDE=512, SCALE_BASE=64 * 512, SCALE_STRIDE=16)}  # fmt: skip
-    shapes = sorted({(w, t) for _, w, t, _ in V4_TRITON_STEPS} | set(V4_TRITON_SWEEP))
+    shapes = sorted({(w, t) for steps in V4_TRITON_STEPS.values() for _, w, t, _ in steps} | set(V4_TRITON_SWEEP))
     cases = []
     for enc in (0, 1):
         for i, (warps, per_program) in enumerate(shapes):

@@ -235,19 +235,21 @@ V4_JIT_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
 V4_JIT_MEASURED = (
     "NVIDIA H200, 2026-12-02 15:33 UTC: `mlakv bench v4 --layouts v41 --rope --sweep --sizes 1,8,64,4096,65536`"
 )
-# Triton (kernels/triton/v4_store.py, one [tokens, 512] block per program): (max n, num_warps, tokens
-# per program (a power of two), PDL trigger at entry) by increasing n. Seed values, from the compiled
-# sm_90 code rather than a clock: a thread holds 16-32 of a token's values (two to four 16-byte loads
-# in flight, as the CUDA kernel's lanes with one or two tokens per warp); one warp per program needs
-# no barrier for the program-wide NaN/inf test and the scale-byte layout change (4 warps: three).
-# One token per program up to 64 tokens spreads a small call over SMs. `mlakv bench v4
-# --triton-sweep` times V4_TRITON_SWEEP side by side to replace them.
-V4_TRITON_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
-    (64, 1, 1, True),
-    (1024, 1, 2, True),
-    (None, 2, 4, True),
+# Triton (kernels/triton/v4_store.py, one [tokens, 512] block per program): per token encoding
+# (0 v4, 1 v41, 2 v41_fp4; the interleaved layouts take their twin's), (max n, num_warps, tokens per
+# program (a power of two), PDL trigger at entry) by increasing n. Measured: each row is the sweep's
+# fastest shape at n 1, 64, 1024, 4096, 65536 (every shape checked bit-exact first): one warp of one
+# token to 1024 tokens (v41: 0.76 / 0.81 / 1.55 us, against 0.88 / 1.02 / 2.33 for the seeds), then
+# per encoding; docs/benchmarks.md has the table.
+V4_TRITON_STEPS: dict[int, tuple[tuple[int | None, int, int, bool], ...]] = {
+    0: ((1024, 1, 1, True), (None, 2, 4, True)),  # v4: 4096 3.52, 65536 32.35 us
+    1: ((1024, 1, 1, True), (4096, 4, 4, True), (None, 4, 8, True)),  # v41: 3.24, 28.78
+    2: ((1024, 1, 1, True), (4096, 2, 2, True), (None, 2, 4, True)),  # v41_fp4: 4.25, 35.50
+}
+V4_TRITON_MEASURED = (
+    "NVIDIA H200, 2026-12-02 (device clock 15:51 UTC): `mlakv bench v4 --layouts v41,v4,v41_fp4 --sizes "
+    "1,64,1024,4096,65536 --providers mlakv-jit,mlakv-triton --triton-sweep`"
 )
-V4_TRITON_MEASURED = "to be measured (seed values; `mlakv bench v4 --triton-sweep` times the alternatives)"
 # The launch shapes the sweep times: (num_warps, tokens per program), 16 or 32 values a thread.
 V4_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16))
 
@@ -260,9 +262,10 @@ def v4_jit_launch(n: int) -> tuple[int, int, bool]:
     raise AssertionError("the last V4 JIT step must have max n None")
 
 
-def v4_triton_launch(n: int) -> tuple[int, int, bool]:
-    """``(num_warps, tokens_per_program, early_trigger)`` of the Triton V4-family store for ``n`` tokens."""
-    for max_n, warps, rows, early in V4_TRITON_STEPS:
+def v4_triton_launch(n: int, encoding: int = 1) -> tuple[int, int, bool]:
+    """``(num_warps, tokens_per_program, early_trigger)`` of the Triton V4-family store for ``n`` tokens
+    of ``encoding`` (0 ``v4``, 1 ``v41``, 2 ``v41_fp4``)."""
+    for max_n, warps, rows, early in V4_TRITON_STEPS[encoding]:
         if max_n is None or n <= max_n:
             return warps, rows, early
     raise AssertionError("the last V4 Triton step must have max n None")

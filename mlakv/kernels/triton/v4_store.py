@@ -505,7 +505,7 @@ def launch_v4_store(
     elif positions is not None:
         rope, cs, cs_stride = 2, cos_sin_cache, cos_sin_cache.stride(0)
         pos, pos_stride, max_pos = positions, positions.stride(0), cos_sin_cache.shape[0]
-    warps, tokens, early = v4_triton_launch(n)
+    warps, tokens, early = v4_triton_launch(n, encoding)
     tokens = rows_per_program or tokens
     if tokens & (tokens - 1):
         raise ValueError(f"rows_per_program (tokens per program) must be a power of two, got {tokens}")
