@@ -53,25 +53,6 @@ constexpr int kRuleFp32Floor = 0;
 constexpr int kRuleFp32 = 1;
 constexpr int kRuleUe8m0 = 2;
 
-// 8 source values (one 16-byte chunk) as fp32; exact for bf16 and fp16.
-template <bool kBf16>
-__device__ __forceinline__ void chunk_to_float(const uint4& v, float f[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if constexpr (kBf16) {
-      f[2 * j] = __uint_as_float(w[j] << 16);
-      f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-    } else {
-      __half2 h;
-      memcpy(&h, &w[j], 4);
-      const float2 p = __half22float2(h);
-      f[2 * j] = p.x;
-      f[2 * j + 1] = p.y;
-    }
-  }
-}
-
 // Two fp32 -> two e4m3 bytes (lo in the low byte): RNE, saturating, NaN -> 0x7F.
 __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
   uint16_t r;
@@ -294,7 +275,7 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
       const int c = lane + 32 * i;
       if (c < kC) {
         float f[8];
-        chunk_to_float<kBf16>(v[i], f);
+        widen8<kBf16>(v[i], f);
         reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale, div_fast_ok_e4m3(f, scale));
       }
     }
@@ -334,7 +315,7 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
       float amax = 0.0f;
       fast[i] = true;
       if (c < kNC) {
-        chunk_to_float<kBf16>(v[i], f[i]);
+        widen8<kBf16>(v[i], f[i]);
         amax = chunk_amax<kRule>(f[i], amax, fast[i]);
       }
 #pragma unroll
@@ -358,7 +339,7 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
         uint4 out = r[i];
         if constexpr (!kBf16) {
           float h[8];
-          chunk_to_float<false>(r[i], h);
+          widen8<false>(r[i], h);
           out.x = bf16_bits(h[0]) | (bf16_bits(h[1]) << 16);
           out.y = bf16_bits(h[2]) | (bf16_bits(h[3]) << 16);
           out.z = bf16_bits(h[4]) | (bf16_bits(h[5]) << 16);
@@ -628,7 +609,7 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
         } else {
           float f[8];
           uint32_t b[8];
-          chunk_to_float<true>(v, f);
+          widen8<true>(v, f);
 #pragma unroll
           for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j]);
           store8<kDst>(r_dst + c * 8 * kOut, b);

@@ -66,25 +66,6 @@ struct StoreArgs {
   int32_t ue8m0, early_trigger;
 };
 
-// 8 source values (one 16-byte vector) as fp32, exactly.
-template <bool kBf16>
-__device__ __forceinline__ void widen8(const uint4& v, float f[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if constexpr (kBf16) {
-      f[2 * j] = __uint_as_float(w[j] << 16);
-      f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-    } else {
-      __half2 h;
-      memcpy(&h, &w[j], 4);
-      const float2 p = __half22float2(h);
-      f[2 * j] = p.x;
-      f[2 * j + 1] = p.y;
-    }
-  }
-}
-
 // Two products -> two e4m3 bytes (lo in the low byte), clipped as sglang's pack_fp8: fminf first
 // (a NaN becomes +448), then fmaxf; RNE.
 __device__ __forceinline__ uint32_t e4m3x2_clipped(float lo, float hi) {

@@ -194,7 +194,7 @@ __device__ __forceinline__ void cache_row(const RopeWriteArgs& a, int64_t t, int
       const int c = lane + 32 * i;
       if (c < kNC) {
         float f[8];
-        fp8::chunk_to_float<kBf16>(v[i], f);
+        widen8<kBf16>(v[i], f);
         reinterpret_cast<uint2*>(dst)[c] = fp8::quant8(f, d, fp8::div_fast_ok_e4m3(f, d));
       }
     }
@@ -218,7 +218,7 @@ __device__ __forceinline__ void cache_row(const RopeWriteArgs& a, int64_t t, int
       float amax = 0.0f;
       fast[i] = true;
       if (c < kNC) {
-        fp8::chunk_to_float<kBf16>(v[i], f[i]);
+        widen8<kBf16>(v[i], f[i]);
         amax = fp8::chunk_amax<kRule>(f[i], amax, fast[i]);
       }
 #pragma unroll
@@ -288,7 +288,7 @@ __device__ __forceinline__ void query_row(const RopeWriteArgs& a, int64_t item, 
       const int c = lane + 32 * i;
       if (c < kNC) {
         float f[8];
-        fp8::chunk_to_float<kBf16>(v[i], f);
+        widen8<kBf16>(v[i], f);
         reinterpret_cast<uint2*>(dst)[c] = fp8::quant8(f, d, fp8::div_fast_ok_e4m3(f, d));
       }
     }

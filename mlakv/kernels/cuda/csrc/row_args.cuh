@@ -1,11 +1,14 @@
-// What the row kernels share (the plain write in set_mla_kv_buffer.cuh, the quantizing write in
-// mla_fp8.cuh): the argument block they take as one __grid_constant__ struct, and the launch
-// configuration with programmatic dependent launch (PDL).
+// What the row kernels share (the plain write in row_write.cuh, the quantizing writes in fp8.cuh,
+// rope_write.cuh and indexer.cuh, the V4-family store): the argument block they take as one
+// __grid_constant__ struct, the launch configuration with programmatic dependent launch (PDL), and
+// the widening of a 16-byte vector of 16-bit values to fp32.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace mlakv {
 
@@ -38,6 +41,25 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cuda
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   return cfg;
+}
+
+// 8 source values (one 16-byte vector of bf16 or fp16) as fp32, exactly.
+template <bool kBf16>
+__device__ __forceinline__ void widen8(const uint4& v, float f[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (kBf16) {
+      f[2 * j] = __uint_as_float(w[j] << 16);
+      f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    } else {
+      __half2 h;
+      memcpy(&h, &w[j], 4);
+      const float2 p = __half22float2(h);
+      f[2 * j] = p.x;
+      f[2 * j + 1] = p.y;
+    }
+  }
 }
 
 }  // namespace mlakv
