@@ -236,3 +236,19 @@ def test_l3_log_filter_passes_everything_when_verbose(capfd):
     with native_log_filtered(EXPECTED_CLIENT_LOG, enabled=False):
         os.write(2, b"E http=404 body: metadata not found\n")
     assert "metadata not found" in capfd.readouterr().err
+
+
+# ---- bench fp8 --tune's report ----------------------------------------------------------------------
+def test_fp8_tune_report_gives_the_table_rows_and_says_when_the_jit_was_not_timed():
+    from mlakv.bench.fp8_bench import format_tune
+
+    res = {
+        "device": "GPU",
+        "triton": {"quant_ds_mla": {"1": {"w4r1e": 0.9, "w2r1e": 1.0}, "65536": {"w2r4e": 45.0, "w4r8e": 46.0}}},
+        "jit": {},
+        "jit_not_timed": "the JIT FP8 kernels do not serve these inputs here",
+    }
+    text = format_tune(res)
+    assert "JIT: the JIT FP8 kernels do not serve these inputs here" in text
+    assert "FP8_TRITON_STEPS['quant_ds_mla'] = ((1, 4, 1, True), (None, 2, 4, True))" in text
+    assert "JIT:" not in format_tune({k: v for k, v in res.items() if k != "jit_not_timed"})

@@ -357,7 +357,12 @@ def run_fp8_tune(sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_
             if timed:
                 w, r = min(timed, key=timed.get)
                 add(res["triton"], kind, n, _shape_key(w, r, False), time_it(num_warps=w, rows_per_program=r, early_trigger=False))
-        if _jit_available(layers):
+        if not _jit_available(layers):  # said in the report, not dropped silently
+            res["jit_not_timed"] = (
+                "the JIT FP8 kernels do not serve these inputs here (no module for this device, "
+                "MLAKV_DISABLE_JIT, or the launcher refused them): no JIT rows"
+            )
+        else:
             for w in TUNE_WARPS:
                 for early in (True, False):
                     us = both({f: _jit_write(f, scale, num_warps=w, early_trigger=early) for f in FORMATS}, wcheck, layers)
@@ -393,6 +398,8 @@ def _steps(best: list[tuple[int, tuple]]) -> list[tuple]:
 def format_tune(res: dict) -> str:
     """Per kernel: the fastest shape at each size (with the runner-up's margin) and the table rows they make."""
     out = [f"device: {res['device']}; us per call (quant: per format; jit quant and dequant: both formats summed)"]
+    if res.get("jit_not_timed"):
+        out.append(f"JIT: {res['jit_not_timed']}")
     for family, table in (("triton", res.get("triton", {})), ("jit", res.get("jit", {}))):
         for kind, by_n in table.items():
             out += ["", f"{family} {kind}", "", "| n_loc | fastest | us | next | us | all |", "|---|---|---|---|---|---|"]
