@@ -7,6 +7,7 @@ tensors); it must be set before the first ``@triton.jit`` decoration, hence here
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -135,3 +136,109 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
         rc = e.code
     out = capsys.readouterr()
     return rc, out.out, out.err
+
+
+def compile_in_subprocess(script: str, payload) -> list:
+    """Run ``script`` (it reads ``json.dumps(payload)`` as ``sys.argv[1]`` and prints a JSON list as its
+    last line) in a fresh Python without ``TRITON_INTERPRET``, so Triton compiles for the GPU
+    instead of interpreting; skips where Triton cannot assemble (no ptxas). Returns the list."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(payload)], env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    if proc.returncode and "ptxas" in proc.stderr.lower():  # pragma: no cover - a triton without ptxas
+        pytest.skip(f"triton cannot assemble for sm_90 here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def e4m3_pair_repacks(ptx: str) -> list[str]:
+    """``mov.b32 %r, {%rsA, %rsB}`` where one half is the result of a ``cvt.rn.satfinite.e4m3x2.f32``
+    and the other is computed from it (``{pair, pair >> 8}``): ptxas 12.8/12.9 folds such a pack into
+    the conversion (``F2FP ... MERGE_C`` with the other half as the merged operand) and computes
+    that half before the conversion, from whatever register it finds (Triton 3.6 on the H200 stored
+    bits of a source value as the second byte)."""
+    import re
+
+    cvt = set(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32\s+(%rs\d+)", ptx))
+    deps: dict[str, set[str]] = {}
+    for line in ptx.splitlines():
+        m = re.match(r"\s*(?:@!?%p\d+\s+)?[a-z][\w.]*\s+(%r[sd]?\d+)\s*,(.*);", line)
+        if m:  # a register and the registers it is computed from, through any width
+            deps.setdefault(m.group(1), set()).update(re.findall(r"%r[sd]?\d+", m.group(2)))
+
+    def reaches(reg: str, target: str, seen: set) -> bool:
+        if reg == target:
+            return True
+        seen.add(reg)
+        return any(reaches(d, target, seen) for d in deps.get(reg, ()) if d not in seen)
+
+    return [f"{{{a}, {b}}}" for a, b in re.findall(r"mov\.b32\s+%r\d+,\s*\{(%rs\d+),\s*(%rs\d+)\}", ptx)
+            if (a in cvt and reaches(b, a, set())) or (b in cvt and reaches(a, b, set()))]  # fmt: skip
+
+
+def stale_e4m3_merges(sass: str) -> list[str]:
+    """``F2FP ... MERGE_C`` instructions whose merged operand was last written (since the last label)
+    by a right shift: the pack of :func:`e4m3_pair_repacks` miscompiled (the shift of the pair's
+    own result cannot come before the conversion that makes it)."""
+    import re
+
+    last, bad = {}, []
+    for raw in sass.splitlines():
+        line = raw.split("*/")[-1].strip()
+        if line.startswith("."):
+            last = {}
+            continue
+        m = re.match(r"(?:@!?U?P\w+\s+)?([A-Z][\w.]*)\s+(.*);", line)
+        if not m:
+            continue
+        op, args = m.groups()
+        regs = [a.strip().split(".")[0] for a in args.split(",")]
+        if op.startswith("F2FP") and "MERGE_C" in op and len(regs) >= 4 and regs[3] != "RZ":
+            if last.get(regs[3], "").startswith("SHF.R"):
+                bad.append(line)
+        if regs and re.fullmatch(r"R\d+", regs[0]) and not op.startswith(("ST", "BRA", "CALL", "RET", "EXIT")):
+            last[regs[0]] = op
+    return bad
+
+
+class FakeCudaTensor:
+    """A DLPack description (shape, strides, dtype) of a CUDA tensor at a made-up address, so the
+    built module's host launcher can be called without a GPU: only for calls that must return
+    before any launch (its checks, the alignment refusal, zero rows). Nothing reads the address."""
+
+    _DTYPES = {torch.uint8: (1, 8), torch.int32: (0, 32), torch.int64: (0, 64), torch.bfloat16: (4, 16),
+               torch.float16: (2, 16), torch.float32: (2, 32)}  # fmt: skip
+
+    def __init__(self, shape, dtype, strides=None, addr=1 << 20):
+        import ctypes
+
+        class Device(ctypes.Structure):
+            _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+        class DType(ctypes.Structure):
+            _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+        class Managed(ctypes.Structure):  # DLManagedTensor = DLTensor + manager_ctx + deleter
+            _fields_ = [("data", ctypes.c_void_p), ("device", Device), ("ndim", ctypes.c_int32), ("dtype", DType),
+                        ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                        ("byte_offset", ctypes.c_uint64), ("manager_ctx", ctypes.c_void_p),
+                        ("deleter", ctypes.c_void_p)]  # fmt: skip
+
+        strides = strides or [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        self._shape = (ctypes.c_int64 * len(shape))(*shape)
+        self._strides = (ctypes.c_int64 * len(shape))(*strides)
+        self._m = Managed(addr, Device(2, 0), len(shape), DType(*self._DTYPES[dtype], 1), self._shape, self._strides)
+        self._new_capsule = ctypes.pythonapi.PyCapsule_New
+        self._new_capsule.restype = ctypes.py_object
+        self._new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        self._ctypes = ctypes
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, *args, **kwargs):
+        return self._new_capsule(self._ctypes.addressof(self._m), b"dltensor", None)

@@ -20,7 +20,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, IS_SM90, requires_cuda, requires_sm90, sm90a_build_env
+from conftest import DEVICE, FakeCudaTensor, HAS_CUDA, IS_SM90, requires_cuda, requires_sm90, sm90a_build_env
 
 from mlakv.ops.fp8 import (
     FLT_MIN,
@@ -576,7 +576,6 @@ def _module(built_modules, name):
 @pytest.mark.jit_build
 @pytest.mark.parametrize("rule", [0, 1, 2])
 def test_fp8_module_serves_every_rule_code(built_modules, rule):
-    from test_fp8 import FakeCudaTensor
 
     mod = _module(built_modules, "fp8")
     kv, loc = FakeCudaTensor((12, WIDTH), torch.uint8), FakeCudaTensor((0,), torch.int64)
@@ -587,7 +586,6 @@ def test_fp8_module_serves_every_rule_code(built_modules, rule):
 @pytest.mark.jit_build
 @pytest.mark.parametrize("rule", [-1, 3])
 def test_fp8_module_refuses_an_unknown_rule_code(built_modules, rule):
-    from test_fp8 import FakeCudaTensor
 
     mod = _module(built_modules, "fp8")
     kv, loc = FakeCudaTensor((12, WIDTH), torch.uint8), FakeCudaTensor((0,), torch.int64)
@@ -597,7 +595,6 @@ def test_fp8_module_refuses_an_unknown_rule_code(built_modules, rule):
 
 
 def _fake_rope_args():
-    from test_fp8 import FakeCudaTensor
 
     cs = FakeCudaTensor((16, ROPE), torch.float32)
     return [FakeCudaTensor((12, WIDTH), torch.uint8), FakeCudaTensor((0,), torch.int64),

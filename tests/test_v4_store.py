@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, IS_SM90, assert_pages_equal
+from conftest import assert_pages_equal, compile_in_subprocess, DEVICE, HAS_CUDA, IS_SM90
 from mlakv.ops import v4_reference as R
 from mlakv.spec.calls import V4StoreCall
 from test_v4_formats import make_tokens
@@ -344,20 +344,10 @@ def test_triton_kernels_compile_for_sm90_without_interpreter_dependent_float_ops
     """The interpreter (CPU CI) and the compiled kernels must agree bit for bit, so the compiled code
     holds none of the float operations whose GPU semantics differ from numpy's (signs and NaN are
     bit arithmetic, 16-bit inputs are widened by their bits, nothing flushes denormals, no FMA)."""
-    import json
-    import os
     import re
-    import subprocess
-    import sys
 
     pytest.importorskip("triton.backends.nvidia", reason="triton's CUDA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(_PTX_CASES)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    if proc.returncode and "ptxas" in proc.stderr.lower():  # pragma: no cover - a triton without ptxas
-        pytest.skip(f"triton cannot assemble for sm_90 here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    compiled = compile_in_subprocess(_COMPILE_SCRIPT, _PTX_CASES)
     assert len(compiled) == len(_PTX_CASES)
     for name, const, ptx in compiled:
         bad = sorted(set(re.findall(_FORBIDDEN_PTX, ptx)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, assert_pages_equal
+from conftest import assert_pages_equal, compile_in_subprocess, DEVICE, e4m3_pair_repacks, HAS_CUDA, stale_e4m3_merges
 from mlakv.ops import v4_reference as R
 from mlakv.spec.calls import V4StoreCall
 from mlakv.spec.tuning import V4_TRITON_STEPS, V4_TRITON_SWEEP, v4_triton_launch
@@ -241,22 +241,11 @@ def test_hardware_e4m3_bytes_are_not_repacked_for_ptxas():
     """The sm_90 store with the hardware e4m3 conversion, at every launch shape of the table and the
     sweep: no e4m3 pair packed with a value computed from itself (the PTX ptxas 12.8/12.9 miscompiles),
     and where Triton ships nvdisasm, no conversion in the machine code merging a shift made before it."""
-    import json
-    import os
-    import subprocess
-    import sys
 
     pytest.importorskip("triton.backends.nvidia", reason="triton's CUDA backend is not installed")
-    from test_fp8 import e4m3_pair_repacks, stale_e4m3_merges
 
     cases = _sass_cases()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, json.dumps(cases)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    if proc.returncode and "ptxas" in proc.stderr.lower():  # pragma: no cover - a triton without ptxas
-        pytest.skip(f"triton cannot assemble for sm_90 here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    compiled = compile_in_subprocess(_SASS_SCRIPT, cases)
     assert len(compiled) == len(cases)
     bad = []
     for warps, consts, ptx, sass in compiled:
