@@ -1,6 +1,6 @@
 """`mlakv bench indexer`: the table it prints, the sglang peer it builds, its refusal to time a wrong provider.
 
-The timings themselves need a GPU (the coordinator's run); here: the report format, the peer's build
+The timings themselves need a GPU; here: the report format, the peer's build
 for sm_90a without a GPU, and on a GPU the byte-equality check the bench runs before timing.
 """
 
