@@ -242,3 +242,16 @@ class FakeCudaTensor:
 
     def __dlpack__(self, *args, **kwargs):
         return self._new_capsule(self._ctypes.addressof(self._m), b"dltensor", None)
+
+
+def write_tar_gz(path, files: dict) -> None:
+    """A gzip tarball at ``path`` holding ``{name: text}`` (e.g. a fake source distribution)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

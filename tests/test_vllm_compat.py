@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_TRITON, requires_cuda
+from conftest import DEVICE, HAS_TRITON, requires_cuda, write_tar_gz
 from mlakv.compat import vllm as V
 from mlakv.ops import fp8
 
@@ -769,9 +769,6 @@ def test_swap_blocks_mla_cpu():
 
 
 def _fake_sdist(tmp_path):
-    import io
-    import tarfile
-
     files = {
         "vllm-9.9.9/tests/kernels/attention/test_cache.py": _FAKE_CACHE_TESTS,
         "vllm-9.9.9/tests/kernels/test_cp_gather_fp8.py": "def test_nothing():\n    pass\n",
@@ -780,12 +777,7 @@ def _fake_sdist(tmp_path):
         "vllm-9.9.9/setup.py": "",
     }
     path = tmp_path / "vllm-9.9.9.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar_gz(path, files)
     return path
 
 

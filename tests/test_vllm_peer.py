@@ -19,18 +19,16 @@ Spec:
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import require_jit_toolchain, requires_sm90
+from conftest import require_jit_toolchain, requires_sm90, write_tar_gz
 from mlakv.bench import vllm_ops as B
 from mlakv.bench import vllm_peer as P
 from mlakv.compat import fetch_vllm_tests as F
@@ -84,12 +82,7 @@ def _sdist(tmp_path: Path, csrc: dict[str, str], version: str = "9.9.9") -> Path
              f"{top}/tests/kernels/test_compressor_kv_cache.py": _COMPRESSOR, f"{top}/setup.py": ""}  # fmt: skip
     files.update({f"{top}/csrc/{k}": v for k, v in csrc.items()})
     path = tmp_path / f"{top}.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar_gz(path, files)
     return path
 
 

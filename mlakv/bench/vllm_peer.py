@@ -32,7 +32,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from mlakv import _env
 from mlakv.compat.fetch_vllm_tests import DEFAULT_VERSION, KERNEL_SOURCE, include_closure
@@ -155,6 +155,16 @@ def peer_absent_reason() -> Optional[str]:
     return None
 
 
+def _peer_root(root: Optional[Union[str, Path]]) -> Path:
+    """``root`` as a path, or the fetched peer's directory (``JitUnavailable`` when it is absent)."""
+    if root is None:
+        reason = peer_absent_reason()
+        if reason is not None:
+            raise JitUnavailable(reason)
+        root = peer_dir()
+    return Path(root)
+
+
 def _defines(source: str, name: str) -> bool:
     for m in re.finditer(rf"^void\s+{name}\s*\(", source, re.M):
         depth, i = 1, m.end()
@@ -270,12 +280,7 @@ def prepare_build(build_dir: str | Path, root: Optional[Path] = None, arch: str 
     Raises:
         JitUnavailable: the source is absent or incomplete, or defines none of :data:`PEER_OPS`.
     """
-    if root is None:
-        reason = peer_absent_reason()
-        if reason is not None:
-            raise JitUnavailable(reason)
-        root = peer_dir()
-    root = Path(root)
+    root = _peer_root(root)
     kernels = root / KERNEL_SOURCE
     if not kernels.is_file():
         raise JitUnavailable(f"{kernels} absent; {FETCH_HINT}")
@@ -350,12 +355,7 @@ def save_torch_headers(root: Optional[Path] = None) -> Path:
     import torch
     from torch.utils.cpp_extension import include_paths
 
-    if root is None:
-        reason = peer_absent_reason()
-        if reason is not None:
-            raise JitUnavailable(reason)
-        root = peer_dir()
-    root = Path(root)
+    root = _peer_root(root)
     files, _ = include_closure(root / "csrc", Path(KERNEL_SOURCE).name)
     texts = [(root / "csrc" / f).read_text(errors="replace") for f in files] + [binding_source(list(PEER_OPS))]
     base = Path(include_paths()[0])
