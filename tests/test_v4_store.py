@@ -179,6 +179,28 @@ def test_store_rotates_the_rope_tail(path, layout, dtype, mode):
     store_and_check(path, layout, pages, random_loc(n, num_pages * PAGE_SIZE, seed=3), kv, PAGE_SIZE, **rope_inputs(n, mode, 4))
 
 
+@pytest.mark.parametrize("layout", ["v41", "v41_fp4_new"])
+@pytest.mark.parametrize("path", PATHS)
+def test_store_rope_inputs_are_read_at_their_strides(path, layout):
+    """freqs_cis with a row stride past its width; positions strided, offset and expanded; an offset
+    view of cos_sin_cache: each read at its stride (the reference reads the same views)."""
+    n = 6
+    pages = poisoned_pages(2, layout, PAGE_SIZE)
+    wide = torch.cat([rope_inputs(n, "freqs_cis", 21)["freqs_cis"]] * 2, dim=1)  # [n, 128]
+    store_and_check(path, layout, pages, random_loc(n, 2 * PAGE_SIZE, seed=22), tokens("random", n, torch.bfloat16, 23),
+                    PAGE_SIZE, freqs_cis=wide[:, 64:])  # fmt: skip
+    table = rope_inputs(1, "positions", 24)["cos_sin_cache"]
+    views = {
+        "strided": torch.randint(0, 90, (2 * n,), device=DEVICE)[::2],
+        "offset": torch.randint(0, 90, (n + 3,), device=DEVICE)[3:],
+        "expanded": torch.tensor([41], device=DEVICE).expand(n),
+    }
+    for i, positions in enumerate(views.values()):
+        store_and_check(path, layout, pages, random_loc(n, 2 * PAGE_SIZE, seed=25 + i),
+                        tokens("random", n, torch.bfloat16, 30 + i), PAGE_SIZE, positions=positions,
+                        cos_sin_cache=table[5:])  # fmt: skip
+
+
 @pytest.mark.parametrize("layout", ["v4", "v41_fp4"])
 @pytest.mark.parametrize("path", PATHS)
 def test_store_rope_with_non_finite_tail(path, layout):
