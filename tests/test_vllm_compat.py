@@ -18,6 +18,7 @@ import torch
 from conftest import DEVICE, HAS_TRITON, requires_cuda, write_tar_gz
 from mlakv.compat import vllm as V
 from mlakv.ops import fp8
+from mlakv.spec.calls import TokenSlotPlan
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -380,26 +381,78 @@ def test_triton_row_write_on_the_paged_rows_view():
     assert torch.equal(u8(cache), expected.reshape(u8(cache).shape))
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_row_copy_on_the_gather_plan_skips_unowned_rows():
-    from mlakv.kernels.triton.transfer import launch_copy_rows
+def _fused_case(layout: str, n_reqs: int):
+    """A cache, its requests and the parts the fused gather copies, for one ``layout``: ``bf16``
+    (80-byte entries in blocks padded by 3 slots), ``u8_unaligned`` (20-byte entries one byte off),
+    ``indexer`` (two byte ranges per slot: a 128-byte key and its 4-byte scale, bs 16)."""
+    nb, bs = 12, {"indexer": 16}.get(layout, 4)
+    seq_lens = [random.choice([0, 1, 3, 7, 12]) for _ in range(n_reqs)]
+    cu, table, ss = _requests(seq_lens, nb, 4, [random.randrange(4) for _ in seq_lens])
+    total = int(cu[-1]) + 3  # three rows no request owns
+    if layout == "indexer":
+        cache = poisoned((nb, bs, 132), torch.uint8)
+        dsts = [poisoned((total, 128), torch.uint8), poisoned((total, 4), torch.uint8)]
+        parts = [V._part(cache, dsts[0], 0, bs * 132, 128, 128), V._part(cache, dsts[1], bs * 128, bs * 132, 4, 4)]
+        ranges = [(0, 128, 128), (bs * 128, 4, 4)]  # (base, slot stride, unit) in bytes
+    else:
+        dtype, entry, off = (BF16, 40, 0) if layout == "bf16" else (torch.uint8, 20, 1)
+        storage = poisoned((nb, bs + 3, entry + off), dtype)
+        cache = storage[:, :bs, off:]
+        dsts = [poisoned((total, entry + off), dtype)[:, off:]]
+        es = dtype.itemsize
+        parts = [V._part(cache, dsts[0], 0, cache.stride(0) * es, cache.stride(1) * es, entry * es)]
+        ranges = [(0, cache.stride(1) * es, entry * es)]
+    flat = V._span(cache)
+    expected = [u8(d).clone().reshape(total, -1) for d in dsts]
+    for o, blk, slot in ref_rows(table.cpu(), cu.cpu(), n_reqs, total, bs, ss.cpu()):
+        for want, (base, stride, unit) in zip(expected, ranges):
+            at = base + blk * parts[0].block_stride + slot * stride
+            want[o] = flat[at : at + unit].cpu()
+    plan = TokenSlotPlan(table, cu, n_reqs, total, bs, nb, ss, True)
+    return plan, parts, dsts, expected
 
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("n_reqs", [3, 70])  # 70: more requests than one vector of starts
+@pytest.mark.parametrize("layout", ["bf16", "u8_unaligned", "indexer"])
+def test_triton_fused_gather_copies_owned_rows_and_leaves_the_rest(layout, n_reqs):
+    """The GPU gathers' one launch (plan and byte copy) on the adapters' own parts: every owned row
+    byte-equal to the reference, unowned rows (and the padding rows past the requests) untouched."""
+    from mlakv.kernels.triton.paged_plan import launch_paged_gather
+
+    random.seed(12)
     torch.manual_seed(12)
-    nb, bs, entry = 8, 4, 12
-    cache = poisoned((nb, bs, entry), BF16)
-    cu, table, ss = _requests([3, 5], nb, 3, [1, 2])
-    dst = poisoned((10, entry), BF16)  # rows 8, 9 are no request's
-    expected = u8(dst).clone()
-    for o, b, s in ref_rows(table.cpu(), cu.cpu(), 2, 10, bs, ss):
-        expected[o] = u8(cache[b, s])
-    slot, valid = V.gather_plan(table, cu, 2, 10, bs, nb, ss)
-    assert valid.tolist() == [True] * 8 + [False] * 2
-    es = cache.element_size()
-    launch_copy_rows(
-        V._span(cache), V._span(dst), slot, torch.arange(10, device=DEVICE), entry * es,
-        (bs, cache.stride(0) * es, cache.stride(1) * es), (1, dst.stride(0) * es, 0),
-    )  # fmt: skip
-    assert torch.equal(u8(dst), expected)
+    plan, parts, dsts, expected = _fused_case(layout, n_reqs)
+    launch_paged_gather(plan, *parts)
+    for d, want in zip(dsts, expected):
+        assert torch.equal(u8(d).reshape(want.shape), want)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("rows,warps", [(1, 1), (4, 2), (16, 4)])
+def test_triton_fused_gather_every_launch_shape(rows, warps):
+    """A forced launch shape (the bench's sweep) copies the same bytes as the table's."""
+    from mlakv.kernels.triton.paged_plan import launch_paged_gather
+
+    random.seed(21)
+    torch.manual_seed(21)
+    plan, parts, dsts, expected = _fused_case("bf16", 9)
+    launch_paged_gather(plan, *parts, rows_per_program=rows, num_warps=warps)
+    assert torch.equal(u8(dsts[0]).reshape(expected[0].shape), expected[0])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_plan_rows_of_a_padded_block_layout():
+    """``launch_token_slots`` with ``rows_per_block``: the source row of the cache's row view
+    (``block * rows_per_block + offset``), -1 where no request owns the row."""
+    from mlakv.kernels.triton.paged_plan import launch_token_slots
+
+    torch.manual_seed(22)
+    cu, table, ss = _requests([3, 5], 8, 3, [1, 2])
+    plan = TokenSlotPlan(table, cu, 2, 10, 4, 8, ss, True)
+    want, _ = V.gather_plan(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in plan))
+    got = launch_token_slots(plan, rows_per_block=7)
+    assert torch.equal(got.cpu(), V.slot_rows(want, 4, 7))
 
 
 # ---- refusals (on the CPU, where every check runs; unchecked GPU calls skip what is out of range) ----

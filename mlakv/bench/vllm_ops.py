@@ -39,7 +39,10 @@ no NaN (the one payload the two write differently). A mismatch is reported ``WRO
 bytes and rows differ) and that provider is not timed for the op.
 
 Run: ``python -m mlakv.bench.vllm_ops [--sizes 1,64,1024,16384,65536] [--ops concat,gather]
-[--providers mlakv,vllm] [--out DIR]`` (writes ``vllm_ops.json`` and ``vllm_ops.md`` there).
+[--providers mlakv,vllm] [--sweep] [--out DIR]`` (writes ``vllm_ops.json`` and ``vllm_ops.md`` there).
+``--sweep`` also times the byte gathers (``gather auto``, ``cp_gather_cache``, ``indexer gather``: one
+fused Triton launch each) at every launch shape of :data:`mlakv.spec.tuning.PAGED_GATHER_SWEEP`, each
+checked first, so ``PAGED_GATHER_STEPS`` can be read off the table.
 ``MLAKV_DISABLE_JIT=1`` times mlakv's Triton paths only (no nvcc builds of mlakv's JIT modules;
 vLLM's kernels are still built).
 """
@@ -47,8 +50,8 @@ vLLM's kernels are still built).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -56,6 +59,7 @@ import torch
 from mlakv.argtypes import out_dir
 from mlakv.compat import vllm as V
 from mlakv.kernels.cuda.loader import JitUnavailable
+from mlakv.spec import tuning
 
 from . import timing
 
@@ -107,6 +111,8 @@ OP_FUNCTIONS = {
 #: Ops whose mlakv path the issue's bandwidth goal reads at its largest n.
 GOAL_N = 65536
 GOAL_PCT = 85.0
+#: The ops ``--sweep`` times at every launch shape of the fused paged gather.
+SWEPT_OPS = ("gather auto", "cp_gather_cache", "indexer gather")
 
 
 def _poison(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -255,6 +261,28 @@ def _time(name: str, fn: Callable[[dict], None], sets: list[dict]) -> float:
     return timing.graph_median_us(timing.rotating(fn, [(s,) for s in sets]), calls=len(sets))
 
 
+@contextlib.contextmanager
+def forced_gather_launch(rows: int, warps: int):
+    """Every fused paged gather launched inside takes ``(rows per program, num_warps)``."""
+    saved = tuning.PAGED_GATHER_STEPS
+    tuning.PAGED_GATHER_STEPS = ((None, rows, warps),)
+    try:
+        yield
+    finally:
+        tuning.PAGED_GATHER_STEPS = saved
+
+
+def _sweep(fn: Callable[[dict], None], written: tuple[str, ...], name: str, check_set: dict, ref: dict,
+           sets: list[dict]) -> dict:  # fmt: skip
+    """``{"r<rows>w<warps>": µs or "WRONG: ..."}`` over :data:`~mlakv.spec.tuning.PAGED_GATHER_SWEEP`."""
+    out: dict = {}
+    for rows, warps in tuning.PAGED_GATHER_SWEEP:
+        with forced_gather_launch(rows, warps):
+            bad = check_provider(fn, written, check_set, ref)
+            out[f"r{rows}w{warps}"] = f"WRONG: {bad}" if bad is not None else _time(name, fn, sets)
+    return out
+
+
 def _load_peer(requested: Sequence[str], load_peer: Optional[Callable[[], Any]]) -> tuple[Any, Optional[str], str]:
     """``(peer ops or None, why not, where from)`` for the run."""
     if "vllm" not in requested:
@@ -271,7 +299,7 @@ def _load_peer(requested: Sequence[str], load_peer: Optional[Callable[[], Any]])
 
 def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[str] = PROVIDERS,
         device: str = "cuda", load_peer: Optional[Callable[[], Any]] = None,
-        checkpoint: Optional[Callable[[dict], None]] = None) -> dict:  # fmt: skip
+        checkpoint: Optional[Callable[[dict], None]] = None, sweep: bool = False) -> dict:  # fmt: skip
     """Time every op (or those whose name contains one of ``only``) at every size with each provider;
     returns the report (also what ``vllm_ops.json`` holds).
 
@@ -279,7 +307,8 @@ def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[
     ``pct_copy_bw``; ``WRONG`` with ``mismatch``; ``absent``), and ``vllm_over_mlakv`` (vLLM's time over
     mlakv's) where both were timed. ``device`` and ``load_peer`` (what builds vLLM's ops; default
     :func:`mlakv.bench.vllm_peer.load_vllm_peer`) let the bookkeeping run elsewhere (tests);
-    ``checkpoint`` is called with the report so far after each size (a run cut short keeps its rows).
+    ``checkpoint`` is called with the report so far after each size (a run cut short keeps its rows);
+    ``sweep``: rows of :data:`SWEPT_OPS` also get ``sweep`` (mlakv at every fused-gather launch shape).
     """
     peer, peer_error, peer_src = _load_peer(providers, load_peer)
     if peer_error is not None:
@@ -323,6 +352,8 @@ def run(sizes: list[int], only: Optional[list[str]] = None, providers: Sequence[
                 us = _time(name, fn, sets)
                 gbs = row["bytes"] / (us * 1e-6) / 1e9
                 row[p] = {"status": "ok", "us": us, "gbs": gbs, "pct_copy_bw": 100.0 * gbs / bw}
+            if sweep and name in SWEPT_OPS and "mlakv" in chosen:
+                row["sweep"] = _sweep(per_provider["mlakv"][name][0], written, name, _on_device(cpu_set, device), ref, sets)
             if row.get("mlakv", {}).get("status") == "ok" and row.get("vllm", {}).get("status") == "ok":
                 row["vllm_over_mlakv"] = row["vllm"]["us"] / row["mlakv"]["us"]
             report["rows"].append(row)
@@ -392,6 +423,17 @@ def format_table(report: dict) -> str:
         wrong += [f"- {p} {r['op']} n={r['n']}: {r[p]['mismatch']}" for p in provs if r.get(p, {}).get("status") == "WRONG"]
     if wrong:
         lines += ["", "Mismatches:", *wrong]
+    swept = [r for r in report["rows"] if "sweep" in r]
+    if swept:
+        shapes = list(swept[0]["sweep"])
+        lines += ["", "Fused paged gather launch shapes (r: rows per program, w: warps), mlakv µs:", "",
+                  "| op | n | " + " | ".join(shapes) + " | fastest |", "|---|---:|" + "---:|" * (len(shapes) + 1)]
+        for r in swept:
+            timed = {k: v for k, v in r["sweep"].items() if isinstance(v, float)}
+            cells = [f"{v:.2f}" if isinstance(v, float) else "WRONG" for v in r["sweep"].values()]
+            best = min(timed, key=timed.get) if timed else ""
+            lines.append(f"| {r['op']} | {r['n']} | " + " | ".join(cells) + f" | {best} |")
+        lines += [f"- {r['op']} n={r['n']} {k}: {v}" for r in swept for k, v in r["sweep"].items() if isinstance(v, str)]
     summary = report.get("summary") or summarize(report)
     lines += ["", f"| op | mlakv <= vLLM at every n | mlakv % copy bw at {GOAL_N} (goal >= {GOAL_PCT:.0f}) |",
               "|---|---|---:|"]  # fmt: skip
@@ -414,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default="", help="only ops whose name contains one of these (comma list), e.g. concat")
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="comma list of %(default)s; vllm builds vLLM's kernels from .peers/vllm (MLAKV_VLLM_SRC)")
+    ap.add_argument("--sweep", action="store_true", help="also time the fused paged gathers at every launch shape")
     ap.add_argument("--out", type=out_dir, default=None, help="directory for vllm_ops.json / vllm_ops.md")
     args = ap.parse_args(argv)
     providers = [p for p in args.providers.split(",") if p]
@@ -432,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "vllm_ops.md").write_text(format_table(report))
 
     sizes = [int(x) for x in args.sizes.split(",") if x]
-    report = run(sizes, [o for o in args.ops.split(",") if o], providers, checkpoint=save)
+    report = run(sizes, [o for o in args.ops.split(",") if o], providers, checkpoint=save, sweep=args.sweep)
     save(report)
     print(format_table(report), end="")
     return 0

@@ -10,10 +10,12 @@ each a thin adapter over mlakv's own ops — no write or gather is implemented t
 * ``concat_and_cache_mla`` -> :func:`mlakv.ops.dispatch.set_mla_kv_buffer_triton` (``"auto"``),
   :func:`mlakv.ops.fp8.set_mla_kv_buffer_quant` (``"fp8"``/``"fp8_e4m3"``: ``per_tensor``;
   ``"fp8_ds_mla"``: ``ds_mla`` with vLLM 0.33's power-of-two tile scales, ``ds_mla_scale_rule="ue8m0"``);
-* the gathers turn ``block_table`` + start offsets into one source row per output token
-  (:func:`gather_plan`, on the device, no sync) and run :func:`mlakv.ops.custom_ops.copy_rows`
-  (the HiCache row copy, byte-exact: ``"auto"`` and ``cp_gather_cache``) or
-  :func:`mlakv.ops.fp8.get_mla_kv_buffer_dequant` (``"fp8"`` and the 656-byte upconvert);
+* the gathers map ``block_table`` + start offsets to one source slot per output token
+  (:func:`gather_plan`; on the GPU inside the kernel, no sync): the byte gathers (``"auto"``,
+  ``cp_gather_cache``, the indexer gather) are ONE Triton launch that locates each row's slot and
+  copies its bytes (:func:`mlakv.kernels.triton.paged_plan.launch_paged_gather`); the converting
+  ones (``"fp8"``, the 656-byte upconvert) are the plan's launch and
+  :func:`mlakv.ops.fp8.get_mla_kv_buffer_dequant` on its rows;
 * ``swap_blocks`` -> :func:`mlakv.ops.custom_ops.copy_rows` with whole blocks as units.
 
 Each op is also registered as a torch library op (``torch.ops.mlakv_vllm.<name>``, vLLM's schema,
@@ -388,7 +390,7 @@ _PROGRAMS_PER_SM = 4
 
 
 def _grid(t: torch.Tensor) -> Optional[int]:
-    """The row copy's grid bound for a device-local gather: every SM (None on the CPU)."""
+    """The row copy's grid bound for a device-local copy: every SM (None on the CPU)."""
     return _sm_programs(t.device.index or 0) if t.is_cuda else None
 
 
@@ -397,17 +399,47 @@ def _sm_programs(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * _PROGRAMS_PER_SM
 
 
-def _byte_gather(src_cache: torch.Tensor, dst: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, entry_bytes: int) -> None:
-    """``dst[t] = src_cache slot[t]`` (``entry_bytes`` each) for valid ``t``: the HiCache row copy."""
-    total = slot.shape[0]
-    es = src_cache.element_size()
-    src_layout = (src_cache.shape[1], src_cache.stride(0) * es, src_cache.stride(1) * es)
-    dst_layout = (1, dst.stride(0) * dst.element_size(), 0)
-    out = torch.arange(total, device=slot.device)
-    if not src_cache.is_cuda:  # the CPU copy refuses negative slots: pass the owned rows only
-        keep = valid.nonzero().flatten()
-        slot, out = slot[keep], out[keep]
-    copy_rows(_span(src_cache), _span(dst), slot, out, entry_bytes, src_layout, dst_layout, max_programs=_grid(dst))
+def _part(src: torch.Tensor, dst: torch.Tensor, base: int, block_stride: int, slot_stride: int, unit: int):
+    """A :class:`~mlakv.kernels.triton.paged_plan.GatherPart` (byte sizes) from the cache ``src``
+    ``[num_blocks, block_size, ...]`` and the output rows ``dst [T, ...]``; strides of size-1 dims
+    count as 0 (they address nothing, and must not narrow the copy's word)."""
+    from mlakv.kernels.triton.paged_plan import GatherPart
+
+    nb, bs = src.shape[0], src.shape[1]
+    return GatherPart(
+        _span(src), _span(dst), base, block_stride if nb > 1 else 0, slot_stride if bs > 1 else 0, unit,
+        dst.stride(0) * dst.element_size() if dst.shape[0] > 1 else 0,
+    )  # fmt: skip
+
+
+def _gather_bytes(plan: TokenSlotPlan, *parts) -> None:
+    """For each output row a request owns: the parts of its slot into the row (bytes); other rows
+    untouched. The GPU: one fused launch (plan and copy,
+    :func:`~mlakv.kernels.triton.paged_plan.launch_paged_gather`); the CPU: the torch plan and an
+    index copy per part."""
+    if plan.block_table.is_cuda:
+        from mlakv.kernels.triton.paged_plan import launch_paged_gather
+
+        launch_paged_gather(plan, *parts)
+        return
+    slot, valid = gather_plan(*plan)
+    rows = valid.nonzero().flatten()
+    block, off = slot[rows] // plan.block_size, slot[rows] % plan.block_size
+    for p in parts:
+        cols = torch.arange(p.unit)
+        src_at = (p.base + block * p.block_stride + off * p.slot_stride)[:, None] + cols
+        p.dst[(rows * p.row_stride)[:, None] + cols] = p.src[src_at]
+
+
+def _source_rows(plan: TokenSlotPlan, rows_per_block: int) -> torch.Tensor:
+    """Each output row's source row of the cache's :func:`paged_rows` view, ``-1`` where no request
+    owns it (one launch on the GPU)."""
+    if plan.block_table.is_cuda:
+        from mlakv.kernels.triton.paged_plan import launch_token_slots
+
+        return launch_token_slots(plan, rows_per_block)
+    slot, _ = gather_plan(*plan)
+    return slot_rows(slot, plan.block_size, rows_per_block)
 
 
 def _check_gmd(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens, kv_cache_dtype, scale, seq_starts):
@@ -441,14 +473,15 @@ def _gmd_impl(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens
         return
     if not src_cache.is_cuda:
         _check_plan_values(block_table, cu_seq_lens, "cu_seq_lens", num_reqs, n, bs, nb, seq_starts, True)
-    slot, valid = gather_plan(block_table, cu_seq_lens, num_reqs, n, bs, nb, seq_starts, terminal=True)
+    plan = TokenSlotPlan(block_table, cu_seq_lens, num_reqs, n, bs, nb, seq_starts, True)
     rows = _dst_rows(dst)
     if kind == "auto":
-        _byte_gather(src_cache, rows, slot, valid, entry * dst.element_size())
+        es = src_cache.element_size()
+        _gather_bytes(plan, _part(src_cache, rows, 0, src_cache.stride(0) * es, src_cache.stride(1) * es, entry * es))
         return
     cache_rows, rpb = paged_rows(src_cache, "src_cache")
     fp8.get_mla_kv_buffer_dequant(
-        cache_rows, slot_rows(slot, bs, rpb), "per_tensor", entry, 0, _check_scale(scale, src_cache.device), dst.dtype,
+        cache_rows, _source_rows(plan, rpb), "per_tensor", entry, 0, _check_scale(scale, src_cache.device), dst.dtype,
         out=(rows[:n, :entry], rows[:n, :0]), skip_invalid=True,
     )  # fmt: skip
 
@@ -477,8 +510,11 @@ def _cp_gather_impl(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_st
         return
     if not src_cache.is_cuda:
         _check_plan_values(block_table, cu_seq_lens, "cu_seq_lens", b, total, bs, nb, seq_starts, True)
-    slot, valid = gather_plan(block_table, cu_seq_lens, b, total, bs, nb, seq_starts, terminal=True)
-    _byte_gather(src_cache, _dst_rows(dst), slot, valid, entry * dst.element_size())
+    es = src_cache.element_size()
+    _gather_bytes(
+        TokenSlotPlan(block_table, cu_seq_lens, b, total, bs, nb, seq_starts, True),
+        _part(src_cache, _dst_rows(dst), 0, src_cache.stride(0) * es, src_cache.stride(1) * es, entry * es),
+    )  # fmt: skip
 
 
 def _cp_gather_fake(src_cache, dst, block_table, cu_seq_lens, batch_size, seq_starts=None) -> None:
@@ -538,12 +574,13 @@ def _upconvert_impl(src_cache, dst, block_table, workspace_starts, batch_size, s
         return
     if not src_cache.is_cuda:
         _check_plan_values(block_table, workspace_starts, "workspace_starts", b, total, bs, nb, seq_starts, False)
-    slot, valid = gather_plan(block_table, workspace_starts, b, total, bs, nb, seq_starts, terminal=False)
+    plan = TokenSlotPlan(block_table, workspace_starts, b, total, bs, nb, seq_starts, False)
     if host_cache is not None:
+        slot, valid = gather_plan(*plan)
         cache_rows, loc, valid = _resident_and_host_rows(src_cache, slot, valid, host_cache, host_row_ids, device_row_ids)
     else:
         cache_rows, rpb = paged_rows(src_cache.view(torch.uint8), "src_cache")
-        loc = slot_rows(slot, bs, rpb)
+        loc = _source_rows(plan, rpb)
     fp8.get_mla_kv_buffer_dequant(
         cache_rows, loc, "ds_mla", _DS_NOPE, _DS_ROPE, None, torch.bfloat16,
         out=(dst[:, :_DS_NOPE], dst[:, _DS_NOPE:]), skip_invalid=True,
@@ -778,15 +815,12 @@ def _index_gather_impl(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> 
     nb, bs = kv_cache.shape[0], kv_cache.shape[1]
     if not kv_cache.is_cuda:
         _check_plan_values(block_table, cu_seq_lens, "cu_seq_lens", b, total, bs, nb, None, True)
-    slot, valid = gather_plan(block_table, cu_seq_lens, b, total, bs, nb, None, terminal=True)
     s0 = _block_stride(kv_cache)
-    span = _span(kv_cache)
-    out = torch.arange(total, device=slot.device)
-    for dst, unit, offset in ((dst_k, _IDX_DIM, 0), (dst_scale, 4, bs * _IDX_DIM)):
-        _copy_units(
-            span[offset:], _span(dst), torch.where(valid, slot, -1), out, unit,
-            (bs, s0, unit), (1, dst.stride(0) if total > 1 else unit, 0),
-        )  # fmt: skip
+    _gather_bytes(
+        TokenSlotPlan(block_table, cu_seq_lens, b, total, bs, nb, None, True),
+        _part(kv_cache, dst_k, 0, s0, _IDX_DIM, _IDX_DIM),
+        _part(kv_cache, dst_scale, bs * _IDX_DIM, s0, 4, 4),
+    )  # fmt: skip
 
 
 def _index_gather_fake(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:

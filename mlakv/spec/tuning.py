@@ -35,6 +35,10 @@ __all__ = [
     "V4_TRITON_MEASURED",
     "V4_TRITON_SWEEP",
     "v4_triton_launch",
+    "PAGED_GATHER_STEPS",
+    "PAGED_GATHER_MEASURED",
+    "PAGED_GATHER_SWEEP",
+    "paged_gather_launch",
 ]
 
 
@@ -269,3 +273,23 @@ def v4_triton_launch(n: int, encoding: int = 1) -> tuple[int, int, bool]:
         if max_n is None or n <= max_n:
             return warps, rows, early
     raise AssertionError("the last V4 Triton step must have max n None")
+
+
+# The fused paged byte gather (kernels/triton/paged_plan.py, the vLLM face's gathers): (max n rows,
+# rows per program (a power of two), num_warps) by increasing n.
+PAGED_GATHER_STEPS: tuple[tuple[int | None, int, int], ...] = (
+    (64, 1, 4),
+    (1024, 2, 4),
+    (None, 4, 4),
+)
+PAGED_GATHER_MEASURED = "to be measured (seed values; `python -m mlakv.bench.vllm_ops --sweep` times the alternatives)"
+# The launch shapes the sweep times: (rows per program, num_warps).
+PAGED_GATHER_SWEEP: tuple[tuple[int, int], ...] = ((1, 2), (1, 4), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))
+
+
+def paged_gather_launch(n: int) -> tuple[int, int]:
+    """``(rows_per_program, num_warps)`` of the fused paged gather for ``n`` output rows."""
+    for max_n, rows, warps in PAGED_GATHER_STEPS:
+        if max_n is None or n <= max_n:
+            return rows, warps
+    raise AssertionError("the last paged gather step must have max n None")

@@ -1,4 +1,4 @@
-"""What every Triton kernel family shares: interpreter detection, PDL support, byte views of float8."""
+"""What every Triton kernel family shares: interpreter detection, PDL support, byte views of float8, copy words."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from mlakv import _env
 
-__all__ = ["interpreting", "pdl_supported", "as_triton_dtype"]
+__all__ = ["interpreting", "pdl_supported", "as_triton_dtype", "widest_word"]
 
 
 def interpreting() -> bool:
@@ -30,3 +30,15 @@ def as_triton_dtype(t: torch.Tensor) -> torch.Tensor:
     if t.element_size() == 1 and t.dtype != torch.uint8:
         return t.view(torch.uint8)
     return t
+
+
+_WORD_DTYPES = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def widest_word(*byte_quantities: int) -> tuple[int, torch.dtype]:
+    """The widest word (8/4/2/1 bytes) dividing every quantity (sizes, strides, addresses): the
+    byte copies move data in it."""
+    for w, dt in _WORD_DTYPES:
+        if all(q % w == 0 for q in byte_quantities):
+            return w, dt
+    raise AssertionError("unreachable: 1 divides everything")

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mlakv.kernels.triton.common import widest_word
+
 __all__ = ["launch_copy_rows", "DEFAULT_MAX_PROGRAMS"]
 
 #: Programs (= SMs at most) a transfer uses unless told otherwise: the issue's budget of 8 SMs.
@@ -105,17 +107,6 @@ def _copy_units_kernel(
             tl.store(dst_ptr + d_off[:, None] + offs[None, :], x, mask=m)
 
 
-_WORD_DTYPES = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
-
-
-def _word(*byte_quantities: int) -> tuple[int, torch.dtype]:
-    """The widest word (8/4/2/1 bytes) dividing every quantity (sizes, strides, addresses)."""
-    for w, dt in _WORD_DTYPES:
-        if all(q % w == 0 for q in byte_quantities):
-            return w, dt
-    raise AssertionError("unreachable: 1 divides everything")
-
-
 def tile_shape(unit_words: int) -> tuple[int, int]:
     """``(ROWS, BLOCK)`` of a tile for units of ``unit_words`` words: ``BLOCK`` covers a unit (up to
     ``TILE_WORDS``; longer units loop), ``ROWS`` units per tile fill ``TILE_WORDS``."""
@@ -176,7 +167,7 @@ def launch_copy_rows(
     no_limit = 1 << 62
     sp, sps, srs = src_layout
     dp, dps, drs = dst_layout
-    w, word = _word(unit_bytes, sps, srs, dps, drs, src.data_ptr(), dst.data_ptr(), src.nbytes, dst.nbytes)
+    w, word = widest_word(unit_bytes, sps, srs, dps, drs, src.data_ptr(), dst.data_ptr(), src.nbytes, dst.nbytes)
     for name, t in (("src", src), ("dst", dst)):  # the kernel addresses every buffer from its first byte
         if not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous buffer, got strides {tuple(t.stride())}")
