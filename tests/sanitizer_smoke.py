@@ -16,7 +16,8 @@ the reserved slot and slots past the buffer (unchecked: skipped); refused calls 
 buffer with overlapping rows, a misaligned source at the JIT's checked entry) that must write
 nothing; the gather with padding and out-of-range slots; the move kernel (staged and direct, with
 out-of-range pairs); the HiCache row copy device <-> pinned host; the FP8 quantizing write and
-dequantizing gather (JIT and Triton, per_tensor and ds_mla under each tile-scale rule); the DSA indexer K cache's store (JIT at
+dequantizing gather (JIT and Triton, per_tensor and ds_mla under each tile-scale rule; the JIT kernels at
+every threads per row with one and several rows per CTA); the DSA indexer K cache's store (JIT at
 every launch shape, Triton, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
 invalid page ids, a short table, an output shorter than the requests); the fused RoPE write (JIT,
 Triton, the public op; every cache format, no / bf16 / e4m3 query, both RoPE styles, every loc kind,
@@ -308,6 +309,52 @@ class Smoke:
                     ok = (torch.equal(nope[0], _bits(ref[0][0])) and torch.equal(rope[4], _bits(ref[1][1]))
                           and not nope[1:4].any() and not rope[1:4].any())  # fmt: skip
                 self.check(f"fp8 gather {fmt} {name} with invalid slots", ok)
+        self.fp8_jit_shapes()
+
+    def fp8_jit_shapes(self) -> None:
+        """The JIT FP8 write and gather at every threads per row (32, 64, 128) with one and several rows
+        per CTA (a partial last CTA), both trigger places; strided and out-of-range / reserved loc."""
+        from mlakv.kernels.cuda.fp8 import fp8_jit_gather, fp8_jit_write
+        from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, quantize_mla_rows, scale_tensor
+        from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
+
+        n, num_slots = 37, 90
+        for fmt, rule in (("per_tensor", "fp32_floor"), ("ds_mla", "fp32_floor"), ("ds_mla", "fp32"), ("ds_mla", "ue8m0")):
+            scale = scale_tensor(0.1875, torch.device("cuda")) if fmt == "per_tensor" else None
+            rb = fp8_row_bytes(fmt, 512, 64)
+            for threads in FP8_JIT_THREADS_PER_ROW:
+                for rows in (1, 4):
+                    warps = rows * threads // 32
+                    for kind, early in (("strided", True), ("reserved_and_past_end", False)):
+                        nope = torch.randn(n, 512, device="cuda").to(torch.bfloat16)
+                        rope = torch.randn(n, 64, device="cuda").to(torch.bfloat16)
+                        loc = _loc(kind, n, num_slots)
+                        base = torch.randint(0, 256, (num_slots, 1, rb), dtype=torch.uint8, device="cuda")
+                        rows_q = quantize_mla_rows(nope, rope, fmt, scale, ds_mla_scale_rule=rule).view(torch.uint8)
+                        expected = base.clone().view(num_slots, rb)
+                        idx = loc.to(torch.long)
+                        keep = (idx >= 0) & (idx < num_slots) & (idx != RESERVED)
+                        expected[idx[keep]] = rows_q[keep]
+                        kv = base.clone()
+                        launched = fp8_jit_write(kv, loc, nope, rope, fmt, scale, RESERVED, num_warps=warps,
+                                                 early_trigger=early, threads_per_row=threads, scale_rule=rule)  # fmt: skip
+                        torch.cuda.synchronize()
+                        ok = launched and torch.equal(kv.view(num_slots, rb), expected)
+                        self.check(f"fp8 jit write {fmt} {rule} t{threads}w{warps} {kind}", ok)
+                    if rule != "fp32_floor":
+                        continue
+                    kv = torch.randint(0, 256, (64, 1, rb), dtype=torch.uint8, device="cuda")
+                    bad = torch.tensor([3, 64, -1, 10**9, 63, 5, -7], device="cuda")
+                    ref = dequantize_mla_rows(kv[[3, 63, 5], 0], fmt, 512, 64, scale)
+                    out = fp8_jit_gather(kv, bad, fmt, 512, 64, scale, torch.bfloat16, num_warps=warps,
+                                         threads_per_row=threads)  # fmt: skip
+                    torch.cuda.synchronize()
+                    ok = out is not None
+                    if ok:
+                        g_nope, g_rope = (_bits(t) for t in out)
+                        ok = (torch.equal(g_nope[[0, 4, 5]], _bits(ref[0])) and torch.equal(g_rope[[0, 4, 5]], _bits(ref[1]))
+                              and not g_nope[[1, 2, 3, 6]].any() and not g_rope[[1, 2, 3, 6]].any())  # fmt: skip
+                    self.check(f"fp8 jit gather {fmt} t{threads}w{warps} with invalid slots", ok)
 
     def indexer(self) -> None:
         """The DSA indexer K cache: stores (JIT at every launch shape, Triton, the public op) for every

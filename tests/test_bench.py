@@ -252,3 +252,45 @@ def test_fp8_tune_report_gives_the_table_rows_and_says_when_the_jit_was_not_time
     assert "JIT: the JIT FP8 kernels do not serve these inputs here" in text
     assert "FP8_TRITON_STEPS['quant_ds_mla'] = ((1, 4, 1, True), (None, 2, 4, True))" in text
     assert "JIT:" not in format_tune({k: v for k, v in res.items() if k != "jit_not_timed"})
+
+
+def test_fp8_tune_report_gives_the_jit_rows_with_threads_per_row_and_the_plain_floor():
+    from mlakv.bench.fp8_bench import format_tune
+
+    res = {
+        "device": "GPU",
+        "triton": {},
+        "jit": {"quant": {"1": {"t128w4e": 1.6, "t32w2e": 2.4, "t64w2l": "WRONG"}, "64": {"t128w4e": 1.7, "t64w4e": 1.8},
+                          "4096": {"t32w8l": 9.0, "t64w16l": 9.5}}},
+        "plain": {"quant": {"1": 1.3, "64": 1.4, "4096": 8.0}},
+    }  # fmt: skip
+    text = format_tune(res)
+    assert "FP8_JIT_STEPS['quant'] = ((64, 4, True, 128), (None, 8, False, 32))" in text
+    assert "| 1 | t128w4e | 1.60 | t32w2e | 2.40 | 1.30 | 1.23x |" in text and "WRONG: t64w2l" in text
+
+
+def test_fp8_tune_times_every_threads_per_row_at_whole_rows_per_cta():
+    from mlakv.bench.fp8_bench import _jit_shapes
+    from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
+
+    shapes = _jit_shapes()
+    assert {t for t, _ in shapes} == set(FP8_JIT_THREADS_PER_ROW) and len(set(shapes)) == len(shapes)
+    assert all(1 <= w <= 32 and (32 * w) % t == 0 for t, w in shapes)
+
+
+@pytest.mark.parametrize("key,shape", [("t128w4e", (4, True, 128)), ("t64w16l", (16, False, 64)), ("w2e", (2, True, 32))])
+def test_fp8_tune_reads_jit_keys_old_and_new(key, shape):
+    """A JIT key names threads per row, warps per CTA and the trigger; keys of earlier reports (no
+    threads per row) were one warp per row."""
+    from mlakv.bench.fp8_bench import _parse_jit_shape
+
+    assert _parse_jit_shape(key) == shape
+
+
+def test_fp8_bench_tune_families_option():
+    from mlakv.bench.options import fp8_parser
+
+    assert fp8_parser().parse_args(["--tune"]).tune_families == ["jit", "triton"]
+    assert fp8_parser().parse_args(["--tune", "--tune-families", "jit"]).tune_families == ["jit"]
+    with pytest.raises(SystemExit):
+        fp8_parser().parse_args(["--tune-families", "cuda"])

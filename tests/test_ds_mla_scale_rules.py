@@ -580,7 +580,7 @@ def test_fp8_module_serves_every_rule_code(built_modules, rule):
     mod = _module(built_modules, "fp8")
     kv, loc = FakeCudaTensor((12, WIDTH), torch.uint8), FakeCudaTensor((0,), torch.int64)
     srcs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
-    assert mod.mla_fp8_quant(kv, loc, *srcs, FakeCudaTensor((1,), torch.float32), -1, 8, False, rule) is True
+    assert mod.mla_fp8_quant(kv, loc, *srcs, FakeCudaTensor((1,), torch.float32), -1, 8, False, rule, 32) is True
 
 
 @pytest.mark.jit_build
@@ -591,7 +591,7 @@ def test_fp8_module_refuses_an_unknown_rule_code(built_modules, rule):
     kv, loc = FakeCudaTensor((12, WIDTH), torch.uint8), FakeCudaTensor((0,), torch.int64)
     srcs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
     with pytest.raises(ValueError, match="scale_rule must be 0"):
-        mod.mla_fp8_quant(kv, loc, *srcs, FakeCudaTensor((1,), torch.float32), -1, 8, False, rule)
+        mod.mla_fp8_quant(kv, loc, *srcs, FakeCudaTensor((1,), torch.float32), -1, 8, False, rule, 32)
 
 
 def _fake_rope_args():

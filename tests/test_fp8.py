@@ -723,14 +723,14 @@ def test_jit_launchers_serve_zero_rows_at_any_alignment(fmt, spare, built_fp8_mo
         loc = FakeCudaTensor((0,), loc_dtype)
         for dst in DST_DTYPES:
             outs = FakeCudaTensor((0, NOPE), dst), FakeCudaTensor((0, ROPE), dst)
-            assert mod.mla_fp8_gather(kv, loc, scale, *outs, 8) is True
+            assert mod.mla_fp8_gather(kv, loc, scale, *outs, 8, 32) is True
         srcs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
-        assert mod.mla_fp8_quant(kv, loc, *srcs, scale, -1, 8, False, 0) is True
+        assert mod.mla_fp8_quant(kv, loc, *srcs, scale, -1, 8, False, 0, 32) is True
     one = FakeCudaTensor((1,), torch.int64)
     outs = FakeCudaTensor((1, NOPE), torch.bfloat16), FakeCudaTensor((1, ROPE), torch.bfloat16)
     if spare:
-        assert mod.mla_fp8_gather(kv, one, scale, *outs, 8) is False
-        assert mod.mla_fp8_quant(kv, one, *outs, scale, -1, 8, False, 0) is False
+        assert mod.mla_fp8_gather(kv, one, scale, *outs, 8, 32) is False
+        assert mod.mla_fp8_quant(kv, one, *outs, scale, -1, 8, False, 0, 32) is False
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -743,15 +743,76 @@ def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
     loc = FakeCudaTensor((0,), torch.int64)
     outs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
     with pytest.raises(ValueError, match="loc must be 1-D"):
-        mod.mla_fp8_gather(kv, FakeCudaTensor((0, 1), torch.int64), scale, *outs, 8)
+        mod.mla_fp8_gather(kv, FakeCudaTensor((0, 1), torch.int64), scale, *outs, 8, 32)
     with pytest.raises(TypeError, match="loc must be int32 or int64"):
-        mod.mla_fp8_gather(kv, FakeCudaTensor((0,), torch.float32), scale, *outs, 8)
+        mod.mla_fp8_gather(kv, FakeCudaTensor((0,), torch.float32), scale, *outs, 8, 32)
     with pytest.raises(ValueError, match=r"nope_out/rope_out must be contiguous \[n_loc, 512\]"):
-        mod.mla_fp8_gather(kv, loc, scale, FakeCudaTensor((0, 256), torch.bfloat16), outs[1], 8)
+        mod.mla_fp8_gather(kv, loc, scale, FakeCudaTensor((0, 256), torch.bfloat16), outs[1], 8, 32)
     with pytest.raises(ValueError, match="the row needs"):
-        mod.mla_fp8_quant(FakeCudaTensor((12, 100), torch.uint8), loc, *outs, scale, -1, 8, False, 0)
+        mod.mla_fp8_quant(FakeCudaTensor((12, 100), torch.uint8), loc, *outs, scale, -1, 8, False, 0, 32)
     with pytest.raises(TypeError, match="k_nope and k_rope must both be bfloat16 or both float16"):
-        mod.mla_fp8_quant(kv, loc, outs[0], FakeCudaTensor((0, ROPE), torch.float16), scale, -1, 8, False, 0)
+        mod.mla_fp8_quant(kv, loc, outs[0], FakeCudaTensor((0, ROPE), torch.float16), scale, -1, 8, False, 0, 32)
+
+
+# The JIT kernels' launch shapes: (threads per row, warps per CTA, PDL trigger at entry): each threads
+# per row at one row per CTA and at 8 rows per CTA (a partial last CTA for most n), both trigger places.
+JIT_SHAPES = [(32, 1, True), (32, 8, False), (64, 2, False), (64, 16, True), (128, 4, True), (128, 32, False)]
+
+
+@pytest.mark.parametrize(
+    "warps,threads,match",
+    [(0, 32, "num_warps must be in"), (33, 32, "num_warps must be in"), (4, 16, "threads_per_row must be 32, 64 or 128"),
+     (4, 96, "threads_per_row must be 32, 64 or 128"), (4, 256, "threads_per_row must be 32, 64 or 128"),
+     (1, 64, "not a whole number of rows"), (2, 128, "not a whole number of rows"), (6, 128, "not a whole number")],
+)  # fmt: skip
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_jit_launchers_refuse_a_launch_shape_of_no_whole_rows(fmt, warps, threads, match, built_fp8_modules):
+    """Threads per row 32, 64 or 128 and a CTA of whole rows, checked before anything launches (also for 0 rows)."""
+    mod = built_fp8_modules[fmt]
+    if isinstance(mod, Exception):
+        pytest.fail(str(mod))
+    kv = FakeCudaTensor((12, fp8_row_bytes(fmt, NOPE, ROPE)), torch.uint8)
+    scale = FakeCudaTensor((1,), torch.float32)
+    loc = FakeCudaTensor((0,), torch.int64)
+    outs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        mod.mla_fp8_quant(kv, loc, *outs, scale, -1, warps, False, 0, threads)
+    with pytest.raises(ValueError, match=match):
+        mod.mla_fp8_gather(kv, loc, scale, *outs, warps, threads)
+
+
+@pytest.mark.parametrize("threads,warps,early", JIT_SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_jit_launchers_take_every_threads_per_row(fmt, threads, warps, early, built_fp8_modules):
+    """Each launch shape of the sweep passes the launchers' checks (0 rows: served, nothing launched)."""
+    mod = built_fp8_modules[fmt]
+    if isinstance(mod, Exception):
+        pytest.fail(str(mod))
+    kv = FakeCudaTensor((12, fp8_row_bytes(fmt, NOPE, ROPE)), torch.uint8)
+    scale = FakeCudaTensor((1,), torch.float32)
+    loc = FakeCudaTensor((0,), torch.int32)
+    outs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
+    assert mod.mla_fp8_quant(kv, loc, *outs, scale, -1, warps, early, 0, threads) is True
+    assert mod.mla_fp8_gather(kv, loc, scale, *outs, warps, threads) is True
+
+
+@pytest.mark.parametrize("kind", ["quant", "dequant"])
+def test_jit_launch_rows_are_launch_shapes_the_kernels_take(kind):
+    """FP8_JIT_STEPS: increasing max n_loc, the last open; each row's threads per row one the
+    kernels take and its warps a CTA of whole rows; fp8_jit_launch returns the row of each n."""
+    from mlakv.spec.tuning import FP8_JIT_STEPS, FP8_JIT_THREADS_PER_ROW, fp8_jit_launch
+
+    steps = FP8_JIT_STEPS[kind]
+    bounds = [s[0] for s in steps]
+    assert bounds[-1] is None and bounds[:-1] == sorted(set(bounds[:-1]))
+    low = 1
+    for max_n, warps, early, threads in steps:
+        assert threads in FP8_JIT_THREADS_PER_ROW and 1 <= warps <= 32 and (32 * warps) % threads == 0
+        assert isinstance(early, bool)
+        for n in {low, max_n or low + 10**6}:
+            assert fp8_jit_launch(kind, n) == (warps, early, threads)
+        low = (max_n or 0) + 1
+    assert fp8_jit_launch(kind, 0) == steps[0][1:]
 
 
 _QUANT_INTS = ("kv_row_stride", "loc_stride", "nope_row_stride", "rope_row_stride", "num_slots", "skip_slot", "n_loc")
@@ -1018,6 +1079,119 @@ def test_gpu_jit_gather_serves_zero_rows(fmt, spare):
     for loc in (torch.zeros(0, dtype=torch.int32, device="cuda"), torch.zeros(0, dtype=torch.int64, device="cuda")):
         out = fp8_jit_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), torch.bfloat16)
         assert out is not None and out[0].shape == (0, NOPE) and out[1].shape == (0, ROPE)
+
+
+FMT_RULES = [("per_tensor", "fp32_floor"), ("ds_mla", "fp32_floor"), ("ds_mla", "fp32"), ("ds_mla", "ue8m0")]
+SKIP_SLOT = 0
+
+
+def hostile_loc(n: int, num_slots: int, loc_dtype: torch.dtype) -> torch.Tensor:
+    """``loc [n]`` on the GPU read at stride 2 (the odd entries past the buffer), its slots distinct,
+    with padding (-1), other negative slots, the reserved slot SKIP_SLOT and slots past the buffer."""
+    far = (1 << 40) if loc_dtype == torch.int64 else (1 << 31) - 1
+    slots = torch.randperm(num_slots - 1)[:n] + 1
+    slots[4::5] = -1
+    slots[3::11] = -7
+    slots[1::9] = SKIP_SLOT
+    slots[2::7] = num_slots
+    slots[6::13] = far
+    wide = torch.full((2 * n,), far, dtype=torch.int64)
+    wide[::2] = slots
+    return wide.to(loc_dtype).to("cuda")[::2]
+
+
+@requires_sm90
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+@pytest.mark.parametrize("threads,warps,early", JIT_SHAPES)
+@pytest.mark.parametrize("src_dtype", SRC_DTYPES)
+@pytest.mark.parametrize("fmt,rule", FMT_RULES)
+def test_gpu_jit_write_every_threads_per_row(fmt, rule, src_dtype, threads, warps, early, n):
+    """The JIT write forced through each launch shape: bit-exact against the reference on a poisoned
+    buffer of spare row bytes, from strided sources (a 16-byte offset into wider rows, every other
+    rope row) with a strided loc holding padding, negative, reserved and out-of-range slots; rows
+    with NaN, inf and a tile of fp32-subnormal values (the IEEE division's slow path)."""
+    from mlakv.kernels.cuda.fp8 import fp8_jit_write
+
+    g = torch.Generator().manual_seed(1000 * threads + n)
+    wide_n = torch.randn(n, NOPE + 16, generator=g).to(src_dtype)
+    wide_r = torch.randn(2 * n, ROPE, generator=g).to(src_dtype)
+    if n > 2:
+        wide_n[1, 8 + 5], wide_n[2, 8 + 300], wide_r[2 * (n - 1), 7] = float("nan"), float("inf"), -float("inf")
+        wide_n[n - 2, 8 + 128 : 8 + 256] = (torch.randn(128, generator=g) * 2.0**-131).to(src_dtype)
+    nope, rope = wide_n.cuda()[:, 8 : 8 + NOPE], wide_r.cuda()[::2]
+    num_slots = n + 40
+    loc = hostile_loc(n, num_slots, torch.int32 if n % 2 else torch.int64)
+    kv = poisoned(num_slots, fp8_row_bytes(fmt, NOPE, ROPE) + 16, three_d=True)
+    k = k_scale_for(fmt)
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu"), ds_mla_scale_rule=rule)
+    rows = rows.view(torch.uint8)
+    keep = loc.cpu() != SKIP_SLOT
+    expected = expected_buffer(kv, loc.cpu()[keep], rows[keep])
+    assert fp8_jit_write(kv, loc, nope, rope, fmt, k, SKIP_SLOT, num_warps=warps, early_trigger=early,
+                         threads_per_row=threads, scale_rule=rule), "the JIT kernel refused an aligned call"  # fmt: skip
+    assert_rows_equal(kv, expected)
+
+
+@requires_sm90
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+@pytest.mark.parametrize("threads,warps", sorted({(t, w) for t, w, _ in JIT_SHAPES}))
+@pytest.mark.parametrize("dst", DST_DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_jit_gather_every_threads_per_row(fmt, dst, threads, warps, n):
+    """The JIT gather forced through each launch shape into poisoned outputs: quantized and
+    poisoned cache rows (spare row bytes), a strided loc whose negative and out-of-range slots give
+    zero rows; bit-exact against the reference dequantizer."""
+    from mlakv.kernels.cuda.fp8 import build_mla_fp8_module
+
+    mod = build_mla_fp8_module(fmt, NOPE, ROPE)
+    num_slots = n + 40
+    kv = poisoned(num_slots, fp8_row_bytes(fmt, NOPE, ROPE) + 16)
+    real = torch.arange(0, num_slots, 2, device="cuda")
+    src_n, src_r = make_sources(real.numel(), torch.bfloat16, seed=n)
+    set_mla_kv_buffer_quant(kv, real, src_n, src_r, fmt, k_scale_for(fmt))
+    loc = hostile_loc(n, num_slots, torch.int64 if n % 2 else torch.int32)
+    outs = [torch.randint(-(2**15), 2**15, (n, w * dst.itemsize // 2), dtype=torch.int16).view(dst).cuda()
+            for w in (NOPE, ROPE)]  # fmt: skip
+    scale = k_scale_for(fmt) if fmt == "per_tensor" else torch.ones(1, device="cuda")
+    assert mod.mla_fp8_gather(kv, loc, scale, *outs, warps, threads) is True
+    idx = loc.cpu().long()
+    valid = (idx >= 0) & (idx < num_slots)
+    rows = kv.cpu()[idx.clamp(0, num_slots - 1)]
+    rows[~valid] = 0
+    ref = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"), dst)
+    for got, want in zip(outs, ref):
+        assert torch.equal(bits_of(got), bits_of(want))
+
+
+@requires_sm90
+@pytest.mark.parametrize("kind", ["quant", "dequant"])
+def test_gpu_jit_table_rows_serve_their_sizes(kind):
+    """Each FP8_JIT_STEPS row, through the table (no override), at the largest n it serves (the
+    open row: one more than the row before): bit-exact, both formats."""
+    from mlakv.kernels.cuda.fp8 import fp8_jit_gather, fp8_jit_write
+    from mlakv.spec.tuning import FP8_JIT_STEPS
+
+    steps = FP8_JIT_STEPS[kind]
+    sizes = [s[0] if s[0] is not None else (steps[-2][0] if len(steps) > 1 else 64) + 1 for s in steps]
+    for fmt in FORMATS:
+        for n in sizes:
+            num_slots = n + 40
+            loc = hostile_loc(n, num_slots, torch.int64)
+            kv = poisoned(num_slots, fp8_row_bytes(fmt, NOPE, ROPE))
+            if kind == "quant":
+                nope, rope = make_sources(n, torch.bfloat16, seed=n)
+                rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")).view(torch.uint8)
+                keep = loc.cpu() != SKIP_SLOT
+                expected = expected_buffer(kv, loc.cpu()[keep], rows[keep])
+                assert fp8_jit_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), SKIP_SLOT)
+                assert_rows_equal(kv, expected)
+            else:
+                got = fp8_jit_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), torch.bfloat16)
+                idx = loc.cpu().long()
+                rows = kv.cpu()[idx.clamp(0, num_slots - 1)]
+                rows[(idx < 0) | (idx >= num_slots)] = 0
+                ref = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+                assert got is not None and all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(got, ref)), (fmt, n)
 
 
 @requires_cuda

@@ -22,10 +22,11 @@ Every provider is checked bit-exactly against the torch reference (run on the CP
 timed; a wrong one shows ``WRONG`` instead of a time. Ratios are printed beside the times.
 
 ``--tune`` times the launch alternatives instead (Triton: warps x rows per program with the PDL
-trigger at entry, then the fastest shape with the trigger after the stores; JIT: warps = rows per
-CTA x trigger place), and prints, per kernel, the fastest shape at each size and the table rows of
+trigger at entry, then the fastest shape with the trigger after the stores; JIT: threads per row
+(32, 64, 128) x rows per CTA (1, 2, 4, 8) x trigger place, beside the plain row write and gather of
+the same bytes), and prints, per kernel, the fastest shape at each size and the table rows of
 :mod:`mlakv.spec.tuning` (``FP8_TRITON_STEPS``, ``FP8_JIT_STEPS``) they make.
-Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--tune] [--out bench-out]``.
+Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--tune [--tune-families jit]] [--out bench-out]``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -46,6 +47,7 @@ from mlakv.mem_cache import (
 )
 from mlakv.ops.fp8 import fp8_write_path, scale_tensor
 from mlakv.spec.rules import DS_MLA_SCALE_RULES
+from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
 
 from .options import fp8_parser as build_parser
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, progress, rotating
@@ -64,6 +66,10 @@ _Q = {"ds_mla": "q656", "per_tensor": "q576"}
 TUNE_WARPS = (1, 2, 4, 8)
 TUNE_ROWS = (1, 2, 4, 8, 16)
 TUNE_REP_MS = 20
+# --tune, JIT: rows per CTA tried at each threads per row the kernels take (FP8_JIT_THREADS_PER_ROW);
+# warps per CTA = rows * threads / 32 (1..32).
+TUNE_JIT_ROWS = (1, 2, 4, 8)
+TUNE_FAMILIES = ("jit", "triton")
 
 
 def _graph_us(fn: Callable[[dict], object], layers: list[dict], rep: int = 40) -> float:
@@ -309,18 +315,34 @@ def _shape_key(w: int, r: int, early: bool) -> str:
     return f"w{w}r{r}{'e' if early else 'l'}"
 
 
-def run_fp8_tune(sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_REP_MS) -> dict:
+def _jit_shapes() -> list[tuple[int, int]]:
+    """(threads per row, warps per CTA) the JIT sweep times: 1, 2, 4 and 8 rows per CTA at each
+    threads per row the kernels take."""
+    return [(t, r * t // 32) for t in FP8_JIT_THREADS_PER_ROW for r in TUNE_JIT_ROWS]
+
+
+def _jit_key(threads: int, w: int, early: bool) -> str:
+    return f"t{threads}w{w}{'e' if early else 'l'}"
+
+
+def run_fp8_tune(
+    sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_REP_MS, families: Sequence[str] = TUNE_FAMILIES
+) -> dict:
     """Time the launch alternatives of each FP8 kernel at each n_loc (GPU only).
 
-    Returns ``{"device", "triton": {kind: {n: {shape: us}}}, "jit": {kind: {n: {shape: us}}}}``;
-    a Triton shape is ``w<warps>r<rows><e|l>`` (trigger at entry / late), a JIT one ``w<warps><e|l>``.
-    The Triton kinds are the table's (``quant_per_tensor``, ``quant_ds_mla``, ``dequant``: the sum
-    of both formats' gathers); the JIT ones ``quant`` (the sum of both formats' writes) and ``dequant``.
-    Every variant is checked bit-exactly before it is timed (``WRONG`` otherwise).
+    Returns ``{"device", "triton": {kind: {n: {shape: us}}}, "jit": {kind: {n: {shape: us}}},
+    "plain": {kind: {n: us}}}``; a Triton shape is ``w<warps>r<rows><e|l>`` (trigger at entry /
+    late), a JIT one ``t<threads per row>w<warps per CTA><e|l>``. The Triton kinds are the table's
+    (``quant_per_tensor``, ``quant_ds_mla``, ``dequant``: the sum of both formats' gathers); the JIT
+    ones ``quant`` (the sum of both formats' writes) and ``dequant``; ``plain`` holds, per JIT kind,
+    the plain row write of the same rows (both formats summed) and the plain bf16 row gather (twice:
+    one per format), the floors issue 27's goals read the JIT kernels against. ``families``: ``jit``
+    and/or ``triton``. Every variant is checked bit-exactly before it is timed (``WRONG`` otherwise).
     """
     res = {} if into is None else into
-    res.update(device=torch.cuda.get_device_name(), triton={}, jit={})
+    res.update(device=torch.cuda.get_device_name(), triton={}, jit={}, plain={})
     scale = scale_tensor(K_SCALE, torch.device("cuda"))
+    from mlakv.kernels.triton.row_write import launch_get_kv_rows
 
     def add(table: dict, kind: str, n: int, key: str, us) -> None:
         table.setdefault(kind, {}).setdefault(str(n), {})[key] = us
@@ -347,7 +369,7 @@ def run_fp8_tune(sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_
             "quant_ds_mla": lambda **kw: both({"ds_mla": _triton_write("ds_mla", scale, **kw)}, wcheck, layers),
             "dequant": lambda **kw: both({f: _triton_gather(f, scale, **kw) for f in FORMATS}, gcheck, layers),
         }
-        for kind, time_it in kinds.items():
+        for kind, time_it in (kinds if "triton" in families else {}).items():
             refs.clear()
             times = {}
             for w, r in _triton_shapes(n):
@@ -357,29 +379,41 @@ def run_fp8_tune(sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_
             if timed:
                 w, r = min(timed, key=timed.get)
                 add(res["triton"], kind, n, _shape_key(w, r, False), time_it(num_warps=w, rows_per_program=r, early_trigger=False))
-        if not _jit_available(layers):  # said in the report, not dropped silently
+        if "jit" in families and not _jit_available(layers):  # said in the report, not dropped silently
             res["jit_not_timed"] = (
                 "the JIT FP8 kernels do not serve these inputs here (no module for this device, "
                 "MLAKV_DISABLE_JIT, or the launcher refused them): no JIT rows"
             )
-        else:
-            for w in TUNE_WARPS:
+        elif "jit" in families:
+            for threads, w in _jit_shapes():
                 for early in (True, False):
-                    us = both({f: _jit_write(f, scale, num_warps=w, early_trigger=early) for f in FORMATS}, wcheck, layers)
-                    add(res["jit"], "quant", n, f"w{w}{'e' if early else 'l'}", us)
+                    fns = {f: _jit_write(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads) for f in FORMATS}
+                    add(res["jit"], "quant", n, _jit_key(threads, w, early), both(fns, wcheck, layers))
                 refs.clear()
-                us = both({f: _jit_gather(f, scale, num_warps=w) for f in FORMATS}, gcheck, layers)
-                add(res["jit"], "dequant", n, f"w{w}l", us)
+                fns = {f: _jit_gather(f, scale, num_warps=w, threads_per_row=threads) for f in FORMATS}
+                add(res["jit"], "dequant", n, _jit_key(threads, w, False), both(fns, gcheck, layers))
+            plain = {f: _write_providers(f, scale, False)["plain"] for f in FORMATS}
+            res["plain"].setdefault("quant", {})[str(n)] = both(plain, wcheck, layers)
+            gather_us = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers, rep)
+            res["plain"].setdefault("dequant", {})[str(n)] = 2 * gather_us
         del layers
         torch.cuda.empty_cache()
     return res
 
 
 def _parse_shape(key: str) -> tuple[int, int, bool]:
-    """``w4r2e`` -> (4, 2, True); ``w4e`` -> (4, 1, True)."""
+    """A Triton key: ``w4r2e`` -> (warps 4, rows per program 2, trigger at entry True)."""
     body, early = key[1:-1], key[-1] == "e"
     w, _, r = body.partition("r")
     return int(w), int(r or 1), early
+
+
+def _parse_jit_shape(key: str) -> tuple[int, bool, int]:
+    """A JIT key: ``t128w4e`` -> (warps per CTA 4, trigger at entry True, threads per row 128); a key
+    without ``t`` (``w4e``, one warp per row) -> threads per row 32."""
+    body, early = key[:-1], key[-1] == "e"
+    t, _, w = body.lstrip("t").partition("w") if body.startswith("t") else ("32", "", body[1:])
+    return int(w), early, int(t)
 
 
 def _steps(best: list[tuple[int, tuple]]) -> list[tuple]:
@@ -396,25 +430,29 @@ def _steps(best: list[tuple[int, tuple]]) -> list[tuple]:
 
 
 def format_tune(res: dict) -> str:
-    """Per kernel: the fastest shape at each size (with the runner-up's margin) and the table rows they make."""
+    """Per kernel: the fastest shape at each size (with the runner-up's margin; for the JIT kernels
+    also the plain row write or gather of the same bytes and the ratio to it) and the table rows they make."""
     out = [f"device: {res['device']}; us per call (quant: per format; jit quant and dequant: both formats summed)"]
     if res.get("jit_not_timed"):
         out.append(f"JIT: {res['jit_not_timed']}")
     for family, table in (("triton", res.get("triton", {})), ("jit", res.get("jit", {}))):
         for kind, by_n in table.items():
-            out += ["", f"{family} {kind}", "", "| n_loc | fastest | us | next | us | all |", "|---|---|---|---|---|---|"]
+            plain = res.get("plain", {}).get(kind, {}) if family == "jit" else {}
+            extra = " plain | fastest / plain |" if plain else ""
+            out += ["", f"{family} {kind}", "", f"| n_loc | fastest | us | next | us |{extra} all |",
+                    "|---|---|---|---|---|" + ("---|---|" if plain else "") + "---|"]  # fmt: skip
             best = []
             for n in sorted(by_n, key=int):
                 timed = sorted((v, k) for k, v in by_n[n].items() if not isinstance(v, str))
                 wrong = [k for k, v in by_n[n].items() if isinstance(v, str)]
                 if not timed:
-                    out.append(f"| {n} | WRONG: {', '.join(wrong)} | | | | |")
+                    out.append(f"| {n} | WRONG: {', '.join(wrong)} | | | |" + (" | |" if plain else "") + " |")
                     continue
                 (t0, k0), nxt = timed[0], (timed[1] if len(timed) > 1 else (None, "-"))
                 allc = ", ".join(f"{k} {v:.2f}" for v, k in timed) + (f"; WRONG: {', '.join(wrong)}" if wrong else "")
-                out.append(f"| {n} | {k0} | {t0:.2f} | {nxt[1]} | {_cell(nxt[0])} | {allc} |")
-                w, r, early = _parse_shape(k0)
-                best.append((int(n), (w, r, early) if family == "triton" else (w, early)))
+                pc = f" {_cell(plain.get(n))} | {_ratio(t0, plain.get(n))} |" if plain else ""
+                out.append(f"| {n} | {k0} | {t0:.2f} | {nxt[1]} | {_cell(nxt[0])} |{pc} {allc} |")
+                best.append((int(n), _parse_shape(k0) if family == "triton" else _parse_jit_shape(k0)))
             out.append("")
             name = "FP8_TRITON_STEPS" if family == "triton" else "FP8_JIT_STEPS"
             out.append(f"{name}[{kind!r}] = {tuple(_steps(best))!r}")
@@ -441,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     res: dict = {}
     if getattr(args, "tune", False):
         try:
-            run_fp8_tune(args.sizes, into=res)
+            run_fp8_tune(args.sizes, into=res, families=args.tune_families)
         except KeyboardInterrupt:
             if res.get("device"):
                 res["interrupted"] = True

@@ -52,6 +52,7 @@ L3_CPU_PAGES = [64, 128, 256]  # 1024 pages of 4.3 MiB need ~18 GiB (two host po
 
 # ---- mlakv bench fp8 -----------------------------------------------------------------------------
 FP8_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
+FP8_TUNE_FAMILIES = ["jit", "triton"]
 
 # ---- mlakv bench rope ----------------------------------------------------------------------------
 ROPE_VARIANTS = ["bf16", "fp8", "ds_mla"]  # mlakv.bench.rope_write.VARIANTS: (cache format, query dtype) of each
@@ -163,7 +164,10 @@ def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing 
                    help="directory for fp8.json and fp8.md (checked writable before measuring)")  # fmt: skip
     p.add_argument("--tune", action="store_true",
                    help="GPU: instead, time the launch alternatives (Triton warps x rows per program x PDL trigger, "
-                   "JIT warps per CTA x trigger) and print the tuning table rows they make (fp8_tune.json/md)")  # fmt: skip
+                   "JIT threads per row x rows per CTA x trigger) and print the tuning table rows they make "
+                   "(fp8_tune.json/md)")  # fmt: skip
+    p.add_argument("--tune-families", type=csv_of(FP8_TUNE_FAMILIES, "family"), default=list(FP8_TUNE_FAMILIES),
+                   help="with --tune: comma list of the kernel families to sweep, jit and/or triton (default both)")  # fmt: skip
     return p
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "rope_write_launch",
     "FP8_JIT_STEPS",
     "FP8_JIT_MEASURED",
+    "FP8_JIT_THREADS_PER_ROW",
     "fp8_jit_launch",
     "FP8_TRITON_STEPS",
     "FP8_TRITON_MEASURED",
@@ -188,21 +189,29 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 
 
 # The FP8 family (quantizing write, dequantizing gather): its own rows, not the plain write's.
-# JIT (csrc/fp8.cuh, one warp per row): (max n_loc, warps = rows per CTA, PDL trigger at entry) by
-# increasing n_loc, per kernel ("quant", "dequant"; the gather launches without PDL). Few rows per CTA
-# at small n spread a call over more SMs (8 rows per CTA put a 64-row call on 8 SMs).
-FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool], ...]] = {
-    "quant": ((64, 2, True), (256, 4, True), (None, 8, False)),
-    "dequant": ((64, 2, False), (256, 4, False), (None, 8, False)),
+# JIT (csrc/fp8.cuh): (max n_loc, warps per CTA, PDL trigger at entry, threads per row) by increasing
+# n_loc, per kernel ("quant", "dequant"; the gather launches without PDL). A row's 16-byte chunks are
+# spread over its threads (32, 64 or 128: one to three chunks each for 512 + 64); rows per CTA =
+# 32 * warps / threads per row. Few rows per CTA at small n spread a call over more SMs; more
+# threads per row shorten each thread's dependent chain (load, widen, amax, shuffle, divide, convert,
+# store), which is what a call of few rows waits for. Seeds: 128 threads (one row per CTA) up to 64
+# rows, 64 threads up to 1024, one warp per row above; the trigger places of the earlier rows.
+FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
+    "quant": ((64, 4, True, 128), (256, 4, True, 64), (1024, 8, False, 64), (None, 8, False, 32)),
+    "dequant": ((64, 4, False, 128), (256, 4, False, 64), (1024, 8, False, 64), (None, 8, False, 32)),
 }
 FP8_JIT_MEASURED = "to be measured (seed values; `mlakv bench fp8 --tune` times the alternatives)"
+# The threads per row a JIT FP8 kernel takes (the template variants each module holds).
+FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
 
 
-def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool]:
-    """``(num_warps, early_trigger)`` of the JIT FP8 kernel ``kind`` (``quant``/``dequant``) for ``n_loc`` rows."""
-    for max_n, warps, early in FP8_JIT_STEPS[kind]:
+def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
+    """``(num_warps, early_trigger, threads_per_row)`` of the JIT FP8 kernel ``kind`` (``quant``/``dequant``)
+    for ``n_loc`` rows: warps per CTA, the PDL trigger at kernel entry (the gather ignores it), threads
+    per row (rows per CTA = 32 * num_warps / threads_per_row)."""
+    for max_n, warps, early, threads in FP8_JIT_STEPS[kind]:
         if max_n is None or n_loc <= max_n:
-            return warps, early
+            return warps, early, threads
     raise AssertionError("the last FP8 JIT step must have max n_loc None")
 
 

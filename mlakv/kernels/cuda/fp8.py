@@ -33,15 +33,17 @@ _WRAPPER = """\
 
 bool mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                    tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot, int64_t num_warps,
-                   bool early_trigger, int64_t scale_rule) {{
-  return mlakv::fp8::launch_mla_fp8_quant<{fmt}, {nope}, {rope}, {pdl}>(kv, loc, nope, rope, scale, skip_slot,
-                                                                       num_warps, early_trigger, scale_rule);
+                   bool early_trigger, int64_t scale_rule, int64_t threads_per_row) {{
+  return mlakv::fp8::launch_mla_fp8_quant<{fmt}, {nope}, {rope}, {pdl}>(
+      kv, loc, nope, rope, scale, skip_slot, num_warps, early_trigger, scale_rule, threads_per_row);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_quant, mla_fp8_quant);
 
 bool mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView scale,
-                    tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps) {{
-  return mlakv::fp8::launch_mla_fp8_gather<{fmt}, {nope}, {rope}>(kv, loc, scale, nope_out, rope_out, num_warps);
+                    tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps,
+                    int64_t threads_per_row) {{
+  return mlakv::fp8::launch_mla_fp8_gather<{fmt}, {nope}, {rope}>(kv, loc, scale, nope_out, rope_out, num_warps,
+                                                                  threads_per_row);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_gather, mla_fp8_gather);
 """
@@ -123,17 +125,20 @@ def fp8_jit_write(
     num_warps: int = 0,
     early_trigger: Optional[bool] = None,
     scale_rule: str = "fp32_floor",
+    threads_per_row: int = 0,
 ) -> bool:
     """Launch the quantizing write on validated arguments; False (nothing launched) when the kernel
     cannot serve the call here (no module, misaligned), so the caller falls back.
 
     Shapes: ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn, ``loc [n_loc]``,
     ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or
-    None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none). Rows (warps) per CTA
-    and the PDL trigger's place come from the FP8 family's launch row for ``n_loc``
-    (:func:`mlakv.spec.tuning.fp8_jit_launch`); ``num_warps``/``early_trigger`` override it (0/None:
-    the table's), for the benchmark's sweep. ``scale_rule``: ds_mla's tile-scale rule (``"fp32_floor"``,
-    ``"fp32"``, ``"ue8m0"``; per_tensor ignores it).
+    None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none). The launch shape —
+    threads per row (32, 64 or 128), warps per CTA (rows per CTA = 32 * warps / threads per row) and
+    the PDL trigger's place — comes from the FP8 family's launch row for ``n_loc``
+    (:func:`mlakv.spec.tuning.fp8_jit_launch`); ``num_warps``/``early_trigger``/``threads_per_row``
+    override it (0/None/0: the table's), for the benchmark's sweep and the tests; a shape that is not
+    a whole number of rows raises ``ValueError``. ``scale_rule``: ds_mla's tile-scale rule
+    (``"fp32_floor"``, ``"fp32"``, ``"ue8m0"``; per_tensor ignores it).
     """
     rule = check_ds_mla_scale_rule(scale_rule, "scale_rule")
     mod = _fn_for(kv_buffer.get_device(), kv_cache_format, k_nope.shape[-1], k_rope.shape[-1])
@@ -143,10 +148,11 @@ def fp8_jit_write(
     kv = kv_buffer if kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
     if k_scale is None:
         k_scale = _dummy_scale(kv_buffer.device)
-    warps, early = fp8_jit_launch("quant", loc.shape[0])
+    warps, early, threads = fp8_jit_launch("quant", loc.shape[0])
     if early_trigger is not None:
         early = early_trigger
-    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, num_warps or warps, early, rule))
+    threads = threads_per_row or threads
+    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, num_warps or warps, early, rule, threads))
 
 
 def fp8_jit_gather(
@@ -159,11 +165,13 @@ def fp8_jit_gather(
     dst_dtype: torch.dtype,
     *,
     num_warps: int = 0,
+    threads_per_row: int = 0,
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Gather and dequantize ``kv_buffer[loc]`` with the CUDA kernel: ``(k_nope [n_loc, nope_dim],
     k_rope [n_loc, rope_dim])`` in ``dst_dtype`` (bf16/fp16/fp32), or None (nothing launched) when
     the kernel cannot serve the call here. Validated arguments; an invalid slot gives a zero row.
-    Rows (warps) per CTA: :func:`mlakv.spec.tuning.fp8_jit_launch` (``dequant``), or ``num_warps``."""
+    Threads per row and warps per CTA: :func:`mlakv.spec.tuning.fp8_jit_launch` (``dequant``), or
+    ``threads_per_row`` / ``num_warps`` (0: the table's)."""
     if not kv_buffer.is_cuda:
         return None
     mod = _fn_for(kv_buffer.get_device(), kv_cache_format, nope_dim, rope_dim)
@@ -174,6 +182,7 @@ def fp8_jit_gather(
     nope_out = torch.empty((n, nope_dim), dtype=dst_dtype, device=kv_buffer.device)
     rope_out = torch.empty((n, rope_dim), dtype=dst_dtype, device=kv_buffer.device)
     scale = k_scale if k_scale is not None else _dummy_scale(kv_buffer.device)
-    if not mod.mla_fp8_gather(kv, loc, scale, nope_out, rope_out, num_warps or fp8_jit_launch("dequant", n)[0]):
+    warps, _, threads = fp8_jit_launch("dequant", n)
+    if not mod.mla_fp8_gather(kv, loc, scale, nope_out, rope_out, num_warps or warps, threads_per_row or threads):
         return None
     return nope_out, rope_out

@@ -11,9 +11,13 @@
 //                          x * (1 / scale_t) with a zero kept as itself;
 //     kRule 2, ue8m0:      scale_t = 2^ceil(log2(max(amax_t / 448, 1e-4f))), amax as kRule 1,
 //                          values x * (1 / scale_t) (exact: a power of two).
-// One warp per row. Lane l holds 16-byte source chunks c = l + 32*i (8 values each); in ds_mla a
-// tile of 128 values is 16 consecutive chunks = 16 lanes of one i, so its amax is a 4-step
-// __shfl_xor_sync butterfly inside each half-warp. Values are divided by the scale with IEEE
+// kThreads (32, 64 or 128) threads per row, kThreads / 32 whole warps. Thread t holds the row's
+// 16-byte source chunks c = t + kThreads*i (8 values each; the nope chunks first, then the rope's):
+// with 32 a lane carries 2-3 chunks in one dependent chain of load, widen, amax, shuffle, divide,
+// convert and store, which bounds a call of few rows by its latency; 64 and 128 spread the row over
+// more threads (one chunk each for 512 + 64). In ds_mla a tile of 128 values is 16 consecutive
+// chunks = 16 threads of one i, one half-warp (kThreads is a multiple of 16), so its amax is a
+// 4-step __shfl_xor_sync butterfly inside each half-warp. Values are divided by the scale with IEEE
 // division (div_fast: the result of __fdiv_rn without its per-value branch) and converted with
 // cvt.rn.satfinite.e4m3x2.f32 (RNE, saturating to +-448);
 // NaN is then written as the canonical 0x7F. The 8 bytes of a chunk go out as one 8-byte store, a
@@ -26,7 +30,7 @@
 // Offsets are 64-bit. With kUsePDL the kernel waits on the previous grid (griddepcontrol.wait)
 // before reading inputs and lets the next one launch at entry or right after that wait, as the
 // FP8 family's launch row says for the call's n_loc (fp8_jit_launch in mlakv/spec/tuning.py), which
-// also sets the warps (rows) per CTA.
+// also sets the threads per row and the warps per CTA (rows per CTA = 32 * warps / threads per row).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -241,38 +245,42 @@ __device__ __forceinline__ uint4 load_chunk(const uint8_t* nsrc, const uint8_t* 
 // behind it (no load waits on a test of loc); only the stores test loc.
 // a: the row block of row_args.cuh (dcp_world 1); k_scale: per_tensor's scale (1 element on the
 // device; ds_mla does not read it).
-template <int kFormat, int kRule, int kNope, int kRope, bool kBf16, bool kUsePDL, bool kEarlyTrigger, typename LocT>
+template <int kFormat, int kRule, int kNope, int kRope, bool kBf16, bool kUsePDL, bool kEarlyTrigger, int kThreads,
+          typename LocT>
 __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const float* __restrict__ k_scale) {
   static_assert(kNope % 8 == 0 && kRope % 8 == 0, "widths must be multiples of 8 values");
+  static_assert(kThreads == 32 || kThreads == 64 || kThreads == 128, "32, 64 or 128 threads per row");
   constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
   constexpr int kRC = kRope / 8;
-  const int lane = threadIdx.x;  // blockDim = (32, warps)
+  constexpr int kC = kNC + kRC;  // a row's chunks: nope first, then rope
+  constexpr int kIters = (kC + kThreads - 1) / kThreads;
+  // blockDim = (kThreads, rows per CTA): a row's threads are whole warps (kThreads % 32 == 0), so
+  // the tests of the row below are uniform per warp.
+  const int t = threadIdx.x;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
 
   if constexpr (kUsePDL && kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  if (item >= a.n_loc) return;  // uniform per warp: the shuffles below see all 32 lanes
+  if (item >= a.n_loc) return;  // uniform per row: the shuffles below see all 32 lanes of each warp
   const uint8_t* nsrc = a.nope + item * a.nope_stride;
   const uint8_t* rsrc = a.rope + item * a.rope_stride;
   const LocT* lp = static_cast<const LocT*>(a.loc) + item * a.loc_stride;
   if constexpr (kUsePDL) asm volatile("griddepcontrol.wait;" ::: "memory");
   if constexpr (kUsePDL && !kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int64_t raw = static_cast<int64_t>(*lp);
+  uint4 v[kIters];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int c = t + kThreads * i;
+    if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
+  }
 
   if constexpr (kFormat == 0) {
-    constexpr int kC = kNC + kRC;
-    constexpr int kIters = (kC + 31) / 32;
-    uint4 v[kIters];
-#pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
-    }
     const Divisor scale = make_divisor(*k_scale);
     if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
-      const int c = lane + 32 * i;
+      const int c = t + kThreads * i;
       if (c < kC) {
         float f[8];
         widen8<kBf16>(v[i], f);
@@ -285,67 +293,56 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
     constexpr int kScaleOff = kNope;
     constexpr int kRopeOff = kNope + 4 * kTiles;
     static_assert(kRopeOff % 16 == 0, "the rope of a ds_mla row must start on 16 bytes");
-    constexpr int kNI = (kNC + 31) / 32;
-    constexpr int kRI = (kRC + 31) / 32;
-    uint4 v[kNI];
-    uint4 r[kRI];
-#pragma unroll
-    for (int i = 0; i < kNI; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kNC) v[i] = reinterpret_cast<const uint4*>(nsrc)[c];
-    }
-#pragma unroll
-    for (int i = 0; i < kRI; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kRC) r[i] = reinterpret_cast<const uint4*>(rsrc)[c];
-    }
-    // Tile amax and scale: every lane takes part in the shuffles, whatever loc says. kRuleFp32Floor:
-    // the division by a tile's scale needs no per-value range test: |x| <= amax = 448 * scale for
-    // finite x, so with scale >= 2^-88 (biased exponent >= 39) a quotient >= 2^-12 has x >= 2^-100 in
-    // div_fast's exact range, and a smaller one is e4m3 +-0 however its last bits fall (the smallest
-    // e4m3 magnitude is 2^-9). A chunk holding inf or NaN, or a tile with a smaller scale, divides
-    // with __fdiv_rn (quant8_tile).
+    // Tile amax and scale: every thread takes part in the shuffles, whatever loc says and whether
+    // or not it holds a nope chunk at this i (a rope chunk or none: amax 0, which no tile's max
+    // changes). A tile is 16 consecutive chunks; kThreads is a multiple of 16, so the 16 chunks of
+    // a tile at one i lie in the 16 threads of one half-warp and the 4-step xor butterfly (offsets
+    // 8..1, full mask, every lane) reduces exactly those. An i whose chunks are all rope or past the
+    // row (kThreads * i >= kNC: known at compile time once the loop is unrolled) has no tile.
+    // kRuleFp32Floor: the division by a tile's scale needs no per-value range test: |x| <= amax = 448
+    // * scale for finite x, so with scale >= 2^-88 (biased exponent >= 39) a quotient >= 2^-12 has x >=
+    // 2^-100 in div_fast's exact range, and a smaller one is e4m3 +-0 however its last bits fall (the
+    // smallest e4m3 magnitude is 2^-9). A chunk holding inf or NaN, or a tile with a smaller scale,
+    // divides with __fdiv_rn (quant8_tile).
+    static_assert(kNC % 16 == 0 && kThreads % 16 == 0, "a tile's chunks must share a half-warp");
     const Divisor e4m3_max = make_divisor(kE4M3Max);
-    float f[kNI][8];
-    Divisor scale[kNI];
-    bool fast[kNI];
+    float f[kIters][8];
+    Divisor scale[kIters];
+    bool fast[kIters];
 #pragma unroll
-    for (int i = 0; i < kNI; ++i) {
-      const int c = lane + 32 * i;
+    for (int i = 0; i < kIters; ++i) {
+      const int c = t + kThreads * i;
       float amax = 0.0f;
       fast[i] = true;
       if (c < kNC) {
         widen8<kBf16>(v[i], f[i]);
         amax = chunk_amax<kRule>(f[i], amax, fast[i]);
       }
+      if (kThreads * i < kNC) {  // uniform: the same for every thread
 #pragma unroll
-      for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      scale[i] = tile_divisor<kRule>(amax, e4m3_max);
+        for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        scale[i] = tile_divisor<kRule>(amax, e4m3_max);
+      }
     }
     if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
 #pragma unroll
-    for (int i = 0; i < kNI; ++i) {
-      const int c = lane + 32 * i;
+    for (int i = 0; i < kIters; ++i) {
+      const int c = t + kThreads * i;
       if (c < kNC) {
         reinterpret_cast<uint2*>(dst)[c] = quant8_tile<kRule>(f[i], scale[i], fast[i]);
         if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale[i].s;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kRI; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kRC) {
-        uint4 out = r[i];
+      } else if (c < kC) {
+        uint4 out = v[i];
         if constexpr (!kBf16) {
           float h[8];
-          widen8<false>(r[i], h);
+          widen8<false>(v[i], h);
           out.x = bf16_bits(h[0]) | (bf16_bits(h[1]) << 16);
           out.y = bf16_bits(h[2]) | (bf16_bits(h[3]) << 16);
           out.z = bf16_bits(h[4]) | (bf16_bits(h[5]) << 16);
           out.w = bf16_bits(h[6]) | (bf16_bits(h[7]) << 16);
         }
-        reinterpret_cast<uint4*>(dst + kRopeOff)[c] = out;
+        reinterpret_cast<uint4*>(dst + kRopeOff)[c - kNC] = out;
       }
     }
   }
@@ -362,48 +359,75 @@ inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
   return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
 }
 
-template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
+template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL, bool kBf16, int kThreads, typename LocT>
 void launch_quant_typed(const RowArgs& a, const float* k_scale, int num_warps, bool early_trigger,
                         cudaStream_t stream) {
-  const int64_t blocks = (a.n_loc + num_warps - 1) / num_warps;
+  const int rows = num_warps * 32 / kThreads;  // rows per CTA (the caller checked the division is exact)
+  const int64_t blocks = (a.n_loc + rows - 1) / rows;
   TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << a.n_loc << " needs too many blocks";
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = launch_config(dim3(static_cast<unsigned>(blocks)),
-                                               dim3(32, static_cast<unsigned>(num_warps)), 0, stream, kUsePDL, attr);
+                                               dim3(kThreads, static_cast<unsigned>(rows)), 0, stream, kUsePDL, attr);
   TVM_FFI_CHECK_CUDA_ERROR(
       early_trigger
-          ? cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kRule, kNope, kRope, kBf16, kUsePDL, true, LocT>, a,
-                               k_scale)
-          : cudaLaunchKernelEx(&cfg, quant_write_kernel<kFormat, kRule, kNope, kRope, kBf16, kUsePDL, false, LocT>, a,
-                               k_scale));
+          ? cudaLaunchKernelEx(&cfg,
+                               quant_write_kernel<kFormat, kRule, kNope, kRope, kBf16, kUsePDL, true, kThreads, LocT>,
+                               a, k_scale)
+          : cudaLaunchKernelEx(&cfg,
+                               quant_write_kernel<kFormat, kRule, kNope, kRope, kBf16, kUsePDL, false, kThreads, LocT>,
+                               a, k_scale));
 }
 
-// One rule's kernels for the sources' dtype and loc's width.
+// One rule's kernels for the sources' dtype, loc's width and the threads per row (32, 64 or 128).
 template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL>
 void launch_quant_rule(const RowArgs& a, const float* k_scale, bool is_bf16, bool loc32, int num_warps,
-                       bool early_trigger, cudaStream_t stream) {
-#define MLAKV_FP8_LAUNCH(BF16, LOCT) \
-  launch_quant_typed<kFormat, kRule, kNope, kRope, kUsePDL, BF16, LOCT>(a, k_scale, num_warps, early_trigger, stream)
+                       bool early_trigger, int threads_per_row, cudaStream_t stream) {
+#define MLAKV_FP8_LAUNCH(BF16, T, LOCT)                                                                      \
+  launch_quant_typed<kFormat, kRule, kNope, kRope, kUsePDL, BF16, T, LOCT>(a, k_scale, num_warps, early_trigger, \
+                                                                          stream)
+#define MLAKV_FP8_LAUNCH_T(BF16, LOCT)                    \
+  if (threads_per_row == 32) MLAKV_FP8_LAUNCH(BF16, 32, LOCT); \
+  else if (threads_per_row == 64) MLAKV_FP8_LAUNCH(BF16, 64, LOCT); \
+  else MLAKV_FP8_LAUNCH(BF16, 128, LOCT)
   if (is_bf16) {
-    if (loc32) MLAKV_FP8_LAUNCH(true, int32_t);
-    else MLAKV_FP8_LAUNCH(true, int64_t);
+    if (loc32) {
+      MLAKV_FP8_LAUNCH_T(true, int32_t);
+    } else {
+      MLAKV_FP8_LAUNCH_T(true, int64_t);
+    }
   } else {
-    if (loc32) MLAKV_FP8_LAUNCH(false, int32_t);
-    else MLAKV_FP8_LAUNCH(false, int64_t);
+    if (loc32) {
+      MLAKV_FP8_LAUNCH_T(false, int32_t);
+    } else {
+      MLAKV_FP8_LAUNCH_T(false, int64_t);
+    }
   }
+#undef MLAKV_FP8_LAUNCH_T
 #undef MLAKV_FP8_LAUNCH
+}
+
+// The launch shape's rule, for both launchers: threads per row 32, 64 or 128; num_warps (the CTA's
+// warps) in [1, 32] and a whole number of rows (32 * num_warps a multiple of threads_per_row).
+inline void check_launch_shape(int64_t num_warps, int64_t threads_per_row) {
+  TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  TVM_FFI_CHECK(threads_per_row == 32 || threads_per_row == 64 || threads_per_row == 128, ValueError)
+      << "threads_per_row must be 32, 64 or 128, got " << threads_per_row;
+  TVM_FFI_CHECK((32 * num_warps) % threads_per_row == 0, ValueError)
+      << "num_warps=" << num_warps << " (" << 32 * num_warps << " threads) is not a whole number of rows of "
+      << "threads_per_row=" << threads_per_row;
 }
 
 // kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride);
 // nope: [n_loc, (1,) kNope], rope: [n_loc, (1,) kRope], both bf16 or both fp16;
 // scale: per_tensor: 1-element fp32 on the device (ds_mla: not read); rows whose slot is skip_slot
-// are skipped like padding (-1: none); num_warps in [1, 32]; early_trigger: the PDL trigger at
-// kernel entry (else right after the wait); scale_rule: ds_mla's tile-scale rule code (0 fp32_floor,
-// 1 fp32, 2 ue8m0; per_tensor takes any of them and ignores it).
+// are skipped like padding (-1: none); num_warps: the CTA's warps, in [1, 32]; early_trigger: the PDL
+// trigger at kernel entry (else right after the wait); scale_rule: ds_mla's tile-scale rule code (0
+// fp32_floor, 1 fp32, 2 ue8m0; per_tensor takes any of them and ignores it); threads_per_row: 32,
+// 64 or 128, with 32 * num_warps a multiple of it (rows per CTA = 32 * num_warps / threads_per_row).
 template <int kFormat, int kNope, int kRope, bool kUsePDL>
 bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                           tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot,
-                          int64_t num_warps, bool early_trigger, int64_t scale_rule) {
+                          int64_t num_warps, bool early_trigger, int64_t scale_rule, int64_t threads_per_row) {
   constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
   const auto rows_ok = [](const tvm::ffi::TensorView& t) {
     return t.ndim() == 2 || (t.ndim() == 3 && t.size(1) == 1);
@@ -441,7 +465,7 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
     TVM_FFI_CHECK(scale.dtype().code == kDLFloat && scale.dtype().bits == 32 && scale.numel() >= 1, TypeError)
         << "k_scale must be a 1-element float32 tensor";
   }
-  TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  check_launch_shape(num_warps, threads_per_row);
   TVM_FFI_CHECK(scale_rule >= kRuleFp32Floor && scale_rule <= kRuleUe8m0, ValueError)
       << "scale_rule must be 0 (fp32_floor), 1 (fp32) or 2 (ue8m0), got " << scale_rule;
   // Every check above holds for any n_loc; a call with no rows is served (nothing to launch) however
@@ -475,9 +499,10 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
   const auto* k_scale =
       reinterpret_cast<const float*>(static_cast<const uint8_t*>(scale.data_ptr()) + scale.byte_offset());
   const int w = static_cast<int>(num_warps);
+  const int tpr = static_cast<int>(threads_per_row);
   const bool loc32 = loc.dtype().bits == 32;
 #define MLAKV_FP8_RULE(RULE) \
-  launch_quant_rule<kFormat, RULE, kNope, kRope, kUsePDL>(a, k_scale, is_bf16, loc32, w, early_trigger, stream)
+  launch_quant_rule<kFormat, RULE, kNope, kRope, kUsePDL>(a, k_scale, is_bf16, loc32, w, early_trigger, tpr, stream)
   if constexpr (kFormat == 0) {  // per_tensor: one scale for the cache, no tile rule
     MLAKV_FP8_RULE(kRuleFp32Floor);
   } else if (scale_rule == kRuleFp32Floor) {
@@ -494,10 +519,11 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
 
 // ---------------------------------------------------------------------------------------------
 // Dequantizing gather: out[i] = dequantize(kv[loc[i]]) in bf16 (kDst 0), fp16 (1) or fp32 (2).
-// One warp per row; lane l decodes 8-byte e4m3 chunks c = l + 32*i (cvt.rn.f16x2.e4m3x2 is exact),
-// multiplies by the fp32 scale (k_scale, or the chunk's tile scale read from the row) and rounds to
-// the destination (RNE; NaN as the canonical quiet NaN). ds_mla rope is the stored bf16. A slot
-// outside [0, num_slots) reads nothing and gives a zero row.
+// kThreads (32, 64 or 128) threads per row; thread t decodes the row's chunks c = t + kThreads*i: an
+// 8-byte e4m3 chunk of 8 values (cvt.rn.f16x2.e4m3x2 is exact) multiplied by the fp32 scale (k_scale,
+// or the chunk's tile scale read from the row) and rounded to the destination (RNE; NaN as the
+// canonical quiet NaN); in ds_mla the chunks past the nope are the rope's 16-byte bf16 chunks, the
+// stored bf16. A slot outside [0, num_slots) reads nothing and gives a zero row.
 // ---------------------------------------------------------------------------------------------
 template <int kDst>
 struct DstOf;
@@ -551,14 +577,15 @@ __device__ __forceinline__ void store8(uint8_t* dst, const uint32_t b[8]) {
   }
 }
 
-template <int kFormat, int kNope, int kRope, int kDst, typename LocT>
+template <int kFormat, int kNope, int kRope, int kDst, int kThreads, typename LocT>
 __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv_stride, const LocT* __restrict__ loc,
                                       int64_t loc_stride, int64_t n_loc, int64_t num_slots,
                                       const float* __restrict__ k_scale, uint8_t* __restrict__ nope_out,
                                       uint8_t* __restrict__ rope_out) {
+  static_assert(kThreads == 32 || kThreads == 64 || kThreads == 128, "32, 64 or 128 threads per row");
   constexpr int kOut = DstOf<kDst>::kBytes;
-  const int lane = threadIdx.x & 31;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int t = threadIdx.x % kThreads;  // blockDim.x = kThreads * rows per CTA
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kThreads) + threadIdx.x / kThreads;
   if (item >= n_loc) return;
   const int64_t slot = static_cast<int64_t>(loc[item * loc_stride]);
   const bool valid = slot >= 0 && slot < num_slots;
@@ -570,8 +597,8 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
     constexpr int kC = (kNope + kRope) / 8;
     const float scale = __ldg(k_scale);
 #pragma unroll
-    for (int i = 0; i < (kC + 31) / 32; ++i) {
-      const int c = lane + 32 * i;
+    for (int i = 0; i < (kC + kThreads - 1) / kThreads; ++i) {
+      const int c = t + kThreads * i;
       if (c < kC) {
         const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
         float f[8];
@@ -584,10 +611,10 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
     }
   } else {
     constexpr int kRopeOff = kNope + 4 * (kNope / 128);
-    constexpr int kRC = kRope / 8;
+    constexpr int kC = kNC + kRope / 8;  // nope chunks (8 e4m3 bytes), then rope chunks (16 bf16 bytes)
 #pragma unroll
-    for (int i = 0; i < (kNC + 31) / 32; ++i) {
-      const int c = lane + 32 * i;
+    for (int i = 0; i < (kC + kThreads - 1) / kThreads; ++i) {
+      const int c = t + kThreads * i;
       if (c < kNC) {
         const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
         const float scale = valid ? __ldg(reinterpret_cast<const float*>(src + kNope) + (c >> 4)) : 0.0f;
@@ -597,35 +624,32 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
 #pragma unroll
         for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale);
         store8<kDst>(n_dst + c * 8 * kOut, b);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < (kRC + 31) / 32; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kRC) {
-        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(src + kRopeOff) + c) : make_uint4(0, 0, 0, 0);
+      } else if (c < kC) {
+        const int r = c - kNC;
+        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(src + kRopeOff) + r) : make_uint4(0, 0, 0, 0);
         if constexpr (kDst == 0) {
-          *reinterpret_cast<uint4*>(r_dst + c * 16) = v;  // the stored bf16, bit for bit
+          *reinterpret_cast<uint4*>(r_dst + r * 16) = v;  // the stored bf16, bit for bit
         } else {
           float f[8];
           uint32_t b[8];
           widen8<true>(v, f);
 #pragma unroll
           for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j]);
-          store8<kDst>(r_dst + c * 8 * kOut, b);
+          store8<kDst>(r_dst + r * 8 * kOut, b);
         }
       }
     }
   }
 }
 
-template <int kFormat, int kNope, int kRope, int kDst, typename LocT>
+template <int kFormat, int kNope, int kRope, int kDst, int kThreads, typename LocT>
 void launch_gather_typed(const uint8_t* kv, int64_t kv_stride, const void* loc, int64_t loc_stride, int64_t n_loc,
                          int64_t num_slots, const float* scale, uint8_t* nope_out, uint8_t* rope_out, int num_warps,
                          cudaStream_t stream) {
-  const int64_t blocks = (n_loc + num_warps - 1) / num_warps;
+  const int rows = num_warps * 32 / kThreads;  // rows per CTA (the caller checked the division is exact)
+  const int64_t blocks = (n_loc + rows - 1) / rows;
   TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
-  dequant_gather_kernel<kFormat, kNope, kRope, kDst, LocT>
+  dequant_gather_kernel<kFormat, kNope, kRope, kDst, kThreads, LocT>
       <<<static_cast<unsigned>(blocks), num_warps * 32, 0, stream>>>(
           kv, kv_stride, static_cast<const LocT*>(loc), loc_stride, n_loc, num_slots, scale, nope_out, rope_out);
   TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
@@ -633,11 +657,13 @@ void launch_gather_typed(const uint8_t* kv, int64_t kv_stride, const void* loc, 
 
 // kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride); scale: per_tensor
 // 1-element fp32; nope_out [n_loc, kNope] and rope_out [n_loc, kRope]: contiguous, one dtype of
-// bf16/fp16/fp32. Returns false, launching nothing, when kv's address or row stride is not 16-byte aligned
+// bf16/fp16/fp32; num_warps (the CTA's) and threads_per_row as for the write (check_launch_shape).
+// Returns false, launching nothing, when kv's address or row stride is not 16-byte aligned
 // (n_loc == 0 returns true after the checks, launching nothing, whatever the alignment).
 template <int kFormat, int kNope, int kRope>
 bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView scale,
-                           tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps) {
+                           tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps,
+                           int64_t threads_per_row) {
   constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
   TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
   TVM_FFI_CHECK(kv.ndim() == 2 || (kv.ndim() == 3 && kv.size(1) == 1), ValueError)
@@ -672,7 +698,7 @@ bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tv
     TVM_FFI_CHECK(scale.dtype().code == kDLFloat && scale.dtype().bits == 32 && scale.numel() >= 1, TypeError)
         << "k_scale must be a 1-element float32 tensor";
   }
-  TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  check_launch_shape(num_warps, threads_per_row);
   if (n_loc == 0) return true;  // served for any alignment: nothing to launch (the checks above still ran)
   const int64_t kv_stride = kv.stride(0);
   const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
@@ -684,20 +710,34 @@ bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tv
   auto* r_ptr = static_cast<uint8_t*>(rope_out.data_ptr());
   const int64_t loc_stride = loc.stride(0), num_slots = kv.size(0);
   const int w = static_cast<int>(num_warps);
-#define MLAKV_FP8_GATHER(DST, LOCT)                                                                       \
-  launch_gather_typed<kFormat, kNope, kRope, DST, LOCT>(kv_ptr, kv_stride, loc.data_ptr(), loc_stride, n_loc, \
-                                                        num_slots, s_ptr, n_ptr, r_ptr, w, stream)
+#define MLAKV_FP8_GATHER(DST, T, LOCT)                                                                       \
+  launch_gather_typed<kFormat, kNope, kRope, DST, T, LOCT>(kv_ptr, kv_stride, loc.data_ptr(), loc_stride, n_loc, \
+                                                           num_slots, s_ptr, n_ptr, r_ptr, w, stream)
+#define MLAKV_FP8_GATHER_T(DST, LOCT)                             \
+  if (threads_per_row == 32) MLAKV_FP8_GATHER(DST, 32, LOCT);     \
+  else if (threads_per_row == 64) MLAKV_FP8_GATHER(DST, 64, LOCT); \
+  else MLAKV_FP8_GATHER(DST, 128, LOCT)
   const bool i32 = loc.dtype().bits == 32;
   if (dst == 0) {
-    if (i32) MLAKV_FP8_GATHER(0, int32_t);
-    else MLAKV_FP8_GATHER(0, int64_t);
+    if (i32) {
+      MLAKV_FP8_GATHER_T(0, int32_t);
+    } else {
+      MLAKV_FP8_GATHER_T(0, int64_t);
+    }
   } else if (dst == 1) {
-    if (i32) MLAKV_FP8_GATHER(1, int32_t);
-    else MLAKV_FP8_GATHER(1, int64_t);
+    if (i32) {
+      MLAKV_FP8_GATHER_T(1, int32_t);
+    } else {
+      MLAKV_FP8_GATHER_T(1, int64_t);
+    }
   } else {
-    if (i32) MLAKV_FP8_GATHER(2, int32_t);
-    else MLAKV_FP8_GATHER(2, int64_t);
+    if (i32) {
+      MLAKV_FP8_GATHER_T(2, int32_t);
+    } else {
+      MLAKV_FP8_GATHER_T(2, int64_t);
+    }
   }
+#undef MLAKV_FP8_GATHER_T
 #undef MLAKV_FP8_GATHER
   return true;
 }
