@@ -890,3 +890,14 @@ def test_triton_gather_plan_equals_the_torch_plan(terminal, with_seq_starts):
         got = launch_token_slots(TokenSlotPlan(table.to(DEVICE), starts_arg.to(DEVICE), 5, total, bs, nb,
                                                None if ss is None else ss.to(DEVICE), terminal))  # fmt: skip
         assert torch.equal(got.cpu(), want.cpu()), (total, got.tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("n", [1, 64, 65, 1024, 1025, 65536])
+@pytest.mark.parametrize("row_bytes", [132, 656, 1152, 1 << 20])
+def test_fused_gather_launch_rows_fill_the_bytes_per_program_in_a_power_of_two(n, row_bytes):
+    from mlakv.spec import tuning
+
+    rows, warps = tuning.paged_gather_launch(n, row_bytes)
+    per_program = next(b for max_n, b, _ in tuning.PAGED_GATHER_STEPS if max_n is None or n <= max_n)
+    assert rows & (rows - 1) == 0 and 1 <= rows <= 128 and warps in (1, 2, 4, 8, 16)
+    assert rows == 1 or rows * row_bytes <= per_program < 2 * rows * row_bytes or rows == 128

@@ -477,13 +477,13 @@ def test_each_op_is_checked_on_fresh_inputs_after_earlier_ops_timed_writes_into_
 def test_a_sweep_times_each_byte_gather_at_every_launch_shape_and_restores_the_table(fixed_clock):
     from mlakv.spec import tuning
 
-    steps = tuning.PAGED_GATHER_STEPS
+    launch = tuning.paged_gather_launch
     report = B.run([8], ["cp_gather", "indexer store"], ["mlakv"], device="cpu", sweep=True)
     rows = {r["op"]: r for r in report["rows"]}
     shapes = [f"r{r}w{w}" for r, w in tuning.PAGED_GATHER_SWEEP]
     assert rows["cp_gather_cache"]["sweep"] == {k: 2.0 for k in shapes}
     assert "sweep" not in rows["indexer store"]  # not a byte gather
-    assert tuning.PAGED_GATHER_STEPS is steps
+    assert tuning.paged_gather_launch is launch
     text = B.format_table(report)
     assert "| op | n | " + " | ".join(shapes) + " | fastest |" in text
     assert "| cp_gather_cache | 8 | " + " | ".join(["2.00"] * len(shapes)) + f" | {shapes[0]} |" in text
@@ -492,10 +492,10 @@ def test_a_sweep_times_each_byte_gather_at_every_launch_shape_and_restores_the_t
 def test_a_forced_gather_launch_is_what_the_launch_table_says_inside_and_undone_after():
     from mlakv.spec import tuning
 
-    before = tuning.paged_gather_launch(65536)
+    before = tuning.paged_gather_launch(65536, 1152)
     with B.forced_gather_launch(16, 8):
-        assert tuning.paged_gather_launch(1) == tuning.paged_gather_launch(65536) == (16, 8)
-    assert tuning.paged_gather_launch(65536) == before
+        assert tuning.paged_gather_launch(1, 132) == tuning.paged_gather_launch(65536, 1152) == (16, 8)
+    assert tuning.paged_gather_launch(65536, 1152) == before
 
 
 def test_a_run_whose_peer_cannot_be_built_times_mlakv_alone_and_says_why(fixed_clock):

@@ -264,12 +264,12 @@ def _time(name: str, fn: Callable[[dict], None], sets: list[dict]) -> float:
 @contextlib.contextmanager
 def forced_gather_launch(rows: int, warps: int):
     """Every fused paged gather launched inside takes ``(rows per program, num_warps)``."""
-    saved = tuning.PAGED_GATHER_STEPS
-    tuning.PAGED_GATHER_STEPS = ((None, rows, warps),)
+    saved = tuning.paged_gather_launch
+    tuning.paged_gather_launch = lambda n, row_bytes: (rows, warps)
     try:
         yield
     finally:
-        tuning.PAGED_GATHER_STEPS = saved
+        tuning.paged_gather_launch = saved
 
 
 def _sweep(fn: Callable[[dict], None], written: tuple[str, ...], name: str, check_set: dict, ref: dict,

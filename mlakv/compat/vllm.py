@@ -480,9 +480,10 @@ def _gmd_impl(src_cache, dst, block_table, cu_seq_lens, token_to_seq, num_tokens
         _gather_bytes(plan, _part(src_cache, rows, 0, src_cache.stride(0) * es, src_cache.stride(1) * es, entry * es))
         return
     cache_rows, rpb = paged_rows(src_cache, "src_cache")
+    head = 1 << (entry.bit_length() - 1)  # elementwise: any split; two power-of-two-ish blocks waste no lanes
     fp8.get_mla_kv_buffer_dequant(
-        cache_rows, _source_rows(plan, rpb), "per_tensor", entry, 0, _check_scale(scale, src_cache.device), dst.dtype,
-        out=(rows[:n, :entry], rows[:n, :0]), skip_invalid=True,
+        cache_rows, _source_rows(plan, rpb), "per_tensor", head, entry - head, _check_scale(scale, src_cache.device),
+        dst.dtype, out=(rows[:n, :head], rows[:n, head:entry]), skip_invalid=True,
     )  # fmt: skip
 
 

@@ -285,20 +285,26 @@ def v4_triton_launch(n: int, encoding: int = 1) -> tuple[int, int, bool]:
 
 
 # The fused paged byte gather (kernels/triton/paged_plan.py, the vLLM face's gathers): (max n rows,
-# rows per program (a power of two), num_warps) by increasing n.
+# bytes per program, num_warps) by increasing n; a program takes the power of two of rows nearest
+# below its bytes over the row's bytes (1 to 128). Rows of a size class share a shape, so the table
+# is in bytes: 1152-byte rows and the indexer's 132-byte rows were swept on one GPU.
 PAGED_GATHER_STEPS: tuple[tuple[int | None, int, int], ...] = (
-    (64, 1, 4),
-    (1024, 2, 4),
-    (None, 4, 4),
+    (64, 1024, 4),
+    (1024, 2048, 4),
+    (None, 8192, 4),
 )
 PAGED_GATHER_MEASURED = "to be measured (seed values; `python -m mlakv.bench.vllm_ops --sweep` times the alternatives)"
 # The launch shapes the sweep times: (rows per program, num_warps).
-PAGED_GATHER_SWEEP: tuple[tuple[int, int], ...] = ((1, 2), (1, 4), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))
+PAGED_GATHER_SWEEP: tuple[tuple[int, int], ...] = (
+    (1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 4), (64, 4), (64, 8),
+)  # fmt: skip
+_PAGED_GATHER_MAX_ROWS = 128
 
 
-def paged_gather_launch(n: int) -> tuple[int, int]:
-    """``(rows_per_program, num_warps)`` of the fused paged gather for ``n`` output rows."""
-    for max_n, rows, warps in PAGED_GATHER_STEPS:
+def paged_gather_launch(n: int, row_bytes: int) -> tuple[int, int]:
+    """``(rows_per_program, num_warps)`` of the fused paged gather for ``n`` output rows of ``row_bytes``."""
+    for max_n, per_program, warps in PAGED_GATHER_STEPS:
         if max_n is None or n <= max_n:
-            return rows, warps
+            rows = max(1, min(per_program // max(row_bytes, 1), _PAGED_GATHER_MAX_ROWS))
+            return 1 << (rows.bit_length() - 1), warps
     raise AssertionError("the last paged gather step must have max n None")

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from mlakv.kernels.triton.common import pdl_supported, widest_word
 from mlakv.spec.calls import TokenSlotPlan
-from mlakv.spec.tuning import paged_gather_launch
+from mlakv.spec import tuning
 
 __all__ = ["launch_token_slots", "launch_paged_gather", "GatherPart", "PLAN_BLOCK"]
 
@@ -86,7 +86,12 @@ def _token_slots_kernel(
     num_reqs, total, starts_stride, seq_starts_stride, table_stride0, table_stride1, table_cols,
     block_size, num_blocks, rows_per_block,
     TERMINAL: tl.constexpr, HAS_SEQ_STARTS: tl.constexpr, REQ_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    # PDL: the gather that reads these rows may launch at once; its wait covers this grid's stores.
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = t < total
     block, off, ok = _locate(
@@ -94,6 +99,12 @@ def _token_slots_kernel(
         table_stride0, table_stride1, table_cols, block_size, num_blocks, TERMINAL, HAS_SEQ_STARTS, REQ_CHUNK,
     )  # fmt: skip
     tl.store(slot_ptr + t, tl.where(ok, block * rows_per_block + off, -1), mask=live)
+
+
+def _pdl(dev: torch.device) -> tuple[bool, dict]:
+    """Whether a launch on ``dev`` uses programmatic dependent launch, and the launch keyword for it."""
+    use = dev.type == "cuda" and pdl_supported(dev.index or 0)
+    return use, ({"launch_pdl": True} if use else {})
 
 
 def _req_chunk(num_reqs: int) -> int:
@@ -126,8 +137,9 @@ def launch_token_slots(plan: TokenSlotPlan, rows_per_block: Optional[int] = None
         return slot
     ptrs, args, consts = _plan_args(plan)
     rpb = plan.block_size if rows_per_block is None else rows_per_block
+    use_pdl, extra = _pdl(slot.device)
     _token_slots_kernel[(triton.cdiv(plan.total, PLAN_BLOCK),)](
-        ptrs[0], ptrs[1], ptrs[2], slot, *args, rpb, **consts, BLOCK=PLAN_BLOCK, num_warps=4,
+        ptrs[0], ptrs[1], ptrs[2], slot, *args, rpb, **consts, BLOCK=PLAN_BLOCK, USE_PDL=use_pdl, num_warps=4, **extra,
     )  # fmt: skip
     return slot
 
@@ -253,11 +265,9 @@ def launch_paged_gather(
         b_views, b_strides, b_consts = _words(part_b)
     else:
         b_views, b_strides, b_consts = a_views, [0, 0, 0, 0], dict(UNIT=0, HEAD=1, TAIL_P2=0, ALIGN=1)
-    rows, warps = paged_gather_launch(total)
+    rows, warps = tuning.paged_gather_launch(total, part_a.unit + (part_b.unit if part_b is not None else 0))
     rows, warps = rows_per_program or rows, num_warps or warps
-    dev = plan.block_table.device
-    use_pdl = dev.type == "cuda" and pdl_supported(dev.index or 0)
-    extra = {"launch_pdl": True} if use_pdl else {}
+    use_pdl, extra = _pdl(plan.block_table.device)
     _paged_gather_kernel[(triton.cdiv(total, rows),)](
         *ptrs, *a_views, *b_views, *args, *a_strides, *b_strides,
         **consts, ROWS=rows, **{f"A_{k}": v for k, v in a_consts.items()}, **{f"B_{k}": v for k, v in b_consts.items()},
