@@ -252,8 +252,6 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
   static_assert(kThreads == 32 || kThreads == 64 || kThreads == 128, "32, 64 or 128 threads per row");
   constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
   constexpr int kRC = kRope / 8;
-  constexpr int kC = kNC + kRC;  // a row's chunks: nope first, then rope
-  constexpr int kIters = (kC + kThreads - 1) / kThreads;
   // blockDim = (kThreads, rows per CTA): a row's threads are whole warps (kThreads % 32 == 0), so
   // the tests of the row below are uniform per warp.
   const int t = threadIdx.x;
@@ -267,14 +265,16 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
   if constexpr (kUsePDL) asm volatile("griddepcontrol.wait;" ::: "memory");
   if constexpr (kUsePDL && !kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int64_t raw = static_cast<int64_t>(*lp);
-  uint4 v[kIters];
-#pragma unroll
-  for (int i = 0; i < kIters; ++i) {
-    const int c = t + kThreads * i;
-    if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
-  }
 
   if constexpr (kFormat == 0) {
+    constexpr int kC = kNC + kRC;  // a row's chunks: nope first, then rope
+    constexpr int kIters = (kC + kThreads - 1) / kThreads;
+    uint4 v[kIters];
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = t + kThreads * i;
+      if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
+    }
     const Divisor scale = make_divisor(*k_scale);
     if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
@@ -293,24 +293,41 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
     constexpr int kScaleOff = kNope;
     constexpr int kRopeOff = kNope + 4 * kTiles;
     static_assert(kRopeOff % 16 == 0, "the rope of a ds_mla row must start on 16 bytes");
-    // Tile amax and scale: every thread takes part in the shuffles, whatever loc says and whether
-    // or not it holds a nope chunk at this i (a rope chunk or none: amax 0, which no tile's max
-    // changes). A tile is 16 consecutive chunks; kThreads is a multiple of 16, so the 16 chunks of
-    // a tile at one i lie in the 16 threads of one half-warp and the 4-step xor butterfly (offsets
-    // 8..1, full mask, every lane) reduces exactly those. An i whose chunks are all rope or past the
-    // row (kThreads * i >= kNC: known at compile time once the loop is unrolled) has no tile.
-    // kRuleFp32Floor: the division by a tile's scale needs no per-value range test: |x| <= amax = 448
-    // * scale for finite x, so with scale >= 2^-88 (biased exponent >= 39) a quotient >= 2^-12 has x >=
-    // 2^-100 in div_fast's exact range, and a smaller one is e4m3 +-0 however its last bits fall (the
-    // smallest e4m3 magnitude is 2^-9). A chunk holding inf or NaN, or a tile with a smaller scale,
-    // divides with __fdiv_rn (quant8_tile).
+    constexpr int kNI = (kNC + kThreads - 1) / kThreads;
+    constexpr int kRI = (kRC + kThreads - 1) / kThreads;
+    // The rope chunks continue the row's chunk sequence: rope chunk r is the row's chunk kNC + r, held
+    // by thread (kNC + r) % kThreads (with 128 threads per row the threads past the nope's 64). With
+    // 32 threads per row this is the one-warp kernel as it was, instruction for instruction.
+    const int rt = kNC % kThreads == 0 ? t : (t + kThreads - kNC % kThreads) % kThreads;
+    uint4 v[kNI];
+    uint4 r[kRI];
+#pragma unroll
+    for (int i = 0; i < kNI; ++i) {
+      const int c = t + kThreads * i;
+      if (c < kNC) v[i] = reinterpret_cast<const uint4*>(nsrc)[c];
+    }
+#pragma unroll
+    for (int i = 0; i < kRI; ++i) {
+      const int c = rt + kThreads * i;
+      if (c < kRC) r[i] = reinterpret_cast<const uint4*>(rsrc)[c];
+    }
+    // Tile amax and scale: every thread takes part in the shuffles, whatever loc says and whether or
+    // not it holds a nope chunk at this i (none: amax 0, which changes no tile's max; with 128
+    // threads per row the threads past the nope's 64 shuffle zeros). A tile is 16 consecutive chunks;
+    // kThreads is a multiple of 16, so the 16 chunks of a tile at one i lie in the 16 threads of one
+    // half-warp and the 4-step xor butterfly (offsets 8..1, full mask, every lane) reduces exactly
+    // those. kRuleFp32Floor: the division by a tile's scale needs no per-value range test: |x| <=
+    // amax = 448 * scale for finite x, so with scale >= 2^-88 (biased exponent >= 39) a quotient >=
+    // 2^-12 has x >= 2^-100 in div_fast's exact range, and a smaller one is e4m3 +-0 however its
+    // last bits fall (the smallest e4m3 magnitude is 2^-9). A chunk holding inf or NaN, or a tile
+    // with a smaller scale, divides with __fdiv_rn (quant8_tile).
     static_assert(kNC % 16 == 0 && kThreads % 16 == 0, "a tile's chunks must share a half-warp");
     const Divisor e4m3_max = make_divisor(kE4M3Max);
-    float f[kIters][8];
-    Divisor scale[kIters];
-    bool fast[kIters];
+    float f[kNI][8];
+    Divisor scale[kNI];
+    bool fast[kNI];
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
+    for (int i = 0; i < kNI; ++i) {
       const int c = t + kThreads * i;
       float amax = 0.0f;
       fast[i] = true;
@@ -318,31 +335,34 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
         widen8<kBf16>(v[i], f[i]);
         amax = chunk_amax<kRule>(f[i], amax, fast[i]);
       }
-      if (kThreads * i < kNC) {  // uniform: the same for every thread
 #pragma unroll
-        for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        scale[i] = tile_divisor<kRule>(amax, e4m3_max);
-      }
+      for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      scale[i] = tile_divisor<kRule>(amax, e4m3_max);
     }
     if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
     uint8_t* dst = a.kv + raw * a.kv_stride;
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
+    for (int i = 0; i < kNI; ++i) {
       const int c = t + kThreads * i;
       if (c < kNC) {
         reinterpret_cast<uint2*>(dst)[c] = quant8_tile<kRule>(f[i], scale[i], fast[i]);
         if ((c & 15) == 0) *reinterpret_cast<float*>(dst + kScaleOff + 4 * (c >> 4)) = scale[i].s;
-      } else if (c < kC) {
-        uint4 out = v[i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRI; ++i) {
+      const int c = rt + kThreads * i;
+      if (c < kRC) {
+        uint4 out = r[i];
         if constexpr (!kBf16) {
           float h[8];
-          widen8<false>(v[i], h);
+          widen8<false>(r[i], h);
           out.x = bf16_bits(h[0]) | (bf16_bits(h[1]) << 16);
           out.y = bf16_bits(h[2]) | (bf16_bits(h[3]) << 16);
           out.z = bf16_bits(h[4]) | (bf16_bits(h[5]) << 16);
           out.w = bf16_bits(h[6]) | (bf16_bits(h[7]) << 16);
         }
-        reinterpret_cast<uint4*>(dst + kRopeOff)[c - kNC] = out;
+        reinterpret_cast<uint4*>(dst + kRopeOff)[c] = out;
       }
     }
   }
@@ -611,9 +631,12 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
     }
   } else {
     constexpr int kRopeOff = kNope + 4 * (kNope / 128);
-    constexpr int kC = kNC + kRope / 8;  // nope chunks (8 e4m3 bytes), then rope chunks (16 bf16 bytes)
+    constexpr int kRC = kRope / 8;
+    // Rope chunk r (16 bf16 bytes) is the row's chunk kNC + r, on thread (kNC + r) % kThreads, as in
+    // the write (with 32 threads per row: the one-warp kernel as it was).
+    const int rt = kNC % kThreads == 0 ? t : (t + kThreads - kNC % kThreads) % kThreads;
 #pragma unroll
-    for (int i = 0; i < (kC + kThreads - 1) / kThreads; ++i) {
+    for (int i = 0; i < (kNC + kThreads - 1) / kThreads; ++i) {
       const int c = t + kThreads * i;
       if (c < kNC) {
         const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
@@ -624,18 +647,22 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
 #pragma unroll
         for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale);
         store8<kDst>(n_dst + c * 8 * kOut, b);
-      } else if (c < kC) {
-        const int r = c - kNC;
-        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(src + kRopeOff) + r) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < (kRC + kThreads - 1) / kThreads; ++i) {
+      const int c = rt + kThreads * i;
+      if (c < kRC) {
+        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(src + kRopeOff) + c) : make_uint4(0, 0, 0, 0);
         if constexpr (kDst == 0) {
-          *reinterpret_cast<uint4*>(r_dst + r * 16) = v;  // the stored bf16, bit for bit
+          *reinterpret_cast<uint4*>(r_dst + c * 16) = v;  // the stored bf16, bit for bit
         } else {
           float f[8];
           uint32_t b[8];
           widen8<true>(v, f);
 #pragma unroll
           for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j]);
-          store8<kDst>(r_dst + r * 8 * kOut, b);
+          store8<kDst>(r_dst + c * 8 * kOut, b);
         }
       }
     }
