@@ -287,13 +287,16 @@ def v4_triton_launch(n: int, encoding: int = 1) -> tuple[int, int, bool]:
 # The fused paged byte gather (kernels/triton/paged_plan.py, the vLLM face's gathers): (max n rows,
 # bytes per program, num_warps) by increasing n; a program takes the power of two of rows nearest
 # below its bytes over the row's bytes (1 to 128). Rows of a size class share a shape, so the table
-# is in bytes: 1152-byte rows and the indexer's 132-byte rows were swept on one GPU.
+# is in bytes. Measured (sweep below, every shape checked first): 1152-byte rows one per program to
+# 1024 rows (n=1024: 2.37 us against 3.28 for four), four from there (n=65536: 39.7-39.9 us for
+# 4-8 rows, 45.5 for two); the indexer's 132-byte rows 16 per program to 1024 rows (1.43 us against
+# 1.86 for one), 32 from there (n=65536: 6.29 us against 7.02 for 64, 11.84 for 8).
 PAGED_GATHER_STEPS: tuple[tuple[int | None, int, int], ...] = (
-    (64, 1024, 4),
-    (1024, 2048, 4),
-    (None, 8192, 4),
+    (64, 1152, 4),
+    (1024, 2200, 4),
+    (None, 4608, 4),
 )
-PAGED_GATHER_MEASURED = "to be measured (seed values; `python -m mlakv.bench.vllm_ops --sweep` times the alternatives)"
+PAGED_GATHER_MEASURED = "NVIDIA H200, 2026-12-02 17:41 UTC: `python -m mlakv.bench.vllm_ops --sweep --ops gather,upconvert --sizes 1,64,1024,16384,65536`"
 # The launch shapes the sweep times: (rows per program, num_warps).
 PAGED_GATHER_SWEEP: tuple[tuple[int, int], ...] = (
     (1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 4), (64, 4), (64, 8),

@@ -37,7 +37,7 @@ from mlakv.spec import tuning
 
 __all__ = ["launch_token_slots", "launch_paged_gather", "GatherPart", "PLAN_BLOCK"]
 
-PLAN_BLOCK = 1024  # output rows per program of the slot plan
+PLAN_BLOCK = 128  # output rows per program of the slot plan (one per thread of 4 warps)
 _MAX_REQ_CHUNK = 64
 
 
