@@ -167,7 +167,7 @@ def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing 
                    "JIT threads per row x rows per CTA x trigger) and print the tuning table rows they make "
                    "(fp8_tune.json/md)")  # fmt: skip
     p.add_argument("--tune-families", type=csv_of(FP8_TUNE_FAMILIES, "family"), default=list(FP8_TUNE_FAMILIES),
-                   help="with --tune: comma list of the kernel families to sweep, jit and/or triton (default both)")  # fmt: skip
+                   help="comma list of the kernel families the launch sweep times: jit and/or triton (default both)")  # fmt: skip
     return p
 
 
