@@ -108,7 +108,8 @@ def _pdl(dev: torch.device) -> tuple[bool, dict]:
 
 
 def _req_chunk(num_reqs: int) -> int:
-    return min(triton.next_power_of_2(max(num_reqs, 1)), _MAX_REQ_CHUNK)
+    # at least 4: Triton 3.6 fails to compile the count over a [ROWS, 1] tile (RemoveLayoutConversions)
+    return min(max(triton.next_power_of_2(max(num_reqs, 1)), 4), _MAX_REQ_CHUNK)
 
 
 def _plan_args(plan: TokenSlotPlan) -> tuple[list, dict]:
