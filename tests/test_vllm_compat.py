@@ -901,3 +901,33 @@ def test_fused_gather_launch_rows_fill_the_bytes_per_program_in_a_power_of_two(n
     per_program = next(b for max_n, b, _ in tuning.PAGED_GATHER_STEPS if max_n is None or n <= max_n)
     assert rows & (rows - 1) == 0 and 1 <= rows <= 128 and warps in (1, 2, 4, 8, 16)
     assert rows == 1 or rows * row_bytes <= per_program < 2 * rows * row_bytes or rows == 128
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_gather_redoes_a_shape_triton_cannot_compile_with_one_row_per_program(monkeypatch):
+    """A compile failure (Triton 3.6 on sm_90 refuses some small tiles) happens before any launch:
+    the call is redone with one row per program, and that shape is remembered."""
+    from mlakv.kernels.triton import paged_plan
+
+    real = paged_plan._paged_gather_kernel
+    tried = []
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append(kw["ROWS"])
+                if kw["ROWS"] > 1:
+                    raise RuntimeError("PassManager::run failed")
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(paged_plan, "_paged_gather_kernel", Refusing())
+    monkeypatch.setattr(paged_plan, "_UNCOMPILABLE", set())
+    random.seed(23)
+    torch.manual_seed(23)
+    for _ in range(2):
+        plan, parts, dsts, expected = _fused_case("bf16", 5)
+        paged_plan.launch_paged_gather(plan, *parts, rows_per_program=4)
+        assert torch.equal(u8(dsts[0]).reshape(expected[0].shape), expected[0])
+    assert tried == [4, 1, 1] and len(paged_plan._UNCOMPILABLE) == 1

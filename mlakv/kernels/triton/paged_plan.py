@@ -269,8 +269,27 @@ def launch_paged_gather(
     rows, warps = tuning.paged_gather_launch(total, part_a.unit + (part_b.unit if part_b is not None else 0))
     rows, warps = rows_per_program or rows, num_warps or warps
     use_pdl, extra = _pdl(plan.block_table.device)
-    _paged_gather_kernel[(triton.cdiv(total, rows),)](
-        *ptrs, *a_views, *b_views, *args, *a_strides, *b_strides,
-        **consts, ROWS=rows, **{f"A_{k}": v for k, v in a_consts.items()}, **{f"B_{k}": v for k, v in b_consts.items()},
-        USE_PDL=use_pdl, num_warps=warps, **extra,
-    )  # fmt: skip
+    consts.update({f"A_{k}": v for k, v in a_consts.items()}, **{f"B_{k}": v for k, v in b_consts.items()})
+    key = (rows, warps, tuple(sorted(consts.items())))
+    if key in _UNCOMPILABLE:
+        rows = 1
+    try:
+        _paged_gather_kernel[(triton.cdiv(total, rows),)](
+            *ptrs, *a_views, *b_views, *args, *a_strides, *b_strides,
+            **consts, ROWS=rows, USE_PDL=use_pdl, num_warps=warps, **extra,
+        )  # fmt: skip
+    except RuntimeError:
+        # Triton 3.6 fails to compile some small tiles for sm_90 (a [32, 4] int64 tile of 32-byte rows:
+        # "PassManager::run failed" in RemoveLayoutConversions). The compile fails before anything
+        # launches, so the call is redone with one row per program, the shape every unit compiles in.
+        if rows == 1:
+            raise
+        _UNCOMPILABLE.add(key)
+        _paged_gather_kernel[(total,)](
+            *ptrs, *a_views, *b_views, *args, *a_strides, *b_strides,
+            **consts, ROWS=1, USE_PDL=use_pdl, num_warps=warps, **extra,
+        )  # fmt: skip
+
+
+#: Launch shapes (rows, warps, constexprs) Triton could not compile here: they take one row per program.
+_UNCOMPILABLE: set = set()
