@@ -87,6 +87,20 @@ def _loc(kind: str, n: int, num_slots: int) -> torch.Tensor:
     return slots
 
 
+def _fp8_expected(nope, rope, loc, fmt: str, scale, rule: str, num_slots: int, rb: int):
+    """``(base [num_slots, 1, rb] random bytes, the rows [num_slots, rb] a quantizing write of
+    nope/rope at loc must leave)``: the torch quantizer's rows at the kept slots."""
+    from mlakv.ops.fp8 import quantize_mla_rows
+
+    base = torch.randint(0, 256, (num_slots, 1, rb), dtype=torch.uint8, device="cuda")
+    rows = quantize_mla_rows(nope, rope, fmt, scale, ds_mla_scale_rule=rule).view(torch.uint8)
+    expected = base.clone().view(num_slots, rb)
+    idx = loc.to(torch.long)
+    keep = (idx >= 0) & (idx < num_slots) & (idx != RESERVED)
+    expected[idx[keep]] = rows[keep]
+    return base, expected
+
+
 def _expected(base: torch.Tensor, loc: torch.Tensor, nope: torch.Tensor, rope: torch.Tensor, skip) -> torch.Tensor:
     """The write's spec on integer views: rows with a slot in [0, num_slots) other than ``skip`` get [nope | rope].
     A slot that several kept rows target is unspecified: see _written_as_expected."""
@@ -261,7 +275,7 @@ class Smoke:
         """The FP8 quantizing write (JIT, Triton; both formats, ds_mla under each tile-scale rule, bf16/fp16
         sources, every loc kind) and the dequantizing gather (JIT, Triton) with padding and out-of-range slots."""
         from mlakv.kernels.cuda.fp8 import fp8_jit_gather, fp8_jit_write
-        from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, quantize_mla_rows, scale_tensor
+        from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, scale_tensor
         from mlakv.kernels.triton.fp8 import launch_dequant_gather, launch_quant_write
 
         for fmt, rule in (("per_tensor", "fp32_floor"), ("ds_mla", "fp32_floor"), ("ds_mla", "fp32"), ("ds_mla", "ue8m0")):
@@ -274,12 +288,7 @@ class Smoke:
                         nope = torch.randn(n, 512, device="cuda").to(dtype)
                         rope = torch.randn(n, 64, device="cuda").to(dtype)
                         loc = _loc(kind, n, num_slots)
-                        base = torch.randint(0, 256, (num_slots, 1, rb), dtype=torch.uint8, device="cuda")
-                        rows = quantize_mla_rows(nope, rope, fmt, scale, ds_mla_scale_rule=rule).view(torch.uint8)
-                        expected = base.clone().view(num_slots, rb)
-                        idx = loc.to(torch.long)
-                        keep = (idx >= 0) & (idx < num_slots) & (idx != RESERVED)
-                        expected[idx[keep]] = rows[keep]
+                        base, expected = _fp8_expected(nope, rope, loc, fmt, scale, rule, num_slots, rb)
                         runs = {
                             "triton": lambda kv: launch_quant_write(kv, loc, nope, rope, fmt, scale, RESERVED,
                                                                     scale_rule=rule),
@@ -315,7 +324,7 @@ class Smoke:
         """The JIT FP8 write and gather at every threads per row (32, 64, 128) with one and several rows
         per CTA (a partial last CTA), both trigger places; strided and out-of-range / reserved loc."""
         from mlakv.kernels.cuda.fp8 import fp8_jit_gather, fp8_jit_write
-        from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, quantize_mla_rows, scale_tensor
+        from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, scale_tensor
         from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
 
         n, num_slots = 37, 90
@@ -329,12 +338,7 @@ class Smoke:
                         nope = torch.randn(n, 512, device="cuda").to(torch.bfloat16)
                         rope = torch.randn(n, 64, device="cuda").to(torch.bfloat16)
                         loc = _loc(kind, n, num_slots)
-                        base = torch.randint(0, 256, (num_slots, 1, rb), dtype=torch.uint8, device="cuda")
-                        rows_q = quantize_mla_rows(nope, rope, fmt, scale, ds_mla_scale_rule=rule).view(torch.uint8)
-                        expected = base.clone().view(num_slots, rb)
-                        idx = loc.to(torch.long)
-                        keep = (idx >= 0) & (idx < num_slots) & (idx != RESERVED)
-                        expected[idx[keep]] = rows_q[keep]
+                        base, expected = _fp8_expected(nope, rope, loc, fmt, scale, rule, num_slots, rb)
                         kv = base.clone()
                         launched = fp8_jit_write(kv, loc, nope, rope, fmt, scale, RESERVED, num_warps=warps,
                                                  early_trigger=early, threads_per_row=threads, scale_rule=rule)  # fmt: skip

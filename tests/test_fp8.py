@@ -735,13 +735,7 @@ def test_jit_launchers_serve_zero_rows_at_any_alignment(fmt, spare, built_fp8_mo
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
-    mod = built_fp8_modules[fmt]
-    if isinstance(mod, Exception):
-        pytest.fail(str(mod))
-    kv = FakeCudaTensor((12, fp8_row_bytes(fmt, NOPE, ROPE)), torch.uint8)
-    scale = FakeCudaTensor((1,), torch.float32)
-    loc = FakeCudaTensor((0,), torch.int64)
-    outs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
+    mod, kv, scale, loc, outs = _zero_row_call(built_fp8_modules, fmt, torch.int64)
     with pytest.raises(ValueError, match="loc must be 1-D"):
         mod.mla_fp8_gather(kv, FakeCudaTensor((0, 1), torch.int64), scale, *outs, 8, 32)
     with pytest.raises(TypeError, match="loc must be int32 or int64"):
@@ -759,6 +753,17 @@ def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
 JIT_SHAPES = [(32, 1, True), (32, 8, False), (64, 2, False), (64, 16, True), (128, 4, True), (128, 32, False)]
 
 
+def _zero_row_call(built_fp8_modules, fmt: str, loc_dtype: torch.dtype):
+    """``(module, kv, scale, loc, (nope_out, rope_out))``: a call of 0 rows on fake CUDA tensors (the
+    launchers' checks run; nothing launches)."""
+    mod = built_fp8_modules[fmt]
+    if isinstance(mod, Exception):
+        pytest.fail(str(mod))
+    kv = FakeCudaTensor((12, fp8_row_bytes(fmt, NOPE, ROPE)), torch.uint8)
+    outs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
+    return mod, kv, FakeCudaTensor((1,), torch.float32), FakeCudaTensor((0,), loc_dtype), outs
+
+
 @pytest.mark.parametrize(
     "warps,threads,match",
     [(0, 32, "num_warps must be in"), (33, 32, "num_warps must be in"), (4, 16, "threads_per_row must be 32, 64 or 128"),
@@ -768,13 +773,7 @@ JIT_SHAPES = [(32, 1, True), (32, 8, False), (64, 2, False), (64, 16, True), (12
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_jit_launchers_refuse_a_launch_shape_of_no_whole_rows(fmt, warps, threads, match, built_fp8_modules):
     """Threads per row 32, 64 or 128 and a CTA of whole rows, checked before anything launches (also for 0 rows)."""
-    mod = built_fp8_modules[fmt]
-    if isinstance(mod, Exception):
-        pytest.fail(str(mod))
-    kv = FakeCudaTensor((12, fp8_row_bytes(fmt, NOPE, ROPE)), torch.uint8)
-    scale = FakeCudaTensor((1,), torch.float32)
-    loc = FakeCudaTensor((0,), torch.int64)
-    outs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
+    mod, kv, scale, loc, outs = _zero_row_call(built_fp8_modules, fmt, torch.int64)
     with pytest.raises(ValueError, match=match):
         mod.mla_fp8_quant(kv, loc, *outs, scale, -1, warps, False, 0, threads)
     with pytest.raises(ValueError, match=match):
@@ -785,13 +784,7 @@ def test_jit_launchers_refuse_a_launch_shape_of_no_whole_rows(fmt, warps, thread
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_jit_launchers_take_every_threads_per_row(fmt, threads, warps, early, built_fp8_modules):
     """Each launch shape of the sweep passes the launchers' checks (0 rows: served, nothing launched)."""
-    mod = built_fp8_modules[fmt]
-    if isinstance(mod, Exception):
-        pytest.fail(str(mod))
-    kv = FakeCudaTensor((12, fp8_row_bytes(fmt, NOPE, ROPE)), torch.uint8)
-    scale = FakeCudaTensor((1,), torch.float32)
-    loc = FakeCudaTensor((0,), torch.int32)
-    outs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
+    mod, kv, scale, loc, outs = _zero_row_call(built_fp8_modules, fmt, torch.int32)
     assert mod.mla_fp8_quant(kv, loc, *outs, scale, -1, warps, early, 0, threads) is True
     assert mod.mla_fp8_gather(kv, loc, scale, *outs, warps, threads) is True
 
