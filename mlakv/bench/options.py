@@ -29,6 +29,7 @@ __all__ = [
     "indexer_parser",
     "v4_parser",
     "demo_step_parser",
+    "vllm_parser",
     "wants_l3",
     "parser_for",
 ]
@@ -272,6 +273,30 @@ def demo_step_parser(
     return p
 
 
+# ---- mlakv bench vllm ----------------------------------------------------------------------------
+VLLM_SIZES = [1, 64, 1024, 16384, 65536]
+VLLM_PROVIDERS = ("mlakv", "vllm")
+
+
+def vllm_parser(
+    description: str = "vLLM's MLA cache ops: mlakv's face (mlakv.compat.vllm) and vLLM's own kernels side by side, "
+    "against copy bandwidth.",
+) -> argparse.ArgumentParser:
+    """The ``mlakv bench vllm`` parser (also ``python -m mlakv.bench.vllm_ops``)."""
+    p = argparse.ArgumentParser(prog="mlakv bench vllm", description=description)
+    p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE, dedup=False), default=list(VLLM_SIZES),
+                   help=f"comma list of token counts (default {','.join(map(str, VLLM_SIZES))})")  # fmt: skip
+    p.add_argument("--ops", default="", help="only ops whose name contains one of these (comma list), e.g. concat")
+    p.add_argument("--providers", type=csv_of(VLLM_PROVIDERS, "provider"), default=list(VLLM_PROVIDERS),
+                   help="comma list of mlakv, vllm (default both); vllm builds vLLM's kernels from .peers/vllm "
+                        "(MLAKV_VLLM_SRC)")  # fmt: skip
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the fused paged gathers at every launch shape of "
+                        "mlakv.spec.tuning.PAGED_GATHER_SWEEP, each checked first")  # fmt: skip
+    p.add_argument("--out", type=out_dir, default=None, help="directory for vllm_ops.json and vllm_ops.md")
+    return p
+
+
 def wants_l3(argv: Sequence[str]) -> bool:
     """Whether a ``mlakv bench hicache`` command line asks for the L3 bench (``--l3 X`` or ``--l3=X``)."""
     return any(a == "--l3" or a.startswith("--l3=") for a in argv)
@@ -291,4 +316,6 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
         return v4_parser()
     if argv and argv[0] == "demo-step":
         return demo_step_parser()
+    if argv and argv[0] == "vllm":
+        return vllm_parser()
     return kv_write_parser()

@@ -38,7 +38,7 @@ mlakv and vLLM agree bit for bit, docs/vllm.md). Destinations start as random by
 no NaN (the one payload the two write differently). A mismatch is reported ``WRONG`` (with how many
 bytes and rows differ) and that provider is not timed for the op.
 
-Run: ``python -m mlakv.bench.vllm_ops [--sizes 1,64,1024,16384,65536] [--ops concat,gather]
+Run: ``mlakv bench vllm`` or ``python -m mlakv.bench.vllm_ops [--sizes 1,64,1024,16384,65536] [--ops concat,gather]
 [--providers mlakv,vllm] [--sweep] [--out DIR]`` (writes ``vllm_ops.json`` and ``vllm_ops.md`` there).
 ``--sweep`` also times the byte gathers (``gather auto``, ``cp_gather_cache``, ``indexer gather``: one
 fused Triton launch each) at every launch shape of :data:`mlakv.spec.tuning.PAGED_GATHER_SWEEP`, each
@@ -49,19 +49,18 @@ vLLM's kernels are still built).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from mlakv.argtypes import out_dir
 from mlakv.compat import vllm as V
 from mlakv.kernels.cuda.loader import JitUnavailable
 from mlakv.spec import tuning
 
 from . import timing
+from .options import VLLM_PROVIDERS, VLLM_SIZES, vllm_parser
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -79,8 +78,8 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_SIZES = [1, 64, 1024, 16384, 65536]
-PROVIDERS = ("mlakv", "vllm")
+DEFAULT_SIZES = VLLM_SIZES
+PROVIDERS = VLLM_PROVIDERS
 R, P, BS = 512, 64, 64
 IDX_DIM, IDX_ENTRY = 128, 132
 OPS = {  # name -> bytes per token (read + written)
@@ -451,19 +450,8 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="vLLM's MLA cache ops: mlakv's face and vLLM's own kernels vs copy bandwidth")
-    ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="token counts (default %(default)s)")
-    ap.add_argument("--ops", default="", help="only ops whose name contains one of these (comma list), e.g. concat")
-    ap.add_argument("--providers", default=",".join(PROVIDERS),
-                    help="comma list of %(default)s; vllm builds vLLM's kernels from .peers/vllm (MLAKV_VLLM_SRC)")
-    ap.add_argument("--sweep", action="store_true", help="also time the fused paged gathers at every launch shape")
-    ap.add_argument("--out", type=out_dir, default=None, help="directory for vllm_ops.json / vllm_ops.md")
-    args = ap.parse_args(argv)
-    providers = [p for p in args.providers.split(",") if p]
-    try:
-        select_providers(providers, None)
-    except ValueError as e:
-        ap.error(f"argument --providers: {e}")
+    """``mlakv bench vllm [options]`` (:func:`mlakv.bench.options.vllm_parser`); returns the exit code."""
+    args = vllm_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("vllm_ops: needs a CUDA GPU")
         return 1
@@ -474,8 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "vllm_ops.json").write_text(json.dumps(report, indent=1))
             (args.out / "vllm_ops.md").write_text(format_table(report))
 
-    sizes = [int(x) for x in args.sizes.split(",") if x]
-    report = run(sizes, [o for o in args.ops.split(",") if o], providers, checkpoint=save, sweep=args.sweep)
+    report = run(args.sizes, [o for o in args.ops.split(",") if o], args.providers, checkpoint=save, sweep=args.sweep)
     save(report)
     print(format_table(report), end="")
     return 0
