@@ -425,10 +425,11 @@ def _gather_bytes(plan: TokenSlotPlan, *parts) -> None:
     slot, valid = gather_plan(*plan)
     rows = valid.nonzero().flatten()
     block, off = slot[rows] // plan.block_size, slot[rows] % plan.block_size
-    for p in parts:
-        cols = torch.arange(p.unit)
-        src_at = (p.base + block * p.block_stride + off * p.slot_stride)[:, None] + cols
-        p.dst[(rows * p.row_stride)[:, None] + cols] = p.src[src_at]
+    nb, bs = plan.num_blocks, plan.block_size
+    for p in parts:  # strided byte views: the gathered rows are the only copy made
+        src = torch.as_strided(p.src, (nb, bs, p.unit), (p.block_stride, p.slot_stride, 1), p.src.storage_offset() + p.base)
+        dst = torch.as_strided(p.dst, (plan.total, p.unit), (p.row_stride, 1))
+        dst[rows] = src[block, off]
 
 
 def _source_rows(plan: TokenSlotPlan, rows_per_block: int) -> torch.Tensor:
