@@ -260,12 +260,12 @@ def test_fp8_tune_report_gives_the_jit_rows_with_threads_per_row_and_the_plain_f
     res = {
         "device": "GPU",
         "triton": {},
-        "jit": {"quant": {"1": {"t128w4e": 1.6, "t32w2e": 2.4, "t64w2l": "WRONG"}, "64": {"t128w4e": 1.7, "t64w4e": 1.8},
+        "jit": {"quant_ds_mla": {"1": {"t128w4e": 1.6, "t32w2e": 2.4, "t64w2l": "WRONG"}, "64": {"t128w4e": 1.7, "t64w4e": 1.8},
                           "4096": {"t32w8l": 9.0, "t64w16l": 9.5}}},
-        "plain": {"quant": {"1": 1.3, "64": 1.4, "4096": 8.0}},
+        "plain": {"quant_ds_mla": {"1": 1.3, "64": 1.4, "4096": 8.0}},
     }  # fmt: skip
     text = format_tune(res)
-    assert "FP8_JIT_STEPS['quant'] = ((64, 4, True, 128), (None, 8, False, 32))" in text
+    assert "FP8_JIT_STEPS['quant_ds_mla'] = ((64, 4, True, 128), (None, 8, False, 32))" in text
     assert "| 1 | t128w4e | 1.60 | t32w2e | 2.40 | 1.30 | 1.23x |" in text and "WRONG: t64w2l" in text
 
 

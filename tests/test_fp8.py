@@ -789,7 +789,7 @@ def test_jit_launchers_take_every_threads_per_row(fmt, threads, warps, early, bu
     assert mod.mla_fp8_gather(kv, loc, scale, *outs, warps, threads) is True
 
 
-@pytest.mark.parametrize("kind", ["quant", "dequant"])
+@pytest.mark.parametrize("kind", ["quant_per_tensor", "quant_ds_mla", "dequant"])
 def test_jit_launch_rows_are_launch_shapes_the_kernels_take(kind):
     """FP8_JIT_STEPS: increasing max n_loc, the last open; each row's threads per row one the
     kernels take and its warps a CTA of whole rows; fp8_jit_launch returns the row of each n."""
@@ -1157,7 +1157,7 @@ def test_gpu_jit_gather_every_threads_per_row(fmt, dst, threads, warps, n):
 
 
 @requires_sm90
-@pytest.mark.parametrize("kind", ["quant", "dequant"])
+@pytest.mark.parametrize("kind", ["quant_per_tensor", "quant_ds_mla", "dequant"])
 def test_gpu_jit_table_rows_serve_their_sizes(kind):
     """Each FP8_JIT_STEPS row, through the table (no override), at the largest n it serves (the
     open row: one more than the row before): bit-exact, both formats."""
@@ -1166,12 +1166,12 @@ def test_gpu_jit_table_rows_serve_their_sizes(kind):
 
     steps = FP8_JIT_STEPS[kind]
     sizes = [s[0] if s[0] is not None else (steps[-2][0] if len(steps) > 1 else 64) + 1 for s in steps]
-    for fmt in FORMATS:
+    for fmt in FORMATS if kind == "dequant" else [kind.removeprefix("quant_")]:
         for n in sizes:
             num_slots = n + 40
             loc = hostile_loc(n, num_slots, torch.int64)
             kv = poisoned(num_slots, fp8_row_bytes(fmt, NOPE, ROPE))
-            if kind == "quant":
+            if kind != "dequant":
                 nope, rope = make_sources(n, torch.bfloat16, seed=n)
                 rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")).view(torch.uint8)
                 keep = loc.cpu() != SKIP_SLOT

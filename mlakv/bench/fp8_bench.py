@@ -333,10 +333,9 @@ def run_fp8_tune(
     Returns ``{"device", "triton": {kind: {n: {shape: us}}}, "jit": {kind: {n: {shape: us}}},
     "plain": {kind: {n: us}}}``; a Triton shape is ``w<warps>r<rows><e|l>`` (trigger at entry /
     late), a JIT one ``t<threads per row>w<warps per CTA><e|l>``. The Triton kinds are the table's
-    (``quant_per_tensor``, ``quant_ds_mla``, ``dequant``: the sum of both formats' gathers); the JIT
-    ones ``quant`` (the sum of both formats' writes) and ``dequant``; ``plain`` holds, per JIT kind,
-    the plain row write of the same rows (both formats summed) and the plain bf16 row gather (twice:
-    one per format), the floors issue 27's goals read the JIT kernels against. ``families``: ``jit``
+    (``quant_per_tensor``, ``quant_ds_mla``, ``dequant``: the sum of both formats' gathers), the JIT
+    ones too; ``plain`` holds, per JIT kind, the plain row write of the same rows and the plain bf16
+    row gather (twice: one per format), the floors issue 27's goals read the JIT kernels against. ``families``: ``jit``
     and/or ``triton``. Every variant is checked bit-exactly before it is timed (``WRONG`` otherwise).
     """
     res = {} if into is None else into
@@ -387,13 +386,15 @@ def run_fp8_tune(
         elif "jit" in families:
             for threads, w in _jit_shapes():
                 for early in (True, False):
-                    fns = {f: _jit_write(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads) for f in FORMATS}
-                    add(res["jit"], "quant", n, _jit_key(threads, w, early), both(fns, wcheck, layers))
+                    for f in FORMATS:
+                        fn = _jit_write(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads)
+                        add(res["jit"], f"quant_{f}", n, _jit_key(threads, w, early), both({f: fn}, wcheck, layers))
                 refs.clear()
                 fns = {f: _jit_gather(f, scale, num_warps=w, threads_per_row=threads) for f in FORMATS}
                 add(res["jit"], "dequant", n, _jit_key(threads, w, False), both(fns, gcheck, layers))
-            plain = {f: _write_providers(f, scale, False)["plain"] for f in FORMATS}
-            res["plain"].setdefault("quant", {})[str(n)] = both(plain, wcheck, layers)
+            for f in FORMATS:
+                plain = {f: _write_providers(f, scale, False)["plain"]}
+                res["plain"].setdefault(f"quant_{f}", {})[str(n)] = both(plain, wcheck, layers)
             gather_us = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers, rep)
             res["plain"].setdefault("dequant", {})[str(n)] = 2 * gather_us
         del layers
@@ -432,7 +433,7 @@ def _steps(best: list[tuple[int, tuple]]) -> list[tuple]:
 def format_tune(res: dict) -> str:
     """Per kernel: the fastest shape at each size (with the runner-up's margin; for the JIT kernels
     also the plain row write or gather of the same bytes and the ratio to it) and the table rows they make."""
-    out = [f"device: {res['device']}; us per call (quant: per format; jit quant and dequant: both formats summed)"]
+    out = [f"device: {res['device']}; us per call (quant: per format; dequant: both formats summed)"]
     if res.get("jit_not_timed"):
         out.append(f"JIT: {res['jit_not_timed']}")
     for family, table in (("triton", res.get("triton", {})), ("jit", res.get("jit", {}))):

@@ -190,7 +190,8 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 
 # The FP8 family (quantizing write, dequantizing gather): its own rows, not the plain write's.
 # JIT (csrc/fp8.cuh): (max n_loc, warps per CTA, PDL trigger at entry, threads per row) by increasing
-# n_loc, per kernel ("quant", "dequant"; the gather launches without PDL). A row's 16-byte chunks are
+# n_loc, per kernel ("quant_per_tensor", "quant_ds_mla", "dequant" for both formats; the gather
+# launches without PDL). A row's 16-byte chunks are
 # spread over its threads (32, 64 or 128: one to three chunks each for 512 + 64); rows per CTA =
 # 32 * warps / threads per row. Few rows per CTA at small n spread a call over more SMs; more
 # threads per row shorten each thread's dependent chain (load, widen, amax, shuffle, divide, convert,
@@ -198,9 +199,13 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 # every shape checked bit-exact first; ds_mla + per_tensor summed): the write 128 threads at one row
 # (1.62 us against 1.97 for the fastest one-warp shape), 64 threads to 4096 rows (n=64: 1.78 against
 # 2.23; n=4096: 6.73 against 8.31), one warp per row above; the gather 128 threads to 1024 rows
-# (n=64: 2.93 against 3.38), one warp above.
+# (n=64: 2.93 against 3.38), one warp above. The two writes still share the row of that run (it
+# timed both formats summed; `--tune` now times each format on its own).
+_FP8_JIT_QUANT_2026_12_02 = ((1, 16, False, 128), (256, 4, False, 64), (1024, 16, False, 64), (4096, 4, False, 64),
+                             (None, 4, True, 32))  # fmt: skip
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
-    "quant": ((1, 16, False, 128), (256, 4, False, 64), (1024, 16, False, 64), (4096, 4, False, 64), (None, 4, True, 32)),
+    "quant_per_tensor": _FP8_JIT_QUANT_2026_12_02,
+    "quant_ds_mla": _FP8_JIT_QUANT_2026_12_02,
     "dequant": ((1, 16, False, 128), (256, 4, False, 128), (1024, 8, False, 128), (None, 4, False, 32)),
 }
 FP8_JIT_MEASURED = (
@@ -211,7 +216,8 @@ FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
 
 
 def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
-    """``(num_warps, early_trigger, threads_per_row)`` of the JIT FP8 kernel ``kind`` (``quant``/``dequant``)
+    """``(num_warps, early_trigger, threads_per_row)`` of the JIT FP8 kernel ``kind`` (``quant_per_tensor``,
+    ``quant_ds_mla``, ``dequant``)
     for ``n_loc`` rows: warps per CTA, the PDL trigger at kernel entry (the gather ignores it), threads
     per row (rows per CTA = 32 * num_warps / threads_per_row)."""
     for max_n, warps, early, threads in FP8_JIT_STEPS[kind]:

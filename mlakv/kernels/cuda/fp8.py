@@ -148,7 +148,7 @@ def fp8_jit_write(
     kv = kv_buffer if kv_buffer.dtype == torch.uint8 else kv_buffer.view(torch.uint8)
     if k_scale is None:
         k_scale = _dummy_scale(kv_buffer.device)
-    warps, early, threads = fp8_jit_launch("quant", loc.shape[0])
+    warps, early, threads = fp8_jit_launch(f"quant_{kv_cache_format}", loc.shape[0])
     if early_trigger is not None:
         early = early_trigger
     threads = threads_per_row or threads
