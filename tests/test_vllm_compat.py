@@ -931,3 +931,33 @@ def test_fused_gather_redoes_a_shape_triton_cannot_compile_with_one_row_per_prog
         paged_plan.launch_paged_gather(plan, *parts, rows_per_program=4)
         assert torch.equal(u8(dsts[0]).reshape(expected[0].shape), expected[0])
     assert tried == [4, 1, 1] and len(paged_plan._UNCOMPILABLE) == 1
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_fused_gather_skips_rows_whose_block_ids_or_logical_blocks_are_out_of_range():
+    """The GPU gathers are unchecked (no sync): a block id < 0 or >= num_blocks, a logical block past
+    the table's columns, starts past the output and a seq_start past the table leave their rows as
+    they were; every other row is copied."""
+    from mlakv.kernels.triton.paged_plan import launch_paged_gather
+
+    torch.manual_seed(31)
+    nb, bs, entry = 6, 4, 10
+    cache = poisoned((nb, bs, entry), BF16)
+    table = torch.tensor([[0, -1, 3], [nb, 2, 5], [1, nb + 7, -4]], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 9, 14, 40], dtype=torch.int32, device=DEVICE)  # request 2 runs past the output
+    ss = torch.tensor([2, 1, 9], dtype=torch.int32, device=DEVICE)  # request 2 starts in its 3rd block
+    total = 20
+    dst = poisoned((total, entry), BF16)
+    expected = u8(dst).clone()
+    es = cache.element_size()
+    for r in range(3):
+        for t in range(int(cu[r]), min(int(cu[r + 1]), total)):
+            p = int(ss[r]) + t - int(cu[r])
+            if p // bs >= table.shape[1]:
+                continue
+            blk = int(table[r, p // bs])
+            if 0 <= blk < nb:
+                expected[t] = u8(cache[blk, p % bs])
+    part = V._part(cache, dst, 0, cache.stride(0) * es, cache.stride(1) * es, entry * es)
+    launch_paged_gather(TokenSlotPlan(table, cu, 3, total, bs, nb, ss, True), part)
+    assert torch.equal(u8(dst), expected)
