@@ -7,10 +7,11 @@ dequantizing gather; ``mlakv bench rope`` (:mod:`.rope_write`) the fused RoPE + 
 ``mlakv bench v4`` (:mod:`.v4_store`) the DeepSeek-V4 family's paged-cache store against sglang's;
 ``mlakv bench demo-step`` (:mod:`.demo_step`) the demo model's decode step with the fused cache step
 against the separate kernels; ``mlakv bench vllm`` (:mod:`.vllm_ops`) vLLM's MLA cache ops on mlakv's
-face beside vLLM's own kernels. Run as modules: ``python -m mlakv.bench.move_kv`` (``move_kv_cache``'s one
+face beside vLLM's own kernels; ``mlakv bench parity`` (:mod:`.parity`) every family's Triton kernels
+against its CUDA kernels in one run (it runs the family benches; they import nothing of each other). Run as modules: ``python -m mlakv.bench.move_kv`` (``move_kv_cache``'s one
 launch vs a torch loop per layer, GPU), ``python -m mlakv.bench.custom_op_cost`` (the write's torch
 custom op's host cost per call) and ``python -m mlakv.bench.host_cost`` (the eager write's host cost
-step by step). Every bench reads its clocks from :mod:`.timing` and none imports another; the
+step by step). Every bench reads its clocks from :mod:`.timing`; none imports another but ``parity``; the
 command lines are in :mod:`.options` (parsed before torch loads). The legacy baseline kernel
 (:mod:`.legacy_kernel`) and the sglang peer (:mod:`.sglang_peer`, built only from source fetched
 with ``mlakv fetch-peers``, :mod:`.peers`) exist only for comparison and are not part of the library.
@@ -71,6 +72,12 @@ def _vllm(argv: list[str]) -> int:
     return run(argv)
 
 
+def _parity(argv: list[str]) -> int:
+    from .parity import main as run
+
+    return run(argv)
+
+
 def _demo_step(argv: list[str]) -> int:
     from .demo_step import main as run
 
@@ -80,7 +87,7 @@ def _demo_step(argv: list[str]) -> int:
 # `mlakv bench <name> ...`: one entry per bench; the row-write bench runs when no name is given.
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "hicache": _hicache, "fp8": _fp8, "indexer": _indexer, "rope": _rope, "v4": _v4, "demo-step": _demo_step,
-    "vllm": _vllm,
+    "vllm": _vllm, "parity": _parity,
 }  # fmt: skip
 
 

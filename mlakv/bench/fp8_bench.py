@@ -200,13 +200,14 @@ def _jit_available(layers: list[dict]) -> bool:
 
 
 # ---- the side-by-side run -----------------------------------------------------------------------
-def run_fp8_bench(sizes: list[int], into: Optional[dict] = None) -> dict:
+def run_fp8_bench(sizes: list[int], into: Optional[dict] = None, rules: bool = True) -> dict:
     """Time every provider at each n_loc; return ``{"device", "copy_gbs", "write": [...], "gather": [...]}`` (GPU only).
 
     The rows go into ``into`` (a new dict by default) as they are measured, so a caller that is
     interrupted keeps the rows done so far. A write row: ``{"fmt", "n_loc", "path", <provider>: us
     or "WRONG", "bound": us}``; a gather row: ``{"fmt", "n_loc", <provider>: ..., "bound"}``; a
-    ``"rules"`` row (the ds_mla write by tile-scale rule): ``{"rule", "n_loc", "jit", "triton", "bound"}``.
+    ``"rules"`` row (the ds_mla write by tile-scale rule): ``{"rule", "n_loc", "jit", "triton", "bound"}``;
+    ``rules=False`` leaves those out (the default rule's write is the ``ds_mla`` write row).
     """
     res = {} if into is None else into
     res.update(device=torch.cuda.get_device_name(), copy_gbs=None, write=[], gather=[], rules=[])
@@ -236,7 +237,7 @@ def run_fp8_bench(sizes: list[int], into: Optional[dict] = None) -> dict:
             g["plain"] = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers)
             g["bound"] = _bound_us(n, _gather_bytes(fmt), copy_gbs)
             res["gather"].append(g)
-        for rule in DS_MLA_SCALE_RULES:
+        for rule in DS_MLA_SCALE_RULES if rules else ():
             rows = quantize_mla_rows(d0["nope"].cpu(), d0["rope"].cpu(), "ds_mla", ds_mla_scale_rule=rule).cuda()
             r = {"rule": rule, "n_loc": n}
             providers = {"triton": _triton_write("ds_mla", scale, scale_rule=rule)}

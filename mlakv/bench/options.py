@@ -30,6 +30,7 @@ __all__ = [
     "v4_parser",
     "demo_step_parser",
     "vllm_parser",
+    "parity_parser",
     "wants_l3",
     "parser_for",
 ]
@@ -61,7 +62,7 @@ ROPE_SIZES = [1, 8, 32, 64, 128, 512, 1024, 4096, 16384]
 ROPE_QUICK_SIZES = [1, 64, 128, 1024, 16384]
 ROPE_CPU_SIZES = [1, 32]
 ROPE_PROVIDERS = ["fused", "fused-triton", "unfused", "sglang"]
-ROPE_SWEEP = ["jit-early", "jit-late", "jit-w4"]
+ROPE_SWEEP = ["jit", "jit-early", "jit-late", "jit-w4"]  # "jit": the CUDA kernel at the table's launch, forced
 
 
 def csv_of(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
@@ -297,6 +298,27 @@ def vllm_parser(
     return p
 
 
+# ---- mlakv bench parity -----------------------------------------------------------------------
+PARITY_FAMILIES = ["row", "fp8", "rope", "v4", "indexer", "convert"]  # mlakv.bench.parity.FAMILIES
+PARITY_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
+PARITY_LIMIT = 1.15  # the goal: each Triton kernel within this factor of the CUDA kernel for the same call
+
+
+def parity_parser(
+    description: str = "Triton against the JIT CUDA kernels, every kernel family in one run (the family benches "
+    "at the same sizes, each provider checked bit-exact first): one triton / jit ratio per kernel, case and n.",
+) -> argparse.ArgumentParser:
+    """The ``mlakv bench parity`` parser."""
+    p = argparse.ArgumentParser(prog="mlakv bench parity", description=description)
+    p.add_argument("--families", type=csv_of(PARITY_FAMILIES, "family"), default=list(PARITY_FAMILIES),
+                   help=f"comma list of {', '.join(PARITY_FAMILIES)} (default all)")  # fmt: skip
+    p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE), default=list(PARITY_SIZES),
+                   help=f"comma list of n (default {','.join(map(str, PARITY_SIZES))})")  # fmt: skip
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"),
+                   help="directory for parity.json and parity.md (checked writable before measuring)")  # fmt: skip
+    return p
+
+
 def wants_l3(argv: Sequence[str]) -> bool:
     """Whether a ``mlakv bench hicache`` command line asks for the L3 bench (``--l3 X`` or ``--l3=X``)."""
     return any(a == "--l3" or a.startswith("--l3=") for a in argv)
@@ -318,4 +340,6 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
         return demo_step_parser()
     if argv and argv[0] == "vllm":
         return vllm_parser()
+    if argv and argv[0] == "parity":
+        return parity_parser()
     return kv_write_parser()

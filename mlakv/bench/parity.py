@@ -1,0 +1,237 @@
+"""Triton against CUDA, every kernel family in one run: the table the "every GPU gets the fast path" goal reads.
+
+Why: GPUs other than Hopper (A100, L40S, consumer cards, AMD) run mlakv's Triton kernels; the goal
+is each within 1.15x of the JIT CUDA kernel for the same call at every n. Each family bench already
+times its JIT and Triton kernels side by side, every provider checked bit-exact against the
+reference before it is timed: the row write (:mod:`.kv_write`), the FP8 write and dequantizing
+gather (:mod:`.fp8_bench`), the fused RoPE write (:mod:`.rope_write`), the DeepSeek-V4 family store
+(:mod:`.v4_store`) and the DSA indexer store and gather (:mod:`.indexer`). This module runs them at
+the same sizes in one process and reads one ratio per (kernel, case, n) out of their results:
+``triton / jit`` (a wrong or absent provider shows its reason instead). It is the one bench that
+imports other benches (their run functions); they import nothing of it or of each other.
+
+Kernels with no CUDA twin are read against their bytes instead: the converting write (fp32 sources
+into a bf16 cache, converted in registers) is timed here beside the JIT byte write of the already
+converted rows (the same output) and the call's bytes at copy bandwidth. The move, the HiCache copy
+and the vLLM face's paged gathers have their own benches (``python -m mlakv.bench.move_kv``,
+``mlakv bench hicache``, ``mlakv bench vllm``).
+
+Run: ``python -m mlakv bench parity [--families row,fp8,rope,v4,indexer,convert] [--sizes ...] [--out DIR]``;
+writes ``parity.json`` and ``parity.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from typing import Any, Callable, Optional
+
+import torch
+
+from .options import PARITY_FAMILIES, PARITY_LIMIT
+from .options import parity_parser as build_parser
+from .report import run_on_gpu
+from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, progress, rotating
+
+__all__ = ["FAMILIES", "entry", "ratio_of", "verdict", "run_parity", "format_tables", "main"]
+
+
+def entry(family: str, case: str, n: int, jit: Any, triton: Any) -> dict:
+    """One measured point: ``jit`` and ``triton`` are µs per call, or a string saying why there is no time."""
+    return {"family": family, "case": case, "n": n, "jit": jit, "triton": triton}
+
+
+def ratio_of(e: dict) -> Optional[float]:
+    """``triton / jit`` of a point; None when either side has no time."""
+    j, t = e.get("jit"), e.get("triton")
+    if isinstance(j, (int, float)) and isinstance(t, (int, float)) and j > 0:
+        return t / j
+    return None
+
+
+def verdict(entries: list[dict], limit: float = PARITY_LIMIT) -> str:
+    """``met`` when every point of a case has ``triton / jit <= limit``; else ``MISSED`` with the worst point
+    (or the first point that has no ratio)."""
+    worst: Optional[tuple[float, int]] = None
+    for e in entries:
+        r = ratio_of(e)
+        if r is None:
+            return f"no ratio at n={e['n']}"
+        if worst is None or r > worst[0]:
+            worst = (r, e["n"])
+    if worst is None:
+        return "no points"
+    return "met" if worst[0] <= limit else f"MISSED (worst {worst[0]:.2f}x at n={worst[1]})"
+
+
+# ---- each family: its bench's run function, read into points ------------------------------------
+def _row_write(sizes: list[int]) -> list[dict]:
+    from .kv_write import run_sweep
+
+    out = []
+    for r in run_sweep(["bf16", "u8"], sizes, ["jit", "triton"], [torch.int64], cold=False):
+        case = {"bf16": "bf16 512+64", "u8": "u8 656 (FP8 rows as bytes)"}[r.layout]
+        side = {p: r.times_us.get(p, r.errors.get(p, "absent")) for p in ("jit", "triton")}
+        out.append(entry("row write", case, r.n_loc, side["jit"], side["triton"]))
+    return out
+
+
+def _fp8(sizes: list[int]) -> list[dict]:
+    from .fp8_bench import run_fp8_bench
+
+    res = run_fp8_bench(sizes, rules=False)
+    out = [entry("fp8 write", r["fmt"], r["n_loc"], r.get("jit", "absent"), r.get("triton", "absent")) for r in res["write"]]
+    out += [entry("fp8 gather", f"{g['fmt']} -> bf16", g["n_loc"], g.get("jit", "absent"), g.get("triton", "absent"))
+            for g in res["gather"]]  # fmt: skip
+    return out
+
+
+def _rope(sizes: list[int]) -> list[dict]:
+    from .rope_write import run
+
+    rep = run(["bf16", "fp8", "ds_mla"], [16, 128], sizes, ["jit", "fused-triton"], False, 0)
+    out = []
+    for r in rep["results"]:
+        side = {}
+        for name in ("jit", "fused-triton"):
+            side[name] = r["times_us"].get(name) or ("WRONG" if name in r["wrong"] else r["absent"].get(name, "absent"))
+        out.append(entry("rope write", f"{r['variant']} H={r['heads']}", r["n"], side["jit"], side["fused-triton"]))
+    return out
+
+
+def _v4(sizes: list[int]) -> list[dict]:
+    from .v4_store import run_v4_bench
+
+    res = run_v4_bench(["v4", "v41", "v41_fp4"], sizes, ["mlakv-jit", "mlakv-triton"])
+    return [entry("v4 store", r["layout"], r["n"], r.get("mlakv-jit", "absent"), r.get("mlakv-triton", "absent"))
+            for r in res["rows"]]  # fmt: skip
+
+
+def _indexer(sizes: list[int]) -> list[dict]:
+    from .indexer import run_indexer_bench
+
+    res = run_indexer_bench(sizes)
+    out = [entry("indexer", "store", r["n"], r.get("mlakv-jit", "absent"), r.get("mlakv-triton", "absent")) for r in res["store"]]
+    # the gather's "mlakv" provider is the op on its path: the JIT kernel on SM90+ (its row says so)
+    out += [entry("indexer", "gather", g["n"], g.get("mlakv", "absent"), g.get("mlakv-triton", "absent")) for g in res["gather"]]
+    return out
+
+
+def _convert(sizes: list[int]) -> list[dict]:
+    """The converting write (fp32 -> bf16, 512 + 64): Triton only. ``jit`` holds the JIT byte write of the
+    converted rows (the same output bytes, half the source bytes); ``bound`` the converting call's bytes
+    at copy bandwidth."""
+    from mlakv import jit_kernel
+    from mlakv.kernels.triton.row_write import launch_set_kv_rows
+    from mlakv.ops.reference import set_mla_kv_buffer_torch
+
+    copy_gbs = copy_bandwidth_gbs()
+    out = []
+    for n in sizes:
+        progress(f"parity: converting write n={n}")
+        sets = []
+        for _ in range(INPUT_SETS):
+            kv = torch.empty(n + 64, 1, 576, dtype=torch.bfloat16, device="cuda")
+            kv.view(torch.int16).random_(-(1 << 15), 1 << 15)
+            nope, rope = torch.randn(n, 512, device="cuda"), torch.randn(n, 64, device="cuda")
+            loc = torch.randperm(n + 64, device="cuda")[:n]
+            sets.append((kv, loc, nope, rope, nope.to(torch.bfloat16), rope.to(torch.bfloat16)))
+        kv, loc, nope, rope, nb, rb = sets[0]
+        want = kv.cpu().clone()
+        set_mla_kv_buffer_torch(want, loc.cpu(), nb.cpu(), rb.cpu())
+        got = kv.clone()
+        launch_set_kv_rows(got, loc, nope, rope)
+        t: Any = "WRONG"
+        if torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)):
+            t = graph_median_us(rotating(lambda kv, loc, a, b, c, d: launch_set_kv_rows(kv, loc, a, b), sets), calls=len(sets))
+        j = graph_median_us(
+            rotating(lambda kv, loc, a, b, c, d: jit_kernel.set_mla_kv_buffer(kv, loc, c, d), sets), calls=len(sets)
+        )
+        e = entry("converting write", "fp32 -> bf16 (vs JIT byte write of bf16 rows)", n, j, t)
+        e["bound"] = n * (576 * 4 + 8 + 576 * 2) / (copy_gbs * 1e3)
+        out.append(e)
+        del sets
+        torch.cuda.empty_cache()
+    return out
+
+
+#: ``--families`` name -> its runner (sizes -> points); the converting write has no CUDA twin (read apart)
+FAMILIES: dict[str, Callable[[list[int]], list[dict]]] = {
+    "row": _row_write, "fp8": _fp8, "rope": _rope, "v4": _v4, "indexer": _indexer, "convert": _convert,
+}  # fmt: skip
+assert set(FAMILIES) == set(PARITY_FAMILIES)
+
+
+def run_parity(families: list[str], sizes: list[int], into: Optional[dict] = None) -> dict:
+    """Run each family's bench at ``sizes``; ``{"device", "versions", "date", "sizes", "points": [...]}`` (GPU only).
+    Points go into ``into`` as each family finishes, so an interrupted run keeps them."""
+    import triton
+
+    res = {} if into is None else into
+    res.update(
+        device=torch.cuda.get_device_name(), sizes=list(sizes), points=[],
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        versions={"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                  "python": platform.python_version()},
+    )  # fmt: skip
+    for fam in families:
+        progress(f"parity: {fam}")
+        res["points"] += FAMILIES[fam](sizes)
+    return res
+
+
+def _cases(points: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    by: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        by.setdefault((p["family"], p["case"]), []).append(p)
+    return by
+
+
+def _ratio_cell(e: Optional[dict]) -> str:
+    if e is None:
+        return "-"
+    r = ratio_of(e)
+    if r is not None:
+        return f"**{r:.2f}**" if r > PARITY_LIMIT else f"{r:.2f}"
+    why = e["triton"] if not isinstance(e["triton"], (int, float)) else e["jit"]
+    return str(why)[:40]
+
+
+def _us(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) else str(v)[:24]
+
+
+def format_tables(res: dict) -> str:
+    """Markdown: the ratio table (``triton / jit`` per case and n, bold above the limit, a verdict per case),
+    then the times (``jit / triton`` µs)."""
+    sizes = res["sizes"]
+    v = res.get("versions", {})
+    head = [f"device: {res['device']}; torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}; "
+            f"{res.get('date')}; times: µs per call, median CUDA-graph replay over {INPUT_SETS} input sets, each provider "
+            f"checked bit-exact first; goal: triton / jit <= {PARITY_LIMIT}", ""]  # fmt: skip
+    cases = _cases([p for p in res["points"] if p["family"] != "converting write"])
+    cols = " | ".join(f"n={n}" for n in sizes)
+    out = head + ["| kernel | case | " + cols + " | verdict |", "|---|---|" + "---|" * len(sizes) + "---|"]
+    for (fam, case), pts in cases.items():
+        at = {p["n"]: p for p in pts}
+        out.append(f"| {fam} | {case} | " + " | ".join(_ratio_cell(at.get(n)) for n in sizes) + f" | {verdict(pts)} |")
+    out += ["", "times (jit / triton µs)", "", "| kernel | case | " + cols + " |", "|---|---|" + "---|" * len(sizes)]
+    for (fam, case), pts in cases.items():
+        at = {p["n"]: p for p in pts}
+        cells = [f"{_us(at[n]['jit'])} / {_us(at[n]['triton'])}" if n in at else "-" for n in sizes]
+        out.append(f"| {fam} | {case} | " + " | ".join(cells) + " |")
+    conv = [p for p in res["points"] if p["family"] == "converting write"]
+    if conv:
+        out += ["", "converting write (Triton only: fp32 sources into a bf16 cache; no CUDA twin)", "",
+                "| n | triton µs | JIT byte write of the converted rows µs | bound µs | triton / bound |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for p in conv:
+            rb = f"{p['triton'] / p['bound']:.2f}x" if isinstance(p["triton"], (int, float)) else "-"
+            out.append(f"| {p['n']} | {_us(p['triton'])} | {_us(p['jit'])} | {_us(p['bound'])} | {rb} |")
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``mlakv bench parity``: returns 0 (also without a GPU: nothing to measure), 2 on a usage error."""
+    args = build_parser().parse_args(argv)
+    return run_on_gpu("parity bench", args.out, "parity", lambda: run_parity(args.families, args.sizes), format_tables)

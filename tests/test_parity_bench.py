@@ -1,0 +1,110 @@
+"""`mlakv bench parity`: Triton against CUDA per kernel family, read out of the family benches' results.
+
+Without a GPU: the verdict rule, the table, and that each family's reader takes the keys its bench
+really writes (the benches' run functions replaced by fakes of their result shapes). On an SM90 GPU:
+a short real run of the row-write family.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import requires_sm90
+
+from mlakv.bench import SUBCOMMANDS, parity
+from mlakv.bench.options import PARITY_LIMIT
+
+
+def _points(ratios: dict[int, object]) -> list[dict]:
+    return [parity.entry("fp8 write", "ds_mla", n, 1.0, r) for n, r in ratios.items()]
+
+
+@pytest.mark.parametrize(
+    "ratios, want",
+    [
+        ({1: 0.9, 64: 1.1, 65536: PARITY_LIMIT}, "met"),
+        ({1: 0.9, 64: 1.3, 65536: 1.2}, "MISSED (worst 1.30x at n=64)"),
+        ({1: 0.9, 64: "WRONG"}, "no ratio at n=64"),
+    ],
+)
+def test_verdict_takes_the_worst_point_and_refuses_a_point_without_a_time(ratios, want):
+    assert parity.verdict(_points(ratios)) == want
+
+
+def test_no_points_is_no_verdict():
+    assert parity.verdict([]) == "no points"
+
+
+def _result() -> dict:
+    pts = _points({1: 0.95, 65536: 1.4})
+    pts.append(parity.entry("indexer", "store", 1, "absent", 2.0))
+    conv = parity.entry("converting write", "fp32 -> bf16", 65536, 40.0, 60.0)
+    conv["bound"] = 50.0
+    return {"device": "NVIDIA H200", "sizes": [1, 65536], "date": "2026-12-02 23:00 UTC", "versions": {}, "points": [*pts, conv]}
+
+
+def test_table_marks_ratios_above_the_limit_and_names_the_verdict():
+    lines = parity.format_tables(_result()).splitlines()
+    row = next(ln for ln in lines if ln.startswith("| fp8 write | ds_mla |"))
+    assert "| 0.95 |" in row and "**1.40**" in row and "MISSED (worst 1.40x at n=65536)" in row
+    idx = next(ln for ln in lines if ln.startswith("| indexer | store |"))
+    assert "absent" in idx and "no ratio at n=1" in idx
+    times = [ln for ln in lines if ln.startswith("| fp8 write | ds_mla |")][1]
+    assert "1.00 / 0.95" in times
+
+
+def test_converting_write_is_read_against_its_bytes_not_in_the_ratio_table():
+    text = parity.format_tables(_result())
+    assert "| converting write |" not in text  # no CUDA twin: not a triton / jit row
+    assert "| 65536 | 60.00 | 40.00 | 50.00 | 1.20x |" in text
+
+
+def test_fp8_reader_takes_the_fp8_bench_keys(monkeypatch):
+    from mlakv.bench import fp8_bench
+
+    def fake(sizes, into=None, rules=True):
+        assert rules is False  # the rule rows are not Triton-vs-CUDA points of their own
+        return {"write": [{"fmt": "ds_mla", "n_loc": 8, "path": "jit", "jit": 1.0, "triton": 1.2, "plain": 0.8}],
+                "gather": [{"fmt": "per_tensor", "n_loc": 8, "jit": 2.0, "triton": "WRONG"}]}  # fmt: skip
+
+    monkeypatch.setattr(fp8_bench, "run_fp8_bench", fake)
+    got = parity._fp8([8])
+    assert got == [parity.entry("fp8 write", "ds_mla", 8, 1.0, 1.2), parity.entry("fp8 gather", "per_tensor -> bf16", 8, 2.0, "WRONG")]
+
+
+def test_rope_reader_takes_the_forced_jit_and_names_a_wrong_provider(monkeypatch):
+    from mlakv.bench import rope_write
+
+    def fake(variants, heads, sizes, names, is_neox, sglang_max_n):
+        assert names == ["jit", "fused-triton"]
+        return {"results": [{"variant": "ds_mla", "heads": 16, "n": 1, "times_us": {"jit": 1.5}, "wrong": {"fused-triton": "3 rows"}, "absent": {}}]}
+
+    monkeypatch.setattr(rope_write, "run", fake)
+    assert parity._rope([1]) == [parity.entry("rope write", "ds_mla H=16", 1, 1.5, "WRONG")]
+
+
+def test_v4_and_indexer_readers_take_their_bench_keys(monkeypatch):
+    from mlakv.bench import indexer, v4_store
+
+    monkeypatch.setattr(v4_store, "run_v4_bench", lambda layouts, sizes, providers: {
+        "rows": [{"layout": "v41", "n": 64, "mlakv-jit": 1.0, "mlakv-triton": 0.9}]})  # fmt: skip
+    monkeypatch.setattr(indexer, "run_indexer_bench", lambda sizes: {
+        "store": [{"n": 64, "mlakv-jit": 1.0, "mlakv-triton": 1.1}], "gather": [{"n": 64, "mlakv": 2.0, "mlakv-triton": 1.8}]})  # fmt: skip
+    assert parity._v4([64]) == [parity.entry("v4 store", "v41", 64, 1.0, 0.9)]
+    assert parity._indexer([64]) == [parity.entry("indexer", "store", 64, 1.0, 1.1), parity.entry("indexer", "gather", 64, 2.0, 1.8)]
+
+
+def test_subcommand_is_registered_and_runs_without_a_gpu(capsys, tmp_path):
+    assert "parity" in SUBCOMMANDS
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the bench really runs (test_row_family_runs_on_the_gpu)")
+    assert parity.main(["--families", "row", "--sizes", "1", "--out", str(tmp_path)]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
+
+
+@requires_sm90
+def test_row_family_runs_on_the_gpu():
+    res = parity.run_parity(["row"], [1, 1024])
+    pts = res["points"]
+    assert {(p["case"], p["n"]) for p in pts} == {(c, n) for c in ("bf16 512+64", "u8 656 (FP8 rows as bytes)") for n in (1, 1024)}
+    assert all(parity.ratio_of(p) is not None for p in pts), pts  # both providers passed their check and were timed
