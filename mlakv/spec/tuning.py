@@ -196,20 +196,19 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 # 32 * warps / threads per row. Few rows per CTA at small n spread a call over more SMs; more
 # threads per row shorten each thread's dependent chain (load, widen, amax, shuffle, divide, convert,
 # store), which is what a call of few rows waits for. Measured (each row the sweep's fastest shape,
-# every shape checked bit-exact first; ds_mla + per_tensor summed): the write 128 threads at one row
-# (1.62 us against 1.97 for the fastest one-warp shape), 64 threads to 4096 rows (n=64: 1.78 against
-# 2.23; n=4096: 6.73 against 8.31), one warp per row above; the gather 128 threads to 1024 rows
-# (n=64: 2.93 against 3.38), one warp above. The two writes still share the row of that run (it
-# timed both formats summed; `--tune` now times each format on its own).
-_FP8_JIT_QUANT_2026_12_02 = ((1, 16, False, 128), (256, 4, False, 64), (1024, 16, False, 64), (4096, 4, False, 64),
-                             (None, 4, True, 32))  # fmt: skip
+# every shape checked bit-exact first; each format's write timed on its own): the writes take 128
+# threads per row at one row and up to 64 (ds_mla; per_tensor 64 threads from 2 rows), 64 threads to
+# 4096 rows (per_tensor one warp per row at 257-1024: 1.35 us against 1.56 at 64 threads), one warp per
+# row above (PDL trigger at entry for per_tensor there); the gather 128 threads to 1024 rows, one warp above.
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
-    "quant_per_tensor": _FP8_JIT_QUANT_2026_12_02,
-    "quant_ds_mla": _FP8_JIT_QUANT_2026_12_02,
-    "dequant": ((1, 16, False, 128), (256, 4, False, 128), (1024, 8, False, 128), (None, 4, False, 32)),
-}
+    "quant_per_tensor": ((1, 16, False, 128), (256, 4, False, 64), (1024, 4, False, 32), (4096, 4, False, 64),
+                         (None, 4, True, 32)),
+    "quant_ds_mla": ((1, 16, False, 128), (64, 4, False, 128), (256, 4, False, 64), (1024, 16, False, 64),
+                     (4096, 4, False, 64), (None, 4, False, 32)),
+    "dequant": ((1, 8, False, 128), (256, 4, False, 128), (1024, 8, False, 128), (None, 4, False, 32)),
+}  # fmt: skip
 FP8_JIT_MEASURED = (
-    "NVIDIA H200, 2026-12-02 17:53 UTC: `mlakv bench fp8 --tune --tune-families jit --sizes 1,8,64,256,1024,4096,65536`"
+    "NVIDIA H200, 2026-12-02 22:41 UTC: `mlakv bench fp8 --tune --tune-families jit --sizes 1,8,64,256,1024,4096,65536`"
 )
 # The threads per row a JIT FP8 kernel takes (the template variants each module holds).
 FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
