@@ -191,6 +191,9 @@ def rope_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", type=csv_of(ROPE_PROVIDERS + ROPE_SWEEP, "provider"), default=list(ROPE_PROVIDERS),
                    help=f"comma list of {', '.join(ROPE_PROVIDERS + ROPE_SWEEP)} (default {','.join(ROPE_PROVIDERS)})")  # fmt: skip
     p.add_argument("--sweep", action="store_true", help=f"also time the JIT kernel's launch variants {','.join(ROPE_SWEEP)}")
+    p.add_argument("--triton-sweep", action="store_true",
+                   help="also time the Triton kernel at every launch shape of mlakv.spec.tuning.ROPE_TRITON_SWEEP "
+                   "(warps x query rows per program), each checked against the reference first")  # fmt: skip
     p.add_argument("--style", choices=["interleaved", "neox"], default="interleaved",
                    help="RoPE pairs: interleaved (DeepSeek, default) or neox (rotate halves)")  # fmt: skip
     p.add_argument("--sglang-max-n", type=positive_int, default=8192,

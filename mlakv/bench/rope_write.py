@@ -7,7 +7,11 @@ Per variant (cache format + query dtype), head count ``H`` and token count ``n``
 512 + 64, DeepSeek's interleaved RoPE unless ``--style neox``), the providers are:
 
 * ``fused``: the public function (the dispatcher: the JIT CUDA kernel on SM90+);
-* ``fused-triton``: the Triton kernel of the same step;
+* ``fused-triton``: the Triton kernel of the same step (``--triton-sweep`` adds it at every launch
+  shape of :data:`mlakv.spec.tuning.ROPE_TRITON_SWEEP`, ``triton w<warps> q<query rows per program>``,
+  and prints the fastest per point);
+* ``jit``: the JIT CUDA kernel called directly at its table's launch (``--sweep`` adds it and its
+  launch variants);
 * ``unfused``: a RoPE kernel in place on ``q_pe`` and ``k_pe`` (sglang's own JIT RoPE, built from
   ``.peers/sglang`` with ``-fmad=false`` so its products round as the reference's do — memory-bound,
   it times the same; without the peer, mlakv's torch rotation), then mlakv's write
@@ -204,6 +208,35 @@ def sglang_modules() -> tuple[object, object, Optional[str]]:
 
 
 # ---- providers ------------------------------------------------------------------------------------------
+def _launch_triton(call: RopeWriteCall, **launch) -> None:
+    from mlakv.kernels.triton.rope_write import launch_rope_write
+
+    launch_rope_write(call, **launch)
+
+
+def triton_sweep_names() -> list[str]:
+    """The provider names of ``--triton-sweep``: one per shape of :data:`mlakv.spec.tuning.ROPE_TRITON_SWEEP`."""
+    from mlakv.spec.tuning import ROPE_TRITON_SWEEP
+
+    return [f"triton w{w} q{q}" for w, q in ROPE_TRITON_SWEEP]
+
+
+def fastest_triton(report: dict) -> list[str]:
+    """Per (variant, H, n): the fastest ``--triton-sweep`` shape, its time and the table's own
+    (``fused-triton``); empty when the sweep did not run."""
+    out = []
+    for r in report["results"]:
+        shapes = {k: v for k, v in r["times_us"].items() if k.startswith("triton w")}
+        if shapes:
+            best = min(shapes, key=shapes.get)
+            own = r["times_us"].get("fused-triton")
+            out.append(f"| {r['variant']} | {r['heads']} | {r['n']} | {best} | {_fmt(shapes[best])} | {_fmt(own)} |")
+    if not out:
+        return []
+    return ["", "Fastest Triton shape (`--triton-sweep`)", "", "| variant | H | n | fastest | µs | table's shape µs |",
+            "|---|---|---|---|---|---|", *out]  # fmt: skip
+
+
 def providers_for(variant: str, is_neox: bool, names: list[str]) -> tuple[dict, dict, str]:
     """``({name: fn(d)}, {name: why absent}, the unfused RoPE kernel: "sglang" or "torch")`` for the
     requested providers of ``variant``."""
@@ -227,9 +260,7 @@ def providers_for(variant: str, is_neox: bool, names: list[str]) -> tuple[dict, 
                              d["k_scale"], d["q_nope"], d["q_pe"], d["q_out"], d["q_scale"])  # fmt: skip
 
     def fused_triton(d):
-        from mlakv.kernels.triton.rope_write import launch_rope_write
-
-        launch_rope_write(args(d))
+        _launch_triton(args(d))
 
     if rope_mod is not None:
         rope_fn = rope_mod.rope_neox if is_neox else rope_mod.rope_interleaved
@@ -286,6 +317,9 @@ def providers_for(variant: str, is_neox: bool, names: list[str]) -> tuple[dict, 
         "jit-w4": jit_variant(num_warps=4),
     }
     for name in names:
+        if name.startswith("triton w") and name not in table:  # a --triton-sweep shape: "triton w<warps> q<rows>"
+            w, q = (int(part[1:]) for part in name.split()[1:])
+            table[name] = lambda d, w=w, q=q: _launch_triton(args(d), num_warps=w, q_rows=q)
         if name not in table:
             raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS + SWEEP}")
         if not on_gpu and name not in ("fused", "unfused"):
@@ -434,8 +468,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     on_gpu = torch.cuda.is_available()
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES if on_gpu else CPU_SIZES)
     names = list(args.providers) + ([s for s in SWEEP if s not in args.providers] if args.sweep else [])
+    names += triton_sweep_names() if args.triton_sweep else []
     report = run(args.variants, args.heads, sizes, names, args.style == "neox", args.sglang_max_n)
-    text = format_report(report, names)
+    text = format_report(report, names) + "\n".join(fastest_triton(report))
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

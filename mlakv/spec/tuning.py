@@ -25,6 +25,10 @@ __all__ = [
     "ROPE_WRITE_WARPS",
     "ROPE_WRITE_EARLY_MAX_ITEMS",
     "rope_write_launch",
+    "ROPE_TRITON_STEPS",
+    "ROPE_TRITON_MEASURED",
+    "ROPE_TRITON_SWEEP",
+    "rope_triton_launch",
     "FP8_JIT_STEPS",
     "FP8_JIT_MEASURED",
     "FP8_JIT_THREADS_PER_ROW",
@@ -186,6 +190,22 @@ ROPE_WRITE_EARLY_MAX_ITEMS = 256
 def rope_write_launch(n_items: int) -> tuple[int, bool]:
     """``(num_warps, early_trigger)`` of the fused RoPE write for a call of ``n_items`` warp items."""
     return ROPE_WRITE_WARPS, n_items <= ROPE_WRITE_EARLY_MAX_ITEMS
+
+
+# The fused RoPE write's Triton kernel (kernels/triton/rope_write.py): (max query rows n * H, warps,
+# query rows per program) by increasing n * H; the cache-row programs take the same warps.
+ROPE_TRITON_STEPS: tuple[tuple[int | None, int, int], ...] = ((None, 4, 4),)
+ROPE_TRITON_MEASURED = "not measured: the first guess (4 warps, 4 query rows per program)"
+# the shapes `mlakv bench rope --triton-sweep` times: (warps, query rows per program)
+ROPE_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16))
+
+
+def rope_triton_launch(q_items: int) -> tuple[int, int]:
+    """``(num_warps, query rows per program)`` of the fused RoPE write's Triton kernel for ``q_items = n * H``."""
+    for max_n, warps, rows in ROPE_TRITON_STEPS:
+        if max_n is None or q_items <= max_n:
+            return warps, rows
+    raise AssertionError("the last RoPE Triton step must have max n None")
 
 
 # The FP8 family (quantizing write, dequantizing gather): its own rows, not the plain write's.

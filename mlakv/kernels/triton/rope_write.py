@@ -3,8 +3,9 @@
 The portable GPU path of :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope` (pre-Hopper GPUs, and
 layouts the JIT CUDA kernel does not take), and the kernel CI runs on CPU tensors under
 ``TRITON_INTERPRET=1``. One launch does the work of three kernels: programs ``[0, n)`` each rotate
-one token's ``k_pe`` and write its cache row; programs ``[n, n + n * H)`` each build one
-``(token, head)`` row of ``q_out``. The result is bit-identical to
+one token's ``k_pe`` and write its cache row; each program after them builds ``Q_ROWS`` consecutive
+``(token, head)`` rows of ``q_out`` (a row per head: the query is most of the bytes at every H > 1,
+so its rows are batched per program; the launch table picks ``Q_ROWS`` and the warps). The result is bit-identical to
 :mod:`mlakv.ops.rope_write_reference`:
 
 * the rotation is fp32 products and sums, each rounded (the launch passes
@@ -32,9 +33,10 @@ import triton.language as tl
 from mlakv.spec.calls import RopeWriteCall
 
 from mlakv.spec.rules import DS_MLA_SCALE_RULES
+from mlakv.spec.tuning import rope_triton_launch
 
 from .common import pdl_supported
-from .fp8 import ds_mla_scaled, ds_mla_tile_scale
+from .fp8 import _divisor_hi, _quot_fast, ds_mla_scaled, ds_mla_tile_scale
 
 __all__ = ["FORMAT_CODE", "launch_rope_write"]
 
@@ -92,11 +94,27 @@ def _e4m3(y):
 
 
 @triton.jit
+def _div_by_scale(x, s):
+    """fp32 ``x / s`` for :func:`_e4m3`, ``s`` the call's one positive scale: the fast correctly rounded
+    division of the FP8 write (:func:`mlakv.kernels.triton.fp8._quot_fast`) where ``s``'s biased exponent
+    is in [47, 252] (uniform over the launch), else IEEE ``div_rn``. Either way the e4m3 byte is the one
+    of the IEEE quotient."""
+    e = s.to(tl.int32, bitcast=True) >> 23
+    if (e >= 47) & (e <= 252):
+        y = _quot_fast(x, s, tl.math.div_rn(tl.full([], 1.0, tl.float32), s), _divisor_hi(e))
+    else:
+        y = tl.math.div_rn(x, s)
+    return y
+
+
+@triton.jit
 def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.constexpr, SRC: tl.constexpr, ok):
-    """Rotate one head's rope values: ``(a_off, b_off, ra, rb)``, the pair offsets and the rotated
-    values' source-dtype bits. Pair j is (j, j + HALF) (neox) or (2j, 2j + 1); ``ok`` masks the loads."""
-    j = tl.arange(0, HALF_P2)
-    jm = (j < HALF) & ((tl.zeros([HALF_P2], dtype=tl.int32) + ok.to(tl.int32)) != 0)
+    """Rotate the rope values of rows ``pe_row`` (a pointer, or ``[R, 1]`` pointers) with table rows
+    ``cs_row`` (alike): ``(a_off, b_off, ra, rb, jm)``, the pair offsets ``[1, HALF_P2]``, the rotated
+    values' source-dtype bits and the mask (``[1 or R, HALF_P2]``). Pair j is (j, j + HALF) (neox) or
+    (2j, 2j + 1); ``ok`` (a bool, or ``[R, 1]``) masks the loads."""
+    j = tl.arange(0, HALF_P2)[None, :]
+    jm = (j < HALF) & ((tl.zeros_like(j) + ok.to(tl.int32)) != 0)
     if NEOX:
         a_off = j
         b_off = j + HALF
@@ -113,6 +131,40 @@ def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.
 
 
 @triton.jit
+def _query_rows(
+    qpid, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr, q_scale_ptr,
+    qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
+    NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, SRC: tl.constexpr,
+    NEOX: tl.constexpr, Q_FP8: tl.constexpr, Q_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Query program ``qpid``: ``Q_ROWS`` consecutive ``(token, head)`` rows of ``q_out`` (rows past
+    ``n * heads`` and tokens whose position is out of range write nothing)."""
+    item = qpid * Q_ROWS + tl.arange(0, Q_ROWS)
+    live = item < n * heads
+    item = tl.where(live, item, 0)
+    t = item // heads
+    h = item - t * heads
+    pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
+    pos_ok = ((pos >= 0) & (pos < max_pos) & live)[:, None]  # [Q_ROWS, 1]
+    cs_row = (cs_ptr + tl.where((pos >= 0) & (pos < max_pos), pos, 0) * cs_stride)[:, None]
+    pe_row = (q_pe_ptr + t * qp_s0 + h * qp_s1)[:, None]
+    a_off, b_off, ra, rb, jm = _rotate(pe_row, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok)
+    offs = tl.arange(0, NOPE_P2)[None, :]
+    ok_n = pos_ok & (offs < NOPE)
+    nb = tl.load((q_nope_ptr + t * qn_s0 + h * qn_s1)[:, None] + offs, mask=ok_n, other=0)
+    q_dst = (q_out_ptr + t * qo_s0 + h * qo_s1)[:, None]
+    if Q_FP8:
+        qs = tl.load(q_scale_ptr)
+        tl.store(q_dst + offs, _e4m3(_div_by_scale(_widen(nb, SRC), qs)).to(tl.uint8), mask=ok_n)
+        tl.store(q_dst + NOPE + a_off, _e4m3(_div_by_scale(_widen(ra.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
+        tl.store(q_dst + NOPE + b_off, _e4m3(_div_by_scale(_widen(rb.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
+    else:
+        tl.store(q_dst + offs, nb, mask=ok_n)
+        tl.store(q_dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
+        tl.store(q_dst + NOPE + b_off, rb.to(tl.int16), mask=jm)
+
+
+@triton.jit
 def _rope_write_kernel(
     kv_ptr, loc_ptr, pos_ptr, cs_ptr, k_nope_ptr, k_pe_ptr, k_scale_ptr,
     q_nope_ptr, q_pe_ptr, q_out_ptr, q_scale_ptr,
@@ -121,7 +173,7 @@ def _rope_write_kernel(
     num_slots, max_pos, skip_index, dcp_world, dcp_rank,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
     TILES_P2: tl.constexpr, FORMAT: tl.constexpr, SRC: tl.constexpr, NEOX: tl.constexpr,
-    Q_FP8: tl.constexpr, USE_PDL: tl.constexpr, RULE: tl.constexpr = 0,
+    Q_FP8: tl.constexpr, USE_PDL: tl.constexpr, RULE: tl.constexpr = 0, Q_ROWS: tl.constexpr = 1,
 ):  # fmt: skip
     # Strides in elements of each pointer's type (kv: int16 for 16-bit rows, bytes for FP8 formats;
     # q_out: int16 or bytes). 16-bit tensors arrive as int16 views.
@@ -141,8 +193,8 @@ def _rope_write_kernel(
         cs_row = cs_ptr + tl.where(pos_ok, pos, 0) * cs_stride
         a_off, b_off, ra, rb, jm = _rotate(k_pe_ptr + t * kp_stride, cs_row, HALF, HALF_P2, NEOX, SRC, keep)
         dst = kv_ptr + tl.where(keep, row, 0) * kv_stride
-        offs = tl.arange(0, NOPE_P2)
-        keep_n = ((tl.zeros([NOPE_P2], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (offs < NOPE)
+        offs = tl.arange(0, NOPE_P2)[None, :]
+        keep_n = ((tl.zeros_like(offs) + keep.to(tl.int32)) != 0) & (offs < NOPE)
         if FORMAT == 0:  # 16-bit row: [nope | rotated rope] as bits
             nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
             tl.store(dst + offs, nb, mask=keep_n)
@@ -151,9 +203,9 @@ def _rope_write_kernel(
         elif FORMAT == 1:  # per_tensor: e4m3(x / k_scale)
             ks = tl.load(k_scale_ptr)
             nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
-            tl.store(dst + offs, _e4m3(tl.math.div_rn(_widen(nb, SRC), ks)).to(tl.uint8), mask=keep_n)
-            qa = _e4m3(tl.math.div_rn(_widen(ra.to(tl.int16), SRC), ks)).to(tl.uint8)
-            qb = _e4m3(tl.math.div_rn(_widen(rb.to(tl.int16), SRC), ks)).to(tl.uint8)
+            tl.store(dst + offs, _e4m3(_div_by_scale(_widen(nb, SRC), ks)).to(tl.uint8), mask=keep_n)
+            qa = _e4m3(_div_by_scale(_widen(ra.to(tl.int16), SRC), ks)).to(tl.uint8)
+            qb = _e4m3(_div_by_scale(_widen(rb.to(tl.int16), SRC), ks)).to(tl.uint8)
             tl.store(dst + NOPE + a_off, qa, mask=jm)
             tl.store(dst + NOPE + b_off, qb, mask=jm)
         else:  # ds_mla: [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
@@ -183,35 +235,17 @@ def _rope_write_kernel(
             tl.store(rope_dst + 2 * b_off, (bb & 0xFF).to(tl.uint8), mask=jm)
             tl.store(rope_dst + 2 * b_off + 1, ((bb >> 8) & 0xFF).to(tl.uint8), mask=jm)
     else:
-        # ---- one (token, head) row of q_out ----
-        item = pid - n
-        t = item // heads
-        h = item - t * heads
-        pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
-        pos_ok = (pos >= 0) & (pos < max_pos)
-        cs_row = cs_ptr + tl.where(pos_ok, pos, 0) * cs_stride
-        a_off, b_off, ra, rb, jm = _rotate(q_pe_ptr + t * qp_s0 + h * qp_s1, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok)
-        offs = tl.arange(0, NOPE_P2)
-        ok_n = ((tl.zeros([NOPE_P2], dtype=tl.int32) + pos_ok.to(tl.int32)) != 0) & (offs < NOPE)
-        nb = tl.load(q_nope_ptr + t * qn_s0 + h * qn_s1 + offs, mask=ok_n, other=0)
-        q_dst = q_out_ptr + t * qo_s0 + h * qo_s1
-        if Q_FP8:
-            qs = tl.load(q_scale_ptr)
-            tl.store(q_dst + offs, _e4m3(tl.math.div_rn(_widen(nb, SRC), qs)).to(tl.uint8), mask=ok_n)
-            tl.store(q_dst + NOPE + a_off, _e4m3(tl.math.div_rn(_widen(ra.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
-            tl.store(q_dst + NOPE + b_off, _e4m3(tl.math.div_rn(_widen(rb.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
-        else:
-            tl.store(q_dst + offs, nb, mask=ok_n)
-            tl.store(q_dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
-            tl.store(q_dst + NOPE + b_off, rb.to(tl.int16), mask=jm)
+        _query_rows(pid - n, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr,
+                    q_out_ptr, q_scale_ptr, qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
+                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_FP8, Q_ROWS)  # fmt: skip
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
-def launch_rope_write(call: RopeWriteCall) -> None:
-    """Launch the fused kernel: grid ``(n + n * H,)`` (``(n,)`` without a query).
+def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 0) -> None:
+    """Launch the fused kernel: grid ``(n + cdiv(n * H, q_rows),)`` (``(n,)`` without a query).
 
     ``call``'s fields (validated by :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope`):
         kv_buffer: ``[num_slots, (1,) row]``: bf16/fp16 (``kv_cache_format=None``) or
@@ -224,6 +258,9 @@ def launch_rope_write(call: RopeWriteCall) -> None:
             ``[n, H, nope_dim + rope_dim]`` of that dtype or 8-bit (then ``q_scale [1]`` fp32); or None.
         skip_index: a slot skipped like padding (-1: none); dcp_world_size/dcp_rank: the owner rule.
         ds_mla_scale_rule: ds_mla's tile-scale rule (``"fp32_floor"``, ``"fp32"``, ``"ue8m0"``).
+
+    ``num_warps`` and ``q_rows`` (query rows per program) override the launch table
+    (:func:`mlakv.spec.tuning.rope_triton_launch`; 0: its choice), for the benchmark's sweep.
     """
     (kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
      q_nope, q_pe, q_out, q_scale, skip_index, dcp_world_size, dcp_rank, ds_mla_scale_rule) = call  # fmt: skip
@@ -250,7 +287,9 @@ def launch_rope_write(call: RopeWriteCall) -> None:
     if kv.is_cuda:
         extra["enable_fp_fusion"] = False  # the rotation's products and sums are rounded one by one
     tiles = nope_dim // 128
-    _rope_write_kernel[(n + n * heads,)](
+    warps, rows = rope_triton_launch(n * heads)
+    warps, rows = num_warps or warps, q_rows or rows
+    _rope_write_kernel[(n + triton.cdiv(n * heads, rows),)](
         kv, loc, positions, cos_sin_cache, kn, kp, k_scale if k_scale is not None else dummy,
         qn, qp, qo, q_scale if q_scale is not None else dummy,
         n, max(heads, 1), kv.stride(0), loc.stride(0), positions.stride(0), cos_sin_cache.stride(0),
@@ -261,5 +300,5 @@ def launch_rope_write(call: RopeWriteCall) -> None:
         HALF_P2=triton.next_power_of_2(max(1, rope_dim // 2)), TILES_P2=triton.next_power_of_2(max(1, tiles)),
         FORMAT=FORMAT_CODE[kv_cache_format], SRC=src, NEOX=bool(is_neox_style), Q_FP8=q_fp8, USE_PDL=use_pdl,
         RULE=DS_MLA_SCALE_RULES.index(ds_mla_scale_rule) if kv_cache_format == "ds_mla" else 0,
-        num_warps=4, **extra,
+        Q_ROWS=rows, num_warps=warps, **extra,
     )  # fmt: skip
