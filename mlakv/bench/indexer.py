@@ -11,6 +11,10 @@ sets (:mod:`mlakv.bench.timing`):
   kernel on SM90+); ``mlakv-jit`` and ``mlakv-triton``: each kernel called directly; ``sglang``: the peer.
 * with ``--sweep``: the JIT store at every launch shape (keys per half-warp 1/2/4 x warps per CTA 4/8 x
   the PDL trigger at entry or after the wait).
+* with ``--triton-sweep``: the Triton store (``triton wW kK``) at every launch shape of
+  :data:`mlakv.spec.tuning.INDEXER_TRITON_SWEEP` (W warps, K keys per program); the report gives per
+  n the fastest of them against the JIT store and the table's launch (``mlakv-triton``), and the
+  ``INDEXER_TRITON_STEPS`` rows those fastest shapes make.
 * the gather (``get_index_k_buffer``, JIT and Triton) of 4 requests of ``n / 4`` tokens.
 
 Before any timing, every store provider writes the same keys into a copy of the same poisoned pages
@@ -18,7 +22,8 @@ and the pages must be byte-equal to the plain-torch reference (run on the CPU): 
 differs is reported ``WRONG`` and not timed. Bandwidth counts bytes read + written (store: 256 + 132
 per key; gather: 132 + 132 per token) against the device-to-device copy bandwidth.
 
-Run: ``python -m mlakv bench indexer [--sizes 1,8,64,512,4096,65536] [--sweep] [--out bench-out]``.
+Run: ``python -m mlakv bench indexer [--sizes 1,8,64,512,4096,65536] [--sweep] [--triton-sweep]
+[--out bench-out]``.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import torch
 from mlakv.ops.indexer import get_index_k_buffer, index_k_path, set_index_k_buffer
 from mlakv.ops.indexer_reference import INDEX_PAGE_BYTES, store_index_k_reference
 from mlakv.spec.calls import IndexStoreCall
+from mlakv.spec.tuning import INDEXER_TRITON_SWEEP
 
 from . import timing
 from .options import INDEXER_SIZES, indexer_parser
-from .report import cell, launch_grid, pct, provider_table, run_on_gpu
+from .report import cell, launch_grid, pct, provider_table, ratio, run_on_gpu
 
 __all__ = ["DEFAULT_SIZES", "build_sglang_indexer_store", "run_indexer_bench", "format_tables", "main"]
 
@@ -78,7 +84,7 @@ def _call(d: dict) -> IndexStoreCall:
     return IndexStoreCall(d["pages"], d["loc"], d["keys"])
 
 
-def _store_providers(sweep: bool) -> dict[str, Callable[[dict], None]]:
+def _store_providers(sweep: bool, triton_sweep: bool = False) -> dict[str, Callable[[dict], None]]:
     from mlakv.kernels.cuda.indexer import indexer_jit_store
     from mlakv.kernels.triton.indexer import launch_store_index_k
 
@@ -95,6 +101,9 @@ def _store_providers(sweep: bool) -> dict[str, Callable[[dict], None]]:
     for kw in launch_grid(steps=(1, 2, 4), num_warps=(4, 8), early_trigger=(True, False)) if sweep else ():
         name = f"jit s{kw['steps']} w{kw['num_warps']} {'entry' if kw['early_trigger'] else 'wait'}"
         out[name] = lambda d, kw=kw: indexer_jit_store(_call(d), **kw)
+    for warps, keys in INDEXER_TRITON_SWEEP if triton_sweep else ():
+        kw = dict(num_warps=warps, rows_per_program=keys)
+        out[f"triton w{warps} k{keys}"] = lambda d, kw=kw: launch_store_index_k(_call(d), **kw)
     return out
 
 
@@ -106,10 +115,10 @@ def _check_store(fn: Callable[[dict], None], d: dict, want: torch.Tensor) -> boo
     return torch.equal(trial["pages"].cpu(), want)
 
 
-def run_indexer_bench(sizes: list[int], sweep: bool = False) -> dict:
+def run_indexer_bench(sizes: list[int], sweep: bool = False, triton_sweep: bool = False) -> dict:
     """Time every provider at each n; ``{"device", "copy_gbs", "store": [...], "gather": [...]}`` (GPU only)."""
     copy_gbs = timing.copy_bandwidth_gbs()
-    providers = _store_providers(sweep)
+    providers = _store_providers(sweep, triton_sweep)
     store_rows, gather_rows = [], []
     for n in sizes:
         timing.progress(f"indexer bench: n={n}")
@@ -160,14 +169,61 @@ def run_indexer_bench(sizes: list[int], sweep: bool = False) -> dict:
     return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "store": store_rows, "gather": gather_rows}
 
 
+def _triton_shape(name: str) -> tuple[int, int]:
+    """A sweep provider's launch shape: ``triton w4 k16`` -> (num_warps 4, keys per program 16)."""
+    w, k = name.split()[1:]
+    return int(w[1:]), int(k[1:])
+
+
+def _steps(best: list[tuple[int, tuple[int, int]]]) -> tuple[tuple, ...]:
+    """``[(n, shape), ...]`` by increasing n -> ``INDEXER_TRITON_STEPS`` rows ``(max n, *shape)``, equal
+    neighbours merged, the last open."""
+    steps: list[tuple] = []
+    for n, shape in best:
+        if steps and steps[-1][1:] == shape:
+            steps[-1] = (n, *shape)
+        else:
+            steps.append((n, *shape))
+    if steps:
+        steps[-1] = (None, *steps[-1][1:])
+    return tuple(steps)
+
+
+def _fastest_triton(rows: list[dict]) -> list[str]:
+    """Per n, the fastest Triton launch shape of a ``--triton-sweep`` against the JIT store's time
+    (``mlakv-jit``) and the table's launch (``mlakv-triton``), then the ``INDEXER_TRITON_STEPS`` rows
+    those shapes make; nothing without a sweep. A size given twice counts its fastest time."""
+    best: dict[int, tuple[float, str, dict]] = {}
+    for r in rows:
+        times = {k: v for k, v in r.items() if k.startswith("triton w") and not k.endswith("copy bw")
+                 and isinstance(v, float)}  # fmt: skip
+        if times:
+            name = min(times, key=times.get)
+            if r["n"] not in best or times[name] < best[r["n"]][0]:
+                best[r["n"]] = (times[name], name, r)
+    out = []
+    for n in sorted(best):
+        us, name, r = best[n]
+        vs = [f"{ratio(us, r[k])} {k}'s {cell(r[k])}" for k in ("mlakv-jit", "mlakv-triton")
+              if isinstance(r.get(k), float)]  # fmt: skip
+        out.append(f"- n={n}: {name}: {us:.2f} µs" + (f" ({'; '.join(vs)})" if vs else ""))
+    if not out:
+        return []
+    steps = _steps([(n, _triton_shape(best[n][1])) for n in sorted(best)])
+    return ["", "Fastest Triton launch shape (`--triton-sweep`):", "", *out, "",
+            f"INDEXER_TRITON_STEPS = {steps!r}"]  # fmt: skip
+
+
 def format_tables(res: dict) -> str:
-    """Markdown tables: times (µs per call), the share of copy bandwidth, and sglang / mlakv."""
+    """Markdown tables: times (µs per call), the share of copy bandwidth, and sglang / mlakv; with a
+    ``--triton-sweep``, the fastest Triton launch shape per n and the table rows they make."""
     names = [k for k in res["store"][0] if k not in ("n", "path") and not k.endswith("of copy bw")]
     out = [
         f"device: {res['device']}; copy bandwidth {res['copy_gbs']:.0f} GB/s (read + write); "
         "times: µs per call, median CUDA-graph replay over 8 rotating input sets",
         "",
         *provider_table(res["store"], names, {"sglang / mlakv": ("sglang", "mlakv")}),
+        *_fastest_triton(res["store"]),
     ]
     out += ["", "| n | gather mlakv µs | of copy bw | gather triton µs | of copy bw |", "|---|---|---|---|---|"]
     for g in res["gather"]:
@@ -181,7 +237,7 @@ def format_tables(res: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     # the command line is mlakv.bench.options.indexer_parser's: a bad --sizes is a usage error (exit 2), on any machine
     args = indexer_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run = lambda: run_indexer_bench(list(args.sizes), sweep=args.sweep)  # noqa: E731
+    run = lambda: run_indexer_bench(list(args.sizes), sweep=args.sweep, triton_sweep=args.triton_sweep)  # noqa: E731
     return run_on_gpu("indexer bench", args.out, "indexer", run, format_tables)
 
 

@@ -215,6 +215,10 @@ def indexer_parser(
                    help=f"comma list of key counts, 1..{MAX_SIZE} (default {','.join(map(str, INDEXER_SIZES))})")  # fmt: skip
     p.add_argument("--sweep", action="store_true",
                    help="also time the JIT store at every launch shape (keys per half-warp, warps, PDL trigger place)")  # fmt: skip
+    p.add_argument("--triton-sweep", action="store_true",
+                   help="also time the Triton store at every launch shape of mlakv.spec.tuning.INDEXER_TRITON_SWEEP "
+                        "(warps x keys per program), each checked against the reference first, and print the "
+                        "INDEXER_TRITON_STEPS rows the fastest shapes make")  # fmt: skip
     p.add_argument("--out", type=out_dir, default=Path("bench-out"),
                    help="directory for indexer.json and indexer.md (checked writable before measuring)")  # fmt: skip
     return p

@@ -44,6 +44,10 @@ __all__ = [
     "PAGED_GATHER_MEASURED",
     "PAGED_GATHER_SWEEP",
     "paged_gather_launch",
+    "INDEXER_TRITON_STEPS",
+    "INDEXER_TRITON_MEASURED",
+    "INDEXER_TRITON_SWEEP",
+    "indexer_triton_launch",
 ]
 
 
@@ -341,3 +345,26 @@ def paged_gather_launch(n: int, row_bytes: int) -> tuple[int, int]:
             rows = max(1, min(per_program // max(row_bytes, 1), _PAGED_GATHER_MAX_ROWS))
             return 1 << (rows.bit_length() - 1), warps
     raise AssertionError("the last paged gather step must have max n None")
+
+
+# The DSA indexer K cache's Triton store (kernels/triton/indexer.py, one [keys, 128] block per
+# program): (max n, num_warps, keys per program (a power of two)) by increasing n. Not measured yet:
+# the one row is the launch the store had before the table (16 keys per program, 4 warps), which
+# the H200 parity run timed at 1.71x the JIT store's at 16384 keys and 1.39x at 65536
+# (docs/h200-2026-12-02/run6/parity_before.md). `mlakv bench indexer --triton-sweep` times every
+# shape of INDEXER_TRITON_SWEEP (each checked bit-exact first) and prints the rows its fastest
+# shapes make.
+INDEXER_TRITON_STEPS: tuple[tuple[int | None, int, int], ...] = ((None, 4, 16),)
+INDEXER_TRITON_MEASURED = "not measured: the pre-sweep default (16 keys per program, 4 warps at every n)"
+# The launch shapes the sweep times: (num_warps, keys per program).
+INDEXER_TRITON_SWEEP: tuple[tuple[int, int], ...] = tuple(
+    (warps, keys) for warps in (1, 2, 4, 8) for keys in (4, 8, 16, 32, 64)
+)
+
+
+def indexer_triton_launch(n: int) -> tuple[int, int]:
+    """``(num_warps, keys_per_program)`` of the Triton indexer K store for ``n`` keys."""
+    for max_n, warps, keys in INDEXER_TRITON_STEPS:
+        if max_n is None or n <= max_n:
+            return warps, keys
+    raise AssertionError("the last indexer Triton step must have max n None")

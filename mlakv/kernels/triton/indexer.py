@@ -8,10 +8,12 @@ bf16 sources are integer bit arithmetic, so the bytes are the same on every GPU 
 the interpreter (whose bf16 cast flushes subnormals); divisions are IEEE (``div_rn``) and every
 float constant is an explicit fp32 tensor.
 
-Launchers take arguments that :mod:`mlakv.ops.indexer` has validated and check nothing themselves.
-Offsets are 64-bit. Rows whose slot is padding (``< 0``), the skip slot, another DCP rank's, or
-past the buffer are not written; the gather reads nothing for a token without a valid page (its
-key and scale come out as zeros) and never writes a row at or past ``total``.
+Launchers take arguments that :mod:`mlakv.ops.indexer` has validated and check nothing themselves
+(except the store's launch overrides). The store's launch shape (warps, keys per program) comes from
+:func:`mlakv.spec.tuning.indexer_triton_launch`; the keys per program decide which program
+quantizes a key, never its bytes. Offsets are 64-bit. Rows whose slot is padding (``< 0``), the skip
+slot, another DCP rank's, or past the buffer are not written; the gather reads nothing for a token
+without a valid page (its key and scale come out as zeros) and never writes a row at or past ``total``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import triton.language as tl
 
 from mlakv.spec import rules
 from mlakv.spec.calls import IndexStoreCall
+from mlakv.spec.tuning import indexer_triton_launch
 
 from .common import interpreting, pdl_supported
 
@@ -29,9 +32,11 @@ from .common import interpreting, pdl_supported
 INDEX_AMAX_FLOOR = tl.constexpr(rules.INDEX_AMAX_FLOOR)
 INDEX_E4M3_MAX = tl.constexpr(rules.INDEX_E4M3_MAX)
 
-__all__ = ["STORE_ROWS", "launch_store_index_k", "launch_gather_index_k"]
+__all__ = ["INTERPRETER_STORE_ROWS", "launch_store_index_k", "launch_gather_index_k"]
 
-STORE_ROWS = 16  # keys per program of the store
+# Keys per program of the store under the interpreter, unless overridden: few, so that the small
+# calls of CPU tests span several programs (on a GPU the launch table decides).
+INTERPRETER_STORE_ROWS = 4
 GATHER_TOKENS = 64  # tokens per program of the gather (one page)
 
 
@@ -102,14 +107,25 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
-def launch_store_index_k(call: IndexStoreCall) -> None:
+def launch_store_index_k(call: IndexStoreCall, *, num_warps: int = 0, rows_per_program: int = 0) -> None:
     """Quantize ``call.index_k [n, (1,) 128]`` (bf16/fp16) and store keys and scales at slots ``loc
     [n]`` of ``index_pages [num_pages, 8448]`` uint8 (page stride a multiple of 16 bytes;
-    :class:`mlakv.spec.calls.IndexStoreCall`). One launch, grid ``(ceil(n / STORE_ROWS),)``;
-    ``n == 0`` launches nothing. ``skip_slot`` -1: none."""
+    :class:`mlakv.spec.calls.IndexStoreCall`). One launch, grid ``(ceil(n / keys per program),)``;
+    ``n == 0`` launches nothing. ``skip_slot`` -1: none.
+
+    ``num_warps`` / ``rows_per_program`` (keys per program, a power of two) override the launch
+    table (:func:`mlakv.spec.tuning.indexer_triton_launch`; the bench's sweep); 0 takes the table's
+    choice (under the interpreter ``INTERPRETER_STORE_ROWS`` keys per program). The bytes stored
+    are the same at every shape."""
     index_pages, loc, index_k, skip_slot, dcp_world_size, dcp_rank, scale_rule = call
     ue8m0 = scale_rule == "ue8m0"
     n = loc.shape[0]
+    warps, rows = indexer_triton_launch(n)
+    if interpreting():
+        rows = INTERPRETER_STORE_ROWS
+    rows = rows_per_program or rows
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows_per_program (keys per program) must be a power of two, got {rows}")
     if n == 0:
         return
     x = _rows(index_k)
@@ -118,13 +134,12 @@ def launch_store_index_k(call: IndexStoreCall) -> None:
         x = x.view(torch.int16)
     use_pdl = index_pages.is_cuda and pdl_supported(index_pages.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
-    rows = 4 if interpreting() else STORE_ROWS
     _store_kernel[(triton.cdiv(n, rows),)](
         index_pages, index_pages.view(torch.int32), loc, x,
         n, index_pages.stride(0), loc.stride(0), x.stride(0), index_pages.shape[0] * 64, skip_slot,
         dcp_world_size, dcp_rank,
         IS_BF16=is_bf16, UE8M0=ue8m0, HAS_DCP=dcp_world_size > 1, ROWS=rows, USE_PDL=use_pdl,
-        num_warps=4, **extra,
+        num_warps=num_warps or warps, **extra,
     )  # fmt: skip
 
 
