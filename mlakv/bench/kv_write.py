@@ -10,13 +10,21 @@ written) and the graph time of a one-element kernel; the launch floor is the fas
 fastest call measured (:func:`launch_floor_us`), and the roofline of a call is the larger of the
 launch floor and the bytes it moves at copy bandwidth.
 
+With ``--triton-sweep`` (GPU) it also times the Triton row kernel alone at every launch shape
+(num_warps 1/2/4/8 x rows per program 1/2/4/8 x the PDL trigger at entry or after the stores), each
+shape checked bit-exactly first the same way (a wrong one shows WRONG and is not timed), at each
+layout and n_loc of the run; the report gives per point the fastest shape, the runner-up and the
+launch table's current choice, then the ``mlakv.spec.tuning.TRITON_ROW_STEPS`` rows the fastest
+shapes make, per layout (results.json keeps every time under ``triton_sweep``).
+
 Without a GPU it times the CPU (torch) path and says so: both CPU providers are torch indexing
 copies (the dispatcher adds its argument checks), so the table shows their spread (min / median /
-max over repeats) and ranks nothing.
+max over repeats) and ranks nothing; ``--triton-sweep`` is reported as not run.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -29,6 +37,7 @@ import torch
 
 import mlakv
 from mlakv.mem_cache import MLATokenToKVPool, kv_write_path, set_mla_kv_buffer_torch, set_mla_kv_buffer_triton
+from mlakv.spec.tuning import triton_row_launch
 
 from .options import (
     CPU_PROVIDERS,
@@ -39,6 +48,7 @@ from .options import (
     QUICK_SIZES,
 )
 from .options import kv_write_parser as build_parser
+from .report import launch_grid
 from .timing import (
     INPUT_SETS,
     cold_median_us,
@@ -276,6 +286,197 @@ def run_sweep(
     return rows
 
 
+# ---- the Triton launch sweep (--triton-sweep) -----------------------------------------------
+# The launch overrides timed: every shape the table can name (its warps are clamp(BLOCK bytes / bytes
+# per warp, 1, 8), a power of two; its rows per program 1-4) and one step past it (8 rows per program).
+TRITON_SWEEP_WARPS = (1, 2, 4, 8)
+TRITON_SWEEP_ROWS = (1, 2, 4, 8)
+TRITON_SWEEP_TRIGGER = (True, False)  # the PDL trigger at program entry, or after the stores
+
+
+def triton_sweep_shapes() -> list[tuple[int, int, bool]]:
+    """``(num_warps, rows_per_program, early_trigger)`` in the order they are timed, which is also the
+    order a tie in time falls back on (fewer warps, then fewer rows, then the trigger at entry; see
+    :func:`_fastest_order`)."""
+    grid = launch_grid(
+        num_warps=TRITON_SWEEP_WARPS, rows_per_program=TRITON_SWEEP_ROWS, early_trigger=TRITON_SWEEP_TRIGGER
+    )
+    return [(g["num_warps"], g["rows_per_program"], g["early_trigger"]) for g in grid]
+
+
+def _shape_key(warps: int, rows: int, early: bool) -> str:
+    """``w4r2e``: 4 warps, 2 rows per program, PDL trigger at entry (``l``: after the stores); the
+    FP8 tune's spelling, so the two reports read alike."""
+    return f"w{warps}r{rows}{'e' if early else 'l'}"
+
+
+def _parse_shape_key(key: str) -> tuple[int, int, bool]:
+    """``w4r2e`` -> ``(4, 2, True)``: the inverse of :func:`_shape_key` (results.json holds keys)."""
+    w, _, r = key[1:-1].partition("r")
+    return int(w), int(r), key[-1] == "e"
+
+
+def _block_bytes(layout: tuple) -> int:
+    """The row kernel's ``BLOCK`` in bytes for ``layout``: next_pow2(row width) elements, what the
+    table's bytes per warp divide (``row_write.row_kernel_block``, without importing Triton)."""
+    dtype, nd, rd = layout
+    return (1 << (nd + rd - 1).bit_length()) * torch.empty((), dtype=dtype).element_size()
+
+
+def _sweep_write(warps: int, rows: int, early: bool) -> Callable:
+    """The Triton row kernel at one launch shape, as a provider's write ``fn(kv, loc, nope, rope)``."""
+    from mlakv.kernels.triton.row_write import launch_set_kv_rows
+
+    return functools.partial(launch_set_kv_rows, num_warps=warps, rows_per_program=rows, early_trigger=early)
+
+
+def _checked_shapes(
+    inp: LayerInputs, shapes: list[tuple[int, int, bool]]
+) -> tuple[dict[str, Callable], dict[str, str]]:
+    """Each shape's write checked bit-exactly against the reference (:func:`check_provider`): the
+    writes to time by key, and why the others are not (``WRONG: ...`` / ``ERROR: ...``)."""
+    fns: dict[str, Callable] = {}
+    errors: dict[str, str] = {}
+    for warps, rows, early in shapes:
+        key, fn = _shape_key(warps, rows, early), _sweep_write(warps, rows, early)
+        try:
+            err = check_provider(fn, inp)
+        except Exception as e:  # noqa: BLE001 - reported, not timed
+            err = f"ERROR: {type(e).__name__}: {e}"
+        if err:
+            errors[key] = err
+        else:
+            fns[key] = fn
+    return fns, errors
+
+
+def run_triton_sweep(
+    layouts: list[str], sizes: list[int], into: Optional[dict] = None, device: str = "cuda", layers: int = LAYERS
+) -> dict:
+    """Check, then time the Triton row kernel at every :func:`triton_sweep_shapes` shape per layout and n_loc.
+
+    Returns ``into`` (a new dict by default), filled as each point is measured so an interrupted run
+    keeps the points done: ``{"pdl": bool, "layouts": {layout: {"block_bytes": B, "sizes": {"<n>":
+    {"table": key, "times_us": {key: us}, "errors": {key: why}}}}}}``; ``table`` is the launch
+    table's current shape (:func:`mlakv.spec.tuning.triton_row_launch`), timed too if the grid lacks it.
+    Times are the provider sweep's: CUDA-graph median per call over ``layers`` input sets, the mean of
+    a forward and a reverse pass over the shapes (the position in the sequence alone moves ~1 us
+    medians). ``device``: where the inputs live; the checks also run on CPU tensors under
+    ``TRITON_INTERPRET=1``, the timing needs CUDA.
+    """
+    res: dict = {} if into is None else into
+    if device == "cuda":
+        from mlakv.kernels.triton.common import pdl_supported
+
+        pdl = pdl_supported(torch.cuda.current_device())
+    else:
+        pdl = False
+    res.update(pdl=pdl, layouts=res.get("layouts", {}))
+    grid = triton_sweep_shapes()
+    for lname in layouts:
+        layout = LAYOUTS[lname]
+        block = _block_bytes(layout)
+        by_n = res["layouts"].setdefault(lname, {"block_bytes": block, "sizes": {}})["sizes"]
+        progress(f"Triton launch sweep, {lname} (BLOCK {block} bytes): {len(grid)} shapes at n_loc {sizes}")
+        for n in sizes:
+            table = triton_row_launch(n, block)
+            shapes = grid + ([table] if table not in grid else [])
+            inputs = make_layers(layout, n, torch.int64, device, layers)
+            fns, errors = _checked_shapes(inputs[0], shapes)
+            order = list(fns)
+            first = {k: _graph_time_per_call_us(fns[k], inputs) for k in order}
+            second = {k: _graph_time_per_call_us(fns[k], inputs) for k in reversed(order)}
+            by_n[str(n)] = {"table": _shape_key(*table), "times_us": {k: (first[k] + second[k]) / 2 for k in order},
+                            "errors": errors}  # fmt: skip
+            ranked = _fastest_order(by_n[str(n)]["times_us"], None)
+            if ranked:
+                progress(f"  {lname} n_loc={n}: fastest {ranked[0]} {by_n[str(n)]['times_us'][ranked[0]]:.2f} us"
+                         + (f"; {len(errors)} shapes wrong" if errors else ""))  # fmt: skip
+            del inputs
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return res
+
+
+def _fastest_order(times: dict[str, float], prev: Optional[str]) -> list[str]:
+    """Shape keys by time, fastest first. Shapes equal at the report's precision (0.01 us) are one
+    result to the reader: among them ``prev`` (the smaller size's winner) goes first, since a tie is
+    no reason for a new table row, then the sweep's order (fewest warps, fewest rows, entry trigger)."""
+    rank = {_shape_key(*s): i for i, s in enumerate(triton_sweep_shapes())}
+    return sorted(times, key=lambda k: (round(times[k], 2), k != prev, rank.get(k, len(rank)), k))
+
+
+def _triton_row_steps(best: list[tuple[int, str]], block_bytes: int) -> list[tuple]:
+    """``[(n_loc, fastest key), ...]`` by increasing n_loc -> ``TRITON_ROW_STEPS`` rows ``(max n_loc,
+    bytes per warp, rows per program, trigger at entry)``: one row per size where the shape changes,
+    equal neighbours merged, the last open (None). Warps become bytes per warp = ``block_bytes //
+    warps``, the table's unit, which gives the same warps back for this layout's BLOCK only."""
+    steps: list[tuple] = []
+    for n, key in best:
+        warps, rows, early = _parse_shape_key(key)
+        shape = (max(1, block_bytes // warps), rows, early)
+        if steps and steps[-1][1:] == shape:
+            steps[-1] = (n, *shape)
+        else:
+            steps.append((n, *shape))
+    if steps:
+        steps[-1] = (None, *steps[-1][1:])
+    return steps
+
+
+def format_triton_sweep(sweep: dict) -> str:
+    """The report's section of a ``--triton-sweep``: per layout and n_loc the fastest shape and its
+    time, the runner-up, the table's current choice and its time, the shapes found wrong; then per
+    layout the ``TRITON_ROW_STEPS`` rows the fastest shapes make. A run without a GPU says why not."""
+    lines = ["", "## Triton row kernel launch sweep (`--triton-sweep`)"]
+    if sweep.get("not_run"):
+        return "\n".join([*lines, f"not run: {sweep['not_run']}"])
+    lines.append(
+        "us per call (CUDA-graph median, mean of two passes), each shape checked bit-exact first; shape wWrR + e|l: "
+        "W warps, R rows per program, the PDL trigger at program entry (e) or after the stores (l); table: the "
+        "launch table's current choice (mlakv.spec.tuning.TRITON_ROW_STEPS)"
+        + ("" if sweep.get("pdl") else "; PDL is off on this device, so e and l run alike")
+    )
+    for lname, lay in sweep.get("layouts", {}).items():
+        block = lay["block_bytes"]
+        dtype, nd, rd = LAYOUTS[lname]
+        head = ["n_loc", "fastest", "us", "next", "us", "table", "us", "table / fastest", "wrong"]
+        lines += ["", f"### {lname} {nd}+{rd} (BLOCK {block} bytes)", *_table_head("", head)[1:]]
+        best: list[tuple[int, str]] = []
+        wrong_notes: list[str] = []
+        prev = None
+        for n in sorted(lay["sizes"], key=int):
+            point = lay["sizes"][n]
+            times, errors, table = point["times_us"], point["errors"], point["table"]
+            ranked = _fastest_order(times, prev)
+            wrong = ", ".join(errors) or "-"
+            wrong_notes += [f"- n_loc={n} {k}: {e}" for k, e in errors.items()]
+            t_table = f"{times[table]:.2f}" if table in times else ("WRONG" if table in errors else "-")
+            if not ranked:
+                lines.append(f"| {n} | - | - | - | - | {table} | {t_table} | - | {wrong} |")
+                continue
+            k0 = ranked[0]
+            k1 = ranked[1] if len(ranked) > 1 else None
+            nxt = f"{k1} | {times[k1]:.2f}" if k1 else "- | -"
+            vs = f"{times[table] / times[k0]:.2f}x" if table in times else "-"
+            lines.append(f"| {n} | {k0} | {times[k0]:.2f} | {nxt} | {table} | {t_table} | {vs} | {wrong} |")
+            best.append((int(n), k0))
+            prev = k0
+        if wrong_notes:
+            lines += ["", "shapes reported wrong (not timed):", *wrong_notes]
+        if best:
+            lines += ["", f"TRITON_ROW_STEPS rows the fastest shapes make, for {lname} {nd}+{rd} (bytes per warp = "
+                      f"{block} // warps; another BLOCK reads them as other warps):", "",
+                      f"    {tuple(_triton_row_steps(best, block))!r}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _triton_sweep_wrong(sweep: Optional[dict]) -> bool:
+    """Whether a swept launch shape wrote something other than the reference (or failed)."""
+    layouts = (sweep or {}).get("layouts", {}).values()
+    return any(point["errors"] for lay in layouts for point in lay["sizes"].values())
+
+
 def host_costs() -> dict:
     """Eager host cost per call (µs, median of 5 rounds) of ``pool.set_kv_buffer`` and the entries, n_loc=1."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -448,8 +649,10 @@ def plot(
 
 # ---- command line (the parser: mlakv.bench.options) -------------------------------------------
 def _report(rows: list[Row], shown: list[str], providers: list[str], dev: str, cuda: bool, copy_gbs: Optional[float],
-            tiny_us: Optional[float], hosts: dict, not_run: dict, interrupted: bool) -> tuple[str, Optional[float]]:  # fmt: skip
-    """The markdown report and the launch floor it used."""
+            tiny_us: Optional[float], hosts: dict, not_run: dict, interrupted: bool,
+            triton_sweep: Optional[dict] = None) -> tuple[str, Optional[float]]:  # fmt: skip
+    """The markdown report and the launch floor it used; a ``--triton-sweep``'s results (``triton_sweep``)
+    make its last section."""
     floor_us = launch_floor_us(rows, tiny_us) if cuda and tiny_us is not None else None
     lines = [f"# mlakv {mlakv.__version__} bench — {dev} — {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     if interrupted:
@@ -475,11 +678,14 @@ def _report(rows: list[Row], shown: list[str], providers: list[str], dev: str, c
     if wrong:
         lines.append("\nproviders reported wrong (not timed):")
         lines += [f"- {l} n_loc={n} {p}: {e}" for l, n, p, e in wrong]
+    if triton_sweep is not None:
+        lines.append(format_triton_sweep(triton_sweep))
     return "\n".join(lines), floor_us
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``mlakv bench``: returns 0, 1 when a provider was wrong, 2 on a usage error.
+    """``mlakv bench``: returns 0, 1 when a provider (or a ``--triton-sweep`` launch shape) was wrong, 2 on a
+    usage error.
 
     Ctrl-C writes results.json and report.md with the rows measured so far, then raises
     ``KeyboardInterrupt`` saying so (the command line turns it into one line and exit 130).
@@ -521,6 +727,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     hosts: dict = {}
     copy_gbs = tiny_us = None
     interrupted = False
+    triton_sweep: Optional[dict] = None  # filled as measured, so Ctrl-C keeps the points done
+    if args.triton_sweep:
+        triton_sweep = {} if cuda else {"not_run": "needs a CUDA GPU (none here): the Triton kernel is timed on one"}
     if cuda:
         dev = torch.cuda.get_device_name()
     else:
@@ -534,12 +743,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.quick and cuda and "bf16" in args.layouts:
             progress("int32 loc spot check")
             run_sweep(["bf16"], [128, 16384], providers, [torch.int32], cold=False, into=rows)
+        if args.triton_sweep and cuda:
+            run_triton_sweep(args.layouts, sizes, into=triton_sweep)
         progress("eager host cost per call")
         hosts = host_costs()
     except KeyboardInterrupt:
         interrupted = True
 
-    report, floor_us = _report(rows, shown, providers, dev, cuda, copy_gbs, tiny_us, hosts, not_run, interrupted)
+    report, floor_us = _report(rows, shown, providers, dev, cuda, copy_gbs, tiny_us, hosts, not_run, interrupted,
+                               triton_sweep)  # fmt: skip
     result = dict(
         device=dev, cpu_only=not cuda, torch=torch.__version__, mlakv=mlakv.__version__, date=time.strftime("%Y-%m-%d"),
         copy_gbs=copy_gbs, one_element_kernel_us=tiny_us, launch_floor_us=floor_us, rows=[asdict(r) for r in rows],
@@ -547,6 +759,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         not_run=not_run,
         interrupted=interrupted,
     )
+    if triton_sweep is not None:
+        result["triton_sweep"] = triton_sweep
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     (args.out / "report.md").write_text(report + "\n")
     if interrupted:
@@ -559,4 +773,4 @@ def main(argv: Optional[list[str]] = None) -> int:
     written = "results.json, report.md" + ("" if note else ", kv_write_bench.png")
     progress(f"done in {time.time() - t_start:.0f} s; wrote {written} in {args.out}/")
     wrong = any(e.startswith(("WRONG", "ERROR")) for r in rows for e in r.errors.values())
-    return 1 if wrong else 0
+    return 1 if wrong or _triton_sweep_wrong(triton_sweep) else 0

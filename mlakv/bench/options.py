@@ -114,6 +114,10 @@ def kv_write_parser() -> argparse.ArgumentParser:
                     help=f"fewer sizes (GPU {QUICK_SIZES}, CPU {CPU_QUICK_SIZES}) and no int32 spot check")  # fmt: skip
     ap.add_argument("--no-cold", action="store_true", help="GPU: skip the L2-flushed medians")
     ap.add_argument("--tune", action="store_true", help="GPU: also time JIT launch variants (warps x items x TMA/direct)")
+    ap.add_argument("--triton-sweep", action="store_true",
+                    help="GPU: also time the Triton row kernel at every launch shape (warps 1,2,4,8 x rows per program "
+                    "1,2,4,8 x PDL trigger at entry or after the stores), each checked bit-exact first, and report "
+                    "per layout the TRITON_ROW_STEPS rows the fastest shapes make")  # fmt: skip
     ap.add_argument("--out", type=out_dir, default=Path("bench-out"),
                     help="directory for results.json, report.md and the plot (checked writable before the sweep)")  # fmt: skip
     return ap
