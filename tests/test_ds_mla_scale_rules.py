@@ -329,6 +329,36 @@ def test_write_of_edge_tiles_is_bit_exact(path, rule, dtype):
     assert_bytes_equal(kv, expected)
 
 
+def amax_sweep_nope(dtype: torch.dtype) -> torch.Tensor:
+    """``[n, 512]`` rows (CPU) whose tiles' amax takes every binary exponent of ``dtype`` from its
+    smallest subnormal to its largest finite value, at a random mantissa (the GPU kernels compute
+    ``amax / 448`` by exact scaling around a fast quotient; each scaling range and its edges are here)."""
+    lo, hi = (-133, 127) if dtype == torch.bfloat16 else (-24, 15)
+    g = torch.Generator().manual_seed(7)
+    tiles = []
+    for e in range(lo, hi + 1):
+        t = (torch.rand(128, generator=g, dtype=torch.float64) * 2 - 1) * 2.0**e
+        t[int(torch.randint(0, 128, (1,), generator=g))] = (1 + torch.rand(1, generator=g, dtype=torch.float64).item() * 0.99) * 2.0**e
+        tiles.append(t.to(dtype))
+    tiles += [tiles[-1]] * (-len(tiles) % 4)
+    return torch.stack(tiles).reshape(-1, NOPE)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", SRC_DTYPES)
+def test_write_of_tiles_at_every_amax_exponent_is_bit_exact(path, rule, dtype):
+    _path_available(path)
+    nope = amax_sweep_nope(dtype)
+    n = nope.shape[0]
+    rope = make_rope(n, dtype)
+    kv = poisoned(n + 5)
+    loc = torch.randperm(n + 5, generator=torch.Generator().manual_seed(1))[:n].to(DEVICE)
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope, rope, "ds_mla", ds_mla_scale_rule=rule))
+    write_via(path, kv, loc, nope.to(DEVICE), rope.to(DEVICE), rule)
+    assert_bytes_equal(kv, expected)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rule", RULES)
 def test_write_with_strided_loc_and_sources_is_bit_exact(path, rule):
