@@ -860,16 +860,16 @@ for fmt, q8, src, neox, rule in [(0, 0, 0, 0, 0), (0, 1, 1, 1, 0), (1, 0, 0, 1, 
     src_ = ASTSource(k, sig, constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
     ptx = [triton.compile(src_, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fuse, "num_warps": 4}).asm["ptx"]
            for fuse in (False, True)]
-    print(fmt, q8, ptx[0].count("fma.rn"), ptx[1].count("fma.rn"), ptx[0].count(".ftz"))
+    print(fmt, q8, rule, ptx[0].count("fma.rn"), ptx[1].count("fma.rn"), ptx[0].count(".ftz"))
 """
 
 
 def test_triton_kernel_compiles_for_sm90_without_fma():
     """Compiled for a real GPU (not the interpreter): every format and query kind (and ds_mla's
     tile-scale rules) builds, no op is flushed to zero, and no multiply-add of the rotation is
-    contracted into an FMA: a build with no e4m3 scale division has no FMA at all; one with it has
-    only the division's own (written as FMAs, the correctly rounded quotient), fewer than a build
-    that lets the compiler contract (the rotation's bits are checked against the reference on a GPU)."""
+    contracted into an FMA: a build with no fast division (an e4m3 scale's quotient, ds_mla's
+    ``amax / 448``) has no FMA at all; one with it has only the division's own (written as FMAs,
+    the correctly rounded quotient), fewer than a build that lets the compiler contract (the rotation's bits are checked against the reference on a GPU)."""
     import os
     import subprocess
     import sys
@@ -881,7 +881,8 @@ def test_triton_kernel_compiles_for_sm90_without_fma():
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 8, r.stdout
     for ln in lines:
-        fmt, q8, fma_kept, fma_contracted, ftz = map(int, ln.split())
+        fmt, q8, rule, fma_kept, fma_contracted, ftz = map(int, ln.split())
         assert ftz == 0, ln
-        divides = fmt == 1 or q8 == 1  # per_tensor rows or an e4m3 query: x / scale
+        # per_tensor rows or an e4m3 query (x / scale), ds_mla's floored rules (amax / 448)
+        divides = fmt == 1 or q8 == 1 or (fmt == 2 and rule != 1)
         assert (0 < fma_kept < fma_contracted) if divides else fma_kept == 0, ln
