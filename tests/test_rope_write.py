@@ -867,8 +867,7 @@ for fmt, q8, src, neox, rule in [(0, 0, 0, 0, 0), (0, 1, 1, 1, 0), (1, 0, 0, 1, 
 def test_triton_kernel_compiles_for_sm90_without_fma():
     """Compiled for a real GPU (not the interpreter): every format and query kind (and ds_mla's
     tile-scale rules) builds, no op is flushed to zero, and no multiply-add of the rotation is
-    contracted into an FMA: a build with no fast division (an e4m3 scale's quotient, ds_mla's
-    ``amax / 448``) has no FMA at all; one with it has only the division's own (written as FMAs,
+    contracted into an FMA: a build with no fast division (an e4m3 scale's quotient) has no FMA at all; one with it has only the division's own (written as FMAs,
     the correctly rounded quotient), fewer than a build that lets the compiler contract (the rotation's bits are checked against the reference on a GPU)."""
     import os
     import subprocess
@@ -883,6 +882,5 @@ def test_triton_kernel_compiles_for_sm90_without_fma():
     for ln in lines:
         fmt, q8, rule, fma_kept, fma_contracted, ftz = map(int, ln.split())
         assert ftz == 0, ln
-        # per_tensor rows or an e4m3 query (x / scale), ds_mla's floored rules (amax / 448)
-        divides = fmt == 1 or q8 == 1 or (fmt == 2 and rule != 1)
+        divides = fmt == 1 or q8 == 1  # per_tensor rows or an e4m3 query: x / scale
         assert (0 < fma_kept < fma_contracted) if divides else fma_kept == 0, ln

@@ -162,14 +162,17 @@ def tuning_for(device: torch.device) -> LaunchTuning:
 # places timed with PDL on for bf16 512+64 and u8 528+128 at 1..65536 rows. The PDL trigger at
 # program entry won at every size (the old trigger after the store cost up to 1.9x at 65536 rows, where
 # 65536 one-row programs each waited); several rows per program win from 768 rows.
+# H200, 2026-12-02 23:08 UTC (`mlakv bench --layouts bf16,u8 --providers triton --no-cold --quick --triton-sweep
+# --sizes 1,256,512,1024,2048,4096,16384,65536`, 32 shapes each checked bit-exact first): one warp per
+# program won for both layouts at nearly every size (bf16 at 1024 rows: w1r2e 1.14 us against the old
+# row's 4 warps, 1.51); rows per program 1 to 512 rows, 2 to 4096, 4 above (u8 prefers 8 from 16384 by
+# 1-2 %, bf16 4 warps at 4096 by 7 %).
 TRITON_ROW_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
-    (256, 256, 1, True),
-    (768, 2048, 1, True),
-    (1024, 512, 2, True),
+    (512, 2048, 1, True),
     (4096, 2048, 2, True),
     (None, 2048, 4, True),
 )
-TRITON_ROW_MEASURED = "H100 80GB HBM3, Triton launch sweep, 2026-11-24 (docs/benchmarks.md)"
+TRITON_ROW_MEASURED = "NVIDIA H200, 2026-12-02 23:08 UTC: `mlakv bench --triton-sweep` (docs/h200-2026-12-02/run6)"
 
 
 def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
@@ -198,8 +201,11 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 
 # The fused RoPE write's Triton kernel (kernels/triton/rope_write.py): (max query rows n * H, warps,
 # query rows per program) by increasing n * H; the cache-row programs take the same warps.
-ROPE_TRITON_STEPS: tuple[tuple[int | None, int, int], ...] = ((None, 4, 4),)
-ROPE_TRITON_MEASURED = "not measured: the first guess (4 warps, 4 query rows per program)"
+# H200, 2026-12-02 23:06 UTC (`mlakv bench rope --providers fused,fused-triton --triton-sweep --heads 16,128
+# --sizes 1,64,1024,16384`): one query row per 4-warp program to 128 rows (n * H), then 2 rows, 8 from
+# 131072 (the fastest shape at most points; bf16 prefers 1 warp at n * H <= 1024 by up to 15 %).
+ROPE_TRITON_STEPS: tuple[tuple[int | None, int, int], ...] = ((128, 4, 1), (16384, 4, 2), (None, 4, 8))
+ROPE_TRITON_MEASURED = "NVIDIA H200, 2026-12-02 23:06 UTC: `mlakv bench rope --triton-sweep` (docs/h200-2026-12-02/run6)"
 # the shapes `mlakv bench rope --triton-sweep` times: (warps, query rows per program)
 ROPE_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16))
 
@@ -354,8 +360,10 @@ def paged_gather_launch(n: int, row_bytes: int) -> tuple[int, int]:
 # (docs/h200-2026-12-02/run6/parity_before.md). `mlakv bench indexer --triton-sweep` times every
 # shape of INDEXER_TRITON_SWEEP (each checked bit-exact first) and prints the rows its fastest
 # shapes make.
-INDEXER_TRITON_STEPS: tuple[tuple[int | None, int, int], ...] = ((None, 4, 16),)
-INDEXER_TRITON_MEASURED = "not measured: the pre-sweep default (16 keys per program, 4 warps at every n)"
+INDEXER_TRITON_STEPS: tuple[tuple[int | None, int, int], ...] = ((1024, 4, 4), (4096, 1, 4), (16384, 8, 16), (None, 8, 64))
+INDEXER_TRITON_MEASURED = (
+    "NVIDIA H200, 2026-12-02 23:07 UTC: `mlakv bench indexer --sizes 1,64,1024,4096,16384,65536 --triton-sweep`"
+)
 # The launch shapes the sweep times: (num_warps, keys per program).
 INDEXER_TRITON_SWEEP: tuple[tuple[int, int], ...] = tuple(
     (warps, keys) for warps in (1, 2, 4, 8) for keys in (4, 8, 16, 32, 64)

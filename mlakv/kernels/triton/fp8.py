@@ -246,49 +246,23 @@ def _store_block(ptrs, cols, vals, live, W: tl.constexpr, WP2: tl.constexpr):
 
 # ---- ds_mla's tile-scale rules (shared with the fused RoPE write's kernel) -------------------------
 @triton.jit
-def _amax_over_448(amax):
-    """``amax / 448`` correctly rounded for a finite ``amax >= 0`` (fp32), without ``div.rn``: the
-    Markstein quotient (:func:`_div_fast`, divisor 448: exponent 135) on ``amax`` moved into its exact
-    range ``[2^-92, 2^109)`` by an exact power-of-two factor (2^64 up for smaller values, 2^-64 down
-    for larger) and moved back. Moving back a result below 2^-126 may round twice; callers floor the
-    scale at 2^-126 or more (rules ``fp32_floor`` and ``ue8m0``), where such a result is floored too.
-    Why: Triton's layouts spread each tile over many threads, so every thread computes the scales of
-    all the tiles it touches; an IEEE division each was most of the kernel's instructions."""
-    bits = amax.to(tl.int32, bitcast=True)
-    up = bits < (35 << 23)  # below 2^-92 (zero and subnormals included)
-    down = bits >= (236 << 23)  # 2^109 and above
-    two64 = tl.full([], 18446744073709551616.0, tl.float32)
-    inv64 = tl.full([], 5.421010862427522e-20, tl.float32)  # 2^-64
-    a = amax * tl.where(up, two64, tl.where(down, inv64, 1.0))
-    d = tl.full([], 448.0, tl.float32)
-    q = _div_fast(a, d, tl.math.div_rn(tl.full([], 1.0, tl.float32), d))
-    return q * tl.where(up, inv64, tl.where(down, two64, 1.0))
-
-
-@triton.jit
 def ds_mla_tile_scale(ab, RULE: tl.constexpr, AXIS: tl.constexpr):
     """A ds_mla tile's fp32 scale by rule code ``RULE`` (0 ``fp32_floor``, 1 ``fp32``, 2 ``ue8m0``:
     :data:`mlakv.spec.rules.DS_MLA_SCALE_RULES`; the reference is
     :func:`mlakv.ops.fp8.ds_mla_tile_scales`), from the ``|x|`` bits ``ab`` (int32) of its values,
     reduced over ``AXIS``. The amax is a max over bits (their order is the values' order): over the
-    finite ones for rule 0, NaN excluded and inf kept otherwise. ``amax / 448`` is the IEEE quotient:
-    :func:`_amax_over_448` for rules 0 and 2 (both floor the scale), ``div_rn`` for rule 1 (no floor:
-    its subnormal scales must round once). The constants are fp32 tensors, not
+    finite ones for rule 0, NaN excluded and inf kept otherwise. The constants are fp32 tensors, not
     Python floats: some Triton versions type a bare literal outside fp32's normal range (FLT_MIN
     written as 1.17549435e-38 is a hair below 2^-126) as fp64, which makes the scale fp64 and
     ``div_rn`` (fp32 only) refuse to compile."""
     e4m3_max = tl.full([], 448.0, tl.float32)
     if RULE == 0:
         amax = tl.max(tl.where(ab < 0x7F800000, ab, 0), axis=AXIS).to(tl.float32, bitcast=True)
-        s = tl.maximum(_amax_over_448(amax), tl.full([], 1.1754943508222875e-38, tl.float32))  # 2^-126
+        s = tl.maximum(tl.math.div_rn(amax, e4m3_max), tl.full([], 1.1754943508222875e-38, tl.float32))  # 2^-126
     else:
-        amax_bits = tl.max(tl.where(ab <= 0x7F800000, ab, 0), axis=AXIS)
-        amax = amax_bits.to(tl.float32, bitcast=True)
-        if RULE == 1:
-            s = tl.math.div_rn(amax, e4m3_max)  # fp32: no floor (0 for an all-zero tile; subnormals kept)
-        else:
-            inf = tl.full([], float("inf"), tl.float32)
-            s = tl.where(amax_bits == 0x7F800000, inf, _amax_over_448(tl.where(amax_bits == 0x7F800000, 0.0, amax)))
+        amax = tl.max(tl.where(ab <= 0x7F800000, ab, 0), axis=AXIS).to(tl.float32, bitcast=True)
+        s = tl.math.div_rn(amax, e4m3_max)  # fp32: no floor (0 for an all-zero tile; subnormals kept)
+        if RULE == 2:
             s = tl.maximum(s, tl.full([], 9.999999747378752e-05, tl.float32))  # 1e-4f exactly
             sb = s.to(tl.int32, bitcast=True)
             sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)  # up to a power of two (or inf)
