@@ -13,7 +13,9 @@ so its rows are batched per program; the launch table picks ``Q_ROWS`` and the w
 * 16-bit values travel as their int16 bits; bf16 is widened by a shift and rounded by integer
   arithmetic (the interpreter's bf16 casts truncate and flush subnormals; the bit arithmetic is the
   same on every GPU and in the interpreter); fp16 is cast (exact widening, RNE narrowing);
-* divisions are IEEE (``div_rn``); e4m3 rounding is integer arithmetic (RNE, saturating, NaN -> 0x7F);
+* divisions are correctly rounded (``div_rn``, or the FP8 write's fast quotient for a call's one scale);
+  e4m3 rounding is the FP8 write's (:func:`mlakv.kernels.triton.fp8._e4m3_signed`: the hardware
+  conversion on sm_89+, integer arithmetic elsewhere; RNE, saturating, NaN -> 0x7F);
   ``ds_mla``'s tile scales follow the call's rule (``RULE``; the helpers are the FP8 write's,
   :func:`mlakv.kernels.triton.fp8.ds_mla_tile_scale`).
 
@@ -36,7 +38,7 @@ from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import rope_triton_launch
 
 from .common import pdl_supported
-from .fp8 import _divisor_hi, _quot_fast, ds_mla_scaled, ds_mla_tile_scale
+from .fp8 import _divisor_hi, _e4m3_signed, _quot_fast, ds_mla_scaled, ds_mla_tile_scale, native_fp8_supported
 
 __all__ = ["FORMAT_CODE", "launch_rope_write"]
 
@@ -75,27 +77,8 @@ def _round_bits(y, SRC: tl.constexpr):
 
 
 @triton.jit
-def _e4m3(y):
-    """fp32 -> e4m3 byte (int32, 0..255): round to nearest even, saturating to +-448, NaN -> 0x7F."""
-    u = y.to(tl.int32, bitcast=True)
-    sign = (u >> 24) & 0x80
-    a_bits = u & 0x7FFFFFFF
-    a = a_bits.to(tl.float32, bitcast=True)
-    finite = tl.where(a_bits > 0x7F800000, 0, a_bits)
-    # |y| >= 2^-6: round the mantissa to 3 bits (RNE) and rebias the exponent (127 -> 7)
-    normal = ((finite + 0x7FFFF + ((finite >> 20) & 1)) >> 20) - 960
-    # |y| < 2^-6: multiples of 2^-9; adding 2^23 in fp32 rounds |y| * 512 to an integer (RNE)
-    small = tl.where(a < 0.015625, a, 0.0)
-    big = tl.full([], 8388608.0, tl.float32)
-    sub = ((small * tl.full([], 512.0, tl.float32) + big) - big).to(tl.int32)
-    mag = tl.where(a < 0.015625, sub, normal)
-    mag = tl.where(a >= 448.0, 0x7E, mag)
-    return tl.where(a_bits > 0x7F800000, 0x7F, mag | sign)
-
-
-@triton.jit
 def _div_by_scale(x, s):
-    """fp32 ``x / s`` for :func:`_e4m3`, ``s`` the call's one positive scale: the fast correctly rounded
+    """fp32 ``x / s`` for the e4m3 conversion, ``s`` the call's one positive scale: the fast correctly rounded
     division of the FP8 write (:func:`mlakv.kernels.triton.fp8._quot_fast`) where ``s``'s biased exponent
     is in [47, 252] (uniform over the launch), else IEEE ``div_rn``. Either way the e4m3 byte is the one
     of the IEEE quotient."""
@@ -135,7 +118,7 @@ def _query_rows(
     qpid, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr, q_scale_ptr,
     qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, SRC: tl.constexpr,
-    NEOX: tl.constexpr, Q_FP8: tl.constexpr, Q_ROWS: tl.constexpr,
+    NEOX: tl.constexpr, Q_FP8: tl.constexpr, Q_ROWS: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     """Query program ``qpid``: ``Q_ROWS`` consecutive ``(token, head)`` rows of ``q_out`` (rows past
     ``n * heads`` and tokens whose position is out of range write nothing)."""
@@ -155,9 +138,9 @@ def _query_rows(
     q_dst = (q_out_ptr + t * qo_s0 + h * qo_s1)[:, None]
     if Q_FP8:
         qs = tl.load(q_scale_ptr)
-        tl.store(q_dst + offs, _e4m3(_div_by_scale(_widen(nb, SRC), qs)).to(tl.uint8), mask=ok_n)
-        tl.store(q_dst + NOPE + a_off, _e4m3(_div_by_scale(_widen(ra.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
-        tl.store(q_dst + NOPE + b_off, _e4m3(_div_by_scale(_widen(rb.to(tl.int16), SRC), qs)).to(tl.uint8), mask=jm)
+        tl.store(q_dst + offs, _e4m3_signed(_div_by_scale(_widen(nb, SRC), qs), NATIVE), mask=ok_n)
+        tl.store(q_dst + NOPE + a_off, _e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), qs), NATIVE), mask=jm)
+        tl.store(q_dst + NOPE + b_off, _e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), qs), NATIVE), mask=jm)
     else:
         tl.store(q_dst + offs, nb, mask=ok_n)
         tl.store(q_dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
@@ -174,6 +157,7 @@ def _rope_write_kernel(
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
     TILES_P2: tl.constexpr, FORMAT: tl.constexpr, SRC: tl.constexpr, NEOX: tl.constexpr,
     Q_FP8: tl.constexpr, USE_PDL: tl.constexpr, RULE: tl.constexpr = 0, Q_ROWS: tl.constexpr = 1,
+    NATIVE: tl.constexpr = False,
 ):  # fmt: skip
     # Strides in elements of each pointer's type (kv: int16 for 16-bit rows, bytes for FP8 formats;
     # q_out: int16 or bytes). 16-bit tensors arrive as int16 views.
@@ -203,9 +187,9 @@ def _rope_write_kernel(
         elif FORMAT == 1:  # per_tensor: e4m3(x / k_scale)
             ks = tl.load(k_scale_ptr)
             nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
-            tl.store(dst + offs, _e4m3(_div_by_scale(_widen(nb, SRC), ks)).to(tl.uint8), mask=keep_n)
-            qa = _e4m3(_div_by_scale(_widen(ra.to(tl.int16), SRC), ks)).to(tl.uint8)
-            qb = _e4m3(_div_by_scale(_widen(rb.to(tl.int16), SRC), ks)).to(tl.uint8)
+            tl.store(dst + offs, _e4m3_signed(_div_by_scale(_widen(nb, SRC), ks), NATIVE), mask=keep_n)
+            qa = _e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), ks), NATIVE)
+            qb = _e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), ks), NATIVE)
             tl.store(dst + NOPE + a_off, qa, mask=jm)
             tl.store(dst + NOPE + b_off, qb, mask=jm)
         else:  # ds_mla: [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
@@ -218,7 +202,7 @@ def _rope_write_kernel(
                 y = tl.math.div_rn(x, scale[:, None])
             else:  # fp32, ue8m0: x * (1 / scale)
                 y = ds_mla_scaled(x, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)[:, None])
-            tl.store(dst + toffs, _e4m3(y).to(tl.uint8), mask=keep_t)
+            tl.store(dst + toffs, _e4m3_signed(y, NATIVE), mask=keep_t)
             k4 = tl.arange(0, 4)[None, :]
             sbits = scale.to(tl.int32, bitcast=True)[:, None]
             keep_s = ((tl.zeros([TILES_P2, 4], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
@@ -237,7 +221,7 @@ def _rope_write_kernel(
     else:
         _query_rows(pid - n, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr,
                     q_out_ptr, q_scale_ptr, qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
-                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_FP8, Q_ROWS)  # fmt: skip
+                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_FP8, Q_ROWS, NATIVE)  # fmt: skip
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -300,5 +284,5 @@ def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 
         HALF_P2=triton.next_power_of_2(max(1, rope_dim // 2)), TILES_P2=triton.next_power_of_2(max(1, tiles)),
         FORMAT=FORMAT_CODE[kv_cache_format], SRC=src, NEOX=bool(is_neox_style), Q_FP8=q_fp8, USE_PDL=use_pdl,
         RULE=DS_MLA_SCALE_RULES.index(ds_mla_scale_rule) if kv_cache_format == "ds_mla" else 0,
-        Q_ROWS=rows, num_warps=warps, **extra,
+        Q_ROWS=rows, NATIVE=kv.is_cuda and native_fp8_supported(kv.device.index or 0), num_warps=warps, **extra,
     )  # fmt: skip
