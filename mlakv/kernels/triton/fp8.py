@@ -72,6 +72,9 @@ __all__ = [
     "native_fp8_supported",
     "ds_mla_tile_scale",
     "ds_mla_scaled",
+    "divisor_hi",
+    "quot_fast",
+    "e4m3_signed",
 ]
 
 _DST_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -115,7 +118,7 @@ def _div_fast(a, s, r):
 
 
 @triton.jit
-def _divisor_hi(e):
+def divisor_hi(e):
     """``|x|``'s bits must stay below ``min(e + 101, 255) << 23`` for the exact range (int32)."""
     return tl.minimum(e + 101, 255) << 23
 
@@ -131,8 +134,8 @@ def _quant_fast(x, s, r, hi, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _quot_fast(x, s, r, hi):
-    """fp32 ``x / s`` for :func:`_e4m3_signed`, ``s`` as in :func:`_quant_fast`: the correctly rounded
+def quot_fast(x, s, r, hi):
+    """fp32 ``x / s`` for :func:`e4m3_signed`, ``s`` as in :func:`_quant_fast`: the correctly rounded
     quotient of the clamped ``|x|`` (out of the exact range it rounds to the same e4m3 byte) with
     ``x``'s sign; NaN stays NaN."""
     xb = x.to(tl.int32, bitcast=True)
@@ -142,7 +145,7 @@ def _quot_fast(x, s, r, hi):
 
 
 @triton.jit
-def _e4m3_signed(y, NATIVE: tl.constexpr):
+def e4m3_signed(y, NATIVE: tl.constexpr):
     """fp32 -> e4m3 byte (uint8): RNE, saturating to +-448, NaN -> 0x7F. ``NATIVE``: the hardware
     converts the signed value (no sign OR on its bytes: the ptxas 12.8/12.9 miscompile of the module
     docstring)."""
@@ -303,17 +306,17 @@ def _quant_per_tensor_kernel(
     # The branch yields the signed fp32 quotients; they are converted once, after it.
     if (e >= 47) & (e <= 252):  # uniform: the fast division (values below 2^(e-100) quantize to zero)
         r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
-        hi = _divisor_hi(e)
-        yn = _quot_fast(xn, s, r, hi)
+        hi = divisor_hi(e)
+        yn = quot_fast(xn, s, r, hi)
         if ROPE > 0:
-            yr = _quot_fast(xr, s, r, hi)
+            yr = quot_fast(xr, s, r, hi)
     else:
         yn = tl.math.div_rn(xn, s)
         if ROPE > 0:
             yr = tl.math.div_rn(xr, s)
-    _store_block(dst + tl.max_contiguous(cn, [1, 8]), cn, _e4m3_signed(yn, NATIVE), live, NOPE, NOPE_P2)
+    _store_block(dst + tl.max_contiguous(cn, [1, 8]), cn, e4m3_signed(yn, NATIVE), live, NOPE, NOPE_P2)
     if ROPE > 0:
-        _store_block(dst + NOPE + tl.max_contiguous(cr, [1, 8]), cr, _e4m3_signed(yr, NATIVE), live, ROPE, ROPE_P2)
+        _store_block(dst + NOPE + tl.max_contiguous(cr, [1, 8]), cr, e4m3_signed(yr, NATIVE), live, ROPE, ROPE_P2)
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -355,7 +358,7 @@ def _quant_ds_mla_kernel(
         s2 = (sb + (k << 23)).to(tl.float32, bitcast=True)
         p2 = ((127 + k) << 23).to(tl.float32, bitcast=True)
         r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s2)
-        hi = _divisor_hi((sb >> 23) + k)
+        hi = divisor_hi((sb >> 23) + k)
         q = _quant_fast(x * p2[:, :, None], s2[:, :, None], r[:, :, None], hi[:, :, None], NATIVE)
     else:
         # fp32: x * (1 / scale); ue8m0: x / 2^k, the exact product x * 2^-k (1 / inf = 0: finite
@@ -669,7 +672,7 @@ def _div_probe_kernel(a_ptr, b_ptr, q_ptr, n, BLOCK: tl.constexpr):
     ab = xb & 0x7FFFFFFF
     ea = ab >> 23
     in_range = ((e >= 2) & (e <= 252))[:, None] & (
-        (ab == 0) | ((ea >= tl.maximum(e - 100, 27)[:, None]) & (ab < _divisor_hi(e)[:, None]))
+        (ab == 0) | ((ea >= tl.maximum(e - 100, 27)[:, None]) & (ab < divisor_hi(e)[:, None]))
     )
     fast = _div_fast(ab.to(tl.float32, bitcast=True), s[:, None], r[:, None])
     fast = (fast.to(tl.int32, bitcast=True) | (xb & -2147483648)).to(tl.float32, bitcast=True)

@@ -14,7 +14,7 @@ so its rows are batched per program; the launch table picks ``Q_ROWS`` and the w
   arithmetic (the interpreter's bf16 casts truncate and flush subnormals; the bit arithmetic is the
   same on every GPU and in the interpreter); fp16 is cast (exact widening, RNE narrowing);
 * divisions are correctly rounded (``div_rn``, or the FP8 write's fast quotient for a call's one scale);
-  e4m3 rounding is the FP8 write's (:func:`mlakv.kernels.triton.fp8._e4m3_signed`: the hardware
+  e4m3 rounding is the FP8 write's (:func:`mlakv.kernels.triton.fp8.e4m3_signed`: the hardware
   conversion on sm_89+, integer arithmetic elsewhere; RNE, saturating, NaN -> 0x7F);
   ``ds_mla``'s tile scales follow the call's rule (``RULE``; the helpers are the FP8 write's,
   :func:`mlakv.kernels.triton.fp8.ds_mla_tile_scale`).
@@ -38,7 +38,7 @@ from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import rope_triton_launch
 
 from .common import pdl_supported
-from .fp8 import _divisor_hi, _e4m3_signed, _quot_fast, ds_mla_scaled, ds_mla_tile_scale, native_fp8_supported
+from .fp8 import divisor_hi, e4m3_signed, quot_fast, ds_mla_scaled, ds_mla_tile_scale, native_fp8_supported
 
 __all__ = ["FORMAT_CODE", "launch_rope_write"]
 
@@ -79,12 +79,12 @@ def _round_bits(y, SRC: tl.constexpr):
 @triton.jit
 def _div_by_scale(x, s):
     """fp32 ``x / s`` for the e4m3 conversion, ``s`` the call's one positive scale: the fast correctly rounded
-    division of the FP8 write (:func:`mlakv.kernels.triton.fp8._quot_fast`) where ``s``'s biased exponent
+    division of the FP8 write (:func:`mlakv.kernels.triton.fp8.quot_fast`) where ``s``'s biased exponent
     is in [47, 252] (uniform over the launch), else IEEE ``div_rn``. Either way the e4m3 byte is the one
     of the IEEE quotient."""
     e = s.to(tl.int32, bitcast=True) >> 23
     if (e >= 47) & (e <= 252):
-        y = _quot_fast(x, s, tl.math.div_rn(tl.full([], 1.0, tl.float32), s), _divisor_hi(e))
+        y = quot_fast(x, s, tl.math.div_rn(tl.full([], 1.0, tl.float32), s), divisor_hi(e))
     else:
         y = tl.math.div_rn(x, s)
     return y
@@ -138,9 +138,9 @@ def _query_rows(
     q_dst = (q_out_ptr + t * qo_s0 + h * qo_s1)[:, None]
     if Q_FP8:
         qs = tl.load(q_scale_ptr)
-        tl.store(q_dst + offs, _e4m3_signed(_div_by_scale(_widen(nb, SRC), qs), NATIVE), mask=ok_n)
-        tl.store(q_dst + NOPE + a_off, _e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), qs), NATIVE), mask=jm)
-        tl.store(q_dst + NOPE + b_off, _e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), qs), NATIVE), mask=jm)
+        tl.store(q_dst + offs, e4m3_signed(_div_by_scale(_widen(nb, SRC), qs), NATIVE), mask=ok_n)
+        tl.store(q_dst + NOPE + a_off, e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), qs), NATIVE), mask=jm)
+        tl.store(q_dst + NOPE + b_off, e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), qs), NATIVE), mask=jm)
     else:
         tl.store(q_dst + offs, nb, mask=ok_n)
         tl.store(q_dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
@@ -187,9 +187,9 @@ def _rope_write_kernel(
         elif FORMAT == 1:  # per_tensor: e4m3(x / k_scale)
             ks = tl.load(k_scale_ptr)
             nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
-            tl.store(dst + offs, _e4m3_signed(_div_by_scale(_widen(nb, SRC), ks), NATIVE), mask=keep_n)
-            qa = _e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), ks), NATIVE)
-            qb = _e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), ks), NATIVE)
+            tl.store(dst + offs, e4m3_signed(_div_by_scale(_widen(nb, SRC), ks), NATIVE), mask=keep_n)
+            qa = e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), ks), NATIVE)
+            qb = e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), ks), NATIVE)
             tl.store(dst + NOPE + a_off, qa, mask=jm)
             tl.store(dst + NOPE + b_off, qb, mask=jm)
         else:  # ds_mla: [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
@@ -202,7 +202,7 @@ def _rope_write_kernel(
                 y = tl.math.div_rn(x, scale[:, None])
             else:  # fp32, ue8m0: x * (1 / scale)
                 y = ds_mla_scaled(x, tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)[:, None])
-            tl.store(dst + toffs, _e4m3_signed(y, NATIVE), mask=keep_t)
+            tl.store(dst + toffs, e4m3_signed(y, NATIVE), mask=keep_t)
             k4 = tl.arange(0, 4)[None, :]
             sbits = scale.to(tl.int32, bitcast=True)[:, None]
             keep_s = ((tl.zeros([TILES_P2, 4], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
