@@ -50,6 +50,7 @@ from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
 
 from .options import fp8_parser as build_parser
+from .report import table_steps
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, progress, rotating
 
 __all__ = ["run_fp8_bench", "run_fp8_tune", "format_tables", "format_tune", "main"]
@@ -418,18 +419,6 @@ def _parse_jit_shape(key: str) -> tuple[int, bool, int]:
     return int(w), early, int(t)
 
 
-def _steps(best: list[tuple[int, tuple]]) -> list[tuple]:
-    """``[(n, shape), ...]`` by increasing n -> table steps ``(max_n, *shape)``, equal neighbours merged, the last open."""
-    steps: list[tuple] = []
-    for n, shape in best:
-        if steps and steps[-1][1:] == shape:
-            steps[-1] = (n, *shape)
-        else:
-            steps.append((n, *shape))
-    if steps:
-        steps[-1] = (None, *steps[-1][1:])
-    return steps
-
 
 def format_tune(res: dict) -> str:
     """Per kernel: the fastest shape at each size (with the runner-up's margin; for the JIT kernels
@@ -457,7 +446,7 @@ def format_tune(res: dict) -> str:
                 best.append((int(n), _parse_shape(k0) if family == "triton" else _parse_jit_shape(k0)))
             out.append("")
             name = "FP8_TRITON_STEPS" if family == "triton" else "FP8_JIT_STEPS"
-            out.append(f"{name}[{kind!r}] = {tuple(_steps(best))!r}")
+            out.append(f"{name}[{kind!r}] = {tuple(table_steps(best))!r}")
     return "\n".join(out)
 
 

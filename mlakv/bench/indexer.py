@@ -40,7 +40,7 @@ from mlakv.spec.tuning import INDEXER_TRITON_SWEEP
 
 from . import timing
 from .options import INDEXER_SIZES, indexer_parser
-from .report import cell, launch_grid, pct, provider_table, ratio, run_on_gpu
+from .report import cell, launch_grid, pct, provider_table, ratio, run_on_gpu, table_steps
 
 __all__ = ["DEFAULT_SIZES", "build_sglang_indexer_store", "run_indexer_bench", "format_tables", "main"]
 
@@ -175,19 +175,6 @@ def _triton_shape(name: str) -> tuple[int, int]:
     return int(w[1:]), int(k[1:])
 
 
-def _steps(best: list[tuple[int, tuple[int, int]]]) -> tuple[tuple, ...]:
-    """``[(n, shape), ...]`` by increasing n -> ``INDEXER_TRITON_STEPS`` rows ``(max n, *shape)``, equal
-    neighbours merged, the last open."""
-    steps: list[tuple] = []
-    for n, shape in best:
-        if steps and steps[-1][1:] == shape:
-            steps[-1] = (n, *shape)
-        else:
-            steps.append((n, *shape))
-    if steps:
-        steps[-1] = (None, *steps[-1][1:])
-    return tuple(steps)
-
 
 def _fastest_triton(rows: list[dict]) -> list[str]:
     """Per n, the fastest Triton launch shape of a ``--triton-sweep`` against the JIT store's time
@@ -209,7 +196,7 @@ def _fastest_triton(rows: list[dict]) -> list[str]:
         out.append(f"- n={n}: {name}: {us:.2f} µs" + (f" ({'; '.join(vs)})" if vs else ""))
     if not out:
         return []
-    steps = _steps([(n, _triton_shape(best[n][1])) for n in sorted(best)])
+    steps = tuple(table_steps([(n, _triton_shape(best[n][1])) for n in sorted(best)]))
     return ["", "Fastest Triton launch shape (`--triton-sweep`):", "", *out, "",
             f"INDEXER_TRITON_STEPS = {steps!r}"]  # fmt: skip
 

@@ -48,7 +48,7 @@ from .options import (
     QUICK_SIZES,
 )
 from .options import kv_write_parser as build_parser
-from .report import launch_grid
+from .report import launch_grid, table_steps
 from .timing import (
     INPUT_SETS,
     cold_median_us,
@@ -411,17 +411,11 @@ def _triton_row_steps(best: list[tuple[int, str]], block_bytes: int) -> list[tup
     bytes per warp, rows per program, trigger at entry)``: one row per size where the shape changes,
     equal neighbours merged, the last open (None). Warps become bytes per warp = ``block_bytes //
     warps``, the table's unit, which gives the same warps back for this layout's BLOCK only."""
-    steps: list[tuple] = []
+    shapes = []
     for n, key in best:
         warps, rows, early = _parse_shape_key(key)
-        shape = (max(1, block_bytes // warps), rows, early)
-        if steps and steps[-1][1:] == shape:
-            steps[-1] = (n, *shape)
-        else:
-            steps.append((n, *shape))
-    if steps:
-        steps[-1] = (None, *steps[-1][1:])
-    return steps
+        shapes.append((n, (max(1, block_bytes // warps), rows, early)))
+    return table_steps(shapes)
 
 
 def format_triton_sweep(sweep: dict) -> str:

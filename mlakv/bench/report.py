@@ -1,9 +1,10 @@
-"""Markdown cells, result files and launch sweeps shared by the family benchmarks (indexer, V4 store).
+"""Markdown cells, result files and launch sweeps shared by the family benchmarks.
 
 Each benchmark prints its tables and writes ``<stem>.json`` (the raw results) and ``<stem>.md``
 (the tables) under ``--out``; the cell formats (µs to two places, a share of copy bandwidth as a
 percentage, a ratio with an ``x``) are the same in every table, so they live here once, as does the
-grid of launch overrides a ``--sweep`` times (:func:`launch_grid`).
+grid of launch overrides a ``--sweep`` times (:func:`launch_grid`) and the launch-table rows a sweep's
+fastest shapes make (:func:`table_steps`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu", "launch_grid"]
+__all__ = ["cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu", "launch_grid", "table_steps"]
 
 
 def cell(v: Any) -> str:
@@ -71,3 +72,18 @@ def launch_grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     """Every combination of the launch overrides ``axes`` (keyword -> values), the last axis fastest:
     ``launch_grid(num_warps=(4, 8), early_trigger=(True, False))`` gives four keyword dicts."""
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def table_steps(best: Sequence[tuple[int, tuple]]) -> list[tuple]:
+    """``[(n, shape), ...]`` by increasing n (each size's fastest launch shape, a tuple) -> launch-table
+    rows ``(max n, *shape)``: one row per size where the shape changes, equal neighbours merged, the last
+    row open (``None``), as the tables of :mod:`mlakv.spec.tuning` read them."""
+    steps: list[tuple] = []
+    for n, shape in best:
+        if steps and steps[-1][1:] == tuple(shape):
+            steps[-1] = (n, *shape)
+        else:
+            steps.append((n, *shape))
+    if steps:
+        steps[-1] = (None, *steps[-1][1:])
+    return steps
