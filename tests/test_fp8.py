@@ -955,35 +955,13 @@ def test_triton_kernels_compile_for_sm90_with_ieee_division():
 _NATIVE_WIDTHS = {"per_tensor": [(512, 64), (512, 0), (320, 40)], "ds_mla": [(512, 64), (128, 0)]}
 
 _NATIVE_SCRIPT = """
-import json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
 from mlakv.kernels.triton import fp8 as fp8_triton
-nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+from mlakv.testing.sm90 import compile_sm90, sass_of
 out = []
 for name, warps, ptrs, ints, consts in json.loads(sys.argv[1]):
-    fn = getattr(fp8_triton, name)
-    sig, attrs, cx = dict(ptrs), {}, dict(consts)
-    for k in ptrs:
-        attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", 16]]
-    for k, v in ints.items():
-        if v == 1:
-            sig[k], cx[k] = "constexpr", 1
-        else:
-            sig[k] = "i32"
-            if v % 16 == 0:
-                attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", 16]]
-    sig.update({k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps))
-    sass = None
-    if os.path.exists(nvdisasm) and "cubin" in k.asm:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout or None
-    out.append([name, warps, consts, k.asm["ptx"], sass])
+    k = compile_sm90(getattr(fp8_triton, name), ptrs, ints, consts, num_warps=warps)
+    out.append([name, warps, consts, k.asm["ptx"], sass_of(k)])
 print(json.dumps(out))
 """
 

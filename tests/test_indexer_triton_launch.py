@@ -216,31 +216,16 @@ def test_compiled_shapes_at_thousands_of_keys(shape):
 
 _COMPILE_SCRIPT = r"""
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from mlakv.kernels.triton import indexer as m
+from mlakv.testing.sm90 import compile_sm90
 
-fn = m._store_kernel
 ptrs = dict(pages_ptr="*u8", pages_i32_ptr="*i32", loc_ptr="*i64", src_ptr="*i16")
 ints = dict(n_rows=65536, page_stride=8448, loc_stride=1, src_stride=128, num_slots=65600, skip_slot=-1,
             dcp_world=1, dcp_rank=0)
 out = []
 for warps, rows in json.loads(sys.argv[1]):
     consts = dict(IS_BF16=True, UE8M0=False, HAS_DCP=False, ROWS=rows, USE_PDL=True)
-    sig, attrs, cx = dict(ptrs), {}, dict(consts)
-    for k in ptrs:
-        attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", 16]]
-    for k, v in ints.items():  # as a launch specializes them: 1 a constant, multiples of 16 marked
-        if v == 1:
-            sig[k], cx[k] = "constexpr", 1
-        else:
-            sig[k] = "i32"
-            if v % 16 == 0 and v:
-                attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", 16]]
-    sig.update({k: "constexpr" for k in consts})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in cx.items()}, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    k = compile_sm90(m._store_kernel, ptrs, ints, consts, num_warps=warps)
     out.append([warps, rows, len(k.asm.get("cubin", b""))])
 print(json.dumps(out))
 """

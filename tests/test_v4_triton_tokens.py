@@ -186,39 +186,17 @@ def test_tokens_not_four_byte_aligned(layout):
 # ---- compiled for sm_90: the hardware e4m3 conversion is never packed the way ptxas miscompiles ----
 
 _SASS_SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
 from mlakv.kernels.triton import v4_store as m
+from mlakv.testing.sm90 import compile_sm90, sass_of
 
-nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-fn = m._v4_store_kernel
 ptrs = dict(pages_ptr="*u8", loc_ptr="*i64", kv_ptr="*i16", cs_ptr="*fp32", pos_ptr="*i64")
 ints = dict(page_stride=33792, num_slots=65600, loc_stride=1, kv_stride=512, cs_stride=64, pos_stride=1,
             max_pos=4096, skip_index=-1, dcp_world=1, dcp_rank=0, n=65536)
 out = []
 for warps, consts in json.loads(sys.argv[1]):
-    sig, attrs, cx = dict(ptrs), {}, dict(consts)
-    for k in ptrs:
-        attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", 16]]
-    for k, v in ints.items():  # as a launch specializes them: 1 a constant, multiples of 16 marked
-        if v == 1:
-            sig[k], cx[k] = "constexpr", 1
-        else:
-            sig[k] = "i64"
-            if v % 16 == 0 and v:
-                attrs[(fn.arg_names.index(k),)] = [["tt.divisibility", 16]]
-    sig.update({k: "constexpr" for k in consts})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in cx.items()}, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, enable_fp_fusion=False))
-    sass = None
-    if os.path.exists(nvdisasm) and "cubin" in k.asm:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout or None
-    out.append([warps, consts, k.asm["ptx"], sass])
+    k = compile_sm90(m._v4_store_kernel, ptrs, ints, consts, int_type="i64", num_warps=warps, enable_fp_fusion=False)
+    out.append([warps, consts, k.asm["ptx"], sass_of(k)])
 print(json.dumps(out))
 """
 

@@ -1,0 +1,58 @@
+"""Compile a Triton kernel for sm_90 without a GPU, specialized as a launch specializes it.
+
+Why: CI has no GPU, yet a kernel must be shown to build for Hopper, and its PTX and machine code read
+(tests look for contracted FMAs, flushed subnormals, the e4m3 packing ptxas miscompiles). A launch
+marks 16-byte aligned pointers and integers divisible by 16, and makes an integer equal to 1 a
+constant; :func:`compile_sm90` does the same, so the code it returns is the code a launch would run.
+Run it where ``TRITON_INTERPRET`` is unset (the interpreter compiles nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from typing import Any, Optional
+
+__all__ = ["compile_sm90", "sass_of"]
+
+
+def compile_sm90(fn: Any, ptrs: dict[str, str], ints: dict[str, int], consts: dict[str, Any], *,
+                 int_type: str = "i32", **options: Any) -> Any:  # fmt: skip
+    """The compiled kernel ``fn`` (a ``@triton.jit`` function) for sm_90: ``ptrs`` maps pointer
+    arguments to their Triton types (``"*u8"``; all marked 16-byte aligned), ``ints`` integer arguments
+    to example values (1: a constant; a multiple of 16: marked so; typed ``int_type``), ``consts`` the
+    constexpr arguments; ``options`` go to ``triton.compile`` (``num_warps=4``, ``enable_fp_fusion=False``).
+    ``.asm["ptx"]``, ``.asm["cubin"]`` hold the code."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    index = fn.arg_names.index
+    sig: dict[str, str] = dict(ptrs)
+    attrs = {(index(k),): [["tt.divisibility", 16]] for k in ptrs}
+    cx = dict(consts)
+    for k, v in ints.items():
+        if v == 1:
+            sig[k], cx[k] = "constexpr", 1
+        else:
+            sig[k] = int_type
+            if v % 16 == 0 and v:
+                attrs[(index(k),)] = [["tt.divisibility", 16]]
+    sig.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(index(a),): v for a, v in cx.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass_of(kernel: Any) -> Optional[str]:
+    """The machine code of a compiled kernel, disassembled by the ``nvdisasm`` Triton ships; None where
+    Triton ships none (or produced no cubin)."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm) or "cubin" not in kernel.asm:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout or None
