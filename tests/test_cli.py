@@ -281,7 +281,8 @@ def test_a_real_sigint_ends_the_bench_with_one_line_and_its_rows(tmp_path):
     """SIGINT to a running `python -m mlakv bench` after its first row: exit 130, one line, the row kept."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "mlakv", "bench", "--layouts", "bf16", "--sizes", "1,2,3,4,5,6,7,8,9",
+    sizes = ",".join(map(str, range(1, 61)))  # enough rows left after the first that a loaded machine's late signal still lands
+    proc = subprocess.Popen([sys.executable, "-m", "mlakv", "bench", "--layouts", "bf16", "--sizes", sizes,
                              "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen = []
     try:
@@ -297,4 +298,4 @@ def test_a_real_sigint_ends_the_bench_with_one_line_and_its_rows(tmp_path):
     err = "".join(seen) + rest_err
     assert_one_interrupt_line(proc.returncode, err, "bench")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert 1 <= len(rows) < 9 and rows[0]["n_loc"] == 1
+    assert 1 <= len(rows) < 60 and rows[0]["n_loc"] == 1
