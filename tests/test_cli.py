@@ -281,9 +281,12 @@ def test_a_real_sigint_ends_the_bench_with_one_line_and_its_rows(tmp_path):
     """SIGINT to a running `python -m mlakv bench` after its first row: exit 130, one line, the row kept."""
     import signal
 
-    sizes = ",".join(map(str, range(1, 61)))  # enough rows left after the first that a loaded machine's late signal still lands
+    sizes = ",".join(map(str, range(1, 61)))  # rows enough that the signal lands while the bench still runs
+    # SIGINT at its default in the child, whatever the test runner inherited: a runner started in the
+    # background of a non-interactive shell ignores SIGINT, and a Python started so never sees Ctrl-C.
     proc = subprocess.Popen([sys.executable, "-m", "mlakv", "bench", "--layouts", "bf16", "--sizes", sizes,
-                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     seen = []
     try:
         for line in proc.stderr:
