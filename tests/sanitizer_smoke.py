@@ -18,9 +18,9 @@ nothing; the gather with padding and out-of-range slots; the move kernel (staged
 out-of-range pairs); the HiCache row copy device <-> pinned host; the FP8 quantizing write and
 dequantizing gather (JIT and Triton, per_tensor and ds_mla under each tile-scale rule; the JIT kernels at
 every threads per row with one and several rows per CTA); the DSA indexer K cache's store (JIT at
-every launch shape, Triton, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
+every launch shape, Triton at every shape of its sweep, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
 invalid page ids, a short table, an output shorter than the requests); the fused RoPE write (JIT,
-Triton, the public op; every cache format, no / bf16 / e4m3 query, both RoPE styles, every loc kind,
+Triton at its table's and every sweep shape, the public op; every cache format, no / bf16 / e4m3 query, both RoPE styles, every loc kind,
 positions outside the table); a hostile caller (issue 22): rows moved within the cache (a source
 aliasing the buffer, through the pool and the dispatcher, JIT and Triton), the registered ops with
 bad arguments (refused, or out-of-range slots skipped by the kernel), and the host pool raced by
@@ -368,6 +368,7 @@ class Smoke:
         from mlakv.ops.indexer import set_index_k_buffer
         from mlakv.ops.indexer_reference import gather_index_k_reference, store_index_k_reference
         from mlakv.spec.calls import IndexStoreCall
+        from mlakv.spec.tuning import INDEXER_TRITON_SWEEP
 
         for dtype in (torch.bfloat16, torch.float16):
             for kind in LOC_KINDS:
@@ -384,6 +385,10 @@ class Smoke:
                         "triton": lambda p: launch_store_index_k(IndexStoreCall(p, loc, keys, skip_slot=RESERVED)),
                         "op": lambda p: set_index_k_buffer(p, loc, keys, reserved_skip_index=RESERVED),
                     }
+                    if kind == "contiguous" and n > 1:  # the Triton store at every launch shape of its sweep
+                        for w, k in INDEXER_TRITON_SWEEP:
+                            runs[f"triton w{w} k{k}"] = lambda p, w=w, k=k: launch_store_index_k(
+                                IndexStoreCall(p, loc, keys, skip_slot=RESERVED), num_warps=w, rows_per_program=k)
                     shapes = [(s, w) for s in (1, 2, 4) for w in (1, 8)] if kind == "contiguous" else [(None, 8)]
                     for steps, warps in shapes:
                         runs[f"jit s{steps} w{warps}"] = lambda p, s=steps, w=warps: indexer_jit_store(
@@ -432,6 +437,7 @@ class Smoke:
         from mlakv.ops.rope_write import set_mla_kv_buffer_rope
         from mlakv.ops.rope_write_reference import set_mla_kv_buffer_rope_torch
         from mlakv.spec.calls import RopeWriteCall
+        from mlakv.spec.tuning import ROPE_TRITON_SWEEP
 
         max_pos, heads = 1000, 3
         cs = torch.randn(max_pos, 64, device="cuda")
@@ -482,6 +488,11 @@ class Smoke:
                             "triton": lambda kv, qo: launch_rope_write(RopeWriteCall(kv, loc, k_nope, k_pe, pos, cs, neox,
                                                                                      fmt, ks, q_nope, q_pe, qo, qs, RESERVED)),
                         }  # fmt: skip
+                        if kind == "contiguous" and n > 1:  # the Triton kernel at every launch shape of its sweep
+                            for w, q in ROPE_TRITON_SWEEP:
+                                runs[f"triton w{w} q{q}"] = lambda kv, qo, w=w, q=q: launch_rope_write(RopeWriteCall(
+                                    kv, loc, k_nope, k_pe, pos, cs, neox, fmt, ks, q_nope, q_pe, qo, qs, RESERVED),
+                                    num_warps=w, q_rows=q)  # fmt: skip
                         if kind == "contiguous":
                             runs["op"] = lambda kv, qo: set_mla_kv_buffer_rope(
                                 kv, loc, k_nope, k_pe, pos, cs, neox, q_nope=q_nope if has_q else None,
