@@ -434,6 +434,45 @@ def test_kernel_honours_strides_and_offsets(path, fmt, loc_dtype):
     assert torch.equal(bits(dev["kw"])[..., kv.shape[1] :], before_kv[..., kv.shape[1] :]), "bytes past the row"
 
 
+def _triton_sweep_shapes():
+    from mlakv.spec.tuning import ROPE_TRITON_SWEEP
+
+    return ROPE_TRITON_SWEEP
+
+
+@pytest.mark.parametrize("q_mode", ["16bit", "fp8"])
+@pytest.mark.parametrize("warps, q_rows", _triton_sweep_shapes())
+def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode):
+    """The Triton kernel at every shape its sweep times (query rows per program 1..16 over n * H = 15
+    rows, so the last program is partial): q_nope and q_pe views of one wider tensor, q_out a view
+    with a neighbour head, a token whose position lies outside the table (its rows stay as they were)."""
+    from mlakv.kernels.triton.rope_write import launch_rope_write
+
+    n, h = 5, 3
+    c = make_case(n, h, torch.bfloat16, "ds_mla", q_mode, num_slots=32)
+    g = torch.Generator().manual_seed(5)
+    q_wide = torch.randn(n, h, NOPE + ROPE + 8, generator=g).to(torch.bfloat16).to(DEVICE)
+    q_wide[..., :NOPE], q_wide[..., NOPE + 8 :] = c["q_nope"], c["q_pe"]
+    out = c["q_out"]
+    out_wide = torch.randint(0, 256, (n, h + 1, out.shape[-1] * out.element_size()), dtype=torch.uint8, generator=g)
+    out_wide = out_wide.view(out.dtype).to(DEVICE)
+    out_wide[:, :h] = out
+    c.update(q_nope=q_wide[..., :NOPE], q_pe=q_wide[..., NOPE + 8 :], q_out=out_wide[:, :h])
+    neighbour = bits(out_wide[:, h]).clone()
+    # token 3's position lies outside the table: the reference writes neither its row nor its queries
+    ref = dict(c, loc=c["loc"].clone(), positions=c["positions"].clone())
+    ref["loc"][3] = -1
+    want_kv, want_q = expected(ref, "ds_mla", q_mode, False)
+    want_q[3] = bits(c["q_out"][3]).cpu()
+    c["positions"][3] = MAX_POS
+    call = RopeWriteCall(c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], False,
+                         "ds_mla", None, c["q_nope"], c["q_pe"], c["q_out"], as_scale(Q_SCALE if q_mode == "fp8" else None))
+    launch_rope_write(call, num_warps=warps, q_rows=q_rows)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(c["q_out"], want_q, "q_out")
+    assert torch.equal(bits(out_wide[:, h]), neighbour), "q_out's neighbour head was written"
+
+
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_kernel_expanded_loc_and_positions(path):
     """Stride-0 (expanded) loc and positions: every token targets one slot with one position."""
