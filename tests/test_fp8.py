@@ -463,6 +463,33 @@ def test_triton_gather_every_launch_shape(fmt, warps, rows, early):
     assert torch.equal(bits_of(got[0]), bits_of(ref[0])) and torch.equal(bits_of(got[1]), bits_of(ref[1]))
 
 
+# The ds_mla Triton write's fp32_floor path is chosen per program: the common case (every tile's amax in
+# [2^-79, 2^109)) or the general rule. Rows whose amax sits on and beside those bounds, or that hold
+# inf, NaN or an all-zero tile, share programs with common rows; each row must come out as the reference's.
+_COMMON_BOUNDS = [2.0**-79, 2.0**-79 * (1 - 2.0**-8), 2.0**-90, 2.0**-120, 2.0**109 * (1 - 2.0**-8), 2.0**109, 2.0**120,
+                  1.5 * 2.0**127, float("inf"), float("nan"), 0.0]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+@pytest.mark.parametrize("special", _COMMON_BOUNDS, ids=["2^-79", "below 2^-79", "2^-90", "2^-120", "below 2^109", "2^109", "2^120", "1.5 * 2^127", "inf", "nan", "zero tile"])
+def test_triton_ds_mla_common_case_bounds(special, rows):
+    from mlakv.kernels.triton.fp8 import launch_quant_write
+
+    n = 7 if not HAS_CUDA else 301
+    nope, rope = make_sources(n, torch.bfloat16, seed=31)
+    tile = 1 + (n // 2) % 3  # one tile of one row in the middle of a program
+    if special == 0.0:
+        nope[n // 2, 128 * tile : 128 * (tile + 1)] = 0.0
+    else:
+        nope[n // 2, 128 * tile : 128 * (tile + 1)] *= 2.0**-20  # |x| < 2^-14 everywhere but the amax
+        nope[n // 2, 128 * tile + 5] = -special
+    loc = torch.randperm(n + 3)[:n].to(DEVICE)
+    kv = poisoned(n + 3, fp8_row_bytes("ds_mla", NOPE, ROPE))
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), "ds_mla"))
+    launch_quant_write(kv, loc, nope.to(DEVICE), rope.to(DEVICE), "ds_mla", None, num_warps=2, rows_per_program=rows)
+    assert_rows_equal(kv, expected)
+
+
 # Widths off the fast layout: per_tensor rows that are not powers of two (masked blocks) or have no
 # rope; ds_mla with 3 tiles (a masked tile block), 1 tile, no rope.
 ODD_WIDTHS = [("per_tensor", 320, 40), ("per_tensor", 512, 0), ("per_tensor", 136, 8), ("ds_mla", 384, 32),

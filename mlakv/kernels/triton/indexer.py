@@ -3,10 +3,11 @@
 Why: they are the GPU path where the JIT CUDA kernel cannot serve (pre-Hopper GPUs, misaligned
 sources, no toolchain) and they run on CPU tensors under ``TRITON_INTERPRET=1`` in CI. The format
 and the arithmetic are specified in :mod:`mlakv.ops.indexer_reference` (sglang's
-``x * (1 / scale)``); both kernels are bit-identical to it. The e4m3 rounding and the widening of
-bf16 sources are integer bit arithmetic, so the bytes are the same on every GPU generation and in
-the interpreter (whose bf16 cast flushes subnormals); divisions are IEEE (``div_rn``) and every
-float constant is an explicit fp32 tensor.
+``x * (1 / scale)``); both kernels are bit-identical to it. The widening of bf16 sources is integer
+bit arithmetic, and so is the e4m3 rounding except on sm_89+ GPUs, where the hardware's saturating
+conversion gives the same bytes (``NATIVE``, as in :mod:`mlakv.kernels.triton.fp8`); so the bytes are
+the same on every GPU generation and in the interpreter (whose bf16 cast flushes subnormals);
+divisions are IEEE (``div_rn``) and every float constant is an explicit fp32 tensor.
 
 Launchers take arguments that :mod:`mlakv.ops.indexer` has validated and check nothing themselves
 (except the store's launch overrides). The store's launch shape (warps, keys per program) comes from
@@ -27,6 +28,7 @@ from mlakv.spec.calls import IndexStoreCall
 from mlakv.spec.tuning import indexer_triton_launch
 
 from .common import interpreting, pdl_supported
+from .fp8 import e4m3_finite, native_fp8_supported
 
 # The rule book's constants as compile-time constants (a compiled kernel reads only constexpr globals).
 INDEX_AMAX_FLOOR = tl.constexpr(rules.INDEX_AMAX_FLOOR)
@@ -64,6 +66,7 @@ def _store_kernel(
     pages_ptr, pages_i32_ptr, loc_ptr, src_ptr,
     n_rows, page_stride, loc_stride, src_stride, num_slots, skip_slot, dcp_world, dcp_rank,
     IS_BF16: tl.constexpr, UE8M0: tl.constexpr, HAS_DCP: tl.constexpr, ROWS: tl.constexpr, USE_PDL: tl.constexpr,
+    NATIVE: tl.constexpr = False,
 ):  # fmt: skip
     # ROWS keys per program: key r of the call is quantized and stored at slot loc[r] (row rules above).
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -78,8 +81,11 @@ def _store_kernel(
         x = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
         x = v.to(tl.float32)
-    a = tl.abs(x)
-    amax = tl.max(tl.where(a == a, a, 0.0), axis=1)  # NaN ignored (CUDA fmaxf); inf counts
+    # NaN ignored (CUDA fmaxf), inf counts: an integer max over |x| bits + (2^23 - 1), where NaN's bits
+    # wrap negative (int32 arithmetic wraps) and inf's stay the largest; no select per value.
+    bias = 0x7FFFFF
+    ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    amax = (tl.maximum(tl.max(ab + bias, axis=1), bias) - bias).to(tl.float32, bitcast=True)
     floor = tl.full([], INDEX_AMAX_FLOOR, tl.float32)
     scale = tl.math.div_rn(tl.maximum(amax, floor), tl.full([], INDEX_E4M3_MAX, tl.float32))
     if UE8M0:  # round up to a power of two by the bits
@@ -87,7 +93,11 @@ def _store_kernel(
         up = ((sb >> 23) & 0xFF) + ((sb & 0x7FFFFF) != 0).to(tl.int32)
         scale = (tl.minimum(up, 255) << 23).to(tl.float32, bitcast=True)
     inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), scale)
-    q = _e4m3_clipped_byte(x * inv[:, None])
+    y = x * inv[:, None]
+    if NATIVE:  # NaN -> +448, then the hardware's saturating RNE conversion: pack_fp8's clamp and rounding
+        q = e4m3_finite(tl.where(y != y, tl.full([], 448.0, tl.float32), y), True)
+    else:
+        q = _e4m3_clipped_byte(y)
     live = in_call & (raw >= 0) & (raw != skip_slot)
     if HAS_DCP:
         slot = raw // dcp_world
@@ -133,12 +143,13 @@ def launch_store_index_k(call: IndexStoreCall, *, num_warps: int = 0, rows_per_p
     if is_bf16:  # the kernel widens bf16 bits itself
         x = x.view(torch.int16)
     use_pdl = index_pages.is_cuda and pdl_supported(index_pages.device.index or 0)
+    native = index_pages.is_cuda and native_fp8_supported(index_pages.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
     _store_kernel[(triton.cdiv(n, rows),)](
         index_pages, index_pages.view(torch.int32), loc, x,
         n, index_pages.stride(0), loc.stride(0), x.stride(0), index_pages.shape[0] * 64, skip_slot,
         dcp_world_size, dcp_rank,
-        IS_BF16=is_bf16, UE8M0=ue8m0, HAS_DCP=dcp_world_size > 1, ROWS=rows, USE_PDL=use_pdl,
+        IS_BF16=is_bf16, UE8M0=ue8m0, HAS_DCP=dcp_world_size > 1, ROWS=rows, USE_PDL=use_pdl, NATIVE=native,
         num_warps=num_warps or warps, **extra,
     )  # fmt: skip
 

@@ -86,52 +86,41 @@ def _set_kv_rows_kernel(
     SRC_ROPE: tl.constexpr = -1,
     DST: tl.constexpr = -1,
 ):
-    # One program writes ROWS whole rows: kv[row, :NOPE+ROPE] = [nope[i] | rope[i]], row = loc[i] // dcp_world.
-    # Strides are in elements; every product is formed in int64 (slot * stride may pass 2^31).
-    # PDL: the trigger carries no memory ordering (the next grid's wait covers this grid's stores), so
-    # it may come at entry (EARLY_TRIGGER) or after the stores; the tuning table picks per size.
+    # One program writes ROWS whole rows as one [ROWS, BLOCK] block (Triton spreads the warps over
+    # its rows, so each warp stores whole rows in 16-byte vectors): kv[row, :NOPE+ROPE] = [nope[i] | rope[i]],
+    # row = loc[i] // dcp_world. Strides are in elements; every product is formed in int64 (slot *
+    # stride may pass 2^31). PDL: the trigger carries no memory ordering (the next grid's wait covers
+    # this grid's stores), so it may come at entry (EARLY_TRIGGER) or after the stores; the tuning
+    # table picks per size.
     if USE_PDL and EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    for r in tl.static_range(ROWS):
-        _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_stride, rope_row_stride, loc_stride,
-                    num_slots, skip_index, dcp_world, dcp_rank, n_loc, tl.program_id(0).to(tl.int64) * ROWS + r,
-                    NOPE, ROPE, BLOCK, SRC_NOPE, SRC_ROPE, DST)
-    if USE_PDL and not EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _set_kv_row(kv_ptr, loc_ptr, nope_ptr, rope_ptr, kv_row_stride, nope_row_stride, rope_row_stride, loc_stride,
-                num_slots, skip_index, dcp_world, dcp_rank, n_loc, i,
-                NOPE: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr,
-                SRC_NOPE: tl.constexpr, SRC_ROPE: tl.constexpr, DST: tl.constexpr):
-    # Row i of the call (a program's last rows may lie past n_loc: they read and write nothing).
-    in_call = i < n_loc
-    slot = tl.load(loc_ptr + tl.minimum(i, n_loc - 1) * loc_stride).to(tl.int64)  # n_loc >= 1 when launched
-    slot = tl.where(in_call, slot, -1)
-    offs = tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    src = tl.minimum(i, n_loc - 1)  # rows past the call re-read the last row and store nothing
+    slot = tl.load(loc_ptr + src * loc_stride).to(tl.int64)
+    slot = tl.where(i < n_loc, slot, -1)
     # The row selection rule (the same on every path): padding, the reserved slot and other DCP
     # ranks' slots are skipped; so is a row landing past the buffer (never a write outside it).
     row = slot // dcp_world  # dcp_world == 1 is specialised by Triton: no division then
-    live = (slot >= 0) & (slot != skip_index) & ((slot - row * dcp_world) == dcp_rank) & (row < num_slots)
-    live_b = (tl.zeros([BLOCK], dtype=tl.int32) + live.to(tl.int32)) != 0  # broadcast over the block
+    live = ((slot >= 0) & (slot != skip_index) & ((slot - row * dcp_world) == dcp_rank) & (row < num_slots))[:, None]
     # Without DCP the source loads do not depend on loc: they are issued alongside it (one memory
     # round trip before the store, not two) and a skipped row only masks off the store. With DCP
     # most rows are other ranks': their sources are not read.
-    in_call_b = (tl.zeros([BLOCK], dtype=tl.int32) + in_call.to(tl.int32)) != 0
-    need = (live_b | ((tl.zeros([BLOCK], dtype=tl.int32) + dcp_world) == 1)) & in_call_b
-    # A converting write (SRC_* != DST) converts each source value in registers (see _convert).
+    need = live | ((tl.zeros([ROWS, 1], dtype=tl.int32) + dcp_world) == 1)
+    offs = tl.arange(0, BLOCK)[None, :]
     in_nope = offs < NOPE
-    a = _convert(tl.load(nope_ptr + i * nope_row_stride + offs, mask=in_nope & need), SRC_NOPE, DST)
+    # A converting write (SRC_* != DST) converts each source value in registers (see _convert).
+    a = _convert(tl.load(nope_ptr + src[:, None] * nope_row_stride + offs, mask=in_nope & need), SRC_NOPE, DST)
     if ROPE > 0:
         in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-        b = _convert(tl.load(rope_ptr + i * rope_row_stride + (offs - NOPE), mask=in_rope & need), SRC_ROPE, DST)
+        b = _convert(tl.load(rope_ptr + src[:, None] * rope_row_stride + (offs - NOPE), mask=in_rope & need), SRC_ROPE, DST)
         val = tl.where(in_nope, a, b)
     else:
         val = a
-    tl.store(kv_ptr + row * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live_b)
+    tl.store(kv_ptr + row[:, None] * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live)
+    if USE_PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def launch_set_kv_rows(
