@@ -162,17 +162,19 @@ def tuning_for(device: torch.device) -> LaunchTuning:
 # places timed with PDL on for bf16 512+64 and u8 528+128 at 1..65536 rows. The PDL trigger at
 # program entry won at every size (the old trigger after the store cost up to 1.9x at 65536 rows, where
 # 65536 one-row programs each waited); several rows per program win from 768 rows.
-# H200, 2026-12-02 23:08 UTC (`mlakv bench --layouts bf16,u8 --providers triton --no-cold --quick --triton-sweep
-# --sizes 1,256,512,1024,2048,4096,16384,65536`, 32 shapes each checked bit-exact first): one warp per
-# program won for both layouts at nearly every size (bf16 at 1024 rows: w1r2e 1.14 us against the old
-# row's 4 warps, 1.51); rows per program 1 to 512 rows, 2 to 4096, 4 above (u8 prefers 8 from 16384 by
-# 1-2 %, bf16 4 warps at 4096 by 7 %).
+# H200, 2026-12-03 02:50 UTC, the kernel as one [rows, BLOCK] block per program (`mlakv bench --layouts
+# bf16,u8 --providers triton --no-cold --quick --triton-sweep --sizes 1,512,1024,4096,16384,65536`, 32
+# shapes each checked bit-exact first; docs/h200-2026-12-03/run7): 8 warps for one row (bf16 0.59,
+# u8 0.62 us); one warp x 2 rows to 1024 rows (bf16 0.83 us at 512; u8 0.87, its fastest 8 warps
+# x 2 rows 0.82); one warp x 4 rows above (u8 at 4096: 2.31 us against 2.79 for the old row's 2
+# rows; bf16 at 4096: 3.64 against the fastest 3.59). One row per program costs 2x at 65536 rows
+# (80 against 40 us): 65536 programs.
 TRITON_ROW_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
-    (512, 2048, 1, True),
-    (4096, 2048, 2, True),
+    (1, 128, 1, True),
+    (1024, 2048, 2, True),
     (None, 2048, 4, True),
 )
-TRITON_ROW_MEASURED = "NVIDIA H200, 2026-12-02 23:08 UTC: `mlakv bench --triton-sweep` (docs/h200-2026-12-02/run6)"
+TRITON_ROW_MEASURED = "NVIDIA H200, 2026-12-03 02:50 UTC: `mlakv bench --triton-sweep` (docs/h200-2026-12-03/run7)"
 
 
 def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
@@ -257,14 +259,22 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
 
 # Triton (kernels/triton/fp8.py): (max n_loc, num_warps, rows per program, PDL trigger at entry) by
 # increasing n_loc, per kernel: "quant_per_tensor", "quant_ds_mla", "dequant" (both formats).
-# Measured: each row is the sweep's fastest shape at n_loc 1, 64, 1024, 4096, 65536 (every shape
-# checked bit-exact before it was timed); docs/benchmarks.md has the table.
+# Measured: each row is the sweep's fastest shape at n_loc 1, 64, 256, 512, 1024, 4096, 16384, 65536
+# (every shape checked bit-exact before it was timed), after the ds_mla write took its per-program
+# common case (docs/h200-2026-12-03/run7/fp8_tune.md). ds_mla: one warp per row from 65 to 1024 rows
+# (at 512 the trigger after the stores, 1.97 against 2.21 us), 2 warps x 4 rows above.
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
-    "quant_per_tensor": ((64, 4, 1, True), (1024, 2, 1, True), (4096, 8, 4, True), (None, 2, 4, False)),
-    "quant_ds_mla": ((64, 4, 1, True), (1024, 2, 1, True), (4096, 4, 4, True), (None, 2, 4, True)),
-    "dequant": ((64, 4, 1, True), (1024, 4, 2, True), (4096, 4, 4, False), (None, 4, 8, False)),
-}
-FP8_TRITON_MEASURED = "NVIDIA H200, 2026-12-02 15:22 UTC: `mlakv bench fp8 --tune --sizes 1,64,1024,4096,65536`"
+    "quant_per_tensor": ((64, 4, 1, True), (1024, 2, 1, True), (4096, 8, 4, True), (16384, 2, 4, True),
+                         (None, 2, 4, False)),
+    "quant_ds_mla": ((1, 4, 1, True), (64, 2, 1, True), (256, 1, 1, True), (512, 1, 1, False), (1024, 1, 1, True),
+                     (None, 2, 4, True)),
+    "dequant": ((64, 4, 1, True), (256, 2, 2, True), (512, 2, 4, True), (1024, 4, 2, True), (4096, 8, 4, False),
+                (None, 4, 8, True)),
+}  # fmt: skip
+FP8_TRITON_MEASURED = (
+    "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "
+    "--sizes 1,64,256,512,1024,4096,16384,65536`"
+)
 
 
 def fp8_triton_launch(kind: str, n_loc: int) -> tuple[int, int, bool]:
