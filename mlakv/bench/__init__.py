@@ -9,7 +9,7 @@ dequantizing gather; ``mlakv bench rope`` (:mod:`.rope_write`) the fused RoPE + 
 against the separate kernels; ``mlakv bench vllm`` (:mod:`.vllm_ops`) vLLM's MLA cache ops on mlakv's
 face beside vLLM's own kernels; ``mlakv bench parity`` (:mod:`.parity`) every family's Triton kernels
 against its CUDA kernels in one run (it runs the family benches; they import nothing of each other). Run as modules: ``python -m mlakv.bench.move_kv`` (``move_kv_cache``'s one
-launch vs a torch loop per layer, GPU), ``python -m mlakv.bench.custom_op_cost`` (the write's torch
+launch vs a torch loop per layer, and with ``--sweep`` its kernels' launch shapes; GPU), ``python -m mlakv.bench.custom_op_cost`` (the write's torch
 custom op's host cost per call) and ``python -m mlakv.bench.host_cost`` (the eager write's host cost
 step by step). Every bench reads its clocks from :mod:`.timing`; none imports another but ``parity``; the
 command lines are in :mod:`.options` (parsed before torch loads). The legacy baseline kernel

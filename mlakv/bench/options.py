@@ -23,6 +23,7 @@ __all__ = [
     "csv_ints",
     "kv_write_parser",
     "hicache_parser",
+    "move_kv_parser",
     "hicache_l3_parser",
     "fp8_parser",
     "rope_parser",
@@ -138,10 +139,38 @@ def hicache_parser() -> argparse.ArgumentParser:
                     help="host pool layout(s) to time (default \"both\": every layout)")  # fmt: skip
     ap.add_argument("--sms", type=csv_ints("SM budgets"), default=[8],
                     help="comma list of SM budgets for the transfer kernel (its grid size), e.g. 4,8,16,132 (default 8)")  # fmt: skip
+    ap.add_argument("--sweep", action="store_true",
+                    help="GPU: time the transfer kernel at every launch shape of mlakv.spec.tuning.HICACHE_COPY_SWEEP "
+                    "(warps x tile words) beside the launch table's, each shape's round trip checked bit-exact "
+                    "first, and print the HICACHE_COPY_STEPS rows the fastest shapes make")  # fmt: skip
+    ap.add_argument("--out", type=out_dir, default=None,
+                    help="directory for hicache.json and hicache.md (default: print only)")  # fmt: skip
     ap.add_argument("--l3", choices=["mooncake"], default=None,
                     help="time the HiCache L3 store instead: mlakv's MooncakeStorage against raw Mooncake calls, two "
                     "clients of one local master (its own options: `mlakv bench hicache --l3 mooncake --help`)")  # fmt: skip
     return ap
+
+
+# ---- python -m mlakv.bench.move_kv ---------------------------------------------------------------
+MOVE_SIZES = [8, 64, 512, 4096]
+
+
+def move_kv_parser(
+    description: str = "Benchmark of move_kv_cache: mlakv's one-launch Triton move vs one indexed copy per layer.",
+) -> argparse.ArgumentParser:
+    """The ``python -m mlakv.bench.move_kv`` parser."""
+    p = argparse.ArgumentParser(prog="python -m mlakv.bench.move_kv", description=description)
+    p.add_argument("--layers", type=positive_int, default=61, help="layers (buffers) every move covers (default 61)")
+    p.add_argument("--slots", type=positive_int, default=65536, help="slots per layer buffer (default 65536)")
+    p.add_argument("--n", type=positive_int, nargs="+", default=list(MOVE_SIZES),
+                   help=f"rows each move moves per layer, 1..slots/2 (default {' '.join(map(str, MOVE_SIZES))})")  # fmt: skip
+    p.add_argument("--sweep", action="store_true",
+                   help="also time both Triton kernels (direct, staged) at every launch shape of "
+                        "mlakv.spec.tuning.MOVE_TRITON_SWEEP beside the table's, each checked bit-exact against "
+                        "the torch move first, and print the MOVE_TRITON_STEPS rows the fastest shapes make")  # fmt: skip
+    p.add_argument("--out", type=out_dir, default=None,
+                   help="directory for move_kv.json and move_kv.md (default: print only)")  # fmt: skip
+    return p
 
 
 def hicache_l3_parser(description: str = "HiCache L3 on Mooncake Store: what mlakv's storage layer costs.") -> argparse.ArgumentParser:

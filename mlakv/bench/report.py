@@ -46,9 +46,11 @@ def provider_table(rows: list[dict], names: list[str], ratios: dict[str, tuple[s
     return out
 
 
-def write_results(out: Union[str, Path], stem: str, res: dict, text: str) -> None:
-    """Print the tables ``text``, then write ``out/<stem>.json`` (``res``) and ``out/<stem>.md``."""
-    print(text)
+def write_results(out: Union[str, Path], stem: str, res: dict, text: str, echo: bool = True) -> None:
+    """Print the tables ``text`` (unless ``echo`` is False: a bench that printed its rows as it measured
+    them), then write ``out/<stem>.json`` (``res``) and ``out/<stem>.md``."""
+    if echo:
+        print(text)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))

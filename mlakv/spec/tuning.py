@@ -48,6 +48,14 @@ __all__ = [
     "INDEXER_TRITON_MEASURED",
     "INDEXER_TRITON_SWEEP",
     "indexer_triton_launch",
+    "MOVE_TRITON_STEPS",
+    "MOVE_TRITON_MEASURED",
+    "MOVE_TRITON_SWEEP",
+    "move_triton_launch",
+    "HICACHE_COPY_STEPS",
+    "HICACHE_COPY_MEASURED",
+    "HICACHE_COPY_SWEEP",
+    "hicache_copy_launch",
 ]
 
 
@@ -386,3 +394,71 @@ def indexer_triton_launch(n: int) -> tuple[int, int]:
         if max_n is None or n <= max_n:
             return warps, keys
     raise AssertionError("the last indexer Triton step must have max n None")
+
+
+# The row move's Triton kernels (kernels/triton/move.py; what a move does: mlakv.ops.move), one launch over
+# every layer; per kernel, (max n, *launch shape) by increasing n (the rows a call moves in each layer):
+# * "direct" (disjoint sets, one program per (row, layer)): (num_warps, block words at most); a row is
+#   copied in blocks of next_pow2(min(row words, that bound)) words (a power of two).
+# * "staged" (any sets, one program per (layer, column block) that loops over every row twice, through
+#   a scratch): (num_warps, rows per step, column words per program), both powers of two; the grid is
+#   layers x ceil(row words / column words).
+# Seeds, not measured: the one row per kernel is the launch the kernels had before the table (direct: 4
+# warps, a whole row up to 1024 words in one block; staged: 4 warps, 16 rows a step, 32 words a program).
+# `python -m mlakv.bench.move_kv --sweep` times every shape of MOVE_TRITON_SWEEP against them (each
+# checked bit-exact against the torch move first) and prints the rows its fastest shapes make; a
+# GPU run of it replaces these rows and MOVE_TRITON_MEASURED names that run.
+MOVE_TRITON_STEPS: dict[str, tuple[tuple[int | None, ...], ...]] = {
+    "direct": ((None, 4, 1024),),
+    "staged": ((None, 4, 16, 32),),
+}
+MOVE_TRITON_MEASURED = (
+    "seed: the launch before the table (direct 4 warps, blocks of up to 1024 words; staged 4 warps, 16 rows "
+    "a step, 32 words a program), not measured; `python -m mlakv.bench.move_kv --sweep` measures it"
+)
+# The launch shapes the sweep times, per kernel: direct (num_warps, block words at most); staged
+# (num_warps, rows per step, column words).
+MOVE_TRITON_SWEEP: dict[str, tuple[tuple[int, ...], ...]] = {
+    "direct": tuple((warps, block) for warps in (1, 2, 4, 8) for block in (64, 1024)),
+    "staged": tuple((warps, rows, cols) for warps in (1, 2, 4, 8) for rows in (16, 64) for cols in (16, 32)),
+}
+
+
+def move_triton_launch(kind: str, n: int) -> tuple[int, ...]:
+    """The launch shape of the Triton row move's ``kind`` kernel for a call moving ``n`` rows per layer:
+    ``"direct"``: ``(num_warps, block words at most)``; ``"staged"``: ``(num_warps, rows per step,
+    column words)``."""
+    for max_n, *shape in MOVE_TRITON_STEPS[kind]:
+        if max_n is None or n <= max_n:
+            return tuple(shape)
+    raise AssertionError("the last move Triton step must have max n None")
+
+
+# HiCache's device <-> pinned host copy (kernels/triton/transfer.py, one launch per layer of a transfer):
+# (max bytes one launch moves, num_warps, tile words) by increasing bytes. A program of the persistent
+# grid moves a tile of up to that many words per loop iteration (all the tile's loads, then its
+# stores), so warps and tile decide the bytes in flight over PCIe; the grid's size (at most
+# max_programs, default 8) is the SM budget a transfer may take from attention, the caller's
+# decision, not this table's. Keyed by bytes, not units, since a unit is a row or a whole page.
+# Seed, not measured: the one row is the launch the kernel had before the table (16 warps, 8192 words).
+# `mlakv bench hicache --sweep` times every shape of HICACHE_COPY_SWEEP against it at the bench's page
+# counts (each shape's round trip checked bit-exact first) and prints the rows its fastest shapes make;
+# a GPU run of it replaces this row and HICACHE_COPY_MEASURED names that run.
+HICACHE_COPY_STEPS: tuple[tuple[int | None, int, int], ...] = ((None, 16, 8192),)
+HICACHE_COPY_MEASURED = (
+    "seed: the launch before the table (16 warps, tiles of 8192 words), not measured; "
+    "`mlakv bench hicache --sweep` measures it"
+)
+# The launch shapes the sweep times: (num_warps, tile words), 8 to 32 words a thread.
+HICACHE_COPY_SWEEP: tuple[tuple[int, int], ...] = (
+    (4, 2048), (4, 4096), (8, 4096), (8, 8192), (16, 4096), (16, 8192), (16, 16384), (32, 8192), (32, 16384),
+    (32, 32768),
+)  # fmt: skip
+
+
+def hicache_copy_launch(nbytes: int) -> tuple[int, int]:
+    """``(num_warps, tile_words)`` of the HiCache copy kernel for a launch moving ``nbytes`` bytes."""
+    for max_bytes, warps, tile in HICACHE_COPY_STEPS:
+        if max_bytes is None or nbytes <= max_bytes:
+            return warps, tile
+    raise AssertionError("the last HiCache copy step must have max bytes None")

@@ -1,5 +1,10 @@
 """Triton kernels of the row move over every layer in one launch (semantics and routing:
-:mod:`mlakv.ops.move`): ``staged`` (any overlap; through a scratch) and ``direct`` (disjoint sets)."""
+:mod:`mlakv.ops.move`): ``staged`` (any overlap; through a scratch) and ``direct`` (disjoint sets).
+
+Each kernel's launch shape comes from :func:`mlakv.spec.tuning.move_triton_launch` (by the rows a call
+moves); the launcher's overrides (the bench's sweep) force one. The shape decides which program
+copies which words, never the bytes a move leaves.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+
+from mlakv.spec import tuning
 
 __all__ = ["launch_move_kv_rows"]
 
@@ -116,12 +123,21 @@ def _move_columns_kernel(
             tl.debug_barrier()  # the block's scratch writes are visible to all its threads before the scatter
 
 
-_COLUMN_BLOCK = 32  # words per program of the staged kernel
-_ROWS_PER_STEP = 16  # rows each step of its loops moves
+def _power_of_two(name: str, v: int) -> None:
+    if v < 1 or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two, got {v}")
 
 
 def launch_move_kv_rows(
-    kv_buffers: Sequence[torch.Tensor], tgt_loc: torch.Tensor, src_loc: torch.Tensor, *, disjoint: bool = False
+    kv_buffers: Sequence[torch.Tensor],
+    tgt_loc: torch.Tensor,
+    src_loc: torch.Tensor,
+    *,
+    disjoint: bool = False,
+    num_warps: int = 0,
+    block_words: int = 0,
+    rows_per_step: int = 0,
+    column_words: int = 0,
 ) -> None:
     """Launch the move over every layer in one kernel: staged (any sets) or ``disjoint`` (row-parallel).
 
@@ -130,10 +146,23 @@ def launch_move_kv_rows(
         tgt_loc, src_loc: ``[n]`` int32/int64 on that device, any stride; a pair with either slot
             outside ``[0, num_slots)`` is skipped.
         disjoint: the caller guarantees ``tgt_loc`` and ``src_loc`` share no slot: grid
-            ``(n, L)``, one row per program. Otherwise grid ``(L, row_words / 32)``: each program
-            loops over all rows twice, 16 at a time (gather to a scratch ``[n, L, row]``, then
-            scatter), which suits the short moves of speculative decoding.
+            ``(n, L)``, one row per program, copied in blocks of ``next_pow2(min(row words,
+            block_words))`` words. Otherwise grid ``(L, ceil(row words / column_words))``: each
+            program loops over all rows twice, ``rows_per_step`` at a time (gather to a scratch
+            ``[n, L, row]``, then scatter), which suits the short moves of speculative decoding.
+        num_warps, block_words (direct only), rows_per_step, column_words (staged only): override the
+            launch table (:func:`mlakv.spec.tuning.move_triton_launch`; the bench's sweep); 0 takes the
+            table's choice. Words are the copy's (the widest of 8/4/2/1 bytes dividing the row, its
+            stride and every layer's address); the sizes are powers of two. The bytes moved are the
+            same at every shape.
     """
+    if disjoint and (rows_per_step or column_words):
+        raise ValueError("rows_per_step and column_words apply to the staged kernel, not the direct one")
+    if not disjoint and block_words:
+        raise ValueError("block_words applies to the direct kernel, not the staged one")
+    for name, v in (("block_words", block_words), ("rows_per_step", rows_per_step), ("column_words", column_words)):
+        if v:
+            _power_of_two(name, v)
     n = tgt_loc.shape[0]
     if n == 0:
         return
@@ -148,14 +177,17 @@ def launch_move_kv_rows(
     n_layers = len(kv_buffers)
     t_stride, s_stride = tgt_loc.stride(0), src_loc.stride(0)
     if disjoint:
-        block = 1 << max(0, (min(row, 1024) - 1).bit_length())
+        warps, max_block = tuning.move_triton_launch("direct", n)
+        block = 1 << max(0, (min(row, block_words or max_block) - 1).bit_length())
         _move_rows_kernel[(n, n_layers)](
             base_words, offsets, tgt_loc, src_loc, t_stride, s_stride, row_stride, num_slots,
-            ROW=row, BLOCK=block, num_warps=4,
-        )
+            ROW=row, BLOCK=block, num_warps=num_warps or warps,
+        )  # fmt: skip
         return
+    warps, rows, cols = tuning.move_triton_launch("staged", n)
+    rows, cols = rows_per_step or rows, column_words or cols
     scratch = torch.empty((n, n_layers, row), dtype=word, device=first.device)
-    _move_columns_kernel[(n_layers, triton.cdiv(row, _COLUMN_BLOCK))](
+    _move_columns_kernel[(n_layers, triton.cdiv(row, cols))](
         base_words, scratch, offsets, tgt_loc, src_loc, t_stride, s_stride, row_stride, num_slots, n, n_layers,
-        ROW=row, BLOCK=_COLUMN_BLOCK, ROWS=_ROWS_PER_STEP, num_warps=4,
-    )
+        ROW=row, BLOCK=cols, ROWS=rows, num_warps=num_warps or warps,
+    )  # fmt: skip

@@ -9,8 +9,10 @@ address.
 
 The grid is *persistent and bounded*: at most ``max_programs`` programs (one per SM on the GPU), each
 looping over tiles of units, so a transfer occupies a known, small number of SMs while attention
-keeps the rest. Each program moves a tile of up to ``TILE_WORDS`` words per iteration (all loads of
-the tile are issued before its stores), which keeps enough bytes in flight over PCIe with few SMs.
+keeps the rest. Each program moves a tile of up to ``tile_words`` words per iteration (all loads of
+the tile are issued before its stores), which keeps enough bytes in flight over PCIe with few SMs. The
+warps and the tile words come from :func:`mlakv.spec.tuning.hicache_copy_launch` (by the bytes a launch
+moves) unless the launcher is told otherwise (the bench's sweep); the grid's bound is the caller's.
 
 Every unit is bounds-checked in the kernel, whatever the caller validated: a unit whose slot is
 negative, ``>= limit``, not a multiple of ``align`` (a page start off its page), or whose words do
@@ -29,13 +31,12 @@ import triton
 import triton.language as tl
 
 from mlakv.kernels.triton.common import widest_word
+from mlakv.spec import tuning
 
 __all__ = ["launch_copy_rows", "DEFAULT_MAX_PROGRAMS"]
 
 #: Programs (= SMs at most) a transfer uses unless told otherwise: the issue's budget of 8 SMs.
 DEFAULT_MAX_PROGRAMS = 8
-#: Words one program moves per loop iteration (loads issued together, then stores).
-TILE_WORDS = 8192
 
 
 @triton.jit
@@ -107,11 +108,12 @@ def _copy_units_kernel(
             tl.store(dst_ptr + d_off[:, None] + offs[None, :], x, mask=m)
 
 
-def tile_shape(unit_words: int) -> tuple[int, int]:
-    """``(ROWS, BLOCK)`` of a tile for units of ``unit_words`` words: ``BLOCK`` covers a unit (up to
-    ``TILE_WORDS``; longer units loop), ``ROWS`` units per tile fill ``TILE_WORDS``."""
-    block = min(triton.next_power_of_2(unit_words), TILE_WORDS)
-    rows = max(1, TILE_WORDS // block)
+def tile_shape(unit_words: int, tile_words: int) -> tuple[int, int]:
+    """``(ROWS, BLOCK)`` of a tile of ``tile_words`` words (a power of two) for units of ``unit_words``
+    words: ``BLOCK`` covers a unit (up to ``tile_words``; longer units loop), ``ROWS`` units per tile
+    fill ``tile_words``."""
+    block = min(triton.next_power_of_2(unit_words), tile_words)
+    rows = max(1, tile_words // block)
     return rows, block
 
 
@@ -125,7 +127,8 @@ def launch_copy_rows(
     dst_layout: tuple[int, int, int],
     *,
     max_programs: int = DEFAULT_MAX_PROGRAMS,
-    num_warps: int = 16,
+    num_warps: int = 0,
+    tile_words: int = 0,
     smid_out: torch.Tensor | None = None,
     src_limit: int | None = None,
     dst_limit: int | None = None,
@@ -147,7 +150,10 @@ def launch_copy_rows(
         src_layout, dst_layout: ``(page_size, page_stride_bytes, row_stride_bytes)``: slot ``t``
             starts at byte ``(t // page_size) * page_stride + (t % page_size) * row_stride``.
         max_programs: the persistent grid's size bound (programs run on at most this many SMs).
-        num_warps: warps per program.
+        num_warps, tile_words: warps per program and the words a program moves per loop iteration
+            (a power of two); 0 takes the launch table's choice for the call's ``n * unit_bytes``
+            bytes (:func:`mlakv.spec.tuning.hicache_copy_launch`), else overrides it (the bench's
+            sweep). The bytes copied are the same at every shape.
         smid_out: optional ``[max_programs]`` int32 device tensor; when given, each program writes
             the SM id it ran on (CUDA only; the benchmark counts the SMs a transfer occupied).
         src_limit, dst_limit: slots must be below these (default: no limit but the buffer's end).
@@ -158,6 +164,8 @@ def launch_copy_rows(
         return
     if max_programs < 1:
         raise ValueError(f"max_programs must be >= 1, got {max_programs}")
+    if tile_words and (tile_words < 1 or tile_words & (tile_words - 1)):
+        raise ValueError(f"tile_words must be a power of two, got {tile_words}")
     for name, t in (("src_idx", src_idx), ("dst_idx", dst_idx)):  # refuse what the kernel would misread
         if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64) or t.shape[0] != n:
             raise ValueError(f"{name} must be a [{n}] int32/int64 vector, got {tuple(t.shape)} {t.dtype}")
@@ -175,7 +183,8 @@ def launch_copy_rows(
     s_words = src.view(torch.uint8).reshape(-1).view(word)
     d_words = dst.view(torch.uint8).reshape(-1).view(word)
     unit = unit_bytes // w
-    rows, block = tile_shape(unit)
+    warps, tile = tuning.hicache_copy_launch(n * unit_bytes)
+    rows, block = tile_shape(unit, tile_words or tile)
     grid = min(max_programs, triton.cdiv(n, rows))
     align = 16 // w  # words per 16 bytes, then halved until it divides every stride and the unit
     while align > 1 and any(q % align for q in (unit, sps // w, srs // w, dps // w, drs // w)):
@@ -187,5 +196,5 @@ def launch_copy_rows(
         no_limit if src_limit is None else src_limit, no_limit if dst_limit is None else dst_limit,
         src_align, dst_align, s_words.numel(), d_words.numel(),
         sp, sps // w, srs // w, dp, dps // w, drs // w,
-        UNIT=unit, BLOCK=block, ROWS=rows, RECORD_SMID=record, ALIGN=align, num_warps=num_warps,
+        UNIT=unit, BLOCK=block, ROWS=rows, RECORD_SMID=record, ALIGN=align, num_warps=num_warps or warps,
     )
