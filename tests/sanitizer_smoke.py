@@ -14,8 +14,9 @@ and the converting write (each pair of fp16/bf16/fp32 source and buffer, through
 with ``loc`` contiguous with padding, strided, with a storage offset, expanded (stride 0), holding
 the reserved slot and slots past the buffer (unchecked: skipped); refused calls (a float ``loc``, a
 buffer with overlapping rows, a misaligned source at the JIT's checked entry) that must write
-nothing; the gather with padding and out-of-range slots; the move kernel (staged and direct, with
-out-of-range pairs); the HiCache row copy device <-> pinned host; the FP8 quantizing write and
+nothing; the gather with padding and out-of-range slots; the move kernels (staged and direct, with
+out-of-range pairs; at the table's and every sweep shape); the HiCache copy device <-> pinned host (rows
+and pages; at the table's and every sweep shape); the FP8 quantizing write and
 dequantizing gather (JIT and Triton, per_tensor and ds_mla under each tile-scale rule; the JIT kernels at
 every threads per row with one and several rows per CTA); the DSA indexer K cache's store (JIT at
 every launch shape, Triton at every shape of its sweep, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
@@ -240,36 +241,58 @@ class Smoke:
                 self.check(f"gather {dtype} {nd}+{rd} invalid slots, loc stride {loc.stride(0)}", ok)
 
     def move(self) -> None:
+        """Both move kernels at the table's launch and at every shape of their sweep (``MOVE_TRITON_SWEEP``):
+        overlapping sets longer than a staged step, disjoint sets, strided and expanded slot vectors, and
+        out-of-range pairs (skipped); fresh random rows before every launch."""
+        from mlakv.spec.tuning import MOVE_TRITON_SWEEP
+
         layers = [torch.empty((80, 1, 576), dtype=torch.bfloat16, device="cuda") for _ in range(3)]
-        for b in layers:
-            b.view(torch.uint8).random_(0, 256)
         cases = {
             "staged overlap": (torch.tensor([5, 6, 7, 9], device="cuda"), torch.tensor([6, 7, 8, 80], device="cuda"), False),
+            "staged 70 rows, overlap": (torch.arange(5, 75, device="cuda"), torch.arange(6, 76, device="cuda").flip(0), False),
             "direct disjoint": (torch.tensor([20, 21, -1], device="cuda"), torch.tensor([30, 31, 32], device="cuda"), True),
             "strided": (torch.arange(40, 50, device="cuda")[::2], torch.tensor([60], device="cuda").expand(5), False),
         }
+        keys = {"direct": ("num_warps", "block_words"), "staged": ("num_warps", "rows_per_step", "column_words")}
         for name, (tgt, src, disjoint) in cases.items():
-            want = [b.clone() for b in layers]
+            kind = "direct" if disjoint else "staged"
             keep = (tgt >= 0) & (tgt < 80) & (src >= 0) & (src < 80)
-            move_kv_cache_torch(want, tgt[keep], src[keep])
-            launch_move_kv_rows(layers, tgt, src, disjoint=disjoint)
-            torch.cuda.synchronize()
-            self.check(f"move {name}", all(torch.equal(_bits(a), _bits(b)) for a, b in zip(layers, want)))
+            for shape in [(), *MOVE_TRITON_SWEEP[kind]]:
+                for b in layers:
+                    b.view(torch.uint8).random_(0, 256)
+                want = [b.clone() for b in layers]
+                move_kv_cache_torch(want, tgt[keep], src[keep])
+                launch_move_kv_rows(layers, tgt, src, disjoint=disjoint, **dict(zip(keys[kind], shape)))
+                torch.cuda.synchronize()
+                ok = all(torch.equal(_bits(a), _bits(b)) for a, b in zip(layers, want))
+                self.check(f"move {name}" + (f" at {kind} {shape}" if shape else ""), ok)
 
     def host_copy(self) -> None:
+        """The HiCache copy device <-> pinned host at the table's launch and at every shape of its sweep
+        (``HICACHE_COPY_SWEEP``), rows and whole pages."""
         from mlakv.kernels.triton.transfer import launch_copy_rows
+        from mlakv.spec.tuning import HICACHE_COPY_SWEEP
 
         row = 1152
-        dev = torch.randint(0, 256, (64, row), dtype=torch.uint8, device="cuda")
-        host = torch.zeros((4, 8, row), dtype=torch.uint8).pin_memory()  # 4 pages of 8 tokens
-        d_idx, h_idx = torch.tensor([5, 9, 63, 1], device="cuda"), torch.tensor([8, 9, 10, 11], device="cuda")
-        launch_copy_rows(dev, host, d_idx, h_idx, row, (1, row, row), (8, 8 * row, row))
-        torch.cuda.synchronize()
-        self.check("hicache copy device -> pinned host", torch.equal(host.view(-1, row)[8:12], dev[d_idx].cpu()))
-        back = torch.zeros_like(dev)
-        launch_copy_rows(host, back, h_idx, d_idx, row, (8, 8 * row, row), (1, row, row))
-        torch.cuda.synchronize()
-        self.check("hicache copy pinned host -> device", torch.equal(back[d_idx], dev[d_idx]))
+        for shape in [(0, 0), *HICACHE_COPY_SWEEP]:
+            kw = dict(num_warps=shape[0], tile_words=shape[1])
+            at = f" at {shape}" if shape[0] else ""
+            dev = torch.randint(0, 256, (64, row), dtype=torch.uint8, device="cuda")
+            host = torch.zeros((4, 8, row), dtype=torch.uint8).pin_memory()  # 4 pages of 8 tokens
+            d_idx, h_idx = torch.tensor([5, 9, 63, 1], device="cuda"), torch.tensor([8, 9, 10, 11], device="cuda")
+            launch_copy_rows(dev, host, d_idx, h_idx, row, (1, row, row), (8, 8 * row, row), **kw)
+            torch.cuda.synchronize()
+            self.check("hicache copy device -> pinned host" + at, torch.equal(host.view(-1, row)[8:12], dev[d_idx].cpu()))
+            back = torch.zeros_like(dev)
+            launch_copy_rows(host, back, h_idx, d_idx, row, (8, 8 * row, row), (1, row, row), **kw)
+            torch.cuda.synchronize()
+            self.check("hicache copy pinned host -> device" + at, torch.equal(back[d_idx], dev[d_idx]))
+            pages = torch.tensor([16, 0], device="cuda")  # whole pages of 8 rows: one unit each
+            launch_copy_rows(dev, host, pages, torch.tensor([8, 24], device="cuda"), 8 * row, (8, 8 * row, row),
+                             (8, 8 * row, row), src_align=8, dst_align=8, **kw)  # fmt: skip
+            torch.cuda.synchronize()
+            ok = torch.equal(host[1], dev[16:24].cpu()) and torch.equal(host[3], dev[0:8].cpu())
+            self.check("hicache copy pages device -> pinned host" + at, ok)
 
     def fp8(self) -> None:
         """The FP8 quantizing write (JIT, Triton; both formats, ds_mla under each tile-scale rule, bf16/fp16
