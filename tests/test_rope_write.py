@@ -473,6 +473,27 @@ def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode):
     assert torch.equal(bits(out_wide[:, h]), neighbour), "q_out's neighbour head was written"
 
 
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), 2.0**127], ids=["nan", "inf", "2^127"])
+@pytest.mark.parametrize("warps, q_rows", _triton_sweep_shapes())
+def test_triton_e4m3_query_program_with_a_special_value(warps, q_rows, special):
+    """The e4m3 query's bytes take a shorter path in a program whose values are all finite and in the
+    fast division's range; one (token, head) row holding NaN, inf or a value past that range (in its
+    nope part, and its rotated pair) sends its program down the general path: every row must still
+    come out as the reference's, in that program and in the others."""
+    from mlakv.kernels.triton.rope_write import launch_rope_write
+
+    n, h = 5, 3
+    c = make_case(n, h, torch.bfloat16, "per_tensor", "fp8", num_slots=32, seed=9)
+    c["q_nope"][2, 1, 7] = special
+    c["q_pe"][3, 0, 4] = special
+    want_kv, want_q = expected(c, "per_tensor", "fp8", False)
+    call = RopeWriteCall(c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], False,
+                         "per_tensor", as_scale(K_SCALE), c["q_nope"], c["q_pe"], c["q_out"], as_scale(Q_SCALE))
+    launch_rope_write(call, num_warps=warps, q_rows=q_rows)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(c["q_out"], want_q, "q_out")
+
+
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_kernel_expanded_loc_and_positions(path):
     """Stride-0 (expanded) loc and positions: every token targets one slot with one position."""

@@ -82,6 +82,7 @@ __all__ = [
     "quot_fast",
     "e4m3_signed",
     "e4m3_finite",
+    "quot_in_range",
 ]
 
 _DST_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -140,6 +141,15 @@ def quot_fast(x, s, r, hi):
     ab = xb & 0x7FFFFFFF
     q = _div_fast(tl.minimum(ab, hi - 1).to(tl.float32, bitcast=True), s, r).to(tl.int32, bitcast=True)
     return tl.where(ab > 0x7F800000, xb, q | (xb & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quot_in_range(ab, x, s, r):
+    """fp32 ``x / s`` correctly rounded, with ``x``'s sign (a zero's too), for ``|x|`` (bits ``ab``) below
+    ``divisor_hi(e)`` and ``s`` as in :func:`quot_fast`: its quotient without the clamp and the NaN
+    select, for values a caller has shown to lie there (no inf or NaN among them)."""
+    q = _div_fast(ab.to(tl.float32, bitcast=True), s, r).to(tl.int32, bitcast=True)
+    return (q | (x.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -414,8 +424,7 @@ def _quant_ds_mla_kernel(
             e4m3_max = tl.full([], 448.0, tl.float32)
             scale = _div_fast(m.to(tl.float32, bitcast=True), e4m3_max, tl.math.div_rn(tl.full([], 1.0, tl.float32), e4m3_max))
             r = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
-            y = _div_fast(ab.to(tl.float32, bitcast=True), scale[:, :, None], r[:, :, None])
-            y = (y.to(tl.int32, bitcast=True) | (xb & -2147483648)).to(tl.float32, bitcast=True)
+            y = quot_in_range(ab, x, scale[:, :, None], r[:, :, None])
             _store_tiles(dst, live, t, offs, e4m3_finite(y, NATIVE), scale, TILES, ALIGN4)
         else:
             # Any other program: the general rule, a tile at a time from memory (the whole block's
