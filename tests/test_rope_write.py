@@ -476,10 +476,10 @@ def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode):
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), 2.0**127], ids=["nan", "inf", "2^127"])
 @pytest.mark.parametrize("warps, q_rows", _triton_sweep_shapes())
 def test_triton_e4m3_query_program_with_a_special_value(warps, q_rows, special):
-    """The e4m3 query's bytes take a shorter path in a program whose values are all finite and in the
-    fast division's range; one (token, head) row holding NaN, inf or a value past that range (in its
-    nope part, and its rotated pair) sends its program down the general path: every row must still
-    come out as the reference's, in that program and in the others."""
+    """An e4m3 query with one (token, head) row holding NaN, inf or a value past the fast division's
+    range (in its nope part, and in a rotated pair of another row), beside finite rows of the same
+    program, at every launch shape: every row comes out as the reference's (a kernel that decides its
+    arithmetic per program must not let one row's values change another's bytes)."""
     from mlakv.kernels.triton.rope_write import launch_rope_write
 
     n, h = 5, 3

@@ -38,9 +38,7 @@ from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import rope_triton_launch
 
 from .common import pdl_supported
-from .fp8 import (
-    divisor_hi, ds_mla_scaled, ds_mla_tile_scale, e4m3_finite, e4m3_signed, native_fp8_supported, quot_fast, quot_in_range,
-)  # fmt: skip
+from .fp8 import divisor_hi, e4m3_signed, quot_fast, ds_mla_scaled, ds_mla_tile_scale, native_fp8_supported
 
 __all__ = ["FORMAT_CODE", "launch_rope_write"]
 
@@ -140,27 +138,9 @@ def _query_rows(
     q_dst = (q_out_ptr + t * qo_s0 + h * qo_s1)[:, None]
     if Q_FP8:
         qs = tl.load(q_scale_ptr)
-        xn = _widen(nb, SRC)
-        xa = _widen(ra.to(tl.int16), SRC)
-        xb = _widen(rb.to(tl.int16), SRC)
-        e = qs.to(tl.int32, bitcast=True) >> 23
-        hi = divisor_hi(e)
-        an = xn.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        aa = xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        ab = xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        m = tl.maximum(tl.max(an), tl.maximum(tl.max(aa), tl.max(ab)))
-        # The common case, one test per program: the scale in the fast division's range and every
-        # |x| below its upper end (so no inf or NaN): the quotients need no clamp and the bytes no
-        # NaN fix-up (the instructions per value are what a large call of e4m3 queries is bound by).
-        if (e >= 47) & (e <= 252) & (m < hi):
-            r = tl.math.div_rn(tl.full([], 1.0, tl.float32), qs)
-            tl.store(q_dst + offs, e4m3_finite(quot_in_range(an, xn, qs, r), NATIVE), mask=ok_n)
-            tl.store(q_dst + NOPE + a_off, e4m3_finite(quot_in_range(aa, xa, qs, r), NATIVE), mask=jm)
-            tl.store(q_dst + NOPE + b_off, e4m3_finite(quot_in_range(ab, xb, qs, r), NATIVE), mask=jm)
-        else:
-            tl.store(q_dst + offs, e4m3_signed(_div_by_scale(xn, qs), NATIVE), mask=ok_n)
-            tl.store(q_dst + NOPE + a_off, e4m3_signed(_div_by_scale(xa, qs), NATIVE), mask=jm)
-            tl.store(q_dst + NOPE + b_off, e4m3_signed(_div_by_scale(xb, qs), NATIVE), mask=jm)
+        tl.store(q_dst + offs, e4m3_signed(_div_by_scale(_widen(nb, SRC), qs), NATIVE), mask=ok_n)
+        tl.store(q_dst + NOPE + a_off, e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), qs), NATIVE), mask=jm)
+        tl.store(q_dst + NOPE + b_off, e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), qs), NATIVE), mask=jm)
     else:
         tl.store(q_dst + offs, nb, mask=ok_n)
         tl.store(q_dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
