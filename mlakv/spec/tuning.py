@@ -372,12 +372,12 @@ def paged_gather_launch(n: int, row_bytes: int) -> tuple[int, int]:
 
 
 # The DSA indexer K cache's Triton store (kernels/triton/indexer.py, one [keys, 128] block per
-# program): (max n, num_warps, keys per program (a power of two)) by increasing n. Not measured yet:
-# the one row is the launch the store had before the table (16 keys per program, 4 warps), which
-# the H200 parity run timed at 1.71x the JIT store's at 16384 keys and 1.39x at 65536
-# (docs/h200-2026-12-02/run6/parity_before.md). `mlakv bench indexer --triton-sweep` times every
-# shape of INDEXER_TRITON_SWEEP (each checked bit-exact first) and prints the rows its fastest
-# shapes make.
+# program): (max n, num_warps, keys per program (a power of two)) by increasing n: the fastest
+# shapes of `mlakv bench indexer --triton-sweep` (every shape of INDEXER_TRITON_SWEEP, each checked
+# bit-exact first; docs/h200-2026-12-02/run6/indexer_triton_sweep.md), measured on the store before it
+# took the hardware e4m3 conversion (2026-12-03). With these rows the converting store measured 0.81-0.98x
+# the JIT store's time at every n of `mlakv bench parity` (docs/h200-2026-12-03/run7); the sweep has not
+# been re-run on it.
 INDEXER_TRITON_STEPS: tuple[tuple[int | None, int, int], ...] = ((1024, 4, 4), (4096, 1, 4), (16384, 8, 16), (None, 8, 64))
 INDEXER_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-02 23:07 UTC: `mlakv bench indexer --sizes 1,64,1024,4096,16384,65536 --triton-sweep`"
