@@ -244,34 +244,29 @@ def main(argv: Optional[list[str]] = None) -> int:
             size = f"{nbytes / 2**20:.0f} MiB"
             for layout, sms in [(lay, k) for lay in layouts for k in args.sms]:
                 progress(f"{n_pages} pages, {layout}, {sms} SMs" + (": every launch shape" if sweep else ""))
-                if sweep:
-                    for name, got in sweep_host_layout(pool, n_pages, layout, device, sms):
-                        done += 1
-                        row = {"pages": n_pages, "layout": layout, "sms": sms, "shape": name, "bytes": nbytes,
-                               "launch_bytes": nbytes // L, "d2h_copy_gbs": d2h, "h2d_copy_gbs": h2d}  # fmt: skip
-                        if got == "WRONG":
-                            wrong = True
-                            res["sweep"].append(dict(row, status="WRONG"))
-                            emit(f"| {n_pages} | {layout} | {sms} | {name} | WRONG: round trip differs, not timed |")
-                            continue
-                        bk, ld = got
-                        res["sweep"].append(dict(row, backup_gbs=bk, load_gbs=ld))
-                        emit(f"| {n_pages} | {layout} | {sms} | {name} | {size} | {bk:.1f} | {ld:.1f} | {d2h:.1f} | "
-                             f"{h2d:.1f} | {bk / d2h:.0%} | {ld / h2d:.0%} |")  # fmt: skip
-                    continue
-                got = bench_host_layout(pool, n_pages, layout, device, sms)
-                done += 1
-                row = {"pages": n_pages, "layout": layout, "sms": sms, "bytes": nbytes, "d2h_copy_gbs": d2h,
-                       "h2d_copy_gbs": h2d}  # fmt: skip
-                if got is None:
-                    wrong = True
-                    res["rows"].append(dict(row, status="WRONG"))
-                    emit(f"| {n_pages} | {layout} | {sms} | WRONG: round trip differs, not timed |")
-                    continue
-                bk, ld = got
-                res["rows"].append(dict(row, backup_gbs=bk, load_gbs=ld))
-                emit(f"| {n_pages} | {layout} | {sms} | {size} | {bk:.1f} | {ld:.1f} | {d2h:.1f} | "
-                     f"{h2d:.1f} | {bk / d2h:.0%} | {ld / h2d:.0%} |")  # fmt: skip
+                if sweep:  # (shape name, (backup, load) GB/s or "WRONG") per launch shape
+                    measured = sweep_host_layout(pool, n_pages, layout, device, sms)
+                else:
+                    got = bench_host_layout(pool, n_pages, layout, device, sms)
+                    measured = iter([(None, "WRONG" if got is None else got)])
+                for name, got in measured:
+                    done += 1
+                    row: dict[str, Any] = {"pages": n_pages, "layout": layout, "sms": sms, "bytes": nbytes,
+                                           "d2h_copy_gbs": d2h, "h2d_copy_gbs": h2d}  # fmt: skip
+                    cells = [str(n_pages), layout, str(sms)]
+                    if name is not None:
+                        row.update(shape=name, launch_bytes=nbytes // L)
+                        cells.append(name)
+                    into = res["sweep" if name is not None else "rows"]
+                    if got == "WRONG":
+                        wrong = True
+                        into.append(dict(row, status="WRONG"))
+                        emit(f"| {' | '.join(cells)} | WRONG: round trip differs, not timed |")
+                        continue
+                    bk, ld = got
+                    into.append(dict(row, backup_gbs=bk, load_gbs=ld))
+                    emit(f"| {' | '.join(cells)} | {size} | {bk:.1f} | {ld:.1f} | {d2h:.1f} | {h2d:.1f} | "
+                         f"{bk / d2h:.0%} | {ld / h2d:.0%} |")  # fmt: skip
             del pool
             if cuda:
                 torch.cuda.empty_cache()
