@@ -17,7 +17,8 @@ buffer with overlapping rows, a misaligned source at the JIT's checked entry) th
 nothing; the gather with padding and out-of-range slots; the move kernels (staged and direct, with
 out-of-range pairs; at the table's and every sweep shape); the HiCache copy device <-> pinned host (rows
 and pages; at the table's and every sweep shape); the FP8 quantizing write and
-dequantizing gather (JIT and Triton, per_tensor and ds_mla under each tile-scale rule; the JIT kernels at
+dequantizing gather (JIT and Triton, per_tensor and ds_mla under each tile-scale rule, the ds_mla Triton
+write's general tile path beside its common case; the JIT kernels at
 every threads per row with one and several rows per CTA); the DSA indexer K cache's store (JIT at
 every launch shape, Triton at every shape of its sweep, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
 invalid page ids, a short table, an output shorter than the requests); the fused RoPE write (JIT,
@@ -325,6 +326,22 @@ class Smoke:
                             if kind == "expanded":  # every row targets one slot: any one row may win
                                 ok = launched
                             self.check(f"fp8 write {fmt} {rule} {dtype} {kind} n={n} {name}", ok)
+            if fmt == "ds_mla" and rule == "fp32_floor":
+                # programs mixing the Triton write's common case with the general rule's tile-at-a-time path
+                # (inf, NaN, an all-zero tile, a tiny amax), at 1 and 4 rows per program
+                for n, rows in ((37, 1), (300, 4)):
+                    num_slots = n + 50
+                    nope = torch.randn(n, 512, device="cuda").to(torch.bfloat16)
+                    rope = torch.randn(n, 64, device="cuda").to(torch.bfloat16)
+                    nope[3, 7], nope[9, 300], nope[14, 128:256], nope[21, :128] = float("inf"), float("nan"), 0.0, 2.0**-120
+                    for kind in ("strided", "offset"):
+                        loc = _loc(kind, n, num_slots)
+                        base, expected = _fp8_expected(nope, rope, loc, fmt, scale, rule, num_slots, rb)
+                        kv = base.clone()
+                        launch_quant_write(kv, loc, nope, rope, fmt, scale, RESERVED, rows_per_program=rows)
+                        torch.cuda.synchronize()
+                        self.check(f"fp8 write ds_mla general tiles {kind} n={n} rows={rows} triton",
+                                   torch.equal(kv.view(num_slots, rb), expected))  # fmt: skip
             kv = torch.randint(0, 256, (64, 1, rb), dtype=torch.uint8, device="cuda")
             bad = torch.tensor([3, 64, -1, 10**9, 63], device="cuda")
             ref = dequantize_mla_rows(kv[[3, 63], 0], fmt, 512, 64, scale)

@@ -86,8 +86,10 @@ def _set_kv_rows_kernel(
     SRC_ROPE: tl.constexpr = -1,
     DST: tl.constexpr = -1,
 ):
-    # One program writes ROWS whole rows as one [ROWS, BLOCK] block (Triton spreads the warps over
-    # its rows, so each warp stores whole rows in 16-byte vectors): kv[row, :NOPE+ROPE] = [nope[i] | rope[i]],
+    # One program writes ROWS whole rows as one [ROWS, BLOCK] block (Triton lays 16-byte vectors along
+    # a row, then its warps over the rest of the row and the other rows, so a program of several warps
+    # stores several rows at once; the loop over rows it replaces ran them one after another):
+    # kv[row, :NOPE+ROPE] = [nope[i] | rope[i]],
     # row = loc[i] // dcp_world. Strides are in elements; every product is formed in int64 (slot *
     # stride may pass 2^31). PDL: the trigger carries no memory ordering (the next grid's wait covers
     # this grid's stores), so it may come at entry (EARLY_TRIGGER) or after the stores; the tuning
