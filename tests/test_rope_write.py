@@ -473,17 +473,19 @@ def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode):
     assert torch.equal(bits(out_wide[:, h]), neighbour), "q_out's neighbour head was written"
 
 
-@pytest.mark.parametrize("special", [float("nan"), float("inf"), 2.0**127], ids=["nan", "inf", "2^127"])
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), 2.0**127, 65504.0], ids=["nan", "inf", "2^127", "65504"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("warps, q_rows", _triton_sweep_shapes())
-def test_triton_e4m3_query_program_with_a_special_value(warps, q_rows, special):
-    """An e4m3 query with one (token, head) row holding NaN, inf or a value past the fast division's
-    range (in its nope part, and in a rotated pair of another row), beside finite rows of the same
-    program, at every launch shape: every row comes out as the reference's (a kernel that decides its
-    arithmetic per program must not let one row's values change another's bytes)."""
+def test_triton_e4m3_query_program_with_a_special_value(warps, q_rows, dtype, special):
+    """An e4m3 query with one (token, head) row holding NaN, inf, a value past the fast division's
+    range (bf16; inf in fp16) or fp16's largest finite value (in its nope part, and in a rotated pair of
+    another row), beside finite rows of the same program, at every launch shape: every row comes out
+    as the reference's. The kernel takes a shorter path in a program whose values are all finite and in
+    range and runs the general one otherwise, so one row's values must not change another's bytes."""
     from mlakv.kernels.triton.rope_write import launch_rope_write
 
     n, h = 5, 3
-    c = make_case(n, h, torch.bfloat16, "per_tensor", "fp8", num_slots=32, seed=9)
+    c = make_case(n, h, dtype, "per_tensor", "fp8", num_slots=32, seed=9)
     c["q_nope"][2, 1, 7] = special
     c["q_pe"][3, 0, 4] = special
     want_kv, want_q = expected(c, "per_tensor", "fp8", False)

@@ -38,7 +38,9 @@ from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import rope_triton_launch
 
 from .common import pdl_supported
-from .fp8 import divisor_hi, e4m3_signed, quot_fast, ds_mla_scaled, ds_mla_tile_scale, native_fp8_supported
+from .fp8 import (
+    divisor_hi, ds_mla_scaled, ds_mla_tile_scale, e4m3_finite, e4m3_signed, native_fp8_supported, quot_fast, quot_in_range,
+)  # fmt: skip
 
 __all__ = ["FORMAT_CODE", "launch_rope_write"]
 
@@ -114,6 +116,33 @@ def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.
 
 
 @triton.jit
+def _query_load(
+    item, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr,
+    qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
+    NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, SRC: tl.constexpr,
+    NEOX: tl.constexpr,
+):  # fmt: skip
+    """The query rows ``item [R]`` (``(token, head)`` flat indices): ``(q_dst [R, 1], offs, ok_n, nb,
+    a_off, b_off, ra, rb, jm)``: destination row pointers, the nope offsets ``[1, NOPE_P2]`` with
+    their mask ``ok_n`` and source bits ``nb``, the rotated pairs of :func:`_rotate`. Rows at or past
+    ``n * heads`` and tokens whose position is out of range are masked out (nothing read or stored)."""
+    live = item < n * heads
+    item = tl.where(live, item, 0)
+    t = item // heads
+    h = item - t * heads
+    pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
+    pos_ok = ((pos >= 0) & (pos < max_pos) & live)[:, None]  # [R, 1]
+    cs_row = (cs_ptr + tl.where((pos >= 0) & (pos < max_pos), pos, 0) * cs_stride)[:, None]
+    pe_row = (q_pe_ptr + t * qp_s0 + h * qp_s1)[:, None]
+    a_off, b_off, ra, rb, jm = _rotate(pe_row, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok)
+    offs = tl.arange(0, NOPE_P2)[None, :]
+    ok_n = pos_ok & (offs < NOPE)
+    nb = tl.load((q_nope_ptr + t * qn_s0 + h * qn_s1)[:, None] + offs, mask=ok_n, other=0)
+    q_dst = (q_out_ptr + t * qo_s0 + h * qo_s1)[:, None]
+    return q_dst, offs, ok_n, nb, a_off, b_off, ra, rb, jm
+
+
+@triton.jit
 def _query_rows(
     qpid, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr, q_scale_ptr,
     qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
@@ -123,24 +152,47 @@ def _query_rows(
     """Query program ``qpid``: ``Q_ROWS`` consecutive ``(token, head)`` rows of ``q_out`` (rows past
     ``n * heads`` and tokens whose position is out of range write nothing)."""
     item = qpid * Q_ROWS + tl.arange(0, Q_ROWS)
-    live = item < n * heads
-    item = tl.where(live, item, 0)
-    t = item // heads
-    h = item - t * heads
-    pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
-    pos_ok = ((pos >= 0) & (pos < max_pos) & live)[:, None]  # [Q_ROWS, 1]
-    cs_row = (cs_ptr + tl.where((pos >= 0) & (pos < max_pos), pos, 0) * cs_stride)[:, None]
-    pe_row = (q_pe_ptr + t * qp_s0 + h * qp_s1)[:, None]
-    a_off, b_off, ra, rb, jm = _rotate(pe_row, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok)
-    offs = tl.arange(0, NOPE_P2)[None, :]
-    ok_n = pos_ok & (offs < NOPE)
-    nb = tl.load((q_nope_ptr + t * qn_s0 + h * qn_s1)[:, None] + offs, mask=ok_n, other=0)
-    q_dst = (q_out_ptr + t * qo_s0 + h * qo_s1)[:, None]
+    q_dst, offs, ok_n, nb, a_off, b_off, ra, rb, jm = _query_load(
+        item, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr,
+        qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1, NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX,
+    )  # fmt: skip
     if Q_FP8:
         qs = tl.load(q_scale_ptr)
-        tl.store(q_dst + offs, e4m3_signed(_div_by_scale(_widen(nb, SRC), qs), NATIVE), mask=ok_n)
-        tl.store(q_dst + NOPE + a_off, e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), qs), NATIVE), mask=jm)
-        tl.store(q_dst + NOPE + b_off, e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), qs), NATIVE), mask=jm)
+        e = qs.to(tl.int32, bitcast=True) >> 23
+        # |x|'s 16-bit magnitude must stay below lim: every value finite and (bf16) below the fast
+        # division's end divisor_hi(e), a multiple of 2^23, so exact in 16-bit form; any finite fp16 is
+        # below it (e >= 47 puts it past 2^21). Tested on the source bits, so only they stay live.
+        if SRC == 0:
+            lim = divisor_hi(e) >> 16
+        else:
+            lim = 0x7C00
+        m = tl.maximum(tl.max(nb.to(tl.int32) & 0x7FFF), tl.maximum(tl.max(ra & 0x7FFF), tl.max(rb & 0x7FFF)))
+        if (e >= 47) & (e <= 252) & (m < lim):
+            r = tl.math.div_rn(tl.full([], 1.0, tl.float32), qs)
+            xn = _widen(nb, SRC)
+            xa = _widen(ra.to(tl.int16), SRC)
+            xb = _widen(rb.to(tl.int16), SRC)
+            yn = quot_in_range(xn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xn, qs, r)
+            ya = quot_in_range(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xa, qs, r)
+            yb = quot_in_range(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xb, qs, r)
+            tl.store(q_dst + offs, e4m3_finite(yn, NATIVE), mask=ok_n)
+            tl.store(q_dst + NOPE + a_off, e4m3_finite(ya, NATIVE), mask=jm)
+            tl.store(q_dst + NOPE + b_off, e4m3_finite(yb, NATIVE), mask=jm)
+        else:
+            # Any other program: the general conversion, one row at a time from memory (the whole
+            # block's general path would set the kernel's register count for the common case too).
+            for k in range(Q_ROWS):
+                g_dst, g_offs, g_ok, g_nb, g_a, g_b, g_ra, g_rb, g_jm = _query_load(
+                    qpid * Q_ROWS + k + tl.arange(0, 1), n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride,
+                    q_nope_ptr, q_pe_ptr, q_out_ptr, qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
+                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX,
+                )  # fmt: skip
+                gn = e4m3_signed(_div_by_scale(_widen(g_nb, SRC), qs), NATIVE)
+                ga = e4m3_signed(_div_by_scale(_widen(g_ra.to(tl.int16), SRC), qs), NATIVE)
+                gb = e4m3_signed(_div_by_scale(_widen(g_rb.to(tl.int16), SRC), qs), NATIVE)
+                tl.store(g_dst + g_offs, gn, mask=g_ok)
+                tl.store(g_dst + NOPE + g_a, ga, mask=g_jm)
+                tl.store(g_dst + NOPE + g_b, gb, mask=g_jm)
     else:
         tl.store(q_dst + offs, nb, mask=ok_n)
         tl.store(q_dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
