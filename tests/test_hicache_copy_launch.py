@@ -55,14 +55,16 @@ def test_launch_table_covers_every_size_with_power_of_two_tiles():
         assert warps in (1, 2, 4, 8, 16, 32) and tile >= 1 and tile & (tile - 1) == 0
 
 
-def test_table_names_are_public_and_the_row_is_the_seed():
-    assert HICACHE_COPY_STEPS == ((None, 16, 8192),)  # the launch before the table
-    assert tuning.HICACHE_COPY_MEASURED.startswith("seed: ")  # not measured yet: a GPU sweep replaces it
+def test_table_names_are_public_and_the_rows_name_their_measurement():
+    # measured rows name the device, the date and the command that produced them
+    assert tuning.HICACHE_COPY_MEASURED.startswith("NVIDIA ") and "UTC" in tuning.HICACHE_COPY_MEASURED
+    assert "hicache" in tuning.HICACHE_COPY_MEASURED and "--sweep" in tuning.HICACHE_COPY_MEASURED
+    assert all(step[1:] in HICACHE_COPY_SWEEP for step in HICACHE_COPY_STEPS)
     for name in ("HICACHE_COPY_STEPS", "HICACHE_COPY_MEASURED", "HICACHE_COPY_SWEEP", "hicache_copy_launch"):
         assert name in tuning.__all__
 
 
-def test_sweep_shapes_are_distinct_hold_the_seed_and_keep_8_to_32_words_a_thread():
+def test_sweep_shapes_are_distinct_hold_the_old_launch_and_keep_8_to_32_words_a_thread():
     assert len(set(HICACHE_COPY_SWEEP)) == len(HICACHE_COPY_SWEEP) >= 8
     assert (16, 8192) in HICACHE_COPY_SWEEP
     assert all(8 <= tile // (32 * warps) <= 32 for warps, tile in HICACHE_COPY_SWEEP)
@@ -101,8 +103,10 @@ def _launches(monkeypatch, n: int, unit_bytes: int, **kw) -> list[tuple]:
     return [(grid, k["num_warps"], k["ROWS"], k["BLOCK"], k["UNIT"]) for grid, k in rec.launches]
 
 
-def test_default_launch_is_the_launch_before_the_table(monkeypatch):
-    """With the seed row: 16 warps, tiles of 8192 words, grid min(8, tiles), as the kernel had hard-coded."""
+def test_launch_before_the_table_is_one_row_of_it(monkeypatch):
+    """The launch the kernel had hard-coded before the table (16 warps, tiles of 8192 words, grid
+    min(8, tiles)) is what a row of that shape gives: the table changed only the shape."""
+    monkeypatch.setattr(tuning, "HICACHE_COPY_STEPS", ((None, 16, 8192),))
     # 1152-byte rows: 144 words, blocks of 256, 32 rows a tile; 64-row pages: 9216 words, one 8192-word block
     assert _launches(monkeypatch, 100, 1152) == [((4,), 16, 32, 256, 144)]
     assert _launches(monkeypatch, 4096, 1152) == [((8,), 16, 32, 256, 144)]
@@ -315,6 +319,7 @@ def _sweep_rows(pages: int, launch_bytes: int, layouts: int, **rates) -> list[di
 def test_report_names_the_fastest_shape_per_page_count_and_the_table_rows(monkeypatch):
     from mlakv.bench.hicache import fastest_shapes
 
+    monkeypatch.setattr(tuning, "HICACHE_COPY_STEPS", ((None, 16, 8192),))
     rows = _sweep_rows(16384, 16384 * 73728, 2, table=(40.0, 40.0), w16_t8192=(40.0, 40.0), w8_t4096=(50.0, 30.0),
                        w32_t16384=(45.0, 45.0))  # fmt: skip
     rows += _sweep_rows(1024, 1024 * 73728, 2, table=(30.0, 30.0), w16_t8192=(30.0, 30.0), w8_t4096=(40.0, 40.0),

@@ -93,21 +93,23 @@ def test_launch_table_covers_every_n_with_power_of_two_sizes(kind):
         assert all(v >= 1 and v & (v - 1) == 0 for v in shape[1:])
 
 
-def test_table_names_are_public_and_the_rows_are_seeds():
+def test_table_names_are_public_and_the_rows_name_their_measurement():
     assert set(MOVE_TRITON_STEPS) == set(MOVE_TRITON_SWEEP) == set(KINDS)
-    assert tuning.MOVE_TRITON_MEASURED.startswith("seed: ")  # not measured yet: a GPU sweep replaces it
-    # the seeds are the launch the kernels had before the table
-    assert MOVE_TRITON_STEPS == {"direct": ((None, 4, 1024),), "staged": ((None, 4, 16, 32),)}
+    # measured rows name the device, the date and the command that produced them
+    assert tuning.MOVE_TRITON_MEASURED.startswith("NVIDIA ") and "UTC" in tuning.MOVE_TRITON_MEASURED
+    assert "move_kv --sweep" in tuning.MOVE_TRITON_MEASURED
+    for kind in KINDS:  # every row's shape is one the sweep times (checked bit-exact and timed)
+        assert all(tuple(step[1:]) in MOVE_TRITON_SWEEP[kind] for step in MOVE_TRITON_STEPS[kind])
     for name in ("MOVE_TRITON_STEPS", "MOVE_TRITON_MEASURED", "MOVE_TRITON_SWEEP", "move_triton_launch"):
         assert name in tuning.__all__
 
 
-def test_sweep_is_every_combination_and_holds_the_seeds():
+def test_sweep_is_every_combination_and_holds_the_table():
     assert list(MOVE_TRITON_SWEEP["direct"]) == [(w, b) for w in (1, 2, 4, 8) for b in (64, 1024)]
     assert list(MOVE_TRITON_SWEEP["staged"]) == [(w, r, c) for w in (1, 2, 4, 8) for r in (16, 64) for c in (16, 32)]
     for kind in KINDS:
         assert len(set(MOVE_TRITON_SWEEP[kind])) == len(MOVE_TRITON_SWEEP[kind])
-        assert MOVE_TRITON_STEPS[kind][0][1:] in MOVE_TRITON_SWEEP[kind]  # the table's shape is timed as a sweep shape too
+        assert all(step[1:] in MOVE_TRITON_SWEEP[kind] for step in MOVE_TRITON_STEPS[kind])  # the table's shapes are timed too
 
 
 def test_lookup_takes_the_first_row_whose_bound_holds(monkeypatch):
@@ -147,9 +149,11 @@ def _launches(monkeypatch, kind: str, n: int, dtype=torch.bfloat16, width: int =
     return [(grid, {k: v for k, v in kw.items() if k in keep}) for grid, kw in rec.launches]
 
 
-def test_default_launch_is_the_launch_before_the_table(monkeypatch):
-    """With the seed rows the launches are what the kernels had hard-coded (direct: 4 warps, the whole
-    row up to 1024 words in one power-of-two block; staged: 4 warps, 16 rows a step, 32 words a program)."""
+def test_launch_before_the_table_is_one_row_of_it(monkeypatch):
+    """The launch the kernels had hard-coded before the table (direct: 4 warps, the whole row up to 1024
+    words in one power-of-two block; staged: 4 warps, 16 rows a step, 32 words a program) is what one
+    row of each kernel gives: the table changed only the shape, not how a shape is launched."""
+    monkeypatch.setattr(tuning, "MOVE_TRITON_STEPS", {"direct": ((None, 4, 1024),), "staged": ((None, 4, 16, 32),)})
     # bf16 576 = 144 eight-byte words: one block of 256; u8 656 = 82 words: 128
     assert _launches(monkeypatch, "direct", 5) == [((5, 3), dict(ROW=144, BLOCK=256, num_warps=4))]
     assert _launches(monkeypatch, "direct", 5, torch.uint8, 656) == [((5, 3), dict(ROW=82, BLOCK=128, num_warps=4))]
@@ -321,6 +325,7 @@ def test_bench_sweep_times_every_shape_it_checked_and_no_wrong_one(monkeypatch):
     from mlakv.bench import move_kv as bench
     from mlakv.kernels.triton import move as m
 
+    monkeypatch.setattr(tuning, "MOVE_TRITON_STEPS", {"direct": ((None, 4, 1024),), "staged": ((None, 4, 16, 32),)})
     real = m.launch_move_kv_rows
 
     def broken_at_two_warps(b, t, s, **kw):

@@ -440,6 +440,20 @@ def _triton_sweep_shapes():
     return ROPE_TRITON_SWEEP
 
 
+@pytest.mark.parametrize("q_format", ["bf16", "e4m3"])
+def test_triton_launch_table_rows_per_query_format(q_format):
+    """Each query format has its own launch rows: n * H bounds increasing, the last unbounded, every
+    shape one the sweep times (so each was checked bit-exact and timed on a GPU)."""
+    from mlakv.spec.tuning import ROPE_TRITON_STEPS, ROPE_TRITON_SWEEP, rope_triton_launch
+
+    steps = ROPE_TRITON_STEPS[q_format]
+    bounds = [s[0] for s in steps[:-1]]
+    assert steps[-1][0] is None and bounds == sorted(bounds) and None not in bounds
+    assert all(s[1:] in ROPE_TRITON_SWEEP for s in steps)
+    for max_n, warps, rows in steps:
+        assert rope_triton_launch(max_n if max_n is not None else 1 << 30, q_format) == (warps, rows)
+
+
 @pytest.mark.parametrize("q_mode", ["16bit", "fp8"])
 @pytest.mark.parametrize("warps, q_rows", _triton_sweep_shapes())
 def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode):

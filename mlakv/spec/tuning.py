@@ -209,20 +209,32 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
     return ROPE_WRITE_WARPS, n_items <= ROPE_WRITE_EARLY_MAX_ITEMS
 
 
-# The fused RoPE write's Triton kernel (kernels/triton/rope_write.py): (max query rows n * H, warps,
-# query rows per program) by increasing n * H; the cache-row programs take the same warps.
-# H200, 2026-12-02 23:06 UTC (`mlakv bench rope --providers fused,fused-triton --triton-sweep --heads 16,128
-# --sizes 1,64,1024,16384`): one query row per 4-warp program to 128 rows (n * H), then 2 rows, 8 from
-# 131072 (the fastest shape at most points; bf16 prefers 1 warp at n * H <= 1024 by up to 15 %).
-ROPE_TRITON_STEPS: tuple[tuple[int | None, int, int], ...] = ((128, 4, 1), (16384, 4, 2), (None, 4, 8))
-ROPE_TRITON_MEASURED = "NVIDIA H200, 2026-12-02 23:06 UTC: `mlakv bench rope --triton-sweep` (docs/h200-2026-12-02/run6)"
+# The fused RoPE write's Triton kernel (kernels/triton/rope_write.py): per query format ("bf16": a 16-bit
+# query or none; "e4m3": an FP8 query), (max query rows n * H, warps, query rows per program) by
+# increasing n * H; the cache-row programs take the same warps.
+# bf16: H200, 2026-12-02 23:06 UTC (`mlakv bench rope --providers fused,fused-triton --triton-sweep --heads
+# 16,128 --sizes 1,64,1024,16384`): one query row per 4-warp program to 128 rows (n * H), then 2 rows, 8
+# from 131072 (the fastest shape at most points; bf16 prefers 1 warp at n * H <= 1024 by up to 15 %).
+# e4m3: H200, 2026-12-03 04:44 UTC, the kernel with the per-program common case (`mlakv bench rope --variants
+# fp8 --triton-sweep --heads 16,128 --sizes 1,64,1024,16384`): 4 warps x 1 row to 128 rows, 1 x 1 to
+# 1024 (2.02 us against 2.53 at n=64, H=16), then 2 warps x 2 rows (n=1024, H=16: 14.4 us against 21.2
+# for 4 x 2; n=16384, H=128: 1481 against 1504 for 4 x 8).
+ROPE_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int], ...]] = {
+    "bf16": ((128, 4, 1), (16384, 4, 2), (None, 4, 8)),
+    "e4m3": ((128, 4, 1), (1024, 1, 1), (None, 2, 2)),
+}
+ROPE_TRITON_MEASURED = (
+    "NVIDIA H200: bf16 2026-12-02 23:06 UTC (docs/h200-2026-12-02/run6), e4m3 2026-12-03 04:44 UTC "
+    "(docs/h200-2026-12-03/run8); `mlakv bench rope --triton-sweep`"
+)
 # the shapes `mlakv bench rope --triton-sweep` times: (warps, query rows per program)
 ROPE_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16))
 
 
-def rope_triton_launch(q_items: int) -> tuple[int, int]:
-    """``(num_warps, query rows per program)`` of the fused RoPE write's Triton kernel for ``q_items = n * H``."""
-    for max_n, warps, rows in ROPE_TRITON_STEPS:
+def rope_triton_launch(q_items: int, q_format: str = "bf16") -> tuple[int, int]:
+    """``(num_warps, query rows per program)`` of the fused RoPE write's Triton kernel for ``q_items = n * H``
+    query rows of format ``q_format`` (``"bf16"``: 16-bit or no query; ``"e4m3"``)."""
+    for max_n, warps, rows in ROPE_TRITON_STEPS[q_format]:
         if max_n is None or q_items <= max_n:
             return warps, rows
     raise AssertionError("the last RoPE Triton step must have max n None")
@@ -403,19 +415,15 @@ def indexer_triton_launch(n: int) -> tuple[int, int]:
 # * "staged" (any sets, one program per (layer, column block) that loops over every row twice, through
 #   a scratch): (num_warps, rows per step, column words per program), both powers of two; the grid is
 #   layers x ceil(row words / column words).
-# Seeds, not measured: the one row per kernel is the launch the kernels had before the table (direct: 4
-# warps, a whole row up to 1024 words in one block; staged: 4 warps, 16 rows a step, 32 words a program).
-# `python -m mlakv.bench.move_kv --sweep` times every shape of MOVE_TRITON_SWEEP against them (each
-# checked bit-exact against the torch move first) and prints the rows its fastest shapes make; a
-# GPU run of it replaces these rows and MOVE_TRITON_MEASURED names that run.
+# Measured (NVIDIA H200, 61 layers of 65536 bf16 512+64 slots, every shape checked bit-exact against the
+# torch move first): direct takes one warp per program from 9 rows (n=4096: 157 us against 176 for the
+# old 4 warps); staged takes 64 rows a step and 16-word columns from 9 rows (n=4096: 345 us against 608
+# for the old 16 rows x 32 words), 8 warps at 8 rows and from 65 (2 warps between, within 1 % of 8).
 MOVE_TRITON_STEPS: dict[str, tuple[tuple[int | None, ...], ...]] = {
-    "direct": ((None, 4, 1024),),
-    "staged": ((None, 4, 16, 32),),
+    "direct": ((8, 4, 1024), (None, 1, 1024)),
+    "staged": ((8, 8, 16, 16), (64, 2, 64, 16), (None, 8, 64, 16)),
 }
-MOVE_TRITON_MEASURED = (
-    "seed: the launch before the table (direct 4 warps, blocks of up to 1024 words; staged 4 warps, 16 rows "
-    "a step, 32 words a program), not measured; `python -m mlakv.bench.move_kv --sweep` measures it"
-)
+MOVE_TRITON_MEASURED = "NVIDIA H200, 2026-12-03 04:42 UTC: `python -m mlakv.bench.move_kv --sweep` (docs/h200-2026-12-03/run8)"
 # The launch shapes the sweep times, per kernel: direct (num_warps, block words at most); staged
 # (num_warps, rows per step, column words).
 MOVE_TRITON_SWEEP: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -440,15 +448,12 @@ def move_triton_launch(kind: str, n: int) -> tuple[int, ...]:
 # stores), so warps and tile decide the bytes in flight over PCIe; the grid's size (at most
 # max_programs, default 8) is the SM budget a transfer may take from attention, the caller's
 # decision, not this table's. Keyed by bytes, not units, since a unit is a row or a whole page.
-# Seed, not measured: the one row is the launch the kernel had before the table (16 warps, 8192 words).
-# `mlakv bench hicache --sweep` times every shape of HICACHE_COPY_SWEEP against it at the bench's page
-# counts (each shape's round trip checked bit-exact first) and prints the rows its fastest shapes make;
-# a GPU run of it replaces this row and HICACHE_COPY_MEASURED names that run.
-HICACHE_COPY_STEPS: tuple[tuple[int | None, int, int], ...] = ((None, 16, 8192),)
-HICACHE_COPY_MEASURED = (
-    "seed: the launch before the table (16 warps, tiles of 8192 words), not measured; "
-    "`mlakv bench hicache --sweep` measures it"
-)
+# Measured (NVIDIA H200 over PCIe, 8 SMs, 1024 and 16384 pages of 64 x 1152 bytes, three layouts): every
+# shape from 8 warps x 8192 words up moves 45-46 GB/s (1024 pages) and 50-51 GB/s (16384), 90-93 % of
+# the measured PCIe ceiling; smaller tiles lose up to half on page_first loads. The fastest by the
+# round trip is 8 warps x 8192 words, within 0.5 % of the old 16 x 8192 (noise at this bound).
+HICACHE_COPY_STEPS: tuple[tuple[int | None, int, int], ...] = ((None, 8, 8192),)
+HICACHE_COPY_MEASURED = "NVIDIA H200, 2026-12-03 04:43 UTC: `mlakv bench hicache --pages 1024,16384 --sweep` (docs/h200-2026-12-03/run8)"
 # The launch shapes the sweep times: (num_warps, tile words), 8 to 32 words a thread.
 HICACHE_COPY_SWEEP: tuple[tuple[int, int], ...] = (
     (4, 2048), (4, 4096), (8, 4096), (8, 8192), (16, 4096), (16, 8192), (16, 16384), (32, 8192), (32, 16384),
