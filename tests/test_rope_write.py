@@ -440,9 +440,9 @@ def _triton_sweep_shapes():
     return ROPE_TRITON_SWEEP
 
 
-@pytest.mark.parametrize("q_format", ["bf16", "e4m3"])
-def test_triton_launch_table_rows_per_query_format(q_format):
-    """Each query format has its own launch rows: n * H bounds increasing, the last unbounded, every
+@pytest.mark.parametrize("q_format", ["bf16", "ds_mla", "e4m3"])
+def test_triton_launch_table_rows_per_call_kind(q_format):
+    """Each call kind (FP8 query, ds_mla rows, other) has its own launch rows: n * H bounds increasing, the last unbounded, every
     shape one the sweep times (so each was checked bit-exact and timed on a GPU)."""
     from mlakv.spec.tuning import ROPE_TRITON_STEPS, ROPE_TRITON_SWEEP, rope_triton_launch
 

@@ -209,32 +209,39 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
     return ROPE_WRITE_WARPS, n_items <= ROPE_WRITE_EARLY_MAX_ITEMS
 
 
-# The fused RoPE write's Triton kernel (kernels/triton/rope_write.py): per query format ("bf16": a 16-bit
-# query or none; "e4m3": an FP8 query), (max query rows n * H, warps, query rows per program) by
-# increasing n * H; the cache-row programs take the same warps.
-# bf16: H200, 2026-12-02 23:06 UTC (`mlakv bench rope --providers fused,fused-triton --triton-sweep --heads
-# 16,128 --sizes 1,64,1024,16384`): one query row per 4-warp program to 128 rows (n * H), then 2 rows, 8
-# from 131072 (the fastest shape at most points; bf16 prefers 1 warp at n * H <= 1024 by up to 15 %).
-# e4m3: H200, 2026-12-03 04:44 UTC, the kernel with the per-program common case (`mlakv bench rope --variants
-# fp8 --triton-sweep --heads 16,128 --sizes 1,64,1024,16384`): 4 warps x 1 row to 128 rows, 1 x 1 to
-# 1024 (2.02 us against 2.53 at n=64, H=16), then 2 warps x 2 rows (n=1024, H=16: 14.4 us against 21.2
-# for 4 x 2; n=16384, H=128: 1481 against 1504 for 4 x 8).
+# The fused RoPE write's Triton kernel (kernels/triton/rope_write.py): per call kind ("e4m3": an FP8
+# query; "ds_mla": ds_mla cache rows with a 16-bit or no query; "bf16": any other cache rows with a
+# 16-bit or no query), (max query rows n * H, warps, query rows per program) by increasing n * H; the
+# cache-row programs take the same warps. Measured on an H200 (`mlakv bench rope --triton-sweep`, each
+# shape checked against the reference first):
+# * bf16 and ds_mla, 2026-12-03 04:53 UTC (`--variants bf16,ds_mla --heads 16,128 --sizes 8,64,512,4096`):
+#   one warp of one row up to 1024 rows (n=64, H=16: bf16 1.65 us against 1.76 for 4 x 2, ds_mla 1.71
+#   against 2.14), except ds_mla's first 128 rows, where 1 warp leaves its cache rows' tile arithmetic
+#   too few threads (n=8, H=16: 1.59 us against 1.22 for 4 x 1); then 4 warps x 2 rows, 8 from 16385
+#   (within 1 % of the fastest shape at 8192-524288 rows). bf16 up to 128 rows: 2026-12-02 23:06 UTC
+#   found one warp faster there by up to 15 % too.
+# * e4m3, 2026-12-03 04:44 UTC, the kernel with the per-program common case (`--variants fp8 --heads
+#   16,128 --sizes 1,64,1024,16384`): 4 warps x 1 row to 128 rows, 1 x 1 to 1024 (2.02 us against 2.53 at
+#   n=64, H=16), then 2 warps x 2 rows (n=1024, H=16: 14.4 us against 21.2 for 4 x 2; n=16384, H=128:
+#   1481 against 1504 for 4 x 8).
 ROPE_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int], ...]] = {
-    "bf16": ((128, 4, 1), (16384, 4, 2), (None, 4, 8)),
+    "bf16": ((1024, 1, 1), (16384, 4, 2), (None, 4, 8)),
+    "ds_mla": ((128, 4, 1), (1024, 1, 1), (16384, 4, 2), (None, 4, 8)),
     "e4m3": ((128, 4, 1), (1024, 1, 1), (None, 2, 2)),
 }
 ROPE_TRITON_MEASURED = (
-    "NVIDIA H200: bf16 2026-12-02 23:06 UTC (docs/h200-2026-12-02/run6), e4m3 2026-12-03 04:44 UTC "
-    "(docs/h200-2026-12-03/run8); `mlakv bench rope --triton-sweep`"
+    "NVIDIA H200, 2026-12-03: bf16 and ds_mla 04:53 UTC, e4m3 04:44 UTC (docs/h200-2026-12-03/run8); "
+    "`mlakv bench rope --triton-sweep`"
 )
 # the shapes `mlakv bench rope --triton-sweep` times: (warps, query rows per program)
 ROPE_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16))
 
 
-def rope_triton_launch(q_items: int, q_format: str = "bf16") -> tuple[int, int]:
+def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int]:
     """``(num_warps, query rows per program)`` of the fused RoPE write's Triton kernel for ``q_items = n * H``
-    query rows of format ``q_format`` (``"bf16"``: 16-bit or no query; ``"e4m3"``)."""
-    for max_n, warps, rows in ROPE_TRITON_STEPS[q_format]:
+    query rows of a call of ``kind`` (a key of :data:`ROPE_TRITON_STEPS`: ``"e4m3"`` for an FP8 query,
+    else ``"ds_mla"`` for ds_mla cache rows, else ``"bf16"``)."""
+    for max_n, warps, rows in ROPE_TRITON_STEPS[kind]:
         if max_n is None or q_items <= max_n:
             return warps, rows
     raise AssertionError("the last RoPE Triton step must have max n None")

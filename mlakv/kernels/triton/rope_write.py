@@ -323,7 +323,8 @@ def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 
     if kv.is_cuda:
         extra["enable_fp_fusion"] = False  # the rotation's products and sums are rounded one by one
     tiles = nope_dim // 128
-    warps, rows = rope_triton_launch(n * heads, "e4m3" if q_fp8 else "bf16")
+    kind = "e4m3" if q_fp8 else "ds_mla" if kv_cache_format == "ds_mla" else "bf16"
+    warps, rows = rope_triton_launch(n * heads, kind)
     warps, rows = num_warps or warps, q_rows or rows
     _rope_write_kernel[(n + triton.cdiv(n * heads, rows),)](
         kv, loc, positions, cos_sin_cache, kn, kp, k_scale if k_scale is not None else dummy,
