@@ -467,10 +467,11 @@ class Smoke:
                 ok = ok and torch.equal(out[1].cpu().view(torch.int32), want_s.view(torch.int32)[:total])
                 self.check(f"indexer gather {name} total={total}", ok)
 
-    def rope_write(self) -> None:
-        """The fused RoPE write: JIT, Triton and the public op, every cache format and query kind,
-        every loc kind (slots past the end skipped), a DCP call, and tokens whose position lies
-        outside the table (they write nothing)."""
+    def rope_write(self, q_modes: tuple[str, ...] = ("none", "bf16", "fp8")) -> None:
+        """The fused RoPE write: JIT, Triton and the public op, every cache format and query kind
+        (``q_modes``), every loc kind (slots past the end skipped), a DCP call, and tokens whose position
+        lies outside the table (they write nothing). An e4m3 query of several tokens holds inf and NaN in
+        two rows, so the Triton kernel's general conversion runs beside its common case."""
         from mlakv.kernels.cuda.rope_write import rope_write_cuda
         from mlakv.kernels.triton.rope_write import launch_rope_write
         from mlakv.ops.fp8 import fp8_row_bytes
@@ -486,7 +487,7 @@ class Smoke:
         for fmt in (None, "per_tensor", "ds_mla"):
             row = 576 * 2 if fmt is None else fp8_row_bytes(fmt, 512, 64)
             kv_dtype = torch.bfloat16 if fmt is None else torch.uint8
-            for q_mode in ("none", "bf16", "fp8"):
+            for q_mode in q_modes:
                 for i, kind in enumerate(LOC_KINDS):
                     for n in (1, 300):
                         neox = i % 2 == 0
@@ -502,6 +503,8 @@ class Smoke:
                             pos = pos[:1].expand(n)
                         q_nope = torch.randn(n, heads, 512, device="cuda").to(torch.bfloat16)
                         q_pe = torch.randn(n, heads, 64, device="cuda").to(torch.bfloat16)
+                        if q_mode == "fp8" and n > 8:  # programs that take the general e4m3 conversion
+                            q_nope[5, 1, 7], q_pe[7, 2, 3] = float("inf"), float("nan")
                         q_dt = torch.float8_e4m3fn if q_mode == "fp8" else torch.bfloat16
                         q_w = 576 * (1 if q_mode == "fp8" else 2)
                         q_base = torch.randint(0, 256, (n, heads, q_w), dtype=torch.uint8, device="cuda").view(q_dt)
@@ -844,6 +847,7 @@ def main() -> int:
     smoke = Smoke()
     parts = {f.__name__: f for f in (smoke.writes, smoke.converting_writes, smoke.refused, smoke.gather, smoke.move,
                                      smoke.host_copy, smoke.fp8, smoke.indexer, smoke.rope_write)}  # fmt: skip
+    parts["rope_write_e4m3"] = lambda: smoke.rope_write(("fp8",))  # the e4m3 query alone (a shorter run)
     parts["hostile"] = lambda: hostile(smoke)
     parts["v4"] = lambda: v4_pages(smoke)
     parts["vllm"] = lambda: vllm_face(smoke)
