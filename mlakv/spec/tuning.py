@@ -196,10 +196,14 @@ def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
 
 # The fused RoPE + cache-row + query kernel (csrc/rope_write.cuh): one warp per item (a cache row or
 # one head's query row), ROPE_WRITE_WARPS per CTA, the PDL trigger at kernel entry for calls of at
-# most ROPE_WRITE_EARLY_MAX_ITEMS items (n * (H + 1)), else right after the wait. Seed values taken
-# over from the plain write's Hopper row, whose items are warps too (8 warps per CTA; entry trigger up to
-# 256 warps, 1.5-2.2x slower at 512-1024 on the H100); `mlakv bench rope --sweep` times both trigger
-# places side by side to replace them.
+# most ROPE_WRITE_EARLY_MAX_ITEMS items (n * (H + 1)), else right after the wait. Taken over from the
+# plain write's Hopper row, whose items are warps too (8 warps per CTA; entry trigger up to 256 warps,
+# 1.5-2.2x slower at 512-1024 on the H100). Checked on an H200, 2026-12-03 04:44 UTC (`mlakv bench rope
+# --providers fused --sweep --variants fp8 --heads 16,128 --sizes 1,64,1024,16384`, docs/h200-2026-12-03/
+# run8/rope_sweep.md): from 64 tokens the table's launch is within 2 % of the fastest variant (the entry
+# trigger at n=64, H=16, 1088 items: 2.90 us against 1.58, so the bound stays); at one token the trigger
+# after the wait was faster (1.34 us against 1.48 at H=16, 1.42 against 1.46 at H=128). Only the e4m3
+# variant was timed, so the rows stay as they are.
 ROPE_WRITE_WARPS = 8
 ROPE_WRITE_EARLY_MAX_ITEMS = 256
 
