@@ -255,3 +255,52 @@ def write_tar_gz(path, files: dict) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+# ---- --shard K/N: one part of the suite per run ------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--shard", default=None, metavar="K/N",
+        help="run only shard K of N (1-based): whole test files, split into N parts of about equal test counts "
+             "(the same split on every machine and worker, so N runs together run every test once)",
+    )  # fmt: skip
+
+
+def shard_files(counts: dict[str, int], n: int) -> list[list[str]]:
+    """Split test files (``counts``: file -> number of tests) into ``n`` shards of about equal test counts:
+    the largest file first, each to the shard holding the fewest tests so far (ties: the lower shard;
+    files of equal count by name), so the split depends only on the collection."""
+    shards: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for f in sorted(counts, key=lambda f: (-counts[f], f)):
+        i = min(range(n), key=lambda s: (load[s], s))
+        shards[i].append(f)
+        load[i] += counts[f]
+    return shards
+
+
+def _parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard: expected K/N with whole numbers (e.g. 1/2), got {spec!r}") from None
+    if not 1 <= k <= n:
+        raise pytest.UsageError(f"--shard: K must be in 1..N, got {spec!r}")
+    return k, n
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    spec = config.getoption("--shard")
+    if not spec:
+        return
+    k, n = _parse_shard(spec)
+    counts: dict[str, int] = {}
+    for item in items:
+        f = item.nodeid.split("::", 1)[0]
+        counts[f] = counts.get(f, 0) + 1
+    keep = set(shard_files(counts, n)[k - 1])
+    selected = [it for it in items if it.nodeid.split("::", 1)[0] in keep]
+    deselected = [it for it in items if it.nodeid.split("::", 1)[0] not in keep]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+    items[:] = selected
