@@ -14,6 +14,9 @@ so its rows are batched per program; the launch table picks ``Q_ROWS`` and the w
   arithmetic (the interpreter's bf16 casts truncate and flush subnormals; the bit arithmetic is the
   same on every GPU and in the interpreter); fp16 is cast (exact widening, RNE narrowing);
 * divisions are correctly rounded (``div_rn``, or the FP8 write's fast quotient for a call's one scale);
+  an e4m3 query program whose scale and values all lie in that quotient's exact range (one test per
+  program, on the 16-bit source bits) converts without a clamp or NaN select per value, any other
+  program a row at a time through the general conversion (so its registers do not set the kernel's);
   e4m3 rounding is the FP8 write's (:func:`mlakv.kernels.triton.fp8.e4m3_signed`: the hardware
   conversion on sm_89+, integer arithmetic elsewhere; RNE, saturating, NaN -> 0x7F);
   ``ds_mla``'s tile scales follow the call's rule (``RULE``; the helpers are the FP8 write's,
