@@ -21,6 +21,7 @@ __all__ = [
     "CPU_PROVIDERS",
     "csv_of",
     "csv_ints",
+    "add_sweep_options",
     "kv_write_parser",
     "hicache_parser",
     "move_kv_parser",
@@ -124,6 +125,13 @@ def kv_write_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def add_sweep_options(p: argparse.ArgumentParser, stem: str, sweep_help: str) -> None:
+    """A Triton-only bench's ``--sweep`` (its launch shapes beside the table's) and ``--out DIR``
+    (``{stem}.json`` and ``{stem}.md``; default: print only)."""
+    p.add_argument("--sweep", action="store_true", help=sweep_help)
+    p.add_argument("--out", type=out_dir, default=None, help=f"directory for {stem}.json and {stem}.md (default: print only)")
+
+
 def hicache_parser() -> argparse.ArgumentParser:
     """The ``mlakv bench hicache`` parser (device <-> host transfers; ``--l3`` hands over to the L3 bench)."""
     ap = argparse.ArgumentParser(
@@ -139,12 +147,9 @@ def hicache_parser() -> argparse.ArgumentParser:
                     help="host pool layout(s) to time (default \"both\": every layout)")  # fmt: skip
     ap.add_argument("--sms", type=csv_ints("SM budgets"), default=[8],
                     help="comma list of SM budgets for the transfer kernel (its grid size), e.g. 4,8,16,132 (default 8)")  # fmt: skip
-    ap.add_argument("--sweep", action="store_true",
-                    help="GPU: time the transfer kernel at every launch shape of mlakv.spec.tuning.HICACHE_COPY_SWEEP "
-                    "(warps x tile words) beside the launch table's, each shape's round trip checked bit-exact "
-                    "first, and print the HICACHE_COPY_STEPS rows the fastest shapes make")  # fmt: skip
-    ap.add_argument("--out", type=out_dir, default=None,
-                    help="directory for hicache.json and hicache.md (default: print only)")  # fmt: skip
+    add_sweep_options(ap, "hicache", "GPU: time the transfer kernel at every launch shape of mlakv.spec.tuning."
+                      "HICACHE_COPY_SWEEP (warps x tile words) beside the launch table's, each shape's round trip "
+                      "checked bit-exact first, and print the HICACHE_COPY_STEPS rows the fastest shapes make")  # fmt: skip
     ap.add_argument("--l3", choices=["mooncake"], default=None,
                     help="time the HiCache L3 store instead: mlakv's MooncakeStorage against raw Mooncake calls, two "
                     "clients of one local master (its own options: `mlakv bench hicache --l3 mooncake --help`)")  # fmt: skip
@@ -164,12 +169,9 @@ def move_kv_parser(
     p.add_argument("--slots", type=positive_int, default=65536, help="slots per layer buffer (default 65536)")
     p.add_argument("--n", type=positive_int, nargs="+", default=list(MOVE_SIZES),
                    help=f"rows each move moves per layer, 1..slots/2 (default {' '.join(map(str, MOVE_SIZES))})")  # fmt: skip
-    p.add_argument("--sweep", action="store_true",
-                   help="also time both Triton kernels (direct, staged) at every launch shape of "
-                        "mlakv.spec.tuning.MOVE_TRITON_SWEEP beside the table's, each checked bit-exact against "
-                        "the torch move first, and print the MOVE_TRITON_STEPS rows the fastest shapes make")  # fmt: skip
-    p.add_argument("--out", type=out_dir, default=None,
-                   help="directory for move_kv.json and move_kv.md (default: print only)")  # fmt: skip
+    add_sweep_options(p, "move_kv", "also time both Triton kernels (direct, staged) at every launch shape of "
+                      "mlakv.spec.tuning.MOVE_TRITON_SWEEP beside the table's, each checked bit-exact against the "
+                      "torch move first, and print the MOVE_TRITON_STEPS rows the fastest shapes make")  # fmt: skip
     return p
 
 
