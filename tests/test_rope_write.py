@@ -456,10 +456,13 @@ def test_triton_launch_table_rows_per_call_kind(q_format):
 
 @pytest.mark.parametrize("q_mode", ["16bit", "fp8"])
 @pytest.mark.parametrize("warps, q_rows", _triton_sweep_shapes())
-def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode):
+@pytest.mark.parametrize("values", ["finite", "one_inf"])
+def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode, values):
     """The Triton kernel at every shape its sweep times (query rows per program 1..16 over n * H = 15
     rows, so the last program is partial): q_nope and q_pe views of one wider tensor, q_out a view
-    with a neighbour head, a token whose position lies outside the table (its rows stay as they were)."""
+    with a neighbour head, a token whose position lies outside the table (its rows stay as they were).
+    ``one_inf``: one query value is inf, so that program takes the e4m3 query's general path (rows
+    reloaded through the same views)."""
     from mlakv.kernels.triton.rope_write import launch_rope_write
 
     n, h = 5, 3
@@ -472,6 +475,8 @@ def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode):
     out_wide = out_wide.view(out.dtype).to(DEVICE)
     out_wide[:, :h] = out
     c.update(q_nope=q_wide[..., :NOPE], q_pe=q_wide[..., NOPE + 8 :], q_out=out_wide[:, :h])
+    if values == "one_inf":
+        c["q_nope"][1, 2, 9] = float("inf")
     neighbour = bits(out_wide[:, h]).clone()
     # token 3's position lies outside the table: the reference writes neither its row nor its queries
     ref = dict(c, loc=c["loc"].clone(), positions=c["positions"].clone())
