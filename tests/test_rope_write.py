@@ -936,7 +936,7 @@ for fmt, q8, src, neox, rule in [(0, 0, 0, 0, 0), (0, 1, 1, 1, 0), (1, 0, 0, 1, 
                k_pe_ptr="*i16", k_scale_ptr="*fp32", q_nope_ptr="*i16", q_pe_ptr="*i16",
                q_out_ptr="*u8" if q8 else "*i16", q_scale_ptr="*fp32")
     const = dict(NOPE=512, NOPE_P2=512, HALF=32, HALF_P2=32, TILES_P2=4, FORMAT=fmt, SRC=src, NEOX=bool(neox),
-                 Q_FP8=bool(q8), USE_PDL=True, RULE=rule, Q_ROWS=4, NATIVE=True)
+                 Q_FP8=bool(q8), USE_PDL=True, RULE=rule, Q_ROWS=4, NATIVE=True, Q_JOIN=True)
     sig = {n: "constexpr" if n in const else ptr.get(n, "i64") for n in k.arg_names}
     src_ = ASTSource(k, sig, constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
     ptx = [triton.compile(src_, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fuse, "num_warps": 4}).asm["ptx"]

@@ -96,11 +96,14 @@ def _div_by_scale(x, s):
 
 
 @triton.jit
-def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.constexpr, SRC: tl.constexpr, ok):
+def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.constexpr, SRC: tl.constexpr, ok,
+            JOIN: tl.constexpr = False):
     """Rotate the rope values of rows ``pe_row`` (a pointer, or ``[R, 1]`` pointers) with table rows
     ``cs_row`` (alike): ``(a_off, b_off, ra, rb, jm)``, the pair offsets ``[1, HALF_P2]``, the rotated
     values' source-dtype bits and the mask (``[1 or R, HALF_P2]``). Pair j is (j, j + HALF) (neox) or
-    (2j, 2j + 1); ``ok`` (a bool, or ``[R, 1]``) masks the loads."""
+    (2j, 2j + 1); ``ok`` (a bool, or ``[R, 1]``) masks the loads. Interleaved pairs are loaded as one
+    contiguous ``[R, 2 * HALF_P2]`` block and split in registers (two stride-2 loads made Triton lay
+    the pairs out across threads and convert them through shared memory)."""
     j = tl.arange(0, HALF_P2)[None, :]
     jm = (j < HALF) & ((tl.zeros_like(j) + ok.to(tl.int32)) != 0)
     if NEOX:
@@ -109,8 +112,14 @@ def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.
     else:
         a_off = 2 * j
         b_off = 2 * j + 1
-    xa = _widen(tl.load(pe_row + a_off, mask=jm, other=0), SRC)
-    xb = _widen(tl.load(pe_row + b_off, mask=jm, other=0), SRC)
+    if NEOX or not JOIN:
+        xa = _widen(tl.load(pe_row + a_off, mask=jm, other=0), SRC)
+        xb = _widen(tl.load(pe_row + b_off, mask=jm, other=0), SRC)
+    else:
+        k = tl.arange(0, 2 * HALF_P2)[None, :]
+        km = (k < 2 * HALF) & ((tl.zeros_like(k) + ok.to(tl.int32)) != 0)
+        x = _widen(tl.load(pe_row + k, mask=km, other=0), SRC)  # [1 or R, 2 * HALF_P2]
+        xa, xb = tl.split(tl.reshape(x, (x.shape[0], HALF_P2, 2)))
     c = tl.load(cs_row + j, mask=jm, other=0.0)
     s = tl.load(cs_row + HALF + j, mask=jm, other=0.0)
     ra = _round_bits(xa * c - xb * s, SRC)
@@ -119,11 +128,26 @@ def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.
 
 
 @triton.jit
+def _store_pairs(dst, a_off, b_off, va, vb, jm, HALF_P2: tl.constexpr, NEOX: tl.constexpr, JOIN: tl.constexpr):
+    """Store the rotated pairs' values ``va``, ``vb`` (``[1 or R, HALF_P2]``, one dtype) at ``dst + a_off``,
+    ``dst + b_off`` under mask ``jm`` (:func:`_rotate`'s); interleaved pairs as one contiguous block
+    ``[R, 2 * HALF_P2]`` (each pair side by side in one thread: one wide store, not two strided ones)."""
+    if NEOX or not JOIN:
+        tl.store(dst + a_off, va, mask=jm)
+        tl.store(dst + b_off, vb, mask=jm)
+    else:
+        rows: tl.constexpr = va.shape[0]
+        v = tl.reshape(tl.join(va, vb), (rows, 2 * HALF_P2))
+        m = tl.reshape(tl.join(jm, jm), (rows, 2 * HALF_P2))
+        tl.store(dst + tl.arange(0, 2 * HALF_P2)[None, :], v, mask=m)
+
+
+@triton.jit
 def _query_load(
     item, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr,
     qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, SRC: tl.constexpr,
-    NEOX: tl.constexpr,
+    NEOX: tl.constexpr, JOIN: tl.constexpr,
 ):  # fmt: skip
     """The query rows ``item [R]`` (``(token, head)`` flat indices): ``(q_dst [R, 1], offs, ok_n, nb,
     a_off, b_off, ra, rb, jm)``: destination row pointers, the nope offsets ``[1, NOPE_P2]`` with
@@ -137,7 +161,7 @@ def _query_load(
     pos_ok = ((pos >= 0) & (pos < max_pos) & live)[:, None]  # [R, 1]
     cs_row = (cs_ptr + tl.where((pos >= 0) & (pos < max_pos), pos, 0) * cs_stride)[:, None]
     pe_row = (q_pe_ptr + t * qp_s0 + h * qp_s1)[:, None]
-    a_off, b_off, ra, rb, jm = _rotate(pe_row, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok)
+    a_off, b_off, ra, rb, jm = _rotate(pe_row, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok, JOIN)
     offs = tl.arange(0, NOPE_P2)[None, :]
     ok_n = pos_ok & (offs < NOPE)
     nb = tl.load((q_nope_ptr + t * qn_s0 + h * qn_s1)[:, None] + offs, mask=ok_n, other=0)
@@ -150,14 +174,14 @@ def _query_rows(
     qpid, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr, q_scale_ptr,
     qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, SRC: tl.constexpr,
-    NEOX: tl.constexpr, Q_FP8: tl.constexpr, Q_ROWS: tl.constexpr, NATIVE: tl.constexpr,
+    NEOX: tl.constexpr, Q_FP8: tl.constexpr, Q_ROWS: tl.constexpr, NATIVE: tl.constexpr, Q_JOIN: tl.constexpr,
 ):  # fmt: skip
     """Query program ``qpid``: ``Q_ROWS`` consecutive ``(token, head)`` rows of ``q_out`` (rows past
     ``n * heads`` and tokens whose position is out of range write nothing)."""
     item = qpid * Q_ROWS + tl.arange(0, Q_ROWS)
     q_dst, offs, ok_n, nb, a_off, b_off, ra, rb, jm = _query_load(
         item, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr,
-        qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1, NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX,
+        qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1, NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_JOIN,
     )  # fmt: skip
     if Q_FP8:
         qs = tl.load(q_scale_ptr)
@@ -179,8 +203,7 @@ def _query_rows(
             ya = quot_in_range(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xa, qs, r)
             yb = quot_in_range(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xb, qs, r)
             tl.store(q_dst + offs, e4m3_finite(yn, NATIVE), mask=ok_n)
-            tl.store(q_dst + NOPE + a_off, e4m3_finite(ya, NATIVE), mask=jm)
-            tl.store(q_dst + NOPE + b_off, e4m3_finite(yb, NATIVE), mask=jm)
+            _store_pairs(q_dst + NOPE, a_off, b_off, e4m3_finite(ya, NATIVE), e4m3_finite(yb, NATIVE), jm, HALF_P2, NEOX, Q_JOIN)
         else:
             # Any other program: the general conversion, one row at a time from memory (the whole
             # block's general path would set the kernel's register count for the common case too).
@@ -188,18 +211,16 @@ def _query_rows(
                 g_dst, g_offs, g_ok, g_nb, g_a, g_b, g_ra, g_rb, g_jm = _query_load(
                     qpid * Q_ROWS + k + tl.arange(0, 1), n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride,
                     q_nope_ptr, q_pe_ptr, q_out_ptr, qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
-                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX,
+                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, False,
                 )  # fmt: skip
                 gn = e4m3_signed(_div_by_scale(_widen(g_nb, SRC), qs), NATIVE)
                 ga = e4m3_signed(_div_by_scale(_widen(g_ra.to(tl.int16), SRC), qs), NATIVE)
                 gb = e4m3_signed(_div_by_scale(_widen(g_rb.to(tl.int16), SRC), qs), NATIVE)
                 tl.store(g_dst + g_offs, gn, mask=g_ok)
-                tl.store(g_dst + NOPE + g_a, ga, mask=g_jm)
-                tl.store(g_dst + NOPE + g_b, gb, mask=g_jm)
+                _store_pairs(g_dst + NOPE, g_a, g_b, ga, gb, g_jm, HALF_P2, NEOX, False)
     else:
         tl.store(q_dst + offs, nb, mask=ok_n)
-        tl.store(q_dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
-        tl.store(q_dst + NOPE + b_off, rb.to(tl.int16), mask=jm)
+        _store_pairs(q_dst + NOPE, a_off, b_off, ra.to(tl.int16), rb.to(tl.int16), jm, HALF_P2, NEOX, Q_JOIN)
 
 
 @triton.jit
@@ -212,7 +233,7 @@ def _rope_write_kernel(
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
     TILES_P2: tl.constexpr, FORMAT: tl.constexpr, SRC: tl.constexpr, NEOX: tl.constexpr,
     Q_FP8: tl.constexpr, USE_PDL: tl.constexpr, RULE: tl.constexpr = 0, Q_ROWS: tl.constexpr = 1,
-    NATIVE: tl.constexpr = False,
+    NATIVE: tl.constexpr = False, Q_JOIN: tl.constexpr = False,
 ):  # fmt: skip
     # Strides in elements of each pointer's type (kv: int16 for 16-bit rows, bytes for FP8 formats;
     # q_out: int16 or bytes). 16-bit tensors arrive as int16 views.
@@ -237,16 +258,14 @@ def _rope_write_kernel(
         if FORMAT == 0:  # 16-bit row: [nope | rotated rope] as bits
             nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
             tl.store(dst + offs, nb, mask=keep_n)
-            tl.store(dst + NOPE + a_off, ra.to(tl.int16), mask=jm)
-            tl.store(dst + NOPE + b_off, rb.to(tl.int16), mask=jm)
+            _store_pairs(dst + NOPE, a_off, b_off, ra.to(tl.int16), rb.to(tl.int16), jm, HALF_P2, NEOX, False)
         elif FORMAT == 1:  # per_tensor: e4m3(x / k_scale)
             ks = tl.load(k_scale_ptr)
             nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
             tl.store(dst + offs, e4m3_signed(_div_by_scale(_widen(nb, SRC), ks), NATIVE), mask=keep_n)
             qa = e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), ks), NATIVE)
             qb = e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), ks), NATIVE)
-            tl.store(dst + NOPE + a_off, qa, mask=jm)
-            tl.store(dst + NOPE + b_off, qb, mask=jm)
+            _store_pairs(dst + NOPE, a_off, b_off, qa, qb, jm, HALF_P2, NEOX, False)
         else:  # ds_mla: [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
             tt = tl.arange(0, TILES_P2)[:, None]
             toffs = tt * 128 + tl.arange(0, 128)[None, :]
@@ -276,7 +295,7 @@ def _rope_write_kernel(
     else:
         _query_rows(pid - n, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr,
                     q_out_ptr, q_scale_ptr, qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
-                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_FP8, Q_ROWS, NATIVE)  # fmt: skip
+                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_FP8, Q_ROWS, NATIVE, Q_JOIN)  # fmt: skip
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -340,5 +359,6 @@ def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 
         HALF_P2=triton.next_power_of_2(max(1, rope_dim // 2)), TILES_P2=triton.next_power_of_2(max(1, tiles)),
         FORMAT=FORMAT_CODE[kv_cache_format], SRC=src, NEOX=bool(is_neox_style), Q_FP8=q_fp8, USE_PDL=use_pdl,
         RULE=DS_MLA_SCALE_RULES.index(ds_mla_scale_rule) if kv_cache_format == "ds_mla" else 0,
-        Q_ROWS=rows, NATIVE=kv.is_cuda and native_fp8_supported(kv.device.index or 0), num_warps=warps, **extra,
+        Q_ROWS=rows, NATIVE=kv.is_cuda and native_fp8_supported(kv.device.index or 0), Q_JOIN=rows >= warps,
+        num_warps=warps, **extra,
     )  # fmt: skip
