@@ -685,9 +685,13 @@ def v4_pages(smoke: "Smoke") -> None:
                     want_loc = loc.cpu()
                     if rope == "freqs":
                         extra["freqs_cis"] = torch.rand(n, 64, device="cuda") * 2 - 1
+                        if kind == "expanded":  # the one token's rotation too, or the n writes of the slot differ
+                            extra["freqs_cis"] = extra["freqs_cis"][:1].expand(n, 64)
                         cos, sin = ref.rope_cos_sin(n, freqs_cis=extra["freqs_cis"].cpu())
                     elif rope == "table":
                         extra["positions"] = torch.randint(-2, 40, (n,), device="cuda")  # some outside the 33-row table
+                        if kind == "expanded":
+                            extra["positions"] = extra["positions"][:1].expand(n)
                         extra["cos_sin_cache"] = torch.rand(33, 64, device="cuda") * 2 - 1
                         pos = extra["positions"].cpu()
                         bad = (pos < 0) | (pos >= 33)
