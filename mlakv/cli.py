@@ -3,7 +3,8 @@
 Each command is one function that takes the rest of the command line and returns the exit code;
 the command's own options live beside it (``mlakv.bench.options``, ``mlakv.demo.options``, parsed
 before torch loads), so a new option is added there, not here. Every command ends the same way on
-Ctrl-C: one line on stderr (what was kept, where the command says), exit code 130.
+Ctrl-C or SIGTERM: one line on stderr (what was kept, where the command says), exit code 130 or 143
+(:mod:`mlakv._interrupt`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import sys
 from typing import Callable, Optional
 
 from . import __version__
+from ._interrupt import EXIT_INTERRUPTED, EXIT_TERMINATED, run_command
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+__all__ = ["COMMANDS", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "build_parser", "main"]
 
 
 def _bench(argv: list[str]) -> int:
@@ -71,9 +73,4 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.parse_args(argv)  # --help, --version, or a usage error (exit 2); a missing command also errors
         return 2
     name = argv[0]
-    try:
-        return COMMANDS[name][0](argv[1:])
-    except KeyboardInterrupt as e:
-        kept = f": {e}" if str(e) else ""
-        print(f"mlakv {name}: interrupted (Ctrl-C){kept}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    return run_command(f"mlakv {name}", COMMANDS[name][0], argv[1:])

@@ -302,3 +302,146 @@ def test_a_real_sigint_ends_the_bench_with_one_line_and_its_rows(tmp_path):
     assert_one_interrupt_line(proc.returncode, err, "bench")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert 1 <= len(rows) < 60 and rows[0]["n_loc"] == 1
+
+
+# ---- SIGTERM (timeout, kill, a batch scheduler): as Ctrl-C, but said so and exit 143 -------------------
+def assert_one_termination_line(rc: int, err: str, label: str) -> str:
+    assert rc == 143
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [ln for ln in err.splitlines() if "terminated" in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"{label}: terminated (SIGTERM)"), err
+    assert err.rstrip().splitlines()[-1] == lines[0]
+    return lines[0]
+
+
+def test_sigterm_during_a_command_ends_it_as_one_line_and_exit_143(capsys):
+    import os
+    import signal
+    import time
+
+    from mlakv._interrupt import run_command
+
+    def stopped_by_sigterm(argv: list[str]) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises before this returns
+        return 0
+
+    rc = run_command("mlakv bench", stopped_by_sigterm, [])
+    assert_one_termination_line(rc, capsys.readouterr().err, "mlakv bench")
+
+
+def test_the_sigterm_handler_is_the_callers_again_after_the_command():
+    import signal
+
+    from mlakv._interrupt import run_command
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_command("mlakv x", lambda argv: 0, []) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_after_a_sigterm_command_is_reported_as_ctrl_c(capsys):
+    from mlakv._interrupt import run_command
+
+    def interrupted(argv: list[str]) -> int:
+        raise KeyboardInterrupt("kept nothing")
+
+    assert run_command("mlakv x", interrupted, []) == 130
+    assert capsys.readouterr().err.strip() == "mlakv x: interrupted (Ctrl-C): kept nothing"
+
+
+SIZES_1_TO_60 = ",".join(map(str, range(1, 61)))  # rows enough that the signal lands while the bench still runs
+SIGTERM_CASES = {
+    # (command after python, progress line after which to signal, the label, the rows kept: (file, key, n key))
+    "mlakv bench": (["-m", "mlakv", "bench", "--layouts", "bf16", "--sizes", SIZES_1_TO_60, "--out", "{tmp}"],
+                    "n_loc=1:", "mlakv bench", ("results.json", "rows", "n_loc")),
+    "python -m mlakv.bench.rope_write": (["-m", "mlakv.bench.rope_write", "--variants", "bf16", "--heads", "16",
+                                          "--providers", "fused", "--sizes", SIZES_1_TO_60, "--json", "{tmp}/rope.json"],
+                                         "n=2", "mlakv.bench.rope_write", ("rope.json", "results", "n")),
+}  # fmt: skip
+
+
+@pytest.mark.skipif(CUDA, reason="times the CPU sweep's progress lines")
+@pytest.mark.parametrize("case", sorted(SIGTERM_CASES))
+def test_a_real_sigterm_ends_the_bench_with_one_line_and_its_rows(tmp_path, case):
+    """SIGTERM (what `timeout` sends) to a running bench after its first row: exit 143, one line, the row kept."""
+    import signal
+
+    argv, trigger, label, (name, key, n_key) = SIGTERM_CASES[case]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if trigger in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest_err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = "".join(seen) + rest_err
+    assert_one_termination_line(proc.returncode, err, label)
+    rows = json.loads((tmp_path / name).read_text())[key]
+    assert 1 <= len(rows) < 60 and rows[0][n_key] == 1
+
+
+def test_ctrl_c_in_bench_rope_keeps_the_rows_measured(capsys, tmp_path, monkeypatch):
+    from mlakv.bench import rope_write
+
+    monkeypatch.setattr(rope_write, "make_set", interrupt_after(2, rope_write.make_set))
+    out_json = tmp_path / "rope.json"
+    rc, out, err = run_cli(["bench", "rope", "--variants", "bf16", "--heads", "16", "--sizes", "1,8,64",
+                            "--providers", "fused", "--json", str(out_json)], capsys)  # fmt: skip
+    if CUDA:
+        pytest.skip("on a GPU the bench makes its inputs with make_sets")
+    line = assert_one_interrupt_line(rc, err, "bench")
+    assert f"2 rows measured so far, in {out_json}" in line
+    report = json.loads(out_json.read_text())
+    assert report["interrupted"] is True and [r["n"] for r in report["results"]] == [1, 8]
+    assert "INTERRUPTED" in out and "| 8 |" in out and "| 64 |" not in out
+
+
+@pytest.mark.parametrize("bench, runner, rows_key", [
+    ("parity", "run_parity", "points"), ("indexer", "run_indexer_bench", "store"), ("v4", "run_v4_bench", "rows"),
+])  # fmt: skip
+def test_ctrl_c_in_a_family_bench_writes_the_rows_measured(capsys, tmp_path, monkeypatch, bench, runner, rows_key):
+    """The family benches (`run_on_gpu`): rows measured before the interruption are written, marked."""
+    import importlib
+
+    module = importlib.import_module({"parity": "mlakv.bench.parity", "indexer": "mlakv.bench.indexer",
+                                      "v4": "mlakv.bench.v4_store"}[bench])  # fmt: skip
+    row = {"n": 1, "marker": "measured before the stop"}
+
+    def one_row_then_ctrl_c(*args, into, **kwargs):
+        into.update({rows_key: [row], "sizes": [1, 64]})
+        raise KeyboardInterrupt
+
+    def tables(res: dict) -> str:
+        return f"tables of {len(res[rows_key])} row"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module, runner, one_row_then_ctrl_c)
+    monkeypatch.setattr(module, "format_tables", tables)
+    rc, out, err = run_cli(["bench", bench, "--out", str(tmp_path)], capsys)
+    line = assert_one_interrupt_line(rc, err, "bench")
+    stem = {"parity": "parity", "indexer": "indexer", "v4": "v4"}[bench]
+    assert f"{tmp_path / stem}.json" in line
+    res = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert res["interrupted"] is True and res[rows_key] == [row]
+    assert (tmp_path / f"{stem}.md").read_text().startswith("tables of 1 row") and "INTERRUPTED" in out
+
+
+def test_ctrl_c_in_a_family_bench_before_any_row_writes_nothing(capsys, tmp_path, monkeypatch):
+    from mlakv.bench import parity
+
+    def nothing_then_ctrl_c(families, sizes, into):
+        into.update(sizes=list(sizes), points=[])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(parity, "run_parity", nothing_then_ctrl_c)
+    rc, _, err = run_cli(["bench", "parity", "--out", str(tmp_path)], capsys)
+    assert assert_one_interrupt_line(rc, err, "bench") == "mlakv bench: interrupted (Ctrl-C)"
+    assert not (tmp_path / "parity.json").exists()

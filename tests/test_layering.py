@@ -21,6 +21,7 @@ PKG = Path(__file__).resolve().parents[1] / "mlakv"
 # Lower number = lower layer. A module's layer is that of its longest matching prefix.
 LAYERS = {
     "mlakv._env": 0,
+    "mlakv._interrupt": 0,
     "mlakv.spec": 0,
     "mlakv.argtypes": 0,
     "mlakv.kernels": 1,
@@ -36,7 +37,7 @@ LAYERS = {
     "mlakv.__main__": 7,
     "mlakv": 0,  # the package root: imports nothing at load (its public names are loaded on first use)
 }
-LEAVES = ("mlakv._env", "mlakv.spec", "mlakv.argtypes")
+LEAVES = ("mlakv._env", "mlakv._interrupt", "mlakv.spec", "mlakv.argtypes")
 
 
 def _module_name(path: Path) -> str:

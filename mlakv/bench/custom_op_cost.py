@@ -69,4 +69,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mlakv._interrupt import run_module
+
+    raise SystemExit(run_module("mlakv.bench.custom_op_cost", main))

@@ -424,4 +424,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mlakv._interrupt import run_module
+
+    sys.exit(run_module("mlakv.bench.dcp_two_gpu", main))

@@ -247,4 +247,6 @@ def _run(args, pages: list[int], P: int, L: int, cuda: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mlakv._interrupt import run_module
+
+    sys.exit(run_module("mlakv.bench.hicache_l3", main))

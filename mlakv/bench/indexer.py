@@ -115,11 +115,16 @@ def _check_store(fn: Callable[[dict], None], d: dict, want: torch.Tensor) -> boo
     return torch.equal(trial["pages"].cpu(), want)
 
 
-def run_indexer_bench(sizes: list[int], sweep: bool = False, triton_sweep: bool = False) -> dict:
-    """Time every provider at each n; ``{"device", "copy_gbs", "store": [...], "gather": [...]}`` (GPU only)."""
+def run_indexer_bench(sizes: list[int], sweep: bool = False, triton_sweep: bool = False,
+                      into: Optional[dict] = None) -> dict:  # fmt: skip
+    """Time every provider at each n; ``{"device", "copy_gbs", "store": [...], "gather": [...]}`` (GPU only).
+    The rows go into ``into`` (returned) as each is measured, so an interrupted run keeps them."""
     copy_gbs = timing.copy_bandwidth_gbs()
     providers = _store_providers(sweep, triton_sweep)
-    store_rows, gather_rows = [], []
+    store_rows: list[dict] = []
+    gather_rows: list[dict] = []
+    res = {} if into is None else into
+    res.update(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs, store=store_rows, gather=gather_rows)
     for n in sizes:
         timing.progress(f"indexer bench: n={n}")
         sets = _input_sets(n, timing.INPUT_SETS)
@@ -166,7 +171,7 @@ def run_indexer_bench(sizes: list[int], sweep: bool = False, triton_sweep: bool 
         gather_rows.append(g)
         del sets
         torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "store": store_rows, "gather": gather_rows}
+    return res
 
 
 def _triton_shape(name: str) -> tuple[int, int]:
@@ -224,9 +229,11 @@ def format_tables(res: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     # the command line is mlakv.bench.options.indexer_parser's: a bad --sizes is a usage error (exit 2), on any machine
     args = indexer_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run = lambda: run_indexer_bench(list(args.sizes), sweep=args.sweep, triton_sweep=args.triton_sweep)  # noqa: E731
+    run = lambda res: run_indexer_bench(list(args.sizes), sweep=args.sweep, triton_sweep=args.triton_sweep, into=res)  # noqa: E731
     return run_on_gpu("indexer bench", args.out, "indexer", run, format_tables)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mlakv._interrupt import run_module
+
+    sys.exit(run_module("mlakv.bench.indexer", main))

@@ -103,7 +103,7 @@ def kv_write_parser() -> argparse.ArgumentParser:
         description="Time every KV-row write provider side by side on this machine's device, against the "
         "roofline; write a table, results.json and a plot. Other benches: `mlakv bench hicache --help` (HiCache "
         "transfers; with --l3 mooncake the L3 store), `mlakv bench fp8 --help` (the FP8 cache's write and gather). "
-        "Ctrl-C stops it and keeps the rows measured so far.",
+        "Ctrl-C or SIGTERM stops it and keeps the rows measured so far.",
     )
     ap.add_argument("--layouts", type=csv_of(LAYOUT_NAMES, "layout"), default=list(LAYOUT_NAMES),
                     help=f"comma list of {', '.join(LAYOUT_NAMES)} (default: all)")  # fmt: skip

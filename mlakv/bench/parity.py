@@ -234,4 +234,5 @@ def format_tables(res: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     """``mlakv bench parity``: returns 0 (also without a GPU: nothing to measure), 2 on a usage error."""
     args = build_parser().parse_args(argv)
-    return run_on_gpu("parity bench", args.out, "parity", lambda: run_parity(args.families, args.sizes), format_tables)
+    run = lambda res: run_parity(args.families, args.sizes, into=res)  # noqa: E731
+    return run_on_gpu("parity bench", args.out, "parity", run, format_tables)

@@ -268,4 +268,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mlakv._interrupt import run_module
+
+    sys.exit(run_module("mlakv.bench.peers", main))

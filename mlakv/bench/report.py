@@ -14,7 +14,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu", "launch_grid", "table_steps"]
+__all__ = [
+    "cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu", "measured_rows", "INTERRUPTED_NOTE",
+    "launch_grid", "table_steps",
+]  # fmt: skip
 
 
 def cell(v: Any) -> str:
@@ -57,17 +60,40 @@ def write_results(out: Union[str, Path], stem: str, res: dict, text: str, echo: 
     (out / f"{stem}.md").write_text(text + "\n")
 
 
-def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[], dict], tables: Callable[[dict], str]) -> int:
+def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[dict], object],
+               tables: Callable[[dict], str]) -> int:
     """A benchmark's main after its command line: without a CUDA GPU say so and measure nothing;
-    else ``run()``, then print and write its tables (:func:`write_results`). Returns the exit code 0."""
+    else ``run(res)``, which fills the dict ``res`` as it measures, then print and write its tables
+    (:func:`write_results`). Returns the exit code 0.
+
+    Interrupted (Ctrl-C, or SIGTERM under :func:`mlakv._interrupt.run_command`) after some rows were
+    measured, it writes those, with ``"interrupted": true`` in the JSON and a note under the tables,
+    and raises ``KeyboardInterrupt`` saying where they are; before any row, it just re-raises."""
     import torch
 
     if not torch.cuda.is_available():
         print(f"{what}: no CUDA GPU here; the kernels' timings need one (nothing measured)")
         return 0
-    res = run()
+    res: dict = {}
+    try:
+        run(res)
+    except KeyboardInterrupt:
+        if not measured_rows(res):
+            raise
+        res["interrupted"] = True
+        write_results(out, stem, res, tables(res) + INTERRUPTED_NOTE)
+        raise KeyboardInterrupt(f"the rows measured so far are in {Path(out) / stem}.json and .md") from None
     write_results(out, stem, res, tables(res))
     return 0
+
+
+INTERRUPTED_NOTE = "\n\nINTERRUPTED: the rows above are the ones measured before the run was stopped."
+
+
+def measured_rows(res: dict) -> int:
+    """How many rows a bench's partial result ``res`` holds: the items of its top-level lists of rows
+    (dicts; a list of sizes is not rows)."""
+    return sum(len(v) for v in res.values() if isinstance(v, list) and v and isinstance(v[0], dict))
 
 
 def launch_grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ from .options import ROPE_QUICK_SIZES as QUICK_SIZES
 from .options import ROPE_SIZES as DEFAULT_SIZES
 from .options import ROPE_SWEEP as SWEEP
 from .options import rope_parser as build_parser
+from .report import INTERRUPTED_NOTE
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, one_element_graph_us, progress, rotating, wall_median_s
 
 __all__ = ["VARIANTS", "build_parser", "make_sets", "providers_for", "check_provider", "call_bytes", "run", "format_report", "main"]
@@ -373,13 +374,15 @@ def check_provider(fn: Callable[[dict], None], d: dict, want: tuple[torch.Tensor
 
 # ---- the run -------------------------------------------------------------------------------------------
 def run(variants: list[str], heads_list: list[int], sizes: list[int], names: list[str], is_neox: bool,
-        sglang_max_n: int) -> dict:  # fmt: skip
-    """Check and time every provider; returns the report (JSON-able)."""
+        sglang_max_n: int, into: Optional[dict] = None) -> dict:  # fmt: skip
+    """Check and time every provider; returns the report (JSON-able). Its rows go into ``into`` (the
+    report returned) as each is measured, so an interrupted run keeps them."""
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     cs = rope_table(device=device)
-    report: dict = {"device": torch.cuda.get_device_name() if on_gpu else "CPU (torch path; GPU numbers need a GPU)",
-                    "style": "neox" if is_neox else "interleaved", "results": []}  # fmt: skip
+    report: dict = {} if into is None else into
+    report.update(device=torch.cuda.get_device_name() if on_gpu else "CPU (torch path; GPU numbers need a GPU)",
+                  style="neox" if is_neox else "interleaved", results=[])  # fmt: skip
     if on_gpu:
         prebuild(variants, with_peers="unfused" in names or "sglang" in names)
         report["copy_gbs"] = copy_bandwidth_gbs()
@@ -469,15 +472,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES if on_gpu else CPU_SIZES)
     names = list(args.providers) + ([s for s in SWEEP if s not in args.providers] if args.sweep else [])
     names += triton_sweep_names() if args.triton_sweep else []
-    report = run(args.variants, args.heads, sizes, names, args.style == "neox", args.sglang_max_n)
-    text = format_report(report, names) + "\n".join(fastest_triton(report))
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+    report: dict = {}
+    try:
+        run(args.variants, args.heads, sizes, names, args.style == "neox", args.sglang_max_n, into=report)
+    except KeyboardInterrupt:
+        done = len(report.get("results", []))
+        if not done:
+            raise
+        report["interrupted"] = True
+        _emit(report, names, args.json, INTERRUPTED_NOTE)
+        where = f", in {args.json}" if args.json else ", printed above"
+        raise KeyboardInterrupt(f"{done} row{'s' if done != 1 else ''} measured so far{where}") from None
+    _emit(report, names, args.json)
     wrong = [r for r in report["results"] if r["wrong"]]
     return 1 if wrong else 0
 
 
+def _emit(report: dict, names: list[str], json_path: Optional[Path], note: str = "") -> None:
+    """Print the report's tables (and ``note``); with ``--json``, write the report there."""
+    print(format_report(report, names) + "\n".join(fastest_triton(report)) + note)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from mlakv._interrupt import run_module
+
+    sys.exit(run_module("mlakv.bench.rope_write", main))

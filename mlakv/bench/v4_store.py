@@ -198,11 +198,14 @@ def _tokens_differing(fn: Callable[[dict], None], d: dict, want: torch.Tensor, l
 
 def run_v4_bench(
     layouts: list[str], sizes: list[int], providers: list[str], rope: bool = False, sweep: bool = False,
-    triton_sweep: bool = False,
+    triton_sweep: bool = False, into: Optional[dict] = None,
 ) -> dict:
-    """Time every provider at each layout and n; ``{"device", "copy_gbs", "rows": [...]}`` (GPU only)."""
+    """Time every provider at each layout and n; ``{"device", "copy_gbs", "rows": [...]}`` (GPU only).
+    The rows go into ``into`` (returned) as each is measured, so an interrupted run keeps them."""
     copy_gbs = timing.copy_bandwidth_gbs()
-    rows = []
+    rows: list[dict] = []
+    res = {} if into is None else into
+    res.update(device=torch.cuda.get_device_name(), copy_gbs=copy_gbs, rows=rows)
     for layout in layouts:
         provs = _providers(layout, providers, rope, sweep, triton_sweep)
         for n in sizes:
@@ -225,7 +228,7 @@ def run_v4_bench(
             rows.append(row)
             del sets
             torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows}
+    return res
 
 
 _RATIOS = {
@@ -278,12 +281,14 @@ def format_tables(res: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     # the command line is mlakv.bench.options.v4_parser's: a bad --sizes is a usage error (exit 2), on any machine
     args = v4_parser(__doc__.splitlines()[0]).parse_args(argv)
-    run = lambda: run_v4_bench(  # noqa: E731
+    run = lambda res: run_v4_bench(  # noqa: E731
         list(args.layouts), list(args.sizes), list(args.providers), rope=args.rope, sweep=args.sweep,
-        triton_sweep=args.triton_sweep,
+        triton_sweep=args.triton_sweep, into=res,
     )
     return run_on_gpu("v4 bench", args.out, "v4", run, format_tables)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mlakv._interrupt import run_module
+
+    sys.exit(run_module("mlakv.bench.v4_store", main))

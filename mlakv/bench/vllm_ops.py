@@ -469,4 +469,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mlakv._interrupt import run_module
+
+    raise SystemExit(run_module("mlakv.bench.vllm_ops", main))
