@@ -160,6 +160,22 @@ def test_absent_peer_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch
         sglang_peer.build_sglang_module(1024, 128, device_capability=(9, 0))
 
 
+@pytest.mark.parametrize("name", ["sglang", "vllm"])
+def test_a_peer_is_looked_for_in_each_place_once(name, tmp_path, monkeypatch):
+    """Run from the source checkout, ./.peers/<name> is the checkout's own: listed once, after the variable."""
+    from pathlib import Path
+
+    from mlakv.bench import peers
+    from mlakv.bench.peers import peer_search_dirs
+
+    checkout = Path(peers.__file__).resolve().parents[2]  # the checkout the package runs from
+    monkeypatch.chdir(checkout)
+    assert peer_search_dirs(name, None) == [Path.cwd() / ".peers" / name]
+    assert peer_search_dirs(name, str(tmp_path)) == [tmp_path, Path.cwd() / ".peers" / name]
+    monkeypatch.chdir(tmp_path)
+    assert peer_search_dirs(name, None) == [tmp_path / ".peers" / name, checkout / ".peers" / name]
+
+
 # ---- the benches' layering -------------------------------------------------------------------
 # Modules of mlakv.bench that are not benches: the shared timing module, the command lines, the peer
 # fetcher and the comparison providers (built only to be timed beside mlakv's own kernels).

@@ -31,7 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional, Sequence
 
-__all__ = ["Peer", "PEERS", "PeerFetchError", "member_targets", "extract_wheel", "download_wheel", "fetch", "main"]
+__all__ = [
+    "Peer", "PEERS", "PeerFetchError", "member_targets", "extract_wheel", "download_wheel", "fetch", "peer_search_dirs",
+    "main",
+]  # fmt: skip
 
 
 class PeerFetchError(RuntimeError):
@@ -91,6 +94,17 @@ PEERS: dict[str, Peer] = {
         required=("csrc/elementwise/set_mla_kv_buffer.cuh", "include/sgl_kernel/utils.cuh"),
     ),
 }
+
+
+def peer_search_dirs(name: str, env_dir: Optional[str]) -> list[Path]:
+    """Where a peer's fetched source is looked for, in order, each once: ``env_dir`` (its ``MLAKV_*_SRC``
+    variable, if set), ``./.peers/<name>``, then the ``.peers/<name>`` beside the package's source checkout
+    (the same directory as the second when run from the checkout, then listed once)."""
+    out: list[Path] = [Path(env_dir)] if env_dir else []
+    for d in (Path.cwd() / ".peers" / name, Path(__file__).resolve().parents[2] / ".peers" / name):
+        if all(d.resolve() != seen.resolve() for seen in out):
+            out.append(d)
+    return out
 
 
 def _target_of(member: str, files: Sequence[tuple[str, str]]) -> Optional[str]:

@@ -21,6 +21,8 @@ import torch
 from mlakv import _env
 from mlakv.kernels.cuda.loader import JitUnavailable, cuda_arch_list, load_cuda_module
 
+from .peers import peer_search_dirs
+
 __all__ = ["peer_dir", "peer_absent_reason", "build_sglang_source", "build_sglang_module", "sglang_set_mla_kv_buffer"]
 
 KERNEL_HEADER = Path("csrc") / "elementwise" / "set_mla_kv_buffer.cuh"  # sglang's file name
@@ -36,11 +38,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_mla_kv_buffer, (sglang::SetMlaKVBufferKernel<{
 
 
 def _candidates() -> list[Path]:
-    env = _env.path("MLAKV_SGLANG_SRC")
-    out = [Path(env)] if env else []
-    out.append(Path.cwd() / ".peers" / "sglang")
-    out.append(Path(__file__).resolve().parents[2] / ".peers" / "sglang")
-    return out
+    return peer_search_dirs("sglang", _env.path("MLAKV_SGLANG_SRC"))
 
 
 def peer_dir() -> Optional[Path]:

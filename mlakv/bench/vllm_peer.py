@@ -38,6 +38,8 @@ from mlakv import _env
 from mlakv.compat.fetch_vllm_tests import DEFAULT_VERSION, KERNEL_SOURCE, include_closure
 from mlakv.kernels.cuda.loader import JitUnavailable, cuda_arch_list, find_cuda_home
 
+from .peers import peer_search_dirs
+
 __all__ = [
     "NAMESPACE",
     "PeerOp",
@@ -128,11 +130,7 @@ PEER_OPS: dict[str, PeerOp] = {
 def candidate_dirs() -> list[Path]:
     """Where the fetched peer is looked for, in order: ``$MLAKV_VLLM_SRC``, ``./.peers/vllm``, the
     ``.peers/vllm`` beside the package's source checkout."""
-    env = _env.path("MLAKV_VLLM_SRC")
-    out = [Path(env)] if env else []
-    out.append(Path.cwd() / ".peers" / "vllm")
-    out.append(Path(__file__).resolve().parents[2] / ".peers" / "vllm")
-    return out
+    return peer_search_dirs("vllm", _env.path("MLAKV_VLLM_SRC"))
 
 
 def peer_dir() -> Optional[Path]:
