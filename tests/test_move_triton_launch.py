@@ -19,6 +19,7 @@ made-up timings); its timings need a GPU.
 from __future__ import annotations
 
 import ast
+import json
 
 import pytest
 import torch
@@ -407,3 +408,41 @@ def test_cli_parses_the_sweep_and_refuses_moves_larger_than_the_buffers(capsys, 
         pytest.skip("the CPU behaviour: on a GPU the bench really runs")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         main(["--sweep", "--n", "8", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("out", [True, False], ids=["out", "print"])
+def test_an_interrupted_bench_keeps_the_rows_measured(capsys, tmp_path, monkeypatch, out):
+    """Ctrl-C (or SIGTERM, which the entry point turns into the same) after one eager row and one sweep
+    row: both are written (or printed), marked, and the interruption says where."""
+    from mlakv.bench import move_kv as bench
+
+    def two_rows_then_ctrl_c(layers, slots, sizes, sweep, res):
+        res["rows"].append({"n": 8, "torch": 2.0, "staged": 1.0, "direct": 1.0})
+        res["sweep"] = [_sweep_row("direct", 8, (4, 1024), table=3.0, direct_w1_b64=2.0)]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "GPU")
+    monkeypatch.setattr(bench, "_measure", two_rows_then_ctrl_c)
+    argv = ["--sweep", "--n", "8", "64"] + (["--out", str(tmp_path)] if out else [])
+    with pytest.raises(KeyboardInterrupt, match="2 rows measured so far, " + ("in " if out else "printed above")):
+        bench.main(argv)
+    text = (tmp_path / "move_kv.md").read_text() if out else capsys.readouterr().out
+    assert "| 8 | 2.0 | 1.0 | 1.0 | 2.00x | 2.00x |" in text and "| direct w1 b64 | 2.00 |" in text
+    assert "INTERRUPTED" in text
+    if out:
+        assert json.loads((tmp_path / "move_kv.json").read_text())["interrupted"] is True
+
+
+def test_a_bench_interrupted_before_any_row_writes_nothing(tmp_path, monkeypatch):
+    from mlakv.bench import move_kv as bench
+
+    def ctrl_c(layers, slots, sizes, sweep, res):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "GPU")
+    monkeypatch.setattr(bench, "_measure", ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match="^$"):
+        bench.main(["--out", str(tmp_path)])
+    assert not (tmp_path / "move_kv.json").exists()

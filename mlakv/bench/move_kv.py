@@ -22,6 +22,7 @@ timed. The report gives per kernel and n the fastest shape against the table's, 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -32,7 +33,7 @@ from mlakv.spec import tuning
 
 from . import timing
 from .options import move_kv_parser
-from .report import cell, ratio, table_steps, write_results
+from .report import INTERRUPTED_NOTE, cell, measured_rows, ratio, table_steps, write_results
 from .timing import event_median_us
 
 __all__ = ["KINDS", "shape_name", "shape_of", "sweep_movers", "move_is_exact", "run_sweep", "format_report", "main"]
@@ -101,16 +102,18 @@ def run_sweep(
     sizes: Sequence[int],
     shapes: Optional[dict[str, Sequence[Sequence[int]]]] = None,
     time_us: TimeUs = lambda body, calls: timing.graph_median_us(body, calls=calls, rep=SWEEP_REP_MS),
+    into: Optional[list] = None,
 ) -> list[dict]:
     """One row per kernel and n: ``{"kernel", "n", "table_shape", "times": {name: µs or "WRONG"}}``,
     the table's shape and every sweep shape (``shapes``: per kernel, default the sweep's) timed on
     ``bufs`` (the layers, ``[slots, 1, 576]`` bf16) over :data:`~mlakv.bench.timing.INPUT_SETS`
     rotating sets of disjoint pairs (``time_us(body, calls)``: µs per call, default the CUDA-graph
     median of graphs of :data:`SWEEP_REP_MS` ms), each checked by :func:`move_is_exact` first. The
-    buffers should have a multiple of 16 slots, as the check's do."""
+    buffers should have a multiple of 16 slots, as the check's do. The rows go into ``into`` (the list
+    returned) as each is measured, so an interrupted sweep keeps them."""
     device = str(bufs[0].device)
     slots = bufs[0].shape[0]
-    rows = []
+    rows: list[dict] = [] if into is None else into
     for n in sizes:
         pairs = []
         for _ in range(timing.INPUT_SETS):
@@ -200,10 +203,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"--n {too_many[0]}: two disjoint sets of n rows need 2n <= slots - 1 = {args.slots - 1}")
     if not torch.cuda.is_available():
         raise SystemExit("mlakv.bench.move_kv needs a CUDA GPU")
-    bufs = [torch.randn(args.slots, 1, ROW_ELEMS, device="cuda").to(torch.bfloat16) for _ in range(args.layers)]
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "layers": args.layers, "slots": args.slots, "rows": []}
-    for n in args.n:
-        perm = torch.randperm(args.slots - 1, device="cuda") + 1
+    try:
+        _measure(args.layers, args.slots, args.n, args.sweep, res)
+    except KeyboardInterrupt:
+        kept = measured_rows(res)
+        if not kept:
+            raise
+        res["interrupted"] = True
+        _emit(res, args.out, INTERRUPTED_NOTE)
+        where = f"in {args.out}/move_kv.json and .md" if args.out is not None else "printed above"
+        raise KeyboardInterrupt(f"{kept} row{'s' if kept != 1 else ''} measured so far, {where}") from None
+    _emit(res, args.out)
+    return 0
+
+
+def _measure(layers: int, slots: int, sizes: Sequence[int], sweep: bool, res: dict) -> None:
+    """On ``layers`` buffers of ``slots`` rows: the eager rows (torch loop, staged, direct at the table's
+    launch), then with ``sweep`` the launch sweep, each row into ``res`` as it is measured."""
+    bufs = [torch.randn(slots, 1, ROW_ELEMS, device="cuda").to(torch.bfloat16) for _ in range(layers)]
+    for n in sizes:
+        perm = torch.randperm(slots - 1, device="cuda") + 1
         src, tgt = perm[:n], perm[n : 2 * n]  # disjoint, so all three may run
         res["rows"].append({
             "n": n,
@@ -211,14 +231,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             "staged": event_median_us(lambda: launch_move_kv_rows(bufs, tgt, src)),
             "direct": event_median_us(lambda: launch_move_kv_rows(bufs, tgt, src, disjoint=True)),
         })  # fmt: skip
-    if args.sweep:
-        res["sweep"] = run_sweep(bufs, args.n)
-    text = format_report(res)
-    if args.out is not None:
-        write_results(args.out, "move_kv", res, text)
+    if sweep:
+        res["sweep"] = []
+        run_sweep(bufs, sizes, into=res["sweep"])
+
+
+def _emit(res: dict, out: Optional[Path], note: str = "") -> None:
+    """The report (and ``note``) printed, or with ``--out`` written there (and printed)."""
+    text = format_report(res) + note
+    if out is not None:
+        write_results(out, "move_kv", res, text)
     else:
         print(text)
-    return 0
 
 
 if __name__ == "__main__":
