@@ -276,30 +276,38 @@ def test_ctrl_c_in_demo_is_one_line(capsys, monkeypatch):
     assert "reference check" in out  # what was printed before stays
 
 
+def signal_after(argv: list[str], trigger: str, signum: int) -> tuple[int, str]:
+    """Run ``python *argv``; send ``signum`` once a stderr line holds ``trigger``; ``(exit code, stderr)``.
+
+    The child starts with SIGINT at its default, whatever the test runner inherited: a runner started in
+    the background of a non-interactive shell ignores SIGINT, and a Python started so never sees Ctrl-C."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if trigger in line:
+                proc.send_signal(signum)
+                break
+        rest_err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(seen) + rest_err
+
+
 @pytest.mark.skipif(CUDA, reason="times the CPU sweep's progress lines")
 def test_a_real_sigint_ends_the_bench_with_one_line_and_its_rows(tmp_path):
     """SIGINT to a running `python -m mlakv bench` after its first row: exit 130, one line, the row kept."""
     import signal
 
     sizes = ",".join(map(str, range(1, 61)))  # rows enough that the signal lands while the bench still runs
-    # SIGINT at its default in the child, whatever the test runner inherited: a runner started in the
-    # background of a non-interactive shell ignores SIGINT, and a Python started so never sees Ctrl-C.
-    proc = subprocess.Popen([sys.executable, "-m", "mlakv", "bench", "--layouts", "bf16", "--sizes", sizes,
-                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-    seen = []
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if "n_loc=1:" in line:
-                proc.send_signal(signal.SIGINT)
-                break
-        rest_err = proc.stderr.read()
-        proc.wait(timeout=120)
-    finally:
-        proc.kill()
-    err = "".join(seen) + rest_err
-    assert_one_interrupt_line(proc.returncode, err, "bench")
+    argv = ["-m", "mlakv", "bench", "--layouts", "bf16", "--sizes", sizes, "--out", str(tmp_path)]
+    rc, err = signal_after(argv, "n_loc=1:", signal.SIGINT)
+    assert_one_interrupt_line(rc, err, "bench")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert 1 <= len(rows) < 60 and rows[0]["n_loc"] == 1
 
@@ -369,20 +377,8 @@ def test_a_real_sigterm_ends_the_bench_with_one_line_and_its_rows(tmp_path, case
 
     argv, trigger, label, (name, key, n_key) = SIGTERM_CASES[case]
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if trigger in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest_err = proc.stderr.read()
-        proc.wait(timeout=120)
-    finally:
-        proc.kill()
-    err = "".join(seen) + rest_err
-    assert_one_termination_line(proc.returncode, err, label)
+    rc, err = signal_after(argv, trigger, signal.SIGTERM)
+    assert_one_termination_line(rc, err, label)
     rows = json.loads((tmp_path / name).read_text())[key]
     assert 1 <= len(rows) < 60 and rows[0][n_key] == 1
 
