@@ -96,6 +96,53 @@ def test_converting_write_equals_to(write, src, dst):
     assert_bits_equal(kv, expected)
 
 
+BF16_QUIET_NAN = 0x7FC0  # c10's scalar rule; torch's vectorised CPU cast gives 0xFFFF and sm_80+ GPUs' 0x7FFF
+
+
+def _nan_rows_reference(kv, loc, nope, rope) -> torch.Tensor:
+    """The expected bf16 bits: ``Tensor.to`` for every value that is not NaN, 0x7FC0 for a NaN."""
+    quiet = torch.tensor(BF16_QUIET_NAN, dtype=torch.int16).view(torch.bfloat16)
+    nope_b = torch.where(nope.isnan(), quiet, nope.to(torch.bfloat16))
+    rope_b = torch.where(rope.isnan(), quiet, rope.to(torch.bfloat16))
+    return _ref_rows(kv, loc, nope_b, rope_b)
+
+
+@requires_triton
+@pytest.mark.parametrize("src", [torch.float16, torch.float32], ids=["float16", "float32"])
+@pytest.mark.parametrize("where", ["nope", "rope", "none"])
+def test_a_nan_into_bf16_is_the_quiet_nan_and_leaves_its_neighbours_exact(src, where):
+    """The Triton kernel writes a NaN into a bf16 buffer as 0x7FC0 whatever its payload (torch's own
+    casts differ by device: 0xFFFF on the CPU, 0x7FFF on sm_80+ GPUs, so the CPU's torch path writes
+    0xFFFF); the rows beside it, in the same launch, convert as without it."""
+    kv = poisoned_buffer(SLOTS, NOPE + ROPE, torch.bfloat16)
+    loc = torch.tensor([3, 12, 9, 1, 15, 7], device=DEVICE)
+    nope = converting_values(N, NOPE, src, seed=11)
+    rope = converting_values(N, ROPE, src, seed=12)
+    if where != "none":
+        (nope if where == "nope" else rope)[2, 5] = float("nan")
+    expected = _nan_rows_reference(kv, loc, nope, rope)
+    _triton_write(kv, loc, nope.to(DEVICE), rope.to(DEVICE))
+    assert_bits_equal(kv, expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("src", [torch.float16, torch.float32], ids=["float16", "float32"])
+@pytest.mark.parametrize("n_loc", [1, 7, 64, 4096])
+def test_gpu_converting_write_into_bf16_with_nan_rows_at_every_size(src, n_loc):
+    """GPU, real row widths: a few rows hold a NaN (in k_nope or k_rope), the rest none, so a launch
+    has programs of both kinds; every value is ``Tensor.to``'s, every NaN 0x7FC0."""
+    kv = poisoned_buffer(8192, 576, torch.bfloat16, three_d=True)
+    loc = torch.randperm(8191, device="cuda")[:n_loc] + 1
+    nope = converting_values(n_loc, 512, src, seed=13)
+    rope = converting_values(n_loc, 64, src, seed=14)
+    nope[n_loc // 2, 100] = float("nan")
+    rope[n_loc - 1, 3] = float("nan")
+    expected = _nan_rows_reference(kv, loc, nope, rope)
+    set_mla_kv_buffer_triton(kv, loc, nope.cuda(), rope.cuda())
+    torch.cuda.synchronize()
+    assert_bits_equal(kv, expected)
+
+
 @pytest.mark.parametrize("write", list(PATHS.values()))
 def test_each_source_converts_from_its_own_dtype(write):
     """k_nope and k_rope may differ in dtype; a same-dtype source next to a converting one is copied as is."""

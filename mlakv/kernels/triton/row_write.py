@@ -6,8 +6,9 @@ Each kernel sits beside its launcher. Launchers take tensors that the dispatcher
 validated; they do no checking of their own. Every kernel is bit-exact: it only moves elements,
 and float8 tensors reach it as uint8 views; the one exception is the row write's dtype conversion
 (a 16/32-bit float source into a 16/32-bit float buffer of another dtype), done in registers with
-round-to-nearest-even, bit-identical to ``src.to(dtype)``. Under ``TRITON_INTERPRET=1`` the same kernels run on
-CPU tensors, which is how CI exercises them.
+round-to-nearest-even, bit-identical to ``src.to(dtype)`` for every value but NaN (a NaN stays a NaN;
+into bf16 it is 0x7FC0, where torch's own casts give 0xFFFF on the CPU and 0x7FFF on sm_80+ GPUs).
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how CI exercises them.
 """
 
 from __future__ import annotations
