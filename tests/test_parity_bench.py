@@ -108,3 +108,48 @@ def test_row_family_runs_on_the_gpu():
     pts = res["points"]
     assert {(p["case"], p["n"]) for p in pts} == {(c, n) for c in ("bf16 512+64", "u8 656 (FP8 rows as bytes)") for n in (1, 1024)}
     assert all(parity.ratio_of(p) is not None for p in pts), pts  # both providers passed their check and were timed
+
+
+# ---- the converting write's launch sweep (--convert-sweep) -------------------------------------------
+def _conv_point(n: int, table: str, sweep: dict) -> dict:
+    e = parity.entry("converting write", "fp32 -> bf16", n, 1.0, sweep.get(table, 9.0))
+    e.update(bound=0.5, table=table, sweep=sweep)
+    return e
+
+
+def test_convert_sweep_report_names_the_fastest_shape_and_the_rows_it_makes():
+    res = _result()
+    res["points"] = [
+        _conv_point(8, "w1r2e", {"w1r1e": 1.2, "w1r2e": 1.0, "w2r2e": 1.1}),
+        _conv_point(512, "w1r2e", {"w1r1e": 3.0, "w1r2e": 3.1, "w2r2e": 2.0, "w8r8l": "WRONG"}),
+        _conv_point(65536, "w1r4e", {"w1r4e": 56.0, "w2r2e": 54.0}),
+    ]
+    lines = parity.format_tables(res).splitlines()
+    assert "| 8 | w1r2e | 1.00 | w1r2e | 1.00 | 1.00x | - |" in lines
+    assert "| 512 | w2r2e | 2.00 | w1r2e | 3.10 | 1.55x | w8r8l |" in lines  # a wrong shape: named, not ranked
+    assert "    ((8, 1, 2, True), (None, 2, 2, True))" in lines  # equal neighbours merged, the last row open
+
+
+def test_convert_sweep_section_is_absent_without_a_sweep():
+    assert "--convert-sweep" not in parity.format_tables(_result())
+
+
+def test_convert_sweep_option_reaches_the_converting_write_only(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(parity, "_convert", lambda sizes, sweep=False: seen.setdefault("convert", sweep) and [])
+    monkeypatch.setitem(parity.FAMILIES, "row", lambda sizes: seen.setdefault("row", sizes) and [])
+    monkeypatch.setattr(parity.torch.cuda, "get_device_name", lambda *a: "GPU")
+    parity.run_parity(["row", "convert"], [8], convert_sweep=True)
+    assert seen == {"convert": True, "row": [8]}
+    assert parity.build_parser().parse_args(["--convert-sweep"]).convert_sweep
+    assert not parity.build_parser().parse_args([]).convert_sweep
+
+
+@requires_sm90
+def test_convert_sweep_runs_on_the_gpu_and_checks_every_shape():
+    from mlakv.bench.kv_write import triton_sweep_shapes
+
+    (p,) = parity._convert([8], sweep=True)
+    assert set(p["sweep"]) == {parity._sweep_key(*s) for s in triton_sweep_shapes()}
+    assert all(isinstance(v, float) for v in p["sweep"].values()), p["sweep"]  # every shape bit-exact, timed
+    assert p["table"] in p["sweep"]

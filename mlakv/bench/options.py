@@ -356,6 +356,9 @@ def parity_parser(
                    help=f"comma list of {', '.join(PARITY_FAMILIES)} (default all)")  # fmt: skip
     p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE), default=list(PARITY_SIZES),
                    help=f"comma list of n (default {','.join(map(str, PARITY_SIZES))})")  # fmt: skip
+    p.add_argument("--convert-sweep", action="store_true",
+                   help="with the convert family: also time the converting write at every launch shape of the row "
+                        "kernel's sweep (each checked bit-exact first) and report the fastest per n")  # fmt: skip
     p.add_argument("--out", type=out_dir, default=Path("bench-out"),
                    help="directory for parity.json and parity.md (checked writable before measuring)")  # fmt: skip
     return p

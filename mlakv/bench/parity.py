@@ -16,13 +16,19 @@ converted rows (the same output) and the call's bytes at copy bandwidth. The mov
 and the vLLM face's paged gathers have their own benches (``python -m mlakv.bench.move_kv``,
 ``mlakv bench hicache``, ``mlakv bench vllm``).
 
-Run: ``python -m mlakv bench parity [--families row,fp8,rope,v4,indexer,convert] [--sizes ...] [--out DIR]``;
-writes ``parity.json`` and ``parity.md`` under ``--out``.
+The converting write borrows the row kernel's launch rows (``TRITON_ROW_STEPS``, read by the bytes of
+the buffer's row). ``--convert-sweep`` times it at every launch shape of the row kernel's sweep too, each
+shape checked bit-exact first, and reports the fastest per n and the rows of a table of its own that
+they would make.
+
+Run: ``python -m mlakv bench parity [--families row,fp8,rope,v4,indexer,convert] [--sizes ...]
+[--convert-sweep] [--out DIR]``; writes ``parity.json`` and ``parity.md`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 from typing import Any, Callable, Optional
 
@@ -30,7 +36,7 @@ import torch
 
 from .options import PARITY_FAMILIES, PARITY_LIMIT
 from .options import parity_parser as build_parser
-from .report import run_on_gpu
+from .report import run_on_gpu, table_steps
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, progress, rotating
 
 __all__ = ["FAMILIES", "entry", "ratio_of", "verdict", "run_parity", "format_tables", "main"]
@@ -117,13 +123,24 @@ def _indexer(sizes: list[int]) -> list[dict]:
     return out
 
 
-def _convert(sizes: list[int]) -> list[dict]:
+def _sweep_key(warps: int, rows: int, early: bool) -> str:
+    """``w1r2e``: 1 warp, 2 rows per program, the PDL trigger at entry (``l``: after the stores), as the
+    row write's sweep spells its shapes."""
+    return f"w{warps}r{rows}{'e' if early else 'l'}"
+
+
+def _convert(sizes: list[int], sweep: bool = False) -> list[dict]:
     """The converting write (fp32 -> bf16, 512 + 64): Triton only. ``jit`` holds the JIT byte write of the
     converted rows (the same output bytes, half the source bytes); ``bound`` the converting call's bytes
-    at copy bandwidth."""
+    at copy bandwidth. With ``sweep``, ``"sweep"`` holds the time (or ``"WRONG"``) of every launch shape
+    of the row kernel's sweep (:func:`mlakv.bench.kv_write.triton_sweep_shapes`) and ``"table"`` the key
+    of the shape the launch table gave."""
     from mlakv import jit_kernel
-    from mlakv.kernels.triton.row_write import launch_set_kv_rows
+    from mlakv.kernels.triton.row_write import launch_set_kv_rows, row_kernel_block
     from mlakv.ops.reference import set_mla_kv_buffer_torch
+    from mlakv.spec.tuning import triton_row_launch
+
+    from .kv_write import triton_sweep_shapes
 
     copy_gbs = copy_bandwidth_gbs()
     out = []
@@ -139,7 +156,8 @@ def _convert(sizes: list[int]) -> list[dict]:
         kv, loc, nope, rope, nb, rb = sets[0]
         want = kv.cpu().clone()
         set_mla_kv_buffer_torch(want, loc.cpu(), nb.cpu(), rb.cpu())
-        got = kv.clone()
+        base = kv.clone()  # the poisoned rows, before any timed call writes them
+        got = base.clone()
         launch_set_kv_rows(got, loc, nope, rope)
         t: Any = "WRONG"
         if torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)):
@@ -149,6 +167,19 @@ def _convert(sizes: list[int]) -> list[dict]:
         )
         e = entry("converting write", "fp32 -> bf16 (vs JIT byte write of bf16 rows)", n, j, t)
         e["bound"] = n * (576 * 4 + 8 + 576 * 2) / (copy_gbs * 1e3)
+        if sweep:
+            e["table"] = _sweep_key(*triton_row_launch(n, row_kernel_block(512, 64) * kv.element_size()))
+            e["sweep"] = {}
+            for w, r, early in triton_sweep_shapes():
+                write = functools.partial(launch_set_kv_rows, num_warps=w, rows_per_program=r, early_trigger=early)
+                got = base.clone()
+                write(got, loc, nope, rope)
+                key = _sweep_key(w, r, early)
+                e["sweep"][key] = "WRONG"
+                if torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)):
+                    e["sweep"][key] = graph_median_us(
+                        rotating(lambda kv, loc, a, b, c, d, write=write: write(kv, loc, a, b), sets), calls=len(sets)
+                    )
         out.append(e)
         del sets
         torch.cuda.empty_cache()
@@ -162,9 +193,10 @@ FAMILIES: dict[str, Callable[[list[int]], list[dict]]] = {
 assert set(FAMILIES) == set(PARITY_FAMILIES)
 
 
-def run_parity(families: list[str], sizes: list[int], into: Optional[dict] = None) -> dict:
+def run_parity(families: list[str], sizes: list[int], into: Optional[dict] = None, convert_sweep: bool = False) -> dict:
     """Run each family's bench at ``sizes``; ``{"device", "versions", "date", "sizes", "points": [...]}`` (GPU only).
-    Points go into ``into`` as each family finishes, so an interrupted run keeps them."""
+    Points go into ``into`` as each family finishes, so an interrupted run keeps them. ``convert_sweep``:
+    the converting write at every launch shape too (:func:`_convert`)."""
     import triton
 
     res = {} if into is None else into
@@ -176,7 +208,8 @@ def run_parity(families: list[str], sizes: list[int], into: Optional[dict] = Non
     )  # fmt: skip
     for fam in families:
         progress(f"parity: {fam}")
-        res["points"] += FAMILIES[fam](sizes)
+        runner = functools.partial(_convert, sweep=True) if fam == "convert" and convert_sweep else FAMILIES[fam]
+        res["points"] += runner(sizes)
     return res
 
 
@@ -228,11 +261,42 @@ def format_tables(res: dict) -> str:
         for p in conv:
             rb = f"{p['triton'] / p['bound']:.2f}x" if isinstance(p["triton"], (int, float)) else "-"
             out.append(f"| {p['n']} | {_us(p['triton'])} | {_us(p['jit'])} | {_us(p['bound'])} | {rb} |")
+        out += _convert_sweep_lines(conv)
     return "\n".join(out)
+
+
+def _convert_sweep_lines(conv: list[dict]) -> list[str]:
+    """The ``--convert-sweep`` section: per n the fastest launch shape against the table's, the shapes
+    found wrong, then the rows ``(max n, num_warps, rows per program, trigger at entry)`` of a table of
+    the converting write's own that the fastest shapes make; empty without a sweep."""
+    swept = [p for p in conv if p.get("sweep")]
+    if not swept:
+        return []
+    out = ["", "converting write, launch sweep (`--convert-sweep`): µs per call; shape wWrR + e|l: W warps, R rows "
+           "per program, the PDL trigger at entry (e) or after the stores (l); table: the shape the row kernel's "
+           "launch table gives it", "", "| n | fastest | µs | table | µs | table / fastest | wrong |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    best = []
+    for p in swept:
+        times = {k: v for k, v in p["sweep"].items() if isinstance(v, (int, float))}
+        wrong = ", ".join(k for k, v in p["sweep"].items() if not isinstance(v, (int, float))) or "-"
+        if not times:
+            out.append(f"| {p['n']} | - | - | {p['table']} | - | - | {wrong} |")
+            continue
+        k0 = min(times, key=times.get)
+        t_table = times.get(p["table"])
+        vs = f"{t_table / times[k0]:.2f}x" if t_table is not None else "-"
+        out.append(f"| {p['n']} | {k0} | {times[k0]:.2f} | {p['table']} | {_us(t_table) if t_table else '-'} | {vs} | {wrong} |")
+        w, _, rest = k0[1:].partition("r")
+        best.append((p["n"], (int(w), int(rest[:-1]), rest[-1] == "e")))
+    if best:
+        out += ["", "rows (max n, num_warps, rows per program, trigger at entry) the fastest shapes make:", "",
+                f"    {tuple(table_steps(best))!r}"]  # fmt: skip
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``mlakv bench parity``: returns 0 (also without a GPU: nothing to measure), 2 on a usage error."""
     args = build_parser().parse_args(argv)
-    run = lambda res: run_parity(args.families, args.sizes, into=res)  # noqa: E731
+    run = lambda res: run_parity(args.families, args.sizes, into=res, convert_sweep=args.convert_sweep)  # noqa: E731
     return run_on_gpu("parity bench", args.out, "parity", run, format_tables)

@@ -177,6 +177,9 @@ def tuning_for(device: torch.device) -> LaunchTuning:
 # x 2 rows 0.82); one warp x 4 rows above (u8 at 4096: 2.31 us against 2.79 for the old row's 2
 # rows; bf16 at 4096: 3.64 against the fastest 3.59). One row per program costs 2x at 65536 rows
 # (80 against 40 us): 65536 programs.
+# The converting write (fp16/fp32 sources converted in registers) runs the same kernel and reads these
+# rows by its buffer's row bytes: it has no rows of its own yet. `mlakv bench parity --families convert
+# --convert-sweep` times it at every shape and prints the rows its fastest shapes would make.
 TRITON_ROW_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
     (1, 128, 1, True),
     (1024, 2048, 2, True),
