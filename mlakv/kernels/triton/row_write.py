@@ -79,8 +79,7 @@ def _set_kv_rows_kernel(
     n_loc,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
-    NOPE_P2: tl.constexpr,
-    ROPE_P2: tl.constexpr,
+    BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
@@ -88,9 +87,9 @@ def _set_kv_rows_kernel(
     SRC_ROPE: tl.constexpr = -1,
     DST: tl.constexpr = -1,
 ):
-    # One program writes ROWS whole rows as two blocks, [ROWS, NOPE_P2] and [ROWS, ROPE_P2] (Triton lays
-    # 16-byte vectors along a row, then its warps over the rest of the row and the other rows, so a
-    # program of several warps stores several rows at once):
+    # One program writes ROWS whole rows as one [ROWS, BLOCK] block (Triton lays 16-byte vectors along
+    # a row, then its warps over the rest of the row and the other rows, so a program of several warps
+    # stores several rows at once; the loop over rows it replaces ran them one after another):
     # kv[row, :NOPE+ROPE] = [nope[i] | rope[i]],
     # row = loc[i] // dcp_world. Strides are in elements; every product is formed in int64 (slot *
     # stride may pass 2^31). PDL: the trigger carries no memory ordering (the next grid's wait covers
@@ -112,21 +111,17 @@ def _set_kv_rows_kernel(
     # round trip before the store, not two) and a skipped row only masks off the store. With DCP
     # most rows are other ranks': their sources are not read.
     need = live | ((tl.zeros([ROWS, 1], dtype=tl.int32) + dcp_world) == 1)
-    # The nope and rope parts are separate blocks (each its own power of two), loaded and stored
-    # apart: no per-element select between two loads of one padded block.
-    dst = kv_ptr + row[:, None] * kv_row_stride
-    on = tl.arange(0, NOPE_P2)[None, :]
-    mn = on < NOPE
-    # Both loads come before either store: kv may alias a source as far as the compiler knows, so a load
-    # after a store is issued only after it, a second memory round trip per program.
-    a = _convert(tl.load(nope_ptr + src[:, None] * nope_row_stride + on, mask=mn & need), SRC_NOPE, DST)
+    offs = tl.arange(0, BLOCK)[None, :]
+    in_nope = offs < NOPE
+    # A converting write (SRC_* != DST) converts each source value in registers (see _convert).
+    a = _convert(tl.load(nope_ptr + src[:, None] * nope_row_stride + offs, mask=in_nope & need), SRC_NOPE, DST)
     if ROPE > 0:
-        orr = tl.arange(0, ROPE_P2)[None, :]
-        mr = orr < ROPE
-        b = _convert(tl.load(rope_ptr + src[:, None] * rope_row_stride + orr, mask=mr & need), SRC_ROPE, DST)
-    tl.store(dst + on, a, mask=mn & live)
-    if ROPE > 0:
-        tl.store(dst + NOPE + orr, b, mask=mr & live)
+        in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
+        b = _convert(tl.load(rope_ptr + src[:, None] * rope_row_stride + (offs - NOPE), mask=in_rope & need), SRC_ROPE, DST)
+        val = tl.where(in_nope, a, b)
+    else:
+        val = a
+    tl.store(kv_ptr + row[:, None] * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live)
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -190,8 +185,7 @@ def launch_set_kv_rows(
         n_loc,
         NOPE=nope_dim,
         ROPE=rope_dim,
-        NOPE_P2=triton.next_power_of_2(nope_dim),
-        ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
+        BLOCK=block,
         ROWS=rows,
         USE_PDL=use_pdl,
         EARLY_TRIGGER=early if early_trigger is None else early_trigger,
