@@ -1,7 +1,8 @@
 """Compile a Triton kernel for sm_90 without a GPU, specialized as a launch specializes it.
 
 Why: CI has no GPU, yet a kernel must be shown to build for Hopper, and its PTX and machine code read
-(tests look for contracted FMAs, flushed subnormals, the e4m3 packing ptxas miscompiles). A launch
+(tests look for contracted FMAs, flushed subnormals, the e4m3 packing ptxas miscompiles, the order of a
+kernel's global loads and stores). A launch
 marks 16-byte aligned pointers and integers divisible by 16, and makes an integer equal to 1 a
 constant; :func:`compile_sm90` does the same, so the code it returns is the code a launch would run.
 Run it where ``TRITON_INTERPRET`` is unset (the interpreter compiles nothing).
@@ -10,11 +11,12 @@ Run it where ``TRITON_INTERPRET`` is unset (the interpreter compiles nothing).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from typing import Any, Optional
 
-__all__ = ["compile_sm90", "sass_of"]
+__all__ = ["compile_sm90", "sass_of", "memory_order"]
 
 
 def compile_sm90(fn: Any, ptrs: dict[str, str], ints: dict[str, int], consts: dict[str, Any], *,
@@ -56,3 +58,23 @@ def sass_of(kernel: Any) -> Optional[str]:
         f.write(kernel.asm["cubin"])
         f.flush()
         return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout or None
+
+
+_GLOBAL_ACCESS = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?(LDG|STG)\b")
+
+
+def memory_order(sass: str) -> list[tuple[str, int]]:
+    """The global loads and stores of machine code ``sass`` in program order, as runs: ``[("LDG", 8),
+    ("STG", 6)]`` for eight loads, then six stores.
+
+    A kernel whose destination may alias a source (the compiler cannot tell) keeps every load written
+    after a store after it: ``[("LDG", 7), ("STG", 4), ("LDG", 1), ("STG", 1)]`` waits for memory twice
+    per program where loads first would wait once. Branches are not followed: a run of code laid out
+    after another is listed after it."""
+    runs: list[tuple[str, int]] = []
+    for op in _GLOBAL_ACCESS.findall(sass):
+        if runs and runs[-1][0] == op:
+            runs[-1] = (op, runs[-1][1] + 1)
+        else:
+            runs.append((op, 1))
+    return runs
