@@ -432,7 +432,7 @@ def test_ctrl_c_in_a_family_bench_writes_the_rows_measured(capsys, tmp_path, mon
 def test_ctrl_c_in_a_family_bench_before_any_row_writes_nothing(capsys, tmp_path, monkeypatch):
     from mlakv.bench import parity
 
-    def nothing_then_ctrl_c(families, sizes, into):
+    def nothing_then_ctrl_c(families, sizes, into, **options):
         into.update(sizes=list(sizes), points=[])
         raise KeyboardInterrupt
 
