@@ -33,7 +33,7 @@ from mlakv.spec import tuning
 
 from . import timing
 from .options import move_kv_parser
-from .report import INTERRUPTED_NOTE, cell, measured_rows, ratio, table_steps, write_results
+from .report import cell, ratio, rows_kept_on_interrupt, table_steps, write_results
 from .timing import event_median_us
 
 __all__ = ["KINDS", "shape_name", "shape_of", "sweep_movers", "move_is_exact", "run_sweep", "format_report", "main"]
@@ -204,17 +204,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("mlakv.bench.move_kv needs a CUDA GPU")
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "layers": args.layers, "slots": args.slots, "rows": []}
-    try:
+    save = lambda note="": _emit(res, args.out, note)  # noqa: E731
+    where = f"in {args.out}/move_kv.json and .md" if args.out is not None else "printed above"
+    with rows_kept_on_interrupt(res, save, where):
         _measure(args.layers, args.slots, args.n, args.sweep, res)
-    except KeyboardInterrupt:
-        kept = measured_rows(res)
-        if not kept:
-            raise
-        res["interrupted"] = True
-        _emit(res, args.out, INTERRUPTED_NOTE)
-        where = f"in {args.out}/move_kv.json and .md" if args.out is not None else "printed above"
-        raise KeyboardInterrupt(f"{kept} row{'s' if kept != 1 else ''} measured so far, {where}") from None
-    _emit(res, args.out)
+    save()
     return 0
 
 

@@ -9,13 +9,15 @@ fastest shapes make (:func:`table_steps`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 __all__ = [
     "cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu", "measured_rows", "INTERRUPTED_NOTE",
+    "rows_kept_on_interrupt",
     "launch_grid", "table_steps",
 ]  # fmt: skip
 
@@ -75,19 +77,31 @@ def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[dict]
         print(f"{what}: no CUDA GPU here; the kernels' timings need one (nothing measured)")
         return 0
     res: dict = {}
-    try:
+    save = lambda note="": write_results(out, stem, res, tables(res) + note)  # noqa: E731
+    with rows_kept_on_interrupt(res, save, f"in {Path(out) / stem}.json and .md"):
         run(res)
-    except KeyboardInterrupt:
-        if not measured_rows(res):
-            raise
-        res["interrupted"] = True
-        write_results(out, stem, res, tables(res) + INTERRUPTED_NOTE)
-        raise KeyboardInterrupt(f"the rows measured so far are in {Path(out) / stem}.json and .md") from None
-    write_results(out, stem, res, tables(res))
+    save()
     return 0
 
 
 INTERRUPTED_NOTE = "\n\nINTERRUPTED: the rows above are the ones measured before the run was stopped."
+
+
+@contextlib.contextmanager
+def rows_kept_on_interrupt(res: dict, save: Callable[[str], None], where: str) -> Iterator[None]:
+    """Around a bench's measuring, which fills ``res`` as it goes: on ``KeyboardInterrupt`` (Ctrl-C, or
+    SIGTERM under :func:`mlakv._interrupt.run_command`) after some rows, mark ``res`` interrupted, call
+    ``save(INTERRUPTED_NOTE)`` (print or write its tables with that note under them) and raise
+    ``KeyboardInterrupt("N rows measured so far, <where>")``; before any row, re-raise as it is."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = measured_rows(res)
+        if not kept:
+            raise
+        res["interrupted"] = True
+        save(INTERRUPTED_NOTE)
+        raise KeyboardInterrupt(f"{kept} row{'s' if kept != 1 else ''} measured so far, {where}") from None
 
 
 def measured_rows(res: dict) -> int:

@@ -52,7 +52,7 @@ from .options import ROPE_QUICK_SIZES as QUICK_SIZES
 from .options import ROPE_SIZES as DEFAULT_SIZES
 from .options import ROPE_SWEEP as SWEEP
 from .options import rope_parser as build_parser
-from .report import INTERRUPTED_NOTE
+from .report import rows_kept_on_interrupt
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, one_element_graph_us, progress, rotating, wall_median_s
 
 __all__ = ["VARIANTS", "build_parser", "make_sets", "providers_for", "check_provider", "call_bytes", "run", "format_report", "main"]
@@ -473,17 +473,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     names = list(args.providers) + ([s for s in SWEEP if s not in args.providers] if args.sweep else [])
     names += triton_sweep_names() if args.triton_sweep else []
     report: dict = {}
-    try:
+    save = lambda note="": _emit(report, names, args.json, note)  # noqa: E731
+    with rows_kept_on_interrupt(report, save, f"in {args.json}" if args.json else "printed above"):
         run(args.variants, args.heads, sizes, names, args.style == "neox", args.sglang_max_n, into=report)
-    except KeyboardInterrupt:
-        done = len(report.get("results", []))
-        if not done:
-            raise
-        report["interrupted"] = True
-        _emit(report, names, args.json, INTERRUPTED_NOTE)
-        where = f", in {args.json}" if args.json else ", printed above"
-        raise KeyboardInterrupt(f"{done} row{'s' if done != 1 else ''} measured so far{where}") from None
-    _emit(report, names, args.json)
+    save()
     wrong = [r for r in report["results"] if r["wrong"]]
     return 1 if wrong else 0
 
