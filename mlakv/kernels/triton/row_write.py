@@ -21,7 +21,7 @@ import triton.language as tl
 
 from mlakv.spec.tuning import triton_row_launch
 
-from .common import as_triton_dtype, pdl_supported
+from .common import as_triton_dtype, interpreting, pdl_supported
 
 __all__ = ["launch_set_kv_rows", "launch_get_kv_rows", "row_kernel_block"]
 
@@ -86,6 +86,7 @@ def _set_kv_rows_kernel(
     SRC_NOPE: tl.constexpr = -1,
     SRC_ROPE: tl.constexpr = -1,
     DST: tl.constexpr = -1,
+    NATIVE_BF16: tl.constexpr = False,
 ):
     # One program writes ROWS whole rows as one [ROWS, BLOCK] block (Triton lays 16-byte vectors along
     # a row, then its warps over the rest of the row and the other rows, so a program of several warps
@@ -114,13 +115,26 @@ def _set_kv_rows_kernel(
     offs = tl.arange(0, BLOCK)[None, :]
     in_nope = offs < NOPE
     # A converting write (SRC_* != DST) converts each source value in registers (see _convert).
-    a = _convert(tl.load(nope_ptr + src[:, None] * nope_row_stride + offs, mask=in_nope & need), SRC_NOPE, DST)
+    a = tl.load(nope_ptr + src[:, None] * nope_row_stride + offs, mask=in_nope & need)
     if ROPE > 0:
         in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-        b = _convert(tl.load(rope_ptr + src[:, None] * rope_row_stride + (offs - NOPE), mask=in_rope & need), SRC_ROPE, DST)
-        val = tl.where(in_nope, a, b)
+        b = tl.load(rope_ptr + src[:, None] * rope_row_stride + (offs - NOPE), mask=in_rope & need)
     else:
-        val = a
+        b = a
+    if NATIVE_BF16:
+        # fp16/fp32 into bf16 on the GPU: a program whose values hold no NaN (decided once, on the
+        # values it stores) takes the hardware's round-to-nearest-even conversion, bit-identical to
+        # the integer one for every non-NaN value; a program with a NaN takes the integer one, whose
+        # NaN is 0x7FC0 (the hardware's is 0x7FFF).
+        raw = tl.where(in_nope, a, b)
+        y = raw.to(tl.float32)
+        nan = (y != y) & (offs < NOPE + ROPE) & need
+        if tl.max(nan.to(tl.int32)) == 0:
+            val = y.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        else:
+            val = _convert(raw, SRC_NOPE, DST)
+    else:
+        val = tl.where(in_nope, _convert(a, SRC_NOPE, DST), _convert(b, SRC_ROPE, DST))
     tl.store(kv_ptr + row[:, None] * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live)
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
@@ -159,6 +173,11 @@ def launch_set_kv_rows(
         codes = dict(
             SRC_NOPE=_FLOAT_CODE[cache_k_nope.dtype], SRC_ROPE=_FLOAT_CODE[cache_k_rope.dtype], DST=_FLOAT_CODE[kv_buffer.dtype]
         )
+        # the hardware bf16 conversion (see the kernel): on a GPU, one source type (fp16 or fp32) for both parts
+        codes["NATIVE_BF16"] = (
+            kv_buffer.is_cuda and not interpreting() and kv_buffer.dtype == torch.bfloat16
+            and cache_k_nope.dtype == cache_k_rope.dtype
+        )  # fmt: skip
         kv, nope, rope = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t for t in (kv_buffer, cache_k_nope, cache_k_rope))
     else:
         kv, nope, rope = (as_triton_dtype(t) for t in (kv_buffer, cache_k_nope, cache_k_rope))
