@@ -63,6 +63,27 @@ def _convert(v, SRC: tl.constexpr, DST: tl.constexpr):
 
 
 @triton.jit
+def _to_dst(v, valid, SRC: tl.constexpr, DST: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    """A loaded block ``v`` in the buffer's storage type; ``valid`` masks the values that are stored.
+
+    NATIVE_BF16 (fp16/fp32 into bf16 on the GPU): a block whose valid values hold no NaN (decided once
+    per block) takes the hardware's round-to-nearest-even conversion, bit-identical to the integer one
+    for every non-NaN value; a block with a NaN takes the integer one, whose NaN is 0x7FC0 (the
+    hardware's is 0x7FFF). Otherwise :func:`_convert`.
+    """
+    if NATIVE_BF16:
+        y = v.to(tl.float32)
+        nan = (y != y) & valid
+        if tl.max(nan.to(tl.int32)) == 0:
+            r = y.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        else:
+            r = _convert(v, SRC, DST)
+    else:
+        r = _convert(v, SRC, DST)
+    return r
+
+
+@triton.jit
 def _set_kv_rows_kernel(
     kv_ptr,
     loc_ptr,
@@ -79,7 +100,8 @@ def _set_kv_rows_kernel(
     n_loc,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    NOPE_P2: tl.constexpr,
+    ROPE_P2: tl.constexpr,
     ROWS: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
@@ -88,9 +110,9 @@ def _set_kv_rows_kernel(
     DST: tl.constexpr = -1,
     NATIVE_BF16: tl.constexpr = False,
 ):
-    # One program writes ROWS whole rows as one [ROWS, BLOCK] block (Triton lays 16-byte vectors along
-    # a row, then its warps over the rest of the row and the other rows, so a program of several warps
-    # stores several rows at once; the loop over rows it replaces ran them one after another):
+    # One program writes ROWS whole rows as two blocks, [ROWS, NOPE_P2] and [ROWS, ROPE_P2] (Triton lays
+    # 16-byte vectors along a row, then its warps over the rest of the row and the other rows, so a
+    # program of several warps stores several rows at once):
     # kv[row, :NOPE+ROPE] = [nope[i] | rope[i]],
     # row = loc[i] // dcp_world. Strides are in elements; every product is formed in int64 (slot *
     # stride may pass 2^31). PDL: the trigger carries no memory ordering (the next grid's wait covers
@@ -112,30 +134,22 @@ def _set_kv_rows_kernel(
     # round trip before the store, not two) and a skipped row only masks off the store. With DCP
     # most rows are other ranks': their sources are not read.
     need = live | ((tl.zeros([ROWS, 1], dtype=tl.int32) + dcp_world) == 1)
-    offs = tl.arange(0, BLOCK)[None, :]
-    in_nope = offs < NOPE
-    # A converting write (SRC_* != DST) converts each source value in registers (see _convert).
-    a = tl.load(nope_ptr + src[:, None] * nope_row_stride + offs, mask=in_nope & need)
+    # The nope and rope parts are separate blocks (each its own power of two), loaded and stored
+    # apart: no per-element select between two loads of one padded block. A converting write
+    # (SRC_* != DST) converts each source value in registers (see _to_dst).
+    dst = kv_ptr + row[:, None] * kv_row_stride
+    on = tl.arange(0, NOPE_P2)[None, :]
+    mn = on < NOPE
+    # Both loads come before either store: kv may alias a source as far as the compiler knows, so a load
+    # after a store is issued only after it, a second memory round trip per program.
+    a = _to_dst(tl.load(nope_ptr + src[:, None] * nope_row_stride + on, mask=mn & need), mn & need, SRC_NOPE, DST, NATIVE_BF16)
     if ROPE > 0:
-        in_rope = (offs >= NOPE) & (offs < NOPE + ROPE)
-        b = tl.load(rope_ptr + src[:, None] * rope_row_stride + (offs - NOPE), mask=in_rope & need)
-    else:
-        b = a
-    if NATIVE_BF16:
-        # fp16/fp32 into bf16 on the GPU: a program whose values hold no NaN (decided once, on the
-        # values it stores) takes the hardware's round-to-nearest-even conversion, bit-identical to
-        # the integer one for every non-NaN value; a program with a NaN takes the integer one, whose
-        # NaN is 0x7FC0 (the hardware's is 0x7FFF).
-        raw = tl.where(in_nope, a, b)
-        y = raw.to(tl.float32)
-        nan = (y != y) & (offs < NOPE + ROPE) & need
-        if tl.max(nan.to(tl.int32)) == 0:
-            val = y.to(tl.bfloat16).to(tl.int16, bitcast=True)
-        else:
-            val = _convert(raw, SRC_NOPE, DST)
-    else:
-        val = tl.where(in_nope, _convert(a, SRC_NOPE, DST), _convert(b, SRC_ROPE, DST))
-    tl.store(kv_ptr + row[:, None] * kv_row_stride + offs, val, mask=(offs < NOPE + ROPE) & live)
+        orr = tl.arange(0, ROPE_P2)[None, :]
+        mr = orr < ROPE
+        b = _to_dst(tl.load(rope_ptr + src[:, None] * rope_row_stride + orr, mask=mr & need), mr & need, SRC_ROPE, DST, NATIVE_BF16)
+    tl.store(dst + on, a, mask=mn & live)
+    if ROPE > 0:
+        tl.store(dst + NOPE + orr, b, mask=mr & live)
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -204,7 +218,8 @@ def launch_set_kv_rows(
         n_loc,
         NOPE=nope_dim,
         ROPE=rope_dim,
-        BLOCK=block,
+        NOPE_P2=triton.next_power_of_2(nope_dim),
+        ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
         ROWS=rows,
         USE_PDL=use_pdl,
         EARLY_TRIGGER=early if early_trigger is None else early_trigger,
