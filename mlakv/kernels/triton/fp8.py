@@ -409,6 +409,15 @@ def _quant_ds_mla_kernel(
         v = tl.load(base + offs)
     else:
         v = tl.load(base + offs, mask=offs < NOPE, other=0)
+    # The rope is loaded here, before any store: kv may alias a source as far as the compiler knows, so
+    # a load after a store would be issued only after it, a second memory round trip per program.
+    if ROPE > 0:
+        cr = tl.arange(0, ROPE_P2)[None, :]
+        rbase = (rope_ptr + src * rope_row_stride)[:, None]
+        if ROPE == ROPE_P2:
+            rv = tl.load(rbase + cr)
+        else:
+            rv = tl.load(rbase + cr, mask=cr < ROPE, other=0)
     x = _src_f32(v, SRC_IS_BF16, NATIVE)  # [ROWS, TILES_P2, 128]
     xb = x.to(tl.int32, bitcast=True)
     ab = xb & 0x7FFFFFFF
@@ -440,12 +449,6 @@ def _quant_ds_mla_kernel(
         _store_tiles(dst, live, t, offs, q, scale, TILES, ALIGN4)
     # the rope as bf16: raw bits of a bf16 source, an fp16 source rounded (RNE)
     if ROPE > 0:
-        cr = tl.arange(0, ROPE_P2)[None, :]
-        rbase = (rope_ptr + src * rope_row_stride)[:, None]
-        if ROPE == ROPE_P2:
-            rv = tl.load(rbase + cr)
-        else:
-            rv = tl.load(rbase + cr, mask=cr < ROPE, other=0)
         if SRC_IS_BF16:
             rb = rv
         else:
