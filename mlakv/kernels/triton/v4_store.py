@@ -433,6 +433,15 @@ def _v4_store_kernel(
         FLOOR: tl.constexpr = 114 if ENC == 1 else 105
         k3 = tl.arange(0, TILES)[None, :, None] * K + tl.arange(0, K)[None, None, :]
         h = tl.load(kv_row[:, None, None] + k3, mask=need[:, None, None], other=0)
+        # v4's unrotated tail is loaded here, before any store: the pages may alias the source as far as the
+        # compiler knows, so a load after a store would be issued only after it (a second memory round trip)
+        if ENC == 0 and ROPE == 0:
+            if IS_BF16:  # the input's own bytes
+                kvb = kv_ptr.to(tl.pointer_type(tl.uint8))
+                b128 = tl.arange(0, 128)[None, :]
+                rb = tl.load(kvb + (src * kv_stride * 2 + 896)[:, None] + b128, mask=need[:, None], other=0)
+            else:
+                tail = tl.load(kv_row[:, None] + 448 + tl.arange(0, 64)[None, :], mask=need[:, None], other=0)
         amax16 = tl.max(h & 0x7FFF, axis=2)
         code, sc = _ue8m0_quantize(h, amax16, IS_BF16, FLOOR, INF16, NATIVE, True)
         t = tl.arange(0, TILES)[None, :]
@@ -455,13 +464,9 @@ def _v4_store_kernel(
                 else:  # the rotated fp16 values -> bf16, nearest even
                     r16 = tl.reshape(tl.join(_bf16_bits(re), _bf16_bits(ro)), [TOKENS, 64])
                 _store_bytes16(data + 448, r16, live, TOKENS, 64)
-            elif IS_BF16:  # the input's own bytes
-                kvb = kv_ptr.to(tl.pointer_type(tl.uint8))
-                b128 = tl.arange(0, 128)[None, :]
-                rb = tl.load(kvb + (src * kv_stride * 2 + 896)[:, None] + b128, mask=need[:, None], other=0)
+            elif IS_BF16:  # the input's own bytes (loaded above)
                 tl.store(data[:, None] + 448 + b128, rb, mask=live[:, None])
             else:  # fp16 -> bf16, nearest even
-                tail = tl.load(kv_row[:, None] + 448 + tl.arange(0, 64)[None, :], mask=need[:, None], other=0)
                 _store_bytes16(data + 448, _bf16_bits(_f32(tail, IS_BF16)), live, TOKENS, 64)
     if USE_PDL and not EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
