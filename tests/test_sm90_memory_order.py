@@ -5,8 +5,8 @@ them out. Through a destination that may alias a source, the compiler keeps a lo
 store after it (a second memory round trip per program); written first, every load comes first.
 mlakv's write kernels with one straight path (the row write, plain and converting; the FP8 per_tensor
 write; the indexer store; the V4 stores) issue every load before any store at their tables' launch
-shapes. The v4 layout's store does not yet (marked, strict: the fix lands with its GPU run); the ds_mla
-write has a general path that loads from memory after stores by design, so it is not listed.
+shapes. The ds_mla write has a general path that loads from memory after stores by design, so it is not
+listed.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def row(ty, nope, rope, convert):
                 rope_ptr="*fp32" if convert else ty)
     ints = dict(kv_row_stride=nope + rope, nope_row_stride=nope, rope_row_stride=rope, loc_stride=1, num_slots=5000,
                 skip_index=-1, dcp_world=1, dcp_rank=0, n_loc=4096)
-    codes = dict(SRC_NOPE=2, SRC_ROPE=2, DST=0) if convert else dict(SRC_NOPE=-1, SRC_ROPE=-1, DST=-1)  # every constexpr
+    codes = dict(SRC_NOPE=2, SRC_ROPE=2, DST=0, NATIVE_BF16=convert == "native") if convert else dict(
+        SRC_NOPE=-1, SRC_ROPE=-1, DST=-1, NATIVE_BF16=False)  # every constexpr
     size = 2 if convert else (1 if ty == "*u8" else 2)
     for n in (1, 1024, 4096):
         warps, rows, early = tuning.triton_row_launch(n, row_write.row_kernel_block(nope, rope) * size)
@@ -142,7 +143,8 @@ def v4(enc):
 CASES = {
     "row bf16 512+64": lambda: row("*i16", 512, 64, False),
     "row u8 656": lambda: row("*u8", 640, 16, False),
-    "row converting fp32 -> bf16": lambda: row("*i16", 512, 64, True),
+    "row converting fp32 -> bf16": lambda: row("*i16", 512, 64, "integer"),
+    "row converting fp32 -> bf16, hardware cvt": lambda: row("*i16", 512, 64, "native"),
     "fp8 per_tensor write": per_tensor,
     "indexer store": index_store,
     "v4 store, v4": lambda: v4(0),
@@ -157,17 +159,15 @@ print(json.dumps([out]))
 """
 
 WRITE_KERNELS = [
-    "row bf16 512+64", "row u8 656", "row converting fp32 -> bf16", "fp8 per_tensor write", "indexer store",
-    pytest.param("v4 store, v4", marks=pytest.mark.xfail(
-        strict=True, reason="the unrotated tail is loaded after the tile stores (lead: a21c3e0)")),
-    "v4 store, v41", "v4 store, v41_fp4",
+    "row bf16 512+64", "row u8 656", "row converting fp32 -> bf16", "row converting fp32 -> bf16, hardware cvt",
+    "fp8 per_tensor write", "indexer store",
+    "v4 store, v4", "v4 store, v41", "v4 store, v41_fp4",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def write_orders() -> dict:
-    names = [p.values[0] if hasattr(p, "values") else p for p in WRITE_KERNELS]
-    (orders,) = compile_in_subprocess(_WRITES_SCRIPT, names)
+    (orders,) = compile_in_subprocess(_WRITES_SCRIPT, WRITE_KERNELS)
     if any(o == [] for shapes in orders.values() for o in shapes):
         pytest.skip("this Triton ships no nvdisasm")
     return orders
