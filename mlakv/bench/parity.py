@@ -16,10 +16,9 @@ converted rows (the same output) and the call's bytes at copy bandwidth. The mov
 and the vLLM face's paged gathers have their own benches (``python -m mlakv.bench.move_kv``,
 ``mlakv bench hicache``, ``mlakv bench vllm``).
 
-The converting write borrows the row kernel's launch rows (``TRITON_ROW_STEPS``, read by the bytes of
-the buffer's row). ``--convert-sweep`` times it at every launch shape of the row kernel's sweep too, each
-shape checked bit-exact first, and reports the fastest per n and the rows of a table of its own that
-they would make.
+The converting write has its own launch rows (``TRITON_CONVERT_STEPS``). ``--convert-sweep`` times it
+at every launch shape of the row kernel's sweep too, each shape checked bit-exact first, and reports the
+fastest per n against the table's shape and the table rows the fastest shapes make.
 
 Run: ``python -m mlakv bench parity [--families row,fp8,rope,v4,indexer,convert] [--sizes ...]
 [--convert-sweep] [--out DIR]``; writes ``parity.json`` and ``parity.md`` under ``--out``.
@@ -136,9 +135,9 @@ def _convert(sizes: list[int], sweep: bool = False) -> list[dict]:
     of the row kernel's sweep (:func:`mlakv.bench.kv_write.triton_sweep_shapes`) and ``"table"`` the key
     of the shape the launch table gave."""
     from mlakv import jit_kernel
-    from mlakv.kernels.triton.row_write import launch_set_kv_rows, row_kernel_block
+    from mlakv.kernels.triton.row_write import launch_set_kv_rows
     from mlakv.ops.reference import set_mla_kv_buffer_torch
-    from mlakv.spec.tuning import triton_row_launch
+    from mlakv.spec.tuning import triton_convert_launch
 
     from .kv_write import triton_sweep_shapes
 
@@ -168,7 +167,7 @@ def _convert(sizes: list[int], sweep: bool = False) -> list[dict]:
         e = entry("converting write", "fp32 -> bf16 (vs JIT byte write of bf16 rows)", n, j, t)
         e["bound"] = n * (576 * 4 + 8 + 576 * 2) / (copy_gbs * 1e3)
         if sweep:
-            e["table"] = _sweep_key(*triton_row_launch(n, row_kernel_block(512, 64) * kv.element_size()))
+            e["table"] = _sweep_key(*triton_convert_launch(n))
             e["sweep"] = {}
             for w, r, early in triton_sweep_shapes():
                 write = functools.partial(launch_set_kv_rows, num_warps=w, rows_per_program=r, early_trigger=early)
@@ -268,13 +267,13 @@ def format_tables(res: dict) -> str:
 def _convert_sweep_lines(conv: list[dict]) -> list[str]:
     """The ``--convert-sweep`` section: per n the fastest launch shape against the table's, the shapes
     found wrong, then the rows ``(max n, num_warps, rows per program, trigger at entry)`` of a table of
-    the converting write's own that the fastest shapes make; empty without a sweep."""
+    the converting write (``TRITON_CONVERT_STEPS``) that the fastest shapes make; empty without a sweep."""
     swept = [p for p in conv if p.get("sweep")]
     if not swept:
         return []
     out = ["", "converting write, launch sweep (`--convert-sweep`): µs per call; shape wWrR + e|l: W warps, R rows "
-           "per program, the PDL trigger at entry (e) or after the stores (l); table: the shape the row kernel's "
-           "launch table gives it", "", "| n | fastest | µs | table | µs | table / fastest | wrong |",
+           "per program, the PDL trigger at entry (e) or after the stores (l); table: the shape its launch table "
+           "(TRITON_CONVERT_STEPS) gives it", "", "| n | fastest | µs | table | µs | table / fastest | wrong |",
            "|---|---|---|---|---|---|---|"]  # fmt: skip
     best = []
     for p in swept:

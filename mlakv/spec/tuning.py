@@ -22,6 +22,9 @@ __all__ = [
     "tuning_for",
     "TRITON_ROW_STEPS",
     "triton_row_launch",
+    "TRITON_CONVERT_STEPS",
+    "TRITON_CONVERT_MEASURED",
+    "triton_convert_launch",
     "ROPE_WRITE_WARPS",
     "ROPE_WRITE_EARLY_MAX_ITEMS",
     "rope_write_launch",
@@ -177,15 +180,49 @@ def tuning_for(device: torch.device) -> LaunchTuning:
 # x 2 rows 0.82); one warp x 4 rows above (u8 at 4096: 2.31 us against 2.79 for the old row's 2
 # rows; bf16 at 4096: 3.64 against the fastest 3.59). One row per program costs 2x at 65536 rows
 # (80 against 40 us): 65536 programs.
-# The converting write (fp16/fp32 sources converted in registers) runs the same kernel and reads these
-# rows by its buffer's row bytes: it has no rows of its own yet. `mlakv bench parity --families convert
-# --convert-sweep` times it at every shape and prints the rows its fastest shapes would make.
+# H200, 2026-12-03 09:22 UTC, the kernel as two blocks per program (nope, rope), every load before any
+# store (`mlakv bench --layouts bf16,u8 --providers jit,triton --no-cold --quick --triton-sweep --sizes
+# 1,512,1024,4096,16384,65536`, docs/h200-2026-12-03/run10): the old rows (1 warp x 2 rows to 1024, 1 x 4
+# above) fitted the one-block kernel; the two-block kernel's fastest shapes were 8 warps x 4 rows at 512
+# (bf16 and u8 0.80 us) and 1024 (u8 0.90; bf16 4 x 2 1.01), 4 warps x 4 rows at 4096 for bf16 (3.43 us,
+# the old row's 1 x 4 4.06 against the JIT's 3.42; u8 8 x 8 2.05 against 2.13), 1 x 4 at 16384 (bf16
+# 10.60) and within 0.5 % of 1 x 4 at 65536. Rows per bytes per warp: 128 -> 8 warps for both layouts'
+# BLOCK (2048 and 1024 bytes); 512 -> 4 warps for bf16, 2 for u8.
 TRITON_ROW_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
     (1, 128, 1, True),
-    (1024, 2048, 2, True),
+    (1024, 128, 4, True),
+    (4096, 512, 4, True),
     (None, 2048, 4, True),
 )
-TRITON_ROW_MEASURED = "NVIDIA H200, 2026-12-03 02:50 UTC: `mlakv bench --triton-sweep` (docs/h200-2026-12-03/run7)"
+TRITON_ROW_MEASURED = "NVIDIA H200, 2026-12-03 09:22 UTC: `mlakv bench --triton-sweep` (docs/h200-2026-12-03/run10)"
+
+# The converting write (fp16/fp32 sources converted in registers; the row kernel with conversion): its own
+# rows (max n_loc, num_warps, rows per program, PDL trigger at entry), by increasing n_loc. Converting
+# costs registers and instructions per value, so fewer warps per row pay: H200, 2026-12-03 09:19 UTC
+# (`mlakv bench parity --families convert --convert-sweep`, fp32 -> bf16 512+64, 32 shapes each checked
+# bit-exact; docs/h200-2026-12-03/run10), the fastest shape per n: w1r1l 0.88 us at 1, w1r1e at 8-64
+# (0.95-0.96), w1r2l 1.53 at 512 (the row table's w1r2e 2.24), w1r1e 1.66 at 1024 (w1r2e 2.53), w8r4e
+# 5.37 at 4096 (w1r4e 5.99), w1r4e at 16384 and 65536.
+TRITON_CONVERT_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
+    (1, 1, 1, False),
+    (64, 1, 1, True),
+    (512, 1, 2, False),
+    (1024, 1, 1, True),
+    (4096, 8, 4, True),
+    (None, 1, 4, True),
+)
+TRITON_CONVERT_MEASURED = (
+    "NVIDIA H200, 2026-12-03 09:19 UTC: `mlakv bench parity --families convert --convert-sweep` (docs/h200-2026-12-03/run10)"
+)
+
+
+def triton_convert_launch(n_loc: int) -> tuple[int, int, bool]:
+    """``(num_warps, rows_per_program, early_trigger)`` of the Triton row kernel for a converting write
+    (a source dtype other than the buffer's) of ``n_loc`` rows (:data:`TRITON_CONVERT_STEPS`)."""
+    for max_n, warps, rows, early in TRITON_CONVERT_STEPS:
+        if max_n is None or n_loc <= max_n:
+            return warps, rows, early
+    raise AssertionError("the last converting-write step must have max n_loc None")
 
 
 def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:

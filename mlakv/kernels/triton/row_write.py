@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mlakv.spec.tuning import triton_row_launch
+from mlakv.spec.tuning import triton_convert_launch, triton_row_launch
 
 from .common import as_triton_dtype, interpreting, pdl_supported
 
@@ -170,7 +170,8 @@ def launch_set_kv_rows(
     """Launch the row kernel: ``rows_per_program`` rows per program, ``BLOCK = next_pow2(nope_dim + rope_dim)``.
 
     ``num_warps``/``rows_per_program``/``early_trigger`` override the launch table
-    (:func:`mlakv.spec.tuning.triton_row_launch`; 0/None: its choice) — for the benchmark's sweep.
+    (:func:`mlakv.spec.tuning.triton_row_launch`, or for a converting write
+    :func:`mlakv.spec.tuning.triton_convert_launch`; 0/None: its choice) — for the benchmarks' sweeps.
 
     Args (validated by the dispatcher; 2-D or 3-D with a middle dim of 1):
         kv_buffer: ``[num_slots, (1,) total]``, last dim contiguous.
@@ -200,7 +201,10 @@ def launch_set_kv_rows(
     block = row_kernel_block(nope_dim, rope_dim)
     use_pdl = kv.is_cuda and pdl_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
-    warps, rows, early = triton_row_launch(n_loc, block * kv.element_size())
+    if codes:  # a converting write: its own launch rows
+        warps, rows, early = triton_convert_launch(n_loc)
+    else:
+        warps, rows, early = triton_row_launch(n_loc, block * kv.element_size())
     rows = rows_per_program or rows
     _set_kv_rows_kernel[(triton.cdiv(n_loc, rows),)](
         kv,
