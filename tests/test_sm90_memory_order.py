@@ -96,14 +96,14 @@ def row(ty, nope, rope, convert):
                 skip_index=-1, dcp_world=1, dcp_rank=0, n_loc=4096)
     codes = dict(SRC_NOPE=2, SRC_ROPE=2, DST=0, NATIVE_BF16=convert == "native") if convert else dict(
         SRC_NOPE=-1, SRC_ROPE=-1, DST=-1, NATIVE_BF16=False)  # every constexpr
-    size = 2 if convert else (1 if ty == "*u8" else 2)
+    size = 1 if ty == "*u8" else 2
     for n in (1, 1024, 4096):
-        warps, rows, early = tuning.triton_row_launch(n, row_write.row_kernel_block(nope, rope) * size)
-        consts = dict(NOPE=nope, ROPE=rope, ROWS=rows, USE_PDL=True, EARLY_TRIGGER=early, **codes)
-        if "BLOCK" in row_write._set_kv_rows_kernel.arg_names:  # one [rows, BLOCK] block
-            consts["BLOCK"] = row_write.row_kernel_block(nope, rope)
-        else:  # nope and rope as two blocks
-            consts.update(NOPE_P2=1 << (nope - 1).bit_length(), ROPE_P2=1 << (rope - 1).bit_length())
+        if convert:
+            warps, rows, early = tuning.triton_convert_launch(n)
+        else:
+            warps, rows, early = tuning.triton_row_launch(n, row_write.row_kernel_block(nope, rope) * size)
+        consts = dict(NOPE=nope, ROPE=rope, NOPE_P2=1 << (nope - 1).bit_length(), ROPE_P2=1 << (rope - 1).bit_length(),
+                      ROWS=rows, USE_PDL=True, EARLY_TRIGGER=early, **codes)
         yield compile_sm90(row_write._set_kv_rows_kernel, ptrs, ints, consts, num_warps=warps)
 
 

@@ -14,8 +14,9 @@ reference (an indexed copy of integer views), so a misplaced, missing or stray r
 at the call that made it, with the seed and the call's description.
 
 GPU (part of the GPU suite): 2 000 warm-up calls (checked, untimed: they compile the Triton
-specializations and load the JIT modules), then 20 000 timed calls, which must finish in under
-60 s on an H100; the count and the time are printed (run with ``-s``) and recorded as test properties.
+specializations and load the JIT modules), then 20 000 calls, every entry among them; the count and
+the time are printed (run with ``-s``) and recorded as test properties, not asserted (the time depends
+on what else the GPU and the host run; speed is the benchmarks' to show).
 CPU (CI): 200 calls; the Triton kernels run under the interpreter, so row counts stay small.
 """
 
@@ -241,9 +242,9 @@ class Soak:
             raise AssertionError(f"{what}: {rows.numel()} rows differ from the reference, first {rows[:8].tolist()}")
 
 
-def _run(cfg: Config, seed: int, device: str, record_property, warmup_calls: int = 0) -> tuple[int, float]:
+def _run(cfg: Config, seed: int, device: str, record_property, warmup_calls: int = 0) -> tuple[dict[str, int], float]:
     """``warmup_calls`` checked but untimed calls first (they compile the Triton variants and load
-    the JIT modules the draws need), then ``cfg.calls`` timed ones."""
+    the JIT modules the draws need), then ``cfg.calls`` timed ones: ``(calls per entry, seconds)``."""
     soak = Soak(cfg, seed, device)
     t_warm = time.perf_counter()
     for i in range(warmup_calls):
@@ -262,7 +263,7 @@ def _run(cfg: Config, seed: int, device: str, record_property, warmup_calls: int
     record_property("soak_calls", cfg.calls)
     record_property("soak_seconds", round(elapsed, 2))
     record_property("soak_entries", summary)
-    return cfg.calls, elapsed
+    return soak.counts, elapsed
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -270,8 +271,9 @@ def _run(cfg: Config, seed: int, device: str, record_property, warmup_calls: int
 def test_soak_cpu_200_calls(record_property):
     cfg = Config(calls=200, max_n=200, big_n_every=25, small_n=24, size=256,
                  entries=("dispatch", "dispatch", "pool", "triton", "gather", "refused"), out_of_range=False)
-    calls, _ = _run(cfg, seed=1234, device="cpu", record_property=record_property)
-    assert calls == 200
+    counts, _ = _run(cfg, seed=1234, device="cpu", record_property=record_property)
+    assert sum(counts.values()) == 200
+    assert set(counts) == set(cfg.entries)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none present)")
@@ -279,6 +281,6 @@ def test_soak_gpu_20000_calls(record_property):
     entries = ("dispatch", "dispatch", "pool", "triton", "gather", "graph", "refused") + (("jit", "jit") if IS_SM90 else ())
     cfg = Config(calls=20000, max_n=70000, big_n_every=200, small_n=300, size=80000, entries=entries,
                  out_of_range=True, graph_sizes=(1, 8, 64, 512))
-    calls, elapsed = _run(cfg, seed=20261124, device="cuda", record_property=record_property, warmup_calls=2000)
-    assert calls >= 20000
-    assert elapsed < 60.0, f"the soak's budget is 20 000 calls in under 60 s on an H100; took {elapsed:.1f} s"
+    counts, _ = _run(cfg, seed=20261124, device="cuda", record_property=record_property, warmup_calls=2000)
+    assert sum(counts.values()) == 20000
+    assert set(counts) == set(entries)
