@@ -383,6 +383,66 @@ def test_a_real_sigterm_ends_the_bench_with_one_line_and_its_rows(tmp_path, case
     assert 1 <= len(rows) < 60 and rows[0][n_key] == 1
 
 
+@pytest.mark.skipif(CUDA, reason="times the CPU sweep's progress lines")
+def test_a_bench_killed_outright_keeps_the_rows_measured_before(tmp_path):
+    """SIGKILL (no handler runs: an OOM kill, a lost machine) after the second row: results.json and report.md
+    hold the rows measured before it, marked partial."""
+    import signal
+
+    argv = ["-m", "mlakv", "bench", "--layouts", "bf16", "--sizes", SIZES_1_TO_60, "--out", str(tmp_path)]
+    rc, _ = signal_after(argv, "n_loc=2:", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["partial"] is True and res["interrupted"] is False
+    assert 1 <= len(res["rows"]) < 60 and res["rows"][0]["n_loc"] == 1
+    assert "PARTIAL" in (tmp_path / "report.md").read_text()
+
+
+def test_a_family_bench_keeps_its_files_current_while_it_runs(capsys, tmp_path, monkeypatch):
+    """`run_on_gpu`: at each progress line after new rows the files hold them, marked partial; the finished
+    run's files are not marked."""
+    from mlakv.bench import parity
+    from mlakv.bench.timing import progress
+
+    seen = []
+
+    def two_families(families, sizes, into, **options):
+        into.update(sizes=list(sizes), points=[])
+        for n in (1, 2):
+            into["points"] = into["points"] + [{"n": n}]
+            progress(f"family {n} done")
+            seen.append(json.loads((tmp_path / "parity.json").read_text()))
+        return into
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(parity, "run_parity", two_families)
+    monkeypatch.setattr(parity, "format_tables", lambda res: f"tables of {len(res['points'])} rows")
+    rc, _, _ = run_cli(["bench", "parity", "--out", str(tmp_path)], capsys)
+    assert rc == 0
+    assert [len(r["points"]) for r in seen] == [1, 2] and all(r["partial"] is True for r in seen)
+    final = json.loads((tmp_path / "parity.json").read_text())
+    assert "partial" not in final and len(final["points"]) == 2
+    assert (tmp_path / "parity.md").read_text() == "tables of 2 rows\n"
+
+
+def test_a_failing_progress_hook_is_reported_once_and_the_run_goes_on(capsys):
+    from mlakv.bench.timing import on_progress, progress
+
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise OSError("disk full")
+
+    with on_progress(broken):
+        progress("one")
+        progress("two")
+    progress("three")
+    err = capsys.readouterr().err
+    assert calls == [1] and err.count("progress hook failed, not run again: OSError: disk full") == 1
+    assert "three" in err
+
+
 def test_ctrl_c_in_bench_rope_keeps_the_rows_measured(capsys, tmp_path, monkeypatch):
     from mlakv.bench import rope_write
 

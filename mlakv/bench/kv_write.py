@@ -48,7 +48,7 @@ from .options import (
     QUICK_SIZES,
 )
 from .options import kv_write_parser as build_parser
-from .report import launch_grid, table_steps
+from .report import PARTIAL_NOTE, launch_grid, table_steps
 from .timing import (
     INPUT_SETS,
     cold_median_us,
@@ -56,6 +56,7 @@ from .timing import (
     graph_median_us,
     host_rounds_us,
     one_element_graph_us,
+    on_progress,
     progress,
     rotating,
 )
@@ -728,35 +729,53 @@ def main(argv: Optional[list[str]] = None) -> int:
         dev = torch.cuda.get_device_name()
     else:
         dev = f"{CPU_LABEL} [{platform.processor() or platform.machine()}]"
+    def save(partial: bool = False) -> tuple[str, Optional[float]]:
+        """Write results.json and report.md from what is measured now (``partial``: mid-run, marked so);
+        the report and the launch floor it used."""
+        report, floor_us = _report(rows, shown, providers, dev, cuda, copy_gbs, tiny_us, hosts, not_run, interrupted,
+                                   triton_sweep)  # fmt: skip
+        result = dict(
+            device=dev, cpu_only=not cuda, torch=torch.__version__, mlakv=mlakv.__version__,
+            date=time.strftime("%Y-%m-%d"), copy_gbs=copy_gbs, one_element_kernel_us=tiny_us, launch_floor_us=floor_us,
+            rows=[asdict(r) for r in rows], host_cost_us=hosts, not_run=not_run, interrupted=interrupted,
+        )  # fmt: skip
+        if triton_sweep is not None:
+            result["triton_sweep"] = triton_sweep
+        if partial:
+            result["partial"], report = True, report + PARTIAL_NOTE
+        (args.out / "results.json").write_text(json.dumps(result, indent=1))
+        (args.out / "report.md").write_text(report + "\n")
+        return report, floor_us
+
+    def measured() -> int:
+        sweep_layouts = (triton_sweep or {}).get("layouts", {}).values()
+        return len(rows) + sum(len(lay["sizes"]) for lay in sweep_layouts)
+
+    written = [0]
+
+    def checkpoint() -> None:  # a run killed outright (no Ctrl-C, no SIGTERM handler) keeps its rows
+        if measured() > written[0]:
+            written[0] = measured()
+            save(partial=True)
+
     try:
-        if cuda:
-            progress(f"mlakv {mlakv.__version__} bench on {dev}: measuring copy bandwidth and the launch floor")
-            copy_gbs, tiny_us = copy_bandwidth_gbs(), one_element_graph_us(LAYERS)
-        run_sweep(args.layouts, sizes, providers, [torch.int64], cold=cuda and not args.no_cold,
-                  jit_variants=jit_variants, into=rows)  # fmt: skip
-        if not args.quick and cuda and "bf16" in args.layouts:
-            progress("int32 loc spot check")
-            run_sweep(["bf16"], [128, 16384], providers, [torch.int32], cold=False, into=rows)
-        if args.triton_sweep and cuda:
-            run_triton_sweep(args.layouts, sizes, into=triton_sweep)
-        progress("eager host cost per call")
-        hosts = host_costs()
+        with on_progress(checkpoint):
+            if cuda:
+                progress(f"mlakv {mlakv.__version__} bench on {dev}: measuring copy bandwidth and the launch floor")
+                copy_gbs, tiny_us = copy_bandwidth_gbs(), one_element_graph_us(LAYERS)
+            run_sweep(args.layouts, sizes, providers, [torch.int64], cold=cuda and not args.no_cold,
+                      jit_variants=jit_variants, into=rows)  # fmt: skip
+            if not args.quick and cuda and "bf16" in args.layouts:
+                progress("int32 loc spot check")
+                run_sweep(["bf16"], [128, 16384], providers, [torch.int32], cold=False, into=rows)
+            if args.triton_sweep and cuda:
+                run_triton_sweep(args.layouts, sizes, into=triton_sweep)
+            progress("eager host cost per call")
+            hosts = host_costs()
     except KeyboardInterrupt:
         interrupted = True
 
-    report, floor_us = _report(rows, shown, providers, dev, cuda, copy_gbs, tiny_us, hosts, not_run, interrupted,
-                               triton_sweep)  # fmt: skip
-    result = dict(
-        device=dev, cpu_only=not cuda, torch=torch.__version__, mlakv=mlakv.__version__, date=time.strftime("%Y-%m-%d"),
-        copy_gbs=copy_gbs, one_element_kernel_us=tiny_us, launch_floor_us=floor_us, rows=[asdict(r) for r in rows],
-        host_cost_us=hosts,
-        not_run=not_run,
-        interrupted=interrupted,
-    )
-    if triton_sweep is not None:
-        result["triton_sweep"] = triton_sweep
-    (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    (args.out / "report.md").write_text(report + "\n")
+    report, floor_us = save()
     if interrupted:
         n = len(rows)
         raise KeyboardInterrupt(f"{n} row{'s' if n != 1 else ''} measured so far, in {args.out}/results.json and report.md")

@@ -15,9 +15,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
 
+from .timing import on_progress
+
 __all__ = [
     "cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu", "measured_rows", "INTERRUPTED_NOTE",
-    "rows_kept_on_interrupt",
+    "PARTIAL_NOTE", "checkpoint", "rows_kept_on_interrupt",
     "launch_grid", "table_steps",
 ]  # fmt: skip
 
@@ -68,9 +70,12 @@ def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[dict]
     else ``run(res)``, which fills the dict ``res`` as it measures, then print and write its tables
     (:func:`write_results`). Returns the exit code 0.
 
-    Interrupted (Ctrl-C, or SIGTERM under :func:`mlakv._interrupt.run_command`) after some rows were
-    measured, it writes those, with ``"interrupted": true`` in the JSON and a note under the tables,
-    and raises ``KeyboardInterrupt`` saying where they are; before any row, it just re-raises."""
+    While it runs, the files hold what is measured so far (rewritten at each progress line after new rows,
+    ``"partial": true`` in the JSON and a note under the tables), so a run killed outright (SIGKILL, a lost
+    machine) keeps its rows too. Interrupted (Ctrl-C, or SIGTERM under
+    :func:`mlakv._interrupt.run_command`) after some rows were measured, it writes those, with
+    ``"interrupted": true`` in the JSON and a note under the tables, and raises ``KeyboardInterrupt``
+    saying where they are; before any row, it just re-raises."""
     import torch
 
     if not torch.cuda.is_available():
@@ -78,10 +83,29 @@ def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[dict]
         return 0
     res: dict = {}
     save = lambda note="": write_results(out, stem, res, tables(res) + note)  # noqa: E731
-    with rows_kept_on_interrupt(res, save, f"in {Path(out) / stem}.json and .md"):
-        run(res)
+    with on_progress(checkpoint(res, out, stem, tables)):
+        with rows_kept_on_interrupt(res, save, f"in {Path(out) / stem}.json and .md"):
+            run(res)
     save()
     return 0
+
+
+PARTIAL_NOTE = "\n\nPARTIAL: the run has not finished (or was killed); the rows above are the ones measured so far."
+
+
+def checkpoint(res: dict, out: Union[str, Path], stem: str, tables: Callable[[dict], str]) -> Callable[[], None]:
+    """A hook (for :func:`mlakv.bench.timing.on_progress`) that writes ``out/<stem>.json`` and ``.md``
+    (quietly, with ``"partial": true`` and :data:`PARTIAL_NOTE`) whenever ``res`` holds more rows
+    (:func:`measured_rows`) than at its last write."""
+    written = [0]
+
+    def hook() -> None:
+        kept = measured_rows(res)
+        if kept > written[0]:
+            write_results(out, stem, {**res, "partial": True}, tables(res) + PARTIAL_NOTE, echo=False)
+            written[0] = kept
+
+    return hook
 
 
 INTERRUPTED_NOTE = "\n\nINTERRUPTED: the rows above are the ones measured before the run was stopped."

@@ -13,21 +13,26 @@
 * :func:`host_rounds_us` / :func:`interleaved_us`: the host cost of eager calls, in rounds of many
   calls with no sync inside a round; several callables interleaved round-robin so drift hits all alike.
 
+Progress lines (:func:`progress`) go to stderr; :func:`on_progress` lets a bench's main run a hook after
+each (a bench writes what it has measured so far there, so a run killed outright keeps it).
+
 Benches import these and nothing of each other. ``triton`` is imported on use (GPU paths only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 __all__ = [
     "INPUT_SETS",
     "progress",
+    "on_progress",
     "sync",
     "rotating",
     "graph_median_us",
@@ -45,9 +50,34 @@ __all__ = [
 INPUT_SETS = 8
 
 
+_PROGRESS_HOOKS: list[Callable[[], None]] = []
+
+
 def progress(msg: str) -> None:
-    """A progress line on stderr (a bench's report goes to stdout)."""
+    """A progress line on stderr (a bench's report goes to stdout), then the :func:`on_progress` hooks."""
     print(msg, file=sys.stderr, flush=True)
+    for hook in list(_PROGRESS_HOOKS):
+        hook()
+
+
+@contextlib.contextmanager
+def on_progress(hook: Callable[[], None]) -> Iterator[None]:
+    """While active, ``hook()`` runs after every :func:`progress` line (in the measuring thread, between
+    measurements). A hook that raises ``Exception`` is reported once on stderr and not run again: it
+    must not stop the measuring."""
+    def guarded() -> None:
+        try:
+            hook()
+        except Exception as e:  # noqa: BLE001 - a checkpoint's failure is reported, the run goes on
+            _PROGRESS_HOOKS.remove(guarded)
+            print(f"progress hook failed, not run again: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    _PROGRESS_HOOKS.append(guarded)
+    try:
+        yield
+    finally:
+        if guarded in _PROGRESS_HOOKS:
+            _PROGRESS_HOOKS.remove(guarded)
 
 
 def sync(device: Optional[torch.device | str] = None) -> None:
