@@ -398,31 +398,38 @@ def test_a_bench_killed_outright_keeps_the_rows_measured_before(tmp_path):
     assert "PARTIAL" in (tmp_path / "report.md").read_text()
 
 
-def test_a_family_bench_keeps_its_files_current_while_it_runs(capsys, tmp_path, monkeypatch):
-    """`run_on_gpu`: at each progress line after new rows the files hold them, marked partial; the finished
-    run's files are not marked."""
-    from mlakv.bench import parity
+@pytest.mark.parametrize("bench, runner, rows_key", [
+    ("parity", "run_parity", "points"), ("indexer", "run_indexer_bench", "store"), ("v4", "run_v4_bench", "rows"),
+    ("fp8", "run_fp8_bench", "write"),
+])  # fmt: skip
+def test_a_family_bench_keeps_its_files_current_while_it_runs(capsys, tmp_path, monkeypatch, bench, runner, rows_key):
+    """At each progress line after new rows the files hold them, marked partial (a run killed outright keeps
+    them); the finished run's files are not marked."""
+    import importlib
+
     from mlakv.bench.timing import progress
 
+    module = importlib.import_module({"parity": "mlakv.bench.parity", "indexer": "mlakv.bench.indexer",
+                                      "v4": "mlakv.bench.v4_store", "fp8": "mlakv.bench.fp8_bench"}[bench])  # fmt: skip
     seen = []
 
-    def two_families(families, sizes, into, **options):
-        into.update(sizes=list(sizes), points=[])
+    def two_rows(*args, into, **kwargs):
+        into.update({rows_key: [], "sizes": [1, 2]})
         for n in (1, 2):
-            into["points"] = into["points"] + [{"n": n}]
-            progress(f"family {n} done")
-            seen.append(json.loads((tmp_path / "parity.json").read_text()))
+            into[rows_key].append({"n": n})
+            progress(f"row {n} done")
+            seen.append(json.loads((tmp_path / f"{bench}.json").read_text()))
         return into
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(parity, "run_parity", two_families)
-    monkeypatch.setattr(parity, "format_tables", lambda res: f"tables of {len(res['points'])} rows")
-    rc, _, _ = run_cli(["bench", "parity", "--out", str(tmp_path)], capsys)
+    monkeypatch.setattr(module, runner, two_rows)
+    monkeypatch.setattr(module, "format_tables", lambda res: f"tables of {len(res[rows_key])} rows")
+    rc, _, _ = run_cli(["bench", bench, "--out", str(tmp_path)], capsys)
     assert rc == 0
-    assert [len(r["points"]) for r in seen] == [1, 2] and all(r["partial"] is True for r in seen)
-    final = json.loads((tmp_path / "parity.json").read_text())
-    assert "partial" not in final and len(final["points"]) == 2
-    assert (tmp_path / "parity.md").read_text() == "tables of 2 rows\n"
+    assert [len(r[rows_key]) for r in seen] == [1, 2] and all(r["partial"] is True for r in seen)
+    final = json.loads((tmp_path / f"{bench}.json").read_text())
+    assert "partial" not in final and len(final[rows_key]) == 2
+    assert (tmp_path / f"{bench}.md").read_text() == "tables of 2 rows\n"
 
 
 def test_a_failing_progress_hook_is_reported_once_and_the_run_goes_on(capsys):

@@ -31,7 +31,6 @@ Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--tune [--tune-fami
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -50,8 +49,8 @@ from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
 
 from .options import fp8_parser as build_parser
-from .report import table_steps
-from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, progress, rotating
+from .report import checkpoint, table_steps, write_results
+from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, on_progress, progress, rotating
 
 __all__ = ["run_fp8_bench", "run_fp8_tune", "format_tables", "format_tune", "main"]
 
@@ -450,16 +449,17 @@ def format_tune(res: dict) -> str:
     return "\n".join(out)
 
 
-def _write_out(out: Path, stem: str, res: dict, text: str) -> None:
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (out / f"{stem}.md").write_text(text + "\n")
+def _tuned_points(res: dict) -> int:
+    """How many (family, kind, n) points a launch sweep's partial result holds."""
+    return sum(len(by_n) for fam in ("triton", "jit") for by_n in res.get(fam, {}).values())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``mlakv bench fp8``: returns 0 (also without a GPU: nothing to measure), 2 on a usage error.
 
-    Writes fp8.json and fp8.md (``--tune``: fp8_tune.json and fp8_tune.md). Ctrl-C writes the rows
-    measured so far, then raises ``KeyboardInterrupt``.
+    Writes fp8.json and fp8.md (``--tune``: fp8_tune.json and fp8_tune.md), also while it runs (marked
+    partial: a killed run keeps its rows). Ctrl-C writes the rows measured so far, then raises
+    ``KeyboardInterrupt``.
     """
     args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
@@ -470,27 +470,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     res: dict = {}
     if getattr(args, "tune", False):
         try:
-            run_fp8_tune(args.sizes, into=res, families=args.tune_families)
+            with on_progress(checkpoint(res, out, "fp8_tune", format_tune, count=_tuned_points)):
+                run_fp8_tune(args.sizes, into=res, families=args.tune_families)
         except KeyboardInterrupt:
             if res.get("device"):
                 res["interrupted"] = True
-                _write_out(out, "fp8_tune", res, "INTERRUPTED (Ctrl-C): the sizes measured before it\n\n" + format_tune(res))
+                text = "INTERRUPTED (Ctrl-C): the sizes measured before it\n\n" + format_tune(res)
+                write_results(out, "fp8_tune", res, text, echo=False)
             raise KeyboardInterrupt(f"the launch sweep measured so far is in {out}/fp8_tune.json and fp8_tune.md") from None
-        text = format_tune(res)
-        print(text)
-        _write_out(out, "fp8_tune", res, text)
+        write_results(out, "fp8_tune", res, format_tune(res))
         return 0
     try:
-        run_fp8_bench(args.sizes, into=res)
+        with on_progress(checkpoint(res, out, "fp8", format_tables)):
+            run_fp8_bench(args.sizes, into=res)
     except KeyboardInterrupt:
         if res.get("copy_gbs") is not None:
             res["interrupted"] = True
-            _write_out(out, "fp8", res, "INTERRUPTED (Ctrl-C): the rows measured before it\n\n" + format_tables(res))
+            text = "INTERRUPTED (Ctrl-C): the rows measured before it\n\n" + format_tables(res)
+            write_results(out, "fp8", res, text, echo=False)
         raise KeyboardInterrupt(f"{len(res.get('write', []))} write rows and {len(res.get('gather', []))} gather rows "
                                 f"measured so far are in {out}/fp8.json and fp8.md") from None  # fmt: skip
-    text = format_tables(res)
-    print(text)
-    _write_out(out, "fp8", res, text)
+    write_results(out, "fp8", res, format_tables(res))
     return 0
 
 

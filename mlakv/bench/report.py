@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from .timing import on_progress
 
@@ -93,14 +93,16 @@ def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[dict]
 PARTIAL_NOTE = "\n\nPARTIAL: the run has not finished (or was killed); the rows above are the ones measured so far."
 
 
-def checkpoint(res: dict, out: Union[str, Path], stem: str, tables: Callable[[dict], str]) -> Callable[[], None]:
+def checkpoint(res: dict, out: Union[str, Path], stem: str, tables: Callable[[dict], str],
+               count: Optional[Callable[[dict], int]] = None) -> Callable[[], None]:  # fmt: skip
     """A hook (for :func:`mlakv.bench.timing.on_progress`) that writes ``out/<stem>.json`` and ``.md``
     (quietly, with ``"partial": true`` and :data:`PARTIAL_NOTE`) whenever ``res`` holds more rows
-    (:func:`measured_rows`) than at its last write."""
+    (``count(res)``, :func:`measured_rows` by default) than at its last write."""
+    count = count or measured_rows
     written = [0]
 
     def hook() -> None:
-        kept = measured_rows(res)
+        kept = count(res)
         if kept > written[0]:
             write_results(out, stem, {**res, "partial": True}, tables(res) + PARTIAL_NOTE, echo=False)
             written[0] = kept
