@@ -27,7 +27,9 @@ __all__ = ["launch_set_kv_rows", "launch_get_kv_rows", "row_kernel_block"]
 
 
 def row_kernel_block(nope_dim: int, rope_dim: int) -> int:
-    """``BLOCK`` of the row kernel: the next power of two of the row width (one program per row)."""
+    """The row's block: the next power of two of the row width. The gather loads a row as one such block;
+    the write's launch table reads its size in bytes (``TRITON_ROW_STEPS``' bytes per warp), though the
+    write itself loads the nope and rope parts as two blocks of their own powers of two."""
     return triton.next_power_of_2(nope_dim + rope_dim)
 
 
@@ -167,7 +169,7 @@ def launch_set_kv_rows(
     rows_per_program: int = 0,
     early_trigger: Optional[bool] = None,
 ) -> None:
-    """Launch the row kernel: ``rows_per_program`` rows per program, ``BLOCK = next_pow2(nope_dim + rope_dim)``.
+    """Launch the row kernel: ``rows_per_program`` rows per program, each row as two blocks (nope, rope).
 
     ``num_warps``/``rows_per_program``/``early_trigger`` override the launch table
     (:func:`mlakv.spec.tuning.triton_row_launch`, or for a converting write
