@@ -729,6 +729,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         dev = torch.cuda.get_device_name()
     else:
         dev = f"{CPU_LABEL} [{platform.processor() or platform.machine()}]"
+
     def save(partial: bool = False) -> tuple[str, Optional[float]]:
         """Write results.json and report.md from what is measured now (``partial``: mid-run, marked so);
         the report and the launch floor it used."""
@@ -754,8 +755,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     written = [0]
 
     def checkpoint() -> None:  # a run killed outright (no Ctrl-C, no SIGTERM handler) keeps its rows
-        if measured() > written[0]:
-            written[0] = measured()
+        kept = measured()
+        if kept > written[0]:
+            written[0] = kept
             save(partial=True)
 
     try:

@@ -83,9 +83,9 @@ def run_on_gpu(what: str, out: Union[str, Path], stem: str, run: Callable[[dict]
         return 0
     res: dict = {}
     save = lambda note="": write_results(out, stem, res, tables(res) + note)  # noqa: E731
-    with on_progress(checkpoint(res, out, stem, tables)):
-        with rows_kept_on_interrupt(res, save, f"in {Path(out) / stem}.json and .md"):
-            run(res)
+    kept = rows_kept_on_interrupt(res, save, f"in {Path(out) / stem}.json and .md")
+    with on_progress(checkpoint(res, out, stem, tables)), kept:
+        run(res)
     save()
     return 0
 
