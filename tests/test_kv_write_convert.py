@@ -177,6 +177,27 @@ def test_converting_write_reads_strided_full_row_views(write):
     assert_bits_equal(kv, expected)
 
 
+def _loc_view(kind: str) -> torch.Tensor:
+    """``[4]`` slots as the view ``kind``: strided with a storage offset, or one slot expanded (stride 0)."""
+    if kind == "strided-offset":
+        return torch.tensor([0, 9, 0, 3, 0, 12, 0, 5, 0], device=DEVICE)[1::2]
+    return torch.tensor([7], device=DEVICE).expand(4)
+
+
+@pytest.mark.parametrize("loc_kind", ["strided-offset", "expanded"])
+@pytest.mark.parametrize("write", list(PATHS.values()))
+def test_converting_write_reads_loc_views_and_expanded_sources(write, loc_kind):
+    """fp32 into bf16 with ``loc`` a strided, offset or expanded view and the sources one row expanded: every
+    write of a slot is the same converted row, so the result is defined."""
+    kv = poisoned_buffer(SLOTS, NOPE + ROPE, torch.bfloat16)
+    row = converting_values(1, NOPE + ROPE, torch.float32, seed=11).to(DEVICE)
+    nope, rope = row[:, :NOPE].expand(4, NOPE), row[:, NOPE:].expand(4, ROPE)
+    loc = _loc_view(loc_kind)
+    expected = reference(kv, loc, nope, rope)
+    write(kv, loc, nope, rope)
+    assert_bits_equal(kv, expected)
+
+
 @pytest.mark.parametrize(
     "kv_dtype,src_dtype",
     [
