@@ -239,17 +239,23 @@ class Smoke:
             self.check(f"refused: {name}", refused and torch.equal(_bits(kv), _bits(before)))
 
     def gather(self) -> None:
+        """The gather at the table's launch and at every shape of its sweep (5 rows: a partial last
+        program at 2, 4 and 8 rows per program), with slots outside the buffer and a strided loc."""
+        from mlakv.bench.kv_write import triton_sweep_shapes
+
+        shapes = [{}] + [dict(num_warps=w, rows_per_program=r, early_trigger=e) for w, r, e in triton_sweep_shapes()]
         for dtype, nd, rd in LAYOUTS:
             kv = torch.empty((64, 1, nd + rd), dtype=dtype, device="cuda")
             kv.view(torch.uint8).random_(0, 256)
             bad = torch.tensor([3, 64, -1, 10**9, 63], device="cuda")
             for loc in (bad, torch.tensor([3, 0, 64, 0, -1, 0, 10**9, 0, 63], device="cuda")[::2]):
-                nope, rope = launch_get_kv_rows(kv, loc, nd, rd)
-                torch.cuda.synchronize()
-                rows = _bits(kv).reshape(64, -1)
-                ok = (torch.equal(_bits(nope[0]), rows[3, :nd]) and torch.equal(_bits(rope[4]), rows[63, nd:])
-                      and not _bits(nope[1:4]).any() and not _bits(rope[1:4]).any())
-                self.check(f"gather {dtype} {nd}+{rd} invalid slots, loc stride {loc.stride(0)}", ok)
+                for launch in shapes:
+                    nope, rope = launch_get_kv_rows(kv, loc, nd, rd, **launch)
+                    torch.cuda.synchronize()
+                    rows = _bits(kv).reshape(64, -1)
+                    ok = (torch.equal(_bits(nope[0]), rows[3, :nd]) and torch.equal(_bits(rope[4]), rows[63, nd:])
+                          and not _bits(nope[1:4]).any() and not _bits(rope[1:4]).any())
+                    self.check(f"gather {dtype} {nd}+{rd} invalid slots, loc stride {loc.stride(0)}, launch {launch or 'table'}", ok)
 
     def move(self) -> None:
         """Both move kernels at the table's launch and at every shape of their sweep (``MOVE_TRITON_SWEEP``):

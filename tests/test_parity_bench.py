@@ -131,18 +131,47 @@ def test_convert_sweep_report_names_the_fastest_shape_and_the_rows_it_makes():
 
 
 def test_convert_sweep_section_is_absent_without_a_sweep():
-    assert "--convert-sweep" not in parity.format_tables(_result())
+    assert "launch sweep" not in parity.format_tables(_result())
 
 
-def test_convert_sweep_option_reaches_the_converting_write_only(monkeypatch):
-    seen = {}
-    monkeypatch.setattr(parity, "_convert", lambda sizes, sweep=False: seen.setdefault("convert", sweep) and [])
-    monkeypatch.setitem(parity.FAMILIES, "row", lambda sizes: seen.setdefault("row", sizes) and [])
+@pytest.mark.parametrize(
+    "argv, swept",
+    [(["--convert-sweep"], {"convert"}), (["--sweep", "gather"], {"gather"}), (["--sweep", "convert,gather"], {"convert", "gather"}), ([], set())],
+)
+def test_sweep_option_reaches_the_named_families_only(monkeypatch, argv, swept):
+    seen: dict = {}
+
+    def runner(fam):
+        def run(sizes, sweep=False):
+            seen[fam] = sweep
+            return []
+
+        return run
+
+    for fam in parity.SWEEPS:
+        monkeypatch.setitem(parity.SWEEPS, fam, runner(fam))
+        monkeypatch.setitem(parity.FAMILIES, fam, runner(fam))
+    monkeypatch.setitem(parity.FAMILIES, "row", runner("row"))
     monkeypatch.setattr(parity.torch.cuda, "get_device_name", lambda *a: "GPU")
-    parity.run_parity(["row", "convert"], [8], convert_sweep=True)
-    assert seen == {"convert": True, "row": [8]}
-    assert parity.build_parser().parse_args(["--convert-sweep"]).convert_sweep
-    assert not parity.build_parser().parse_args([]).convert_sweep
+    args = parity.build_parser().parse_args(argv)
+    parity.run_parity(["row", "convert", "gather"], [8], convert_sweep=args.convert_sweep, sweep=args.sweep)
+    assert seen == {"row": False, **{fam: fam in swept for fam in parity.SWEEPS}}
+
+
+def test_an_unknown_sweep_family_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        parity.build_parser().parse_args(["--sweep", "row"])
+
+
+def test_gather_is_a_ratio_row_against_torch_and_has_its_own_sweep_section():
+    res = _result()
+    g = parity.entry("gather", parity.GATHER_CASE, 65536, 30.0, 33.0)
+    g.update(table="w1r1e", sweep={"w1r1e": 33.0, "w4r4e": 30.0})
+    res["points"].append(g)
+    text = parity.format_tables(res)
+    assert f"| gather | {parity.GATHER_CASE} | - | 1.10 | met |" in text
+    assert "gather, launch sweep (`--sweep`)" in text and "(TRITON_GATHER_STEPS)" in text
+    assert "| 65536 | w4r4e | 30.00 | w1r1e | 33.00 | 1.10x | - |" in text
 
 
 @requires_sm90
@@ -152,4 +181,15 @@ def test_convert_sweep_runs_on_the_gpu_and_checks_every_shape():
     (p,) = parity._convert([8], sweep=True)
     assert set(p["sweep"]) == {parity._sweep_key(*s) for s in triton_sweep_shapes()}
     assert all(isinstance(v, float) for v in p["sweep"].values()), p["sweep"]  # every shape bit-exact, timed
+    assert p["table"] in p["sweep"]
+
+
+@requires_sm90
+def test_gather_sweep_runs_on_the_gpu_and_checks_every_shape():
+    from mlakv.bench.kv_write import triton_sweep_shapes
+
+    (p,) = parity._gather([100], sweep=True)
+    assert parity.ratio_of(p) is not None, p  # the Triton gather and torch's both matched the rule
+    assert set(p["sweep"]) == {parity._sweep_key(*s) for s in triton_sweep_shapes()}
+    assert all(isinstance(v, float) for v in p["sweep"].values()), p["sweep"]
     assert p["table"] in p["sweep"]

@@ -341,7 +341,8 @@ def vllm_parser(
 
 
 # ---- mlakv bench parity -----------------------------------------------------------------------
-PARITY_FAMILIES = ["row", "fp8", "rope", "v4", "indexer", "convert"]  # mlakv.bench.parity.FAMILIES
+PARITY_FAMILIES = ["row", "fp8", "rope", "v4", "indexer", "convert", "gather"]  # mlakv.bench.parity.FAMILIES
+PARITY_SWEEPS = ["convert", "gather"]  # mlakv.bench.parity.SWEEPS
 PARITY_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
 PARITY_LIMIT = 1.15  # the goal: each Triton kernel within this factor of the CUDA kernel for the same call
 
@@ -356,9 +357,11 @@ def parity_parser(
                    help=f"comma list of {', '.join(PARITY_FAMILIES)} (default all)")  # fmt: skip
     p.add_argument("--sizes", type=csv_ints("sizes", 1, MAX_SIZE), default=list(PARITY_SIZES),
                    help=f"comma list of n (default {','.join(map(str, PARITY_SIZES))})")  # fmt: skip
-    p.add_argument("--convert-sweep", action="store_true",
-                   help="with the convert family: also time the converting write at every launch shape of the row "
-                        "kernel's sweep (each checked bit-exact first) and report the fastest per n")  # fmt: skip
+    p.add_argument("--sweep", type=csv_of(PARITY_SWEEPS, "sweep family"), default=[],
+                   help=f"comma list of {', '.join(PARITY_SWEEPS)}: with those families, also time their Triton kernel at "
+                        "every launch shape of the row kernel's sweep (each checked bit-exact first) and report the "
+                        "fastest per n and the launch-table rows they make")  # fmt: skip
+    p.add_argument("--convert-sweep", action="store_true", help="the same as --sweep convert")
     p.add_argument("--out", type=out_dir, default=Path("bench-out"),
                    help="directory for parity.json and parity.md (checked writable before measuring)")  # fmt: skip
     return p

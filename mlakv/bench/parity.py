@@ -16,12 +16,16 @@ converted rows (the same output) and the call's bytes at copy bandwidth. The mov
 and the vLLM face's paged gathers have their own benches (``python -m mlakv.bench.move_kv``,
 ``mlakv bench hicache``, ``mlakv bench vllm``).
 
-The converting write has its own launch rows (``TRITON_CONVERT_STEPS``). ``--convert-sweep`` times it
-at every launch shape of the row kernel's sweep too, each shape checked bit-exact first, and reports the
-fastest per n against the table's shape and the table rows the fastest shapes make.
+The plain gather (``kv[loc]`` split into nope and rope; Triton on every GPU) has no JIT twin either: it
+is read against torch's CUDA gather of the same rows (``index_select``, one kernel, the same bytes).
 
-Run: ``python -m mlakv bench parity [--families row,fp8,rope,v4,indexer,convert] [--sizes ...]
-[--convert-sweep] [--out DIR]``; writes ``parity.json`` and ``parity.md`` under ``--out``.
+The converting write and the gather have their own launch rows (``TRITON_CONVERT_STEPS``,
+``TRITON_GATHER_STEPS``). ``--sweep convert,gather`` (``--convert-sweep``: convert) times them at every
+launch shape of the row kernel's sweep too, each shape checked bit-exact first, and reports the fastest
+per n against the table's shape and the table rows the fastest shapes make.
+
+Run: ``python -m mlakv bench parity [--families row,fp8,rope,v4,indexer,convert,gather] [--sizes ...]
+[--sweep convert,gather] [--out DIR]``; writes ``parity.json`` and ``parity.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import datetime
 import functools
 import platform
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -139,8 +143,6 @@ def _convert(sizes: list[int], sweep: bool = False) -> list[dict]:
     from mlakv.ops.reference import set_mla_kv_buffer_torch
     from mlakv.spec.tuning import triton_convert_launch
 
-    from .kv_write import triton_sweep_shapes
-
     copy_gbs = copy_bandwidth_gbs()
     out = []
     for n in sizes:
@@ -168,19 +170,73 @@ def _convert(sizes: list[int], sweep: bool = False) -> list[dict]:
         e["bound"] = n * (576 * 4 + 8 + 576 * 2) / (copy_gbs * 1e3)
         if sweep:
             e["table"] = _sweep_key(*triton_convert_launch(n))
-            e["sweep"] = {}
-            for w, r, early in triton_sweep_shapes():
-                write = functools.partial(launch_set_kv_rows, num_warps=w, rows_per_program=r, early_trigger=early)
+
+            def measure(launch: dict) -> Any:
+                write = functools.partial(launch_set_kv_rows, **launch)
                 got = base.clone()
                 write(got, loc, nope, rope)
-                key = _sweep_key(w, r, early)
-                e["sweep"][key] = "WRONG"
-                if torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)):
-                    e["sweep"][key] = graph_median_us(
-                        rotating(lambda kv, loc, a, b, c, d, write=write: write(kv, loc, a, b), sets), calls=len(sets)
-                    )
+                if not torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)):
+                    return "WRONG"
+                return graph_median_us(rotating(lambda kv, loc, a, b, c, d: write(kv, loc, a, b), sets), calls=len(sets))
+
+            e["sweep"] = _sweep_shapes(measure)
         out.append(e)
-        del sets
+        sets.clear()  # frees the input sets before the next size
+        torch.cuda.empty_cache()
+    return out
+
+
+def _sweep_shapes(measure: Callable[[dict], Any]) -> dict[str, Any]:
+    """``{shape key: µs or "WRONG"}``: ``measure`` (launch overrides -> a checked time) at every launch
+    shape of the row kernel's sweep (:func:`mlakv.bench.kv_write.triton_sweep_shapes`)."""
+    from .kv_write import triton_sweep_shapes
+
+    return {
+        _sweep_key(w, r, early): measure(dict(num_warps=w, rows_per_program=r, early_trigger=early))
+        for w, r, early in triton_sweep_shapes()
+    }
+
+
+GATHER_CASE = "bf16 512+64 (CUDA: torch index_select)"
+
+
+def _gather(sizes: list[int], sweep: bool = False) -> list[dict]:
+    """The plain gather (bf16 512 + 64 rows at random slots): the Triton kernel against torch's CUDA
+    gather of the same rows (``index_select`` of ``[num_slots, 576]``: one kernel, the same bytes read
+    and written), which sits in ``jit``. With ``sweep``, ``"sweep"`` and ``"table"`` as in :func:`_convert`."""
+    from mlakv.kernels.triton.row_write import launch_get_kv_rows
+    from mlakv.spec.tuning import triton_gather_launch
+
+    out = []
+    for n in sizes:
+        progress(f"parity: gather n={n}")
+        slots = n + 64
+        sets = []
+        for _ in range(INPUT_SETS):
+            kv = torch.empty(slots, 1, 576, dtype=torch.bfloat16, device="cuda")
+            kv.view(torch.int16).random_(-(1 << 15), 1 << 15)
+            sets.append((kv, torch.randperm(slots, device="cuda")[:n]))
+        kv, loc = sets[0]
+        want = kv.cpu().view(slots, 576)[loc.cpu()].view(torch.int16)  # the rule, on the CPU
+
+        def timed(fn: Callable[..., Any], rows: Callable[[Any], torch.Tensor]) -> Any:
+            got = rows(fn(kv, loc))
+            if not torch.equal(got.cpu().view(torch.int16), want):
+                return "WRONG"
+            return graph_median_us(rotating(fn, sets), calls=len(sets))
+
+        def triton_rows(r: Any) -> torch.Tensor:
+            return torch.cat(r, dim=1)
+
+        peer = timed(lambda kv, loc: torch.index_select(kv.view(kv.shape[0], 576), 0, loc), lambda r: r)
+        e = entry("gather", GATHER_CASE, n, peer, timed(lambda kv, loc: launch_get_kv_rows(kv, loc, 512, 64), triton_rows))
+        if sweep:
+            e["table"] = _sweep_key(*triton_gather_launch(n))
+            e["sweep"] = _sweep_shapes(
+                lambda launch: timed(lambda kv, loc: launch_get_kv_rows(kv, loc, 512, 64, **launch), triton_rows)
+            )
+        out.append(e)
+        sets.clear()  # frees the input sets before the next size
         torch.cuda.empty_cache()
     return out
 
@@ -188,14 +244,20 @@ def _convert(sizes: list[int], sweep: bool = False) -> list[dict]:
 #: ``--families`` name -> its runner (sizes -> points); the converting write has no CUDA twin (read apart)
 FAMILIES: dict[str, Callable[[list[int]], list[dict]]] = {
     "row": _row_write, "fp8": _fp8, "rope": _rope, "v4": _v4, "indexer": _indexer, "convert": _convert,
+    "gather": _gather,
 }  # fmt: skip
+#: the families ``--sweep`` times at every launch shape: their runners take ``sweep=True``
+SWEEPS: dict[str, Callable[..., list[dict]]] = {"convert": _convert, "gather": _gather}
 assert set(FAMILIES) == set(PARITY_FAMILIES)
 
 
-def run_parity(families: list[str], sizes: list[int], into: Optional[dict] = None, convert_sweep: bool = False) -> dict:
+def run_parity(
+    families: list[str], sizes: list[int], into: Optional[dict] = None, convert_sweep: bool = False, sweep: Sequence[str] = ()
+) -> dict:
     """Run each family's bench at ``sizes``; ``{"device", "versions", "date", "sizes", "points": [...]}`` (GPU only).
-    Points go into ``into`` as each family finishes, so an interrupted run keeps them. ``convert_sweep``:
-    the converting write at every launch shape too (:func:`_convert`)."""
+    Points go into ``into`` as each family finishes, so an interrupted run keeps them. ``sweep``: the
+    families of :data:`SWEEPS` (among ``families``) timed at every launch shape too; ``convert_sweep``
+    adds ``convert`` to them."""
     import triton
 
     res = {} if into is None else into
@@ -207,7 +269,8 @@ def run_parity(families: list[str], sizes: list[int], into: Optional[dict] = Non
     )  # fmt: skip
     for fam in families:
         progress(f"parity: {fam}")
-        runner = functools.partial(_convert, sweep=True) if fam == "convert" and convert_sweep else FAMILIES[fam]
+        swept = fam in sweep or (fam == "convert" and convert_sweep)
+        runner = functools.partial(SWEEPS[fam], sweep=True) if swept else FAMILIES[fam]
         res["points"] += runner(sizes)
     return res
 
@@ -260,20 +323,21 @@ def format_tables(res: dict) -> str:
         for p in conv:
             rb = f"{p['triton'] / p['bound']:.2f}x" if isinstance(p["triton"], (int, float)) else "-"
             out.append(f"| {p['n']} | {_us(p['triton'])} | {_us(p['jit'])} | {_us(p['bound'])} | {rb} |")
-        out += _convert_sweep_lines(conv)
+        out += _sweep_lines(conv, "converting write", "TRITON_CONVERT_STEPS")
+    out += _sweep_lines([p for p in res["points"] if p["family"] == "gather"], "gather", "TRITON_GATHER_STEPS")
     return "\n".join(out)
 
 
-def _convert_sweep_lines(conv: list[dict]) -> list[str]:
-    """The ``--convert-sweep`` section: per n the fastest launch shape against the table's, the shapes
-    found wrong, then the rows ``(max n, num_warps, rows per program, trigger at entry)`` of a table of
-    the converting write (``TRITON_CONVERT_STEPS``) that the fastest shapes make; empty without a sweep."""
-    swept = [p for p in conv if p.get("sweep")]
+def _sweep_lines(points: list[dict], kernel: str, table: str) -> list[str]:
+    """A ``--sweep`` section of ``kernel``: per n the fastest launch shape against the table's, the shapes
+    found wrong, then the rows ``(max n, num_warps, rows per program, trigger at entry)`` of its launch
+    table (``table``) that the fastest shapes make; empty without a sweep."""
+    swept = [p for p in points if p.get("sweep")]
     if not swept:
         return []
-    out = ["", "converting write, launch sweep (`--convert-sweep`): µs per call; shape wWrR + e|l: W warps, R rows "
+    out = ["", f"{kernel}, launch sweep (`--sweep`): µs per call; shape wWrR + e|l: W warps, R rows "
            "per program, the PDL trigger at entry (e) or after the stores (l); table: the shape its launch table "
-           "(TRITON_CONVERT_STEPS) gives it", "", "| n | fastest | µs | table | µs | table / fastest | wrong |",
+           f"({table}) gives it", "", "| n | fastest | µs | table | µs | table / fastest | wrong |",
            "|---|---|---|---|---|---|---|"]  # fmt: skip
     best = []
     for p in swept:
@@ -297,5 +361,5 @@ def _convert_sweep_lines(conv: list[dict]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     """``mlakv bench parity``: returns 0 (also without a GPU: nothing to measure), 2 on a usage error."""
     args = build_parser().parse_args(argv)
-    run = lambda res: run_parity(args.families, args.sizes, into=res, convert_sweep=args.convert_sweep)  # noqa: E731
+    run = lambda res: run_parity(args.families, args.sizes, into=res, convert_sweep=args.convert_sweep, sweep=args.sweep)  # noqa: E731
     return run_on_gpu("parity bench", args.out, "parity", run, format_tables)

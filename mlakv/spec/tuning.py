@@ -25,6 +25,9 @@ __all__ = [
     "TRITON_CONVERT_STEPS",
     "TRITON_CONVERT_MEASURED",
     "triton_convert_launch",
+    "TRITON_GATHER_STEPS",
+    "TRITON_GATHER_MEASURED",
+    "triton_gather_launch",
     "ROPE_WRITE_WARPS",
     "ROPE_WRITE_EARLY_MAX_ITEMS",
     "rope_write_launch",
@@ -214,6 +217,25 @@ TRITON_CONVERT_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
 TRITON_CONVERT_MEASURED = (
     "NVIDIA H200, 2026-12-03 09:19 UTC: `mlakv bench parity --families convert --convert-sweep` (docs/h200-2026-12-03/run10)"
 )
+
+
+# The plain gather (kernels/triton/row_write.py, ``launch_get_kv_rows``): its own rows (max n_loc,
+# num_warps, rows per program, PDL trigger at entry), by increasing n_loc. GATHER_ROWS_PENDING
+TRITON_GATHER_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
+    (1024, 8, 1, True),
+    (4096, 4, 1, True),
+    (None, 1, 1, True),
+)
+TRITON_GATHER_MEASURED = "PENDING"
+
+
+def triton_gather_launch(n_loc: int) -> tuple[int, int, bool]:
+    """``(num_warps, rows_per_program, early_trigger)`` of the Triton gather of ``n_loc`` rows
+    (:data:`TRITON_GATHER_STEPS`)."""
+    for max_n, warps, rows, early in TRITON_GATHER_STEPS:
+        if max_n is None or n_loc <= max_n:
+            return warps, rows, early
+    raise AssertionError("the last gather step must have max n_loc None")
 
 
 def triton_convert_launch(n_loc: int) -> tuple[int, int, bool]:

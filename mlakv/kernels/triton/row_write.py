@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mlakv.spec.tuning import triton_convert_launch, triton_row_launch
+from mlakv.spec.tuning import triton_convert_launch, triton_gather_launch, triton_row_launch
 
 from .common import as_triton_dtype, interpreting, pdl_supported
 
@@ -27,9 +27,9 @@ __all__ = ["launch_set_kv_rows", "launch_get_kv_rows", "row_kernel_block"]
 
 
 def row_kernel_block(nope_dim: int, rope_dim: int) -> int:
-    """The row's block: the next power of two of the row width. The gather loads a row as one such block;
-    the write's launch table reads its size in bytes (``TRITON_ROW_STEPS``' bytes per warp), though the
-    write itself loads the nope and rope parts as two blocks of their own powers of two."""
+    """The row's block: the next power of two of the row width. The write's launch table reads its size
+    in bytes (``TRITON_ROW_STEPS``' bytes per warp), though the write and the gather load the nope and
+    rope parts as two blocks of their own powers of two."""
     return triton.next_power_of_2(nope_dim + rope_dim)
 
 
@@ -244,41 +244,86 @@ def _get_kv_rows_kernel(
     kv_row_stride,
     loc_stride,
     num_slots,
+    n_loc,
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    NOPE_P2: tl.constexpr,
+    ROPE_P2: tl.constexpr,
+    ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):
-    # One program reads one row kv[loc[i]] and splits it into nope_out[i] and rope_out[i]. A slot
-    # outside [0, num_slots) (padding or out of range) reads nothing: its row comes out as zeros.
-    i = tl.program_id(0).to(tl.int64)
-    slot = tl.load(loc_ptr + i * loc_stride).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    slot_b = tl.zeros([BLOCK], dtype=tl.int64) + slot
-    valid = (slot_b >= 0) & (slot_b < num_slots)
-    x = tl.load(kv_ptr + slot * kv_row_stride + offs, mask=(offs < NOPE + ROPE) & valid, other=0)
-    tl.store(nope_out_ptr + i * NOPE + offs, x, mask=offs < NOPE)
+    # One program reads ROWS rows kv[loc[i]] and splits each into nope_out[i] and rope_out[i], as two
+    # blocks [ROWS, NOPE_P2] and [ROWS, ROPE_P2] (the write's layout). A slot outside [0, num_slots)
+    # (padding or out of range) reads nothing: its row comes out as zeros. Rows past the call (the last
+    # program's tail) read loc's last entry and store nothing. PDL: every load and store comes after the
+    # wait (the previous grid may write kv, or have read memory the outputs now reuse); the trigger
+    # carries no memory ordering, so it may come at entry or after the stores.
+    if USE_PDL and EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    out = (i < n_loc)[:, None]
+    slot = tl.load(loc_ptr + tl.minimum(i, n_loc - 1) * loc_stride).to(tl.int64)
+    valid = ((slot >= 0) & (slot < num_slots))[:, None] & out
+    src = kv_ptr + tl.where(valid, slot[:, None], 0) * kv_row_stride  # [ROWS, 1]; no product past the buffer
+    on = tl.arange(0, NOPE_P2)[None, :]
+    mn = on < NOPE
+    # both loads before either store: an output may alias kv as far as the compiler knows
+    a = tl.load(src + on, mask=mn & valid, other=0)
     if ROPE > 0:
-        tl.store(rope_out_ptr + i * ROPE + (offs - NOPE), x, mask=(offs >= NOPE) & (offs < NOPE + ROPE))
+        orr = tl.arange(0, ROPE_P2)[None, :]
+        mr = orr < ROPE
+        b = tl.load(src + NOPE + orr, mask=mr & valid, other=0)
+    tl.store(nope_out_ptr + i[:, None] * NOPE + on, a, mask=mn & out)
+    if ROPE > 0:
+        tl.store(rope_out_ptr + i[:, None] * ROPE + orr, b, mask=mr & out)
+    if USE_PDL and not EARLY_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def launch_get_kv_rows(
-    kv_buffer: torch.Tensor, loc: torch.Tensor, nope_dim: int, rope_dim: int
+    kv_buffer: torch.Tensor,
+    loc: torch.Tensor,
+    nope_dim: int,
+    rope_dim: int,
+    *,
+    num_warps: int = 0,
+    rows_per_program: int = 0,
+    early_trigger: Optional[bool] = None,
+    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather ``kv_buffer[loc]`` as ``([n_loc, nope_dim], [n_loc, rope_dim])`` (new contiguous tensors).
+    """Gather ``kv_buffer[loc]`` as ``([n_loc, nope_dim], [n_loc, rope_dim])`` (new contiguous tensors,
+    or ``out``: two such tensors of ``kv_buffer``'s dtype and device, every element written).
 
-    ``kv_buffer [num_slots, (1,) total]``; ``loc [n_loc]`` int32/int64 physical rows, read at its
-    stride. Rows whose slot is outside ``[0, num_slots)`` come out as zeros (nothing is read for them).
+    ``kv_buffer [num_slots, (1,) total]``, last dim contiguous; ``loc [n_loc]`` int32/int64 physical
+    rows, read at its stride. Rows whose slot is outside ``[0, num_slots)`` come out as zeros (nothing is
+    read for them). ``num_warps``/``rows_per_program``/``early_trigger`` override the gather's launch
+    table (:func:`mlakv.spec.tuning.triton_gather_launch`; 0/None: its choice) — for the sweep.
     """
     n_loc = loc.shape[0]
-    nope_out = torch.empty((n_loc, nope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
-    rope_out = torch.empty((n_loc, rope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
+    if out is None:
+        nope_out = torch.empty((n_loc, nope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
+        rope_out = torch.empty((n_loc, rope_dim), dtype=kv_buffer.dtype, device=kv_buffer.device)
+    else:
+        nope_out, rope_out = out
+        for name, t, width in (("out[0]", nope_out, nope_dim), ("out[1]", rope_out, rope_dim)):
+            if t.shape != (n_loc, width) or t.dtype != kv_buffer.dtype or t.device != kv_buffer.device or not t.is_contiguous():
+                raise ValueError(
+                    f"{name}: expected a contiguous [{n_loc}, {width}] {kv_buffer.dtype} tensor on {kv_buffer.device}, "
+                    f"got {list(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})"
+                )
     if n_loc == 0:
         return nope_out, rope_out
     kv, n_out, r_out = (as_triton_dtype(t) for t in (kv_buffer, nope_out, rope_out))
     if rope_dim == 0:
         r_out = n_out  # never written; an empty tensor's pointer may be null
-    block = row_kernel_block(nope_dim, rope_dim)
-    _get_kv_rows_kernel[(n_loc,)](
+    use_pdl = kv.is_cuda and pdl_supported(kv.device.index or 0)
+    extra = {"launch_pdl": True} if use_pdl else {}
+    warps, rows, early = triton_gather_launch(n_loc)
+    rows = rows_per_program or rows
+    _get_kv_rows_kernel[(triton.cdiv(n_loc, rows),)](
         kv,
         loc,
         n_out,
@@ -286,9 +331,15 @@ def launch_get_kv_rows(
         kv.stride(0),
         loc.stride(0),
         kv.shape[0],
+        n_loc,
         NOPE=nope_dim,
         ROPE=rope_dim,
-        BLOCK=block,
-        num_warps=triton_row_launch(n_loc, block * kv.element_size())[0],
+        NOPE_P2=triton.next_power_of_2(nope_dim),
+        ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
+        ROWS=rows,
+        USE_PDL=use_pdl,
+        EARLY_TRIGGER=early if early_trigger is None else early_trigger,
+        num_warps=num_warps or warps,
+        **extra,
     )
     return nope_out, rope_out
