@@ -4,8 +4,8 @@ Spec (:func:`mlakv.testing.sm90.memory_order`): the runs of loads and stores as 
 them out. Through a destination that may alias a source, the compiler keeps a load written after a
 store after it (a second memory round trip per program); written first, every load comes first.
 mlakv's write kernels with one straight path (the row write, plain and converting; the FP8 per_tensor
-write; the indexer store; the V4 stores) issue every load before any store at their tables' launch
-shapes. The ds_mla write has a general path that loads from memory after stores by design, so it is not
+write; the indexer store; the V4 stores) and the plain gather issue every load before any store at their
+tables' launch shapes. The ds_mla write has a general path that loads from memory after stores by design, so it is not
 listed.
 """
 
@@ -140,6 +140,14 @@ def v4(enc):
                            enable_fp_fusion=False)
 
 
+def gather():
+    ptrs = dict(kv_ptr="*i16", loc_ptr="*i64", nope_out_ptr="*i16", rope_out_ptr="*i16")
+    ints = dict(kv_row_stride=576, loc_stride=1, num_slots=5000, n_loc=4096)
+    for _, warps, rows, early in tuning.TRITON_GATHER_STEPS:
+        consts = dict(NOPE=512, ROPE=64, NOPE_P2=512, ROPE_P2=64, ROWS=rows, USE_PDL=True, EARLY_TRIGGER=early)
+        yield compile_sm90(row_write._get_kv_rows_kernel, ptrs, ints, consts, num_warps=warps)
+
+
 CASES = {
     "row bf16 512+64": lambda: row("*i16", 512, 64, False),
     "row u8 656": lambda: row("*u8", 640, 16, False),
@@ -150,6 +158,7 @@ CASES = {
     "v4 store, v4": lambda: v4(0),
     "v4 store, v41": lambda: v4(1),
     "v4 store, v41_fp4": lambda: v4(2),
+    "gather bf16 512+64": gather,
 }
 out = {}
 for name in json.loads(sys.argv[1]):
@@ -161,7 +170,7 @@ print(json.dumps([out]))
 WRITE_KERNELS = [
     "row bf16 512+64", "row u8 656", "row converting fp32 -> bf16", "row converting fp32 -> bf16, hardware cvt",
     "fp8 per_tensor write", "indexer store",
-    "v4 store, v4", "v4 store, v41", "v4 store, v41_fp4",
+    "v4 store, v4", "v4 store, v41", "v4 store, v41_fp4", "gather bf16 512+64",
 ]  # fmt: skip
 
 
