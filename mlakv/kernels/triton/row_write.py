@@ -85,6 +85,26 @@ def _to_dst(v, valid, SRC: tl.constexpr, DST: tl.constexpr, NATIVE_BF16: tl.cons
     return r
 
 
+def _two_block_launch(
+    kv: torch.Tensor, nope_dim: int, rope_dim: int, table: tuple[int, int, bool], num_warps: int, rows: int,
+    early_trigger: Optional[bool],
+) -> tuple[int, dict]:
+    """``(rows per program, the launch's keywords)`` of a two-block row kernel (the write, the gather):
+    the blocks' widths, ``table``'s ``(num_warps, rows, early)`` with the caller's overrides (0/None:
+    the table's), and the dependent launch where the GPU has it."""
+    warps, table_rows, early = table
+    use_pdl = kv.is_cuda and pdl_supported(kv.device.index or 0)
+    rows = rows or table_rows
+    kw = dict(
+        NOPE=nope_dim, ROPE=rope_dim, NOPE_P2=triton.next_power_of_2(nope_dim),
+        ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)), ROWS=rows, USE_PDL=use_pdl,
+        EARLY_TRIGGER=early if early_trigger is None else early_trigger, num_warps=num_warps or warps,
+    )  # fmt: skip
+    if use_pdl:
+        kw["launch_pdl"] = True
+    return rows, kw
+
+
 @triton.jit
 def _set_kv_rows_kernel(
     kv_ptr,
@@ -200,39 +220,15 @@ def launch_set_kv_rows(
         kv, nope, rope = (as_triton_dtype(t) for t in (kv_buffer, cache_k_nope, cache_k_rope))
     if rope_dim == 0:
         rope = nope  # never read; an empty tensor's pointer may be null
-    block = row_kernel_block(nope_dim, rope_dim)
-    use_pdl = kv.is_cuda and pdl_supported(kv.device.index or 0)
-    extra = {"launch_pdl": True} if use_pdl else {}
     if codes:  # a converting write: its own launch rows
-        warps, rows, early = triton_convert_launch(n_loc)
+        table = triton_convert_launch(n_loc)
     else:
-        warps, rows, early = triton_row_launch(n_loc, block * kv.element_size())
-    rows = rows_per_program or rows
+        table = triton_row_launch(n_loc, row_kernel_block(nope_dim, rope_dim) * kv.element_size())
+    rows, launch = _two_block_launch(kv, nope_dim, rope_dim, table, num_warps, rows_per_program, early_trigger)
     _set_kv_rows_kernel[(triton.cdiv(n_loc, rows),)](
-        kv,
-        loc,
-        nope,
-        rope,
-        kv.stride(0),
-        nope.stride(0),
-        rope.stride(0),
-        loc.stride(0),
-        kv.shape[0],
-        skip_index,
-        dcp_world_size,
-        dcp_rank,
-        n_loc,
-        NOPE=nope_dim,
-        ROPE=rope_dim,
-        NOPE_P2=triton.next_power_of_2(nope_dim),
-        ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
-        ROWS=rows,
-        USE_PDL=use_pdl,
-        EARLY_TRIGGER=early if early_trigger is None else early_trigger,
-        num_warps=num_warps or warps,
-        **codes,
-        **extra,
-    )
+        kv, loc, nope, rope, kv.stride(0), nope.stride(0), rope.stride(0), loc.stride(0), kv.shape[0],
+        skip_index, dcp_world_size, dcp_rank, n_loc, **codes, **launch,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -319,27 +315,10 @@ def launch_get_kv_rows(
     kv, n_out, r_out = (as_triton_dtype(t) for t in (kv_buffer, nope_out, rope_out))
     if rope_dim == 0:
         r_out = n_out  # never written; an empty tensor's pointer may be null
-    use_pdl = kv.is_cuda and pdl_supported(kv.device.index or 0)
-    extra = {"launch_pdl": True} if use_pdl else {}
-    warps, rows, early = triton_gather_launch(n_loc)
-    rows = rows_per_program or rows
-    _get_kv_rows_kernel[(triton.cdiv(n_loc, rows),)](
-        kv,
-        loc,
-        n_out,
-        r_out,
-        kv.stride(0),
-        loc.stride(0),
-        kv.shape[0],
-        n_loc,
-        NOPE=nope_dim,
-        ROPE=rope_dim,
-        NOPE_P2=triton.next_power_of_2(nope_dim),
-        ROPE_P2=triton.next_power_of_2(max(rope_dim, 1)),
-        ROWS=rows,
-        USE_PDL=use_pdl,
-        EARLY_TRIGGER=early if early_trigger is None else early_trigger,
-        num_warps=num_warps or warps,
-        **extra,
+    rows, launch = _two_block_launch(
+        kv, nope_dim, rope_dim, triton_gather_launch(n_loc), num_warps, rows_per_program, early_trigger
     )
+    _get_kv_rows_kernel[(triton.cdiv(n_loc, rows),)](
+        kv, loc, n_out, r_out, kv.stride(0), loc.stride(0), kv.shape[0], n_loc, **launch
+    )  # fmt: skip
     return nope_out, rope_out
