@@ -220,13 +220,22 @@ TRITON_CONVERT_MEASURED = (
 
 
 # The plain gather (kernels/triton/row_write.py, ``launch_get_kv_rows``): its own rows (max n_loc,
-# num_warps, rows per program, PDL trigger at entry), by increasing n_loc. GATHER_ROWS_PENDING
+# num_warps, rows per program, PDL trigger at entry), by increasing n_loc; each the fastest shape of the
+# sweep at that n (bf16 512+64, 32 shapes each checked bit-exact; docs/h200-2026-12-03/run11): 4 warps x
+# 2 rows 0.69-0.73 us at 1-8 rows, 2 x 2 at 512-1024 (1.11 us against 1.52 at the write's borrowed
+# 8 x 1), 4 x 8 with the trigger after the stores at 4096 (2.37 against 5.60 at one row per program),
+# 2 x 4 at 16384 (9.38 against 20.67), 4 x 4 at 65536 (38.42 against 79.80; torch's index_select 46.35).
 TRITON_GATHER_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
-    (1024, 8, 1, True),
-    (4096, 4, 1, True),
-    (None, 1, 1, True),
+    (8, 4, 2, True),
+    (64, 4, 1, True),
+    (1024, 2, 2, True),
+    (4096, 4, 8, False),
+    (16384, 2, 4, True),
+    (None, 4, 4, True),
 )
-TRITON_GATHER_MEASURED = "PENDING"
+TRITON_GATHER_MEASURED = (
+    "NVIDIA H200, 2026-12-03 11:09 UTC: `mlakv bench parity --families gather --sweep gather` (docs/h200-2026-12-03/run11)"
+)
 
 
 def triton_gather_launch(n_loc: int) -> tuple[int, int, bool]:
