@@ -104,17 +104,21 @@ def test_no_rows_launches_nothing():
     assert nope.shape == (0, 512) and rope.shape == (0, 64)
 
 
+def _empty(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device=DEVICE)  # made where the kernel runs: .to() could densify a view
+
+
 @pytest.mark.parametrize(
     "bad, what",
     [  # a row too narrow, the wrong dtype, a strided view
-        (lambda n: (torch.empty(n, 511, dtype=torch.bfloat16), torch.empty(n, 64, dtype=torch.bfloat16)), "out[0]"),
-        (lambda n: (torch.empty(n, 512, dtype=torch.bfloat16), torch.empty(n, 64, dtype=torch.float16)), "out[1]"),
-        (lambda n: (torch.empty(n, 1024, dtype=torch.bfloat16)[:, :512], torch.empty(n, 64, dtype=torch.bfloat16)), "out[0]"),
+        (lambda n: (_empty(n, 511), _empty(n, 64)), "out[0]"),
+        (lambda n: (_empty(n, 512), _empty(n, 64, dtype=torch.float16)), "out[1]"),
+        (lambda n: (_empty(n, 1024)[:, :512], _empty(n, 64)), "out[0]"),
     ],
 )
 def test_an_out_tensor_that_does_not_fit_is_refused_before_launch(bad, what):
     kv = poisoned_buffer(8, 576, torch.bfloat16)
-    nope, rope = (t.to(DEVICE) for t in bad(3))
+    nope, rope = bad(3)
     before = bits(nope).clone(), bits(rope).clone()
     with pytest.raises(ValueError, match=re.escape(f"{what}: expected a contiguous")):
         _gather(kv, random_loc(3, 8, torch.int64), 512, 64, out=(nope, rope))
