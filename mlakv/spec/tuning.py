@@ -219,6 +219,15 @@ TRITON_CONVERT_MEASURED = (
 )
 
 
+def _shape_at(steps: tuple[tuple[int | None, int, int, bool], ...], n_loc: int) -> tuple[int, int, bool]:
+    """``(num_warps, rows_per_program, early_trigger)`` of the first row of ``steps`` (by increasing max
+    n_loc, the last one open) that covers ``n_loc``."""
+    for max_n, warps, rows, early in steps:
+        if max_n is None or n_loc <= max_n:
+            return warps, rows, early
+    raise AssertionError("the last launch step must have max n_loc None")
+
+
 # The plain gather (kernels/triton/row_write.py, ``launch_get_kv_rows``): its own rows (max n_loc,
 # num_warps, rows per program, PDL trigger at entry), by increasing n_loc; each the fastest shape of the
 # sweep at that n (bf16 512+64, 32 shapes each checked bit-exact; docs/h200-2026-12-03/run11): 4 warps x
@@ -241,19 +250,13 @@ TRITON_GATHER_MEASURED = (
 def triton_gather_launch(n_loc: int) -> tuple[int, int, bool]:
     """``(num_warps, rows_per_program, early_trigger)`` of the Triton gather of ``n_loc`` rows
     (:data:`TRITON_GATHER_STEPS`)."""
-    for max_n, warps, rows, early in TRITON_GATHER_STEPS:
-        if max_n is None or n_loc <= max_n:
-            return warps, rows, early
-    raise AssertionError("the last gather step must have max n_loc None")
+    return _shape_at(TRITON_GATHER_STEPS, n_loc)
 
 
 def triton_convert_launch(n_loc: int) -> tuple[int, int, bool]:
     """``(num_warps, rows_per_program, early_trigger)`` of the Triton row kernel for a converting write
     (a source dtype other than the buffer's) of ``n_loc`` rows (:data:`TRITON_CONVERT_STEPS`)."""
-    for max_n, warps, rows, early in TRITON_CONVERT_STEPS:
-        if max_n is None or n_loc <= max_n:
-            return warps, rows, early
-    raise AssertionError("the last converting-write step must have max n_loc None")
+    return _shape_at(TRITON_CONVERT_STEPS, n_loc)
 
 
 def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
