@@ -272,6 +272,30 @@ def test_fp8_tune_report_gives_the_table_rows_and_says_when_the_jit_was_not_time
     assert "JIT:" not in format_tune({k: v for k, v in res.items() if k != "jit_not_timed"})
 
 
+def test_fp8_tune_report_gives_the_ds_mla_parts_rows():
+    from mlakv.bench.fp8_bench import format_tune
+
+    res = {
+        "device": "GPU",
+        "triton": {"quant_ds_mla": {"1": {"w1r1p4e": 0.7, "w4r1e": 0.9}, "512": {"w1r1p2l": 1.3, "w1r1e": 1.8},
+                                    "65536": {"w2r4e": 45.0, "w1r4p2e": 46.0}}},
+        "jit": {},
+    }  # fmt: skip
+    text = format_tune(res)
+    assert "FP8_TRITON_STEPS['quant_ds_mla'] = ((1, 1, 1, True), (512, 1, 1, False), (None, 2, 4, True))" in text
+    assert "FP8_TRITON_PARTS['quant_ds_mla'] = ((1, 4), (512, 2), (None, 1))" in text
+    assert "FP8_TRITON_PARTS" not in format_tune({"device": "GPU", "triton": {"quant_ds_mla": {"1": {"w4r1e": 0.9}}}, "jit": {}})
+
+
+@pytest.mark.parametrize("n", [1, 8, 512, 65536])
+def test_fp8_tune_splits_ds_mla_rows_into_two_and_four_parts(n):
+    from mlakv.bench.fp8_bench import _part_shapes, _shape_key
+
+    shapes = _part_shapes(n)
+    assert {p for *_, p in shapes} == {2, 4} and all(r <= n for _, r, _ in shapes)
+    assert _shape_key(1, 2, True, 4) == "w1r2p4e" and _shape_key(1, 2, False) == "w1r2l"
+
+
 def test_fp8_tune_report_gives_the_jit_rows_with_threads_per_row_and_the_plain_floor():
     from mlakv.bench.fp8_bench import format_tune
 

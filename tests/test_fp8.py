@@ -25,6 +25,7 @@ from conftest import (
     stale_e4m3_merges,
 )
 
+from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.ops.fp8 import (
     E4M3_MAX,
     FLT_MIN,
@@ -490,6 +491,57 @@ def test_triton_ds_mla_common_case_bounds(special, rows):
     assert_rows_equal(kv, expected)
 
 
+# The ds_mla write split over several programs per block of rows (``parts_per_row``): each part
+# stores its own tiles, scales and rope columns. Widths: 4 tiles (parts 2, 4), 3 tiles (a request of 2
+# or 4 becomes 3 parts of one tile), 2 tiles (4 becomes 2), rope wider than, equal to and narrower
+# than the parts (rope 1 over 4 parts: three parts store no rope), no rope.
+PART_WIDTHS = [(512, 64), (384, 32), (256, 24), (512, 1), (512, 0), (128, 8)]
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("nope_dim,rope_dim", PART_WIDTHS)
+@pytest.mark.parametrize("spare", [0, 1], ids=["aligned", "odd-row-stride"])
+def test_triton_ds_mla_parts_per_row(nope_dim, rope_dim, parts, spare):
+    from mlakv.kernels.triton.fp8 import launch_quant_write
+
+    g = torch.Generator().manual_seed(32)
+    n = 6 if not HAS_CUDA else 333
+    nope = (torch.randn(n, nope_dim, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    rope = (torch.randn(n, rope_dim, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    nope[n // 2, nope_dim - 5] = float("inf")  # the last part of one row takes the general rule
+    loc = torch.randperm(n + 4)[:n]
+    loc[2] = -1
+    loc = loc.to(DEVICE)
+    kv = poisoned(n + 4, fp8_row_bytes("ds_mla", nope_dim, rope_dim) + spare)
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), "ds_mla"))
+    launch_quant_write(kv, loc, nope, rope, "ds_mla", None, num_warps=1, rows_per_program=2, parts_per_row=parts)
+    assert_rows_equal(kv, expected)
+
+
+@pytest.mark.parametrize("rule", list(DS_MLA_SCALE_RULES))
+@pytest.mark.parametrize("parts", [2, 4])
+def test_triton_ds_mla_parts_under_every_scale_rule(rule, parts):
+    from mlakv.kernels.triton.fp8 import launch_quant_write
+
+    n = 5 if not HAS_CUDA else 200
+    nope, rope = make_sources(n, torch.bfloat16, seed=33)
+    nope[1, 128:256] *= 2.0**-100  # a tiny tile
+    loc = torch.randperm(n + 2)[:n].to(DEVICE)
+    kv = poisoned(n + 2, fp8_row_bytes("ds_mla", NOPE, ROPE))
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), "ds_mla", ds_mla_scale_rule=rule))
+    launch_quant_write(kv, loc, nope.to(DEVICE), rope.to(DEVICE), "ds_mla", None, scale_rule=rule, parts_per_row=parts)
+    assert_rows_equal(kv, expected)
+
+
+@pytest.mark.parametrize(
+    "tiles,wanted,parts", [(4, 1, 1), (4, 2, 2), (4, 4, 4), (4, 8, 4), (4, 3, 2), (3, 2, 1), (3, 4, 3), (2, 4, 2), (6, 4, 3),
+                           (6, 2, 1), (1, 4, 1)])  # fmt: skip
+def test_ds_mla_parts_give_each_part_a_power_of_two_of_tiles(tiles, wanted, parts):
+    from mlakv.kernels.triton.fp8 import ds_mla_parts
+
+    assert ds_mla_parts(tiles, wanted) == parts
+
+
 # Widths off the fast layout: per_tensor rows that are not powers of two (masked blocks) or have no
 # rope; ds_mla with 3 tiles (a masked tile block), 1 tile, no rope.
 ODD_WIDTHS = [("per_tensor", 320, 40), ("per_tensor", 512, 0), ("per_tensor", 136, 8), ("ds_mla", 384, 32),
@@ -876,6 +928,14 @@ _TRITON_SIGS = [
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
      dict(TILES=1, TILES_P2=1, ROPE=0, ROPE_P2=1, ROWS=2, SRC_IS_BF16=False, NATIVE=False, ALIGN4=True,
           USE_PDL=False, EARLY_TRIGGER=False, RULE=1)),
+    ("_quant_ds_mla_kernel", 90,  # a row over 2 programs: 2 tiles and 32 rope columns each
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
+     dict(TILES=4, TILES_P2=2, ROPE=64, ROPE_P2=64, ROWS=1, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True,
+          USE_PDL=True, EARLY_TRIGGER=False, RULE=0, PARTS=2, ROPE_PART=32)),
+    ("_quant_ds_mla_kernel", 80,  # over 4 programs, byte-wise scales and rope, rope 24 in parts of 8
+     dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
+     dict(TILES=4, TILES_P2=1, ROPE=24, ROPE_P2=32, ROWS=2, SRC_IS_BF16=False, NATIVE=False, ALIGN4=False,
+          USE_PDL=False, EARLY_TRIGGER=True, RULE=2, PARTS=4, ROPE_PART=8)),
 ] + [
     ("_dequant_per_tensor_kernel", 90 if native else 80,
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out, scale_ptr="*fp32"), _GATHER_INTS,
@@ -900,10 +960,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mlakv.kernels.triton import fp8 as fp8_triton
+from mlakv.testing.sm90 import with_defaults
 out = []
 for name, sm, ptrs, ints, consts in json.loads(sys.argv[1]):
+    fn = getattr(fp8_triton, name)
+    consts = with_defaults(fn, consts)
     sig = {**ptrs, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
-    k = triton.compile(ASTSource(fn=getattr(fp8_triton, name), signature=sig, constexprs=consts),
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", sm, 32))
     out.append([name, sm, consts, k.asm["ttir"], k.asm["ptx"]])
 print(json.dumps(out))

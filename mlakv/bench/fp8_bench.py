@@ -65,11 +65,13 @@ _Q = {"ds_mla": "q656", "per_tensor": "q576"}
 # rows; each is compiled once per kernel, so the sweep's time is mostly Triton's compiles.
 TUNE_WARPS = (1, 2, 4, 8)
 TUNE_ROWS = (1, 2, 4, 8, 16)
+TUNE_PARTS = (2, 4)  # the ds_mla write's programs per block of rows, besides 1
 TUNE_REP_MS = 20
 # --tune, JIT: rows per CTA tried at each threads per row the kernels take (FP8_JIT_THREADS_PER_ROW);
 # warps per CTA = rows * threads / 32 (1..32).
 TUNE_JIT_ROWS = (1, 2, 4, 8)
 TUNE_FAMILIES = ("jit", "triton")
+TUNE_KINDS = ("quant_per_tensor", "quant_ds_mla", "dequant")
 
 
 def _graph_us(fn: Callable[[dict], object], layers: list[dict], rep: int = 40) -> float:
@@ -312,8 +314,20 @@ def _triton_shapes(n: int) -> list[tuple[int, int]]:
     return out
 
 
-def _shape_key(w: int, r: int, early: bool) -> str:
-    return f"w{w}r{r}{'e' if early else 'l'}"
+def _part_shapes(n: int) -> list[tuple[int, int, int]]:
+    """(warps, rows per program, parts per row) tried for the ds_mla write split over several programs
+    per block of rows (``parts_per_row`` 2 and 4): rows <= n; 4, 8 or 16 nope values per thread."""
+    out = []
+    for p in TUNE_PARTS:
+        for w in TUNE_WARPS[:3]:
+            for r in TUNE_ROWS[:4]:
+                if r <= max(1, n) and r * NOPE // (p * 32 * w) in (4, 8, 16):
+                    out.append((w, r, p))
+    return out
+
+
+def _shape_key(w: int, r: int, early: bool, parts: int = 1) -> str:
+    return f"w{w}r{r}{f'p{parts}' if parts > 1 else ''}{'e' if early else 'l'}"
 
 
 def _jit_shapes() -> list[tuple[int, int]]:
@@ -327,7 +341,11 @@ def _jit_key(threads: int, w: int, early: bool) -> str:
 
 
 def run_fp8_tune(
-    sizes: list[int], into: Optional[dict] = None, rep: int = TUNE_REP_MS, families: Sequence[str] = TUNE_FAMILIES
+    sizes: list[int],
+    into: Optional[dict] = None,
+    rep: int = TUNE_REP_MS,
+    families: Sequence[str] = TUNE_FAMILIES,
+    kinds: Sequence[str] = TUNE_KINDS,
 ) -> dict:
     """Time the launch alternatives of each FP8 kernel at each n_loc (GPU only).
 
@@ -337,7 +355,8 @@ def run_fp8_tune(
     (``quant_per_tensor``, ``quant_ds_mla``, ``dequant``: the sum of both formats' gathers), the JIT
     ones too; ``plain`` holds, per JIT kind, the plain row write of the same rows and the plain bf16
     row gather (twice: one per format), the floors issue 27's goals read the JIT kernels against. ``families``: ``jit``
-    and/or ``triton``. Every variant is checked bit-exactly before it is timed (``WRONG`` otherwise).
+    and/or ``triton``; ``kinds``: the Triton kernels timed (the JIT ones: the write kinds given, the gather
+    with ``dequant``). Every variant is checked bit-exactly before it is timed (``WRONG`` otherwise).
     """
     res = {} if into is None else into
     res.update(device=torch.cuda.get_device_name(), triton={}, jit={}, plain={})
@@ -364,50 +383,66 @@ def run_fp8_tune(
         wcheck = {fmt: (lambda fn, fmt=fmt: _check_write(fmt, fn, d0)) for fmt in FORMATS}
         gcheck = {fmt: (lambda fn, fmt=fmt: _check_gather(fn, d0, refs.get(fmt) or refs.setdefault(fmt, _gather_ref(fmt, d0))))
                   for fmt in FORMATS}  # fmt: skip
-        kinds = {
+        triton_kinds = {
             "quant_per_tensor": lambda **kw: both({"per_tensor": _triton_write("per_tensor", scale, **kw)}, wcheck, layers),
             "quant_ds_mla": lambda **kw: both({"ds_mla": _triton_write("ds_mla", scale, **kw)}, wcheck, layers),
             "dequant": lambda **kw: both({f: _triton_gather(f, scale, **kw) for f in FORMATS}, gcheck, layers),
         }
-        for kind, time_it in (kinds if "triton" in families else {}).items():
+        for kind, time_it in (triton_kinds if "triton" in families else {}).items():
+            if kind not in kinds:
+                continue
             refs.clear()
             times = {}
-            for w, r in _triton_shapes(n):
-                times[(w, r)] = us = time_it(num_warps=w, rows_per_program=r, early_trigger=True)
-                add(res["triton"], kind, n, _shape_key(w, r, True), us)
+            shapes = [(w, r, 1) for w, r in _triton_shapes(n)] + (_part_shapes(n) if kind == "quant_ds_mla" else [])
+            for w, r, p in shapes:
+                kw = {"parts_per_row": p} if p > 1 else {}
+                times[(w, r, p)] = us = time_it(num_warps=w, rows_per_program=r, early_trigger=True, **kw)
+                add(res["triton"], kind, n, _shape_key(w, r, True, p), us)
             timed = {k: v for k, v in times.items() if not isinstance(v, str)}
             if timed:
-                w, r = min(timed, key=timed.get)
-                add(res["triton"], kind, n, _shape_key(w, r, False), time_it(num_warps=w, rows_per_program=r, early_trigger=False))
+                w, r, p = min(timed, key=timed.get)
+                kw = {"parts_per_row": p} if p > 1 else {}
+                us = time_it(num_warps=w, rows_per_program=r, early_trigger=False, **kw)
+                add(res["triton"], kind, n, _shape_key(w, r, False, p), us)
         if "jit" in families and not _jit_available(layers):  # said in the report, not dropped silently
             res["jit_not_timed"] = (
                 "the JIT FP8 kernels do not serve these inputs here (no module for this device, "
                 "MLAKV_DISABLE_JIT, or the launcher refused them): no JIT rows"
             )
         elif "jit" in families:
+            writes = [f for f in FORMATS if f"quant_{f}" in kinds]
             for threads, w in _jit_shapes():
                 for early in (True, False):
-                    for f in FORMATS:
+                    for f in writes:
                         fn = _jit_write(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads)
                         add(res["jit"], f"quant_{f}", n, _jit_key(threads, w, early), both({f: fn}, wcheck, layers))
-                refs.clear()
-                fns = {f: _jit_gather(f, scale, num_warps=w, threads_per_row=threads) for f in FORMATS}
-                add(res["jit"], "dequant", n, _jit_key(threads, w, False), both(fns, gcheck, layers))
-            for f in FORMATS:
+                if "dequant" in kinds:
+                    refs.clear()
+                    fns = {f: _jit_gather(f, scale, num_warps=w, threads_per_row=threads) for f in FORMATS}
+                    add(res["jit"], "dequant", n, _jit_key(threads, w, False), both(fns, gcheck, layers))
+            for f in writes:
                 plain = {f: _write_providers(f, scale, False)["plain"]}
                 res["plain"].setdefault(f"quant_{f}", {})[str(n)] = both(plain, wcheck, layers)
-            gather_us = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers, rep)
-            res["plain"].setdefault("dequant", {})[str(n)] = 2 * gather_us
+            if "dequant" in kinds:
+                gather_us = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers, rep)
+                res["plain"].setdefault("dequant", {})[str(n)] = 2 * gather_us
         del layers
         torch.cuda.empty_cache()
     return res
 
 
 def _parse_shape(key: str) -> tuple[int, int, bool]:
-    """A Triton key: ``w4r2e`` -> (warps 4, rows per program 2, trigger at entry True)."""
-    body, early = key[1:-1], key[-1] == "e"
+    """A Triton key: ``w4r2e`` -> (warps 4, rows per program 2, trigger at entry True); a part count
+    (``w1r1p2e``) is left out (:func:`_parse_parts`)."""
+    body, early = key[1:-1].partition("p")[0], key[-1] == "e"
     w, _, r = body.partition("r")
     return int(w), int(r or 1), early
+
+
+def _parse_parts(key: str) -> int:
+    """A Triton key's parts per row: ``w1r1p2e`` -> 2, ``w4r2e`` -> 1."""
+    _, _, p = key[1:-1].partition("p")
+    return int(p or 1)
 
 
 def _parse_jit_shape(key: str) -> tuple[int, bool, int]:
@@ -431,7 +466,7 @@ def format_tune(res: dict) -> str:
             extra = " plain | fastest / plain |" if plain else ""
             out += ["", f"{family} {kind}", "", f"| n_loc | fastest | us | next | us |{extra} all |",
                     "|---|---|---|---|---|" + ("---|---|" if plain else "") + "---|"]  # fmt: skip
-            best = []
+            best, parts = [], []
             for n in sorted(by_n, key=int):
                 timed = sorted((v, k) for k, v in by_n[n].items() if not isinstance(v, str))
                 wrong = [k for k, v in by_n[n].items() if isinstance(v, str)]
@@ -443,9 +478,12 @@ def format_tune(res: dict) -> str:
                 pc = f" {_cell(plain.get(n))} | {_ratio(t0, plain.get(n))} |" if plain else ""
                 out.append(f"| {n} | {k0} | {t0:.2f} | {nxt[1]} | {_cell(nxt[0])} |{pc} {allc} |")
                 best.append((int(n), _parse_shape(k0) if family == "triton" else _parse_jit_shape(k0)))
+                parts.append((int(n), (_parse_parts(k0),)))
             out.append("")
             name = "FP8_TRITON_STEPS" if family == "triton" else "FP8_JIT_STEPS"
             out.append(f"{name}[{kind!r}] = {tuple(table_steps(best))!r}")
+            if family == "triton" and any(p != (1,) for _, p in parts):
+                out.append(f"FP8_TRITON_PARTS[{kind!r}] = {tuple(table_steps(parts))!r}")
     return "\n".join(out)
 
 
@@ -471,7 +509,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if getattr(args, "tune", False):
         try:
             with on_progress(checkpoint(res, out, "fp8_tune", format_tune, count=_tuned_points)):
-                run_fp8_tune(args.sizes, into=res, families=args.tune_families)
+                run_fp8_tune(args.sizes, into=res, families=args.tune_families, kinds=args.tune_kinds)
         except KeyboardInterrupt:
             if res.get("device"):
                 res["interrupted"] = True

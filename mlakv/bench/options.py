@@ -57,6 +57,7 @@ L3_CPU_PAGES = [64, 128, 256]  # 1024 pages of 4.3 MiB need ~18 GiB (two host po
 # ---- mlakv bench fp8 -----------------------------------------------------------------------------
 FP8_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
 FP8_TUNE_FAMILIES = ["jit", "triton"]
+FP8_TUNE_KINDS = ["quant_per_tensor", "quant_ds_mla", "dequant"]
 
 # ---- mlakv bench rope ----------------------------------------------------------------------------
 ROPE_VARIANTS = ["bf16", "fp8", "ds_mla"]  # mlakv.bench.rope_write.VARIANTS: (cache format, query dtype) of each
@@ -205,6 +206,9 @@ def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing 
                    "(fp8_tune.json/md)")  # fmt: skip
     p.add_argument("--tune-families", type=csv_of(FP8_TUNE_FAMILIES, "family"), default=list(FP8_TUNE_FAMILIES),
                    help="comma list of the kernel families the launch sweep times: jit and/or triton (default both)")  # fmt: skip
+    p.add_argument("--tune-kinds", type=csv_of(FP8_TUNE_KINDS, "kind"), default=list(FP8_TUNE_KINDS),
+                   help="comma list of the kernels the launch sweep times: quant_per_tensor, quant_ds_mla and/or "
+                   "dequant (default all)")  # fmt: skip
     return p
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "FP8_TRITON_STEPS",
     "FP8_TRITON_MEASURED",
     "fp8_triton_launch",
+    "FP8_TRITON_PARTS",
+    "fp8_triton_parts",
     "V4_TRITON_STEPS",
     "V4_TRITON_MEASURED",
     "V4_TRITON_SWEEP",
@@ -380,6 +382,24 @@ FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "
     "--sizes 1,64,256,512,1024,4096,16384,65536`"
 )
+
+
+# The ds_mla write's programs per block of rows (kernels/triton/fp8.py, ``parts_per_row``): (max n_loc,
+# parts) by increasing n_loc. A part takes its share of the row's 128-value tiles (each with its own
+# scale) and of the rope, so parts need no cross-warp reduction; they shorten a warp's dependent chain,
+# which is what a call of few rows waits for.
+FP8_TRITON_PARTS: dict[str, tuple[tuple[int | None, int], ...]] = {
+    "quant_ds_mla": ((None, 1),),
+}
+
+
+def fp8_triton_parts(kind: str, n_loc: int) -> int:
+    """Programs per block of rows of the Triton FP8 kernel ``kind`` for ``n_loc`` rows (1: no split;
+    only ``quant_ds_mla`` splits, :data:`FP8_TRITON_PARTS`)."""
+    for max_n, parts in FP8_TRITON_PARTS.get(kind, ((None, 1),)):
+        if max_n is None or n_loc <= max_n:
+            return parts
+    raise AssertionError("the last FP8 Triton parts step must have max n_loc None")
 
 
 def fp8_triton_launch(kind: str, n_loc: int) -> tuple[int, int, bool]:

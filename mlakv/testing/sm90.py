@@ -19,6 +19,12 @@ from typing import Any, Optional
 __all__ = ["compile_sm90", "sass_of", "memory_order"]
 
 
+def with_defaults(fn: Any, consts: dict[str, Any]) -> dict[str, Any]:
+    """``consts`` plus the defaults of ``fn``'s constexpr parameters it leaves out (a compile needs a
+    value for every parameter; the launchers pass only what differs from the default)."""
+    return {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+
+
 def compile_sm90(fn: Any, ptrs: dict[str, str], ints: dict[str, int], consts: dict[str, Any], *,
                  int_type: str = "i32", **options: Any) -> Any:  # fmt: skip
     """The compiled kernel ``fn`` (a ``@triton.jit`` function) for sm_90: ``ptrs`` maps pointer
@@ -33,6 +39,7 @@ def compile_sm90(fn: Any, ptrs: dict[str, str], ints: dict[str, int], consts: di
     index = fn.arg_names.index
     sig: dict[str, str] = dict(ptrs)
     attrs = {(index(k),): [["tt.divisibility", 16]] for k in ptrs}
+    consts = with_defaults(fn, consts)
     cx = dict(consts)
     for k, v in ints.items():
         if v == 1:

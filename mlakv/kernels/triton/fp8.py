@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from mlakv.spec.rules import DS_MLA_SCALE_RULES
-from mlakv.spec.tuning import fp8_triton_launch
+from mlakv.spec.tuning import fp8_triton_launch, fp8_triton_parts
 
 from .common import interpreting, pdl_supported
 
@@ -227,11 +227,12 @@ def _e4m3_value(b, NATIVE: tl.constexpr):
 
 # ---- program setup shared by the kernels ---------------------------------------------------------
 @triton.jit
-def _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS: tl.constexpr):
+def _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS: tl.constexpr, PARTS: tl.constexpr = 1):
     """``(i, src, slot)``: the program's call rows ``[ROWS]`` (int64), each clamped to ``n_loc - 1``
     for reading (a program's rows past the call re-read the last row; they are never stored), and
-    their slots (-1 for rows past the call)."""
-    i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    their slots (-1 for rows past the call). ``PARTS`` programs in a row share each block of rows
+    (program ``p`` takes block ``p // PARTS``, part ``p % PARTS`` of it)."""
+    i = (tl.program_id(0) // PARTS).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     src = tl.minimum(i, n_loc - 1)
     slot = tl.load(loc_ptr + src * loc_stride).to(tl.int64)
     return i, src, tl.where(i < n_loc, slot, -1)
@@ -390,31 +391,38 @@ def _quant_ds_mla_kernel(
     kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot, n_loc,
     TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
     SRC_IS_BF16: tl.constexpr, NATIVE: tl.constexpr, ALIGN4: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr, RULE: tl.constexpr = 0,
+    EARLY_TRIGGER: tl.constexpr, RULE: tl.constexpr = 0, PARTS: tl.constexpr = 1, ROPE_PART: tl.constexpr = 0,
 ):  # fmt: skip
     # ROWS rows of [e4m3 nope (TILES x 128) | TILES fp32 scales | ROPE bf16]; a tile's scale and
     # quotients by the scale rule RULE (ds_mla_tile_scale: 0 fp32_floor, 1 fp32, 2 ue8m0).
+    # PARTS programs share ROWS rows: part p takes tiles [p * TILES_P2, (p + 1) * TILES_P2) (TILES_P2
+    # is then the tiles per part, TILES = PARTS * TILES_P2) and rope columns [p * ROPE_PART, (p + 1) *
+    # ROPE_PART). Each tile's scale is its own, so a part needs nothing from another: a row's
+    # dependent chain (load, amax, scale, quotient, convert, store) is spread over PARTS warps with no
+    # cross-warp reduction.
     NOPE: tl.constexpr = TILES * 128
     if USE_PDL and EARLY_TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    i, src, slot = _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS)
+    i, src, slot = _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS, PARTS)
+    part = tl.program_id(0) % PARTS
     live = (slot >= 0) & (slot < num_slots) & (slot != skip_slot)  # [ROWS]
     dst = kv_ptr + slot * kv_row_stride  # [ROWS]
-    t = tl.arange(0, TILES_P2)
+    t = part * TILES_P2 + tl.arange(0, TILES_P2)  # this part's tiles (absolute indices)
     offs = t[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES_P2, 128]
     base = (nope_ptr + src * nope_row_stride)[:, None, None]
-    if TILES == TILES_P2:
+    if TILES == TILES_P2 * PARTS:
         v = tl.load(base + offs)
     else:
         v = tl.load(base + offs, mask=offs < NOPE, other=0)
     # The rope is loaded here, before any store: kv may alias a source as far as the compiler knows, so
     # a load after a store would be issued only after it, a second memory round trip per program.
+    RP: tl.constexpr = ROPE_P2 if PARTS == 1 else ROPE_PART
     if ROPE > 0:
-        cr = tl.arange(0, ROPE_P2)[None, :]
+        cr = part * RP + tl.arange(0, RP)[None, :]
         rbase = (rope_ptr + src * rope_row_stride)[:, None]
-        if ROPE == ROPE_P2:
+        if ROPE == RP * PARTS:
             rv = tl.load(rbase + cr)
         else:
             rv = tl.load(rbase + cr, mask=cr < ROPE, other=0)
@@ -438,8 +446,8 @@ def _quant_ds_mla_kernel(
         else:
             # Any other program: the general rule, a tile at a time from memory (the whole block's
             # general path would set the kernel's register count for the common case too).
-            for k in range(TILES):
-                tk = k + tl.arange(0, 1)
+            for k in range(TILES if PARTS == 1 else TILES_P2):
+                tk = part * TILES_P2 + k + tl.arange(0, 1)
                 ok = tk[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, 1, 128]
                 xk = _src_f32(tl.load(base + ok), SRC_IS_BF16, NATIVE)
                 sk, qk = _ds_mla_tiles_general(xk, xk.to(tl.int32, bitcast=True) & 0x7FFFFFFF, RULE, NATIVE)
@@ -454,7 +462,7 @@ def _quant_ds_mla_kernel(
         else:
             rb = _bf16_bits(rv.to(tl.float32), NATIVE).to(tl.int16)
         live_r = live[:, None]
-        if ROPE != ROPE_P2:
+        if ROPE != RP * PARTS:
             live_r = live_r & (cr < ROPE)
         rdst = dst[:, None] + NOPE + 4 * TILES
         if ALIGN4:
@@ -498,8 +506,10 @@ def launch_quant_write(
     early_trigger: Optional[bool] = None,
     native: Optional[bool] = None,
     scale_rule: str = "fp32_floor",
+    parts_per_row: int = 0,
 ) -> None:
-    """Launch the fused quantizing write: ``rows_per_program`` rows per program.
+    """Launch the fused quantizing write: ``rows_per_program`` rows per program (ds_mla: split over
+    ``parts_per_row`` programs, each taking its share of the row's tiles and rope).
 
     Args (validated by :func:`mlakv.ops.fp8.set_mla_kv_buffer_quant`):
         kv_buffer: ``[num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn.
@@ -512,6 +522,9 @@ def launch_quant_write(
             results are the same bits either way (the tests run both on a GPU).
         scale_rule: ds_mla's tile-scale rule, ``"fp32_floor"``, ``"fp32"`` or ``"ue8m0"``
             (``ds_mla_scale_rule`` of :mod:`mlakv.ops.fp8`; per_tensor ignores it).
+        parts_per_row: ds_mla only: programs per block of rows (0: the table's,
+            :func:`mlakv.spec.tuning.fp8_triton_parts`), lowered to what the tiles allow
+            (:func:`ds_mla_parts`).
     """
     n_loc = loc.shape[0]
     if n_loc == 0:
@@ -540,13 +553,24 @@ def launch_quant_write(
         return
     tiles = nope_dim // 128
     warps, rows, early = _launch_shape("quant_ds_mla", n_loc, num_warps, rows_per_program, early_trigger)
-    _quant_ds_mla_kernel[(triton.cdiv(n_loc, rows),)](
+    parts = ds_mla_parts(tiles, parts_per_row or fp8_triton_parts("quant_ds_mla", n_loc))
+    split = dict(PARTS=parts, ROPE_PART=_p2(triton.cdiv(rope_dim, parts))) if parts > 1 else {}
+    _quant_ds_mla_kernel[(triton.cdiv(n_loc, rows) * parts,)](
         kv, loc, nope, rope,
         kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot, n_loc,
-        TILES=tiles, TILES_P2=_p2(tiles), ROWS=rows, ALIGN4=_aligned4(kv), EARLY_TRIGGER=early,
-        RULE=DS_MLA_SCALE_RULES.index(scale_rule),
-        num_warps=warps, **common, **extra,
+        TILES=tiles, TILES_P2=_p2(tiles) if parts == 1 else tiles // parts, ROWS=rows, ALIGN4=_aligned4(kv),
+        EARLY_TRIGGER=early, RULE=DS_MLA_SCALE_RULES.index(scale_rule),
+        num_warps=warps, **split, **common, **extra,
     )  # fmt: skip
+
+
+def ds_mla_parts(tiles: int, wanted: int) -> int:
+    """The programs a ds_mla row's ``tiles`` are split over for ``wanted`` parts: the largest count
+    ``<= wanted`` that gives every part the same power-of-two number of tiles (1 if none does)."""
+    for p in range(min(wanted, tiles), 1, -1):
+        if tiles % p == 0 and (tiles // p) & (tiles // p - 1) == 0:
+            return p
+    return 1
 
 
 # ---- the dequantizing gather ---------------------------------------------------------------------
