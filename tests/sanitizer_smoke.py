@@ -22,7 +22,8 @@ out-of-range pairs; at the table's and every sweep shape); the HiCache copy devi
 and pages; at the table's and every sweep shape); the FP8 quantizing write and
 dequantizing gather (JIT and Triton, per_tensor and ds_mla under each tile-scale rule, the ds_mla Triton
 write's general tile path beside its common case; the JIT kernels at
-every threads per row with one and several rows per CTA); the DSA indexer K cache's store (JIT at
+every threads per row with one and several rows per CTA; part ``fp8_parts``: the ds_mla Triton write split over
+several programs per row, at the table's and every parts shape of its sweep); the DSA indexer K cache's store (JIT at
 every launch shape, Triton at every shape of its sweep, the public op; every loc kind, DCP) and page-table gather (JIT, Triton;
 invalid page ids, a short table, an output shorter than the requests); the fused RoPE write (JIT,
 Triton at its table's and every sweep shape, the public op; every cache format, no / bf16 / e4m3 query, both RoPE styles, every loc kind,
@@ -310,6 +311,40 @@ class Smoke:
             torch.cuda.synchronize()
             ok = torch.equal(host[1], dev[16:24].cpu()) and torch.equal(host[3], dev[0:8].cpu())
             self.check("hicache copy pages device -> pinned host" + at, ok)
+
+    def fp8_parts(self) -> None:
+        """The Triton ds_mla write split over 2 and 4 programs per block of rows (``parts_per_row``): every
+        loc kind, 1 / 2 / 8 rows per program, 4 tiles and 3 (one tile per part), rope 64, 24 and none,
+        aligned rows and an odd row stride (byte-wise scales and rope), one row's last part on the general
+        tile path (inf), at the table's launch and at every parts shape of the sweep."""
+        from mlakv.bench.fp8_bench import _part_shapes
+        from mlakv.kernels.triton.fp8 import launch_quant_write
+        from mlakv.ops.fp8 import fp8_row_bytes, quantize_mla_rows
+
+        shapes = [{}] + [dict(num_warps=w, rows_per_program=r, parts_per_row=p) for w, r, p in _part_shapes(300)]
+        for nd, rd, spare in ((512, 64, 0), (512, 64, 1), (384, 24, 0), (512, 0, 1)):
+            rb = fp8_row_bytes("ds_mla", nd, rd)
+            for kind in LOC_KINDS:
+                n = 300 if kind == "strided" else 37
+                num_slots = n + 50
+                nope = torch.randn(n, nd, device="cuda").to(torch.bfloat16)
+                rope = torch.randn(n, rd, device="cuda").to(torch.bfloat16)
+                nope[n // 2, nd - 3] = float("inf")
+                if kind == "expanded":  # one slot written n times: with one row, any order gives it
+                    nope, rope = nope[:1].expand(n, nd), rope[:1].expand(n, rd)
+                loc = _loc(kind, n, num_slots)
+                base = torch.randint(0, 256, (num_slots, rb + spare), dtype=torch.uint8, device="cuda")
+                rows = quantize_mla_rows(nope.cpu(), rope.cpu(), "ds_mla").view(torch.uint8)
+                expected = base.cpu().clone()
+                for i, slot in enumerate(loc.cpu().tolist()):
+                    if 0 <= slot < num_slots and slot != RESERVED:
+                        expected[slot, :rb] = rows[i]
+                for shape in shapes if kind == "strided" else shapes[:1] + shapes[1::4]:
+                    kv = base.clone()
+                    launch_quant_write(kv, loc, nope, rope, "ds_mla", None, RESERVED, **shape)
+                    torch.cuda.synchronize()
+                    self.check(f"fp8 ds_mla parts {nd}+{rd} spare={spare} loc={kind} n={n} {shape or 'table'}",
+                               torch.equal(kv.cpu(), expected))  # fmt: skip
 
     def fp8(self) -> None:
         """The FP8 quantizing write (JIT, Triton; both formats, ds_mla under each tile-scale rule, bf16/fp16
@@ -866,7 +901,7 @@ def main() -> int:
     torch.manual_seed(0)
     smoke = Smoke()
     parts = {f.__name__: f for f in (smoke.writes, smoke.converting_writes, smoke.refused, smoke.gather, smoke.move,
-                                     smoke.host_copy, smoke.fp8, smoke.indexer, smoke.rope_write)}  # fmt: skip
+                                     smoke.host_copy, smoke.fp8, smoke.fp8_parts, smoke.indexer, smoke.rope_write)}  # fmt: skip
     # the rope_write part by query kind: three shorter runs (each fits a sanitizer run once its kernels
     # are compiled; the whole part's plain run alone takes over a minute)
     parts["rope_write_none"] = lambda: smoke.rope_write(("none",))

@@ -533,6 +533,49 @@ def test_triton_ds_mla_parts_under_every_scale_rule(rule, parts):
     assert_rows_equal(kv, expected)
 
 
+def test_ds_mla_parts_rows_are_ordered_and_read_back():
+    from mlakv.spec.tuning import FP8_TRITON_PARTS, fp8_triton_parts
+
+    steps = FP8_TRITON_PARTS["quant_ds_mla"]
+    bounds = [s[0] for s in steps]
+    assert bounds[-1] is None and bounds[:-1] == sorted(set(bounds[:-1]))
+    low = 1
+    for max_n, parts in steps:
+        assert parts in (1, 2, 4)
+        for n in {low, max_n or low + 10**6}:
+            assert fp8_triton_parts("quant_ds_mla", n) == parts
+        low = (max_n or 0) + 1
+    assert fp8_triton_parts("quant_per_tensor", 512) == fp8_triton_parts("dequant", 512) == 1
+
+
+def _table_sizes(steps) -> list[int]:
+    """Each launch-table row's largest size and the next one (the open row: one past the row before)."""
+    out = set()
+    for max_n, *_ in steps:
+        if max_n is not None:
+            out |= {max_n, max_n + 1}
+    return sorted(out)
+
+
+def test_triton_ds_mla_write_through_its_table_at_every_row():
+    """No overrides: each row of FP8_TRITON_STEPS / FP8_TRITON_PARTS at the sizes it starts and ends
+    (on CPU the rows up to 65 rows), hostile slots, bit-exact."""
+    from mlakv.kernels.triton.fp8 import launch_quant_write
+    from mlakv.spec.tuning import FP8_TRITON_PARTS, FP8_TRITON_STEPS
+
+    sizes = sorted(set(_table_sizes(FP8_TRITON_STEPS["quant_ds_mla"]) + _table_sizes(FP8_TRITON_PARTS["quant_ds_mla"])))
+    for n in sizes if HAS_CUDA else [n for n in sizes if n <= 65]:
+        num_slots = n + 40
+        loc = hostile_loc(n, num_slots, torch.int64)
+        kv = poisoned(num_slots, fp8_row_bytes("ds_mla", NOPE, ROPE))
+        nope, rope = make_sources(n, torch.bfloat16, seed=n)
+        rows = quantize_mla_rows(nope.cpu(), rope.cpu(), "ds_mla").view(torch.uint8)
+        keep = loc.cpu() != SKIP_SLOT
+        expected = expected_buffer(kv, loc.cpu()[keep], rows[keep])
+        launch_quant_write(kv, loc, nope, rope, "ds_mla", None, SKIP_SLOT)
+        assert_rows_equal(kv, expected)
+
+
 @pytest.mark.parametrize(
     "tiles,wanted,parts", [(4, 1, 1), (4, 2, 2), (4, 4, 4), (4, 8, 4), (4, 3, 2), (3, 2, 1), (3, 4, 3), (2, 4, 2), (6, 4, 3),
                            (6, 2, 1), (1, 4, 1)])  # fmt: skip
@@ -1059,10 +1102,14 @@ print(json.dumps(out))
 def _native_quant_sigs(fmt: str, rule: int = 0) -> list:
     from mlakv.spec.tuning import FP8_TRITON_STEPS
 
+    from mlakv.kernels.triton.fp8 import ds_mla_parts
+    from mlakv.spec.tuning import fp8_triton_parts
+
     kind = "quant_" + fmt
-    shapes = sorted({(w, r) for _, w, r, _ in FP8_TRITON_STEPS[kind]} | {(w, r) for w, r, _ in TRITON_SHAPES})
+    table = {(w, r, fp8_triton_parts(kind, max_n or 1 << 20)) for max_n, w, r, _ in FP8_TRITON_STEPS[kind]}
+    shapes = sorted(table | {(w, r, 1) for w, r, _ in TRITON_SHAPES})
     sigs = []
-    for (warps, rows), (nope, rope) in [(sh, wd) for sh in shapes for wd in _NATIVE_WIDTHS[fmt]]:
+    for (warps, rows, want), (nope, rope) in [(sh, wd) for sh in shapes for wd in _NATIVE_WIDTHS[fmt]]:
         p2 = lambda v: 1 << max(0, (v - 1).bit_length())  # noqa: E731
         ptrs = dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16")
         ints = dict(kv_row_stride=fp8_row_bytes(fmt, nope, rope), loc_stride=1, nope_row_stride=nope,
@@ -1073,7 +1120,10 @@ def _native_quant_sigs(fmt: str, rule: int = 0) -> list:
             ptrs["scale_ptr"] = "*fp32"
             consts = dict(NOPE=nope, NOPE_P2=p2(nope), **common)
         else:
-            consts = dict(TILES=nope // 128, TILES_P2=p2(nope // 128), ALIGN4=True, RULE=rule, **common)
+            parts = ds_mla_parts(nope // 128, want)
+            split = dict(PARTS=parts, ROPE_PART=p2(-(-rope // parts))) if parts > 1 else {}
+            consts = dict(TILES=nope // 128, TILES_P2=p2(nope // 128) if parts == 1 else nope // 128 // parts,
+                          ALIGN4=True, RULE=rule, **split, **common)  # fmt: skip
         sigs.append(("_quant_" + fmt + "_kernel", warps, ptrs, ints, consts))
     return sigs
 
@@ -1147,7 +1197,7 @@ SKIP_SLOT = 0
 
 
 def hostile_loc(n: int, num_slots: int, loc_dtype: torch.dtype) -> torch.Tensor:
-    """``loc [n]`` on the GPU read at stride 2 (the odd entries past the buffer), its slots distinct,
+    """``loc [n]`` on DEVICE read at stride 2 (the odd entries past the buffer), its slots distinct,
     with padding (-1), other negative slots, the reserved slot SKIP_SLOT and slots past the buffer."""
     far = (1 << 40) if loc_dtype == torch.int64 else (1 << 31) - 1
     slots = torch.randperm(num_slots - 1)[:n] + 1
@@ -1158,7 +1208,7 @@ def hostile_loc(n: int, num_slots: int, loc_dtype: torch.dtype) -> torch.Tensor:
     slots[6::13] = far
     wide = torch.full((2 * n,), far, dtype=torch.int64)
     wide[::2] = slots
-    return wide.to(loc_dtype).to("cuda")[::2]
+    return wide.to(loc_dtype).to(DEVICE)[::2]
 
 
 @requires_sm90

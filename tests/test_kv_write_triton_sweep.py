@@ -73,9 +73,9 @@ def test_fastest_order_is_by_time_with_ties_to_the_previous_winner_then_the_swee
 
 def test_table_rows_merge_equal_neighbours_and_leave_the_last_open():
     best = [(1, "w8r1e"), (8, "w8r1e"), (64, "w4r1e"), (1024, "w4r2e"), (65536, "w4r2e")]
-    assert K._triton_row_steps(best, 2048) == [(8, 256, 1, True), (64, 512, 1, True), (None, 512, 2, True)]
-    assert K._triton_row_steps(best, 1024) == [(8, 128, 1, True), (64, 256, 1, True), (None, 256, 2, True)]
-    assert K._triton_row_steps([(1, "w1r8l")], 2048) == [(None, 2048, 8, False)]
+    assert K._triton_row_steps(best, 2048) == [(8, 256, 2048, True), (64, 512, 2048, True), (None, 512, 4096, True)]
+    assert K._triton_row_steps(best, 1024) == [(8, 128, 1024, True), (64, 256, 1024, True), (None, 256, 2048, True)]
+    assert K._triton_row_steps([(1, "w1r8l")], 2048) == [(None, 2048, 16384, False)]
     assert K._triton_row_steps([], 2048) == []
 
 
@@ -194,11 +194,11 @@ def test_report_section_gives_fastest_runner_up_table_choice_and_rows():
     assert "- n_loc=1024 w8r8l: WRONG: 3 rows differ" in lines
     bf16_rows = text.split("for bf16 512+64", 1)[1].split("###", 1)[0]
     assert "bytes per warp = 2048 // warps" in bf16_rows
-    assert "((8, 256, 1, True), (64, 512, 1, True), (None, 512, 2, True))" in bf16_rows
+    assert "((8, 256, 2048, True), (64, 512, 2048, True), (None, 512, 4096, True))" in bf16_rows
     # u8: the table's choice was wrong there, so it shows WRONG instead of a time
     assert "### u8 528+128 (BLOCK 1024 bytes)" in lines
     assert "| 1 | w2r1l | 0.70 | - | - | w4r1e | WRONG | - | w4r1e |" in lines
-    assert "((None, 512, 1, False),)" in text.split("for u8 528+128", 1)[1]
+    assert "((None, 512, 1024, False),)" in text.split("for u8 528+128", 1)[1]
 
 
 def test_report_section_says_when_pdl_is_off_and_when_every_shape_was_wrong():

@@ -288,8 +288,9 @@ def run_sweep(
 
 
 # ---- the Triton launch sweep (--triton-sweep) -----------------------------------------------
-# The launch overrides timed: every shape the table can name (its warps are clamp(BLOCK bytes / bytes
-# per warp, 1, 8), a power of two; its rows per program 1-4) and one step past it (8 rows per program).
+# The launch overrides timed: every shape the table names for the benched layouts (its warps are
+# clamp(BLOCK bytes / bytes per warp, 1, 8), a power of two; its rows per program bytes per program /
+# BLOCK bytes, 1-8 for 8 KB programs of 1024- and 2048-byte blocks).
 TRITON_SWEEP_WARPS = (1, 2, 4, 8)
 TRITON_SWEEP_ROWS = (1, 2, 4, 8)
 TRITON_SWEEP_TRIGGER = (True, False)  # the PDL trigger at program entry, or after the stores
@@ -409,13 +410,14 @@ def _fastest_order(times: dict[str, float], prev: Optional[str]) -> list[str]:
 
 def _triton_row_steps(best: list[tuple[int, str]], block_bytes: int) -> list[tuple]:
     """``[(n_loc, fastest key), ...]`` by increasing n_loc -> ``TRITON_ROW_STEPS`` rows ``(max n_loc,
-    bytes per warp, rows per program, trigger at entry)``: one row per size where the shape changes,
+    bytes per warp, bytes per program, trigger at entry)``: one row per size where the shape changes,
     equal neighbours merged, the last open (None). Warps become bytes per warp = ``block_bytes //
-    warps``, the table's unit, which gives the same warps back for this layout's BLOCK only."""
+    warps`` and rows bytes per program = ``rows * block_bytes``, the table's units, which give the
+    same shape back for this layout's BLOCK only."""
     shapes = []
     for n, key in best:
         warps, rows, early = _parse_shape_key(key)
-        shapes.append((n, (max(1, block_bytes // warps), rows, early)))
+        shapes.append((n, (max(1, block_bytes // warps), rows * block_bytes, early)))
     return table_steps(shapes)
 
 
@@ -461,7 +463,8 @@ def format_triton_sweep(sweep: dict) -> str:
             lines += ["", "shapes reported wrong (not timed):", *wrong_notes]
         if best:
             lines += ["", f"TRITON_ROW_STEPS rows the fastest shapes make, for {lname} {nd}+{rd} (bytes per warp = "
-                      f"{block} // warps; another BLOCK reads them as other warps):", "",
+                      f"{block} // warps, bytes per program = rows x {block}; another BLOCK reads them as other "
+                      "shapes):", "",
                       f"    {tuple(_triton_row_steps(best, block))!r}"]  # fmt: skip
     return "\n".join(lines)
 

@@ -172,34 +172,33 @@ def tuning_for(device: torch.device) -> LaunchTuning:
 
 
 # The Triton row kernel (every pre-Hopper GPU's path, and the fallback elsewhere):
-# (max n_loc, bytes per warp, rows per program, PDL trigger at entry), by increasing n_loc; warps =
-# clamp(BLOCK bytes / bytes per warp, 1, 8) with BLOCK = next_pow2(row width) elements.
-# H100, 2026-11-24 (docs/benchmarks.md, "Triton launch sweep"): 4 warps x 3 rows/program x 2 trigger
-# places timed with PDL on for bf16 512+64 and u8 528+128 at 1..65536 rows. The PDL trigger at
-# program entry won at every size (the old trigger after the store cost up to 1.9x at 65536 rows, where
-# 65536 one-row programs each waited); several rows per program win from 768 rows.
-# H200, 2026-12-03 02:50 UTC, the kernel as one [rows, BLOCK] block per program (`mlakv bench --layouts
-# bf16,u8 --providers triton --no-cold --quick --triton-sweep --sizes 1,512,1024,4096,16384,65536`, 32
-# shapes each checked bit-exact first; docs/h200-2026-12-03/run7): 8 warps for one row (bf16 0.59,
-# u8 0.62 us); one warp x 2 rows to 1024 rows (bf16 0.83 us at 512; u8 0.87, its fastest 8 warps
-# x 2 rows 0.82); one warp x 4 rows above (u8 at 4096: 2.31 us against 2.79 for the old row's 2
-# rows; bf16 at 4096: 3.64 against the fastest 3.59). One row per program costs 2x at 65536 rows
-# (80 against 40 us): 65536 programs.
-# H200, 2026-12-03 09:22 UTC, the kernel as two blocks per program (nope, rope), every load before any
-# store (`mlakv bench --layouts bf16,u8 --providers jit,triton --no-cold --quick --triton-sweep --sizes
-# 1,512,1024,4096,16384,65536`, docs/h200-2026-12-03/run10): the old rows (1 warp x 2 rows to 1024, 1 x 4
-# above) fitted the one-block kernel; the two-block kernel's fastest shapes were 8 warps x 4 rows at 512
-# (bf16 and u8 0.80 us) and 1024 (u8 0.90; bf16 4 x 2 1.01), 4 warps x 4 rows at 4096 for bf16 (3.43 us,
-# the old row's 1 x 4 4.06 against the JIT's 3.42; u8 8 x 8 2.05 against 2.13), 1 x 4 at 16384 (bf16
-# 10.60) and within 0.5 % of 1 x 4 at 65536. Rows per bytes per warp: 128 -> 8 warps for both layouts'
-# BLOCK (2048 and 1024 bytes); 512 -> 4 warps for bf16, 2 for u8.
+# (max n_loc, bytes per warp, bytes per program, PDL trigger at entry), by increasing n_loc; warps =
+# clamp(BLOCK bytes / bytes per warp, 1, 8) and rows per program = max(1, bytes per program / BLOCK
+# bytes) with BLOCK = next_pow2(row width) elements. Counting a program's rows in bytes gives a
+# narrow row more of them: the sweeps' fastest shapes hold about 8 KB per program from 4096 rows for
+# both measured layouts (bf16 512+64: 4 rows of 2048 bytes; u8 656: 8 rows of 1024), which rows
+# counted per program gave only one of them.
+# History: H100, 2026-11-24 (docs/benchmarks.md, "Triton launch sweep"): the PDL trigger at program
+# entry won at every size; several rows per program win from 768 rows. H200, 2026-12-03 09:22 UTC
+# (docs/h200-2026-12-03/run10): the kernel as two blocks per program (nope, rope), every load before
+# any store; rows per program then fixed per size (1 x 4 from 4096 rows: u8 at 16384 rows 7.58 us
+# against 6.37 for its fastest 1 x 8).
+# H200, 2026-12-03 14:09 UTC (`mlakv bench --layouts bf16,u8 --providers jit,triton --no-cold --quick
+# --triton-sweep --sizes 1,8,64,512,1024,4096,16384,65536`, 32 shapes each checked bit-exact;
+# docs/h200-2026-12-03/run12): each row is the rule whose worse layout is nearest its own fastest
+# shape: one warp of one row to 64 rows (bf16 0.58-0.64 us against 0.65-0.72 for the old 8 warps,
+# both layouts at their fastest); 4 KB per program to 1024 (bf16 1 x 2 and u8 1 x 4 at 512, within
+# 1.04x; 2 x 2 and 1 x 4 at 1024, within 1.03x; the old 8 x 4 took bf16 1.25x there); 8 warps of 8 KB
+# at 4096 (both fastest); one warp of 8 KB above (u8 16384 rows 6.37 us against the old 7.56;
+# within 1.01x of both fastest at 65536).
 TRITON_ROW_STEPS: tuple[tuple[int | None, int, int, bool], ...] = (
-    (1, 128, 1, True),
-    (1024, 128, 4, True),
-    (4096, 512, 4, True),
-    (None, 2048, 4, True),
+    (64, 2048, 1024, True),
+    (512, 2048, 4096, True),
+    (1024, 1024, 4096, True),
+    (4096, 128, 8192, True),
+    (None, 2048, 8192, True),
 )
-TRITON_ROW_MEASURED = "NVIDIA H200, 2026-12-03 09:22 UTC: `mlakv bench --triton-sweep` (docs/h200-2026-12-03/run10)"
+TRITON_ROW_MEASURED = "NVIDIA H200, 2026-12-03 14:09 UTC: `mlakv bench --triton-sweep` (docs/h200-2026-12-03/run12)"
 
 # The converting write (fp16/fp32 sources converted in registers; the row kernel with conversion): its own
 # rows (max n_loc, num_warps, rows per program, PDL trigger at entry), by increasing n_loc. Converting
@@ -263,10 +262,10 @@ def triton_convert_launch(n_loc: int) -> tuple[int, int, bool]:
 
 def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
     """``(num_warps, rows_per_program, early_trigger)`` of the Triton row kernel for a call of
-    ``n_loc`` rows whose ``BLOCK`` spans ``block_bytes``."""
-    for max_n, bytes_per_warp, rows, early in TRITON_ROW_STEPS:
+    ``n_loc`` rows whose ``BLOCK`` spans ``block_bytes`` (:data:`TRITON_ROW_STEPS`)."""
+    for max_n, bytes_per_warp, bytes_per_program, early in TRITON_ROW_STEPS:
         if max_n is None or n_loc <= max_n:
-            return max(1, min(8, block_bytes // bytes_per_warp)), rows, early
+            return max(1, min(8, block_bytes // bytes_per_warp)), max(1, bytes_per_program // block_bytes), early
     raise AssertionError("the last Triton step must have max n_loc None")
 
 
@@ -368,19 +367,25 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
 # increasing n_loc, per kernel: "quant_per_tensor", "quant_ds_mla", "dequant" (both formats).
 # Measured: each row is the sweep's fastest shape at n_loc 1, 64, 256, 512, 1024, 4096, 16384, 65536
 # (every shape checked bit-exact before it was timed), after the ds_mla write took its per-program
-# common case (docs/h200-2026-12-03/run7/fp8_tune.md). ds_mla: one warp per row from 65 to 1024 rows
-# (at 512 the trigger after the stores, 1.97 against 2.21 us), 2 warps x 4 rows above.
+# common case (docs/h200-2026-12-03/run7/fp8_tune.md). ds_mla, with its parts per row
+# (FP8_TRITON_PARTS), from its own sweep of 2026-12-03 14:08 UTC (`mlakv bench fp8 --tune
+# --tune-families triton --tune-kinds quant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536`, 37
+# shapes; docs/h200-2026-12-03/run12/fp8_tune_ds_mla.md): one warp x one row in 4 parts to 8 rows (0.83
+# us against 0.88 for the old 4 x 1), 2 warps x 1 row in 2 parts to 64 (0.92 against 0.98), 2 x 2 in
+# 4 parts at 512 (1.52 against 1.94 unsplit), 1 x 1 unsplit at 1024 (1.57), 4 x 8 in 2 parts at
+# 4096-16384 (3.49 against 3.79 unsplit at 4096), 2 x 4 unsplit at 65536.
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
     "quant_per_tensor": ((64, 4, 1, True), (1024, 2, 1, True), (4096, 8, 4, True), (16384, 2, 4, True),
                          (None, 2, 4, False)),
-    "quant_ds_mla": ((1, 4, 1, True), (64, 2, 1, True), (256, 1, 1, True), (512, 1, 1, False), (1024, 1, 1, True),
+    "quant_ds_mla": ((8, 1, 1, True), (64, 2, 1, True), (512, 2, 2, True), (1024, 1, 1, True), (16384, 4, 8, True),
                      (None, 2, 4, True)),
     "dequant": ((64, 4, 1, True), (256, 2, 2, True), (512, 2, 4, True), (1024, 4, 2, True), (4096, 8, 4, False),
                 (None, 4, 8, True)),
 }  # fmt: skip
 FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "
-    "--sizes 1,64,256,512,1024,4096,16384,65536`"
+    "--sizes 1,64,256,512,1024,4096,16384,65536`; quant_ds_mla 14:08 UTC with --tune-kinds quant_ds_mla "
+    "(docs/h200-2026-12-03/run12)"
 )
 
 
@@ -389,7 +394,7 @@ FP8_TRITON_MEASURED = (
 # scale) and of the rope, so parts need no cross-warp reduction; they shorten a warp's dependent chain,
 # which is what a call of few rows waits for.
 FP8_TRITON_PARTS: dict[str, tuple[tuple[int | None, int], ...]] = {
-    "quant_ds_mla": ((None, 1),),
+    "quant_ds_mla": ((8, 4), (64, 2), (512, 4), (1024, 1), (16384, 2), (None, 1)),
 }
 
 

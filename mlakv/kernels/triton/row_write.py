@@ -28,7 +28,7 @@ __all__ = ["launch_set_kv_rows", "launch_get_kv_rows", "row_kernel_block"]
 
 def row_kernel_block(nope_dim: int, rope_dim: int) -> int:
     """The row's block: the next power of two of the row width. The write's launch table reads its size
-    in bytes (``TRITON_ROW_STEPS``' bytes per warp), though the write and the gather load the nope and
+    in bytes (``TRITON_ROW_STEPS``' bytes per warp and per program), though the write and the gather load the nope and
     rope parts as two blocks of their own powers of two."""
     return triton.next_power_of_2(nope_dim + rope_dim)
 
