@@ -18,11 +18,12 @@ from mlakv.bench.options import move_kv_parser, parser_for, vllm_parser
 from mlakv.spec import tuning
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = sorted(n for n in tuning.__all__ if n.endswith("_STEPS"))
+TABLES = sorted(n for n in tuning.__all__ if n.endswith(("_STEPS", "_PARTS")))
 
 
 def _measured(table: str) -> str:
-    return getattr(tuning, table[: -len("_STEPS")] + "_MEASURED")
+    """``X_STEPS`` -> ``X_MEASURED``; ``X_PARTS`` -> ``X_PARTS_MEASURED``."""
+    return getattr(tuning, (table.removesuffix("_STEPS") if table.endswith("_STEPS") else table) + "_MEASURED")
 
 
 def _parse(command: str) -> None:

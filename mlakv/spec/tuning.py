@@ -43,6 +43,7 @@ __all__ = [
     "FP8_TRITON_MEASURED",
     "fp8_triton_launch",
     "FP8_TRITON_PARTS",
+    "FP8_TRITON_PARTS_MEASURED",
     "fp8_triton_parts",
     "V4_TRITON_STEPS",
     "V4_TRITON_MEASURED",
@@ -384,7 +385,8 @@ FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
 }  # fmt: skip
 FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "
-    "--sizes 1,64,256,512,1024,4096,16384,65536`; quant_ds_mla 14:08 UTC with --tune-kinds quant_ds_mla "
+    "--sizes 1,64,256,512,1024,4096,16384,65536`; quant_ds_mla 14:08 UTC: `mlakv bench fp8 --tune "
+    "--tune-families triton --tune-kinds quant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536` "
     "(docs/h200-2026-12-03/run12)"
 )
 
@@ -396,6 +398,10 @@ FP8_TRITON_MEASURED = (
 FP8_TRITON_PARTS: dict[str, tuple[tuple[int | None, int], ...]] = {
     "quant_ds_mla": ((8, 4), (64, 2), (512, 4), (1024, 1), (16384, 2), (None, 1)),
 }
+FP8_TRITON_PARTS_MEASURED = (
+    "NVIDIA H200, 2026-12-03 14:08 UTC: `mlakv bench fp8 --tune --tune-families triton --tune-kinds quant_ds_mla "
+    "--sizes 1,8,64,512,1024,4096,16384,65536` (docs/h200-2026-12-03/run12)"
+)
 
 
 def fp8_triton_parts(kind: str, n_loc: int) -> int:
