@@ -221,13 +221,14 @@ TRITON_CONVERT_MEASURED = (
 )
 
 
-def _shape_at(steps: tuple[tuple[int | None, int, int, bool], ...], n_loc: int) -> tuple[int, int, bool]:
-    """``(num_warps, rows_per_program, early_trigger)`` of the first row of ``steps`` (by increasing max
-    n_loc, the last one open) that covers ``n_loc``."""
-    for max_n, warps, rows, early in steps:
-        if max_n is None or n_loc <= max_n:
-            return warps, rows, early
-    raise AssertionError("the last launch step must have max n_loc None")
+def _row_at(steps: tuple[tuple, ...], n: int, bound: str = "max n") -> tuple:
+    """The rest of the first row ``(max n, *rest)`` of a launch table ``steps`` (by increasing max n,
+    the last one open: ``None``) that covers ``n``; every table's lookup. ``bound`` names the first
+    column in the error a table without an open last row raises."""
+    for max_n, *rest in steps:
+        if max_n is None or n <= max_n:
+            return tuple(rest)
+    raise AssertionError(f"the last launch step must have {bound} None, got {steps[-1][0] if steps else 'no rows'}")
 
 
 # The plain gather (kernels/triton/row_write.py, ``launch_get_kv_rows``): its own rows (max n_loc,
@@ -252,22 +253,20 @@ TRITON_GATHER_MEASURED = (
 def triton_gather_launch(n_loc: int) -> tuple[int, int, bool]:
     """``(num_warps, rows_per_program, early_trigger)`` of the Triton gather of ``n_loc`` rows
     (:data:`TRITON_GATHER_STEPS`)."""
-    return _shape_at(TRITON_GATHER_STEPS, n_loc)
+    return _row_at(TRITON_GATHER_STEPS, n_loc)
 
 
 def triton_convert_launch(n_loc: int) -> tuple[int, int, bool]:
     """``(num_warps, rows_per_program, early_trigger)`` of the Triton row kernel for a converting write
     (a source dtype other than the buffer's) of ``n_loc`` rows (:data:`TRITON_CONVERT_STEPS`)."""
-    return _shape_at(TRITON_CONVERT_STEPS, n_loc)
+    return _row_at(TRITON_CONVERT_STEPS, n_loc)
 
 
 def triton_row_launch(n_loc: int, block_bytes: int) -> tuple[int, int, bool]:
     """``(num_warps, rows_per_program, early_trigger)`` of the Triton row kernel for a call of
     ``n_loc`` rows whose ``BLOCK`` spans ``block_bytes`` (:data:`TRITON_ROW_STEPS`)."""
-    for max_n, bytes_per_warp, bytes_per_program, early in TRITON_ROW_STEPS:
-        if max_n is None or n_loc <= max_n:
-            return max(1, min(8, block_bytes // bytes_per_warp)), max(1, bytes_per_program // block_bytes), early
-    raise AssertionError("the last Triton step must have max n_loc None")
+    bytes_per_warp, bytes_per_program, early = _row_at(TRITON_ROW_STEPS, n_loc)
+    return max(1, min(8, block_bytes // bytes_per_warp)), max(1, bytes_per_program // block_bytes), early
 
 
 # The fused RoPE + cache-row + query kernel (csrc/rope_write.cuh): one warp per item (a cache row or
@@ -321,10 +320,7 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int]:
     """``(num_warps, query rows per program)`` of the fused RoPE write's Triton kernel for ``q_items = n * H``
     query rows of a call of ``kind`` (a key of :data:`ROPE_TRITON_STEPS`: ``"e4m3"`` for an FP8 query,
     else ``"ds_mla"`` for ds_mla cache rows, else ``"bf16"``)."""
-    for max_n, warps, rows in ROPE_TRITON_STEPS[kind]:
-        if max_n is None or q_items <= max_n:
-            return warps, rows
-    raise AssertionError("the last RoPE Triton step must have max n None")
+    return _row_at(ROPE_TRITON_STEPS[kind], q_items)
 
 
 # The FP8 family (quantizing write, dequantizing gather): its own rows, not the plain write's.
@@ -358,10 +354,7 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
     ``quant_ds_mla``, ``dequant``)
     for ``n_loc`` rows: warps per CTA, the PDL trigger at kernel entry (the gather ignores it), threads
     per row (rows per CTA = 32 * num_warps / threads_per_row)."""
-    for max_n, warps, early, threads in FP8_JIT_STEPS[kind]:
-        if max_n is None or n_loc <= max_n:
-            return warps, early, threads
-    raise AssertionError("the last FP8 JIT step must have max n_loc None")
+    return _row_at(FP8_JIT_STEPS[kind], n_loc)
 
 
 # Triton (kernels/triton/fp8.py): (max n_loc, num_warps, rows per program, PDL trigger at entry) by
@@ -407,18 +400,12 @@ FP8_TRITON_PARTS_MEASURED = (
 def fp8_triton_parts(kind: str, n_loc: int) -> int:
     """Programs per block of rows of the Triton FP8 kernel ``kind`` for ``n_loc`` rows (1: no split;
     only ``quant_ds_mla`` splits, :data:`FP8_TRITON_PARTS`)."""
-    for max_n, parts in FP8_TRITON_PARTS.get(kind, ((None, 1),)):
-        if max_n is None or n_loc <= max_n:
-            return parts
-    raise AssertionError("the last FP8 Triton parts step must have max n_loc None")
+    return _row_at(FP8_TRITON_PARTS.get(kind, ((None, 1),)), n_loc)[0]
 
 
 def fp8_triton_launch(kind: str, n_loc: int) -> tuple[int, int, bool]:
     """``(num_warps, rows_per_program, early_trigger)`` of the Triton FP8 kernel ``kind`` for ``n_loc`` rows."""
-    for max_n, warps, rows, early in FP8_TRITON_STEPS[kind]:
-        if max_n is None or n_loc <= max_n:
-            return warps, rows, early
-    raise AssertionError("the last FP8 Triton step must have max n_loc None")
+    return _row_at(FP8_TRITON_STEPS[kind], n_loc)
 
 
 # The DeepSeek-V4 family store (csrc/v4_store.cuh, one warp per token): (max n, warps per CTA,
@@ -455,19 +442,13 @@ V4_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 2), (2, 4), 
 
 def v4_jit_launch(n: int) -> tuple[int, int, bool]:
     """``(num_warps, tokens_per_warp, early_trigger)`` of the JIT V4-family store for ``n`` tokens."""
-    for max_n, warps, items, early in V4_JIT_STEPS:
-        if max_n is None or n <= max_n:
-            return warps, items, early
-    raise AssertionError("the last V4 JIT step must have max n None")
+    return _row_at(V4_JIT_STEPS, n)
 
 
 def v4_triton_launch(n: int, encoding: int = 1) -> tuple[int, int, bool]:
     """``(num_warps, tokens_per_program, early_trigger)`` of the Triton V4-family store for ``n`` tokens
     of ``encoding`` (0 ``v4``, 1 ``v41``, 2 ``v41_fp4``)."""
-    for max_n, warps, rows, early in V4_TRITON_STEPS[encoding]:
-        if max_n is None or n <= max_n:
-            return warps, rows, early
-    raise AssertionError("the last V4 Triton step must have max n None")
+    return _row_at(V4_TRITON_STEPS[encoding], n)
 
 
 # The fused paged byte gather (kernels/triton/paged_plan.py, the vLLM face's gathers): (max n rows,
@@ -492,11 +473,9 @@ _PAGED_GATHER_MAX_ROWS = 128
 
 def paged_gather_launch(n: int, row_bytes: int) -> tuple[int, int]:
     """``(rows_per_program, num_warps)`` of the fused paged gather for ``n`` output rows of ``row_bytes``."""
-    for max_n, per_program, warps in PAGED_GATHER_STEPS:
-        if max_n is None or n <= max_n:
-            rows = max(1, min(per_program // max(row_bytes, 1), _PAGED_GATHER_MAX_ROWS))
-            return 1 << (rows.bit_length() - 1), warps
-    raise AssertionError("the last paged gather step must have max n None")
+    per_program, warps = _row_at(PAGED_GATHER_STEPS, n)
+    rows = max(1, min(per_program // max(row_bytes, 1), _PAGED_GATHER_MAX_ROWS))
+    return 1 << (rows.bit_length() - 1), warps
 
 
 # The DSA indexer K cache's Triton store (kernels/triton/indexer.py, one [keys, 128] block per
@@ -518,10 +497,7 @@ INDEXER_TRITON_SWEEP: tuple[tuple[int, int], ...] = tuple(
 
 def indexer_triton_launch(n: int) -> tuple[int, int]:
     """``(num_warps, keys_per_program)`` of the Triton indexer K store for ``n`` keys."""
-    for max_n, warps, keys in INDEXER_TRITON_STEPS:
-        if max_n is None or n <= max_n:
-            return warps, keys
-    raise AssertionError("the last indexer Triton step must have max n None")
+    return _row_at(INDEXER_TRITON_STEPS, n)
 
 
 # The row move's Triton kernels (kernels/triton/move.py; what a move does: mlakv.ops.move), one launch over
@@ -552,10 +528,7 @@ def move_triton_launch(kind: str, n: int) -> tuple[int, ...]:
     """The launch shape of the Triton row move's ``kind`` kernel for a call moving ``n`` rows per layer:
     ``"direct"``: ``(num_warps, block words at most)``; ``"staged"``: ``(num_warps, rows per step,
     column words)``."""
-    for max_n, *shape in MOVE_TRITON_STEPS[kind]:
-        if max_n is None or n <= max_n:
-            return tuple(shape)
-    raise AssertionError("the last move Triton step must have max n None")
+    return _row_at(MOVE_TRITON_STEPS[kind], n)
 
 
 # HiCache's device <-> pinned host copy (kernels/triton/transfer.py, one launch per layer of a transfer):
@@ -579,7 +552,4 @@ HICACHE_COPY_SWEEP: tuple[tuple[int, int], ...] = (
 
 def hicache_copy_launch(nbytes: int) -> tuple[int, int]:
     """``(num_warps, tile_words)`` of the HiCache copy kernel for a launch moving ``nbytes`` bytes."""
-    for max_bytes, warps, tile in HICACHE_COPY_STEPS:
-        if max_bytes is None or nbytes <= max_bytes:
-            return warps, tile
-    raise AssertionError("the last HiCache copy step must have max bytes None")
+    return _row_at(HICACHE_COPY_STEPS, nbytes, "max bytes")
