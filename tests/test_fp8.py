@@ -518,6 +518,30 @@ def test_triton_ds_mla_parts_per_row(nope_dim, rope_dim, parts, spare):
     assert_rows_equal(kv, expected)
 
 
+@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_triton_ds_mla_parts_read_views_at_their_strides(view, parts):
+    """Split rows from views: nope and rope as column slices of one wider tensor (row stride 600, the rope
+    at a storage offset) or one row expanded over the call (stride 0), loc read at stride 3."""
+    from mlakv.kernels.triton.fp8 import launch_quant_write
+
+    n = 5 if not HAS_CUDA else 150
+    g = torch.Generator().manual_seed(34)
+    wide = (torch.randn(n, 600, generator=g) * 3).to(torch.bfloat16).to(DEVICE)  # the views are made on the device
+    nope, rope = wide[:, 8 : 8 + NOPE], wide[:, 8 + NOPE : 8 + NOPE + ROPE]
+    if view == "expanded":
+        nope, rope = nope[:1].expand(n, NOPE), rope[:1].expand(n, ROPE)
+    slots = torch.randperm(n + 4)[:n]
+    loc = torch.full((3 * n,), 10**9, dtype=torch.int64)
+    loc[::3] = slots
+    loc = loc.to(DEVICE)[::3]
+    kv = poisoned(n + 4, fp8_row_bytes("ds_mla", NOPE, ROPE))
+    assert nope.stride(0) in (600, 0) and rope.storage_offset() > 0
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), "ds_mla"))
+    launch_quant_write(kv, loc, nope, rope, "ds_mla", None, num_warps=1, rows_per_program=2, parts_per_row=parts)
+    assert_rows_equal(kv, expected)
+
+
 @pytest.mark.parametrize("rule", list(DS_MLA_SCALE_RULES))
 @pytest.mark.parametrize("parts", [2, 4])
 def test_triton_ds_mla_parts_under_every_scale_rule(rule, parts):
