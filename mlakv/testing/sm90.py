@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from typing import Any, Optional
 
-__all__ = ["compile_sm90", "sass_of", "memory_order"]
+__all__ = ["compile_sm90", "sass_of", "memory_order", "sass_functions", "loads_after_exit"]
 
 
 def with_defaults(fn: Any, consts: dict[str, Any]) -> dict[str, Any]:
@@ -53,13 +53,19 @@ def compile_sm90(fn: Any, ptrs: dict[str, str], ints: dict[str, int], consts: di
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def _triton_tool(name: str) -> Optional[str]:
+    """The path of a CUDA binary tool Triton ships (``nvdisasm``, ``cuobjdump``), or None."""
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else None
+
+
 def sass_of(kernel: Any) -> Optional[str]:
     """The machine code of a compiled kernel, disassembled by the ``nvdisasm`` Triton ships; None where
     Triton ships none (or produced no cubin)."""
-    import triton
-
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    if not os.path.exists(nvdisasm) or "cubin" not in kernel.asm:
+    nvdisasm = _triton_tool("nvdisasm")
+    if nvdisasm is None or "cubin" not in kernel.asm:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -85,3 +91,42 @@ def memory_order(sass: str) -> list[tuple[str, int]]:
         else:
             runs.append((op, 1))
     return runs
+
+
+def sass_functions(library: str) -> Optional[dict[str, str]]:
+    """The machine code of every kernel in a built shared library (a JIT module:
+    :func:`mlakv.kernels.cuda.loader.library_of`), disassembled by the ``cuobjdump`` Triton ships:
+    ``{mangled kernel name: SASS}``; None where Triton ships no ``cuobjdump``."""
+    cuobjdump = _triton_tool("cuobjdump")
+    if cuobjdump is None:
+        return None
+    text = subprocess.run([cuobjdump, "-sass", str(library)], capture_output=True, text=True, check=True).stdout
+    out: dict[str, str] = {}
+    for part in re.split(r"\n\s*Function : ", text)[1:]:
+        name, _, body = part.partition("\n")
+        out[name.strip()] = body
+    return out
+
+
+_LOAD_OR_EXIT = re.compile(r"/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?(LDG|EXIT)\b")
+
+
+def loads_after_exit(sass: str) -> int:
+    """How many global loads ``sass`` lays out after its first conditional exit that follows a global
+    load: 0 when every load is issued before any thread may leave on a test of what was loaded.
+
+    A write kernel reads loc, its sources and any scale independently of each other, so all of them can
+    be in flight at once and the kernel waits for memory once. A load placed after a test of loc (the
+    compiler sinks a load whose value only the store path uses into that path) waits a second round
+    trip. Branches are not followed; an exit at entry (before any load: a thread with no row) does not
+    count."""
+    loaded = False
+    after = None
+    for pred, op in _LOAD_OR_EXIT.findall(sass):
+        if op == "LDG":
+            if after is not None:
+                after += 1
+            loaded = True
+        elif pred and loaded and after is None:
+            after = 0
+    return after or 0

@@ -26,6 +26,7 @@ logger = logging.getLogger("mlakv.jit")
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 _MODULES: dict[str, Any] = {}
+_LIBRARIES: dict[str, Path] = {}  # the shared library each of _MODULES was loaded from
 _LOCK = threading.Lock()
 _WARNED: set[tuple[str, str]] = set()
 
@@ -167,7 +168,18 @@ def load_cuda_module(
         if fresh:
             logger.info("mlakv: compiled %s for %s in %.1f s (%s)", name, arch, time.perf_counter() - t0, build_dir)
         _MODULES[key] = module
+        _LIBRARIES[key] = Path(lib)
         return module
+
+
+def library_of(module: Any) -> Path:
+    """The shared library a module of :func:`load_cuda_module` was loaded from: its machine code, for
+    the tests that read it (:func:`mlakv.testing.sm90.sass_functions`). Raises ``KeyError`` for any
+    other object."""
+    for key, loaded in _MODULES.items():
+        if loaded is module:
+            return _LIBRARIES[key]
+    raise KeyError("not a module loaded by load_cuda_module")
 
 
 def sm90_module(device_index: int, what: str, build: Callable[[tuple[int, int]], Any]) -> Union[str, Any]:

@@ -275,17 +275,25 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
       const int c = t + kThreads * i;
       if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
     }
+    // The row is quantized before loc's test, as ds_mla's tile scales are below: nvcc 13 sank the
+    // scale's load below an earlier test into the store path, a second memory round trip after loc's.
     const Divisor scale = make_divisor(*k_scale);
-    if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
-    uint8_t* dst = a.kv + raw * a.kv_stride;
+    uint2 q[kIters];
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int c = t + kThreads * i;
       if (c < kC) {
         float f[8];
         widen8<kBf16>(v[i], f);
-        reinterpret_cast<uint2*>(dst)[c] = quant8(f, scale, div_fast_ok_e4m3(f, scale));
+        q[i] = quant8(f, scale, div_fast_ok_e4m3(f, scale));
       }
+    }
+    if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
+    uint8_t* dst = a.kv + raw * a.kv_stride;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = t + kThreads * i;
+      if (c < kC) reinterpret_cast<uint2*>(dst)[c] = q[i];
     }
   } else {
     static_assert(kNope % 128 == 0, "ds_mla tiles are 128 values");
@@ -613,17 +621,26 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
   uint8_t* n_dst = nope_out + item * (static_cast<int64_t>(kNope) * kOut);
   uint8_t* r_dst = rope_out + item * (static_cast<int64_t>(kRope) * kOut);
   constexpr int kNC = kNope / 8;
+  // Every load of the row is issued before the first conversion, in a loop of its own: written as
+  // load-convert-store per chunk, nvcc 13 laid a thread's last chunk's load after its earlier chunks'
+  // stores and a test of the lane, a second memory round trip for the threads holding more chunks.
   if constexpr (kFormat == 0) {
     constexpr int kC = (kNope + kRope) / 8;
+    constexpr int kIt = (kC + kThreads - 1) / kThreads;
     const float scale = __ldg(k_scale);
+    uint2 q[kIt];
 #pragma unroll
-    for (int i = 0; i < (kC + kThreads - 1) / kThreads; ++i) {
+    for (int i = 0; i < kIt; ++i) {
+      const int c = t + kThreads * i;
+      q[i] = valid && c < kC ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kIt; ++i) {
       const int c = t + kThreads * i;
       if (c < kC) {
-        const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
         float f[8];
         uint32_t b[8];
-        e4m3x8_to_float(q, f);
+        e4m3x8_to_float(q[i], f);
 #pragma unroll
         for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale);
         store8<kDst>(c < kNC ? n_dst + c * 8 * kOut : r_dst + (c - kNC) * 8 * kOut, b);
@@ -632,34 +649,48 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
   } else {
     constexpr int kRopeOff = kNope + 4 * (kNope / 128);
     constexpr int kRC = kRope / 8;
+    constexpr int kNI = (kNC + kThreads - 1) / kThreads;
+    constexpr int kRI = (kRC + kThreads - 1) / kThreads;
     // Rope chunk r (16 bf16 bytes) is the row's chunk kNC + r, on thread (kNC + r) % kThreads, as in
     // the write (with 32 threads per row: the one-warp kernel as it was).
     const int rt = kNC % kThreads == 0 ? t : (t + kThreads - kNC % kThreads) % kThreads;
+    uint2 q[kNI];
+    float scale[kNI];
+    uint4 r[kRI];
 #pragma unroll
-    for (int i = 0; i < (kNC + kThreads - 1) / kThreads; ++i) {
+    for (int i = 0; i < kNI; ++i) {
+      const int c = t + kThreads * i;
+      const bool live = valid && c < kNC;
+      q[i] = live ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
+      scale[i] = live ? __ldg(reinterpret_cast<const float*>(src + kNope) + (c >> 4)) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kRI; ++i) {
+      const int c = rt + kThreads * i;
+      r[i] = valid && c < kRC ? __ldg(reinterpret_cast<const uint4*>(src + kRopeOff) + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kNI; ++i) {
       const int c = t + kThreads * i;
       if (c < kNC) {
-        const uint2 q = valid ? __ldg(reinterpret_cast<const uint2*>(src) + c) : make_uint2(0, 0);
-        const float scale = valid ? __ldg(reinterpret_cast<const float*>(src + kNope) + (c >> 4)) : 0.0f;
         float f[8];
         uint32_t b[8];
-        e4m3x8_to_float(q, f);
+        e4m3x8_to_float(q[i], f);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale);
+        for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j] * scale[i]);
         store8<kDst>(n_dst + c * 8 * kOut, b);
       }
     }
 #pragma unroll
-    for (int i = 0; i < (kRC + kThreads - 1) / kThreads; ++i) {
+    for (int i = 0; i < kRI; ++i) {
       const int c = rt + kThreads * i;
       if (c < kRC) {
-        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(src + kRopeOff) + c) : make_uint4(0, 0, 0, 0);
         if constexpr (kDst == 0) {
-          *reinterpret_cast<uint4*>(r_dst + c * 16) = v;  // the stored bf16, bit for bit
+          *reinterpret_cast<uint4*>(r_dst + c * 16) = r[i];  // the stored bf16, bit for bit
         } else {
           float f[8];
           uint32_t b[8];
-          widen8<true>(v, f);
+          widen8<true>(r[i], f);
 #pragma unroll
           for (int j = 0; j < 8; ++j) b[j] = DstOf<kDst>::bits(f[j]);
           store8<kDst>(r_dst + c * 8 * kOut, b);

@@ -1,0 +1,123 @@
+"""The JIT CUDA kernels wait for memory as few times as their data allows, read from their sm_90a machine code.
+
+Spec (:func:`mlakv.testing.sm90.loads_after_exit`, :func:`~mlakv.testing.sm90.memory_order`):
+
+* a write kernel (the FP8 quantizing writes, the row write's kernels, the V4 stores, the indexer store)
+  reads loc, its sources and any scale independently of each other, so it issues every global load
+  before any thread may leave on a test: one memory round trip, then the stores. A load the compiler
+  sinks below the test of loc into the store path waits a second round trip (nvcc 13 did this to the
+  per_tensor write's scale at 128 threads per row, measured 0.90 against Triton's 0.74 us at one row);
+* a gather reads loc, then the row it names: every load of the row before any store (a load laid out
+  after a store waits for memory again; nvcc 13 did this to the FP8 gather's last chunk per thread);
+* the DCP variant of the row write reads a row's sources only when this rank keeps the row, after the
+  test of loc by design: the check sees that second round trip (it can fail).
+
+The modules are built for sm_90a without a GPU (nvcc, tvm-ffi) and disassembled with the ``cuobjdump``
+Triton ships; every kernel variant a module holds is read.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import JIT_BUILD_REQUIRED, sm90a_build_env
+from mlakv.testing.sm90 import loads_after_exit, memory_order, sass_functions
+
+
+def test_loads_after_the_first_conditional_exit_are_counted():
+    sass = """
+        /*0090*/               @P0 EXIT ;
+        /*0110*/                   ACQBULK ;
+        /*0220*/                   LDG.E.64 R10, desc[UR4][R10.64] ;
+        /*02c0*/                   LDG.E.128 R4, desc[UR4][R4.64] ;
+        /*0350*/               @P0 EXIT ;
+        /*0360*/               @P2 EXIT ;
+        /*03e0*/                   LDG.E.CONSTANT R15, desc[UR4][R2.64] ;
+        /*09d0*/                   STG.E.64 desc[UR4][R2.64], R4 ;
+        /*09e0*/                   EXIT ;
+    """
+    assert loads_after_exit(sass) == 1  # the exit at entry (before any load) does not count
+    assert loads_after_exit(sass.replace("LDG.E.CONSTANT", "FMUL")) == 0
+    assert loads_after_exit("") == 0
+
+
+def _modules() -> dict:
+    import torch  # noqa: F401 - the build modules import it
+
+    from mlakv.kernels.cuda.fp8 import build_mla_fp8_module
+    from mlakv.kernels.cuda.indexer import build_indexer_module
+    from mlakv.kernels.cuda.row_write import build_set_mla_kv_buffer_module
+    from mlakv.kernels.cuda.v4_store import build_v4_store_module
+
+    return {
+        "fp8 per_tensor": lambda: build_mla_fp8_module("per_tensor", 512, 64, True, (9, 0)),
+        "fp8 ds_mla": lambda: build_mla_fp8_module("ds_mla", 512, 64, True, (9, 0)),
+        "row bf16 512+64": lambda: build_set_mla_kv_buffer_module(1024, 128, use_pdl=True, device_capability=(9, 0)),
+        "row u8 528+128": lambda: build_set_mla_kv_buffer_module(528, 128, use_pdl=True, device_capability=(9, 0)),
+        "v4 store, v4": lambda: build_v4_store_module(0, device_capability=(9, 0)),
+        "v4 store, v41": lambda: build_v4_store_module(1, device_capability=(9, 0)),
+        "v4 store, v41_fp4": lambda: build_v4_store_module(2, device_capability=(9, 0)),
+        "indexer": lambda: build_indexer_module(True, (9, 0)),
+    }
+
+
+MODULES = ["fp8 per_tensor", "fp8 ds_mla", "row bf16 512+64", "row u8 528+128",
+           "v4 store, v4", "v4 store, v41", "v4 store, v41_fp4", "indexer"]  # fmt: skip
+
+# The write kernels (mangled-name prefixes) and the gathers of each module.
+WRITES = ("_ZN5mlakv3fp818quant_write_kernel", "_ZN5mlakv21set_mla_kv_row_kernel", "_ZN5mlakv24set_mla_kv_buffer_kernel",
+          "_ZN5mlakv2v415v4_store_kernel", "_ZN5mlakv7indexer20store_index_k_kernel")  # fmt: skip
+GATHERS = ("_ZN5mlakv3fp821dequant_gather_kernel",)
+# set_mla_kv_row_kernel<nope bytes, rope bytes, PDL, early trigger, DCP, loc type>: the DCP flag
+_ROW_DCP = re.compile(r"set_mla_kv_row_kernelILi\d+ELi\d+ELb[01]ELb[01]ELb([01])E")
+
+
+@pytest.fixture(scope="module")
+def machine_code() -> dict:
+    from mlakv.kernels.cuda.loader import JitUnavailable, library_of
+
+    out = {}
+    with sm90a_build_env():
+        for name, build in _modules().items():
+            try:
+                out[name] = sass_functions(library_of(build()))
+            except JitUnavailable as e:
+                if JIT_BUILD_REQUIRED:
+                    pytest.fail(f"{name}: {e}")
+                pytest.skip(f"{name}: {e}")
+    if any(v is None for v in out.values()):
+        pytest.skip("this Triton ships no cuobjdump")
+    return out
+
+
+def _dcp(name: str) -> bool:
+    m = _ROW_DCP.search(name)
+    return bool(m and m.group(1) == "1")
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("module", MODULES)
+def test_a_write_kernel_issues_every_load_before_any_test(machine_code, module):
+    kernels = {n: s for n, s in machine_code[module].items() if n.startswith(WRITES) and not _dcp(n)}
+    assert kernels, f"no write kernel found in {module}"
+    assert set(_modules()) == set(MODULES)
+    late = {n: loads_after_exit(s) for n, s in kernels.items() if loads_after_exit(s)}
+    assert not late, f"loads after a test of loc (name: loads): {late}"
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("module", ["fp8 per_tensor", "fp8 ds_mla"])
+def test_a_gather_issues_every_load_of_the_row_before_any_store(machine_code, module):
+    kernels = {n: s for n, s in machine_code[module].items() if n.startswith(GATHERS)}
+    assert len(kernels) == 18, sorted(kernels)  # 3 output dtypes x 3 threads per row x 2 loc types
+    for name, sass in kernels.items():
+        assert [op for op, _ in memory_order(sass)] == ["LDG", "STG"], (name, memory_order(sass))
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("module", ["row bf16 512+64", "row u8 528+128"])
+def test_the_dcp_row_write_reads_sources_after_the_test_by_design(machine_code, module):
+    dcp = {n: s for n, s in machine_code[module].items() if _dcp(n)}
+    assert dcp and all(loads_after_exit(s) > 0 for s in dcp.values())
