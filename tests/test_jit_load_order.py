@@ -44,8 +44,6 @@ def test_loads_after_the_first_conditional_exit_are_counted():
 
 
 def _modules() -> dict:
-    import torch  # noqa: F401 - the build modules import it
-
     from mlakv.kernels.cuda.fp8 import build_mla_fp8_module
     from mlakv.kernels.cuda.indexer import build_indexer_module
     from mlakv.kernels.cuda.row_write import build_set_mla_kv_buffer_module

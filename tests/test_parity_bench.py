@@ -110,6 +110,15 @@ def test_row_family_runs_on_the_gpu():
     assert all(parity.ratio_of(p) is not None for p in pts), pts  # both providers passed their check and were timed
 
 
+@requires_sm90
+def test_two_passes_time_every_point_twice_on_the_gpu():
+    res = parity.run_parity(["row"], [8], passes=2)
+    assert len(res["points"]) == 2 and len(res["pass_points"]) == 2
+    for p in res["points"]:
+        assert all(len(v) == 2 and all(isinstance(t, float) for t in v) for v in p["passes"].values()), p
+        assert p["jit"] == pytest.approx(sum(p["passes"]["jit"]) / 2)  # the median of two
+
+
 # ---- the converting write's launch sweep (--convert-sweep) -------------------------------------------
 def _conv_point(n: int, table: str, sweep: dict) -> dict:
     e = parity.entry("converting write", "fp32 -> bf16", n, 1.0, sweep.get(table, 9.0))
@@ -193,3 +202,59 @@ def test_gather_sweep_runs_on_the_gpu_and_checks_every_shape():
     assert set(p["sweep"]) == {parity._sweep_key(*s) for s in triton_sweep_shapes()}
     assert all(isinstance(v, float) for v in p["sweep"].values()), p["sweep"]
     assert p["table"] in p["sweep"]
+
+
+# ---- --passes: each side the median over passes, the points that moved between passes listed --------
+def test_passes_merge_to_the_median_per_side_and_keep_each_pass():
+    passes = [
+        [parity.entry("fp8 write", "ds_mla", 512, 1.0, 1.5), parity.entry("fp8 write", "ds_mla", 8, 1.0, 0.9)],
+        [parity.entry("fp8 write", "ds_mla", 512, 1.2, 2.5), parity.entry("fp8 write", "ds_mla", 8, 1.0, 0.9)],
+        [parity.entry("fp8 write", "ds_mla", 512, 1.1, 1.6), parity.entry("fp8 write", "ds_mla", 8, 1.0, 0.9)],
+    ]
+    merged = parity.merge_passes(passes)
+    assert [(p["n"], p["jit"], p["triton"]) for p in merged] == [(512, 1.1, 1.6), (8, 1.0, 0.9)]
+    assert merged[0]["passes"] == {"jit": [1.0, 1.2, 1.1], "triton": [1.5, 2.5, 1.6]}
+    assert parity.spread(merged[0]) == pytest.approx(2.5 / 1.5)
+    assert parity.spread(merged[1]) == 1.0
+
+
+def test_a_pass_without_a_time_keeps_its_reason():
+    passes = [[parity.entry("v4 store", "v4", 1, 1.0, 2.0)], [parity.entry("v4 store", "v4", 1, 1.0, "WRONG")]]
+    (p,) = parity.merge_passes(passes)
+    assert p["triton"] == "WRONG" and p["jit"] == 1.0 and parity.ratio_of(p) is None
+
+
+def test_the_report_lists_the_points_that_moved_between_passes():
+    res = _result()
+    res["passes"] = 2
+    res["points"] = parity.merge_passes([
+        [parity.entry("fp8 write", "ds_mla", 1, 1.0, 1.0), parity.entry("fp8 write", "ds_mla", 65536, 40.0, 50.0)],
+        [parity.entry("fp8 write", "ds_mla", 1, 1.05, 1.0), parity.entry("fp8 write", "ds_mla", 65536, 40.0, 70.0)],
+    ])  # fmt: skip
+    text = parity.format_tables(res)
+    assert "median of 2 passes" in text
+    assert "1 of 2 points have a side whose 2 times differ by more than 1.10x" in text
+    assert "| fp8 write | ds_mla | 65536 | 40.00, 40.00 | 50.00, 70.00 | 1.40x |" in text.splitlines()
+    assert "between passes" not in parity.format_tables(_result())  # one pass: no such section
+
+
+def test_passes_run_every_family_each_pass_in_alternating_order(monkeypatch):
+    order: list[str] = []
+
+    def runner(fam):
+        def run(sizes, sweep=False):
+            order.append(fam)
+            return [parity.entry(fam, "c", n, 1.0, float(len(order))) for n in sizes]
+
+        return run
+
+    for fam in ("row", "fp8"):
+        monkeypatch.setitem(parity.FAMILIES, fam, runner(fam))
+    monkeypatch.setattr(parity.torch.cuda, "get_device_name", lambda *a: "GPU")
+    res = parity.run_parity(["row", "fp8"], [8], passes=3)
+    assert order == ["row", "fp8", "fp8", "row", "row", "fp8"]
+    assert res["passes"] == 3 and len(res["pass_points"]) == 3
+    assert {p["family"]: p["passes"]["triton"] for p in res["points"]} == {"row": [1.0, 4.0, 5.0], "fp8": [2.0, 3.0, 6.0]}
+    assert parity.build_parser().parse_args(["--passes", "2"]).passes == 2
+    with pytest.raises(SystemExit):
+        parity.build_parser().parse_args(["--passes", "0"])

@@ -366,6 +366,10 @@ def parity_parser(
                         "every launch shape of the row kernel's sweep (each checked bit-exact first) and report the "
                         "fastest per n and the launch-table rows they make")  # fmt: skip
     p.add_argument("--convert-sweep", action="store_true", help="the same as --sweep convert")
+    p.add_argument("--passes", type=positive_int, default=1,
+                   help="run the families this many times (every other pass in reverse order); each side of a point "
+                   "is the median over the passes, and the report lists the points whose times differ between "
+                   "passes by more than 10%% (default 1)")  # fmt: skip
     p.add_argument("--out", type=out_dir, default=Path("bench-out"),
                    help="directory for parity.json and parity.md (checked writable before measuring)")  # fmt: skip
     return p

@@ -24,8 +24,13 @@ The converting write and the gather have their own launch rows (``TRITON_CONVERT
 launch shape of the row kernel's sweep too, each shape checked bit-exact first, and reports the fastest
 per n against the table's shape and the table rows the fastest shapes make.
 
+Timings of one call can differ between runs by more than the goal's margin (the same shape has measured
+1.49 us in one run and 2.45 in the next). ``--passes N`` runs the families N times, each pass in the
+reverse family order of the one before; each side of a point is the median over the passes, and the
+report lists the points where a side's times differ by more than :data:`SPREAD_LIMIT` between passes.
+
 Run: ``python -m mlakv bench parity [--families row,fp8,rope,v4,indexer,convert,gather] [--sizes ...]
-[--sweep convert,gather] [--out DIR]``; writes ``parity.json`` and ``parity.md`` under ``--out``.
+[--sweep convert,gather] [--passes N] [--out DIR]``; writes ``parity.json`` and ``parity.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import datetime
 import functools
 import platform
+import statistics
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -42,7 +48,11 @@ from .options import parity_parser as build_parser
 from .report import run_on_gpu, table_steps
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, progress, rotating
 
-__all__ = ["FAMILIES", "entry", "ratio_of", "verdict", "run_parity", "format_tables", "main"]
+__all__ = ["FAMILIES", "SPREAD_LIMIT", "entry", "ratio_of", "verdict", "merge_passes", "spread", "run_parity",
+           "format_tables", "main"]  # fmt: skip
+
+#: a point whose side's times differ between passes by more than this factor (max / min) is listed
+SPREAD_LIMIT = 1.10
 
 
 def entry(family: str, case: str, n: int, jit: Any, triton: Any) -> dict:
@@ -71,6 +81,39 @@ def verdict(entries: list[dict], limit: float = PARITY_LIMIT) -> str:
     if worst is None:
         return "no points"
     return "met" if worst[0] <= limit else f"MISSED (worst {worst[0]:.2f}x at n={worst[1]})"
+
+
+def merge_passes(passes: list[list[dict]]) -> list[dict]:
+    """One point per (family, case, n) out of several passes' points, in the first pass's order: each side
+    (``jit``, ``triton``) the median of its times over the passes, or the first reason a pass had no time
+    (a wrong provider stays wrong); ``"passes"`` holds each side's per-pass values. The other keys (a
+    sweep, a bound) are the first pass's."""
+    by: dict[tuple, list[dict]] = {}
+    for points in passes:
+        for p in points:
+            by.setdefault((p["family"], p["case"], p["n"]), []).append(p)
+    out = []
+    for seen in by.values():
+        merged = dict(seen[0])
+        merged["passes"] = {side: [p.get(side) for p in seen] for side in ("jit", "triton")}
+        for side, values in merged["passes"].items():
+            times = [v for v in values if isinstance(v, (int, float))]
+            reasons = [v for v in values if not isinstance(v, (int, float))]
+            merged[side] = reasons[0] if reasons else statistics.median(times)
+        out.append(merged)
+    return out
+
+
+def spread(e: dict) -> Optional[float]:
+    """The larger of the two sides' max / min over a merged point's passes; None with fewer than two
+    timed passes on both sides."""
+    worst = None
+    for values in e.get("passes", {}).values():
+        times = [v for v in values if isinstance(v, (int, float)) and v > 0]
+        if len(times) >= 2:
+            r = max(times) / min(times)
+            worst = r if worst is None else max(worst, r)
+    return worst
 
 
 # ---- each family: its bench's run function, read into points ------------------------------------
@@ -252,12 +295,15 @@ assert set(FAMILIES) == set(PARITY_FAMILIES)
 
 
 def run_parity(
-    families: list[str], sizes: list[int], into: Optional[dict] = None, convert_sweep: bool = False, sweep: Sequence[str] = ()
+    families: list[str], sizes: list[int], into: Optional[dict] = None, convert_sweep: bool = False,
+    sweep: Sequence[str] = (), passes: int = 1,
 ) -> dict:
-    """Run each family's bench at ``sizes``; ``{"device", "versions", "date", "sizes", "points": [...]}`` (GPU only).
-    Points go into ``into`` as each family finishes, so an interrupted run keeps them. ``sweep``: the
+    """Run each family's bench at ``sizes``; ``{"device", "versions", "date", "sizes", "passes", "points": [...]}``
+    (GPU only). Points go into ``into`` as each family finishes, so an interrupted run keeps them. ``sweep``: the
     families of :data:`SWEEPS` (among ``families``) timed at every launch shape too; ``convert_sweep``
-    adds ``convert`` to them."""
+    adds ``convert`` to them. ``passes`` > 1: the families run that many times, every other pass in
+    reverse order, and the points are :func:`merge_passes` of the passes (``"pass_points"`` keeps each
+    pass's own)."""
     import triton
 
     res = {} if into is None else into
@@ -266,12 +312,21 @@ def run_parity(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         versions={"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                   "python": platform.python_version()},
+        passes=passes,
     )  # fmt: skip
-    for fam in families:
-        progress(f"parity: {fam}")
-        swept = fam in sweep or (fam == "convert" and convert_sweep)
-        runner = functools.partial(SWEEPS[fam], sweep=True) if swept else FAMILIES[fam]
-        res["points"] += runner(sizes)
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    res["pass_points"] = []
+    for k in range(passes):
+        res["pass_points"].append([])
+        for fam in families if k % 2 == 0 else families[::-1]:
+            progress(f"parity: {fam}" + (f" (pass {k + 1} of {passes})" if passes > 1 else ""))
+            swept = fam in sweep or (fam == "convert" and convert_sweep)
+            runner = functools.partial(SWEEPS[fam], sweep=True) if swept else FAMILIES[fam]
+            res["pass_points"][-1] += runner(sizes)
+            res["points"] = res["pass_points"][0] if passes == 1 else merge_passes(res["pass_points"])
+    if passes == 1:
+        del res["pass_points"]
     return res
 
 
@@ -301,9 +356,11 @@ def format_tables(res: dict) -> str:
     then the times (``jit / triton`` µs)."""
     sizes = res["sizes"]
     v = res.get("versions", {})
+    n_passes = res.get("passes", 1)
+    over = f"; each side the median of {n_passes} passes" if n_passes > 1 else ""
     head = [f"device: {res['device']}; torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}; "
             f"{res.get('date')}; times: µs per call, median CUDA-graph replay over {INPUT_SETS} input sets, each provider "
-            f"checked bit-exact first; goal: triton / jit <= {PARITY_LIMIT}", ""]  # fmt: skip
+            f"checked bit-exact first{over}; goal: triton / jit <= {PARITY_LIMIT}", ""]  # fmt: skip
     cases = _cases([p for p in res["points"] if p["family"] != "converting write"])
     cols = " | ".join(f"n={n}" for n in sizes)
     out = head + ["| kernel | case | " + cols + " | verdict |", "|---|---|" + "---|" * len(sizes) + "---|"]
@@ -325,7 +382,23 @@ def format_tables(res: dict) -> str:
             out.append(f"| {p['n']} | {_us(p['triton'])} | {_us(p['jit'])} | {_us(p['bound'])} | {rb} |")
         out += _sweep_lines(conv, "converting write", "TRITON_CONVERT_STEPS")
     out += _sweep_lines([p for p in res["points"] if p["family"] == "gather"], "gather", "TRITON_GATHER_STEPS")
+    out += _spread_lines(res["points"], n_passes)
     return "\n".join(out)
+
+
+def _spread_lines(points: list[dict], n_passes: int) -> list[str]:
+    """The points whose times differ between passes by more than :data:`SPREAD_LIMIT` (``--passes``)."""
+    if n_passes < 2:
+        return []
+    wide = [(p, r) for p in points if (r := spread(p)) is not None and r > SPREAD_LIMIT]
+    out = ["", f"between passes: {len(wide)} of {len(points)} points have a side whose {n_passes} times differ by more "
+           f"than {SPREAD_LIMIT:.2f}x (max / min; the tables above take the medians)"]  # fmt: skip
+    if wide:
+        out += ["", "| kernel | case | n | jit µs per pass | triton µs per pass | max / min |", "|---|---|---|---|---|---|"]
+        for p, r in wide:
+            cells = [", ".join(_us(v) for v in p["passes"][side]) for side in ("jit", "triton")]
+            out.append(f"| {p['family']} | {p['case']} | {p['n']} | {cells[0]} | {cells[1]} | {r:.2f}x |")
+    return out
 
 
 def _sweep_lines(points: list[dict], kernel: str, table: str) -> list[str]:
@@ -361,5 +434,6 @@ def _sweep_lines(points: list[dict], kernel: str, table: str) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     """``mlakv bench parity``: returns 0 (also without a GPU: nothing to measure), 2 on a usage error."""
     args = build_parser().parse_args(argv)
-    run = lambda res: run_parity(args.families, args.sizes, into=res, convert_sweep=args.convert_sweep, sweep=args.sweep)  # noqa: E731
+    run = lambda res: run_parity(args.families, args.sizes, into=res, convert_sweep=args.convert_sweep,  # noqa: E731
+                                 sweep=args.sweep, passes=args.passes)  # fmt: skip
     return run_on_gpu("parity bench", args.out, "parity", run, format_tables)
