@@ -336,3 +336,20 @@ def test_fp8_bench_tune_families_option():
     assert fp8_parser().parse_args(["--tune", "--tune-families", "jit"]).tune_families == ["jit"]
     with pytest.raises(SystemExit):
         fp8_parser().parse_args(["--tune-families", "cuda"])
+
+
+def test_fp8_bench_profile_option():
+    from mlakv.bench.options import fp8_parser
+
+    assert fp8_parser().parse_args(["--profile", "--sizes", "1"]).profile is True
+    assert fp8_parser().parse_args([]).profile is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs an SM90+ GPU (none present)")
+def test_fp8_profile_calls_each_checked_provider_once_per_size_in_order():
+    from mlakv.bench.fp8_bench import run_fp8_profile
+
+    labels = run_fp8_profile([1, 8], warmup=1)
+    per_size = [f"write {f} {p}" for f in ("ds_mla", "per_tensor") for p in ("jit", "triton", "plain")]
+    per_size += [f"gather {f} {p}" for f in ("ds_mla", "per_tensor") for p in ("jit", "triton")]
+    assert labels == [f"{n} {x}" for n in (1, 8) for x in per_size]

@@ -26,7 +26,11 @@ trigger at entry, then the fastest shape with the trigger after the stores; JIT:
 (32, 64, 128) x rows per CTA (1, 2, 4, 8) x trigger place, beside the plain row write and gather of
 the same bytes), and prints, per kernel, the fastest shape at each size and the table rows of
 :mod:`mlakv.spec.tuning` (``FP8_TRITON_STEPS``, ``FP8_JIT_STEPS``) they make.
-Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--tune [--tune-families jit]] [--out bench-out]``.
+``--profile`` times nothing: it runs each write and gather provider once per size (after warm-up calls,
+each checked as above), each call inside the NVTX range :data:`PROFILE_RANGE`, for a profiler to read the
+kernels alone: ``ncu --nvtx --nvtx-include "mlakv-profile/" --set full python -m mlakv bench fp8 --profile
+--sizes 1``. The kernel names tell the providers apart; the order is per size, format, then provider.
+Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--tune [--tune-families jit]] [--profile] [--out bench-out]``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from .options import fp8_parser as build_parser
 from .report import checkpoint, table_steps, write_results
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, on_progress, progress, rotating
 
-__all__ = ["run_fp8_bench", "run_fp8_tune", "format_tables", "format_tune", "main"]
+__all__ = ["PROFILE_RANGE", "run_fp8_bench", "run_fp8_profile", "run_fp8_tune", "format_tables", "format_tune", "main"]
 
 NOPE, ROPE = 512, 64
 LAYERS = INPUT_SETS  # input sets (layers) per timed graph
@@ -254,6 +258,49 @@ def run_fp8_bench(sizes: list[int], into: Optional[dict] = None, rules: bool = T
         del layers
         torch.cuda.empty_cache()
     return res
+
+
+#: the NVTX range (``ncu --nvtx --nvtx-include "mlakv-profile/"``) around each call ``--profile`` makes
+PROFILE_RANGE = "mlakv-profile"
+
+
+def run_fp8_profile(sizes: list[int], warmup: int = 3) -> list[str]:
+    """For a profiler: at each n_loc, every write provider (jit where the kernel serves, triton, plain)
+    and gather provider (jit, triton) of both formats, each checked bit-exact, called ``warmup`` times,
+    then once inside the NVTX range :data:`PROFILE_RANGE`; returns the ``"<n> <write|gather> <fmt>
+    <provider>"`` labels in call order (GPU only). A wrong provider raises ``RuntimeError``."""
+    scale = scale_tensor(K_SCALE, torch.device("cuda"))
+    labels = []
+    for n in sizes:
+        layers = _layers(n)[:1]
+        d0 = layers[0]
+        jit = _jit_available(layers)
+        calls: dict[str, Callable[[dict], object]] = {}
+        for fmt in FORMATS:
+            for name, fn in _write_providers(fmt, scale, jit).items():
+                if name != "quant-then-write":
+                    if _check_write(fmt, fn, d0):
+                        raise RuntimeError(f"the {name} {fmt} write is wrong at n_loc={n}")
+                    calls[f"{n} write {fmt} {name}"] = fn
+        for fmt in FORMATS:
+            ref = _gather_ref(fmt, d0)
+            gathers = {"jit": _jit_gather(fmt, scale)} if jit else {}
+            for name, fn in {**gathers, "triton": _triton_gather(fmt, scale)}.items():
+                if _check_gather(fn, d0, ref):
+                    raise RuntimeError(f"the {name} {fmt} gather is wrong at n_loc={n}")
+                calls[f"{n} gather {fmt} {name}"] = fn
+        for _ in range(warmup):
+            for fn in calls.values():
+                fn(d0)
+        torch.cuda.synchronize()
+        for label, fn in calls.items():
+            torch.cuda.nvtx.range_push(PROFILE_RANGE)
+            fn(d0)
+            torch.cuda.synchronize()
+            torch.cuda.nvtx.range_pop()
+            labels.append(label)
+            progress(f"fp8 profile: {label}")
+    return labels
 
 
 def _cell(v) -> str:
@@ -507,6 +554,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8 bench: no CUDA GPU here; the fused kernels' timings need one (nothing measured)")
+        return 0
+    if args.profile:
+        labels = run_fp8_profile(args.sizes)
+        print(f"fp8 profile: {len(labels)} calls, each inside the NVTX range {PROFILE_RANGE!r}, in this order:")
+        print("\n".join(labels))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

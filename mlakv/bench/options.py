@@ -209,6 +209,9 @@ def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing 
     p.add_argument("--tune-kinds", type=csv_of(FP8_TUNE_KINDS, "kind"), default=list(FP8_TUNE_KINDS),
                    help="comma list of the kernels the launch sweep times: quant_per_tensor, quant_ds_mla and/or "
                    "dequant (default all)")  # fmt: skip
+    p.add_argument("--profile", action="store_true",
+                   help="GPU: time nothing; call each write and gather provider once per size inside the NVTX range "
+                   "'mlakv-profile' (after warm-up calls), for ncu --nvtx --nvtx-include 'mlakv-profile/'")  # fmt: skip
     return p
 
 
