@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 __all__ = ["compile_sm90", "sass_of", "memory_order", "sass_functions", "loads_after_exit"]
 
@@ -93,7 +93,7 @@ def memory_order(sass: str) -> list[tuple[str, int]]:
     return runs
 
 
-def sass_functions(library: str) -> Optional[dict[str, str]]:
+def sass_functions(library: Union[str, os.PathLike]) -> Optional[dict[str, str]]:
     """The machine code of every kernel in a built shared library (a JIT module:
     :func:`mlakv.kernels.cuda.loader.library_of`), disassembled by the ``cuobjdump`` Triton ships:
     ``{mangled kernel name: SASS}``; None where Triton ships no ``cuobjdump``."""
