@@ -441,15 +441,16 @@ class Smoke:
                     kv = torch.randint(0, 256, (64, 1, rb), dtype=torch.uint8, device="cuda")
                     bad = torch.tensor([3, 64, -1, 10**9, 63, 5, -7], device="cuda")
                     ref = dequantize_mla_rows(kv[[3, 63, 5], 0], fmt, 512, 64, scale)
-                    out = fp8_jit_gather(kv, bad, fmt, 512, 64, scale, torch.bfloat16, num_warps=warps,
-                                         threads_per_row=threads)  # fmt: skip
-                    torch.cuda.synchronize()
-                    ok = out is not None
-                    if ok:
-                        g_nope, g_rope = (_bits(t) for t in out)
-                        ok = (torch.equal(g_nope[[0, 4, 5]], _bits(ref[0])) and torch.equal(g_rope[[0, 4, 5]], _bits(ref[1]))
-                              and not g_nope[[1, 2, 3, 6]].any() and not g_rope[[1, 2, 3, 6]].any())  # fmt: skip
-                    self.check(f"fp8 jit gather {fmt} t{threads}w{warps} with invalid slots", ok)
+                    for early in (True, False):
+                        out = fp8_jit_gather(kv, bad, fmt, 512, 64, scale, torch.bfloat16, num_warps=warps,
+                                             early_trigger=early, threads_per_row=threads)  # fmt: skip
+                        torch.cuda.synchronize()
+                        ok = out is not None
+                        if ok:
+                            g_nope, g_rope = (_bits(t) for t in out)
+                            ok = (torch.equal(g_nope[[0, 4, 5]], _bits(ref[0])) and torch.equal(g_rope[[0, 4, 5]], _bits(ref[1]))
+                                  and not g_nope[[1, 2, 3, 6]].any() and not g_rope[[1, 2, 3, 6]].any())  # fmt: skip
+                        self.check(f"fp8 jit gather {fmt} t{threads}w{warps}{'e' if early else 'l'} with invalid slots", ok)
 
     def indexer(self) -> None:
         """The DSA indexer K cache: stores (JIT at every launch shape, Triton, the public op) for every

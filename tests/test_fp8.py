@@ -869,13 +869,13 @@ def test_jit_launchers_serve_zero_rows_at_any_alignment(fmt, spare, built_fp8_mo
         loc = FakeCudaTensor((0,), loc_dtype)
         for dst in DST_DTYPES:
             outs = FakeCudaTensor((0, NOPE), dst), FakeCudaTensor((0, ROPE), dst)
-            assert mod.mla_fp8_gather(kv, loc, scale, *outs, 8, 32) is True
+            assert mod.mla_fp8_gather(kv, loc, scale, *outs, 8, False, 32) is True
         srcs = FakeCudaTensor((0, NOPE), torch.bfloat16), FakeCudaTensor((0, ROPE), torch.bfloat16)
         assert mod.mla_fp8_quant(kv, loc, *srcs, scale, -1, 8, False, 0, 32) is True
     one = FakeCudaTensor((1,), torch.int64)
     outs = FakeCudaTensor((1, NOPE), torch.bfloat16), FakeCudaTensor((1, ROPE), torch.bfloat16)
     if spare:
-        assert mod.mla_fp8_gather(kv, one, scale, *outs, 8, 32) is False
+        assert mod.mla_fp8_gather(kv, one, scale, *outs, 8, False, 32) is False
         assert mod.mla_fp8_quant(kv, one, *outs, scale, -1, 8, False, 0, 32) is False
 
 
@@ -883,11 +883,11 @@ def test_jit_launchers_serve_zero_rows_at_any_alignment(fmt, spare, built_fp8_mo
 def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
     mod, kv, scale, loc, outs = _zero_row_call(built_fp8_modules, fmt, torch.int64)
     with pytest.raises(ValueError, match="loc must be 1-D"):
-        mod.mla_fp8_gather(kv, FakeCudaTensor((0, 1), torch.int64), scale, *outs, 8, 32)
+        mod.mla_fp8_gather(kv, FakeCudaTensor((0, 1), torch.int64), scale, *outs, 8, False, 32)
     with pytest.raises(TypeError, match="loc must be int32 or int64"):
-        mod.mla_fp8_gather(kv, FakeCudaTensor((0,), torch.float32), scale, *outs, 8, 32)
+        mod.mla_fp8_gather(kv, FakeCudaTensor((0,), torch.float32), scale, *outs, 8, False, 32)
     with pytest.raises(ValueError, match=r"nope_out/rope_out must be contiguous \[n_loc, 512\]"):
-        mod.mla_fp8_gather(kv, loc, scale, FakeCudaTensor((0, 256), torch.bfloat16), outs[1], 8, 32)
+        mod.mla_fp8_gather(kv, loc, scale, FakeCudaTensor((0, 256), torch.bfloat16), outs[1], 8, False, 32)
     with pytest.raises(ValueError, match="the row needs"):
         mod.mla_fp8_quant(FakeCudaTensor((12, 100), torch.uint8), loc, *outs, scale, -1, 8, False, 0, 32)
     with pytest.raises(TypeError, match="k_nope and k_rope must both be bfloat16 or both float16"):
@@ -923,7 +923,7 @@ def test_jit_launchers_refuse_a_launch_shape_of_no_whole_rows(fmt, warps, thread
     with pytest.raises(ValueError, match=match):
         mod.mla_fp8_quant(kv, loc, *outs, scale, -1, warps, False, 0, threads)
     with pytest.raises(ValueError, match=match):
-        mod.mla_fp8_gather(kv, loc, scale, *outs, warps, threads)
+        mod.mla_fp8_gather(kv, loc, scale, *outs, warps, False, threads)
 
 
 @pytest.mark.parametrize("threads,warps,early", JIT_SHAPES)
@@ -932,7 +932,7 @@ def test_jit_launchers_take_every_threads_per_row(fmt, threads, warps, early, bu
     """Each launch shape of the sweep passes the launchers' checks (0 rows: served, nothing launched)."""
     mod, kv, scale, loc, outs = _zero_row_call(built_fp8_modules, fmt, torch.int32)
     assert mod.mla_fp8_quant(kv, loc, *outs, scale, -1, warps, early, 0, threads) is True
-    assert mod.mla_fp8_gather(kv, loc, scale, *outs, warps, threads) is True
+    assert mod.mla_fp8_gather(kv, loc, scale, *outs, warps, early, threads) is True
 
 
 @pytest.mark.parametrize("kind", ["quant_per_tensor", "quant_ds_mla", "dequant"])
@@ -1269,13 +1269,13 @@ def test_gpu_jit_write_every_threads_per_row(fmt, rule, src_dtype, threads, warp
 
 @requires_sm90
 @pytest.mark.parametrize("n", [1, 7, 64, 1000])
-@pytest.mark.parametrize("threads,warps", sorted({(t, w) for t, w, _ in JIT_SHAPES}))
+@pytest.mark.parametrize("threads,warps,early", JIT_SHAPES)
 @pytest.mark.parametrize("dst", DST_DTYPES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_gpu_jit_gather_every_threads_per_row(fmt, dst, threads, warps, n):
-    """The JIT gather forced through each launch shape into poisoned outputs: quantized and
-    poisoned cache rows (spare row bytes), a strided loc whose negative and out-of-range slots give
-    zero rows; bit-exact against the reference dequantizer."""
+def test_gpu_jit_gather_every_threads_per_row(fmt, dst, threads, warps, early, n):
+    """The JIT gather forced through each launch shape (and both PDL trigger places) into poisoned
+    outputs: quantized and poisoned cache rows (spare row bytes), a strided loc whose negative and
+    out-of-range slots give zero rows; bit-exact against the reference dequantizer."""
     from mlakv.kernels.cuda.fp8 import build_mla_fp8_module
 
     mod = build_mla_fp8_module(fmt, NOPE, ROPE)
@@ -1288,7 +1288,7 @@ def test_gpu_jit_gather_every_threads_per_row(fmt, dst, threads, warps, n):
     outs = [torch.randint(-(2**15), 2**15, (n, w * dst.itemsize // 2), dtype=torch.int16).view(dst).cuda()
             for w in (NOPE, ROPE)]  # fmt: skip
     scale = k_scale_for(fmt) if fmt == "per_tensor" else torch.ones(1, device="cuda")
-    assert mod.mla_fp8_gather(kv, loc, scale, *outs, warps, threads) is True
+    assert mod.mla_fp8_gather(kv, loc, scale, *outs, warps, early, threads) is True
     idx = loc.cpu().long()
     valid = (idx >= 0) & (idx < num_slots)
     rows = kv.cpu()[idx.clamp(0, num_slots - 1)]
@@ -1296,6 +1296,29 @@ def test_gpu_jit_gather_every_threads_per_row(fmt, dst, threads, warps, n):
     ref = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"), dst)
     for got, want in zip(outs, ref):
         assert torch.equal(bits_of(got), bits_of(want))
+
+
+@requires_sm90
+@pytest.mark.parametrize("early", [True, False], ids=["trigger_at_entry", "trigger_after_wait"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_jit_gather_reads_the_rows_the_write_before_it_stored(fmt, early):
+    """A JIT write that lets the next kernel launch at its entry (PDL), then at once a JIT gather of
+    the same slots: the gather waits for the write, so it returns the new rows, never the poison they
+    replaced (65536 rows keep the write busy while the gather's CTAs start)."""
+    from mlakv.kernels.cuda.fp8 import fp8_jit_gather, fp8_jit_write
+
+    n = 65536
+    nope, rope = make_sources(n, torch.bfloat16, seed=7)
+    kv = poisoned(n + 8, fp8_row_bytes(fmt, NOPE, ROPE))
+    loc = torch.randperm(n + 8, device="cuda")[:n]
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")).view(torch.uint8)
+    ref = dequantize_mla_rows(rows, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
+    for _ in range(3):
+        kv.copy_(poisoned(n + 8, fp8_row_bytes(fmt, NOPE, ROPE)))
+        assert fp8_jit_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), -1, early_trigger=True, threads_per_row=32)
+        got = fp8_jit_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), torch.bfloat16, early_trigger=early)
+        assert got is not None
+        assert torch.equal(bits_of(got[0]), bits_of(ref[0])) and torch.equal(bits_of(got[1]), bits_of(ref[1]))
 
 
 @requires_sm90

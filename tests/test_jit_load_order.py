@@ -10,7 +10,10 @@ Spec (:func:`mlakv.testing.sm90.loads_after_exit`, :func:`~mlakv.testing.sm90.me
 * a gather reads loc, then the row it names: every load of the row before any store (a load laid out
   after a store waits for memory again; nvcc 13 did this to the FP8 gather's last chunk per thread);
 * the DCP variant of the row write reads a row's sources only when this rank keeps the row, after the
-  test of loc by design: the check sees that second round trip (it can fail).
+  test of loc by design: the check sees that second round trip (it can fail);
+* every kernel launched with programmatic dependent launch issues its first global load after the wait
+  for the kernel before it (:func:`~mlakv.testing.sm90.loads_before_wait`): its inputs may be that
+  kernel's output. The modules here are built with PDL, so every write and gather has the wait.
 
 The modules are built for sm_90a without a GPU (nvcc, tvm-ffi) and disassembled with the ``cuobjdump``
 Triton ships; every kernel variant a module holds is read.
@@ -24,7 +27,7 @@ import re
 import pytest
 
 from conftest import JIT_BUILD_REQUIRED, sm90a_build_env
-from mlakv.testing.sm90 import loads_after_exit, memory_order, sass_functions
+from mlakv.testing.sm90 import loads_after_exit, loads_before_wait, memory_order, sass_functions
 
 
 def test_loads_after_the_first_conditional_exit_are_counted():
@@ -42,6 +45,19 @@ def test_loads_after_the_first_conditional_exit_are_counted():
     assert loads_after_exit(sass) == 1  # the exit at entry (before any load) does not count
     assert loads_after_exit(sass.replace("LDG.E.CONSTANT", "FMUL")) == 0
     assert loads_after_exit("") == 0
+
+
+def test_loads_before_the_pdl_wait_are_counted():
+    sass = """
+        /*0090*/               @P0 EXIT ;
+        /*0110*/                   ACQBULK ;
+        /*0220*/                   LDG.E.64 R10, desc[UR4][R10.64] ;
+        /*09d0*/                   STG.E.64 desc[UR4][R2.64], R4 ;
+    """
+    assert loads_before_wait(sass) == 0
+    hoisted = sass.replace("ACQBULK ;", "LDG.E.CONSTANT R15, desc[UR4][R2.64] ;\n /*0120*/ ACQBULK ;")
+    assert loads_before_wait(hoisted) == 1
+    assert loads_before_wait(sass.replace("ACQBULK", "NOP")) is None
 
 
 # module name -> (module of mlakv.kernels.cuda, its build function, the arguments: sm_90a)
@@ -102,7 +118,8 @@ def test_a_write_kernel_issues_every_load_before_any_test(machine_code, module):
 @pytest.mark.parametrize("module", ["fp8 per_tensor", "fp8 ds_mla"])
 def test_a_gather_issues_every_load_of_the_row_before_any_store(machine_code, module):
     kernels = {n: s for n, s in machine_code[module].items() if n.startswith(GATHERS)}
-    assert len(kernels) == 18, sorted(kernels)  # 3 output dtypes x 3 threads per row x 2 loc types
+    # 3 output dtypes x 3 threads per row x 2 PDL trigger places x 2 loc types
+    assert len(kernels) == 36, sorted(kernels)
     for name, sass in kernels.items():
         assert [op for op, _ in memory_order(sass)] == ["LDG", "STG"], (name, memory_order(sass))
 
@@ -112,3 +129,14 @@ def test_a_gather_issues_every_load_of_the_row_before_any_store(machine_code, mo
 def test_the_dcp_row_write_reads_sources_after_the_test_by_design(machine_code, module):
     dcp = {n: s for n, s in machine_code[module].items() if _dcp(n)}
     assert dcp and all(loads_after_exit(s) > 0 for s in dcp.values())
+
+
+@pytest.mark.jit_build
+@pytest.mark.parametrize("module", MODULES)
+def test_a_pdl_kernel_reads_nothing_before_its_wait(machine_code, module):
+    kernels = {n: s for n, s in machine_code[module].items() if n.startswith(WRITES + GATHERS)}
+    assert kernels, f"no write or gather kernel found in {module}"
+    order = {n: loads_before_wait(s) for n, s in kernels.items()}
+    assert all(v is not None for v in order.values()), f"kernels without a PDL wait: {order}"
+    early = {n: v for n, v in order.items() if v}
+    assert not early, f"global loads before the PDL wait (name: loads): {early}"

@@ -468,10 +468,11 @@ def run_fp8_tune(
                     for f in writes:
                         fn = _jit_write(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads)
                         add(res["jit"], f"quant_{f}", n, _jit_key(threads, w, early), both({f: fn}, wcheck, layers))
-                if "dequant" in kinds:
-                    refs.clear()
-                    fns = {f: _jit_gather(f, scale, num_warps=w, threads_per_row=threads) for f in FORMATS}
-                    add(res["jit"], "dequant", n, _jit_key(threads, w, False), both(fns, gcheck, layers))
+                    if "dequant" in kinds:
+                        refs.clear()
+                        fns = {f: _jit_gather(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads)
+                               for f in FORMATS}  # fmt: skip
+                        add(res["jit"], "dequant", n, _jit_key(threads, w, early), both(fns, gcheck, layers))
             for f in writes:
                 plain = {f: _write_providers(f, scale, False)["plain"]}
                 res["plain"].setdefault(f"quant_{f}", {})[str(n)] = both(plain, wcheck, layers)

@@ -325,9 +325,8 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int]:
 
 # The FP8 family (quantizing write, dequantizing gather): its own rows, not the plain write's.
 # JIT (csrc/fp8.cuh): (max n_loc, warps per CTA, PDL trigger at entry, threads per row) by increasing
-# n_loc, per kernel ("quant_per_tensor", "quant_ds_mla", "dequant" for both formats; the gather
-# launches without PDL). A row's 16-byte chunks are
-# spread over its threads (32, 64 or 128: one to three chunks each for 512 + 64); rows per CTA =
+# n_loc, per kernel ("quant_per_tensor", "quant_ds_mla", "dequant" for both formats). A row's 16-byte
+# chunks are spread over its threads (32, 64 or 128: one to three chunks each for 512 + 64); rows per CTA =
 # 32 * warps / threads per row. Few rows per CTA at small n spread a call over more SMs; more
 # threads per row shorten each thread's dependent chain (load, widen, amax, shuffle, divide, convert,
 # store), which is what a call of few rows waits for. Measured (each row the sweep's fastest shape,
@@ -352,7 +351,7 @@ FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
 def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
     """``(num_warps, early_trigger, threads_per_row)`` of the JIT FP8 kernel ``kind`` (``quant_per_tensor``,
     ``quant_ds_mla``, ``dequant``)
-    for ``n_loc`` rows: warps per CTA, the PDL trigger at kernel entry (the gather ignores it), threads
+    for ``n_loc`` rows: warps per CTA, the PDL trigger at kernel entry (else right after the wait), threads
     per row (rows per CTA = 32 * num_warps / threads_per_row)."""
     return _row_at(FP8_JIT_STEPS[kind], n_loc)
 

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from typing import Any, Optional, Union
 
-__all__ = ["compile_sm90", "sass_of", "memory_order", "sass_functions", "loads_after_exit"]
+__all__ = ["compile_sm90", "sass_of", "memory_order", "sass_functions", "loads_after_exit", "loads_before_wait"]
 
 
 def with_defaults(fn: Any, consts: dict[str, Any]) -> dict[str, Any]:
@@ -130,3 +130,16 @@ def loads_after_exit(sass: str) -> int:
         elif pred and loaded and after is None:
             after = 0
     return after or 0
+
+
+_LOAD_OR_WAIT = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?(LDG|ACQBULK)\b")
+
+
+def loads_before_wait(sass: str) -> Optional[int]:
+    """How many global loads ``sass`` lays out before its first ``ACQBULK`` (``griddepcontrol.wait``,
+    the wait of programmatic dependent launch for the grid before it); None when it has no wait.
+
+    A kernel launched with PDL may start while the kernel before it still writes its inputs: a load
+    issued before the wait can read them stale. Branches are not followed."""
+    ops = _LOAD_OR_WAIT.findall(sass)
+    return ops.index("ACQBULK") if "ACQBULK" in ops else None

@@ -41,9 +41,9 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_quant, mla_fp8_quant);
 
 bool mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView scale,
                     tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps,
-                    int64_t threads_per_row) {{
-  return mlakv::fp8::launch_mla_fp8_gather<{fmt}, {nope}, {rope}>(kv, loc, scale, nope_out, rope_out, num_warps,
-                                                                  threads_per_row);
+                    bool early_trigger, int64_t threads_per_row) {{
+  return mlakv::fp8::launch_mla_fp8_gather<{fmt}, {nope}, {rope}, {pdl}>(kv, loc, scale, nope_out, rope_out,
+                                                                         num_warps, early_trigger, threads_per_row);
 }}
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mla_fp8_gather, mla_fp8_gather);
 """
@@ -165,13 +165,15 @@ def fp8_jit_gather(
     dst_dtype: torch.dtype,
     *,
     num_warps: int = 0,
+    early_trigger: Optional[bool] = None,
     threads_per_row: int = 0,
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Gather and dequantize ``kv_buffer[loc]`` with the CUDA kernel: ``(k_nope [n_loc, nope_dim],
     k_rope [n_loc, rope_dim])`` in ``dst_dtype`` (bf16/fp16/fp32), or None (nothing launched) when
     the kernel cannot serve the call here. Validated arguments; an invalid slot gives a zero row.
-    Threads per row and warps per CTA: :func:`mlakv.spec.tuning.fp8_jit_launch` (``dequant``), or
-    ``threads_per_row`` / ``num_warps`` (0: the table's)."""
+    The kernel launches with PDL (it waits for the kernel before it ahead of its first read). Threads
+    per row, warps per CTA and the PDL trigger's place: :func:`mlakv.spec.tuning.fp8_jit_launch`
+    (``dequant``), or ``threads_per_row`` / ``num_warps`` / ``early_trigger`` (0/0/None: the table's)."""
     if not kv_buffer.is_cuda:
         return None
     mod = _fn_for(kv_buffer.get_device(), kv_cache_format, nope_dim, rope_dim)
@@ -182,7 +184,9 @@ def fp8_jit_gather(
     nope_out = torch.empty((n, nope_dim), dtype=dst_dtype, device=kv_buffer.device)
     rope_out = torch.empty((n, rope_dim), dtype=dst_dtype, device=kv_buffer.device)
     scale = k_scale if k_scale is not None else _dummy_scale(kv_buffer.device)
-    warps, _, threads = fp8_jit_launch("dequant", n)
-    if not mod.mla_fp8_gather(kv, loc, scale, nope_out, rope_out, num_warps or warps, threads_per_row or threads):
+    warps, early, threads = fp8_jit_launch("dequant", n)
+    if early_trigger is not None:
+        early = early_trigger
+    if not mod.mla_fp8_gather(kv, loc, scale, nope_out, rope_out, num_warps or warps, early, threads_per_row or threads):
         return None
     return nope_out, rope_out

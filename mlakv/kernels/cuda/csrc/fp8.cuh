@@ -613,7 +613,13 @@ __device__ __forceinline__ void store8(uint8_t* dst, const uint32_t b[8]) {
   }
 }
 
-template <int kFormat, int kNope, int kRope, int kDst, int kThreads, typename LocT>
+// With kUsePDL the gather launches while the kernel before it runs (programmatic dependent launch)
+// and waits for it (griddepcontrol.wait) before its first read: loc, the scale and the rows may be
+// that kernel's output, and the outputs may reuse memory it still reads. The trigger that lets the
+// next kernel launch comes at entry (kEarlyTrigger) or right after the wait, as the FP8 family's
+// launch row for the gather says. tests/test_jit_load_order.py checks in the machine code that no
+// global load comes before the wait.
+template <int kFormat, int kNope, int kRope, int kDst, int kThreads, bool kUsePDL, bool kEarlyTrigger, typename LocT>
 __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv_stride, const LocT* __restrict__ loc,
                                       int64_t loc_stride, int64_t n_loc, int64_t num_slots,
                                       const float* __restrict__ k_scale, uint8_t* __restrict__ nope_out,
@@ -622,12 +628,16 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
   constexpr int kOut = DstOf<kDst>::kBytes;
   const int t = threadIdx.x % kThreads;  // blockDim.x = kThreads * rows per CTA
   const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kThreads) + threadIdx.x / kThreads;
+  if constexpr (kUsePDL && kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if (item >= n_loc) return;
-  const int64_t slot = static_cast<int64_t>(loc[item * loc_stride]);
-  const bool valid = slot >= 0 && slot < num_slots;
-  const uint8_t* src = kv + (valid ? slot : 0) * kv_stride;
+  const LocT* lp = loc + item * loc_stride;
   uint8_t* n_dst = nope_out + item * (static_cast<int64_t>(kNope) * kOut);
   uint8_t* r_dst = rope_out + item * (static_cast<int64_t>(kRope) * kOut);
+  if constexpr (kUsePDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (kUsePDL && !kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int64_t slot = static_cast<int64_t>(*lp);
+  const bool valid = slot >= 0 && slot < num_slots;
+  const uint8_t* src = kv + (valid ? slot : 0) * kv_stride;
   constexpr int kNC = kNope / 8;
   // With more than one chunk per thread, every load of the row is issued before the first conversion,
   // in a loop of its own: written as load-convert-store per chunk, nvcc 13 laid a thread's last chunk's
@@ -714,28 +724,36 @@ __global__ void dequant_gather_kernel(const uint8_t* __restrict__ kv, int64_t kv
   }
 }
 
-template <int kFormat, int kNope, int kRope, int kDst, int kThreads, typename LocT>
+template <int kFormat, int kNope, int kRope, int kDst, int kThreads, bool kUsePDL, typename LocT>
 void launch_gather_typed(const uint8_t* kv, int64_t kv_stride, const void* loc, int64_t loc_stride, int64_t n_loc,
                          int64_t num_slots, const float* scale, uint8_t* nope_out, uint8_t* rope_out, int num_warps,
-                         cudaStream_t stream) {
+                         bool early_trigger, cudaStream_t stream) {
   const int rows = num_warps * 32 / kThreads;  // rows per CTA (the caller checked the division is exact)
   const int64_t blocks = (n_loc + rows - 1) / rows;
   TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << n_loc << " needs too many blocks";
-  dequant_gather_kernel<kFormat, kNope, kRope, kDst, kThreads, LocT>
-      <<<static_cast<unsigned>(blocks), num_warps * 32, 0, stream>>>(
-          kv, kv_stride, static_cast<const LocT*>(loc), loc_stride, n_loc, num_slots, scale, nope_out, rope_out);
-  TVM_FFI_CHECK_CUDA_ERROR(cudaGetLastError());
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg =
+      launch_config(dim3(static_cast<unsigned>(blocks)), dim3(num_warps * 32), 0, stream, kUsePDL, attr);
+  const auto* lp = static_cast<const LocT*>(loc);
+  TVM_FFI_CHECK_CUDA_ERROR(
+      early_trigger
+          ? cudaLaunchKernelEx(&cfg, dequant_gather_kernel<kFormat, kNope, kRope, kDst, kThreads, kUsePDL, true, LocT>,
+                               kv, kv_stride, lp, loc_stride, n_loc, num_slots, scale, nope_out, rope_out)
+          : cudaLaunchKernelEx(&cfg, dequant_gather_kernel<kFormat, kNope, kRope, kDst, kThreads, kUsePDL, false, LocT>,
+                               kv, kv_stride, lp, loc_stride, n_loc, num_slots, scale, nope_out, rope_out));
 }
 
 // kv: [num_slots, (1,) >= row_bytes] 8-bit; loc: [n_loc] int32/int64 (any stride); scale: per_tensor
 // 1-element fp32; nope_out [n_loc, kNope] and rope_out [n_loc, kRope]: contiguous, one dtype of
-// bf16/fp16/fp32; num_warps (the CTA's) and threads_per_row as for the write (check_launch_shape).
-// Returns false, launching nothing, when kv's address or row stride is not 16-byte aligned
-// (n_loc == 0 returns true after the checks, launching nothing, whatever the alignment).
-template <int kFormat, int kNope, int kRope>
+// bf16/fp16/fp32; num_warps (the CTA's) and threads_per_row as for the write (check_launch_shape);
+// early_trigger: with kUsePDL, the PDL trigger at kernel entry (else right after the wait).
+// Returns false, launching nothing, when an address of kv, nope_out or rope_out or kv's row stride
+// is not 16-byte aligned (n_loc == 0 returns true after the checks, launching nothing, whatever the
+// alignment).
+template <int kFormat, int kNope, int kRope, bool kUsePDL>
 bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView scale,
                            tvm::ffi::TensorView nope_out, tvm::ffi::TensorView rope_out, int64_t num_warps,
-                           int64_t threads_per_row) {
+                           bool early_trigger, int64_t threads_per_row) {
   constexpr int64_t kRowBytes = kFormat == 0 ? kNope + kRope : kNope + 4 * (kNope / 128) + 2 * kRope;
   TVM_FFI_CHECK(loc.ndim() == 1, ValueError) << "loc must be 1-D [n_loc], got " << loc.ndim() << "-D";
   TVM_FFI_CHECK(kv.ndim() == 2 || (kv.ndim() == 3 && kv.size(1) == 1), ValueError)
@@ -773,18 +791,26 @@ bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tv
   check_launch_shape(num_warps, threads_per_row);
   if (n_loc == 0) return true;  // served for any alignment: nothing to launch (the checks above still ran)
   const int64_t kv_stride = kv.stride(0);
-  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
-  if ((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16 || addr(nope_out) % 16 || addr(rope_out) % 16) return false;
+  // Every pointer with its tensor's byte_offset (a view's start), as the write takes them.
+  const auto at = [](const tvm::ffi::TensorView& t) {
+    return static_cast<uint8_t*>(t.data_ptr()) + t.byte_offset();
+  };
+  const auto misaligned = [&at](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(at(t)) % 16 != 0; };
+  if (misaligned(kv) || static_cast<uintptr_t>(kv_stride) % 16 || misaligned(nope_out) || misaligned(rope_out)) {
+    return false;
+  }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
-  const auto* kv_ptr = static_cast<const uint8_t*>(kv.data_ptr());
-  const auto* s_ptr = static_cast<const float*>(scale.data_ptr());
-  auto* n_ptr = static_cast<uint8_t*>(nope_out.data_ptr());
-  auto* r_ptr = static_cast<uint8_t*>(rope_out.data_ptr());
+  const uint8_t* kv_ptr = at(kv);
+  const auto* s_ptr = reinterpret_cast<const float*>(at(scale));
+  uint8_t* n_ptr = at(nope_out);
+  uint8_t* r_ptr = at(rope_out);
+  const void* loc_ptr = at(loc);
   const int64_t loc_stride = loc.stride(0), num_slots = kv.size(0);
   const int w = static_cast<int>(num_warps);
-#define MLAKV_FP8_GATHER(DST, T, LOCT)                                                                       \
-  launch_gather_typed<kFormat, kNope, kRope, DST, T, LOCT>(kv_ptr, kv_stride, loc.data_ptr(), loc_stride, n_loc, \
-                                                           num_slots, s_ptr, n_ptr, r_ptr, w, stream)
+#define MLAKV_FP8_GATHER(DST, T, LOCT)                                                                          \
+  launch_gather_typed<kFormat, kNope, kRope, DST, T, kUsePDL, LOCT>(kv_ptr, kv_stride, loc_ptr, loc_stride, n_loc, \
+                                                                    num_slots, s_ptr, n_ptr, r_ptr, w, early_trigger, \
+                                                                    stream)
 #define MLAKV_FP8_GATHER_T(DST, LOCT)                             \
   if (threads_per_row == 32) MLAKV_FP8_GATHER(DST, 32, LOCT);     \
   else if (threads_per_row == 64) MLAKV_FP8_GATHER(DST, 64, LOCT); \
