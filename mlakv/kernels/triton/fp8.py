@@ -30,7 +30,8 @@ How a program works (the shape of the CUDA kernel, ``csrc/fp8.cuh``, in Triton's
   whole block, 80 before the common case). The tile amax is an integer max over biased
   ``|x|`` bits (the excluded inf / NaN bits wrap negative): no select per value. Its ``fp32`` and ``ue8m0`` rules (``RULE`` 1, 2) take no quotient: each value
   is multiplied by the tile's IEEE reciprocal ``div_rn(1, s)`` (:func:`ds_mla_tile_scale`,
-  :func:`ds_mla_scaled`; ``div_rn`` and the product keep fp32 subnormals, no ``.ftz``).
+  :func:`ds_mla_scaled`; ``div_rn`` and the product keep fp32 subnormals, no ``.ftz``); they take the
+  same common case (a normal scale: a finite reciprocal, so a zero stays itself with no select).
 * Conversions: with ``NATIVE`` (an sm_89+ GPU, not the interpreter) fp32 -> e4m3 is the hardware's
   ``cvt.rn.satfinite.e4m3x2.f32`` (RNE, saturating) and e4m3 -> fp32, fp32 -> bf16/fp16 are Triton
   casts; otherwise (the interpreter, older GPUs) integer bit arithmetic that gives the same bits
@@ -278,11 +279,17 @@ def ds_mla_tile_scale(ab, RULE: tl.constexpr, AXIS: tl.constexpr):
     else:
         s = tl.math.div_rn(amax, e4m3_max)  # fp32: no floor (0 for an all-zero tile; subnormals kept)
         if RULE == 2:
-            s = tl.maximum(s, tl.full([], 9.999999747378752e-05, tl.float32))  # 1e-4f exactly
-            sb = s.to(tl.int32, bitcast=True)
-            sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)  # up to a power of two (or inf)
-            s = sb.to(tl.float32, bitcast=True)
+            s = ue8m0_up(s)
     return s
+
+
+@triton.jit
+def ue8m0_up(s):
+    """``ue8m0``'s scale from ``amax / 448`` (fp32): at least 1e-4f, then up to a power of two (inf stays)."""
+    s = tl.maximum(s, tl.full([], 9.999999747378752e-05, tl.float32))  # 1e-4f exactly
+    sb = s.to(tl.int32, bitcast=True)
+    sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)
+    return sb.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -429,32 +436,34 @@ def _quant_ds_mla_kernel(
     x = _src_f32(v, SRC_IS_BF16, NATIVE)  # [ROWS, TILES_P2, 128]
     xb = x.to(tl.int32, bitcast=True)
     ab = xb & 0x7FFFFFFF
-    if RULE == 0:
-        # The common case, decided once per program: every tile's |x| maximum (one integer max per
-        # value) lies in [2^-79, 2^109). Then no value is inf or NaN (the amax is the finite one), the
-        # scale amax / 448 is the fast quotient (amax's exponent is in its exact range), >= 2^-88, so
-        # no power-of-two rescaling, and every |x| <= amax is in the exact range of x / scale (or
-        # quotients below 2^-11): no clamp, no NaN byte, no select per value.
-        m = tl.max(ab, axis=2)  # [ROWS, TILES_P2]
-        common = ((m >= (48 << 23)) & (m < (236 << 23))) | (t[None, :] >= TILES)
-        if tl.min(common.to(tl.int32)) == 1:
-            e4m3_max = tl.full([], 448.0, tl.float32)
-            scale = _div_fast(m.to(tl.float32, bitcast=True), e4m3_max, tl.math.div_rn(tl.full([], 1.0, tl.float32), e4m3_max))
-            r = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
+    # The common case, decided once per program: every tile's |x| maximum (one integer max per value)
+    # lies in [2^-79, 2^109). Then no value is inf or NaN (every rule's amax is the plain maximum),
+    # amax / 448 is the fast quotient (amax's exponent is in its exact range) and >= 2^-88. fp32_floor:
+    # no floor to apply, no power-of-two rescaling, and every |x| <= amax in the exact range of x /
+    # scale (or quotients below 2^-11). fp32 and ue8m0: the scale is normal, so its reciprocal is
+    # finite and x * (1 / scale) keeps a zero as itself. So no clamp, no NaN byte, no select per value.
+    m = tl.max(ab, axis=2)  # [ROWS, TILES_P2]
+    common = ((m >= (48 << 23)) & (m < (236 << 23))) | (t[None, :] >= TILES)
+    if tl.min(common.to(tl.int32)) == 1:
+        e4m3_max = tl.full([], 448.0, tl.float32)
+        scale = _div_fast(m.to(tl.float32, bitcast=True), e4m3_max, tl.math.div_rn(tl.full([], 1.0, tl.float32), e4m3_max))
+        if RULE == 2:
+            scale = ue8m0_up(scale)
+        r = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
+        if RULE == 0:
             y = quot_in_range(ab, x, scale[:, :, None], r[:, :, None])
-            _store_tiles(dst, live, t, offs, e4m3_finite(y, NATIVE), scale, TILES, ALIGN4)
         else:
-            # Any other program: the general rule, a tile at a time from memory (the whole block's
-            # general path would set the kernel's register count for the common case too).
-            for k in range(TILES if PARTS == 1 else TILES_P2):
-                tk = part * TILES_P2 + k + tl.arange(0, 1)
-                ok = tk[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, 1, 128]
-                xk = _src_f32(tl.load(base + ok), SRC_IS_BF16, NATIVE)
-                sk, qk = _ds_mla_tiles_general(xk, xk.to(tl.int32, bitcast=True) & 0x7FFFFFFF, RULE, NATIVE)
-                _store_tiles(dst, live, tk, ok, qk, sk, TILES, ALIGN4)
+            y = x * r[:, :, None]
+        _store_tiles(dst, live, t, offs, e4m3_finite(y, NATIVE), scale, TILES, ALIGN4)
     else:
-        scale, q = _ds_mla_tiles_general(x, ab, RULE, NATIVE)
-        _store_tiles(dst, live, t, offs, q, scale, TILES, ALIGN4)
+        # Any other program: the general rule, a tile at a time from memory (the whole block's
+        # general path would set the kernel's register count for the common case too).
+        for k in range(TILES if PARTS == 1 else TILES_P2):
+            tk = part * TILES_P2 + k + tl.arange(0, 1)
+            ok = tk[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, 1, 128]
+            xk = _src_f32(tl.load(base + ok), SRC_IS_BF16, NATIVE)
+            sk, qk = _ds_mla_tiles_general(xk, xk.to(tl.int32, bitcast=True) & 0x7FFFFFFF, RULE, NATIVE)
+            _store_tiles(dst, live, tk, ok, qk, sk, TILES, ALIGN4)
     # the rope as bf16: raw bits of a bf16 source, an fp16 source rounded (RNE)
     if ROPE > 0:
         if SRC_IS_BF16:
