@@ -77,7 +77,7 @@ TUNE_REP_MS = 20
 # warps per CTA = rows * threads / 32 (1..32).
 TUNE_JIT_ROWS = (1, 2, 4, 8)
 TUNE_FAMILIES = ("jit", "triton")
-TUNE_KINDS = ("quant_per_tensor", "quant_ds_mla", "dequant")
+TUNE_KINDS = ("quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla")
 
 
 def _graph_us(fn: Callable[[dict], object], layers: list[dict], rep: int = 40) -> float:
@@ -404,11 +404,12 @@ def run_fp8_tune(
     Returns ``{"device", "triton": {kind: {n: {shape: us}}}, "jit": {kind: {n: {shape: us}}},
     "plain": {kind: {n: us}}}``; a Triton shape is ``w<warps>r<rows><e|l>`` (trigger at entry /
     late), a JIT one ``t<threads per row>w<warps per CTA><e|l>``. The Triton kinds are the table's
-    (``quant_per_tensor``, ``quant_ds_mla``, ``dequant``: the sum of both formats' gathers), the JIT
-    ones too; ``plain`` holds, per JIT kind, the plain row write of the same rows and the plain bf16
-    row gather (twice: one per format), the floors issue 27's goals read the JIT kernels against. ``families``: ``jit``
-    and/or ``triton``; ``kinds``: the Triton kernels timed (the JIT ones: the write kinds given, the gather
-    with ``dequant``). Every variant is checked bit-exactly before it is timed (``WRONG`` otherwise).
+    (``quant_per_tensor``, ``quant_ds_mla``, ``dequant_per_tensor``, ``dequant_ds_mla``); the JIT ones
+    are the writes' and ``dequant`` (the sum of both formats' gathers: the JIT gathers share one row
+    set); ``plain`` holds, per JIT kind, the plain row write of the same rows and the plain bf16 row
+    gather (twice: one per format), the floors issue 27's goals read the JIT kernels against.
+    ``families``: ``jit`` and/or ``triton``; ``kinds``: the kernels timed (the JIT gather with either
+    ``dequant_*`` kind). Every variant is checked bit-exactly before it is timed (``WRONG`` otherwise).
     """
     res = {} if into is None else into
     res.update(device=torch.cuda.get_device_name(), triton={}, jit={}, plain={})
@@ -438,7 +439,8 @@ def run_fp8_tune(
         triton_kinds = {
             "quant_per_tensor": lambda **kw: both({"per_tensor": _triton_write("per_tensor", scale, **kw)}, wcheck, layers),
             "quant_ds_mla": lambda **kw: both({"ds_mla": _triton_write("ds_mla", scale, **kw)}, wcheck, layers),
-            "dequant": lambda **kw: both({f: _triton_gather(f, scale, **kw) for f in FORMATS}, gcheck, layers),
+            "dequant_per_tensor": lambda **kw: both({"per_tensor": _triton_gather("per_tensor", scale, **kw)}, gcheck, layers),
+            "dequant_ds_mla": lambda **kw: both({"ds_mla": _triton_gather("ds_mla", scale, **kw)}, gcheck, layers),
         }
         for kind, time_it in (triton_kinds if "triton" in families else {}).items():
             if kind not in kinds:
@@ -463,12 +465,13 @@ def run_fp8_tune(
             )
         elif "jit" in families:
             writes = [f for f in FORMATS if f"quant_{f}" in kinds]
+            gathers = any(k.startswith("dequant") for k in kinds)
             for threads, w in _jit_shapes():
                 for early in (True, False):
                     for f in writes:
                         fn = _jit_write(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads)
                         add(res["jit"], f"quant_{f}", n, _jit_key(threads, w, early), both({f: fn}, wcheck, layers))
-                    if "dequant" in kinds:
+                    if gathers:
                         refs.clear()
                         fns = {f: _jit_gather(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads)
                                for f in FORMATS}  # fmt: skip
@@ -476,7 +479,7 @@ def run_fp8_tune(
             for f in writes:
                 plain = {f: _write_providers(f, scale, False)["plain"]}
                 res["plain"].setdefault(f"quant_{f}", {})[str(n)] = both(plain, wcheck, layers)
-            if "dequant" in kinds:
+            if gathers:
                 gather_us = _graph_us(lambda d: launch_get_kv_rows(d["kvbf16"], d["loc"], NOPE, ROPE), layers, rep)
                 res["plain"].setdefault("dequant", {})[str(n)] = 2 * gather_us
         del layers

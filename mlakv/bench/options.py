@@ -57,7 +57,7 @@ L3_CPU_PAGES = [64, 128, 256]  # 1024 pages of 4.3 MiB need ~18 GiB (two host po
 # ---- mlakv bench fp8 -----------------------------------------------------------------------------
 FP8_SIZES = [1, 8, 64, 512, 1024, 4096, 16384, 65536]
 FP8_TUNE_FAMILIES = ["jit", "triton"]
-FP8_TUNE_KINDS = ["quant_per_tensor", "quant_ds_mla", "dequant"]
+FP8_TUNE_KINDS = ["quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla"]
 
 # ---- mlakv bench rope ----------------------------------------------------------------------------
 ROPE_VARIANTS = ["bf16", "fp8", "ds_mla"]  # mlakv.bench.rope_write.VARIANTS: (cache format, query dtype) of each

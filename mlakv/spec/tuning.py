@@ -329,20 +329,22 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int]:
 # chunks are spread over its threads (32, 64 or 128: one to three chunks each for 512 + 64); rows per CTA =
 # 32 * warps / threads per row. Few rows per CTA at small n spread a call over more SMs; more
 # threads per row shorten each thread's dependent chain (load, widen, amax, shuffle, divide, convert,
-# store), which is what a call of few rows waits for. Measured (each row the sweep's fastest shape,
-# every shape checked bit-exact first; each format's write timed on its own): the writes take 128
-# threads per row at one row and up to 64 (ds_mla; per_tensor 64 threads from 2 rows), 64 threads to
-# 4096 rows (per_tensor one warp per row at 257-1024: 1.35 us against 1.56 at 64 threads), one warp per
-# row above (PDL trigger at entry for per_tensor there); the gather 128 threads to 1024 rows, one warp above.
+# store), which is what a call of few rows waits for. Measured (each row the sweep's fastest shape, or
+# one within 0.01 us of it where that lets a row span more sizes; every shape checked bit-exact first;
+# each format's write timed on its own, the gathers on both formats' sum; docs/h200-2026-12-03/run16/
+# fp8_tune.md): the writes take 128 threads per row in 4-warp CTAs at 1-64 rows (per_tensor to 512;
+# ds_mla at one row 0.82 us against 0.81 for 16 warps), 64 threads in 8-warp CTAs to 1024 rows (512:
+# ds_mla 1.14 us against 1.26 for the old 16-warp row), 64 threads to 4096, one warp per row above
+# (PDL trigger at entry for per_tensor from 1025 rows). The gathers launch with PDL: 128 threads per
+# row to 64 rows, 64 threads to 4096 (16-warp CTAs with the trigger at entry from 1025), one warp above.
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
-    "quant_per_tensor": ((1, 16, False, 128), (256, 4, False, 64), (1024, 4, False, 32), (4096, 4, False, 64),
-                         (None, 4, True, 32)),
-    "quant_ds_mla": ((1, 16, False, 128), (64, 4, False, 128), (256, 4, False, 64), (1024, 16, False, 64),
-                     (4096, 4, False, 64), (None, 4, False, 32)),
-    "dequant": ((1, 8, False, 128), (256, 4, False, 128), (1024, 8, False, 128), (None, 4, False, 32)),
+    "quant_per_tensor": ((512, 4, False, 128), (1024, 8, False, 64), (4096, 8, True, 64), (None, 4, True, 32)),
+    "quant_ds_mla": ((64, 4, False, 128), (1024, 8, False, 64), (4096, 4, False, 64), (None, 4, False, 32)),
+    "dequant": ((64, 4, False, 128), (1024, 4, False, 64), (4096, 16, True, 64), (None, 4, False, 32)),
 }  # fmt: skip
 FP8_JIT_MEASURED = (
-    "NVIDIA H200, 2026-12-02 22:41 UTC: `mlakv bench fp8 --tune --tune-families jit --sizes 1,8,64,256,1024,4096,65536`"
+    "NVIDIA H200, 2026-12-03 18:37 UTC: `mlakv bench fp8 --tune --tune-families jit "
+    "--sizes 1,8,64,512,1024,4096,65536` (docs/h200-2026-12-03/run16)"
 )
 # The threads per row a JIT FP8 kernel takes (the template variants each module holds).
 FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
@@ -357,7 +359,7 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
 
 
 # Triton (kernels/triton/fp8.py): (max n_loc, num_warps, rows per program, PDL trigger at entry) by
-# increasing n_loc, per kernel: "quant_per_tensor", "quant_ds_mla", "dequant" (both formats).
+# increasing n_loc, per kernel: "quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla".
 # Measured: each row is the sweep's fastest shape at n_loc 1, 64, 256, 512, 1024, 4096, 16384, 65536
 # (every shape checked bit-exact before it was timed), after the ds_mla write took its per-program
 # common case (docs/h200-2026-12-03/run7/fp8_tune.md). ds_mla, with its parts per row
@@ -372,8 +374,11 @@ FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
                          (None, 2, 4, False)),
     "quant_ds_mla": ((8, 1, 1, True), (64, 2, 1, True), (512, 2, 2, True), (1024, 1, 1, True), (16384, 4, 8, True),
                      (None, 2, 4, True)),
-    "dequant": ((64, 4, 1, True), (256, 2, 2, True), (512, 2, 4, True), (1024, 4, 2, True), (4096, 8, 4, False),
-                (None, 4, 8, True)),
+    # the gathers: one row set for both formats, measured on their sum (02:48 UTC)
+    "dequant_per_tensor": ((64, 4, 1, True), (256, 2, 2, True), (512, 2, 4, True), (1024, 4, 2, True),
+                           (4096, 8, 4, False), (None, 4, 8, True)),
+    "dequant_ds_mla": ((64, 4, 1, True), (256, 2, 2, True), (512, 2, 4, True), (1024, 4, 2, True),
+                       (4096, 8, 4, False), (None, 4, 8, True)),
 }  # fmt: skip
 FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "

@@ -707,7 +707,7 @@ def launch_dequant_gather(
     ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn; ``loc [n_loc]`` int32/int64, any
     stride; ``k_scale [1]`` fp32 (per_tensor) or None. Rows whose slot is outside ``[0, num_slots)``
     come out as zeros (nothing is read for them). The keyword options are
-    :func:`launch_quant_write`'s (table ``dequant``); ``out``: the two output tensors to write
+    :func:`launch_quant_write`'s (table ``dequant_<format>``); ``out``: the two output tensors to write
     (``[n_loc, nope_dim]``, ``[n_loc, rope_dim]`` of ``dst_dtype``, any row stride, last dim
     contiguous; validated by the caller) instead of new ones; ``skip_invalid``: rows whose slot is
     outside ``[0, num_slots)`` are not written (instead of zeros).
@@ -729,7 +729,7 @@ def launch_dequant_gather(
     if native is None:
         native = on_gpu and native_fp8_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
-    warps, rows, early = _launch_shape("dequant", n_loc, num_warps, rows_per_program, early_trigger)
+    warps, rows, early = _launch_shape(f"dequant_{kv_cache_format}", n_loc, num_warps, rows_per_program, early_trigger)
     common = dict(ROPE=rope_dim, ROPE_P2=_p2(rope_dim), ROWS=rows, DST=_DST_CODE[dst_dtype], NATIVE=bool(native),
                   USE_PDL=use_pdl, EARLY_TRIGGER=early, num_warps=warps, **extra)  # fmt: skip
     if skip_invalid:
