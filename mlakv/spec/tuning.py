@@ -368,23 +368,28 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
 # shapes; docs/h200-2026-12-03/run12/fp8_tune_ds_mla.md): one warp x one row in 4 parts to 8 rows (0.83
 # us against 0.88 for the old 4 x 1), 2 warps x 1 row in 2 parts to 64 (0.92 against 0.98), 2 x 2 in
 # 4 parts at 512 (1.52 against 1.94 unsplit), 1 x 1 unsplit at 1024 (1.57), 4 x 8 in 2 parts at
-# 4096-16384 (3.49 against 3.79 unsplit at 4096), 2 x 4 unsplit at 65536.
+# 4096-16384 (3.49 against 3.79 unsplit at 4096), 2 x 4 unsplit at 65536. The gathers, each format on
+# its own, from the sweep of 2026-12-03 18:52 UTC (`mlakv bench fp8 --tune --tune-families triton
+# --tune-kinds dequant_per_tensor,dequant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536`;
+# docs/h200-2026-12-03/run17/fp8_tune_gathers.md): ds_mla at 4096 4 warps x 4 rows with the trigger
+# after the stores (2.55 us against 2.92 for the old shared 8 x 4), at 1024 2 x 1 (1.57).
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
     "quant_per_tensor": ((64, 4, 1, True), (1024, 2, 1, True), (4096, 8, 4, True), (16384, 2, 4, True),
                          (None, 2, 4, False)),
     "quant_ds_mla": ((8, 1, 1, True), (64, 2, 1, True), (512, 2, 2, True), (1024, 1, 1, True), (16384, 4, 8, True),
                      (None, 2, 4, True)),
-    # the gathers: one row set for both formats, measured on their sum (02:48 UTC)
-    "dequant_per_tensor": ((64, 4, 1, True), (256, 2, 2, True), (512, 2, 4, True), (1024, 4, 2, True),
-                           (4096, 8, 4, False), (None, 4, 8, True)),
-    "dequant_ds_mla": ((64, 4, 1, True), (256, 2, 2, True), (512, 2, 4, True), (1024, 4, 2, True),
-                       (4096, 8, 4, False), (None, 4, 8, True)),
+    "dequant_per_tensor": ((8, 4, 1, True), (512, 2, 1, True), (1024, 4, 2, True), (4096, 8, 4, True),
+                           (16384, 2, 4, True), (None, 4, 8, True)),
+    "dequant_ds_mla": ((64, 4, 1, True), (512, 2, 4, True), (1024, 2, 1, True), (4096, 4, 4, False),
+                       (16384, 8, 16, False), (None, 4, 8, False)),
 }  # fmt: skip
 FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "
     "--sizes 1,64,256,512,1024,4096,16384,65536`; quant_ds_mla 14:08 UTC: `mlakv bench fp8 --tune "
     "--tune-families triton --tune-kinds quant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536` "
-    "(docs/h200-2026-12-03/run12)"
+    "(docs/h200-2026-12-03/run12); dequant_per_tensor, dequant_ds_mla 18:52 UTC: `mlakv bench fp8 --tune "
+    "--tune-families triton --tune-kinds dequant_per_tensor,dequant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536` "
+    "(docs/h200-2026-12-03/run17)"
 )
 
 
