@@ -4,8 +4,8 @@ Spec (:func:`mlakv.testing.sm90.memory_order`): the runs of loads and stores as 
 them out. Through a destination that may alias a source, the compiler keeps a load written after a
 store after it (a second memory round trip per program); written first, every load comes first.
 mlakv's write kernels with one straight path (the row write, plain and converting; the FP8 per_tensor
-write; the indexer store; the V4 stores) and the plain gather issue every load before any store at their
-tables' launch shapes. The ds_mla write has a general path that loads from memory after stores by design, so it is not
+write; the indexer store; the V4 stores), the plain gather and the FP8 dequantizing gathers issue every load
+before any store at their tables' launch shapes. The ds_mla write has a general path that loads from memory after stores by design, so it is not
 listed.
 """
 
@@ -148,6 +148,19 @@ def gather():
         yield compile_sm90(row_write._get_kv_rows_kernel, ptrs, ints, consts, num_warps=warps)
 
 
+def fp8_gather(fmt):
+    ptrs = dict(kv_ptr="*u8", loc_ptr="*i64", nope_out_ptr="*i16", rope_out_ptr="*i16")
+    ints = dict(kv_row_stride=656 if fmt == "ds_mla" else 576, loc_stride=1, num_slots=5000, n_loc=4096,
+                nope_out_stride=512, rope_out_stride=64)
+    widths = dict(TILES=4, TILES_P2=4, ALIGN4=True) if fmt == "ds_mla" else dict(NOPE=512, NOPE_P2=512)
+    if fmt == "per_tensor":
+        ptrs["scale_ptr"] = "*fp32"
+    kernel = fp8._dequant_ds_mla_kernel if fmt == "ds_mla" else fp8._dequant_per_tensor_kernel
+    for _, warps, rows, early in tuning.FP8_TRITON_STEPS[f"dequant_{fmt}"]:
+        consts = dict(ROPE=64, ROPE_P2=64, ROWS=rows, DST=0, NATIVE=True, USE_PDL=True, EARLY_TRIGGER=early, **widths)
+        yield compile_sm90(kernel, ptrs, ints, consts, num_warps=warps)
+
+
 CASES = {
     "row bf16 512+64": lambda: row("*i16", 512, 64, False),
     "row u8 656": lambda: row("*u8", 640, 16, False),
@@ -159,6 +172,8 @@ CASES = {
     "v4 store, v41": lambda: v4(1),
     "v4 store, v41_fp4": lambda: v4(2),
     "gather bf16 512+64": gather,
+    "fp8 per_tensor gather": lambda: fp8_gather("per_tensor"),
+    "fp8 ds_mla gather": lambda: fp8_gather("ds_mla"),
 }
 out = {}
 for name in json.loads(sys.argv[1]):
@@ -171,6 +186,7 @@ WRITE_KERNELS = [
     "row bf16 512+64", "row u8 656", "row converting fp32 -> bf16", "row converting fp32 -> bf16, hardware cvt",
     "fp8 per_tensor write", "indexer store",
     "v4 store, v4", "v4 store, v41", "v4 store, v41_fp4", "gather bf16 512+64",
+    "fp8 per_tensor gather", "fp8 ds_mla gather",
 ]  # fmt: skip
 
 

@@ -614,16 +614,20 @@ def _dequant_per_tensor_kernel(
     mn = ok[:, None]
     if NOPE != NOPE_P2:
         mn = mn & (cn < NOPE)
-    vn = _dst_bits(_e4m3_value(tl.load(src + tl.max_contiguous(cn, [1, 8]), mask=mn, other=0), NATIVE) * s, DST, NATIVE)
-    _store_block(nope_out_ptr + i[:, None] * nope_out_stride + cn, cn, vn.to(nope_out_ptr.dtype.element_ty),
-                 out_ok[:, None], NOPE, NOPE_P2)  # fmt: skip
+    bn = tl.load(src + tl.max_contiguous(cn, [1, 8]), mask=mn, other=0)
+    # Every load before the first store: the outputs may alias kv as far as the compiler knows, so a
+    # load written after a store is issued after it, a second memory round trip per program.
     if ROPE > 0:
         cr = tl.arange(0, ROPE_P2)[None, :]
         mr = ok[:, None]
         if ROPE != ROPE_P2:
             mr = mr & (cr < ROPE)
-        vr = _dst_bits(_e4m3_value(tl.load(src + NOPE + tl.max_contiguous(cr, [1, 8]), mask=mr, other=0), NATIVE) * s, DST,
-                       NATIVE)
+        br = tl.load(src + NOPE + tl.max_contiguous(cr, [1, 8]), mask=mr, other=0)
+    vn = _dst_bits(_e4m3_value(bn, NATIVE) * s, DST, NATIVE)
+    _store_block(nope_out_ptr + i[:, None] * nope_out_stride + cn, cn, vn.to(nope_out_ptr.dtype.element_ty),
+                 out_ok[:, None], NOPE, NOPE_P2)  # fmt: skip
+    if ROPE > 0:
+        vr = _dst_bits(_e4m3_value(br, NATIVE) * s, DST, NATIVE)
         _store_block(rope_out_ptr + i[:, None] * rope_out_stride + cr, cr, vr.to(rope_out_ptr.dtype.element_ty),
                      out_ok[:, None], ROPE, ROPE_P2)  # fmt: skip
     if USE_PDL and not EARLY_TRIGGER:
@@ -658,12 +662,8 @@ def _dequant_ds_mla_kernel(
     offs = t[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
     mq = ok_t[:, :, None]  # the tile mask folds away when TILES is a power of two
     b = tl.load(src[:, None, None] + tl.max_contiguous(offs, [1, 1, 8]), mask=mq, other=0)
-    out = _dst_bits(_e4m3_value(b, NATIVE) * scale[:, :, None], DST, NATIVE).to(nope_out_ptr.dtype.element_ty)
-    on = out_ok[:, None, None]
-    if TILES == TILES_P2:
-        tl.store(nope_out_ptr + i[:, None, None] * nope_out_stride + offs, out, mask=on)
-    else:
-        tl.store(nope_out_ptr + i[:, None, None] * nope_out_stride + offs, out, mask=on & (offs < NOPE))
+    # The rope is loaded before the first store (as in the per_tensor gather): a load written after a
+    # store through outputs the compiler cannot tell from kv is issued after it.
     if ROPE > 0:
         cr = tl.arange(0, ROPE_P2)[None, :]
         mr = ok[:, None]
@@ -676,6 +676,13 @@ def _dequant_ds_mla_kernel(
             lo = tl.load(rsrc + 2 * cr, mask=mr, other=0).to(tl.int32)
             hi = tl.load(rsrc + 2 * cr + 1, mask=mr, other=0).to(tl.int32)
             bf = lo | (hi << 8)
+    out = _dst_bits(_e4m3_value(b, NATIVE) * scale[:, :, None], DST, NATIVE).to(nope_out_ptr.dtype.element_ty)
+    on = out_ok[:, None, None]
+    if TILES == TILES_P2:
+        tl.store(nope_out_ptr + i[:, None, None] * nope_out_stride + offs, out, mask=on)
+    else:
+        tl.store(nope_out_ptr + i[:, None, None] * nope_out_stride + offs, out, mask=on & (offs < NOPE))
+    if ROPE > 0:
         if DST == 0:
             rb = bf
         else:
