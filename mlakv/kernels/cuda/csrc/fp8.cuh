@@ -391,10 +391,6 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
 // (sources 16 bytes, kv 16 bytes): the caller falls back to Triton. A call with no rows returns true
 // (after the checks; nothing is launched) whatever the alignment.
 // ---------------------------------------------------------------------------------------------
-inline int64_t fp8_elem_bytes(const tvm::ffi::TensorView& t) {
-  return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
-}
-
 template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL, bool kBf16, int kThreads, typename LocT>
 void launch_quant_typed(const RowArgs& a, const float* k_scale, int num_warps, bool early_trigger,
                         cudaStream_t stream) {
@@ -509,9 +505,7 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
   if (n_loc == 0) return true;
   const int64_t kv_stride = kv.stride(0);  // bytes: 8-bit elements
   const int64_t nope_stride = nope.stride(0) * 2, rope_stride = rope.stride(0) * 2;
-  const auto addr = [](const tvm::ffi::TensorView& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) + static_cast<uintptr_t>(t.byte_offset());
-  };
+  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(tensor_address(t)); };
   if (((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16) ||
       ((addr(nope) | static_cast<uintptr_t>(nope_stride)) % 16) ||
       ((addr(rope) | static_cast<uintptr_t>(rope_stride)) % 16)) {
@@ -519,21 +513,20 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
   }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
   RowArgs a;
-  a.kv = static_cast<uint8_t*>(kv.data_ptr()) + kv.byte_offset();
+  a.kv = tensor_address(kv);
   a.kv_stride = kv_stride;
   a.num_slots = kv.size(0);
-  a.nope = static_cast<const uint8_t*>(nope.data_ptr()) + nope.byte_offset();
+  a.nope = tensor_address(nope);
   a.nope_stride = nope_stride;
-  a.rope = static_cast<const uint8_t*>(rope.data_ptr()) + rope.byte_offset();
+  a.rope = tensor_address(rope);
   a.rope_stride = rope_stride;
-  a.loc = static_cast<const uint8_t*>(loc.data_ptr()) + loc.byte_offset();
+  a.loc = tensor_address(loc);
   a.loc_stride = loc.stride(0);
   a.n_loc = n_loc;
   a.skip_index = skip_slot;
   a.dcp_world = 1;
   a.dcp_rank = 0;
-  const auto* k_scale =
-      reinterpret_cast<const float*>(static_cast<const uint8_t*>(scale.data_ptr()) + scale.byte_offset());
+  const auto* k_scale = reinterpret_cast<const float*>(tensor_address(scale));
   const int w = static_cast<int>(num_warps);
   const int tpr = static_cast<int>(threads_per_row);
   const bool loc32 = loc.dtype().bits == 32;
@@ -792,19 +785,18 @@ bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tv
   if (n_loc == 0) return true;  // served for any alignment: nothing to launch (the checks above still ran)
   const int64_t kv_stride = kv.stride(0);
   // Every pointer with its tensor's byte_offset (a view's start), as the write takes them.
-  const auto at = [](const tvm::ffi::TensorView& t) {
-    return static_cast<uint8_t*>(t.data_ptr()) + t.byte_offset();
+  const auto misaligned = [](const tvm::ffi::TensorView& t) {
+    return reinterpret_cast<uintptr_t>(tensor_address(t)) % 16 != 0;
   };
-  const auto misaligned = [&at](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(at(t)) % 16 != 0; };
   if (misaligned(kv) || static_cast<uintptr_t>(kv_stride) % 16 || misaligned(nope_out) || misaligned(rope_out)) {
     return false;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
-  const uint8_t* kv_ptr = at(kv);
-  const auto* s_ptr = reinterpret_cast<const float*>(at(scale));
-  uint8_t* n_ptr = at(nope_out);
-  uint8_t* r_ptr = at(rope_out);
-  const void* loc_ptr = at(loc);
+  const uint8_t* kv_ptr = tensor_address(kv);
+  const auto* s_ptr = reinterpret_cast<const float*>(tensor_address(scale));
+  uint8_t* n_ptr = tensor_address(nope_out);
+  uint8_t* r_ptr = tensor_address(rope_out);
+  const void* loc_ptr = tensor_address(loc);
   const int64_t loc_stride = loc.stride(0), num_slots = kv.size(0);
   const int w = static_cast<int>(num_warps);
 #define MLAKV_FP8_GATHER(DST, T, LOCT)                                                                          \

@@ -218,7 +218,6 @@ __global__ void gather_index_k_kernel(const __grid_constant__ GatherArgs a) {
 inline bool same_device(const DLDevice& a, const DLDevice& b) {
   return a.device_type == b.device_type && a.device_id == b.device_id;
 }
-inline uint8_t* address(const tvm::ffi::TensorView& t) { return static_cast<uint8_t*>(t.data_ptr()) + t.byte_offset(); }
 inline bool is_int_index(const tvm::ffi::TensorView& t) {
   return t.dtype().code == kDLInt && (t.dtype().bits == 32 || t.dtype().bits == 64) && t.dtype().lanes == 1;
 }
@@ -231,7 +230,7 @@ inline void check_pages(const tvm::ffi::TensorView& pages) {
   TVM_FFI_CHECK(pages.stride(1) == 1 && (pages.size(0) <= 1 || pages.stride(0) >= kPageBytes), ValueError)
       << "index_pages: pages must be contiguous and must not overlap";
   TVM_FFI_CHECK(pages.device().device_type == kDLCUDA, ValueError) << "index_pages must be a CUDA tensor";
-  TVM_FFI_CHECK(((reinterpret_cast<uintptr_t>(address(pages)) | static_cast<uintptr_t>(pages.stride(0))) % 16) == 0,
+  TVM_FFI_CHECK(((reinterpret_cast<uintptr_t>(tensor_address(pages)) | static_cast<uintptr_t>(pages.stride(0))) % 16) == 0,
                 ValueError)
       << "index_pages: the base address and the page stride must be multiples of 16 bytes";
 }
@@ -288,14 +287,14 @@ bool launch_store_index_k(tvm::ffi::TensorView pages, tvm::ffi::TensorView loc, 
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
   if (n == 0) return true;
   const int64_t src_stride = src.stride(0) * 2;
-  if (((reinterpret_cast<uintptr_t>(address(src)) | static_cast<uintptr_t>(src_stride)) % 16) != 0) return false;
+  if (((reinterpret_cast<uintptr_t>(tensor_address(src)) | static_cast<uintptr_t>(src_stride)) % 16) != 0) return false;
   StoreArgs a;
-  a.pages = address(pages);
+  a.pages = tensor_address(pages);
   a.page_stride = pages.stride(0);
   a.num_slots = pages.size(0) * kPageTokens;
-  a.src = address(src);
+  a.src = tensor_address(src);
   a.src_stride = src_stride;
-  a.loc = address(loc);
+  a.loc = tensor_address(loc);
   a.loc_stride = loc.stride(0);
   a.n = n;
   a.skip_index = skip_index < 0 ? -1 : skip_index;
@@ -347,22 +346,22 @@ bool launch_gather_index_k(tvm::ffi::TensorView pages, tvm::ffi::TensorView tabl
   TVM_FFI_CHECK(blocks_y >= 1 && blocks_y <= 65535, ValueError) << "blocks_y must be in [1, 65535], got " << blocks_y;
   TVM_FFI_CHECK(batch <= 0x7fffffff, ValueError) << "batch=" << batch << " is too large";
   if (batch == 0 || total == 0) return true;
-  if ((reinterpret_cast<uintptr_t>(address(k_out)) % 16) != 0 || (reinterpret_cast<uintptr_t>(address(s_out)) % 4) != 0)
+  if ((reinterpret_cast<uintptr_t>(tensor_address(k_out)) % 16) != 0 || (reinterpret_cast<uintptr_t>(tensor_address(s_out)) % 4) != 0)
     return false;
   GatherArgs a;
-  a.pages = address(pages);
+  a.pages = tensor_address(pages);
   a.page_stride = pages.stride(0);
   a.num_pages = pages.size(0);
-  a.table = address(table);
+  a.table = tensor_address(table);
   a.table_stride0 = table.stride(0);
   a.table_stride1 = table.stride(1);
   a.table_width = table.size(1);
-  a.lens = address(lens);
+  a.lens = tensor_address(lens);
   a.lens_stride = lens.stride(0);
   a.batch = batch;
   a.total = total;
-  a.k_out = address(k_out);
-  a.s_out = reinterpret_cast<uint32_t*>(address(s_out));
+  a.k_out = tensor_address(k_out);
+  a.s_out = reinterpret_cast<uint32_t*>(tensor_address(s_out));
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
   const bool t32 = table.dtype().bits == 32, l32 = lens.dtype().bits == 32;
   if (t32 && l32) launch_gather_typed<kUsePDL, int32_t, int32_t>(a, blocks_y, stream);

@@ -319,12 +319,6 @@ __global__ void rope_write_kernel(const __grid_constant__ RopeWriteArgs a) {
 // rows and q_out rows on 16 bytes — q_out on 8 when it is e4m3 — rope rows on 4, the cos/sin rows
 // on 8): the caller falls back to Triton.
 // ---------------------------------------------------------------------------------------------
-inline int64_t elem_bytes(const tvm::ffi::TensorView& t) {
-  return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
-}
-inline uint8_t* address(const tvm::ffi::TensorView& t) {
-  return static_cast<uint8_t*>(t.data_ptr()) + t.byte_offset();
-}
 inline bool is_index(const DLDataType& d) { return d.code == kDLInt && (d.bits == 32 || d.bits == 64) && d.lanes == 1; }
 inline bool is_src(const DLDataType& d, bool bf16) {
   return d.lanes == 1 && d.bits == 16 && d.code == (bf16 ? kDLBfloat : kDLFloat);
@@ -391,7 +385,7 @@ bool check_rope_write(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ff
   TVM_FFI_CHECK(dcp_world >= 1 && dcp_rank >= 0 && dcp_rank < dcp_world, ValueError)
       << "dcp_rank=" << dcp_rank << " must lie in [0, dcp_world_size=" << dcp_world << ")";
   const auto mis = [](const tvm::ffi::TensorView& t, int64_t vec, int dims) {
-    uintptr_t bits = reinterpret_cast<uintptr_t>(address(t));
+    uintptr_t bits = reinterpret_cast<uintptr_t>(tensor_address(t));
     for (int d = 0; d < dims; ++d) bits |= static_cast<uintptr_t>(t.stride(d) * elem_bytes(t));
     return (bits % vec) != 0;
   };
@@ -468,23 +462,23 @@ bool launch_rope_write(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::f
   const int64_t n = loc.size(0);
   if (n == 0) return true;
   RopeWriteArgs a{};
-  a.kv = address(kv);
+  a.kv = tensor_address(kv);
   a.kv_stride = kv.stride(0) * elem_bytes(kv);
   a.num_slots = kv.size(0);
-  a.k_nope = address(k_nope);
+  a.k_nope = tensor_address(k_nope);
   a.k_nope_stride = k_nope.stride(0) * 2;
-  a.k_pe = address(k_pe);
+  a.k_pe = tensor_address(k_pe);
   a.k_pe_stride = k_pe.stride(0) * 2;
-  a.loc = address(loc);
+  a.loc = tensor_address(loc);
   a.loc_stride = loc.stride(0);
   a.loc_is_64 = loc.dtype().bits == 64;
-  a.pos = address(positions);
+  a.pos = tensor_address(positions);
   a.pos_stride = positions.stride(0);
   a.pos_is_64 = positions.dtype().bits == 64;
-  a.cs = reinterpret_cast<const float*>(address(cos_sin));
+  a.cs = reinterpret_cast<const float*>(tensor_address(cos_sin));
   a.cs_stride = cos_sin.stride(0);
   a.max_pos = cos_sin.size(0);
-  a.k_scale = reinterpret_cast<const float*>(address(k_scale));
+  a.k_scale = reinterpret_cast<const float*>(tensor_address(k_scale));
   a.n = n;
   a.heads = 1;
   a.n_items = n;
@@ -492,17 +486,17 @@ bool launch_rope_write(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::f
   a.dcp_world = dcp_world;
   a.dcp_rank = dcp_rank;
   if (has_q) {
-    a.q_nope = address(q_nope);
+    a.q_nope = tensor_address(q_nope);
     a.qn_s0 = q_nope.stride(0) * 2;
     a.qn_s1 = q_nope.stride(1) * 2;
-    a.q_pe = address(q_pe);
+    a.q_pe = tensor_address(q_pe);
     a.qp_s0 = q_pe.stride(0) * 2;
     a.qp_s1 = q_pe.stride(1) * 2;
-    a.q_out = address(q_out);
+    a.q_out = tensor_address(q_out);
     a.qo_s0 = q_out.stride(0) * elem_bytes(q_out);
     a.qo_s1 = q_out.stride(1) * elem_bytes(q_out);
     a.q_fp8 = q_out.dtype().bits == 8;
-    a.q_scale = reinterpret_cast<const float*>(address(q_scale));
+    a.q_scale = reinterpret_cast<const float*>(tensor_address(q_scale));
     a.heads = q_nope.size(1);
     a.n_items = n + n * a.heads;
   }

@@ -1,11 +1,12 @@
 // What the row kernels share (the plain write in row_write.cuh, the quantizing writes in fp8.cuh,
 // rope_write.cuh and indexer.cuh, the V4-family store): the argument block they take as one
-// __grid_constant__ struct, the launch configuration with programmatic dependent launch (PDL), and
-// the widening of a 16-byte vector of 16-bit values to fp32.
+// __grid_constant__ struct, the launch configuration with programmatic dependent launch (PDL), the
+// widening of a 16-byte vector of 16-bit values to fp32, and the launchers' view of a tensor's bytes.
 #pragma once
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <tvm/ffi/container/tensor.h>
 
 #include <cstdint>
 #include <cstring>
@@ -26,6 +27,16 @@ struct RowArgs {
   const void* loc;
   int64_t loc_stride, n_loc, skip_index, dcp_world, dcp_rank;
 };
+
+// A tensor's first byte: its data pointer plus its byte_offset (where a view starts).
+inline uint8_t* tensor_address(const tvm::ffi::TensorView& t) {
+  return static_cast<uint8_t*>(t.data_ptr()) + t.byte_offset();
+}
+
+// The bytes of one element of a tensor (sub-byte dtypes round up).
+inline int64_t elem_bytes(const tvm::ffi::TensorView& t) {
+  return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
+}
 
 // A launch configuration on `stream`, with programmatic stream serialization (PDL) when `pdl`;
 // `attr` (one element) must outlive the launch call.

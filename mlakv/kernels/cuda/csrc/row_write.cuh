@@ -291,13 +291,7 @@ void launch_loc(const RowArgs& a, int num_warps, int items, bool use_tma, bool e
   }
 }
 
-inline int64_t elem_bytes(const tvm::ffi::TensorView& t) {
-  return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
-}
 inline int64_t row_stride_bytes(const tvm::ffi::TensorView& t) { return t.stride(0) * elem_bytes(t); }
-inline uint8_t* address(const tvm::ffi::TensorView& t) {
-  return static_cast<uint8_t*>(t.data_ptr()) + t.byte_offset();
-}
 
 // The launcher's own copy of the rules (mlakv/spec/rules.py is the rule book; tests/test_rules.py
 // asserts the two accept and refuse the same layouts). It does not trust its caller: every fact the
@@ -353,7 +347,7 @@ bool check_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, 
       << "dcp_rank=" << dcp_rank << " must lie in [0, dcp_world_size=" << dcp_world << ")";
   constexpr int kNopeVec = vec_width(kNopeBytes), kRopeVec = vec_width(kRopeBytes, kNopeBytes);
   const auto misaligned = [](const tvm::ffi::TensorView& t, int vec) {
-    return ((reinterpret_cast<uintptr_t>(address(t)) | static_cast<uintptr_t>(row_stride_bytes(t))) % vec) != 0;
+    return ((reinterpret_cast<uintptr_t>(tensor_address(t)) | static_cast<uintptr_t>(row_stride_bytes(t))) % vec) != 0;
   };
   return !(misaligned(kv, 16) || misaligned(nope, kNopeVec) || (kRopeBytes > 0 && misaligned(rope, kRopeVec)));
 }
@@ -375,8 +369,8 @@ bool launch_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc,
   if (!aligned) return false;
   const int64_t n_loc = loc.size(0);
   if (n_loc == 0) return true;
-  const RowArgs a{address(kv),        row_stride_bytes(kv), kv.size(0), address(nope), row_stride_bytes(nope),
-                  address(rope),      row_stride_bytes(rope), address(loc), loc.stride(0), n_loc,
+  const RowArgs a{tensor_address(kv),        row_stride_bytes(kv), kv.size(0), tensor_address(nope), row_stride_bytes(nope),
+                  tensor_address(rope),      row_stride_bytes(rope), tensor_address(loc), loc.stride(0), n_loc,
                   skip_index < 0 ? -1 : skip_index, dcp_world, dcp_rank};
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, kv.device().device_id));
   if (loc.dtype().bits == 32) {

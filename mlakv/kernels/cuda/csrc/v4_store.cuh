@@ -385,12 +385,6 @@ __global__ void __launch_bounds__(256) v4_store_kernel(const __grid_constant__ S
 // check_v4_store) holds the same rules; tests/test_v4_jit.py walks both over one table.
 // ---------------------------------------------------------------------------------------------
 
-inline int64_t v4_elem_bytes(const tvm::ffi::TensorView& t) {
-  return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
-}
-inline const uint8_t* v4_address(const tvm::ffi::TensorView& t) {
-  return static_cast<const uint8_t*>(t.data_ptr()) + t.byte_offset();
-}
 inline bool v4_same_device(const tvm::ffi::TensorView& a, const tvm::ffi::TensorView& b) {
   return a.device().device_type == b.device().device_type && a.device().device_id == b.device().device_id;
 }
@@ -437,7 +431,7 @@ inline bool check_v4_store(tvm::ffi::TensorView pages, tvm::ffi::TensorView loc,
   TVM_FFI_CHECK(dcp_world >= 1 && dcp_rank >= 0 && dcp_rank < dcp_world, ValueError)
       << "dcp_rank=" << dcp_rank << " must lie in [0, dcp_world_size=" << dcp_world << ")";
   const auto misaligned = [](const tvm::ffi::TensorView& t) {
-    return ((reinterpret_cast<uintptr_t>(v4_address(t)) | static_cast<uintptr_t>(t.stride(0) * v4_elem_bytes(t))) % 16) != 0;
+    return ((reinterpret_cast<uintptr_t>(tensor_address(t)) | static_cast<uintptr_t>(t.stride(0) * elem_bytes(t))) % 16) != 0;
   };
   bool aligned = !misaligned(pages) && !misaligned(kv);
   if (rope == kRopeFreqs) {
@@ -501,7 +495,7 @@ bool launch_v4_store(tvm::ffi::TensorView pages, tvm::ffi::TensorView loc, tvm::
   if (n == 0) return true;
   const Geometry g = geometry(static_cast<int>(layout));
   StoreArgs a{};
-  a.pages = const_cast<uint8_t*>(v4_address(pages));
+  a.pages = tensor_address(pages);
   a.page_stride = pages.stride(0);
   a.num_slots = pages.size(0) * page_size;
   a.data_stride = g.interleaved ? g.value_bytes + g.scale_bytes : g.value_bytes;
@@ -510,14 +504,14 @@ bool launch_v4_store(tvm::ffi::TensorView pages, tvm::ffi::TensorView loc, tvm::
   int shift = 0;
   while ((int64_t{1} << shift) < page_size) ++shift;
   a.page_shift = shift;
-  a.kv = v4_address(kv);
+  a.kv = tensor_address(kv);
   a.kv_stride = kv.stride(0) * 2;
-  a.loc = v4_address(loc);
+  a.loc = tensor_address(loc);
   a.loc_stride = loc.stride(0);
   a.n = n;
-  a.cs = rope == kRopeFreqs ? v4_address(freqs) : rope == kRopeTable ? v4_address(table) : nullptr;
+  a.cs = rope == kRopeFreqs ? tensor_address(freqs) : rope == kRopeTable ? tensor_address(table) : nullptr;
   a.cs_stride = rope == kRopeFreqs ? freqs.stride(0) * 4 : rope == kRopeTable ? table.stride(0) * 4 : 0;
-  a.pos = rope == kRopeTable ? v4_address(positions) : nullptr;
+  a.pos = rope == kRopeTable ? tensor_address(positions) : nullptr;
   a.pos_stride = rope == kRopeTable ? positions.stride(0) : 0;
   a.max_pos = rope == kRopeTable ? table.size(0) : 0;
   a.pos_is_64 = rope == kRopeTable && positions.dtype().bits == 64;
