@@ -73,7 +73,13 @@ def sass_of(kernel: Any) -> Optional[str]:
         return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout or None
 
 
-_GLOBAL_ACCESS = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?(LDG|STG)\b")
+def _sass_ops(*names: str) -> re.Pattern:
+    """A pattern for the SASS instructions ``names`` (their opcode without modifiers), each match
+    ``(predicate or "", opcode)``: ``@P0 EXIT`` gives ``("@P0 ", "EXIT")``."""
+    return re.compile(r"/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?(" + "|".join(names) + r")\b")
+
+
+_GLOBAL_ACCESS = _sass_ops("LDG", "STG")
 
 
 def memory_order(sass: str) -> list[tuple[str, int]]:
@@ -85,7 +91,7 @@ def memory_order(sass: str) -> list[tuple[str, int]]:
     per program where loads first would wait once. Branches are not followed: a run of code laid out
     after another is listed after it."""
     runs: list[tuple[str, int]] = []
-    for op in _GLOBAL_ACCESS.findall(sass):
+    for _, op in _GLOBAL_ACCESS.findall(sass):
         if runs and runs[-1][0] == op:
             runs[-1] = (op, runs[-1][1] + 1)
         else:
@@ -108,7 +114,7 @@ def sass_functions(library: Union[str, os.PathLike]) -> Optional[dict[str, str]]
     return out
 
 
-_LOAD_OR_EXIT = re.compile(r"/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?(LDG|EXIT)\b")
+_LOAD_OR_EXIT = _sass_ops("LDG", "EXIT")
 
 
 def loads_after_exit(sass: str) -> int:
@@ -132,7 +138,7 @@ def loads_after_exit(sass: str) -> int:
     return after or 0
 
 
-_LOAD_OR_WAIT = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?(LDG|ACQBULK)\b")
+_LOAD_OR_WAIT = _sass_ops("LDG", "ACQBULK")
 
 
 def loads_before_wait(sass: str) -> Optional[int]:
@@ -141,5 +147,5 @@ def loads_before_wait(sass: str) -> Optional[int]:
 
     A kernel launched with PDL may start while the kernel before it still writes its inputs: a load
     issued before the wait can read them stale. Branches are not followed."""
-    ops = _LOAD_OR_WAIT.findall(sass)
+    ops = [op for _, op in _LOAD_OR_WAIT.findall(sass)]
     return ops.index("ACQBULK") if "ACQBULK" in ops else None

@@ -505,10 +505,7 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
   if (n_loc == 0) return true;
   const int64_t kv_stride = kv.stride(0);  // bytes: 8-bit elements
   const int64_t nope_stride = nope.stride(0) * 2, rope_stride = rope.stride(0) * 2;
-  const auto addr = [](const tvm::ffi::TensorView& t) { return reinterpret_cast<uintptr_t>(tensor_address(t)); };
-  if (((addr(kv) | static_cast<uintptr_t>(kv_stride)) % 16) ||
-      ((addr(nope) | static_cast<uintptr_t>(nope_stride)) % 16) ||
-      ((addr(rope) | static_cast<uintptr_t>(rope_stride)) % 16)) {
+  if (!rows_aligned(kv, kv_stride, 16) || !rows_aligned(nope, nope_stride, 16) || !rows_aligned(rope, rope_stride, 16)) {
     return false;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));
@@ -784,11 +781,9 @@ bool launch_mla_fp8_gather(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tv
   check_launch_shape(num_warps, threads_per_row);
   if (n_loc == 0) return true;  // served for any alignment: nothing to launch (the checks above still ran)
   const int64_t kv_stride = kv.stride(0);
-  // Every pointer with its tensor's byte_offset (a view's start), as the write takes them.
-  const auto misaligned = [](const tvm::ffi::TensorView& t) {
-    return reinterpret_cast<uintptr_t>(tensor_address(t)) % 16 != 0;
-  };
-  if (misaligned(kv) || static_cast<uintptr_t>(kv_stride) % 16 || misaligned(nope_out) || misaligned(rope_out)) {
+  // Every pointer with its tensor's byte_offset (a view's start), as the write takes them; the outputs
+  // are contiguous, so their first byte is what needs the alignment.
+  if (!rows_aligned(kv, kv_stride, 16) || !rows_aligned(nope_out, 0, 16) || !rows_aligned(rope_out, 0, 16)) {
     return false;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, dev.device_id));

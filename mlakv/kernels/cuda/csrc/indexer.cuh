@@ -230,8 +230,7 @@ inline void check_pages(const tvm::ffi::TensorView& pages) {
   TVM_FFI_CHECK(pages.stride(1) == 1 && (pages.size(0) <= 1 || pages.stride(0) >= kPageBytes), ValueError)
       << "index_pages: pages must be contiguous and must not overlap";
   TVM_FFI_CHECK(pages.device().device_type == kDLCUDA, ValueError) << "index_pages must be a CUDA tensor";
-  TVM_FFI_CHECK(((reinterpret_cast<uintptr_t>(tensor_address(pages)) | static_cast<uintptr_t>(pages.stride(0))) % 16) == 0,
-                ValueError)
+  TVM_FFI_CHECK(rows_aligned(pages, pages.stride(0), 16), ValueError)
       << "index_pages: the base address and the page stride must be multiples of 16 bytes";
 }
 
@@ -287,7 +286,7 @@ bool launch_store_index_k(tvm::ffi::TensorView pages, tvm::ffi::TensorView loc, 
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
   if (n == 0) return true;
   const int64_t src_stride = src.stride(0) * 2;
-  if (((reinterpret_cast<uintptr_t>(tensor_address(src)) | static_cast<uintptr_t>(src_stride)) % 16) != 0) return false;
+  if (!rows_aligned(src, src_stride, 16)) return false;
   StoreArgs a;
   a.pages = tensor_address(pages);
   a.page_stride = pages.stride(0);
@@ -346,8 +345,7 @@ bool launch_gather_index_k(tvm::ffi::TensorView pages, tvm::ffi::TensorView tabl
   TVM_FFI_CHECK(blocks_y >= 1 && blocks_y <= 65535, ValueError) << "blocks_y must be in [1, 65535], got " << blocks_y;
   TVM_FFI_CHECK(batch <= 0x7fffffff, ValueError) << "batch=" << batch << " is too large";
   if (batch == 0 || total == 0) return true;
-  if ((reinterpret_cast<uintptr_t>(tensor_address(k_out)) % 16) != 0 || (reinterpret_cast<uintptr_t>(tensor_address(s_out)) % 4) != 0)
-    return false;
+  if (!rows_aligned(k_out, 0, 16) || !rows_aligned(s_out, 0, 4)) return false;
   GatherArgs a;
   a.pages = tensor_address(pages);
   a.page_stride = pages.stride(0);

@@ -38,6 +38,12 @@ inline int64_t elem_bytes(const tvm::ffi::TensorView& t) {
   return static_cast<int64_t>((t.dtype().bits * t.dtype().lanes + 7) / 8);
 }
 
+// Whether a tensor's first byte and its row stride (bytes) are both multiples of `align` bytes: every
+// row of it then starts on that alignment, as a kernel's vector loads and stores need.
+inline bool rows_aligned(const tvm::ffi::TensorView& t, int64_t stride_bytes, int64_t align) {
+  return ((reinterpret_cast<uintptr_t>(tensor_address(t)) | static_cast<uintptr_t>(stride_bytes)) % align) == 0;
+}
+
 // A launch configuration on `stream`, with programmatic stream serialization (PDL) when `pdl`;
 // `attr` (one element) must outlive the launch call.
 inline cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,

@@ -346,10 +346,8 @@ bool check_set_mla_kv_buffer(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, 
   TVM_FFI_CHECK(dcp_world >= 1 && dcp_rank >= 0 && dcp_rank < dcp_world, ValueError)
       << "dcp_rank=" << dcp_rank << " must lie in [0, dcp_world_size=" << dcp_world << ")";
   constexpr int kNopeVec = vec_width(kNopeBytes), kRopeVec = vec_width(kRopeBytes, kNopeBytes);
-  const auto misaligned = [](const tvm::ffi::TensorView& t, int vec) {
-    return ((reinterpret_cast<uintptr_t>(tensor_address(t)) | static_cast<uintptr_t>(row_stride_bytes(t))) % vec) != 0;
-  };
-  return !(misaligned(kv, 16) || misaligned(nope, kNopeVec) || (kRopeBytes > 0 && misaligned(rope, kRopeVec)));
+  return rows_aligned(kv, row_stride_bytes(kv), 16) && rows_aligned(nope, row_stride_bytes(nope), kNopeVec) &&
+         (kRopeBytes == 0 || rows_aligned(rope, row_stride_bytes(rope), kRopeVec));
 }
 
 // Checks (above), then launches on the current stream. num_warps in {1,2,4,8,16,32}; items in

@@ -430,9 +430,7 @@ inline bool check_v4_store(tvm::ffi::TensorView pages, tvm::ffi::TensorView loc,
       << "kv_pages, loc and kv must be on one device";
   TVM_FFI_CHECK(dcp_world >= 1 && dcp_rank >= 0 && dcp_rank < dcp_world, ValueError)
       << "dcp_rank=" << dcp_rank << " must lie in [0, dcp_world_size=" << dcp_world << ")";
-  const auto misaligned = [](const tvm::ffi::TensorView& t) {
-    return ((reinterpret_cast<uintptr_t>(tensor_address(t)) | static_cast<uintptr_t>(t.stride(0) * elem_bytes(t))) % 16) != 0;
-  };
+  const auto misaligned = [](const tvm::ffi::TensorView& t) { return !rows_aligned(t, t.stride(0) * elem_bytes(t), 16); };
   bool aligned = !misaligned(pages) && !misaligned(kv);
   if (rope == kRopeFreqs) {
     TVM_FFI_CHECK(freqs.ndim() == 2 && v4_is_f32(freqs), TypeError) << "freqs_cis must be a 2-D float32 [n, 64] tensor";
