@@ -4,9 +4,11 @@ Spec (:func:`mlakv.testing.sm90.memory_order`): the runs of loads and stores as 
 them out. Through a destination that may alias a source, the compiler keeps a load written after a
 store after it (a second memory round trip per program); written first, every load comes first.
 mlakv's write kernels with one straight path (the row write, plain and converting; the FP8 per_tensor
-write; the indexer store; the V4 stores), the plain gather and the FP8 dequantizing gathers issue every load
-before any store at their tables' launch shapes. The ds_mla write has a general path that loads from memory after stores by design, so it is not
-listed.
+write; the indexer store; the V4 stores), the plain gather, the FP8 dequantizing gathers, the vLLM
+face's paged byte gather (one byte range per slot, or the indexer's key and scale) and HiCache's copy
+(rows, and 64 x 1152-byte pages longer than its tile) issue every load before any store at their
+tables' launch shapes. The ds_mla write has a general path that loads from memory after stores by
+design, so it is not listed.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def test_a_load_written_after_a_store_stays_after_it_and_loads_first_come_first(
 # A load written after a store waits for memory a second time per program; these kernels load first.
 _WRITES_SCRIPT = r"""
 import json, sys
-from mlakv.kernels.triton import fp8, indexer, row_write, v4_store
+import torch
+from mlakv.kernels.triton import fp8, indexer, paged_plan, row_write, transfer, v4_store
 from mlakv.spec import tuning
 from mlakv.testing.sm90 import compile_sm90, memory_order, sass_of
 
@@ -161,6 +164,49 @@ def fp8_gather(fmt):
         yield compile_sm90(kernel, ptrs, ints, consts, num_warps=warps)
 
 
+_TRITON_TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16", torch.uint8: "*u8"}
+
+
+def paged_gather(parts):
+    # parts: (base, block_stride, slot_stride, unit) in bytes per byte range of a slot, blocks of 64 slots,
+    # output rows of the range's unit; the launcher's own word split (_words) gives the constexprs.
+    gathered = []
+    for base, block_stride, slot_stride, unit in parts:
+        src, dst = torch.empty(2 * block_stride, dtype=torch.uint8), torch.empty(64 * unit, dtype=torch.uint8)
+        p = paged_plan.GatherPart(src, dst, base, block_stride, slot_stride, unit, unit)
+        gathered.append(paged_plan._words(p))
+    if len(gathered) == 1:
+        gathered.append((gathered[0][0], [0, 0, 0, 0], dict(UNIT=0, HEAD=1, TAIL_P2=0, ALIGN=1)))  # no part B
+    (a_views, a_strides, a_consts), (b_views, b_strides, b_consts) = gathered
+    ptrs = dict(starts_ptr="*i32", seq_starts_ptr="*i32", table_ptr="*i32", a_src=_TRITON_TYPES[a_views[0].dtype],
+                a_dst=_TRITON_TYPES[a_views[1].dtype], b_src=_TRITON_TYPES[b_views[0].dtype],
+                b_dst=_TRITON_TYPES[b_views[1].dtype])
+    ints = dict(num_reqs=32, total=65536, starts_stride=1, seq_starts_stride=1, table_stride0=1024, table_stride1=1,
+                table_cols=1024, block_size=64, num_blocks=4096,
+                **dict(zip(("a_base", "a_block_stride", "a_slot_stride", "a_row_stride"), a_strides)),
+                **dict(zip(("b_base", "b_block_stride", "b_slot_stride", "b_row_stride"), b_strides)))
+    consts = dict(TERMINAL=True, HAS_SEQ_STARTS=False, REQ_CHUNK=paged_plan._req_chunk(32), USE_PDL=True,
+                  **{f"A_{k}": v for k, v in a_consts.items()}, **{f"B_{k}": v for k, v in b_consts.items()})
+    row_bytes = sum(unit for *_, unit in parts)
+    for max_n, _, _ in tuning.PAGED_GATHER_STEPS:
+        rows, warps = tuning.paged_gather_launch(max_n or 65536, row_bytes)
+        yield compile_sm90(paged_plan._paged_gather_kernel, ptrs, ints, dict(consts, ROWS=rows), num_warps=warps)
+
+
+def hicache_copy(page):
+    # 1152-byte rows (page 1: row units) or 64-row pages of them, device to host, in 8-byte words.
+    unit = 144 * page
+    ptrs = dict(src_ptr="*i64", dst_ptr="*i64", src_idx_ptr="*i64", dst_idx_ptr="*i64", smid_ptr="*i32")
+    ints = dict(n_units=16384, src_idx_stride=1, dst_idx_stride=1, src_limit=1 << 20, dst_limit=1 << 20,
+                src_align=page, dst_align=page, src_words=1 << 28, dst_words=1 << 28, src_page=page,
+                src_page_stride=unit, src_row_stride=unit if page > 1 else 144, dst_page=page, dst_page_stride=unit,
+                dst_row_stride=unit if page > 1 else 144)
+    for _, warps, tile in tuning.HICACHE_COPY_STEPS:
+        rows, block = transfer.tile_shape(unit, tile)
+        consts = dict(UNIT=unit, BLOCK=block, ROWS=rows, RECORD_SMID=False, ALIGN=2)
+        yield compile_sm90(transfer._copy_units_kernel, ptrs, ints, consts, num_warps=warps)
+
+
 CASES = {
     "row bf16 512+64": lambda: row("*i16", 512, 64, False),
     "row u8 656": lambda: row("*u8", 640, 16, False),
@@ -174,6 +220,12 @@ CASES = {
     "gather bf16 512+64": gather,
     "fp8 per_tensor gather": lambda: fp8_gather("per_tensor"),
     "fp8 ds_mla gather": lambda: fp8_gather("ds_mla"),
+    "paged gather 1152-byte rows": lambda: paged_gather([(0, 64 * 1152, 1152, 1152)]),
+    "paged gather 656-byte rows": lambda: paged_gather([(0, 64 * 656, 656, 656)]),
+    "paged gather 576-byte rows": lambda: paged_gather([(0, 64 * 576, 576, 576)]),
+    "paged gather indexer key + scale": lambda: paged_gather([(0, 64 * 132, 128, 128), (64 * 128, 64 * 132, 4, 4)]),
+    "hicache copy 1152-byte rows": lambda: hicache_copy(1),
+    "hicache copy 64 x 1152-byte pages": lambda: hicache_copy(64),
 }
 out = {}
 for name in json.loads(sys.argv[1]):
@@ -187,6 +239,8 @@ WRITE_KERNELS = [
     "fp8 per_tensor write", "indexer store",
     "v4 store, v4", "v4 store, v41", "v4 store, v41_fp4", "gather bf16 512+64",
     "fp8 per_tensor gather", "fp8 ds_mla gather",
+    "paged gather 1152-byte rows", "paged gather 656-byte rows", "paged gather 576-byte rows",
+    "paged gather indexer key + scale", "hicache copy 1152-byte rows", "hicache copy 64 x 1152-byte pages",
 ]  # fmt: skip
 
 

@@ -14,7 +14,9 @@ against (about 25 small torch kernels, more than the gather itself at 65536 rows
   slots and copies their bytes straight into the output, one or two byte ranges per slot (the
   indexer cache keeps a slot's key and scale apart), in the widest word that divides every size,
   stride and address, each range as a power-of-two head and a masked tail (no lanes idle on a
-  1152-byte row's 1024 + 128). Unowned rows are left as they were.
+  1152-byte row's 1024 + 128). A program loads every range of its rows before it stores the first:
+  the output may alias the cache as far as the compiler knows, so a load written after a store
+  would wait for memory a second time. Unowned rows are left as they were.
 
 Every program finds its rows' requests by counting the request starts at or before each row, in
 vectors of ``REQ_CHUNK`` starts (independent loads: one memory latency for up to that many
@@ -166,22 +168,48 @@ class GatherPart(NamedTuple):
 
 
 @triton.jit
-def _copy_part(
-    src_ptr, dst_ptr, block, off, t, ok, base, block_stride, slot_stride, row_stride,
-    UNIT: tl.constexpr, HEAD: tl.constexpr, TAIL_P2: tl.constexpr, ALIGN: tl.constexpr,
-):  # fmt: skip
-    # UNIT words of slot (block, off) -> row t, for the rows with ok; HEAD (a power of two) words
-    # unmasked along the row, the remaining UNIT - HEAD words masked in a TAIL_P2 vector.
+def _part_offsets(block, off, t, base, block_stride, slot_stride, row_stride, ALIGN: tl.constexpr):
+    # The first word of each row's part: in the cache (slot (block, off)) and in the output (row t).
     s_off = tl.multiple_of(base + block * block_stride + off * slot_stride, ALIGN)
     d_off = tl.multiple_of(t * row_stride, ALIGN)
-    h = tl.arange(0, HEAD)
-    x = tl.load(src_ptr + s_off[:, None] + h[None, :], mask=ok[:, None])
-    tl.store(dst_ptr + d_off[:, None] + h[None, :], x, mask=ok[:, None])
+    return s_off, d_off
+
+
+@triton.jit
+def _head(ptr, first, ok, HEAD: tl.constexpr):
+    # Pointers [R, HEAD] to a part's head (HEAD words, a power of two, within the part) from each
+    # row's first word, and their mask (the rows with ok; unmasked along the row).
+    return ptr + first[:, None] + tl.arange(0, HEAD)[None, :], ok[:, None]
+
+
+@triton.jit
+def _tail(ptr, first, ok, UNIT: tl.constexpr, HEAD: tl.constexpr, TAIL_P2: tl.constexpr):
+    # Pointers [R, TAIL_P2] to a part's remaining UNIT - HEAD words, and their mask (words past UNIT off).
+    r = HEAD + tl.arange(0, TAIL_P2)
+    return ptr + first[:, None] + r[None, :], ok[:, None] & (r < UNIT)[None, :]
+
+
+@triton.jit
+def _load_part(src_ptr, s_off, ok, UNIT: tl.constexpr, HEAD: tl.constexpr, TAIL_P2: tl.constexpr):
+    # The UNIT words of each row's part (rows with ok), as (head, tail). Without a tail (TAIL_P2 == 0)
+    # the head stands in for it: _store_part stores no tail then.
+    p, m = _head(src_ptr, s_off, ok, HEAD)
+    head = tl.load(p, mask=m)
+    tail = head
     if TAIL_P2 > 0:
-        r = HEAD + tl.arange(0, TAIL_P2)
-        m = ok[:, None] & (r < UNIT)[None, :]
-        y = tl.load(src_ptr + s_off[:, None] + r[None, :], mask=m)
-        tl.store(dst_ptr + d_off[:, None] + r[None, :], y, mask=m)
+        p, m = _tail(src_ptr, s_off, ok, UNIT, HEAD, TAIL_P2)
+        tail = tl.load(p, mask=m)
+    return head, tail
+
+
+@triton.jit
+def _store_part(dst_ptr, d_off, ok, head, tail, UNIT: tl.constexpr, HEAD: tl.constexpr, TAIL_P2: tl.constexpr):
+    # What _load_part loaded, into the output rows with ok.
+    p, m = _head(dst_ptr, d_off, ok, HEAD)
+    tl.store(p, head, mask=m)
+    if TAIL_P2 > 0:
+        p, m = _tail(dst_ptr, d_off, ok, UNIT, HEAD, TAIL_P2)
+        tl.store(p, tail, mask=m)
 
 
 @triton.jit
@@ -208,11 +236,15 @@ def _paged_gather_kernel(
         t, live, starts_ptr, seq_starts_ptr, table_ptr, num_reqs, total, starts_stride, seq_starts_stride,
         table_stride0, table_stride1, table_cols, block_size, num_blocks, TERMINAL, HAS_SEQ_STARTS, REQ_CHUNK,
     )  # fmt: skip
-    _copy_part(a_src, a_dst, block, off, t, ok, a_base, a_block_stride, a_slot_stride, a_row_stride,
-               A_UNIT, A_HEAD, A_TAIL_P2, A_ALIGN)  # fmt: skip
+    # Every load (both parts, head and tail) before the first store (see the module docstring).
+    a_s, a_d = _part_offsets(block, off, t, a_base, a_block_stride, a_slot_stride, a_row_stride, A_ALIGN)
+    a_head, a_tail = _load_part(a_src, a_s, ok, A_UNIT, A_HEAD, A_TAIL_P2)
     if B_UNIT > 0:
-        _copy_part(b_src, b_dst, block, off, t, ok, b_base, b_block_stride, b_slot_stride, b_row_stride,
-                   B_UNIT, B_HEAD, B_TAIL_P2, B_ALIGN)  # fmt: skip
+        b_s, b_d = _part_offsets(block, off, t, b_base, b_block_stride, b_slot_stride, b_row_stride, B_ALIGN)
+        b_head, b_tail = _load_part(b_src, b_s, ok, B_UNIT, B_HEAD, B_TAIL_P2)
+    _store_part(a_dst, a_d, ok, a_head, a_tail, A_UNIT, A_HEAD, A_TAIL_P2)
+    if B_UNIT > 0:
+        _store_part(b_dst, b_d, ok, b_head, b_tail, B_UNIT, B_HEAD, B_TAIL_P2)
 
 
 def _words(part: GatherPart) -> tuple[list, list, dict]:

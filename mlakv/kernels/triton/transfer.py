@@ -9,10 +9,16 @@ address.
 
 The grid is *persistent and bounded*: at most ``max_programs`` programs (one per SM on the GPU), each
 looping over tiles of units, so a transfer occupies a known, small number of SMs while attention
-keeps the rest. Each program moves a tile of up to ``tile_words`` words per iteration (all loads of
-the tile are issued before its stores), which keeps enough bytes in flight over PCIe with few SMs. The
-warps and the tile words come from :func:`mlakv.spec.tuning.hicache_copy_launch` (by the bytes a launch
-moves) unless the launcher is told otherwise (the bench's sweep); the grid's bound is the caller's.
+keeps the rest. Each program moves a tile of up to ``tile_words`` words per iteration, which keeps
+enough bytes in flight over PCIe with few SMs. The warps and the tile words come from
+:func:`mlakv.spec.tuning.hicache_copy_launch` (by the bytes a launch moves) unless the launcher is told
+otherwise (the bench's sweep); the grid's bound is the caller's.
+
+Every load of a tile is issued before its first store: the destination may alias the source as far
+as the compiler knows, so a load written after a store would be issued after it and wait for memory a
+second time. A unit longer than a tile moves a tile at a time, and the remainder past its last whole
+tile is loaded with that tile: a 64 x 1152-byte page at the table's 8192-word tiles (8192 + 1024
+words) waits for memory once.
 
 Every unit is bounds-checked in the kernel, whatever the caller validated: a unit whose slot is
 negative, ``>= limit``, not a multiple of ``align`` (a page start off its page), or whose words do
@@ -43,6 +49,15 @@ DEFAULT_MAX_PROGRAMS = 8
 def _smid(x):
     # The SM this program runs on (PTX %smid); ``x`` only gives the result its shape.
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _piece(ptr, first, live, start, w, UNIT: tl.constexpr):
+    # Pointers [ROWS, BLOCK] to words [start, start + BLOCK) of a tile's units (each from its first
+    # word; w: tl.arange(0, BLOCK)), and their mask (live units, words below UNIT).
+    offs = start + w
+    m = live[:, None] & (offs < UNIT)[None, :]
+    return ptr + first[:, None] + offs[None, :], m
 
 
 @triton.jit
@@ -83,6 +98,12 @@ def _copy_units_kernel(
     if RECORD_SMID:
         one = tl.arange(0, 1)
         tl.store(smid_ptr + pid + one, _smid(one))
+    # A unit in pieces of BLOCK words, each loaded, then stored; a remainder past the last whole piece
+    # is loaded together with that piece (PAIRED; see the module docstring). SOLO: the words copied a
+    # piece at a time.
+    LAST: tl.constexpr = (UNIT - 1) // BLOCK * BLOCK  # where the unit's last piece starts
+    PAIRED: tl.constexpr = LAST > 0 and UNIT % BLOCK != 0
+    SOLO: tl.constexpr = LAST - BLOCK if PAIRED else UNIT
     n_tiles = tl.cdiv(n_units, ROWS)
     r = tl.arange(0, ROWS)
     w = tl.arange(0, BLOCK)
@@ -101,17 +122,26 @@ def _copy_units_kernel(
         # every offset is a multiple of ALIGN words: lets the compiler use vector loads and stores
         s_off = tl.multiple_of(s_off, ALIGN)
         d_off = tl.multiple_of(d_off, ALIGN)
-        for start in tl.static_range(0, UNIT, BLOCK):
-            offs = start + w
-            m = live[:, None] & (offs < UNIT)[None, :]
-            x = tl.load(src_ptr + s_off[:, None] + offs[None, :], mask=m)
-            tl.store(dst_ptr + d_off[:, None] + offs[None, :], x, mask=m)
+        for start in tl.static_range(0, SOLO, BLOCK):
+            p, m = _piece(src_ptr, s_off, live, start, w, UNIT)
+            x = tl.load(p, mask=m)
+            p, m = _piece(dst_ptr, d_off, live, start, w, UNIT)
+            tl.store(p, x, mask=m)
+        if PAIRED:  # both loads, the last whole piece's and the remainder's, then their stores
+            p, m = _piece(src_ptr, s_off, live, LAST - BLOCK, w, UNIT)
+            x = tl.load(p, mask=m)
+            p, m = _piece(src_ptr, s_off, live, LAST, w, UNIT)
+            y = tl.load(p, mask=m)
+            p, m = _piece(dst_ptr, d_off, live, LAST - BLOCK, w, UNIT)
+            tl.store(p, x, mask=m)
+            p, m = _piece(dst_ptr, d_off, live, LAST, w, UNIT)
+            tl.store(p, y, mask=m)
 
 
 def tile_shape(unit_words: int, tile_words: int) -> tuple[int, int]:
     """``(ROWS, BLOCK)`` of a tile of ``tile_words`` words (a power of two) for units of ``unit_words``
-    words: ``BLOCK`` covers a unit (up to ``tile_words``; longer units loop), ``ROWS`` units per tile
-    fill ``tile_words``."""
+    words: ``BLOCK`` covers a unit (up to ``tile_words``; longer units loop, the remainder past their
+    last whole tile loaded with it), ``ROWS`` units per tile fill ``tile_words``."""
     block = min(triton.next_power_of_2(unit_words), tile_words)
     rows = max(1, tile_words // block)
     return rows, block
