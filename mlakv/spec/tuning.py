@@ -302,15 +302,18 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 # * e4m3, 2026-12-03 04:44 UTC, the kernel with the per-program common case (`--variants fp8 --heads
 #   16,128 --sizes 1,64,1024,16384`): 4 warps x 1 row to 128 rows, 1 x 1 to 1024 (2.02 us against 2.53 at
 #   n=64, H=16), then 2 warps x 2 rows (n=1024, H=16: 14.4 us against 21.2 for 4 x 2; n=16384, H=128:
-#   1481 against 1504 for 4 x 8).
+#   1481 against 1504 for 4 x 8). Above 16384 query rows, 4 warps x 8 rows from the sweep of 2026-12-03
+#   20:51 UTC, the kernel with joined query pairs (`--variants fp8 --heads 16,128 --sizes
+#   8,64,1024,16384,65536 --providers fused,fused-triton --triton-sweep`; docs/h200-2026-12-03/run19):
+#   n=16384, H=128: 1145 us against 1283 for 2 x 2; n=65536, H=16: 667 against 712 (4 x 4: 666).
 ROPE_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int], ...]] = {
     "bf16": ((1024, 1, 1), (16384, 4, 2), (None, 4, 8)),
     "ds_mla": ((128, 4, 1), (1024, 1, 1), (16384, 4, 2), (None, 4, 8)),
-    "e4m3": ((128, 4, 1), (1024, 1, 1), (None, 2, 2)),
+    "e4m3": ((128, 4, 1), (1024, 1, 1), (16384, 2, 2), (None, 4, 8)),
 }
 ROPE_TRITON_MEASURED = (
-    "NVIDIA H200, 2026-12-03: bf16 and ds_mla 04:53 UTC, e4m3 04:44 UTC (docs/h200-2026-12-03/run8); "
-    "`mlakv bench rope --triton-sweep`"
+    "NVIDIA H200, 2026-12-03: bf16 and ds_mla 04:53 UTC, e4m3 04:44 UTC (docs/h200-2026-12-03/run8), e4m3 "
+    "above 16384 query rows 20:51 UTC (docs/h200-2026-12-03/run19); `mlakv bench rope --triton-sweep`"
 )
 # the shapes `mlakv bench rope --triton-sweep` times: (warps, query rows per program)
 ROPE_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16))
@@ -369,27 +372,29 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
 # us against 0.88 for the old 4 x 1), 2 warps x 1 row in 2 parts to 64 (0.92 against 0.98), 2 x 2 in
 # 4 parts at 512 (1.52 against 1.94 unsplit), 1 x 1 unsplit at 1024 (1.57), 4 x 8 in 2 parts at
 # 4096-16384 (3.49 against 3.79 unsplit at 4096), 2 x 4 unsplit at 65536. The gathers, each format on
-# its own, from the sweep of 2026-12-03 18:52 UTC (`mlakv bench fp8 --tune --tune-families triton
-# --tune-kinds dequant_per_tensor,dequant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536`;
-# docs/h200-2026-12-03/run17/fp8_tune_gathers.md): ds_mla at 4096 4 warps x 4 rows with the trigger
-# after the stores (2.55 us against 2.92 for the old shared 8 x 4), at 1024 2 x 1 (1.57).
+# its own, from the sweep of 2026-12-03 20:50 UTC, after they took their loads first (`mlakv bench fp8
+# --tune --tune-families triton --tune-kinds dequant_per_tensor,dequant_ds_mla --sizes
+# 1,8,64,512,1024,4096,16384,65536`; docs/h200-2026-12-03/run19/fp8_tune_gathers.md): both at 512 2
+# warps x 4 rows (1.08 us), ds_mla at 4096 4 x 4 with the trigger after the stores (2.28 against 2.48
+# with it at entry), 4 x 4 at 65536 for both (30.4 / 32.1 us, within 1 % of the earlier 4 x 8). At 1024
+# every shape took 1.50-1.52 us or more.
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
     "quant_per_tensor": ((64, 4, 1, True), (1024, 2, 1, True), (4096, 8, 4, True), (16384, 2, 4, True),
                          (None, 2, 4, False)),
     "quant_ds_mla": ((8, 1, 1, True), (64, 2, 1, True), (512, 2, 2, True), (1024, 1, 1, True), (16384, 4, 8, True),
                      (None, 2, 4, True)),
-    "dequant_per_tensor": ((8, 4, 1, True), (512, 2, 1, True), (1024, 4, 2, True), (4096, 8, 4, True),
-                           (16384, 2, 4, True), (None, 4, 8, True)),
-    "dequant_ds_mla": ((64, 4, 1, True), (512, 2, 4, True), (1024, 2, 1, True), (4096, 4, 4, False),
-                       (16384, 8, 16, False), (None, 4, 8, False)),
+    "dequant_per_tensor": ((8, 4, 1, True), (64, 2, 1, True), (512, 2, 4, True), (1024, 4, 2, True),
+                           (4096, 8, 4, True), (16384, 2, 4, True), (None, 4, 4, True)),
+    "dequant_ds_mla": ((1, 4, 1, True), (64, 4, 2, True), (512, 2, 4, True), (1024, 1, 1, True),
+                       (4096, 4, 4, False), (16384, 4, 8, False), (None, 4, 4, True)),
 }  # fmt: skip
 FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "
     "--sizes 1,64,256,512,1024,4096,16384,65536`; quant_ds_mla 14:08 UTC: `mlakv bench fp8 --tune "
     "--tune-families triton --tune-kinds quant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536` "
-    "(docs/h200-2026-12-03/run12); dequant_per_tensor, dequant_ds_mla 18:52 UTC: `mlakv bench fp8 --tune "
+    "(docs/h200-2026-12-03/run12); dequant_per_tensor, dequant_ds_mla 20:50 UTC: `mlakv bench fp8 --tune "
     "--tune-families triton --tune-kinds dequant_per_tensor,dequant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536` "
-    "(docs/h200-2026-12-03/run17)"
+    "(docs/h200-2026-12-03/run19)"
 )
 
 
