@@ -287,7 +287,7 @@ class Smoke:
 
     def host_copy(self) -> None:
         """The HiCache copy device <-> pinned host at the table's launch and at every shape of its sweep
-        (``HICACHE_COPY_SWEEP``), rows and whole pages."""
+        (``HICACHE_COPY_SWEEP``), rows and whole pages (8 rows, and 64: longer than a tile)."""
         from mlakv.kernels.triton.transfer import launch_copy_rows
         from mlakv.spec.tuning import HICACHE_COPY_SWEEP
 
@@ -311,6 +311,14 @@ class Smoke:
             torch.cuda.synchronize()
             ok = torch.equal(host[1], dev[16:24].cpu()) and torch.equal(host[3], dev[0:8].cpu())
             self.check("hicache copy pages device -> pinned host" + at, ok)
+            # one 64-row page (9216 words): longer than every tile up to 8192 words, so it moves a tile
+            # at a time, its remainder loaded with the tile before it
+            whole = torch.zeros((64, row), dtype=torch.uint8).pin_memory()
+            first = torch.zeros(1, dtype=torch.int64, device="cuda")
+            launch_copy_rows(dev, whole, first, first, 64 * row, (64, 64 * row, row), (64, 64 * row, row),
+                             src_align=64, dst_align=64, **kw)  # fmt: skip
+            torch.cuda.synchronize()
+            self.check("hicache copy a 64-row page device -> pinned host" + at, torch.equal(whole, dev.cpu()))
 
     def fp8_parts(self) -> None:
         """The Triton ds_mla write split over 2 and 4 programs per block of rows (``parts_per_row``): every
