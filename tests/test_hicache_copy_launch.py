@@ -178,15 +178,16 @@ def _copy_and_check(shape, unit_rows: int, row_bytes: int, n: int, max_programs:
 
 @pytest.mark.parametrize(
     "unit_rows,row_bytes,n",
-    [(1, 1152, 70), (1, 6, 40), (16, 1152, 5), (2, 656, 9), (48, 1152, 3), (32, 1024, 3)],
-    ids=["rows1152", "rows6", "pages16x1152", "pages2x656", "pages48x1152", "pages32x1024"],
+    [(1, 1152, 70), (1, 6, 40), (16, 1152, 5), (2, 656, 9), (40, 1152, 3), (48, 1152, 3), (32, 1024, 3)],
+    ids=["rows1152", "rows6", "pages16x1152", "pages2x656", "pages40x1152", "pages48x1152", "pages32x1024"],
 )
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_every_shape_copies_the_reference_bytes(shape, unit_rows, row_bytes, n):
     """Row units (8-byte and 2-byte words; many a tile) and page units longer than a tile, so a unit
-    moves a tile at a time: 18 KiB (a 2048-word tile and a remainder, loaded together), 54 KiB (at
-    2048- and 4096-word tiles, whole tiles before the last one and its remainder) and 32 KiB (whole
-    tiles only, at 2048 words); three programs for more tiles than that, and the grid's default bound."""
+    moves a tile at a time, its last whole tile loaded together with the remainder after it. In
+    2048-word tiles: 18 KiB (one tile and a remainder), 45 KiB (two and a remainder), 54 KiB (three and
+    a remainder; one and a remainder in 4096-word tiles), 32 KiB (two whole tiles, no remainder).
+    Three programs for more tiles than that, and the grid's default bound."""
     for i, max_programs in enumerate((3, 8)):
         _copy_and_check(shape, unit_rows, row_bytes, n, max_programs, seed=shape[1] + 7 * n + i)
 

@@ -301,8 +301,8 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 #   found one warp faster there by up to 15 % too.
 # * e4m3, 2026-12-03 04:44 UTC, the kernel with the per-program common case (`--variants fp8 --heads
 #   16,128 --sizes 1,64,1024,16384`): 4 warps x 1 row to 128 rows, 1 x 1 to 1024 (2.02 us against 2.53 at
-#   n=64, H=16), then 2 warps x 2 rows (n=1024, H=16: 14.4 us against 21.2 for 4 x 2; n=16384, H=128:
-#   1481 against 1504 for 4 x 8). Above 16384 query rows, 4 warps x 8 rows from the sweep of 2026-12-03
+#   n=64, H=16), then 2 warps x 2 rows to 16384 query rows (n=1024, H=16: 14.4 us against 21.2 for 4 x 2).
+#   Above 16384 query rows, 4 warps x 8 rows from the sweep of 2026-12-03
 #   20:51 UTC, the kernel with joined query pairs (`--variants fp8 --heads 16,128 --sizes
 #   8,64,1024,16384,65536 --providers fused,fused-triton --triton-sweep`; docs/h200-2026-12-03/run19):
 #   n=16384, H=128: 1145 us against 1283 for 2 x 2; n=65536, H=16: 667 against 712 (4 x 4: 666).
@@ -376,7 +376,8 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
 # --tune --tune-families triton --tune-kinds dequant_per_tensor,dequant_ds_mla --sizes
 # 1,8,64,512,1024,4096,16384,65536`; docs/h200-2026-12-03/run19/fp8_tune_gathers.md): both at 512 2
 # warps x 4 rows (1.08 us), ds_mla at 4096 4 x 4 with the trigger after the stores (2.28 against 2.48
-# with it at entry), 4 x 4 at 65536 for both (30.4 / 32.1 us, within 1 % of the earlier 4 x 8). At 1024
+# with it at entry), 4 x 4 at 65536 for both (30.4 / 32.1 us, within 1 % of 4 x 8 with the trigger at entry:
+# 30.6 / 32.3). At 1024
 # every shape took 1.50-1.52 us or more.
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
     "quant_per_tensor": ((64, 4, 1, True), (1024, 2, 1, True), (4096, 8, 4, True), (16384, 2, 4, True),
