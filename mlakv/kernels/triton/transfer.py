@@ -16,9 +16,10 @@ otherwise (the bench's sweep); the grid's bound is the caller's.
 
 Every load of a tile is issued before its first store: the destination may alias the source as far
 as the compiler knows, so a load written after a store would be issued after it and wait for memory a
-second time. A unit longer than a tile moves a tile at a time, and the remainder past its last whole
-tile is loaded with that tile: a 64 x 1152-byte page at the table's 8192-word tiles (8192 + 1024
-words) waits for memory once.
+second time. A unit longer than a tile moves a tile at a time, and a remainder past its last whole
+tile of at most half a tile is loaded with that tile: a 64 x 1152-byte page at the table's 8192-word
+tiles (8192 + 1024 words) waits for memory once. A longer remainder moves on its own (held together,
+the two would not fit in registers at the sweep's largest tiles).
 
 Every unit is bounds-checked in the kernel, whatever the caller validated: a unit whose slot is
 negative, ``>= limit``, not a multiple of ``align`` (a page start off its page), or whose words do
@@ -99,10 +100,10 @@ def _copy_units_kernel(
         one = tl.arange(0, 1)
         tl.store(smid_ptr + pid + one, _smid(one))
     # A unit in pieces of BLOCK words, each loaded, then stored; a remainder past the last whole piece
-    # is loaded together with that piece (PAIRED; see the module docstring). SOLO: the words copied a
-    # piece at a time.
+    # of at most half a piece is loaded together with that piece (PAIRED; see the module docstring).
+    # SOLO: the words copied a piece at a time.
     LAST: tl.constexpr = (UNIT - 1) // BLOCK * BLOCK  # where the unit's last piece starts
-    PAIRED: tl.constexpr = LAST > 0 and UNIT % BLOCK != 0
+    PAIRED: tl.constexpr = LAST > 0 and UNIT % BLOCK != 0 and UNIT % BLOCK <= BLOCK // 2
     SOLO: tl.constexpr = LAST - BLOCK if PAIRED else UNIT
     n_tiles = tl.cdiv(n_units, ROWS)
     r = tl.arange(0, ROWS)
