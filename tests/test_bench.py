@@ -345,6 +345,50 @@ def test_fp8_bench_profile_option():
     assert fp8_parser().parse_args([]).profile is False
 
 
+def test_fp8_bench_graph_lengths_option():
+    from mlakv.bench.options import fp8_parser
+
+    assert fp8_parser().parse_args(["--graph-lengths", "16,2048"]).graph_lengths == [16, 2048]
+    assert fp8_parser().parse_args([]).graph_lengths is None
+    for bad in ("0", "16,x", "70000"):
+        with pytest.raises(SystemExit):
+            fp8_parser().parse_args(["--graph-lengths", bad])
+
+
+def test_fp8_graph_lengths_report_gives_a_column_per_length_and_the_repeats():
+    from mlakv.bench.fp8_bench import format_graph_lengths
+
+    res = {"device": "GPU-X", "lengths": [16, 2048], "repeats": 2, "rows": [
+        {"call": "512 write ds_mla jit", "by_length": [1.111, 1.06], "repeated": [1.05, 1.24]},
+        {"call": "512 gather ds_mla triton", "by_length": [1.11, "WRONG"], "repeated": [1.09, 1.1]},
+    ]}  # fmt: skip
+    lines = format_graph_lengths(res).splitlines()
+    assert lines[0].startswith("device: GPU-X;") and "graph_median_us 2 times" in lines[0]
+    assert lines[2] == "| call | L=16 | L=2048 | graph_median_us x 2 |"
+    assert lines[4] == "| 512 write ds_mla jit | 1.11 | 1.06 | 1.05, 1.24 |"
+    assert lines[5] == "| 512 gather ds_mla triton | 1.11 | WRONG | 1.09, 1.10 |"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU answer; a GPU runs the bench")
+def test_fp8_graph_lengths_without_a_gpu_measures_nothing(tmp_path, capsys):
+    from mlakv.bench.fp8_bench import main
+
+    assert main(["--graph-lengths", "16", "--out", str(tmp_path / "o")]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs an SM90+ GPU (none present)")
+def test_fp8_graph_lengths_times_each_checked_call_at_every_length():
+    from mlakv.bench.fp8_bench import GRAPH_REPEATS, run_fp8_graph_lengths
+
+    res = run_fp8_graph_lengths([8], [2, 16])
+    assert [r["call"].split(" ", 1)[0] for r in res["rows"]] == ["8"] * len(res["rows"]) and len(res["rows"]) >= 7
+    for r in res["rows"]:
+        assert len(r["by_length"]) == 2 and len(r["repeated"]) == GRAPH_REPEATS
+        assert all(isinstance(v, float) and v > 0 for v in r["by_length"] + r["repeated"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs an SM90+ GPU (none present)")
 def test_fp8_profile_calls_each_checked_provider_once_per_size_in_order():
     from mlakv.bench.fp8_bench import run_fp8_profile

@@ -30,7 +30,11 @@ the same bytes), and prints, per kernel, the fastest shape at each size and the 
 each checked as above), each call inside the NVTX range :data:`PROFILE_RANGE`, for a profiler to read the
 kernels alone: ``ncu --nvtx --nvtx-include "mlakv-profile/" --set full python -m mlakv bench fp8 --profile
 --sizes 1``. The kernel names tell the providers apart; the order is per size, format, then provider.
-Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--tune [--tune-families jit]] [--profile] [--out bench-out]``.
+``--graph-lengths 16,256,2048,8192`` times each of those calls in CUDA graphs of those many runs of the
+8-set body, then with the bench's own timer four times in a row (fp8_graph_lengths.json/md): whether a
+call's time depends on the graph it is timed in, or moves between calls on the same inputs.
+Run: ``python -m mlakv bench fp8 [--sizes 1,128,4096,65536] [--tune [--tune-families jit]] [--profile]
+[--graph-lengths 16,2048] [--out bench-out]``.
 """
 
 from __future__ import annotations
@@ -54,9 +58,12 @@ from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
 
 from .options import fp8_parser as build_parser
 from .report import checkpoint, table_steps, write_results
-from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, on_progress, progress, rotating
+from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_length_us, graph_median_us, on_progress, progress, rotating
 
-__all__ = ["PROFILE_RANGE", "run_fp8_bench", "run_fp8_profile", "run_fp8_tune", "format_tables", "format_tune", "main"]
+__all__ = [
+    "PROFILE_RANGE", "GRAPH_REPEATS", "run_fp8_bench", "run_fp8_profile", "run_fp8_tune", "run_fp8_graph_lengths",
+    "format_tables", "format_tune", "format_graph_lengths", "main",
+]  # fmt: skip
 
 NOPE, ROPE = 512, 64
 LAYERS = INPUT_SETS  # input sets (layers) per timed graph
@@ -264,31 +271,37 @@ def run_fp8_bench(sizes: list[int], into: Optional[dict] = None, rules: bool = T
 PROFILE_RANGE = "mlakv-profile"
 
 
+def _checked_calls(n: int, d0: dict, scale: torch.Tensor, jit: bool) -> dict[str, Callable[[dict], object]]:
+    """Every write provider (jit where the kernel serves, triton, plain) and gather provider (jit, triton)
+    of both formats at ``n`` rows, keyed ``"<n> <write|gather> <fmt> <provider>"``, each checked
+    bit-exact on the input set ``d0`` first (a wrong one raises ``RuntimeError``)."""
+    calls: dict[str, Callable[[dict], object]] = {}
+    for fmt in FORMATS:
+        for name, fn in _write_providers(fmt, scale, jit).items():
+            if name != "quant-then-write":
+                if _check_write(fmt, fn, d0):
+                    raise RuntimeError(f"the {name} {fmt} write is wrong at n_loc={n}")
+                calls[f"{n} write {fmt} {name}"] = fn
+    for fmt in FORMATS:
+        ref = _gather_ref(fmt, d0)
+        gathers = {"jit": _jit_gather(fmt, scale)} if jit else {}
+        for name, fn in {**gathers, "triton": _triton_gather(fmt, scale)}.items():
+            if _check_gather(fn, d0, ref):
+                raise RuntimeError(f"the {name} {fmt} gather is wrong at n_loc={n}")
+            calls[f"{n} gather {fmt} {name}"] = fn
+    return calls
+
+
 def run_fp8_profile(sizes: list[int], warmup: int = 3) -> list[str]:
-    """For a profiler: at each n_loc, every write provider (jit where the kernel serves, triton, plain)
-    and gather provider (jit, triton) of both formats, each checked bit-exact, called ``warmup`` times,
-    then once inside the NVTX range :data:`PROFILE_RANGE`; returns the ``"<n> <write|gather> <fmt>
-    <provider>"`` labels in call order (GPU only). A wrong provider raises ``RuntimeError``."""
+    """For a profiler: at each n_loc, the calls of :func:`_checked_calls`, each called ``warmup`` times,
+    then once inside the NVTX range :data:`PROFILE_RANGE`; returns their labels in call order (GPU
+    only). A wrong provider raises ``RuntimeError``."""
     scale = scale_tensor(K_SCALE, torch.device("cuda"))
     labels = []
     for n in sizes:
         layers = _layers(n)[:1]
         d0 = layers[0]
-        jit = _jit_available(layers)
-        calls: dict[str, Callable[[dict], object]] = {}
-        for fmt in FORMATS:
-            for name, fn in _write_providers(fmt, scale, jit).items():
-                if name != "quant-then-write":
-                    if _check_write(fmt, fn, d0):
-                        raise RuntimeError(f"the {name} {fmt} write is wrong at n_loc={n}")
-                    calls[f"{n} write {fmt} {name}"] = fn
-        for fmt in FORMATS:
-            ref = _gather_ref(fmt, d0)
-            gathers = {"jit": _jit_gather(fmt, scale)} if jit else {}
-            for name, fn in {**gathers, "triton": _triton_gather(fmt, scale)}.items():
-                if _check_gather(fn, d0, ref):
-                    raise RuntimeError(f"the {name} {fmt} gather is wrong at n_loc={n}")
-                calls[f"{n} gather {fmt} {name}"] = fn
+        calls = _checked_calls(n, d0, scale, _jit_available(layers))
         for _ in range(warmup):
             for fn in calls.values():
                 fn(d0)
@@ -301,6 +314,49 @@ def run_fp8_profile(sizes: list[int], warmup: int = 3) -> list[str]:
             labels.append(label)
             progress(f"fp8 profile: {label}")
     return labels
+
+
+#: ``--graph-lengths``: how many times in a row each call is timed by :func:`graph_median_us`
+GRAPH_REPEATS = 4
+
+
+def run_fp8_graph_lengths(sizes: list[int], lengths: list[int], into: Optional[dict] = None) -> dict:
+    """Whether a call's time depends on the CUDA graph it is timed in (GPU only). At each n_loc, for each
+    call of :func:`_checked_calls` (8 rotating input sets a run of the body): the median time per call
+    in graphs holding each of ``lengths`` runs of the body (:func:`graph_length_us`), then
+    :func:`graph_median_us` :data:`GRAPH_REPEATS` times in a row on the same inputs. Returns
+    ``{"device", "lengths", "repeats", "rows": [{"call", "by_length": [us, ...], "repeated": [us, ...]}]}``;
+    rows go into ``into`` as they are measured."""
+    res = {} if into is None else into
+    res.update(device=torch.cuda.get_device_name(), lengths=list(lengths), repeats=GRAPH_REPEATS, rows=[])
+    scale = scale_tensor(K_SCALE, torch.device("cuda"))
+    for n in sizes:
+        layers = _layers(n)
+        for label, fn in _checked_calls(n, layers[0], scale, _jit_available(layers)).items():
+            body = rotating(fn, [(d,) for d in layers])
+            by_length = [graph_length_us(body, len(layers), length) for length in lengths]
+            repeated = [graph_median_us(body, calls=len(layers)) for _ in range(GRAPH_REPEATS)]
+            res["rows"].append({"call": label, "by_length": by_length, "repeated": repeated})
+            progress(f"fp8 graph lengths: {label}")
+        del layers
+        torch.cuda.empty_cache()
+    return res
+
+
+def format_graph_lengths(res: dict) -> str:
+    """The ``--graph-lengths`` report: one row per call, its time per graph length, then the repeats."""
+    lengths, repeats = res["lengths"], res["repeats"]
+    out = [
+        f"device: {res['device']}; us per call: the median replay of a CUDA graph holding L runs of the body "
+        f"({LAYERS} input sets a run), then graph_median_us {repeats} times in a row on the same inputs",
+        "",
+        "| call | " + " | ".join(f"L={length}" for length in lengths) + f" | graph_median_us x {repeats} |",
+        "|---|" + "---|" * (len(lengths) + 1),
+    ]
+    for r in res["rows"]:
+        cells = [_cell(v) for v in r["by_length"]] + [", ".join(_cell(v) for v in r["repeated"])]
+        out.append(f"| {r['call']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def _cell(v) -> str:
@@ -567,6 +623,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
+    if args.graph_lengths:
+        with on_progress(checkpoint(res, out, "fp8_graph_lengths", format_graph_lengths, count=lambda r: len(r.get("rows", [])))):
+            run_fp8_graph_lengths(args.sizes, args.graph_lengths, into=res)
+        write_results(out, "fp8_graph_lengths", res, format_graph_lengths(res))
+        return 0
     if getattr(args, "tune", False):
         try:
             with on_progress(checkpoint(res, out, "fp8_tune", format_tune, count=_tuned_points)):

@@ -212,6 +212,10 @@ def fp8_parser(description: str = "FP8 KV-cache benchmark: the fused quantizing 
     p.add_argument("--profile", action="store_true",
                    help="GPU: time nothing; call each write and gather provider once per size inside the NVTX range "
                    "'mlakv-profile' (after warm-up calls), for ncu --nvtx --nvtx-include 'mlakv-profile/'")  # fmt: skip
+    p.add_argument("--graph-lengths", type=csv_ints("graph-lengths", 1, 65536), default=None,
+                   help="GPU: instead, time each write and gather provider in CUDA graphs of these many runs of its "
+                   "8-set body (comma list, e.g. 16,256,2048,8192), then 4 times in a row with the bench's timer "
+                   "(fp8_graph_lengths.json/md): does a call's time depend on the graph, or move between calls?")  # fmt: skip
     return p
 
 

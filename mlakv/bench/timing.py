@@ -4,6 +4,8 @@
   ``calls`` of them (``triton.testing.do_bench_cudagraph``), divided by ``calls``; no host cost.
 * :func:`rotating`: a body that calls ``fn`` once on each of several independent input sets
   (:data:`INPUT_SETS` by default), so a timed call's sources are not still in L2 from the last one.
+* :func:`graph_length_us`: the same, in a graph of a given number of runs of the body (is a call's time
+  the graph's or its own?).
 * :func:`cold_median_us`: eager median with the L2 flushed between calls (``do_bench``).
 * :func:`event_median_us`: eager median of CUDA-event pairs around each call (host launch included).
 * :func:`copy_bandwidth_gbs` / :func:`one_element_graph_us`: the two floors a call is read against —
@@ -36,6 +38,7 @@ __all__ = [
     "sync",
     "rotating",
     "graph_median_us",
+    "graph_length_us",
     "cold_median_us",
     "event_median_us",
     "copy_bandwidth_gbs",
@@ -113,6 +116,31 @@ def graph_median_us(body: Callable[[], object], calls: int = 1, rep: int = 40) -
     body()
     torch.cuda.synchronize()
     return tt.do_bench_cudagraph(body, rep=rep, return_mode="median") * 1e3 / calls
+
+
+def graph_length_us(body: Callable[[], object], calls: int, length: int, replays: int = 7) -> float:
+    """Median time in µs per call of a CUDA graph holding ``length`` runs of ``body`` (each making
+    ``calls`` calls), over ``replays`` replays timed with CUDA events.
+
+    ``body`` runs once eagerly first (outside the capture: builds modules, compiles kernels).
+    """
+    body()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(length):
+            body()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (length * calls))
+    del graph
+    return statistics.median(times)
 
 
 def cold_median_us(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
