@@ -147,6 +147,41 @@ __device__ __forceinline__ uint16_t quant_word(uint32_t w, const fp8::Divisor& d
   return static_cast<uint16_t>(fp8::e4m3x2(fp8::div1(f.x, d), fp8::div1(f.y, d)));
 }
 
+// ---- one row's stores, shared by the cache row and the query row ------------------------------------
+// v: this lane's 16-byte chunks of the row's nope (chunk lane + 32 i); pe: its two rope values; cs_row:
+// the position's table row. Every lane of the warp must call them (neox exchanges values across lanes).
+
+// dst <- [nope | rotated rope] as 16-bit values.
+template <bool kBf16, bool kNeox, int kNope, int kNI>
+__device__ __forceinline__ void store_row16(uint8_t* dst, const uint4 (&v)[kNI], uint32_t pe, const float* cs_row,
+                                            int lane) {
+  constexpr int kNC = kNope / 8;
+#pragma unroll
+  for (int i = 0; i < kNI; ++i) {
+    const int c = lane + 32 * i;
+    if (c < kNC) reinterpret_cast<uint4*>(dst)[c] = v[i];
+  }
+  reinterpret_cast<uint32_t*>(dst + 2 * kNope)[lane] = rotate_pair_word<kBf16, kNeox>(pe, cs_row, lane);
+}
+
+// dst <- e4m3([nope | rotated rope] / d): the per_tensor rule.
+template <bool kBf16, bool kNeox, int kNope, int kNI>
+__device__ __forceinline__ void store_row_e4m3(uint8_t* dst, const uint4 (&v)[kNI], uint32_t pe, const float* cs_row,
+                                               int lane, const fp8::Divisor& d) {
+  constexpr int kNC = kNope / 8;
+#pragma unroll
+  for (int i = 0; i < kNI; ++i) {
+    const int c = lane + 32 * i;
+    if (c < kNC) {
+      float f[8];
+      widen8<kBf16>(v[i], f);
+      reinterpret_cast<uint2*>(dst)[c] = fp8::quant8(f, d, fp8::div_fast_ok_e4m3(f, d));
+    }
+  }
+  const uint32_t r = rotate_pair_word<kBf16, kNeox>(pe, cs_row, lane);
+  reinterpret_cast<uint16_t*>(dst + kNope)[lane] = quant_word<kBf16>(r, d);
+}
+
 // ---- one cache row -----------------------------------------------------------------------------
 template <int kFormat, int kRule, bool kBf16, int kNope, int kRope, bool kNeox, bool kUsePDL, bool kEarly>
 __device__ __forceinline__ void cache_row(const RopeWriteArgs& a, int64_t t, int lane) {
@@ -181,25 +216,9 @@ __device__ __forceinline__ void cache_row(const RopeWriteArgs& a, int64_t t, int
   uint8_t* dst = a.kv + row * a.kv_stride;
 
   if constexpr (kFormat == 0) {
-#pragma unroll
-    for (int i = 0; i < kNI; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kNC) reinterpret_cast<uint4*>(dst)[c] = v[i];
-    }
-    reinterpret_cast<uint32_t*>(dst + 2 * kNope)[lane] = rotate_pair_word<kBf16, kNeox>(pe, cs_row, lane);
+    store_row16<kBf16, kNeox, kNope>(dst, v, pe, cs_row, lane);
   } else if constexpr (kFormat == 1) {
-    const fp8::Divisor d = fp8::make_divisor(k_scale);
-#pragma unroll
-    for (int i = 0; i < kNI; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kNC) {
-        float f[8];
-        widen8<kBf16>(v[i], f);
-        reinterpret_cast<uint2*>(dst)[c] = fp8::quant8(f, d, fp8::div_fast_ok_e4m3(f, d));
-      }
-    }
-    const uint32_t r = rotate_pair_word<kBf16, kNeox>(pe, cs_row, lane);
-    reinterpret_cast<uint16_t*>(dst + kNope)[lane] = quant_word<kBf16>(r, d);
+    store_row_e4m3<kBf16, kNeox, kNope>(dst, v, pe, cs_row, lane, fp8::make_divisor(k_scale));
   } else {
     static_assert(kNope % 128 == 0, "ds_mla tiles are 128 values");
     constexpr int kTiles = kNope / 128;
@@ -275,25 +294,9 @@ __device__ __forceinline__ void query_row(const RopeWriteArgs& a, int64_t item, 
   if (pos < 0 || pos >= a.max_pos) return;  // uniform over the warp
   const float* cs_row = a.cs + pos * a.cs_stride;
   if (!fp8_out) {
-#pragma unroll
-    for (int i = 0; i < kNI; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kNC) reinterpret_cast<uint4*>(dst)[c] = v[i];
-    }
-    reinterpret_cast<uint32_t*>(dst + 2 * kNope)[lane] = rotate_pair_word<kBf16, kNeox>(pe, cs_row, lane);
+    store_row16<kBf16, kNeox, kNope>(dst, v, pe, cs_row, lane);
   } else {
-    const fp8::Divisor d = fp8::make_divisor(q_scale);
-#pragma unroll
-    for (int i = 0; i < kNI; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kNC) {
-        float f[8];
-        widen8<kBf16>(v[i], f);
-        reinterpret_cast<uint2*>(dst)[c] = fp8::quant8(f, d, fp8::div_fast_ok_e4m3(f, d));
-      }
-    }
-    const uint32_t r = rotate_pair_word<kBf16, kNeox>(pe, cs_row, lane);
-    reinterpret_cast<uint16_t*>(dst + kNope)[lane] = quant_word<kBf16>(r, d);
+    store_row_e4m3<kBf16, kNeox, kNope>(dst, v, pe, cs_row, lane, fp8::make_divisor(q_scale));
   }
 }
 
