@@ -149,7 +149,19 @@ __device__ __forceinline__ uint16_t quant_word(uint32_t w, const fp8::Divisor& d
 
 // ---- one row's stores, shared by the cache row and the query row ------------------------------------
 // v: this lane's 16-byte chunks of the row's nope (chunk lane + 32 i); pe: its two rope values; cs_row:
-// the position's table row. Every lane of the warp must call them (neox exchanges values across lanes).
+// the position's table row. Every lane of the warp must call the stores (neox exchanges values across
+// lanes).
+
+// v <- this lane's 16-byte chunks of the row's nope at src.
+template <int kNope, int kNI>
+__device__ __forceinline__ void load_nope16(const uint8_t* src, int lane, uint4 (&v)[kNI]) {
+  constexpr int kNC = kNope / 8;
+#pragma unroll
+  for (int i = 0; i < kNI; ++i) {
+    const int c = lane + 32 * i;
+    if (c < kNC) v[i] = reinterpret_cast<const uint4*>(src)[c];
+  }
+}
 
 // dst <- [nope | rotated rope] as 16-bit values.
 template <bool kBf16, bool kNeox, int kNope, int kNI>
@@ -196,11 +208,7 @@ __device__ __forceinline__ void cache_row(const RopeWriteArgs& a, int64_t t, int
   const int64_t raw = load_index(lp, a.loc_is_64);
   const int64_t pos = load_index(pp, a.pos_is_64);
   uint4 v[kNI];
-#pragma unroll
-  for (int i = 0; i < kNI; ++i) {
-    const int c = lane + 32 * i;
-    if (c < kNC) v[i] = reinterpret_cast<const uint4*>(nsrc)[c];
-  }
+  load_nope16<kNope>(nsrc, lane, v);
   const uint32_t pe = psrc[lane];
   float k_scale = 1.0f;
   if constexpr (kFormat == 1) k_scale = *a.k_scale;
@@ -283,11 +291,7 @@ __device__ __forceinline__ void query_row(const RopeWriteArgs& a, int64_t item, 
   if constexpr (kUsePDL && !kEarly) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int64_t pos = load_index(pp, a.pos_is_64);
   uint4 v[kNI];
-#pragma unroll
-  for (int i = 0; i < kNI; ++i) {
-    const int c = lane + 32 * i;
-    if (c < kNC) v[i] = reinterpret_cast<const uint4*>(nsrc)[c];
-  }
+  load_nope16<kNope>(nsrc, lane, v);
   const uint32_t pe = psrc[lane];
   const bool fp8_out = a.q_fp8 != 0;
   const float q_scale = fp8_out ? *a.q_scale : 1.0f;
