@@ -441,6 +441,38 @@ def test_triton_fused_gather_every_launch_shape(rows, warps):
     assert torch.equal(u8(dsts[0]).reshape(expected[0].shape), expected[0])
 
 
+def _strided_copy(t: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
+    """The values of ``t`` in a view that is not contiguous: every other element of a wider buffer
+    (from its second element: an offset view), or a transposed copy's ``.t()`` for a 2-D table."""
+    if transposed:
+        return t.t().contiguous().t()
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1] + 1), -7, dtype=t.dtype, device=t.device)
+    wide[..., 1::2] = t
+    return wide[..., 1::2]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("layout", ["bf16", "indexer"])
+def test_triton_fused_gather_reads_strided_and_offset_plan_tensors(layout, transposed):
+    """The plan's block table (every other column of a wider one, or transposed), request starts and
+    sequence starts (every other element, from an offset) read as their values, whatever the strides."""
+    from mlakv.kernels.triton.paged_plan import launch_paged_gather
+
+    random.seed(33)
+    torch.manual_seed(33)
+    plan, parts, dsts, expected = _fused_case(layout, 9)
+    plan = plan._replace(
+        block_table=_strided_copy(plan.block_table, transposed=transposed),
+        starts=_strided_copy(plan.starts),
+        seq_starts=None if plan.seq_starts is None else _strided_copy(plan.seq_starts),
+    )
+    assert not plan.block_table.is_contiguous() and plan.starts.stride(0) == 2
+    launch_paged_gather(plan, *parts)
+    for d, want in zip(dsts, expected):
+        assert torch.equal(u8(d).reshape(want.shape), want)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_plan_rows_of_a_padded_block_layout():
     """``launch_token_slots`` with ``rows_per_block``: the source row of the cache's row view
