@@ -418,6 +418,36 @@ class Smoke:
                           and not nope[1:4].any() and not rope[1:4].any())  # fmt: skip
                 self.check(f"fp8 gather {fmt} {name} with invalid slots", ok)
         self.fp8_jit_shapes()
+        self.fp8_triton_triggers()
+
+    def fp8_triton_triggers(self) -> None:
+        """The Triton FP8 write and gather with the PDL trigger at each place (entry, after the wait,
+        after the stores); a strided loc with padding, reserved and out-of-range slots."""
+        from mlakv.kernels.triton.fp8 import launch_dequant_gather, launch_quant_write
+        from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, scale_tensor
+        from mlakv.spec.tuning import TRIGGER_PLACES
+
+        n, num_slots = 300, 350
+        for fmt in ("per_tensor", "ds_mla"):
+            scale = scale_tensor(0.1875, torch.device("cuda")) if fmt == "per_tensor" else None
+            rb = fp8_row_bytes(fmt, 512, 64)
+            nope = torch.randn(n, 512, device="cuda").to(torch.bfloat16)
+            rope = torch.randn(n, 64, device="cuda").to(torch.bfloat16)
+            loc = _loc("strided", n, num_slots)
+            base, expected = _fp8_expected(nope, rope, loc, fmt, scale, "fp32_floor", num_slots, rb)
+            bad = torch.tensor([3, num_slots, -1, 10**9, num_slots - 1], device="cuda")
+            for place in TRIGGER_PLACES:
+                kv = base.clone()
+                launch_quant_write(kv, loc, nope, rope, fmt, scale, RESERVED, trigger=place)
+                torch.cuda.synchronize()
+                self.check(f"fp8 write {fmt} triton trigger={place}", torch.equal(kv.view(num_slots, rb), expected))
+                ref = dequantize_mla_rows(kv[[3, num_slots - 1], 0], fmt, 512, 64, scale)
+                got = launch_dequant_gather(kv, bad, fmt, 512, 64, scale, torch.bfloat16, trigger=place)
+                torch.cuda.synchronize()
+                nope_out, rope_out = (_bits(t) for t in got)
+                ok = (torch.equal(nope_out[0], _bits(ref[0][0])) and torch.equal(rope_out[4], _bits(ref[1][1]))
+                      and not nope_out[1:4].any() and not rope_out[1:4].any())  # fmt: skip
+                self.check(f"fp8 gather {fmt} triton trigger={place}", ok)
 
     def fp8_jit_shapes(self) -> None:
         """The JIT FP8 write and gather at every threads per row (32, 64, 128) with one and several rows

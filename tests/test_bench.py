@@ -268,7 +268,7 @@ def test_fp8_tune_report_gives_the_table_rows_and_says_when_the_jit_was_not_time
     }
     text = format_tune(res)
     assert "JIT: the JIT FP8 kernels do not serve these inputs here" in text
-    assert "FP8_TRITON_STEPS['quant_ds_mla'] = ((1, 4, 1, True), (None, 2, 4, True))" in text
+    assert "FP8_TRITON_STEPS['quant_ds_mla'] = ((1, 4, 1, 'entry'), (None, 2, 4, 'entry'))" in text
     assert "JIT:" not in format_tune({k: v for k, v in res.items() if k != "jit_not_timed"})
 
 
@@ -278,11 +278,13 @@ def test_fp8_tune_report_gives_the_ds_mla_parts_rows():
     res = {
         "device": "GPU",
         "triton": {"quant_ds_mla": {"1": {"w1r1p4e": 0.7, "w4r1e": 0.9}, "512": {"w1r1p2l": 1.3, "w1r1e": 1.8},
+                                    "1024": {"w2r2w": 1.4, "w2r2e": 1.6},
                                     "65536": {"w2r4e": 45.0, "w1r4p2e": 46.0}}},
         "jit": {},
     }  # fmt: skip
     text = format_tune(res)
-    assert "FP8_TRITON_STEPS['quant_ds_mla'] = ((1, 1, 1, True), (512, 1, 1, False), (None, 2, 4, True))" in text
+    assert ("FP8_TRITON_STEPS['quant_ds_mla'] = ((1, 1, 1, 'entry'), (512, 1, 1, 'end'), (1024, 2, 2, 'wait'), "
+            "(None, 2, 4, 'entry'))") in text
     assert "FP8_TRITON_PARTS['quant_ds_mla'] = ((1, 4), (512, 2), (None, 1))" in text
     assert "FP8_TRITON_PARTS" not in format_tune({"device": "GPU", "triton": {"quant_ds_mla": {"1": {"w4r1e": 0.9}}}, "jit": {}})
 
@@ -293,7 +295,8 @@ def test_fp8_tune_splits_ds_mla_rows_into_two_and_four_parts(n):
 
     shapes = _part_shapes(n)
     assert {p for *_, p in shapes} == {2, 4} and all(r <= n for _, r, _ in shapes)
-    assert _shape_key(1, 2, True, 4) == "w1r2p4e" and _shape_key(1, 2, False) == "w1r2l"
+    assert _shape_key(1, 2, "entry", 4) == "w1r2p4e" and _shape_key(1, 2, "end") == "w1r2l"
+    assert _shape_key(2, 4, "wait") == "w2r4w"
 
 
 def test_fp8_tune_report_gives_the_jit_rows_with_threads_per_row_and_the_plain_floor():

@@ -428,12 +428,12 @@ def test_triton_skips_slots_past_the_buffer(fmt):
 
 # Launch shapes of the Triton kernels: (num_warps, rows per program, PDL trigger at entry). 7 rows
 # leave a partial last program for 2 and 4 rows per program and fewer rows than one program for 8.
-TRITON_SHAPES = [(1, 1, False), (2, 2, True), (4, 4, False), (4, 8, True)]
+TRITON_SHAPES = [(1, 1, "end"), (2, 2, "entry"), (4, 4, "wait"), (4, 8, "entry"), (2, 4, "end")]
 
 
-@pytest.mark.parametrize("warps,rows,early", TRITON_SHAPES)
+@pytest.mark.parametrize("warps,rows,trigger", TRITON_SHAPES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_triton_write_every_launch_shape(fmt, warps, rows, early):
+def test_triton_write_every_launch_shape(fmt, warps, rows, trigger):
     from mlakv.kernels.triton.fp8 import launch_quant_write
 
     n = 7 if not HAS_CUDA else 1000
@@ -444,20 +444,20 @@ def test_triton_write_every_launch_shape(fmt, warps, rows, early):
     kv = poisoned(n + 5, fp8_row_bytes(fmt, NOPE, ROPE))
     expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")))
     launch_quant_write(kv, loc, nope, rope, fmt, k_scale_for(fmt), num_warps=warps, rows_per_program=rows,
-                       early_trigger=early)  # fmt: skip
+                       trigger=trigger)  # fmt: skip
     assert_rows_equal(kv, expected)
 
 
-@pytest.mark.parametrize("warps,rows,early", TRITON_SHAPES)
+@pytest.mark.parametrize("warps,rows,trigger", TRITON_SHAPES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_triton_gather_every_launch_shape(fmt, warps, rows, early):
+def test_triton_gather_every_launch_shape(fmt, warps, rows, trigger):
     from mlakv.kernels.triton.fp8 import launch_dequant_gather
 
     n = 7 if not HAS_CUDA else 1000
     kv = poisoned(n + 5, fp8_row_bytes(fmt, NOPE, ROPE))
     loc = torch.randint(-1, n + 5, (n,)).to(DEVICE)
     got = launch_dequant_gather(kv, loc, fmt, NOPE, ROPE, k_scale_for(fmt), torch.bfloat16, num_warps=warps,
-                                rows_per_program=rows, early_trigger=early)  # fmt: skip
+                                rows_per_program=rows, trigger=trigger)  # fmt: skip
     rows_c = kv.cpu()[loc.cpu().clamp(min=0)]
     rows_c[loc.cpu() < 0] = 0
     ref = dequantize_mla_rows(rows_c, fmt, NOPE, ROPE, k_scale_for(fmt, "cpu"))
@@ -966,53 +966,53 @@ _DS = dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64)
 _TRITON_SIGS = [
     ("_quant_per_tensor_kernel", 90,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16", scale_ptr="*fp32"), _QUANT_INTS,
-     dict(**_PT, ROWS=4, SRC_IS_BF16=True, NATIVE=True, USE_PDL=True, EARLY_TRIGGER=True)),
+     dict(**_PT, ROWS=4, SRC_IS_BF16=True, NATIVE=True, USE_PDL=True, TRIGGER=0)),
     ("_quant_per_tensor_kernel", 80,
      dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16", scale_ptr="*fp32"), _QUANT_INTS,
      dict(NOPE=320, NOPE_P2=512, ROPE=40, ROPE_P2=64, ROWS=1, SRC_IS_BF16=False, NATIVE=False, USE_PDL=False,
-          EARLY_TRIGGER=False)),
+          TRIGGER=2)),
     ("_quant_per_tensor_kernel", 80,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16", scale_ptr="*fp32"), _QUANT_INTS,
      dict(NOPE=512, NOPE_P2=512, ROPE=0, ROPE_P2=1, ROWS=2, SRC_IS_BF16=True, NATIVE=False, USE_PDL=False,
-          EARLY_TRIGGER=True)),
+          TRIGGER=0)),
     ("_quant_ds_mla_kernel", 90,
      dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
-     dict(**_DS, ROWS=2, SRC_IS_BF16=False, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=False, RULE=0)),
+     dict(**_DS, ROWS=2, SRC_IS_BF16=False, NATIVE=True, ALIGN4=True, USE_PDL=True, TRIGGER=2, RULE=0)),
     ("_quant_ds_mla_kernel", 90,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
-     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=True, RULE=0)),
+     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, TRIGGER=0, RULE=0)),
     ("_quant_ds_mla_kernel", 90,  # sglang's fp32 tile scales (no floor, values times the reciprocal)
      dict(kv_ptr="*u8", loc_ptr="*i32", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
-     dict(**_DS, ROWS=4, SRC_IS_BF16=False, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=False, RULE=1)),
+     dict(**_DS, ROWS=4, SRC_IS_BF16=False, NATIVE=True, ALIGN4=True, USE_PDL=True, TRIGGER=2, RULE=1)),
     ("_quant_ds_mla_kernel", 90,  # ue8m0: power-of-two tile scales (the vLLM face's fp8_ds_mla)
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
-     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, EARLY_TRIGGER=True, RULE=2)),
+     dict(**_DS, ROWS=8, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True, USE_PDL=True, TRIGGER=0, RULE=2)),
     ("_quant_ds_mla_kernel", 80,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
      dict(TILES=3, TILES_P2=4, ROPE=32, ROPE_P2=32, ROWS=1, SRC_IS_BF16=True, NATIVE=False, ALIGN4=False,
-          USE_PDL=False, EARLY_TRIGGER=False, RULE=0)),
+          USE_PDL=False, TRIGGER=2, RULE=0)),
     ("_quant_ds_mla_kernel", 80,
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
      dict(TILES=1, TILES_P2=1, ROPE=0, ROPE_P2=1, ROWS=2, SRC_IS_BF16=False, NATIVE=False, ALIGN4=True,
-          USE_PDL=False, EARLY_TRIGGER=False, RULE=1)),
+          USE_PDL=False, TRIGGER=2, RULE=1)),
     ("_quant_ds_mla_kernel", 90,  # a row over 2 programs: 2 tiles and 32 rope columns each
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16"), _QUANT_INTS,
      dict(TILES=4, TILES_P2=2, ROPE=64, ROPE_P2=64, ROWS=1, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True,
-          USE_PDL=True, EARLY_TRIGGER=False, RULE=0, PARTS=2, ROPE_PART=32)),
+          USE_PDL=True, TRIGGER=2, RULE=0, PARTS=2, ROPE_PART=32)),
     ("_quant_ds_mla_kernel", 80,  # over 4 programs, byte-wise scales and rope, rope 24 in parts of 8
      dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*fp16", rope_ptr="*fp16"), _QUANT_INTS,
      dict(TILES=4, TILES_P2=1, ROPE=24, ROPE_P2=32, ROWS=2, SRC_IS_BF16=False, NATIVE=False, ALIGN4=False,
-          USE_PDL=False, EARLY_TRIGGER=True, RULE=2, PARTS=4, ROPE_PART=8)),
+          USE_PDL=False, TRIGGER=0, RULE=2, PARTS=4, ROPE_PART=8)),
 ] + [
     ("_dequant_per_tensor_kernel", 90 if native else 80,
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out, scale_ptr="*fp32"), _GATHER_INTS,
-     dict(**_PT, ROWS=rows, DST=dst, NATIVE=native, USE_PDL=native, EARLY_TRIGGER=True, SKIP_INVALID=skip))
+     dict(**_PT, ROWS=rows, DST=dst, NATIVE=native, USE_PDL=native, TRIGGER=0, SKIP_INVALID=skip))
     for dst, out, loc, native, rows, skip in ((0, "*i16", "*i64", True, 4, False), (1, "*i16", "*i32", False, 1, True),
                                               (2, "*i32", "*i64", True, 2, False))
 ] + [
     ("_dequant_ds_mla_kernel", 90 if native else 80,
      dict(kv_ptr="*u8", loc_ptr=loc, nope_out_ptr=out, rope_out_ptr=out), _GATHER_INTS,
-     dict(**_DS, ROWS=rows, DST=dst, NATIVE=native, ALIGN4=native, USE_PDL=native, EARLY_TRIGGER=False,
+     dict(**_DS, ROWS=rows, DST=dst, NATIVE=native, ALIGN4=native, USE_PDL=native, TRIGGER=2,
           SKIP_INVALID=skip))
     for dst, out, loc, native, rows, skip in ((0, "*i16", "*i32", True, 8, True), (1, "*i16", "*i64", False, 2, False),
                                               (2, "*i32", "*i32", True, 1, False))
@@ -1139,7 +1139,7 @@ def _native_quant_sigs(fmt: str, rule: int = 0) -> list:
         ints = dict(kv_row_stride=fp8_row_bytes(fmt, nope, rope), loc_stride=1, nope_row_stride=nope,
                     rope_row_stride=rope or nope, num_slots=1005, skip_slot=-1, n_loc=1000)  # fmt: skip
         common = dict(ROPE=rope, ROPE_P2=p2(rope), ROWS=rows, SRC_IS_BF16=True, NATIVE=True, USE_PDL=True,
-                      EARLY_TRIGGER=True)  # fmt: skip
+                      TRIGGER=0)  # fmt: skip
         if fmt == "per_tensor":
             ptrs["scale_ptr"] = "*fp32"
             consts = dict(NOPE=nope, NOPE_P2=p2(nope), **common)

@@ -114,9 +114,9 @@ def per_tensor():
     ptrs = dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16", scale_ptr="*fp32")
     ints = dict(kv_row_stride=576, loc_stride=1, nope_row_stride=512, rope_row_stride=64, num_slots=5000, skip_slot=-1,
                 n_loc=4096)
-    for _, warps, rows, early in tuning.FP8_TRITON_STEPS["quant_per_tensor"]:
+    for _, warps, rows, place in tuning.FP8_TRITON_STEPS["quant_per_tensor"]:
         consts = dict(NOPE=512, NOPE_P2=512, ROPE=64, ROPE_P2=64, ROWS=rows, SRC_IS_BF16=True, NATIVE=True,
-                      USE_PDL=True, EARLY_TRIGGER=early)
+                      USE_PDL=True, TRIGGER=tuning.TRIGGER_PLACES.index(place))
         yield compile_sm90(fp8._quant_per_tensor_kernel, ptrs, ints, consts, num_warps=warps)
 
 
@@ -159,8 +159,9 @@ def fp8_gather(fmt):
     if fmt == "per_tensor":
         ptrs["scale_ptr"] = "*fp32"
     kernel = fp8._dequant_ds_mla_kernel if fmt == "ds_mla" else fp8._dequant_per_tensor_kernel
-    for _, warps, rows, early in tuning.FP8_TRITON_STEPS[f"dequant_{fmt}"]:
-        consts = dict(ROPE=64, ROPE_P2=64, ROWS=rows, DST=0, NATIVE=True, USE_PDL=True, EARLY_TRIGGER=early, **widths)
+    for _, warps, rows, place in tuning.FP8_TRITON_STEPS[f"dequant_{fmt}"]:
+        consts = dict(ROPE=64, ROPE_P2=64, ROWS=rows, DST=0, NATIVE=True, USE_PDL=True,
+                      TRIGGER=tuning.TRIGGER_PLACES.index(place), **widths)
         yield compile_sm90(kernel, ptrs, ints, consts, num_warps=warps)
 
 

@@ -22,7 +22,7 @@ Every provider is checked bit-exactly against the torch reference (run on the CP
 timed; a wrong one shows ``WRONG`` instead of a time. Ratios are printed beside the times.
 
 ``--tune`` times the launch alternatives instead (Triton: warps x rows per program with the PDL
-trigger at entry, then the fastest shape with the trigger after the stores; JIT: threads per row
+trigger before the wait and right after it, then the fastest shape with the trigger after the stores; JIT: threads per row
 (32, 64, 128) x rows per CTA (1, 2, 4, 8) x trigger place, beside the plain row write and gather of
 the same bytes), and prints, per kernel, the fastest shape at each size and the table rows of
 :mod:`mlakv.spec.tuning` (``FP8_TRITON_STEPS``, ``FP8_JIT_STEPS``) they make.
@@ -434,8 +434,12 @@ def _part_shapes(n: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _shape_key(w: int, r: int, early: bool, parts: int = 1) -> str:
-    return f"w{w}r{r}{f'p{parts}' if parts > 1 else ''}{'e' if early else 'l'}"
+#: a Triton shape key's last letter per trigger place (``l``: late, after the stores)
+_PLACE_LETTER = {"entry": "e", "wait": "w", "end": "l"}
+
+
+def _shape_key(w: int, r: int, place: str, parts: int = 1) -> str:
+    return f"w{w}r{r}{f'p{parts}' if parts > 1 else ''}{_PLACE_LETTER[place]}"
 
 
 def _jit_shapes() -> list[tuple[int, int]]:
@@ -458,8 +462,8 @@ def run_fp8_tune(
     """Time the launch alternatives of each FP8 kernel at each n_loc (GPU only).
 
     Returns ``{"device", "triton": {kind: {n: {shape: us}}}, "jit": {kind: {n: {shape: us}}},
-    "plain": {kind: {n: us}}}``; a Triton shape is ``w<warps>r<rows><e|l>`` (trigger at entry /
-    late), a JIT one ``t<threads per row>w<warps per CTA><e|l>``. The Triton kinds are the table's
+    "plain": {kind: {n: us}}}``; a Triton shape is ``w<warps>r<rows><e|w|l>`` (trigger at entry,
+    right after the wait, after the stores), a JIT one ``t<threads per row>w<warps per CTA><e|l>``. The Triton kinds are the table's
     (``quant_per_tensor``, ``quant_ds_mla``, ``dequant_per_tensor``, ``dequant_ds_mla``); the JIT ones
     are the writes' and ``dequant`` (the sum of both formats' gathers: the JIT gathers share one row
     set); ``plain`` holds, per JIT kind, the plain row write of the same rows and the plain bf16 row
@@ -504,16 +508,17 @@ def run_fp8_tune(
             refs.clear()
             times = {}
             shapes = [(w, r, 1) for w, r in _triton_shapes(n)] + (_part_shapes(n) if kind == "quant_ds_mla" else [])
-            for w, r, p in shapes:
-                kw = {"parts_per_row": p} if p > 1 else {}
-                times[(w, r, p)] = us = time_it(num_warps=w, rows_per_program=r, early_trigger=True, **kw)
-                add(res["triton"], kind, n, _shape_key(w, r, True, p), us)
+            for place in ("entry", "wait"):
+                for w, r, p in shapes:
+                    kw = {"parts_per_row": p} if p > 1 else {}
+                    times[(w, r, p, place)] = us = time_it(num_warps=w, rows_per_program=r, trigger=place, **kw)
+                    add(res["triton"], kind, n, _shape_key(w, r, place, p), us)
             timed = {k: v for k, v in times.items() if not isinstance(v, str)}
             if timed:
-                w, r, p = min(timed, key=timed.get)
+                w, r, p, _ = min(timed, key=timed.get)
                 kw = {"parts_per_row": p} if p > 1 else {}
-                us = time_it(num_warps=w, rows_per_program=r, early_trigger=False, **kw)
-                add(res["triton"], kind, n, _shape_key(w, r, False, p), us)
+                us = time_it(num_warps=w, rows_per_program=r, trigger="end", **kw)
+                add(res["triton"], kind, n, _shape_key(w, r, "end", p), us)
         if "jit" in families and not _jit_available(layers):  # said in the report, not dropped silently
             res["jit_not_timed"] = (
                 "the JIT FP8 kernels do not serve these inputs here (no module for this device, "
@@ -543,12 +548,13 @@ def run_fp8_tune(
     return res
 
 
-def _parse_shape(key: str) -> tuple[int, int, bool]:
-    """A Triton key: ``w4r2e`` -> (warps 4, rows per program 2, trigger at entry True); a part count
-    (``w1r1p2e``) is left out (:func:`_parse_parts`)."""
-    body, early = key[1:-1].partition("p")[0], key[-1] == "e"
+def _parse_shape(key: str) -> tuple[int, int, str]:
+    """A Triton key: ``w4r2e`` -> (warps 4, rows per program 2, trigger ``"entry"``; ``w``: ``"wait"``,
+    ``l``: ``"end"``); a part count (``w1r1p2e``) is left out (:func:`_parse_parts`)."""
+    body = key[1:-1].partition("p")[0]
+    place = {letter: place for place, letter in _PLACE_LETTER.items()}[key[-1]]
     w, _, r = body.partition("r")
-    return int(w), int(r or 1), early
+    return int(w), int(r or 1), place
 
 
 def _parse_parts(key: str) -> int:

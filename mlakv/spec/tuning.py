@@ -39,6 +39,7 @@ __all__ = [
     "FP8_JIT_MEASURED",
     "FP8_JIT_THREADS_PER_ROW",
     "fp8_jit_launch",
+    "TRIGGER_PLACES",
     "FP8_TRITON_STEPS",
     "FP8_TRITON_MEASURED",
     "fp8_triton_launch",
@@ -361,8 +362,12 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
     return _row_at(FP8_JIT_STEPS[kind], n_loc)
 
 
-# Triton (kernels/triton/fp8.py): (max n_loc, num_warps, rows per program, PDL trigger at entry) by
-# increasing n_loc, per kernel: "quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla".
+# Where a Triton kernel lets the next (PDL) grid launch (kernels/triton/pdl.py): before its wait
+# ("entry"), right after it ("wait"), or after its stores ("end").
+TRIGGER_PLACES: tuple[str, ...] = ("entry", "wait", "end")
+
+# Triton (kernels/triton/fp8.py): (max n_loc, num_warps, rows per program, PDL trigger place of
+# TRIGGER_PLACES) by increasing n_loc, per kernel: "quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla".
 # Measured: each row is the sweep's fastest shape at n_loc 1, 64, 256, 512, 1024, 4096, 16384, 65536
 # (every shape checked bit-exact before it was timed), after the ds_mla write took its per-program
 # common case (docs/h200-2026-12-03/run7/fp8_tune.md). ds_mla, with its parts per row
@@ -379,15 +384,15 @@ def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
 # with it at entry), 4 x 4 at 65536 for both (30.4 / 32.1 us, within 1 % of 4 x 8 with the trigger at entry:
 # 30.6 / 32.3). At 1024
 # every shape took 1.50-1.52 us or more.
-FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, bool], ...]] = {
-    "quant_per_tensor": ((64, 4, 1, True), (1024, 2, 1, True), (4096, 8, 4, True), (16384, 2, 4, True),
-                         (None, 2, 4, False)),
-    "quant_ds_mla": ((8, 1, 1, True), (64, 2, 1, True), (512, 2, 2, True), (1024, 1, 1, True), (16384, 4, 8, True),
-                     (None, 2, 4, True)),
-    "dequant_per_tensor": ((8, 4, 1, True), (64, 2, 1, True), (512, 2, 4, True), (1024, 4, 2, True),
-                           (4096, 8, 4, True), (16384, 2, 4, True), (None, 4, 4, True)),
-    "dequant_ds_mla": ((1, 4, 1, True), (64, 4, 2, True), (512, 2, 4, True), (1024, 1, 1, True),
-                       (4096, 4, 4, False), (16384, 4, 8, False), (None, 4, 4, True)),
+FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, str], ...]] = {
+    "quant_per_tensor": ((64, 4, 1, "entry"), (1024, 2, 1, "entry"), (4096, 8, 4, "entry"), (16384, 2, 4, "entry"),
+                         (None, 2, 4, "end")),
+    "quant_ds_mla": ((8, 1, 1, "entry"), (64, 2, 1, "entry"), (512, 2, 2, "entry"), (1024, 1, 1, "entry"), (16384, 4, 8, "entry"),
+                     (None, 2, 4, "entry")),
+    "dequant_per_tensor": ((8, 4, 1, "entry"), (64, 2, 1, "entry"), (512, 2, 4, "entry"), (1024, 4, 2, "entry"),
+                           (4096, 8, 4, "entry"), (16384, 2, 4, "entry"), (None, 4, 4, "entry")),
+    "dequant_ds_mla": ((1, 4, 1, "entry"), (64, 4, 2, "entry"), (512, 2, 4, "entry"), (1024, 1, 1, "entry"),
+                       (4096, 4, 4, "end"), (16384, 4, 8, "end"), (None, 4, 4, "entry")),
 }  # fmt: skip
 FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "
@@ -418,8 +423,9 @@ def fp8_triton_parts(kind: str, n_loc: int) -> int:
     return _row_at(FP8_TRITON_PARTS.get(kind, ((None, 1),)), n_loc)[0]
 
 
-def fp8_triton_launch(kind: str, n_loc: int) -> tuple[int, int, bool]:
-    """``(num_warps, rows_per_program, early_trigger)`` of the Triton FP8 kernel ``kind`` for ``n_loc`` rows."""
+def fp8_triton_launch(kind: str, n_loc: int) -> tuple[int, int, str]:
+    """``(num_warps, rows_per_program, trigger)`` of the Triton FP8 kernel ``kind`` for ``n_loc`` rows;
+    ``trigger`` is a place of :data:`TRIGGER_PLACES`."""
     return _row_at(FP8_TRITON_STEPS[kind], n_loc)
 
 

@@ -48,7 +48,8 @@ How a program works (the shape of the CUDA kernel, ``csrc/fp8.cuh``, in Triton's
   ds_mla's tile scales go out as fp32 words and its rope as bf16 words when the rows are 4-byte
   aligned (``ALIGN4``; byte stores otherwise).
 * PDL (sm_90+): the program waits on the previous grid before its first load and lets the next grid
-  launch at entry (``EARLY_TRIGGER``) or after its stores, as the row kernel does.
+  launch at the place its launch row names (``TRIGGER``: before the wait, right after it, or after
+  the stores; :mod:`mlakv.kernels.triton.pdl`).
 
 Every float constant that feeds fp32 arithmetic is an explicit fp32 tensor or an exact fp32 normal
 literal (a bare literal outside fp32's normal range is fp64 to some Triton versions). Launchers take
@@ -71,6 +72,7 @@ from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import fp8_triton_launch, fp8_triton_parts
 
 from .common import interpreting, pdl_supported
+from .pdl import pdl_close, pdl_open, trigger_code
 
 __all__ = [
     "launch_quant_write",
@@ -340,13 +342,10 @@ def _quant_per_tensor_kernel(
     kv_ptr, loc_ptr, nope_ptr, rope_ptr, scale_ptr,
     kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot, n_loc,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
-    SRC_IS_BF16: tl.constexpr, NATIVE: tl.constexpr, USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
+    SRC_IS_BF16: tl.constexpr, NATIVE: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER: tl.constexpr,
 ):  # fmt: skip
     # kv[loc[i], :NOPE+ROPE] = e4m3([nope[i] | rope[i]] / k_scale) for ROWS rows; all offsets int64.
-    if USE_PDL and EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()  # carries no memory order: the next grid's wait covers this grid
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_open(USE_PDL, TRIGGER)
     i, src, slot = _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS)
     live = ((slot >= 0) & (slot < num_slots) & (slot != skip_slot))[:, None]
     dst = (kv_ptr + slot * kv_row_stride)[:, None]
@@ -371,8 +370,7 @@ def _quant_per_tensor_kernel(
     _store_block(dst + tl.max_contiguous(cn, [1, 8]), cn, e4m3_signed(yn, NATIVE), live, NOPE, NOPE_P2)
     if ROPE > 0:
         _store_block(dst + NOPE + tl.max_contiguous(cr, [1, 8]), cr, e4m3_signed(yr, NATIVE), live, ROPE, ROPE_P2)
-    if USE_PDL and not EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_close(USE_PDL, TRIGGER)
 
 
 @triton.jit
@@ -398,7 +396,7 @@ def _quant_ds_mla_kernel(
     kv_row_stride, loc_stride, nope_row_stride, rope_row_stride, num_slots, skip_slot, n_loc,
     TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
     SRC_IS_BF16: tl.constexpr, NATIVE: tl.constexpr, ALIGN4: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr, RULE: tl.constexpr = 0, PARTS: tl.constexpr = 1, ROPE_PART: tl.constexpr = 0,
+    TRIGGER: tl.constexpr, RULE: tl.constexpr = 0, PARTS: tl.constexpr = 1, ROPE_PART: tl.constexpr = 0,
 ):  # fmt: skip
     # ROWS rows of [e4m3 nope (TILES x 128) | TILES fp32 scales | ROPE bf16]; a tile's scale and
     # quotients by the scale rule RULE (ds_mla_tile_scale: 0 fp32_floor, 1 fp32, 2 ue8m0).
@@ -408,10 +406,7 @@ def _quant_ds_mla_kernel(
     # dependent chain (load, amax, scale, quotient, convert, store) is spread over PARTS warps with no
     # cross-warp reduction.
     NOPE: tl.constexpr = TILES * 128
-    if USE_PDL and EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_open(USE_PDL, TRIGGER)
     i, src, slot = _rows_of_program(loc_ptr, loc_stride, n_loc, ROWS, PARTS)
     part = tl.program_id(0) % PARTS
     live = (slot >= 0) & (slot < num_slots) & (slot != skip_slot)  # [ROWS]
@@ -480,8 +475,7 @@ def _quant_ds_mla_kernel(
             rb = rb.to(tl.int32)
             tl.store(rdst + 2 * cr, (rb & 0xFF).to(tl.uint8), mask=live_r)
             tl.store(rdst + 2 * cr + 1, ((rb >> 8) & 0xFF).to(tl.uint8), mask=live_r)
-    if USE_PDL and not EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_close(USE_PDL, TRIGGER)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -496,9 +490,10 @@ def _aligned4(kv: torch.Tensor) -> bool:
     return kv.data_ptr() % 4 == 0 and (kv.shape[0] <= 1 or kv.stride(0) % 4 == 0)
 
 
-def _launch_shape(kind: str, n_loc: int, num_warps: int, rows_per_program: int, early_trigger: Optional[bool]):
-    warps, rows, early = fp8_triton_launch(kind, n_loc)
-    return num_warps or warps, rows_per_program or rows, early if early_trigger is None else early_trigger
+def _launch_shape(kind: str, n_loc: int, num_warps: int, rows_per_program: int, trigger: Optional[str]):
+    """``(num_warps, rows, TRIGGER code)``: the table's row for ``kind`` at ``n_loc``, overridden where given."""
+    warps, rows, place = fp8_triton_launch(kind, n_loc)
+    return num_warps or warps, rows_per_program or rows, trigger_code(trigger or place)
 
 
 def launch_quant_write(
@@ -512,7 +507,7 @@ def launch_quant_write(
     *,
     num_warps: int = 0,
     rows_per_program: int = 0,
-    early_trigger: Optional[bool] = None,
+    trigger: Optional[str] = None,
     native: Optional[bool] = None,
     scale_rule: str = "fp32_floor",
     parts_per_row: int = 0,
@@ -525,8 +520,10 @@ def launch_quant_write(
         loc: ``[n_loc]`` int32/int64, any stride. k_nope: ``[n_loc, (1,) nope_dim]``,
         k_rope: ``[n_loc, (1,) rope_dim]`` bf16/fp16. k_scale: ``[1]`` fp32 (per_tensor) or None.
         skip_slot: rows with this slot are skipped like padding (-1: none).
-        num_warps, rows_per_program, early_trigger: override the launch table
-            (:func:`mlakv.spec.tuning.fp8_triton_launch`; 0/None: its choice), for the benchmark's sweep.
+        num_warps, rows_per_program, trigger: override the launch table
+            (:func:`mlakv.spec.tuning.fp8_triton_launch`; 0/None: its choice), for the benchmark's sweep;
+            ``trigger`` is a place of :data:`mlakv.spec.tuning.TRIGGER_PLACES` (``"entry"``,
+            ``"wait"``, ``"end"``).
         native: force the hardware fp8 conversions on or off (None: on where supported); the
             results are the same bits either way (the tests run both on a GPU).
         scale_rule: ds_mla's tile-scale rule, ``"fp32_floor"``, ``"fp32"`` or ``"ue8m0"``
@@ -553,22 +550,22 @@ def launch_quant_write(
     extra = {"launch_pdl": True} if use_pdl else {}
     common = dict(ROPE=rope_dim, ROPE_P2=_p2(rope_dim), SRC_IS_BF16=src_is_bf16, NATIVE=bool(native), USE_PDL=use_pdl)
     if kv_cache_format == "per_tensor":
-        warps, rows, early = _launch_shape("quant_per_tensor", n_loc, num_warps, rows_per_program, early_trigger)
+        warps, rows, place = _launch_shape("quant_per_tensor", n_loc, num_warps, rows_per_program, trigger)
         _quant_per_tensor_kernel[(triton.cdiv(n_loc, rows),)](
             kv, loc, nope, rope, k_scale,
             kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot, n_loc,
-            NOPE=nope_dim, NOPE_P2=_p2(nope_dim), ROWS=rows, EARLY_TRIGGER=early, num_warps=warps, **common, **extra,
+            NOPE=nope_dim, NOPE_P2=_p2(nope_dim), ROWS=rows, TRIGGER=place, num_warps=warps, **common, **extra,
         )  # fmt: skip
         return
     tiles = nope_dim // 128
-    warps, rows, early = _launch_shape("quant_ds_mla", n_loc, num_warps, rows_per_program, early_trigger)
+    warps, rows, place = _launch_shape("quant_ds_mla", n_loc, num_warps, rows_per_program, trigger)
     parts = ds_mla_parts(tiles, parts_per_row or fp8_triton_parts("quant_ds_mla", n_loc))
     split = dict(PARTS=parts, ROPE_PART=_p2(triton.cdiv(rope_dim, parts))) if parts > 1 else {}
     _quant_ds_mla_kernel[(triton.cdiv(n_loc, rows) * parts,)](
         kv, loc, nope, rope,
         kv.stride(0), loc.stride(0), nope.stride(0), rope.stride(0), kv.shape[0], skip_slot, n_loc,
         TILES=tiles, TILES_P2=_p2(tiles) if parts == 1 else tiles // parts, ROWS=rows, ALIGN4=_aligned4(kv),
-        EARLY_TRIGGER=early, RULE=DS_MLA_SCALE_RULES.index(scale_rule),
+        TRIGGER=place, RULE=DS_MLA_SCALE_RULES.index(scale_rule),
         num_warps=warps, **split, **common, **extra,
     )  # fmt: skip
 
@@ -597,14 +594,11 @@ def _dequant_per_tensor_kernel(
     kv_ptr, loc_ptr, nope_out_ptr, rope_out_ptr, scale_ptr,
     kv_row_stride, loc_stride, num_slots, n_loc, nope_out_stride, rope_out_stride,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
-    DST: tl.constexpr, NATIVE: tl.constexpr, USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
+    DST: tl.constexpr, NATIVE: tl.constexpr, USE_PDL: tl.constexpr, TRIGGER: tl.constexpr,
     SKIP_INVALID: tl.constexpr = False,
 ):  # fmt: skip
     # Output rows at their own strides; SKIP_INVALID: a row whose slot is not read is not stored either.
-    if USE_PDL and EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_open(USE_PDL, TRIGGER)
     i, slot, ok, out_ok = _gather_rows(loc_ptr, loc_stride, n_loc, num_slots, ROWS)
     if SKIP_INVALID:
         out_ok = out_ok & ok
@@ -630,8 +624,7 @@ def _dequant_per_tensor_kernel(
         vr = _dst_bits(_e4m3_value(br, NATIVE) * s, DST, NATIVE)
         _store_block(rope_out_ptr + i[:, None] * rope_out_stride + cr, cr, vr.to(rope_out_ptr.dtype.element_ty),
                      out_ok[:, None], ROPE, ROPE_P2)  # fmt: skip
-    if USE_PDL and not EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_close(USE_PDL, TRIGGER)
 
 
 @triton.jit
@@ -640,13 +633,10 @@ def _dequant_ds_mla_kernel(
     kv_row_stride, loc_stride, num_slots, n_loc, nope_out_stride, rope_out_stride,
     TILES: tl.constexpr, TILES_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, ROWS: tl.constexpr,
     DST: tl.constexpr, NATIVE: tl.constexpr, ALIGN4: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_TRIGGER: tl.constexpr, SKIP_INVALID: tl.constexpr = False,
+    TRIGGER: tl.constexpr, SKIP_INVALID: tl.constexpr = False,
 ):  # fmt: skip
     NOPE: tl.constexpr = TILES * 128
-    if USE_PDL and EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl_open(USE_PDL, TRIGGER)
     i, slot, ok, out_ok = _gather_rows(loc_ptr, loc_stride, n_loc, num_slots, ROWS)
     if SKIP_INVALID:
         out_ok = out_ok & ok
@@ -689,8 +679,7 @@ def _dequant_ds_mla_kernel(
             rb = _dst_bits((bf << 16).to(tl.float32, bitcast=True), DST, NATIVE)
         _store_block(rope_out_ptr + i[:, None] * rope_out_stride + cr, cr, rb.to(rope_out_ptr.dtype.element_ty),
                      out_ok[:, None], ROPE, ROPE_P2)  # fmt: skip
-    if USE_PDL and not EARLY_TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_close(USE_PDL, TRIGGER)
 
 
 def launch_dequant_gather(
@@ -704,7 +693,7 @@ def launch_dequant_gather(
     *,
     num_warps: int = 0,
     rows_per_program: int = 0,
-    early_trigger: Optional[bool] = None,
+    trigger: Optional[str] = None,
     native: Optional[bool] = None,
     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     skip_invalid: bool = False,
@@ -736,9 +725,9 @@ def launch_dequant_gather(
     if native is None:
         native = on_gpu and native_fp8_supported(kv.device.index or 0)
     extra = {"launch_pdl": True} if use_pdl else {}
-    warps, rows, early = _launch_shape(f"dequant_{kv_cache_format}", n_loc, num_warps, rows_per_program, early_trigger)
+    warps, rows, place = _launch_shape(f"dequant_{kv_cache_format}", n_loc, num_warps, rows_per_program, trigger)
     common = dict(ROPE=rope_dim, ROPE_P2=_p2(rope_dim), ROWS=rows, DST=_DST_CODE[dst_dtype], NATIVE=bool(native),
-                  USE_PDL=use_pdl, EARLY_TRIGGER=early, num_warps=warps, **extra)  # fmt: skip
+                  USE_PDL=use_pdl, TRIGGER=place, num_warps=warps, **extra)  # fmt: skip
     if skip_invalid:
         common["SKIP_INVALID"] = True
     grid = (triton.cdiv(n_loc, rows),)

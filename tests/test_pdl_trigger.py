@@ -1,0 +1,90 @@
+"""Where the Triton FP8 kernels let the next grid launch: the ``TRIGGER`` places of
+:mod:`mlakv.kernels.triton.pdl`, read from their sm_90 PTX (compiled without a GPU).
+
+Spec, per place (``griddepcontrol.launch_dependents`` = the trigger):
+* ``entry``: the trigger, then the wait, then the first global load;
+* ``wait``: the wait, then the trigger, then the first global load;
+* ``end``: the wait before the first global load; the trigger after the last global store.
+Each kernel waits and triggers exactly once. A place that is not one of these is refused by name.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compile_in_subprocess
+
+from mlakv.spec.tuning import TRIGGER_PLACES
+
+_SCRIPT = r"""
+import json, re, sys
+from mlakv.kernels.triton import fp8
+from mlakv.testing.sm90 import compile_sm90
+
+PT = dict(NOPE=512, NOPE_P2=512, ROPE=64, ROPE_P2=64)
+DS = dict(TILES=4, TILES_P2=4, ROPE=64, ROPE_P2=64)
+QI = dict(kv_row_stride=576, loc_stride=1, nope_row_stride=512, rope_row_stride=64, num_slots=5000, skip_slot=-1,
+          n_loc=1000)
+GI = dict(kv_row_stride=576, loc_stride=1, num_slots=5000, n_loc=1000, nope_out_stride=512, rope_out_stride=64)
+QP = dict(kv_ptr="*u8", loc_ptr="*i64", nope_ptr="*i16", rope_ptr="*i16")
+GP = dict(kv_ptr="*u8", loc_ptr="*i64", nope_out_ptr="*i16", rope_out_ptr="*i16")
+KERNELS = {
+    "quant_per_tensor": (fp8._quant_per_tensor_kernel, dict(QP, scale_ptr="*fp32"), QI,
+                         dict(PT, ROWS=2, SRC_IS_BF16=True, NATIVE=True)),
+    "quant_ds_mla": (fp8._quant_ds_mla_kernel, QP, dict(QI, kv_row_stride=656),
+                     dict(DS, ROWS=2, SRC_IS_BF16=True, NATIVE=True, ALIGN4=True)),
+    "dequant_per_tensor": (fp8._dequant_per_tensor_kernel, dict(GP, scale_ptr="*fp32"), GI,
+                           dict(PT, ROWS=2, DST=0, NATIVE=True)),
+    "dequant_ds_mla": (fp8._dequant_ds_mla_kernel, GP, dict(GI, kv_row_stride=656),
+                       dict(DS, ROWS=2, DST=0, NATIVE=True, ALIGN4=True)),
+}
+out = {}
+for name in json.loads(sys.argv[1]):
+    fn, ptrs, ints, consts = KERNELS[name]
+    for trigger in range(3):
+        ptx = compile_sm90(fn, ptrs, ints, dict(consts, USE_PDL=True, TRIGGER=trigger), num_warps=2).asm["ptx"]
+        lines = ptx.splitlines()
+        at = lambda pat: [i for i, l in enumerate(lines) if re.search(pat, l)]
+        out[f"{name} {trigger}"] = dict(trigger=at(r"griddepcontrol\.launch_dependents"), wait=at(r"griddepcontrol\.wait"),
+                                        ld=at(r"\bld\.global"), st=at(r"\bst\.global"))
+print(json.dumps(out))
+"""
+
+KINDS = ["quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla"]
+
+
+@pytest.fixture(scope="module")
+def places() -> dict:
+    return compile_in_subprocess(_SCRIPT, KINDS)
+
+
+@pytest.mark.parametrize("place", TRIGGER_PLACES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_trigger_sits_at_its_place(places, kind, place):
+    p = places[f"{kind} {TRIGGER_PLACES.index(place)}"]
+    assert len(p["trigger"]) == 1 and len(p["wait"]) == 1 and p["ld"] and p["st"]
+    trigger, wait, first_load, last_store = p["trigger"][0], p["wait"][0], min(p["ld"]), max(p["st"])
+    assert wait < first_load
+    if place == "entry":
+        assert trigger < wait
+    elif place == "wait":
+        assert wait < trigger < first_load
+    else:
+        assert trigger > last_store
+
+
+def test_the_places_are_entry_wait_end():
+    assert TRIGGER_PLACES == ("entry", "wait", "end")
+
+
+@pytest.mark.parametrize("bad", ["late", "", "Entry", True])
+def test_a_place_that_is_not_one_is_refused_by_name(bad):
+    from mlakv.kernels.triton.pdl import trigger_code
+
+    with pytest.raises(ValueError, match=r"trigger: expected one of \('entry', 'wait', 'end'\)"):
+        trigger_code(bad)
+
+
+def test_every_fp8_table_row_names_a_place():
+    from mlakv.spec.tuning import FP8_TRITON_STEPS
+
+    assert {row[3] for rows in FP8_TRITON_STEPS.values() for row in rows} <= set(TRIGGER_PLACES)
