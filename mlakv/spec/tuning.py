@@ -368,53 +368,40 @@ TRIGGER_PLACES: tuple[str, ...] = ("entry", "wait", "end")
 
 # Triton (kernels/triton/fp8.py): (max n_loc, num_warps, rows per program, PDL trigger place of
 # TRIGGER_PLACES) by increasing n_loc, per kernel: "quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla".
-# Measured: each row is the sweep's fastest shape at n_loc 1, 64, 256, 512, 1024, 4096, 16384, 65536
-# (every shape checked bit-exact before it was timed), after the ds_mla write took its per-program
-# common case (docs/h200-2026-12-03/run7/fp8_tune.md). ds_mla, with its parts per row
-# (FP8_TRITON_PARTS), from its own sweep of 2026-12-03 14:08 UTC (`mlakv bench fp8 --tune
-# --tune-families triton --tune-kinds quant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536`, 37
-# shapes; docs/h200-2026-12-03/run12/fp8_tune_ds_mla.md): one warp x one row in 4 parts to 8 rows (0.83
-# us against 0.88 for the old 4 x 1), 2 warps x 1 row in 2 parts to 64 (0.92 against 0.98), 2 x 2 in
-# 4 parts at 512 (1.52 against 1.94 unsplit), 1 x 1 unsplit at 1024 (1.57), 4 x 8 in 2 parts at
-# 4096-16384 (3.49 against 3.79 unsplit at 4096), 2 x 4 unsplit at 65536. The gathers, each format on
-# its own, from the sweep of 2026-12-03 20:50 UTC, after they took their loads first (`mlakv bench fp8
-# --tune --tune-families triton --tune-kinds dequant_per_tensor,dequant_ds_mla --sizes
-# 1,8,64,512,1024,4096,16384,65536`; docs/h200-2026-12-03/run19/fp8_tune_gathers.md): both at 512 2
-# warps x 4 rows (1.08 us), ds_mla at 4096 4 x 4 with the trigger after the stores (2.28 against 2.48
-# with it at entry), 4 x 4 at 65536 for both (30.4 / 32.1 us, within 1 % of 4 x 8 with the trigger at entry:
-# 30.6 / 32.3). At 1024
-# every shape took 1.50-1.52 us or more.
+# Measured: each row is the fastest shape of one sweep of every kernel at n_loc 1, 8, 64, 512, 1024,
+# 4096, 16384, 65536 (every shape checked bit-exact before it was timed; every shape with the trigger
+# at entry and right after the wait, then the fastest with it after the stores; docs/h200-2026-12-03/
+# run23/tune/fp8_tune.md). Up to 64 rows the trigger sits at entry; from 512 to 4096 rows the gathers
+# and at 512-1024 the writes take it right after the wait: at 1024 rows the gathers' best shapes with
+# it there take 1.28-1.29 us, against 1.50 or more for every shape with it at entry (the 1024-row gap
+# to the CUDA kernel of earlier runs); the ds_mla gather at 4096 2.20 against 2.38. At 16384-65536
+# rows the places are within 1 % of one another.
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, str], ...]] = {
-    "quant_per_tensor": ((64, 4, 1, "entry"), (1024, 2, 1, "entry"), (4096, 8, 4, "entry"), (16384, 2, 4, "entry"),
-                         (None, 2, 4, "end")),
-    "quant_ds_mla": ((8, 1, 1, "entry"), (64, 2, 1, "entry"), (512, 2, 2, "entry"), (1024, 1, 1, "entry"), (16384, 4, 8, "entry"),
+    "quant_per_tensor": ((64, 4, 1, "entry"), (512, 2, 1, "entry"), (1024, 4, 4, "wait"), (4096, 8, 4, "entry"),
+                         (16384, 2, 4, "entry"), (None, 2, 4, "end")),
+    "quant_ds_mla": ((1, 4, 1, "entry"), (64, 2, 1, "entry"), (1024, 4, 4, "wait"), (16384, 4, 8, "entry"),
                      (None, 2, 4, "entry")),
-    "dequant_per_tensor": ((8, 4, 1, "entry"), (64, 2, 1, "entry"), (512, 2, 4, "entry"), (1024, 4, 2, "entry"),
-                           (4096, 8, 4, "entry"), (16384, 2, 4, "entry"), (None, 4, 4, "entry")),
-    "dequant_ds_mla": ((1, 4, 1, "entry"), (64, 4, 2, "entry"), (512, 2, 4, "entry"), (1024, 1, 1, "entry"),
-                       (4096, 4, 4, "end"), (16384, 4, 8, "end"), (None, 4, 4, "entry")),
+    "dequant_per_tensor": ((64, 4, 1, "entry"), (512, 2, 4, "entry"), (1024, 4, 2, "wait"), (4096, 8, 4, "entry"),
+                           (16384, 2, 4, "entry"), (None, 4, 4, "entry")),
+    "dequant_ds_mla": ((1, 4, 1, "entry"), (64, 4, 2, "entry"), (512, 4, 4, "wait"), (1024, 2, 2, "wait"),
+                       (4096, 2, 4, "wait"), (16384, 4, 8, "end"), (None, 4, 4, "wait")),
 }  # fmt: skip
 FP8_TRITON_MEASURED = (
-    "NVIDIA H200, 2026-12-03 02:48 UTC: `mlakv bench fp8 --tune --tune-families triton "
-    "--sizes 1,64,256,512,1024,4096,16384,65536`; quant_ds_mla 14:08 UTC: `mlakv bench fp8 --tune "
-    "--tune-families triton --tune-kinds quant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536` "
-    "(docs/h200-2026-12-03/run12); dequant_per_tensor, dequant_ds_mla 20:50 UTC: `mlakv bench fp8 --tune "
-    "--tune-families triton --tune-kinds dequant_per_tensor,dequant_ds_mla --sizes 1,8,64,512,1024,4096,16384,65536` "
-    "(docs/h200-2026-12-03/run19)"
+    "NVIDIA H200, 2026-12-03 23:20 UTC: `mlakv bench fp8 --tune --tune-families triton "
+    "--sizes 1,8,64,512,1024,4096,16384,65536` (docs/h200-2026-12-03/run23)"
 )
 
 
 # The ds_mla write's programs per block of rows (kernels/triton/fp8.py, ``parts_per_row``): (max n_loc,
 # parts) by increasing n_loc. A part takes its share of the row's 128-value tiles (each with its own
 # scale) and of the rope, so parts need no cross-warp reduction; they shorten a warp's dependent chain,
-# which is what a call of few rows waits for.
+# which is what a call of few rows waits for. From the same sweep as FP8_TRITON_STEPS (parts 1, 2, 4
+# at each shape that gives a part 4-16 values a thread): two parts at 64 and 512 rows (4 warps x 4
+# rows in 2 parts, trigger after the wait: 1.26 us at 512) and at 4096-16384.
 FP8_TRITON_PARTS: dict[str, tuple[tuple[int | None, int], ...]] = {
-    "quant_ds_mla": ((8, 4), (64, 2), (512, 4), (1024, 1), (16384, 2), (None, 1)),
+    "quant_ds_mla": ((8, 1), (512, 2), (1024, 1), (16384, 2), (None, 1)),
 }
-FP8_TRITON_PARTS_MEASURED = (
-    "NVIDIA H200, 2026-12-03 14:08 UTC: `mlakv bench fp8 --tune --tune-families triton --tune-kinds quant_ds_mla "
-    "--sizes 1,8,64,512,1024,4096,16384,65536` (docs/h200-2026-12-03/run12)"
-)
+FP8_TRITON_PARTS_MEASURED = FP8_TRITON_MEASURED
 
 
 def fp8_triton_parts(kind: str, n_loc: int) -> int:
