@@ -1,4 +1,4 @@
-"""Where the Triton FP8 kernels let the next grid launch: the ``TRIGGER`` places of
+"""Where the Triton FP8 kernels and the fused RoPE write let the next grid launch: the ``TRIGGER`` places of
 :mod:`mlakv.kernels.triton.pdl`, read from their sm_90 PTX (compiled without a GPU).
 
 Spec, per place (``griddepcontrol.launch_dependents`` = the trigger):
@@ -17,7 +17,7 @@ from mlakv.spec.tuning import TRIGGER_PLACES
 
 _SCRIPT = r"""
 import json, re, sys
-from mlakv.kernels.triton import fp8
+from mlakv.kernels.triton import fp8, rope_write
 from mlakv.testing.sm90 import compile_sm90
 
 PT = dict(NOPE=512, NOPE_P2=512, ROPE=64, ROPE_P2=64)
@@ -36,12 +36,23 @@ KERNELS = {
                            dict(PT, ROWS=2, DST=0, NATIVE=True)),
     "dequant_ds_mla": (fp8._dequant_ds_mla_kernel, GP, dict(GI, kv_row_stride=656),
                        dict(DS, ROWS=2, DST=0, NATIVE=True, ALIGN4=True)),
+    "rope_write_e4m3": (rope_write._rope_write_kernel,
+                        dict(kv_ptr="*u8", loc_ptr="*i64", pos_ptr="*i64", cs_ptr="*fp32", k_nope_ptr="*i16",
+                             k_pe_ptr="*i16", k_scale_ptr="*fp32", q_nope_ptr="*i16", q_pe_ptr="*i16", q_out_ptr="*u8",
+                             q_scale_ptr="*fp32"),
+                        dict(n=64, heads=16, kv_stride=576, loc_stride=1, pos_stride=1, cs_stride=64, kn_stride=512,
+                             kp_stride=64, qn_s0=8192, qn_s1=512, qp_s0=1024, qp_s1=64, qo_s0=9216, qo_s1=576,
+                             num_slots=5000, max_pos=8192, skip_index=-1, dcp_world=1, dcp_rank=0),
+                        dict(NOPE=512, NOPE_P2=512, HALF=32, HALF_P2=32, TILES_P2=4, FORMAT=1, SRC=0, NEOX=False,
+                             Q_FP8=True, Q_ROWS=1, NATIVE=True)),
 }
 out = {}
 for name in json.loads(sys.argv[1]):
     fn, ptrs, ints, consts = KERNELS[name]
     for trigger in range(3):
-        ptx = compile_sm90(fn, ptrs, ints, dict(consts, USE_PDL=True, TRIGGER=trigger), num_warps=2).asm["ptx"]
+        opts = dict(enable_fp_fusion=False) if name.startswith("rope") else {}
+        ptx = compile_sm90(fn, ptrs, ints, dict(consts, USE_PDL=True, TRIGGER=trigger), num_warps=2, int_type="i64",
+                           **opts).asm["ptx"]
         lines = ptx.splitlines()
         at = lambda pat: [i for i, l in enumerate(lines) if re.search(pat, l)]
         out[f"{name} {trigger}"] = dict(trigger=at(r"griddepcontrol\.launch_dependents"), wait=at(r"griddepcontrol\.wait"),
@@ -49,7 +60,7 @@ for name in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 
-KINDS = ["quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla"]
+KINDS = ["quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla", "rope_write_e4m3"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +95,8 @@ def test_a_place_that_is_not_one_is_refused_by_name(bad):
         trigger_code(bad)
 
 
-def test_every_fp8_table_row_names_a_place():
-    from mlakv.spec.tuning import FP8_TRITON_STEPS
+@pytest.mark.parametrize("table", ["FP8_TRITON_STEPS", "ROPE_TRITON_STEPS"])
+def test_every_table_row_names_a_place(table):
+    from mlakv.spec import tuning
 
-    assert {row[3] for rows in FP8_TRITON_STEPS.values() for row in rows} <= set(TRIGGER_PLACES)
+    assert {row[3] for rows in getattr(tuning, table).values() for row in rows} <= set(TRIGGER_PLACES)

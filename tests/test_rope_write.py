@@ -444,14 +444,14 @@ def _triton_sweep_shapes():
 def test_triton_launch_table_rows_per_call_kind(q_format):
     """Each call kind (FP8 query, ds_mla rows, other) has its own launch rows: n * H bounds increasing, the last unbounded, every
     shape one the sweep times (so each was checked bit-exact and timed on a GPU)."""
-    from mlakv.spec.tuning import ROPE_TRITON_STEPS, ROPE_TRITON_SWEEP, rope_triton_launch
+    from mlakv.spec.tuning import ROPE_TRITON_STEPS, ROPE_TRITON_SWEEP, TRIGGER_PLACES, rope_triton_launch
 
     steps = ROPE_TRITON_STEPS[q_format]
     bounds = [s[0] for s in steps[:-1]]
     assert steps[-1][0] is None and bounds == sorted(bounds) and None not in bounds
-    assert all(s[1:] in ROPE_TRITON_SWEEP for s in steps)
-    for max_n, warps, rows in steps:
-        assert rope_triton_launch(max_n if max_n is not None else 1 << 30, q_format) == (warps, rows)
+    assert all(s[1:3] in ROPE_TRITON_SWEEP and s[3] in TRIGGER_PLACES for s in steps)
+    for max_n, warps, rows, place in steps:
+        assert rope_triton_launch(max_n if max_n is not None else 1 << 30, q_format) == (warps, rows, place)
 
 
 @pytest.mark.parametrize("q_mode", ["16bit", "fp8"])
@@ -513,6 +513,35 @@ def test_triton_e4m3_query_program_with_a_special_value(warps, q_rows, dtype, sp
     launch_rope_write(call, num_warps=warps, q_rows=q_rows)
     assert_same(c["kv_buffer"], want_kv, "kv_buffer")
     assert_same(c["q_out"], want_q, "q_out")
+
+
+@pytest.mark.parametrize("trigger", ["entry", "wait", "end"])
+@pytest.mark.parametrize("q_mode", ["16bit", "fp8"])
+def test_triton_every_trigger_place(trigger, q_mode):
+    """The PDL trigger at each place the launcher takes (entry, right after the wait, after the stores):
+    the same bytes as the reference (the place moves timing only; on a GPU the launch uses PDL)."""
+    from mlakv.kernels.triton.rope_write import launch_rope_write
+
+    c = make_case(6, 4, torch.bfloat16, "per_tensor", q_mode, num_slots=32, seed=3)
+    want_kv, want_q = expected(c, "per_tensor", q_mode, False)
+    call = RopeWriteCall(c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], False,
+                         "per_tensor", as_scale(K_SCALE), c["q_nope"], c["q_pe"], c["q_out"],
+                         as_scale(Q_SCALE if q_mode == "fp8" else None))  # fmt: skip
+    launch_rope_write(call, trigger=trigger)
+    assert_same(c["kv_buffer"], want_kv, "kv_buffer")
+    assert_same(c["q_out"], want_q, "q_out")
+
+
+def test_triton_trigger_place_outside_the_three_is_refused():
+    from mlakv.kernels.triton.rope_write import launch_rope_write
+
+    c = make_case(2, 1, torch.bfloat16, None, "16bit", num_slots=8)
+    call = RopeWriteCall(c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], False,
+                         None, None, c["q_nope"], c["q_pe"], c["q_out"], None)
+    before = bits(c["kv_buffer"]).clone()
+    with pytest.raises(ValueError, match="trigger: expected one of"):
+        launch_rope_write(call, trigger="late")
+    assert torch.equal(bits(c["kv_buffer"]), before)
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)

@@ -216,10 +216,13 @@ def _launch_triton(call: RopeWriteCall, **launch) -> None:
 
 
 def triton_sweep_names() -> list[str]:
-    """The provider names of ``--triton-sweep``: one per shape of :data:`mlakv.spec.tuning.ROPE_TRITON_SWEEP`."""
+    """The provider names of ``--triton-sweep``: each shape of :data:`mlakv.spec.tuning.ROPE_TRITON_SWEEP`
+    with the PDL trigger right after the wait (``triton w<warps> q<rows>``), then at entry and after the
+    stores (``... entry``, ``... end``)."""
     from mlakv.spec.tuning import ROPE_TRITON_SWEEP
 
-    return [f"triton w{w} q{q}" for w, q in ROPE_TRITON_SWEEP]
+    names = [f"triton w{w} q{q}" for w, q in ROPE_TRITON_SWEEP]
+    return names + [f"{name} {place}" for place in ("entry", "end") for name in names]
 
 
 def fastest_triton(report: dict) -> list[str]:
@@ -318,9 +321,11 @@ def providers_for(variant: str, is_neox: bool, names: list[str]) -> tuple[dict, 
         "jit-w4": jit_variant(num_warps=4),
     }
     for name in names:
-        if name.startswith("triton w") and name not in table:  # a --triton-sweep shape: "triton w<warps> q<rows>"
-            w, q = (int(part[1:]) for part in name.split()[1:])
-            table[name] = lambda d, w=w, q=q: _launch_triton(args(d), num_warps=w, q_rows=q)
+        if name.startswith("triton w") and name not in table:  # a --triton-sweep shape: "triton w<warps> q<rows> [place]"
+            parts = name.split()
+            w, q = (int(part[1:]) for part in parts[1:3])
+            place = parts[3] if len(parts) > 3 else "wait"
+            table[name] = lambda d, w=w, q=q, place=place: _launch_triton(args(d), num_warps=w, q_rows=q, trigger=place)
         if name not in table:
             raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS + SWEEP}")
         if not on_gpu and name not in ("fused", "unfused"):

@@ -307,21 +307,23 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 #   20:51 UTC, the kernel with joined query pairs (`--variants fp8 --heads 16,128 --sizes
 #   8,64,1024,16384,65536 --providers fused,fused-triton --triton-sweep`; docs/h200-2026-12-03/run19):
 #   n=16384, H=128: 1145 us against 1283 for 2 x 2; n=65536, H=16: 667 against 712 (4 x 4: 666).
-ROPE_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int], ...]] = {
-    "bf16": ((1024, 1, 1), (16384, 4, 2), (None, 4, 8)),
-    "ds_mla": ((128, 4, 1), (1024, 1, 1), (16384, 4, 2), (None, 4, 8)),
-    "e4m3": ((128, 4, 1), (1024, 1, 1), (16384, 2, 2), (None, 4, 8)),
+ROPE_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, str], ...]] = {
+    "bf16": ((1024, 1, 1, "wait"), (16384, 4, 2, "wait"), (None, 4, 8, "wait")),
+    "ds_mla": ((128, 4, 1, "wait"), (1024, 1, 1, "wait"), (16384, 4, 2, "wait"), (None, 4, 8, "wait")),
+    "e4m3": ((128, 4, 1, "wait"), (1024, 1, 1, "wait"), (16384, 2, 2, "wait"), (None, 4, 8, "wait")),
 }
 ROPE_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03: bf16 and ds_mla 04:53 UTC, e4m3 04:44 UTC (docs/h200-2026-12-03/run8), e4m3 "
     "above 16384 query rows 20:51 UTC (docs/h200-2026-12-03/run19); `mlakv bench rope --triton-sweep`"
 )
+# Every row's PDL trigger sits right after the wait ("wait" of TRIGGER_PLACES), where the kernel had it
+# when the rows were measured.
 # the shapes `mlakv bench rope --triton-sweep` times: (warps, query rows per program)
 ROPE_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16))
 
 
-def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int]:
-    """``(num_warps, query rows per program)`` of the fused RoPE write's Triton kernel for ``q_items = n * H``
+def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int, str]:
+    """``(num_warps, query rows per program, PDL trigger place)`` of the fused RoPE write's Triton kernel for ``q_items = n * H``
     query rows of a call of ``kind`` (a key of :data:`ROPE_TRITON_STEPS`: ``"e4m3"`` for an FP8 query,
     else ``"ds_mla"`` for ds_mla cache rows, else ``"bf16"``)."""
     return _row_at(ROPE_TRITON_STEPS[kind], q_items)

@@ -31,6 +31,8 @@ when bounds are checked. All offsets are 64-bit. The launcher takes validated ar
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +43,7 @@ from mlakv.spec.rules import DS_MLA_SCALE_RULES
 from mlakv.spec.tuning import rope_triton_launch
 
 from .common import pdl_supported
+from .pdl import pdl_close, pdl_open, trigger_code
 from .fp8 import (
     divisor_hi, ds_mla_scaled, ds_mla_tile_scale, e4m3_finite, e4m3_signed, native_fp8_supported, quot_fast, quot_in_range,
 )  # fmt: skip
@@ -233,15 +236,13 @@ def _rope_write_kernel(
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
     TILES_P2: tl.constexpr, FORMAT: tl.constexpr, SRC: tl.constexpr, NEOX: tl.constexpr,
     Q_FP8: tl.constexpr, USE_PDL: tl.constexpr, RULE: tl.constexpr = 0, Q_ROWS: tl.constexpr = 1,
-    NATIVE: tl.constexpr = False, Q_JOIN: tl.constexpr = False,
+    NATIVE: tl.constexpr = False, Q_JOIN: tl.constexpr = False, TRIGGER: tl.constexpr = 1,
 ):  # fmt: skip
     # Strides in elements of each pointer's type (kv: int16 for 16-bit rows, bytes for FP8 formats;
     # q_out: int16 or bytes). 16-bit tensors arrive as int16 views.
     TILES: tl.constexpr = NOPE // 128  # ds_mla's scale tiles
     pid = tl.program_id(0).to(tl.int64)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the next grid's wait still covers all of this grid
+    pdl_open(USE_PDL, TRIGGER)  # the trigger's place (TRIGGER): mlakv.kernels.triton.pdl
     if pid < n:
         # ---- the cache row of token pid ----
         t = pid
@@ -296,13 +297,14 @@ def _rope_write_kernel(
         _query_rows(pid - n, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr,
                     q_out_ptr, q_scale_ptr, qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
                     NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_FP8, Q_ROWS, NATIVE, Q_JOIN)  # fmt: skip
+    pdl_close(USE_PDL, TRIGGER)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.select(1, 0) if t.dim() == 3 else t
 
 
-def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 0) -> None:
+def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 0, trigger: Optional[str] = None) -> None:
     """Launch the fused kernel: grid ``(n + cdiv(n * H, q_rows),)`` (``(n,)`` without a query).
 
     ``call``'s fields (validated by :func:`mlakv.ops.rope_write.set_mla_kv_buffer_rope`):
@@ -317,8 +319,9 @@ def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 
         skip_index: a slot skipped like padding (-1: none); dcp_world_size/dcp_rank: the owner rule.
         ds_mla_scale_rule: ds_mla's tile-scale rule (``"fp32_floor"``, ``"fp32"``, ``"ue8m0"``).
 
-    ``num_warps`` and ``q_rows`` (query rows per program) override the launch table
-    (:func:`mlakv.spec.tuning.rope_triton_launch`; 0: its choice), for the benchmark's sweep.
+    ``num_warps``, ``q_rows`` (query rows per program) and ``trigger`` (the PDL trigger's place, one of
+    :data:`mlakv.spec.tuning.TRIGGER_PLACES`) override the launch table
+    (:func:`mlakv.spec.tuning.rope_triton_launch`; 0/None: its choice), for the benchmark's sweep.
     """
     (kv_buffer, loc, k_nope, k_pe, positions, cos_sin_cache, is_neox_style, kv_cache_format, k_scale,
      q_nope, q_pe, q_out, q_scale, skip_index, dcp_world_size, dcp_rank, ds_mla_scale_rule) = call  # fmt: skip
@@ -346,8 +349,8 @@ def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 
         extra["enable_fp_fusion"] = False  # the rotation's products and sums are rounded one by one
     tiles = nope_dim // 128
     kind = "e4m3" if q_fp8 else "ds_mla" if kv_cache_format == "ds_mla" else "bf16"
-    warps, rows = rope_triton_launch(n * heads, kind)
-    warps, rows = num_warps or warps, q_rows or rows
+    warps, rows, place = rope_triton_launch(n * heads, kind)
+    warps, rows, place = num_warps or warps, q_rows or rows, trigger_code(trigger or place)
     _rope_write_kernel[(n + triton.cdiv(n * heads, rows),)](
         kv, loc, positions, cos_sin_cache, kn, kp, k_scale if k_scale is not None else dummy,
         qn, qp, qo, q_scale if q_scale is not None else dummy,
@@ -360,5 +363,5 @@ def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 
         FORMAT=FORMAT_CODE[kv_cache_format], SRC=src, NEOX=bool(is_neox_style), Q_FP8=q_fp8, USE_PDL=use_pdl,
         RULE=DS_MLA_SCALE_RULES.index(ds_mla_scale_rule) if kv_cache_format == "ds_mla" else 0,
         Q_ROWS=rows, NATIVE=kv.is_cuda and native_fp8_supported(kv.device.index or 0), Q_JOIN=rows >= warps,
-        num_warps=warps, **extra,
+        TRIGGER=place, num_warps=warps, **extra,
     )  # fmt: skip
