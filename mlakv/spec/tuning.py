@@ -373,11 +373,12 @@ TRIGGER_PLACES: tuple[str, ...] = ("entry", "wait", "end")
 # Measured: each row is the fastest shape of one sweep of every kernel at n_loc 1, 8, 64, 512, 1024,
 # 4096, 16384, 65536 (every shape checked bit-exact before it was timed; every shape with the trigger
 # at entry and right after the wait, then the fastest with it after the stores; docs/h200-2026-12-03/
-# run23/tune/fp8_tune.md). Up to 64 rows the trigger sits at entry; from 512 to 4096 rows the gathers
-# and at 512-1024 the writes take it right after the wait: at 1024 rows the gathers' best shapes with
-# it there take 1.28-1.29 us, against 1.50 or more for every shape with it at entry (the 1024-row gap
-# to the CUDA kernel of earlier runs); the ds_mla gather at 4096 2.20 against 2.38. At 16384-65536
-# rows the places are within 1 % of one another.
+# run23/tune/fp8_tune.md). Up to 64 rows the trigger sits at entry. Right after the wait: the ds_mla
+# gather at 65-4096 rows, the per_tensor gather and write at 513-1024, the ds_mla write at 65-1024. At
+# 1024 rows the gathers' best shapes with it there take 1.28-1.29 us, against 1.50 or more for every
+# shape with it at entry (the 1024-row gap to the CUDA kernel of earlier runs); the ds_mla gather at
+# 4096 2.20 against 2.38; the ds_mla write at 512 1.26 against 1.50. At 16384-65536 rows the places
+# are within 1 % of one another.
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, str], ...]] = {
     "quant_per_tensor": ((64, 4, 1, "entry"), (512, 2, 1, "entry"), (1024, 4, 4, "wait"), (4096, 8, 4, "entry"),
                          (16384, 2, 4, "entry"), (None, 2, 4, "end")),
