@@ -1,7 +1,10 @@
 """Where a Triton kernel lets the next grid launch (programmatic dependent launch, sm_90+).
 
-Why a module: the trigger's place is a launch choice the FP8 family's table makes per call size
-(:data:`mlakv.spec.tuning.TRIGGER_PLACES`), and each kernel of the family opens and closes the same way.
+Why a module: every Triton kernel of mlakv waits on the grid before it and triggers the next one the
+same way; the place of the trigger is a launch choice (:data:`mlakv.spec.tuning.TRIGGER_PLACES`): the
+FP8 and RoPE families name it per launch row, the row kernel, the row gather and the V4 stores choose
+entry or after the stores (their tables' ``early_trigger``), the paged gather and its plan trigger at
+entry and the indexer store right after the wait.
 On H200, in CUDA graphs of back-to-back calls, the place moves a call of a few hundred rows by up to a
 microsecond (docs/benchmarks.md), so it is measured per kernel and size, not fixed.
 
