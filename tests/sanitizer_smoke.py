@@ -568,7 +568,7 @@ class Smoke:
         from mlakv.ops.rope_write import set_mla_kv_buffer_rope
         from mlakv.ops.rope_write_reference import set_mla_kv_buffer_rope_torch
         from mlakv.spec.calls import RopeWriteCall
-        from mlakv.spec.tuning import ROPE_TRITON_SWEEP
+        from mlakv.spec.tuning import ROPE_TRITON_SWEEP, TRIGGER_PLACES
 
         max_pos, heads = 1000, 3
         cs = torch.randn(max_pos, 64, device="cuda")
@@ -626,6 +626,11 @@ class Smoke:
                                 runs[f"triton w{w} q{q}"] = lambda kv, qo, w=w, q=q: launch_rope_write(RopeWriteCall(
                                     kv, loc, k_nope, k_pe, pos, cs, neox, fmt, ks, q_nope, q_pe, qo, qs, RESERVED),
                                     num_warps=w, q_rows=q)  # fmt: skip
+                        if kind == "strided":  # the Triton kernel with its PDL trigger at each place
+                            for place in TRIGGER_PLACES:
+                                runs[f"triton trigger={place}"] = lambda kv, qo, place=place: launch_rope_write(
+                                    RopeWriteCall(kv, loc, k_nope, k_pe, pos, cs, neox, fmt, ks, q_nope, q_pe, qo, qs,
+                                                  RESERVED), trigger=place)  # fmt: skip
                         if kind == "contiguous":
                             runs["op"] = lambda kv, qo: set_mla_kv_buffer_rope(
                                 kv, loc, k_nope, k_pe, pos, cs, neox, q_nope=q_nope if has_q else None,

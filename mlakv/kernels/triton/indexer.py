@@ -28,7 +28,7 @@ from mlakv.spec.calls import IndexStoreCall
 from mlakv.spec.tuning import indexer_triton_launch
 
 from .common import interpreting, pdl_supported
-from .pdl import pdl_open
+from .pdl import WAIT, pdl_open
 from .fp8 import e4m3_finite, native_fp8_supported
 
 # The rule book's constants as compile-time constants (a compiled kernel reads only constexpr globals).
@@ -72,7 +72,7 @@ def _store_kernel(
     # ROWS keys per program: key r of the call is quantized and stored at slot loc[r] (row rules above).
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     in_call = r < n_rows
-    pdl_open(USE_PDL, 1)  # the trigger right after the wait; the next grid's wait still covers all of this grid
+    pdl_open(USE_PDL, WAIT)  # the trigger right after the wait; the next grid's wait still covers all of this grid
     raw = tl.load(loc_ptr + r * loc_stride, mask=in_call, other=-1).to(tl.int64)
     cols = tl.arange(0, 128)
     v = tl.load(src_ptr + r[:, None] * src_stride + cols[None, :], mask=in_call[:, None], other=0)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from mlakv.kernels.triton.common import pdl_supported, widest_word
-from mlakv.kernels.triton.pdl import pdl_open
+from mlakv.kernels.triton.pdl import ENTRY, pdl_open
 from mlakv.spec.calls import TokenSlotPlan
 from mlakv.spec import tuning
 
@@ -92,7 +92,7 @@ def _token_slots_kernel(
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # PDL: the gather that reads these rows may launch at once; its wait covers this grid's stores.
-    pdl_open(USE_PDL, 0)  # the trigger at entry
+    pdl_open(USE_PDL, ENTRY)
     t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = t < total
     block, off, ok = _locate(
@@ -226,7 +226,7 @@ def _paged_gather_kernel(
 ):  # fmt: skip
     # ROWS output rows per program: locate each row's slot, then copy part A (and part B when
     # B_UNIT > 0) of it. Strides are in each part's words.
-    pdl_open(USE_PDL, 0)  # the trigger at entry
+    pdl_open(USE_PDL, ENTRY)
     t = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     live = t < total
     block, off, ok = _locate(

@@ -25,7 +25,12 @@ import triton.language as tl
 
 from mlakv.spec.tuning import TRIGGER_PLACES
 
-__all__ = ["pdl_open", "pdl_close", "trigger_code"]
+__all__ = ["pdl_open", "pdl_close", "trigger_code", "ENTRY", "WAIT", "END"]
+
+#: the ``TRIGGER`` codes of the places, for kernels with a fixed place or a two-way choice
+ENTRY = tl.constexpr(0)
+WAIT = tl.constexpr(1)
+END = tl.constexpr(2)
 
 
 def trigger_code(place: str) -> int:
@@ -40,10 +45,10 @@ def trigger_code(place: str) -> int:
 def pdl_open(USE_PDL: tl.constexpr, TRIGGER: tl.constexpr):
     """Before the kernel's first load: the wait on the grid before, and the trigger at ``entry``/``wait``."""
     if USE_PDL:
-        if TRIGGER == 0:
+        if TRIGGER == ENTRY:
             tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        if TRIGGER == 1:
+        if TRIGGER == WAIT:
             tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -51,5 +56,5 @@ def pdl_open(USE_PDL: tl.constexpr, TRIGGER: tl.constexpr):
 def pdl_close(USE_PDL: tl.constexpr, TRIGGER: tl.constexpr):
     """After the kernel's last store: the trigger at ``end``."""
     if USE_PDL:
-        if TRIGGER == 2:
+        if TRIGGER == END:
             tl.extra.cuda.gdc_launch_dependents()

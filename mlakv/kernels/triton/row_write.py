@@ -22,7 +22,7 @@ import triton.language as tl
 from mlakv.spec.tuning import triton_convert_launch, triton_gather_launch, triton_row_launch
 
 from .common import as_triton_dtype, interpreting, pdl_supported
-from .pdl import pdl_close, pdl_open
+from .pdl import END, ENTRY, pdl_close, pdl_open
 
 __all__ = ["launch_set_kv_rows", "launch_get_kv_rows", "row_kernel_block"]
 
@@ -141,7 +141,7 @@ def _set_kv_rows_kernel(
     # stride may pass 2^31). PDL: the trigger carries no memory ordering (the next grid's wait covers
     # this grid's stores), so it may come at entry (EARLY_TRIGGER) or after the stores; the tuning
     # table picks per size.
-    pdl_open(USE_PDL, 0 if EARLY_TRIGGER else 2)
+    pdl_open(USE_PDL, ENTRY if EARLY_TRIGGER else END)
     i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     src = tl.minimum(i, n_loc - 1)  # rows past the call re-read the last row and store nothing
     slot = tl.load(loc_ptr + src * loc_stride).to(tl.int64)
@@ -170,7 +170,7 @@ def _set_kv_rows_kernel(
     tl.store(dst + on, a, mask=mn & live)
     if ROPE > 0:
         tl.store(dst + NOPE + orr, b, mask=mr & live)
-    pdl_close(USE_PDL, 0 if EARLY_TRIGGER else 2)
+    pdl_close(USE_PDL, ENTRY if EARLY_TRIGGER else END)
 
 
 def launch_set_kv_rows(
@@ -252,7 +252,7 @@ def _get_kv_rows_kernel(
     # program's tail) read loc's last entry and store nothing. PDL: every load and store comes after the
     # wait (the previous grid may write kv, or have read memory the outputs now reuse); the trigger
     # carries no memory ordering, so it may come at entry or after the stores.
-    pdl_open(USE_PDL, 0 if EARLY_TRIGGER else 2)
+    pdl_open(USE_PDL, ENTRY if EARLY_TRIGGER else END)
     i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     out = (i < n_loc)[:, None]
     slot = tl.load(loc_ptr + tl.minimum(i, n_loc - 1) * loc_stride).to(tl.int64)
@@ -269,7 +269,7 @@ def _get_kv_rows_kernel(
     tl.store(nope_out_ptr + i[:, None] * NOPE + on, a, mask=mn & out)
     if ROPE > 0:
         tl.store(rope_out_ptr + i[:, None] * ROPE + orr, b, mask=mr & out)
-    pdl_close(USE_PDL, 0 if EARLY_TRIGGER else 2)
+    pdl_close(USE_PDL, ENTRY if EARLY_TRIGGER else END)
 
 
 def launch_get_kv_rows(

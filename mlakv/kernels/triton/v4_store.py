@@ -61,7 +61,7 @@ from mlakv.spec.calls import V4StoreCall
 from mlakv.spec.tuning import v4_triton_launch
 
 from .common import interpreting, pdl_supported
-from .pdl import pdl_close, pdl_open
+from .pdl import END, ENTRY, pdl_close, pdl_open
 from .fp8 import native_fp8_supported
 
 __all__ = ["ENCODINGS", "launch_v4_store", "launch_v4_gather", "packed_half_compare_supported"]
@@ -359,7 +359,7 @@ def _v4_store_kernel(
     # One program stores TOKENS tokens as one [TOKENS, 512] block; every offset is int64. PDL: the
     # trigger carries no memory ordering (the next grid's wait covers this grid's stores), so it may
     # come at entry.
-    pdl_open(USE_PDL, 0 if EARLY_TRIGGER else 2)
+    pdl_open(USE_PDL, ENTRY if EARLY_TRIGGER else END)
     INF16: tl.constexpr = 0x7F80 if IS_BF16 else 0x7C00
     i = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     src = tl.minimum(i, n - 1)  # a program's tokens past the call re-read the last one; never stored
@@ -466,7 +466,7 @@ def _v4_store_kernel(
                 tl.store(data[:, None] + 448 + b128, rb, mask=live[:, None])
             else:  # fp16 -> bf16, nearest even
                 _store_bytes16(data + 448, _bf16_bits(_f32(tail, IS_BF16)), live, TOKENS, 64)
-    pdl_close(USE_PDL, 0 if EARLY_TRIGGER else 2)
+    pdl_close(USE_PDL, ENTRY if EARLY_TRIGGER else END)
 
 
 def launch_v4_store(
