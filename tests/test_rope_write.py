@@ -499,8 +499,8 @@ def test_triton_e4m3_query_program_with_a_special_value(warps, q_rows, dtype, sp
     """An e4m3 query with one (token, head) row holding NaN, inf, a value past the fast division's
     range (bf16; inf in fp16) or fp16's largest finite value (in its nope part, and in a rotated pair of
     another row), beside finite rows of the same program, at every launch shape: every row comes out
-    as the reference's. The kernel takes a shorter path in a program whose nope values are all finite
-    and in range and runs the general one otherwise (the rope always takes it), so one row's values must not change another's bytes."""
+    as the reference's. The kernel takes a shorter path in a program whose values are all finite and in
+    range and runs the general one otherwise, so one row's values must not change another's bytes."""
     from mlakv.kernels.triton.rope_write import launch_rope_write
 
     n, h = 5, 3

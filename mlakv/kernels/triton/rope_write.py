@@ -14,10 +14,9 @@ so its rows are batched per program; the launch table picks ``Q_ROWS`` and the w
   arithmetic (the interpreter's bf16 casts truncate and flush subnormals; the bit arithmetic is the
   same on every GPU and in the interpreter); fp16 is cast (exact widening, RNE narrowing);
 * divisions are correctly rounded (``div_rn``, or the FP8 write's fast quotient for a call's one scale);
-  an e4m3 query program whose scale and nope values all lie in that quotient's exact range (one test
-  per program, on the 16-bit source bits) converts its nope without a clamp or NaN select per value,
-  any other program its nope a row at a time through the general conversion (so its registers do not
-  set the kernel's); the rotated rope (two values a lane) always takes the general conversion;
+  an e4m3 query program whose scale and values all lie in that quotient's exact range (one test per
+  program, on the 16-bit source bits) converts without a clamp or NaN select per value, any other
+  program a row at a time through the general conversion (so its registers do not set the kernel's);
   e4m3 rounding is the FP8 write's (:func:`mlakv.kernels.triton.fp8.e4m3_signed`: the hardware
   conversion on sm_89+, integer arithmetic elsewhere; RNE, saturating, NaN -> 0x7F);
   ``ds_mla``'s tile scales follow the call's rule (``RULE``; the helpers are the FP8 write's,
@@ -27,10 +26,7 @@ Row selection: a cache row is written only when ``loc >= 0``, ``loc != skip_inde
 ``loc % dcp_world == dcp_rank`` (landing at ``loc // dcp_world``) and that row is below
 ``num_slots``. A token whose position lies outside ``[0, max_pos)`` reads no table row and writes
 nothing (neither its cache row nor its ``q_out`` rows); the Python side raises ``IndexError`` for it
-when bounds are checked. Sources are loaded whatever loc and the position say (each row a program
-names exists; query programs past the last row read row 0), so no source load waits on another load;
-the nope is converted and stored first, ahead of the rope's chain position -> table row -> rotation.
-All offsets are 64-bit. The launcher takes validated arguments.
+when bounds are checked. All offsets are 64-bit. The launcher takes validated arguments.
 """
 
 from __future__ import annotations
@@ -103,18 +99,14 @@ def _div_by_scale(x, s):
 
 
 @triton.jit
-def _rope_load(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.constexpr, SRC: tl.constexpr, ok,
-               JOIN: tl.constexpr = False):
-    """Load the rope values of rows ``pe_row`` (a pointer, or ``[R, 1]`` pointers) and their table rows
-    ``cs_row`` (alike): ``(a_off, b_off, xa, xb, c, s, jm)``, the pair offsets ``[1, HALF_P2]``, the
-    pairs' values (fp32), the table's cos and sin and the store mask (``[1 or R, HALF_P2]``); turned
-    by :func:`_rope_turn`. Pair j is (j, j + HALF) (neox) or (2j, 2j + 1). ``ok`` (a bool, or ``[R, 1]``:
-    the row is written) masks the table loads and the stores; the rope loads are masked by the width
-    only (every row a caller names exists), so they do not wait on the loads that decide ``ok``. A
-    caller loads before its first store (the compiler keeps no load of this kind ahead of a store).
-    Interleaved pairs are loaded as one contiguous ``[R, 2 * HALF_P2]`` block and split in registers
-    (two stride-2 loads made Triton lay the pairs out across threads and convert them through shared
-    memory)."""
+def _rotate(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: tl.constexpr, SRC: tl.constexpr, ok,
+            JOIN: tl.constexpr = False):
+    """Rotate the rope values of rows ``pe_row`` (a pointer, or ``[R, 1]`` pointers) with table rows
+    ``cs_row`` (alike): ``(a_off, b_off, ra, rb, jm)``, the pair offsets ``[1, HALF_P2]``, the rotated
+    values' source-dtype bits and the mask (``[1 or R, HALF_P2]``). Pair j is (j, j + HALF) (neox) or
+    (2j, 2j + 1); ``ok`` (a bool, or ``[R, 1]``) masks the loads. Interleaved pairs are loaded as one
+    contiguous ``[R, 2 * HALF_P2]`` block and split in registers (two stride-2 loads made Triton lay
+    the pairs out across threads and convert them through shared memory)."""
     j = tl.arange(0, HALF_P2)[None, :]
     jm = (j < HALF) & ((tl.zeros_like(j) + ok.to(tl.int32)) != 0)
     if NEOX:
@@ -124,27 +116,24 @@ def _rope_load(pe_row, cs_row, HALF: tl.constexpr, HALF_P2: tl.constexpr, NEOX: 
         a_off = 2 * j
         b_off = 2 * j + 1
     if NEOX or not JOIN:
-        xa = _widen(tl.load(pe_row + a_off, mask=j < HALF, other=0), SRC)
-        xb = _widen(tl.load(pe_row + b_off, mask=j < HALF, other=0), SRC)
+        xa = _widen(tl.load(pe_row + a_off, mask=jm, other=0), SRC)
+        xb = _widen(tl.load(pe_row + b_off, mask=jm, other=0), SRC)
     else:
         k = tl.arange(0, 2 * HALF_P2)[None, :]
-        x = _widen(tl.load(pe_row + k, mask=k < 2 * HALF, other=0), SRC)  # [1 or R, 2 * HALF_P2]
+        km = (k < 2 * HALF) & ((tl.zeros_like(k) + ok.to(tl.int32)) != 0)
+        x = _widen(tl.load(pe_row + k, mask=km, other=0), SRC)  # [1 or R, 2 * HALF_P2]
         xa, xb = tl.split(tl.reshape(x, (x.shape[0], HALF_P2, 2)))
     c = tl.load(cs_row + j, mask=jm, other=0.0)
     s = tl.load(cs_row + HALF + j, mask=jm, other=0.0)
-    return a_off, b_off, xa, xb, c, s, jm
-
-
-@triton.jit
-def _rope_turn(xa, xb, c, s, SRC: tl.constexpr):
-    """The rotated pairs of :func:`_rope_load`'s values as source-dtype bits (int32): ``(ra, rb)``."""
-    return _round_bits(xa * c - xb * s, SRC), _round_bits(xa * s + xb * c, SRC)
+    ra = _round_bits(xa * c - xb * s, SRC)
+    rb = _round_bits(xa * s + xb * c, SRC)
+    return a_off, b_off, ra, rb, jm
 
 
 @triton.jit
 def _store_pairs(dst, a_off, b_off, va, vb, jm, HALF_P2: tl.constexpr, NEOX: tl.constexpr, JOIN: tl.constexpr):
     """Store the rotated pairs' values ``va``, ``vb`` (``[1 or R, HALF_P2]``, one dtype) at ``dst + a_off``,
-    ``dst + b_off`` under mask ``jm`` (:func:`_rope_load`'s); interleaved pairs as one contiguous block
+    ``dst + b_off`` under mask ``jm`` (:func:`_rotate`'s); interleaved pairs as one contiguous block
     ``[R, 2 * HALF_P2]`` (each pair side by side in one thread: one wide store, not two strided ones)."""
     if NEOX or not JOIN:
         tl.store(dst + a_off, va, mask=jm)
@@ -157,26 +146,30 @@ def _store_pairs(dst, a_off, b_off, va, vb, jm, HALF_P2: tl.constexpr, NEOX: tl.
 
 
 @triton.jit
-def _query_nope(
-    item, n, heads, pos_ptr, pos_stride, max_pos, q_nope_ptr, q_out_ptr, qn_s0, qn_s1, qo_s0, qo_s1,
-    NOPE: tl.constexpr, NOPE_P2: tl.constexpr,
+def _query_load(
+    item, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr,
+    qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
+    NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, SRC: tl.constexpr,
+    NEOX: tl.constexpr, JOIN: tl.constexpr,
 ):  # fmt: skip
-    """The nope part of query rows ``item [R]`` (``(token, head)`` flat indices): ``(t, h, pos [R],
-    pos_ok [R, 1], q_dst [R, 1], offs [1, NOPE_P2], ok_n, nb)``: the rows' tokens, heads and positions,
-    whether a row is written (it exists and its position is in range), the destination row pointers,
-    the nope offsets with the store mask ``ok_n`` and the nope's source bits ``nb``. The nope is loaded
-    whatever the position says (rows at or past ``n * heads`` read row 0), so its load does not wait on
-    the position's; only the stores are masked."""
+    """The query rows ``item [R]`` (``(token, head)`` flat indices): ``(q_dst [R, 1], offs, ok_n, nb,
+    a_off, b_off, ra, rb, jm)``: destination row pointers, the nope offsets ``[1, NOPE_P2]`` with
+    their mask ``ok_n`` and source bits ``nb``, the rotated pairs of :func:`_rotate`. Rows at or past
+    ``n * heads`` and tokens whose position is out of range are masked out (nothing read or stored)."""
     live = item < n * heads
     item = tl.where(live, item, 0)
     t = item // heads
     h = item - t * heads
     pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
     pos_ok = ((pos >= 0) & (pos < max_pos) & live)[:, None]  # [R, 1]
+    cs_row = (cs_ptr + tl.where((pos >= 0) & (pos < max_pos), pos, 0) * cs_stride)[:, None]
+    pe_row = (q_pe_ptr + t * qp_s0 + h * qp_s1)[:, None]
+    a_off, b_off, ra, rb, jm = _rotate(pe_row, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok, JOIN)
     offs = tl.arange(0, NOPE_P2)[None, :]
-    nb = tl.load((q_nope_ptr + t * qn_s0 + h * qn_s1)[:, None] + offs, mask=offs < NOPE, other=0)
+    ok_n = pos_ok & (offs < NOPE)
+    nb = tl.load((q_nope_ptr + t * qn_s0 + h * qn_s1)[:, None] + offs, mask=ok_n, other=0)
     q_dst = (q_out_ptr + t * qo_s0 + h * qo_s1)[:, None]
-    return t, h, pos, pos_ok, q_dst, offs, pos_ok & (offs < NOPE), nb
+    return q_dst, offs, ok_n, nb, a_off, b_off, ra, rb, jm
 
 
 @triton.jit
@@ -187,50 +180,49 @@ def _query_rows(
     NEOX: tl.constexpr, Q_FP8: tl.constexpr, Q_ROWS: tl.constexpr, NATIVE: tl.constexpr, Q_JOIN: tl.constexpr,
 ):  # fmt: skip
     """Query program ``qpid``: ``Q_ROWS`` consecutive ``(token, head)`` rows of ``q_out`` (rows past
-    ``n * heads`` and tokens whose position is out of range write nothing). The nope's conversion and
-    stores come first: they depend on the nope's load only, not on the chain position -> table row ->
-    rotation that the rope's wait on."""
+    ``n * heads`` and tokens whose position is out of range write nothing)."""
     item = qpid * Q_ROWS + tl.arange(0, Q_ROWS)
-    t, h, pos, pos_ok, q_dst, offs, ok_n, nb = _query_nope(
-        item, n, heads, pos_ptr, pos_stride, max_pos, q_nope_ptr, q_out_ptr, qn_s0, qn_s1, qo_s0, qo_s1, NOPE, NOPE_P2
+    q_dst, offs, ok_n, nb, a_off, b_off, ra, rb, jm = _query_load(
+        item, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr, q_out_ptr,
+        qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1, NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_JOIN,
     )  # fmt: skip
-    cs_row = cs_ptr + tl.where(pos_ok, pos[:, None], 0) * cs_stride
-    pe_row = (q_pe_ptr + t * qp_s0 + h * qp_s1)[:, None]
-    a_off, b_off, xa, xb, c, s, jm = _rope_load(pe_row, cs_row, HALF, HALF_P2, NEOX, SRC, pos_ok, Q_JOIN)
     if Q_FP8:
         qs = tl.load(q_scale_ptr)
         e = qs.to(tl.int32, bitcast=True) >> 23
-        # The nope: every |x|'s 16-bit magnitude below lim (each value finite and, bf16, below the fast
+        # |x|'s 16-bit magnitude must stay below lim: every value finite and (bf16) below the fast
         # division's end divisor_hi(e), a multiple of 2^23, so exact in 16-bit form; any finite fp16 is
-        # below it: e >= 47 puts it past 2^21) lets the whole block convert without a clamp or NaN
-        # select per value. Tested on the source bits, so only they stay live.
+        # below it (e >= 47 puts it past 2^21). Tested on the source bits, so only they stay live.
         if SRC == 0:
             lim = divisor_hi(e) >> 16
         else:
             lim = 0x7C00
-        m = tl.max(nb.to(tl.int32) & 0x7FFF)
+        m = tl.maximum(tl.max(nb.to(tl.int32) & 0x7FFF), tl.maximum(tl.max(ra & 0x7FFF), tl.max(rb & 0x7FFF)))
         if (e >= 47) & (e <= 252) & (m < lim):
+            r = tl.math.div_rn(tl.full([], 1.0, tl.float32), qs)
             xn = _widen(nb, SRC)
-            yn = quot_in_range(xn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xn, qs,
-                               tl.math.div_rn(tl.full([], 1.0, tl.float32), qs))
+            xa = _widen(ra.to(tl.int16), SRC)
+            xb = _widen(rb.to(tl.int16), SRC)
+            yn = quot_in_range(xn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xn, qs, r)
+            ya = quot_in_range(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xa, qs, r)
+            yb = quot_in_range(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xb, qs, r)
             tl.store(q_dst + offs, e4m3_finite(yn, NATIVE), mask=ok_n)
+            _store_pairs(q_dst + NOPE, a_off, b_off, e4m3_finite(ya, NATIVE), e4m3_finite(yb, NATIVE), jm, HALF_P2, NEOX, Q_JOIN)
         else:
             # Any other program: the general conversion, one row at a time from memory (the whole
             # block's general path would set the kernel's register count for the common case too).
             for k in range(Q_ROWS):
-                _, _, _, _, g_dst, g_offs, g_ok, g_nb = _query_nope(
-                    qpid * Q_ROWS + k + tl.arange(0, 1), n, heads, pos_ptr, pos_stride, max_pos, q_nope_ptr,
-                    q_out_ptr, qn_s0, qn_s1, qo_s0, qo_s1, NOPE, NOPE_P2,
+                g_dst, g_offs, g_ok, g_nb, g_a, g_b, g_ra, g_rb, g_jm = _query_load(
+                    qpid * Q_ROWS + k + tl.arange(0, 1), n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride,
+                    q_nope_ptr, q_pe_ptr, q_out_ptr, qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
+                    NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, False,
                 )  # fmt: skip
-                tl.store(g_dst + g_offs, e4m3_signed(_div_by_scale(_widen(g_nb, SRC), qs), NATIVE), mask=g_ok)
-        # The rope (two values a lane for one row a warp): the general conversion.
-        ra, rb = _rope_turn(xa, xb, c, s, SRC)
-        ga = e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), qs), NATIVE)
-        gb = e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), qs), NATIVE)
-        _store_pairs(q_dst + NOPE, a_off, b_off, ga, gb, jm, HALF_P2, NEOX, Q_JOIN)
+                gn = e4m3_signed(_div_by_scale(_widen(g_nb, SRC), qs), NATIVE)
+                ga = e4m3_signed(_div_by_scale(_widen(g_ra.to(tl.int16), SRC), qs), NATIVE)
+                gb = e4m3_signed(_div_by_scale(_widen(g_rb.to(tl.int16), SRC), qs), NATIVE)
+                tl.store(g_dst + g_offs, gn, mask=g_ok)
+                _store_pairs(g_dst + NOPE, g_a, g_b, ga, gb, g_jm, HALF_P2, NEOX, False)
     else:
         tl.store(q_dst + offs, nb, mask=ok_n)
-        ra, rb = _rope_turn(xa, xb, c, s, SRC)
         _store_pairs(q_dst + NOPE, a_off, b_off, ra.to(tl.int16), rb.to(tl.int16), jm, HALF_P2, NEOX, Q_JOIN)
 
 
@@ -259,28 +251,27 @@ def _rope_write_kernel(
         pos_ok = (pos >= 0) & (pos < max_pos)
         row = slot // dcp_world
         keep = (slot >= 0) & (slot != skip_index) & (slot - row * dcp_world == dcp_rank) & (row < num_slots) & pos_ok
+        cs_row = cs_ptr + tl.where(pos_ok, pos, 0) * cs_stride
+        a_off, b_off, ra, rb, jm = _rotate(k_pe_ptr + t * kp_stride, cs_row, HALF, HALF_P2, NEOX, SRC, keep)
         dst = kv_ptr + tl.where(keep, row, 0) * kv_stride
         offs = tl.arange(0, NOPE_P2)[None, :]
         keep_n = ((tl.zeros_like(offs) + keep.to(tl.int32)) != 0) & (offs < NOPE)
-        # Every load first, whatever loc and the position say for the sources (row t exists); then the
-        # nope, converted and stored ahead of the rope, whose rotation waits on the chain position ->
-        # table row.
-        tt = tl.arange(0, TILES_P2)[:, None]
-        toffs = tt * 128 + tl.arange(0, 128)[None, :]
-        if FORMAT == 2:
-            nb = tl.load(k_nope_ptr + t * kn_stride + toffs, mask=tt < TILES, other=0)  # [TILES_P2, 128]
-        else:
-            nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=offs < NOPE, other=0)
-        cs_row = cs_ptr + tl.where(pos_ok, pos, 0) * cs_stride
-        a_off, b_off, xa, xb, c, s, jm = _rope_load(k_pe_ptr + t * kp_stride, cs_row, HALF, HALF_P2, NEOX, SRC, keep)
         if FORMAT == 0:  # 16-bit row: [nope | rotated rope] as bits
+            nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
             tl.store(dst + offs, nb, mask=keep_n)
+            _store_pairs(dst + NOPE, a_off, b_off, ra.to(tl.int16), rb.to(tl.int16), jm, HALF_P2, NEOX, False)
         elif FORMAT == 1:  # per_tensor: e4m3(x / k_scale)
             ks = tl.load(k_scale_ptr)
+            nb = tl.load(k_nope_ptr + t * kn_stride + offs, mask=keep_n, other=0)
             tl.store(dst + offs, e4m3_signed(_div_by_scale(_widen(nb, SRC), ks), NATIVE), mask=keep_n)
+            qa = e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), ks), NATIVE)
+            qb = e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), ks), NATIVE)
+            _store_pairs(dst + NOPE, a_off, b_off, qa, qb, jm, HALF_P2, NEOX, False)
         else:  # ds_mla: [e4m3 nope in tiles of 128 | fp32 tile scales | bf16 rope]
+            tt = tl.arange(0, TILES_P2)[:, None]
+            toffs = tt * 128 + tl.arange(0, 128)[None, :]
             keep_t = ((tl.zeros([TILES_P2, 128], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
-            x = _widen(nb, SRC)
+            x = _widen(tl.load(k_nope_ptr + t * kn_stride + toffs, mask=keep_t, other=0), SRC)
             scale = ds_mla_tile_scale(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, RULE, 1)  # [TILES_P2]
             if RULE == 0:  # fp32_floor: x / scale
                 y = tl.math.div_rn(x, scale[:, None])
@@ -291,14 +282,6 @@ def _rope_write_kernel(
             sbits = scale.to(tl.int32, bitcast=True)[:, None]
             keep_s = ((tl.zeros([TILES_P2, 4], dtype=tl.int32) + keep.to(tl.int32)) != 0) & (tt < TILES)
             tl.store(dst + NOPE + tt * 4 + k4, ((sbits >> (8 * k4)) & 0xFF).to(tl.uint8), mask=keep_s)
-        ra, rb = _rope_turn(xa, xb, c, s, SRC)
-        if FORMAT == 0:
-            _store_pairs(dst + NOPE, a_off, b_off, ra.to(tl.int16), rb.to(tl.int16), jm, HALF_P2, NEOX, False)
-        elif FORMAT == 1:
-            qa = e4m3_signed(_div_by_scale(_widen(ra.to(tl.int16), SRC), ks), NATIVE)
-            qb = e4m3_signed(_div_by_scale(_widen(rb.to(tl.int16), SRC), ks), NATIVE)
-            _store_pairs(dst + NOPE, a_off, b_off, qa, qb, jm, HALF_P2, NEOX, False)
-        else:
             if SRC == 0:
                 ba = ra
                 bb = rb
