@@ -40,11 +40,11 @@ KERNELS = {
                         dict(kv_ptr="*u8", loc_ptr="*i64", pos_ptr="*i64", cs_ptr="*fp32", k_nope_ptr="*i16",
                              k_pe_ptr="*i16", k_scale_ptr="*fp32", q_nope_ptr="*i16", q_pe_ptr="*i16", q_out_ptr="*u8",
                              q_scale_ptr="*fp32"),
-                        dict(n=64, heads=16, kv_stride=576, loc_stride=1, pos_stride=1, cs_stride=64, kn_stride=512,
+                        dict(n=64, kv_stride=576, loc_stride=1, pos_stride=1, cs_stride=64, kn_stride=512,
                              kp_stride=64, qn_s0=8192, qn_s1=512, qp_s0=1024, qp_s1=64, qo_s0=9216, qo_s1=576,
                              num_slots=5000, max_pos=8192, skip_index=-1, dcp_world=1, dcp_rank=0),
                         dict(NOPE=512, NOPE_P2=512, HALF=32, HALF_P2=32, TILES_P2=4, FORMAT=1, SRC=0, NEOX=False,
-                             Q_FP8=True, Q_ROWS=1, NATIVE=True)),
+                             Q_FP8=True, Q_ROWS=1, NATIVE=True, HEADS=16)),
 }
 out = {}
 for name in json.loads(sys.argv[1]):

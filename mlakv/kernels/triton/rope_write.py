@@ -230,16 +230,19 @@ def _query_rows(
 def _rope_write_kernel(
     kv_ptr, loc_ptr, pos_ptr, cs_ptr, k_nope_ptr, k_pe_ptr, k_scale_ptr,
     q_nope_ptr, q_pe_ptr, q_out_ptr, q_scale_ptr,
-    n, heads, kv_stride, loc_stride, pos_stride, cs_stride, kn_stride, kp_stride,
+    n, kv_stride, loc_stride, pos_stride, cs_stride, kn_stride, kp_stride,
     qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
     num_slots, max_pos, skip_index, dcp_world, dcp_rank,
     NOPE: tl.constexpr, NOPE_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
     TILES_P2: tl.constexpr, FORMAT: tl.constexpr, SRC: tl.constexpr, NEOX: tl.constexpr,
     Q_FP8: tl.constexpr, USE_PDL: tl.constexpr, RULE: tl.constexpr = 0, Q_ROWS: tl.constexpr = 1,
-    NATIVE: tl.constexpr = False, Q_JOIN: tl.constexpr = False, TRIGGER: tl.constexpr = 1,
+    NATIVE: tl.constexpr = False, Q_JOIN: tl.constexpr = False, TRIGGER: tl.constexpr = 1, HEADS: tl.constexpr = 1,
 ):  # fmt: skip
     # Strides in elements of each pointer's type (kv: int16 for 16-bit rows, bytes for FP8 formats;
-    # q_out: int16 or bytes). 16-bit tensors arrive as int16 views.
+    # q_out: int16 or bytes). 16-bit tensors arrive as int16 views. HEADS, the query's heads, is a
+    # constant of the build (one build per head count a model runs): a query row's (token, head) is a
+    # division by a constant (a shift for a power of two), not a 64-bit division by a runtime value,
+    # whose out-of-line slow path the compiler keeps beside it.
     TILES: tl.constexpr = NOPE // 128  # ds_mla's scale tiles
     pid = tl.program_id(0).to(tl.int64)
     pdl_open(USE_PDL, TRIGGER)  # the trigger's place (TRIGGER): mlakv.kernels.triton.pdl
@@ -294,7 +297,7 @@ def _rope_write_kernel(
             tl.store(rope_dst + 2 * b_off, (bb & 0xFF).to(tl.uint8), mask=jm)
             tl.store(rope_dst + 2 * b_off + 1, ((bb >> 8) & 0xFF).to(tl.uint8), mask=jm)
     else:
-        _query_rows(pid - n, n, heads, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr,
+        _query_rows(pid - n, n, HEADS, pos_ptr, pos_stride, max_pos, cs_ptr, cs_stride, q_nope_ptr, q_pe_ptr,
                     q_out_ptr, q_scale_ptr, qn_s0, qn_s1, qp_s0, qp_s1, qo_s0, qo_s1,
                     NOPE, NOPE_P2, HALF, HALF_P2, SRC, NEOX, Q_FP8, Q_ROWS, NATIVE, Q_JOIN)  # fmt: skip
     pdl_close(USE_PDL, TRIGGER)
@@ -354,7 +357,7 @@ def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 
     _rope_write_kernel[(n + triton.cdiv(n * heads, rows),)](
         kv, loc, positions, cos_sin_cache, kn, kp, k_scale if k_scale is not None else dummy,
         qn, qp, qo, q_scale if q_scale is not None else dummy,
-        n, max(heads, 1), kv.stride(0), loc.stride(0), positions.stride(0), cos_sin_cache.stride(0),
+        n, kv.stride(0), loc.stride(0), positions.stride(0), cos_sin_cache.stride(0),
         kn.stride(0), kp.stride(0), qn.stride(0), qn.stride(1) if qn.dim() == 3 else 0,
         qp.stride(0), qp.stride(1) if qp.dim() == 3 else 0, qo.stride(0), qo.stride(1) if qo.dim() == 3 else 0,
         kv.shape[0], cos_sin_cache.shape[0], skip_index, dcp_world_size, dcp_rank,
@@ -363,5 +366,5 @@ def launch_rope_write(call: RopeWriteCall, *, num_warps: int = 0, q_rows: int = 
         FORMAT=FORMAT_CODE[kv_cache_format], SRC=src, NEOX=bool(is_neox_style), Q_FP8=q_fp8, USE_PDL=use_pdl,
         RULE=DS_MLA_SCALE_RULES.index(ds_mla_scale_rule) if kv_cache_format == "ds_mla" else 0,
         Q_ROWS=rows, NATIVE=kv.is_cuda and native_fp8_supported(kv.device.index or 0), Q_JOIN=rows >= warps,
-        TRIGGER=place, num_warps=warps, **extra,
+        TRIGGER=place, HEADS=max(heads, 1), num_warps=warps, **extra,
     )  # fmt: skip
