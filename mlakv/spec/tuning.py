@@ -317,7 +317,8 @@ ROPE_TRITON_MEASURED = (
     "above 16384 query rows 20:51 UTC (docs/h200-2026-12-03/run19); `mlakv bench rope --triton-sweep`"
 )
 # Every row's PDL trigger sits right after the wait ("wait" of TRIGGER_PLACES), where the kernel had it
-# when the rows were measured.
+# when the rows were measured. The rows predate the kernel's constant head count (2026-12-04), which
+# made the e4m3 query's multi-row shapes faster (H=16, 65536 tokens: 713 -> 633 us); no sweep since.
 # the shapes `mlakv bench rope --triton-sweep` times: (warps, query rows per program)
 ROPE_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16))
 
