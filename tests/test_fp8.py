@@ -361,6 +361,37 @@ def test_quant_write_magnitudes_and_special_values(path, fmt, magnitude):
     assert_rows_equal(kv, expected)
 
 
+def quotients_on_e4m3_boundaries() -> torch.Tensor:
+    """Every e4m3 value and every midpoint between neighbours (where RNE ties to the even code), both
+    signs: 506 fp32 quotients, each exact with at most 5 significant bits."""
+    codes = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (codes[:-1] + codes[1:]) / 2
+    return torch.cat([mids, codes, -mids, -codes])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("src_dtype", SRC_DTYPES)
+def test_quant_write_quotients_on_e4m3_rounding_boundaries(path, fmt, src_dtype):
+    """Values whose quotient by the scale lies exactly on an e4m3 value or on a tie between two, for a
+    scale that is not a power of two (K_SCALE; ds_mla: each tile holds +-448 * K_SCALE, so its scale
+    is K_SCALE): a kernel that rounds an approximate quotient would land on the wrong side of a tie."""
+    path_available(path, 2)
+    q = quotients_on_e4m3_boundaries()
+    width = NOPE + ROPE
+    rows = torch.stack([q.repeat(2)[:width], q.flip(0).repeat(2)[:width]])
+    if fmt == "ds_mla":
+        rows[:, 0:NOPE:128] = torch.tensor([448.0, -448.0, 448.0, -448.0])
+    x = (rows * K_SCALE).to(src_dtype)
+    assert torch.equal(x.float(), rows * K_SCALE), "the test's values must be exact in the source dtype"
+    nope, rope = x[:, :NOPE].contiguous().to(DEVICE), x[:, NOPE:].contiguous().to(DEVICE)
+    loc = torch.tensor([2, 0], device=DEVICE)
+    kv = poisoned(3, fp8_row_bytes(fmt, NOPE, ROPE))
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")))
+    write_via(path, kv, loc, nope, rope, fmt, k_scale_for(fmt))
+    assert_rows_equal(kv, expected)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_ds_mla_tile_of_subnormals_keeps_its_values(path):
     """A tile of bf16 values that are fp32 subnormals (amax / 448 < FLT_MIN): its scale is FLT_MIN

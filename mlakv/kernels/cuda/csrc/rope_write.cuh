@@ -187,7 +187,7 @@ __device__ __forceinline__ void store_row_e4m3(uint8_t* dst, const uint4 (&v)[kN
     if (c < kNC) {
       float f[8];
       widen8<kBf16>(v[i], f);
-      reinterpret_cast<uint2*>(dst)[c] = fp8::quant8(f, d, fp8::div_fast_ok_e4m3(f, d));
+      reinterpret_cast<uint2*>(dst)[c] = fp8::quant8_e4m3<true>(f, d);
     }
   }
   const uint32_t r = rotate_pair_word<kBf16, kNeox>(pe, cs_row, lane);
