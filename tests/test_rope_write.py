@@ -569,6 +569,24 @@ def test_kernel_tiny_and_huge_values_round_as_the_reference(path):
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_kernel_nope_quotients_on_e4m3_rounding_boundaries(path):
+    """per_tensor cache rows and the e4m3 query whose nope quotients all lie on an e4m3 value or on a
+    tie between two (RNE: the even code), both signs, for scales that are not powers of two (fp16
+    sources hold these values exactly): an approximate quotient would fall on the wrong side of a tie."""
+    codes = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (codes[:-1] + codes[1:]) / 2
+    quotients = torch.cat([mids, codes, -mids, -codes]).repeat(2)[:NOPE]
+    c = make_case(small(8, 2), 2, torch.float16, "per_tensor", "fp8")
+    for name, scale in (("k_nope", K_SCALE), ("q_nope", Q_SCALE)):
+        t = c[name]
+        rows = t.reshape(-1, NOPE).shape[0]
+        vals = torch.stack([quotients.roll(17 * r) for r in range(rows)]) * scale
+        assert torch.equal(vals.to(torch.float16).float(), vals), "the test's values must be exact in fp16"
+        t.copy_(vals.to(torch.float16).reshape(t.shape))
+    check_kernel(path, c, "per_tensor", "fp8", False)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_kernel_no_rows_launches_nothing(path):
     c = make_case(0, 2, torch.bfloat16, "ds_mla", "16bit")
     before = bits(c["kv_buffer"]).clone()
