@@ -325,8 +325,10 @@ def test_quant_write_bit_exact(path, n_loc, fmt, src_dtype, loc_dtype):
 @pytest.mark.parametrize(
     "scale,src_dtype",
     [(1.0, torch.float16), (K_SCALE, torch.float16), (K_SCALE, torch.bfloat16)]
-    # the ends of the kernel's branch-free division (2^-80 and below: the exact __fdiv_rn)
-    + [(s, torch.bfloat16) for s in (2.0**-80, 2.0**-81, 1e-30, 1e-38, 1e-42, 2.0**100, 3e38)],
+    # the ends of the kernel's branch-free division (2^-80 and below: the exact __fdiv_rn); powers of
+    # two in [2^-126, 2^125] take the product by the exact reciprocal, 2^126 and above divide
+    + [(s, torch.bfloat16) for s in (2.0**-80, 2.0**-81, 1e-30, 1e-38, 1e-42, 2.0**100, 3e38)]
+    + [(s, torch.bfloat16) for s in (2.0**-126, 0.5, 2.0**125, 2.0**126)],
 )
 def test_quant_write_every_16bit_value(path, scale, src_dtype):
     """Every fp16/bf16 bit pattern (zeros, subnormals, +-inf, NaNs, both signs) through each path's e4m3 rounding."""
@@ -372,23 +374,26 @@ def quotients_on_e4m3_boundaries() -> torch.Tensor:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("src_dtype", SRC_DTYPES)
-def test_quant_write_quotients_on_e4m3_rounding_boundaries(path, fmt, src_dtype):
-    """Values whose quotient by the scale lies exactly on an e4m3 value or on a tie between two, for a
-    scale that is not a power of two (K_SCALE; ds_mla: each tile holds +-448 * K_SCALE, so its scale
-    is K_SCALE): a kernel that rounds an approximate quotient would land on the wrong side of a tie."""
+@pytest.mark.parametrize("scale", [K_SCALE, 0.5], ids=["scale_not_power_of_two", "scale_power_of_two"])
+def test_quant_write_quotients_on_e4m3_rounding_boundaries(path, fmt, src_dtype, scale):
+    """Values whose quotient by the scale lies exactly on an e4m3 value or on a tie between two (ds_mla:
+    each tile holds +-448 * scale, so its scale is ``scale``): a kernel that rounds an approximate
+    quotient would land on the wrong side of a tie. A power-of-two per_tensor scale is the kernels'
+    product path (the exact reciprocal)."""
     path_available(path, 2)
     q = quotients_on_e4m3_boundaries()
     width = NOPE + ROPE
     rows = torch.stack([q.repeat(2)[:width], q.flip(0).repeat(2)[:width]])
     if fmt == "ds_mla":
         rows[:, 0:NOPE:128] = torch.tensor([448.0, -448.0, 448.0, -448.0])
-    x = (rows * K_SCALE).to(src_dtype)
-    assert torch.equal(x.float(), rows * K_SCALE), "the test's values must be exact in the source dtype"
+    x = (rows * scale).to(src_dtype)
+    assert torch.equal(x.float(), rows * scale), "the test's values must be exact in the source dtype"
     nope, rope = x[:, :NOPE].contiguous().to(DEVICE), x[:, NOPE:].contiguous().to(DEVICE)
     loc = torch.tensor([2, 0], device=DEVICE)
     kv = poisoned(3, fp8_row_bytes(fmt, NOPE, ROPE))
-    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu")))
-    write_via(path, kv, loc, nope, rope, fmt, k_scale_for(fmt))
+    k_cpu, k_dev = (scale_tensor(scale, torch.device(d)) if fmt == "per_tensor" else None for d in ("cpu", DEVICE))
+    expected = expected_buffer(kv, loc, quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_cpu))
+    write_via(path, kv, loc, nope, rope, fmt, k_dev)
     assert_rows_equal(kv, expected)
 
 

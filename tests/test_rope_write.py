@@ -8,6 +8,8 @@ path is then checked bit for bit against the reference, on fresh random inputs, 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, IS_SM90, compile_in_subprocess, requires_sm90, sm90a_build_env
@@ -568,11 +570,15 @@ def test_kernel_tiny_and_huge_values_round_as_the_reference(path):
             check_kernel(path, c, fmt, "fp8", False)
 
 
+@pytest.mark.parametrize("scales", [(K_SCALE, Q_SCALE), (0.5, 2.0**-3)], ids=["not_powers_of_two", "powers_of_two"])
 @pytest.mark.parametrize("path", KERNEL_PATHS)
-def test_kernel_nope_quotients_on_e4m3_rounding_boundaries(path):
+def test_kernel_nope_quotients_on_e4m3_rounding_boundaries(path, scales, monkeypatch):
     """per_tensor cache rows and the e4m3 query whose nope quotients all lie on an e4m3 value or on a
-    tie between two (RNE: the even code), both signs, for scales that are not powers of two (fp16
-    sources hold these values exactly): an approximate quotient would fall on the wrong side of a tie."""
+    tie between two (RNE: the even code), both signs (fp16 sources hold these values exactly): an
+    approximate quotient would fall on the wrong side of a tie. Powers of two are the kernels' product
+    path (the exact reciprocal)."""
+    monkeypatch.setattr(sys.modules[__name__], "K_SCALE", scales[0])
+    monkeypatch.setattr(sys.modules[__name__], "Q_SCALE", scales[1])
     codes = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     mids = (codes[:-1] + codes[1:]) / 2
     quotients = torch.cat([mids, codes, -mids, -codes]).repeat(2)[:NOPE]

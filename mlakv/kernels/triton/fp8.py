@@ -19,7 +19,9 @@ How a program works (the shape of the CUDA kernel, ``csrc/fp8.cuh``, in Triton's
   it the e4m3 byte needs no exact quotient: ``|x|`` is clamped below ``2^(e + 101)`` (its quotient
   > 2^100 saturates to 448 either way; inf does too, NaN is set to 0x7F after), and a smaller ``|x|``
   gives a quotient below 2^-11, e4m3 zero however its last bits fall (e >= 39). per_tensor with a
-  ``k_scale`` outside that exponent range (a program-uniform test) divides with ``div_rn``; a ds_mla
+  ``k_scale`` outside that exponent range (a program-uniform test) divides with ``div_rn``, and one
+  that is a power of two in [2^-126, 2^125] (the common ``k_scale`` of 1) multiplies by its exact
+  reciprocal (:func:`exact_reciprocal`: the product is the quotient itself); a ds_mla
   tile whose scale is below 2^-88 has both its values and its scale multiplied by the same power of
   two first (exact, the quotient unchanged) so its division is in range too. That is ds_mla's
   ``fp32_floor`` rule, in full; a program whose tiles all have their amax in ``[2^-79, 2^109)`` (the
@@ -132,6 +134,13 @@ def _div_fast(a, s, r):
 def divisor_hi(e):
     """``|x|``'s bits must stay below ``min(e + 101, 255) << 23`` for the exact range (int32)."""
     return tl.minimum(e + 101, 255) << 23
+
+
+@triton.jit
+def exact_reciprocal(e):
+    """``1 / s`` for ``s = 2^(e - 127)`` a power of two with biased exponent ``e`` in [1, 252]: exact
+    and normal, so ``x * exact_reciprocal(e)`` is ``x / s`` rounded once (subnormal or not)."""
+    return ((254 - e) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -355,9 +364,15 @@ def _quant_per_tensor_kernel(
         cr = tl.arange(0, ROPE_P2)[None, :]
         xr = _load_block((rope_ptr + src * rope_row_stride)[:, None], cr, ROPE, ROPE_P2, SRC_IS_BF16, NATIVE)
     s = tl.load(scale_ptr)
-    e = s.to(tl.int32, bitcast=True) >> 23  # a negative s has a negative e
+    sb = s.to(tl.int32, bitcast=True)
+    e = sb >> 23  # a negative s has a negative e
     # The branch yields the signed fp32 quotients; they are converted once, after it.
-    if (e >= 47) & (e <= 252):  # uniform: the fast division (values below 2^(e-100) quantize to zero)
+    if ((sb & 0x7FFFFF) == 0) & (e >= 1) & (e <= 252):  # uniform: a power of two, x * (1/s) is x / s
+        p = exact_reciprocal(e)
+        yn = xn * p
+        if ROPE > 0:
+            yr = xr * p
+    elif (e >= 47) & (e <= 252):  # uniform: the fast division (values below 2^(e-100) quantize to zero)
         r = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
         hi = divisor_hi(e)
         yn = quot_fast(xn, s, r, hi)

@@ -45,7 +45,8 @@ from mlakv.spec.tuning import rope_triton_launch
 from .common import pdl_supported
 from .pdl import pdl_close, pdl_open, trigger_code
 from .fp8 import (
-    divisor_hi, ds_mla_scaled, ds_mla_tile_scale, e4m3_finite, e4m3_signed, native_fp8_supported, quot_fast, quot_in_range,
+    divisor_hi, ds_mla_scaled, ds_mla_tile_scale, e4m3_finite, e4m3_signed, exact_reciprocal, native_fp8_supported,
+    quot_fast, quot_in_range,
 )  # fmt: skip
 
 __all__ = ["FORMAT_CODE", "launch_rope_write"]
@@ -88,10 +89,14 @@ def _round_bits(y, SRC: tl.constexpr):
 def _div_by_scale(x, s):
     """fp32 ``x / s`` for the e4m3 conversion, ``s`` the call's one positive scale: the fast correctly rounded
     division of the FP8 write (:func:`mlakv.kernels.triton.fp8.quot_fast`) where ``s``'s biased exponent
-    is in [47, 252] (uniform over the launch), else IEEE ``div_rn``. Either way the e4m3 byte is the one
+    is in [47, 252] (uniform over the launch), else IEEE ``div_rn``; a power-of-two ``s`` multiplies by
+    its exact reciprocal (:func:`mlakv.kernels.triton.fp8.exact_reciprocal`). Either way the e4m3 byte is the one
     of the IEEE quotient."""
-    e = s.to(tl.int32, bitcast=True) >> 23
-    if (e >= 47) & (e <= 252):
+    sb = s.to(tl.int32, bitcast=True)
+    e = sb >> 23
+    if ((sb & 0x7FFFFF) == 0) & (e >= 1) & (e <= 252):  # a power of two: the product is the quotient
+        y = x * exact_reciprocal(e)
+    elif (e >= 47) & (e <= 252):
         y = quot_fast(x, s, tl.math.div_rn(tl.full([], 1.0, tl.float32), s), divisor_hi(e))
     else:
         y = tl.math.div_rn(x, s)
@@ -198,13 +203,19 @@ def _query_rows(
             lim = 0x7C00
         m = tl.maximum(tl.max(nb.to(tl.int32) & 0x7FFF), tl.maximum(tl.max(ra & 0x7FFF), tl.max(rb & 0x7FFF)))
         if (e >= 47) & (e <= 252) & (m < lim):
-            r = tl.math.div_rn(tl.full([], 1.0, tl.float32), qs)
             xn = _widen(nb, SRC)
             xa = _widen(ra.to(tl.int16), SRC)
             xb = _widen(rb.to(tl.int16), SRC)
-            yn = quot_in_range(xn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xn, qs, r)
-            ya = quot_in_range(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xa, qs, r)
-            yb = quot_in_range(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xb, qs, r)
+            if (qs.to(tl.int32, bitcast=True) & 0x7FFFFF) == 0:  # a power of two: the product is the quotient
+                p = exact_reciprocal(e)
+                yn = xn * p
+                ya = xa * p
+                yb = xb * p
+            else:
+                r = tl.math.div_rn(tl.full([], 1.0, tl.float32), qs)
+                yn = quot_in_range(xn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xn, qs, r)
+                ya = quot_in_range(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xa, qs, r)
+                yb = quot_in_range(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xb, qs, r)
             tl.store(q_dst + offs, e4m3_finite(yn, NATIVE), mask=ok_n)
             _store_pairs(q_dst + NOPE, a_off, b_off, e4m3_finite(ya, NATIVE), e4m3_finite(yb, NATIVE), jm, HALF_P2, NEOX, Q_JOIN)
         else:

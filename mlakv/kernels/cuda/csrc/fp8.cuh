@@ -18,7 +18,8 @@
 // more threads (one chunk each for 512 + 64). In ds_mla a tile of 128 values is 16 consecutive
 // chunks = 16 threads of one i, one half-warp (kThreads is a multiple of 16), so its amax is a
 // 4-step __shfl_xor_sync butterfly inside each half-warp. Values are divided by the scale with IEEE
-// division (div_fast: the result of __fdiv_rn without its per-value branch) and converted with
+// division (div_fast: the result of __fdiv_rn without its per-value branch; per_tensor with a
+// power-of-two scale: the product by its exact reciprocal, quant8_e4m3) and converted with
 // cvt.rn.satfinite.e4m3x2.f32 (RNE, saturating to +-448);
 // NaN is then written as the canonical 0x7F. The 8 bytes of a chunk go out as one 8-byte store, a
 // tile's scale as one 4-byte store, the rope as 16-byte stores: the whole row (656 bytes for
@@ -83,24 +84,16 @@ struct Divisor {
   float r;        // 1/s: the hardware reciprocal, refined by one Newton step
   uint32_t lo;    // fast path: |x|'s bits in [lo, lo + span), or x == 0
   uint32_t span;  // 0 when s is not positive and normal (no fast path)
-  float rlo;      // quant8_e4m3's bracket: x * rlo and x * rhi enclose the fp32 quotient x / s
-  float rhi;      //   (rlo = 0, rhi = inf where s is outside [2^-126, 2^125): no bracket)
+  uint32_t hi;    // e4m3 results: |x|'s bits below hi suffice (div_fast_ok_e4m3); 0 when s < 2^-80
+  float p;        // 1/s exactly where s is a power of two in [2^-126, 2^125] (x * p is then x / s
+                  // itself, rounded once, subnormal or not); 0 otherwise
 };
 
-// The bracket of quant8_e4m3 for s and r = 1/s (refined, relative error <= 2^-23). A power of two s
-// (the common per_tensor k_scale = 1) has an exact reciprocal: both products are then the exact
-// quotient, rounded as the division rounds it. Otherwise r * (1 -+ 2^-20): with r's error and the
-// two roundings the products lie within (1 -+ 2^-20)(1 +- 2^-22) of x / s, strictly outside the
-// fp32 quotient's (1 +- 2^-24), while both products and the quotient are normal.
-__device__ __forceinline__ float2 e4m3_bracket(float s, float r) {
+// Divisor::p of s: 2^(127 - (e - 127)) for s = 2^(e - 127), e in [1, 252] (the reciprocal normal too).
+__device__ __forceinline__ float exact_reciprocal(float s) {
   const uint32_t b = __float_as_uint(s);
   const uint32_t e = b >> 23;  // includes the sign bit: a negative s gives e >= 256
-  if (e < 1 || e > 251) return make_float2(0.0f, INFINITY);
-  if ((b & 0x7fffffu) == 0) {
-    const float p = __uint_as_float((254u - e) << 23);  // 2^(127 - (e - 127)): exact, normal
-    return make_float2(p, p);
-  }
-  return make_float2(__fmul_rn(r, 1.0f - 0x1p-20f), __fmul_rn(r, 1.0f + 0x1p-20f));
+  return ((b & 0x7fffffu) == 0 && e >= 1 && e <= 252) ? __uint_as_float((254u - e) << 23) : 0.0f;
 }
 
 __device__ __forceinline__ Divisor make_divisor(float s) {
@@ -110,9 +103,11 @@ __device__ __forceinline__ Divisor make_divisor(float s) {
   const uint32_t lo_e = e > 127 ? e - 100 : 27u;          // max(27, e - 100), for e in [2, 252]
   const uint32_t hi_e = e + 101 < 255 ? e + 101 : 255u;  // min(255, e + 101): inf/NaN excluded
   const bool ok = e >= 2 && e <= 252;
-  const float r = fmaf(r0, fmaf(-s, r0, 1.0f), r0);
-  const float2 br = e4m3_bracket(s, r);
-  return {s, r, lo_e << 23, ok ? (hi_e - lo_e) << 23 : 0u, br.x, br.y};
+  // For an e4m3 result, values below the exact range are harmless once s >= 2^-80 (e >= 47): their
+  // quotients are < 2^-20 and become e4m3 +-0 whatever their last bits (the smallest e4m3 magnitude
+  // is 2^-9), so only the upper end needs a test; hi = 0 (no fast path) below that.
+  return {s, fmaf(r0, fmaf(-s, r0, 1.0f), r0), lo_e << 23, ok ? (hi_e - lo_e) << 23 : 0u,
+          (ok && e >= 47) ? hi_e << 23 : 0u, exact_reciprocal(s)};
 }
 
 // On |x|, the sign put back after: the FMA steps would turn -0 into +0 (round-to-nearest is
@@ -128,6 +123,15 @@ __device__ __forceinline__ float div_fast(float x, const Divisor& d) {
 __device__ __forceinline__ bool div_fast_exact(float x, const Divisor& d) {
   const uint32_t a = __float_as_uint(x) & 0x7fffffffu;
   return d.span != 0 && ((a == 0) | (a - d.lo < d.span));
+}
+
+// Whether the e4m3 bytes of f[0..7] / d.s are the same through div_fast as through __fdiv_rn: the
+// largest |x| (as bits) below d.hi: two instructions per value.
+__device__ __forceinline__ bool div_fast_ok_e4m3(const float f[8], const Divisor& d) {
+  uint32_t m = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) m = max(m, __float_as_uint(f[j]) & 0x7fffffffu);
+  return m < d.hi;
 }
 
 // 8 values / s -> 8 e4m3 bytes through __fdiv_rn and the NaN rule, out of line: the kernel holds
@@ -154,44 +158,47 @@ __device__ __forceinline__ float div1(float x, const Divisor& d) {
   return div_fast_exact(x, d) ? div_fast(x, d) : div1_ieee(x, d.s);
 }
 
-// Two fp32 -> two e4m3 bytes as the hardware converts them (RNE, saturating; a NaN's byte is the
-// hardware's: callers that may see NaN test for it).
-__device__ __forceinline__ uint32_t cvt_e4m3x2(float lo, float hi) {
-  uint16_t r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-// 8 values / d.s -> 8 e4m3 bytes, the bytes of the IEEE quotients (RNE, saturating, NaN -> 0x7F),
-// without a division: each value is converted twice, multiplied by d.rlo and by d.rhi, which enclose
-// its fp32 quotient (e4m3_bracket). The conversion rounds monotonically, so where both give one byte
-// the quotient gives it too: two products, one conversion and a share of one test per value, against
-// five FMA-pipe steps and a range test for the quotient itself. A chunk whose pairs differ somewhere (a
-// quotient within 2^-20 of an e4m3 rounding boundary: a rare chunk, unless the values sit on the
-// boundaries of a power-of-two scale, whose bracket is exact and never differs), that holds a NaN
-// (kMayHoldNaN: its byte is not the hardware's), or whose divisor has no bracket is quantized by
-// quant8_ieee. A product or quotient below fp32's normal range is below e4m3's smallest magnitude
-// (2^-9) by far: all of them are +-0 with x's sign.
-template <bool kMayHoldNaN>
-__device__ __forceinline__ uint2 quant8_e4m3(const float f[8], const Divisor& d) {
-  uint32_t lo[2], hi[2];
+// 8 values / d.s -> 8 e4m3 bytes, RNE, saturating, NaN -> 0x7F. `fast`: the caller has shown that
+// div_fast gives the same bytes for these values (div_fast_ok_e4m3, or the ds_mla tile rule); both
+// rules refuse inf and NaN, so the fast path's quotients are finite and need no NaN fix-up.
+__device__ __forceinline__ uint2 quant8(const float f[8], const Divisor& d, bool fast) {
+  if (__builtin_expect(fast, 1)) {
+    uint32_t b[4];
 #pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    const float* g = f + 4 * k;
-    lo[k] = cvt_e4m3x2(__fmul_rn(g[0], d.rlo), __fmul_rn(g[1], d.rlo)) |
-            (cvt_e4m3x2(__fmul_rn(g[2], d.rlo), __fmul_rn(g[3], d.rlo)) << 16);
-    hi[k] = cvt_e4m3x2(__fmul_rn(g[0], d.rhi), __fmul_rn(g[1], d.rhi)) |
-            (cvt_e4m3x2(__fmul_rn(g[2], d.rhi), __fmul_rn(g[3], d.rhi)) << 16);
+    for (int j = 0; j < 4; ++j) {
+      uint16_t r;
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;"
+          : "=h"(r)
+          : "f"(div_fast(f[2 * j + 1], d)), "f"(div_fast(f[2 * j], d)));
+      b[j] = r;
+    }
+    return pack_e4m3x8(b);
   }
-  uint32_t bad = (lo[0] ^ hi[0]) | (lo[1] ^ hi[1]);
-  if constexpr (kMayHoldNaN) {  // a byte x1111111 is NaN's: its low 7 bits + 1 carry into bit 7
-    bad |= (((lo[0] & 0x7f7f7f7fu) + 0x01010101u) | ((lo[1] & 0x7f7f7f7fu) + 0x01010101u)) & 0x80808080u;
-  }
-  if (__builtin_expect(bad == 0, 1)) return make_uint2(lo[0], lo[1]);
   F8 x;
 #pragma unroll
   for (int j = 0; j < 8; ++j) x.v[j] = f[j];
   return quant8_ieee(x, d.s);
+}
+
+// 8 values / d.s -> 8 e4m3 bytes (RNE, saturating, NaN -> 0x7F), the per_tensor rule. A power-of-two
+// scale (the k_scale of 1 an engine passes without calibration) has an exact reciprocal d.p, and x * p
+// is the quotient itself: one product per value, no range test. A NaN's byte (0xFF for a negative
+// one) becomes 0x7F: in each 32-bit word, a byte 0xFF has its low 7 bits + 1 carry into bit 7 and
+// its own bit 7 set, and loses that bit. Any other scale takes quant8.
+__device__ __forceinline__ uint2 quant8_e4m3(const float f[8], const Divisor& d) {
+  if (d.p != 0.0f) {
+    uint32_t w[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      uint16_t a, b;
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(a) : "f"(__fmul_rn(f[4 * k + 1], d.p)), "f"(__fmul_rn(f[4 * k], d.p)));
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(b) : "f"(__fmul_rn(f[4 * k + 3], d.p)), "f"(__fmul_rn(f[4 * k + 2], d.p)));
+      const uint32_t v = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+      w[k] = v ^ (((v & 0x7f7f7f7fu) + 0x01010101u) & v & 0x80808080u);
+    }
+    return make_uint2(w[0], w[1]);
+  }
+  return quant8(f, d, div_fast_ok_e4m3(f, d));
 }
 
 // ---- ds_mla's tile-scale rules, shared with the fused RoPE write (rope_write.cuh) ------------------
@@ -235,7 +242,7 @@ __device__ __forceinline__ Divisor tile_divisor(float amax, const Divisor& e4m3_
       b = (b & 0x7f800000u) + ((b & 0x7fffffu) ? 0x800000u : 0u);  // up to a power of two (+inf stays)
       s = __uint_as_float(b);
     }
-    return {s, __frcp_rn(s), 0u, 0u, 0.0f, INFINITY};
+    return {s, __frcp_rn(s), 0u, 0u, 0u, 0.0f};
   }
 }
 
@@ -245,11 +252,7 @@ __device__ __forceinline__ Divisor tile_divisor(float amax, const Divisor& e4m3_
 template <int kRule>
 __device__ __forceinline__ uint2 quant8_tile(const float f[8], const Divisor& d, bool fast) {
   if constexpr (kRule == kRuleFp32Floor) {
-    if (__builtin_expect(fast, 1)) return quant8_e4m3<false>(f, d);
-    F8 x;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) x.v[j] = f[j];
-    return quant8_ieee(x, d.s);
+    return quant8(f, d, fast && (__float_as_uint(d.s) >> 23) >= 39u);
   } else {
     float y[8];
 #pragma unroll
@@ -320,7 +323,7 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
       if (t < kC) {
         float f[8];
         widen8<kBf16>(v[0], f);
-        q[0] = quant8_e4m3<true>(f, scale);
+        q[0] = quant8_e4m3(f, scale);
       }
     }
     if (raw < 0 || raw == a.skip_index || raw >= a.num_slots) return;
@@ -332,7 +335,7 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
         if constexpr (kIters > 1) {
           float f[8];
           widen8<kBf16>(v[i], f);
-          q[i] = quant8_e4m3<true>(f, scale);
+          q[i] = quant8_e4m3(f, scale);
         }
         reinterpret_cast<uint2*>(dst)[c] = q[i];
       }

@@ -139,11 +139,12 @@ __device__ __forceinline__ uint32_t rotate_pair_word(uint32_t w, const float* cs
   return round_bits<kBf16>(o0) | (round_bits<kBf16>(o1) << 16);
 }
 
-// Two rotated source-dtype values (a packed word) / d.s -> two e4m3 bytes (IEEE division, RNE,
-// saturating, NaN -> 0x7F).
+// Two rotated source-dtype values (a packed word) / d.s -> two e4m3 bytes (IEEE division, or the
+// exact product by d.p for a power-of-two scale; RNE, saturating, NaN -> 0x7F).
 template <bool kBf16>
 __device__ __forceinline__ uint16_t quant_word(uint32_t w, const fp8::Divisor& d) {
   const float2 f = widen2<kBf16>(w);
+  if (d.p != 0.0f) return static_cast<uint16_t>(fp8::e4m3x2(__fmul_rn(f.x, d.p), __fmul_rn(f.y, d.p)));
   return static_cast<uint16_t>(fp8::e4m3x2(fp8::div1(f.x, d), fp8::div1(f.y, d)));
 }
 
@@ -187,7 +188,7 @@ __device__ __forceinline__ void store_row_e4m3(uint8_t* dst, const uint4 (&v)[kN
     if (c < kNC) {
       float f[8];
       widen8<kBf16>(v[i], f);
-      reinterpret_cast<uint2*>(dst)[c] = fp8::quant8_e4m3<true>(f, d);
+      reinterpret_cast<uint2*>(dst)[c] = fp8::quant8_e4m3(f, d);
     }
   }
   const uint32_t r = rotate_pair_word<kBf16, kNeox>(pe, cs_row, lane);
