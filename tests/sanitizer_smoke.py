@@ -361,8 +361,12 @@ class Smoke:
         from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, scale_tensor
         from mlakv.kernels.triton.fp8 import launch_dequant_gather, launch_quant_write
 
-        for fmt, rule in (("per_tensor", "fp32_floor"), ("ds_mla", "fp32_floor"), ("ds_mla", "fp32"), ("ds_mla", "ue8m0")):
-            scale = scale_tensor(0.1875, torch.device("cuda")) if fmt == "per_tensor" else None
+        # per_tensor under a scale that is not a power of two (the division) and one that is (the product
+        # by the exact reciprocal)
+        cases = (("per_tensor", "fp32_floor", 0.1875), ("per_tensor", "fp32_floor", 0.5), ("ds_mla", "fp32_floor", None),
+                 ("ds_mla", "fp32", None), ("ds_mla", "ue8m0", None))  # fmt: skip
+        for fmt, rule, k in cases:
+            scale = scale_tensor(k, torch.device("cuda")) if fmt == "per_tensor" else None
             rb = fp8_row_bytes(fmt, 512, 64)
             for dtype in (torch.bfloat16, torch.float16):
                 for kind in LOC_KINDS:
@@ -384,7 +388,7 @@ class Smoke:
                             ok = launched and torch.equal(kv.view(num_slots, rb), expected)
                             if kind == "expanded":  # every row targets one slot: any one row may win
                                 ok = launched
-                            self.check(f"fp8 write {fmt} {rule} {dtype} {kind} n={n} {name}", ok)
+                            self.check(f"fp8 write {fmt} {rule} k={k} {dtype} {kind} n={n} {name}", ok)
             if fmt == "ds_mla" and rule == "fp32_floor":
                 # programs mixing the Triton write's common case with the general rule's tile-at-a-time path
                 # (inf, NaN, an all-zero tile, a tiny amax), at 1 and 4 rows per program
@@ -457,8 +461,12 @@ class Smoke:
         from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
 
         n, num_slots = 37, 90
-        for fmt, rule in (("per_tensor", "fp32_floor"), ("ds_mla", "fp32_floor"), ("ds_mla", "fp32"), ("ds_mla", "ue8m0")):
-            scale = scale_tensor(0.1875, torch.device("cuda")) if fmt == "per_tensor" else None
+        # per_tensor under a scale that is not a power of two (the division) and one that is (the product
+        # by the exact reciprocal)
+        cases = (("per_tensor", "fp32_floor", 0.1875), ("per_tensor", "fp32_floor", 0.5), ("ds_mla", "fp32_floor", None),
+                 ("ds_mla", "fp32", None), ("ds_mla", "ue8m0", None))  # fmt: skip
+        for fmt, rule, k in cases:
+            scale = scale_tensor(k, torch.device("cuda")) if fmt == "per_tensor" else None
             rb = fp8_row_bytes(fmt, 512, 64)
             for threads in FP8_JIT_THREADS_PER_ROW:
                 for rows in (1, 4):
