@@ -344,6 +344,9 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int, str]
 # ds_mla 1.14 us against 1.26 for the old 16-warp row), 64 threads to 4096, one warp per row above
 # (PDL trigger at entry for per_tensor from 1025 rows). The gathers launch with PDL: 128 threads per
 # row to 64 rows, 64 threads to 4096 (16-warp CTAs with the trigger at entry from 1025), one warp above.
+# These rows and the Triton rows below predate the per_tensor product path for a power-of-two scale and
+# the ds_mla max.NaN amax (2026-12-04); no sweep since. The Triton per_tensor write at 1024 rows is then
+# 1.25x the JIT write (H200, docs/h200-2026-12-04/run31), the first row a re-sweep should revisit.
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
     "quant_per_tensor": ((512, 4, False, 128), (1024, 8, False, 64), (4096, 8, True, 64), (None, 4, True, 32)),
     "quant_ds_mla": ((64, 4, False, 128), (1024, 8, False, 64), (4096, 4, False, 64), (None, 4, False, 32)),
