@@ -1579,9 +1579,21 @@ def test_gpu_fp8_bench_checks_every_provider():
     from mlakv.bench.fp8_bench import format_tables, run_fp8_bench
 
     res = run_fp8_bench([1, 64])
-    cells = [v for r in res["write"] + res["gather"] + res["rules"] for v in r.values()]
+    cells = [v for r in res["write"] + res["gather"] + res["rules"] + res["scales"] for v in r.values()]
     assert "WRONG" not in cells
+    assert len(res["scales"]) == 2
     assert "| 64 |" in format_tables(res) and "| ue8m0 | 64 |" in format_tables(res)
+
+
+def test_fp8_bench_tables_show_the_divided_scale_apart():
+    """The per_tensor rows under a scale that is not a power of two get their own table, named so."""
+    from mlakv.bench.fp8_bench import K_SCALE, K_SCALE_DIVIDED, format_tables
+
+    assert math.frexp(K_SCALE)[0] == 0.5 and math.frexp(K_SCALE_DIVIDED)[0] != 0.5  # power of two / not
+    row = {"k_scale": K_SCALE_DIVIDED, "n_loc": 1024, "jit": 1.6, "triton": 1.7, "bound": 0.42}
+    text = format_tables({"device": "GPU", "copy_gbs": 4000.0, "write": [], "gather": [], "rules": [], "scales": [row]})
+    assert "k_scale not a power of two" in text
+    assert "| 0.0178571 | 1024 | 1.60 | 1.70 | 0.42 | 1.06x | 3.81x |" in text
 
 
 # ---- the kernel's division: IEEE round-to-nearest without a per-value branch --------------------

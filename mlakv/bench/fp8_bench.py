@@ -16,7 +16,10 @@ median CUDA-graph replay per call over 8 rotating input sets (:mod:`mlakv.bench.
   the same output bytes) and ``bound``;
 * the ds_mla write under each tile-scale rule (``fp32_floor``, ``fp32``, ``ue8m0``:
   ``ds_mla_scale_rule`` of :mod:`mlakv.ops.fp8`): ``jit`` and ``triton``, each checked against its
-  rule's reference rows, and ``bound``.
+  rule's reference rows, and ``bound``;
+* the per_tensor write under a scale that is not a power of two (``K_SCALE_DIVIDED``: the kernels
+  divide; ``K_SCALE`` is one, which they multiply by its exact reciprocal): ``jit``, ``triton``,
+  ``bound``.
 
 Every provider is checked bit-exactly against the torch reference (run on the CPU) before it is
 timed; a wrong one shows ``WRONG`` instead of a time. Ratios are printed beside the times.
@@ -68,6 +71,9 @@ __all__ = [
 NOPE, ROPE = 512, 64
 LAYERS = INPUT_SETS  # input sets (layers) per timed graph
 K_SCALE = 0.0625
+# The per_tensor write's second scale: not a power of two (a calibrated model's), so the kernels divide;
+# K_SCALE, a power of two, takes their product by the exact reciprocal.
+K_SCALE_DIVIDED = 8.0 / 448.0
 FORMATS = ("ds_mla", "per_tensor")
 _KV = {"ds_mla": "kv656", "per_tensor": "kv576"}
 _Q = {"ds_mla": "q656", "per_tensor": "q576"}
@@ -222,10 +228,12 @@ def run_fp8_bench(sizes: list[int], into: Optional[dict] = None, rules: bool = T
     interrupted keeps the rows done so far. A write row: ``{"fmt", "n_loc", "path", <provider>: us
     or "WRONG", "bound": us}``; a gather row: ``{"fmt", "n_loc", <provider>: ..., "bound"}``; a
     ``"rules"`` row (the ds_mla write by tile-scale rule): ``{"rule", "n_loc", "jit", "triton", "bound"}``;
-    ``rules=False`` leaves those out (the default rule's write is the ``ds_mla`` write row).
+    a ``"scales"`` row (the per_tensor write under :data:`K_SCALE_DIVIDED`, a scale that is not a power of
+    two): ``{"k_scale", "n_loc", "jit", "triton", "bound"}``; ``rules=False`` leaves both kinds out (the
+    default rule's write is the ``ds_mla`` write row).
     """
     res = {} if into is None else into
-    res.update(device=torch.cuda.get_device_name(), copy_gbs=None, write=[], gather=[], rules=[])
+    res.update(device=torch.cuda.get_device_name(), copy_gbs=None, write=[], gather=[], rules=[], scales=[])
     scale = scale_tensor(K_SCALE, torch.device("cuda"))
     res["copy_gbs"] = copy_gbs = copy_bandwidth_gbs()
     from mlakv.kernels.triton.row_write import launch_get_kv_rows
@@ -262,6 +270,17 @@ def run_fp8_bench(sizes: list[int], into: Optional[dict] = None, rules: bool = T
                 r[name] = _check_write("ds_mla", fn, d0, rows) or _graph_us(fn, layers)
             r["bound"] = _bound_us(n, _write_bytes("ds_mla"), copy_gbs)
             res["rules"].append(r)
+        if rules:
+            divided = scale_tensor(K_SCALE_DIVIDED, torch.device("cuda"))
+            rows = quantize_mla_rows(d0["nope"].cpu(), d0["rope"].cpu(), "per_tensor", K_SCALE_DIVIDED).view(torch.uint8).cuda()
+            r = {"k_scale": K_SCALE_DIVIDED, "n_loc": n}
+            providers = {"triton": _triton_write("per_tensor", divided)}
+            if jit:
+                providers = {"jit": _jit_write("per_tensor", divided), **providers}
+            for name, fn in providers.items():
+                r[name] = _check_write("per_tensor", fn, d0, rows) or _graph_us(fn, layers)
+            r["bound"] = _bound_us(n, _write_bytes("per_tensor"), copy_gbs)
+            res["scales"].append(r)
         del layers
         torch.cuda.empty_cache()
     return res
@@ -402,6 +421,14 @@ def format_tables(res: dict) -> str:
             out.append(
                 f"| {r['rule']} | {r['n_loc']} | {_cell(r.get('jit'))} | {_cell(r.get('triton'))} | {_cell(r.get('bound'))} | "
                 f"{_ratio(r.get('triton'), r.get('jit'))} | {_ratio(r.get('jit'), r.get('bound'))} |"
+            )
+    if res.get("scales"):
+        out += ["", "write per_tensor, k_scale not a power of two (the division; the per_tensor rows above: the product)", "",
+                "| k_scale | n_loc | jit | triton | bound | triton / jit | jit / bound |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in res["scales"]:
+            out.append(
+                f"| {r['k_scale']:.6g} | {r['n_loc']} | {_cell(r.get('jit'))} | {_cell(r.get('triton'))} | "
+                f"{_cell(r.get('bound'))} | {_ratio(r.get('triton'), r.get('jit'))} | {_ratio(r.get('jit'), r.get('bound'))} |"
             )
     return "\n".join(out)
 
