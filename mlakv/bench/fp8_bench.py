@@ -388,6 +388,21 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
 
 
+def _variant_table(title: str, key: str, rows: Optional[list], show: Callable[[object], str]) -> list[str]:
+    """The lines of one table of write rows that differ from the main ones by ``key`` (a tile-scale
+    rule, a k_scale), ``show`` printing its value; none without rows."""
+    if not rows:
+        return []
+    out = ["", title, "", f"| {key} | n_loc | jit | triton | bound | triton / jit | jit / bound |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        out.append(
+            f"| {show(r[key])} | {r['n_loc']} | {_cell(r.get('jit'))} | {_cell(r.get('triton'))} | "
+            f"{_cell(r.get('bound'))} | {_ratio(r.get('triton'), r.get('jit'))} | {_ratio(r.get('jit'), r.get('bound'))} |"
+        )
+    return out
+
+
 def format_tables(res: dict) -> str:
     """Markdown tables (write, then gather; one per format) with the ratios the goals name."""
     out = [f"device: {res['device']}; copy bandwidth {res['copy_gbs']:.0f} GB/s (read + write); times: us per call, "
@@ -414,22 +429,11 @@ def format_tables(res: dict) -> str:
                 f"{_cell(g.get('bound'))} | {_ratio(g.get('triton'), g.get('jit'))} | {_ratio(g.get('jit'), g.get('bound'))} | "
                 f"{_ratio(g.get('triton'), g.get('bound'))} |"
             )
-    if res.get("rules"):
-        out += ["", "write ds_mla by tile-scale rule (ds_mla_scale_rule)", "",
-                "| rule | n_loc | jit | triton | bound | triton / jit | jit / bound |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in res["rules"]:
-            out.append(
-                f"| {r['rule']} | {r['n_loc']} | {_cell(r.get('jit'))} | {_cell(r.get('triton'))} | {_cell(r.get('bound'))} | "
-                f"{_ratio(r.get('triton'), r.get('jit'))} | {_ratio(r.get('jit'), r.get('bound'))} |"
-            )
-    if res.get("scales"):
-        out += ["", "write per_tensor, k_scale not a power of two (the division; the per_tensor rows above: the product)", "",
-                "| k_scale | n_loc | jit | triton | bound | triton / jit | jit / bound |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in res["scales"]:
-            out.append(
-                f"| {r['k_scale']:.6g} | {r['n_loc']} | {_cell(r.get('jit'))} | {_cell(r.get('triton'))} | "
-                f"{_cell(r.get('bound'))} | {_ratio(r.get('triton'), r.get('jit'))} | {_ratio(r.get('jit'), r.get('bound'))} |"
-            )
+    out += _variant_table("write ds_mla by tile-scale rule (ds_mla_scale_rule)", "rule", res.get("rules"), str)
+    out += _variant_table(
+        "write per_tensor, k_scale not a power of two (the division; the per_tensor rows above: the product)",
+        "k_scale", res.get("scales"), lambda v: f"{v:.6g}",
+    )  # fmt: skip
     return "\n".join(out)
 
 
