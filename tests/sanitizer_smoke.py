@@ -580,8 +580,10 @@ class Smoke:
 
         max_pos, heads = 1000, 3
         cs = torch.randn(max_pos, 64, device="cuda")
-        k_scale = torch.tensor([0.1875], device="cuda")
-        q_scale = torch.tensor([0.0625], device="cuda")
+        # each scale alternates between one that is not a power of two (the division) and one that is
+        # (the product by the exact reciprocal), by pairs of loc kinds (so each meets both RoPE styles)
+        k_scales = (torch.tensor([0.1875], device="cuda"), torch.tensor([0.5], device="cuda"))
+        q_scales = (torch.tensor([0.0625], device="cuda"), torch.tensor([0.1171875], device="cuda"))
         for fmt in (None, "per_tensor", "ds_mla"):
             row = 576 * 2 if fmt is None else fp8_row_bytes(fmt, 512, 64)
             kv_dtype = torch.bfloat16 if fmt is None else torch.uint8
@@ -608,8 +610,8 @@ class Smoke:
                         q_base = torch.randint(0, 256, (n, heads, q_w), dtype=torch.uint8, device="cuda").view(q_dt)
                         base = torch.randint(0, 256, (num_slots, row), dtype=torch.uint8, device="cuda").view(kv_dtype)
                         has_q = q_mode != "none"
-                        qs = q_scale if q_mode == "fp8" else None
-                        ks = k_scale if fmt == "per_tensor" else None
+                        qs = q_scales[i // 2 % 2] if q_mode == "fp8" else None
+                        ks = k_scales[i // 2 % 2] if fmt == "per_tensor" else None
                         # expected: the reference on CPU copies, with what an unchecked call skips made explicit
                         loc_r, pos_r = loc.cpu().clone(), pos.cpu().clone()
                         bad_pos = (pos_r < 0) | (pos_r >= max_pos)
