@@ -1678,6 +1678,27 @@ def test_triton_division_is_ieee_round_to_nearest(kind):
     )
 
 
+def test_triton_pow2_reciprocal_is_exact_on_powers_of_two_and_zero_elsewhere():
+    """The Triton product path's one test: ``1 / s`` (exact) for every power of two in [2^-126, 2^125],
+    0 for every other scale: each exponent with mantissa 0, 1 and all ones, both signs, zeros, the
+    subnormals, 2^126, 2^127, inf and NaN."""
+    from mlakv.kernels.triton.fp8 import launch_pow2_probe
+
+    bits = torch.tensor(
+        [(sign << 31) | (e << 23) | m for sign in (0, 1) for e in range(256) for m in (0, 1, 0x400000, 0x7FFFFF)],
+        dtype=torch.int64,
+    ).to(torch.int32)  # fmt: skip
+    s = bits.view(torch.float32)
+    got = launch_pow2_probe(s.to(DEVICE)).cpu()
+    e = (bits.long() >> 23) & 0xFF
+    power = (bits.long() & 0x807FFFFF == 0) & (e >= 1) & (e <= 252)
+    want = torch.where(power, (1.0 / s.double()).float(), torch.zeros_like(s))
+    assert int(power.sum()) == 252
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (
+        f"first differing scale: {s[(got.view(torch.int32) != want.view(torch.int32)).nonzero()[0]].item()!r}"
+    )
+
+
 @requires_sm90
 @pytest.mark.parametrize("kind", ["every_exponent_pair", "every_divisor_mantissa", "random_bits"])
 def test_kernel_division_is_ieee_round_to_nearest(kind):

@@ -91,11 +91,11 @@ def make_case(n, heads, src_dtype, fmt, q_mode, *, num_slots=48, seed=0, extra_c
 def call_kwargs(c, fmt, q_mode, **extra):
     kw = dict(kv_cache_format=fmt, **extra)
     if fmt == "per_tensor":
-        kw["k_scale"] = K_SCALE
+        kw.setdefault("k_scale", K_SCALE)
     if q_mode != "none":
         kw.update(q_nope=c["q_nope"], q_pe=c["q_pe"], q_out=c["q_out"])
         if q_mode == "fp8":
-            kw["q_scale"] = Q_SCALE
+            kw.setdefault("q_scale", Q_SCALE)
     return kw
 
 
@@ -494,24 +494,28 @@ def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode, value
     assert torch.equal(bits(out_wide[:, h]), neighbour), "q_out's neighbour head was written"
 
 
+@pytest.mark.parametrize("q_scale", [Q_SCALE, 0.5], ids=["divided", "power_of_two"])
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), 2.0**127, 65504.0], ids=["nan", "inf", "2^127", "65504"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("warps, q_rows", _triton_sweep_shapes())
-def test_triton_e4m3_query_program_with_a_special_value(warps, q_rows, dtype, special):
+def test_triton_e4m3_query_program_with_a_special_value(warps, q_rows, dtype, special, q_scale):
     """An e4m3 query with one (token, head) row holding NaN, inf, a value past the fast division's
     range (bf16; inf in fp16) or fp16's largest finite value (in its nope part, and in a rotated pair of
     another row), beside finite rows of the same program, at every launch shape: every row comes out
-    as the reference's. The kernel takes a shorter path in a program whose values are all finite and in
-    range and runs the general one otherwise, so one row's values must not change another's bytes."""
+    as the reference's. Under a scale that is not a power of two the kernel takes a shorter path in a
+    program whose values are all finite and in range and runs the general one otherwise, so one row's
+    values must not change another's bytes; under a power of two every program takes the product
+    path, which must saturate inf and encode NaN itself."""
     from mlakv.kernels.triton.rope_write import launch_rope_write
 
     n, h = 5, 3
     c = make_case(n, h, dtype, "per_tensor", "fp8", num_slots=32, seed=9)
     c["q_nope"][2, 1, 7] = special
     c["q_pe"][3, 0, 4] = special
-    want_kv, want_q = expected(c, "per_tensor", "fp8", False)
+    c["q_nope"][1, 0, 3] = -special
+    want_kv, want_q = expected(c, "per_tensor", "fp8", False, q_scale=q_scale)
     call = RopeWriteCall(c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], False,
-                         "per_tensor", as_scale(K_SCALE), c["q_nope"], c["q_pe"], c["q_out"], as_scale(Q_SCALE))
+                         "per_tensor", as_scale(K_SCALE), c["q_nope"], c["q_pe"], c["q_out"], as_scale(q_scale))
     launch_rope_write(call, num_warps=warps, q_rows=q_rows)
     assert_same(c["kv_buffer"], want_kv, "kv_buffer")
     assert_same(c["q_out"], want_q, "q_out")

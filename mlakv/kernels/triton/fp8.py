@@ -21,7 +21,7 @@ How a program works (the shape of the CUDA kernel, ``csrc/fp8.cuh``, in Triton's
   gives a quotient below 2^-11, e4m3 zero however its last bits fall (e >= 39). per_tensor with a
   ``k_scale`` outside that exponent range (a program-uniform test) divides with ``div_rn``, and one
   that is a power of two in [2^-126, 2^125] (the common ``k_scale`` of 1) multiplies by its exact
-  reciprocal (:func:`exact_reciprocal`: the product is the quotient itself); a ds_mla
+  reciprocal (:func:`pow2_reciprocal`: the product is the quotient itself); a ds_mla
   tile whose scale is below 2^-88 has both its values and its scale multiplied by the same power of
   two first (exact, the quotient unchanged) so its division is in range too. That is ds_mla's
   ``fp32_floor`` rule, in full; a program whose tiles all have their amax in ``[2^-79, 2^109)`` (the
@@ -80,6 +80,7 @@ __all__ = [
     "launch_quant_write",
     "launch_dequant_gather",
     "launch_div_probe",
+    "launch_pow2_probe",
     "native_fp8_supported",
     "ds_mla_tile_scale",
     "ds_mla_scaled",
@@ -88,6 +89,7 @@ __all__ = [
     "e4m3_signed",
     "e4m3_finite",
     "quot_in_range",
+    "pow2_reciprocal",
 ]
 
 _DST_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -137,10 +139,16 @@ def divisor_hi(e):
 
 
 @triton.jit
-def exact_reciprocal(e):
-    """``1 / s`` for ``s = 2^(e - 127)`` a power of two with biased exponent ``e`` in [1, 252]: exact
-    and normal, so ``x * exact_reciprocal(e)`` is ``x / s`` rounded once (subnormal or not)."""
-    return ((254 - e) << 23).to(tl.float32, bitcast=True)
+def pow2_reciprocal(s):
+    """``1 / s`` where the fp32 scalar ``s`` is a power of two in [2^-126, 2^125] (biased exponent ``e``
+    in [1, 252], no mantissa bits): exact and normal, so ``x * pow2_reciprocal(s)`` is ``x / s`` rounded
+    once (subnormal or not), the quotient itself. 0.0 for every other ``s`` (not a power of two,
+    negative, zero, subnormal, above 2^125, inf, NaN): the one test of the product path, the CUDA
+    kernels' ``Divisor::p``."""
+    sb = s.to(tl.int32, bitcast=True)
+    e = sb >> 23  # a negative s has a negative e
+    ok = ((sb & 0x7FFFFF) == 0) & (e >= 1) & (e <= 252)
+    return tl.where(ok, ((254 - tl.minimum(tl.maximum(e, 1), 252)) << 23).to(tl.float32, bitcast=True), 0.0)
 
 
 @triton.jit
@@ -364,11 +372,10 @@ def _quant_per_tensor_kernel(
         cr = tl.arange(0, ROPE_P2)[None, :]
         xr = _load_block((rope_ptr + src * rope_row_stride)[:, None], cr, ROPE, ROPE_P2, SRC_IS_BF16, NATIVE)
     s = tl.load(scale_ptr)
-    sb = s.to(tl.int32, bitcast=True)
-    e = sb >> 23  # a negative s has a negative e
+    e = s.to(tl.int32, bitcast=True) >> 23  # a negative s has a negative e
+    p = pow2_reciprocal(s)
     # The branch yields the signed fp32 quotients; they are converted once, after it.
-    if ((sb & 0x7FFFFF) == 0) & (e >= 1) & (e <= 252):  # uniform: a power of two, x * (1/s) is x / s
-        p = exact_reciprocal(e)
+    if p != 0.0:  # uniform: a power of two, x * (1/s) is x / s
         yn = xn * p
         if ROPE > 0:
             yr = xr * p
@@ -793,3 +800,20 @@ def launch_div_probe(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if n:
         _div_probe_kernel[(triton.cdiv(n, block),)](a, b, q, n, BLOCK=block)
     return q
+
+
+@triton.jit
+def _pow2_probe_kernel(s_ptr, p_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    tl.store(p_ptr + i, pow2_reciprocal(tl.load(s_ptr + i, mask=m, other=3.0)), mask=m)
+
+
+def launch_pow2_probe(s: torch.Tensor) -> torch.Tensor:
+    """:func:`pow2_reciprocal` of each scale of ``s [n]`` (contiguous fp32), elementwise (for the tests)."""
+    p = torch.empty_like(s)
+    n = s.shape[0]
+    block = 1 << 12 if interpreting() else 256
+    if n:
+        _pow2_probe_kernel[(triton.cdiv(n, block),)](s, p, n, BLOCK=block)
+    return p

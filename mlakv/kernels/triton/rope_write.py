@@ -13,10 +13,12 @@ so its rows are batched per program; the launch table picks ``Q_ROWS`` and the w
 * 16-bit values travel as their int16 bits; bf16 is widened by a shift and rounded by integer
   arithmetic (the interpreter's bf16 casts truncate and flush subnormals; the bit arithmetic is the
   same on every GPU and in the interpreter); fp16 is cast (exact widening, RNE narrowing);
-* divisions are correctly rounded (``div_rn``, or the FP8 write's fast quotient for a call's one scale);
-  an e4m3 query program whose scale and values all lie in that quotient's exact range (one test per
-  program, on the 16-bit source bits) converts without a clamp or NaN select per value, any other
-  program a row at a time through the general conversion (so its registers do not set the kernel's);
+* divisions are correctly rounded (``div_rn``, or the FP8 write's fast quotient for a call's one scale;
+  a scale that is a power of two multiplies by its exact reciprocal, :func:`mlakv.kernels.triton.fp8.pow2_reciprocal`,
+  with no test of the values); under any other scale, an e4m3 query program whose scale and values all
+  lie in that quotient's exact range (one test per program, on the 16-bit source bits) converts without
+  a clamp or NaN select per value, any other program a row at a time through the general conversion
+  (so its registers do not set the kernel's);
   e4m3 rounding is the FP8 write's (:func:`mlakv.kernels.triton.fp8.e4m3_signed`: the hardware
   conversion on sm_89+, integer arithmetic elsewhere; RNE, saturating, NaN -> 0x7F);
   ``ds_mla``'s tile scales follow the call's rule (``RULE``; the helpers are the FP8 write's,
@@ -45,7 +47,7 @@ from mlakv.spec.tuning import rope_triton_launch
 from .common import pdl_supported
 from .pdl import pdl_close, pdl_open, trigger_code
 from .fp8 import (
-    divisor_hi, ds_mla_scaled, ds_mla_tile_scale, e4m3_finite, e4m3_signed, exact_reciprocal, native_fp8_supported,
+    divisor_hi, ds_mla_scaled, ds_mla_tile_scale, e4m3_finite, e4m3_signed, native_fp8_supported, pow2_reciprocal,
     quot_fast, quot_in_range,
 )  # fmt: skip
 
@@ -90,12 +92,12 @@ def _div_by_scale(x, s):
     """fp32 ``x / s`` for the e4m3 conversion, ``s`` the call's one positive scale: the fast correctly rounded
     division of the FP8 write (:func:`mlakv.kernels.triton.fp8.quot_fast`) where ``s``'s biased exponent
     is in [47, 252] (uniform over the launch), else IEEE ``div_rn``; a power-of-two ``s`` multiplies by
-    its exact reciprocal (:func:`mlakv.kernels.triton.fp8.exact_reciprocal`). Either way the e4m3 byte is the one
+    its exact reciprocal (:func:`mlakv.kernels.triton.fp8.pow2_reciprocal`). Either way the e4m3 byte is the one
     of the IEEE quotient."""
-    sb = s.to(tl.int32, bitcast=True)
-    e = sb >> 23
-    if ((sb & 0x7FFFFF) == 0) & (e >= 1) & (e <= 252):  # a power of two: the product is the quotient
-        y = x * exact_reciprocal(e)
+    e = s.to(tl.int32, bitcast=True) >> 23
+    p = pow2_reciprocal(s)
+    if p != 0.0:  # a power of two: the product is the quotient
+        y = x * p
     elif (e >= 47) & (e <= 252):
         y = quot_fast(x, s, tl.math.div_rn(tl.full([], 1.0, tl.float32), s), divisor_hi(e))
     else:
@@ -194,6 +196,7 @@ def _query_rows(
     if Q_FP8:
         qs = tl.load(q_scale_ptr)
         e = qs.to(tl.int32, bitcast=True) >> 23
+        p = pow2_reciprocal(qs)
         # |x|'s 16-bit magnitude must stay below lim: every value finite and (bf16) below the fast
         # division's end divisor_hi(e), a multiple of 2^23, so exact in 16-bit form; any finite fp16 is
         # below it (e >= 47 puts it past 2^21). Tested on the source bits, so only they stay live.
@@ -201,21 +204,24 @@ def _query_rows(
             lim = divisor_hi(e) >> 16
         else:
             lim = 0x7C00
-        m = tl.maximum(tl.max(nb.to(tl.int32) & 0x7FFF), tl.maximum(tl.max(ra & 0x7FFF), tl.max(rb & 0x7FFF)))
-        if (e >= 47) & (e <= 252) & (m < lim):
+        if p != 0.0:
+            # A power of two (uniform): the product is the quotient for every value, so no test of
+            # the values (a block max is a cross-warp reduction); inf saturates, NaN gets its byte.
+            yn = _widen(nb, SRC) * p
+            ya = _widen(ra.to(tl.int16), SRC) * p
+            yb = _widen(rb.to(tl.int16), SRC) * p
+            tl.store(q_dst + offs, e4m3_signed(yn, NATIVE), mask=ok_n)
+            _store_pairs(q_dst + NOPE, a_off, b_off, e4m3_signed(ya, NATIVE), e4m3_signed(yb, NATIVE), jm, HALF_P2, NEOX, Q_JOIN)
+        elif (e >= 47) & (e <= 252) & (
+            tl.maximum(tl.max(nb.to(tl.int32) & 0x7FFF), tl.maximum(tl.max(ra & 0x7FFF), tl.max(rb & 0x7FFF))) < lim
+        ):
             xn = _widen(nb, SRC)
             xa = _widen(ra.to(tl.int16), SRC)
             xb = _widen(rb.to(tl.int16), SRC)
-            if (qs.to(tl.int32, bitcast=True) & 0x7FFFFF) == 0:  # a power of two: the product is the quotient
-                p = exact_reciprocal(e)
-                yn = xn * p
-                ya = xa * p
-                yb = xb * p
-            else:
-                r = tl.math.div_rn(tl.full([], 1.0, tl.float32), qs)
-                yn = quot_in_range(xn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xn, qs, r)
-                ya = quot_in_range(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xa, qs, r)
-                yb = quot_in_range(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xb, qs, r)
+            r = tl.math.div_rn(tl.full([], 1.0, tl.float32), qs)
+            yn = quot_in_range(xn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xn, qs, r)
+            ya = quot_in_range(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xa, qs, r)
+            yb = quot_in_range(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, xb, qs, r)
             tl.store(q_dst + offs, e4m3_finite(yn, NATIVE), mask=ok_n)
             _store_pairs(q_dst + NOPE, a_off, b_off, e4m3_finite(ya, NATIVE), e4m3_finite(yb, NATIVE), jm, HALF_P2, NEOX, Q_JOIN)
         else:
