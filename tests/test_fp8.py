@@ -1054,6 +1054,7 @@ _TRITON_SIGS = [
                                               (2, "*i32", "*i32", True, 1, False))
 ] + [
     ("_div_probe_kernel", 90, dict(a_ptr="*fp32", b_ptr="*fp32", q_ptr="*fp32"), ("n",), dict(BLOCK=256)),
+    ("_pow2_probe_kernel", 90, dict(s_ptr="*fp32", p_ptr="*fp32"), ("n",), dict(BLOCK=256)),
 ]  # fmt: skip
 
 
@@ -1091,7 +1092,7 @@ def _triton_jit_functions() -> list:
 
 def test_triton_compile_check_covers_every_kernel():
     kernels = {f.name for f in _triton_jit_functions() if f.name.endswith("_kernel")}
-    assert len(kernels) == 5 and {name for name, *_ in _TRITON_SIGS} == kernels
+    assert len(kernels) == 6 and {name for name, *_ in _TRITON_SIGS} == kernels
 
 
 def test_triton_kernel_float_literals_are_fp32_in_every_triton():
