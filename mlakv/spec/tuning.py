@@ -310,15 +310,22 @@ def rope_write_launch(n_items: int) -> tuple[int, bool]:
 ROPE_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, str], ...]] = {
     "bf16": ((1024, 1, 1, "wait"), (16384, 4, 2, "wait"), (None, 4, 8, "wait")),
     "ds_mla": ((128, 4, 1, "wait"), (1024, 1, 1, "wait"), (16384, 4, 2, "wait"), (None, 4, 8, "wait")),
-    "e4m3": ((128, 4, 1, "wait"), (1024, 1, 1, "wait"), (16384, 2, 2, "wait"), (None, 4, 8, "wait")),
+    "e4m3": ((128, 2, 2, "entry"), (8192, 4, 4, "wait"), (None, 4, 8, "wait")),
 }
 ROPE_TRITON_MEASURED = (
-    "NVIDIA H200, 2026-12-03: bf16 and ds_mla 04:53 UTC, e4m3 04:44 UTC (docs/h200-2026-12-03/run8), e4m3 "
-    "above 16384 query rows 20:51 UTC (docs/h200-2026-12-03/run19); `mlakv bench rope --triton-sweep`"
+    "NVIDIA H200, 2026-12-03: bf16 and ds_mla 04:53 UTC (docs/h200-2026-12-03/run8); e4m3 2026-12-04 06:20 UTC "
+    "(docs/h200-2026-12-04/run33, to 65536 query rows) and 2026-12-03 20:51 UTC (docs/h200-2026-12-03/run19, "
+    "above 16384); `mlakv bench rope --triton-sweep`"
 )
-# Every row's PDL trigger sits right after the wait ("wait" of TRIGGER_PLACES), where the kernel had it
-# when the rows were measured. The rows predate the kernel's constant head count (2026-12-04), which
-# made the e4m3 query's multi-row shapes faster (H=16, 65536 tokens: 713 -> 633 us); no sweep since.
+# The bf16 and ds_mla rows' PDL trigger sits right after the wait ("wait" of TRIGGER_PLACES), where the
+# kernel had it when they were measured; they predate the kernel's constant head count (2026-12-04),
+# which made the e4m3 query's multi-row shapes faster (H=16, 65536 tokens: 713 -> 633 us). The e4m3 rows
+# were re-swept on the query's product path for a power-of-two scale (`--variants fp8 --heads 16,128
+# --sizes 1,8,64,512`, every shape at each of the three trigger places): to 128 query rows two warps
+# and two rows per program with the trigger at entry (1.02-1.11 us, against 1.25-1.39 for the old
+# rows), four warps and four rows to 8192 (1.45-5.68 us, within 0.04 us of the fastest shape at every
+# point), four warps and eight rows above (65536 rows: 30.23 us, the fastest; the row of run19 above
+# 16384). 8193-65535 query rows were not swept again: the boundary sits at the last measured size.
 # the shapes `mlakv bench rope --triton-sweep` times: (warps, query rows per program)
 ROPE_TRITON_SWEEP: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (8, 8), (8, 16))
 
@@ -345,8 +352,9 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int, str]
 # (PDL trigger at entry for per_tensor from 1025 rows). The gathers launch with PDL: 128 threads per
 # row to 64 rows, 64 threads to 4096 (16-warp CTAs with the trigger at entry from 1025), one warp above.
 # These rows and the Triton rows below predate the per_tensor product path for a power-of-two scale and
-# the ds_mla max.NaN amax (2026-12-04); no sweep since. The Triton per_tensor write at 1024 rows is then
-# 1.25x the JIT write (H200, docs/h200-2026-12-04/run31), the first row a re-sweep should revisit.
+# the ds_mla max.NaN amax (2026-12-04), except the Triton per_tensor write's rows at 65-4096 rows: re-swept
+# on the product path (docs/h200-2026-12-04/run33), the 1024-row shape moved from 4 rows per program to 2
+# (1.57 -> 1.28 us; the JIT write took 1.28 in the run before). The 512 and 4096 rows stood.
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
     "quant_per_tensor": ((512, 4, False, 128), (1024, 8, False, 64), (4096, 8, True, 64), (None, 4, True, 32)),
     "quant_ds_mla": ((64, 4, False, 128), (1024, 8, False, 64), (4096, 4, False, 64), (None, 4, False, 32)),
@@ -384,7 +392,7 @@ TRIGGER_PLACES: tuple[str, ...] = ("entry", "wait", "end")
 # 4096 2.20 against 2.38; the ds_mla write at 512 1.26 against 1.50. At 16384-65536 rows the places
 # are within 1 % of one another.
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, str], ...]] = {
-    "quant_per_tensor": ((64, 4, 1, "entry"), (512, 2, 1, "entry"), (1024, 4, 4, "wait"), (4096, 8, 4, "entry"),
+    "quant_per_tensor": ((64, 4, 1, "entry"), (512, 2, 1, "entry"), (1024, 4, 2, "wait"), (4096, 8, 4, "entry"),
                          (16384, 2, 4, "entry"), (None, 2, 4, "end")),
     "quant_ds_mla": ((1, 4, 1, "entry"), (64, 2, 1, "entry"), (1024, 4, 4, "wait"), (16384, 4, 8, "entry"),
                      (None, 2, 4, "entry")),
@@ -395,7 +403,9 @@ FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, str], ...]] = {
 }  # fmt: skip
 FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 23:20 UTC: `mlakv bench fp8 --tune --tune-families triton "
-    "--sizes 1,8,64,512,1024,4096,16384,65536` (docs/h200-2026-12-03/run23)"
+    "--sizes 1,8,64,512,1024,4096,16384,65536` (docs/h200-2026-12-03/run23); quant_per_tensor at 65-4096 "
+    "rows 2026-12-04 06:19 UTC: `mlakv bench fp8 --tune --tune-families triton --tune-kinds quant_per_tensor "
+    "--sizes 512,1024,4096` (docs/h200-2026-12-04/run33)"
 )
 
 
