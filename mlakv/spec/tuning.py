@@ -351,18 +351,29 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int, str]
 # ds_mla 1.14 us against 1.26 for the old 16-warp row), 64 threads to 4096, one warp per row above
 # (PDL trigger at entry for per_tensor from 1025 rows). The gathers launch with PDL: 128 threads per
 # row to 64 rows, 64 threads to 4096 (16-warp CTAs with the trigger at entry from 1025), one warp above.
-# These rows and the Triton rows below predate the per_tensor product path for a power-of-two scale and
+# The writes' rows at one row and at 65-4096 rows were re-swept on the per_tensor product path for a
+# power-of-two scale and the ds_mla max.NaN amax (docs/h200-2026-12-04/run35): per_tensor takes 128
+# threads per row in 8-warp CTAs to 1024 rows (512: 0.98 us against 1.07 for the old row; 1024: 1.12
+# against 1.37) and 64 threads in 16-warp CTAs with the trigger at entry to 4096 (2.84 against 2.96);
+# ds_mla the trigger at entry at one row (0.81 against 0.86) and at 65-512 rows (128 threads, 4 warps:
+# 1.10 against 1.19 at 512), 64 threads in 16-warp CTAs at 513-1024 (1.30 against 1.51); its 4096-row
+# shape stood (3.24, within 0.01 us of the fastest). 8 and 64 rows were not swept again (the rows of
+# run16), nor were the gathers.
+# The other rows here and the Triton rows below predate the per_tensor product path and
 # the ds_mla max.NaN amax (2026-12-04), except the Triton per_tensor write's rows at 65-4096 rows: re-swept
 # on the product path (docs/h200-2026-12-04/run33), the 1024-row shape moved from 4 rows per program to 2
 # (1.57 -> 1.28 us; the JIT write took 1.28 in the run before). The 512 and 4096 rows stood.
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
-    "quant_per_tensor": ((512, 4, False, 128), (1024, 8, False, 64), (4096, 8, True, 64), (None, 4, True, 32)),
-    "quant_ds_mla": ((64, 4, False, 128), (1024, 8, False, 64), (4096, 4, False, 64), (None, 4, False, 32)),
+    "quant_per_tensor": ((64, 4, False, 128), (1024, 8, False, 128), (4096, 16, True, 64), (None, 4, True, 32)),
+    "quant_ds_mla": ((1, 4, True, 128), (64, 4, False, 128), (512, 4, True, 128), (1024, 16, False, 64),
+                     (4096, 4, False, 64), (None, 4, False, 32)),
     "dequant": ((64, 4, False, 128), (1024, 4, False, 64), (4096, 16, True, 64), (None, 4, False, 32)),
 }  # fmt: skip
 FP8_JIT_MEASURED = (
     "NVIDIA H200, 2026-12-03 18:37 UTC: `mlakv bench fp8 --tune --tune-families jit "
-    "--sizes 1,8,64,512,1024,4096,65536` (docs/h200-2026-12-03/run16)"
+    "--sizes 1,8,64,512,1024,4096,65536` (docs/h200-2026-12-03/run16); the writes at 1 and 65-4096 rows "
+    "2026-12-04 06:33 UTC: `mlakv bench fp8 --tune --tune-families jit --tune-kinds "
+    "quant_per_tensor,quant_ds_mla --sizes 1,512,1024,4096` (docs/h200-2026-12-04/run35)"
 )
 # The threads per row a JIT FP8 kernel takes (the template variants each module holds).
 FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
