@@ -286,7 +286,47 @@ def test_fp8_tune_report_gives_the_ds_mla_parts_rows():
     assert ("FP8_TRITON_STEPS['quant_ds_mla'] = ((1, 1, 1, 'entry'), (512, 1, 1, 'end'), (1024, 2, 2, 'wait'), "
             "(None, 2, 4, 'entry'))") in text
     assert "FP8_TRITON_PARTS['quant_ds_mla'] = ((1, 4), (512, 2), (None, 1))" in text
-    assert "FP8_TRITON_PARTS" not in format_tune({"device": "GPU", "triton": {"quant_ds_mla": {"1": {"w4r1e": 0.9}}}, "jit": {}})
+    unsplit = format_tune({"device": "GPU", "triton": {"quant_ds_mla": {"1": {"w4r1e": 0.9}}}, "jit": {}})
+    alone, _, folded = unsplit.partition("# folded into the current table")
+    assert "FP8_TRITON_PARTS" not in alone  # no sweep point split its rows
+    assert "FP8_TRITON_PARTS" not in format_tune({"device": "GPU", "triton": {"quant_per_tensor": {"1": {"w4r1e": 0.9}}},
+                                                  "jit": {}})  # fmt: skip
+
+
+def test_fp8_tune_report_folds_the_sweep_into_the_current_table(monkeypatch):
+    """A sweep of some sizes also gives the table with its rows folded in: sizes it did not time keep
+    the current rows (above its largest size, and at a boundary of the table no swept size shares)."""
+    from mlakv.bench import fp8_bench
+
+    monkeypatch.setitem(fp8_bench.FP8_JIT_STEPS, "quant_per_tensor",
+                        ((64, 4, False, 128), (1024, 8, False, 64), (None, 4, True, 32)))  # fmt: skip
+    res = {"device": "GPU", "triton": {},
+           "jit": {"quant_per_tensor": {"512": {"t128w8l": 0.98, "t64w8l": 1.1}, "1024": {"t128w8l": 1.12}}}}  # fmt: skip
+    text = fp8_bench.format_tune(res)
+    assert "FP8_JIT_STEPS['quant_per_tensor'] = ((None, 8, False, 128),)" in text  # the swept sizes alone
+    assert ("FP8_JIT_STEPS['quant_per_tensor'] = ((64, 4, False, 128), (1024, 8, False, 128), "
+            "(None, 4, True, 32))") in text.partition("# folded into the current table")[2]
+
+
+@pytest.mark.parametrize(
+    "current, best, want",
+    [
+        # sizes above the largest swept one keep the table's open row
+        (((None, "a"),), [(8, ("b",))], [(8, "b"), (None, "a")]),
+        # a table boundary no swept size shares keeps its shape; equal neighbours merge
+        (((64, "a"), (None, "c")), [(1, ("b",)), (512, ("c",))], [(1, "b"), (64, "a"), (None, "c")]),
+        # a swept size inside a row splits it; the sizes between it and the lower boundary take its shape
+        (((1024, "a"), (None, "c")), [(512, ("b",))], [(512, "b"), (1024, "a"), (None, "c")]),
+        # a sweep that finds the table's own shapes gives the table back
+        (((8, "a"), (512, "b"), (None, "c")), [(8, ("a",)), (512, ("b",))], [(8, "a"), (512, "b"), (None, "c")]),
+        # no sweep: the table as it is
+        (((8, "a"), (None, "c")), [], [(8, "a"), (None, "c")]),
+    ],
+)
+def test_merged_steps_keeps_the_rows_the_sweep_did_not_time(current, best, want):
+    from mlakv.bench.report import merged_steps
+
+    assert merged_steps(current, best) == want
 
 
 @pytest.mark.parametrize("n", [1, 8, 512, 65536])

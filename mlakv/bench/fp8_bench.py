@@ -57,10 +57,10 @@ from mlakv.mem_cache import (
 )
 from mlakv.ops.fp8 import fp8_write_path, scale_tensor
 from mlakv.spec.rules import DS_MLA_SCALE_RULES
-from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
+from mlakv.spec.tuning import FP8_JIT_STEPS, FP8_JIT_THREADS_PER_ROW, FP8_TRITON_PARTS, FP8_TRITON_STEPS
 
 from .options import fp8_parser as build_parser
-from .report import checkpoint, table_steps, write_results
+from .report import checkpoint, merged_steps, table_steps, write_results
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_length_us, graph_median_us, on_progress, progress, rotating
 
 __all__ = [
@@ -629,11 +629,27 @@ def format_tune(res: dict) -> str:
                 best.append((int(n), _parse_shape(k0) if family == "triton" else _parse_jit_shape(k0)))
                 parts.append((int(n), (_parse_parts(k0),)))
             out.append("")
-            name = "FP8_TRITON_STEPS" if family == "triton" else "FP8_JIT_STEPS"
-            out.append(f"{name}[{kind!r}] = {tuple(table_steps(best))!r}")
-            if family == "triton" and any(p != (1,) for _, p in parts):
-                out.append(f"FP8_TRITON_PARTS[{kind!r}] = {tuple(table_steps(parts))!r}")
+            name, table = ("FP8_TRITON_STEPS", FP8_TRITON_STEPS) if family == "triton" else ("FP8_JIT_STEPS", FP8_JIT_STEPS)
+            split = family == "triton" and any(p != (1,) for _, p in parts)
+            rows = [(name, table, best, True)]
+            if family == "triton" and (split or kind in FP8_TRITON_PARTS):
+                rows.append(("FP8_TRITON_PARTS", FP8_TRITON_PARTS, parts, split))
+            out += _step_lines(kind, rows)
     return "\n".join(out)
+
+
+def _step_lines(kind: str, rows: list[tuple[str, dict, list, bool]]) -> list[str]:
+    """The launch-table rows a sweep's fastest shapes make, ``(name, current table, [(n, shape)], alone)``
+    each: the swept sizes alone (the largest size's shape opened to every larger n; for the rows with
+    ``alone``), then folded into the current table where it has the kind
+    (:func:`mlakv.bench.report.merged_steps`: sizes outside the sweep keep their rows)."""
+    out = ["# the swept sizes alone (the last row open to every larger n):"]
+    out += [f"{name}[{kind!r}] = {tuple(table_steps(best))!r}" for name, _, best, alone in rows if alone]
+    merged = [(name, table[kind], best) for name, table, best, _ in rows if kind in table]
+    if merged:
+        out.append("# folded into the current table (sizes the sweep did not time keep their rows):")
+        out += [f"{name}[{kind!r}] = {tuple(merged_steps(current, best))!r}" for name, current, best in merged]
+    return out
 
 
 def _tuned_points(res: dict) -> int:

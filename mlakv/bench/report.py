@@ -4,7 +4,8 @@ Each benchmark prints its tables and writes ``<stem>.json`` (the raw results) an
 (the tables) under ``--out``; the cell formats (µs to two places, a share of copy bandwidth as a
 percentage, a ratio with an ``x``) are the same in every table, so they live here once, as does the
 grid of launch overrides a ``--sweep`` times (:func:`launch_grid`) and the launch-table rows a sweep's
-fastest shapes make (:func:`table_steps`).
+fastest shapes make (:func:`table_steps`, and :func:`merged_steps` for a sweep of some sizes folded into the
+table it re-measures).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .timing import on_progress
 __all__ = [
     "cell", "pct", "ratio", "provider_table", "write_results", "run_on_gpu", "measured_rows", "INTERRUPTED_NOTE",
     "PARTIAL_NOTE", "checkpoint", "rows_kept_on_interrupt",
-    "launch_grid", "table_steps",
+    "launch_grid", "table_steps", "merged_steps",
 ]  # fmt: skip
 
 
@@ -155,3 +156,29 @@ def table_steps(best: Sequence[tuple[int, tuple]]) -> list[tuple]:
     if steps:
         steps[-1] = (None, *steps[-1][1:])
     return steps
+
+
+def merged_steps(current: Sequence[tuple], best: Sequence[tuple[int, tuple]]) -> list[tuple]:
+    """A sweep of some sizes folded into the launch table it re-measures: ``current`` the table's rows
+    ``(max n, *shape)`` (increasing, the last open), ``best`` ``[(n, shape), ...]`` each swept size's
+    fastest shape. Each swept size takes its fastest shape, with the sizes between it and the next lower
+    boundary (swept or the table's); every size the sweep does not reach keeps the table's shape there:
+    above the largest swept size, and at and below a boundary of the table that no swept size shares.
+    Equal neighbours merge; the last row stays open. ``table_steps(best)`` instead opens the largest
+    swept size's shape to every larger n, which a sweep of a few sizes has not measured."""
+    if not best:
+        return list(current)
+
+    def shape_at(n: int) -> tuple:
+        return next(tuple(r[1:]) for r in current if r[0] is None or n <= r[0])
+
+    swept = {int(n): tuple(shape) for n, shape in best}
+    bounds = sorted(set(swept) | {r[0] for r in current if r[0] is not None})
+    points = [(b, swept[b] if b in swept else shape_at(b)) for b in bounds] + [(None, shape_at(bounds[-1] + 1))]
+    rows: list[tuple] = []
+    for bound, shape in points:
+        if rows and rows[-1][1:] == shape:
+            rows[-1] = (bound, *shape)
+        else:
+            rows.append((bound, *shape))
+    return rows
