@@ -906,6 +906,31 @@ def test_bench_runs_on_cpu_and_reports():
     assert main(["--variants", "ds_mla", "--heads", "2", "--sizes", "2"]) == 0
 
 
+def test_bench_triton_sweep_gives_the_table_rows(monkeypatch):
+    """``--triton-sweep``'s rows: per query-row count n * H the shape with the least summed time over the
+    points of that count (n = 8, H = 16 and n = 1, H = 128 share 128), then folded into the current table,
+    whose rows outside the swept counts stay."""
+    from mlakv.bench import rope_write as bench
+    from mlakv.spec import tuning
+
+    monkeypatch.setitem(tuning.ROPE_TRITON_STEPS, "e4m3", ((64, 1, 1, "wait"), (None, 4, 8, "wait")))
+
+    def point(n, heads, **times):
+        names = {"a": "triton w2 q2 entry", "b": "triton w4 q4", "c": "triton w1 q1"}
+        return {"variant": "fp8", "heads": heads, "n": n, "times_us": {names[k]: v for k, v in times.items()}}
+
+    report = {"results": [
+        point(8, 16, a=1.0, b=1.5, c=1.2),  # 128 query rows: a fastest here ...
+        point(1, 128, a=2.0, b=1.2, c=1.1),  # ... b and c here; summed: a 3.0, b 2.7, c 2.3
+        point(512, 16, a=9.0, b=5.0),  # 8192: b (c not timed at this count: it does not compete)
+    ]}  # fmt: skip
+    text = "\n".join(bench.fastest_triton(report))
+    assert "ROPE_TRITON_STEPS['e4m3'] = ((128, 1, 1, 'wait'), (None, 4, 4, 'wait'))" in text
+    assert ("ROPE_TRITON_STEPS['e4m3'] = ((128, 1, 1, 'wait'), (8192, 4, 4, 'wait'), (None, 4, 8, 'wait'))"
+            in text.partition("# folded into the current table")[2])  # fmt: skip
+    assert bench.triton_rows({"results": [dict(point(8, 16), times_us={"fused": 1.0})]}) == []
+
+
 # ---- the pool method -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
 @pytest.mark.parametrize("q_mode", ["none", "16bit", "fp8"])

@@ -52,7 +52,7 @@ from .options import ROPE_QUICK_SIZES as QUICK_SIZES
 from .options import ROPE_SIZES as DEFAULT_SIZES
 from .options import ROPE_SWEEP as SWEEP
 from .options import rope_parser as build_parser
-from .report import rows_kept_on_interrupt
+from .report import merged_steps, rows_kept_on_interrupt, table_steps
 from .timing import INPUT_SETS, copy_bandwidth_gbs, graph_median_us, one_element_graph_us, progress, rotating, wall_median_s
 
 __all__ = ["VARIANTS", "build_parser", "make_sets", "providers_for", "check_provider", "call_bytes", "run", "format_report", "main"]
@@ -238,7 +238,52 @@ def fastest_triton(report: dict) -> list[str]:
     if not out:
         return []
     return ["", "Fastest Triton shape (`--triton-sweep`)", "", "| variant | H | n | fastest | µs | table's shape µs |",
-            "|---|---|---|---|---|---|", *out]  # fmt: skip
+            "|---|---|---|---|---|---|", *out, *triton_rows(report)]  # fmt: skip
+
+
+# the launch table's kind of each variant (what the launcher looks up: an FP8 query, else the cache format)
+TABLE_KIND = {"bf16": "bf16", "fp8": "e4m3", "ds_mla": "ds_mla"}
+
+
+def _sweep_shape(name: str) -> tuple[int, int, str]:
+    """``"triton w<warps> q<rows>[ entry| end]"`` -> ``(warps, rows, place)`` (no place: right after the wait)."""
+    parts = name.split()
+    return int(parts[1][1:]), int(parts[2][1:]), parts[3] if len(parts) > 3 else "wait"
+
+
+def triton_rows(report: dict) -> list[str]:
+    """The ``ROPE_TRITON_STEPS`` rows a ``--triton-sweep`` makes, per table kind: at each swept query-row
+    count ``n * H`` the shape with the least time summed over the points of that count (``n = 8, H = 16``
+    and ``n = 1, H = 128`` share 128; ties go to the earlier shape of :func:`triton_sweep_names`), as
+    rows of the swept counts alone and folded into the current table (the counts the sweep did not time
+    keep their rows)."""
+    from mlakv.spec.tuning import ROPE_TRITON_STEPS
+
+    order = {name: i for i, name in enumerate(triton_sweep_names())}
+    sums: dict[str, dict[int, dict[str, float]]] = {}
+    for r in report["results"]:
+        shapes = {k: v for k, v in r["times_us"].items() if k in order and isinstance(v, (int, float))}
+        if not shapes:
+            continue
+        at = sums.setdefault(TABLE_KIND[r["variant"]], {}).setdefault(r["n"] * r["heads"], {})
+        for k, v in shapes.items():
+            at[k] = at.get(k, 0.0) + v
+    out = []
+    for kind, by_items in sums.items():
+        best = []
+        for items in sorted(by_items):
+            # a shape missing at one of the count's points (not timed, or wrong there) does not compete
+            full = {k: v for k, v in by_items[items].items() if all(
+                k in r["times_us"] for r in report["results"]
+                if TABLE_KIND[r["variant"]] == kind and r["n"] * r["heads"] == items)}  # fmt: skip
+            if full:
+                best.append((items, _sweep_shape(min(full, key=lambda k: (full[k], order[k])))))
+        if best:
+            out += ["", f"# {kind}: the swept query-row counts alone (the last row open to every larger count):",
+                    f"ROPE_TRITON_STEPS[{kind!r}] = {tuple(table_steps(best))!r}",
+                    "# folded into the current table (counts the sweep did not time keep their rows):",
+                    f"ROPE_TRITON_STEPS[{kind!r}] = {tuple(merged_steps(ROPE_TRITON_STEPS[kind], best))!r}"]  # fmt: skip
+    return out
 
 
 def providers_for(variant: str, is_neox: bool, names: list[str]) -> tuple[dict, dict, str]:
