@@ -456,17 +456,20 @@ def test_triton_launch_table_rows_per_call_kind(q_format):
         assert rope_triton_launch(max_n if max_n is not None else 1 << 30, q_format) == (warps, rows, place)
 
 
-@pytest.mark.parametrize("q_mode", ["16bit", "fp8"])
+@pytest.mark.parametrize("q_mode", ["16bit", "fp8", "fp8_power_of_two"])
 @pytest.mark.parametrize("warps, q_rows", _triton_sweep_shapes())
 @pytest.mark.parametrize("values", ["finite", "one_inf"])
 def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode, values):
     """The Triton kernel at every shape its sweep times (query rows per program 1..16 over n * H = 15
     rows, so the last program is partial): q_nope and q_pe views of one wider tensor, q_out a view
     with a neighbour head, a token whose position lies outside the table (its rows stay as they were).
-    ``one_inf``: one query value is inf, so that program takes the e4m3 query's general path (rows
-    reloaded through the same views)."""
+    ``one_inf``: one query value is inf, so under Q_SCALE that program takes the e4m3 query's general
+    path (rows reloaded through the same views); ``fp8_power_of_two``: q_scale 0.5, every program the
+    product path, through the same views."""
     from mlakv.kernels.triton.rope_write import launch_rope_write
 
+    q_scale = 0.5 if q_mode == "fp8_power_of_two" else Q_SCALE
+    q_mode = "fp8" if q_mode == "fp8_power_of_two" else q_mode
     n, h = 5, 3
     c = make_case(n, h, torch.bfloat16, "ds_mla", q_mode, num_slots=32)
     g = torch.Generator().manual_seed(5)
@@ -483,11 +486,11 @@ def test_triton_every_launch_shape_with_query_views(warps, q_rows, q_mode, value
     # token 3's position lies outside the table: the reference writes neither its row nor its queries
     ref = dict(c, loc=c["loc"].clone(), positions=c["positions"].clone())
     ref["loc"][3] = -1
-    want_kv, want_q = expected(ref, "ds_mla", q_mode, False)
+    want_kv, want_q = expected(ref, "ds_mla", q_mode, False, **({"q_scale": q_scale} if q_mode == "fp8" else {}))
     want_q[3] = bits(c["q_out"][3]).cpu()
     c["positions"][3] = MAX_POS
     call = RopeWriteCall(c["kv_buffer"], c["loc"], c["k_nope"], c["k_pe"], c["positions"], c["cos_sin_cache"], False,
-                         "ds_mla", None, c["q_nope"], c["q_pe"], c["q_out"], as_scale(Q_SCALE if q_mode == "fp8" else None))
+                         "ds_mla", None, c["q_nope"], c["q_pe"], c["q_out"], as_scale(q_scale if q_mode == "fp8" else None))
     launch_rope_write(call, num_warps=warps, q_rows=q_rows)
     assert_same(c["kv_buffer"], want_kv, "kv_buffer")
     assert_same(c["q_out"], want_q, "q_out")
