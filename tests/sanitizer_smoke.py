@@ -454,11 +454,12 @@ class Smoke:
                 self.check(f"fp8 gather {fmt} triton trigger={place}", ok)
 
     def fp8_jit_shapes(self) -> None:
-        """The JIT FP8 write and gather at every threads per row (32, 64, 128) with one and several rows
-        per CTA (a partial last CTA), both trigger places; strided and out-of-range / reserved loc."""
+        """The JIT FP8 write and gather at every threads per row (32, 64, 128; the per_tensor write also
+        packed, in CTAs that end inside a row) with one and several rows per CTA (a partial last CTA),
+        both trigger places; strided and out-of-range / reserved loc."""
         from mlakv.kernels.cuda.fp8 import fp8_jit_gather, fp8_jit_write
         from mlakv.ops.fp8 import dequantize_mla_rows, fp8_row_bytes, scale_tensor
-        from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
+        from mlakv.spec.tuning import FP8_JIT_PACKED, FP8_JIT_THREADS_PER_ROW
 
         n, num_slots = 37, 90
         # per_tensor under a scale that is not a power of two (the division) and one that is (the product
@@ -468,9 +469,11 @@ class Smoke:
         for fmt, rule, k in cases:
             scale = scale_tensor(k, torch.device("cuda")) if fmt == "per_tensor" else None
             rb = fp8_row_bytes(fmt, 512, 64)
-            for threads in FP8_JIT_THREADS_PER_ROW:
+            packed = (FP8_JIT_PACKED,) if fmt == "per_tensor" else ()
+            for threads in FP8_JIT_THREADS_PER_ROW + packed:
                 for rows in (1, 4):
-                    warps = rows * threads // 32
+                    # packed rows: CTAs of 3 and 12 warps, which end inside a row
+                    warps = 3 * rows if threads == FP8_JIT_PACKED else rows * threads // 32
                     for kind, early in (("strided", True), ("reserved_and_past_end", False)):
                         nope = torch.randn(n, 512, device="cuda").to(torch.bfloat16)
                         rope = torch.randn(n, 64, device="cuda").to(torch.bfloat16)
@@ -482,7 +485,7 @@ class Smoke:
                         torch.cuda.synchronize()
                         ok = launched and torch.equal(kv.view(num_slots, rb), expected)
                         self.check(f"fp8 jit write {fmt} {rule} t{threads}w{warps} {kind}", ok)
-                    if rule != "fp32_floor":
+                    if rule != "fp32_floor" or threads == FP8_JIT_PACKED:  # the gathers keep aligned rows
                         continue
                     kv = torch.randint(0, 256, (64, 1, rb), dtype=torch.uint8, device="cuda")
                     bad = torch.tensor([3, 64, -1, 10**9, 63, 5, -7], device="cuda")

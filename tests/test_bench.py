@@ -354,6 +354,14 @@ def test_fp8_tune_report_gives_the_jit_rows_with_threads_per_row_and_the_plain_f
     assert "| 1 | t128w4e | 1.60 | t32w2e | 2.40 | 1.30 | 1.23x |" in text and "WRONG: t64w2l" in text
 
 
+def test_fp8_tune_keys_name_the_packed_rows():
+    from mlakv.bench.fp8_bench import _jit_key, _parse_jit_shape
+    from mlakv.spec.tuning import FP8_JIT_PACKED
+
+    assert _jit_key(FP8_JIT_PACKED, 8, False) == "tpw8l"
+    assert _parse_jit_shape(_jit_key(FP8_JIT_PACKED, 16, True)) == (16, True, FP8_JIT_PACKED)
+
+
 def test_fp8_tune_times_every_threads_per_row_at_whole_rows_per_cta():
     from mlakv.bench.fp8_bench import _jit_shapes
     from mlakv.spec.tuning import FP8_JIT_THREADS_PER_ROW
@@ -363,10 +371,11 @@ def test_fp8_tune_times_every_threads_per_row_at_whole_rows_per_cta():
     assert all(1 <= w <= 32 and (32 * w) % t == 0 for t, w in shapes)
 
 
-@pytest.mark.parametrize("key,shape", [("t128w4e", (4, True, 128)), ("t64w16l", (16, False, 64)), ("w2e", (2, True, 32))])
+@pytest.mark.parametrize("key,shape", [("t128w4e", (4, True, 128)), ("t64w16l", (16, False, 64)), ("w2e", (2, True, 32)),
+                                       ("tpw8l", (8, False, -1))])  # fmt: skip
 def test_fp8_tune_reads_jit_keys_old_and_new(key, shape):
-    """A JIT key names threads per row, warps per CTA and the trigger; keys of earlier reports (no
-    threads per row) were one warp per row."""
+    """A JIT key names threads per row, warps per CTA and the trigger (``tp``: the per_tensor write's
+    packed rows, FP8_JIT_PACKED); keys of earlier reports (no threads per row) were one warp per row."""
     from mlakv.bench.fp8_bench import _parse_jit_shape
 
     assert _parse_jit_shape(key) == shape

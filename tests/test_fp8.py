@@ -26,6 +26,7 @@ from conftest import (
 )
 
 from mlakv.spec.rules import DS_MLA_SCALE_RULES
+from mlakv.spec.tuning import FP8_JIT_PACKED
 from mlakv.ops.fp8 import (
     E4M3_MAX,
     FLT_MIN,
@@ -933,6 +934,8 @@ def test_jit_launchers_check_zero_row_calls_too(fmt, built_fp8_modules):
 # The JIT kernels' launch shapes: (threads per row, warps per CTA, PDL trigger at entry): each threads
 # per row at one row per CTA and at 8 rows per CTA (a partial last CTA for most n), both trigger places.
 JIT_SHAPES = [(32, 1, True), (32, 8, False), (64, 2, False), (64, 16, True), (128, 4, True), (128, 32, False)]
+# per_tensor's packed rows: a CTA smaller than a row, one that ends inside a row, and 32 warps
+JIT_PACKED_SHAPES = [(FP8_JIT_PACKED, 1, True), (FP8_JIT_PACKED, 3, False), (FP8_JIT_PACKED, 32, True)]
 
 
 def _zero_row_call(built_fp8_modules, fmt: str, loc_dtype: torch.dtype):
@@ -962,6 +965,57 @@ def test_jit_launchers_refuse_a_launch_shape_of_no_whole_rows(fmt, warps, thread
         mod.mla_fp8_gather(kv, loc, scale, *outs, warps, False, threads)
 
 
+@pytest.mark.parametrize("warps", [1, 3, 8, 32])
+def test_jit_per_tensor_write_takes_packed_rows_at_any_warps(warps, built_fp8_modules):
+    """per_tensor's write takes one thread per 16-byte chunk, 72 threads a 512 + 64 row laid end to
+    end over the CTA, at any CTA size (0 rows: checked, nothing launched)."""
+    mod, kv, scale, loc, outs = _zero_row_call(built_fp8_modules, "per_tensor", torch.int32)
+    assert mod.mla_fp8_quant(kv, loc, *outs, scale, -1, warps, False, 0, (NOPE + ROPE) // 8) is True
+
+
+@pytest.mark.parametrize("fmt,kernel", [("ds_mla", "quant"), ("per_tensor", "gather"), ("ds_mla", "gather")])
+def test_jit_packed_rows_are_per_tensor_writes_only(fmt, kernel, built_fp8_modules):
+    """ds_mla's tiles need rows of whole half-warps and the gathers keep aligned rows: 72 threads per
+    row is refused there, naming the argument."""
+    mod, kv, scale, loc, outs = _zero_row_call(built_fp8_modules, fmt, torch.int64)
+    with pytest.raises(ValueError, match="threads_per_row must be 32, 64 or 128, got 72"):
+        if kernel == "quant":
+            mod.mla_fp8_quant(kv, loc, *outs, scale, -1, 4, False, 0, 72)
+        else:
+            mod.mla_fp8_gather(kv, loc, scale, *outs, 4, False, 72)
+
+
+def test_jit_per_tensor_write_refuses_other_row_counts(built_fp8_modules):
+    """Only the row's own chunk count packs: 71 or 73 threads per row is refused."""
+    mod, kv, scale, loc, outs = _zero_row_call(built_fp8_modules, "per_tensor", torch.int64)
+    for threads in (71, 73):
+        with pytest.raises(ValueError, match=r"threads_per_row must be 32, 64 or 128, or 72 \(one thread per 16-byte chunk\)"):
+            mod.mla_fp8_quant(kv, loc, *outs, scale, -1, 4, False, 0, threads)
+
+
+def test_jit_per_tensor_packed_rows_refuse_a_grid_past_32_bit_thread_numbers(built_fp8_modules):
+    """Packed rows number their threads in 32 bits: 30M rows x 72 threads is refused before launching."""
+    mod = built_fp8_modules["per_tensor"]
+    if isinstance(mod, Exception):
+        pytest.fail(str(mod))
+    n = 30_000_000
+    kv, scale = FakeCudaTensor((12, fp8_row_bytes("per_tensor", NOPE, ROPE)), torch.uint8), FakeCudaTensor((1,), torch.float32)
+    args = (FakeCudaTensor((n,), torch.int64), FakeCudaTensor((n, NOPE), torch.bfloat16), FakeCudaTensor((n, ROPE), torch.bfloat16))
+    with pytest.raises(ValueError, match="n_loc=30000000 is too many rows for threads_per_row=72"):
+        mod.mla_fp8_quant(kv, *args, scale, -1, 4, False, 0, 72)
+
+
+@pytest.mark.parametrize("threads,warps,nope,rope,expected", [
+    (FP8_JIT_PACKED, 8, 512, 64, (8, 72)), (FP8_JIT_PACKED, 3, 256, 64, (3, 40)), (FP8_JIT_PACKED, 3, 448, 64, (4, 128)),
+    (FP8_JIT_PACKED, 30, 960, 64, (32, 128)), (64, 2, 512, 64, (2, 64)), (128, 4, 960, 64, (4, 128))])  # fmt: skip
+def test_packed_launch_rows_resolve_to_a_shape_the_launcher_takes(threads, warps, nope, rope, expected):
+    """FP8_JIT_PACKED becomes the row's chunk count; a count that is a multiple of 32 (the packed
+    layout is then an aligned one) becomes 128 threads per row on whole rows; other values pass."""
+    from mlakv.spec.tuning import fp8_jit_threads
+
+    assert fp8_jit_threads(threads, warps, nope, rope) == expected
+
+
 @pytest.mark.parametrize("threads,warps,early", JIT_SHAPES)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_jit_launchers_take_every_threads_per_row(fmt, threads, warps, early, built_fp8_modules):
@@ -974,7 +1028,8 @@ def test_jit_launchers_take_every_threads_per_row(fmt, threads, warps, early, bu
 @pytest.mark.parametrize("kind", ["quant_per_tensor", "quant_ds_mla", "dequant"])
 def test_jit_launch_rows_are_launch_shapes_the_kernels_take(kind):
     """FP8_JIT_STEPS: increasing max n_loc, the last open; each row's threads per row one the
-    kernels take and its warps a CTA of whole rows; fp8_jit_launch returns the row of each n."""
+    kernels take and its warps a CTA of whole rows (or, for per_tensor's write, packed rows at any CTA
+    size); fp8_jit_launch returns the row of each n."""
     from mlakv.spec.tuning import FP8_JIT_STEPS, FP8_JIT_THREADS_PER_ROW, fp8_jit_launch
 
     steps = FP8_JIT_STEPS[kind]
@@ -982,7 +1037,10 @@ def test_jit_launch_rows_are_launch_shapes_the_kernels_take(kind):
     assert bounds[-1] is None and bounds[:-1] == sorted(set(bounds[:-1]))
     low = 1
     for max_n, warps, early, threads in steps:
-        assert threads in FP8_JIT_THREADS_PER_ROW and 1 <= warps <= 32 and (32 * warps) % threads == 0
+        if kind == "quant_per_tensor" and threads == FP8_JIT_PACKED:  # rows packed: any CTA size, few rows
+            assert 1 <= warps <= 32 and max_n is not None and max_n * (NOPE + ROPE) // 8 < 2**31 - 1024
+        else:
+            assert threads in FP8_JIT_THREADS_PER_ROW and 1 <= warps <= 32 and (32 * warps) % threads == 0
         assert isinstance(early, bool)
         for n in {low, max_n or low + 10**6}:
             assert fp8_jit_launch(kind, n) == (warps, early, threads)
@@ -1282,9 +1340,27 @@ def test_gpu_jit_write_every_threads_per_row(fmt, rule, src_dtype, threads, warp
     buffer of spare row bytes, from strided sources (a 16-byte offset into wider rows, every other
     rope row) with a strided loc holding padding, negative, reserved and out-of-range slots; rows
     with NaN, inf and a tile of fp32-subnormal values (the IEEE division's slow path)."""
+    _check_jit_write(fmt, rule, src_dtype, threads, warps, early, n)
+
+
+@requires_sm90
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+@pytest.mark.parametrize("threads,warps,early", JIT_PACKED_SHAPES)
+@pytest.mark.parametrize("src_dtype", SRC_DTYPES)
+@pytest.mark.parametrize("k", [K_SCALE, 0.5])
+def test_gpu_jit_per_tensor_write_packed_rows(k, src_dtype, threads, warps, early, n):
+    """The per_tensor write with its rows packed over the CTA's threads (rows that straddle warps and
+    CTAs), on the same hostile inputs as above, under a scale that takes the division and one that
+    takes the product: bit-exact."""
+    _check_jit_write("per_tensor", "fp32_floor", src_dtype, threads, warps, early, n, k)
+
+
+def _check_jit_write(fmt: str, rule: str, src_dtype, threads: int, warps: int, early: bool, n: int,
+                     k_value: float = K_SCALE) -> None:
+    """One JIT write through a forced launch shape, checked as test_gpu_jit_write_every_threads_per_row says."""
     from mlakv.kernels.cuda.fp8 import fp8_jit_write
 
-    g = torch.Generator().manual_seed(1000 * threads + n)
+    g = torch.Generator().manual_seed(1000 * abs(threads) + n)
     wide_n = torch.randn(n, NOPE + 16, generator=g).to(src_dtype)
     wide_r = torch.randn(2 * n, ROPE, generator=g).to(src_dtype)
     if n > 2:
@@ -1294,8 +1370,8 @@ def test_gpu_jit_write_every_threads_per_row(fmt, rule, src_dtype, threads, warp
     num_slots = n + 40
     loc = hostile_loc(n, num_slots, torch.int32 if n % 2 else torch.int64)
     kv = poisoned(num_slots, fp8_row_bytes(fmt, NOPE, ROPE) + 16, three_d=True)
-    k = k_scale_for(fmt)
-    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, k_scale_for(fmt, "cpu"), ds_mla_scale_rule=rule)
+    k = scale_tensor(k_value, torch.device(DEVICE)) if fmt == "per_tensor" else None
+    rows = quantize_mla_rows(nope.cpu(), rope.cpu(), fmt, None if k is None else k.cpu(), ds_mla_scale_rule=rule)
     rows = rows.view(torch.uint8)
     keep = loc.cpu() != SKIP_SLOT
     expected = expected_buffer(kv, loc.cpu()[keep], rows[keep])

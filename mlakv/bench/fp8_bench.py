@@ -57,7 +57,7 @@ from mlakv.mem_cache import (
 )
 from mlakv.ops.fp8 import fp8_write_path, scale_tensor
 from mlakv.spec.rules import DS_MLA_SCALE_RULES
-from mlakv.spec.tuning import FP8_JIT_STEPS, FP8_JIT_THREADS_PER_ROW, FP8_TRITON_PARTS, FP8_TRITON_STEPS
+from mlakv.spec.tuning import FP8_JIT_PACKED, FP8_JIT_STEPS, FP8_JIT_THREADS_PER_ROW, FP8_TRITON_PARTS, FP8_TRITON_STEPS
 
 from .options import fp8_parser as build_parser
 from .report import checkpoint, merged_steps, table_steps, write_results
@@ -89,6 +89,8 @@ TUNE_REP_MS = 20
 # --tune, JIT: rows per CTA tried at each threads per row the kernels take (FP8_JIT_THREADS_PER_ROW);
 # warps per CTA = rows * threads / 32 (1..32).
 TUNE_JIT_ROWS = (1, 2, 4, 8)
+# --tune, JIT: the CTA warps tried for the per_tensor write's packed rows (FP8_JIT_PACKED, key ``tp``)
+TUNE_JIT_PACKED_WARPS = (1, 2, 4, 8, 16, 32)
 TUNE_FAMILIES = ("jit", "triton")
 TUNE_KINDS = ("quant_per_tensor", "quant_ds_mla", "dequant_per_tensor", "dequant_ds_mla")
 
@@ -480,7 +482,7 @@ def _jit_shapes() -> list[tuple[int, int]]:
 
 
 def _jit_key(threads: int, w: int, early: bool) -> str:
-    return f"t{threads}w{w}{'e' if early else 'l'}"
+    return f"t{'p' if threads == FP8_JIT_PACKED else threads}w{w}{'e' if early else 'l'}"
 
 
 def run_fp8_tune(
@@ -494,7 +496,7 @@ def run_fp8_tune(
 
     Returns ``{"device", "triton": {kind: {n: {shape: us}}}, "jit": {kind: {n: {shape: us}}},
     "plain": {kind: {n: us}}}``; a Triton shape is ``w<warps>r<rows><e|w|l>`` (trigger at entry,
-    right after the wait, after the stores), a JIT one ``t<threads per row>w<warps per CTA><e|l>``. The Triton kinds are the table's
+    right after the wait, after the stores), a JIT one ``t<threads per row>w<warps per CTA><e|l>`` (``tp``: the per_tensor write's packed rows). The Triton kinds are the table's
     (``quant_per_tensor``, ``quant_ds_mla``, ``dequant_per_tensor``, ``dequant_ds_mla``); the JIT ones
     are the writes' and ``dequant`` (the sum of both formats' gathers: the JIT gathers share one row
     set); ``plain`` holds, per JIT kind, the plain row write of the same rows and the plain bf16 row
@@ -568,6 +570,11 @@ def run_fp8_tune(
                         fns = {f: _jit_gather(f, scale, num_warps=w, early_trigger=early, threads_per_row=threads)
                                for f in FORMATS}  # fmt: skip
                         add(res["jit"], "dequant", n, _jit_key(threads, w, early), both(fns, gcheck, layers))
+            for w in TUNE_JIT_PACKED_WARPS if "per_tensor" in writes else ():
+                for early in (True, False):
+                    fn = _jit_write("per_tensor", scale, num_warps=w, early_trigger=early, threads_per_row=FP8_JIT_PACKED)
+                    key = _jit_key(FP8_JIT_PACKED, w, early)
+                    add(res["jit"], "quant_per_tensor", n, key, both({"per_tensor": fn}, wcheck, layers))
             for f in writes:
                 plain = {f: _write_providers(f, scale, False)["plain"]}
                 res["plain"].setdefault(f"quant_{f}", {})[str(n)] = both(plain, wcheck, layers)
@@ -595,11 +602,11 @@ def _parse_parts(key: str) -> int:
 
 
 def _parse_jit_shape(key: str) -> tuple[int, bool, int]:
-    """A JIT key: ``t128w4e`` -> (warps per CTA 4, trigger at entry True, threads per row 128); a key
-    without ``t`` (``w4e``, one warp per row) -> threads per row 32."""
+    """A JIT key: ``t128w4e`` -> (warps per CTA 4, trigger at entry True, threads per row 128); ``tpw8l``
+    -> (8, False, FP8_JIT_PACKED); a key without ``t`` (``w4e``, one warp per row) -> threads per row 32."""
     body, early = key[:-1], key[-1] == "e"
     t, _, w = body.lstrip("t").partition("w") if body.startswith("t") else ("32", "", body[1:])
-    return int(w), early, int(t)
+    return int(w), early, FP8_JIT_PACKED if t == "p" else int(t)
 
 
 

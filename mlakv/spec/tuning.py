@@ -38,6 +38,8 @@ __all__ = [
     "FP8_JIT_STEPS",
     "FP8_JIT_MEASURED",
     "FP8_JIT_THREADS_PER_ROW",
+    "FP8_JIT_PACKED",
+    "fp8_jit_threads",
     "fp8_jit_launch",
     "TRIGGER_PLACES",
     "FP8_TRITON_STEPS",
@@ -377,13 +379,31 @@ FP8_JIT_MEASURED = (
 )
 # The threads per row a JIT FP8 kernel takes (the template variants each module holds).
 FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
+# The JIT per_tensor write's packed launch, a threads-per-row value of FP8_JIT_STEPS["quant_per_tensor"]:
+# one thread per 16-byte source chunk and the rows laid end to end over the CTA's threads, (nope + rope) / 8
+# threads a row (72 for 512 + 64), so no thread idles (at 128 threads per row 56 of them hold no chunk).
+FP8_JIT_PACKED = -1
+
+
+def fp8_jit_threads(threads: int, num_warps: int, nope_dim: int, rope_dim: int) -> tuple[int, int]:
+    """``(num_warps, threads_per_row)`` as the JIT launchers take them, for a launch row's ``threads``
+    and ``num_warps``: :data:`FP8_JIT_PACKED` becomes the row's chunk count ``(nope_dim + rope_dim) // 8``;
+    where that count is a multiple of 32 the packed layout is an aligned one, and the call takes 128
+    threads per row on whole rows (``num_warps`` rounded up to a multiple of 4). Any other value passes."""
+    if threads != FP8_JIT_PACKED:
+        return num_warps, threads
+    chunks = (nope_dim + rope_dim) // 8
+    if chunks % 32:
+        return num_warps, chunks
+    return min(32, -(-num_warps // 4) * 4), 128
 
 
 def fp8_jit_launch(kind: str, n_loc: int) -> tuple[int, bool, int]:
     """``(num_warps, early_trigger, threads_per_row)`` of the JIT FP8 kernel ``kind`` (``quant_per_tensor``,
     ``quant_ds_mla``, ``dequant``)
     for ``n_loc`` rows: warps per CTA, the PDL trigger at kernel entry (else right after the wait), threads
-    per row (rows per CTA = 32 * num_warps / threads_per_row)."""
+    per row (rows per CTA = 32 * num_warps / threads_per_row; :data:`FP8_JIT_PACKED`: rows packed,
+    :func:`fp8_jit_threads`)."""
     return _row_at(FP8_JIT_STEPS[kind], n_loc)
 
 

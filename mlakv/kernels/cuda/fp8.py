@@ -16,7 +16,7 @@ import torch
 
 from .loader import JitUnavailable, load_cuda_module, sm90_module
 from mlakv.spec.rules import check_ds_mla_scale_rule
-from mlakv.spec.tuning import fp8_jit_launch
+from mlakv.spec.tuning import fp8_jit_launch, fp8_jit_threads
 
 __all__ = [
     "build_mla_fp8_module",
@@ -133,7 +133,8 @@ def fp8_jit_write(
     Shapes: ``kv_buffer [num_slots, (1,) >= row_bytes]`` uint8/float8_e4m3fn, ``loc [n_loc]``,
     ``k_nope [n_loc, (1,) nope_dim]``, ``k_rope [n_loc, (1,) rope_dim]``, ``k_scale [1]`` fp32 or
     None. Rows whose slot is ``skip_slot`` are skipped like padding (-1: none). The launch shape —
-    threads per row (32, 64 or 128), warps per CTA (rows per CTA = 32 * warps / threads per row) and
+    threads per row (32, 64 or 128, or per_tensor's packed rows: :data:`mlakv.spec.tuning.FP8_JIT_PACKED`),
+    warps per CTA (rows per CTA = 32 * warps / threads per row) and
     the PDL trigger's place — comes from the FP8 family's launch row for ``n_loc``
     (:func:`mlakv.spec.tuning.fp8_jit_launch`); ``num_warps``/``early_trigger``/``threads_per_row``
     override it (0/None/0: the table's), for the benchmark's sweep and the tests; a shape that is not
@@ -151,8 +152,8 @@ def fp8_jit_write(
     warps, early, threads = fp8_jit_launch(f"quant_{kv_cache_format}", loc.shape[0])
     if early_trigger is not None:
         early = early_trigger
-    threads = threads_per_row or threads
-    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, num_warps or warps, early, rule, threads))
+    warps, threads = fp8_jit_threads(threads_per_row or threads, num_warps or warps, k_nope.shape[-1], k_rope.shape[-1])
+    return bool(fn(kv, loc, k_nope, k_rope, k_scale, skip_slot, warps, early, rule, threads))
 
 
 def fp8_jit_gather(

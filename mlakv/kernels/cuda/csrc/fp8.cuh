@@ -11,7 +11,12 @@
 //                          x * (1 / scale_t) with a zero kept as itself;
 //     kRule 2, ue8m0:      scale_t = 2^ceil(log2(max(amax_t / 448, 1e-4f))), amax as kRule 1,
 //                          values x * (1 / scale_t) (exact: a power of two).
-// kThreads (32, 64 or 128) threads per row, kThreads / 32 whole warps. Thread t holds the row's
+// kThreads (32, 64 or 128) threads per row, kThreads / 32 whole warps; or, per_tensor only, kThreads =
+// the row's chunk count (nope + rope) / 8 when that is no multiple of 32 (72 for 512 + 64): "packed",
+// one thread per chunk and the rows laid end to end over the CTA's threads, so no thread idles (with
+// 128 threads per row, 56 of a 512 + 64 row's threads hold no chunk yet run the kernel's setup: on the
+// H200 at 1024 rows the JIT write issued 367 warp instructions per row, 4.5x the plain write's).
+// Thread t holds the row's
 // 16-byte source chunks c = t + kThreads*i (8 values each; the nope chunks first, then the rope's):
 // with 32 a lane carries 2-3 chunks in one dependent chain of load, widen, amax, shuffle, divide,
 // convert and store, which bounds a call of few rows by its latency; 64 and 128 spread the row over
@@ -43,6 +48,7 @@
 #include <tvm/ffi/extra/cuda/base.h>
 
 #include <cstdint>
+#include <string>
 
 #include "row_args.cuh"
 
@@ -286,16 +292,29 @@ template <int kFormat, int kRule, int kNope, int kRope, bool kBf16, bool kUsePDL
           typename LocT>
 __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const float* __restrict__ k_scale) {
   static_assert(kNope % 8 == 0 && kRope % 8 == 0, "widths must be multiples of 8 values");
-  static_assert(kThreads == 32 || kThreads == 64 || kThreads == 128, "32, 64 or 128 threads per row");
   constexpr int kNC = kNope / 8;  // 16-byte source chunks of nope
   constexpr int kRC = kRope / 8;
-  // blockDim = (kThreads, rows per CTA): a row's threads are whole warps (kThreads % 32 == 0), so
-  // the tests of the row below are uniform per warp.
-  const int t = threadIdx.x;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  constexpr bool kPacked = kThreads % 32 != 0;
+  static_assert(kThreads == 32 || kThreads == 64 || kThreads == 128 || (kFormat == 0 && kThreads == kNC + kRC),
+                "32, 64 or 128 threads per row, or per_tensor's one thread per chunk");
+  // Aligned: blockDim = (kThreads, rows per CTA), a row's threads are whole warps, so the tests of
+  // the row below are uniform per warp (ds_mla's shuffles rely on it). Packed: blockDim = (threads
+  // per CTA, 1) and thread g of the grid holds chunk g % kThreads of row g / kThreads (the launcher
+  // keeps g within 32 bits); a warp may span two or three rows, which per_tensor (no shuffles) allows.
+  int t;
+  int64_t item;
+  if constexpr (kPacked) {
+    const uint32_t g = blockIdx.x * blockDim.x + threadIdx.x;
+    const uint32_t row = g / static_cast<uint32_t>(kThreads);
+    t = static_cast<int>(g - row * static_cast<uint32_t>(kThreads));
+    item = row;
+  } else {
+    t = threadIdx.x;
+    item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  }
 
   if constexpr (kUsePDL && kEarlyTrigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  if (item >= a.n_loc) return;  // uniform per row: the shuffles below see all 32 lanes of each warp
+  if (item >= a.n_loc) return;  // aligned: uniform per row, the shuffles below see all 32 lanes of each warp
   const uint8_t* nsrc = a.nope + item * a.nope_stride;
   const uint8_t* rsrc = a.rope + item * a.rope_stride;
   const LocT* lp = static_cast<const LocT*>(a.loc) + item * a.loc_stride;
@@ -313,7 +332,7 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
       if (c < kC) v[i] = load_chunk<kNC>(nsrc, rsrc, c);
     }
     const Divisor scale = make_divisor(*k_scale);
-    // One chunk per thread (128 threads per row): the chunk is quantized before loc's test. Written
+    // One chunk per thread (128 threads per row, or packed): the chunk is quantized before loc's test. Written
     // after it, nvcc 13 sank the scale's load below the test into the store path, a second memory round
     // trip (H200, one row: 0.90 us, 0.70 with this). With more chunks per thread the quantizing stays
     // behind the test, where it measured faster (H200, 64 threads: 0.85 against 0.97 us at 8 rows;
@@ -431,12 +450,23 @@ __global__ void quant_write_kernel(const __grid_constant__ RowArgs a, const floa
 template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL, bool kBf16, int kThreads, typename LocT>
 void launch_quant_typed(const RowArgs& a, const float* k_scale, int num_warps, bool early_trigger,
                         cudaStream_t stream) {
-  const int rows = num_warps * 32 / kThreads;  // rows per CTA (the caller checked the division is exact)
-  const int64_t blocks = (a.n_loc + rows - 1) / rows;
+  const int cta = num_warps * 32;
+  int64_t blocks;
+  dim3 block;
+  if constexpr (kThreads % 32 != 0) {  // packed: thread g holds chunk g % kThreads of row g / kThreads
+    TVM_FFI_CHECK(a.n_loc <= (int64_t{0x7fffffff} - cta) / kThreads, ValueError)
+        << "n_loc=" << a.n_loc << " is too many rows for threads_per_row=" << kThreads
+        << " (one thread per chunk); use 32, 64 or 128";
+    blocks = (a.n_loc * kThreads + cta - 1) / cta;
+    block = dim3(static_cast<unsigned>(cta), 1);
+  } else {
+    const int rows = cta / kThreads;  // rows per CTA (the caller checked the division is exact)
+    blocks = (a.n_loc + rows - 1) / rows;
+    block = dim3(kThreads, static_cast<unsigned>(rows));
+  }
   TVM_FFI_CHECK(blocks <= 0x7fffffff, ValueError) << "n_loc=" << a.n_loc << " needs too many blocks";
   cudaLaunchAttribute attr[1];
-  const cudaLaunchConfig_t cfg = launch_config(dim3(static_cast<unsigned>(blocks)),
-                                               dim3(kThreads, static_cast<unsigned>(rows)), 0, stream, kUsePDL, attr);
+  const cudaLaunchConfig_t cfg = launch_config(dim3(static_cast<unsigned>(blocks)), block, 0, stream, kUsePDL, attr);
   TVM_FFI_CHECK_CUDA_ERROR(
       early_trigger
           ? cudaLaunchKernelEx(&cfg,
@@ -447,17 +477,43 @@ void launch_quant_typed(const RowArgs& a, const float* k_scale, int num_warps, b
                                a, k_scale));
 }
 
-// One rule's kernels for the sources' dtype, loc's width and the threads per row (32, 64 or 128).
+// The packed threads per row of a format and widths: per_tensor's chunk count (nope + rope) / 8 where
+// that is no multiple of 32 (a multiple of 32 is an aligned shape already), else 0 (none).
+constexpr int packed_threads(int format, int nope, int rope) {
+  return format == 0 && ((nope + rope) / 8) % 32 != 0 ? (nope + rope) / 8 : 0;
+}
+
+// One rule's kernel for the threads per row (32, 64, 128 or the packed count).
+template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL, bool kBf16, typename LocT>
+void launch_quant_threads(const RowArgs& a, const float* k_scale, int num_warps, bool early_trigger,
+                          int threads_per_row, cudaStream_t stream) {
+  constexpr int kPacked = packed_threads(kFormat, kNope, kRope);
+  if constexpr (kPacked != 0) {
+    if (threads_per_row == kPacked) {
+      launch_quant_typed<kFormat, kRule, kNope, kRope, kUsePDL, kBf16, kPacked, LocT>(a, k_scale, num_warps,
+                                                                                        early_trigger, stream);
+      return;
+    }
+  }
+#define MLAKV_FP8_LAUNCH(T) \
+  launch_quant_typed<kFormat, kRule, kNope, kRope, kUsePDL, kBf16, T, LocT>(a, k_scale, num_warps, early_trigger, stream)
+  if (threads_per_row == 32) {
+    MLAKV_FP8_LAUNCH(32);
+  } else if (threads_per_row == 64) {
+    MLAKV_FP8_LAUNCH(64);
+  } else {
+    MLAKV_FP8_LAUNCH(128);
+  }
+#undef MLAKV_FP8_LAUNCH
+}
+
+// One rule's kernels for the sources' dtype, loc's width and the threads per row.
 template <int kFormat, int kRule, int kNope, int kRope, bool kUsePDL>
 void launch_quant_rule(const RowArgs& a, const float* k_scale, bool is_bf16, bool loc32, int num_warps,
                        bool early_trigger, int threads_per_row, cudaStream_t stream) {
-#define MLAKV_FP8_LAUNCH(BF16, T, LOCT)                                                                      \
-  launch_quant_typed<kFormat, kRule, kNope, kRope, kUsePDL, BF16, T, LOCT>(a, k_scale, num_warps, early_trigger, \
-                                                                          stream)
-#define MLAKV_FP8_LAUNCH_T(BF16, LOCT)                    \
-  if (threads_per_row == 32) MLAKV_FP8_LAUNCH(BF16, 32, LOCT); \
-  else if (threads_per_row == 64) MLAKV_FP8_LAUNCH(BF16, 64, LOCT); \
-  else MLAKV_FP8_LAUNCH(BF16, 128, LOCT)
+#define MLAKV_FP8_LAUNCH_T(BF16, LOCT)                                                                    \
+  launch_quant_threads<kFormat, kRule, kNope, kRope, kUsePDL, BF16, LOCT>(a, k_scale, num_warps, early_trigger, \
+                                                                          threads_per_row, stream)
   if (is_bf16) {
     if (loc32) {
       MLAKV_FP8_LAUNCH_T(true, int32_t);
@@ -472,15 +528,18 @@ void launch_quant_rule(const RowArgs& a, const float* k_scale, bool is_bf16, boo
     }
   }
 #undef MLAKV_FP8_LAUNCH_T
-#undef MLAKV_FP8_LAUNCH
 }
 
-// The launch shape's rule, for both launchers: threads per row 32, 64 or 128; num_warps (the CTA's
-// warps) in [1, 32] and a whole number of rows (32 * num_warps a multiple of threads_per_row).
-inline void check_launch_shape(int64_t num_warps, int64_t threads_per_row) {
+// The launch shape's rule, for both launchers: threads per row 32, 64 or 128, or `packed` where it
+// is not 0 (the quantizing per_tensor write's one thread per chunk); num_warps (the CTA's warps) in
+// [1, 32] and, for 32, 64 or 128, a whole number of rows (32 * num_warps a multiple of threads_per_row).
+inline void check_launch_shape(int64_t num_warps, int64_t threads_per_row, int packed = 0) {
   TVM_FFI_CHECK(num_warps >= 1 && num_warps <= 32, ValueError) << "num_warps must be in [1, 32], got " << num_warps;
+  if (packed != 0 && threads_per_row == packed) return;
   TVM_FFI_CHECK(threads_per_row == 32 || threads_per_row == 64 || threads_per_row == 128, ValueError)
-      << "threads_per_row must be 32, 64 or 128, got " << threads_per_row;
+      << "threads_per_row must be 32, 64 or 128"
+      << (packed != 0 ? ", or " + std::to_string(packed) + " (one thread per 16-byte chunk)" : std::string())
+      << ", got " << threads_per_row;
   TVM_FFI_CHECK((32 * num_warps) % threads_per_row == 0, ValueError)
       << "num_warps=" << num_warps << " (" << 32 * num_warps << " threads) is not a whole number of rows of "
       << "threads_per_row=" << threads_per_row;
@@ -492,7 +551,8 @@ inline void check_launch_shape(int64_t num_warps, int64_t threads_per_row) {
 // are skipped like padding (-1: none); num_warps: the CTA's warps, in [1, 32]; early_trigger: the PDL
 // trigger at kernel entry (else right after the wait); scale_rule: ds_mla's tile-scale rule code (0
 // fp32_floor, 1 fp32, 2 ue8m0; per_tensor takes any of them and ignores it); threads_per_row: 32,
-// 64 or 128, with 32 * num_warps a multiple of it (rows per CTA = 32 * num_warps / threads_per_row).
+// 64 or 128, with 32 * num_warps a multiple of it (rows per CTA = 32 * num_warps / threads_per_row),
+// or per_tensor's packed count (packed_threads: 72 for 512 + 64) with any num_warps.
 template <int kFormat, int kNope, int kRope, bool kUsePDL>
 bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm::ffi::TensorView nope,
                           tvm::ffi::TensorView rope, tvm::ffi::TensorView scale, int64_t skip_slot,
@@ -534,7 +594,7 @@ bool launch_mla_fp8_quant(tvm::ffi::TensorView kv, tvm::ffi::TensorView loc, tvm
     TVM_FFI_CHECK(scale.dtype().code == kDLFloat && scale.dtype().bits == 32 && scale.numel() >= 1, TypeError)
         << "k_scale must be a 1-element float32 tensor";
   }
-  check_launch_shape(num_warps, threads_per_row);
+  check_launch_shape(num_warps, threads_per_row, packed_threads(kFormat, kNope, kRope));
   TVM_FFI_CHECK(scale_rule >= kRuleFp32Floor && scale_rule <= kRuleUe8m0, ValueError)
       << "scale_rule must be 0 (fp32_floor), 1 (fp32) or 2 (ue8m0), got " << scale_rule;
   // Every check above holds for any n_loc; a call with no rows is served (nothing to launch) however
