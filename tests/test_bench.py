@@ -354,6 +354,19 @@ def test_fp8_tune_report_gives_the_jit_rows_with_threads_per_row_and_the_plain_f
     assert "| 1 | t128w4e | 1.60 | t32w2e | 2.40 | 1.30 | 1.23x |" in text and "WRONG: t64w2l" in text
 
 
+def test_fp8_tune_report_gives_a_packed_jit_row():
+    """A sweep whose fastest per_tensor shape is the packed one (``tp``) gives a table row of
+    FP8_JIT_PACKED (-1) threads per row."""
+    from mlakv.bench.fp8_bench import format_tune
+
+    res = {"device": "H200", "triton": {},
+           "jit": {"quant_per_tensor": {"512": {"t128w8l": 1.0, "tpw16e": 0.9}, "4096": {"t64w16e": 2.8, "tpw8l": 3.0}}},
+           "plain": {"quant_per_tensor": {"512": 0.8, "4096": 1.7}}}  # fmt: skip
+    text = format_tune(res)
+    assert "FP8_JIT_STEPS['quant_per_tensor'] = ((512, 16, True, -1), (None, 16, True, 64))" in text
+    assert "| 512 | tpw16e | 0.90 | t128w8l | 1.00 | 0.80 | 1.12x |" in text
+
+
 def test_fp8_tune_keys_name_the_packed_rows():
     from mlakv.bench.fp8_bench import _jit_key, _parse_jit_shape
     from mlakv.spec.tuning import FP8_JIT_PACKED

@@ -634,7 +634,8 @@ def format_tune(res: dict) -> str:
                 pc = f" {_cell(plain.get(n))} | {_ratio(t0, plain.get(n))} |" if plain else ""
                 out.append(f"| {n} | {k0} | {t0:.2f} | {nxt[1]} | {_cell(nxt[0])} |{pc} {allc} |")
                 best.append((int(n), _parse_shape(k0) if family == "triton" else _parse_jit_shape(k0)))
-                parts.append((int(n), (_parse_parts(k0),)))
+                if family == "triton":  # a JIT key's ``p`` is the packed rows (``tpw8l``), no part count
+                    parts.append((int(n), (_parse_parts(k0),)))
             out.append("")
             name, table = ("FP8_TRITON_STEPS", FP8_TRITON_STEPS) if family == "triton" else ("FP8_JIT_STEPS", FP8_JIT_STEPS)
             split = family == "triton" and any(p != (1,) for _, p in parts)

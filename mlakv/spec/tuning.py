@@ -367,9 +367,10 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int, str]
 # (1.57 -> 1.28 us; the JIT write took 1.28 in the run before). The 512 and 4096 rows stood.
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
     "quant_per_tensor": ((64, 4, False, 128), (1024, 8, False, 128), (4096, 16, True, 64), (None, 4, True, 32)),
-    "quant_ds_mla": ((1, 4, True, 128), (64, 4, False, 128), (512, 4, True, 128), (1024, 16, False, 64),
-                     (4096, 4, False, 64), (None, 4, False, 32)),
-    "dequant": ((64, 4, False, 128), (1024, 4, False, 64), (4096, 16, True, 64), (None, 4, False, 32)),
+    "quant_ds_mla": ((1, 4, True, 128), (8, 4, False, 64), (64, 4, False, 128), (512, 4, True, 128),
+                     (1024, 16, False, 64), (4096, 4, False, 64), (None, 4, False, 32)),
+    "dequant": ((1, 4, True, 128), (8, 4, False, 64), (64, 4, False, 128), (1024, 4, False, 64), (4096, 16, True, 64),
+                (None, 4, False, 32)),
 }  # fmt: skip
 FP8_JIT_MEASURED = (
     "NVIDIA H200, 2026-12-03 18:37 UTC: `mlakv bench fp8 --tune --tune-families jit "
@@ -425,8 +426,8 @@ TRIGGER_PLACES: tuple[str, ...] = ("entry", "wait", "end")
 FP8_TRITON_STEPS: dict[str, tuple[tuple[int | None, int, int, str], ...]] = {
     "quant_per_tensor": ((64, 4, 1, "entry"), (512, 2, 1, "entry"), (1024, 4, 2, "wait"), (4096, 8, 4, "entry"),
                          (16384, 2, 4, "entry"), (None, 2, 4, "end")),
-    "quant_ds_mla": ((1, 4, 1, "entry"), (64, 2, 1, "entry"), (1024, 4, 4, "wait"), (16384, 4, 8, "entry"),
-                     (None, 2, 4, "entry")),
+    "quant_ds_mla": ((1, 4, 1, "entry"), (8, 1, 1, "entry"), (64, 2, 1, "entry"), (1024, 4, 4, "wait"),
+                     (16384, 4, 8, "entry"), (None, 2, 4, "entry")),
     "dequant_per_tensor": ((64, 4, 1, "entry"), (512, 2, 4, "entry"), (1024, 4, 2, "wait"), (4096, 8, 4, "entry"),
                            (16384, 2, 4, "entry"), (None, 4, 4, "entry")),
     "dequant_ds_mla": ((1, 4, 1, "entry"), (64, 4, 2, "entry"), (512, 4, 4, "wait"), (1024, 2, 2, "wait"),
@@ -447,7 +448,7 @@ FP8_TRITON_MEASURED = (
 # at each shape that gives a part 4-16 values a thread): two parts at 64 and 512 rows (4 warps x 4
 # rows in 2 parts, trigger after the wait: 1.26 us at 512) and at 4096-16384.
 FP8_TRITON_PARTS: dict[str, tuple[tuple[int | None, int], ...]] = {
-    "quant_ds_mla": ((8, 1), (512, 2), (1024, 1), (16384, 2), (None, 1)),
+    "quant_ds_mla": ((1, 1), (8, 4), (1024, 1), (16384, 2), (None, 1)),
 }
 FP8_TRITON_PARTS_MEASURED = FP8_TRITON_MEASURED
 
