@@ -359,14 +359,19 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int, str]
 # against 1.37) and 64 threads in 16-warp CTAs with the trigger at entry to 4096 (2.84 against 2.96);
 # ds_mla the trigger at entry at one row (0.81 against 0.86) and at 65-512 rows (128 threads, 4 warps:
 # 1.10 against 1.19 at 512), 64 threads in 16-warp CTAs at 513-1024 (1.30 against 1.51); its 4096-row
-# shape stood (3.24, within 0.01 us of the fastest). 8 and 64 rows were not swept again (the rows of
-# run16), nor were the gathers.
+# shape stood (3.24, within 0.01 us of the fastest).
+# 2026-12-04 10:28-10:55 UTC (docs/h200-2026-12-04/run36-run38): the per_tensor write takes packed rows
+# (FP8_JIT_PACKED, one thread per chunk) at 1-1024 rows, swept with every aligned shape at 1-65536 rows
+# (run38, `--tune-kinds quant_per_tensor`): 1024 rows 1.09 us against 1.12 for the 128-thread row,
+# 512 rows 0.96 against 1.02; one warp per row in 8-warp CTAs at 4097-16384 (8.13 against 8.51) and
+# 4-warp CTAs with the trigger after the wait at 16385-65536 (28.55 against 28.83). ds_mla at 2-8 rows
+# takes 64 threads per row (run36: 0.85 against 0.91 us); the gathers at 1-8 rows (run37).
 # The other rows here and the Triton rows below predate the per_tensor product path and
 # the ds_mla max.NaN amax (2026-12-04), except the Triton per_tensor write's rows at 65-4096 rows: re-swept
 # on the product path (docs/h200-2026-12-04/run33), the 1024-row shape moved from 4 rows per program to 2
 # (1.57 -> 1.28 us; the JIT write took 1.28 in the run before). The 512 and 4096 rows stood.
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
-    "quant_per_tensor": ((64, 4, False, 128), (1024, 8, False, 128), (4096, 16, True, 64), (None, 4, True, 32)),
+    "quant_per_tensor": ((1, 16, False, -1), (8, 4, False, -1), (64, 4, True, -1), (1024, 8, False, -1), (4096, 16, True, 64), (16384, 8, False, 32), (65536, 4, False, 32), (None, 4, True, 32)),
     "quant_ds_mla": ((1, 4, True, 128), (8, 4, False, 64), (64, 4, False, 128), (512, 4, True, 128),
                      (1024, 16, False, 64), (4096, 4, False, 64), (None, 4, False, 32)),
     "dequant": ((1, 4, True, 128), (8, 4, False, 64), (64, 4, False, 128), (1024, 4, False, 64), (4096, 16, True, 64),
@@ -376,7 +381,10 @@ FP8_JIT_MEASURED = (
     "NVIDIA H200, 2026-12-03 18:37 UTC: `mlakv bench fp8 --tune --tune-families jit "
     "--sizes 1,8,64,512,1024,4096,65536` (docs/h200-2026-12-03/run16); the writes at 1 and 65-4096 rows "
     "2026-12-04 06:33 UTC: `mlakv bench fp8 --tune --tune-families jit --tune-kinds "
-    "quant_per_tensor,quant_ds_mla --sizes 1,512,1024,4096` (docs/h200-2026-12-04/run35)"
+    "quant_per_tensor,quant_ds_mla --sizes 1,512,1024,4096` (docs/h200-2026-12-04/run35); quant_ds_mla at 2-8 "
+    "rows 10:33 UTC (`--sizes 8,64`, run36), dequant at 1-8 rows 10:51 UTC (`--tune-kinds dequant_per_tensor "
+    "--sizes 1,8,64,512,1024,4096`, run37), quant_per_tensor with packed rows 10:55 UTC (`--tune-kinds "
+    "quant_per_tensor --sizes 1,8,64,512,1024,4096,16384,65536`, run38)"
 )
 # The threads per row a JIT FP8 kernel takes (the template variants each module holds).
 FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
@@ -437,7 +445,8 @@ FP8_TRITON_MEASURED = (
     "NVIDIA H200, 2026-12-03 23:20 UTC: `mlakv bench fp8 --tune --tune-families triton "
     "--sizes 1,8,64,512,1024,4096,16384,65536` (docs/h200-2026-12-03/run23); quant_per_tensor at 65-4096 "
     "rows 2026-12-04 06:19 UTC: `mlakv bench fp8 --tune --tune-families triton --tune-kinds quant_per_tensor "
-    "--sizes 512,1024,4096` (docs/h200-2026-12-04/run33)"
+    "--sizes 512,1024,4096` (docs/h200-2026-12-04/run33); quant_ds_mla at 2-8 rows 2026-12-04 10:31 UTC: "
+    "`--tune-kinds quant_ds_mla --sizes 8,512,1024` (docs/h200-2026-12-04/run36)"
 )
 
 
@@ -446,7 +455,9 @@ FP8_TRITON_MEASURED = (
 # scale) and of the rope, so parts need no cross-warp reduction; they shorten a warp's dependent chain,
 # which is what a call of few rows waits for. From the same sweep as FP8_TRITON_STEPS (parts 1, 2, 4
 # at each shape that gives a part 4-16 values a thread): two parts at 64 and 512 rows (4 warps x 4
-# rows in 2 parts, trigger after the wait: 1.26 us at 512) and at 4096-16384.
+# rows in 2 parts, trigger after the wait: 1.26 us at 512) and at 4096-16384. Re-swept at 8, 512 and
+# 1024 rows (docs/h200-2026-12-04/run36): one warp per row in 4 parts at 2-8 rows (0.81 us against 0.98
+# for 2 warps in one part), one part at 9-1024 rows (512: 1.27, tied with 2 parts).
 FP8_TRITON_PARTS: dict[str, tuple[tuple[int | None, int], ...]] = {
     "quant_ds_mla": ((1, 1), (8, 4), (1024, 1), (16384, 2), (None, 1)),
 }
