@@ -361,17 +361,22 @@ def rope_triton_launch(q_items: int, kind: str = "bf16") -> tuple[int, int, str]
 # 1.10 against 1.19 at 512), 64 threads in 16-warp CTAs at 513-1024 (1.30 against 1.51); its 4096-row
 # shape stood (3.24, within 0.01 us of the fastest).
 # 2026-12-04 10:28-10:55 UTC (docs/h200-2026-12-04/run36-run38): the per_tensor write takes packed rows
-# (FP8_JIT_PACKED, one thread per chunk) at 1-1024 rows, swept with every aligned shape at 1-65536 rows
-# (run38, `--tune-kinds quant_per_tensor`): 1024 rows 1.09 us against 1.12 for the 128-thread row,
-# 512 rows 0.96 against 1.02; one warp per row in 8-warp CTAs at 4097-16384 (8.13 against 8.51) and
-# 4-warp CTAs with the trigger after the wait at 16385-65536 (28.55 against 28.83). ds_mla at 2-8 rows
+# (FP8_JIT_PACKED, one thread per chunk) at 1-8 and 65-1024 rows, swept with every aligned shape at
+# 1-65536 rows (run38, `--tune-kinds quant_per_tensor`): 1024 rows 1.09 us against 1.12 for the 128-thread
+# row, 512 rows 0.96 against 1.02. 9-64 rows keep 128 threads per row in 4-warp CTAs: the sweep's three
+# fastest shapes tied at 0.81 us, and under a scale that is not a power of two the packed shape it
+# picked (trigger at entry) took 1.17 us at 64 rows against 0.83 for this one (the benches of run38 and
+# run36; this kernel's machine code is the same in both). One warp per row in 8-warp CTAs at
+# 4097-16384 (8.13 against 8.51) and 4-warp CTAs with the trigger after the wait at 16385-65536 (28.55
+# against 28.83). ds_mla at 2-8 rows
 # takes 64 threads per row (run36: 0.85 against 0.91 us); the gathers at 1-8 rows (run37).
 # The other rows here and the Triton rows below predate the per_tensor product path and
 # the ds_mla max.NaN amax (2026-12-04), except the Triton per_tensor write's rows at 65-4096 rows: re-swept
 # on the product path (docs/h200-2026-12-04/run33), the 1024-row shape moved from 4 rows per program to 2
 # (1.57 -> 1.28 us; the JIT write took 1.28 in the run before). The 512 and 4096 rows stood.
 FP8_JIT_STEPS: dict[str, tuple[tuple[int | None, int, bool, int], ...]] = {
-    "quant_per_tensor": ((1, 16, False, -1), (8, 4, False, -1), (64, 4, True, -1), (1024, 8, False, -1), (4096, 16, True, 64), (16384, 8, False, 32), (65536, 4, False, 32), (None, 4, True, 32)),
+    "quant_per_tensor": ((1, 16, False, -1), (8, 4, False, -1), (64, 4, False, 128), (1024, 8, False, -1),
+                         (4096, 16, True, 64), (16384, 8, False, 32), (65536, 4, False, 32), (None, 4, True, 32)),
     "quant_ds_mla": ((1, 4, True, 128), (8, 4, False, 64), (64, 4, False, 128), (512, 4, True, 128),
                      (1024, 16, False, 64), (4096, 4, False, 64), (None, 4, False, 32)),
     "dequant": ((1, 4, True, 128), (8, 4, False, 64), (64, 4, False, 128), (1024, 4, False, 64), (4096, 16, True, 64),
