@@ -387,9 +387,11 @@ FP8_JIT_MEASURED = (
     "--sizes 1,8,64,512,1024,4096,65536` (docs/h200-2026-12-03/run16); the writes at 1 and 65-4096 rows "
     "2026-12-04 06:33 UTC: `mlakv bench fp8 --tune --tune-families jit --tune-kinds "
     "quant_per_tensor,quant_ds_mla --sizes 1,512,1024,4096` (docs/h200-2026-12-04/run35); quant_ds_mla at 2-8 "
-    "rows 10:33 UTC (`--sizes 8,64`, run36), dequant at 1-8 rows 10:51 UTC (`--tune-kinds dequant_per_tensor "
-    "--sizes 1,8,64,512,1024,4096`, run37), quant_per_tensor with packed rows 10:55 UTC (`--tune-kinds "
-    "quant_per_tensor --sizes 1,8,64,512,1024,4096,16384,65536`, run38)"
+    "rows 10:33 UTC: `mlakv bench fp8 --tune --tune-families jit --tune-kinds quant_per_tensor,quant_ds_mla "
+    "--sizes 8,64` (run36); dequant at 1-8 rows 10:51 UTC: `mlakv bench fp8 --tune --tune-families jit "
+    "--tune-kinds dequant_per_tensor --sizes 1,8,64,512,1024,4096` (run37); quant_per_tensor with packed rows "
+    "10:55 UTC: `mlakv bench fp8 --tune --tune-families jit --tune-kinds quant_per_tensor "
+    "--sizes 1,8,64,512,1024,4096,16384,65536` (run38)"
 )
 # The threads per row a JIT FP8 kernel takes (the template variants each module holds).
 FP8_JIT_THREADS_PER_ROW: tuple[int, ...] = (32, 64, 128)
@@ -451,7 +453,8 @@ FP8_TRITON_MEASURED = (
     "--sizes 1,8,64,512,1024,4096,16384,65536` (docs/h200-2026-12-03/run23); quant_per_tensor at 65-4096 "
     "rows 2026-12-04 06:19 UTC: `mlakv bench fp8 --tune --tune-families triton --tune-kinds quant_per_tensor "
     "--sizes 512,1024,4096` (docs/h200-2026-12-04/run33); quant_ds_mla at 2-8 rows 2026-12-04 10:31 UTC: "
-    "`--tune-kinds quant_ds_mla --sizes 8,512,1024` (docs/h200-2026-12-04/run36)"
+    "`mlakv bench fp8 --tune --tune-families triton --tune-kinds quant_ds_mla --sizes 8,512,1024` "
+    "(docs/h200-2026-12-04/run36)"
 )
 
 
